@@ -1,0 +1,23 @@
+{
+  "targets": [
+    {
+      "target_name": "uffd_migrate",
+      "sources": [
+        "native/addon.cc",
+        "native/errors.cc",
+        "native/fault_reader.cc",
+        "native/pagemap.cc",
+        "native/region.cc",
+        "native/region_binding.cc",
+        "native/uffd.cc",
+        "native/uffd_binding.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions"],
+      "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "conditions": [["OS!='linux'", {"type": "none"}]]
+    }
+  ]
+}

@@ -1,0 +1,27 @@
+// Module init only.
+#include <napi.h>
+
+#include "bindings.h"
+#include "errors.h"
+#include "region.h"
+
+namespace uffdm {
+
+static Napi::Value Init(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "expected the error class");
+  errors_init(info.Env(), info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
+  exports.Set("init", Napi::Function::New(env, Init));
+  exports.Set("pageSize", Napi::Number::New(env, (double)page_size()));
+  init_region_bindings(env, exports);
+  init_uffd_binding(env, exports);
+  return exports;
+}
+
+}  // namespace uffdm
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) { return uffdm::InitModule(env, exports); }
+NODE_API_MODULE(uffd_migrate, Init)

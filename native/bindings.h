@@ -1,0 +1,8 @@
+// The pieces addon.cc puts together.
+#pragma once
+#include <napi.h>
+
+namespace uffdm {
+void init_region_bindings(Napi::Env env, Napi::Object exports);
+void init_uffd_binding(Napi::Env env, Napi::Object exports);
+}  // namespace uffdm

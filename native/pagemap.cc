@@ -1,0 +1,87 @@
+#include "pagemap.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <mutex>
+
+#include "kernel_compat.h"
+#include "region.h"
+
+namespace uffdm {
+
+static int pagemap_fd(int* err) {
+  static std::once_flag once;
+  static int fd = -1, open_err = 0;
+  std::call_once(once, [] {
+    fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) open_err = -errno;
+  });
+  *err = open_err;
+  return fd;
+}
+
+int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpec& spec,
+                 std::vector<uint32_t>* out) {
+  int err;
+  int fd = pagemap_fd(&err);
+  if (fd < 0) return err;
+  const size_t ps = page_size();
+  constexpr size_t kVec = 4096;
+  thread_local std::vector<page_region> vec(kVec);
+  uint64_t s = base + first_page * ps, e = s + npages * ps;
+  while (s < e) {
+    pm_scan_arg a = {};
+    a.size = sizeof(a);
+    a.flags = spec.flags;
+    a.start = s;
+    a.end = e;
+    a.vec = (uintptr_t)vec.data();
+    a.vec_len = kVec;
+    a.category_mask = spec.category_mask;
+    a.category_inverted = spec.category_inverted;
+    a.category_anyof_mask = spec.category_anyof;
+    a.return_mask = spec.return_mask;
+    long n = ioctl(fd, PAGEMAP_SCAN, &a);
+    if (n < 0) return -errno;
+    for (long i = 0; i < n; i++) {
+      uint32_t start = (uint32_t)((vec[i].start - base) / ps);
+      uint32_t len = (uint32_t)((vec[i].end - vec[i].start) / ps);
+      // The kernel may split one run across two vec entries: merge.
+      size_t k = out->size();
+      if (k >= 2 && (*out)[k - 2] + (*out)[k - 1] == start) {
+        (*out)[k - 1] += len;
+      } else {
+        out->push_back(start);
+        out->push_back(len);
+      }
+    }
+    // Only a full vec means "more": walk_end can be stale after a complete
+    // walk on some kernels (see the limits' b4_wp.c).
+    if ((size_t)n < kVec) break;
+    if (a.walk_end <= s) return -EIO;
+    s = a.walk_end;
+  }
+  return 0;
+}
+
+int pagemap_probe() {
+  int err;
+  int fd = pagemap_fd(&err);
+  if (fd < 0) return err;
+  page_region one;
+  pm_scan_arg a = {};
+  a.size = sizeof(a);
+  static char probe_page[1];
+  a.start = (uintptr_t)probe_page & ~(uint64_t)(page_size() - 1);
+  a.end = a.start + page_size();
+  a.vec = (uintptr_t)&one;
+  a.vec_len = 1;
+  a.category_mask = PAGE_IS_PRESENT;
+  a.return_mask = PAGE_IS_PRESENT;
+  return ioctl(fd, PAGEMAP_SCAN, &a) < 0 ? -errno : 0;
+}
+
+}  // namespace uffdm

@@ -1,0 +1,170 @@
+// JS surface of regions: create/open/release views, discard, PAGEMAP_SCAN,
+// zero-page detection.
+#include <errno.h>
+#include <sys/mman.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "args.h"
+#include "bindings.h"
+#include "errors.h"
+#include "pagemap.h"
+#include "region.h"
+
+namespace uffdm {
+
+namespace {
+
+// One per ArrayBuffer: holds the mapping alive while JS can reach the memory.
+struct View {
+  std::shared_ptr<Mapping> mapping;
+};
+std::mutex g_views_mu;
+// (env, data pointer) -> view, so that release(buffer) finds its holder.
+std::map<std::pair<napi_env, void*>, View*> g_views;
+
+Napi::ArrayBuffer make_view(Napi::Env env, std::shared_ptr<Mapping> m) {
+  auto* view = new View{m};
+  {
+    std::lock_guard<std::mutex> lock(g_views_mu);
+    auto key = std::make_pair((napi_env)env, (void*)m->base);
+    auto it = g_views.find(key);
+    if (it != g_views.end()) {
+      delete view;
+      throw Napi::Error::New(env, "region " + std::to_string(m->id) + " already has a view in this thread; reuse it");
+    }
+    g_views[key] = view;
+  }
+  return Napi::ArrayBuffer::New(
+      env, m->base, m->size,
+      [](Napi::Env e, void* data, View* v) {
+        std::lock_guard<std::mutex> lock(g_views_mu);
+        auto it = g_views.find(std::make_pair((napi_env)e, data));
+        if (it != g_views.end() && it->second == v) g_views.erase(it);
+        delete v;
+      },
+      view);
+}
+
+Napi::Value RegionCreate(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  const double ps = (double)page_size();
+  uint64_t bytes = arg_index(info, 0, "bytes", 1ull << 46);
+  if (bytes == 0 || bytes % (uint64_t)ps)
+    throw Napi::RangeError::New(env, "expected a region size that is a positive multiple of " +
+                                         std::to_string((uint64_t)ps) + ", got " + std::to_string(bytes));
+  int err = 0;
+  auto m = region_create(bytes, &err);
+  if (!m) throw sys_error(env, err, "mmap", std::to_string(bytes) + " bytes");
+  auto out = Napi::Object::New(env);
+  out.Set("id", Napi::Number::New(env, m->id));
+  out.Set("buffer", make_view(env, m));
+  return out;
+}
+
+Napi::Value RegionOpen(const Napi::CallbackInfo& info) {
+  auto m = arg_region(info, 0);
+  return make_view(info.Env(), m);
+}
+
+// Detaches this thread's view and forgets the id; the memory goes when the
+// last view in any thread goes, so a worker that still holds one is safe.
+Napi::Value RegionRelease(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArrayBuffer()) throw Napi::TypeError::New(env, "expected an ArrayBuffer");
+  auto ab = info[0].As<Napi::ArrayBuffer>();
+  void* data = ab.Data();
+  std::shared_ptr<Mapping> dropped;
+  {
+    std::lock_guard<std::mutex> lock(g_views_mu);
+    auto it = g_views.find(std::make_pair((napi_env)env, data));
+    if (it == g_views.end()) return Napi::Boolean::New(env, false);
+    dropped = std::move(it->second->mapping);
+    g_views.erase(it);
+  }
+  region_forget(dropped->id);
+  ab.Detach();
+  dropped.reset();  // unmaps here unless another thread still has a view
+  return Napi::Boolean::New(env, true);
+}
+
+Napi::Value Discard(const Napi::CallbackInfo& info) {
+  auto m = arg_region(info, 0);
+  uint64_t off = arg_index(info, 1, "offset", 1ull << 46), len = arg_index(info, 2, "length", 1ull << 46);
+  check_range(info, *m, off, len);
+  if (madvise(m->base + off, len, MADV_DONTNEED)) throw sys_error(info.Env(), -errno, "madvise(MADV_DONTNEED)");
+  return info.Env().Undefined();
+}
+
+// pagemapScan(regionId, firstPage, pageCount, flags, categoryMask, categoryInverted, categoryAnyof, returnMask)
+// -> Uint32Array of [firstPage, pageCount] runs.
+Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto m = arg_region(info, 0);
+  const size_t ps = page_size(), total = m->size / ps;
+  uint64_t first = arg_index(info, 1, "firstPage", (double)total);
+  uint64_t count = arg_index(info, 2, "pageCount", (double)(total - first));
+  ScanSpec spec;
+  spec.flags = arg_index(info, 3, "flags", 3);
+  spec.category_mask = arg_index(info, 4, "categoryMask", 255);
+  spec.category_inverted = arg_index(info, 5, "categoryInverted", 255);
+  spec.category_anyof = arg_index(info, 6, "categoryAnyof", 255);
+  spec.return_mask = arg_index(info, 7, "returnMask", 255);
+  if (spec.return_mask == 0) spec.return_mask = spec.category_mask | spec.category_anyof;
+  if (count == 0) return Napi::Uint32Array::New(env, 0);
+  thread_local std::vector<uint32_t> runs;
+  runs.clear();
+  int r = pagemap_scan(m->addr(), first, count, spec, &runs);
+  if (r) throw sys_error(env, r, "ioctl(PAGEMAP_SCAN)");
+  auto out = Napi::Uint32Array::New(env, runs.size());
+  std::copy(runs.begin(), runs.end(), out.Data());
+  return out;
+}
+
+static bool page_is_zero(const uint8_t* p, size_t ps) {
+  const uint64_t* w = (const uint64_t*)p;
+  uint64_t acc = 0;
+  for (size_t i = 0; i < ps / 8; i += 8) {
+    acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+    if (acc) return false;
+  }
+  return true;
+}
+
+// zeroPages(regionId, firstPage, pageCount, out: Uint8Array) -> number of zero pages;
+// out[i] = 1 when page first+i is all zeros. Reads the pages: source side only.
+Napi::Value ZeroPages(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto m = arg_region(info, 0);
+  const size_t ps = page_size(), total = m->size / ps;
+  uint64_t first = arg_index(info, 1, "firstPage", (double)total);
+  uint64_t count = arg_index(info, 2, "pageCount", (double)(total - first));
+  if (info.Length() < 4 || !info[3].IsTypedArray() ||
+      info[3].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw Napi::TypeError::New(env, "expected out to be a Uint8Array");
+  auto out = info[3].As<Napi::Uint8Array>();
+  if (out.ElementLength() < count)
+    throw Napi::RangeError::New(env, "expected out to hold at least " + std::to_string(count) + " bytes");
+  uint32_t zeros = 0;
+  for (uint64_t i = 0; i < count; i++) {
+    bool z = page_is_zero(m->base + (first + i) * ps, ps);
+    out[i] = z;
+    zeros += z;
+  }
+  return Napi::Number::New(env, zeros);
+}
+
+}  // namespace
+
+void init_region_bindings(Napi::Env env, Napi::Object exports) {
+  exports.Set("regionCreate", Napi::Function::New(env, RegionCreate));
+  exports.Set("regionOpen", Napi::Function::New(env, RegionOpen));
+  exports.Set("regionRelease", Napi::Function::New(env, RegionRelease));
+  exports.Set("discard", Napi::Function::New(env, Discard));
+  exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan));
+  exports.Set("zeroPages", Napi::Function::New(env, ZeroPages));
+}
+
+}  // namespace uffdm

@@ -1,0 +1,282 @@
+// JS class Uffd: one userfaultfd, its registrations, the page-placing
+// ioctls and its fault events. Errno policy for UFFDIO_COPY/ZEROPAGE:
+// EEXIST = already there (counted, not thrown); EAGAIN = address space
+// changing, retry from where the kernel stopped; anything else throws.
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "args.h"
+#include "bindings.h"
+#include "errors.h"
+#include "fault_reader.h"
+#include "pagemap.h"
+#include "uffd.h"
+
+namespace uffdm {
+
+namespace {
+
+constexpr int kMaxAgainRetries = 1000;
+
+class Uffd : public Napi::ObjectWrap<Uffd> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Uffd",
+                       {
+                           InstanceMethod("register", &Uffd::Register),
+                           InstanceMethod("unregister", &Uffd::Unregister),
+                           InstanceMethod("copy", &Uffd::Copy),
+                           InstanceMethod("zeropage", &Uffd::Zeropage),
+                           InstanceMethod("wake", &Uffd::Wake),
+                           InstanceMethod("writeProtect", &Uffd::WriteProtect),
+                           InstanceMethod("startFaults", &Uffd::StartFaults),
+                           InstanceMethod("stopFaults", &Uffd::StopFaults),
+                           InstanceMethod("close", &Uffd::Close),
+                           InstanceAccessor("features", &Uffd::Features, nullptr),
+                           InstanceAccessor("ioctls", &Uffd::Ioctls, nullptr),
+                           InstanceAccessor("fd", &Uffd::Fd, nullptr),
+                       });
+  }
+
+  // new Uffd(features: number)
+  explicit Uffd(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Uffd>(info) {
+    auto env = info.Env();
+    uint64_t want = arg_index(info, 0, "features", 4294967295.0);
+    const char* call = "userfaultfd";
+    fd_ = uffd_open(true, &call);
+    if (fd_ < 0) throw sys_error(env, fd_, call);
+    int r = uffd_api(fd_, want, &features_, &ioctls_);
+    if (r) {
+      ::close(fd_);
+      fd_ = -1;
+      throw sys_error(env, r, "ioctl(UFFDIO_API)", "features 0x" + to_hex(want));
+    }
+    napi_add_env_cleanup_hook(env, &Uffd::Cleanup, this);
+  }
+
+  ~Uffd() override {
+    if (fd_ >= 0) napi_remove_env_cleanup_hook(Env(), &Uffd::Cleanup, this);
+    Shutdown();
+  }
+
+ private:
+  static std::string to_hex(uint64_t v) {
+    char b[32];
+    snprintf(b, sizeof b, "%llx", (unsigned long long)v);
+    return b;
+  }
+  static void Cleanup(void* arg) { static_cast<Uffd*>(arg)->Shutdown(); }
+
+  void Shutdown() {
+    if (reader_) {
+      reader_->close();
+      reader_ = nullptr;
+    }
+    if (fd_ >= 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+
+  void check_open(Napi::Env env) {
+    if (fd_ < 0) {
+      auto e = Napi::Error::New(env, "this userfaultfd is closed");
+      e.Set("code", "ERR_UFFD_CLOSED");
+      throw e;
+    }
+  }
+
+  struct Range {
+    std::shared_ptr<Mapping> m;
+    uint64_t off, len;
+    uintptr_t start() const { return m->addr() + off; }
+  };
+  // (regionId, offset, length) at args i..i+2
+  Range range_args(const Napi::CallbackInfo& info, size_t i) {
+    check_open(info.Env());
+    Range r{arg_region(info, i), arg_index(info, i + 1, "offset", 1ull << 46),
+            arg_index(info, i + 2, "length", 1ull << 46)};
+    check_range(info, *r.m, r.off, r.len);
+    return r;
+  }
+
+  // register(regionId, offset, length, mode) -> ioctls the range supports
+  Napi::Value Register(const Napi::CallbackInfo& info) {
+    Range r = range_args(info, 0);
+    uint64_t mode = arg_index(info, 3, "mode", 7);
+    uint64_t ioctls = 0;
+    int e = uffd_register(fd_, r.start(), r.len, mode, &ioctls);
+    if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_REGISTER)");
+    return Napi::Number::New(info.Env(), (double)(ioctls & 0xffffffffu));
+  }
+
+  Napi::Value Unregister(const Napi::CallbackInfo& info) {
+    Range r = range_args(info, 0);
+    int e = uffd_unregister(fd_, r.start(), r.len);
+    if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_UNREGISTER)");
+    return info.Env().Undefined();
+  }
+
+  // Runs a mfill-style ioctl over [start, start+len) page by page through
+  // EEXIST and EAGAIN; returns the number of pages that were already there.
+  template <typename Op>
+  uint32_t fill(Napi::Env env, const char* call, uint64_t len, Op op) {
+    const uint64_t ps = page_size();
+    uint64_t done = 0;
+    uint32_t existing = 0;
+    int again = 0;
+    while (done < len) {
+      int64_t progressed = 0;
+      int e = op(done, len - done, &progressed);
+      if (e == 0) break;
+      if (progressed > 0) done += (uint64_t)progressed;
+      if (e == -EEXIST && progressed <= 0) {
+        existing++;
+        done += ps;
+      } else if (e == -EAGAIN) {
+        if (progressed <= 0 && ++again > kMaxAgainRetries) throw sys_error(env, e, call);
+      } else if (e != -EEXIST) {
+        throw sys_error(env, e, call);
+      }
+    }
+    return existing;
+  }
+
+  // copy(regionId, offset, src: ArrayBufferView, wake = true) -> pages already present
+  Napi::Value Copy(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    check_open(env);
+    auto m = arg_region(info, 0);
+    uint64_t off = arg_index(info, 1, "offset", 1ull << 46);
+    if (info.Length() < 3 || !info[2].IsTypedArray()) throw Napi::TypeError::New(env, "expected src to be a Uint8Array");
+    auto src = info[2].As<Napi::TypedArray>();
+    const uint8_t* data = (const uint8_t*)src.ArrayBuffer().Data() + src.ByteOffset();
+    uint64_t len = src.ByteLength();
+    check_range(info, *m, off, len);
+    bool wake = arg_bool(info, 3, true);
+    uint32_t existing = fill(env, "ioctl(UFFDIO_COPY)", len, [&](uint64_t done, uint64_t rest, int64_t* p) {
+      return uffd_copy(fd_, m->addr() + off + done, data + done, rest, wake, p);
+    });
+    return Napi::Number::New(env, existing);
+  }
+
+  // zeropage(regionId, offset, length, wake = true) -> pages already present
+  Napi::Value Zeropage(const Napi::CallbackInfo& info) {
+    Range r = range_args(info, 0);
+    bool wake = arg_bool(info, 3, true);
+    uint32_t existing = fill(info.Env(), "ioctl(UFFDIO_ZEROPAGE)", r.len, [&](uint64_t done, uint64_t rest, int64_t* p) {
+      return uffd_zeropage(fd_, r.start() + done, rest, wake, p);
+    });
+    return Napi::Number::New(info.Env(), existing);
+  }
+
+  Napi::Value Wake(const Napi::CallbackInfo& info) {
+    Range r = range_args(info, 0);
+    int e = uffd_wake(fd_, r.start(), r.len);
+    if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_WAKE)");
+    return info.Env().Undefined();
+  }
+
+  // writeProtect(regionId, offset, length, protect, wake = true)
+  Napi::Value WriteProtect(const Napi::CallbackInfo& info) {
+    Range r = range_args(info, 0);
+    bool protect = arg_bool(info, 3, true), wake = arg_bool(info, 4, true);
+    int e = uffd_writeprotect(fd_, r.start(), r.len, protect, wake);
+    if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_WRITEPROTECT)");
+    return info.Env().Undefined();
+  }
+
+  Napi::Value StartFaults(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    check_open(env);
+    if (info.Length() < 1 || !info[0].IsFunction()) throw Napi::TypeError::New(env, "expected a callback");
+    if (reader_) throw Napi::Error::New(env, "fault events are already being delivered");
+    reader_ = new FaultReader(env, fd_, info[0].As<Napi::Function>());
+    int r = reader_->start();
+    if (r) {
+      reader_->close();
+      reader_ = nullptr;
+      throw sys_error(env, r, "uv_poll_start");
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value StopFaults(const Napi::CallbackInfo& info) {
+    if (reader_) {
+      reader_->close();
+      reader_ = nullptr;
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (fd_ >= 0) napi_remove_env_cleanup_hook(info.Env(), &Uffd::Cleanup, this);
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Features(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), (double)features_); }
+  Napi::Value Ioctls(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), (double)(ioctls_ & 0xffffffffu)); }
+  Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), fd_); }
+
+  int fd_ = -1;
+  uint64_t features_ = 0, ioctls_ = 0;
+  FaultReader* reader_ = nullptr;
+};
+
+// probe() -> { features, ioctls, error?, viaSyscall, viaDevice, pagemapScan }
+Napi::Value Probe(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto out = Napi::Object::New(env);
+  uint64_t features = 0, ioctls = 0;
+  const char* call = "userfaultfd";
+  int r = uffd_probe_features(&features, &ioctls, &call);
+  out.Set("features", Napi::Number::New(env, (double)features));
+  out.Set("ioctls", Napi::Number::New(env, (double)(ioctls & 0xffffffffu)));
+  if (r) out.Set("error", sys_error(env, r, call).Value());
+  // Each way of opening, on its own.
+  int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC);
+  out.Set("viaSyscall", fd >= 0 ? Napi::Value(Napi::Number::New(env, 0)) : Napi::String::New(env, errno_code(errno)));
+  if (fd >= 0) ::close(fd);
+  int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  if (dev < 0) {
+    out.Set("viaDevice", errno_code(errno));
+  } else {
+    int f = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC);
+    out.Set("viaDevice", f >= 0 ? Napi::Value(Napi::Number::New(env, 0)) : Napi::String::New(env, errno_code(errno)));
+    if (f >= 0) ::close(f);
+    ::close(dev);
+  }
+  int p = pagemap_probe();
+  out.Set("pagemapScan", p == 0 ? Napi::Value(Napi::Number::New(env, 0)) : Napi::String::New(env, errno_code(-p)));
+  return out;
+}
+
+}  // namespace
+
+void init_uffd_binding(Napi::Env env, Napi::Object exports) {
+  exports.Set("Uffd", Uffd::Define(env));
+  exports.Set("probe", Napi::Function::New(env, Probe));
+  auto c = Napi::Object::New(env);
+#define K(name) c.Set(#name, Napi::Number::New(env, (double)(name)))
+  K(UFFD_FEATURE_PAGEFAULT_FLAG_WP); K(UFFD_FEATURE_EVENT_FORK); K(UFFD_FEATURE_EVENT_REMAP);
+  K(UFFD_FEATURE_EVENT_REMOVE); K(UFFD_FEATURE_MISSING_HUGETLBFS); K(UFFD_FEATURE_MISSING_SHMEM);
+  K(UFFD_FEATURE_EVENT_UNMAP); K(UFFD_FEATURE_SIGBUS); K(UFFD_FEATURE_THREAD_ID);
+  K(UFFD_FEATURE_MINOR_HUGETLBFS); K(UFFD_FEATURE_MINOR_SHMEM); K(UFFD_FEATURE_EXACT_ADDRESS);
+  K(UFFD_FEATURE_WP_HUGETLBFS_SHMEM); K(UFFD_FEATURE_WP_UNPOPULATED); K(UFFD_FEATURE_POISON);
+  K(UFFD_FEATURE_WP_ASYNC); K(UFFD_FEATURE_MOVE);
+  K(UFFDIO_REGISTER_MODE_MISSING); K(UFFDIO_REGISTER_MODE_WP); K(UFFDIO_REGISTER_MODE_MINOR);
+  K(UFFD_PAGEFAULT_FLAG_WRITE); K(UFFD_PAGEFAULT_FLAG_WP); K(UFFD_PAGEFAULT_FLAG_MINOR);
+  K(PM_SCAN_WP_MATCHING); K(PM_SCAN_CHECK_WPASYNC);
+  K(PAGE_IS_WPALLOWED); K(PAGE_IS_WRITTEN); K(PAGE_IS_FILE); K(PAGE_IS_PRESENT); K(PAGE_IS_SWAPPED);
+  K(PAGE_IS_PFNZERO); K(PAGE_IS_HUGE); K(PAGE_IS_SOFT_DIRTY);
+  c.Set("_UFFDIO_ZEROPAGE", Napi::Number::New(env, _UFFDIO_ZEROPAGE));
+  c.Set("_UFFDIO_WRITEPROTECT", Napi::Number::New(env, _UFFDIO_WRITEPROTECT));
+  c.Set("_UFFDIO_CONTINUE", Napi::Number::New(env, _UFFDIO_CONTINUE));
+#undef K
+  exports.Set("constants", c);
+}
+
+}  // namespace uffdm

@@ -1,0 +1,96 @@
+/**
+ * The one place that loads the native addon. Everything native is typed by
+ * the NativeBinding interface below; tests of the pure TypeScript tier use a
+ * fake with the same interface.
+ */
+import { join } from 'node:path'
+import { UffdMigrateError, ErrorCode } from './errors'
+
+export interface NativeUffd {
+  readonly features: number
+  readonly ioctls: number
+  readonly fd: number
+  /** Returns the ioctls the range supports. */
+  register(regionId: number, offset: number, length: number, mode: number): number
+  unregister(regionId: number, offset: number, length: number): void
+  /** UFFDIO_COPY; returns how many pages were already present (EEXIST). */
+  copy(regionId: number, offset: number, src: Uint8Array, wake?: boolean): number
+  /** UFFDIO_ZEROPAGE; returns how many pages were already present. */
+  zeropage(regionId: number, offset: number, length: number, wake?: boolean): number
+  wake(regionId: number, offset: number, length: number): void
+  writeProtect(regionId: number, offset: number, length: number, protect: boolean, wake?: boolean): void
+  /** events: triples [regionId, pageIndex, flags] */
+  startFaults(callback: (events: Uint32Array) => void): void
+  stopFaults(): void
+  close(): void
+}
+
+export interface ProbeResult {
+  features: number
+  ioctls: number
+  error?: UffdMigrateError
+  /** 0 when the syscall works, else the errno name */
+  viaSyscall: 0 | string
+  viaDevice: 0 | string
+  pagemapScan: 0 | string
+}
+
+export interface NativeBinding {
+  init(errorClass: Function): void
+  readonly pageSize: number
+  readonly constants: Record<string, number>
+  regionCreate(bytes: number): { id: number; buffer: ArrayBuffer }
+  regionOpen(id: number): ArrayBuffer
+  regionRelease(buffer: ArrayBuffer): boolean
+  discard(regionId: number, offset: number, length: number): void
+  /** Runs of [firstPage, pageCount] relative to the region. */
+  pagemapScan(
+    regionId: number,
+    firstPage: number,
+    pageCount: number,
+    flags: number,
+    categoryMask: number,
+    categoryInverted: number,
+    categoryAnyof: number,
+    returnMask: number,
+  ): Uint32Array
+  zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number
+  Uffd: new (features: number) => NativeUffd
+  probe(): ProbeResult
+}
+
+let cached: NativeBinding | undefined
+
+export function loadBinding(): NativeBinding {
+  if (cached) return cached
+  const root = join(__dirname, '..')
+  const tried: string[] = []
+  if (process.platform !== 'linux') {
+    throw new UffdMigrateError(
+      `uffd-migrate runs on Linux only (userfaultfd); this is ${process.platform}`,
+      ErrorCode.ADDON,
+    )
+  }
+  let binding: NativeBinding
+  try {
+    if (process.env.UFFD_MIGRATE_ADDON) {
+      tried.push(process.env.UFFD_MIGRATE_ADDON)
+      binding = require(process.env.UFFD_MIGRATE_ADDON) as NativeBinding
+    } else {
+      tried.push(`node-gyp-build(${root})`)
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      binding = require('node-gyp-build')(root) as NativeBinding
+    }
+  } catch (err) {
+    throw new UffdMigrateError(
+      `could not load the uffd-migrate native addon (tried ${tried.join(', ')}): ${(err as Error).message}. ` +
+        'Rebuild it with `npm rebuild uffd-migrate` (needs python3, make and g++), ' +
+        'then run `npx uffd-migrate doctor` to check the kernel features.',
+      ErrorCode.ADDON,
+      { cause: err },
+    )
+  }
+  binding.init(UffdMigrateError)
+  cached = binding
+  return binding
+}

@@ -1,0 +1,141 @@
+/**
+ * What this machine allows: kernel, userfaultfd features, PAGEMAP_SCAN,
+ * permissions, and a verdict that says what to do. Tests that need a feature
+ * skip with the reason given here.
+ */
+import { readFileSync } from 'node:fs'
+import { release } from 'node:os'
+import { loadBinding } from './binding'
+
+export interface FeatureCheck {
+  name: string
+  available: boolean
+  /** Why not, or what it is used for. */
+  detail: string
+  /** Needed for migration to work at all. */
+  required: boolean
+}
+
+export interface DoctorReport {
+  kernel: string
+  uid: number
+  unprivilegedUserfaultfd: string
+  features: FeatureCheck[]
+  ok: boolean
+  verdict: string
+}
+
+function readSysctl(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim()
+  } catch {
+    return 'unknown'
+  }
+}
+
+export function runDoctor(): DoctorReport {
+  const kernel = release()
+  const uid = process.getuid?.() ?? -1
+  const unprivilegedUserfaultfd = readSysctl('/proc/sys/vm/unprivileged_userfaultfd')
+  const features: FeatureCheck[] = []
+  const add = (name: string, available: boolean, detail: string, required = true) =>
+    features.push({ name, available, detail, required })
+  let binding
+  try {
+    binding = loadBinding()
+  } catch (err) {
+    add('native addon', false, (err as Error).message)
+    return finish()
+  }
+  const k = binding.constants
+  const probe = binding.probe()
+  const permHint =
+    'run as root, grant CAP_SYS_PTRACE, set sysctl vm.unprivileged_userfaultfd=1, or give this user read/write access to /dev/userfaultfd'
+  const explain = (e: 0 | string) =>
+    e === 0 ? 'works' : e === 'EPERM' || e === 'EACCES' ? `${e}: ${permHint}` : e === 'ENOSYS' ? 'ENOSYS: kernel without CONFIG_USERFAULTFD' : e === 'ENOENT' ? 'ENOENT: no /dev/userfaultfd (Linux 6.1+)' : e
+  add('userfaultfd syscall', probe.viaSyscall === 0, explain(probe.viaSyscall), false)
+  add('/dev/userfaultfd', probe.viaDevice === 0, explain(probe.viaDevice), false)
+  const uffdWorks = probe.viaSyscall === 0 || probe.viaDevice === 0
+  const feat = (bit: number) => uffdWorks && (probe.features & bit) !== 0
+  const why = (bit: number, minKernel: string, use: string) =>
+    !uffdWorks ? 'userfaultfd cannot be opened (see above)' : feat(bit) ? use : `not offered by this kernel (needs Linux ${minKernel}+)`
+
+  // MISSING and ZEROPAGE are per-range: try them on a one-page region.
+  let missingDetail = 'userfaultfd cannot be opened (see above)'
+  let missingOk = false
+  let zeroOk = false
+  let wpOk = false
+  let wpDetail = missingDetail
+  if (uffdWorks) {
+    const region = binding.regionCreate(binding.pageSize)
+    try {
+      const uffd = new binding.Uffd(0)
+      try {
+        const ioctls = uffd.register(region.id, 0, binding.pageSize, k.UFFDIO_REGISTER_MODE_MISSING)
+        missingOk = true
+        missingDetail = 'demand paging on the destination'
+        zeroOk = (ioctls & (1 << k._UFFDIO_ZEROPAGE)) !== 0
+      } catch (err) {
+        missingDetail = (err as Error).message
+      } finally {
+        uffd.close()
+      }
+      if (feat(k.UFFD_FEATURE_PAGEFAULT_FLAG_WP)) {
+        const wp = new binding.Uffd(k.UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        try {
+          wp.register(region.id, 0, binding.pageSize, k.UFFDIO_REGISTER_MODE_WP)
+          wpOk = true
+          wpDetail = 'write-protect tracking'
+        } catch (err) {
+          wpDetail = (err as Error).message
+        } finally {
+          wp.close()
+        }
+      } else {
+        wpDetail = 'not offered by this kernel (needs Linux 5.7+)'
+      }
+    } finally {
+      binding.regionRelease(region.buffer)
+    }
+  }
+  add('MISSING', missingOk, missingDetail)
+  add('ZEROPAGE', zeroOk, zeroOk ? 'zero pages placed locally, never fetched' : 'UFFDIO_ZEROPAGE not offered for anonymous memory')
+  add('WP', wpOk, wpDetail)
+  add('WP_ASYNC', feat(k.UFFD_FEATURE_WP_ASYNC), why(k.UFFD_FEATURE_WP_ASYNC, '6.7', 'dirty tracking without a fault round trip'))
+  add('WP_UNPOPULATED', feat(k.UFFD_FEATURE_WP_UNPOPULATED), why(k.UFFD_FEATURE_WP_UNPOPULATED, '6.4', 'tracks pages first written during migration'))
+  add('PAGEMAP_SCAN', probe.pagemapScan === 0, probe.pagemapScan === 0 ? 'written/present page scans' : `${probe.pagemapScan}: needs Linux 6.7+`)
+  add('MOVE', feat(k.UFFD_FEATURE_MOVE), why(k.UFFD_FEATURE_MOVE, '6.8', 'optional (UFFDIO_MOVE, not used yet)'), false)
+  add('POISON', feat(k.UFFD_FEATURE_POISON), why(k.UFFD_FEATURE_POISON, '6.6', 'optional (UFFDIO_POISON, not used yet)'), false)
+  return finish()
+
+  function finish(): DoctorReport {
+    const missing = features.filter((f) => f.required && !f.available)
+    const noOpen = features.length >= 2 && !features[0].available && !features[1].available
+    const ok = missing.length === 0 && !noOpen
+    let verdict: string
+    if (ok) verdict = 'migration can work here: every required feature is available'
+    else if (noOpen) verdict = `migration cannot work here: userfaultfd cannot be opened. To fix: ${features[0].detail}`
+    else
+      verdict =
+        `migration cannot work here: missing ${missing.map((f) => f.name).join(', ')}. ` +
+        'To fix: run on Linux 6.7 or newer with CONFIG_USERFAULTFD and CONFIG_PTE_MARKER_UFFD_WP, as root or with userfaultfd permission.'
+    return { kernel, uid, unprivilegedUserfaultfd, features, ok, verdict }
+  }
+}
+
+/** Why a feature-gated test must skip, or undefined when it can run. */
+export function skipReason(): string | undefined {
+  const r = runDoctor()
+  return r.ok ? undefined : r.verdict
+}
+
+export function formatDoctor(r: DoctorReport): string {
+  const lines = [`kernel ${r.kernel}, uid ${r.uid}, vm.unprivileged_userfaultfd=${r.unprivilegedUserfaultfd}`]
+  const w = Math.max(...r.features.map((f) => f.name.length))
+  for (const f of r.features) {
+    const mark = f.available ? 'ok  ' : f.required ? 'FAIL' : 'no  '
+    lines.push(`  ${mark} ${f.name.padEnd(w)}  ${f.detail}`)
+  }
+  lines.push(r.verdict)
+  return lines.join('\n')
+}

@@ -1,0 +1,54 @@
+/**
+ * One error class for everything uffd-migrate throws. The addon receives it at
+ * init and raises syscall failures as instances of it, with `code` (an errno
+ * name such as 'EPERM' or a stable library code such as 'ERR_MIGRATION_AUTH'),
+ * `errno` and `syscall` when a syscall failed.
+ */
+export class UffdMigrateError extends Error {
+  code: string
+  errno?: number
+  syscall?: string
+
+  constructor(message: string, code = 'ERR_UFFD_MIGRATE', options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'UffdMigrateError'
+    this.code = code
+  }
+}
+
+/** Stable library error codes. */
+export const ErrorCode = {
+  /** Native addon could not be loaded. */
+  ADDON: 'ERR_ADDON_LOAD',
+  /** A required kernel feature is missing. */
+  FEATURE: 'ERR_KERNEL_FEATURE',
+  /** Malformed, oversize or out-of-order message from the peer. */
+  PROTOCOL: 'ERR_MIGRATION_PROTOCOL',
+  /** Peer speaks another protocol version. */
+  VERSION: 'ERR_MIGRATION_VERSION',
+  /** Peer failed (or we failed) the shared-token challenge. */
+  AUTH: 'ERR_MIGRATION_AUTH',
+  /** Region table of source and destination differ. */
+  REGIONS: 'ERR_MIGRATION_REGIONS',
+  /** Could not reach the peer. */
+  CONNECT: 'ERR_MIGRATION_CONNECT',
+  /** Connection lost or closed mid-migration. */
+  CONNECTION: 'ERR_MIGRATION_CONNECTION',
+  /** Migration aborted (by the user or after a failure). */
+  ABORTED: 'ERR_MIGRATION_ABORTED',
+  /** A migration is already running. */
+  BUSY: 'ERR_MIGRATION_BUSY',
+  /** Bad argument from a JS caller or the CLI. */
+  INVALID_ARG: 'ERR_INVALID_ARG',
+  /** The guest's pause() hook threw or returned unserialisable state. */
+  PAUSE: 'ERR_GUEST_PAUSE',
+  /** Region was released. */
+  RELEASED: 'ERR_REGION_RELEASED',
+  /** No guest with that name is running. */
+  NO_GUEST: 'ERR_NO_GUEST',
+} as const
+export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode]
+
+export function migrationError(code: ErrorCodeValue, message: string, cause?: unknown): UffdMigrateError {
+  return new UffdMigrateError(message, code, cause === undefined ? undefined : { cause })
+}

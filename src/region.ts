@@ -1,0 +1,76 @@
+/**
+ * A guest memory region: anonymous private memory exposed as an ArrayBuffer.
+ * The same region can be opened in another thread (the agent's worker) by id;
+ * the memory is unmapped when the last view in any thread lets go.
+ */
+import { loadBinding, type NativeBinding } from './binding'
+import { ErrorCode, UffdMigrateError } from './errors'
+
+export interface RegionDescriptor {
+  name: string
+  id: number
+  sizeBytes: number
+}
+
+export class Region {
+  readonly pageSize: number
+  readonly pageCount: number
+  private view: ArrayBuffer | undefined
+
+  protected constructor(
+    readonly name: string,
+    readonly id: number,
+    readonly sizeBytes: number,
+    buffer: ArrayBuffer,
+    protected readonly binding: NativeBinding,
+  ) {
+    this.view = buffer
+    this.pageSize = binding.pageSize
+    this.pageCount = sizeBytes / binding.pageSize
+  }
+
+  /** Maps `bytes` (rounded up to whole pages) of fresh zeroed memory. */
+  static create(name: string, bytes: number, binding = loadBinding()): Region {
+    const size = roundUpToPage(bytes, binding.pageSize)
+    const { id, buffer } = binding.regionCreate(size)
+    return new Region(name, id, size, buffer, binding)
+  }
+
+  /** Opens, in this thread, a region created in another thread of this process. */
+  static open(desc: RegionDescriptor, binding = loadBinding()): Region {
+    const buffer = binding.regionOpen(desc.id)
+    return new Region(desc.name, desc.id, desc.sizeBytes, buffer, binding)
+  }
+
+  get buffer(): ArrayBuffer {
+    if (!this.view) throw new UffdMigrateError(`region '${this.name}' was released`, ErrorCode.RELEASED)
+    return this.view
+  }
+
+  get released(): boolean {
+    return this.view === undefined
+  }
+
+  describe(): RegionDescriptor {
+    return { name: this.name, id: this.id, sizeBytes: this.sizeBytes }
+  }
+
+  /** Drops this thread's view; the memory goes once no thread holds one. */
+  release(): void {
+    if (!this.view) return
+    this.binding.regionRelease(this.view)
+    this.view = undefined
+  }
+
+  /** madvise(MADV_DONTNEED): the range reads as zeros (or faults, when registered MISSING). */
+  discard(offset: number, length: number): void {
+    this.binding.discard(this.id, offset, length)
+  }
+}
+
+export function roundUpToPage(bytes: number, pageSize: number): number {
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) {
+    throw new UffdMigrateError(`expected a region size in bytes > 0, got ${bytes}`, ErrorCode.INVALID_ARG)
+  }
+  return Math.ceil(bytes / pageSize) * pageSize
+}
