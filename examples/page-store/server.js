@@ -1,0 +1,125 @@
+#!/usr/bin/env node
+'use strict'
+// A service that keeps a page-versioned store in a guest region: a writer
+// rewrites random pages at a fixed rate, and HTTP readers check every page
+// they read against the version model. The model (one u32 per page) is the
+// small JS state that crosses at the hand-off. Run it on both hosts:
+//   source:      node server.js --name store --mib 1024 --http 8080
+//   destination: uffd-migrate receive --listen 0.0.0.0:7070 -- node server.js --name store --mib 1024 --http 8080
+// Prints one line per event on stdout: HTTP <port>, RESTORED, SETTLED, VERIFY ok|fail, MOVED.
+const http = require('node:http')
+const { parseArgs } = require('node:util')
+const { Guest } = require('../../')
+const { writePage, checkPage } = require('./pattern')
+
+const { values: a } = parseArgs({
+  options: {
+    name: { type: 'string', default: 'page-store' },
+    mib: { type: 'string', default: '256' },
+    http: { type: 'string', default: '0' },
+    writes: { type: 'string', default: '10000' }, // page writes per second
+    'fill-every': { type: 'string', default: '8' }, // pages p % n === n-1 stay never-written (zero)
+    'exit-after-verify': { type: 'boolean', default: false },
+  },
+})
+const sizeBytes = Number(a.mib) * 1024 * 1024
+const writesPerSec = Number(a.writes)
+const fillEvery = Number(a['fill-every'])
+const out = (line) => process.stdout.write(line + '\n')
+
+let versions
+let writer
+let server
+let writesDone = 0
+
+function startWriter(u32, pageCount, pageWords) {
+  const perTick = Math.ceil(writesPerSec / 100)
+  let seed = (process.pid * 2654435761) >>> 0
+  writer = setInterval(() => {
+    for (let i = 0; i < perTick; i++) {
+      seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
+      const p = seed % pageCount
+      writePage(u32, p, ++versions[p], pageWords)
+    }
+    writesDone += perTick
+  }, 10)
+}
+
+function startHttp(u32, pageCount, pageWords, port) {
+  server = http.createServer((req, res) => {
+    const m = /^\/page\/(\d+)$/.exec(req.url || '')
+    if (!m || Number(m[1]) >= pageCount) {
+      res.writeHead(404).end()
+      return
+    }
+    const p = Number(m[1])
+    const v = versions[p]
+    const ok = checkPage(u32, p, v, pageWords)
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ page: p, version: v, ok, pid: process.pid }))
+  })
+  server.keepAliveTimeout = 1
+  server.listen(port, '127.0.0.1', () => out(`HTTP ${server.address().port}`))
+}
+
+async function main() {
+  const guest = await Guest.start({
+    name: a.name,
+    regions: { store: sizeBytes },
+    pause: async () => {
+      clearInterval(writer)
+      await new Promise((r) => {
+        server.close(r)
+        server.closeAllConnections()
+      })
+      return { versions: Buffer.from(versions.buffer, versions.byteOffset, versions.byteLength), writesDone }
+    },
+    resume: () => start(false),
+  })
+  const region = guest.regions.store
+  const ps = 4096
+  const pageCount = region.sizeBytes / ps
+  const pageWords = ps / 4
+  const u32 = new Uint32Array(region.buffer)
+
+  function start(restored) {
+    startWriter(u32, pageCount, pageWords)
+    startHttp(u32, pageCount, pageWords, Number(a.http))
+    if (restored) out('RESTORED')
+  }
+
+  if (guest.restored) {
+    const s = guest.state
+    versions = new Uint32Array(s.versions.buffer.slice(s.versions.byteOffset, s.versions.byteOffset + s.versions.byteLength))
+    writesDone = s.writesDone
+    start(true)
+    await guest.settled
+    out('SETTLED')
+    let bad = 0
+    let first = -1
+    for (let p = 0; p < pageCount; p++) {
+      if (!checkPage(u32, p, versions[p], pageWords)) {
+        if (first < 0) first = p
+        bad++
+      }
+    }
+    out(bad === 0 ? `VERIFY ok pages=${pageCount}` : `VERIFY fail bad=${bad} first=${first} version=${versions[first]}`)
+    if (a['exit-after-verify']) process.exit(bad === 0 ? 0 : 1)
+    return
+  }
+  versions = new Uint32Array(pageCount)
+  for (let p = 0; p < pageCount; p++) {
+    if (p % fillEvery === fillEvery - 1) continue
+    writePage(u32, p, ++versions[p], pageWords)
+  }
+  guest.on('moved', (report) => {
+    out(`MOVED ${JSON.stringify({ downtimeMs: report.downtimeMs, totalMs: report.totalMs })}`)
+    setTimeout(() => process.exit(0), 20)
+  })
+  start(false)
+  out('READY')
+}
+
+main().catch((err) => {
+  process.stderr.write(`page-store: ${err.code ?? ''} ${err.message}\n`)
+  process.exit(1)
+})

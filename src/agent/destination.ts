@@ -1,0 +1,430 @@
+/**
+ * The destination side of one migration, in the agent's worker. Before the
+ * hand-off, pages are written straight into the (not yet registered)
+ * regions; at the hand-off the discard list is applied and the regions are
+ * registered MISSING; after it, faults become page requests on the urgent
+ * channel, pushed pages are placed with UFFDIO_COPY and known-zero pages with
+ * UFFDIO_ZEROPAGE, locally. Settled = every page is local.
+ */
+import { createServer, type Server, type Socket } from 'node:net'
+import type { NativeBinding, NativeUffd } from '../binding'
+import { PageBitmap } from '../bitmap'
+import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import { Channel } from '../protocol/channel'
+import type { Frame } from '../protocol/frames'
+import { peerError, serverHandshake } from '../protocol/handshake'
+import {
+  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, uint,
+} from '../protocol/messages'
+import type { Region } from '../region'
+import { nowMs, Samples } from '../stats'
+import { parseAddress } from './address'
+
+export interface DestinationHooks {
+  /** The hand-off arrived: resume the service with this state. Resolves when it runs. */
+  restore(state: Uint8Array): Promise<number>
+  /** Every page is local. */
+  settled(): void
+  /** Pages became local (for ready() waiters in the service's thread). */
+  pagesArrived(): void
+  failed(err: Error): void
+}
+
+type Phase = 'setup' | 'precopy' | 'handoff' | 'postcopy' | 'settled' | 'failed'
+
+export class MigrationDestination {
+  private server: Server | undefined
+  private urgent: Channel | undefined
+  private bulk: Channel | undefined
+  private session: string | undefined
+  private layout: RegionLayout[] = []
+  private readonly ps: number
+  /** Shared with the service's thread: isLocal() reads it. */
+  readonly received: PageBitmap[]
+  private receivedCount = 0
+  private readonly totalPages: number
+  private inFlight: PageBitmap[] = []
+  /** Pages announced as zero/free (placed locally, never requested). */
+  private knownZero: PageBitmap[] = []
+  /** Freed by the service during post-copy and zero-filled here. */
+  private freedHere: PageBitmap[] = []
+  private uffd: NativeUffd | undefined
+  private phase: Phase = 'setup'
+  private readonly faultStart = new Map<number, number>()
+  private readonly latency = new Samples()
+  private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0 }
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+    received: PageBitmap[],
+    private readonly token: Buffer,
+    private readonly hooks: DestinationHooks,
+  ) {
+    this.ps = binding.pageSize
+    this.received = received
+    this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+  }
+
+  /** Starts listening; resolves with the bound port. */
+  listen(addr: string): Promise<number> {
+    const { host, port } = parseAddress(addr, '0.0.0.0')
+    return new Promise((resolve, reject) => {
+      this.server = createServer((s) => void this.accept(s))
+      this.server.once('error', (err) =>
+        reject(migrationError(ErrorCode.CONNECT, `cannot listen on ${addr}: ${(err as NodeJS.ErrnoException).code ?? err.message}`, err)),
+      )
+      this.server.listen(port, host, () => {
+        const a = this.server!.address()
+        resolve(typeof a === 'object' && a ? a.port : port)
+      })
+    })
+  }
+
+  private async accept(socket: Socket): Promise<void> {
+    const ch = new Channel(socket, 'incoming')
+    try {
+      const info = await serverHandshake(ch, this.token)
+      if (this.phase !== 'setup') throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+      if (this.session && info.session !== this.session) throw migrationError(ErrorCode.BUSY, 'a migration from another source is already connecting')
+      this.session = info.session
+      if (info.role === 'urgent') {
+        if (this.urgent) throw migrationError(ErrorCode.PROTOCOL, 'a second urgent connection for one session')
+        this.urgent = ch
+        ch.onFrame((f) => this.onUrgent(f))
+      } else {
+        if (this.bulk) throw migrationError(ErrorCode.PROTOCOL, 'a second bulk connection for one session')
+        this.bulk = ch
+        ch.onFrame((f) => this.onBulk(f))
+      }
+      ch.onClose((err) => this.onChannelClosed(err))
+    } catch (err) {
+      // refused before any page moved; keep listening for a proper source
+      ch.sendError(err as Error)
+      ch.fail(err as Error)
+      if (process.env.UFFD_MIGRATE_DEBUG) console.error(`[uffd-migrate] refused a connection: ${(err as Error).message}`)
+    }
+  }
+
+  private onChannelClosed(err: Error): void {
+    if (this.phase === 'settled' || this.phase === 'failed') return
+    this.fail(err)
+  }
+
+  private fail(err: Error): void {
+    if (this.phase === 'failed' || this.phase === 'settled') return
+    this.phase = 'failed'
+    this.urgent?.fail(err)
+    this.bulk?.fail(err)
+    this.server?.close()
+    this.hooks.failed(err)
+  }
+
+  private expect(f: Frame, ...legal: Phase[]): void {
+    if (!legal.includes(this.phase)) {
+      throw migrationError(ErrorCode.PROTOCOL, `message type ${f.type} is not legal in phase ${this.phase}`)
+    }
+  }
+
+  // ---- bulk channel ----------------------------------------------------------
+
+  private onBulk(f: Frame): void {
+    try {
+      this.handleBulk(f)
+    } catch (err) {
+      this.bulk?.sendError(err as Error)
+      this.fail(err as Error)
+    }
+  }
+
+  private handleBulk(f: Frame): void {
+    switch (f.type) {
+      case Msg.REGIONS:
+        this.expect(f, 'setup')
+        return this.onRegions(decodeControl(f.type, f.payload))
+      case Msg.PAGES: {
+        this.expect(f, 'precopy', 'postcopy')
+        return this.placePages(decodePages(f.payload, this.layout, this.ps))
+      }
+      case Msg.RANGES: {
+        this.expect(f, 'precopy', 'postcopy')
+        const m = decodeRuns(f.type, f.payload, this.layout)
+        if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
+        return this.placeZeroRuns(m.region, m.runs)
+      }
+      case Msg.ROUND_END:
+      case Msg.PRECOPY_END:
+        this.expect(f, 'precopy')
+        return
+      case Msg.HANDOFF:
+        this.expect(f, 'precopy')
+        this.phase = 'handoff'
+        this.onHandoff(decodeControl(f.type, f.payload))
+        return
+      case Msg.PUSH_END:
+        this.expect(f, 'postcopy', 'settled')
+        return this.checkSettled()
+      case Msg.ERROR:
+        throw peerError(f.payload)
+      default:
+        throw migrationError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} on the bulk channel`)
+    }
+  }
+
+  private onRegions(m: Record<string, unknown>): void {
+    const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
+    const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
+    const theirs = list.map((r, i) => {
+      if (typeof r !== 'object' || r === null) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS.regions[${i}] to be a map`)
+      const rec = r as Record<string, unknown>
+      return { name: field<string>(rec, 'name', 'string', `REGIONS.regions[${i}]`), sizeBytes: uint(rec, 'sizeBytes', `REGIONS.regions[${i}]`) }
+    })
+    const ours = this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes }))
+    const fmt = (t: { name: string; sizeBytes: number }[]) => t.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
+    if (pageSize !== this.ps || JSON.stringify(theirs) !== JSON.stringify(ours)) {
+      throw migrationError(
+        ErrorCode.REGIONS,
+        `region table mismatch: the source has {${fmt(theirs)}} (page size ${pageSize}), the destination asked for {${fmt(ours)}} (page size ${this.ps}); start the same service with the same region sizes on both hosts`,
+      )
+    }
+    this.layout = this.regions.map((r) => ({ pageCount: r.pageCount }))
+    this.inFlight = this.regions.map((r) => new PageBitmap(r.pageCount))
+    this.knownZero = this.regions.map((r) => new PageBitmap(r.pageCount))
+    this.freedHere = this.regions.map((r) => new PageBitmap(r.pageCount))
+    this.phase = 'precopy'
+    this.bulk!.send(encodeControl(Msg.REGIONS_OK, {}))
+  }
+
+  private markReceived(region: number, first: number, count: number): void {
+    const added = this.received[region].setRange(first, count)
+    this.receivedCount += added
+    if (added < count && this.phase === 'postcopy') {
+      // a page freed here while the source had it in flight is not a resend
+      let twice = count - added
+      for (let p = first; p < first + count && twice > 0; p++) if (this.freedHere[region]?.has(p)) twice--
+      this.stats.pagesReceivedTwice += twice
+    }
+  }
+
+  private placePages(m: { region: number; firstPage: number; pageCount: number; data: Buffer }): void {
+    const r = this.regions[m.region]
+    const off = m.firstPage * this.ps
+    if (this.phase === 'precopy') {
+      // Not registered yet: plain stores into the region.
+      new Uint8Array(r.buffer, off, m.data.length).set(m.data)
+      this.knownZero[m.region].clearRange(m.firstPage, m.pageCount)
+      this.markReceived(m.region, m.firstPage, m.pageCount)
+      return
+    }
+    this.uffd!.copy(r.id, off, m.data)
+    this.arrived(m.region, m.firstPage, m.pageCount)
+  }
+
+  private placeZeroRuns(region: number, runs: Uint32Array): void {
+    const r = this.regions[region]
+    for (let k = 0; k < runs.length; k += 2) {
+      const first = runs[k], count = runs[k + 1]
+      if (this.phase === 'precopy') {
+        // A page that held data from an earlier round is zero now.
+        if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
+        this.knownZero[region].setRange(first, count)
+        this.markReceived(region, first, count)
+      } else {
+        this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
+        this.knownZero[region].setRange(first, count)
+        this.arrived(region, first, count)
+      }
+    }
+  }
+
+  /** Post-copy: pages placed; wake ready() waiters, time the faults they answer. */
+  private arrived(region: number, first: number, count: number): void {
+    this.markReceived(region, first, count)
+    if (this.faultStart.size) {
+      const now = nowMs()
+      for (let p = first; p < first + count; p++) {
+        const key = region * 2 ** 32 + p
+        const t = this.faultStart.get(key)
+        if (t !== undefined) {
+          this.latency.add((now - t) * 1000)
+          this.faultStart.delete(key)
+        }
+      }
+    }
+    this.inFlight[region].clearRange(first, count)
+    this.hooks.pagesArrived()
+    this.checkSettled()
+  }
+
+  /** Applies the discard list and registers MISSING, then resumes the service. */
+  private onHandoff(m: Record<string, unknown>): void {
+    const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
+    const discard = field<unknown[]>(m, 'discard', 'array', 'HANDOFF')
+    if (discard.length !== this.regions.length) {
+      throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.discard for ${this.regions.length} regions, got ${discard.length}`)
+    }
+    for (let i = 0; i < discard.length; i++) {
+      const d = discard[i]
+      if (!(d instanceof Uint8Array) || d.length % 8 !== 0) throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.discard[${i}] to be 8k bytes`)
+      // little-endian u32 pairs (copied: msgpackr may hand out a view of a shared pool)
+      const runs = new Uint32Array(d.buffer.slice(d.byteOffset, d.byteOffset + d.byteLength))
+      for (let k = 0; k < runs.length; k += 2) {
+        const first = runs[k], count = runs[k + 1]
+        if (count === 0 || first >= this.layout[i].pageCount || count > this.layout[i].pageCount - first) {
+          throw migrationError(ErrorCode.PROTOCOL, `expected discard runs inside region ${i}, got ${first}+${count}`)
+        }
+        this.regions[i].discard(first * this.ps, count * this.ps)
+        this.receivedCount -= this.received[i].clearRange(first, count)
+        this.knownZero[i].clearRange(first, count)
+      }
+    }
+    if (this.receivedCount < this.totalPages) {
+      // Register before the service runs: from now on every missing page faults to us.
+      this.uffd = new this.binding.Uffd(0)
+      const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
+      for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
+      this.uffd.startFaults((ev) => this.onFaults(ev))
+    }
+    this.phase = 'postcopy'
+    if (process.env.UFFD_MIGRATE_DEBUG) console.error('dest handoff', this.receivedCount, this.totalPages)
+    this.hooks.restore(state).then((resumedAtMs) => {
+      this.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs }))
+      this.checkSettled()
+    })
+  }
+
+  // ---- faults ---------------------------------------------------------------------
+
+  private onFaults(ev: Uint32Array): void {
+    const now = nowMs()
+    const requests = new Map<number, number[]>()
+    for (let i = 0; i < ev.length; i += 3) {
+      const region = this.regions.findIndex((r) => r.id === ev[i])
+      if (region < 0) continue
+      const page = ev[i + 1]
+      this.resolveFault(region, page, now, requests)
+    }
+    for (const [region, pages] of requests) this.urgent?.send(encodeRuns(Msg.PAGE_REQUEST, 0, region, pages))
+  }
+
+  private resolveFault(region: number, page: number, now: number, requests: Map<number, number[]>): void {
+    const r = this.regions[region]
+    if (this.received[region].has(page)) {
+      // Known zero (never populated, all-zero or freed): place it here.
+      // A page placed since the fault was raised answers EEXIST: just wake.
+      if (this.uffd!.zeropage(r.id, page * this.ps, this.ps) > 0) this.uffd!.wake(r.id, page * this.ps, this.ps)
+      else this.stats.localZeroFaults++
+      return
+    }
+    if (this.inFlight[region].has(page)) return // already asked for: one request per page
+    this.inFlight[region].set(page)
+    this.stats.networkFaults++
+    if (this.knownZero[region].has(page)) this.stats.networkFaultsOnZeroPages++
+    this.faultStart.set(region * 2 ** 32 + page, now)
+    const list = requests.get(region) ?? []
+    list.push(page, 1)
+    requests.set(region, list)
+  }
+
+  /** ready()/willNeed() from the service: ask for the missing pages of a range now. */
+  request(region: number, first: number, count: number, urgent: boolean): void {
+    if (this.phase !== 'postcopy' || !this.urgent) return
+    const runs: number[] = []
+    const map = this.received[region]
+    for (let p = map.nextClear(first, first + count); p !== -1; p = map.nextClear(p + 1, first + count)) {
+      let end = map.nextSet(p, first + count)
+      if (end === -1) end = first + count
+      if (urgent) {
+        // only the pages nobody asked for yet
+        for (let q = p; q < end; q++) {
+          if (this.inFlight[region].has(q)) continue
+          this.inFlight[region].set(q)
+          runs.push(q, 1)
+        }
+      } else {
+        runs.push(p, end - p)
+      }
+      p = end
+    }
+    if (runs.length) this.urgent.send(encodeRuns(urgent ? Msg.PAGE_REQUEST : Msg.WILL_NEED, 0, region, runs))
+  }
+
+  /**
+   * The service freed a range during post-copy: pages not here yet are
+   * zero-filled locally and the source is told not to push them.
+   */
+  free(region: number, first: number, count: number): void {
+    if (this.phase !== 'postcopy' || !this.uffd) return
+    const r = this.regions[region]
+    const runs: number[] = []
+    const map = this.received[region]
+    for (let p = map.nextClear(first, first + count); p !== -1; p = map.nextClear(p + 1, first + count)) {
+      let end = map.nextSet(p, first + count)
+      if (end === -1) end = first + count
+      this.uffd.zeropage(r.id, p * this.ps, (end - p) * this.ps)
+      this.freedHere[region].setRange(p, end - p)
+      runs.push(p, end - p)
+      this.arrived(region, p, end - p)
+      p = end
+    }
+    if (runs.length) this.bulk?.send(encodeRuns(Msg.FREED, RangeKind.FREE, region, runs))
+  }
+
+  // ---- urgent channel ------------------------------------------------------------
+
+  private onUrgent(f: Frame): void {
+    try {
+      switch (f.type) {
+        case Msg.CLOCK: {
+          this.expect(f, 'setup', 'precopy')
+          const t0 = field<number>(decodeControl(f.type, f.payload), 't0', 'number', 'CLOCK')
+          this.urgent!.send(encodeControl(Msg.CLOCK, { t0, t1: nowMs() }))
+          return
+        }
+        case Msg.PAGES:
+          this.expect(f, 'postcopy', 'settled')
+          return this.placePages(decodePages(f.payload, this.layout, this.ps))
+        case Msg.RANGES: {
+          this.expect(f, 'postcopy', 'settled')
+          const m = decodeRuns(f.type, f.payload, this.layout)
+          return this.placeZeroRuns(m.region, m.runs)
+        }
+        case Msg.ERROR:
+          throw peerError(f.payload)
+        default:
+          throw migrationError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} on the urgent channel`)
+      }
+    } catch (err) {
+      this.urgent?.sendError(err as Error)
+      this.fail(err as Error)
+    }
+  }
+
+  // ---- settled ----------------------------------------------------------------------
+
+  private checkSettled(): void {
+    if (this.phase !== 'postcopy' || this.receivedCount < this.totalPages) return
+    this.phase = 'settled'
+    if (process.env.UFFD_MIGRATE_DEBUG) console.error('settled', this.receivedCount, this.received.map((m) => m.count()))
+    if (this.uffd) {
+      // Everything with data is present; what is left are known-zero pages,
+      // which plain anonymous memory fills by itself once unregistered.
+      for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
+      this.uffd.close()
+      this.uffd = undefined
+    }
+    this.bulk?.send(encodeControl(Msg.SETTLED, { ...this.stats, faultLatencyUs: this.latency.summary() }))
+    this.server?.close()
+    this.hooks.settled()
+    // the source closes both connections once it has the report
+  }
+
+  close(): void {
+    this.server?.close()
+    this.urgent?.close()
+    this.bulk?.close()
+    this.uffd?.close()
+  }
+}
+
+export { UffdMigrateError }

@@ -1,0 +1,59 @@
+/** The migration report: returned by migrate(), printed by the CLI, one schema. */
+import type { LatencySummary } from '../stats'
+
+export type MigrationMode = 'precopy' | 'postcopy' | 'hybrid'
+
+export interface RoundReport {
+  round: number
+  /** Pages sent with payload this round. */
+  dataPages: number
+  /** Pages sent as ranges without payload (zero / never populated / free). */
+  zeroPages: number
+  freePages: number
+  /** Pages held back as hot (written in consecutive rounds). */
+  hotPages: number
+  bytes: number
+  durationMs: number
+}
+
+export interface MigrationReport {
+  mode: MigrationMode
+  to: string
+  regions: { name: string; sizeBytes: number }[]
+  pageSize: number
+  rounds: RoundReport[]
+  /** Why pre-copy stopped: 'converged' | 'round-limit' | 'not-converging' | 'postcopy'. */
+  precopyStop: string
+  totalMs: number
+  /** pause() called on the source -> service resumed on the destination (clock offset corrected). */
+  downtimeMs: number
+  clockOffsetMs: number
+  clockRttMs: number
+  bytesOnWire: number
+  pages: {
+    data: number
+    zero: number
+    free: number
+  }
+  /** Pages sent with payload more than once over the whole migration. */
+  pagesResent: number
+  /** Pages sent more than once after the hand-off (invariant 2: always 0). */
+  pagesSentTwiceAfterHandoff: number
+  /** Pages the destination discarded at hand-off (stale pre-copy versions). */
+  discardedPages: number
+  postcopy: {
+    strategy: string
+    /** Demand faults served over the network (page requests). */
+    networkFaults: number
+    /** Faults on zero/free pages resolved locally on the destination. */
+    localZeroFaults: number
+    /** Network faults on pages the source had announced as zero or free (always 0). */
+    networkFaultsOnZeroPages: number
+    faultLatencyUs: LatencySummary
+    pushedPages: number
+    demandPages: number
+    timeToSettledMs: number
+    /** Event-loop time the destination's service spent blocked in faults, as seen by the agent. */
+    pushLog?: { region: number; firstPage: number; pageCount: number }[]
+  }
+}

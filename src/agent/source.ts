@@ -1,0 +1,639 @@
+/**
+ * The source side of one migration, in the agent's worker: connect and
+ * authenticate both channels, pre-copy rounds driven by the dirty tracker,
+ * hand-off, then post-copy (answer page requests first, push the rest) until
+ * the destination says settled. The service's memory is kept until then.
+ */
+import { randomBytes } from 'node:crypto'
+import { connect, type Socket } from 'node:net'
+import type { NativeBinding } from '../binding'
+import { PageBitmap } from '../bitmap'
+import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import { Channel } from '../protocol/channel'
+import type { Frame } from '../protocol/frames'
+import { clientHandshake, peerError } from '../protocol/handshake'
+import {
+  decodeControl, decodeRuns, encodeControl, encodeRuns, field, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind,
+  type RegionLayout, uint,
+} from '../protocol/messages'
+import type { Region } from '../region'
+import { nowMs } from '../stats'
+import type { PushPolicy } from './push-policy'
+import { createPushPolicy, type PrepagingOptions } from './prepaging'
+import type { MigrationMode, MigrationReport, RoundReport } from './report'
+import { DirtyTracker } from './tracker'
+import { parseAddress } from './address'
+
+export interface SourceOptions {
+  to: string
+  mode: MigrationMode
+  token: Buffer
+  /** Downtime budget for convergence (precopy: the stop-and-copy must fit in it). */
+  downtimeMs: number
+  maxRounds: number
+  connectTimeoutMs: number
+  prepaging: PrepagingOptions
+  /** Record the push order in the report (tests, benchmarks). */
+  pushLog: boolean
+}
+
+export interface SourceHooks {
+  /** Ask the service to stop mutating; resolves with its msgpackr-encoded state. */
+  pause(): Promise<Uint8Array>
+  /** Migration failed after pause(): let the service run again here. */
+  resume(): void
+  progress(p: Progress): void
+  /** Free-page reports from the service since the last call: [region, firstPage, pageCount] triples. */
+  takeFreed(): number[]
+}
+
+export interface Progress {
+  phase: 'connect' | 'precopy' | 'handoff' | 'postcopy' | 'settled'
+  round: number
+  bytesSent: number
+  bytesPerSec: number
+  pagesLeft: number
+  totalPages: number
+}
+
+const BATCH_PAGES = 64
+
+export class MigrationSource {
+  private readonly layout: RegionLayout[]
+  private readonly ps: number
+  /** The destination holds the current version of these pages (data or zero). */
+  private readonly destHas: PageBitmap[]
+  /** Sent with payload at least once (to count resends). */
+  private readonly everSent: PageBitmap[]
+  /** After the hand-off: pages still to send, each exactly once. */
+  private pending: PageBitmap[] = []
+  private urgent!: Channel
+  private bulk!: Channel
+  private tracker: DirtyTracker | undefined
+  private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
+  private phase: Progress['phase'] = 'connect'
+  private round = 0
+  private pagesLeft = 0
+  private readonly totalPages: number
+  private policy!: PushPolicy
+  private settledWaiter: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void } | undefined
+  private resumedAt: Promise<number> | undefined
+  private resumedResolve: ((t: number) => void) | undefined
+  private failure: Error | undefined
+  private pushLog: { region: number; firstPage: number; pageCount: number }[] = []
+  private readonly counts = {
+    data: 0, zero: 0, free: 0, resent: 0, sentTwiceAfterHandoff: 0, pushed: 0, demand: 0, discarded: 0,
+  }
+  private progressTimer: NodeJS.Timeout | undefined
+  private rateWindow = { t: 0, bytes: 0, rate: 0 }
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+    private readonly opts: SourceOptions,
+    private readonly hooks: SourceHooks,
+  ) {
+    this.ps = binding.pageSize
+    this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
+    this.destHas = regions.map((r) => new PageBitmap(r.pageCount))
+    this.everSent = regions.map((r) => new PageBitmap(r.pageCount))
+    this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+  }
+
+  async run(): Promise<MigrationReport> {
+    const t0 = nowMs()
+    let paused = false
+    let handedOff = false
+    this.progressTimer = setInterval(() => this.emitProgress(), 200)
+    try {
+      await this.connectBoth()
+      const clock = await this.syncClock()
+      this.urgent.onFrame((f) => this.onUrgent(f))
+      this.bulk.onFrame((f) => this.onBulk(f))
+      const failed = new Promise<never>((_, reject) => {
+        const onErr = (err: Error) => reject(this.failure ?? err)
+        this.urgent.onClose(onErr)
+        this.bulk.onClose(onErr)
+      })
+      failed.catch(() => {})
+      const rounds: RoundReport[] = []
+      let precopyStop = 'postcopy'
+      if (this.opts.mode !== 'postcopy') {
+        this.phase = 'precopy'
+        precopyStop = await Promise.race([this.precopy(rounds), failed])
+      }
+      this.phase = 'handoff'
+      const pauseAt = nowMs()
+      const state = await Promise.race([this.hooks.pause(), failed])
+      paused = true
+      const discard = await Promise.race([this.handoff(state, rounds), failed])
+      handedOff = true
+      this.phase = 'postcopy'
+      const postStart = nowMs()
+      const [resumedAtDest, stats] = await Promise.race([
+        Promise.all([this.resumedAt!, this.postcopy()]),
+        failed,
+      ])
+      this.phase = 'settled'
+      const settledAt = nowMs()
+      const rep = this.report(t0, settledAt, pauseAt, resumedAtDest - clock.offsetMs, clock, rounds, precopyStop, discard, stats, postStart)
+      this.urgent.close()
+      this.bulk.close()
+      return rep
+    } catch (err) {
+      this.failure ??= err as Error
+      this.urgent?.close()
+      this.bulk?.close()
+      if (paused && !handedOff) this.hooks.resume()
+      if (handedOff) {
+        // The destination runs the service now: our copy is its only backing
+        // store for the pages it lacks. Keep it; recovery is the caller's call.
+        ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
+      }
+      throw err
+    } finally {
+      clearInterval(this.progressTimer)
+      this.tracker?.close()
+      this.tracker = undefined
+    }
+  }
+
+  // ---- connect ---------------------------------------------------------------
+
+  private async connectBoth(): Promise<void> {
+    const { host, port } = parseAddress(this.opts.to)
+    const session = randomBytes(12).toString('hex')
+    const open = async (role: 'urgent' | 'bulk') => {
+      const socket = await dial(host, port, this.opts.connectTimeoutMs)
+      const ch = new Channel(socket, role)
+      await clientHandshake(ch, this.opts.token, { role, session })
+      return ch
+    }
+    // urgent first: the destination pairs connections by session
+    this.urgent = await open('urgent')
+    this.bulk = await open('bulk')
+    this.bulk.send(encodeControl(Msg.REGIONS, {
+      pageSize: this.ps,
+      mode: this.opts.mode,
+      regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
+    }))
+    const ok = await this.bulk.nextFrame()
+    if (ok.type === Msg.ERROR) throw peerError(ok.payload)
+    if (ok.type !== Msg.REGIONS_OK) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS_OK, got message type ${ok.type}`)
+  }
+
+  /** Destination clock minus ours, from the exchange with the smallest round trip. */
+  private async syncClock(): Promise<{ offsetMs: number; rttMs: number }> {
+    let best = { offsetMs: 0, rttMs: Infinity }
+    for (let i = 0; i < 8; i++) {
+      const t0 = nowMs()
+      this.urgent.send(encodeControl(Msg.CLOCK, { t0 }))
+      const f = await this.urgent.nextFrame()
+      const t2 = nowMs()
+      if (f.type === Msg.ERROR) throw peerError(f.payload)
+      if (f.type !== Msg.CLOCK) throw migrationError(ErrorCode.PROTOCOL, `expected CLOCK, got message type ${f.type}`)
+      const t1 = field<number>(decodeControl(f.type, f.payload), 't1', 'number', 'CLOCK')
+      if (t2 - t0 < best.rttMs) best = { offsetMs: t1 - (t0 + t2) / 2, rttMs: t2 - t0 }
+    }
+    return best
+  }
+
+  // ---- pre-copy ----------------------------------------------------------------
+
+  private async precopy(rounds: RoundReport[]): Promise<string> {
+    this.tracker = new DirtyTracker(this.binding, this.regions)
+    const hot = this.regions.map((r) => new PageBitmap(r.pageCount))
+    const prevWritten = this.regions.map((r) => new PageBitmap(r.pageCount))
+    let prevRemaining = Infinity
+    let notShrinking = 0
+    for (let round = 0; ; round++) {
+      this.round = round
+      const start = nowMs()
+      const before = this.bulk.bytesWritten
+      const rr: RoundReport = { round, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
+      rr.freePages = this.sendFreed(this.bulk)
+      for (let i = 0; i < this.regions.length; i++) {
+        const r = this.regions[i]
+        const written = new PageBitmap(r.pageCount)
+        if (round === 0) {
+          // Round 0 sends every page that holds data; the rest are zero
+          // ranges. Re-protect first so that writes from now on show up in round 1.
+          this.tracker.collectWritten(r.id, r.pageCount)
+          const present = this.tracker.presentRuns(r.id, r.pageCount)
+          written.setRuns(present)
+          rr.zeroPages += this.sendComplementAsZero(i, present, this.bulk)
+        } else {
+          written.setRuns(this.tracker.collectWritten(r.id, r.pageCount))
+        }
+        // Ma et al.: a page written in two consecutive rounds is hot and waits
+        // for the hand-off; a hot page not written this round has cooled and goes now.
+        const send = new PageBitmap(r.pageCount)
+        const w = written.words, pw = prevWritten[i].words, h = hot[i].words, out = send.words
+        for (let k = 0; k < w.length; k++) {
+          const wasHot = h[k]
+          out[k] = (w[k] & ~(pw[k] | wasHot)) | (wasHot & ~w[k])
+          h[k] = w[k] & (pw[k] | wasHot)
+          pw[k] = round === 0 ? 0 : w[k]
+        }
+        for (const [s, n] of send.runs()) {
+          const { data, zero } = await this.sendRun(this.bulk, i, s, n, false)
+          rr.dataPages += data
+          rr.zeroPages += zero
+        }
+        rr.hotPages += hot[i].count()
+      }
+      this.bulk.send(encodeControl(Msg.ROUND_END, { round }))
+      await this.bulk.drain()
+      rr.bytes = this.bulk.bytesWritten - before
+      rr.durationMs = nowMs() - start
+      rounds.push(rr)
+      this.emitProgress()
+      if (round === 0) continue
+      // Convergence: what is left (written this round + hot) must fit the
+      // downtime budget at the rate this round achieved.
+      const remaining = rr.dataPages + rr.hotPages
+      const bytesPerMs = this.linkRate(rounds)
+      const estimateMs = (remaining * this.ps) / bytesPerMs
+      if (estimateMs <= this.opts.downtimeMs) return this.endPrecopy(hot, 'converged')
+      notShrinking = remaining >= prevRemaining * 0.9 ? notShrinking + 1 : 0
+      if (notShrinking >= 2) return this.endPrecopy(hot, 'not-converging')
+      if (round >= this.opts.maxRounds) return this.endPrecopy(hot, 'round-limit')
+      prevRemaining = remaining
+    }
+  }
+
+  /** Best bulk rate seen in a round big enough to measure it (bytes/ms). */
+  private linkRate(rounds: RoundReport[]): number {
+    let best = 100 * 1024 // 100 MB/s until measured
+    for (const r of rounds) if (r.bytes >= 4 << 20) best = Math.max(best, r.bytes / Math.max(r.durationMs, 0.1))
+    return best
+  }
+
+  private hotAtEnd: PageBitmap[] | undefined
+
+  private endPrecopy(hot: PageBitmap[], why: string): string {
+    this.hotAtEnd = hot
+    this.bulk.send(encodeControl(Msg.PRECOPY_END, { reason: why }))
+    return why
+  }
+
+  /** Pages of [0, pageCount) outside `present` runs go as zero ranges. */
+  private sendComplementAsZero(region: number, present: Uint32Array, ch: Channel): number {
+    const pages = this.layout[region].pageCount
+    const runs: number[] = []
+    let cursor = 0
+    for (let k = 0; k <= present.length; k += 2) {
+      const s = k < present.length ? present[k] : pages
+      if (s > cursor) runs.push(cursor, s - cursor)
+      if (k < present.length) cursor = present[k] + present[k + 1]
+    }
+    return this.sendRanges(ch, RangeKind.ZERO, region, runs)
+  }
+
+  /** Sends runs without payload, marking them current at the destination. */
+  private sendRanges(ch: Channel, kind: RangeKind, region: number, runs: number[]): number {
+    let pages = 0
+    const perFrame = 8192 // run entries per frame: 32 KiB
+    for (let k = 0; k < runs.length; k += perFrame) {
+      const part = runs.slice(k, k + perFrame)
+      ch.send(encodeRuns(Msg.RANGES, kind, region, part))
+    }
+    for (let k = 0; k < runs.length; k += 2) {
+      this.destHas[region].setRange(runs[k], runs[k + 1])
+      if (this.pending.length) this.pending[region].clearRange(runs[k], runs[k + 1])
+      pages += runs[k + 1]
+    }
+    if (kind === RangeKind.FREE) this.counts.free += pages
+    else this.counts.zero += pages
+    return pages
+  }
+
+  /**
+   * Sends one run of pages: all-zero pages as ranges, the rest as PAGES
+   * frames that are views of the region's memory (no copy). After the
+   * hand-off only pages still pending go: a page requested on the urgent
+   * channel while this run waited for the bulk channel to drain is not sent twice.
+   */
+  private async sendRun(ch: Channel, region: number, first: number, count: number, afterHandoff: boolean): Promise<{ data: number; zero: number }> {
+    const total = { data: 0, zero: 0 }
+    const end = first + count
+    for (let base = first; base < end; base += MAX_PAGES_PER_FRAME) {
+      const chunkEnd = Math.min(end, base + MAX_PAGES_PER_FRAME)
+      if (!afterHandoff) {
+        this.sendChunk(ch, region, base, chunkEnd - base, false, total)
+      } else {
+        const map = this.pending[region]
+        for (let p = map.nextSet(base, chunkEnd); p !== -1; p = map.nextSet(p, chunkEnd)) {
+          let q = map.nextClear(p, chunkEnd)
+          if (q === -1) q = chunkEnd
+          this.sendChunk(ch, region, p, q - p, true, total)
+          p = q
+        }
+      }
+      if (ch.needsDrain) await ch.drain()
+    }
+    return total
+  }
+
+  /** Sends at most MAX_PAGES_PER_FRAME pages, synchronously. */
+  private sendChunk(ch: Channel, region: number, base: number, n: number, afterHandoff: boolean, total: { data: number; zero: number }): void {
+    const r = this.regions[region]
+    this.binding.zeroPages(r.id, base, n, this.zeroScratch)
+    const zeroRuns: number[] = []
+    for (let i = 0; i < n; ) {
+      const isZero = this.zeroScratch[i]
+      let j = i + 1
+      while (j < n && this.zeroScratch[j] === isZero) j++
+      const p = base + i
+      if (isZero) {
+        zeroRuns.push(p, j - i)
+        total.zero += j - i
+      } else {
+        ch.send([pagesHeader(region, p, j - i, this.ps), Buffer.from(r.buffer, p * this.ps, (j - i) * this.ps)])
+        total.data += j - i
+        this.counts.data += j - i
+        for (let q = this.everSent[region].nextSet(p, p + j - i); q !== -1; q = this.everSent[region].nextSet(q + 1, p + j - i)) this.counts.resent++
+        this.everSent[region].setRange(p, j - i)
+        this.destHas[region].setRange(p, j - i)
+        if (afterHandoff) this.pending[region].clearRange(p, j - i)
+      }
+      i = j
+    }
+    if (zeroRuns.length) this.sendRanges(ch, RangeKind.ZERO, region, zeroRuns)
+  }
+
+  /** Free-page reports from the service: discarded here, sent as FREE ranges. */
+  private sendFreed(ch: Channel): number {
+    const triples = this.hooks.takeFreed()
+    let pages = 0
+    const byRegion = new Map<number, number[]>()
+    for (let k = 0; k < triples.length; k += 3) {
+      const list = byRegion.get(triples[k]) ?? []
+      list.push(triples[k + 1], triples[k + 2])
+      byRegion.set(triples[k], list)
+    }
+    for (const [region, runs] of byRegion) pages += this.sendRanges(ch, RangeKind.FREE, region, runs)
+    return pages
+  }
+
+  // ---- hand-off ------------------------------------------------------------------
+
+  /** Final scan, discard list and state; returns how many pages were discarded. */
+  private async handoff(state: Uint8Array, rounds: RoundReport[]): Promise<number> {
+    const precopyMode = this.opts.mode === 'precopy'
+    const final: RoundReport = { round: rounds.length, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
+    const start = nowMs()
+    const before = this.bulk.bytesWritten
+    final.freePages = this.sendFreed(this.bulk)
+    const stale = this.regions.map((r) => new PageBitmap(r.pageCount))
+    for (let i = 0; i < this.regions.length; i++) {
+      const r = this.regions[i]
+      if (this.tracker) {
+        stale[i].setRuns(this.tracker.collectWritten(r.id, r.pageCount))
+        if (this.hotAtEnd) for (const [s, n] of this.hotAtEnd[i].runs()) stale[i].setRange(s, n)
+      } else {
+        // post-copy: nothing was sent; never-populated pages are zero ranges
+        this.sendComplementAsZero(i, new PresentScanner(this.binding).present(r), this.bulk)
+      }
+    }
+    this.tracker?.close()
+    this.tracker = undefined
+    const discard: Uint32Array[] = []
+    let discarded = 0
+    for (let i = 0; i < this.regions.length; i++) {
+      if (precopyMode) {
+        for (const [s, n] of stale[i].runs()) {
+          const { data, zero } = await this.sendRun(this.bulk, i, s, n, false)
+          final.dataPages += data
+          final.zeroPages += zero
+        }
+        discard.push(new Uint32Array(0))
+        continue
+      }
+      // Stale pages the destination holds an old copy of are dropped there.
+      const runs: number[] = []
+      for (const [s, n] of stale[i].runs()) {
+        this.destHas[i].clearRange(s, n)
+        runs.push(s, n)
+        discarded += n
+      }
+      discard.push(Uint32Array.from(runs))
+    }
+    if (!precopyMode) {
+      this.pending = this.destHas.map((has) => {
+        const p = new PageBitmap(has.size)
+        for (let w = 0; w < p.words.length; w++) p.words[w] = ~has.words[w]
+        // clear bits past the end
+        const tail = has.size & 31
+        if (tail) p.words[p.words.length - 1] &= (1 << tail) - 1
+        return p
+      })
+      this.pagesLeft = this.pending.reduce((n, m) => n + m.count(), 0)
+      this.policy = createPushPolicy(this.opts.prepaging, this.pending)
+    }
+    this.counts.discarded = discarded
+    if (process.env.UFFD_MIGRATE_DEBUG) console.error('handoff', { discarded, pagesLeft: this.pagesLeft, rounds: rounds.map((r) => [r.dataPages, r.zeroPages, r.hotPages]) })
+    this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
+    this.bulk.send(encodeControl(Msg.HANDOFF, {
+      state,
+      discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),
+      pendingPages: this.pagesLeft,
+    }))
+    await this.bulk.drain()
+    final.bytes = this.bulk.bytesWritten - before
+    final.durationMs = nowMs() - start
+    if (final.dataPages || final.zeroPages || final.freePages) rounds.push(final)
+    return discarded
+  }
+
+  // ---- post-copy --------------------------------------------------------------------
+
+  private async postcopy(): Promise<Record<string, unknown>> {
+    const settled = new Promise<Record<string, unknown>>((resolve, reject) => (this.settledWaiter = { resolve, reject }))
+    settled.catch(() => {}) // observed below; a failure may end the push first
+    if (this.pending.length) await this.pushLoop()
+    this.bulk.send(encodeControl(Msg.PUSH_END, {}))
+    return settled
+  }
+
+  private async pushLoop(): Promise<void> {
+    for (;;) {
+      if (this.failure) throw this.failure
+      const runs = this.policy.next(BATCH_PAGES)
+      if (runs.length === 0) {
+        if (this.pagesLeft === 0) return
+        // demand-only policy: wait for requests to drain the rest
+        await new Promise((r) => setTimeout(r, 5))
+        continue
+      }
+      for (const run of runs) {
+        if (this.opts.pushLog) this.pushLog.push(run)
+        const { data, zero } = await this.sendRun(this.bulk, run.region, run.firstPage, run.pageCount, true)
+        this.counts.pushed += data + zero
+        this.pagesLeft -= data + zero
+      }
+      // let page requests in between batches
+      await new Promise((r) => setImmediate(r))
+    }
+  }
+
+  private onUrgent(f: Frame): void {
+    switch (f.type) {
+      case Msg.PAGE_REQUEST: {
+        if (this.phase !== 'postcopy') throw migrationError(ErrorCode.PROTOCOL, `PAGE_REQUEST is not legal in phase ${this.phase}`)
+        const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
+        for (let k = 0; k < runs.length; k += 2) {
+          this.policy.onFault(region, runs[k])
+          // only pages still pending: a page in flight on the bulk channel is not sent twice
+          const map = this.pending[region]
+          for (let p = map.nextSet(runs[k], runs[k] + runs[k + 1]); p !== -1; p = map.nextSet(p + 1, runs[k] + runs[k + 1])) {
+            let end = map.nextClear(p, runs[k] + runs[k + 1])
+            if (end === -1) end = runs[k] + runs[k + 1]
+            void this.sendRun(this.urgent, region, p, end - p, true).then(({ data, zero }) => {
+              this.counts.demand += data + zero
+              this.pagesLeft -= data + zero
+            })
+            p = end
+          }
+        }
+        return
+      }
+      case Msg.WILL_NEED: {
+        if (this.phase !== 'postcopy') return
+        const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
+        for (let k = 0; k < runs.length; k += 2) this.policy.onHint(region, runs[k], runs[k + 1])
+        return
+      }
+      case Msg.ERROR:
+        throw peerError(f.payload)
+      default:
+        throw migrationError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} on the urgent channel`)
+    }
+  }
+
+  private onBulk(f: Frame): void {
+    switch (f.type) {
+      case Msg.RESUMED: {
+        if (this.phase !== 'handoff' && this.phase !== 'postcopy') throw migrationError(ErrorCode.PROTOCOL, `RESUMED is not legal in phase ${this.phase}`)
+        this.resumedResolve?.(field<number>(decodeControl(f.type, f.payload), 'resumedAtMs', 'number', 'RESUMED'))
+        return
+      }
+      case Msg.FREED: {
+        // The destination freed pages during post-copy: it zero-fills them; never push them.
+        const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
+        for (let k = 0; k < runs.length; k += 2) {
+          const n = this.pending[region]?.clearRange(runs[k], runs[k + 1]) ?? 0
+          this.pagesLeft -= n
+          this.counts.free += n
+        }
+        return
+      }
+      case Msg.SETTLED: {
+        if (this.phase !== 'postcopy' && this.phase !== 'handoff') throw migrationError(ErrorCode.PROTOCOL, `SETTLED is not legal in phase ${this.phase}`)
+        this.settledWaiter?.resolve(decodeControl(f.type, f.payload))
+        return
+      }
+      case Msg.ERROR: {
+        const err = peerError(f.payload)
+        this.failure = err
+        this.settledWaiter?.reject(err)
+        throw err
+      }
+      default:
+        throw migrationError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} on the bulk channel`)
+    }
+  }
+
+  // ---- report -------------------------------------------------------------------------
+
+  private emitProgress(): void {
+    const now = nowMs()
+    const bytes = (this.bulk?.bytesWritten ?? 0) + (this.urgent?.bytesWritten ?? 0)
+    if (this.rateWindow.t) this.rateWindow.rate = ((bytes - this.rateWindow.bytes) / (now - this.rateWindow.t)) * 1000
+    this.rateWindow.t = now
+    this.rateWindow.bytes = bytes
+    this.hooks.progress({
+      phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
+      pagesLeft: this.phase === 'postcopy' ? this.pagesLeft : this.totalPages - this.destHas.reduce((n, m) => n + m.count(), 0),
+      totalPages: this.totalPages,
+    })
+  }
+
+  private report(
+    t0: number, settledAt: number, pauseAt: number, resumedAt: number, clock: { offsetMs: number; rttMs: number },
+    rounds: RoundReport[], precopyStop: string, discarded: number, stats: Record<string, unknown>, postStart: number,
+  ): MigrationReport {
+    const num = (k: string) => (typeof stats[k] === 'number' ? (stats[k] as number) : 0)
+    const lat = (typeof stats.faultLatencyUs === 'object' && stats.faultLatencyUs) as MigrationReport['postcopy']['faultLatencyUs'] | false
+    return {
+      mode: this.opts.mode,
+      to: this.opts.to,
+      regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
+      pageSize: this.ps,
+      rounds,
+      precopyStop,
+      totalMs: settledAt - t0,
+      downtimeMs: resumedAt - pauseAt,
+      clockOffsetMs: clock.offsetMs,
+      clockRttMs: clock.rttMs,
+      bytesOnWire: this.bulk.bytesWritten + this.urgent.bytesWritten + this.bulk.bytesRead + this.urgent.bytesRead,
+      pages: { data: this.counts.data, zero: this.counts.zero, free: this.counts.free },
+      pagesResent: this.counts.resent,
+      pagesSentTwiceAfterHandoff: this.counts.sentTwiceAfterHandoff + num('pagesReceivedTwice'),
+      discardedPages: discarded,
+      postcopy: {
+        strategy: this.opts.mode === 'precopy' ? 'none' : this.policy?.name ?? 'none',
+        networkFaults: num('networkFaults'),
+        localZeroFaults: num('localZeroFaults'),
+        networkFaultsOnZeroPages: num('networkFaultsOnZeroPages'),
+        faultLatencyUs: lat || { count: 0, p50: 0, p99: 0, max: 0, mean: 0 },
+        pushedPages: this.counts.pushed,
+        demandPages: this.counts.demand,
+        timeToSettledMs: settledAt - postStart,
+        ...(this.opts.pushLog ? { pushLog: this.pushLog } : {}),
+      },
+    }
+  }
+}
+
+/** Present pages of a region, for the post-copy hand-off (no tracker there). */
+class PresentScanner {
+  constructor(private readonly binding: NativeBinding) {}
+  present(r: Region): Uint32Array {
+    const k = this.binding.constants
+    const P = k.PAGE_IS_PRESENT, Z = k.PAGE_IS_PFNZERO
+    return this.binding.pagemapScan(r.id, 0, r.pageCount, 0, P | Z, Z, 0, P)
+  }
+}
+
+/** Connects, retrying refused connections until timeoutMs (the destination may still be starting). */
+async function dial(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    try {
+      return await dialOnce(host, port, Math.max(1, deadline - Date.now()))
+    } catch (err) {
+      const code = ((err as UffdMigrateError).cause as NodeJS.ErrnoException | undefined)?.code
+      if (code !== 'ECONNREFUSED' || Date.now() + 100 >= deadline) throw err
+      await new Promise((r) => setTimeout(r, 100))
+    }
+  }
+}
+
+function dialOnce(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = connect({ host, port })
+    const timer = setTimeout(() => {
+      s.destroy()
+      reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port} within ${timeoutMs} ms: is \`uffd-migrate receive\` listening there?`))
+    }, timeoutMs)
+    s.once('connect', () => {
+      clearTimeout(timer)
+      resolve(s)
+    })
+    s.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer)
+      reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port}: ${err.code ?? err.message}; is \`uffd-migrate receive --listen ${host}:${port}\` running on the destination?`, err))
+    })
+  })
+}

@@ -1,0 +1,38 @@
+/** Human-readable progress line and report table. */
+import type { MigrationReport } from '../agent/report'
+import type { Progress } from '../agent/source'
+
+export function bytes(n: number): string {
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
+  let i = 0
+  while (Math.abs(n) >= 1024 && i < u.length - 1) (n /= 1024), i++
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`
+}
+
+export function progressLine(p: Progress): string {
+  const done = p.totalPages ? (1 - p.pagesLeft / p.totalPages) * 100 : 0
+  const round = p.phase === 'precopy' ? ` round ${p.round}` : ''
+  return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)`
+}
+
+export function formatReport(r: MigrationReport): string {
+  const ms = (v: number) => `${v.toFixed(1)} ms`
+  const lines: string[] = []
+  lines.push(`migration to ${r.to}, mode ${r.mode}: ${r.regions.map((g) => `${g.name} ${bytes(g.sizeBytes)}`).join(', ')}`)
+  lines.push(`  total time         ${ms(r.totalMs)}`)
+  lines.push(`  downtime           ${ms(r.downtimeMs)}   (pause() on the source -> resumed on the destination; clock offset ${r.clockOffsetMs.toFixed(2)} ms, rtt ${r.clockRttMs.toFixed(2)} ms)`)
+  lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
+  lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
+  if (r.rounds.length) {
+    lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}`)
+    lines.push('    round  data pages  zero pages  free pages  hot pages       bytes   time')
+    for (const x of r.rounds) {
+      lines.push(`    ${String(x.round).padStart(5)}  ${String(x.dataPages).padStart(10)}  ${String(x.zeroPages).padStart(10)}  ${String(x.freePages).padStart(10)}  ${String(x.hotPages).padStart(9)}  ${bytes(x.bytes).padStart(10)}  ${ms(x.durationMs)}`)
+    }
+  }
+  const pc = r.postcopy
+  lines.push(`  hand-off           discarded ${r.discardedPages} stale pages`)
+  lines.push(`  post-copy          strategy ${pc.strategy}; network faults ${pc.networkFaults} (on zero pages ${pc.networkFaultsOnZeroPages}), local zero faults ${pc.localZeroFaults}`)
+  lines.push(`                     fault latency p50 ${pc.faultLatencyUs.p50.toFixed(0)} us, p99 ${pc.faultLatencyUs.p99.toFixed(0)} us; pushed ${pc.pushedPages}, on demand ${pc.demandPages}; settled after ${ms(pc.timeToSettledMs)}`)
+  return lines.join('\n')
+}

@@ -1,0 +1,151 @@
+#!/usr/bin/env node
+/**
+ * uffd-migrate: doctor | receive | send | status | demo
+ */
+import { spawn } from 'node:child_process'
+import { connect } from 'node:net'
+import { Command, InvalidArgumentError, Option } from 'commander'
+import { formatDoctor, runDoctor } from '../doctor'
+import { controlSocketPath, type ControlRequest } from '../control'
+import { readTokenFile } from '../guest'
+import { formatReport, progressLine } from './format'
+import { parseAddress } from '../agent/address'
+import type { MigrationReport } from '../agent/report'
+
+const program = new Command()
+program.name('uffd-migrate').description('Live migration of a running Node.js service between Linux hosts, with userfaultfd')
+
+function fail(code: string, message: string, exit = 1): never {
+  process.stderr.write(`uffd-migrate: ${message} [${code}]\n`)
+  process.exit(exit)
+}
+
+function positiveNumber(v: string): number {
+  const n = Number(v)
+  if (!(n > 0)) throw new InvalidArgumentError('expected a positive number')
+  return n
+}
+
+function address(v: string): string {
+  try {
+    parseAddress(v)
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
+  return v
+}
+
+program
+  .command('doctor')
+  .description('check that this machine can migrate (kernel, userfaultfd features, permissions)')
+  .option('--json', 'print the result as JSON')
+  .action((o: { json?: boolean }) => {
+    const r = runDoctor()
+    process.stdout.write((o.json ? JSON.stringify(r, null, 2) : formatDoctor(r)) + '\n')
+    process.exitCode = r.ok ? 0 : 1
+  })
+
+program
+  .command('receive')
+  .description('run CMD as the destination of an incoming migration')
+  .requiredOption('--listen <addr>', 'address to listen on, e.g. 0.0.0.0:7070', address)
+  .option('--token-file <file>', 'file holding the shared token (default: $UFFD_MIGRATE_TOKEN)')
+  .argument('<cmd...>', 'the service command, after --')
+  .action((cmd: string[], o: { listen: string; tokenFile?: string }) => {
+    const env: NodeJS.ProcessEnv = { ...process.env, UFFD_MIGRATE_RECEIVE: o.listen }
+    if (o.tokenFile) env.UFFD_MIGRATE_TOKEN = readTokenFile(o.tokenFile)
+    if (!env.UFFD_MIGRATE_TOKEN && !env.UFFD_MIGRATE_TOKEN_FILE) fail('ERR_MIGRATION_AUTH', 'no token: pass --token-file FILE or set UFFD_MIGRATE_TOKEN (the same on both hosts)')
+    const child = spawn(cmd[0], cmd.slice(1), { stdio: 'inherit', env })
+    for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig))
+    child.on('error', (err) => fail('ERR_INVALID_ARG', `cannot start ${cmd[0]}: ${err.message}`))
+    child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + 1 : 1)))
+  })
+
+function control(name: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
+  const path = controlSocketPath(name)
+  return new Promise((resolve, reject) => {
+    const s = connect(path)
+    let buf = ''
+    s.on('connect', () => s.write(JSON.stringify(req) + '\n'))
+    s.on('data', (c) => {
+      buf += c.toString('utf8')
+      let nl
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        onLine(JSON.parse(buf.slice(0, nl)))
+        buf = buf.slice(nl + 1)
+      }
+    })
+    s.on('end', resolve)
+    s.on('error', (err: NodeJS.ErrnoException) =>
+      reject(Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: 'ERR_NO_GUEST' })),
+    )
+  })
+}
+
+program
+  .command('send')
+  .description('migrate a running guest to a destination started with `uffd-migrate receive`')
+  .requiredOption('--guest <name>', 'the guest name given to Guest.start()')
+  .requiredOption('--to <addr>', 'destination host:port', address)
+  .addOption(new Option('--mode <mode>', 'migration mode').choices(['precopy', 'postcopy', 'hybrid']).default('hybrid'))
+  .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
+  .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
+  .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(['bubble', 'bubble1', 'push', 'demand']))
+  .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
+  .option('--json', 'print the report as JSON')
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
+    const tty = process.stderr.isTTY && !o.json
+    let report: MigrationReport | undefined
+    let error: { code: string; message: string } | undefined
+    try {
+      await control(o.guest, {
+        cmd: 'migrate',
+        options: {
+          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds,
+          ...(o.prepaging ? { prepaging: { strategy: o.prepaging as never } } : {}),
+          ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
+        },
+      }, (m) => {
+        if (m.type === 'progress' && tty) process.stderr.write(`\r\x1b[2K${progressLine(m.progress as never)}`)
+        if (m.type === 'report') report = m.report as MigrationReport
+        if (m.type === 'error') error = m as never
+      })
+    } catch (err) {
+      fail((err as { code?: string }).code ?? 'ERR_NO_GUEST', (err as Error).message)
+    }
+    if (tty) process.stderr.write('\r\x1b[2K')
+    if (error) fail(error.code, error.message)
+    if (!report) fail('ERR_MIGRATION_CONNECTION', 'the guest closed the control connection without a report')
+    process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
+  })
+
+program
+  .command('status')
+  .description('show a running guest\'s phase and progress')
+  .requiredOption('--guest <name>', 'the guest name')
+  .option('--json', 'print as JSON')
+  .action(async (o: { guest: string; json?: boolean }) => {
+    try {
+      await control(o.guest, { cmd: 'status' }, (m) => {
+        if (o.json) return void process.stdout.write(JSON.stringify(m, null, 2) + '\n')
+        const regions = (m.regions as { name: string; sizeBytes: number }[]).map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
+        process.stdout.write(`guest ${m.name} (pid ${m.pid}): ${m.phase}${m.restored ? ', restored' : ''}; regions ${regions}\n`)
+        if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
+      })
+    } catch (err) {
+      fail('ERR_NO_GUEST', (err as Error).message)
+    }
+  })
+
+program
+  .command('demo')
+  .description('migrate an example service with a 1 GiB guest on loopback, under load, and check every answer and page')
+  .option('--size-mib <n>', 'guest size in MiB', positiveNumber, 1024)
+  .addOption(new Option('--mode <mode>').choices(['precopy', 'postcopy', 'hybrid']).default('hybrid'))
+  .option('--json', 'print the report as JSON')
+  .action(async (o: { sizeMib: number; mode: string; json?: boolean }) => {
+    const { runDemo } = await import('./demo')
+    process.exitCode = await runDemo({ sizeMiB: o.sizeMib, mode: o.mode as never, json: !!o.json })
+  })
+
+program.parseAsync().catch((err) => fail(err.code ?? 'ERR_UFFD_MIGRATE', err.message))

@@ -1,0 +1,98 @@
+/**
+ * The guest's control socket: a Unix socket named after the guest, through
+ * which `uffd-migrate send` and `status` drive it. One JSON object per line.
+ */
+import { mkdirSync, unlinkSync, existsSync } from 'node:fs'
+import { createServer, type Server, type Socket } from 'node:net'
+import { join } from 'node:path'
+import type { Guest, MigrateOptions } from './guest'
+import { ErrorCode, UffdMigrateError } from './errors'
+
+export function controlDir(): string {
+  return process.env.XDG_RUNTIME_DIR ? join(process.env.XDG_RUNTIME_DIR, 'uffd-migrate') : '/run/uffd-migrate'
+}
+
+export function controlSocketPath(name: string): string {
+  return join(controlDir(), `${name}.sock`)
+}
+
+export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions }
+
+export class ControlServer {
+  private constructor(private readonly server: Server, readonly path: string) {}
+
+  static async start(guest: Guest): Promise<ControlServer> {
+    const path = controlSocketPath(guest.name)
+    mkdirSync(controlDir(), { recursive: true, mode: 0o700 })
+    if (existsSync(path)) {
+      // a stale socket from a process that died, or a live guest of the same name
+      const live = await new Promise<boolean>((resolve) => {
+        const s = require('node:net').connect(path)
+        s.once('connect', () => (s.destroy(), resolve(true)))
+        s.once('error', () => resolve(false))
+      })
+      if (live) throw new UffdMigrateError(`a guest named '${guest.name}' is already running (${path})`, ErrorCode.BUSY)
+      unlinkSync(path)
+    }
+    const server = createServer((s) => handle(guest, s))
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(path, () => resolve())
+    })
+    server.unref()
+    return new ControlServer(server, path)
+  }
+
+  close(): void {
+    this.server.close()
+    try {
+      unlinkSync(this.path)
+    } catch {
+      // already gone
+    }
+  }
+}
+
+function handle(guest: Guest, s: Socket): void {
+  let buf = ''
+  const send = (o: object) => s.write(JSON.stringify(o) + '\n')
+  s.on('error', () => {})
+  s.on('data', (chunk) => {
+    buf += chunk.toString('utf8')
+    if (buf.length > 1 << 20) return s.destroy()
+    const nl = buf.indexOf('\n')
+    if (nl < 0) return
+    let req: ControlRequest
+    try {
+      req = JSON.parse(buf.slice(0, nl))
+    } catch {
+      send({ type: 'error', code: ErrorCode.INVALID_ARG, message: 'expected one JSON request per line' })
+      return void s.end()
+    }
+    buf = ''
+    if (req.cmd === 'status') {
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+      return void s.end()
+    }
+    if (req.cmd === 'migrate') {
+      const onProgress = (p: object) => send({ type: 'progress', progress: p })
+      guest.on('progress', onProgress)
+      // the CLI's connection counts as a listener: the guest exits after replying
+      guest.migrate(req.options).then(
+        (report) => {
+          guest.off('progress', onProgress)
+          send({ type: 'report', report })
+          s.end()
+        },
+        (err: UffdMigrateError) => {
+          guest.off('progress', onProgress)
+          send({ type: 'error', code: err.code, message: err.message })
+          s.end()
+        },
+      )
+      return
+    }
+    send({ type: 'error', code: ErrorCode.INVALID_ARG, message: `unknown command ${JSON.stringify((req as { cmd: unknown }).cmd)}` })
+    s.end()
+  })
+}

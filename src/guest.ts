@@ -1,0 +1,419 @@
+/**
+ * The service's side: Guest.start() maps the guest regions and starts the
+ * agent's worker. On the source, migrate() (or the CLI through the control
+ * socket) moves the service; on the destination (receive mode), start()
+ * waits for the incoming migration and returns after the hand-off with the
+ * state the source's pause() returned.
+ */
+import { EventEmitter } from 'node:events'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { Worker } from 'node:worker_threads'
+import { Packr } from 'msgpackr'
+import { loadBinding, type NativeBinding } from './binding'
+import { PageBitmap } from './bitmap'
+import { ErrorCode, UffdMigrateError } from './errors'
+import { Region } from './region'
+import { nowMs } from './stats'
+import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messages'
+import type { AgentWorkerData } from './agent/worker'
+import type { MigrationMode, MigrationReport } from './agent/report'
+import type { Progress } from './agent/source'
+import { DEFAULT_PREPAGING, type PrepagingOptions } from './agent/prepaging'
+import { ControlServer } from './control'
+import { parseAddress } from './agent/address'
+
+export interface GuestOptions {
+  /** Names the control socket ($XDG_RUNTIME_DIR/uffd-migrate/<name>.sock or /run/uffd-migrate/<name>.sock). */
+  name: string
+  /** Region name -> bytes (rounded up to whole pages). */
+  regions: Record<string, number>
+  /** Hand-off: stop mutating the regions and return the small JS state to carry (msgpackr). */
+  pause?: () => unknown
+  /** A migration failed after pause(): the service may run here again. */
+  resume?: () => void
+  /** Shared token for the migration; default: $UFFD_MIGRATE_TOKEN or the file $UFFD_MIGRATE_TOKEN_FILE. */
+  token?: string
+  /** Receive mode: listen here for the incoming migration; default: $UFFD_MIGRATE_RECEIVE. */
+  receive?: string
+  /** Listen on the control socket for `uffd-migrate send/status` (default true). */
+  control?: boolean
+  /** End the process once moved and no 'moved' listener is attached (default true). */
+  exitOnMoved?: boolean
+}
+
+export interface MigrateOptions {
+  /** Destination address, host:port. */
+  to: string
+  mode?: MigrationMode
+  downtimeMs?: number
+  maxRounds?: number
+  connectTimeoutMs?: number
+  prepaging?: Partial<PrepagingOptions>
+  /** Record the post-copy push order in the report. */
+  pushLog?: boolean
+  token?: string
+}
+
+const packr = new Packr({ useRecords: false })
+const WORKER = __filename.endsWith('.ts')
+  ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
+  : join(__dirname, 'agent', 'worker.js')
+
+export class GuestRegion {
+  constructor(
+    private readonly guest: Guest,
+    /** Index in the region table. */
+    readonly index: number,
+    readonly region: Region,
+    private readonly receivedMap: PageBitmap | undefined,
+  ) {}
+
+  get name(): string {
+    return this.region.name
+  }
+  get buffer(): ArrayBuffer {
+    return this.region.buffer
+  }
+  get sizeBytes(): number {
+    return this.region.sizeBytes
+  }
+
+  private pages(offset: number, length: number): [number, number] {
+    const ps = this.region.pageSize
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.region.sizeBytes) {
+      throw new UffdMigrateError(
+        `expected a range inside region '${this.name}' (0..${this.region.sizeBytes}), got offset ${offset} length ${length}`,
+        ErrorCode.INVALID_ARG,
+      )
+    }
+    const first = Math.floor(offset / ps)
+    return [first, Math.ceil((offset + length) / ps) - first]
+  }
+
+  /** True when every page of the range is on this host (reads the received bitmap). */
+  isLocal(offset: number, length: number): boolean {
+    const [first, count] = this.pages(offset, length)
+    return !this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)
+  }
+
+  /** Resolves when the range is local; asks for it at once, with urgent priority. */
+  ready(offset: number, length: number): Promise<void> {
+    const [first, count] = this.pages(offset, length)
+    if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return Promise.resolve()
+    return this.guest.waitLocal(this.index, this.receivedMap, first, count)
+  }
+
+  /** Non-blocking hint: these pages go to the front of the push. */
+  willNeed(offset: number, length: number): void {
+    const [first, count] = this.pages(offset, length)
+    if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return
+    this.guest.post({ type: 'request', region: this.index, firstPage: first, pageCount: count, urgent: false })
+  }
+
+  /**
+   * The service no longer uses the whole pages of this range: they read as
+   * zero from now on and never cross the network (ballooning).
+   */
+  free(offset: number, length: number): void {
+    const ps = this.region.pageSize
+    this.pages(offset, length)
+    // only whole pages inside the range
+    const first = Math.ceil(offset / ps)
+    const end = Math.floor((offset + length) / ps)
+    if (end <= first) return
+    if (this.receivedMap && !this.guest.isSettledFlag) {
+      // destination in post-copy: zero-filled by the agent, never fetched
+      this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first })
+      return
+    }
+    this.region.discard(first * ps, (end - first) * ps)
+    this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first })
+  }
+}
+
+export class Guest extends EventEmitter {
+  readonly regions: Record<string, GuestRegion> = {}
+  /** True on the destination: the service continues from `state`. */
+  readonly restored: boolean
+  /** The state returned by pause() on the source (destination only). */
+  readonly state: unknown
+  /** Destination: resolves when every page is local. Source: resolved. */
+  readonly settled: Promise<void>
+  /** @internal */
+  isSettledFlag = false
+  private readonly worker: Worker
+  private readonly binding: NativeBinding
+  private readonly list: GuestRegion[]
+  private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
+  private control: ControlServer | undefined
+  private readonly waiters: { region: number; map: PageBitmap; first: number; count: number; resolve: () => void; reject: (e: Error) => void }[] = []
+  private readonly waitersFlag: Int32Array | undefined
+  private failure: Error | undefined
+  private lastProgress: Progress | undefined
+  private closed = false
+
+  private constructor(
+    readonly name: string,
+    private readonly opts: GuestOptions,
+    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; waitersFlag?: Int32Array; state?: unknown; settled: Promise<void> },
+  ) {
+    super()
+    this.worker = init.worker
+    this.binding = init.binding
+    this.restored = init.received !== undefined
+    this.state = init.state
+    this.settled = init.settled
+    this.waitersFlag = init.waitersFlag
+    this.list = init.regions.map((r, i) => new GuestRegion(this, i, r, init.received?.[i]))
+    for (const g of this.list) this.regions[g.name] = g
+    this.worker.on('message', (m: AgentToMain) => this.onAgent(m))
+    this.worker.on('error', (err) => {
+      // a bug in the agent: fail the migration, never the service
+      this.onAgent({ type: 'failed', error: { code: 'ERR_AGENT', message: `migration agent crashed: ${err.message}` } })
+    })
+  }
+
+  static async start(opts: GuestOptions): Promise<Guest> {
+    if (!opts || typeof opts.name !== 'string' || !/^[A-Za-z0-9_.-]{1,64}$/.test(opts.name)) {
+      throw new UffdMigrateError(`expected options.name of 1-64 letters, digits, '_', '.', '-', got ${JSON.stringify(opts?.name)}`, ErrorCode.INVALID_ARG)
+    }
+    const entries = Object.entries(opts.regions ?? {})
+    if (entries.length === 0) throw new UffdMigrateError('expected options.regions to name at least one region', ErrorCode.INVALID_ARG)
+    const binding = loadBinding()
+    const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
+    const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
+    if (receive) return Guest.startReceiving(opts, binding, regions, receive)
+    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()) } satisfies AgentWorkerData })
+    worker.unref()
+    const guest = new Guest(opts.name, opts, { worker, binding, regions, settled: Promise.resolve() })
+    guest.isSettledFlag = true
+    if (opts.control !== false) guest.control = await ControlServer.start(guest)
+    return guest
+  }
+
+  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string): Promise<Guest> {
+    parseAddress(listen, '0.0.0.0')
+    const token = resolveToken(opts.token)
+    const received = regions.map((r) => PageBitmap.shared(r.pageCount))
+    const waitersFlag = new Int32Array(new SharedArrayBuffer(4))
+    const workerData: AgentWorkerData = {
+      role: 'destination',
+      regions: regions.map((r) => r.describe()),
+      received: received.map((b) => b.buffer as SharedArrayBuffer),
+      waiters: waitersFlag.buffer as SharedArrayBuffer,
+      listen,
+      token,
+    }
+    const worker = new Worker(WORKER, { workerData })
+    let settle!: () => void
+    let settleFail!: (e: Error) => void
+    const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
+    settled.catch(() => {})
+    const { state } = await new Promise<{ state: unknown }>((resolve, reject) => {
+      const onMessage = (m: AgentToMain) => {
+        if (m.type === 'listening') {
+          // one line for the operator (and for tests that wait for it)
+          process.stderr.write(`uffd-migrate: guest '${opts.name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
+        }
+        if (m.type === 'restore') {
+          worker.off('message', onMessage)
+          try {
+            resolve({ state: m.state.length ? packr.unpack(m.state) : undefined })
+          } catch (err) {
+            reject(new UffdMigrateError(`could not decode the hand-off state: ${(err as Error).message}`, ErrorCode.PROTOCOL))
+          }
+        }
+        if (m.type === 'failed') {
+          worker.off('message', onMessage)
+          void worker.terminate()
+          reject(new UffdMigrateError(m.error.message, m.error.code))
+        }
+      }
+      worker.on('message', onMessage)
+      worker.once('error', reject)
+    })
+    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, waitersFlag, state, settled })
+    guest.once('settled', () => settle())
+    guest.once('failed', (e: Error) => settleFail(e))
+    // The service resumes when start() returns: tell the agent when that is.
+    queueMicrotask(() => guest.post({ type: 'resumed', atMs: nowMs() }))
+    if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(() => undefined)
+    return guest
+  }
+
+  /** @internal */
+  post(m: MainToAgent): void {
+    if (!this.closed) this.worker.postMessage(m)
+  }
+
+  get phase(): string {
+    if (this.failure) return 'failed'
+    if (this.migrating) return this.lastProgress?.phase ?? 'connect'
+    if (this.restored) return this.isSettledFlag ? 'settled' : 'postcopy'
+    return 'idle'
+  }
+
+  get progress(): Progress | undefined {
+    return this.lastProgress
+  }
+
+  /** Moves this service to the destination; resolves with the report once it settled there. */
+  migrate(options: MigrateOptions): Promise<MigrationReport> {
+    if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
+    if (this.restored && !this.isSettledFlag) {
+      return Promise.reject(new UffdMigrateError('this guest is still receiving its memory; migrate again once guest.settled resolves', ErrorCode.BUSY))
+    }
+    let wire: WireSourceOptions
+    try {
+      wire = validateMigrateOptions(options, this.opts.token)
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return new Promise((resolve, reject) => {
+      this.migrating = { resolve, reject }
+      this.worker.ref()
+      this.post({ type: 'migrate', options: wire })
+    })
+  }
+
+  /** @internal wait until [first, first+count) of region is local */
+  waitLocal(region: number, map: PageBitmap, first: number, count: number): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure)
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ region, map, first, count, resolve, reject })
+      Atomics.store(this.waitersFlag!, 0, 1)
+      this.post({ type: 'request', region, firstPage: first, pageCount: count, urgent: true })
+    })
+  }
+
+  private wakeWaiters(): void {
+    for (let i = this.waiters.length - 1; i >= 0; i--) {
+      const w = this.waiters[i]
+      if (this.isSettledFlag || w.map.allSet(w.first, w.count)) {
+        this.waiters.splice(i, 1)
+        w.resolve()
+      }
+    }
+    if (this.waiters.length === 0 && this.waitersFlag) Atomics.store(this.waitersFlag, 0, 0)
+  }
+
+  private onAgent(m: AgentToMain): void {
+    switch (m.type) {
+      case 'pause':
+        void this.runPause()
+        return
+      case 'resume':
+        this.opts.resume?.()
+        return
+      case 'progress':
+        this.lastProgress = m.progress
+        this.emit('progress', m.progress)
+        return
+      case 'report': {
+        const done = this.migrating
+        this.migrating = undefined
+        this.emit('moved', m.report)
+        done?.resolve(m.report)
+        if (this.opts.exitOnMoved !== false && this.listenerCount('moved') === 0) {
+          // The destination runs the service now; give the caller a moment to print.
+          setTimeout(() => this.exitMoved(), 50).unref()
+        }
+        return
+      }
+      case 'failed': {
+        const err = new UffdMigrateError(m.error.message, m.error.code)
+        if (this.migrating) {
+          const done = this.migrating
+          this.migrating = undefined
+          this.worker.unref()
+          done.reject(err)
+          return
+        }
+        // destination after the hand-off
+        this.failure = err
+        for (const w of this.waiters.splice(0)) w.reject(err)
+        this.emit('failed', err)
+        if (this.listenerCount('failed') <= 1) console.error(`[uffd-migrate] migration failed: ${err.message}`)
+        return
+      }
+      case 'arrived':
+        this.wakeWaiters()
+        return
+      case 'settled':
+        this.isSettledFlag = true
+        this.wakeWaiters()
+        this.worker.unref()
+        this.emit('settled')
+        return
+    }
+  }
+
+  private async runPause(): Promise<void> {
+    try {
+      const state = this.opts.pause ? await this.opts.pause() : undefined
+      const bytes = state === undefined ? new Uint8Array(0) : packr.pack(state)
+      this.post({ type: 'paused', state: bytes })
+    } catch (err) {
+      this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
+    }
+  }
+
+  private exitMoved(): void {
+    void this.close().then(() => process.exit(0))
+  }
+
+  /** Stops the agent and the control socket; regions stay mapped until released. */
+  async close(): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    this.control?.close()
+    await this.worker.terminate()
+  }
+}
+
+function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefined): WireSourceOptions {
+  const bad = (what: string) => new UffdMigrateError(what, ErrorCode.INVALID_ARG)
+  if (!o || typeof o.to !== 'string') throw bad(`expected options.to to be a host:port string, got ${JSON.stringify(o?.to)}`)
+  parseAddress(o.to)
+  const mode = o.mode ?? 'hybrid'
+  if (!['precopy', 'postcopy', 'hybrid'].includes(mode)) throw bad(`expected mode precopy|postcopy|hybrid, got ${JSON.stringify(mode)}`)
+  const downtimeMs = o.downtimeMs ?? 50
+  if (!(downtimeMs > 0)) throw bad(`expected downtimeMs > 0, got ${downtimeMs}`)
+  const maxRounds = o.maxRounds ?? 5
+  if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
+  return {
+    to: o.to,
+    mode,
+    downtimeMs,
+    maxRounds,
+    connectTimeoutMs: o.connectTimeoutMs ?? 5000,
+    prepaging: { ...DEFAULT_PREPAGING, ...o.prepaging },
+    pushLog: o.pushLog ?? false,
+    token: resolveToken(o.token ?? guestToken),
+  }
+}
+
+/** The shared token: explicit, $UFFD_MIGRATE_TOKEN, or the file $UFFD_MIGRATE_TOKEN_FILE. */
+export function resolveToken(explicit?: string): string {
+  const token =
+    explicit ??
+    process.env.UFFD_MIGRATE_TOKEN ??
+    (process.env.UFFD_MIGRATE_TOKEN_FILE ? readTokenFile(process.env.UFFD_MIGRATE_TOKEN_FILE) : undefined)
+  if (!token) {
+    throw new UffdMigrateError(
+      'no migration token: give both hosts the same secret with --token-file FILE or UFFD_MIGRATE_TOKEN (e.g. `openssl rand -hex 32`)',
+      ErrorCode.AUTH,
+    )
+  }
+  if (token.length < 16) throw new UffdMigrateError('the migration token must be at least 16 characters', ErrorCode.AUTH)
+  return token
+}
+
+export function readTokenFile(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim()
+  } catch (err) {
+    throw new UffdMigrateError(`cannot read the token file ${path}: ${(err as NodeJS.ErrnoException).code}`, ErrorCode.AUTH)
+  }
+}

@@ -1,0 +1,137 @@
+/**
+ * One TCP connection of a migration: framing, backpressure and errors. The
+ * protocol logic stays in the agents; this only moves frames.
+ */
+import type { Socket } from 'node:net'
+import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import { type Frame, FrameDecoder } from './frames'
+import { encodeControl, MAX_CONTROL_BYTES, Msg } from './messages'
+
+export class Channel {
+  private readonly decoder: FrameDecoder
+  private handler: ((f: Frame) => void) | undefined
+  private queued: Frame[] = []
+  private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = []
+  private failure: Error | undefined
+  private closeListeners: ((err: Error) => void)[] = []
+  bytesRead = 0
+  bytesWritten = 0
+
+  constructor(
+    readonly socket: Socket,
+    readonly name: string,
+  ) {
+    socket.setNoDelay(true)
+    this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_CONTROL_BYTES)
+    socket.on('data', (chunk: Buffer) => {
+      this.bytesRead += chunk.length
+      try {
+        this.decoder.feed(chunk)
+      } catch (err) {
+        this.fail(err as Error)
+      }
+    })
+    socket.on('error', (err) => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection failed: ${err.message}`, err)))
+    socket.on('close', () => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection closed by the peer`)))
+  }
+
+  /** Frames go to `handler` from now on (after the handshake). */
+  onFrame(handler: (f: Frame) => void): void {
+    this.handler = handler
+    const q = this.queued
+    this.queued = []
+    for (const f of q) this.safeDispatch(f)
+  }
+
+  onClose(listener: (err: Error) => void): void {
+    if (this.failure) listener(this.failure)
+    else this.closeListeners.push(listener)
+  }
+
+  /** The next frame, for the handshake. */
+  nextFrame(): Promise<Frame> {
+    if (this.failure) return Promise.reject(this.failure)
+    const f = this.queued.shift()
+    if (f) return Promise.resolve(f)
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }))
+  }
+
+  private dispatch(f: Frame): void {
+    if (this.failure) return
+    const w = this.waiters.shift()
+    if (w) w.resolve(f)
+    else if (this.handler) this.safeDispatch(f)
+    else this.queued.push(f)
+  }
+
+  private safeDispatch(f: Frame): void {
+    try {
+      this.handler!(f)
+    } catch (err) {
+      this.sendError(err as Error)
+      this.fail(err as Error)
+    }
+  }
+
+  /** Writes one frame made of buffers; false means "wait for drain()". */
+  send(parts: Buffer[] | Buffer): boolean {
+    if (this.failure || this.socket.destroyed) return false
+    if (Buffer.isBuffer(parts)) {
+      this.bytesWritten += parts.length
+      return this.socket.write(parts)
+    }
+    let ok = true
+    this.socket.cork()
+    for (const p of parts) {
+      this.bytesWritten += p.length
+      ok = this.socket.write(p)
+    }
+    this.socket.uncork()
+    return ok
+  }
+
+  get needsDrain(): boolean {
+    return this.socket.writableNeedDrain
+  }
+
+  drain(): Promise<void> {
+    if (!this.socket.writableNeedDrain || this.failure) return Promise.resolve()
+    return new Promise((resolve) => {
+      const done = () => {
+        this.socket.off('drain', done)
+        this.socket.off('close', done)
+        resolve()
+      }
+      this.socket.on('drain', done)
+      this.socket.on('close', done)
+    })
+  }
+
+  sendError(err: Error): void {
+    const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
+    if (!this.failure && !this.socket.destroyed) this.socket.write(Buffer.concat(encodeControl(Msg.ERROR, { code, message: err.message })))
+  }
+
+  get failed(): Error | undefined {
+    return this.failure
+  }
+
+  fail(err: Error): void {
+    if (this.failure) return
+    this.failure = err
+    for (const w of this.waiters) w.reject(err)
+    this.waiters = []
+    for (const l of this.closeListeners) l(err)
+    this.closeListeners = []
+    this.socket.end()
+    setTimeout(() => this.socket.destroy(), 1000).unref()
+  }
+
+  close(): void {
+    this.fail(migrationError(ErrorCode.ABORTED, `${this.name} connection closed`))
+  }
+}
+
+export function isUffdError(e: unknown): e is UffdMigrateError {
+  return e instanceof UffdMigrateError
+}

@@ -1,0 +1,96 @@
+/**
+ * Mutual authentication of one connection with a shared token: each side
+ * proves it holds the token with an HMAC over both fresh nonces, so the token
+ * never crosses the wire and a recorded exchange cannot be replayed. Nothing
+ * but HELLO/AUTH/READY/ERROR is accepted before READY.
+ */
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
+import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import type { Channel } from './channel'
+import { decodeControl, encodeControl, field, Msg, PROTOCOL_NAME, PROTOCOL_VERSION } from './messages'
+
+export type ChannelRole = 'urgent' | 'bulk'
+
+export interface HelloInfo {
+  role: ChannelRole
+  session: string
+}
+
+function proof(token: Buffer, who: 'client' | 'server', info: HelloInfo, a: Uint8Array, b: Uint8Array): Buffer {
+  return createHmac('sha256', token).update(`${PROTOCOL_NAME}/${who}/${info.role}/${info.session}/`).update(a).update(b).digest()
+}
+
+function checkVersion(msg: Record<string, unknown>): void {
+  const proto = field<string>(msg, 'proto', 'string', 'HELLO')
+  const version = field<number>(msg, 'version', 'number', 'HELLO')
+  if (proto !== PROTOCOL_NAME || version !== PROTOCOL_VERSION) {
+    throw migrationError(
+      ErrorCode.VERSION,
+      `peer speaks ${proto} protocol version ${version}; this side speaks ${PROTOCOL_NAME} version ${PROTOCOL_VERSION}: run the same uffd-migrate version on both hosts`,
+    )
+  }
+}
+
+function verify(expected: Buffer, got: Uint8Array, who: string): void {
+  if (got.length !== expected.length || !timingSafeEqual(expected, got)) {
+    throw migrationError(ErrorCode.AUTH, `${who} failed authentication: the shared tokens differ (check --token-file / UFFD_MIGRATE_TOKEN on both hosts)`)
+  }
+}
+
+/** Raises an ERROR frame from the peer as the error it describes. */
+export function peerError(payload: Buffer): UffdMigrateError {
+  const m = decodeControl(Msg.ERROR, payload)
+  const code = typeof m.code === 'string' ? m.code : ErrorCode.PROTOCOL
+  const message = typeof m.message === 'string' ? m.message : 'no message'
+  return new UffdMigrateError(`peer reported: ${message}`, code)
+}
+
+/** Source side (connects). Resolves once the destination has said READY. */
+export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInfo): Promise<void> {
+  const nonce = randomBytes(32)
+  ch.send(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce }))
+  const hello = await ch.nextFrame()
+  if (hello.type === Msg.ERROR) throw peerError(hello.payload)
+  if (hello.type !== Msg.HELLO) throw migrationError(ErrorCode.PROTOCOL, `expected HELLO, got message type ${hello.type}`)
+  const m = decodeControl(hello.type, hello.payload)
+  checkVersion(m)
+  const peerNonce = field<Uint8Array>(m, 'nonce', 'bytes', 'HELLO')
+  try {
+    verify(proof(token, 'server', info, nonce, peerNonce), field<Uint8Array>(m, 'proof', 'bytes', 'HELLO'), 'the destination')
+  } catch (err) {
+    ch.sendError(err as UffdMigrateError)
+    throw err
+  }
+  ch.send(encodeControl(Msg.AUTH, { proof: proof(token, 'client', info, peerNonce, nonce) }))
+  const ready = await ch.nextFrame()
+  if (ready.type === Msg.ERROR) throw peerError(ready.payload)
+  if (ready.type !== Msg.READY) throw migrationError(ErrorCode.PROTOCOL, `expected READY, got message type ${ready.type}`)
+}
+
+/** Destination side (accepts). Resolves with the connection's role and session. */
+export async function serverHandshake(ch: Channel, token: Buffer): Promise<HelloInfo> {
+  try {
+    const hello = await ch.nextFrame()
+    if (hello.type !== Msg.HELLO) throw migrationError(ErrorCode.PROTOCOL, `expected HELLO, got message type ${hello.type}`)
+    const m = decodeControl(hello.type, hello.payload)
+    checkVersion(m)
+    const role = field<string>(m, 'role', 'string', 'HELLO')
+    if (role !== 'urgent' && role !== 'bulk') throw migrationError(ErrorCode.PROTOCOL, `expected HELLO.role urgent|bulk, got ${role}`)
+    const session = field<string>(m, 'session', 'string', 'HELLO')
+    if (session.length > 64) throw migrationError(ErrorCode.PROTOCOL, 'expected HELLO.session of at most 64 characters')
+    const info: HelloInfo = { role, session }
+    const peerNonce = field<Uint8Array>(m, 'nonce', 'bytes', 'HELLO')
+    if (peerNonce.length !== 32) throw migrationError(ErrorCode.PROTOCOL, 'expected a 32-byte HELLO.nonce')
+    const nonce = randomBytes(32)
+    ch.send(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, nonce, proof: proof(token, 'server', info, peerNonce, nonce) }))
+    const auth = await ch.nextFrame()
+    if (auth.type === Msg.ERROR) throw peerError(auth.payload)
+    if (auth.type !== Msg.AUTH) throw migrationError(ErrorCode.PROTOCOL, `expected AUTH, got message type ${auth.type}`)
+    verify(proof(token, 'client', info, nonce, peerNonce), field<Uint8Array>(decodeControl(auth.type, auth.payload), 'proof', 'bytes', 'AUTH'), 'the source')
+    ch.send(encodeControl(Msg.READY, {}))
+    return info
+  } catch (err) {
+    if (err instanceof UffdMigrateError && !err.message.startsWith('peer reported')) ch.sendError(err)
+    throw err
+  }
+}

@@ -1,0 +1,191 @@
+/**
+ * Message types, their encodings and their validation. Control messages are
+ * msgpackr maps; page data and ranges are fixed binary layouts so that no
+ * per-page JS object is ever made. Every field that comes from the network is
+ * checked here (types, bounds, sizes) before anyone acts on it.
+ */
+import { Packr } from 'msgpackr'
+import { ErrorCode, migrationError } from '../errors'
+import { frameHeader } from './frames'
+
+export const PROTOCOL_NAME = 'uffd-migrate'
+export const PROTOCOL_VERSION = 1
+
+/** Largest page payload in one frame; replies and pushes are cut to fit. */
+export const MAX_PAGES_PER_FRAME = 256
+/** Largest control message (hand-off state, discard lists). */
+export const MAX_CONTROL_BYTES = 64 << 20
+
+export const enum Msg {
+  // handshake (both connections)
+  HELLO = 1,
+  AUTH = 2,
+  READY = 3,
+  ERROR = 4,
+  // session (bulk unless noted)
+  REGIONS = 10,
+  REGIONS_OK = 11,
+  CLOCK = 12, // urgent, both ways
+  PAGES = 20, // bulk (rounds, push) and urgent (replies)
+  RANGES = 21, // pages without payload: zero / free
+  ROUND_END = 22,
+  PRECOPY_END = 23,
+  HANDOFF = 24,
+  RESUMED = 25,
+  PAGE_REQUEST = 30, // urgent, destination -> source
+  WILL_NEED = 31, // urgent, destination -> source: prepaging hint
+  FREED = 32, // destination -> source: freed during post-copy, do not push
+  PUSH_END = 33,
+  SETTLED = 34,
+}
+
+export const MSG_NAMES: Record<number, string> = {
+  1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
+  21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED',
+}
+
+/** Kind of a RANGES entry. */
+export const enum RangeKind {
+  ZERO = 0, // all zeros or never populated
+  FREE = 1, // reported free by the guest (ballooning)
+}
+
+const packr = new Packr({ useRecords: false, moreTypes: false })
+
+export function encodeControl(type: Msg, body: object): Buffer[] {
+  const payload = packr.pack(body)
+  return [frameHeader(type, payload.length), payload]
+}
+
+export function decodeControl(type: number, payload: Buffer): Record<string, unknown> {
+  let v: unknown
+  try {
+    v = packr.unpack(payload)
+  } catch (err) {
+    throw migrationError(ErrorCode.PROTOCOL, `malformed ${MSG_NAMES[type] ?? type} message: ${(err as Error).message}`)
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected ${MSG_NAMES[type] ?? type} to be a map, got ${typeof v}`)
+  }
+  return v as Record<string, unknown>
+}
+
+// ---- field validation -------------------------------------------------------
+
+export function field<T>(msg: Record<string, unknown>, name: string, kind: 'string' | 'number' | 'boolean' | 'bytes' | 'object' | 'array', what: string): T {
+  const v = msg[name]
+  const ok =
+    kind === 'bytes' ? v instanceof Uint8Array :
+    kind === 'array' ? Array.isArray(v) :
+    kind === 'object' ? typeof v === 'object' && v !== null :
+    kind === 'number' ? typeof v === 'number' && Number.isFinite(v) :
+    typeof v === kind
+  if (!ok) throw migrationError(ErrorCode.PROTOCOL, `expected ${what}.${name} to be ${kind}, got ${describe(v)}`)
+  return v as T
+}
+
+export function uint(msg: Record<string, unknown>, name: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
+  const v = field<number>(msg, name, 'number', what)
+  if (!Number.isInteger(v) || v < 0 || v > max) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected ${what}.${name} to be an integer in [0, ${max}], got ${v}`)
+  }
+  return v
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null'
+  if (v instanceof Uint8Array) return `${v.length} bytes`
+  return Array.isArray(v) ? 'an array' : typeof v === 'string' ? JSON.stringify(v.slice(0, 40)) : typeof v
+}
+
+// ---- binary messages ------------------------------------------------------------
+
+/** Region layout as both sides agreed: index -> page count. */
+export interface RegionLayout {
+  pageCount: number
+}
+
+/** PAGES: u32 region | u32 firstPage | u32 pageCount | pageCount * pageSize bytes. */
+export function pagesHeader(region: number, firstPage: number, pageCount: number, pageSize: number): Buffer {
+  const h = frameHeader(Msg.PAGES, 12 + pageCount * pageSize)
+  const b = Buffer.allocUnsafe(17)
+  h.copy(b, 0)
+  b.writeUInt32BE(region, 5)
+  b.writeUInt32BE(firstPage, 9)
+  b.writeUInt32BE(pageCount, 13)
+  return b
+}
+
+export interface PagesMsg {
+  region: number
+  firstPage: number
+  pageCount: number
+  data: Buffer
+}
+
+export function decodePages(payload: Buffer, layout: RegionLayout[], pageSize: number): PagesMsg {
+  if (payload.length < 12) throw migrationError(ErrorCode.PROTOCOL, `expected a PAGES header of 12 bytes, got ${payload.length}`)
+  const region = payload.readUInt32BE(0)
+  const firstPage = payload.readUInt32BE(4)
+  const pageCount = payload.readUInt32BE(8)
+  checkRun(region, firstPage, pageCount, layout, 'PAGES')
+  if (pageCount > MAX_PAGES_PER_FRAME) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected at most ${MAX_PAGES_PER_FRAME} pages in one PAGES frame, got ${pageCount}`)
+  }
+  const data = payload.subarray(12)
+  if (data.length !== pageCount * pageSize) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected ${pageCount * pageSize} bytes of page data, got ${data.length}`)
+  }
+  return { region, firstPage, pageCount, data }
+}
+
+export function checkRun(region: number, firstPage: number, pageCount: number, layout: RegionLayout[], what: string): void {
+  if (region >= layout.length) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected a region index below ${layout.length} in ${what}, got ${region}`)
+  }
+  const pages = layout[region].pageCount
+  if (pageCount === 0 || firstPage >= pages || pageCount > pages - firstPage) {
+    throw migrationError(
+      ErrorCode.PROTOCOL,
+      `expected pages within [0, ${pages}) of region ${region} in ${what}, got ${firstPage}+${pageCount}`,
+    )
+  }
+}
+
+/**
+ * Run lists (RANGES, PAGE_REQUEST, WILL_NEED, FREED, discard lists):
+ * u8 kind | u32 region | then (u32 firstPage, u32 pageCount) pairs.
+ */
+export function encodeRuns(type: Msg, kind: number, region: number, runs: ArrayLike<number>, count = runs.length): Buffer {
+  const b = Buffer.allocUnsafe(5 + 5 + count * 4)
+  frameHeader(type, 5 + count * 4).copy(b, 0)
+  b[5] = kind
+  b.writeUInt32BE(region, 6)
+  for (let i = 0; i < count; i++) b.writeUInt32BE(runs[i], 10 + i * 4)
+  return b
+}
+
+export interface RunsMsg {
+  kind: number
+  region: number
+  /** [firstPage, pageCount] pairs, validated against the region. */
+  runs: Uint32Array
+}
+
+export function decodeRuns(type: number, payload: Buffer, layout: RegionLayout[]): RunsMsg {
+  const what = MSG_NAMES[type] ?? String(type)
+  if (payload.length < 5 || (payload.length - 5) % 8 !== 0) {
+    throw migrationError(ErrorCode.PROTOCOL, `expected ${what} of 5 + 8k bytes, got ${payload.length}`)
+  }
+  const kind = payload[0]
+  const region = payload.readUInt32BE(1)
+  const n = (payload.length - 5) / 4
+  const runs = new Uint32Array(n)
+  for (let i = 0; i < n; i += 2) {
+    runs[i] = payload.readUInt32BE(5 + i * 4)
+    runs[i + 1] = payload.readUInt32BE(9 + i * 4)
+    checkRun(region, runs[i], runs[i + 1], layout, what)
+  }
+  return { kind, region, runs }
+}

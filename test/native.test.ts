@@ -1,0 +1,245 @@
+import { Worker } from 'node:worker_threads'
+import { join } from 'node:path'
+import { describe, expect, it } from 'vitest'
+import { loadBinding } from '../src/binding'
+import { Region } from '../src/region'
+import { DirtyTracker } from '../src/agent/tracker'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+const dist = join(__dirname, '..', 'dist')
+
+/** A worker that opens the region and runs `body` (JS source) with `u8` bound to it. */
+function inWorker<T>(desc: object, body: string, extra: object = {}): Promise<T> {
+  const src = `
+    const { parentPort, workerData } = require('node:worker_threads')
+    const { Region } = require(${JSON.stringify(join(dist, 'region.js'))})
+    const region = Region.open(workerData.desc)
+    const u8 = new Uint8Array(region.buffer)
+    const out = (() => { ${body} })()
+    parentPort.postMessage(out)`
+  return new Promise((resolve, reject) => {
+    const w = new Worker(src, { eval: true, workerData: { desc, ...extra } })
+    w.once('message', (m) => {
+      resolve(m as T)
+      void w.terminate()
+    })
+    w.once('error', reject)
+  })
+}
+
+describe.skipIf(skip)('native addon on the real kernel', () => {
+  const b = skip ? (undefined as never) : loadBinding()
+  const ps = skip ? 4096 : b.pageSize
+  const MISSING = skip ? 0 : b.constants.UFFDIO_REGISTER_MODE_MISSING
+
+  function missingRegion(pages: number) {
+    const region = Region.create('t', pages * ps)
+    const uffd = new b.Uffd(0)
+    uffd.register(region.id, 0, region.sizeBytes, MISSING)
+    return { region, uffd }
+  }
+
+  it('resolves a worker fault with copy and the worker reads the copied bytes', async () => {
+    const { region, uffd } = missingRegion(16)
+    const faults: number[] = []
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) {
+        expect(ev[i]).toBe(region.id)
+        faults.push(ev[i + 1])
+        uffd.copy(region.id, ev[i + 1] * ps, new Uint8Array(ps).fill(ev[i + 1] + 1))
+      }
+    })
+    const got = await inWorker<number[]>(region.describe(), `return [u8[3 * ${ps}], u8[3 * ${ps} + ${ps - 1}], u8[9 * ${ps} + 7]]`)
+    expect(got).toEqual([4, 4, 10])
+    expect(faults.sort((a, b) => a - b)).toEqual([3, 9])
+    uffd.close()
+    region.release()
+  })
+
+  it('resolves faults from many threads at once, each page with its own bytes', async () => {
+    const threads = 4, perThread = 40
+    const { region, uffd } = missingRegion(threads * perThread)
+    const faulted = new Set<number>()
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) {
+        const page = ev[i + 1]
+        faulted.add(page)
+        const existing = uffd.copy(region.id, page * ps, new Uint8Array(ps).fill((page % 251) + 1))
+        expect(existing).toBeLessThanOrEqual(1)
+      }
+    })
+    const results = await Promise.all(
+      Array.from({ length: threads }, (_, t) =>
+        inWorker<number[]>(region.describe(), `
+          const out = []
+          for (let p = ${t * perThread}; p < ${(t + 1) * perThread}; p++) out.push(u8[p * ${ps} + 100])
+          return out`),
+      ),
+    )
+    results.forEach((vals, t) => vals.forEach((v, i) => expect(v).toBe(((t * perThread + i) % 251) + 1)))
+    expect(faulted.size).toBe(threads * perThread)
+    uffd.close()
+  })
+
+  it('lets a worker own the uffd while the main thread faults (the agent topology)', async () => {
+    const region = Region.create('t', 8 * ps)
+    const src = `
+      const { parentPort, workerData } = require('node:worker_threads')
+      const { loadBinding } = require(${JSON.stringify(join(dist, 'binding.js'))})
+      const b = loadBinding()
+      const uffd = new b.Uffd(0)
+      uffd.register(workerData.id, 0, workerData.size, b.constants.UFFDIO_REGISTER_MODE_MISSING)
+      uffd.startFaults((ev) => {
+        for (let i = 0; i < ev.length; i += 3) uffd.copy(ev[i], ev[i + 1] * b.pageSize, new Uint8Array(b.pageSize).fill(42))
+      })
+      parentPort.postMessage('ready')
+      parentPort.on('message', () => { uffd.close(); process.exit(0) })`
+    const w = new Worker(src, { eval: true, workerData: { id: region.id, size: region.sizeBytes } })
+    await new Promise((r) => w.once('message', r))
+    const u8 = new Uint8Array(region.buffer)
+    expect(u8[5 * ps + 1]).toBe(42) // blocks in the fault until the worker copies
+    w.postMessage('stop')
+    await new Promise((r) => w.once('exit', r))
+  })
+
+  it('reports exactly the pages written since the last scan, then none', () => {
+    const region = Region.create('t', 64 << 20)
+    const tracker = new DirtyTracker(b, [region])
+    const u8 = new Uint8Array(region.buffer)
+    let seed = 12345
+    const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) % region.pageCount)
+    for (let trial = 0; trial < 5; trial++) {
+      const written = new Set<number>()
+      for (let i = 0; i < 500 * (trial + 1); i++) {
+        const p = rand()
+        written.add(p)
+        u8[p * ps + (i % ps)] = trial + 1
+      }
+      expect(expandRuns(tracker.collectWritten(region.id, region.pageCount))).toEqual([...written].sort((a, b) => a - b))
+      expect(tracker.collectWritten(region.id, region.pageCount)).toHaveLength(0)
+    }
+    tracker.close()
+    region.release()
+  })
+
+  it('scans present pages of a sparse region as runs', () => {
+    const region = Region.create('t', 8192 * ps)
+    const tracker = new DirtyTracker(b, [region])
+    const u8 = new Uint8Array(region.buffer)
+    for (const p of [0, 10, 11, 12, 5000]) u8[p * ps] = 1
+    void u8[7000 * ps] // read-only touch maps the zero page: not present data
+    expect(Array.from(tracker.presentRuns(region.id, region.pageCount))).toEqual([0, 1, 10, 3, 5000, 1])
+    tracker.close()
+  })
+
+  it('places a zero page and detects all-zero pages', async () => {
+    const { region, uffd } = missingRegion(8)
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) uffd.zeropage(region.id, ev[i + 1] * ps, ps)
+    })
+    expect(await inWorker<number>(region.describe(), `return u8[7 * ${ps} + 5] + u8[2 * ${ps}]`)).toBe(0)
+    uffd.close()
+    const plain = Region.create('z', 4 * ps)
+    new Uint8Array(plain.buffer)[2 * ps + ps - 1] = 9
+    const out = new Uint8Array(4)
+    expect(b.zeroPages(plain.id, 0, 4, out)).toBe(3)
+    expect(Array.from(out)).toEqual([1, 1, 0, 1])
+  })
+
+  it('makes a discarded page fault again', async () => {
+    const { region, uffd } = missingRegion(4)
+    let faults = 0
+    let fill = 1
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) {
+        faults++
+        uffd.copy(region.id, ev[i + 1] * ps, new Uint8Array(ps).fill(fill))
+      }
+    })
+    expect(await inWorker<number>(region.describe(), `return u8[2 * ${ps}]`)).toBe(1)
+    region.discard(2 * ps, ps)
+    fill = 2
+    expect(await inWorker<number>(region.describe(), `return u8[2 * ${ps}]`)).toBe(2)
+    expect(faults).toBe(2)
+    uffd.close()
+  })
+
+  it('returns EEXIST as a count of pages already present, and copies the rest', () => {
+    const { region, uffd } = missingRegion(8)
+    expect(uffd.copy(region.id, 2 * ps, new Uint8Array(ps).fill(7))).toBe(0)
+    expect(uffd.copy(region.id, 2 * ps, new Uint8Array(ps).fill(8))).toBe(1)
+    // pages 0..3: page 2 exists, the other three are copied
+    expect(uffd.copy(region.id, 0, new Uint8Array(4 * ps).fill(9))).toBe(1)
+    expect(uffd.zeropage(region.id, 0, 8 * ps)).toBe(4)
+    uffd.close()
+    const u8 = new Uint8Array(region.buffer)
+    expect([u8[0], u8[ps], u8[2 * ps], u8[3 * ps], u8[4 * ps]]).toEqual([9, 9, 7, 9, 0])
+  })
+
+  it('rejects out-of-range and malformed arguments before any syscall', () => {
+    const { region, uffd } = missingRegion(4)
+    const page = new Uint8Array(ps)
+    expect(() => uffd.copy(region.id, 4 * ps, page)).toThrow(/page-aligned offset below 16384, got 16384/)
+    expect(() => uffd.copy(region.id, 1, page)).toThrow(RangeError)
+    expect(() => uffd.copy(region.id, 3 * ps, new Uint8Array(2 * ps))).toThrow(/at most 4096 bytes/)
+    expect(() => uffd.copy(region.id, 0, new Uint8Array(100))).toThrow(RangeError)
+    expect(() => uffd.zeropage(region.id, -ps, ps)).toThrow(RangeError)
+    expect(() => uffd.zeropage(region.id, Number.NaN, ps)).toThrow(RangeError)
+    expect(() => uffd.wake(region.id, 0, 0)).toThrow(RangeError)
+    expect(() => b.discard(region.id, 0, 5 * ps)).toThrow(RangeError)
+    expect(() => b.pagemapScan(region.id, 3, 2, 0, 8, 0, 0, 8)).toThrow(RangeError)
+    expect(() => b.zeroPages(region.id, 0, 4, new Uint8Array(3))).toThrow(RangeError)
+    expect(() => uffd.copy(999999, 0, page)).toThrow(expect.objectContaining({ code: 'ERR_REGION_RELEASED' }))
+    expect(() => Region.create('x', 0)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG' }))
+    uffd.close()
+    expect(() => uffd.copy(region.id, 0, page)).toThrow(expect.objectContaining({ code: 'ERR_UFFD_CLOSED' }))
+  })
+
+  it('turns a failing ioctl into an error with code, errno, syscall and a hint', () => {
+    let err: any
+    try {
+      new b.Uffd(2 ** 31)
+    } catch (e) {
+      err = e
+    }
+    expect(err.name).toBe('UffdMigrateError')
+    expect(err).toMatchObject({ code: 'EINVAL', errno: 22, syscall: 'ioctl(UFFDIO_API)' })
+    expect(err.message).toMatch(/uffd-migrate doctor/)
+    const region = Region.create('t', ps)
+    const a = new b.Uffd(0)
+    const c = new b.Uffd(0)
+    a.register(region.id, 0, ps, MISSING)
+    expect(() => c.register(region.id, 0, ps, MISSING)).toThrow(expect.objectContaining({ code: 'EBUSY', syscall: 'ioctl(UFFDIO_REGISTER)' }))
+    a.close()
+    c.close()
+  })
+
+  it('keeps memory valid for a worker that holds a view after release in the main thread', async () => {
+    const region = Region.create('t', 4 * ps)
+    new Uint8Array(region.buffer)[ps] = 77
+    const desc = region.describe()
+    const src = `
+      const { parentPort, workerData } = require('node:worker_threads')
+      const { Region } = require(${JSON.stringify(join(dist, 'region.js'))})
+      const u8 = new Uint8Array(Region.open(workerData).buffer)
+      parentPort.postMessage('open')
+      parentPort.once('message', () => { u8[2 * 4096] = 5; parentPort.postMessage(u8[4096] + u8[2 * 4096]) })`
+    const w = new Worker(src, { eval: true, workerData: desc })
+    await new Promise((r) => w.once('message', r))
+    const buf = region.buffer
+    region.release()
+    expect(buf.byteLength).toBe(0) // detached here
+    expect(() => region.buffer).toThrow(expect.objectContaining({ code: 'ERR_REGION_RELEASED' }))
+    expect(() => Region.open(desc)).toThrow(expect.objectContaining({ code: 'ERR_REGION_RELEASED' }))
+    w.postMessage('go')
+    expect(await new Promise((r) => w.once('message', r))).toBe(82)
+    await w.terminate()
+  })
+})
+
+function expandRuns(runs: Uint32Array): number[] {
+  const out: number[] = []
+  for (let i = 0; i < runs.length; i += 2) for (let p = runs[i]; p < runs[i] + runs[i + 1]; p++) out.push(p)
+  return out
+}
