@@ -36,7 +36,11 @@ export function pct(sorted: ArrayLike<number>, p: number): number {
   return sorted[idx]
 }
 
-/** Wall-clock milliseconds with sub-ms resolution, comparable across processes of one host. */
+/**
+ * CLOCK_MONOTONIC in milliseconds: one clock for every thread and process of
+ * a host (performance.timeOrigin differs per thread). Across hosts the
+ * source corrects with the offset measured at connect.
+ */
 export function nowMs(): number {
-  return performance.timeOrigin + performance.now()
+  return Number(process.hrtime.bigint()) / 1e6
 }

@@ -17,9 +17,12 @@ const { values: a } = parseArgs({
     name: { type: 'string', default: 'page-store' },
     mib: { type: 'string', default: '256' },
     http: { type: 'string', default: '0' },
+    'http-host': { type: 'string', default: '127.0.0.1' },
     writes: { type: 'string', default: '10000' }, // page writes per second
     'fill-every': { type: 'string', default: '8' }, // pages p % n === n-1 stay never-written (zero)
     'exit-after-verify': { type: 'boolean', default: false },
+    // without cooperation, post-copy faults block the event loop (the baseline)
+    blocking: { type: 'boolean', default: false },
   },
 })
 const sizeBytes = Number(a.mib) * 1024 * 1024
@@ -31,34 +34,46 @@ let versions
 let writer
 let server
 let writesDone = 0
+let paused = false
 
-function startWriter(u32, pageCount, pageWords) {
+// Guest-cooperative faults: on the destination during post-copy, a page that
+// is not here yet is awaited with ready() instead of blocking the event loop.
+function whenLocal(region, p, fn) {
+  const ps = 4096
+  if (a.blocking || region.isLocal(p * ps, ps)) return fn()
+  return region.ready(p * ps, ps).then(fn)
+}
+
+function startWriter(region, u32, pageCount, pageWords) {
   const perTick = Math.ceil(writesPerSec / 100)
   let seed = (process.pid * 2654435761) >>> 0
   writer = setInterval(() => {
     for (let i = 0; i < perTick; i++) {
       seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
       const p = seed % pageCount
-      writePage(u32, p, ++versions[p], pageWords)
+      whenLocal(region, p, () => {
+        if (!paused) writePage(u32, p, ++versions[p], pageWords)
+      })
     }
     writesDone += perTick
   }, 10)
 }
 
-function startHttp(u32, pageCount, pageWords, port) {
-  server = http.createServer((req, res) => {
+function startHttp(region, u32, pageCount, pageWords, port) {
+  server = http.createServer(async (req, res) => {
     const m = /^\/page\/(\d+)$/.exec(req.url || '')
     if (!m || Number(m[1]) >= pageCount) {
       res.writeHead(404).end()
       return
     }
     const p = Number(m[1])
+    await whenLocal(region, p, () => {})
     const v = versions[p]
     const ok = checkPage(u32, p, v, pageWords)
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ page: p, version: v, ok, pid: process.pid }))
   })
   server.keepAliveTimeout = 1
-  server.listen(port, '127.0.0.1', () => out(`HTTP ${server.address().port}`))
+  server.listen(port, a['http-host'], () => out(`HTTP ${server.address().port}`))
 }
 
 async function main() {
@@ -66,6 +81,7 @@ async function main() {
     name: a.name,
     regions: { store: sizeBytes },
     pause: async () => {
+      paused = true
       clearInterval(writer)
       await new Promise((r) => {
         server.close(r)
@@ -82,8 +98,9 @@ async function main() {
   const u32 = new Uint32Array(region.buffer)
 
   function start(restored) {
-    startWriter(u32, pageCount, pageWords)
-    startHttp(u32, pageCount, pageWords, Number(a.http))
+    paused = false
+    startWriter(region, u32, pageCount, pageWords)
+    startHttp(region, u32, pageCount, pageWords, Number(a.http))
     if (restored) out('RESTORED')
   }
 

@@ -51,6 +51,7 @@ export class MigrationDestination {
   private uffd: NativeUffd | undefined
   private phase: Phase = 'setup'
   private readonly faultStart = new Map<number, number>()
+  private openRequests = 0
   private readonly latency = new Samples()
   private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0 }
 
@@ -286,7 +287,6 @@ export class MigrationDestination {
       this.uffd.startFaults((ev) => this.onFaults(ev))
     }
     this.phase = 'postcopy'
-    if (process.env.UFFD_MIGRATE_DEBUG) console.error('dest handoff', this.receivedCount, this.totalPages)
     this.hooks.restore(state).then((resumedAtMs) => {
       this.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs }))
       this.checkSettled()
@@ -304,7 +304,7 @@ export class MigrationDestination {
       const page = ev[i + 1]
       this.resolveFault(region, page, now, requests)
     }
-    for (const [region, pages] of requests) this.urgent?.send(encodeRuns(Msg.PAGE_REQUEST, 0, region, pages))
+    for (const [region, pages] of requests) this.sendRequest(Msg.PAGE_REQUEST, region, pages)
   }
 
   private resolveFault(region: number, page: number, now: number, requests: Map<number, number[]>): void {
@@ -346,7 +346,24 @@ export class MigrationDestination {
       }
       p = end
     }
-    if (runs.length) this.urgent.send(encodeRuns(urgent ? Msg.PAGE_REQUEST : Msg.WILL_NEED, 0, region, runs))
+    if (runs.length) this.sendRequest(urgent ? Msg.PAGE_REQUEST : Msg.WILL_NEED, region, runs)
+  }
+
+  /**
+   * While a page request is open, bulk data is not read: a blocked thread's
+   * page must not queue behind megabytes of push on this 2-core machine's
+   * event loop. REQUEST_DONE (after the replies, on the urgent channel) lets it go.
+   */
+  private sendRequest(type: Msg, region: number, runs: number[]): void {
+    if (!this.urgent) return
+    this.urgent.send(encodeRuns(type, 0, region, runs))
+    if (type !== Msg.PAGE_REQUEST) return
+    if (this.openRequests++ === 0) this.bulk?.socket.pause()
+  }
+
+  private requestDone(): void {
+    if (this.openRequests === 0) throw migrationError(ErrorCode.PROTOCOL, 'REQUEST_DONE without an open request')
+    if (--this.openRequests === 0) this.bulk?.socket.resume()
   }
 
   /**
@@ -389,6 +406,9 @@ export class MigrationDestination {
           const m = decodeRuns(f.type, f.payload, this.layout)
           return this.placeZeroRuns(m.region, m.runs)
         }
+        case Msg.REQUEST_DONE:
+          this.expect(f, 'postcopy', 'settled')
+          return this.requestDone()
         case Msg.ERROR:
           throw peerError(f.payload)
         default:
@@ -405,7 +425,6 @@ export class MigrationDestination {
   private checkSettled(): void {
     if (this.phase !== 'postcopy' || this.receivedCount < this.totalPages) return
     this.phase = 'settled'
-    if (process.env.UFFD_MIGRATE_DEBUG) console.error('settled', this.receivedCount, this.received.map((m) => m.count()))
     if (this.uffd) {
       // Everything with data is present; what is left are known-zero pages,
       // which plain anonymous memory fills by itself once unregistered.

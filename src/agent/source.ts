@@ -432,7 +432,6 @@ export class MigrationSource {
       this.policy = createPushPolicy(this.opts.prepaging, this.pending)
     }
     this.counts.discarded = discarded
-    if (process.env.UFFD_MIGRATE_DEBUG) console.error('handoff', { discarded, pagesLeft: this.pagesLeft, rounds: rounds.map((r) => [r.dataPages, r.zeroPages, r.hotPages]) })
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
     this.bulk.send(encodeControl(Msg.HANDOFF, {
       state,
@@ -482,20 +481,7 @@ export class MigrationSource {
       case Msg.PAGE_REQUEST: {
         if (this.phase !== 'postcopy') throw migrationError(ErrorCode.PROTOCOL, `PAGE_REQUEST is not legal in phase ${this.phase}`)
         const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
-        for (let k = 0; k < runs.length; k += 2) {
-          this.policy.onFault(region, runs[k])
-          // only pages still pending: a page in flight on the bulk channel is not sent twice
-          const map = this.pending[region]
-          for (let p = map.nextSet(runs[k], runs[k] + runs[k + 1]); p !== -1; p = map.nextSet(p + 1, runs[k] + runs[k + 1])) {
-            let end = map.nextClear(p, runs[k] + runs[k + 1])
-            if (end === -1) end = runs[k] + runs[k + 1]
-            void this.sendRun(this.urgent, region, p, end - p, true).then(({ data, zero }) => {
-              this.counts.demand += data + zero
-              this.pagesLeft -= data + zero
-            })
-            p = end
-          }
-        }
+        void this.answerRequest(region, runs)
         return
       }
       case Msg.WILL_NEED: {
@@ -509,6 +495,29 @@ export class MigrationSource {
       default:
         throw migrationError(ErrorCode.PROTOCOL, `unexpected message type ${f.type} on the urgent channel`)
     }
+  }
+
+  /**
+   * Replies on the urgent channel with the requested pages still pending (a
+   * page already pushed is in flight on the bulk channel and is not sent
+   * twice), then REQUEST_DONE: the destination stops reading bulk data while
+   * a request is open, so that a fault never waits behind the push.
+   */
+  private async answerRequest(region: number, runs: Uint32Array): Promise<void> {
+    const map = this.pending[region]
+    for (let k = 0; k < runs.length; k += 2) {
+      const first = runs[k], end = runs[k] + runs[k + 1]
+      this.policy.onFault(region, first)
+      for (let p = map.nextSet(first, end); p !== -1; p = map.nextSet(p, end)) {
+        let q = map.nextClear(p, end)
+        if (q === -1) q = end
+        const { data, zero } = await this.sendRun(this.urgent, region, p, q - p, true)
+        this.counts.demand += data + zero
+        this.pagesLeft -= data + zero
+        p = q
+      }
+    }
+    this.urgent.send(encodeControl(Msg.REQUEST_DONE, {}))
   }
 
   private onBulk(f: Frame): void {

@@ -37,12 +37,13 @@ export const enum Msg {
   FREED = 32, // destination -> source: freed during post-copy, do not push
   PUSH_END = 33,
   SETTLED = 34,
+  REQUEST_DONE = 35, // urgent, source -> destination: every reply to one PAGE_REQUEST was sent
 }
 
 export const MSG_NAMES: Record<number, string> = {
   1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
-  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE',
 }
 
 /** Kind of a RANGES entry. */

@@ -1,0 +1,87 @@
+/**
+ * End to end: two real processes (the page-store example on both sides, the
+ * destination started by `uffd-migrate receive`), the CLI's `send`, real TCP,
+ * real userfaultfd, a client hammering the service across the hand-off.
+ */
+import { afterAll, describe, expect, it } from 'vitest'
+import { migrateExample, type ExampleResult } from '../src/cli/demo'
+import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+
+function expectMigrated(r: ExampleResult, mode: string) {
+  expect(r.error).toBeUndefined()
+  const rep = r.report!
+  expect(rep.mode).toBe(mode)
+  // invariant 1: every page equals the model (the versions that crossed in the state) after settling
+  expect(r.verify).toMatch(/^ok pages=65536$/)
+  // the source process ended once the destination settled
+  expect(r.sourceExit).toBe(0)
+  // the service kept answering, and never wrongly
+  expect(r.client!.wrong).toBe(0)
+  expect(r.client!.ok).toBeGreaterThan(100)
+  // invariant 2: each page at most once after the hand-off
+  expect(rep.pagesSentTwiceAfterHandoff).toBe(0)
+  expect(rep.postcopy.networkFaultsOnZeroPages).toBe(0)
+  return rep
+}
+
+describe.skipIf(skip)('live migration between two processes on loopback', () => {
+  it('hybrid: pre-copy rounds, hand-off with a discard list, post-copy of exactly the discarded pages', async () => {
+    const r = await migrateExample({ sizeMiB: 256, mode: 'hybrid', writesPerSec: 10_000 })
+    const rep = expectMigrated(r, 'hybrid')
+    expect(rep.rounds.length).toBeGreaterThanOrEqual(2)
+    expect(rep.rounds[0].dataPages).toBeGreaterThan(50_000)
+    // what went after the hand-off is exactly what the destination had discarded
+    expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.discardedPages)
+    // a client sees at most the downtime, plus its own reconnect to the new address
+    expect(r.client!.maxGapMs).toBeLessThanOrEqual(rep.downtimeMs + 100)
+  })
+
+  it('precopy: everything crosses before the service resumes, nothing after', async () => {
+    const r = await migrateExample({ sizeMiB: 256, mode: 'precopy', writesPerSec: 10_000 })
+    const rep = expectMigrated(r, 'precopy')
+    expect(rep.discardedPages).toBe(0)
+    expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(0)
+    expect(rep.postcopy.networkFaults).toBe(0)
+    expect(r.client!.maxGapMs).toBeLessThanOrEqual(rep.downtimeMs + 100)
+  })
+
+  it('postcopy: hand-off at once, every page fetched or pushed exactly once after it', async () => {
+    const r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000 })
+    const rep = expectMigrated(r, 'postcopy')
+    expect(rep.rounds.filter((x) => x.dataPages > 0)).toHaveLength(0)
+    // the service asked for pages with ready() right away: some came on demand
+    expect(rep.postcopy.demandPages).toBeGreaterThan(0)
+    // every page the source had with data went exactly once, after the hand-off
+    expect(rep.pages.data + rep.pages.zero).toBe(65536)
+    expect(rep.pagesResent).toBe(0)
+    // the cooperative service (ready() on its request path) never stalls in a fault
+    expect(r.client!.maxGapMs).toBeLessThanOrEqual(rep.downtimeMs + 100)
+  })
+
+  it('postcopy with a service that blocks in faults: each fault is one page request, timed', async () => {
+    const r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'] })
+    const rep = expectMigrated(r, 'postcopy')
+    expect(rep.postcopy.networkFaults).toBeGreaterThan(0)
+    // a fault on a page already pushed (in flight) is answered by the push, not resent
+    expect(rep.postcopy.demandPages).toBeGreaterThan(0)
+    expect(rep.postcopy.demandPages).toBeLessThanOrEqual(rep.postcopy.networkFaults)
+    expect(rep.postcopy.faultLatencyUs.count).toBe(rep.postcopy.networkFaults)
+    expect(rep.postcopy.faultLatencyUs.p50).toBeGreaterThan(0)
+  })
+})
+
+const nsSkip = skip ?? netnsUnavailable()
+describe.skipIf(nsSkip)('live migration between two network-namespace hosts', () => {
+  let hosts: HostPair | undefined
+  afterAll(() => hosts?.cleanup())
+  it('hybrid over a veth link into another namespace', async () => {
+    hosts = createHostPair()
+    const r = await migrateExample({ sizeMiB: 256, mode: 'hybrid', writesPerSec: 10_000, destNetns: hosts.ns, destHost: hosts.nsIp })
+    const rep = expectMigrated(r, 'hybrid')
+    expect(rep.to.startsWith(hosts.nsIp)).toBe(true)
+  })
+})
+if (nsSkip && !skip) console.warn(`\n*** SKIPPING namespace-host tests: ${nsSkip}\n`)
