@@ -124,8 +124,10 @@ export class MigrationSource {
       }
       this.phase = 'handoff'
       const pauseAt = nowMs()
-      const state = await Promise.race([this.hooks.pause(), failed])
+      // from here a failure before the hand-off resumes the service here,
+      // even when pause() itself failed half-way
       paused = true
+      const state = await Promise.race([this.hooks.pause(), failed])
       const discard = await Promise.race([this.handoff(state, rounds), failed])
       handedOff = true
       this.phase = 'postcopy'
