@@ -21,7 +21,7 @@ import { writeFileSync } from 'node:fs'
 import { release as osRelease } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
-import { repoRoot, runLimits } from './lib/limits.mjs'
+import { repoRoot, runCBench, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { guarded, sleepSync } from './lib/quiet.mjs'
 
@@ -76,7 +76,7 @@ function rttAgent(wd) {
 // guest control block (Int32Array over a SharedArrayBuffer)
 const C_STOP = 0, C_STATE = 1 // state: 0 idle, 1 running, 2 done
 // guest results (Float64Array)
-const R_WRITES = 0, R_T0 = 1, R_T1 = 2, R_UNITS = 3, R_TICKS = 4, R_SINK = 5, R_CHUNK_NS = 6, R_FIXED = 7
+const R_WRITES = 0, R_T0 = 1, R_T1 = 2, R_UNITS = 3, R_TICKS = 4, R_SINK = 5, R_CHUNK_NS = 6, R_FIXED = 7, R_COMPUTE_MS = 8
 const MAX_TICKS = 8192
 
 /** One unit of "service work": integer hashing the JIT cannot drop. */
@@ -130,7 +130,7 @@ function guest(wd) {
   // ('fill': compute units per second is the guest's throughput) or do a
   // fixed amount of compute then sleep ('idle': busy time per tick).
   function paced(fill) {
-    let x = 0x9e3779b9 | 0, w = 0, units = 0, k = 0
+    let x = 0x9e3779b9 | 0, w = 0, units = 0, k = 0, computeMs = 0
     const t0 = performance.now()
     let next = t0
     while (Atomics.load(ctl, C_STOP) === 0) {
@@ -146,10 +146,12 @@ function guest(wd) {
       const bdone = performance.now()
       if (k < MAX_TICKS) batchNs[k] = (bdone - a) * 1e6
       if (fill) {
-        while (performance.now() < next) {
+        let e = bdone
+        while ((e = performance.now()) < next) {
           sink = chunk(sink)
           units++
         }
+        computeMs += e - bdone
       } else {
         for (let c = 0; c < fixedChunks; c++) sink = chunk(sink)
         units += fixedChunks
@@ -165,6 +167,7 @@ function guest(wd) {
     res[R_T1] = t1
     res[R_UNITS] = units
     res[R_TICKS] = Math.min(k, MAX_TICKS)
+    res[R_COMPUTE_MS] = computeMs
   }
 
   parentPort.on('message', (m) => {
@@ -488,7 +491,7 @@ async function main() {
         scanMean: scans ? scanMs / scans : 0, scanMax,
         batch: nt ? stats(batchNs.subarray(0, nt)) : null,
         busy: nt ? stats(busyNs.subarray(0, nt)) : null,
-        chunkNs: res[R_CHUNK_NS], fixedChunks: res[R_FIXED],
+        chunkNs: res[R_CHUNK_NS], fixedChunks: res[R_FIXED], computeMs: res[R_COMPUTE_MS],
       }
     }
     try {
@@ -542,31 +545,41 @@ async function main() {
         chunkNs = it.chunkNs
         fixedChunks = it.fixedChunks
         const rate = (p) => p.units / p.runMs // compute units per ms
+        const speed = (p) => p.units / p.computeMs // compute units per ms of compute time
         return {
           fillLoss: (1 - rate(ft) / rate(fu)) * 100,
+          share: ((ft.batch.mean - fu.batch.mean) / 1e6 / opts.tickMs) * 100,
+          speedLost: (1 - speed(ft) / speed(fu)) * 100,
+          batchMeanU: fu.batch.mean / 1e3, batchMeanT: ft.batch.mean / 1e3,
           pagesPerSec: ft.writes / ft.runMs * 1e3,
           batchU: fu.batch.median / 1e3, batchT: ft.batch.median / 1e3, batchT99: ft.batch.p99 / 1e3,
           perPage: (ft.batch.median - fu.batch.median) / opts.writesPerTick,
           idleSlow: (it.busy.mean / iu.busy.mean - 1) * 100,
-          busyU: iu.busy.median / 1e3, busyT: it.busy.median / 1e3, busyT99: it.busy.p99 / 1e3,
+          busyU: iu.busy.median / 1e3, busyU99: iu.busy.p99 / 1e3, busyT: it.busy.median / 1e3, busyT99: it.busy.p99 / 1e3,
           dirty: ft.scans ? ft.pages / ft.scans : 0,
         }
       })
     })
-    section('4b. guest dirtying 100k random pages/s (1000 writes per 10 ms tick) + compute, scan every 100 ms')
+    section('4b. guest dirtying 100k random pages/s (1000 writes per 10 ms tick) + compute; reference: C twin bench/c/paced_guest.c')
+    const p = (s) => `4d.paced.1g.${s}`
     add({
-      metric: 'paced+compute flat out: compute/s lost', unit: '%', runs: col(vals, 'fillLoss'), target: { maxAbs: 10 },
+      metric: 'paced, compute fills the ticks: compute/s lost', unit: '%', runs: col(vals, 'fillLoss'), refId: p('compute_lost'),
+      target: { maxAbs: 10 },
     })
-    add({ metric: '  1000-write batch untracked, median', unit: 'µs', runs: col(vals, 'batchU'), info: true })
+    add({ metric: '  of which extra time in write batches', unit: '%', runs: col(vals, 'share'), refId: p('batch_share'), info: true })
+    add({ metric: '  compute speed lost (outside the writes)', unit: '%', runs: col(vals, 'speedLost'), refId: p('compute_speed_lost'), info: true })
+    add({ metric: '  1000-write batch untracked, mean', unit: 'µs', runs: col(vals, 'batchMeanU'), refId: p('batch_us.untracked'), info: true })
+    add({ metric: '  1000-write batch tracked, mean', unit: 'µs', runs: col(vals, 'batchMeanT'), refId: p('batch_us.tracked'), info: true })
     add({ metric: '  1000-write batch tracked, median', unit: 'µs', runs: col(vals, 'batchT'), info: true })
     add({ metric: '  1000-write batch tracked, p99', unit: 'µs', runs: col(vals, 'batchT99'), info: true })
     add({ metric: '  extra per tracked write (batch medians)', unit: 'ns', runs: col(vals, 'perPage'), info: true })
-    add({ metric: '  dirty pages per scan', unit: 'pages', runs: col(vals, 'dirty'), info: true })
+    add({ metric: '  dirty pages per scan', unit: 'pages', runs: col(vals, 'dirty'), refId: p('dirty_per_scan'), info: true })
     add({
-      metric: `paced+fixed work, then idle: busy time +`, unit: '%', runs: col(vals, 'idleSlow'), info: true,
-      note: `fixed work = 1000 writes + ${fixedChunks} compute units (${fmt((fixedChunks * chunkNs) / 1e6)} ms) per 10 ms`,
+      metric: `paced, fixed work then idle: busy time +`, unit: '%', runs: col(vals, 'idleSlow'), info: true,
+      note: `fixed work = 1000 writes + ${fixedChunks} compute units (${fmt((fixedChunks * chunkNs) / 1e6)} ms) per 10 ms tick`,
     })
     add({ metric: '  busy per tick untracked, median', unit: 'µs', runs: col(vals, 'busyU'), info: true })
+    add({ metric: '  busy per tick untracked, p99', unit: 'µs', runs: col(vals, 'busyU99'), info: true })
     add({ metric: '  busy per tick tracked, median', unit: 'µs', runs: col(vals, 'busyT'), info: true })
     add({ metric: '  busy per tick tracked, p99', unit: 'µs', runs: col(vals, 'busyT99'), info: true })
   }
@@ -585,6 +598,10 @@ async function main() {
   if (want('guest')) sections.push('wp-guest')
   let refs = new Map()
   if (sections.length && !argv.includes('--no-ref')) refs = runLimits(sections, { nruns: NRUNS, log })
+  if (want('paced') && !argv.includes('--no-ref')) {
+    const env = quick ? { MIB: String(guestLen / MiB), SECS: String(secs) } : {}
+    for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'paced_guest.c'), { nruns: NRUNS, env, log })) refs.set(k, v)
+  }
 
   let bestMode = {}
   for (const p of ['p50', 'p99']) {

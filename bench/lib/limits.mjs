@@ -3,8 +3,8 @@
 // allow with no Node in the way. Benchmarks print them beside their own
 // figures so that each target is a ratio measured in the same run.
 import { spawnSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
-import { dirname, join, resolve } from 'node:path'
+import { existsSync, mkdirSync, statSync } from 'node:fs'
+import { basename, dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
@@ -70,5 +70,41 @@ export function runLimits(sections, { nruns = Number(process.env.NRUNS) || 3, ro
     )
   }
   log?.(`reference figures: ${got.size} in ${((Date.now() - t0) / 1000).toFixed(0)} s`)
+  return got
+}
+
+/**
+ * Compiles (when missing or older than its source) and runs a C benchmark
+ * of our own that follows the same conventions (includes the references'
+ * common.h, prints RESULT lines); returns its figures by id. Missing gcc or
+ * common.h: a loud warning and an empty map.
+ * @param {string} source path of the .c file
+ * @param {{nruns?: number, root?: string, env?: Record<string,string>, args?: string[], log?: (s: string) => void}} [opts]
+ */
+export function runCBench(source, { nruns = Number(process.env.NRUNS) || 3, root = repoRoot, env = {}, args = [], log } = {}) {
+  const limitsDir = dirname(limitsScript(root))
+  if (!existsSync(join(limitsDir, 'common.h'))) {
+    warn(`cannot build ${source}: ${join(limitsDir, 'common.h')} does not exist`)
+    return new Map()
+  }
+  const binDir = join(process.env.TMPDIR || '/tmp', 'uffd-bench-bin')
+  mkdirSync(binDir, { recursive: true })
+  const bin = join(binDir, basename(source, '.c'))
+  const stale = (p) => !existsSync(bin) || statSync(p).mtimeMs > statSync(bin).mtimeMs
+  if (stale(source) || stale(join(limitsDir, 'common.h'))) {
+    const cc = spawnSync('gcc', ['-O2', '-Wall', '-I', limitsDir, '-o', bin, source, '-lpthread'], { stdio: ['ignore', 'inherit', 'inherit'] })
+    if (cc.error || cc.status !== 0) {
+      warn(`could not compile ${source} (${cc.error ? cc.error.message : `gcc exit ${cc.status}`})`)
+      return new Map()
+    }
+  }
+  log?.(`running ${bin} ${args.join(' ')} (NRUNS=${nruns}) ...`)
+  const r = spawnSync(bin, args, {
+    env: { QUIET_GATE: '5', MAX_RETRY: '1', ...process.env, NRUNS: String(nruns), ...env },
+    stdio: ['ignore', 'pipe', 'inherit'],
+    encoding: 'utf8',
+  })
+  const got = parseLimits(r.stdout ?? '')
+  if (r.error || r.status !== 0) warn(`${bin} failed (${r.error ? r.error.message : `exit ${r.status}`}); ${got.size} figures parsed`)
   return got
 }
