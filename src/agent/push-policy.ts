@@ -55,12 +55,27 @@ export class SequentialPush implements PushPolicy {
   }
 }
 
-/** Demand paging only: nothing is pushed until the destination asks. */
+/**
+ * Demand paging only: nothing is pushed while the guest faults. Once it went
+ * idleFillMs without a fault or hint, the rest is filled front to back so that
+ * the migration can settle (a source cannot wait forever for pages nobody touches).
+ */
 export class DemandOnly implements PushPolicy {
   readonly name = 'demand'
-  onFault(): void {}
-  onHint(): void {}
-  next(): PushRun[] {
-    return []
+  private lastActivity = Date.now()
+  private readonly fill: SequentialPush
+
+  constructor(pending: PageBitmap[], private readonly idleFillMs: number) {
+    this.fill = new SequentialPush(pending)
+  }
+
+  onFault(): void {
+    this.lastActivity = Date.now()
+  }
+  onHint(): void {
+    this.lastActivity = Date.now()
+  }
+  next(maxPages: number): PushRun[] {
+    return Date.now() - this.lastActivity < this.idleFillMs ? [] : this.fill.next(maxPages)
   }
 }

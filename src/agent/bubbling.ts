@@ -1,0 +1,161 @@
+/**
+ * Adaptive prepaging by bubbling (Hines, Deshpande, Gopalan 2009): every
+ * demand fault becomes a pivot, and the push sends the pages around it,
+ * widening forward (pivot+1, +2, ...) and, less, backward; an edge stops at a
+ * page already sent. The k most recent pivots share the push round-robin, and
+ * a sticky initial pivot walks the regions front to back and never stops, so
+ * the push always makes progress. Adaptivity (as CRIU's lazy-pages adapts its
+ * transfer length): a pivot's window per turn doubles while faults keep
+ * landing next to it and falls back when they land elsewhere.
+ *
+ * Everything works on the pending bitmaps: one turn costs O(pages it returns).
+ */
+import type { PageBitmap } from '../bitmap'
+import { type PushPolicy, type PushRun, SequentialPush } from './push-policy'
+
+export interface BubblingOptions {
+  /** How many recent pivots share the push (the paper's best: 7). */
+  pivots: number
+  /** Grow windows of pivots that keep getting faults near them. */
+  adaptive: boolean
+  /** Pages per turn of a fresh pivot. */
+  initialWindow: number
+  /** Largest window per turn. */
+  maxWindow: number
+  /** One backward page for every `backwardRatio` forward pages (forward matters most). */
+  backwardRatio: number
+}
+
+export const BUBBLE_DEFAULTS: BubblingOptions = { pivots: 7, adaptive: true, initialWindow: 16, maxWindow: 1024, backwardRatio: 4 }
+
+interface Pivot {
+  region: number
+  center: number
+  /** Next page forward / backward; -1 once that edge stopped. */
+  fwd: number
+  bwd: number
+  /** Pages per turn. */
+  window: number
+  /** Faults seen elsewhere since this pivot was last hit. */
+  misses: number
+  backwardCredit: number
+}
+
+export class BubblingPush implements PushPolicy {
+  readonly name: string
+  private pivots: Pivot[] = []
+  private turn = 0
+  /** The sticky initial pivot: front to back over every region, skipping sent pages. */
+  private readonly sticky: SequentialPush
+
+  constructor(
+    private readonly pending: PageBitmap[],
+    private readonly opts: BubblingOptions = BUBBLE_DEFAULTS,
+  ) {
+    this.name = opts.pivots === 1 && !opts.adaptive ? 'bubble1' : `bubble${opts.pivots}${opts.adaptive ? '-adaptive' : ''}`
+    this.sticky = new SequentialPush(pending)
+  }
+
+  /** The pivots, most recent first, for tests and logs. */
+  get pivotState(): { region: number; center: number; fwd: number; bwd: number; window: number }[] {
+    return this.pivots.map(({ region, center, fwd, bwd, window }) => ({ region, center, fwd, bwd, window }))
+  }
+
+  onFault(region: number, page: number): void {
+    // A fault inside a bubble or within a window of its edges is a hit: that
+    // pivot grows instead of a new one starting next to it.
+    for (const p of this.pivots) {
+      if (p.region !== region) continue
+      const lo = (p.bwd === -1 ? p.center : p.bwd) - p.window
+      const hi = (p.fwd === -1 ? p.center : p.fwd) + p.window
+      if (page < lo || page > hi) continue
+      if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
+      p.misses = 0
+      // the service is ahead of the push: continue from where it is
+      if (p.fwd !== -1 && page >= p.fwd) p.fwd = page + 1 < this.pending[region].size ? page + 1 : -1
+      this.bump(p)
+      return
+    }
+    for (const p of this.pivots) {
+      if (++p.misses >= this.opts.pivots) p.window = this.opts.initialWindow
+    }
+    this.addPivot(region, page, this.opts.initialWindow)
+  }
+
+  onHint(region: number, firstPage: number, pageCount: number): void {
+    // A hinted range goes to the front, in one turn when it fits.
+    // Forward only: the service named exactly what it wants.
+    const window = Math.min(this.opts.maxWindow, Math.max(this.opts.initialWindow, pageCount))
+    this.addPivot(region, firstPage - 1, window, false)
+  }
+
+  private addPivot(region: number, page: number, window: number, backward = true): void {
+    const size = this.pending[region].size
+    const bwd = backward ? page - 1 : -1
+    this.pivots.unshift({ region, center: page, fwd: page + 1 < size ? page + 1 : -1, bwd, window, misses: 0, backwardCredit: 0 })
+    if (this.pivots.length > this.opts.pivots) this.pivots.length = this.opts.pivots
+    this.turn = 0
+  }
+
+  /** Most recently hit pivot first. */
+  private bump(p: Pivot): void {
+    const i = this.pivots.indexOf(p)
+    if (i > 0) {
+      this.pivots.splice(i, 1)
+      this.pivots.unshift(p)
+      this.turn = 0
+    }
+  }
+
+  next(maxPages: number): PushRun[] {
+    const out: PushRun[] = []
+    let budget = maxPages
+    let idle = 0 // pivots in a row that gave nothing
+    while (budget > 0 && this.pivots.length > 0 && idle < this.pivots.length) {
+      if (this.turn >= this.pivots.length) this.turn = 0
+      const p = this.pivots[this.turn]
+      const got = this.expand(p, Math.min(budget, p.window), out)
+      budget -= got
+      if (p.fwd === -1 && p.bwd === -1) {
+        this.pivots.splice(this.turn, 1)
+        idle = 0
+        continue
+      }
+      idle = got === 0 ? idle + 1 : 0
+      this.turn++
+    }
+    if (budget > 0) out.push(...this.sticky.next(budget))
+    return out
+  }
+
+  /** Up to n pages around p; an edge stops at the first page already sent. */
+  private expand(p: Pivot, n: number, out: PushRun[]): number {
+    const map = this.pending[p.region]
+    let backward = 0
+    if (p.bwd !== -1) {
+      p.backwardCredit += n / this.opts.backwardRatio
+      backward = Math.min(n, Math.floor(p.backwardCredit))
+      p.backwardCredit -= backward
+    }
+    let taken = 0
+    if (p.fwd !== -1) {
+      const limit = Math.min(map.size, p.fwd + n - backward)
+      let end = p.fwd
+      while (end < limit && map.has(end)) end++
+      if (end > p.fwd) out.push({ region: p.region, firstPage: p.fwd, pageCount: end - p.fwd })
+      taken += end - p.fwd
+      p.fwd = end < limit || end >= map.size ? -1 : end
+    } else {
+      backward = n // only the backward edge is left
+    }
+    if (p.bwd !== -1 && backward > 0) {
+      const limit = Math.max(-1, p.bwd - backward) // exclusive
+      let first = p.bwd
+      while (first > limit && map.has(first)) first--
+      if (first < p.bwd) out.push({ region: p.region, firstPage: first + 1, pageCount: p.bwd - first })
+      taken += p.bwd - first
+      p.bwd = first > limit ? -1 : first
+    }
+    return taken
+  }
+}

@@ -1,0 +1,131 @@
+/** Units on the push policies, against pending bitmaps (pure TypeScript). */
+import { describe, expect, it } from 'vitest'
+import { PageBitmap } from '../src/bitmap'
+import { BUBBLE_DEFAULTS, BubblingPush } from '../src/agent/bubbling'
+import type { PushRun } from '../src/agent/push-policy'
+import { createPushPolicy } from '../src/agent/prepaging'
+
+function allPending(size: number): PageBitmap {
+  const m = new PageBitmap(size)
+  m.setRange(0, size)
+  return m
+}
+
+/** What the source does with a batch: send the pages still pending, clear them. */
+function send(pending: PageBitmap[], runs: PushRun[]): number[] {
+  const sent: number[] = []
+  for (const r of runs) {
+    for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) {
+      if (pending[r.region].has(p)) {
+        pending[r.region].clear(p)
+        sent.push(p)
+      }
+    }
+  }
+  return sent
+}
+
+const flat = (runs: PushRun[]) => runs.flatMap((r) => Array.from({ length: r.pageCount }, (_, i) => r.firstPage + i))
+
+describe('bubbling prepaging', () => {
+  it('bubbles forward and (less) backward around one pivot', () => {
+    const pending = [allPending(1000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 1, adaptive: false })
+    policy.onFault(0, 500)
+    const batch = policy.next(16)
+    expect(flat(batch)).toEqual([501, 502, 503, 504, 505, 506, 507, 508, 509, 510, 511, 512, 496, 497, 498, 499])
+    send(pending, batch)
+    expect(flat(policy.next(16)).slice(0, 3)).toEqual([513, 514, 515])
+  })
+
+  it('stops an edge at a page already sent, then falls back to the sticky pivot', () => {
+    const pending = [allPending(100)]
+    pending[0].clear(53) // already sent
+    pending[0].clear(48)
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 1, adaptive: false, initialWindow: 64 })
+    policy.onFault(0, 50)
+    const pages = flat(policy.next(64))
+    // forward 51, 52 then 53 is sent: edge stops; backward 49 then 48 is sent: stops; the rest comes from page 0 on
+    expect(pages.slice(0, 3)).toEqual([51, 52, 49])
+    expect(policy.pivotState).toHaveLength(0)
+    expect(pages.slice(3, 6)).toEqual([0, 1, 2])
+  })
+
+  it('shares the push among several pivots, most recent first', () => {
+    const pending = [allPending(10_000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, adaptive: false, initialWindow: 8, backwardRatio: 1e9 })
+    policy.onFault(0, 1000)
+    policy.onFault(0, 5000)
+    expect(flat(policy.next(16))).toEqual([5001, 5002, 5003, 5004, 5005, 5006, 5007, 5008, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008])
+  })
+
+  it('keeps only the k most recent pivots', () => {
+    const pending = [allPending(100_000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7 })
+    for (let i = 0; i < 12; i++) policy.onFault(0, i * 5000)
+    expect(policy.pivotState.map((p) => p.center)).toEqual([55000, 50000, 45000, 40000, 35000, 30000, 25000])
+  })
+
+  it('grows the window of a pivot whose neighbourhood keeps faulting, and resets it when faults go elsewhere', () => {
+    const pending = [allPending(100_000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, initialWindow: 16 })
+    policy.onFault(0, 100)
+    send(pending, policy.next(16))
+    policy.onFault(0, 113) // next to the bubble: a hit
+    policy.onFault(0, 140)
+    expect(policy.pivotState).toHaveLength(1)
+    expect(policy.pivotState[0].window).toBe(64)
+    for (let i = 1; i <= 7; i++) policy.onFault(0, 50_000 + i * 1000)
+    const first = policy.pivotState.find((p) => p.center === 100)
+    expect(first).toBeUndefined() // pushed out by 7 newer pivots
+    expect(policy.pivotState[6].window).toBe(16)
+  })
+
+  it('puts a hinted range at the front of the push', () => {
+    const pending = [allPending(1000)]
+    const policy = new BubblingPush(pending)
+    policy.onFault(0, 10)
+    policy.onHint(0, 800, 40)
+    expect(flat(policy.next(40))).toEqual(Array.from({ length: 40 }, (_, i) => 800 + i))
+  })
+
+  it('sends every page exactly once under random faults, in every strategy, and always makes progress', () => {
+    for (const strategy of ['bubble', 'bubble1', 'push'] as const) {
+      const pending = [allPending(3000), allPending(1234)]
+      const policy = createPushPolicy({ strategy }, pending)
+      const seen = [new Uint8Array(3000), new Uint8Array(1234)]
+      let seed = 99
+      let batches = 0
+      while (pending[0].count() + pending[1].count() > 0) {
+        seed = (seed * 1103515245 + 12345) >>> 0
+        if (seed % 3 === 0) policy.onFault(seed % 2, seed % (seed % 2 ? 1234 : 3000))
+        const runs = policy.next(64)
+        expect(runs.length).toBeGreaterThan(0)
+        for (const r of runs) {
+          for (let p = r.firstPage; p < r.firstPage + r.pageCount; p++) {
+            if (pending[r.region].has(p)) {
+              expect(seen[r.region][p]).toBe(0)
+              seen[r.region][p] = 1
+              pending[r.region].clear(p)
+            }
+          }
+        }
+        expect(++batches).toBeLessThan(2000)
+      }
+      expect(seen[0].every((v) => v === 1) && seen[1].every((v) => v === 1)).toBe(true)
+    }
+  })
+
+  it('demand-only pushes nothing while faults are recent', () => {
+    const pending = [allPending(100)]
+    const policy = createPushPolicy({ strategy: 'demand', idleFillMs: 60_000 }, pending)
+    policy.onFault(0, 5)
+    expect(policy.next(64)).toEqual([])
+    const idle = createPushPolicy({ strategy: 'demand', idleFillMs: 0 }, pending)
+    expect(flat(idle.next(4))).toEqual([0, 1, 2, 3])
+  })
+
+  it('rejects an unknown strategy with a clear error', () => {
+    expect(() => createPushPolicy({ strategy: 'zigzag' as never }, [])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/bubble, bubble1, push, demand/) }))
+  })
+})
