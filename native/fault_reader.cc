@@ -10,7 +10,8 @@
 namespace uffdm {
 
 FaultReader::FaultReader(Napi::Env env, int fd, Napi::Function callback)
-    : env_(env), fd_(fd), callback_(Napi::Persistent(callback)), context_(env, "uffd-migrate:faults") {
+    : env_(env), fd_(fd), callback_(Napi::Persistent(callback)),
+      context_(std::make_unique<Napi::AsyncContext>(env, "uffd-migrate:faults")) {
   poll_.data = this;
 }
 
@@ -25,13 +26,15 @@ int FaultReader::start() {
 }
 
 void FaultReader::close() {
+  callback_.Reset();
+  context_.reset();
   uv_poll_stop(&poll_);
   uv_close((uv_handle_t*)&poll_, [](uv_handle_t* h) { delete static_cast<FaultReader*>(h->data); });
 }
 
 void FaultReader::on_readable(uv_poll_t* handle, int status, int) {
   auto* self = static_cast<FaultReader*>(handle->data);
-  if (status < 0) return;
+  if (status < 0 || self->callback_.IsEmpty()) return;
   self->drain();
 }
 
@@ -59,7 +62,7 @@ void FaultReader::drain() {
     if (k == 0) continue;
     Napi::Uint32Array batch = k == count * 3 ? events : Napi::Uint32Array::New(env_, k, events.ArrayBuffer(), 0);
     try {
-      callback_.MakeCallback(env_.Global(), {batch}, context_);
+      callback_.MakeCallback(env_.Global(), {batch}, *context_);
     } catch (const Napi::Error& e) {
       // An exception in the handler goes to the thread's 'uncaughtException'.
       napi_fatal_exception(env_, e.Value());

@@ -6,6 +6,8 @@
 #include <napi.h>
 #include <uv.h>
 
+#include <memory>
+
 namespace uffdm {
 
 class FaultReader {
@@ -25,7 +27,9 @@ class FaultReader {
   int fd_;
   uv_poll_t poll_;
   Napi::FunctionReference callback_;
-  Napi::AsyncContext context_;
+  // Released in close(), not in the uv_close callback: that may run after
+  // the environment is gone (worker termination).
+  std::unique_ptr<Napi::AsyncContext> context_;
 };
 
 }  // namespace uffdm

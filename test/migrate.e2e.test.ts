@@ -54,9 +54,10 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.rounds.filter((x) => x.dataPages > 0)).toHaveLength(0)
     // the service asked for pages with ready() right away: some came on demand
     expect(rep.postcopy.demandPages).toBeGreaterThan(0)
-    // every page the source had with data went exactly once, after the hand-off
-    expect(rep.pages.data + rep.pages.zero).toBe(65536)
+    // every page crossed (zero ones as ranges before the hand-off), no data page twice
+    expect(rep.pages.data + rep.pages.zero).toBeGreaterThanOrEqual(65536)
     expect(rep.pagesResent).toBe(0)
+    expect(rep.rounds[0].zeroPages).toBeGreaterThan(0)
     // the cooperative service (ready() on its request path) never stalls in a fault
     expect(r.client!.maxGapMs).toBeLessThanOrEqual(rep.downtimeMs + 100)
   })

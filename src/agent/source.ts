@@ -118,10 +118,9 @@ export class MigrationSource {
       failed.catch(() => {})
       const rounds: RoundReport[] = []
       let precopyStop = 'postcopy'
-      if (this.opts.mode !== 'postcopy') {
-        this.phase = 'precopy'
-        precopyStop = await Promise.race([this.precopy(rounds), failed])
-      }
+      this.phase = 'precopy'
+      if (this.opts.mode !== 'postcopy') precopyStop = await Promise.race([this.precopy(rounds), failed])
+      else await Promise.race([this.zeroRound(rounds), failed])
       this.phase = 'handoff'
       const pauseAt = nowMs()
       // from here a failure before the hand-off resumes the service here,
@@ -264,6 +263,44 @@ export class MigrationSource {
     }
   }
 
+  /**
+   * Post-copy mode's only round: no data, just the zero and never-populated
+   * pages as ranges, so that the destination never asks for them. Tracking
+   * starts first: a zero page written before the hand-off lands in the
+   * discard list like any stale page.
+   */
+  private async zeroRound(rounds: RoundReport[]): Promise<void> {
+    this.tracker = new DirtyTracker(this.binding, this.regions)
+    const start = nowMs()
+    const before = this.bulk.bytesWritten
+    const rr: RoundReport = { round: 0, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
+    for (let i = 0; i < this.regions.length; i++) {
+      const r = this.regions[i]
+      this.tracker.collectWritten(r.id, r.pageCount)
+      const present = this.tracker.presentRuns(r.id, r.pageCount)
+      rr.zeroPages += this.sendComplementAsZero(i, present, this.bulk)
+      for (let k = 0; k < present.length; k += 2) {
+        for (let base = present[k]; base < present[k] + present[k + 1]; base += MAX_PAGES_PER_FRAME) {
+          const n = Math.min(MAX_PAGES_PER_FRAME, present[k] + present[k + 1] - base)
+          this.binding.zeroPages(r.id, base, n, this.zeroScratch)
+          const zeroRuns: number[] = []
+          for (let j = 0; j < n; j++) {
+            if (!this.zeroScratch[j]) continue
+            if (zeroRuns.length && zeroRuns[zeroRuns.length - 2] + zeroRuns[zeroRuns.length - 1] === base + j) zeroRuns[zeroRuns.length - 1]++
+            else zeroRuns.push(base + j, 1)
+          }
+          if (zeroRuns.length) rr.zeroPages += this.sendRanges(this.bulk, RangeKind.ZERO, i, zeroRuns)
+        }
+        if (this.bulk.needsDrain) await this.bulk.drain()
+      }
+    }
+    this.bulk.send(encodeControl(Msg.PRECOPY_END, { reason: 'postcopy' }))
+    await this.bulk.drain()
+    rr.bytes = this.bulk.bytesWritten - before
+    rr.durationMs = nowMs() - start
+    rounds.push(rr)
+  }
+
   /** Best bulk rate seen in a round big enough to measure it (bytes/ms). */
   private linkRate(rounds: RoundReport[]): number {
     let best = 100 * 1024 // 100 MB/s until measured
@@ -390,13 +427,8 @@ export class MigrationSource {
     const stale = this.regions.map((r) => new PageBitmap(r.pageCount))
     for (let i = 0; i < this.regions.length; i++) {
       const r = this.regions[i]
-      if (this.tracker) {
-        stale[i].setRuns(this.tracker.collectWritten(r.id, r.pageCount))
-        if (this.hotAtEnd) for (const [s, n] of this.hotAtEnd[i].runs()) stale[i].setRange(s, n)
-      } else {
-        // post-copy: nothing was sent; never-populated pages are zero ranges
-        this.sendComplementAsZero(i, new PresentScanner(this.binding).present(r), this.bulk)
-      }
+      stale[i].setRuns(this.tracker!.collectWritten(r.id, r.pageCount))
+      if (this.hotAtEnd) for (const [s, n] of this.hotAtEnd[i].runs()) stale[i].setRange(s, n)
     }
     this.tracker?.close()
     this.tracker = undefined
@@ -412,10 +444,15 @@ export class MigrationSource {
         discard.push(new Uint32Array(0))
         continue
       }
-      // Stale pages the destination holds an old copy of are dropped there.
+      // Stale pages the destination holds an old copy of are dropped there
+      // (word-wise: stale ∩ destHas); every stale page is pending from now on.
+      const has = this.destHas[i].words, st = stale[i].words
+      for (let w = 0; w < has.length; w++) {
+        st[w] &= has[w]
+        has[w] &= ~st[w]
+      }
       const runs: number[] = []
       for (const [s, n] of stale[i].runs()) {
-        this.destHas[i].clearRange(s, n)
         runs.push(s, n)
         discarded += n
       }
@@ -604,16 +641,6 @@ export class MigrationSource {
         ...(this.opts.pushLog ? { pushLog: this.pushLog } : {}),
       },
     }
-  }
-}
-
-/** Present pages of a region, for the post-copy hand-off (no tracker there). */
-class PresentScanner {
-  constructor(private readonly binding: NativeBinding) {}
-  present(r: Region): Uint32Array {
-    const k = this.binding.constants
-    const P = k.PAGE_IS_PRESENT, Z = k.PAGE_IS_PFNZERO
-    return this.binding.pagemapScan(r.id, 0, r.pageCount, 0, P | Z, Z, 0, P)
   }
 }
 

@@ -1,0 +1,405 @@
+// End-to-end migration benchmark: the page-store example (examples/page-store)
+// migrated with `uffd-migrate send` for every guest size x write load x mode,
+// on loopback and between two network-namespace hosts joined by a veth shaped
+// with tbf at 1 Gbit/s. One migration per case, one table; beside it, in the
+// same run, the C reference figures of ../shared/limits and the raw Node TCP
+// throughput of both links, so that migration throughput reads as a ratio.
+//
+// usage: node bench/migrate.mjs [--quick] [--sizes 256,1024,4096] [--links loopback,netns]
+//          [--loads 0,10000,100000] [--modes precopy,postcopy,hybrid] [--json FILE] [--no-ref]
+//   --quick   256 MiB only, idle and 10k writes/s, both links (development)
+//   --no-ref  skip the C reference run (../shared/limits)
+//   NRUNS     runs per C reference figure (default 3, 1 with --quick)
+// Uses dist/ (`npx tsc -p tsconfig.json` first; `npm run bench:migrate` does it).
+// Each migration runs in a child process of its own (`--case JSON`), in its
+// own process group, with a time limit; the group is killed afterwards, so a
+// hung or failed case leaves nothing behind and the next one starts clean.
+import { spawn, execFileSync } from 'node:child_process'
+import { createRequire } from 'node:module'
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { cpus, loadavg, release as osRelease, hostname } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { repoRoot, runLimits } from './lib/limits.mjs'
+import { fmt, printTable } from './lib/table.mjs'
+import { measureTcp } from './lib/tcp-tput.mjs'
+
+const require = createRequire(import.meta.url)
+const self = fileURLToPath(import.meta.url)
+const dist = join(repoRoot, 'dist')
+const MiB = 2 ** 20
+const say = (s) => process.stderr.write(`[bench:migrate] ${s}\n`)
+
+// ---------------------------------------------------------------------------
+// arguments
+// ---------------------------------------------------------------------------
+
+function parseArgs(argv) {
+  const a = { quick: false, ref: true }
+  for (let i = 0; i < argv.length; i++) {
+    const [k, inline] = argv[i].split(/=(.*)/s)
+    const val = () => (inline !== undefined ? inline : argv[++i])
+    switch (k) {
+      case '--quick': a.quick = true; break
+      case '--no-ref': a.ref = false; break
+      case '--sizes': a.sizes = val().split(',').map(Number); break
+      case '--links': a.links = val().split(','); break
+      case '--loads': a.loads = val().split(',').map(Number); break
+      case '--modes': a.modes = val().split(','); break
+      case '--json': a.json = val(); break
+      case '--case': a.case = val(); break
+      case '-h': case '--help':
+        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 14).map((l) => l.slice(3)).join('\n') + '\n')
+        process.exit(0)
+        break
+      default:
+        process.stderr.write(`unknown argument ${argv[i]} (see --help)\n`)
+        process.exit(2)
+    }
+  }
+  a.sizes ??= a.quick ? [256] : [256, 1024, 4096]
+  a.links ??= ['loopback', 'netns']
+  a.loads ??= a.quick ? [0, 10_000] : [0, 10_000, 100_000]
+  a.modes ??= ['precopy', 'postcopy', 'hybrid']
+  for (const s of a.sizes) if (!(s > 0)) throw new Error(`bad --sizes: ${s}`)
+  for (const l of a.links) if (!['loopback', 'netns'].includes(l)) throw new Error(`bad --links: ${l} (loopback, netns)`)
+  for (const m of a.modes) if (!['precopy', 'postcopy', 'hybrid'].includes(m)) throw new Error(`bad --modes: ${m}`)
+  return a
+}
+
+// ---------------------------------------------------------------------------
+// one migration, in a child process (`--case JSON`)
+// ---------------------------------------------------------------------------
+
+async function runCaseChild(json) {
+  const o = JSON.parse(json)
+  let r
+  try {
+    const { migrateExample } = require(join(dist, 'cli', 'demo.js'))
+    r = await migrateExample(o)
+  } catch (err) {
+    r = { ok: false, error: err?.stack ?? String(err) }
+  }
+  if (r.report?.postcopy) delete r.report.postcopy.pushLog
+  process.stdout.write(`CASE-RESULT ${JSON.stringify(r)}\n`, () => process.exit(0))
+}
+
+// ---------------------------------------------------------------------------
+// processes: foreign CPU load and killing a case's process group
+// ---------------------------------------------------------------------------
+
+function procStats() {
+  const out = []
+  for (const name of readdirSync('/proc')) {
+    const c = name.charCodeAt(0)
+    if (c < 48 || c > 57) continue
+    try {
+      const t = readFileSync(`/proc/${name}/stat`, 'latin1')
+      const f = t.slice(t.lastIndexOf(')') + 2).split(' ')
+      out.push({ pid: Number(name), ppid: Number(f[1]), pgrp: Number(f[2]), kthread: (Number(f[6]) & 0x00200000) !== 0, ticks: Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]) })
+    } catch {
+      // gone
+    }
+  }
+  return out
+}
+
+const ourPgrp = (() => {
+  const t = readFileSync('/proc/self/stat', 'latin1')
+  return Number(t.slice(t.lastIndexOf(')') + 2).split(' ')[2])
+})()
+
+function totalTicks() {
+  const l = readFileSync('/proc/stat', 'latin1').split('\n', 1)[0].trim().split(/\s+/).slice(1, 9).map(Number)
+  return l.reduce((a, b) => a + b, 0)
+}
+
+/** CPU ticks of user-space processes outside our process group and `groups`. */
+function cpuSnap(groups = []) {
+  let foreign = 0
+  for (const p of procStats()) if (!p.kthread && p.pgrp !== ourPgrp && !groups.includes(p.pgrp)) foreign += p.ticks
+  return { total: totalTicks(), foreign }
+}
+const foreignFrac = (a, b) => (b.total > a.total ? Math.max(0, b.foreign - a.foreign) / (b.total - a.total) : 0)
+
+/** SIGKILL every process of process group `pgrp` (a case child and all it started), by pid. */
+function killGroup(pgrp) {
+  for (const p of procStats()) {
+    if (p.pgrp === pgrp && p.pid !== process.pid) {
+      try {
+        process.kill(p.pid, 'SIGKILL')
+      } catch {
+        // gone already
+      }
+    }
+  }
+}
+
+let current // the running case child
+function runCase(o, timeoutMs) {
+  return new Promise((resolve) => {
+    const t0 = Date.now()
+    const child = spawn(process.execPath, [self, '--case', JSON.stringify(o)], { stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+    current = child
+    const pgrp = child.pid
+    const before = cpuSnap([pgrp])
+    let out = ''
+    let err = ''
+    let timedOut = false
+    child.stdout.setEncoding('utf8').on('data', (c) => (out += c))
+    child.stderr.setEncoding('utf8').on('data', (c) => {
+      err += c
+      if (err.length > 64 << 10) err = err.slice(-(32 << 10))
+    })
+    const timer = setTimeout(() => {
+      timedOut = true
+      killGroup(pgrp)
+    }, timeoutMs)
+    child.once('close', (code, signal) => {
+      clearTimeout(timer)
+      const foreign = foreignFrac(before, cpuSnap([pgrp]))
+      killGroup(pgrp) // leftovers (a service the receiver started, a source that did not exit)
+      current = undefined
+      const wallMs = Date.now() - t0
+      const line = out.split('\n').find((l) => l.startsWith('CASE-RESULT '))
+      let result
+      if (line) result = JSON.parse(line.slice('CASE-RESULT '.length))
+      else if (timedOut) result = { ok: false, error: `timed out after ${(timeoutMs / 1000).toFixed(0)} s (killed)` }
+      else result = { ok: false, error: `case process ${signal ? `killed by ${signal}` : `exited ${code}`} without a result: ${err.trim().split('\n').slice(-3).join(' / ')}` }
+      resolve({ result, wallMs, foreign, timedOut })
+    })
+  })
+}
+
+// ---------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------
+
+const sizeLabel = (m) => (m % 1024 === 0 ? `${m / 1024} GiB` : `${m} MiB`)
+const loadLabel = (w) => (w === 0 ? 'idle' : w % 1000 === 0 ? `${w / 1000}k/s` : `${w}/s`)
+const lastLine = (s) => String(s ?? '').trim().split('\n').map((l) => l.trim()).filter(Boolean).find((l) => /error|fail|timed out|killed|exited/i.test(l)) ?? String(s ?? '').trim().split('\n')[0]
+
+function caseTimeoutMs(c) {
+  // generous: source start-up (filling the guest in JS), up to ~8 full passes
+  // over the link (pre-copy rounds at 100k writes/s resend nearly everything)
+  const rate = c.link === 'netns' ? 100 : 250 // MiB/s, pessimistic
+  return 120_000 + (c.sizeMiB / 50) * 1000 + ((c.sizeMiB * 8) / rate) * 1000
+}
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2))
+  if (args.case) return runCaseChild(args.case)
+
+  const started = new Date()
+  const meta = {
+    started: started.toISOString(), host: hostname(), kernel: osRelease(), node: process.version,
+    cpus: cpus().length, loadavgAtStart: loadavg(), args: process.argv.slice(2),
+  }
+  say(`${meta.cpus} vCPUs, load average ${meta.loadavgAtStart.map((x) => x.toFixed(2)).join(' ')} at start; this machine is shared: other tenants' CPU use is measured per case (column 'other CPU')`)
+
+  // 1. C reference figures (before anything of ours runs)
+  let refs = new Map()
+  if (args.ref) {
+    const nruns = Number(process.env.NRUNS) || (args.quick ? 1 : 3)
+    refs = runLimits(['tcp-tput', 'tcp-rtt', 'postcopy-bulk', 'postcopy-demand'], { nruns, log: say })
+  }
+  const tputRef = refs.get('2.tcp.tput.1024k.coldsrc.none') ?? refs.get('2.tcp.tput.1024k.none')
+  const tputRefMiB = tputRef ? tputRef.median * 1024 : NaN
+
+  // 2. the namespace host pair
+  const { createHostPair, netnsUnavailable } = require(join(dist, 'testing', 'netns.js'))
+  let pair
+  let netnsSkip
+  const cleanup = () => {
+    if (current) killGroup(current.pid)
+    if (pair) {
+      const p = pair
+      pair = undefined
+      p.cleanup()
+      say(`removed namespace ${p.ns}`)
+    }
+  }
+  process.on('exit', cleanup)
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+    process.on(sig, () => {
+      say(`${sig}: cleaning up`)
+      cleanup()
+      process.exit(130)
+    })
+  }
+
+  const cases = []
+  const tcp = {}
+  try {
+    if (args.links.includes('netns')) {
+      netnsSkip = netnsUnavailable()
+      if (!netnsSkip) {
+        // an index the tests (process.pid % 200) do not use, and no live namespace has
+        const live = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' })
+        const index = [...Array(55).keys()].map((i) => 200 + i).find((i) => !new RegExp(`^uffdm${i}\\b`, 'm').test(live))
+        try {
+          if (index === undefined) throw new Error('no free namespace index in 200..254')
+          pair = createHostPair(index)
+          pair.shape(1000)
+          say(`namespace ${pair.ns}: destination host ${pair.nsIp}, source ${pair.hostIp}, tbf 1000 Mbit/s both ways`)
+        } catch (err) {
+          netnsSkip = `could not create the namespace host pair: ${err.message.split('\n')[0]}`
+          cleanup()
+        }
+      }
+      if (netnsSkip) {
+        const bar = '!'.repeat(78)
+        process.stderr.write(`\n${bar}\n!! SKIPPING the namespace rows: ${netnsSkip}\n${bar}\n\n`)
+      }
+    }
+
+    // 3. raw Node TCP throughput of the links
+    const secs = args.quick ? 2 : 3
+    if (args.links.includes('loopback') || tputRef === undefined || pair) {
+      try {
+        tcp.loopback = await measureTcp({ host: '127.0.0.1', seconds: secs })
+        say(`raw TCP loopback: ${fmt(tcp.loopback.mibPerSec)} MiB/s`)
+      } catch (err) {
+        tcp.loopback = { error: err.message }
+      }
+    }
+    if (pair) {
+      try {
+        tcp.netns = await measureTcp({ host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns], seconds: secs })
+        say(`raw TCP to namespace (tbf 1 Gbit/s): ${fmt(tcp.netns.mibPerSec)} MiB/s`)
+      } catch (err) {
+        tcp.netns = { error: err.message }
+      }
+    }
+
+    // 4. the migrations
+    const plan = []
+    for (const link of args.links) {
+      for (const sizeMiB of args.sizes) {
+        for (const writesPerSec of args.loads) {
+          for (const mode of args.modes) plan.push({ link, sizeMiB, writesPerSec, mode })
+        }
+      }
+    }
+    let n = 0
+    for (const c of plan) {
+      n++
+      if (c.link === 'netns' && !pair) {
+        cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
+        continue
+      }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec }
+      if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
+      say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} ...`)
+      const r = await runCase(opts, caseTimeoutMs(c))
+      const rep = r.result.report
+      say(`[${n}/${plan.length}]   ${r.result.ok ? 'ok' : 'FAILED'} in ${(r.wallMs / 1000).toFixed(1)} s` +
+        (rep ? `: total ${fmt(rep.totalMs)} ms, downtime ${fmt(rep.downtimeMs)} ms, ${rep.precopyStop}` : '') +
+        (r.result.ok ? '' : ` (${lastLine(r.result.error ?? r.result.verify)})`) +
+        `; other CPU ${(r.foreign * 100).toFixed(0)}%`)
+      cases.push({ ...c, ...r })
+    }
+  } finally {
+    cleanup()
+  }
+  meta.loadavgAtEnd = loadavg()
+  meta.finished = new Date().toISOString()
+
+  // 5. output
+  const out = (l = '') => process.stdout.write(l + '\n')
+  out(`# uffd-migrate end-to-end migrations — ${meta.started}, ${meta.host}, Linux ${meta.kernel}, Node ${meta.node}`)
+  out(`# ${meta.cpus} vCPUs, SHARED and noisy: load average ${meta.loadavgAtStart.map((x) => x.toFixed(2)).join('/')} at start, ` +
+    `${meta.loadavgAtEnd.map((x) => x.toFixed(2)).join('/')} at end; 'other CPU' = share of the machine other tenants used during the case`)
+  out()
+  out('## C reference figures (../shared/limits/run tcp-tput tcp-rtt postcopy-bulk postcopy-demand)')
+  if (refs.size) {
+    printTable(['id', 'unit', 'min', 'median', 'max', 'description'], [...refs.values()].map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max), r.description]), { out })
+  } else out(args.ref ? '(unavailable: see the warning above)' : '(skipped: --no-ref)')
+  out()
+  out('## Raw Node TCP throughput, one stream, 1 MiB writes (first 0.5 s excluded)')
+  printTable(['link', 'MiB/s', 'Gbit/s', 'note'], [
+    ['loopback', tcp.loopback?.mibPerSec !== undefined ? fmt(tcp.loopback.mibPerSec) : '—', tcp.loopback?.mibPerSec ? fmt((tcp.loopback.mibPerSec * MiB * 8) / 1e9) : '—',
+      tcp.loopback?.error ?? (tputRef ? `C reference ${tputRef.id}: ${fmt(tputRefMiB)} MiB/s (median)` : '')],
+    ['netns, tbf 1 Gbit/s', tcp.netns?.mibPerSec !== undefined ? fmt(tcp.netns.mibPerSec) : '—', tcp.netns?.mibPerSec ? fmt((tcp.netns.mibPerSec * MiB * 8) / 1e9) : '—',
+      tcp.netns?.error ?? (pair === undefined && netnsSkip ? `skipped: ${netnsSkip}` : 'root namespace → ip netns exec receiver')],
+  ], { out })
+  out()
+
+  const header = ['link', 'size', 'load', 'mode', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
+    'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'settled ms', 'client gap ms', 'wrong', 'eff. MiB/s', 'vs link', 'other CPU', 'error']
+  const rows = []
+  const notes = []
+  let lastLink
+  for (const c of cases) {
+    if (c.link !== lastLink) {
+      lastLink = c.link
+      rows.push(c.link === 'loopback'
+        ? `loopback — 'vs link' = effective MiB/s ÷ C loopback TCP reference (${tputRef ? `${tputRef.id}, ${fmt(tputRefMiB)} MiB/s` : 'unavailable'})`
+        : `netns, veth + tbf 1 Gbit/s — 'vs link' = effective MiB/s ÷ raw Node TCP over the shaped link (${tcp.netns?.mibPerSec ? `${fmt(tcp.netns.mibPerSec)} MiB/s` : 'unavailable'})`)
+    }
+    const base = [c.link, sizeLabel(c.sizeMiB), loadLabel(c.writesPerSec), c.mode]
+    if (c.skipped) {
+      rows.push([...base, 'skip', ...Array(header.length - 6).fill(''), c.skipped])
+      continue
+    }
+    const r = c.result
+    const rep = r.report
+    const cl = r.client
+    const effMiB = rep ? rep.bytesOnWire / MiB / (rep.totalMs / 1000) : NaN
+    const linkMiB = c.link === 'loopback' ? tputRefMiB : tcp.netns?.mibPerSec
+    let error = ''
+    if (!r.ok) {
+      const why = []
+      if (r.error) why.push(lastLine(r.error))
+      if (r.verify && !r.verify.startsWith('ok')) why.push(`VERIFY ${r.verify}`)
+      if (cl?.wrong) why.push(`${cl.wrong} wrong answers`)
+      if (r.sourceExit !== undefined && r.sourceExit !== 0) why.push(`source exit ${r.sourceExit}`)
+      error = why.join('; ').slice(0, 90) || 'not ok'
+      notes.push(`${base.join(' ')}: ${r.error ?? ''} ${r.verify ? `VERIFY ${r.verify}` : ''} ${cl?.wrongSamples?.length ? `wrong samples ${JSON.stringify(cl.wrongSamples)}` : ''}`.trim())
+    }
+    const pc = rep?.postcopy
+    rows.push([
+      ...base,
+      r.ok ? 'ok' : 'FAIL',
+      rep ? rep.rounds.length : '—',
+      rep ? rep.precopyStop : '—',
+      rep ? fmt(rep.totalMs) : '—',
+      rep ? fmt(rep.downtimeMs) : '—',
+      rep ? fmt(rep.bytesOnWire / MiB) : '—',
+      rep ? `${rep.pages.data}/${rep.pages.zero}` : '—',
+      rep ? rep.pagesResent : '—',
+      pc ? pc.networkFaults : '—',
+      pc ? (pc.networkFaults ? `${fmt(pc.faultLatencyUs.p50)}/${fmt(pc.faultLatencyUs.p99)}` : '—') : '—',
+      pc ? pc.pushedPages : '—',
+      pc ? fmt(pc.timeToSettledMs) : '—',
+      cl ? fmt(cl.maxGapMs) : '—',
+      cl ? cl.wrong : '—',
+      fmt(effMiB),
+      Number.isFinite(effMiB) && linkMiB ? `${(effMiB / linkMiB).toFixed(2)}x` : '—',
+      `${(c.foreign * 100).toFixed(0)}%`,
+      error,
+    ])
+  }
+  out(`## Migrations: page-store example, one migration per row (client: 4 concurrent checking readers; downtime = pause on the source → service resumed on the destination)`)
+  printTable(header, rows, { out })
+  if (rows.some((r) => Array.isArray(r) && r[6] === 'round-limit')) out(`round-limit: pre-copy did not converge within --max-rounds (5, the default) and stopped there; the rest goes in the downtime`)
+  const failed = cases.filter((c) => !c.skipped && !c.result.ok)
+  out(`${cases.filter((c) => !c.skipped).length} migrations, ${failed.length} failed, ${cases.filter((c) => c.skipped).length} skipped; ` +
+    `wall time ${((Date.parse(meta.finished) - started.getTime()) / 60000).toFixed(1)} min`)
+  if (notes.length) {
+    out()
+    out('## Failures')
+    for (const n of notes) out(`- ${n.replace(/\s+/g, ' ').slice(0, 2000)}`)
+  }
+
+  if (args.json) {
+    writeFileSync(args.json, JSON.stringify({ meta, references: [...refs.values()], tcp, tputReference: tputRef, cases }, null, 2) + '\n')
+    say(`raw results written to ${args.json}`)
+  }
+  process.exitCode = failed.length ? 1 : 0
+}
+
+main().catch((err) => {
+  process.stderr.write(`bench/migrate: ${err?.stack ?? err}\n`)
+  process.exit(1)
+})

@@ -1,0 +1,158 @@
+/**
+ * Post-copy features with both guests in this process (real userfaultfd,
+ * real TCP on loopback, agents in their worker threads): cooperative hints
+ * (isLocal, ready, willNeed), free-page and zero-page skipping, prepaging
+ * order in the report's push log.
+ */
+import { describe, expect, it } from 'vitest'
+import { Guest } from '../src/guest'
+import type { MigrateOptions } from '../src/guest'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+const TOKEN = 'postcopy-tests-token-0123456789'
+const PS = 4096
+const MiB = 1 << 20
+
+async function pair(sizeBytes: number) {
+  const port = await freePort()
+  const destination = Guest.start({ name: `d-${port}`, regions: { mem: sizeBytes }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false })
+  destination.catch(() => {})
+  const source = await Guest.start({ name: `s-${port}`, regions: { mem: sizeBytes }, token: TOKEN, control: false, exitOnMoved: false, pause: () => ({ at: 'handoff' }) })
+  const migrate = (o: Partial<MigrateOptions> = {}) => source.migrate({ to: `127.0.0.1:${port}`, ...o })
+  return { source, destination, migrate }
+}
+
+function fill(buf: ArrayBuffer, pages: Iterable<number>) {
+  const u32 = new Uint32Array(buf)
+  for (const p of pages) {
+    u32[(p * PS) / 4] = p + 1
+    u32[(p * PS) / 4 + 1000] = 0xabcdef
+  }
+}
+
+describe.skipIf(skip)('post-copy with cooperative hints', () => {
+  it('ready() resolves only when the range is local, with the source bytes; isLocal() agrees with the received bitmap', async () => {
+    const { source, destination, migrate } = await pair(64 * MiB)
+    fill(source.regions.mem.buffer, Array.from({ length: 8192 }, (_, p) => p)) // first 32 MiB has data, the rest never touched
+    // demand only, no idle fill: nothing moves unless asked
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 3_000 } })
+    const dest = await destination
+    const r = dest.regions.mem
+    expect(dest.restored).toBe(true)
+    expect(dest.state).toEqual({ at: 'handoff' })
+    // never-touched pages are local at once (zero, never fetched); data pages are not
+    expect(r.isLocal(40 * MiB, 4 * MiB)).toBe(true)
+    expect(r.isLocal(100 * PS, PS)).toBe(false)
+    expect(r.isLocal(0, 64 * MiB)).toBe(false)
+    const t = r.ready(100 * PS, 3 * PS)
+    expect(r.isLocal(100 * PS, 3 * PS)).toBe(false)
+    await t
+    expect(r.isLocal(100 * PS, 3 * PS)).toBe(true)
+    expect(r.isLocal(99 * PS, PS)).toBe(false)
+    const u32 = new Uint32Array(r.buffer)
+    expect([u32[(100 * PS) / 4], u32[(101 * PS) / 4], u32[(102 * PS) / 4 + 1000]]).toEqual([101, 102, 0xabcdef])
+    await dest.settled
+    const rep = await report
+    expect(rep.postcopy.demandPages).toBeGreaterThanOrEqual(3)
+    expect(rep.pagesSentTwiceAfterHandoff).toBe(0)
+    expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(source.regions.mem.buffer))).toBe(0)
+    await dest.close()
+    await source.close()
+  })
+
+  it('ready() rejects with a clear error when the connection is cut', async () => {
+    const { source, destination, migrate } = await pair(16 * MiB)
+    fill(source.regions.mem.buffer, Array.from({ length: 4096 }, (_, p) => p))
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 60_000 } })
+    report.catch(() => {})
+    const dest = await destination
+    await dest.regions.mem.ready(0, PS)
+    await source.close() // the source's agent and its sockets go away
+    const err = await dest.regions.mem.ready(2000 * PS, PS).catch((e) => e)
+    expect(err.code).toBe('ERR_MIGRATION_CONNECTION')
+    await expect(dest.settled).rejects.toMatchObject({ code: 'ERR_MIGRATION_CONNECTION' })
+    await dest.close()
+  })
+
+  it('willNeed() moves a range to the front of the push (seen in the push log)', async () => {
+    const { source, destination, migrate } = await pair(256 * MiB)
+    const pages = (256 * MiB) / PS
+    fill(source.regions.mem.buffer, Array.from({ length: pages }, (_, p) => p))
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'bubble' }, pushLog: true })
+    const dest = await destination
+    const target = pages - 64
+    dest.regions.mem.willNeed(target * PS, 32 * PS)
+    await dest.settled
+    const rep = await report
+    const log = rep.postcopy.pushLog!
+    const at = log.findIndex((r) => r.firstPage <= target && target < r.firstPage + r.pageCount)
+    // sequential push would reach the last pages last; the hint pulls them near the front
+    expect(at).toBeGreaterThanOrEqual(0)
+    expect(at).toBeLessThan(log.length / 4)
+    expect(new Uint32Array(dest.regions.mem.buffer)[(target * PS) / 4]).toBe(target + 1)
+    await dest.close()
+    await source.close()
+  })
+})
+
+describe.skipIf(skip)('free and zero pages never travel', () => {
+  it('a 1 GiB guest with 90% reported free: bytes on the wire ~ used memory, free pages read zero, used pages match', async () => {
+    const size = 1024 * MiB
+    const { source, destination, migrate } = await pair(size)
+    const slab = MiB
+    const slabs = size / slab
+    const used = (i: number) => i % 10 === 3
+    fill(source.regions.mem.buffer, Array.from({ length: size / PS }, (_, p) => p))
+    // 88% freed before, 2% while pre-copy runs
+    const late = (i: number) => i % 50 === 7
+    for (let i = 0; i < slabs; i++) if (!used(i) && !late(i)) source.regions.mem.free(i * slab, slab)
+    let freedLate = false
+    source.on('progress', () => {
+      if (freedLate) return
+      freedLate = true
+      for (let i = 0; i < slabs; i++) if (late(i)) source.regions.mem.free(i * slab, slab)
+    })
+    const rep = await migrate({ mode: 'hybrid' })
+    const dest = await destination
+    await dest.settled
+    const usedBytes = (size * 10) / 100
+    expect(rep.bytesOnWire).toBeLessThan(0.15 * size)
+    expect(rep.bytesOnWire).toBeGreaterThan(usedBytes)
+    expect(rep.pages.free + rep.pages.zero).toBeGreaterThan((0.85 * size) / PS)
+    expect(rep.postcopy.networkFaultsOnZeroPages).toBe(0)
+    const s = Buffer.from(source.regions.mem.buffer)
+    const d = Buffer.from(dest.regions.mem.buffer)
+    const zero = Buffer.alloc(slab)
+    for (let i = 0; i < slabs; i++) {
+      const ds = d.subarray(i * slab, (i + 1) * slab)
+      if (used(i)) expect(Buffer.compare(ds, s.subarray(i * slab, (i + 1) * slab))).toBe(0)
+      else expect(Buffer.compare(ds, zero)).toBe(0)
+    }
+    await dest.close()
+    await source.close()
+  })
+
+  it('zero and never-touched pages fault locally on the destination, never over the network', async () => {
+    const { source, destination, migrate } = await pair(32 * MiB)
+    const data = [5, 6, 7, 1000, 5000]
+    fill(source.regions.mem.buffer, data)
+    new Uint8Array(source.regions.mem.buffer)[3000 * PS] = 0 // touched, but all zero
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 2_000 } })
+    const dest = await destination
+    const u32 = new Uint32Array(dest.regions.mem.buffer)
+    // the main thread faults on each of these; the agent resolves them
+    let sum = 0
+    for (const p of [0, 1, 3000, 4000, 8000, 8191]) sum += u32[(p * PS) / 4]
+    for (const p of data) sum += u32[(p * PS) / 4]
+    expect(sum).toBe(data.reduce((a, p) => a + p + 1, 0))
+    await dest.settled
+    const rep = await report
+    expect(rep.postcopy.localZeroFaults).toBeGreaterThanOrEqual(6)
+    expect(rep.postcopy.networkFaultsOnZeroPages).toBe(0)
+    expect(rep.postcopy.networkFaults).toBe(data.length)
+    await dest.close()
+    await source.close()
+  })
+})
