@@ -101,7 +101,7 @@ export class GuestRegion {
   ready(offset: number, length: number): Promise<void> {
     const [first, count] = this.pages(offset, length)
     if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return Promise.resolve()
-    return this.guest.waitLocal(this.index, this.receivedMap, first, count)
+    return this.guest.waitLocal(this.index, first, count)
   }
 
   /** Non-blocking hint: these pages go to the front of the push. */
@@ -147,8 +147,8 @@ export class Guest extends EventEmitter {
   private readonly list: GuestRegion[]
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
   private control: ControlServer | undefined
-  private readonly waiters: { region: number; map: PageBitmap; first: number; count: number; resolve: () => void; reject: (e: Error) => void }[] = []
-  private readonly waitersFlag: Int32Array | undefined
+  private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
+  private nextWaitId = 1
   private failure: Error | undefined
   private lastProgress: Progress | undefined
   private closed = false
@@ -156,7 +156,7 @@ export class Guest extends EventEmitter {
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; waitersFlag?: Int32Array; state?: unknown; settled: Promise<void> },
+    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void> },
   ) {
     super()
     this.worker = init.worker
@@ -164,7 +164,6 @@ export class Guest extends EventEmitter {
     this.restored = init.received !== undefined
     this.state = init.state
     this.settled = init.settled
-    this.waitersFlag = init.waitersFlag
     this.list = init.regions.map((r, i) => new GuestRegion(this, i, r, init.received?.[i]))
     for (const g of this.list) this.regions[g.name] = g
     this.worker.on('message', (m: AgentToMain) => this.onAgent(m))
@@ -196,12 +195,10 @@ export class Guest extends EventEmitter {
     parseAddress(listen, '0.0.0.0')
     const token = resolveToken(opts.token)
     const received = regions.map((r) => PageBitmap.shared(r.pageCount))
-    const waitersFlag = new Int32Array(new SharedArrayBuffer(4))
     const workerData: AgentWorkerData = {
       role: 'destination',
       regions: regions.map((r) => r.describe()),
       received: received.map((b) => b.buffer as SharedArrayBuffer),
-      waiters: waitersFlag.buffer as SharedArrayBuffer,
       listen,
       token,
     }
@@ -233,7 +230,7 @@ export class Guest extends EventEmitter {
       worker.on('message', onMessage)
       worker.once('error', reject)
     })
-    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, waitersFlag, state, settled })
+    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
     // The service resumes when start() returns: tell the agent when that is.
@@ -277,25 +274,14 @@ export class Guest extends EventEmitter {
     })
   }
 
-  /** @internal wait until [first, first+count) of region is local */
-  waitLocal(region: number, map: PageBitmap, first: number, count: number): Promise<void> {
+  /** @internal resolves when [first, first+count) of the region is local; the agent asks for it at once */
+  waitLocal(region: number, first: number, count: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure)
     return new Promise((resolve, reject) => {
-      this.waiters.push({ region, map, first, count, resolve, reject })
-      Atomics.store(this.waitersFlag!, 0, 1)
-      this.post({ type: 'request', region, firstPage: first, pageCount: count, urgent: true })
+      const id = this.nextWaitId++
+      this.waiters.set(id, { resolve, reject })
+      this.post({ type: 'wait', id, region, firstPage: first, pageCount: count })
     })
-  }
-
-  private wakeWaiters(): void {
-    for (let i = this.waiters.length - 1; i >= 0; i--) {
-      const w = this.waiters[i]
-      if (this.isSettledFlag || w.map.allSet(w.first, w.count)) {
-        this.waiters.splice(i, 1)
-        w.resolve()
-      }
-    }
-    if (this.waiters.length === 0 && this.waitersFlag) Atomics.store(this.waitersFlag, 0, 0)
   }
 
   private onAgent(m: AgentToMain): void {
@@ -332,17 +318,22 @@ export class Guest extends EventEmitter {
         }
         // destination after the hand-off
         this.failure = err
-        for (const w of this.waiters.splice(0)) w.reject(err)
+        for (const w of this.waiters.values()) w.reject(err)
+        this.waiters.clear()
         this.emit('failed', err)
         if (this.listenerCount('failed') <= 1) console.error(`[uffd-migrate] migration failed: ${err.message}`)
         return
       }
-      case 'arrived':
-        this.wakeWaiters()
+      case 'ready':
+        for (const id of m.ids) {
+          this.waiters.get(id)?.resolve()
+          this.waiters.delete(id)
+        }
         return
       case 'settled':
         this.isSettledFlag = true
-        this.wakeWaiters()
+        for (const w of this.waiters.values()) w.resolve()
+        this.waiters.clear()
         this.worker.unref()
         this.emit('settled')
         return

@@ -25,8 +25,8 @@ export interface DestinationHooks {
   restore(state: Uint8Array): Promise<number>
   /** Every page is local. */
   settled(): void
-  /** Pages became local (for ready() waiters in the service's thread). */
-  pagesArrived(): void
+  /** These ready() waits of the service are satisfied: their ranges are local. */
+  ready(waitIds: number[]): void
   failed(err: Error): void
 }
 
@@ -52,6 +52,8 @@ export class MigrationDestination {
   private phase: Phase = 'setup'
   private readonly faultStart = new Map<number, number>()
   private openRequests = 0
+  /** ready() waits of the service: id -> range; answered when the range is local. */
+  private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
   private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0 }
 
@@ -253,7 +255,7 @@ export class MigrationDestination {
       }
     }
     this.inFlight[region].clearRange(first, count)
-    this.hooks.pagesArrived()
+    if (this.waits.size) this.wakeWaits(region, first, count)
     this.checkSettled()
   }
 
@@ -324,6 +326,23 @@ export class MigrationDestination {
     const list = requests.get(region) ?? []
     list.push(page, 1)
     requests.set(region, list)
+  }
+
+  /** ready() from the service: answers once the range is local, asking for it with urgent priority. */
+  waitFor(id: number, region: number, first: number, count: number): void {
+    if (this.phase === 'settled' || this.received[region].allSet(first, count)) return this.hooks.ready([id])
+    this.waits.set(id, { region, first, count })
+    this.request(region, first, count, true)
+  }
+
+  private wakeWaits(region: number, first: number, count: number): void {
+    const done: number[] = []
+    for (const [id, w] of this.waits) {
+      if (w.region !== region || w.first >= first + count || w.first + w.count <= first) continue
+      if (this.received[region].allSet(w.first, w.count)) done.push(id)
+    }
+    for (const id of done) this.waits.delete(id)
+    if (done.length) this.hooks.ready(done)
   }
 
   /** ready()/willNeed() from the service: ask for the missing pages of a range now. */
@@ -432,6 +451,8 @@ export class MigrationDestination {
       this.uffd.close()
       this.uffd = undefined
     }
+    if (this.waits.size) this.hooks.ready([...this.waits.keys()])
+    this.waits.clear()
     this.bulk?.send(encodeControl(Msg.SETTLED, { ...this.stats, faultLatencyUs: this.latency.summary() }))
     this.server?.close()
     this.hooks.settled()

@@ -11,6 +11,7 @@ export type MainToAgent =
   | { type: 'free'; region: number; firstPage: number; pageCount: number }
   | { type: 'resumed'; atMs: number }
   | { type: 'request'; region: number; firstPage: number; pageCount: number; urgent: boolean }
+  | { type: 'wait'; id: number; region: number; firstPage: number; pageCount: number }
   | { type: 'close' }
 
 export type AgentToMain =
@@ -21,5 +22,5 @@ export type AgentToMain =
   | { type: 'failed'; error: { code: string; message: string } }
   | { type: 'listening'; port: number; atMs: number }
   | { type: 'restore'; state: Uint8Array }
-  | { type: 'arrived' }
+  | { type: 'ready'; ids: number[] }
   | { type: 'settled' }

@@ -18,8 +18,6 @@ export interface AgentWorkerData {
   regions: RegionDescriptor[]
   /** destination: shared received bitmaps, one per region */
   received?: SharedArrayBuffer[]
-  /** destination: Int32 flag, non-zero while the service waits in ready() */
-  waiters?: SharedArrayBuffer
   listen?: string
   token?: string
 }
@@ -95,7 +93,6 @@ function runSource(): void {
 
 function runDestination(): void {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
-  const waiters = new Int32Array(data.waiters!)
   let resumeWaiter: ((t: number) => void) | undefined
   const dest = new MigrationDestination(binding, regions, received, Buffer.from(data.token!, 'utf8'), {
     restore: (state) => new Promise((resolve) => {
@@ -103,9 +100,7 @@ function runDestination(): void {
       post({ type: 'restore', state })
     }),
     settled: () => post({ type: 'settled' }),
-    pagesArrived: () => {
-      if (Atomics.load(waiters, 0) !== 0) post({ type: 'arrived' })
-    },
+    ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
   })
   port.on('message', (m: MainToAgent) => {
@@ -116,6 +111,9 @@ function runDestination(): void {
         return
       case 'request':
         dest.request(m.region, m.firstPage, m.pageCount, m.urgent)
+        return
+      case 'wait':
+        dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
         return
       case 'free':
         dest.free(m.region, m.firstPage, m.pageCount)

@@ -14,13 +14,39 @@ import { formatReport, progressLine } from './format'
 import { freePort, LineProc } from './proc'
 
 const root = join(__dirname, '..', '..')
-const server = join(root, 'examples', 'page-store', 'server.js')
 const cli = join(root, 'bin', 'uffd-migrate.js')
 
+interface Client {
+  stop(): Promise<ExampleResult['client']>
+}
+
+/** How to start each example and its checking client. */
+const EXAMPLES = {
+  'page-store': {
+    args: (o: ExampleRun) => ['--mib', String(o.sizeMiB), '--writes', String(o.writesPerSec ?? 0)],
+    client: (targets: () => [string, number][], o: ExampleRun): Client =>
+      require(join(root, 'examples', 'page-store', 'client.js')).hammer({ targets, pageCount: (o.sizeMiB * 1024 * 1024) / 4096 }),
+  },
+  'kv-store': {
+    args: (o: ExampleRun) => ['--arena-mib', String(o.sizeMiB), '--keys', String(o.keys ?? 100_000)],
+    client: (targets: () => [string, number][], o: ExampleRun): Client =>
+      require(join(root, 'examples', 'kv-store', 'client.js')).hammer({ targets, keys: o.keys ?? 100_000 }),
+  },
+  'scan-service': {
+    args: (o: ExampleRun) => ['--mib', String(o.sizeMiB)],
+    client: undefined,
+  },
+} as const
+
 export interface ExampleRun {
+  /** Which service under examples/ (default page-store). */
+  example?: keyof typeof EXAMPLES
   sizeMiB: number
   mode: MigrationMode
-  writesPerSec: number
+  /** page-store: page writes per second. */
+  writesPerSec?: number
+  /** kv-store: number of keys. */
+  keys?: number
   /** Run the destination in this network namespace, reachable at destHost. */
   destNetns?: string
   destHost?: string
@@ -37,6 +63,8 @@ export interface ExampleRun {
 
 export interface ExampleResult {
   ok: boolean
+  /** Every line the destination's service printed. */
+  destLines?: string[]
   report?: MigrationReport
   error?: string
   client?: { requests: number; ok: number; wrong: number; errors: number; maxGapMs: number; wrongSamples: unknown[] }
@@ -53,20 +81,19 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const destHost = o.destHost ?? '127.0.0.1'
   const [migPort, srcHttp, dstHttp] = [await freePort(), await freePort(), await freePort()]
   const name = `run-${process.pid}-${migPort}`
-  const common = ['--name', name, '--mib', String(o.sizeMiB), '--writes', String(o.writesPerSec), ...(o.serviceArgs ?? [])]
-  const destCmd = [cli, 'receive', '--listen', `${destHost}:${migPort}`, '--', process.execPath, server, ...common, '--http', String(dstHttp), '--http-host', destHost, '--exit-after-verify']
+  const example = EXAMPLES[o.example ?? 'page-store']
+  const server = join(root, 'examples', o.example ?? 'page-store', 'server.js')
+  const common = ['--name', name, ...example.args(o), ...(o.serviceArgs ?? [])]
+  const destCmd = [cli, 'receive', '--listen', `${destHost}:${migPort}`, '--', process.execPath, server, ...common, '--http', String(dstHttp), ...(destHost !== '127.0.0.1' ? ['--http-host', destHost] : []), '--exit-after-verify']
   const dest = o.destNetns
     ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env })
     : new LineProc(process.execPath, destCmd, { env })
   const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env })
-  const { hammer } = require(join(root, 'examples', 'page-store', 'client.js'))
-  let client: { stop(): Promise<ExampleResult['client']> } | undefined
+  let client: Client | undefined
   try {
     await source.waitLine(/^READY/)
     await source.waitLine(/^HTTP /)
-    if (o.client !== false) {
-      client = hammer({ targets: () => [['127.0.0.1', srcHttp], [destHost, dstHttp]], pageCount: (o.sizeMiB * 1024 * 1024) / 4096 })
-    }
+    if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? 1000))
     const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', `${destHost}:${migPort}`, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
     const poll = o.progress && setInterval(async () => {
@@ -89,7 +116,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     client = undefined
     const sourceExit = (await source.exited).code
     const ok = verify.startsWith('ok') && (stats?.wrong ?? 0) === 0 && sourceExit === 0
-    return { ok, report, client: stats, verify, sourceExit }
+    return { ok, report, client: stats, verify, sourceExit, destLines: dest.lines }
   } finally {
     await client?.stop()
     source.kill()
