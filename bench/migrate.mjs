@@ -21,7 +21,7 @@ import { cpus, loadavg, release as osRelease, hostname } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { repoRoot, runLimits } from './lib/limits.mjs'
-import { fmt, printTable } from './lib/table.mjs'
+import { fmt, printTable, stats } from './lib/table.mjs'
 import { measureTcp } from './lib/tcp-tput.mjs'
 
 const require = createRequire(import.meta.url)
@@ -253,24 +253,22 @@ async function main() {
       }
     }
 
-    // 3. raw Node TCP throughput of the links
-    const secs = args.quick ? 2 : 3
-    if (args.links.includes('loopback') || tputRef === undefined || pair) {
+    // 3. raw Node TCP throughput of the links: median of a few runs of a few seconds
+    const tcpRuns = args.quick ? 1 : 3
+    const measure = async (name, o) => {
+      const runs = []
       try {
-        tcp.loopback = await measureTcp({ host: '127.0.0.1', seconds: secs })
-        say(`raw TCP loopback: ${fmt(tcp.loopback.mibPerSec)} MiB/s`)
+        for (let i = 0; i < tcpRuns; i++) runs.push((await measureTcp({ seconds: 3, ...o })).mibPerSec)
+        const s = stats(runs)
+        tcp[name] = { mibPerSec: s.median, min: s.min, max: s.max, runs }
+        say(`raw TCP ${name}: ${runs.map(fmt).join(', ')} MiB/s`)
       } catch (err) {
-        tcp.loopback = { error: err.message }
+        tcp[name] = { error: err.message, runs }
+        say(`raw TCP ${name}: FAILED: ${err.message}`)
       }
     }
-    if (pair) {
-      try {
-        tcp.netns = await measureTcp({ host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns], seconds: secs })
-        say(`raw TCP to namespace (tbf 1 Gbit/s): ${fmt(tcp.netns.mibPerSec)} MiB/s`)
-      } catch (err) {
-        tcp.netns = { error: err.message }
-      }
-    }
+    await measure('loopback', { host: '127.0.0.1' })
+    if (pair) await measure('netns', { host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns] })
 
     // 4. the migrations
     const plan = []
@@ -316,12 +314,12 @@ async function main() {
     printTable(['id', 'unit', 'min', 'median', 'max', 'description'], [...refs.values()].map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max), r.description]), { out })
   } else out(args.ref ? '(unavailable: see the warning above)' : '(skipped: --no-ref)')
   out()
-  out('## Raw Node TCP throughput, one stream, 1 MiB writes (first 0.5 s excluded)')
-  printTable(['link', 'MiB/s', 'Gbit/s', 'note'], [
-    ['loopback', tcp.loopback?.mibPerSec !== undefined ? fmt(tcp.loopback.mibPerSec) : '—', tcp.loopback?.mibPerSec ? fmt((tcp.loopback.mibPerSec * MiB * 8) / 1e9) : '—',
-      tcp.loopback?.error ?? (tputRef ? `C reference ${tputRef.id}: ${fmt(tputRefMiB)} MiB/s (median)` : '')],
-    ['netns, tbf 1 Gbit/s', tcp.netns?.mibPerSec !== undefined ? fmt(tcp.netns.mibPerSec) : '—', tcp.netns?.mibPerSec ? fmt((tcp.netns.mibPerSec * MiB * 8) / 1e9) : '—',
-      tcp.netns?.error ?? (pair === undefined && netnsSkip ? `skipped: ${netnsSkip}` : 'root namespace → ip netns exec receiver')],
+  out(`## Raw Node TCP throughput, one stream, 1 MiB writes, 3 s (first 0.5 s excluded); median of ${args.quick ? 1 : 3} runs`)
+  const tcpRow = (label, t, note) => [label, t?.mibPerSec !== undefined ? fmt(t.mibPerSec) : '—', t?.runs?.length ? `${fmt(t.min)}–${fmt(t.max)}` : '—',
+    t?.mibPerSec ? fmt((t.mibPerSec * MiB * 8) / 1e9) : '—', t?.error ?? note]
+  printTable(['link', 'MiB/s', 'range', 'Gbit/s', 'note'], [
+    tcpRow('loopback', tcp.loopback, tputRef ? `C reference ${tputRef.id}: ${fmt(tputRefMiB)} MiB/s (median)` : ''),
+    tcpRow('netns, tbf 1 Gbit/s', tcp.netns, netnsSkip ? `skipped: ${netnsSkip}` : args.links.includes('netns') ? 'root namespace → receiver under ip netns exec' : 'not requested (--links)'),
   ], { out })
   out()
 

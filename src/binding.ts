@@ -55,6 +55,8 @@ export interface NativeBinding {
     returnMask: number,
   ): Uint32Array
   zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number
+  /** SO_SNDBUF / SO_RCVBUF of a socket fd (0: leave alone). */
+  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): void
   Uffd: new (features: number) => NativeUffd
   probe(): ProbeResult
 }

@@ -14,7 +14,7 @@ import { Channel } from '../protocol/channel'
 import type { Frame } from '../protocol/frames'
 import { peerError, serverHandshake } from '../protocol/handshake'
 import {
-  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, uint,
+  BULK_SOCKET_BUFFER_BYTES, decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, uint,
 } from '../protocol/messages'
 import type { Region } from '../region'
 import { nowMs, Samples } from '../stats'
@@ -98,6 +98,7 @@ export class MigrationDestination {
       } else {
         if (this.bulk) throw migrationError(ErrorCode.PROTOCOL, 'a second bulk connection for one session')
         this.bulk = ch
+        ch.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
         ch.onFrame((f) => this.onBulk(f))
       }
       ch.onClose((err) => this.onChannelClosed(err))

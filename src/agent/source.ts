@@ -13,7 +13,7 @@ import { Channel } from '../protocol/channel'
 import type { Frame } from '../protocol/frames'
 import { clientHandshake, peerError } from '../protocol/handshake'
 import {
-  decodeControl, decodeRuns, encodeControl, encodeRuns, field, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind,
+  BULK_SOCKET_BUFFER_BYTES, decodeControl, decodeRuns, encodeControl, encodeRuns, field, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind,
   type RegionLayout, uint,
 } from '../protocol/messages'
 import type { Region } from '../region'
@@ -173,6 +173,7 @@ export class MigrationSource {
     // urgent first: the destination pairs connections by session
     this.urgent = await open('urgent')
     this.bulk = await open('bulk')
+    this.bulk.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
     this.bulk.send(encodeControl(Msg.REGIONS, {
       pageSize: this.ps,
       mode: this.opts.mode,

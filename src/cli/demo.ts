@@ -92,9 +92,9 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   let client: Client | undefined
   try {
     await source.waitLine(/^READY/)
-    await source.waitLine(/^HTTP /)
+    if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
-    await new Promise((r) => setTimeout(r, o.warmupMs ?? 1000))
+    await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
     const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', `${destHost}:${migPort}`, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
     const poll = o.progress && setInterval(async () => {
       const st = new LineProc(process.execPath, [cli, 'status', '--guest', name, '--json'], { env })

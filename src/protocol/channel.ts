@@ -90,6 +90,16 @@ export class Channel {
     return ok
   }
 
+  /**
+   * Caps the kernel's send and receive buffers of this socket: bulk data that
+   * sits in them is data an urgent page may have to wait behind (the pushed
+   * copy of a page already in flight). setter: the addon's setSocketBuffers.
+   */
+  limitKernelBuffers(setter: (fd: number, sendBytes: number, receiveBytes: number) => void, bytes: number): void {
+    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd
+    if (typeof fd === 'number' && fd >= 0 && bytes > 0) setter(fd, bytes, bytes)
+  }
+
   get needsDrain(): boolean {
     return this.socket.writableNeedDrain
   }
