@@ -1,0 +1,173 @@
+#!/usr/bin/env node
+// npm run bench:postcopy — post-copy strategies on the same workloads.
+//  A. Hines et al.'s Table 2 shape: a 1 GiB guest, working sets of 8/32/128/512 MiB
+//     touched sequentially and at random right after a post-copy hand-off, for
+//     demand-only, push-only, bubbling with one pivot, and bubbling with k = 7
+//     adaptive windows (the default).
+//  B. kv-store under a checking client, with and without ready() on its request path:
+//     event-loop blocked time on the destination from the hand-off to settled.
+//  C. free pages: 1 GiB, 10/50/90% free, with and without free() reporting (hybrid).
+// Every row is one real migration between two processes (examples/, the CLI).
+// Flags: --quick, --runs N (repeat table A and B, min/median/max), --link loopback|netns,
+//        --only A,B,C, --json FILE
+import { createRequire } from 'node:module'
+import { writeFileSync } from 'node:fs'
+import { runLimits, repoRoot } from './lib/limits.mjs'
+import { printTable, stats, fmt } from './lib/table.mjs'
+
+const require = createRequire(import.meta.url)
+const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
+const { createHostPair, netnsUnavailable } = require(`${repoRoot}/dist/testing/netns.js`)
+
+const args = process.argv.slice(2)
+const flag = (name) => args.includes(`--${name}`)
+const opt = (name, dflt) => {
+  const i = args.indexOf(`--${name}`)
+  return i >= 0 ? args[i + 1] : dflt
+}
+const quick = flag('quick')
+const runs = Number(opt('runs', quick ? 1 : 3))
+const only = new Set(opt('only', 'A,B,C').split(','))
+const link = opt('link', 'loopback')
+const say = (s) => process.stderr.write(`${s}\n`)
+const results = { A: [], B: [], C: [] }
+
+let hosts
+if (link === 'netns') {
+  const why = netnsUnavailable()
+  if (why) {
+    say(`*** --link netns unavailable: ${why}`)
+    process.exit(2)
+  }
+  hosts = createHostPair(211)
+  hosts.shape(1000)
+  for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => (hosts.cleanup(), process.exit(130)))
+}
+const where = hosts ? { destNetns: hosts.ns, destHost: hosts.nsIp } : {}
+
+function line(r, prefix) {
+  return (r.destLines ?? []).find((l) => l.startsWith(prefix))
+}
+function json(r, prefix) {
+  const l = line(r, prefix)
+  return l ? JSON.parse(l.slice(prefix.length + 1)) : undefined
+}
+
+try {
+  console.log(`# bench:postcopy on ${link === 'netns' ? 'two namespace hosts, 1 Gbit/s tbf link' : 'loopback'}; ${runs} run(s) per row; machine: 2 vCPUs, shared`)
+  const ref = runLimits(['tcp-tput', 'postcopy-demand'], { nruns: quick ? 1 : 3, log: say })
+  if (ref.size) {
+    printTable(['reference (C, nothing in the way)', 'unit', 'min', 'median', 'max'],
+      [...ref.values()].filter((r) => !/\.(mean|p90|deliver)/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
+    console.log('')
+  }
+
+  // ---- A: Hines Table 2 ---------------------------------------------------------
+  if (only.has('A')) {
+    const strategies = ['demand', 'push', 'bubble1', 'bubble']
+    const sets = quick ? [8, 128] : [8, 32, 128, 512]
+    const rows = []
+    for (const pattern of ['sequential', 'random']) {
+      for (const ws of sets) {
+        for (const strategy of strategies) {
+          const samples = []
+          for (let i = 0; i < runs; i++) {
+            say(`A: ${pattern} ${ws} MiB ${strategy} run ${i + 1}/${runs}`)
+            const r = await migrateExample({
+              example: 'scan-service', sizeMiB: 1024, mode: 'postcopy', ...where,
+              serviceArgs: ['--ws-mib', String(ws), '--pattern', pattern],
+              sendArgs: ['--prepaging', strategy],
+            })
+            const res = json(r, 'RESULT')
+            if (!r.ok || !res) {
+              say(`   failed: ${r.error ?? r.verify}`)
+              continue
+            }
+            const pc = r.report.postcopy
+            samples.push({
+              faultPct: (100 * pc.networkFaults) / res.touched, totalMs: r.report.totalMs, settleMs: pc.timeToSettledMs,
+              p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, blockedMs: res.blockedMs, workloadMs: res.workloadMs,
+            })
+          }
+          const m = (k) => stats(samples.map((s) => s[k])).median
+          results.A.push({ pattern, ws, strategy, samples })
+          rows.push([pattern, `${ws} MiB`, strategy, samples.length ? `${fmt(m('faultPct'))}%` : 'failed', fmt(m('totalMs')), fmt(m('settleMs')), fmt(m('p50')), fmt(m('p99')), fmt(m('blockedMs')), fmt(m('workloadMs'))])
+        }
+      }
+    }
+    console.log('A. post-copy strategies, 1 GiB guest, workload right after the hand-off (medians)')
+    printTable(['pattern', 'working set', 'strategy', 'net faults/touched', 'total ms', 'settled ms', 'fault p50 us', 'fault p99 us', 'blocked ms', 'workload ms'], rows, { align: [0, 0, 0, 1, 1, 1, 1, 1, 1, 1] })
+    // the issue's targets
+    const med = (pattern, ws, strategy) => stats(results.A.find((x) => x.pattern === pattern && x.ws === ws && x.strategy === strategy)?.samples.map((s) => s.faultPct) ?? []).median
+    const checks = []
+    for (const ws of sets) {
+      const seq = med('sequential', ws, 'bubble')
+      checks.push([`sequential ${ws} MiB: bubble faults <= 5% of touched`, `${fmt(seq)}%`, seq <= 5 ? 'pass' : 'FAIL'])
+      const rb = med('random', ws, 'bubble'), rp = med('random', ws, 'push')
+      checks.push([`random ${ws} MiB: bubble faults <= 0.5 x push-only's`, `${fmt(rb)}% vs ${fmt(rp)}% (x${fmt(rb / rp)})`, rb <= 0.5 * rp ? 'pass' : 'FAIL'])
+    }
+    printTable(['target', 'measured', ''], checks)
+    console.log('')
+  }
+
+  // ---- B: kv-store with and without ready() -------------------------------------------
+  if (only.has('B')) {
+    const rows = []
+    const blocked = {}
+    for (const ready of [false, true]) {
+      const samples = []
+      for (let i = 0; i < runs; i++) {
+        say(`B: kv-store ${ready ? 'with' : 'without'} ready() run ${i + 1}/${runs}`)
+        const r = await migrateExample({ example: 'kv-store', sizeMiB: 1024, keys: 100_000, mode: 'postcopy', ...where, serviceArgs: ready ? ['--ready'] : [] })
+        const lag = json(r, 'LAG')
+        if (!r.report || !lag) {
+          say(`   failed: ${r.error ?? r.verify}`)
+          continue
+        }
+        samples.push({ blockedMs: lag.blockedMs, maxBlockMs: lag.maxBlockMs, settleMs: r.report.postcopy.timeToSettledMs, faults: r.report.postcopy.networkFaults, demand: r.report.postcopy.demandPages, wrong: r.client.wrong, ok: r.client.ok, verify: r.verify })
+      }
+      blocked[ready] = stats(samples.map((s) => s.blockedMs))
+      results.B.push({ ready, samples })
+      const b = blocked[ready]
+      rows.push([ready ? 'with ready()' : 'without (faults block)', `${fmt(b.min)} / ${fmt(b.median)} / ${fmt(b.max)}`, fmt(stats(samples.map((s) => s.maxBlockMs)).median), fmt(stats(samples.map((s) => s.settleMs)).median), fmt(stats(samples.map((s) => s.faults)).median), fmt(stats(samples.map((s) => s.demand)).median), samples.reduce((n, s) => n + s.ok, 0), samples.reduce((n, s) => n + s.wrong, 0), samples.every((s) => s.verify?.startsWith('ok')) ? 'ok' : 'FAIL'])
+    }
+    console.log('B. kv-store (1 GiB arena, 100k keys, checking client), post-copy: destination event loop blocked from hand-off to settled')
+    printTable(['request path', 'blocked ms min/med/max', 'longest block ms', 'settled ms', 'network faults', 'demand pages', 'good answers', 'wrong', 'verify'], rows)
+    const ratio = blocked.true.median / blocked.false.median
+    printTable(['target', 'measured', ''], [['blocked with ready() <= 0.25 x without, no wrong answers', `x${fmt(ratio)}`, ratio <= 0.25 && results.B.every((x) => x.samples.every((s) => s.wrong === 0)) ? 'pass' : 'FAIL']])
+    console.log('')
+  }
+
+  // ---- C: free pages ---------------------------------------------------------------------
+  if (only.has('C')) {
+    const rows = []
+    const GiB = 1 << 30
+    const checks = []
+    for (const pct of quick ? [90] : [10, 50, 90]) {
+      const by = {}
+      for (const report of [false, true]) {
+        say(`C: ${pct}% free, ${report ? 'reported' : 'not reported'}`)
+        const r = await migrateExample({ example: 'scan-service', sizeMiB: 1024, mode: 'hybrid', ...where, serviceArgs: ['--free-pct', String(pct), ...(report ? [] : ['--no-report'])] })
+        if (!r.ok) {
+          say(`   failed: ${r.error ?? r.verify}`)
+          rows.push([`${pct}%`, report ? 'free()' : 'none', 'failed', '', '', ''])
+          continue
+        }
+        by[report] = r.report
+        results.C.push({ pct, report, bytesOnWire: r.report.bytesOnWire, totalMs: r.report.totalMs })
+        rows.push([`${pct}%`, report ? 'free()' : 'none', fmt(r.report.bytesOnWire / 2 ** 20), fmt(r.report.bytesOnWire / GiB), fmt(r.report.totalMs), `${r.report.pages.data} / ${r.report.pages.zero} / ${r.report.pages.free}`])
+      }
+      if (pct === 90 && by.true && by.false) {
+        checks.push(['90% free: bytes on the wire <= 0.15 x guest size', `x${fmt(by.true.bytesOnWire / GiB)}`, by.true.bytesOnWire <= 0.15 * GiB ? 'pass' : 'FAIL'])
+        checks.push(['90% free: total time <= 0.25 x without reporting', `x${fmt(by.true.totalMs / by.false.totalMs)}`, by.true.totalMs <= 0.25 * by.false.totalMs ? 'pass' : 'FAIL'])
+      }
+    }
+    console.log('C. free-page skipping, 1 GiB guest, hybrid')
+    printTable(['free', 'reporting', 'MiB on wire', 'x guest size', 'total ms', 'pages data / zero / free'], rows)
+    printTable(['target', 'measured', ''], checks)
+  }
+  const out = opt('json')
+  if (out) writeFileSync(out, JSON.stringify(results, null, 2))
+} finally {
+  hosts?.cleanup()
+}
