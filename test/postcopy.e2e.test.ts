@@ -156,3 +156,20 @@ describe.skipIf(skip)('free and zero pages never travel', () => {
     await source.close()
   })
 })
+
+describe.skipIf(skip)('kv-store example', () => {
+  it('moves under a checking client in post-copy with ready() on its request path: no wrong answer, every key verified', async () => {
+    const { migrateExample } = await import('../src/cli/demo')
+    const r = await migrateExample({ example: 'kv-store', sizeMiB: 128, keys: 20_000, mode: 'postcopy', serviceArgs: ['--ready'] })
+    expect(r.error).toBeUndefined()
+    expect(r.verify).toMatch(/^ok keys=\d+ freedSlabs=\d+$/)
+    expect(Number(/freedSlabs=(\d+)/.exec(r.verify!)![1])).toBeGreaterThan(0)
+    expect(r.client!.wrong).toBe(0)
+    expect(r.client!.ok).toBeGreaterThan(100)
+    expect(r.sourceExit).toBe(0)
+    // the service asked with ready(); its thread never faulted over the network
+    expect(r.report!.postcopy.networkFaults).toBe(0)
+    expect(r.report!.postcopy.demandPages).toBeGreaterThan(0)
+    expect(r.report!.pagesSentTwiceAfterHandoff).toBe(0)
+  })
+})

@@ -57,9 +57,10 @@ class Store {
     return s
   }
 
-  /** The table byte range a lookup of key starts at (for ready()). */
+  /** The table bytes a lookup of key reads: its home slot and the next few of its probe chain (for ready()). */
   slotRange(key) {
-    return [(hash(key) % this.slots) * SLOT, SLOT]
+    const off = (hash(key) % this.slots) * SLOT
+    return [off, Math.min(4 * SLOT, this.table.sizeBytes - off)]
   }
 
   valueRange(slot) {

@@ -150,12 +150,9 @@ export class MigrationDestination {
         this.expect(f, 'precopy', 'postcopy')
         return this.placePages(decodePages(f.payload, this.layout, this.ps))
       }
-      case Msg.RANGES: {
+      case Msg.RANGES:
         this.expect(f, 'precopy', 'postcopy')
-        const m = decodeRuns(f.type, f.payload, this.layout)
-        if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
-        return this.placeZeroRuns(m.region, m.runs)
-      }
+        return this.onRanges(f)
       case Msg.ROUND_END:
       case Msg.PRECOPY_END:
         this.expect(f, 'precopy')
@@ -222,6 +219,13 @@ export class MigrationDestination {
     }
     this.uffd!.copy(r.id, off, m.data)
     this.arrived(m.region, m.firstPage, m.pageCount)
+  }
+
+  /** Zero and free ranges alike: pages without payload that read as zero. */
+  private onRanges(f: Frame): void {
+    const m = decodeRuns(f.type, f.payload, this.layout)
+    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
+    this.placeZeroRuns(m.region, m.runs)
   }
 
   private placeZeroRuns(region: number, runs: Uint32Array): void {
@@ -421,11 +425,9 @@ export class MigrationDestination {
         case Msg.PAGES:
           this.expect(f, 'postcopy', 'settled')
           return this.placePages(decodePages(f.payload, this.layout, this.ps))
-        case Msg.RANGES: {
+        case Msg.RANGES:
           this.expect(f, 'postcopy', 'settled')
-          const m = decodeRuns(f.type, f.payload, this.layout)
-          return this.placeZeroRuns(m.region, m.runs)
-        }
+          return this.onRanges(f)
         case Msg.REQUEST_DONE:
           this.expect(f, 'postcopy', 'settled')
           return this.requestDone()
