@@ -82,9 +82,10 @@ export class MigrationSource {
   private failure: Error | undefined
   private pushLog: { region: number; firstPage: number; pageCount: number }[] = []
   private readonly counts = {
-    data: 0, zero: 0, free: 0, resent: 0, sentTwiceAfterHandoff: 0, pushed: 0, demand: 0, discarded: 0,
+    data: 0, zero: 0, free: 0, resent: 0, pushed: 0, demand: 0, discarded: 0,
   }
   private progressTimer: NodeJS.Timeout | undefined
+  private handoffSent = false
   private rateWindow = { t: 0, bytes: 0, rate: 0 }
 
   constructor(
@@ -103,7 +104,6 @@ export class MigrationSource {
   async run(): Promise<MigrationReport> {
     const t0 = nowMs()
     let paused = false
-    let handedOff = false
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     try {
       await this.connectBoth()
@@ -128,7 +128,6 @@ export class MigrationSource {
       paused = true
       const state = await Promise.race([this.hooks.pause(), failed])
       const discard = await Promise.race([this.handoff(state, rounds), failed])
-      handedOff = true
       this.phase = 'postcopy'
       const postStart = nowMs()
       const [resumedAtDest, stats] = await Promise.race([
@@ -145,8 +144,10 @@ export class MigrationSource {
       this.failure ??= err as Error
       this.urgent?.close()
       this.bulk?.close()
-      if (paused && !handedOff) this.hooks.resume()
-      if (handedOff) {
+      // Once HANDOFF is on the wire the destination may already run the
+      // service: resuming here too would run it twice.
+      if (paused && !this.handoffSent) this.hooks.resume()
+      if (this.handoffSent) {
         // The destination runs the service now: our copy is its only backing
         // store for the pages it lacks. Keep it; recovery is the caller's call.
         ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
@@ -473,6 +474,7 @@ export class MigrationSource {
     }
     this.counts.discarded = discarded
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
+    this.handoffSent = true
     this.bulk.send(encodeControl(Msg.HANDOFF, {
       state,
       discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),
@@ -628,7 +630,9 @@ export class MigrationSource {
       bytesOnWire: this.bulk.bytesWritten + this.urgent.bytesWritten + this.bulk.bytesRead + this.urgent.bytesRead,
       pages: { data: this.counts.data, zero: this.counts.zero, free: this.counts.free },
       pagesResent: this.counts.resent,
-      pagesSentTwiceAfterHandoff: this.counts.sentTwiceAfterHandoff + num('pagesReceivedTwice'),
+      // the source cannot send a page twice by construction (pending map);
+      // the destination counts what it actually received twice
+      pagesSentTwiceAfterHandoff: num('pagesReceivedTwice'),
       discardedPages: discarded,
       postcopy: {
         strategy: this.opts.mode === 'precopy' ? 'none' : this.policy?.name ?? 'none',
