@@ -38,17 +38,25 @@ let paused = false
 
 // Guest-cooperative faults: on the destination during post-copy, a page that
 // is not here yet is awaited with ready() instead of blocking the event loop.
+// Deferred writes are bounded: past that the writer skips a beat, as a real
+// service waiting on I/O would.
+const MAX_DEFERRED = 256
+let deferred = 0
 function whenLocal(region, p, fn) {
   const ps = 4096
   if (a.blocking || region.isLocal(p * ps, ps)) return fn()
-  return region.ready(p * ps, ps).then(fn)
+  deferred++
+  return region.ready(p * ps, ps).then(() => {
+    deferred--
+    return fn()
+  })
 }
 
 function startWriter(region, u32, pageCount, pageWords) {
   const perTick = Math.ceil(writesPerSec / 100)
   let seed = (process.pid * 2654435761) >>> 0
   writer = setInterval(() => {
-    for (let i = 0; i < perTick; i++) {
+    for (let i = 0; i < perTick && deferred < MAX_DEFERRED; i++) {
       seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
       const p = seed % pageCount
       whenLocal(region, p, () => {

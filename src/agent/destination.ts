@@ -14,7 +14,8 @@ import { Channel } from '../protocol/channel'
 import type { Frame } from '../protocol/frames'
 import { peerError, serverHandshake } from '../protocol/handshake'
 import {
-  BULK_SOCKET_BUFFER_BYTES, decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, uint,
+  BULK_SOCKET_BUFFER_BYTES, decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout,
+  RequestKind, uint,
 } from '../protocol/messages'
 import type { Region } from '../region'
 import { nowMs, Samples } from '../stats'
@@ -51,7 +52,7 @@ export class MigrationDestination {
   private uffd: NativeUffd | undefined
   private phase: Phase = 'setup'
   private readonly faultStart = new Map<number, number>()
-  private openRequests = 0
+  private openFaultRequests = 0
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
@@ -311,7 +312,7 @@ export class MigrationDestination {
       const page = ev[i + 1]
       this.resolveFault(region, page, now, requests)
     }
-    for (const [region, pages] of requests) this.sendRequest(Msg.PAGE_REQUEST, region, pages)
+    for (const [region, pages] of requests) this.sendRequest(Msg.PAGE_REQUEST, region, pages, RequestKind.FAULT)
   }
 
   private resolveFault(region: number, page: number, now: number, requests: Map<number, number[]>): void {
@@ -370,24 +371,26 @@ export class MigrationDestination {
       }
       p = end
     }
-    if (runs.length) this.sendRequest(urgent ? Msg.PAGE_REQUEST : Msg.WILL_NEED, region, runs)
+    if (runs.length) this.sendRequest(urgent ? Msg.PAGE_REQUEST : Msg.WILL_NEED, region, runs, RequestKind.READY)
   }
 
   /**
-   * While a page request is open, bulk data is not read: a blocked thread's
-   * page must not queue behind megabytes of push on this 2-core machine's
-   * event loop. REQUEST_DONE (after the replies, on the urgent channel) lets it go.
+   * While a fault's page request is open, bulk data is not read: a blocked
+   * thread's page must not queue behind megabytes of push on this event loop.
+   * REQUEST_DONE (after the replies, on the urgent channel) lets it go.
+   * ready() requests do not pause the push: nobody is blocked, and a service
+   * that asks all the time would starve it.
    */
-  private sendRequest(type: Msg, region: number, runs: number[]): void {
+  private sendRequest(type: Msg, region: number, runs: number[], kind: RequestKind): void {
     if (!this.urgent) return
-    this.urgent.send(encodeRuns(type, 0, region, runs))
-    if (type !== Msg.PAGE_REQUEST) return
-    if (this.openRequests++ === 0) this.bulk?.socket.pause()
+    this.urgent.send(encodeRuns(type, kind, region, runs))
+    if (type === Msg.PAGE_REQUEST && kind === RequestKind.FAULT && this.openFaultRequests++ === 0) this.bulk?.socket.pause()
   }
 
-  private requestDone(): void {
-    if (this.openRequests === 0) throw migrationError(ErrorCode.PROTOCOL, 'REQUEST_DONE without an open request')
-    if (--this.openRequests === 0) this.bulk?.socket.resume()
+  private requestDone(m: Record<string, unknown>): void {
+    if (uint(m, 'kind', 'REQUEST_DONE', 1) !== RequestKind.FAULT) return
+    if (this.openFaultRequests === 0) throw migrationError(ErrorCode.PROTOCOL, 'REQUEST_DONE without an open request')
+    if (--this.openFaultRequests === 0) this.bulk?.socket.resume()
   }
 
   /**
@@ -430,7 +433,7 @@ export class MigrationDestination {
           return this.onRanges(f)
         case Msg.REQUEST_DONE:
           this.expect(f, 'postcopy', 'settled')
-          return this.requestDone()
+          return this.requestDone(decodeControl(f.type, f.payload))
         case Msg.ERROR:
           throw peerError(f.payload)
         default:

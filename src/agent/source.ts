@@ -522,8 +522,8 @@ export class MigrationSource {
     switch (f.type) {
       case Msg.PAGE_REQUEST: {
         if (this.phase !== 'postcopy') throw migrationError(ErrorCode.PROTOCOL, `PAGE_REQUEST is not legal in phase ${this.phase}`)
-        const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
-        void this.answerRequest(region, runs)
+        const { kind, region, runs } = decodeRuns(f.type, f.payload, this.layout)
+        void this.answerRequest(kind, region, runs)
         return
       }
       case Msg.WILL_NEED: {
@@ -545,7 +545,7 @@ export class MigrationSource {
    * twice), then REQUEST_DONE: the destination stops reading bulk data while
    * a request is open, so that a fault never waits behind the push.
    */
-  private async answerRequest(region: number, runs: Uint32Array): Promise<void> {
+  private async answerRequest(kind: number, region: number, runs: Uint32Array): Promise<void> {
     const map = this.pending[region]
     for (let k = 0; k < runs.length; k += 2) {
       const first = runs[k], end = runs[k] + runs[k + 1]
@@ -559,7 +559,7 @@ export class MigrationSource {
         p = q
       }
     }
-    this.urgent.send(encodeControl(Msg.REQUEST_DONE, {}))
+    this.urgent.send(encodeControl(Msg.REQUEST_DONE, { kind }))
   }
 
   private onBulk(f: Frame): void {

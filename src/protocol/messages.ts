@@ -49,6 +49,12 @@ export const MSG_NAMES: Record<number, string> = {
   31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE',
 }
 
+/** Kind of a PAGE_REQUEST (echoed in its REQUEST_DONE). */
+export const enum RequestKind {
+  READY = 0, // the service awaits ready(): nobody is blocked
+  FAULT = 1, // a thread is blocked in a page fault
+}
+
 /** Kind of a RANGES entry. */
 export const enum RangeKind {
   ZERO = 0, // all zeros or never populated
