@@ -33,6 +33,9 @@ export interface DestinationHooks {
 
 type Phase = 'setup' | 'precopy' | 'handoff' | 'postcopy' | 'settled' | 'failed'
 
+/** Longest stretch ready() requests may hold the push back (then it runs as long). */
+const READY_PAUSE_MS = 5
+
 export class MigrationDestination {
   private server: Server | undefined
   private urgent: Channel | undefined
@@ -52,7 +55,11 @@ export class MigrationDestination {
   private uffd: NativeUffd | undefined
   private phase: Phase = 'setup'
   private readonly faultStart = new Map<number, number>()
-  private openFaultRequests = 0
+  /** Open PAGE_REQUESTs by kind (READY, FAULT). */
+  private readonly openRequests = [0, 0]
+  private readyPausedSince = 0
+  private readyHoldoffUntil = 0
+  private readyTimer: NodeJS.Timeout | undefined
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
@@ -193,6 +200,13 @@ export class MigrationDestination {
     this.inFlight = this.regions.map((r) => new PageBitmap(r.pageCount))
     this.knownZero = this.regions.map((r) => new PageBitmap(r.pageCount))
     this.freedHere = this.regions.map((r) => new PageBitmap(r.pageCount))
+    // Registered from the start: pre-copy pages are installed with
+    // UFFDIO_COPY, and from the hand-off on every missing page faults to us.
+    // Nobody touches the regions before the hand-off (the service waits in start()).
+    this.uffd = new this.binding.Uffd(0)
+    const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
+    for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
+    this.uffd.startFaults((ev) => this.onFaults(ev))
     this.phase = 'precopy'
     this.bulk!.send(encodeControl(Msg.REGIONS_OK, {}))
   }
@@ -212,9 +226,21 @@ export class MigrationDestination {
     const r = this.regions[m.region]
     const off = m.firstPage * this.ps
     if (this.phase === 'precopy') {
-      // Not registered yet: plain stores into the region.
-      new Uint8Array(r.buffer, off, m.data.length).set(m.data)
-      this.knownZero[m.region].clearRange(m.firstPage, m.pageCount)
+      // A page that holds data already (an older round's) is overwritten in
+      // place; a missing one is installed with UFFDIO_COPY: one copy, no
+      // zero-fill fault, and never touched by this thread while missing.
+      const received = this.received[m.region], zero = this.knownZero[m.region]
+      const end = m.firstPage + m.pageCount
+      for (let p = m.firstPage; p < end; ) {
+        const present = received.has(p) && !zero.has(p)
+        let q = p + 1
+        while (q < end && (received.has(q) && !zero.has(q)) === present) q++
+        const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
+        if (present) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
+        else this.uffd!.copy(r.id, p * this.ps, bytes)
+        p = q
+      }
+      zero.clearRange(m.firstPage, m.pageCount)
       this.markReceived(m.region, m.firstPage, m.pageCount)
       return
     }
@@ -286,13 +312,6 @@ export class MigrationDestination {
         this.receivedCount -= this.received[i].clearRange(first, count)
         this.knownZero[i].clearRange(first, count)
       }
-    }
-    if (this.receivedCount < this.totalPages) {
-      // Register before the service runs: from now on every missing page faults to us.
-      this.uffd = new this.binding.Uffd(0)
-      const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
-      for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
-      this.uffd.startFaults((ev) => this.onFaults(ev))
     }
     this.phase = 'postcopy'
     this.hooks.restore(state).then((resumedAtMs) => {
@@ -375,22 +394,49 @@ export class MigrationDestination {
   }
 
   /**
-   * While a fault's page request is open, bulk data is not read: a blocked
-   * thread's page must not queue behind megabytes of push on this event loop.
-   * REQUEST_DONE (after the replies, on the urgent channel) lets it go.
-   * ready() requests do not pause the push: nobody is blocked, and a service
-   * that asks all the time would starve it.
+   * While a page request is open, bulk data is not read: the page must not
+   * queue behind megabytes of push on this event loop. REQUEST_DONE (after the
+   * replies, on the urgent channel) closes a request. A blocked thread's fault
+   * always pauses the push; ready() requests pause it for at most
+   * READY_PAUSE_MS at a time, then let it run as long: a service that asks all
+   * the time must not starve the push.
    */
   private sendRequest(type: Msg, region: number, runs: number[], kind: RequestKind): void {
     if (!this.urgent) return
     this.urgent.send(encodeRuns(type, kind, region, runs))
-    if (type === Msg.PAGE_REQUEST && kind === RequestKind.FAULT && this.openFaultRequests++ === 0) this.bulk?.socket.pause()
+    if (type !== Msg.PAGE_REQUEST) return
+    this.openRequests[kind]++
+    this.updateBulkPause()
   }
 
   private requestDone(m: Record<string, unknown>): void {
-    if (uint(m, 'kind', 'REQUEST_DONE', 1) !== RequestKind.FAULT) return
-    if (this.openFaultRequests === 0) throw migrationError(ErrorCode.PROTOCOL, 'REQUEST_DONE without an open request')
-    if (--this.openFaultRequests === 0) this.bulk?.socket.resume()
+    const kind = uint(m, 'kind', 'REQUEST_DONE', 1) as RequestKind
+    if (this.openRequests[kind] === 0) throw migrationError(ErrorCode.PROTOCOL, 'REQUEST_DONE without an open request')
+    this.openRequests[kind]--
+    this.updateBulkPause()
+  }
+
+  private updateBulkPause(): void {
+    const now = nowMs()
+    let pause = this.openRequests[RequestKind.FAULT] > 0
+    if (!pause && this.openRequests[RequestKind.READY] > 0 && now >= this.readyHoldoffUntil) {
+      if (this.readyPausedSince === 0) this.readyPausedSince = now
+      if (now - this.readyPausedSince < READY_PAUSE_MS) {
+        pause = true
+        this.readyTimer ??= setTimeout(() => {
+          this.readyTimer = undefined
+          this.updateBulkPause()
+        }, READY_PAUSE_MS)
+      } else {
+        this.readyHoldoffUntil = now + READY_PAUSE_MS
+        this.readyPausedSince = 0
+      }
+    }
+    if (!pause || this.openRequests[RequestKind.READY] === 0) this.readyPausedSince = 0
+    const socket = this.bulk?.socket
+    if (!socket) return
+    if (pause && !socket.isPaused()) socket.pause()
+    else if (!pause && socket.isPaused()) socket.resume()
   }
 
   /**
