@@ -7,8 +7,11 @@
 //   3. PAGEMAP_SCAN (DirtyTracker.collectWritten = scan + re-protect), 1 and 8 GiB.
 //   4. Guest slowdown under WP_ASYNC tracking with a scan every 100 ms:
 //      a flat-out random writer (mirrors b4_wp.c bench_guest), and a guest
-//      dirtying 100k pages/s that computes in between.
+//      dirtying 100k pages/s that computes in between (its C twin,
+//      bench/c/paced_guest.c, is built and run as that section's reference).
 //
+// Each section's C reference (../shared/limits/run SECTION) runs right after
+// our own measurement of it, so that both see the machine in the same state.
 // usage: node bench/native.mjs [--quick] [--json[=FILE]] [--only=rtt,copy,scan,guest,paced] [--no-ref]
 //   NRUNS (default 3) runs per figure; min/median/max over runs are reported.
 //   Runs are guarded against foreign CPU load like the C references
@@ -224,6 +227,14 @@ async function main() {
   const { DirtyTracker } = require(join(dist, 'agent', 'tracker.js'))
 
   const rows = [] // { section?, metric, unit, runs?, ours?, refId?, ref?, target?, info? }
+  // Each section's C reference runs right after our own measurement of it:
+  // this machine's speed drifts over minutes, so adjacent runs compare best.
+  const refs = new Map()
+  const noRef = argv.includes('--no-ref')
+  const reference = (section) => {
+    if (noRef) return
+    for (const [k, v] of runLimits([section], { nruns: NRUNS, log })) refs.set(k, v)
+  }
   const disturbedBy = {}
   const section = (title) => rows.push({ section: title })
   let lastDisturbed = 0 // of the latest runs() group, stamped on the rows that follow it
@@ -334,6 +345,8 @@ async function main() {
     add({ metric: '  events per callback (mean)', unit: '', runs: vals.map((v) => v.events / v.batches), info: true })
   }
 
+  if (want('rtt')) reference('fault-rtt')
+
   // -------------------------------------------------------------------------
   // 2. UFFDIO_COPY throughput
   // -------------------------------------------------------------------------
@@ -370,6 +383,8 @@ async function main() {
     }
   }
 
+  if (want('copy')) reference('copy')
+
   // -------------------------------------------------------------------------
   // 3. PAGEMAP_SCAN via DirtyTracker.collectWritten
   // -------------------------------------------------------------------------
@@ -394,7 +409,11 @@ async function main() {
       }
       for (const pct of [0, 1]) {
         const vals = await runs(`scan ${gib}g ${pct}%`, (r) => {
-          collectAll() // clean state: everything protected (untimed)
+          // Re-arm: write-protect everything (untimed), as the C reference does
+          // before each run. Same ioctl as DirtyTracker's constructor; it also
+          // leaves the page tables cache-warm, which halves a 1 GiB scan that
+          // follows the 200 ms idle of the quiet gate - so, like for like.
+          for (const r of parts) tracker.uffd.writeProtect(r.id, 0, r.sizeBytes, true)
           const seed = (0x1234567 * (r + 1) + pct) | 0
           let k = 0
           for (let p = 0; p < parts.length; p++) {
@@ -436,6 +455,8 @@ async function main() {
       tracker = parts = u8s = null
     }
   }
+
+  if (want('scan')) reference('wp-scan')
 
   // -------------------------------------------------------------------------
   // 4. guest slowdown under tracking
@@ -533,6 +554,12 @@ async function main() {
     add({ metric: '  dirty pages per scan', unit: 'pages', runs: col(vals, 'dirty'), refId: g('dirty_per_scan'), higherBetter: true, info: true })
   }
 
+  if (want('guest')) {
+    guestRegion?.release() // the C reference maps its own 1 GiB and 4 GiB
+    guestRegion = null
+    reference('wp-guest')
+  }
+
   if (want('paced')) {
     log(`paced guest: 100k pages/s (1000 per 10 ms), ${secs} s untracked + ${secs} s tracked per run, two modes`)
     const opts = { tickMs: 10, writesPerTick: 1000, fixedBusyMs: 4 }
@@ -594,14 +621,7 @@ async function main() {
   // -------------------------------------------------------------------------
   // references, then the table
   // -------------------------------------------------------------------------
-  const sections = []
-  if (want('rtt')) sections.push('fault-rtt')
-  if (want('copy')) sections.push('copy')
-  if (want('scan')) sections.push('wp-scan')
-  if (want('guest')) sections.push('wp-guest')
-  let refs = new Map()
-  if (sections.length && !argv.includes('--no-ref')) refs = runLimits(sections, { nruns: NRUNS, log })
-  if (want('paced') && !argv.includes('--no-ref')) {
+  if (want('paced') && !noRef) {
     const env = quick ? { MIB: String(guestLen / MiB), SECS: String(secs) } : {}
     for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'paced_guest.c'), { nruns: NRUNS, env, log })) refs.set(k, v)
   }
