@@ -18,6 +18,8 @@ namespace uffdm {
 
 namespace {
 
+constexpr uint64_t kMaxRegionBytes = 4ull << 30;
+
 // One per ArrayBuffer: holds the mapping alive while JS can reach the memory.
 struct View {
   std::shared_ptr<Mapping> mapping;
@@ -56,6 +58,11 @@ Napi::Value RegionCreate(const Napi::CallbackInfo& info) {
   if (bytes == 0 || bytes % (uint64_t)ps)
     throw Napi::RangeError::New(env, "expected a region size that is a positive multiple of " +
                                          std::to_string((uint64_t)ps) + ", got " + std::to_string(bytes));
+  // Node 20 refuses a larger external ArrayBuffer, after running its
+  // finalizer: check first (a larger guest uses several regions).
+  if (bytes > kMaxRegionBytes)
+    throw Napi::RangeError::New(env, "expected a region size of at most " + std::to_string(kMaxRegionBytes) +
+                                         " bytes (4 GiB; use several regions for more), got " + std::to_string(bytes));
   int err = 0;
   auto m = region_create(bytes, &err);
   if (!m) throw sys_error(env, err, "mmap", std::to_string(bytes) + " bytes");

@@ -192,6 +192,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     expect(() => b.zeroPages(region.id, 0, 4, new Uint8Array(3))).toThrow(RangeError)
     expect(() => uffd.copy(999999, 0, page)).toThrow(expect.objectContaining({ code: 'ERR_REGION_RELEASED' }))
     expect(() => Region.create('x', 0)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG' }))
+    expect(() => Region.create('x', 2 ** 32 + ps)).toThrow(/at most 4294967296 bytes/)
     uffd.close()
     expect(() => uffd.copy(region.id, 0, page)).toThrow(expect.objectContaining({ code: 'ERR_UFFD_CLOSED' }))
   })
