@@ -20,6 +20,7 @@ const { values: a } = parseArgs({
     'arena-mib': { type: 'string', default: '1024' },
     keys: { type: 'string', default: '100000' },
     http: { type: 'string', default: '0' },
+    'http-host': { type: 'string', default: '127.0.0.1' },
     ready: { type: 'boolean', default: false },
     'exit-after-verify': { type: 'boolean', default: false },
   },
@@ -78,7 +79,7 @@ async function main() {
       }
     })
     server.keepAliveTimeout = 1
-    server.listen(Number(a.http), '127.0.0.1', () => out(`HTTP ${server.address().port}`))
+    server.listen(Number(a.http), a['http-host'], () => out(`HTTP ${server.address().port}`))
   }
 
   if (guest.restored) {

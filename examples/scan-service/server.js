@@ -24,6 +24,7 @@ const { values: a } = parseArgs({
     'free-pct': { type: 'string', default: '0' },
     'no-report': { type: 'boolean', default: false },
     http: { type: 'string', default: '0' }, // accepted for the harness; no HTTP here
+    'http-host': { type: 'string', default: '127.0.0.1' },
     'exit-after-verify': { type: 'boolean', default: false },
   },
 })
