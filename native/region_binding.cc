@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <map>
+#include <tuple>
 #include <mutex>
 #include <vector>
 
@@ -106,14 +107,20 @@ Napi::Value Discard(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// (regionId, firstPage, pageCount) at args 0..2, inside the region.
+std::tuple<std::shared_ptr<Mapping>, uint64_t, uint64_t> page_range_args(const Napi::CallbackInfo& info) {
+  auto m = arg_region(info, 0);
+  const uint64_t total = m->size / page_size();
+  uint64_t first = arg_index(info, 1, "firstPage", (double)total);
+  uint64_t count = arg_index(info, 2, "pageCount", (double)(total - first));
+  return {m, first, count};
+}
+
 // pagemapScan(regionId, firstPage, pageCount, flags, categoryMask, categoryInverted, categoryAnyof, returnMask)
 // -> Uint32Array of [firstPage, pageCount] runs.
 Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  auto m = arg_region(info, 0);
-  const size_t ps = page_size(), total = m->size / ps;
-  uint64_t first = arg_index(info, 1, "firstPage", (double)total);
-  uint64_t count = arg_index(info, 2, "pageCount", (double)(total - first));
+  auto [m, first, count] = page_range_args(info);
   ScanSpec spec;
   spec.flags = arg_index(info, 3, "flags", 3);
   spec.category_mask = arg_index(info, 4, "categoryMask", 255);
@@ -145,10 +152,8 @@ static bool page_is_zero(const uint8_t* p, size_t ps) {
 // out[i] = 1 when page first+i is all zeros. Reads the pages: source side only.
 Napi::Value ZeroPages(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  auto m = arg_region(info, 0);
-  const size_t ps = page_size(), total = m->size / ps;
-  uint64_t first = arg_index(info, 1, "firstPage", (double)total);
-  uint64_t count = arg_index(info, 2, "pageCount", (double)(total - first));
+  auto [m, first, count] = page_range_args(info);
+  const size_t ps = page_size();
   if (info.Length() < 4 || !info[3].IsTypedArray() ||
       info[3].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
     throw Napi::TypeError::New(env, "expected out to be a Uint8Array");
