@@ -143,7 +143,6 @@ export class Guest extends EventEmitter {
   /** @internal */
   isSettledFlag = false
   private readonly worker: Worker
-  private readonly binding: NativeBinding
   private readonly list: GuestRegion[]
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
   private control: ControlServer | undefined
@@ -160,7 +159,6 @@ export class Guest extends EventEmitter {
   ) {
     super()
     this.worker = init.worker
-    this.binding = init.binding
     this.restored = init.received !== undefined
     this.state = init.state
     this.settled = init.settled

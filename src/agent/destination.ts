@@ -9,7 +9,7 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import type { NativeBinding, NativeUffd } from '../binding'
 import { PageBitmap } from '../bitmap'
-import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import { ErrorCode, migrationError } from '../errors'
 import { Channel } from '../protocol/channel'
 import type { Frame } from '../protocol/frames'
 import { peerError, serverHandshake } from '../protocol/handshake'
@@ -519,4 +519,3 @@ export class MigrationDestination {
   }
 }
 
-export { UffdMigrateError }

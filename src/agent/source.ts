@@ -14,7 +14,7 @@ import type { Frame } from '../protocol/frames'
 import { clientHandshake, peerError } from '../protocol/handshake'
 import {
   BULK_SOCKET_BUFFER_BYTES, decodeControl, decodeRuns, encodeControl, encodeRuns, field, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind,
-  type RegionLayout, uint,
+  type RegionLayout,
 } from '../protocol/messages'
 import type { Region } from '../region'
 import { nowMs } from '../stats'
@@ -284,13 +284,10 @@ export class MigrationSource {
       for (let k = 0; k < present.length; k += 2) {
         for (let base = present[k]; base < present[k] + present[k + 1]; base += MAX_PAGES_PER_FRAME) {
           const n = Math.min(MAX_PAGES_PER_FRAME, present[k] + present[k + 1] - base)
-          this.binding.zeroPages(r.id, base, n, this.zeroScratch)
           const zeroRuns: number[] = []
-          for (let j = 0; j < n; j++) {
-            if (!this.zeroScratch[j]) continue
-            if (zeroRuns.length && zeroRuns[zeroRuns.length - 2] + zeroRuns[zeroRuns.length - 1] === base + j) zeroRuns[zeroRuns.length - 1]++
-            else zeroRuns.push(base + j, 1)
-          }
+          this.splitZero(r.id, base, n, (p, count, isZero) => {
+            if (isZero) zeroRuns.push(p, count)
+          })
           if (zeroRuns.length) rr.zeroPages += this.sendRanges(this.bulk, RangeKind.ZERO, i, zeroRuns)
         }
         if (this.bulk.needsDrain) await this.bulk.drain()
@@ -379,28 +376,35 @@ export class MigrationSource {
   /** Sends at most MAX_PAGES_PER_FRAME pages, synchronously. */
   private sendChunk(ch: Channel, region: number, base: number, n: number, afterHandoff: boolean, total: { data: number; zero: number }): void {
     const r = this.regions[region]
-    this.binding.zeroPages(r.id, base, n, this.zeroScratch)
     const zeroRuns: number[] = []
+    this.splitZero(r.id, base, n, (p, count, isZero) => {
+      if (isZero) {
+        zeroRuns.push(p, count)
+        total.zero += count
+        return
+      }
+      ch.send([pagesHeader(region, p, count, this.ps), Buffer.from(r.buffer, p * this.ps, count * this.ps)])
+      total.data += count
+      this.counts.data += count
+      const sent = this.everSent[region]
+      for (let q = sent.nextSet(p, p + count); q !== -1; q = sent.nextSet(q + 1, p + count)) this.counts.resent++
+      sent.setRange(p, count)
+      this.destHas[region].setRange(p, count)
+      if (afterHandoff) this.pending[region].clearRange(p, count)
+    })
+    if (zeroRuns.length) this.sendRanges(ch, RangeKind.ZERO, region, zeroRuns)
+  }
+
+  /** Splits [base, base+n) (n <= MAX_PAGES_PER_FRAME) into runs of all-zero and non-zero pages. */
+  private splitZero(regionId: number, base: number, n: number, onRun: (first: number, count: number, isZero: boolean) => void): void {
+    this.binding.zeroPages(regionId, base, n, this.zeroScratch)
     for (let i = 0; i < n; ) {
       const isZero = this.zeroScratch[i]
       let j = i + 1
       while (j < n && this.zeroScratch[j] === isZero) j++
-      const p = base + i
-      if (isZero) {
-        zeroRuns.push(p, j - i)
-        total.zero += j - i
-      } else {
-        ch.send([pagesHeader(region, p, j - i, this.ps), Buffer.from(r.buffer, p * this.ps, (j - i) * this.ps)])
-        total.data += j - i
-        this.counts.data += j - i
-        for (let q = this.everSent[region].nextSet(p, p + j - i); q !== -1; q = this.everSent[region].nextSet(q + 1, p + j - i)) this.counts.resent++
-        this.everSent[region].setRange(p, j - i)
-        this.destHas[region].setRange(p, j - i)
-        if (afterHandoff) this.pending[region].clearRange(p, j - i)
-      }
+      onRun(base + i, j - i, isZero === 1)
       i = j
     }
-    if (zeroRuns.length) this.sendRanges(ch, RangeKind.ZERO, region, zeroRuns)
   }
 
   /** Free-page reports from the service: discarded here, sent as FREE ranges. */

@@ -141,7 +141,3 @@ export class Channel {
     this.fail(migrationError(ErrorCode.ABORTED, `${this.name} connection closed`))
   }
 }
-
-export function isUffdError(e: unknown): e is UffdMigrateError {
-  return e instanceof UffdMigrateError
-}
