@@ -104,12 +104,17 @@ class Store {
     if (!found) return false
     const w = (slot * SLOT) / 4
     this.release(this.t32[w + 1], this.t32[w + 3])
-    // backward-shift deletion keeps probe chains intact
+    // Backward-shift deletion keeps probe chains intact: walk the cluster to
+    // its end; an entry whose home lies cyclically in (hole, j] stays, any
+    // other moves into the hole (an entry at its home does not end the walk:
+    // entries after it may still probe across the hole).
     let i = slot
-    for (;;) {
-      const j = (i + 1) % this.slots
-      const jw = (j * SLOT) / 4
-      if (this.t32[jw] === 0 || this.t32[jw] % this.slots === j) break
+    for (let j = (slot + 1) % this.slots; ; j = (j + 1) % this.slots) {
+      const sh = this.t32[(j * SLOT) / 4]
+      if (sh === 0) break
+      const home = sh % this.slots
+      const stays = i <= j ? i < home && home <= j : i < home || home <= j
+      if (stays) continue
       this.t8.copyWithin(i * SLOT, j * SLOT, j * SLOT + SLOT)
       i = j
     }
