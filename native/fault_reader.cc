@@ -38,8 +38,10 @@ void FaultReader::on_readable(uv_poll_t* handle, int status, int) {
   self->drain();
 }
 
-void FaultReader::drain() {
+size_t FaultReader::drain() {
   constexpr int kBatch = 128;
+  size_t delivered = 0;
+  if (callback_.IsEmpty()) return 0;
   uffd_msg msgs[kBatch];
   const size_t ps = page_size();
   Napi::HandleScope scope(env_);
@@ -60,6 +62,7 @@ void FaultReader::drain() {
       events[k++] = (uint32_t)msgs[i].arg.pagefault.flags;
     }
     if (k == 0) continue;
+    delivered += k / 3;
     Napi::Uint32Array batch = k == count * 3 ? events : Napi::Uint32Array::New(env_, k, events.ArrayBuffer(), 0);
     try {
       callback_.MakeCallback(env_.Global(), {batch}, *context_);
@@ -70,6 +73,7 @@ void FaultReader::drain() {
     }
     if (count < (size_t)kBatch) break;
   }
+  return delivered;
 }
 
 }  // namespace uffdm

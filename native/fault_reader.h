@@ -20,11 +20,12 @@ class FaultReader {
   int start();
   // Stops polling and frees itself once libuv has closed the handle.
   void close();
+  // Reads every queued event and hands them to the callback; returns how many.
+  size_t drain();
 
  private:
   ~FaultReader() = default;
   static void on_readable(uv_poll_t* handle, int status, int events);
-  void drain();
 
   Napi::Env env_;
   int fd_;

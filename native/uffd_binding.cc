@@ -33,6 +33,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
                            InstanceMethod("writeProtect", &Uffd::WriteProtect),
                            InstanceMethod("startFaults", &Uffd::StartFaults),
                            InstanceMethod("stopFaults", &Uffd::StopFaults),
+                           InstanceMethod("pollFaults", &Uffd::PollFaults),
                            InstanceMethod("close", &Uffd::Close),
                            InstanceAccessor("features", &Uffd::Features, nullptr),
                            InstanceAccessor("ioctls", &Uffd::Ioctls, nullptr),
@@ -201,6 +202,13 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
       throw sys_error(env, r, "uv_poll_start");
     }
     return env.Undefined();
+  }
+
+  // Delivers the fault events queued right now to the startFaults callback,
+  // synchronously; returns how many. For a thread busy with a long stretch of
+  // work (installing pushed pages), which would see the uv_poll only after it.
+  Napi::Value PollFaults(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), reader_ ? (double)reader_->drain() : 0);
   }
 
   Napi::Value StopFaults(const Napi::CallbackInfo& info) {

@@ -21,6 +21,8 @@ export interface NativeUffd {
   writeProtect(regionId: number, offset: number, length: number, protect: boolean, wake?: boolean): void
   /** events: triples [regionId, pageIndex, flags] */
   startFaults(callback: (events: Uint32Array) => void): void
+  /** Delivers the fault events queued now to the startFaults callback, synchronously; how many. */
+  pollFaults(): number
   stopFaults(): void
   close(): void
 }

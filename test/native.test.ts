@@ -57,6 +57,31 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     region.release()
   })
 
+  it('pollFaults() delivers a queued fault synchronously, while this thread never yields to its loop', async () => {
+    const { region, uffd } = missingRegion(8)
+    const faults: number[] = []
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) {
+        faults.push(ev[i + 1])
+        uffd.copy(region.id, ev[i + 1] * ps, new Uint8Array(ps).fill(42))
+      }
+    })
+    expect(uffd.pollFaults()).toBe(0) // nothing queued
+    const read = inWorker<number>(region.describe(), `return u8[5 * ${ps} + 1]`)
+    // Busy, as the agent is while it installs pushed frames: no turn of the loop
+    // (the uv_poll cannot fire) until the fault has been seen here.
+    let delivered = 0
+    const deadline = Date.now() + 10_000
+    while (delivered === 0 && Date.now() < deadline) delivered = uffd.pollFaults()
+    expect(delivered).toBe(1)
+    expect(faults).toEqual([5])
+    expect(await read).toBe(42)
+    uffd.stopFaults()
+    expect(uffd.pollFaults()).toBe(0) // no reader: nothing to deliver to
+    uffd.close()
+    region.release()
+  })
+
   it('resolves faults from many threads at once, each page with its own bytes', async () => {
     const threads = 4, perThread = 40
     const { region, uffd } = missingRegion(threads * perThread)

@@ -51,6 +51,28 @@ describe('bubbling prepaging', () => {
     expect(pages.slice(3, 6)).toEqual([0, 1, 2])
   })
 
+  it('fills the holes of the area that faulted last before the sticky pivot walks on', () => {
+    // Random faults leave bubbles that stopped at each other: every 4th page is still missing.
+    const pending = [new PageBitmap(4096)]
+    for (let p = 0; p < 4096; p += 4) pending[0].set(p)
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, areaPages: 512 })
+    pending[0].clear(2000) // the faulted page goes on the urgent channel
+    policy.onFault(0, 2000)
+    const first = policy.next(64)
+    const pages = flat(first).filter((p) => pending[0].has(p))
+    // neighbours 2001..2003 and 1999 are sent: both edges stop at once; then the
+    // holes of area [1536, 2048) in order, not page 0 of the sticky walk
+    expect(policy.pivotState).toHaveLength(0)
+    expect(pages.slice(0, 4)).toEqual([1536, 1540, 1544, 1548])
+    expect(pages.every((p) => p >= 1536 && p < 2048)).toBe(true)
+    send(pending, first)
+    const rest = send(pending, policy.next(63))
+    expect(rest.every((p) => p >= 1536 && p < 2048)).toBe(true)
+    // the area's 127 holes (all but the faulted page) are gone: the sticky pivot goes on from page 0
+    expect(pending[0].nextSet(1536, 2048)).toBe(-1)
+    expect(send(pending, policy.next(4))[0]).toBe(0)
+  })
+
   it('shares the push among several pivots, most recent first', () => {
     const pending = [allPending(10_000)]
     const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, adaptive: false, initialWindow: 8, backwardRatio: 1e9 })

@@ -77,6 +77,8 @@ async function main() {
   // The workload: touch each page once, check it; a touch slower than 20 us
   // was a stall in a page fault.
   let blockedNs = 0n
+  let blockedTouches = 0
+  let longTouches = 0
   let bad = 0
   const t0 = process.hrtime.bigint()
   for (let i = 0; i < wsPages; i++) {
@@ -84,11 +86,11 @@ async function main() {
     const s = process.hrtime.bigint()
     const v = u32[p * pageWords]
     const d = process.hrtime.bigint() - s
-    if (d > 20_000n) blockedNs += d
+    if (d > 20_000n) { blockedNs += d; blockedTouches++; if (d > 1_000_000n) longTouches++ }
     if (v !== 0 && !checkPage(u32, p, expected(p), pageWords)) bad++
   }
   const workloadMs = Number(process.hrtime.bigint() - t0) / 1e6
-  out(`RESULT ${JSON.stringify({ touched: wsPages, workloadMs, blockedMs: Number(blockedNs) / 1e6, bad })}`)
+  out(`RESULT ${JSON.stringify({ touched: wsPages, workloadMs, blockedMs: Number(blockedNs) / 1e6, blockedTouches, longTouches, bad })}`)
   await guest.settled
   out('SETTLED')
   let wrong = bad

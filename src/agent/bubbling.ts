@@ -6,7 +6,9 @@
  * a sticky initial pivot walks the regions front to back and never stops, so
  * the push always makes progress. Adaptivity (as CRIU's lazy-pages adapts its
  * transfer length): a pivot's window per turn doubles while faults keep
- * landing next to it and falls back when they land elsewhere.
+ * landing next to it and falls back when they land elsewhere. Random faults
+ * leave bubbles that stopped at each other with holes between them: the holes
+ * of the most recently faulted areas (2 MiB) go before the sticky pivot's walk.
  *
  * Everything works on the pending bitmaps: one turn costs O(pages it returns).
  */
@@ -24,9 +26,17 @@ export interface BubblingOptions {
   maxWindow: number
   /** One backward page for every `backwardRatio` forward pages (forward matters most). */
   backwardRatio: number
+  /**
+   * Pages per fault area: once the bubbles stopped at sent pages, the holes
+   * left in the areas that faulted most recently are filled before the
+   * sticky pivot goes on (0: off).
+   */
+  areaPages: number
+  /** How many recent fault areas are remembered. */
+  areas: number
 }
 
-export const BUBBLE_DEFAULTS: BubblingOptions = { pivots: 7, adaptive: true, initialWindow: 16, maxWindow: 1024, backwardRatio: 4 }
+export const BUBBLE_DEFAULTS: BubblingOptions = { pivots: 7, adaptive: true, initialWindow: 16, maxWindow: 1024, backwardRatio: 4, areaPages: 512, areas: 32 }
 
 interface Pivot {
   region: number
@@ -41,9 +51,18 @@ interface Pivot {
   backwardCredit: number
 }
 
+/** An aligned block of pages that faulted recently; `cursor`: next page to look at. */
+interface FaultArea {
+  region: number
+  cursor: number
+  end: number
+}
+
 export class BubblingPush implements PushPolicy {
   readonly name: string
   private pivots: Pivot[] = []
+  /** Most recent first. */
+  private areas: FaultArea[] = []
   private turn = 0
   /** The sticky initial pivot: front to back over every region, skipping sent pages. */
   private readonly sticky: SequentialPush
@@ -62,6 +81,7 @@ export class BubblingPush implements PushPolicy {
   }
 
   onFault(region: number, page: number): void {
+    this.noteArea(region, page)
     // A fault inside a bubble or within a window of its edges is a hit: that
     // pivot grows instead of a new one starting next to it.
     for (const p of this.pivots) {
@@ -124,8 +144,44 @@ export class BubblingPush implements PushPolicy {
       idle = got === 0 ? idle + 1 : 0
       this.turn++
     }
+    if (budget > 0) budget -= this.fillAreas(budget, out)
     if (budget > 0) out.push(...this.sticky.next(budget))
     return out
+  }
+
+  /**
+   * Random faults leave the bubbles stopped at each other with holes between
+   * them; the service will fault on those holes next. The holes of the areas
+   * that faulted last go before the sticky pivot's walk.
+   */
+  private noteArea(region: number, page: number): void {
+    const size = this.opts.areaPages
+    if (size <= 0) return
+    const start = page - (page % size)
+    const i = this.areas.findIndex((a) => a.region === region && a.end - size <= start && start < a.end && a.end === Math.min(this.pending[region].size, start + size))
+    if (i === 0) return
+    const area = i > 0 ? this.areas.splice(i, 1)[0] : { region, cursor: start, end: Math.min(this.pending[region].size, start + size) }
+    this.areas.unshift(area)
+    if (this.areas.length > this.opts.areas) this.areas.length = this.opts.areas
+  }
+
+  private fillAreas(budget: number, out: PushRun[]): number {
+    let taken = 0
+    while (taken < budget && this.areas.length > 0) {
+      const a = this.areas[0]
+      const map = this.pending[a.region]
+      const p = map.nextSet(a.cursor, a.end)
+      if (p === -1) {
+        this.areas.shift()
+        continue
+      }
+      let q = map.nextClear(p, Math.min(a.end, p + budget - taken))
+      if (q === -1) q = Math.min(a.end, p + budget - taken)
+      out.push({ region: a.region, firstPage: p, pageCount: q - p })
+      taken += q - p
+      a.cursor = q
+    }
+    return taken
   }
 
   /** Up to n pages around p; an edge stops at the first page already sent. */

@@ -156,10 +156,12 @@ export class MigrationDestination {
         return this.onRegions(decodeControl(f.type, f.payload))
       case Msg.PAGES: {
         this.expect(f, 'precopy', 'postcopy')
+        this.pollFaults()
         return this.placePages(decodePages(f.payload, this.layout, this.ps))
       }
       case Msg.RANGES:
         this.expect(f, 'precopy', 'postcopy')
+        this.pollFaults()
         return this.onRanges(f)
       case Msg.ROUND_END:
       case Msg.PRECOPY_END:
@@ -321,6 +323,15 @@ export class MigrationDestination {
   }
 
   // ---- faults ---------------------------------------------------------------------
+
+  /**
+   * Post-copy: a stretch of pushed frames keeps this loop busy for a
+   * millisecond or more before the uv_poll sees a fault; look before each
+   * frame (one read() that usually answers EAGAIN) so the request goes out now.
+   */
+  private pollFaults(): void {
+    if (this.phase === 'postcopy') this.uffd?.pollFaults()
+  }
 
   private onFaults(ev: Uint32Array): void {
     const now = nowMs()
