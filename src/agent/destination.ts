@@ -60,6 +60,8 @@ export class MigrationDestination {
   private readyPausedSince = 0
   private readyHoldoffUntil = 0
   private readyTimer: NodeJS.Timeout | undefined
+  /** Bulk reading paused until the next turn of the loop (see throttleBulk). */
+  private bulkYielding = false
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
@@ -157,12 +159,14 @@ export class MigrationDestination {
       case Msg.PAGES: {
         this.expect(f, 'precopy', 'postcopy')
         this.pollFaults()
-        return this.placePages(decodePages(f.payload, this.layout, this.ps))
+        this.placePages(decodePages(f.payload, this.layout, this.ps))
+        return this.throttleBulk()
       }
       case Msg.RANGES:
         this.expect(f, 'precopy', 'postcopy')
         this.pollFaults()
-        return this.onRanges(f)
+        this.onRanges(f)
+        return this.throttleBulk()
       case Msg.ROUND_END:
       case Msg.PRECOPY_END:
         this.expect(f, 'precopy')
@@ -405,12 +409,12 @@ export class MigrationDestination {
   }
 
   /**
-   * While a page request is open, bulk data is not read: the page must not
-   * queue behind megabytes of push on this event loop. REQUEST_DONE (after the
-   * replies, on the urgent channel) closes a request. A blocked thread's fault
-   * always pauses the push; ready() requests pause it for at most
-   * READY_PAUSE_MS at a time, then let it run as long: a service that asks all
-   * the time must not starve the push.
+   * While a page request is open, the page must not queue behind megabytes of
+   * push on this event loop. REQUEST_DONE (after the replies, on the urgent
+   * channel) closes a request. A blocked thread's fault throttles bulk reading
+   * to one frame per turn of the loop (throttleBulk); ready() requests pause
+   * it for at most READY_PAUSE_MS at a time, then let it run as long: a
+   * service that asks all the time must not starve the push.
    */
   private sendRequest(type: Msg, region: number, runs: number[], kind: RequestKind): void {
     if (!this.urgent) return
@@ -427,9 +431,26 @@ export class MigrationDestination {
     this.updateBulkPause()
   }
 
+  /**
+   * While a fault's request is open, bulk data is read one frame per turn of
+   * the loop: the reply on the urgent channel then waits behind one frame at
+   * most, not behind the megabytes libuv reads from a busy socket in one go,
+   * and the push keeps flowing (on a fast link the destination's install rate
+   * is the bottleneck: a full stop per fault cost most of the push).
+   */
+  private throttleBulk(): void {
+    if (this.phase !== 'postcopy' || this.bulkYielding || this.openRequests[RequestKind.FAULT] === 0) return
+    this.bulkYielding = true
+    this.updateBulkPause()
+    setImmediate(() => {
+      this.bulkYielding = false
+      this.updateBulkPause()
+    })
+  }
+
   private updateBulkPause(): void {
     const now = nowMs()
-    let pause = this.openRequests[RequestKind.FAULT] > 0
+    let pause = this.bulkYielding
     if (!pause && this.openRequests[RequestKind.READY] > 0 && now >= this.readyHoldoffUntil) {
       if (this.readyPausedSince === 0) this.readyPausedSince = now
       if (now - this.readyPausedSince < READY_PAUSE_MS) {
