@@ -103,6 +103,26 @@ describe('bubbling prepaging', () => {
     expect(policy.pivotState[6].window).toBe(16)
   })
 
+  it('counts only faults next to a moving edge as hits, and skips ahead only over pages already taken', () => {
+    const pending = [allPending(100_000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, initialWindow: 16, backwardRatio: 1e9 })
+    policy.onFault(0, 1000)
+    for (let i = 0; i < 5; i++) send(pending, policy.next(16)) // 1001..1080 sent: forward edge at 1081
+    // a fault far behind the edges (a page of the bubble) is no hit: a new pivot starts there
+    policy.onFault(0, 1040)
+    expect(policy.pivotState.map((p) => p.center)).toEqual([1040, 1000])
+    expect(policy.pivotState[1].window).toBe(16)
+    // a fault just ahead of the forward edge with pages still pending in between: a hit, no skip
+    policy.onFault(0, 1090)
+    const old = policy.pivotState.find((p) => p.center === 1000)!
+    expect(old.window).toBe(32)
+    expect(old.fwd).toBe(1081)
+    // the service took every page up to its fault (a sequential scan ahead of the push): the edge follows it
+    for (let p = 1081; p < 1100; p++) pending[0].clear(p)
+    policy.onFault(0, 1100)
+    expect(policy.pivotState.find((p) => p.center === 1000)!.fwd).toBe(1101)
+  })
+
   it('puts a hinted range at the front of the push', () => {
     const pending = [allPending(1000)]
     const policy = new BubblingPush(pending)

@@ -36,7 +36,7 @@ export interface BubblingOptions {
   areas: number
 }
 
-export const BUBBLE_DEFAULTS: BubblingOptions = { pivots: 7, adaptive: true, initialWindow: 16, maxWindow: 1024, backwardRatio: 4, areaPages: 512, areas: 32 }
+export const BUBBLE_DEFAULTS: BubblingOptions = { pivots: 7, adaptive: true, initialWindow: 64, maxWindow: 1024, backwardRatio: 4, areaPages: 512, areas: 32 }
 
 interface Pivot {
   region: number
@@ -82,17 +82,24 @@ export class BubblingPush implements PushPolicy {
 
   onFault(region: number, page: number): void {
     this.noteArea(region, page)
-    // A fault inside a bubble or within a window of its edges is a hit: that
-    // pivot grows instead of a new one starting next to it.
+    // A fault within a window of a moving edge is a hit: that pivot grows
+    // instead of a new one starting next to it. A fault behind the edges (a
+    // page of the bubble still in flight, or a hole) says nothing about where
+    // the edges are going: counting it would let an edge that has run out of
+    // the working set keep the push forever.
     for (const p of this.pivots) {
       if (p.region !== region) continue
-      const lo = (p.bwd === -1 ? p.center : p.bwd) - p.window
-      const hi = (p.fwd === -1 ? p.center : p.fwd) + p.window
-      if (page < lo || page > hi) continue
+      const nearFwd = p.fwd !== -1 && page >= p.fwd - p.window && page <= p.fwd + p.window
+      const nearBwd = p.bwd !== -1 && page >= p.bwd - p.window && page <= p.bwd + p.window
+      if (!nearFwd && !nearBwd) continue
       if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
       p.misses = 0
-      // the service is ahead of the push: continue from where it is
-      if (p.fwd !== -1 && page >= p.fwd) p.fwd = page + 1 < this.pending[region].size ? page + 1 : -1
+      // The service is ahead of the push and took every page up to here
+      // (sequential scans): continue from where it is. Pages still pending in
+      // between are not skipped.
+      if (nearFwd && page >= p.fwd && this.pending[region].nextSet(p.fwd, page) === -1) {
+        p.fwd = page + 1 < this.pending[region].size ? page + 1 : -1
+      }
       this.bump(p)
       return
     }
