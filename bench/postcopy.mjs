@@ -85,18 +85,20 @@ try {
             }
             const pc = r.report.postcopy
             samples.push({
-              faultPct: (100 * pc.networkFaults) / res.touched, totalMs: r.report.totalMs, settleMs: pc.timeToSettledMs,
+              faultPct: (100 * pc.networkFaults) / res.touched, demandPct: (100 * pc.demandPages) / res.touched, totalMs: r.report.totalMs, settleMs: pc.timeToSettledMs,
               p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, blockedMs: res.blockedMs, workloadMs: res.workloadMs,
             })
           }
           const m = (k) => stats(samples.map((s) => s[k])).median
           results.A.push({ pattern, ws, strategy, samples })
-          rows.push([pattern, `${ws} MiB`, strategy, samples.length ? `${fmt(m('faultPct'))}%` : 'failed', fmt(m('totalMs')), fmt(m('settleMs')), fmt(m('p50')), fmt(m('p99')), fmt(m('blockedMs')), fmt(m('workloadMs'))])
+          rows.push([pattern, `${ws} MiB`, strategy, samples.length ? `${fmt(m('faultPct'))}%` : 'failed', samples.length ? `${fmt(m('demandPct'))}%` : '', fmt(m('totalMs')), fmt(m('settleMs')), fmt(m('p50')), fmt(m('p99')), fmt(m('blockedMs')), fmt(m('workloadMs'))])
         }
       }
     }
     console.log('A. post-copy strategies, 1 GiB guest, workload right after the hand-off (medians)')
-    printTable(['pattern', 'working set', 'strategy', 'net faults/touched', 'total ms', 'settled ms', 'fault p50 us', 'fault p99 us', 'blocked ms', 'workload ms'], rows, { align: [0, 0, 0, 1, 1, 1, 1, 1, 1, 1] })
+    console.log('  net faults: faults that sent a page request; fetched on demand: pages that came on the urgent channel')
+    console.log('  (the rest of the requests were for pages the push had already sent: they waited for the bulk channel)')
+    printTable(['pattern', 'working set', 'strategy', 'net faults/touched', 'fetched on demand/touched', 'total ms', 'settled ms', 'fault p50 us', 'fault p99 us', 'blocked ms', 'workload ms'], rows, { align: [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1] })
     // the issue's targets
     const med = (pattern, ws, strategy) => stats(results.A.find((x) => x.pattern === pattern && x.ws === ws && x.strategy === strategy)?.samples.map((s) => s.faultPct) ?? []).median
     const checks = []

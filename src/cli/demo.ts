@@ -65,6 +65,8 @@ export interface ExampleResult {
   ok: boolean
   /** Every line the destination's service printed. */
   destLines?: string[]
+  /** Every line the source's service printed. */
+  sourceLines?: string[]
   report?: MigrationReport
   error?: string
   client?: { requests: number; ok: number; wrong: number; errors: number; maxGapMs: number; wrongSamples: unknown[] }
@@ -116,7 +118,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     client = undefined
     const sourceExit = (await source.exited).code
     const ok = verify.startsWith('ok') && (stats?.wrong ?? 0) === 0 && sourceExit === 0
-    return { ok, report, client: stats, verify, sourceExit, destLines: dest.lines }
+    return { ok, report, client: stats, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
   } finally {
     await client?.stop()
     source.kill()

@@ -1,0 +1,75 @@
+// A model of table A without network or CPU noise: the real push policies
+// (dist/agent/*), the scan-service's touch order, and a push that moves a
+// fixed number of pages while a fault is served and while a local page is
+// touched. It shows what each policy can reach on a workload, and the bound
+// of an oracle that pushes exactly the working set (front to back) and nothing
+// else: no policy that does not know the access order can do better.
+import { createRequire } from 'node:module'
+import { repoRoot } from './limits.mjs'
+
+const require = createRequire(import.meta.url)
+const { PageBitmap } = require(`${repoRoot}/dist/bitmap.js`)
+const { createPushPolicy } = require(`${repoRoot}/dist/agent/prepaging.js`)
+const { SequentialPush } = require(`${repoRoot}/dist/agent/push-policy.js`)
+
+/** The scan-service's order: the same offsets and the same LCG shuffle. */
+export function touchOrder(wsPages, firstPage, pattern) {
+  const order = new Uint32Array(wsPages)
+  for (let i = 0; i < wsPages; i++) order[i] = firstPage + i
+  if (pattern === 'random') {
+    let seed = 7
+    for (let i = wsPages - 1; i > 0; i--) {
+      seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
+      const j = seed % (i + 1)
+      const t = order[i]
+      order[i] = order[j]
+      order[j] = t
+    }
+  }
+  return order
+}
+
+/**
+ * Network faults (% of touched pages) for one strategy ('push', 'bubble',
+ * 'bubble1', or 'oracle'). pagesPerFault: pages the push delivers while one
+ * fault is served; pagesPerTouch: while one local page is touched.
+ */
+export function modelFaults({ guestPages, wsPages, firstPage, pattern, strategy, pagesPerFault = 64, pagesPerTouch = 0.3, batch = 256 }) {
+  const pending = new PageBitmap(guestPages)
+  pending.setRange(0, guestPages)
+  let policy
+  if (strategy === 'oracle') {
+    const ws = new PageBitmap(guestPages)
+    ws.setRange(firstPage, wsPages)
+    policy = new SequentialPush([ws]) // walks the working set only; pages leave `ws` when sent
+    policy.sent = ws
+  } else {
+    policy = createPushPolicy({ strategy }, [pending])
+  }
+  let credit = 0
+  const push = (pages) => {
+    credit += pages
+    while (credit >= 1) {
+      const runs = policy.next(Math.min(batch, Math.floor(credit)))
+      if (runs.length === 0) return
+      for (const r of runs) {
+        const n = pending.clearRange(r.firstPage, r.pageCount)
+        policy.sent?.clearRange(r.firstPage, r.pageCount)
+        credit -= Math.max(n, 1)
+      }
+    }
+  }
+  let faults = 0
+  for (const p of touchOrder(wsPages, firstPage, pattern)) {
+    if (pending.has(p)) {
+      faults++
+      pending.clear(p)
+      policy.sent?.clear(p)
+      policy.onFault(0, p)
+      push(pagesPerFault)
+    } else {
+      push(pagesPerTouch)
+    }
+  }
+  return (100 * faults) / wsPages
+}
