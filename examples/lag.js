@@ -4,7 +4,8 @@
 function lagMeter(intervalMs = 2) {
   let blockedMs = 0
   let maxMs = 0
-  let last = performance.now()
+  const start = performance.now()
+  let last = start
   const timer = setInterval(() => {
     const now = performance.now()
     const late = now - last - intervalMs
@@ -17,7 +18,7 @@ function lagMeter(intervalMs = 2) {
   return {
     stop() {
       clearInterval(timer)
-      return { blockedMs, maxBlockMs: maxMs }
+      return { blockedMs, maxBlockMs: maxMs, durationMs: performance.now() - start }
     },
   }
 }

@@ -6,7 +6,7 @@
 // that during post-copy the event loop never blocks in a page fault.
 //   source:      node examples/kv-store/server.js --name kv --http 8080
 //   destination: uffd-migrate receive --listen 0.0.0.0:7070 -- node examples/kv-store/server.js --name kv --http 8080
-// stdout: READY, HTTP <port>, RESTORED, LAG {...}, SETTLED, VERIFY ok|fail
+// stdout: READY, HTTP <port>, LAG_BEFORE {...} (source), RESTORED, LAG {...}, SETTLED, VERIFY ok|fail
 const http = require('node:http')
 const { parseArgs } = require('node:util')
 const { Guest } = require('../../')
@@ -29,12 +29,15 @@ const out = (line) => process.stdout.write(line + '\n')
 const nKeys = Number(a.keys)
 let server
 let store
+let lagBefore
 
 async function main() {
   const guest = await Guest.start({
     name: a.name,
     regions: { table: Number(a['table-mib']) << 20, arena: Number(a['arena-mib']) << 20 },
     pause: async () => {
+      // the same meter before the migration: what the client's load alone costs the loop
+      if (lagBefore) out(`LAG_BEFORE ${JSON.stringify(lagBefore.stop())}`)
       await new Promise((r) => {
         server.close(r)
         server.closeAllConnections()
@@ -105,6 +108,7 @@ async function main() {
   // and are reported free, as a long-running store's would be.
   for (const version of [1, 2]) for (let i = 0; i < nKeys; i++) store.put(`k${i}`, valueFor(`k${i}`, version), version)
   guest.on('moved', () => setTimeout(() => process.exit(0), 20))
+  lagBefore = lagMeter()
   listen()
   out(`READY freedSlabs=${store.freedSlabs}`)
 }
