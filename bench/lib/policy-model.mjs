@@ -11,23 +11,7 @@ const require = createRequire(import.meta.url)
 const { PageBitmap } = require(`${repoRoot}/dist/bitmap.js`)
 const { createPushPolicy } = require(`${repoRoot}/dist/agent/prepaging.js`)
 const { SequentialPush } = require(`${repoRoot}/dist/agent/push-policy.js`)
-
-/** The scan-service's order: the same offsets and the same LCG shuffle. */
-export function touchOrder(wsPages, firstPage, pattern) {
-  const order = new Uint32Array(wsPages)
-  for (let i = 0; i < wsPages; i++) order[i] = firstPage + i
-  if (pattern === 'random') {
-    let seed = 7
-    for (let i = wsPages - 1; i > 0; i--) {
-      seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
-      const j = seed % (i + 1)
-      const t = order[i]
-      order[i] = order[j]
-      order[j] = t
-    }
-  }
-  return order
-}
+const { touchOrder } = require(`${repoRoot}/examples/scan-service/order.js`) // the service's own order
 
 /**
  * Network faults (% of touched pages) for one strategy ('push', 'bubble',

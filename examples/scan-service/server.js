@@ -13,6 +13,7 @@
 const { parseArgs } = require('node:util')
 const { Guest } = require('../../')
 const { writePage, checkPage } = require('../page-store/pattern')
+const { touchOrder } = require('./order')
 
 const { values: a } = parseArgs({
   options: {
@@ -62,18 +63,7 @@ async function main() {
   out('RESTORED')
   const wsPages = (Number(a['ws-mib']) << 20) / PS
   const first = (Number(a['ws-offset-mib']) << 20) / PS
-  const order = new Uint32Array(wsPages)
-  for (let i = 0; i < wsPages; i++) order[i] = first + i
-  if (a.pattern === 'random') {
-    let seed = 7
-    for (let i = wsPages - 1; i > 0; i--) {
-      seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
-      const j = seed % (i + 1)
-      const t = order[i]
-      order[i] = order[j]
-      order[j] = t
-    }
-  }
+  const order = touchOrder(wsPages, first, a.pattern)
   // The workload: touch each page once, check it; a touch slower than 20 us
   // was a stall in a page fault.
   let blockedNs = 0n
