@@ -158,6 +158,16 @@ describe('bubbling prepaging', () => {
     }
   })
 
+  it('stays next to the best possible push on random working sets (the model of bench:postcopy, table A0)', async () => {
+    // the real policies on the scan-service's own touch order, without a network
+    const { modelFaults } = await import('../bench/lib/policy-model.mjs')
+    const o = { guestPages: 262144, wsPages: 32768, firstPage: 81920, pattern: 'random' }
+    const [push, bubble, oracle] = ['push', 'bubble', 'oracle'].map((strategy) => modelFaults({ ...o, strategy }))
+    expect(oracle).toBeLessThan(push)
+    expect(bubble).toBeLessThanOrEqual(oracle * 1.1) // an oracle pushes exactly the working set
+    expect(bubble / push).toBeLessThan(0.35)
+  })
+
   it('demand-only pushes nothing while faults are recent', () => {
     const pending = [allPending(100)]
     const policy = createPushPolicy({ strategy: 'demand', idleFillMs: 60_000 }, pending)
