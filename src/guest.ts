@@ -49,6 +49,8 @@ export interface MigrateOptions {
   downtimeMs?: number
   maxRounds?: number
   connectTimeoutMs?: number
+  /** Post-copy: how long a broken link may stay broken before the migration fails (default 60 000; 0: fail at once). */
+  recoveryTimeoutMs?: number
   prepaging?: Partial<PrepagingOptions>
   /** Record the post-copy push order in the report. */
   pushLog?: boolean
@@ -328,6 +330,11 @@ export class Guest extends EventEmitter {
           this.waiters.delete(id)
         }
         return
+      case 'recovering':
+        // the link broke during post-copy; faults wait until the source is back
+        this.emit('recovering', m.message)
+        if (this.listenerCount('recovering') === 0) console.error(`[uffd-migrate] ${m.message}`)
+        return
       case 'settled':
         this.isSettledFlag = true
         for (const w of this.waiters.values()) w.resolve()
@@ -371,12 +378,15 @@ function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefine
   if (!(downtimeMs > 0)) throw bad(`expected downtimeMs > 0, got ${downtimeMs}`)
   const maxRounds = o.maxRounds ?? 5
   if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
+  const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
+  if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
     to: o.to,
     mode,
     downtimeMs,
     maxRounds,
     connectTimeoutMs: o.connectTimeoutMs ?? 5000,
+    recoveryTimeoutMs,
     prepaging: { ...DEFAULT_PREPAGING, ...o.prepaging },
     pushLog: o.pushLog ?? false,
     token: resolveToken(o.token ?? guestToken),

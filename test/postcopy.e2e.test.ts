@@ -62,16 +62,17 @@ describe.skipIf(skip)('post-copy with cooperative hints', () => {
     await source.close()
   })
 
-  it('ready() rejects with a clear error when the connection is cut', async () => {
+  it('ready() rejects with a clear error when the source goes away and does not come back in time', async () => {
     const { source, destination, migrate } = await pair(16 * MiB)
     fill(source.regions.mem.buffer, Array.from({ length: 4096 }, (_, p) => p))
-    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 60_000 } })
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 60_000 }, recoveryTimeoutMs: 500 })
     report.catch(() => {})
     const dest = await destination
     await dest.regions.mem.ready(0, PS)
     await source.close() // the source's agent and its sockets go away
     const err = await dest.regions.mem.ready(2000 * PS, PS).catch((e) => e)
     expect(err.code).toBe('ERR_MIGRATION_CONNECTION')
+    expect(err.message).toMatch(/did not reconnect within 500 ms/)
     await expect(dest.settled).rejects.toMatchObject({ code: 'ERR_MIGRATION_CONNECTION' })
     await dest.close()
   })

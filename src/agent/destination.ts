@@ -9,7 +9,7 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import type { NativeBinding, NativeUffd } from '../binding'
 import { PageBitmap } from '../bitmap'
-import { ErrorCode, migrationError } from '../errors'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
 import { Channel } from '../protocol/channel'
 import type { Frame } from '../protocol/frames'
 import { peerError, serverHandshake } from '../protocol/handshake'
@@ -29,9 +29,11 @@ export interface DestinationHooks {
   /** These ready() waits of the service are satisfied: their ranges are local. */
   ready(waitIds: number[]): void
   failed(err: Error): void
+  /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
+  recovering?(message: string): void
 }
 
-type Phase = 'setup' | 'precopy' | 'handoff' | 'postcopy' | 'settled' | 'failed'
+type Phase = 'setup' | 'precopy' | 'handoff' | 'postcopy' | 'recovering' | 'settled' | 'failed'
 
 /** Longest stretch ready() requests may hold the push back (then it runs as long). */
 const READY_PAUSE_MS = 5
@@ -56,7 +58,7 @@ export class MigrationDestination {
   private phase: Phase = 'setup'
   private readonly faultStart = new Map<number, number>()
   /** Open PAGE_REQUESTs by kind (READY, FAULT). */
-  private readonly openRequests = [0, 0]
+  private openRequests = [0, 0]
   private readyPausedSince = 0
   private readyHoldoffUntil = 0
   private readyTimer: NodeJS.Timeout | undefined
@@ -65,7 +67,12 @@ export class MigrationDestination {
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
-  private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0 }
+  private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0, recoveries: 0 }
+  /** Post-copy recovery: how long a broken link may stay broken (from HANDOFF; 0: no recovery). */
+  private recoveryTimeoutMs = 0
+  private recoveryTimer: NodeJS.Timeout | undefined
+  /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
+  private resumedAtMs: number | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -98,20 +105,24 @@ export class MigrationDestination {
     const ch = new Channel(socket, 'incoming')
     try {
       const info = await serverHandshake(ch, this.token)
-      if (this.phase !== 'setup') throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+      const rejoin = this.phase === 'recovering' && info.session === this.session
+      if (this.phase !== 'setup' && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
       if (this.session && info.session !== this.session) throw migrationError(ErrorCode.BUSY, 'a migration from another source is already connecting')
       this.session = info.session
+      // recovering: a connection of an attempt that broke half-way gives way to the new one
+      const replaced = rejoin ? (info.role === 'urgent' ? this.urgent : this.bulk) : undefined
       if (info.role === 'urgent') {
-        if (this.urgent) throw migrationError(ErrorCode.PROTOCOL, 'a second urgent connection for one session')
+        if (this.urgent && !rejoin) throw migrationError(ErrorCode.PROTOCOL, 'a second urgent connection for one session')
         this.urgent = ch
         ch.onFrame((f) => this.onUrgent(f))
       } else {
-        if (this.bulk) throw migrationError(ErrorCode.PROTOCOL, 'a second bulk connection for one session')
+        if (this.bulk && !rejoin) throw migrationError(ErrorCode.PROTOCOL, 'a second bulk connection for one session')
         this.bulk = ch
         ch.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
         ch.onFrame((f) => this.onBulk(f))
       }
-      ch.onClose((err) => this.onChannelClosed(err))
+      ch.onClose((err) => this.onChannelClosed(err, ch))
+      replaced?.close()
     } catch (err) {
       // refused before any page moved; keep listening for a proper source
       ch.sendError(err as Error)
@@ -120,13 +131,61 @@ export class MigrationDestination {
     }
   }
 
-  private onChannelClosed(err: Error): void {
+  private onChannelClosed(err: Error, ch: Channel): void {
     if (this.phase === 'settled' || this.phase === 'failed') return
+    if (ch !== this.urgent && ch !== this.bulk) return // a connection of a pair that already broke
+    const code = (err as UffdMigrateError).code
+    if ((this.phase === 'postcopy' || this.phase === 'recovering') && code === ErrorCode.CONNECTION && this.recoveryTimeoutMs > 0) {
+      return this.startRecovery(err)
+    }
     this.fail(err)
+  }
+
+  /**
+   * Post-copy recovery (as QEMU's postcopy-recover): the service runs here and
+   * the source holds the pages it lacks, so a broken link is not the end.
+   * Threads stay blocked in their faults; the source dials in again with the
+   * same session, learns what arrived (RECOVER_STATE) and the open requests
+   * are asked again. If it does not come back in time, the migration fails.
+   */
+  private startRecovery(err: Error): void {
+    const wasRecovering = this.phase === 'recovering'
+    this.phase = 'recovering'
+    for (const ch of [this.urgent, this.bulk]) ch?.fail(err)
+    this.urgent = undefined
+    this.bulk = undefined
+    this.openRequests = [0, 0]
+    if (this.readyTimer) clearTimeout(this.readyTimer)
+    this.readyTimer = undefined
+    this.readyPausedSince = 0
+    if (wasRecovering) return
+    this.hooks.recovering?.(`the connection broke during post-copy (${err.message}); waiting up to ${this.recoveryTimeoutMs} ms for the source to reconnect`)
+    this.recoveryTimer = setTimeout(() => {
+      this.fail(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.recoveryTimeoutMs} ms: ${err.message}`))
+    }, this.recoveryTimeoutMs)
+  }
+
+  /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
+  private onRecover(): void {
+    if (!this.urgent || !this.bulk) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
+    clearTimeout(this.recoveryTimer)
+    this.recoveryTimer = undefined
+    this.phase = 'postcopy'
+    this.stats.recoveries++
+    const received = this.received.map((m) => Buffer.from(new Uint8Array(m.words.buffer, m.words.byteOffset, m.words.byteLength)))
+    this.bulk.send(encodeControl(Msg.RECOVER_STATE, { received, ...(this.resumedAtMs !== undefined ? { resumedAtMs: this.resumedAtMs } : {}) }))
+    // requests that were open (their replies may be lost): blocked threads wait on them
+    for (let region = 0; region < this.regions.length; region++) {
+      const runs: number[] = []
+      for (const [first, count] of this.inFlight[region].runs()) runs.push(first, count)
+      if (runs.length) this.sendRequest(Msg.PAGE_REQUEST, region, runs, RequestKind.FAULT)
+    }
+    for (const w of this.waits.values()) this.request(w.region, w.first, w.count, true)
   }
 
   private fail(err: Error): void {
     if (this.phase === 'failed' || this.phase === 'settled') return
+    clearTimeout(this.recoveryTimer)
     this.phase = 'failed'
     this.urgent?.fail(err)
     this.bulk?.fail(err)
@@ -179,6 +238,9 @@ export class MigrationDestination {
       case Msg.PUSH_END:
         this.expect(f, 'postcopy', 'settled')
         return this.checkSettled()
+      case Msg.RECOVER:
+        this.expect(f, 'recovering')
+        return this.onRecover()
       case Msg.ERROR:
         throw peerError(f.payload)
       default:
@@ -319,8 +381,10 @@ export class MigrationDestination {
         this.knownZero[i].clearRange(first, count)
       }
     }
+    this.recoveryTimeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.phase = 'postcopy'
     this.hooks.restore(state).then((resumedAtMs) => {
+      this.resumedAtMs = resumedAtMs
       this.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs }))
       this.checkSettled()
     })

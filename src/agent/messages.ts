@@ -24,3 +24,4 @@ export type AgentToMain =
   | { type: 'restore'; state: Uint8Array }
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }
+  | { type: 'recovering'; message: string }

@@ -53,6 +53,8 @@ export interface MigrationReport {
     pushedPages: number
     demandPages: number
     timeToSettledMs: number
+    /** Times the link broke during post-copy and the source reconnected. */
+    recoveries: number
     /** Event-loop time the destination's service spent blocked in faults, as seen by the agent. */
     pushLog?: { region: number; firstPage: number; pageCount: number }[]
   }

@@ -32,6 +32,8 @@ export interface SourceOptions {
   downtimeMs: number
   maxRounds: number
   connectTimeoutMs: number
+  /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
+  recoveryTimeoutMs: number
   prepaging: PrepagingOptions
   /** Record the push order in the report (tests, benchmarks). */
   pushLog: boolean
@@ -98,6 +100,10 @@ export class MigrationSource {
   }
   private progressTimer: NodeJS.Timeout | undefined
   private handoffSent = false
+  private session = ''
+  /** Bumped when a link breaks in post-copy: work started on the old link stops. */
+  private linkGeneration = 0
+  private recoveries = 0
   private rateWindow = { t: 0, bytes: 0, rate: 0 }
 
   constructor(
@@ -120,14 +126,7 @@ export class MigrationSource {
     try {
       await this.connectBoth()
       const clock = await this.syncClock()
-      this.urgent.onFrame((f) => this.onUrgent(f))
-      this.bulk.onFrame((f) => this.onBulk(f))
-      const failed = new Promise<never>((_, reject) => {
-        const onErr = (err: Error) => reject(this.failure ?? err)
-        this.urgent.onClose(onErr)
-        this.bulk.onClose(onErr)
-      })
-      failed.catch(() => {})
+      const failed = this.attachLink()
       const rounds: RoundReport[] = []
       let precopyStop = 'postcopy'
       this.phase = 'precopy'
@@ -142,10 +141,7 @@ export class MigrationSource {
       const discard = await Promise.race([this.handoff(state, rounds), failed])
       this.phase = 'postcopy'
       const postStart = nowMs()
-      const [resumedAtDest, stats] = await Promise.race([
-        Promise.all([this.resumedAt!, this.postcopy()]),
-        failed,
-      ])
+      const [resumedAtDest, stats] = await this.postcopyWithRecovery(failed)
       this.phase = 'settled'
       const settledAt = nowMs()
       const rep = this.report(t0, settledAt, pauseAt, resumedAtDest - clock.offsetMs, clock, rounds, precopyStop, discard, stats, postStart)
@@ -175,18 +171,8 @@ export class MigrationSource {
   // ---- connect ---------------------------------------------------------------
 
   private async connectBoth(): Promise<void> {
-    const { host, port } = parseAddress(this.opts.to)
-    const session = randomBytes(12).toString('hex')
-    const open = async (role: 'urgent' | 'bulk') => {
-      const socket = await dial(host, port, this.opts.connectTimeoutMs)
-      const ch = new Channel(socket, role)
-      await clientHandshake(ch, this.opts.token, { role, session })
-      return ch
-    }
-    // urgent first: the destination pairs connections by session
-    this.urgent = await open('urgent')
-    this.bulk = await open('bulk')
-    this.bulk.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
+    this.session = randomBytes(12).toString('hex')
+    await this.openPair()
     this.bulk.send(encodeControl(Msg.REGIONS, {
       pageSize: this.ps,
       mode: this.opts.mode,
@@ -195,6 +181,44 @@ export class MigrationSource {
     const ok = await this.bulk.nextFrame()
     if (ok.type === Msg.ERROR) throw peerError(ok.payload)
     if (ok.type !== Msg.REGIONS_OK) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS_OK, got message type ${ok.type}`)
+  }
+
+  /** Routes both connections' frames to the handlers; the promise rejects when either breaks. */
+  private attachLink(): Promise<never> {
+    this.urgent.onFrame((f) => this.onUrgent(f))
+    this.bulk.onFrame((f) => this.onBulk(f))
+    const failed = new Promise<never>((_, reject) => {
+      const onErr = (err: Error) => reject(this.failure ?? err)
+      this.urgent.onClose(onErr)
+      this.bulk.onClose(onErr)
+    })
+    failed.catch(() => {})
+    return failed
+  }
+
+  /** Dials both connections of this session (urgent first: the destination pairs them by session). */
+  private async openPair(): Promise<void> {
+    const { host, port } = parseAddress(this.opts.to)
+    const open = async (role: 'urgent' | 'bulk') => {
+      const socket = await dial(host, port, this.opts.connectTimeoutMs)
+      const ch = new Channel(socket, role)
+      try {
+        await clientHandshake(ch, this.opts.token, { role, session: this.session })
+      } catch (err) {
+        ch.close()
+        throw err
+      }
+      return ch
+    }
+    const urgent = await open('urgent')
+    try {
+      this.bulk = await open('bulk')
+    } catch (err) {
+      urgent.close()
+      throw err
+    }
+    this.urgent = urgent
+    this.bulk.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
   }
 
   /** Destination clock minus ours, from the exchange with the smallest round trip. */
@@ -496,6 +520,7 @@ export class MigrationSource {
       state,
       discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),
       pendingPages: this.pagesLeft,
+      recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
     }))
     await this.bulk.drain()
     final.bytes = this.bulk.bytesWritten - before
@@ -506,17 +531,92 @@ export class MigrationSource {
 
   // ---- post-copy --------------------------------------------------------------------
 
-  private async postcopy(): Promise<Record<string, unknown>> {
+  /**
+   * Post-copy until the destination has settled. A broken link is not the end
+   * (the destination runs the service and this process holds the pages it
+   * lacks): dial again for up to recoveryTimeoutMs with the same session,
+   * learn what arrived (RECOVER_STATE) and push the rest.
+   */
+  private async postcopyWithRecovery(failed: Promise<never>): Promise<[number, Record<string, unknown>]> {
+    for (;;) {
+      try {
+        return await Promise.race([Promise.all([this.resumedAt!, this.postcopy(this.linkGeneration)]), failed])
+      } catch (err) {
+        const code = (err as UffdMigrateError).code
+        if (this.failure || code !== ErrorCode.CONNECTION || this.opts.recoveryTimeoutMs <= 0) throw err
+        failed = (await this.recover(err as Error)).failed
+      }
+    }
+  }
+
+  /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
+  private async recover(cause: Error): Promise<{ failed: Promise<never> }> {
+    this.linkGeneration++ // the push loop and the replies of the broken link stop
+    this.urgent.close()
+    this.bulk.close()
+    this.recoveries++
+    const deadline = nowMs() + this.opts.recoveryTimeoutMs
+    let last = cause
+    for (let attempt = 0; nowMs() < deadline; attempt++) {
+      if (attempt > 0) await new Promise((r) => setTimeout(r, Math.min(1000, 100 * attempt)))
+      try {
+        await this.openPair()
+        this.bulk.send(encodeControl(Msg.RECOVER, {}))
+        const f = await this.bulk.nextFrame()
+        if (f.type === Msg.ERROR) throw peerError(f.payload)
+        if (f.type !== Msg.RECOVER_STATE) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE, got message type ${f.type}`)
+        this.applyRecoverState(decodeControl(f.type, f.payload))
+        return { failed: this.attachLink() }
+      } catch (err) {
+        last = err as Error
+        this.urgent?.close()
+        this.bulk?.close()
+        // the destination gave up or refused us: dialling again cannot help
+        if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION && (err as UffdMigrateError).code !== ErrorCode.CONNECT) break
+      }
+    }
+    throw migrationError(
+      ErrorCode.CONNECTION,
+      `the connection broke during post-copy (${cause.message}) and could not be re-established within ${this.opts.recoveryTimeoutMs} ms: ${last.message}`,
+    )
+  }
+
+  /** Pending from now on: every page the destination does not hold (pages lost in flight go again). */
+  private applyRecoverState(m: Record<string, unknown>): void {
+    const received = field<unknown[]>(m, 'received', 'array', 'RECOVER_STATE')
+    if (received.length !== this.regions.length) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received for ${this.regions.length} regions`)
+    let left = 0
+    this.pending = this.regions.map((r, i) => {
+      const bytes = received[i]
+      const p = new PageBitmap(r.pageCount)
+      if (!(bytes instanceof Uint8Array) || bytes.length !== p.words.length * 4) {
+        throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received[${i}] of ${p.words.length * 4} bytes`)
+      }
+      const has = new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength))
+      for (let w = 0; w < p.words.length; w++) p.words[w] = ~has[w]
+      const tail = r.pageCount & 31
+      if (tail) p.words[p.words.length - 1] &= (1 << tail) - 1
+      left += p.count()
+      return p
+    })
+    this.pagesLeft = left
+    this.policy = createPushPolicy(this.opts.prepaging, this.pending)
+    if (typeof m.resumedAtMs === 'number') this.resumedResolve?.(m.resumedAtMs)
+  }
+
+  private async postcopy(generation: number): Promise<Record<string, unknown>> {
     const settled = new Promise<Record<string, unknown>>((resolve, reject) => (this.settledWaiter = { resolve, reject }))
     settled.catch(() => {}) // observed below; a failure may end the push first
-    if (this.pending.length) await this.pushLoop()
+    if (this.pending.length) await this.pushLoop(generation)
+    if (generation !== this.linkGeneration) return new Promise(() => {}) // that link broke; recover() took over
     this.bulk.send(encodeControl(Msg.PUSH_END, {}))
     return settled
   }
 
-  private async pushLoop(): Promise<void> {
+  private async pushLoop(generation: number): Promise<void> {
     for (;;) {
       if (this.failure) throw this.failure
+      if (generation !== this.linkGeneration) return
       const runs = this.policy.next(BATCH_PAGES)
       if (runs.length === 0) {
         if (this.pagesLeft === 0) return
@@ -525,6 +625,7 @@ export class MigrationSource {
         continue
       }
       for (const run of runs) {
+        if (generation !== this.linkGeneration) return
         if (this.opts.pushLog) this.pushLog.push(run)
         const { data, zero } = await this.sendRun(this.bulk, run.region, run.firstPage, run.pageCount, true)
         this.counts.pushed += data + zero
@@ -563,20 +664,23 @@ export class MigrationSource {
    * a request is open, so that a fault never waits behind the push.
    */
   private async answerRequest(kind: number, region: number, runs: Uint32Array): Promise<void> {
+    // the channel this request came on: after a break its replies go nowhere
+    // (the destination asks again), never on the next link
+    const ch = this.urgent, generation = this.linkGeneration
     const map = this.pending[region]
     for (let k = 0; k < runs.length; k += 2) {
       const first = runs[k], end = runs[k] + runs[k + 1]
       this.policy.onFault(region, first)
-      for (let p = map.nextSet(first, end); p !== -1; p = map.nextSet(p, end)) {
+      for (let p = map.nextSet(first, end); p !== -1 && generation === this.linkGeneration; p = map.nextSet(p, end)) {
         let q = map.nextClear(p, end)
         if (q === -1) q = end
-        const { data, zero } = await this.sendRun(this.urgent, region, p, q - p, true)
+        const { data, zero } = await this.sendRun(ch, region, p, q - p, true)
         this.counts.demand += data + zero
         this.pagesLeft -= data + zero
         p = q
       }
     }
-    this.urgent.send(encodeControl(Msg.REQUEST_DONE, { kind }))
+    if (generation === this.linkGeneration) ch.send(encodeControl(Msg.REQUEST_DONE, { kind }))
   }
 
   private onBulk(f: Frame): void {
@@ -660,6 +764,7 @@ export class MigrationSource {
         pushedPages: this.counts.pushed,
         demandPages: this.counts.demand,
         timeToSettledMs: settledAt - postStart,
+        recoveries: this.recoveries,
         ...(this.opts.pushLog ? { pushLog: this.pushLog } : {}),
       },
     }

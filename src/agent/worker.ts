@@ -102,6 +102,7 @@ function runDestination(): void {
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
+    recovering: (message) => post({ type: 'recovering', message }),
   })
   port.on('message', (m: MainToAgent) => {
     switch (m.type) {

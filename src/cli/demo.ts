@@ -59,6 +59,12 @@ export interface ExampleRun {
   client?: boolean
   /** Extra arguments for the page-store service on both hosts (e.g. --blocking). */
   serviceArgs?: string[]
+  /**
+   * Tests: something between the source and the destination (a relay that can
+   * cut the link); given the destination's migration address, returns the
+   * address the source should dial instead.
+   */
+  relay?: (host: string, port: number) => Promise<string>
 }
 
 export interface ExampleResult {
@@ -97,7 +103,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
-    const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', `${destHost}:${migPort}`, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
+    const to = o.relay ? await o.relay(destHost, migPort) : `${destHost}:${migPort}`
+    const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', to, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
     const poll = o.progress && setInterval(async () => {
       const st = new LineProc(process.execPath, [cli, 'status', '--guest', name, '--json'], { env })
       if ((await st.exited).code !== 0) return

@@ -26,6 +26,12 @@ function positiveNumber(v: string): number {
   return n
 }
 
+function nonNegativeNumber(v: string): number {
+  const n = Number(v)
+  if (!(n >= 0)) throw new InvalidArgumentError('expected a number >= 0')
+  return n
+}
+
 function address(v: string): string {
   try {
     parseAddress(v)
@@ -91,9 +97,10 @@ program
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(['bubble', 'bubble1', 'push', 'demand']))
+  .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
     const tty = process.stderr.isTTY && !o.json
     let report: MigrationReport | undefined
     let error: { code: string; message: string } | undefined
@@ -101,7 +108,7 @@ program
       await control(o.guest, {
         cmd: 'migrate',
         options: {
-          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds,
+          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, recoveryTimeoutMs: o.recoveryTimeoutMs,
           ...(o.prepaging ? { prepaging: { strategy: o.prepaging as never } } : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },

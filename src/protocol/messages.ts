@@ -41,12 +41,14 @@ export const enum Msg {
   PUSH_END = 33,
   SETTLED = 34,
   REQUEST_DONE = 35, // urgent, source -> destination: every reply to one PAGE_REQUEST was sent
+  RECOVER = 36, // bulk, source -> destination: both connections are back after a break in post-copy
+  RECOVER_STATE = 37, // bulk, destination -> source: what the destination holds now
 }
 
 export const MSG_NAMES: Record<number, string> = {
   1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
-  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE',
 }
 
 /** Kind of a PAGE_REQUEST (echoed in its REQUEST_DONE). */

@@ -1,0 +1,96 @@
+/**
+ * Post-copy recovery: the link between the hosts breaks after the hand-off
+ * (a TCP relay between them resets every connection at once, as a failing
+ * switch or a restarted firewall would). Real processes, real TCP, real
+ * userfaultfd: the destination's threads wait in their faults, the source
+ * dials in again, and every page still arrives exactly as the source has it.
+ */
+import { createServer, type Server, type Socket, connect } from 'node:net'
+import { afterEach, describe, expect, it } from 'vitest'
+import { migrateExample } from '../src/cli/demo'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+const MiB = 1 << 20
+
+/** Forwards to host:port; cuts every open connection once `cutAfterBytes` went towards the destination. */
+class Relay {
+  private server: Server | undefined
+  private readonly open = new Set<Socket>()
+  bytesToDestination = 0
+  cuts = 0
+  connections = 0
+
+  constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false) {}
+
+  start(host: string, port: number): Promise<string> {
+    this.server = createServer((client) => {
+      if (this.refuseAfterCut && this.cuts > 0) return client.destroy()
+      this.connections++
+      const upstream = connect(port, host)
+      for (const s of [client, upstream]) {
+        this.open.add(s)
+        s.on('close', () => this.open.delete(s))
+        s.on('error', () => {})
+      }
+      client.on('data', (chunk: Buffer) => {
+        this.bytesToDestination += chunk.length
+        upstream.write(chunk)
+        if (this.cuts === 0 && this.bytesToDestination >= this.cutAfterBytes) this.cut()
+      })
+      upstream.on('data', (chunk: Buffer) => client.write(chunk))
+      client.on('close', () => upstream.destroy())
+      upstream.on('close', () => client.destroy())
+    })
+    return new Promise((resolve) => this.server!.listen(0, '127.0.0.1', () => resolve(`127.0.0.1:${(this.server!.address() as { port: number }).port}`)))
+  }
+
+  /** Every connection reset at once, both ways. */
+  private cut(): void {
+    this.cuts++
+    for (const s of this.open) s.resetAndDestroy()
+  }
+
+  close(): void {
+    this.server?.close()
+    for (const s of this.open) s.destroy()
+  }
+}
+
+describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
+  let relay: Relay | undefined
+  afterEach(() => relay?.close())
+
+  it('reconnects, re-asks the faults that were waiting, and every page arrives as the source has it', async () => {
+    // 512 MiB of data; the cut comes 64 MiB into post-copy, while the service
+    // is still faulting on its random 64 MiB working set
+    relay = new Relay(64 * MiB)
+    const r = await migrateExample({
+      example: 'scan-service', sizeMiB: 512, mode: 'postcopy',
+      serviceArgs: ['--ws-mib', '64', '--ws-offset-mib', '128', '--pattern', 'random'],
+      relay: (host, port) => relay!.start(host, port),
+    })
+    expect(relay.cuts).toBe(1)
+    expect(relay.connections).toBe(4) // two connections, then the same two again
+    expect(r.error).toBeUndefined()
+    expect(r.verify).toBe('ok pages=131072') // the destination checked every page against the source's pattern
+    expect(r.ok).toBe(true)
+    const pc = r.report!.postcopy
+    expect(pc.recoveries).toBe(1)
+    const result = JSON.parse(r.destLines!.find((l) => l.startsWith('RESULT '))!.slice(7))
+    expect(result).toMatchObject({ touched: 16384, bad: 0 })
+  }, 60_000)
+
+  it('fails with a clear error when the link stays down past the recovery timeout', async () => {
+    relay = new Relay(64 * MiB, true)
+    const r = await migrateExample({
+      example: 'scan-service', sizeMiB: 512, mode: 'postcopy',
+      serviceArgs: ['--ws-mib', '0'],
+      sendArgs: ['--recovery-timeout-ms', '1500'],
+      relay: (host, port) => relay!.start(host, port),
+    }).catch((err: Error) => ({ ok: false, error: err.message, report: undefined }))
+    expect(relay.cuts).toBe(1)
+    expect(r.ok).toBe(false)
+    expect(r.error).toMatch(/could not be re-established within 1500 ms/)
+  }, 60_000)
+})
