@@ -9,6 +9,7 @@
         "native/pagemap.cc",
         "native/region.cc",
         "native/region_binding.cc",
+        "native/socket_binding.cc",
         "native/uffd.cc",
         "native/uffd_binding.cc"
       ],

@@ -18,6 +18,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("pageSize", Napi::Number::New(env, (double)page_size()));
   init_region_bindings(env, exports);
   init_uffd_binding(env, exports);
+  init_socket_bindings(env, exports);
   return exports;
 }
 

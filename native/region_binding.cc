@@ -2,7 +2,6 @@
 // zero-page detection.
 #include <errno.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 
 #include <map>
 #include <tuple>
@@ -169,19 +168,6 @@ Napi::Value ZeroPages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, zeros);
 }
 
-// setSocketBuffers(fd, sendBytes, receiveBytes): SO_SNDBUF / SO_RCVBUF of a
-// connected socket (0 leaves one alone). Bounds how much bulk data can sit in
-// kernel buffers ahead of an urgent page.
-Napi::Value SetSocketBuffers(const Napi::CallbackInfo& info) {
-  auto env = info.Env();
-  int fd = (int)arg_index(info, 0, "fd", 1 << 30);
-  int snd = (int)arg_index(info, 1, "sendBytes", 1 << 30);
-  int rcv = (int)arg_index(info, 2, "receiveBytes", 1 << 30);
-  if (snd && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &snd, sizeof snd)) throw sys_error(env, -errno, "setsockopt(SO_SNDBUF)");
-  if (rcv && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv)) throw sys_error(env, -errno, "setsockopt(SO_RCVBUF)");
-  return env.Undefined();
-}
-
 }  // namespace
 
 void init_region_bindings(Napi::Env env, Napi::Object exports) {
@@ -191,7 +177,6 @@ void init_region_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("discard", Napi::Function::New(env, Discard));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan));
   exports.Set("zeroPages", Napi::Function::New(env, ZeroPages));
-  exports.Set("setSocketBuffers", Napi::Function::New(env, SetSocketBuffers));
 }
 
 }  // namespace uffdm

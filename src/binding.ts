@@ -59,6 +59,8 @@ export interface NativeBinding {
   zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number
   /** SO_SNDBUF / SO_RCVBUF of a socket fd (0: leave alone). */
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): void
+  /** Keepalive probes every second and TCP_USER_TIMEOUT: a silent peer fails the connection after ~timeoutMs (>= 1000). */
+  setSocketLiveness(fd: number, timeoutMs: number): void
   Uffd: new (features: number) => NativeUffd
   probe(): ProbeResult
 }

@@ -51,6 +51,8 @@ export interface MigrateOptions {
   connectTimeoutMs?: number
   /** Post-copy: how long a broken link may stay broken before the migration fails (default 60 000; 0: fail at once). */
   recoveryTimeoutMs?: number
+  /** A connection whose peer stops answering (a silent link) fails after this long (default 10 000, at least 1000; 0: never). */
+  linkTimeoutMs?: number
   prepaging?: Partial<PrepagingOptions>
   /** Record the post-copy push order in the report. */
   pushLog?: boolean
@@ -378,6 +380,8 @@ function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefine
   if (!(downtimeMs > 0)) throw bad(`expected downtimeMs > 0, got ${downtimeMs}`)
   const maxRounds = o.maxRounds ?? 5
   if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
+  const linkTimeoutMs = o.linkTimeoutMs ?? 10_000
+  if (!(linkTimeoutMs === 0 || (linkTimeoutMs >= 1000 && linkTimeoutMs <= 3_600_000))) throw bad(`expected linkTimeoutMs 0 or in 1000..3600000, got ${linkTimeoutMs}`)
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -387,6 +391,7 @@ function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefine
     maxRounds,
     connectTimeoutMs: o.connectTimeoutMs ?? 5000,
     recoveryTimeoutMs,
+    linkTimeoutMs,
     prepaging: { ...DEFAULT_PREPAGING, ...o.prepaging },
     pushLog: o.pushLog ?? false,
     token: resolveToken(o.token ?? guestToken),

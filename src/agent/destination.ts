@@ -70,6 +70,8 @@ export class MigrationDestination {
   private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0, recoveries: 0 }
   /** Post-copy recovery: how long a broken link may stay broken (from HANDOFF; 0: no recovery). */
   private recoveryTimeoutMs = 0
+  /** From REGIONS: a silent peer fails a connection after this long (0: never). */
+  private linkTimeoutMs = 0
   private recoveryTimer: NodeJS.Timeout | undefined
   /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
   private resumedAtMs: number | undefined
@@ -122,6 +124,7 @@ export class MigrationDestination {
         ch.onFrame((f) => this.onBulk(f))
       }
       ch.onClose((err) => this.onChannelClosed(err, ch))
+      ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
       replaced?.close()
     } catch (err) {
       // refused before any page moved; keep listening for a proper source
@@ -264,6 +267,8 @@ export class MigrationDestination {
         `region table mismatch: the source has {${fmt(theirs)}} (page size ${pageSize}), the destination asked for {${fmt(ours)}} (page size ${this.ps}); start the same service with the same region sizes on both hosts`,
       )
     }
+    this.linkTimeoutMs = typeof m.linkTimeoutMs === 'number' && m.linkTimeoutMs >= 1000 ? Math.min(m.linkTimeoutMs, 3600_000) : 0
+    for (const ch of [this.urgent, this.bulk]) ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
     this.layout = this.regions.map((r) => ({ pageCount: r.pageCount }))
     this.inFlight = this.regions.map((r) => new PageBitmap(r.pageCount))
     this.knownZero = this.regions.map((r) => new PageBitmap(r.pageCount))

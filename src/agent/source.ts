@@ -34,6 +34,8 @@ export interface SourceOptions {
   connectTimeoutMs: number
   /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
   recoveryTimeoutMs: number
+  /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
+  linkTimeoutMs: number
   prepaging: PrepagingOptions
   /** Record the push order in the report (tests, benchmarks). */
   pushLog: boolean
@@ -174,6 +176,7 @@ export class MigrationSource {
     this.session = randomBytes(12).toString('hex')
     await this.openPair()
     this.bulk.send(encodeControl(Msg.REGIONS, {
+      linkTimeoutMs: this.opts.linkTimeoutMs,
       pageSize: this.ps,
       mode: this.opts.mode,
       regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
@@ -219,6 +222,7 @@ export class MigrationSource {
     }
     this.urgent = urgent
     this.bulk.limitKernelBuffers(this.binding.setSocketBuffers, BULK_SOCKET_BUFFER_BYTES)
+    for (const ch of [this.urgent, this.bulk]) ch.detectSilence(this.binding.setSocketLiveness, this.opts.linkTimeoutMs)
   }
 
   /** Destination clock minus ours, from the exchange with the smallest round trip. */

@@ -98,9 +98,10 @@ program
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(['bubble', 'bubble1', 'push', 'demand']))
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
+  .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
     const tty = process.stderr.isTTY && !o.json
     let report: MigrationReport | undefined
     let error: { code: string; message: string } | undefined
@@ -108,7 +109,7 @@ program
       await control(o.guest, {
         cmd: 'migrate',
         options: {
-          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, recoveryTimeoutMs: o.recoveryTimeoutMs,
+          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
           ...(o.prepaging ? { prepaging: { strategy: o.prepaging as never } } : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },

@@ -96,8 +96,22 @@ export class Channel {
    * copy of a page already in flight). setter: the addon's setSocketBuffers.
    */
   limitKernelBuffers(setter: (fd: number, sendBytes: number, receiveBytes: number) => void, bytes: number): void {
+    const fd = this.fd
+    if (fd !== undefined && bytes > 0) setter(fd, bytes, bytes)
+  }
+
+  /**
+   * A peer that stops answering (a link gone silent, no reset) fails this
+   * connection after about timeoutMs instead of never. setter: the addon's setSocketLiveness.
+   */
+  detectSilence(setter: (fd: number, timeoutMs: number) => void, timeoutMs: number): void {
+    const fd = this.fd
+    if (fd !== undefined && timeoutMs >= 1000) setter(fd, timeoutMs)
+  }
+
+  private get fd(): number | undefined {
     const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd
-    if (typeof fd === 'number' && fd >= 0 && bytes > 0) setter(fd, bytes, bytes)
+    return typeof fd === 'number' && fd >= 0 ? fd : undefined
   }
 
   get needsDrain(): boolean {

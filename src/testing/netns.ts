@@ -13,6 +13,8 @@ export interface HostPair {
   nsIp: string
   /** Shape both directions with tbf at rateMbit. */
   shape(rateMbit: number): void
+  /** Take the link down (no carrier: packets vanish, nobody gets a reset) or bring it back. */
+  setLinkUp(up: boolean): void
   cleanup(): void
 }
 
@@ -44,6 +46,9 @@ export function createHostPair(index = process.pid % 200): HostPair {
       const args = ['root', 'tbf', 'rate', `${rateMbit}mbit`, 'burst', '256kb', 'latency', '20ms']
       execFileSync('tc', [...tbf, a, ...args])
       execFileSync('ip', ['netns', 'exec', ns, 'tc', ...tbf, b, ...args])
+    },
+    setLinkUp(up: boolean) {
+      ip('link', 'set', a, up ? 'up' : 'down')
     },
     cleanup() {
       try {
