@@ -22,9 +22,17 @@ class Relay {
   cuts = 0
   connections = 0
 
-  constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false) {}
+  /**
+   * cutAfterBytes: cut once that much went towards the destination;
+   * cutOnType: or cut when a frame of this type comes back from the destination
+   * (that frame is lost with the link).
+   */
+  constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false, private readonly cutOnType?: number) {}
 
-  start(host: string, port: number): Promise<string> {
+  async start(host: string, port: number): Promise<string> {
+    // the destination may not listen yet (the source would retry a refused
+    // connection, but the relay accepts it and would then drop it)
+    for (let i = 0; i < 100 && !(await canConnect(host, port)); i++) await new Promise((r) => setTimeout(r, 50))
     this.server = createServer((client) => {
       if (this.refuseAfterCut && this.cuts > 0) return client.destroy()
       this.connections++
@@ -39,7 +47,18 @@ class Relay {
         upstream.write(chunk)
         if (this.cuts === 0 && this.bytesToDestination >= this.cutAfterBytes) this.cut()
       })
-      upstream.on('data', (chunk: Buffer) => client.write(chunk))
+      // frames coming back: u32 length (type + payload) | u8 type | payload
+      let back = Buffer.alloc(0)
+      upstream.on('data', (chunk: Buffer) => {
+        if (this.cutOnType !== undefined && this.cuts === 0) {
+          back = Buffer.concat([back, chunk])
+          while (back.length >= 5 && back.length >= 4 + back.readUInt32BE(0)) {
+            if (back[4] === this.cutOnType) return this.cut()
+            back = back.subarray(4 + back.readUInt32BE(0))
+          }
+        }
+        client.write(chunk)
+      })
       client.on('close', () => upstream.destroy())
       upstream.on('close', () => client.destroy())
     })
@@ -56,6 +75,14 @@ class Relay {
     this.server?.close()
     for (const s of this.open) s.destroy()
   }
+}
+
+function canConnect(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, host)
+    s.once('connect', () => (s.destroy(), resolve(true)))
+    s.once('error', () => resolve(false))
+  })
 }
 
 describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
@@ -80,6 +107,20 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(pc.recoveries).toBe(1)
     const result = JSON.parse(r.destLines!.find((l) => l.startsWith('RESULT '))!.slice(7))
     expect(result).toMatchObject({ touched: 16384, bad: 0 })
+  }, 60_000)
+
+  it('learns the report when the link breaks just as the destination settles (SETTLED lost)', async () => {
+    relay = new Relay(Infinity, false, 34 /* SETTLED */)
+    const r = await migrateExample({
+      example: 'scan-service', sizeMiB: 64, mode: 'postcopy',
+      serviceArgs: ['--ws-mib', '0', '--linger-ms', '3000'], // the service runs on after settling, as a real one does
+      relay: (host, port) => relay!.start(host, port),
+    })
+    expect(r.error).toBeUndefined()
+    expect(relay.cuts).toBe(1)
+    expect(r.verify).toBe('ok pages=16384')
+    expect(r.report!.postcopy.recoveries).toBe(1)
+    expect(r.report!.postcopy.networkFaultsOnZeroPages).toBe(0) // the destination's own report arrived
   }, 60_000)
 
   it('fails with a clear error when the link stays down past the recovery timeout', async () => {

@@ -27,6 +27,7 @@ const { values: a } = parseArgs({
     http: { type: 'string', default: '0' }, // accepted for the harness; no HTTP here
     'http-host': { type: 'string', default: '127.0.0.1' },
     'exit-after-verify': { type: 'boolean', default: false },
+    'linger-ms': { type: 'string', default: '0' }, // after VERIFY, before exiting (tests)
   },
 })
 const out = (line) => process.stdout.write(line + '\n')
@@ -86,7 +87,7 @@ async function main() {
   let wrong = bad
   for (let p = 0; p < pageCount; p++) if (!checkPage(u32, p, expected(p), pageWords)) wrong++
   out(wrong ? `VERIFY fail bad=${wrong}` : `VERIFY ok pages=${pageCount}`)
-  if (a['exit-after-verify']) process.exit(wrong ? 1 : 0)
+  if (a['exit-after-verify']) setTimeout(() => process.exit(wrong ? 1 : 0), Number(a['linger-ms']))
 }
 
 main().catch((err) => {

@@ -75,6 +75,8 @@ export class MigrationDestination {
   private recoveryTimer: NodeJS.Timeout | undefined
   /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
   private resumedAtMs: number | undefined
+  /** The SETTLED report, kept for a source that lost it in a break. */
+  private settledReport: Record<string, unknown> | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -107,7 +109,7 @@ export class MigrationDestination {
     const ch = new Channel(socket, 'incoming')
     try {
       const info = await serverHandshake(ch, this.token)
-      const rejoin = this.phase === 'recovering' && info.session === this.session
+      const rejoin = (this.phase === 'recovering' || this.phase === 'settled') && info.session === this.session
       if (this.phase !== 'setup' && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
       if (this.session && info.session !== this.session) throw migrationError(ErrorCode.BUSY, 'a migration from another source is already connecting')
       this.session = info.session
@@ -135,6 +137,9 @@ export class MigrationDestination {
   }
 
   private onChannelClosed(err: Error, ch: Channel): void {
+    if (this.phase === 'settled' && ch === this.bulk && (err as UffdMigrateError).cause === undefined) {
+      this.server?.close() // the source hung up cleanly after the report: nobody dials in again
+    }
     if (this.phase === 'settled' || this.phase === 'failed') return
     if (ch !== this.urgent && ch !== this.bulk) return // a connection of a pair that already broke
     const code = (err as UffdMigrateError).code
@@ -171,6 +176,11 @@ export class MigrationDestination {
   /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
   private onRecover(): void {
     if (!this.urgent || !this.bulk) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
+    if (this.phase === 'settled') {
+      // the link broke as SETTLED left: the report again, nothing else to do
+      this.bulk.send(encodeControl(Msg.RECOVER_STATE, { received: [], resumedAtMs: this.resumedAtMs, settled: this.settledReport }))
+      return
+    }
     clearTimeout(this.recoveryTimer)
     this.recoveryTimer = undefined
     this.phase = 'postcopy'
@@ -242,7 +252,7 @@ export class MigrationDestination {
         this.expect(f, 'postcopy', 'settled')
         return this.checkSettled()
       case Msg.RECOVER:
-        this.expect(f, 'recovering')
+        this.expect(f, 'recovering', 'settled')
         return this.onRecover()
       case Msg.ERROR:
         throw peerError(f.payload)
@@ -606,8 +616,12 @@ export class MigrationDestination {
     }
     if (this.waits.size) this.hooks.ready([...this.waits.keys()])
     this.waits.clear()
-    this.bulk?.send(encodeControl(Msg.SETTLED, { ...this.stats, faultLatencyUs: this.latency.summary() }))
-    this.server?.close()
+    this.settledReport = { ...this.stats, faultLatencyUs: this.latency.summary() }
+    this.bulk?.send(encodeControl(Msg.SETTLED, this.settledReport))
+    // Keep listening a while: if the link broke as SETTLED left, the source
+    // dials in again to learn it (onRecover); a clean hang-up closes it sooner.
+    if (this.recoveryTimeoutMs > 0) setTimeout(() => this.server?.close(), this.recoveryTimeoutMs).unref()
+    else this.server?.close()
     this.hooks.settled()
     // the source closes both connections once it has the report
   }

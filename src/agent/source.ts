@@ -548,13 +548,15 @@ export class MigrationSource {
       } catch (err) {
         const code = (err as UffdMigrateError).code
         if (this.failure || code !== ErrorCode.CONNECTION || this.opts.recoveryTimeoutMs <= 0) throw err
-        failed = (await this.recover(err as Error)).failed
+        const back = await this.recover(err as Error)
+        if (back.settled) return [await this.resumedAt!, back.settled] // it settled as the link broke
+        failed = back.failed
       }
     }
   }
 
   /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
-  private async recover(cause: Error): Promise<{ failed: Promise<never> }> {
+  private async recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     this.linkGeneration++ // the push loop and the replies of the broken link stop
     this.urgent.close()
     this.bulk.close()
@@ -569,7 +571,10 @@ export class MigrationSource {
         const f = await this.bulk.nextFrame()
         if (f.type === Msg.ERROR) throw peerError(f.payload)
         if (f.type !== Msg.RECOVER_STATE) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE, got message type ${f.type}`)
-        this.applyRecoverState(decodeControl(f.type, f.payload))
+        const m = decodeControl(f.type, f.payload)
+        if (typeof m.resumedAtMs === 'number') this.resumedResolve?.(m.resumedAtMs)
+        if (typeof m.settled === 'object' && m.settled !== null) return { failed: this.attachLink(), settled: m.settled as Record<string, unknown> }
+        this.applyRecoverState(m)
         return { failed: this.attachLink() }
       } catch (err) {
         last = err as Error
@@ -605,7 +610,6 @@ export class MigrationSource {
     })
     this.pagesLeft = left
     this.policy = createPushPolicy(this.opts.prepaging, this.pending)
-    if (typeof m.resumedAtMs === 'number') this.resumedResolve?.(m.resumedAtMs)
   }
 
   private async postcopy(generation: number): Promise<Record<string, unknown>> {
