@@ -668,8 +668,8 @@ export class MigrationSource {
   /**
    * Replies on the urgent channel with the requested pages still pending (a
    * page already pushed is in flight on the bulk channel and is not sent
-   * twice), then REQUEST_DONE: the destination stops reading bulk data while
-   * a request is open, so that a fault never waits behind the push.
+   * twice), then REQUEST_DONE: while a request is open the destination reads
+   * bulk data one frame per turn, so that a fault waits behind one pushed frame at most.
    */
   private async answerRequest(kind: number, region: number, runs: Uint32Array): Promise<void> {
     // the channel this request came on: after a break its replies go nowhere
