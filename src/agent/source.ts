@@ -52,7 +52,7 @@ export interface SourceHooks {
 }
 
 export interface Progress {
-  phase: 'connect' | 'precopy' | 'handoff' | 'postcopy' | 'settled'
+  phase: 'connect' | 'precopy' | 'handoff' | 'postcopy' | 'recovering' | 'settled'
   round: number
   bytesSent: number
   bytesPerSec: number
@@ -561,6 +561,8 @@ export class MigrationSource {
     this.urgent.close()
     this.bulk.close()
     this.recoveries++
+    this.phase = 'recovering' // shown by progress; page requests are not legal until the link is back
+    this.emitProgress()
     const deadline = nowMs() + this.opts.recoveryTimeoutMs
     let last = cause
     for (let attempt = 0; nowMs() < deadline; attempt++) {
@@ -572,6 +574,7 @@ export class MigrationSource {
         if (f.type === Msg.ERROR) throw peerError(f.payload)
         if (f.type !== Msg.RECOVER_STATE) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE, got message type ${f.type}`)
         const m = decodeControl(f.type, f.payload)
+        this.phase = 'postcopy'
         if (typeof m.resumedAtMs === 'number') this.resumedResolve?.(m.resumedAtMs)
         if (typeof m.settled === 'object' && m.settled !== null) return { failed: this.attachLink(), settled: m.settled as Record<string, unknown> }
         this.applyRecoverState(m)
@@ -734,7 +737,7 @@ export class MigrationSource {
     this.rateWindow.bytes = bytes
     this.hooks.progress({
       phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
-      pagesLeft: this.phase === 'postcopy' ? this.pagesLeft : this.totalPages - this.destHas.reduce((n, m) => n + m.count(), 0),
+      pagesLeft: this.phase === 'postcopy' || this.phase === 'recovering' ? this.pagesLeft : this.totalPages - this.destHas.reduce((n, m) => n + m.count(), 0),
       totalPages: this.totalPages,
     })
   }
