@@ -9,6 +9,7 @@ import { Guest } from '../src/guest'
 import type { MigrateOptions } from '../src/guest'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
+import { Relay } from './helpers/relay'
 
 const skip = kernelSkipReason()
 const TOKEN = 'postcopy-tests-token-0123456789'
@@ -75,6 +76,29 @@ describe.skipIf(skip)('post-copy with cooperative hints', () => {
     expect(err.message).toMatch(/did not reconnect within 500 ms/)
     await expect(dest.settled).rejects.toMatchObject({ code: 'ERR_MIGRATION_CONNECTION' })
     await dest.close()
+  })
+
+  it("emits 'recovering' when the link breaks after the hand-off, keeps a waiting ready() and settles with the source's bytes", async () => {
+    const port = await freePort()
+    const destination = Guest.start({ name: `d-${port}`, regions: { mem: 64 * MiB }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false })
+    destination.catch(() => {})
+    const source = await Guest.start({ name: `s-${port}`, regions: { mem: 64 * MiB }, token: TOKEN, control: false, exitOnMoved: false })
+    fill(source.regions.mem.buffer, Array.from({ length: 16384 }, (_, p) => p))
+    // nothing is pushed until asked: the cut comes with the first 3 MiB of replies
+    const relay = new Relay(3 * MiB)
+    const to = await relay.start('127.0.0.1', port)
+    const report = source.migrate({ to, mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 500 } })
+    const dest = await destination
+    const recovering = new Promise<string>((resolve) => dest.on('recovering', resolve))
+    await dest.regions.mem.ready(0, 4 * MiB) // 4 MiB of replies: the link breaks half-way, ready() waits on
+    expect(await recovering).toMatch(/connection broke during post-copy.*waiting up to 60000 ms/)
+    expect(relay.cuts).toBe(1)
+    await dest.settled
+    const rep = await report
+    expect(rep.postcopy.recoveries).toBe(1)
+    expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(source.regions.mem.buffer))).toBe(0)
+    relay.close()
+    await Promise.all([dest.close(), source.close()])
   })
 
   it('willNeed() moves a range to the front of the push (seen in the push log)', async () => {
