@@ -124,6 +124,15 @@ export class PageBitmap {
   copyFrom(other: PageBitmap): void {
     this.words.set(other.words)
   }
+
+  /** The pages of [0, size) whose bit is clear in `words` (e.g. pending = not held by the destination). */
+  static complementOf(words: ArrayLike<number>, size: number): PageBitmap {
+    const m = new PageBitmap(size)
+    for (let w = 0; w < m.words.length; w++) m.words[w] = ~words[w]
+    const tail = size & 31
+    if (tail) m.words[m.words.length - 1] &= (1 << tail) - 1 // no bits past the end
+    return m
+  }
 }
 
 export function popcount(x: number): number {

@@ -108,4 +108,14 @@ describe('page bitmap', () => {
     for (const [s, n] of b.runs()) for (let p = s; p < s + n; p++) runs.push(p)
     expect(runs).toEqual([...model.keys()].filter((p) => model[p]))
   })
+
+  it('complements a map without setting bits past its end', () => {
+    const held = new PageBitmap(70)
+    held.setRange(0, 10)
+    held.setRange(40, 5)
+    const pending = PageBitmap.complementOf(held.words, 70)
+    expect([...pending.runs()]).toEqual([[10, 30], [45, 25]])
+    expect(pending.count()).toBe(55)
+    expect(pending.words[2] >>> 6).toBe(0) // pages 70..95 of the last word stay clear
+  })
 })

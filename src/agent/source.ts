@@ -506,16 +506,7 @@ export class MigrationSource {
       discard.push(Uint32Array.from(runs))
     }
     if (!precopyMode) {
-      this.pending = this.destHas.map((has) => {
-        const p = new PageBitmap(has.size)
-        for (let w = 0; w < p.words.length; w++) p.words[w] = ~has.words[w]
-        // clear bits past the end
-        const tail = has.size & 31
-        if (tail) p.words[p.words.length - 1] &= (1 << tail) - 1
-        return p
-      })
-      this.pagesLeft = this.pending.reduce((n, m) => n + m.count(), 0)
-      this.policy = createPushPolicy(this.opts.prepaging, this.pending)
+      this.setPending(this.destHas.map((has) => PageBitmap.complementOf(has.words, has.size)))
     }
     this.counts.discarded = discarded
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
@@ -597,22 +588,23 @@ export class MigrationSource {
   private applyRecoverState(m: Record<string, unknown>): void {
     const received = field<unknown[]>(m, 'received', 'array', 'RECOVER_STATE')
     if (received.length !== this.regions.length) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received for ${this.regions.length} regions`)
-    let left = 0
-    this.pending = this.regions.map((r, i) => {
+    this.setPending(this.regions.map((r, i) => {
       const bytes = received[i]
-      const p = new PageBitmap(r.pageCount)
-      if (!(bytes instanceof Uint8Array) || bytes.length !== p.words.length * 4) {
-        throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received[${i}] of ${p.words.length * 4} bytes`)
+      const wordCount = Math.ceil(r.pageCount / 32)
+      if (!(bytes instanceof Uint8Array) || bytes.length !== wordCount * 4) {
+        throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received[${i}] of ${wordCount * 4} bytes`)
       }
+      // copied: msgpackr may hand out an unaligned view of a shared pool
       const has = new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength))
-      for (let w = 0; w < p.words.length; w++) p.words[w] = ~has[w]
-      const tail = r.pageCount & 31
-      if (tail) p.words[p.words.length - 1] &= (1 << tail) - 1
-      left += p.count()
-      return p
-    })
-    this.pagesLeft = left
-    this.policy = createPushPolicy(this.opts.prepaging, this.pending)
+      return PageBitmap.complementOf(has, r.pageCount)
+    }))
+  }
+
+  /** Post-copy: what is still to send, and a fresh push policy over it. */
+  private setPending(pending: PageBitmap[]): void {
+    this.pending = pending
+    this.pagesLeft = pending.reduce((n, m) => n + m.count(), 0)
+    this.policy = createPushPolicy(this.opts.prepaging, pending)
   }
 
   private async postcopy(generation: number): Promise<Record<string, unknown>> {
