@@ -21,14 +21,13 @@ const { touchOrder } = require(`${repoRoot}/examples/scan-service/order.js`) // 
 export function modelFaults({ guestPages, wsPages, firstPage, pattern, strategy, pagesPerFault = 64, pagesPerTouch = 0.3, batch = 256 }) {
   const pending = new PageBitmap(guestPages)
   pending.setRange(0, guestPages)
-  let policy
-  if (strategy === 'oracle') {
-    const ws = new PageBitmap(guestPages)
-    ws.setRange(firstPage, wsPages)
-    policy = new SequentialPush([ws]) // walks the working set only; pages leave `ws` when sent
-    policy.sent = ws
-  } else {
-    policy = createPushPolicy({ strategy }, [pending])
+  // the oracle walks its own map: the working-set pages still pending
+  const oracleMap = strategy === 'oracle' ? new PageBitmap(guestPages) : undefined
+  oracleMap?.setRange(firstPage, wsPages)
+  const policy = oracleMap ? new SequentialPush([oracleMap]) : createPushPolicy({ strategy }, [pending])
+  const take = (first, count) => {
+    oracleMap?.clearRange(first, count)
+    return pending.clearRange(first, count)
   }
   let credit = 0
   const push = (pages) => {
@@ -36,19 +35,14 @@ export function modelFaults({ guestPages, wsPages, firstPage, pattern, strategy,
     while (credit >= 1) {
       const runs = policy.next(Math.min(batch, Math.floor(credit)))
       if (runs.length === 0) return
-      for (const r of runs) {
-        const n = pending.clearRange(r.firstPage, r.pageCount)
-        policy.sent?.clearRange(r.firstPage, r.pageCount)
-        credit -= Math.max(n, 1)
-      }
+      for (const r of runs) credit -= Math.max(take(r.firstPage, r.pageCount), 1)
     }
   }
   let faults = 0
   for (const p of touchOrder(wsPages, firstPage, pattern)) {
     if (pending.has(p)) {
       faults++
-      pending.clear(p)
-      policy.sent?.clear(p)
+      take(p, 1)
       policy.onFault(0, p)
       push(pagesPerFault)
     } else {

@@ -54,6 +54,7 @@ interface Pivot {
 /** An aligned block of pages that faulted recently; `cursor`: next page to look at. */
 interface FaultArea {
   region: number
+  start: number
   cursor: number
   end: number
 }
@@ -165,9 +166,9 @@ export class BubblingPush implements PushPolicy {
     const size = this.opts.areaPages
     if (size <= 0) return
     const start = page - (page % size)
-    const i = this.areas.findIndex((a) => a.region === region && a.end - size <= start && start < a.end && a.end === Math.min(this.pending[region].size, start + size))
+    const i = this.areas.findIndex((a) => a.region === region && a.start === start)
     if (i === 0) return
-    const area = i > 0 ? this.areas.splice(i, 1)[0] : { region, cursor: start, end: Math.min(this.pending[region].size, start + size) }
+    const area = i > 0 ? this.areas.splice(i, 1)[0] : { region, start, cursor: start, end: Math.min(this.pending[region].size, start + size) }
     this.areas.unshift(area)
     if (this.areas.length > this.opts.areas) this.areas.length = this.opts.areas
   }

@@ -56,7 +56,10 @@ export class MigrationDestination {
   private freedHere: PageBitmap[] = []
   private uffd: NativeUffd | undefined
   private phase: Phase = 'setup'
+  /** Open faults: region * 2^32 + page -> when the agent saw it (for the latency figures). */
   private readonly faultStart = new Map<number, number>()
+  /** Native region id -> index in `regions` (fault events carry the id). */
+  private readonly regionIndex: Map<number, number>
   /** Open PAGE_REQUESTs by kind (READY, FAULT). */
   private openRequests = [0, 0]
   private readyPausedSince = 0
@@ -67,7 +70,7 @@ export class MigrationDestination {
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   private readonly latency = new Samples()
-  private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0, recoveries: 0 }
+  private readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, pagesReceivedTwice: 0 }
   /** Post-copy recovery: how long a broken link may stay broken (from HANDOFF; 0: no recovery). */
   private recoveryTimeoutMs = 0
   /** From REGIONS: a silent peer fails a connection after this long (0: never). */
@@ -86,6 +89,7 @@ export class MigrationDestination {
     private readonly hooks: DestinationHooks,
   ) {
     this.ps = binding.pageSize
+    this.regionIndex = new Map(regions.map((r, i) => [r.id, i]))
     this.received = received
     this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
   }
@@ -184,7 +188,6 @@ export class MigrationDestination {
     clearTimeout(this.recoveryTimer)
     this.recoveryTimer = undefined
     this.phase = 'postcopy'
-    this.stats.recoveries++
     const received = this.received.map((m) => Buffer.from(new Uint8Array(m.words.buffer, m.words.byteOffset, m.words.byteLength)))
     this.bulk.send(encodeControl(Msg.RECOVER_STATE, { received, ...(this.resumedAtMs !== undefined ? { resumedAtMs: this.resumedAtMs } : {}) }))
     // requests that were open (their replies may be lost): blocked threads wait on them
@@ -359,14 +362,12 @@ export class MigrationDestination {
   private arrived(region: number, first: number, count: number): void {
     this.markReceived(region, first, count)
     if (this.faultStart.size) {
-      const now = nowMs()
-      for (let p = first; p < first + count; p++) {
-        const key = region * 2 ** 32 + p
-        const t = this.faultStart.get(key)
-        if (t !== undefined) {
-          this.latency.add((now - t) * 1000)
-          this.faultStart.delete(key)
-        }
+      // a few faults are open at a time: look them up, not every page of the run
+      const now = nowMs(), lo = region * 2 ** 32 + first, hi = lo + count
+      for (const [key, t] of this.faultStart) {
+        if (key < lo || key >= hi) continue
+        this.latency.add((now - t) * 1000)
+        this.faultStart.delete(key)
       }
     }
     this.inFlight[region].clearRange(first, count)
@@ -420,8 +421,8 @@ export class MigrationDestination {
     const now = nowMs()
     const requests = new Map<number, number[]>()
     for (let i = 0; i < ev.length; i += 3) {
-      const region = this.regions.findIndex((r) => r.id === ev[i])
-      if (region < 0) continue
+      const region = this.regionIndex.get(ev[i])
+      if (region === undefined) continue
       const page = ev[i + 1]
       this.resolveFault(region, page, now, requests)
     }
