@@ -10,6 +10,7 @@
         "native/region.cc",
         "native/region_binding.cc",
         "native/socket_binding.cc",
+        "native/thread_binding.cc",
         "native/uffd.cc",
         "native/uffd_binding.cc"
       ],

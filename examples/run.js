@@ -4,6 +4,7 @@
 // prints the report:   node examples/run.js kv-store [--mode postcopy] [--ready]
 //                      node examples/run.js scan-service --ws-mib 128 --pattern random [--prepaging bubble]
 //                      node examples/run.js page-store [--mib 256] [--writes 10000]
+//                      --agent-nice N: the migration agents run at nice N (UFFD_MIGRATE_AGENT_NICE)
 const { parseArgs } = require('node:util')
 const { migrateExample } = require('../dist/cli/demo')
 const { formatReport } = require('../dist/cli/format')
@@ -20,6 +21,7 @@ const { values: a, positionals } = parseArgs({
     'ws-mib': { type: 'string', default: '128' },
     pattern: { type: 'string', default: 'sequential' },
     'free-pct': { type: 'string', default: '0' },
+    'agent-nice': { type: 'string' },
   },
 })
 const example = positionals[0] || 'page-store'
@@ -34,6 +36,7 @@ if (!serviceArgs) {
 }
 migrateExample({
   example, sizeMiB: Number(a.mib), mode: a.mode, writesPerSec: Number(a.writes), keys: Number(a.keys), serviceArgs,
+  agentNice: a['agent-nice'] !== undefined ? Number(a['agent-nice']) : undefined,
   sendArgs: a.prepaging ? ['--prepaging', a.prepaging] : [],
   progress: (line) => process.stderr.write(`${line}\n`),
 }).then((r) => {

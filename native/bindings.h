@@ -6,4 +6,5 @@ namespace uffdm {
 void init_region_bindings(Napi::Env env, Napi::Object exports);
 void init_uffd_binding(Napi::Env env, Napi::Object exports);
 void init_socket_bindings(Napi::Env env, Napi::Object exports);
+void init_thread_bindings(Napi::Env env, Napi::Object exports);
 }  // namespace uffdm

@@ -20,12 +20,16 @@ export interface AgentWorkerData {
   received?: SharedArrayBuffer[]
   listen?: string
   token?: string
+  /** nice value of the agent's threads (0: as the service) */
+  agentNice: number
 }
 
 const port = parentPort!
 const data = workerData as AgentWorkerData
 const binding = loadBinding()
 const regions = data.regions.map((d) => Region.open(d, binding))
+// This thread only: it pushes, installs and reads faults (on its own loop).
+if (data.agentNice) binding.setThreadNice(data.agentNice)
 const post = (m: AgentToMain) => port.postMessage(m)
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,

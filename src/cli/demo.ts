@@ -47,6 +47,8 @@ export interface ExampleRun {
   writesPerSec?: number
   /** kv-store: number of keys. */
   keys?: number
+  /** Nice value of both services' migration agents (UFFD_MIGRATE_AGENT_NICE). */
+  agentNice?: number
   /** Run the destination in this network namespace, reachable at destHost. */
   destNetns?: string
   destHost?: string
@@ -85,6 +87,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     ...process.env,
     UFFD_MIGRATE_TOKEN: randomBytes(24).toString('hex'),
     XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), 'uffd-migrate-run-')),
+    ...(o.agentNice !== undefined ? { UFFD_MIGRATE_AGENT_NICE: String(o.agentNice) } : {}),
   }
   const destHost = o.destHost ?? '127.0.0.1'
   const [migPort, srcHttp, dstHttp] = [await freePort(), await freePort(), await freePort()]

@@ -1,0 +1,61 @@
+/**
+ * agentNice: the migration agent's threads run at a lower priority than the
+ * service's, on both hosts, and a migration still carries every byte.
+ * Checked against the kernel's own view of each thread (/proc/self/task).
+ */
+import { readdirSync, readFileSync } from 'node:fs'
+import { describe, expect, it } from 'vitest'
+import { Guest } from '../src/guest'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+const TOKEN = 'agent-nice-tests-token-0123456789'
+const MiB = 1 << 20
+
+/** tid -> nice, as the scheduler has it (field 19 of /proc/<pid>/task/<tid>/stat). */
+function threadNice(): Map<number, number> {
+  const out = new Map<number, number>()
+  for (const tid of readdirSync('/proc/self/task')) {
+    const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ') // fields from 3 on
+    out.set(Number(tid), Number(fields[19 - 3]))
+  }
+  return out
+}
+
+describe.skipIf(skip)('agentNice', () => {
+  it('runs the agents of both hosts at the given nice value, the service at its own, and migrates every byte', async () => {
+    const before = [...threadNice().values()].filter((n) => n === 7).length
+    const port = await freePort()
+    const destination = Guest.start({ name: `nd-${port}`, regions: { mem: 8 * MiB }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false, agentNice: 7 })
+    destination.catch(() => {})
+    const source = await Guest.start({ name: `ns-${port}`, regions: { mem: 8 * MiB }, token: TOKEN, control: false, exitOnMoved: false, agentNice: 7 })
+    const src = new Uint8Array(source.regions.mem.buffer)
+    for (let i = 0; i < src.length; i += 4096) src[i] = (i >> 12) & 0xff
+    const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy' })
+    const dest = await destination
+    const nice = threadNice()
+    expect(nice.get(process.pid)).toBe(0) // the service's main thread is left alone
+    // the two agent workers, one per guest (faults are read on the worker's own loop)
+    expect([...nice.values()].filter((n) => n === 7).length - before).toBe(2)
+    await dest.settled
+    await report
+    expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)
+    await dest.close()
+    await source.close()
+  })
+
+  it('rejects a nice value outside 0-19 with ERR_INVALID_ARG, from the option and from the environment', async () => {
+    const start = (agentNice?: number) => Guest.start({ name: 'nice-bad', regions: { mem: MiB }, token: TOKEN, control: false, agentNice })
+    await expect(start(20)).rejects.toMatchObject({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/options.agentNice .* 0 to 19, got 20/) })
+    await expect(start(-1)).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
+    await expect(start(2.5)).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
+    process.env.UFFD_MIGRATE_AGENT_NICE = 'low'
+    try {
+      await expect(start()).rejects.toMatchObject({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/UFFD_MIGRATE_AGENT_NICE .* got "low"/) })
+    } finally {
+      delete process.env.UFFD_MIGRATE_AGENT_NICE
+    }
+  })
+})
