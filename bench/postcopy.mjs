@@ -5,11 +5,13 @@
 //     demand-only, push-only, bubbling with one pivot, and bubbling with k = 7
 //     adaptive windows (the default).
 //  B. kv-store under a checking client, with and without ready() on its request path:
-//     event-loop blocked time on the destination from the hand-off to settled.
+//     event-loop blocked time on the destination from the hand-off to settled, with
+//     the agent at nice 0 and 10, on loopback and on a namespace link.
 //  C. free pages: 1 GiB, 10/50/90% free, with and without free() reporting (hybrid).
 // Every row is one real migration between two processes (examples/, the CLI).
 // Flags: --quick, --runs N (repeat table A and B, min/median/max), --link loopback|netns,
-//        --only A,B,C, --json FILE
+//        --only A,B,C, --json FILE, --b-links loopback,netns (table B's links; default
+//        loopback plus netns when available), --agent-nice 0,10 (table B's agent nice values)
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
 import { runLimits, repoRoot } from './lib/limits.mjs'
@@ -45,6 +47,21 @@ if (link === 'netns') {
   for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => (hosts.cleanup(), process.exit(130)))
 }
 const where = hosts ? { destNetns: hosts.ns, destHost: hosts.nsIp } : {}
+// Table B's links and agent nice values (see there).
+const agentNices = opt('agent-nice', '0,10').split(',').map(Number)
+const bLinks = opt('b-links', link === 'loopback' && only.has('B') && !netnsUnavailable() ? 'loopback,netns' : link).split(',')
+let bHosts
+function netnsWhere() {
+  if (hosts) return where
+  if (!bHosts) {
+    const why = netnsUnavailable()
+    if (why) throw new Error(`--b-links netns unavailable: ${why}`)
+    bHosts = createHostPair(212)
+    bHosts.shape(1000)
+    for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => (bHosts.cleanup(), process.exit(130)))
+  }
+  return { destNetns: bHosts.ns, destHost: bHosts.nsIp }
+}
 
 function line(r, prefix) {
   return (r.destLines ?? []).find((l) => l.startsWith(prefix))
@@ -130,33 +147,46 @@ try {
   }
 
   // ---- B: kv-store with and without ready() -------------------------------------------
+  // On every link of --b-links (default: loopback, and the namespace link when this
+  // machine has one: on loopback the two hosts share the CPUs with the client), and
+  // for every agent nice value of --agent-nice (default 0,10).
   if (only.has('B')) {
     const rows = []
-    const blocked = {}
-    for (const ready of [false, true]) {
-      const samples = []
-      for (let i = 0; i < runs; i++) {
-        say(`B: kv-store ${ready ? 'with' : 'without'} ready() run ${i + 1}/${runs}`)
-        const r = await migrateExample({ example: 'kv-store', sizeMiB: 1024, keys: 100_000, mode: 'postcopy', ...where, serviceArgs: ready ? ['--ready'] : [] })
-        const lag = json(r, 'LAG')
-        const before = (r.sourceLines ?? []).find((l) => l.startsWith('LAG_BEFORE '))
-        const lagBefore = before ? JSON.parse(before.slice('LAG_BEFORE '.length)) : undefined
-        if (!r.report || !lag) {
-          say(`   failed: ${r.error ?? r.verify}`)
-          continue
+    const checks = []
+    for (const bLink of bLinks) {
+      const bWhere = bLink === link ? where : netnsWhere()
+      for (const agentNice of agentNices) {
+        const blocked = {}
+        for (const ready of [false, true]) {
+          const samples = []
+          for (let i = 0; i < runs; i++) {
+            say(`B: ${bLink}, agent nice ${agentNice}, kv-store ${ready ? 'with' : 'without'} ready() run ${i + 1}/${runs}`)
+            const r = await migrateExample({ example: 'kv-store', sizeMiB: 1024, keys: 100_000, mode: 'postcopy', agentNice, ...bWhere, serviceArgs: ready ? ['--ready'] : [] })
+            const lag = json(r, 'LAG')
+            const before = (r.sourceLines ?? []).find((l) => l.startsWith('LAG_BEFORE '))
+            const lagBefore = before ? JSON.parse(before.slice('LAG_BEFORE '.length)) : undefined
+            if (!r.report || !lag) {
+              say(`   failed: ${r.error ?? r.verify}`)
+              continue
+            }
+            samples.push({ blockedMs: lag.blockedMs, maxBlockMs: lag.maxBlockMs, perS: (1000 * lag.blockedMs) / lag.durationMs, beforePerS: lagBefore ? (1000 * lagBefore.blockedMs) / lagBefore.durationMs : NaN, settleMs: r.report.postcopy.timeToSettledMs, faults: r.report.postcopy.networkFaults, demand: r.report.postcopy.demandPages, wrong: r.client.wrong, ok: r.client.ok, verify: r.verify })
+          }
+          blocked[ready] = stats(samples.map((s) => s.blockedMs))
+          results.B.push({ link: bLink, agentNice, ready, samples })
+          const b = blocked[ready]
+          const med = (k) => fmt(stats(samples.map((s) => s[k])).median)
+          rows.push([bLink, String(agentNice), ready ? 'with ready()' : 'without (faults block)', `${fmt(b.min)} / ${fmt(b.median)} / ${fmt(b.max)}`, med('perS'), med('beforePerS'), med('maxBlockMs'), med('settleMs'), med('faults'), med('demand'), samples.reduce((n, s) => n + s.ok, 0), samples.reduce((n, s) => n + s.wrong, 0), samples.length === runs && samples.every((s) => s.verify?.startsWith('ok')) ? 'ok' : 'FAIL'])
         }
-        samples.push({ blockedMs: lag.blockedMs, maxBlockMs: lag.maxBlockMs, perS: (1000 * lag.blockedMs) / lag.durationMs, beforePerS: lagBefore ? (1000 * lagBefore.blockedMs) / lagBefore.durationMs : NaN, settleMs: r.report.postcopy.timeToSettledMs, faults: r.report.postcopy.networkFaults, demand: r.report.postcopy.demandPages, wrong: r.client.wrong, ok: r.client.ok, verify: r.verify })
+        const ratio = blocked.true.median / blocked.false.median
+        const noWrong = results.B.filter((x) => x.link === bLink && x.agentNice === agentNice).every((x) => x.samples.every((s) => s.wrong === 0))
+        checks.push([`${bLink}, agent nice ${agentNice}: blocked with ready() <= 0.25 x without, no wrong answers`, `x${fmt(ratio)}`, ratio <= 0.25 && noWrong ? 'pass' : 'FAIL'])
       }
-      blocked[ready] = stats(samples.map((s) => s.blockedMs))
-      results.B.push({ ready, samples })
-      const b = blocked[ready]
-      rows.push([ready ? 'with ready()' : 'without (faults block)', `${fmt(b.min)} / ${fmt(b.median)} / ${fmt(b.max)}`, fmt(stats(samples.map((s) => s.perS)).median), fmt(stats(samples.map((s) => s.beforePerS)).median), fmt(stats(samples.map((s) => s.maxBlockMs)).median), fmt(stats(samples.map((s) => s.settleMs)).median), fmt(stats(samples.map((s) => s.faults)).median), fmt(stats(samples.map((s) => s.demand)).median), samples.reduce((n, s) => n + s.ok, 0), samples.reduce((n, s) => n + s.wrong, 0), samples.every((s) => s.verify?.startsWith('ok')) ? 'ok' : 'FAIL'])
     }
     console.log('B. kv-store (1 GiB arena, 100k keys, checking client), post-copy: destination event loop blocked from hand-off to settled')
     console.log('  blocked per s: the same meter as a rate; source before the hand-off: the rate on the source under the same client, before the migration')
-    printTable(['request path', 'blocked ms min/med/max', 'blocked ms per s', 'source before hand-off, ms per s', 'longest block ms', 'settled ms', 'network faults', 'demand pages', 'good answers', 'wrong', 'verify'], rows)
-    const ratio = blocked.true.median / blocked.false.median
-    printTable(['target', 'measured', ''], [['blocked with ready() <= 0.25 x without, no wrong answers', `x${fmt(ratio)}`, ratio <= 0.25 && results.B.every((x) => x.samples.every((s) => s.wrong === 0)) ? 'pass' : 'FAIL']])
+    console.log(`  links: loopback = both hosts and the client share this machine's CPUs; netns = two namespace hosts, 1 Gbit/s tbf link (same CPUs, a real link between them)`)
+    printTable(['link', 'agent nice', 'request path', 'blocked ms min/med/max', 'blocked ms per s', 'source before hand-off, ms per s', 'longest block ms', 'settled ms', 'network faults', 'demand pages', 'good answers', 'wrong', 'verify'], rows)
+    printTable(['target', 'measured', ''], checks)
     console.log('')
   }
 
@@ -202,4 +232,5 @@ try {
   if (out) writeFileSync(out, JSON.stringify(results, null, 2))
 } finally {
   hosts?.cleanup()
+  bHosts?.cleanup()
 }

@@ -4,6 +4,7 @@
 // so its model is exact; a write whose answer was lost in the hand-off makes
 // that key uncertain until the next read settles it.
 const http = require('node:http')
+const { clientLoops } = require('../client-loops')
 const { valueFor } = require('./store')
 
 function request(target, method, key, version, agent) {
@@ -22,17 +23,15 @@ function request(target, method, key, version, agent) {
 }
 
 function hammer({ targets, keys, concurrency = 8 }) {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency })
   const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [] }
   const model = new Map() // key -> version (0: deleted), for keys this client touched
   const uncertain = new Map() // key -> [possible versions]
   let target = 0
-  let running = true
   let lastOk = performance.now()
   let seed = 4242
   const rnd = (n) => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) % n)
-  async function loop(j) {
-    while (running) {
+  async function loop(j, { agent, running }) {
+    while (running()) {
       const key = `k${j + concurrency * rnd(Math.floor(keys / concurrency))}`
       const known = model.has(key) ? model.get(key) : 2 // the source starts every key at version 2
       const op = rnd(100)
@@ -77,16 +76,7 @@ function hammer({ targets, keys, concurrency = 8 }) {
       }
     }
   }
-  const loops = Array.from({ length: concurrency }, (_, j) => loop(j))
-  return {
-    stats,
-    async stop() {
-      running = false
-      await Promise.all(loops)
-      agent.destroy()
-      return stats
-    },
-  }
+  return clientLoops({ concurrency, stats, loop })
 }
 
 module.exports = { hammer }

@@ -4,6 +4,7 @@
 // back), and moves to the destination's address when the source stops
 // answering. Records the longest gap between two good answers.
 const http = require('node:http')
+const { clientLoops } = require('../client-loops')
 
 function get(host, port, page, agent) {
   return new Promise((resolve, reject) => {
@@ -30,15 +31,13 @@ function get(host, port, page, agent) {
  * targets() is read on every request: the destination may appear later.
  */
 function hammer({ targets, pageCount, concurrency = 4 }) {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency })
   const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, switchedAt: 0, wrongSamples: [] }
   const seen = new Map() // page -> highest version seen
   let target = 0
   let lastOk = performance.now()
-  let running = true
   let seed = 12345
-  async function loop() {
-    while (running) {
+  async function loop(j, { agent, running }) {
+    while (running()) {
       seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
       const page = seed % pageCount
       const list = targets()
@@ -72,16 +71,7 @@ function hammer({ targets, pageCount, concurrency = 4 }) {
       }
     }
   }
-  const loops = Array.from({ length: concurrency }, loop)
-  return {
-    stats,
-    async stop() {
-      running = false
-      await Promise.all(loops)
-      agent.destroy()
-      return stats
-    },
-  }
+  return clientLoops({ concurrency, stats, loop })
 }
 
 module.exports = { hammer, get }
