@@ -3,7 +3,9 @@
  * service's, on both hosts, and a migration still carries every byte.
  * Checked against the kernel's own view of each thread (/proc/self/task).
  */
+import { execFileSync, spawnSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { Guest } from '../src/guest'
 import { freePort } from '../src/cli/proc'
@@ -57,5 +59,15 @@ describe.skipIf(skip)('agentNice', () => {
     } finally {
       delete process.env.UFFD_MIGRATE_AGENT_NICE
     }
+  })
+
+  it('uffd-migrate receive --agent-nice passes the value to the service, and refuses one outside 0-19', () => {
+    const cli = join(__dirname, '..', 'dist', 'cli', 'main.js')
+    const env = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN }
+    const out = execFileSync(process.execPath, [cli, 'receive', '--listen', '127.0.0.1:1', '--agent-nice', '9', '--', process.execPath, '-e', 'console.log(process.env.UFFD_MIGRATE_AGENT_NICE)'], { env, encoding: 'utf8' })
+    expect(out.trim()).toBe('9')
+    const bad = spawnSync(process.execPath, [cli, 'receive', '--listen', '127.0.0.1:1', '--agent-nice', '25', '--', 'true'], { env, encoding: 'utf8' })
+    expect(bad.status).toBe(1)
+    expect(bad.stderr).toMatch(/--agent-nice to be an integer nice value from 0 to 19, got 25/)
   })
 })

@@ -7,7 +7,7 @@ import { connect } from 'node:net'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
 import { controlSocketPath, type ControlRequest } from '../control'
-import { readTokenFile } from '../guest'
+import { readTokenFile, resolveAgentNice } from '../guest'
 import { formatReport, progressLine } from './format'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
@@ -30,6 +30,14 @@ function nonNegativeNumber(v: string): number {
   const n = Number(v)
   if (!(n >= 0)) throw new InvalidArgumentError('expected a number >= 0')
   return n
+}
+
+function agentNice(v: string): number {
+  try {
+    return resolveAgentNice(Number(v.trim() === '' ? NaN : v))
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message.replace('options.agentNice', '--agent-nice'))
+  }
 }
 
 function address(v: string): string {
@@ -56,9 +64,11 @@ program
   .description('run CMD as the destination of an incoming migration')
   .requiredOption('--listen <addr>', 'address to listen on, e.g. 0.0.0.0:7070', address)
   .option('--token-file <file>', 'file holding the shared token (default: $UFFD_MIGRATE_TOKEN)')
+  .option('--agent-nice <n>', "nice value 0-19 of the service's migration agent (sets $UFFD_MIGRATE_AGENT_NICE)", agentNice)
   .argument('<cmd...>', 'the service command, after --')
-  .action((cmd: string[], o: { listen: string; tokenFile?: string }) => {
+  .action((cmd: string[], o: { listen: string; tokenFile?: string; agentNice?: number }) => {
     const env: NodeJS.ProcessEnv = { ...process.env, UFFD_MIGRATE_RECEIVE: o.listen }
+    if (o.agentNice !== undefined) env.UFFD_MIGRATE_AGENT_NICE = String(o.agentNice)
     if (o.tokenFile) env.UFFD_MIGRATE_TOKEN = readTokenFile(o.tokenFile)
     if (!env.UFFD_MIGRATE_TOKEN && !env.UFFD_MIGRATE_TOKEN_FILE) fail('ERR_MIGRATION_AUTH', 'no token: pass --token-file FILE or set UFFD_MIGRATE_TOKEN (the same on both hosts)')
     const child = spawn(cmd[0], cmd.slice(1), { stdio: 'inherit', env })
