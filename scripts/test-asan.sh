@@ -85,4 +85,7 @@ export UFFD_MIGRATE_ADDON="$ADDON"
 ' || die "$ADDON does not load under the sanitizer (see above)"
 
 echo "test-asan: vitest with UFFD_MIGRATE_ADDON=$ADDON LD_PRELOAD=$LD_PRELOAD" >&2
-exec "$NODE" node_modules/vitest/vitest.mjs run "$@"
+# One test file at a time: the sanitizer slows the addon several-fold, and the
+# e2e tests' bounds (e.g. the client's gap around the hand-off) are about the
+# migration, not about two files' migrations sharing two CPUs.
+exec "$NODE" node_modules/vitest/vitest.mjs run --no-file-parallelism "$@"
