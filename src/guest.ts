@@ -266,6 +266,22 @@ export class Guest extends EventEmitter {
     return this.lastProgress
   }
 
+  /**
+   * The same as `guest.regions[name].free(offset, length)`: the service no
+   * longer uses the whole pages of this range (region by name or object).
+   */
+  free(region: string | GuestRegion, offset: number, length: number): void {
+    const r = typeof region === 'string' ? this.regions[region] : region
+    if (!r || this.regions[r.name] !== r) {
+      const name = typeof region === 'string' ? region : (region as GuestRegion | undefined)?.name
+      throw new UffdMigrateError(
+        `expected a region of this guest (${Object.keys(this.regions).map((n) => `'${n}'`).join(', ')}), got ${JSON.stringify(name)}`,
+        ErrorCode.INVALID_ARG,
+      )
+    }
+    r.free(offset, length)
+  }
+
   /** Moves this service to the destination; resolves with the report once it settled there. */
   migrate(options: MigrateOptions): Promise<MigrationReport> {
     if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
