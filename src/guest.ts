@@ -19,7 +19,7 @@ import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messag
 import type { AgentWorkerData } from './agent/worker'
 import type { MigrationMode, MigrationReport } from './agent/report'
 import type { Progress } from './agent/source'
-import { DEFAULT_PREPAGING, type PrepagingOptions } from './agent/prepaging'
+import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import { ControlServer } from './control'
 import { parseAddress } from './agent/address'
 
@@ -417,7 +417,7 @@ function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefine
     connectTimeoutMs: o.connectTimeoutMs ?? 5000,
     recoveryTimeoutMs,
     linkTimeoutMs,
-    prepaging: { ...DEFAULT_PREPAGING, ...o.prepaging },
+    prepaging: validatePrepaging(o.prepaging),
     pushLog: o.pushLog ?? false,
     token: resolveToken(o.token ?? guestToken),
   }

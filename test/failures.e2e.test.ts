@@ -170,6 +170,9 @@ describe.skipIf(skip)('migration failures', () => {
     await expect(guest.migrate({ to: 'nowhere' })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/host:7070/) })
     await expect(guest.migrate({ to: '127.0.0.1:1', mode: 'sideways' as never })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
     await expect(guest.migrate({ to: '127.0.0.1:1', maxRounds: 0 })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
+    // checked before anything moves, not at the hand-off where the policy is built
+    await expect(guest.migrate({ to: '127.0.0.1:1', prepaging: { strategy: 'bubbel' as never } })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/unknown prepaging strategy "bubbel": expected one of bubble, bubble1, push, demand/) })
+    await expect(guest.migrate({ to: '127.0.0.1:1', prepaging: { pivots: 0 } })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/pivots/) })
     // guest.free() takes only this guest's regions, and ranges inside them
     expect(() => guest.free('nope', 0, 4096)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG', message: expect.stringMatching(/region of this guest \('store'\), got "nope"/) }))
     const other = await startSource({ name: `opts2-${process.pid}` })

@@ -23,6 +23,25 @@ export interface PrepagingOptions {
 
 export const DEFAULT_PREPAGING: PrepagingOptions = { strategy: 'bubble' }
 
+/**
+ * Checks prepaging options when migrate() is called: a strategy the agent
+ * cannot build would otherwise fail only at the hand-off, after the pause.
+ */
+export function validatePrepaging(o: Partial<PrepagingOptions> | undefined): PrepagingOptions {
+  const bad = (what: string) => new UffdMigrateError(what, ErrorCode.INVALID_ARG)
+  const out: PrepagingOptions = { ...DEFAULT_PREPAGING, ...o }
+  if (!PREPAGING_STRATEGIES.includes(out.strategy)) {
+    throw bad(`unknown prepaging strategy ${JSON.stringify(out.strategy)}: expected one of ${PREPAGING_STRATEGIES.join(', ')}`)
+  }
+  if (out.pivots !== undefined && !(Number.isInteger(out.pivots) && out.pivots >= 1 && out.pivots <= 64)) {
+    throw bad(`expected prepaging.pivots to be an integer in 1..64, got ${JSON.stringify(out.pivots)}`)
+  }
+  if (out.idleFillMs !== undefined && !(out.idleFillMs >= 0 && out.idleFillMs <= 3_600_000)) {
+    throw bad(`expected prepaging.idleFillMs in 0..3600000, got ${JSON.stringify(out.idleFillMs)}`)
+  }
+  return out
+}
+
 export function createPushPolicy(opts: PrepagingOptions, pending: PageBitmap[]): PushPolicy {
   switch (opts.strategy) {
     case 'bubble':

@@ -107,11 +107,12 @@ program
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(['bubble', 'bubble1', 'push', 'demand']))
+  .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; tokenFile?: string; json?: boolean }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; tokenFile?: string; json?: boolean }) => {
     const tty = process.stderr.isTTY && !o.json
     let report: MigrationReport | undefined
     let error: { code: string; message: string } | undefined
@@ -120,7 +121,7 @@ program
         cmd: 'migrate',
         options: {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
-          ...(o.prepaging ? { prepaging: { strategy: o.prepaging as never } } : {}),
+          ...(o.prepaging || o.pivots ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}) } } : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },
       }, (m) => {
