@@ -55,7 +55,7 @@ export interface MigrationReport {
     timeToSettledMs: number
     /** Times the link broke during post-copy and the source reconnected. */
     recoveries: number
-    /** Event-loop time the destination's service spent blocked in faults, as seen by the agent. */
+    /** The post-copy push order, run by run (with `pushLog: true`). */
     pushLog?: { region: number; firstPage: number; pageCount: number }[]
   }
 }

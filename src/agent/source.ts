@@ -427,9 +427,7 @@ export class MigrationSource {
       ch.send([pagesHeader(region, p, count, this.ps), Buffer.from(r.buffer, p * this.ps, count * this.ps)])
       total.data += count
       this.counts.data += count
-      const sent = this.everSent[region]
-      for (let q = sent.nextSet(p, p + count); q !== -1; q = sent.nextSet(q + 1, p + count)) this.counts.resent++
-      sent.setRange(p, count)
+      this.counts.resent += count - this.everSent[region].setRange(p, count) // pages sent before
       this.destHas[region].setRange(p, count)
       if (afterHandoff) this.pending[region].clearRange(p, count)
     })
