@@ -114,6 +114,17 @@ export class PageBitmap {
     }
   }
 
+  /** onRun(first, end, isSet) for each maximal run of equal bits in [from, end), in order. */
+  eachRun(from: number, end: number, onRun: (first: number, end: number, isSet: boolean) => void): void {
+    for (let p = from; p < end; ) {
+      const isSet = this.has(p)
+      let q = isSet ? this.nextClear(p, end) : this.nextSet(p, end)
+      if (q === -1) q = end
+      onRun(p, q, isSet)
+      p = q
+    }
+  }
+
   /** Sets every page of a run list ([start, count] pairs). Returns bits newly set. */
   setRuns(runs: ArrayLike<number>): number {
     let n = 0

@@ -109,6 +109,18 @@ describe('page bitmap', () => {
     expect(runs).toEqual([...model.keys()].filter((p) => model[p]))
   })
 
+  it('walks the runs of equal bits of a range, in order, across word boundaries', () => {
+    const b = new PageBitmap(100)
+    b.setRange(3, 30) // 3..32 crosses a word
+    b.set(64)
+    const runs: [number, number, boolean][] = []
+    b.eachRun(1, 70, (first, end, isSet) => runs.push([first, end, isSet]))
+    expect(runs).toEqual([[1, 3, false], [3, 33, true], [33, 64, false], [64, 65, true], [65, 70, false]])
+    const none: unknown[] = []
+    b.eachRun(5, 5, (...r) => none.push(r))
+    expect(none).toEqual([])
+  })
+
   it('complements a map without setting bits past its end', () => {
     const held = new PageBitmap(70)
     held.setRange(0, 10)

@@ -315,17 +315,17 @@ export class MigrationDestination {
       // A page that holds data already (an older round's) is overwritten in
       // place; a missing one is installed with UFFDIO_COPY: one copy, no
       // zero-fill fault, and never touched by this thread while missing.
-      const received = this.received[m.region], zero = this.knownZero[m.region]
-      const end = m.firstPage + m.pageCount
-      for (let p = m.firstPage; p < end; ) {
-        const present = received.has(p) && !zero.has(p)
-        let q = p + 1
-        while (q < end && (received.has(q) && !zero.has(q)) === present) q++
+      // Present = received and not a known zero page (those were never populated).
+      const zero = this.knownZero[m.region]
+      const put = (p: number, q: number, present: boolean) => {
         const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
         if (present) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
         else this.uffd!.copy(r.id, p * this.ps, bytes)
-        p = q
       }
+      this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
+        if (got) zero.eachRun(p, q, (a, b, isZero) => put(a, b, !isZero))
+        else put(p, q, false)
+      })
       zero.clearRange(m.firstPage, m.pageCount)
       this.markReceived(m.region, m.firstPage, m.pageCount)
       return
