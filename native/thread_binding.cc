@@ -16,33 +16,18 @@ namespace uffdm {
 namespace {
 
 // setThreadNice(nice): nice value (0..19) of the calling thread only (on
-// Linux PRIO_PROCESS with a thread id applies to that thread). Returns the
-// value the thread had before.
+// Linux PRIO_PROCESS with a thread id applies to that thread).
 Napi::Value SetThreadNice(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   int nice = (int)arg_index(info, 0, "nice", 19);
-  pid_t tid = (pid_t)syscall(SYS_gettid);
-  errno = 0;
-  int before = getpriority(PRIO_PROCESS, (id_t)tid);
-  if (before == -1 && errno) throw sys_error(env, -errno, "getpriority");
-  if (setpriority(PRIO_PROCESS, (id_t)tid, nice)) throw sys_error(env, -errno, "setpriority");
-  return Napi::Number::New(env, before);
-}
-
-// threadNice(): nice value of the calling thread.
-Napi::Value ThreadNice(const Napi::CallbackInfo& info) {
-  auto env = info.Env();
-  errno = 0;
-  int now = getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
-  if (now == -1 && errno) throw sys_error(env, -errno, "getpriority");
-  return Napi::Number::New(env, now);
+  if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice)) throw sys_error(env, -errno, "setpriority");
+  return env.Undefined();
 }
 
 }  // namespace
 
 void init_thread_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("setThreadNice", Napi::Function::New(env, SetThreadNice));
-  exports.Set("threadNice", Napi::Function::New(env, ThreadNice));
 }
 
 }  // namespace uffdm

@@ -61,10 +61,8 @@ export interface NativeBinding {
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): void
   /** Keepalive probes every second and TCP_USER_TIMEOUT: a silent peer fails the connection after ~timeoutMs (>= 1000). */
   setSocketLiveness(fd: number, timeoutMs: number): void
-  /** Nice value (0..19) of the calling thread only; returns the one it had. */
-  setThreadNice(nice: number): number
-  /** Nice value of the calling thread. */
-  threadNice(): number
+  /** Nice value (0..19) of the calling thread only. */
+  setThreadNice(nice: number): void
   Uffd: new (features: number) => NativeUffd
   probe(): ProbeResult
 }
