@@ -423,13 +423,13 @@ function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefine
   }
 }
 
-/** The agent's nice value: explicit, $UFFD_MIGRATE_AGENT_NICE, or 0. */
-export function resolveAgentNice(explicit?: number): number {
+/** The agent's nice value: explicit (a number, or a CLI string), $UFFD_MIGRATE_AGENT_NICE, or 0. */
+export function resolveAgentNice(explicit?: number | string, name = 'options.agentNice'): number {
   const raw = explicit ?? process.env.UFFD_MIGRATE_AGENT_NICE ?? 0
   const nice = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw
   if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) {
-    const from = explicit !== undefined ? 'options.agentNice' : 'UFFD_MIGRATE_AGENT_NICE'
-    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
+    const from = explicit !== undefined ? name : 'UFFD_MIGRATE_AGENT_NICE'
+    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${typeof nice === 'number' && !Number.isNaN(nice) ? nice : JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
   }
   return nice
 }

@@ -34,9 +34,9 @@ function nonNegativeNumber(v: string): number {
 
 function agentNice(v: string): number {
   try {
-    return resolveAgentNice(Number(v.trim() === '' ? NaN : v))
+    return resolveAgentNice(v, '--agent-nice')
   } catch (err) {
-    throw new InvalidArgumentError((err as Error).message.replace('options.agentNice', '--agent-nice'))
+    throw new InvalidArgumentError((err as Error).message)
   }
 }
 
