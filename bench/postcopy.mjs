@@ -63,11 +63,9 @@ function netnsWhere() {
   return { destNetns: bHosts.ns, destHost: bHosts.nsIp }
 }
 
-function line(r, prefix) {
-  return (r.destLines ?? []).find((l) => l.startsWith(prefix))
-}
-function json(r, prefix) {
-  const l = line(r, prefix)
+/** The JSON after `PREFIX ` on the first such line a service printed (destination's by default). */
+function json(r, prefix, lines = r.destLines) {
+  const l = (lines ?? []).find((x) => x.startsWith(`${prefix} `))
   return l ? JSON.parse(l.slice(prefix.length + 1)) : undefined
 }
 
@@ -163,8 +161,7 @@ try {
             say(`B: ${bLink}, agent nice ${agentNice}, kv-store ${ready ? 'with' : 'without'} ready() run ${i + 1}/${runs}`)
             const r = await migrateExample({ example: 'kv-store', sizeMiB: 1024, keys: 100_000, mode: 'postcopy', agentNice, ...bWhere, serviceArgs: ready ? ['--ready'] : [] })
             const lag = json(r, 'LAG')
-            const before = (r.sourceLines ?? []).find((l) => l.startsWith('LAG_BEFORE '))
-            const lagBefore = before ? JSON.parse(before.slice('LAG_BEFORE '.length)) : undefined
+            const lagBefore = json(r, 'LAG_BEFORE', r.sourceLines)
             if (!r.report || !lag) {
               say(`   failed: ${r.error ?? r.verify}`)
               continue
