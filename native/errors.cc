@@ -41,17 +41,23 @@ static std::string hint(int err, const std::string& call) {
   return strerror(err);
 }
 
+static Napi::Object make_error(Napi::Env env, const std::string& msg) {
+  auto* data = env.GetInstanceData<ErrorData>();
+  if (data && !data->error_class.IsEmpty()) return data->error_class.New({Napi::String::New(env, msg)});
+  return Napi::Error::New(env, msg).Value();
+}
+
+Napi::Error lib_error(Napi::Env env, const char* code, const std::string& message) {
+  Napi::Object obj = make_error(env, message);
+  obj.Set("code", code);
+  return Napi::Error(env, obj);
+}
+
 Napi::Error sys_error(Napi::Env env, int neg_errno, const char* syscall, const std::string& context) {
   int err = neg_errno < 0 ? -neg_errno : neg_errno;
   std::string msg = std::string(syscall) + " failed with " + errno_code(err) + ": " + hint(err, syscall);
   if (!context.empty()) msg += " (" + context + ")";
-  auto* data = env.GetInstanceData<ErrorData>();
-  Napi::Object obj;
-  if (data && !data->error_class.IsEmpty()) {
-    obj = data->error_class.New({Napi::String::New(env, msg)});
-  } else {
-    obj = Napi::Error::New(env, msg).Value();
-  }
+  Napi::Object obj = make_error(env, msg);
   obj.Set("code", errno_code(err));
   obj.Set("errno", Napi::Number::New(env, err));
   obj.Set("syscall", Napi::String::New(env, syscall));

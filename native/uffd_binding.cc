@@ -83,9 +83,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
 
   void check_open(Napi::Env env) {
     if (fd_ < 0) {
-      auto e = Napi::Error::New(env, "this userfaultfd is closed");
-      e.Set("code", "ERR_UFFD_CLOSED");
-      throw e;
+      throw lib_error(env, "ERR_UFFD_CLOSED", "this userfaultfd is closed");
     }
   }
 

@@ -1,7 +1,7 @@
 /**
  * The one place that loads the native addon. Everything native is typed by
- * the NativeBinding interface below; tests of the pure TypeScript tier use a
- * fake with the same interface.
+ * the NativeBinding interface below; the pure test tier uses a fake with the
+ * same interface (src/testing/fake-binding.ts).
  */
 import { join } from 'node:path'
 import { UffdMigrateError, ErrorCode } from './errors'
@@ -9,7 +9,6 @@ import { UffdMigrateError, ErrorCode } from './errors'
 export interface NativeUffd {
   readonly features: number
   readonly ioctls: number
-  readonly fd: number
   /** Returns the ioctls the range supports. */
   register(regionId: number, offset: number, length: number, mode: number): number
   unregister(regionId: number, offset: number, length: number): void
@@ -23,7 +22,6 @@ export interface NativeUffd {
   startFaults(callback: (events: Uint32Array) => void): void
   /** Delivers the fault events queued now to the startFaults callback, synchronously; how many. */
   pollFaults(): number
-  stopFaults(): void
   close(): void
 }
 

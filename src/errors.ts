@@ -9,7 +9,7 @@ export class UffdMigrateError extends Error {
   errno?: number
   syscall?: string
 
-  constructor(message: string, code = 'ERR_UFFD_MIGRATE', options?: { cause?: unknown }) {
+  constructor(message: string, code: string = ErrorCode.GENERIC, options?: { cause?: unknown }) {
     super(message, options)
     this.name = 'UffdMigrateError'
     this.code = code
@@ -46,6 +46,14 @@ export const ErrorCode = {
   RELEASED: 'ERR_REGION_RELEASED',
   /** No guest with that name is running. */
   NO_GUEST: 'ERR_NO_GUEST',
+  /** The migration agent (the worker thread) crashed or broke one of its own rules: a bug, never the service's. */
+  AGENT: 'ERR_AGENT',
+  /** The destination could not restore the hand-off state; the service did not start there and runs on at the source. */
+  HANDOFF: 'ERR_MIGRATION_HANDOFF',
+  /** A userfaultfd was used after close() (native). */
+  UFFD_CLOSED: 'ERR_UFFD_CLOSED',
+  /** Catch-all of the error class. */
+  GENERIC: 'ERR_UFFD_MIGRATE',
 } as const
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode]
 

@@ -18,7 +18,7 @@ import { nowMs } from './stats'
 import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messages'
 import type { AgentWorkerData } from './agent/worker'
 import type { MigrationMode, MigrationReport } from './agent/report'
-import type { Progress } from './agent/source'
+import type { Progress } from './agent/source/index'
 import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import { ControlServer } from './control'
 import { parseAddress } from './agent/address'
@@ -119,7 +119,7 @@ export class GuestRegion {
   willNeed(offset: number, length: number): void {
     const [first, count] = this.pages(offset, length)
     if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return
-    this.guest.post({ type: 'request', region: this.index, firstPage: first, pageCount: count, urgent: false })
+    this.guest.post({ type: 'willNeed', region: this.index, firstPage: first, pageCount: count })
   }
 
   /**
@@ -178,7 +178,7 @@ export class Guest extends EventEmitter {
     this.worker.on('message', (m: AgentToMain) => this.onAgent(m))
     this.worker.on('error', (err) => {
       // a bug in the agent: fail the migration, never the service
-      this.onAgent({ type: 'failed', error: { code: 'ERR_AGENT', message: `migration agent crashed: ${err.message}` } })
+      this.onAgent({ type: 'failed', error: { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` } })
     })
   }
 
@@ -225,12 +225,18 @@ export class Guest extends EventEmitter {
           process.stderr.write(`uffd-migrate: guest '${opts.name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
         }
         if (m.type === 'restore') {
-          worker.off('message', onMessage)
+          let state: unknown
           try {
-            resolve({ state: m.state.length ? packr.unpack(m.state) : undefined })
+            state = m.state.length ? packr.unpack(m.state) : undefined
           } catch (err) {
-            reject(new UffdMigrateError(`could not decode the hand-off state: ${(err as Error).message}`, ErrorCode.PROTOCOL))
+            // The service does not start here: the agent tells the source
+            // (ERROR ERR_MIGRATION_HANDOFF, its service resumes there) and
+            // reports 'failed', which ends this start() below.
+            worker.postMessage({ type: 'restoreFailed', error: { code: ErrorCode.HANDOFF, message: `could not decode the hand-off state: ${(err as Error).message}` } } satisfies MainToAgent)
+            return
           }
+          worker.off('message', onMessage)
+          resolve({ state })
         }
         if (m.type === 'failed') {
           worker.off('message', onMessage)

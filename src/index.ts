@@ -1,5 +1,5 @@
 export { Guest, GuestRegion, type GuestOptions, type MigrateOptions, resolveToken } from './guest'
 export { UffdMigrateError, ErrorCode } from './errors'
 export type { MigrationReport, RoundReport, MigrationMode } from './agent/report'
-export type { Progress } from './agent/source'
+export type { Progress } from './agent/source/index'
 export { runDoctor, formatDoctor, type DoctorReport } from './doctor'

@@ -153,8 +153,19 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     const tracker = new DirtyTracker(b, [region])
     const u8 = new Uint8Array(region.buffer)
     for (const p of [0, 10, 11, 12, 5000]) u8[p * ps] = 1
-    void u8[7000 * ps] // read-only touch maps the zero page: not present data
-    expect(Array.from(tracker.presentRuns(region.id, region.pageCount))).toEqual([0, 1, 10, 3, 5000, 1])
+    void u8[7000 * ps] // read-only touch: the zero page on most kernels
+    const runs = Array.from(tracker.presentRuns(region.id, region.pageCount))
+    // Linux 6.18 (this CI's kernel) fills a read fault on a write-protect
+    // marker (WP_UNPOPULATED) with a fresh zeroed page instead of the zero
+    // page: then it is present, and what matters is that round 0 finds it
+    // all-zero and sends it as a range without payload.
+    if (runs.length === 8) {
+      expect(runs.slice(6)).toEqual([7000, 1])
+      const zero = new Uint8Array(1)
+      expect(b.zeroPages(region.id, 7000, 1, zero)).toBe(1)
+    }
+    expect(runs.slice(0, 6)).toEqual([0, 1, 10, 3, 5000, 1])
+    expect(runs.length === 6 || runs.length === 8).toBe(true)
     tracker.close()
   })
 

@@ -1,8 +1,9 @@
 /** Messages between the service's main thread (guest.ts) and the agent's worker. */
-import type { SourceOptions, Progress } from './source'
+import type { SourceOptions, Progress } from './source/index'
 import type { MigrationReport } from './report'
 
-export type WireSourceOptions = Omit<SourceOptions, 'token'> & { token: string }
+/** What crosses to the worker: no functions, the token as text; the worker adds what it resolves itself. */
+export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' | 'dial' | 'clock'> & { token: string }
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }
@@ -10,9 +11,9 @@ export type MainToAgent =
   | { type: 'pauseFailed'; error: { code: string; message: string } }
   | { type: 'free'; region: number; firstPage: number; pageCount: number }
   | { type: 'resumed'; atMs: number }
-  | { type: 'request'; region: number; firstPage: number; pageCount: number; urgent: boolean }
+  | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
+  | { type: 'restoreFailed'; error: { code: string; message: string } }
   | { type: 'wait'; id: number; region: number; firstPage: number; pageCount: number }
-  | { type: 'close' }
 
 export type AgentToMain =
   | { type: 'pause' }

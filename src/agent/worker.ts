@@ -1,17 +1,19 @@
 /**
  * Entry point of the agent's worker thread. It owns the uffd, the tracker and
  * the sockets; the service's main thread talks to it with messages only, so
- * the agent keeps running while the main thread is blocked in a fault.
+ * the agent keeps running while the main thread is blocked in a fault. The
+ * environment is read here, at the process boundary, and passed down.
  */
 import { parentPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
-import type { UffdMigrateError } from '../errors'
+import { ErrorCode, UffdMigrateError } from '../errors'
+import { DEFAULT_BULK_SOCKET_BUFFER_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
-import { MigrationDestination } from './destination'
-import { MigrationSource, type SourceOptions } from './source'
+import { MigrationDestination } from './destination/index'
 import type { AgentToMain, MainToAgent } from './messages'
+import { MigrationSource, type SourceOptions } from './source/index'
 
 export interface AgentWorkerData {
   role: 'source' | 'destination'
@@ -30,11 +32,13 @@ const binding = loadBinding()
 const regions = data.regions.map((d) => Region.open(d, binding))
 // This thread only: it pushes, installs and reads faults (on its own loop).
 if (data.agentNice) binding.setThreadNice(data.agentNice)
+const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
 const post = (m: AgentToMain) => port.postMessage(m)
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
-  code: (err as UffdMigrateError).code ?? 'ERR_UFFD_MIGRATE',
+  code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
 })
+const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e.message, e.code)
 
 if (data.role === 'source') runSource()
 else runDestination()
@@ -47,11 +51,11 @@ function runSource(): void {
     switch (m.type) {
       case 'migrate': {
         if (running) {
-          post({ type: 'failed', error: { code: 'ERR_MIGRATION_BUSY', message: 'a migration is already running for this guest' } })
+          post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
           return
         }
         running = true
-        const opts: SourceOptions = { ...m.options, token: Buffer.from(m.options.token, 'utf8') }
+        const opts: SourceOptions = { ...m.options, token: Buffer.from(m.options.token, 'utf8'), bulkBufferBytes }
         const source = new MigrationSource(binding, regions, opts, {
           pause: () => new Promise((resolve, reject) => {
             pauseWaiter = { resolve, reject }
@@ -78,44 +82,47 @@ function runSource(): void {
         pauseWaiter?.resolve(m.state)
         pauseWaiter = undefined
         return
-      case 'pauseFailed': {
-        const err = Object.assign(new Error(m.error.message), { code: m.error.code })
-        pauseWaiter?.reject(err)
+      case 'pauseFailed':
+        pauseWaiter?.reject(errorIn(m.error))
         pauseWaiter = undefined
         return
-      }
       case 'free':
         // Only a running migration needs them: between migrations the
         // present-page scan of round 0 sees freed pages as zero anyway.
         if (running) freed.push(m.region, m.firstPage, m.pageCount)
         return
-      case 'close':
-        process.exit(0)
     }
   })
 }
 
 function runDestination(): void {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
-  let resumeWaiter: ((t: number) => void) | undefined
-  const dest = new MigrationDestination(binding, regions, received, Buffer.from(data.token!, 'utf8'), {
-    restore: (state) => new Promise((resolve) => {
-      resumeWaiter = resolve
+  let resumeWaiter: { resolve: (t: number) => void; reject: (e: Error) => void } | undefined
+  const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
+    restore: (state) => new Promise((resolve, reject) => {
+      resumeWaiter = { resolve, reject }
       post({ type: 'restore', state })
     }),
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
     recovering: (message) => post({ type: 'recovering', message }),
+    refused: (message) => {
+      if (process.env.UFFD_MIGRATE_DEBUG) console.error(`[uffd-migrate] ${message}`)
+    },
   })
   port.on('message', (m: MainToAgent) => {
     switch (m.type) {
       case 'resumed':
-        resumeWaiter?.(m.atMs)
+        resumeWaiter?.resolve(m.atMs)
         resumeWaiter = undefined
         return
-      case 'request':
-        dest.request(m.region, m.firstPage, m.pageCount, m.urgent)
+      case 'restoreFailed':
+        resumeWaiter?.reject(errorIn(m.error))
+        resumeWaiter = undefined
+        return
+      case 'willNeed':
+        dest.willNeed(m.region, m.firstPage, m.pageCount)
         return
       case 'wait':
         dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
@@ -123,9 +130,6 @@ function runDestination(): void {
       case 'free':
         dest.free(m.region, m.firstPage, m.pageCount)
         return
-      case 'close':
-        dest.close()
-        process.exit(0)
     }
   })
   dest.listen(data.listen!).then(

@@ -1,6 +1,6 @@
 /** Human-readable progress line and report table. */
 import type { MigrationReport } from '../agent/report'
-import type { Progress } from '../agent/source'
+import type { Progress } from '../agent/source/index'
 
 export function bytes(n: number): string {
   const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB']

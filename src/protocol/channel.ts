@@ -1,11 +1,32 @@
 /**
- * One TCP connection of a migration: framing, backpressure and errors. The
- * protocol logic stays in the agents; this only moves frames.
+ * One connection of a migration: framing, backpressure and errors. The only
+ * wrapper of a socket: the engines see frames, pauseReading()/resumeReading()
+ * and drain(), never the socket. The transport is anything shaped like a
+ * net.Socket (a TCP socket in production, an in-memory pair in the pure tier).
+ * The protocol logic stays in the engines; this only moves frames.
  */
-import type { Socket } from 'node:net'
 import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
 import { type Frame, FrameDecoder } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, Msg } from './messages'
+
+/** The part of net.Socket a Channel uses. */
+export interface Transport {
+  write(chunk: Buffer): boolean
+  cork(): void
+  uncork(): void
+  end(): void
+  destroy(): void
+  pause(): void
+  resume(): void
+  isPaused(): boolean
+  setNoDelay?(noDelay: boolean): void
+  readonly destroyed: boolean
+  readonly writableNeedDrain: boolean
+  on(event: 'data', fn: (chunk: Buffer) => void): unknown
+  on(event: 'error', fn: (err: Error) => void): unknown
+  on(event: 'close' | 'drain', fn: () => void): unknown
+  off(event: 'close' | 'drain', fn: () => void): unknown
+}
 
 export class Channel {
   private readonly decoder: FrameDecoder
@@ -18,10 +39,10 @@ export class Channel {
   bytesWritten = 0
 
   constructor(
-    readonly socket: Socket,
+    private readonly socket: Transport,
     readonly name: string,
   ) {
-    socket.setNoDelay(true)
+    socket.setNoDelay?.(true)
     this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_CONTROL_BYTES)
     socket.on('data', (chunk: Buffer) => {
       this.bytesRead += chunk.length
@@ -71,6 +92,19 @@ export class Channel {
       this.sendError(err as Error)
       this.fail(err as Error)
     }
+  }
+
+  /** Stops delivering frames until resumeReading() (the kernel buffers, then the peer waits). */
+  pauseReading(): void {
+    if (!this.socket.isPaused()) this.socket.pause()
+  }
+
+  resumeReading(): void {
+    if (this.socket.isPaused()) this.socket.resume()
+  }
+
+  get readingPaused(): boolean {
+    return this.socket.isPaused()
   }
 
   /** Writes one frame made of buffers; false means "wait for drain()". */

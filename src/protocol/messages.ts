@@ -13,8 +13,8 @@ export const PROTOCOL_VERSION = 1
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256
-/** Kernel socket buffers of the bulk channel (see Channel.limitKernelBuffers). */
-export const BULK_SOCKET_BUFFER_BYTES = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? 512 * 1024)
+/** Default kernel socket buffers of the bulk channel (see Channel.limitKernelBuffers; $UFFD_MIGRATE_BULK_BUFFER_BYTES). */
+export const DEFAULT_BULK_SOCKET_BUFFER_BYTES = 512 * 1024
 
 /** Largest control message (hand-off state, discard lists). */
 export const MAX_CONTROL_BYTES = 64 << 20

@@ -1,0 +1,327 @@
+/**
+ * The destination side of one migration, in the agent's worker: one state
+ * machine (machine.ts) fed by the frames of both connections. Before the
+ * hand-off pages go straight into the (registered, untouched) regions; at
+ * the hand-off the discard list is applied and the service resumes; after
+ * it, faults become page requests on the urgent channel, and pages are
+ * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local.
+ * Concerns live beside it: accept.ts (connections), placement.ts (the
+ * received map), requests.ts (faults, waits, free), bulk-gate.ts,
+ * recovery.ts.
+ */
+import type { NativeBinding, NativeUffd } from '../../binding'
+import type { PageBitmap } from '../../bitmap'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
+import type { Channel, Transport } from '../../protocol/channel'
+import type { Frame } from '../../protocol/frames'
+import { peerError } from '../../protocol/handshake'
+import {
+  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, RequestKind, uint,
+} from '../../protocol/messages'
+import type { Region } from '../../region'
+import { type Clock, systemClock } from '../clock'
+import { type ChannelName, route } from '../message-table'
+import { StateMachine } from '../state-machine'
+import { Acceptor } from './accept'
+import { BulkGate } from './bulk-gate'
+import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase } from './machine'
+import { Placement } from './placement'
+import { RecoveryWindow } from './recovery'
+import { Requests } from './requests'
+
+export { DestPhase } from './machine'
+
+export interface DestinationOptions {
+  token: Buffer
+  /** Kernel socket buffers of the bulk connection (0: leave alone). */
+  bulkBufferBytes: number
+  clock?: Clock
+}
+
+export interface DestinationHooks {
+  /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
+  restore(state: Uint8Array): Promise<number>
+  /** Every page is local. */
+  settled(): void
+  /** These ready() waits of the service are satisfied: their ranges are local. */
+  ready(waitIds: number[]): void
+  failed(err: Error): void
+  /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
+  recovering?(message: string): void
+  /** A connection was refused before it joined a migration. */
+  refused?(message: string): void
+}
+
+export class MigrationDestination {
+  readonly machine = new StateMachine<DestPhase>('destination', DEST_TRANSITIONS, DestPhase.LISTENING)
+  private readonly link: Acceptor
+  private readonly placement: Placement
+  private readonly requests: Requests
+  private readonly gate: BulkGate
+  private readonly recovery: RecoveryWindow
+  private readonly clock: Clock
+  private readonly ps: number
+  private readonly layout: RegionLayout[]
+  private uffd: NativeUffd | undefined
+  /** From REGIONS: a silent peer fails a connection after this long (0: never). */
+  private linkTimeoutMs = 0
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+    received: PageBitmap[],
+    private readonly opts: DestinationOptions,
+    private readonly hooks: DestinationHooks,
+  ) {
+    this.clock = opts.clock ?? systemClock
+    this.ps = binding.pageSize
+    this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
+    const machine = this.machine
+    this.link = new Acceptor(opts.token, {
+      get phase() {
+        return machine.phase
+      },
+      adopt: (ch, role) => this.adopt(ch, role),
+      refused: (m) => this.hooks.refused?.(m),
+    })
+    this.placement = new Placement(regions, received, this.ps, (region, first, count) => {
+      this.requests.arrived(region, first, count)
+      this.checkSettled()
+    })
+    this.requests = new Requests(regions, this.placement, this.ps, this.clock, {
+      request: (type, region, runs, kind) => {
+        const urgent = this.link.urgent
+        if (!urgent) return // no link: in flight, asked again on recovery
+        urgent.send(encodeRuns(type, kind, region, runs))
+        if (type === Msg.PAGE_REQUEST) this.gate.opened(kind)
+      },
+      freed: (region, runs) => void this.link.bulk?.send(encodeRuns(Msg.FREED, RangeKind.FREE, region, runs)),
+      ready: (ids) => this.hooks.ready(ids),
+    })
+    this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
+    this.recovery = new RecoveryWindow(this.clock)
+  }
+
+  get phase(): DestPhase {
+    return this.machine.phase
+  }
+
+  /** Shared with the service's thread: isLocal() reads it. */
+  get received(): PageBitmap[] {
+    return this.placement.received
+  }
+
+  listen(addr: string): Promise<number> {
+    return this.link.listen(addr)
+  }
+
+  /** An incoming connection (TCP from listen(), or an in-memory transport in tests). */
+  accept(transport: Transport): Promise<void> {
+    return this.link.accept(transport)
+  }
+
+  private adopt(ch: Channel, role: ChannelName): void {
+    if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes)
+    ch.onFrame((f) => this.onFrame(ch, role, f))
+    ch.onClose((err) => this.onChannelClosed(err, ch))
+    ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+  }
+
+  /** Every frame after the handshake: the message table says whether it is legal here and now. */
+  private onFrame(ch: Channel, role: ChannelName, f: Frame): void {
+    try {
+      const rule = route(DEST_MESSAGES, 'destination', this.phase, role, f.type)
+      rule.handle!(this, f, role)
+      if (role === 'bulk' && (f.type === Msg.PAGES || f.type === Msg.RANGES) && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
+    } catch (err) {
+      ch.sendError(err as Error)
+      this.fail(err as Error)
+    }
+  }
+
+  private onChannelClosed(err: Error, ch: Channel): void {
+    if (this.phase === DestPhase.SETTLED && ch === this.link.bulk && (err as UffdMigrateError).cause === undefined) {
+      this.link.stopListening() // the source hung up cleanly after the report: nobody dials in again
+    }
+    if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
+    if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke
+    const code = (err as UffdMigrateError).code
+    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && code === ErrorCode.CONNECTION && this.recovery.timeoutMs > 0) {
+      return this.startRecovery(err)
+    }
+    this.fail(err)
+  }
+
+  // ---- message handlers (named in machine.ts) -------------------------------
+
+  onRegions(f: Frame): void {
+    const m = decodeControl(f.type, f.payload)
+    const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
+    const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
+    const theirs = list.map((r, i) => {
+      if (typeof r !== 'object' || r === null) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS.regions[${i}] to be a map`)
+      const rec = r as Record<string, unknown>
+      return { name: field<string>(rec, 'name', 'string', `REGIONS.regions[${i}]`), sizeBytes: uint(rec, 'sizeBytes', `REGIONS.regions[${i}]`) }
+    })
+    const ours = this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes }))
+    const fmt = (t: { name: string; sizeBytes: number }[]) => t.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
+    if (pageSize !== this.ps || JSON.stringify(theirs) !== JSON.stringify(ours)) {
+      throw migrationError(
+        ErrorCode.REGIONS,
+        `region table mismatch: the source has {${fmt(theirs)}} (page size ${pageSize}), the destination asked for {${fmt(ours)}} (page size ${this.ps}); start the same service with the same region sizes on both hosts`,
+      )
+    }
+    this.linkTimeoutMs = typeof m.linkTimeoutMs === 'number' && m.linkTimeoutMs >= 1000 ? Math.min(m.linkTimeoutMs, 3600_000) : 0
+    for (const ch of [this.link.urgent, this.link.bulk]) ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+    // Registered from the start: pre-copy pages are installed with
+    // UFFDIO_COPY, and from the hand-off on every missing page faults to us.
+    // Nobody touches the regions before the hand-off (the service waits in start()).
+    this.uffd = new this.binding.Uffd(0)
+    const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
+    for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
+    this.uffd.startFaults((ev) => this.requests.onFaults(ev))
+    this.placement.attach(this.uffd)
+    this.requests.attach(this.uffd)
+    this.machine.transition(DestPhase.PRECOPY)
+    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, {}))
+  }
+
+  onClock(f: Frame): void {
+    const t0 = field<number>(decodeControl(f.type, f.payload), 't0', 'number', 'CLOCK')
+    this.link.urgent!.send(encodeControl(Msg.CLOCK, { t0, t1: this.clock.now() }))
+  }
+
+  onPages(f: Frame, ch: ChannelName): void {
+    // Post-copy: a stretch of pushed frames keeps this loop busy for a
+    // millisecond or more before the uv_poll sees a fault; look before each
+    // frame (one read() that usually answers EAGAIN) so the request goes out now.
+    if (ch === 'bulk' && this.phase === DestPhase.POSTCOPY) this.uffd?.pollFaults()
+    this.placement.pages(decodePages(f.payload, this.layout, this.ps), this.phase !== DestPhase.PRECOPY)
+  }
+
+  onRanges(f: Frame, ch: ChannelName): void {
+    if (ch === 'bulk' && this.phase === DestPhase.POSTCOPY) this.uffd?.pollFaults()
+    const m = decodeRuns(f.type, f.payload, this.layout)
+    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
+    this.placement.zeroRuns(m.region, m.runs, this.phase !== DestPhase.PRECOPY)
+  }
+
+  /** Applies the discard list, then resumes the service. */
+  onHandoff(f: Frame): void {
+    const m = decodeControl(f.type, f.payload)
+    const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
+    this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
+    this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
+    this.machine.transition(DestPhase.POSTCOPY)
+    this.hooks.restore(state).then(
+      (resumedAtMs) => {
+        this.recovery.resumedAtMs = resumedAtMs
+        this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs }))
+        this.checkSettled()
+      },
+      (err: Error) => {
+        // The service did not start here: the source may (and does) resume its own.
+        const e = migrationError(ErrorCode.HANDOFF, `the destination could not restore the hand-off state (${err.message}); the service did not start there`)
+        this.link.bulk?.sendError(e)
+        this.fail(e)
+      },
+    )
+  }
+
+  onRequestDone(f: Frame): void {
+    this.gate.done(uint(decodeControl(f.type, f.payload), 'kind', 'REQUEST_DONE', 1) as RequestKind)
+  }
+
+  onPeerError(f: Frame): never {
+    throw peerError(f.payload)
+  }
+
+  // ---- recovery ----------------------------------------------------------------
+
+  private startRecovery(err: Error): void {
+    if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
+    this.link.drop(err)
+    this.gate.reset()
+    if (this.recovery.open) return // a second break while recovering: the first deadline stands
+    this.hooks.recovering?.(`the connection broke during post-copy (${err.message}); waiting up to ${this.recovery.timeoutMs} ms for the source to reconnect`)
+    this.recovery.start(() => {
+      this.fail(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.recovery.timeoutMs} ms: ${err.message}`))
+    })
+  }
+
+  /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
+  onRecover(): void {
+    const pair = this.link.pair
+    if (!pair) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
+    if (this.phase === DestPhase.SETTLED) {
+      // the link broke as SETTLED left: the report again, nothing else to do
+      pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state([])))
+      return
+    }
+    this.recovery.stop()
+    this.machine.transition(DestPhase.POSTCOPY)
+    pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(this.placement.receivedBytes())))
+    // requests that were open (their replies may be lost): blocked threads wait on them
+    this.requests.askAgain()
+  }
+
+  // ---- settled and failed ------------------------------------------------------
+
+  checkSettled(): void {
+    if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete) return
+    this.machine.transition(DestPhase.SETTLED)
+    if (this.uffd) {
+      // Everything with data is present; what is left are known-zero pages,
+      // which plain anonymous memory fills by itself once unregistered.
+      for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
+      this.uffd.close()
+      this.uffd = undefined
+      this.placement.attach(undefined)
+      this.requests.attach(undefined)
+    }
+    this.requests.releaseAll()
+    const report = { ...this.requests.stats, pagesReceivedTwice: this.placement.pagesReceivedTwice, faultLatencyUs: this.requests.latency.summary() }
+    this.recovery.settledReport = report
+    this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
+    // Keep listening a while: if the link broke as SETTLED left, the source
+    // dials in again to learn it (onRecover); a clean hang-up closes it sooner.
+    if (this.recovery.timeoutMs > 0) this.clock.setTimeout(() => this.link.stopListening(), this.recovery.timeoutMs)
+    else this.link.stopListening()
+    this.hooks.settled()
+    // the source closes both connections once it has the report
+  }
+
+  private fail(err: Error): void {
+    if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
+    this.recovery.stop()
+    this.machine.transition(DestPhase.FAILED)
+    this.link.drop(err)
+    this.link.stopListening()
+    this.hooks.failed(err)
+  }
+
+  // ---- the service's calls (through the worker) ----------------------------------
+
+  /** ready(): answered once the range is local. */
+  waitFor(id: number, region: number, first: number, count: number): void {
+    if (this.phase === DestPhase.SETTLED) return this.hooks.ready([id])
+    this.requests.waitFor(id, region, first, count, this.phase === DestPhase.POSTCOPY && this.link.urgent !== undefined)
+  }
+
+  /** willNeed(): a hint for the push (WILL_NEED) with the missing runs of the range. */
+  willNeed(region: number, first: number, count: number): void {
+    if (this.phase !== DestPhase.POSTCOPY || !this.link.urgent) return
+    this.requests.request(region, first, count, false)
+  }
+
+  /** free() during post-copy: missing pages are zero-filled here and never pushed. */
+  free(region: number, first: number, count: number): void {
+    if (this.phase !== DestPhase.POSTCOPY || !this.uffd) return
+    this.requests.free(region, first, count)
+  }
+
+  close(): void {
+    this.link.close()
+    this.uffd?.close()
+  }
+}

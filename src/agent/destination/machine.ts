@@ -1,0 +1,51 @@
+/**
+ * The destination's state machine: its phases, the steps between them, and
+ * the messages it accepts in each (docs/protocol.md shows both tables; a
+ * unit test keeps them equal).
+ */
+import { Msg } from '../../protocol/messages'
+import type { MessageTable } from '../message-table'
+import type { TransitionTable } from '../state-machine'
+import type { MigrationDestination } from './index'
+
+export enum DestPhase {
+  /** Listening; connections authenticate and pair up until REGIONS. */
+  LISTENING = 'listening',
+  /** Rounds arrive; pages go straight into the regions. */
+  PRECOPY = 'precopy',
+  /** HANDOFF applied and the service resumed here; faults become page requests. */
+  POSTCOPY = 'postcopy',
+  /** The link broke after the hand-off; faulting threads wait for the source to dial again. */
+  RECOVERING = 'recovering',
+  /** Every page is local. */
+  SETTLED = 'settled',
+  FAILED = 'failed',
+}
+
+export const DEST_TRANSITIONS: TransitionTable<DestPhase> = {
+  [DestPhase.LISTENING]: [DestPhase.PRECOPY, DestPhase.FAILED],
+  [DestPhase.PRECOPY]: [DestPhase.POSTCOPY, DestPhase.FAILED],
+  [DestPhase.POSTCOPY]: [DestPhase.RECOVERING, DestPhase.SETTLED, DestPhase.FAILED],
+  [DestPhase.RECOVERING]: [DestPhase.POSTCOPY, DestPhase.FAILED],
+  [DestPhase.SETTLED]: [],
+  [DestPhase.FAILED]: [],
+}
+
+const { LISTENING, PRECOPY, POSTCOPY, RECOVERING, SETTLED, FAILED } = DestPhase
+const ALL = [LISTENING, PRECOPY, POSTCOPY, RECOVERING, SETTLED, FAILED]
+
+/** Messages the destination accepts after a connection's handshake. */
+export const DEST_MESSAGES: MessageTable<DestPhase, MigrationDestination> = {
+  [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy' },
+  [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
+  [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f, ch) => d.onPages(f, ch), note: 'placed; urgent only after the hand-off' },
+  [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f, ch) => d.onRanges(f, ch), note: 'zero/free pages placed; urgent only after the hand-off' },
+  [Msg.ROUND_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'end of a round' },
+  [Msg.PRECOPY_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'no more rounds' },
+  [Msg.HANDOFF]: { on: { bulk: [PRECOPY] }, handle: (d, f) => d.onHandoff(f), note: 'discard list applied, service restored; → postcopy' },
+  [Msg.REQUEST_DONE]: { on: { urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRequestDone(f), note: 'closes one page request (bulk gate)' },
+  [Msg.PUSH_END]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (d) => d.checkSettled(), note: 'the source pushed everything' },
+  [Msg.RECOVER]: { on: { bulk: [RECOVERING, SETTLED] }, handle: (d) => d.onRecover(), note: 'both connections are back: RECOVER_STATE; → postcopy' },
+  [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (d, f) => d.onPeerError(f), note: 'the source gave up' },
+}
+

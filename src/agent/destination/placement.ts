@@ -1,0 +1,152 @@
+/**
+ * Where arriving pages go, and the only writer of the received map (which
+ * the service's thread reads for isLocal()). Before the hand-off pages go
+ * straight into the regions (UFFDIO_COPY for a missing page, a plain copy
+ * over an older round's data); at the hand-off the discard list drops stale
+ * copies; after it every page is installed with UFFDIO_COPY / ZEROPAGE and
+ * reported to onArrived (wakes, latency, settled).
+ */
+import type { NativeUffd } from '../../binding'
+import { PageBitmap } from '../../bitmap'
+import { ErrorCode, migrationError } from '../../errors'
+import type { PagesMsg, RegionLayout } from '../../protocol/messages'
+import type { Region } from '../../region'
+
+export class Placement {
+  private receivedCount = 0
+  readonly totalPages: number
+  /** Pages announced as zero/free (placed locally, never requested). */
+  readonly knownZero: PageBitmap[]
+  /** Freed by the service during post-copy and zero-filled here. */
+  private readonly freedHere: PageBitmap[]
+  pagesReceivedTwice = 0
+  private uffd: NativeUffd | undefined
+
+  constructor(
+    private readonly regions: Region[],
+    /** Shared with the service's thread: isLocal() reads it. */
+    readonly received: PageBitmap[],
+    private readonly ps: number,
+    /** Post-copy: pages placed (wake waits, time faults, check settled). */
+    private readonly onArrived: (region: number, first: number, count: number) => void,
+  ) {
+    this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+    this.knownZero = regions.map((r) => new PageBitmap(r.pageCount))
+    this.freedHere = regions.map((r) => new PageBitmap(r.pageCount))
+  }
+
+  get layout(): RegionLayout[] {
+    return this.regions.map((r) => ({ pageCount: r.pageCount }))
+  }
+
+  get complete(): boolean {
+    return this.receivedCount >= this.totalPages
+  }
+
+  attach(uffd: NativeUffd | undefined): void {
+    this.uffd = uffd
+  }
+
+  private markReceived(region: number, first: number, count: number, postcopy: boolean): void {
+    const added = this.received[region].setRange(first, count)
+    this.receivedCount += added
+    if (added < count && postcopy) {
+      // a page freed here while the source had it in flight is not a resend
+      let twice = count - added
+      for (let p = first; p < first + count && twice > 0; p++) if (this.freedHere[region].has(p)) twice--
+      this.pagesReceivedTwice += twice
+    }
+  }
+
+  pages(m: PagesMsg, postcopy: boolean): void {
+    const r = this.regions[m.region]
+    if (postcopy) {
+      this.uffd!.copy(r.id, m.firstPage * this.ps, m.data)
+      this.arrived(m.region, m.firstPage, m.pageCount)
+      return
+    }
+    // A page that holds data already (an older round's) is overwritten in
+    // place; a missing one is installed with UFFDIO_COPY: one copy, no
+    // zero-fill fault, and never touched by this thread while missing.
+    // Present = received and not a known zero page (those were never populated).
+    const zero = this.knownZero[m.region]
+    const put = (p: number, q: number, present: boolean) => {
+      const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
+      if (present) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
+      else this.uffd!.copy(r.id, p * this.ps, bytes)
+    }
+    this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
+      if (got) zero.eachRun(p, q, (a, b, isZero) => put(a, b, !isZero))
+      else put(p, q, false)
+    })
+    zero.clearRange(m.firstPage, m.pageCount)
+    this.markReceived(m.region, m.firstPage, m.pageCount, false)
+  }
+
+  /** Zero and free ranges alike: pages without payload that read as zero. */
+  zeroRuns(region: number, runs: Uint32Array, postcopy: boolean): void {
+    const r = this.regions[region]
+    for (let k = 0; k < runs.length; k += 2) {
+      const first = runs[k], count = runs[k + 1]
+      if (!postcopy) {
+        // A page that held data from an earlier round is zero now.
+        if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
+        this.knownZero[region].setRange(first, count)
+        this.markReceived(region, first, count, false)
+      } else {
+        this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
+        this.knownZero[region].setRange(first, count)
+        this.arrived(region, first, count)
+      }
+    }
+  }
+
+  /** The service freed these missing pages during post-copy: zero-filled here. */
+  freeLocally(region: number, first: number, count: number): void {
+    this.uffd!.zeropage(this.regions[region].id, first * this.ps, count * this.ps)
+    this.freedHere[region].setRange(first, count)
+    this.arrived(region, first, count)
+  }
+
+  private arrived(region: number, first: number, count: number): void {
+    this.markReceived(region, first, count, true)
+    this.onArrived(region, first, count)
+  }
+
+  /**
+   * HANDOFF's discard lists (little-endian u32 (first, count) pairs per
+   * region): pages the destination holds an old copy of are dropped so that
+   * they fault and are fetched fresh. Validated before anything is dropped.
+   */
+  applyDiscard(discard: unknown[]): void {
+    if (discard.length !== this.regions.length) {
+      throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.discard for ${this.regions.length} regions, got ${discard.length}`)
+    }
+    const lists = discard.map((d, i) => {
+      if (!(d instanceof Uint8Array) || d.length % 8 !== 0) throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.discard[${i}] to be 8k bytes`)
+      // copied: msgpackr may hand out a view of a shared pool
+      const runs = new Uint32Array(d.buffer.slice(d.byteOffset, d.byteOffset + d.byteLength))
+      const pages = this.regions[i].pageCount
+      for (let k = 0; k < runs.length; k += 2) {
+        const first = runs[k], count = runs[k + 1]
+        if (count === 0 || first >= pages || count > pages - first) {
+          throw migrationError(ErrorCode.PROTOCOL, `expected discard runs inside region ${i}, got ${first}+${count}`)
+        }
+      }
+      return runs
+    })
+    lists.forEach((runs, i) => {
+      for (let k = 0; k < runs.length; k += 2) {
+        const first = runs[k], count = runs[k + 1]
+        this.regions[i].discard(first * this.ps, count * this.ps)
+        this.receivedCount -= this.received[i].clearRange(first, count)
+        this.knownZero[i].clearRange(first, count)
+      }
+    })
+  }
+
+  /** RECOVER_STATE's body: the received maps as little-endian u32 words. */
+  receivedBytes(): Buffer[] {
+    return this.received.map((m) => Buffer.from(new Uint8Array(m.words.buffer, m.words.byteOffset, m.words.byteLength)))
+  }
+}

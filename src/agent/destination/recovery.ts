@@ -1,0 +1,45 @@
+/**
+ * Post-copy recovery on the destination (as QEMU's postcopy-recover): the
+ * service runs here and the source holds the pages it lacks, so a broken
+ * link is not the end. Threads stay blocked in their faults (new faults are
+ * recorded as in flight, not sent); the source has recoveryTimeoutMs to dial
+ * in again with the same session and send RECOVER. This file keeps that
+ * deadline and what the destination tells a returning source.
+ */
+import type { Clock, TimerHandle } from '../clock'
+
+export class RecoveryWindow {
+  private timer: TimerHandle | undefined
+  /** From HANDOFF: how long a broken link may stay broken (0: no recovery). */
+  timeoutMs = 0
+  /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
+  resumedAtMs: number | undefined
+  /** The SETTLED report, kept for a source that lost it in a break. */
+  settledReport: Record<string, unknown> | undefined
+
+  constructor(private readonly clock: Clock) {}
+
+  get open(): boolean {
+    return this.timer !== undefined
+  }
+
+  /** Starts the deadline once per break (a second break while recovering keeps the first deadline). */
+  start(onExpired: () => void): void {
+    if (this.timer !== undefined) return
+    this.timer = this.clock.setTimeout(() => {
+      this.timer = undefined
+      onExpired()
+    }, this.timeoutMs)
+  }
+
+  stop(): void {
+    if (this.timer !== undefined) this.clock.clearTimeout(this.timer)
+    this.timer = undefined
+  }
+
+  /** RECOVER_STATE's body. */
+  state(received: Buffer[]): Record<string, unknown> {
+    if (this.settledReport) return { received: [], resumedAtMs: this.resumedAtMs, settled: this.settledReport }
+    return { received, ...(this.resumedAtMs !== undefined ? { resumedAtMs: this.resumedAtMs } : {}) }
+  }
+}

@@ -1,0 +1,176 @@
+/**
+ * What the destination asks for after the hand-off: page faults of the
+ * service's threads (PAGE_REQUEST, kind FAULT), ready() waits (PAGE_REQUEST,
+ * kind READY), willNeed() hints (WILL_NEED) and free() (zero-filled here,
+ * FREED to the source). One request per page: the in-flight map remembers
+ * what was asked for until it arrives.
+ */
+import type { NativeUffd } from '../../binding'
+import { PageBitmap } from '../../bitmap'
+import { Msg, RequestKind } from '../../protocol/messages'
+import type { Region } from '../../region'
+import { Samples } from '../../stats'
+import type { Clock } from '../clock'
+import type { Placement } from './placement'
+
+export interface RequestSink {
+  /** Sends a run list on the urgent channel (false: no link now; it is asked again on recovery). */
+  request(type: Msg.PAGE_REQUEST | Msg.WILL_NEED, region: number, runs: number[], kind: RequestKind): void
+  /** Sends FREED on the bulk channel. */
+  freed(region: number, runs: number[]): void
+  /** These ready() waits are satisfied. */
+  ready(ids: number[]): void
+}
+
+export class Requests {
+  /** Asked for and not arrived yet. */
+  readonly inFlight: PageBitmap[]
+  /** Open faults: region * 2^32 + page -> when the agent saw it (for the latency figures). */
+  private readonly faultStart = new Map<number, number>()
+  /** Native region id -> index in `regions` (fault events carry the id). */
+  private readonly regionIndex: Map<number, number>
+  /** ready() waits of the service: id -> range; answered when the range is local. */
+  private readonly waits = new Map<number, { region: number; first: number; count: number }>()
+  readonly latency = new Samples()
+  readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0 }
+  private uffd: NativeUffd | undefined
+
+  constructor(
+    private readonly regions: Region[],
+    private readonly placement: Placement,
+    private readonly ps: number,
+    private readonly clock: Clock,
+    private readonly sink: RequestSink,
+  ) {
+    this.regionIndex = new Map(regions.map((r, i) => [r.id, i]))
+    this.inFlight = regions.map((r) => new PageBitmap(r.pageCount))
+  }
+
+  attach(uffd: NativeUffd | undefined): void {
+    this.uffd = uffd
+  }
+
+  /** Runs of [first, first+count) not received yet: [first, count, ...]. */
+  missingRuns(region: number, first: number, count: number): number[] {
+    const runs: number[] = []
+    const map = this.placement.received[region], end = first + count
+    for (let p = map.nextClear(first, end); p !== -1; p = map.nextClear(p + 1, end)) {
+      let q = map.nextSet(p, end)
+      if (q === -1) q = end
+      runs.push(p, q - p)
+      p = q
+    }
+    return runs
+  }
+
+  /** Fault events from the uffd reader: triples [regionId, page, flags]. */
+  onFaults(ev: Uint32Array): void {
+    const now = this.clock.now()
+    const requests = new Map<number, number[]>()
+    for (let i = 0; i < ev.length; i += 3) {
+      const region = this.regionIndex.get(ev[i])
+      if (region !== undefined) this.resolveFault(region, ev[i + 1], now, requests)
+    }
+    for (const [region, pages] of requests) this.sink.request(Msg.PAGE_REQUEST, region, pages, RequestKind.FAULT)
+  }
+
+  private resolveFault(region: number, page: number, now: number, requests: Map<number, number[]>): void {
+    const r = this.regions[region]
+    if (this.placement.received[region].has(page)) {
+      // Known zero (never populated, all-zero or freed): place it here.
+      // A page placed since the fault was raised answers EEXIST: just wake.
+      if (this.uffd!.zeropage(r.id, page * this.ps, this.ps) > 0) this.uffd!.wake(r.id, page * this.ps, this.ps)
+      else this.stats.localZeroFaults++
+      return
+    }
+    if (this.inFlight[region].has(page)) return // already asked for: one request per page
+    this.inFlight[region].set(page)
+    this.stats.networkFaults++
+    if (this.placement.knownZero[region].has(page)) this.stats.networkFaultsOnZeroPages++
+    this.faultStart.set(region * 2 ** 32 + page, now)
+    const list = requests.get(region) ?? []
+    list.push(page, 1)
+    requests.set(region, list)
+  }
+
+  /**
+   * ready() from the service: answered once the range is local, asked for
+   * with urgent priority now (askNow) or when the link is back (askAgain).
+   */
+  waitFor(id: number, region: number, first: number, count: number, askNow: boolean): void {
+    if (this.placement.received[region].allSet(first, count)) return this.sink.ready([id])
+    this.waits.set(id, { region, first, count })
+    if (askNow) this.request(region, first, count, true)
+  }
+
+  /** ready() (urgent) or willNeed() (a hint): ask for the missing pages of a range now. */
+  request(region: number, first: number, count: number, urgent: boolean): void {
+    const missing = this.missingRuns(region, first, count)
+    if (!urgent) {
+      if (missing.length) this.sink.request(Msg.WILL_NEED, region, missing, RequestKind.READY)
+      return
+    }
+    // only the pages nobody asked for yet
+    const runs: number[] = []
+    const inFlight = this.inFlight[region]
+    for (let k = 0; k < missing.length; k += 2) {
+      for (let q = missing[k]; q < missing[k] + missing[k + 1]; q++) {
+        if (inFlight.has(q)) continue
+        inFlight.set(q)
+        runs.push(q, 1)
+      }
+    }
+    if (runs.length) this.sink.request(Msg.PAGE_REQUEST, region, runs, RequestKind.READY)
+  }
+
+  /**
+   * The service freed a range during post-copy: pages not here yet are
+   * zero-filled locally and the source is told not to push them.
+   */
+  free(region: number, first: number, count: number): void {
+    const runs = this.missingRuns(region, first, count)
+    for (let k = 0; k < runs.length; k += 2) this.placement.freeLocally(region, runs[k], runs[k + 1])
+    if (runs.length) this.sink.freed(region, runs)
+  }
+
+  /** Pages placed (post-copy): time the faults they answer, wake ready() waits. */
+  arrived(region: number, first: number, count: number): void {
+    if (this.faultStart.size) {
+      // a few faults are open at a time: look them up, not every page of the run
+      const now = this.clock.now(), lo = region * 2 ** 32 + first, hi = lo + count
+      for (const [key, t] of this.faultStart) {
+        if (key < lo || key >= hi) continue
+        this.latency.add((now - t) * 1000)
+        this.faultStart.delete(key)
+      }
+    }
+    this.inFlight[region].clearRange(first, count)
+    if (this.waits.size) this.wakeWaits(region, first, count)
+  }
+
+  private wakeWaits(region: number, first: number, count: number): void {
+    const done: number[] = []
+    for (const [id, w] of this.waits) {
+      if (w.region !== region || w.first >= first + count || w.first + w.count <= first) continue
+      if (this.placement.received[region].allSet(w.first, w.count)) done.push(id)
+    }
+    for (const id of done) this.waits.delete(id)
+    if (done.length) this.sink.ready(done)
+  }
+
+  /** Recovery: ask again for every page in flight and every open ready() range (their replies may be lost). */
+  askAgain(): void {
+    for (let region = 0; region < this.regions.length; region++) {
+      const runs: number[] = []
+      for (const [first, count] of this.inFlight[region].runs()) runs.push(first, count)
+      if (runs.length) this.sink.request(Msg.PAGE_REQUEST, region, runs, RequestKind.FAULT)
+    }
+    for (const w of this.waits.values()) this.request(w.region, w.first, w.count, true)
+  }
+
+  /** Settled: every wait is answered. */
+  releaseAll(): void {
+    if (this.waits.size) this.sink.ready([...this.waits.keys()])
+    this.waits.clear()
+  }
+}

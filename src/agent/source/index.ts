@@ -1,0 +1,246 @@
+/**
+ * The source side of one migration, in the agent's worker: one state machine
+ * (machine.ts) through connect, pre-copy rounds, hand-off and post-copy until
+ * the destination says settled. The service's memory is kept until then.
+ * Concerns live beside it: link.ts (dial, handshake, clock), sender.ts (what
+ * the destination holds, every page sent), precopy.ts (rounds, hot pages,
+ * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts.
+ */
+import { randomBytes } from 'node:crypto'
+import type { NativeBinding } from '../../binding'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
+import type { Channel } from '../../protocol/channel'
+import type { Frame } from '../../protocol/frames'
+import { peerError } from '../../protocol/handshake'
+import { encodeControl, Msg, type RegionLayout } from '../../protocol/messages'
+import type { Region } from '../../region'
+import { type Clock, systemClock } from '../clock'
+import { type ChannelName, route } from '../message-table'
+import type { PrepagingOptions } from '../prepaging'
+import type { MigrationMode, MigrationReport, RoundReport } from '../report'
+import { StateMachine } from '../state-machine'
+import { DirtyTracker } from '../tracker'
+import { sendHandoff } from './handoff'
+import { type Dialer, reply, SourceLink } from './link'
+import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase } from './machine'
+import { Postcopy } from './postcopy'
+import { runPrecopy } from './precopy'
+import { buildReport } from './report'
+import { Sender } from './sender'
+
+export { SourcePhase } from './machine'
+
+export interface SourceOptions {
+  to: string
+  mode: MigrationMode
+  token: Buffer
+  /** Downtime budget for convergence (precopy: the stop-and-copy must fit in it). */
+  downtimeMs: number
+  maxRounds: number
+  connectTimeoutMs: number
+  /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
+  recoveryTimeoutMs: number
+  /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
+  linkTimeoutMs: number
+  prepaging: PrepagingOptions
+  /** Record the push order in the report (tests, benchmarks). */
+  pushLog: boolean
+  /** Kernel socket buffers of the bulk connection (0: leave alone). */
+  bulkBufferBytes: number
+  /** Opens a connection (default TCP; the pure tier dials in memory). */
+  dial?: Dialer
+  clock?: Clock
+}
+
+export interface SourceHooks {
+  /** Ask the service to stop mutating; resolves with its msgpackr-encoded state. */
+  pause(): Promise<Uint8Array>
+  /** Migration failed after pause() and the service does not run on the destination: let it run again here. */
+  resume(): void
+  progress(p: Progress): void
+  /** Free-page reports from the service since the last call: [region, firstPage, pageCount] triples. */
+  takeFreed(): number[]
+}
+
+export interface Progress {
+  phase: SourcePhase
+  round: number
+  bytesSent: number
+  bytesPerSec: number
+  pagesLeft: number
+  totalPages: number
+}
+
+export class MigrationSource {
+  readonly machine: StateMachine<SourcePhase>
+  private readonly clock: Clock
+  private readonly layout: RegionLayout[]
+  private readonly sender: Sender
+  readonly postcopy: Postcopy
+  private readonly totalPages: number
+  private readonly session = randomBytes(12).toString('hex')
+  private current: SourceLink | undefined
+  private tracker: DirtyTracker | undefined
+  private round = 0
+  private progressTimer: unknown
+  private rateWindow = { t: 0, bytes: 0, rate: 0 }
+  failure: Error | undefined
+  /** HANDOFF is on the wire: the service may run on the destination now. */
+  private committed = false
+  /** The destination said it could not restore the hand-off: the service did not start there. */
+  private handoffRefused = false
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+    private readonly opts: SourceOptions,
+    private readonly hooks: SourceHooks,
+  ) {
+    this.clock = opts.clock ?? systemClock
+    this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
+    this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+    this.sender = new Sender(binding, regions)
+    this.machine = new StateMachine('source', SOURCE_TRANSITIONS, SourcePhase.CONNECT, () => this.emitProgress())
+    const source = this
+    this.postcopy = new Postcopy(this.sender, this.layout, this.clock, opts, {
+      get link() {
+        return source.link
+      },
+      get failure() {
+        return source.failure
+      },
+      reconnect: async () => (this.current = await SourceLink.open(this.binding, this.opts, this.session)),
+      recovering: () => this.machine.transition(SourcePhase.RECOVERING),
+      resumeLink: () => {
+        this.machine.transition(SourcePhase.POSTCOPY)
+        return this.attachLink()
+      },
+    })
+  }
+
+  get phase(): SourcePhase {
+    return this.machine.phase
+  }
+
+  get link(): SourceLink {
+    return this.current!
+  }
+
+  async run(): Promise<MigrationReport> {
+    const t0 = this.clock.now()
+    let paused = false
+    this.progressTimer = setInterval(() => this.emitProgress(), 200)
+    try {
+      this.current = await SourceLink.open(this.binding, this.opts, this.session)
+      const bulk = this.link.bulk
+      bulk.send(encodeControl(Msg.REGIONS, {
+        linkTimeoutMs: this.opts.linkTimeoutMs,
+        pageSize: this.binding.pageSize,
+        regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
+      }))
+      await reply(bulk, Msg.REGIONS_OK)
+      const clock = await this.link.syncClock(this.clock)
+      const failed = this.attachLink()
+      const rounds: RoundReport[] = []
+      this.machine.transition(SourcePhase.PRECOPY)
+      this.tracker = new DirtyTracker(this.binding, this.regions)
+      const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, takeFreed: () => this.hooks.takeFreed() }
+      const pre = await Promise.race([runPrecopy({
+        ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, onRound: (r) => (this.round = r),
+      }, rounds), failed])
+      this.machine.transition(SourcePhase.HANDOFF)
+      const pauseAt = this.clock.now()
+      // from here a failure before the hand-off resumes the service here,
+      // even when pause() itself failed half-way
+      paused = true
+      const state = await Promise.race([this.hooks.pause(), failed])
+      const discarded = await Promise.race([sendHandoff({
+        ...common,
+        recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
+        closeTracker: () => this.closeTracker(),
+        commit: () => {
+          this.committed = true
+          this.machine.transition(SourcePhase.POSTCOPY)
+          if (this.opts.mode !== 'precopy') this.postcopy.start()
+        },
+      }, state, pre.hot, rounds), failed])
+      const postStart = this.clock.now()
+      const [resumedAtDest, stats] = await this.postcopy.run(failed)
+      this.machine.transition(SourcePhase.SETTLED)
+      const report = buildReport({
+        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
+        t0, pauseAt, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
+        discarded, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+      })
+      this.link.close()
+      return report
+    } catch (err) {
+      this.failure ??= err as Error
+      this.current?.close()
+      if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
+      // Once HANDOFF is on the wire the destination may already run the
+      // service: resuming here too would run it twice, unless it said it did not.
+      if (paused && (!this.committed || this.handoffRefused)) {
+        this.hooks.resume()
+        if (this.handoffRefused) (err as UffdMigrateError).message += ' (the service resumed on the source)'
+      } else if (this.committed) {
+        // The destination runs the service now: our copy is its only backing
+        // store for the pages it lacks. Keep it; recovery is the caller's call.
+        ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
+      }
+      throw err
+    } finally {
+      clearInterval(this.progressTimer as NodeJS.Timeout)
+      this.closeTracker()
+    }
+  }
+
+  private closeTracker(): void {
+    this.tracker?.close()
+    this.tracker = undefined
+  }
+
+  /** Routes both connections' frames through the message table; the promise rejects when either breaks. */
+  private attachLink(): Promise<never> {
+    const { urgent, bulk } = this.link
+    urgent.onFrame((f) => this.onFrame(urgent, 'urgent', f))
+    bulk.onFrame((f) => this.onFrame(bulk, 'bulk', f))
+    const failed = new Promise<never>((_, reject) => {
+      const onErr = (err: Error) => reject(this.failure ?? err)
+      urgent.onClose(onErr)
+      bulk.onClose(onErr)
+    })
+    failed.catch(() => {})
+    return failed
+  }
+
+  /** Throws (and the Channel answers ERROR and fails) when the table does not allow the frame now. */
+  private onFrame(_ch: Channel, role: ChannelName, f: Frame): void {
+    const rule = route(SOURCE_MESSAGES, 'source', this.phase, role, f.type)
+    if (!rule.handle) throw migrationError(ErrorCode.PROTOCOL, `unexpected ${f.type} outside its exchange`)
+    rule.handle(this, f, role)
+  }
+
+  onPeerError(f: Frame): never {
+    const err = peerError(f.payload)
+    this.failure = err
+    // only a destination that did not resume the service may have it resume here
+    if (err.code === ErrorCode.HANDOFF && this.committed) this.handoffRefused = true
+    this.postcopy.onPeerFailure(err)
+    throw err
+  }
+
+  private emitProgress(): void {
+    const now = this.clock.now()
+    const bytes = this.current?.bytesWritten ?? 0
+    if (this.rateWindow.t) this.rateWindow.rate = ((bytes - this.rateWindow.bytes) / (now - this.rateWindow.t)) * 1000
+    this.rateWindow.t = now
+    this.rateWindow.bytes = bytes
+    const after = this.machine.is(SourcePhase.POSTCOPY, SourcePhase.RECOVERING)
+    this.hooks.progress({
+      phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
+      pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
+      totalPages: this.totalPages,
+    })
+  }
+}

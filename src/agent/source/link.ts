@@ -1,0 +1,132 @@
+/**
+ * The source's link layer: dial the destination, authenticate both
+ * connections of a session (urgent first: the destination pairs them by
+ * session), and the clock exchange. The only file of the source that knows
+ * about TCP; the pure tier passes a dialer that returns in-memory transports.
+ */
+import { connect, type Socket } from 'node:net'
+import type { NativeBinding } from '../../binding'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
+import { Channel, type Transport } from '../../protocol/channel'
+import type { Frame } from '../../protocol/frames'
+import { clientHandshake, peerError } from '../../protocol/handshake'
+import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
+import { parseAddress } from '../address'
+import type { Clock } from '../clock'
+import { msgName } from '../message-table'
+
+/** Opens one connection to host:port (TCP in production). */
+export type Dialer = (host: string, port: number, timeoutMs: number) => Promise<Transport>
+
+export interface LinkOptions {
+  to: string
+  token: Buffer
+  connectTimeoutMs: number
+  linkTimeoutMs: number
+  bulkBufferBytes: number
+  dial?: Dialer
+}
+
+export class SourceLink {
+  readonly urgent: Channel
+  readonly bulk: Channel
+
+  private constructor(urgent: Channel, bulk: Channel) {
+    this.urgent = urgent
+    this.bulk = bulk
+  }
+
+  /** Dials and authenticates both connections of `session`. */
+  static async open(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
+    const { host, port } = parseAddress(opts.to)
+    const dial = opts.dial ?? dialTcp
+    const open = async (role: 'urgent' | 'bulk') => {
+      const ch = new Channel(await dial(host, port, opts.connectTimeoutMs), role)
+      try {
+        await clientHandshake(ch, opts.token, { role, session })
+      } catch (err) {
+        ch.close()
+        throw err
+      }
+      return ch
+    }
+    const urgent = await open('urgent')
+    let bulk: Channel
+    try {
+      bulk = await open('bulk')
+    } catch (err) {
+      urgent.close()
+      throw err
+    }
+    bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
+    for (const ch of [urgent, bulk]) ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+    return new SourceLink(urgent, bulk)
+  }
+
+  get bytesWritten(): number {
+    return this.urgent.bytesWritten + this.bulk.bytesWritten
+  }
+
+  get bytesRead(): number {
+    return this.urgent.bytesRead + this.bulk.bytesRead
+  }
+
+  close(): void {
+    this.urgent.close()
+    this.bulk.close()
+  }
+
+  /** Destination clock minus ours, from the exchange with the smallest round trip. */
+  async syncClock(clock: Clock): Promise<{ offsetMs: number; rttMs: number }> {
+    let best = { offsetMs: 0, rttMs: Infinity }
+    for (let i = 0; i < 8; i++) {
+      const t0 = clock.now()
+      this.urgent.send(encodeControl(Msg.CLOCK, { t0 }))
+      const f = await reply(this.urgent, Msg.CLOCK)
+      const t2 = clock.now()
+      const t1 = field<number>(decodeControl(f.type, f.payload), 't1', 'number', 'CLOCK')
+      if (t2 - t0 < best.rttMs) best = { offsetMs: t1 - (t0 + t2) / 2, rttMs: t2 - t0 }
+    }
+    return best
+  }
+}
+
+/** The next frame on ch, which must be `type` (an ERROR is raised as the peer's error). */
+export async function reply(ch: Channel, type: Msg): Promise<Frame> {
+  const f = await ch.nextFrame()
+  if (f.type === Msg.ERROR) throw peerError(f.payload)
+  if (f.type !== type) throw migrationError(ErrorCode.PROTOCOL, `expected ${msgName(type)}, got message ${msgName(f.type)}`)
+  return f
+}
+
+/** Connects, retrying refused connections until timeoutMs (the destination may still be starting). */
+export async function dialTcp(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    try {
+      return await dialOnce(host, port, Math.max(1, deadline - Date.now()))
+    } catch (err) {
+      const code = ((err as UffdMigrateError).cause as NodeJS.ErrnoException | undefined)?.code
+      if (code !== 'ECONNREFUSED' || Date.now() + 100 >= deadline) throw err
+      await new Promise((r) => setTimeout(r, 100))
+    }
+  }
+}
+
+function dialOnce(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = connect({ host, port })
+    const timer = setTimeout(() => {
+      s.destroy()
+      reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port} within ${timeoutMs} ms: is \`uffd-migrate receive\` listening there?`))
+    }, timeoutMs)
+    s.once('connect', () => {
+      clearTimeout(timer)
+      resolve(s)
+    })
+    s.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer)
+      reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port}: ${err.code ?? err.message}; is \`uffd-migrate receive --listen ${host}:${port}\` running on the destination?`, err))
+    })
+  })
+}

@@ -1,0 +1,226 @@
+/**
+ * Post-copy on the source: the service runs on the destination, which
+ * fetches what it faults on (PAGE_REQUEST, answered on the urgent channel
+ * with the still-pending pages, then REQUEST_DONE) while the push policy
+ * streams the rest on the bulk channel. A broken link is not the end (the
+ * destination runs the service and this process holds the pages it lacks):
+ * dial again for up to recoveryTimeoutMs with the same session, learn what
+ * arrived (RECOVER_STATE) and push the rest.
+ */
+import { PageBitmap } from '../../bitmap'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
+import type { Channel } from '../../protocol/channel'
+import type { Frame } from '../../protocol/frames'
+import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
+import { type Clock, sleep } from '../clock'
+import type { PrepagingOptions } from '../prepaging'
+import { createPushPolicy } from '../prepaging'
+import type { PushPolicy, PushRun } from '../push-policy'
+import type { Sender } from './sender'
+import { reply, type SourceLink } from './link'
+
+/**
+ * Pages the push policy picks per turn of the push loop (1 MiB): page
+ * requests are read between turns. Smaller turns cut bubbling's runs into
+ * small frames, whose per-frame costs on both sides slowed the push.
+ */
+const BATCH_PAGES = 256
+
+export interface PostcopyHost {
+  readonly link: SourceLink
+  readonly failure: Error | undefined
+  /** Dials both connections again (same session); they become `link`, not routed yet. */
+  reconnect(): Promise<SourceLink>
+  /** The link broke: phase recovering. */
+  recovering(): void
+  /** The new link is usable: phase postcopy again, frames routed; rejects when it breaks. */
+  resumeLink(): Promise<never>
+}
+
+export class Postcopy {
+  policy: PushPolicy | undefined
+  readonly pushLog: PushRun[] = []
+  pushed = 0
+  demand = 0
+  recoveries = 0
+  /** Bumped when a link breaks: work started on the old link stops. */
+  private generation = 0
+  private settledWaiter: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void } | undefined
+  readonly resumedAt: Promise<number>
+  private resumedResolve!: (t: number) => void
+
+  constructor(
+    private readonly sender: Sender,
+    private readonly layout: RegionLayout[],
+    private readonly clock: Clock,
+    private readonly opts: { prepaging: PrepagingOptions; pushLog: boolean; recoveryTimeoutMs: number },
+    private readonly host: PostcopyHost,
+  ) {
+    this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
+  }
+
+  /** From the hand-off (or a recovery): a fresh push policy over what is pending. */
+  start(): void {
+    this.policy = createPushPolicy(this.opts.prepaging, this.sender.pending)
+  }
+
+  // ---- messages (named in machine.ts) --------------------------------------------
+
+  onPageRequest(f: Frame): void {
+    const { kind, region, runs } = decodeRuns(f.type, f.payload, this.layout)
+    void this.answerRequest(kind, region, runs)
+  }
+
+  onWillNeed(f: Frame): void {
+    const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
+    for (let k = 0; k < runs.length; k += 2) this.policy?.onHint(region, runs[k], runs[k + 1])
+  }
+
+  onResumed(f: Frame): void {
+    this.resumedResolve(field<number>(decodeControl(f.type, f.payload), 'resumedAtMs', 'number', 'RESUMED'))
+  }
+
+  /** The destination freed pages during post-copy: it zero-fills them; never push them. */
+  onFreed(f: Frame): void {
+    const { region, runs } = decodeRuns(f.type, f.payload, this.layout)
+    this.sender.dropPending(region, runs)
+  }
+
+  onSettled(f: Frame): void {
+    this.settledWaiter?.resolve(decodeControl(f.type, f.payload))
+  }
+
+  /** The destination reported an error: whatever waits for the settled report fails with it. */
+  onPeerFailure(err: Error): void {
+    this.settledWaiter?.reject(err)
+  }
+
+  // ---- the loop ------------------------------------------------------------------
+
+  /**
+   * Until the destination has settled: push, answer requests, and recover a
+   * broken link. Resolves with the destination's resume time and its report.
+   */
+  async run(failed: Promise<never>): Promise<[number, Record<string, unknown>]> {
+    for (;;) {
+      try {
+        return await Promise.race([Promise.all([this.resumedAt, this.pushUntilSettled(this.generation)]), failed])
+      } catch (err) {
+        const code = (err as UffdMigrateError).code
+        if (this.host.failure || code !== ErrorCode.CONNECTION || this.opts.recoveryTimeoutMs <= 0) throw err
+        const back = await this.recover(err as Error)
+        if (back.settled) return [await this.resumedAt, back.settled] // it settled as the link broke
+        failed = back.failed
+      }
+    }
+  }
+
+  private async pushUntilSettled(generation: number): Promise<Record<string, unknown>> {
+    const settled = new Promise<Record<string, unknown>>((resolve, reject) => (this.settledWaiter = { resolve, reject }))
+    settled.catch(() => {}) // observed below; a failure may end the push first
+    if (this.sender.pending.length) await this.pushLoop(generation)
+    if (generation !== this.generation) return new Promise(() => {}) // that link broke; recover() took over
+    this.host.link.bulk.send(encodeControl(Msg.PUSH_END, {}))
+    return settled
+  }
+
+  private async pushLoop(generation: number): Promise<void> {
+    const bulk = this.host.link.bulk
+    for (;;) {
+      if (this.host.failure) throw this.host.failure
+      if (generation !== this.generation) return
+      const runs = this.policy!.next(BATCH_PAGES)
+      if (runs.length === 0) {
+        if (this.sender.pagesLeft === 0) return
+        // demand-only policy: wait for requests to drain the rest
+        await sleep(this.clock, 5)
+        continue
+      }
+      for (const run of runs) {
+        if (generation !== this.generation) return
+        if (this.opts.pushLog) this.pushLog.push(run)
+        const { data, zero } = await this.sender.sendRun(bulk, run.region, run.firstPage, run.pageCount, true)
+        this.pushed += data + zero
+      }
+      // let page requests in between batches
+      await new Promise<void>((r) => this.clock.setImmediate(r))
+    }
+  }
+
+  /**
+   * Replies on the urgent channel with the requested pages still pending (a
+   * page already pushed is in flight on the bulk channel and is not sent
+   * twice), then REQUEST_DONE: while a request is open the destination reads
+   * bulk data one frame per turn, so that a fault waits behind one pushed frame at most.
+   */
+  private async answerRequest(kind: number, region: number, runs: Uint32Array): Promise<void> {
+    // the channel this request came on: after a break its replies go nowhere
+    // (the destination asks again), never on the next link
+    const ch: Channel = this.host.link.urgent, generation = this.generation
+    const map = this.sender.pending[region]
+    for (let k = 0; k < runs.length; k += 2) {
+      const first = runs[k], end = runs[k] + runs[k + 1]
+      this.policy!.onFault(region, first)
+      for (let p = map.nextSet(first, end); p !== -1 && generation === this.generation; p = map.nextSet(p, end)) {
+        let q = map.nextClear(p, end)
+        if (q === -1) q = end
+        const { data, zero } = await this.sender.sendRun(ch, region, p, q - p, true)
+        this.demand += data + zero
+        p = q
+      }
+    }
+    if (generation === this.generation) ch.send(encodeControl(Msg.REQUEST_DONE, { kind }))
+  }
+
+  // ---- recovery ------------------------------------------------------------------
+
+  /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
+  private async recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
+    this.generation++ // the push loop and the replies of the broken link stop
+    this.host.link.close()
+    this.recoveries++
+    this.host.recovering()
+    const deadline = this.clock.now() + this.opts.recoveryTimeoutMs
+    let last = cause
+    for (let attempt = 0; this.clock.now() < deadline; attempt++) {
+      if (attempt > 0) await sleep(this.clock, Math.min(1000, 100 * attempt))
+      let link: SourceLink | undefined
+      try {
+        link = await this.host.reconnect()
+        link.bulk.send(encodeControl(Msg.RECOVER, {}))
+        const f = await reply(link.bulk, Msg.RECOVER_STATE)
+        const m = decodeControl(f.type, f.payload)
+        if (typeof m.resumedAtMs === 'number') this.resumedResolve(m.resumedAtMs)
+        const settled = typeof m.settled === 'object' && m.settled !== null ? (m.settled as Record<string, unknown>) : undefined
+        if (!settled) this.applyRecoverState(m)
+        return { failed: this.host.resumeLink(), settled }
+      } catch (err) {
+        last = err as Error
+        link?.close()
+        // the destination gave up or refused us: dialling again cannot help
+        if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION && (err as UffdMigrateError).code !== ErrorCode.CONNECT) break
+      }
+    }
+    throw migrationError(
+      ErrorCode.CONNECTION,
+      `the connection broke during post-copy (${cause.message}) and could not be re-established within ${this.opts.recoveryTimeoutMs} ms: ${last.message}`,
+    )
+  }
+
+  /** Pending from now on: every page the destination does not hold (pages lost in flight go again). */
+  private applyRecoverState(m: Record<string, unknown>): void {
+    const received = field<unknown[]>(m, 'received', 'array', 'RECOVER_STATE')
+    if (received.length !== this.layout.length) throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received for ${this.layout.length} regions`)
+    this.sender.setPending(this.layout.map((r, i) => {
+      const bytes = received[i]
+      const wordCount = Math.ceil(r.pageCount / 32)
+      if (!(bytes instanceof Uint8Array) || bytes.length !== wordCount * 4) {
+        throw migrationError(ErrorCode.PROTOCOL, `expected RECOVER_STATE.received[${i}] of ${wordCount * 4} bytes`)
+      }
+      // copied: msgpackr may hand out an unaligned view of a shared pool
+      const has = new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength))
+      return PageBitmap.complementOf(has, r.pageCount)
+    }))
+    this.start()
+  }
+}

@@ -1,0 +1,176 @@
+/**
+ * Pre-copy rounds while the service runs (Ma et al.): round 0 sends every
+ * page that holds data (the rest as zero ranges); round k sends the pages
+ * written since round k-1, except hot pages (written in consecutive rounds),
+ * which wait for the hand-off. The maths is pure (splitHot, converged) and
+ * tested without a kernel; the round loop drives the tracker and the sender.
+ */
+import { PageBitmap } from '../../bitmap'
+import type { Channel } from '../../protocol/channel'
+import { encodeControl, MAX_PAGES_PER_FRAME, Msg, RangeKind } from '../../protocol/messages'
+import type { Region } from '../../region'
+import type { Clock } from '../clock'
+import type { MigrationMode, RoundReport } from '../report'
+import type { DirtyTracker } from '../tracker'
+import type { Sender } from './sender'
+
+/**
+ * One round's split, word by word over the bitmaps (updated in place):
+ * send = written now and not in the previous round nor hot, or hot and not
+ * written now (it cooled); hot = written now and (in the previous round or
+ * hot); prevWritten = written now (nothing after round 0, which sends all).
+ */
+export function splitHot(written: PageBitmap, prevWritten: PageBitmap, hot: PageBitmap, round: number): PageBitmap {
+  const send = new PageBitmap(written.size)
+  const w = written.words, pw = prevWritten.words, h = hot.words, out = send.words
+  for (let k = 0; k < w.length; k++) {
+    const wasHot = h[k]
+    out[k] = (w[k] & ~(pw[k] | wasHot)) | (wasHot & ~w[k])
+    h[k] = w[k] & (pw[k] | wasHot)
+    pw[k] = round === 0 ? 0 : w[k]
+  }
+  return send
+}
+
+export type PrecopyStop = 'converged' | 'not-converging' | 'round-limit'
+
+export interface ConvergenceState {
+  /** Data + hot pages left after the previous round (Infinity before round 1). */
+  prevRemaining: number
+  /** Consecutive rounds that did not shrink what is left by 10 %. */
+  notShrinking: number
+}
+
+/**
+ * After round >= 1: stop when what is left (written this round + hot) fits the
+ * downtime budget at the measured rate, when it stopped shrinking for two
+ * rounds, or at the round limit; undefined: run another round. Updates state.
+ */
+export function converged(
+  state: ConvergenceState, round: number, remainingPages: number, pageSize: number, bytesPerMs: number, downtimeMs: number, maxRounds: number,
+): PrecopyStop | undefined {
+  if ((remainingPages * pageSize) / bytesPerMs <= downtimeMs) return 'converged'
+  state.notShrinking = remainingPages >= state.prevRemaining * 0.9 ? state.notShrinking + 1 : 0
+  if (state.notShrinking >= 2) return 'not-converging'
+  if (round >= maxRounds) return 'round-limit'
+  state.prevRemaining = remainingPages
+  return undefined
+}
+
+/** Best bulk rate seen in a round big enough to measure it (bytes/ms; 100 MB/s until measured). */
+export function linkRate(rounds: RoundReport[]): number {
+  let best = 100 * 1024
+  for (const r of rounds) if (r.bytes >= 4 << 20) best = Math.max(best, r.bytes / Math.max(r.durationMs, 0.1))
+  return best
+}
+
+export interface PrecopyContext {
+  regions: Region[]
+  pageSize: number
+  bulk: Channel
+  sender: Sender
+  tracker: DirtyTracker
+  clock: Clock
+  mode: MigrationMode
+  downtimeMs: number
+  maxRounds: number
+  /** Free-page reports from the service since the last call. */
+  takeFreed(): number[]
+  onRound(round: number): void
+}
+
+export interface PrecopyResult {
+  stop: string
+  /** Hot pages at the end: they go at the hand-off. */
+  hot: PageBitmap[] | undefined
+}
+
+/** Rounds until convergence (precopy, hybrid) or the zero round (postcopy); PRECOPY_END sent. */
+export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Promise<PrecopyResult> {
+  if (ctx.mode === 'postcopy') {
+    await zeroRound(ctx, rounds)
+    return { stop: 'postcopy', hot: undefined }
+  }
+  const { regions, sender, tracker, bulk } = ctx
+  const hot = regions.map((r) => new PageBitmap(r.pageCount))
+  const prevWritten = regions.map((r) => new PageBitmap(r.pageCount))
+  const state: ConvergenceState = { prevRemaining: Infinity, notShrinking: 0 }
+  for (let round = 0; ; round++) {
+    ctx.onRound(round)
+    const rr = startRound(ctx, round)
+    rr.freePages = sender.sendFreed(bulk, ctx.takeFreed())
+    for (let i = 0; i < regions.length; i++) {
+      const r = regions[i]
+      const written = new PageBitmap(r.pageCount)
+      if (round === 0) {
+        // Round 0 sends every page that holds data; the rest are zero
+        // ranges. Re-protect first so that writes from now on show up in round 1.
+        tracker.collectWritten(r.id, r.pageCount)
+        const present = tracker.presentRuns(r.id, r.pageCount)
+        written.setRuns(present)
+        rr.zeroPages += sender.sendComplementAsZero(bulk, i, present)
+      } else {
+        written.setRuns(tracker.collectWritten(r.id, r.pageCount))
+      }
+      for (const [s, n] of splitHot(written, prevWritten[i], hot[i], round).runs()) {
+        const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
+        rr.dataPages += data
+        rr.zeroPages += zero
+      }
+      rr.hotPages += hot[i].count()
+    }
+    bulk.send(encodeControl(Msg.ROUND_END, { round }))
+    await endRound(ctx, rr, rounds)
+    if (round === 0) continue
+    const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, linkRate(rounds), ctx.downtimeMs, ctx.maxRounds)
+    if (stop) {
+      bulk.send(encodeControl(Msg.PRECOPY_END, { reason: stop }))
+      return { stop, hot }
+    }
+  }
+}
+
+/**
+ * Post-copy mode's only round: no data, just the zero and never-populated
+ * pages as ranges, so that the destination never asks for them. A zero page
+ * written before the hand-off lands in the discard list like any stale page.
+ */
+async function zeroRound(ctx: PrecopyContext, rounds: RoundReport[]): Promise<void> {
+  const { regions, sender, tracker, bulk } = ctx
+  const rr = startRound(ctx, 0)
+  for (let i = 0; i < regions.length; i++) {
+    const r = regions[i]
+    tracker.collectWritten(r.id, r.pageCount)
+    const present = tracker.presentRuns(r.id, r.pageCount)
+    rr.zeroPages += sender.sendComplementAsZero(bulk, i, present)
+    for (let k = 0; k < present.length; k += 2) {
+      for (let base = present[k]; base < present[k] + present[k + 1]; base += MAX_PAGES_PER_FRAME) {
+        const n = Math.min(MAX_PAGES_PER_FRAME, present[k] + present[k + 1] - base)
+        const zeroRuns: number[] = []
+        sender.splitZero(r.id, base, n, (p, count, isZero) => {
+          if (isZero) zeroRuns.push(p, count)
+        })
+        if (zeroRuns.length) rr.zeroPages += sender.sendRanges(bulk, RangeKind.ZERO, i, zeroRuns)
+      }
+      if (bulk.needsDrain) await bulk.drain()
+    }
+  }
+  bulk.send(encodeControl(Msg.PRECOPY_END, { reason: 'postcopy' }))
+  await endRound(ctx, rr, rounds)
+}
+
+const roundStart = new WeakMap<RoundReport, { t: number; bytes: number }>()
+
+function startRound(ctx: PrecopyContext, round: number): RoundReport {
+  const rr: RoundReport = { round, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
+  roundStart.set(rr, { t: ctx.clock.now(), bytes: ctx.bulk.bytesWritten })
+  return rr
+}
+
+async function endRound(ctx: PrecopyContext, rr: RoundReport, rounds: RoundReport[]): Promise<void> {
+  await ctx.bulk.drain()
+  const start = roundStart.get(rr)!
+  rr.bytes = ctx.bulk.bytesWritten - start.bytes
+  rr.durationMs = ctx.clock.now() - start.t
+  rounds.push(rr)
+}

@@ -1,0 +1,172 @@
+/**
+ * What the destination holds and what is still to send: the one owner of
+ * destHas, everSent, pending and the page counts. Every page leaves through
+ * here, as PAGES frames that are views of the region's memory (no copy) or,
+ * when all-zero or free, as RANGES without payload. After the hand-off only
+ * pending pages go, and each leaves the pending map as it is sent: that is
+ * "each page at most once after the hand-off", whichever channel carries it.
+ */
+import type { NativeBinding } from '../../binding'
+import { PageBitmap } from '../../bitmap'
+import type { Channel } from '../../protocol/channel'
+import { encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
+import type { Region } from '../../region'
+
+/**
+ * After the hand-off, frames carry at most 256 KiB: while a fault is open the
+ * destination reads one bulk frame per turn of its loop, so the frame size is
+ * what a fault's reply may wait behind (1 MiB frames doubled the fault p50).
+ */
+export const POSTCOPY_FRAME_PAGES = 64
+
+/** Run entries per RANGES frame: 32 KiB. */
+const RANGE_ENTRIES_PER_FRAME = 8192
+
+export interface SendCounts {
+  data: number
+  zero: number
+  free: number
+  resent: number
+}
+
+export class Sender {
+  /** The destination holds the current version of these pages (data or zero). */
+  readonly destHas: PageBitmap[]
+  /** Sent with payload at least once (to count resends). */
+  private readonly everSent: PageBitmap[]
+  /** After the hand-off: pages still to send, each exactly once. */
+  pending: PageBitmap[] = []
+  /** After the hand-off: pages still pending. */
+  pagesLeft = 0
+  readonly counts: SendCounts = { data: 0, zero: 0, free: 0, resent: 0 }
+  private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
+  private readonly ps: number
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+  ) {
+    this.ps = binding.pageSize
+    this.destHas = regions.map((r) => new PageBitmap(r.pageCount))
+    this.everSent = regions.map((r) => new PageBitmap(r.pageCount))
+  }
+
+  /** Pages the destination does not hold yet (before the hand-off). */
+  get notAtDestination(): number {
+    return this.regions.reduce((n, r, i) => n + r.pageCount - this.destHas[i].count(), 0)
+  }
+
+  /** From the hand-off (or a recovery) on: what is still to send. */
+  setPending(pending: PageBitmap[]): void {
+    this.pending = pending
+    this.pagesLeft = pending.reduce((n, m) => n + m.count(), 0)
+  }
+
+  /** The destination freed these runs after the hand-off: never send them. */
+  dropPending(region: number, runs: Uint32Array): void {
+    for (let k = 0; k < runs.length; k += 2) {
+      const n = this.pending[region]?.clearRange(runs[k], runs[k + 1]) ?? 0
+      this.pagesLeft -= n
+      this.counts.free += n
+    }
+  }
+
+  /** Pages of [0, pageCount) outside `present` runs go as zero ranges. */
+  sendComplementAsZero(ch: Channel, region: number, present: Uint32Array): number {
+    const pages = this.regions[region].pageCount
+    const runs: number[] = []
+    let cursor = 0
+    for (let k = 0; k <= present.length; k += 2) {
+      const s = k < present.length ? present[k] : pages
+      if (s > cursor) runs.push(cursor, s - cursor)
+      if (k < present.length) cursor = present[k] + present[k + 1]
+    }
+    return this.sendRanges(ch, RangeKind.ZERO, region, runs)
+  }
+
+  /** Sends runs without payload, marking them current at the destination. */
+  sendRanges(ch: Channel, kind: RangeKind, region: number, runs: number[]): number {
+    let pages = 0
+    for (let k = 0; k < runs.length; k += RANGE_ENTRIES_PER_FRAME) ch.send(encodeRuns(Msg.RANGES, kind, region, runs.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+    for (let k = 0; k < runs.length; k += 2) {
+      this.destHas[region].setRange(runs[k], runs[k + 1])
+      if (this.pending.length) this.pagesLeft -= this.pending[region].clearRange(runs[k], runs[k + 1])
+      pages += runs[k + 1]
+    }
+    if (kind === RangeKind.FREE) this.counts.free += pages
+    else this.counts.zero += pages
+    return pages
+  }
+
+  /** Free-page reports from the service ([region, first, count] triples): sent as FREE ranges. */
+  sendFreed(ch: Channel, triples: number[]): number {
+    let pages = 0
+    const byRegion = new Map<number, number[]>()
+    for (let k = 0; k < triples.length; k += 3) {
+      const list = byRegion.get(triples[k]) ?? []
+      list.push(triples[k + 1], triples[k + 2])
+      byRegion.set(triples[k], list)
+    }
+    for (const [region, runs] of byRegion) pages += this.sendRanges(ch, RangeKind.FREE, region, runs)
+    return pages
+  }
+
+  /**
+   * Sends one run of pages, all-zero pages as ranges. After the hand-off only
+   * pages still pending go: a page requested on the urgent channel while this
+   * run waited for the bulk channel to drain is not sent twice.
+   */
+  async sendRun(ch: Channel, region: number, first: number, count: number, afterHandoff: boolean): Promise<{ data: number; zero: number }> {
+    const total = { data: 0, zero: 0 }
+    const end = first + count
+    const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
+    for (let base = first; base < end; base += framePages) {
+      const chunkEnd = Math.min(end, base + framePages)
+      if (!afterHandoff) {
+        this.sendChunk(ch, region, base, chunkEnd - base, false, total)
+      } else {
+        const map = this.pending[region]
+        for (let p = map.nextSet(base, chunkEnd); p !== -1; p = map.nextSet(p, chunkEnd)) {
+          let q = map.nextClear(p, chunkEnd)
+          if (q === -1) q = chunkEnd
+          this.sendChunk(ch, region, p, q - p, true, total)
+          p = q
+        }
+      }
+      if (ch.needsDrain) await ch.drain()
+    }
+    return total
+  }
+
+  /** Sends at most MAX_PAGES_PER_FRAME pages, synchronously. */
+  private sendChunk(ch: Channel, region: number, base: number, n: number, afterHandoff: boolean, total: { data: number; zero: number }): void {
+    const r = this.regions[region]
+    const zeroRuns: number[] = []
+    this.splitZero(r.id, base, n, (p, count, isZero) => {
+      if (isZero) {
+        zeroRuns.push(p, count)
+        total.zero += count
+        return
+      }
+      ch.send([pagesHeader(region, p, count, this.ps), Buffer.from(r.buffer, p * this.ps, count * this.ps)])
+      total.data += count
+      this.counts.data += count
+      this.counts.resent += count - this.everSent[region].setRange(p, count) // pages sent before
+      this.destHas[region].setRange(p, count)
+      if (afterHandoff) this.pagesLeft -= this.pending[region].clearRange(p, count)
+    })
+    if (zeroRuns.length) this.sendRanges(ch, RangeKind.ZERO, region, zeroRuns)
+  }
+
+  /** Splits [base, base+n) (n <= MAX_PAGES_PER_FRAME) into runs of all-zero and non-zero pages. */
+  splitZero(regionId: number, base: number, n: number, onRun: (first: number, count: number, isZero: boolean) => void): void {
+    this.binding.zeroPages(regionId, base, n, this.zeroScratch)
+    for (let i = 0; i < n; ) {
+      const isZero = this.zeroScratch[i]
+      let j = i + 1
+      while (j < n && this.zeroScratch[j] === isZero) j++
+      onRun(base + i, j - i, isZero === 1)
+      i = j
+    }
+  }
+}
