@@ -5,7 +5,9 @@
 import { mkdirSync, unlinkSync, existsSync } from 'node:fs'
 import { createServer, type Server, type Socket } from 'node:net'
 import { join } from 'node:path'
-import type { Guest, MigrateOptions } from './guest'
+import type { Progress } from './agent/source/index'
+import type { MigrationReport } from './agent/report'
+import type { MigrateOptions } from './options'
 import { ErrorCode, UffdMigrateError } from './errors'
 
 export function controlDir(): string {
@@ -18,10 +20,22 @@ export function controlSocketPath(name: string): string {
 
 export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions }
 
+/** What the control socket needs of a guest (Guest has it; no import of guest.ts). */
+export interface ControlledGuest {
+  readonly name: string
+  readonly phase: string
+  readonly restored: boolean
+  readonly progress: Progress | undefined
+  readonly regions: Record<string, { name: string; sizeBytes: number }>
+  migrate(options: MigrateOptions): Promise<MigrationReport>
+  on(event: 'progress', listener: (p: Progress) => void): unknown
+  off(event: 'progress', listener: (p: Progress) => void): unknown
+}
+
 export class ControlServer {
   private constructor(private readonly server: Server, readonly path: string) {}
 
-  static async start(guest: Guest): Promise<ControlServer> {
+  static async start(guest: ControlledGuest): Promise<ControlServer> {
     const path = controlSocketPath(guest.name)
     mkdirSync(controlDir(), { recursive: true, mode: 0o700 })
     if (existsSync(path)) {
@@ -53,7 +67,7 @@ export class ControlServer {
   }
 }
 
-function handle(guest: Guest, s: Socket): void {
+function handle(guest: ControlledGuest, s: Socket): void {
   let buf = ''
   const send = (o: object) => s.write(JSON.stringify(o) + '\n')
   s.on('error', () => {})

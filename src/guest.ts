@@ -6,7 +6,6 @@
  * state the source's pause() returned.
  */
 import { EventEmitter } from 'node:events'
-import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
@@ -17,10 +16,12 @@ import { Region } from './region'
 import { nowMs } from './stats'
 import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messages'
 import type { AgentWorkerData } from './agent/worker'
-import type { MigrationMode, MigrationReport } from './agent/report'
+import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
-import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import { ControlServer } from './control'
+import { type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
+
+export type { MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
 
 export interface GuestOptions {
@@ -49,22 +50,6 @@ export interface GuestOptions {
   agentNice?: number
 }
 
-export interface MigrateOptions {
-  /** Destination address, host:port. */
-  to: string
-  mode?: MigrationMode
-  downtimeMs?: number
-  maxRounds?: number
-  connectTimeoutMs?: number
-  /** Post-copy: how long a broken link may stay broken before the migration fails (default 60 000; 0: fail at once). */
-  recoveryTimeoutMs?: number
-  /** A connection whose peer stops answering (a silent link) fails after this long (default 10 000, at least 1000; 0: never). */
-  linkTimeoutMs?: number
-  prepaging?: Partial<PrepagingOptions>
-  /** Record the post-copy push order in the report. */
-  pushLog?: boolean
-  token?: string
-}
 
 const packr = new Packr({ useRecords: false })
 const WORKER = __filename.endsWith('.ts')
@@ -398,68 +383,5 @@ export class Guest extends EventEmitter {
     this.closed = true
     this.control?.close()
     await this.worker.terminate()
-  }
-}
-
-function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefined): WireSourceOptions {
-  const bad = (what: string) => new UffdMigrateError(what, ErrorCode.INVALID_ARG)
-  if (!o || typeof o.to !== 'string') throw bad(`expected options.to to be a host:port string, got ${JSON.stringify(o?.to)}`)
-  parseAddress(o.to)
-  const mode = o.mode ?? 'hybrid'
-  if (!['precopy', 'postcopy', 'hybrid'].includes(mode)) throw bad(`expected mode precopy|postcopy|hybrid, got ${JSON.stringify(mode)}`)
-  const downtimeMs = o.downtimeMs ?? 50
-  if (!(downtimeMs > 0)) throw bad(`expected downtimeMs > 0, got ${downtimeMs}`)
-  const maxRounds = o.maxRounds ?? 5
-  if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
-  const linkTimeoutMs = o.linkTimeoutMs ?? 10_000
-  if (!(linkTimeoutMs === 0 || (linkTimeoutMs >= 1000 && linkTimeoutMs <= 3_600_000))) throw bad(`expected linkTimeoutMs 0 or in 1000..3600000, got ${linkTimeoutMs}`)
-  const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
-  if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
-  return {
-    to: o.to,
-    mode,
-    downtimeMs,
-    maxRounds,
-    connectTimeoutMs: o.connectTimeoutMs ?? 5000,
-    recoveryTimeoutMs,
-    linkTimeoutMs,
-    prepaging: validatePrepaging(o.prepaging),
-    pushLog: o.pushLog ?? false,
-    token: resolveToken(o.token ?? guestToken),
-  }
-}
-
-/** The agent's nice value: explicit (a number, or a CLI string), $UFFD_MIGRATE_AGENT_NICE, or 0. */
-export function resolveAgentNice(explicit?: number | string, name = 'options.agentNice'): number {
-  const raw = explicit ?? process.env.UFFD_MIGRATE_AGENT_NICE ?? 0
-  const nice = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw
-  if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) {
-    const from = explicit !== undefined ? name : 'UFFD_MIGRATE_AGENT_NICE'
-    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${typeof nice === 'number' && !Number.isNaN(nice) ? nice : JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
-  }
-  return nice
-}
-
-/** The shared token: explicit, $UFFD_MIGRATE_TOKEN, or the file $UFFD_MIGRATE_TOKEN_FILE. */
-export function resolveToken(explicit?: string): string {
-  const token =
-    explicit ??
-    process.env.UFFD_MIGRATE_TOKEN ??
-    (process.env.UFFD_MIGRATE_TOKEN_FILE ? readTokenFile(process.env.UFFD_MIGRATE_TOKEN_FILE) : undefined)
-  if (!token) {
-    throw new UffdMigrateError(
-      'no migration token: give both hosts the same secret with --token-file FILE or UFFD_MIGRATE_TOKEN (e.g. `openssl rand -hex 32`)',
-      ErrorCode.AUTH,
-    )
-  }
-  if (token.length < 16) throw new UffdMigrateError('the migration token must be at least 16 characters', ErrorCode.AUTH)
-  return token
-}
-
-export function readTokenFile(path: string): string {
-  try {
-    return readFileSync(path, 'utf8').trim()
-  } catch (err) {
-    throw new UffdMigrateError(`cannot read the token file ${path}: ${(err as NodeJS.ErrnoException).code}`, ErrorCode.AUTH)
   }
 }

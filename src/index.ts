@@ -1,4 +1,5 @@
-export { Guest, GuestRegion, type GuestOptions, type MigrateOptions, resolveToken } from './guest'
+export { Guest, GuestRegion, type GuestOptions } from './guest'
+export { type MigrateOptions, resolveToken } from './options'
 export { UffdMigrateError, ErrorCode } from './errors'
 export type { MigrationReport, RoundReport, MigrationMode } from './agent/report'
 export type { Progress } from './agent/source/index'

@@ -1,7 +1,7 @@
 'use strict'
 // The pages of a working set in the order the scan-service touches them:
 // front to back, or a fixed random permutation (the same on every run, so the
-// benchmark's model in bench/lib/policy-model.mjs can replay it).
+// model of src/agent/policy-model.ts can replay it).
 function touchOrder(wsPages, firstPage, pattern) {
   const order = new Uint32Array(wsPages)
   for (let i = 0; i < wsPages; i++) order[i] = firstPage + i

@@ -24,7 +24,7 @@ import { type ChannelName, route } from '../message-table'
 import { StateMachine } from '../state-machine'
 import { Acceptor } from './accept'
 import { BulkGate } from './bulk-gate'
-import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase } from './machine'
+import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase, type DestinationHandlers } from './machine'
 import { Placement } from './placement'
 import { RecoveryWindow } from './recovery'
 import { Requests } from './requests'
@@ -52,7 +52,7 @@ export interface DestinationHooks {
   refused?(message: string): void
 }
 
-export class MigrationDestination {
+export class MigrationDestination implements DestinationHandlers {
   readonly machine = new StateMachine<DestPhase>('destination', DEST_TRANSITIONS, DestPhase.LISTENING)
   private readonly link: Acceptor
   private readonly placement: Placement
@@ -267,8 +267,9 @@ export class MigrationDestination {
 
   // ---- settled and failed ------------------------------------------------------
 
+  /** Settled: every page is local and the service runs here (a restore that fails must still be able to fail the migration). */
   checkSettled(): void {
-    if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete) return
+    if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete || this.recovery.resumedAtMs === undefined) return
     this.machine.transition(DestPhase.SETTLED)
     if (this.uffd) {
       // Everything with data is present; what is left are known-zero pages,

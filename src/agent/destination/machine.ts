@@ -4,9 +4,9 @@
  * unit test keeps them equal).
  */
 import { Msg } from '../../protocol/messages'
-import type { MessageTable } from '../message-table'
+import type { Frame } from '../../protocol/frames'
+import type { ChannelName, MessageTable } from '../message-table'
 import type { TransitionTable } from '../state-machine'
-import type { MigrationDestination } from './index'
 
 export enum DestPhase {
   /** Listening; connections authenticate and pair up until REGIONS. */
@@ -34,8 +34,21 @@ export const DEST_TRANSITIONS: TransitionTable<DestPhase> = {
 const { LISTENING, PRECOPY, POSTCOPY, RECOVERING, SETTLED, FAILED } = DestPhase
 const ALL = [LISTENING, PRECOPY, POSTCOPY, RECOVERING, SETTLED, FAILED]
 
+/** The handlers the table names (MigrationDestination implements them). */
+export interface DestinationHandlers {
+  onRegions(f: Frame): void
+  onClock(f: Frame): void
+  onPages(f: Frame, ch: ChannelName): void
+  onRanges(f: Frame, ch: ChannelName): void
+  onHandoff(f: Frame): void
+  onRequestDone(f: Frame): void
+  checkSettled(): void
+  onRecover(): void
+  onPeerError(f: Frame): never
+}
+
 /** Messages the destination accepts after a connection's handshake. */
-export const DEST_MESSAGES: MessageTable<DestPhase, MigrationDestination> = {
+export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy' },
   [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
   [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f, ch) => d.onPages(f, ch), note: 'placed; urgent only after the hand-off' },

@@ -22,7 +22,7 @@ import { StateMachine } from '../state-machine'
 import { DirtyTracker } from '../tracker'
 import { sendHandoff } from './handoff'
 import { type Dialer, reply, SourceLink } from './link'
-import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase } from './machine'
+import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
 import { buildReport } from './report'
@@ -71,7 +71,7 @@ export interface Progress {
   totalPages: number
 }
 
-export class MigrationSource {
+export class MigrationSource implements SourceHandlers {
   readonly machine: StateMachine<SourcePhase>
   private readonly clock: Clock
   private readonly layout: RegionLayout[]

@@ -7,7 +7,7 @@
 import { Msg } from '../../protocol/messages'
 import type { MessageTable } from '../message-table'
 import type { TransitionTable } from '../state-machine'
-import type { MigrationSource } from './index'
+import type { Frame } from '../../protocol/frames'
 
 export enum SourcePhase {
   /** Dialling and authenticating both connections, region table, clock samples. */
@@ -38,8 +38,20 @@ export const SOURCE_TRANSITIONS: TransitionTable<SourcePhase> = {
 const { CONNECT, PRECOPY, HANDOFF, POSTCOPY, RECOVERING, SETTLED, FAILED } = SourcePhase
 const ALL = [CONNECT, PRECOPY, HANDOFF, POSTCOPY, RECOVERING, SETTLED, FAILED]
 
+/** The handlers the table names (Postcopy has the post-copy ones; MigrationSource implements these). */
+export interface SourceHandlers {
+  readonly postcopy: {
+    onPageRequest(f: Frame): void
+    onWillNeed(f: Frame): void
+    onResumed(f: Frame): void
+    onFreed(f: Frame): void
+    onSettled(f: Frame): void
+  }
+  onPeerError(f: Frame): never
+}
+
 /** Messages the source accepts after a connection's handshake. */
-export const SOURCE_MESSAGES: MessageTable<SourcePhase, MigrationSource> = {
+export const SOURCE_MESSAGES: MessageTable<SourcePhase, SourceHandlers> = {
   [Msg.REGIONS_OK]: { on: { bulk: [CONNECT] }, note: 'awaited reply to REGIONS' },
   [Msg.CLOCK]: { on: { urgent: [CONNECT] }, note: 'awaited reply: a clock sample' },
   [Msg.RECOVER_STATE]: { on: { bulk: [RECOVERING] }, note: 'awaited reply to RECOVER; → postcopy' },

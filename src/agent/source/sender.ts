@@ -121,6 +121,9 @@ export class Sender {
     const end = first + count
     const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
     for (let base = first; base < end; base += framePages) {
+      // a broken link: stop here (what was pending is learnt again on recovery, never
+      // cleared by sending into a dead connection after a new pending map replaced it)
+      if (ch.failed) break
       const chunkEnd = Math.min(end, base + framePages)
       if (!afterHandoff) {
         this.sendChunk(ch, region, base, chunkEnd - base, false, total)

@@ -1,8 +1,8 @@
 /** Pure TypeScript tier: framing, message validation, bitmaps (no kernel needed). */
 import { describe, expect, it } from 'vitest'
-import { PageBitmap } from '../src/bitmap'
-import { FrameDecoder, type Frame } from '../src/protocol/frames'
-import { decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, Msg, pagesHeader } from '../src/protocol/messages'
+import { PageBitmap } from '../../src/bitmap'
+import { FrameDecoder, type Frame } from '../../src/protocol/frames'
+import { decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, Msg, pagesHeader } from '../../src/protocol/messages'
 
 const layout = [{ pageCount: 16 }, { pageCount: 4 }]
 

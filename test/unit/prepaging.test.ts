@@ -1,9 +1,12 @@
 /** Units on the push policies, against pending bitmaps (pure TypeScript). */
 import { describe, expect, it } from 'vitest'
-import { PageBitmap } from '../src/bitmap'
-import { BUBBLE_DEFAULTS, BubblingPush } from '../src/agent/bubbling'
-import type { PushRun } from '../src/agent/push-policy'
-import { createPushPolicy } from '../src/agent/prepaging'
+import { PageBitmap } from '../../src/bitmap'
+import { BUBBLE_DEFAULTS, BubblingPush } from '../../src/agent/bubbling'
+import type { PushRun } from '../../src/agent/push-policy'
+import { createPushPolicy } from '../../src/agent/prepaging'
+import { modelFaults } from '../../src/agent/policy-model'
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { touchOrder } = require('../../examples/scan-service/order.js') as { touchOrder: (ws: number, first: number, pattern: string) => Uint32Array }
 
 function allPending(size: number): PageBitmap {
   const m = new PageBitmap(size)
@@ -160,9 +163,8 @@ describe('bubbling prepaging', () => {
 
   it('stays next to the best possible push on random working sets (the model of bench:postcopy, table A0)', async () => {
     // the real policies on the scan-service's own touch order, without a network
-    const { modelFaults } = await import('../bench/lib/policy-model.mjs')
-    const o = { guestPages: 262144, wsPages: 32768, firstPage: 81920, pattern: 'random' }
-    const [push, bubble, oracle] = ['push', 'bubble', 'oracle'].map((strategy) => modelFaults({ ...o, strategy }))
+    const o = { guestPages: 262144, wsPages: 32768, firstPage: 81920, order: touchOrder(32768, 81920, 'random') }
+    const [push, bubble, oracle] = (['push', 'bubble', 'oracle'] as const).map((strategy) => modelFaults({ ...o, strategy }))
     expect(oracle).toBeLessThan(push)
     expect(bubble).toBeLessThanOrEqual(oracle * 1.1) // an oracle pushes exactly the working set
     expect(bubble / push).toBeLessThan(0.35)

@@ -1,0 +1,93 @@
+/**
+ * Options from JS callers, the environment and the CLI, checked and
+ * resolved in one place: every bad value gets ERR_INVALID_ARG (or
+ * ERR_MIGRATION_AUTH for tokens) with the name the caller used.
+ */
+import { readFileSync } from 'node:fs'
+import { parseAddress } from './agent/address'
+import type { WireSourceOptions } from './agent/messages'
+import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
+import type { MigrationMode } from './agent/report'
+import { ErrorCode, UffdMigrateError } from './errors'
+
+export const MIGRATION_MODES: readonly MigrationMode[] = ['precopy', 'postcopy', 'hybrid']
+
+export interface MigrateOptions {
+  /** Destination address, host:port. */
+  to: string
+  mode?: MigrationMode
+  downtimeMs?: number
+  maxRounds?: number
+  connectTimeoutMs?: number
+  /** Post-copy: how long a broken link may stay broken before the migration fails (default 60 000; 0: fail at once). */
+  recoveryTimeoutMs?: number
+  /** A connection whose peer stops answering (a silent link) fails after this long (default 10 000, at least 1000; 0: never). */
+  linkTimeoutMs?: number
+  prepaging?: Partial<PrepagingOptions>
+  /** Record the post-copy push order in the report. */
+  pushLog?: boolean
+  token?: string
+}
+
+export function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefined): WireSourceOptions {
+  const bad = (what: string) => new UffdMigrateError(what, ErrorCode.INVALID_ARG)
+  if (!o || typeof o.to !== 'string') throw bad(`expected options.to to be a host:port string, got ${JSON.stringify(o?.to)}`)
+  parseAddress(o.to)
+  const mode = o.mode ?? 'hybrid'
+  if (!MIGRATION_MODES.includes(mode)) throw bad(`expected mode ${MIGRATION_MODES.join('|')}, got ${JSON.stringify(mode)}`)
+  const downtimeMs = o.downtimeMs ?? 50
+  if (!(downtimeMs > 0)) throw bad(`expected downtimeMs > 0, got ${downtimeMs}`)
+  const maxRounds = o.maxRounds ?? 5
+  if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
+  const linkTimeoutMs = o.linkTimeoutMs ?? 10_000
+  if (!(linkTimeoutMs === 0 || (linkTimeoutMs >= 1000 && linkTimeoutMs <= 3_600_000))) throw bad(`expected linkTimeoutMs 0 or in 1000..3600000, got ${linkTimeoutMs}`)
+  const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
+  if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
+  return {
+    to: o.to,
+    mode,
+    downtimeMs,
+    maxRounds,
+    connectTimeoutMs: o.connectTimeoutMs ?? 5000,
+    recoveryTimeoutMs,
+    linkTimeoutMs,
+    prepaging: validatePrepaging(o.prepaging),
+    pushLog: o.pushLog ?? false,
+    token: resolveToken(o.token ?? guestToken),
+  }
+}
+
+/** The agent's nice value: explicit (a number, or a CLI string), $UFFD_MIGRATE_AGENT_NICE, or 0. */
+export function resolveAgentNice(explicit?: number | string, name = 'options.agentNice'): number {
+  const raw = explicit ?? process.env.UFFD_MIGRATE_AGENT_NICE ?? 0
+  const nice = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw
+  if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) {
+    const from = explicit !== undefined ? name : 'UFFD_MIGRATE_AGENT_NICE'
+    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${typeof nice === 'number' && !Number.isNaN(nice) ? nice : JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
+  }
+  return nice
+}
+
+/** The shared token: explicit, $UFFD_MIGRATE_TOKEN, or the file $UFFD_MIGRATE_TOKEN_FILE. */
+export function resolveToken(explicit?: string): string {
+  const token =
+    explicit ??
+    process.env.UFFD_MIGRATE_TOKEN ??
+    (process.env.UFFD_MIGRATE_TOKEN_FILE ? readTokenFile(process.env.UFFD_MIGRATE_TOKEN_FILE) : undefined)
+  if (!token) {
+    throw new UffdMigrateError(
+      'no migration token: give both hosts the same secret with --token-file FILE or UFFD_MIGRATE_TOKEN (e.g. `openssl rand -hex 32`)',
+      ErrorCode.AUTH,
+    )
+  }
+  if (token.length < 16) throw new UffdMigrateError('the migration token must be at least 16 characters', ErrorCode.AUTH)
+  return token
+}
+
+export function readTokenFile(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim()
+  } catch (err) {
+    throw new UffdMigrateError(`cannot read the token file ${path}: ${(err as NodeJS.ErrnoException).code}`, ErrorCode.AUTH)
+  }
+}
