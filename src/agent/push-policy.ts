@@ -1,8 +1,8 @@
 /**
  * What the source pushes next after the hand-off. The policy sees the pending
  * map (pages the destination still lacks) and the destination's faults and
- * hints; it picks runs in O(batch). Sequential push is the baseline;
- * prepaging.ts holds the bubbling policies.
+ * hints; it picks runs in O(batch). Sequential push is the baseline here;
+ * bubbling.ts holds the bubbling policies and prepaging.ts builds a policy by name.
  */
 import type { PageBitmap } from '../bitmap'
 

@@ -55,6 +55,8 @@ export interface MigrationReport {
     timeToSettledMs: number
     /** Times the link broke during post-copy and the source reconnected. */
     recoveries: number
+    /** Pages local at the destination when it settled, from its SETTLED report (0 only if that report never arrived). */
+    pagesLocalAtDestination: number
     /** The post-copy push order, run by run (with `pushLog: true`). */
     pushLog?: { region: number; firstPage: number; pageCount: number }[]
   }

@@ -7,7 +7,9 @@ import { connect } from 'node:net'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
 import { controlSocketPath, type ControlRequest } from '../control'
-import { readTokenFile, resolveAgentNice } from '../options'
+import { MIGRATION_MODES, readTokenFile, resolveAgentNice } from '../options'
+import { PREPAGING_STRATEGIES } from '../agent/prepaging'
+import { ErrorCode } from '../errors'
 import { formatReport, progressLine } from './format'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
@@ -70,10 +72,10 @@ program
     const env: NodeJS.ProcessEnv = { ...process.env, UFFD_MIGRATE_RECEIVE: o.listen }
     if (o.agentNice !== undefined) env.UFFD_MIGRATE_AGENT_NICE = String(o.agentNice)
     if (o.tokenFile) env.UFFD_MIGRATE_TOKEN = readTokenFile(o.tokenFile)
-    if (!env.UFFD_MIGRATE_TOKEN && !env.UFFD_MIGRATE_TOKEN_FILE) fail('ERR_MIGRATION_AUTH', 'no token: pass --token-file FILE or set UFFD_MIGRATE_TOKEN (the same on both hosts)')
+    if (!env.UFFD_MIGRATE_TOKEN && !env.UFFD_MIGRATE_TOKEN_FILE) fail(ErrorCode.AUTH, 'no token: pass --token-file FILE or set UFFD_MIGRATE_TOKEN (the same on both hosts)')
     const child = spawn(cmd[0], cmd.slice(1), { stdio: 'inherit', env })
     for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig))
-    child.on('error', (err) => fail('ERR_INVALID_ARG', `cannot start ${cmd[0]}: ${err.message}`))
+    child.on('error', (err) => fail(ErrorCode.INVALID_ARG, `cannot start ${cmd[0]}: ${err.message}`))
     child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + 1 : 1)))
   })
 
@@ -93,7 +95,7 @@ function control(name: string, req: ControlRequest, onLine: (m: Record<string, u
     })
     s.on('end', resolve)
     s.on('error', (err: NodeJS.ErrnoException) =>
-      reject(Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: 'ERR_NO_GUEST' })),
+      reject(Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: ErrorCode.NO_GUEST })),
     )
   })
 }
@@ -103,10 +105,10 @@ program
   .description('migrate a running guest to a destination started with `uffd-migrate receive`')
   .requiredOption('--guest <name>', 'the guest name given to Guest.start()')
   .requiredOption('--to <addr>', 'destination host:port', address)
-  .addOption(new Option('--mode <mode>', 'migration mode').choices(['precopy', 'postcopy', 'hybrid']).default('hybrid'))
+  .addOption(new Option('--mode <mode>', 'migration mode').choices(MIGRATION_MODES).default('hybrid'))
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
-  .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(['bubble', 'bubble1', 'push', 'demand']))
+  .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
@@ -130,11 +132,11 @@ program
         if (m.type === 'error') error = m as never
       })
     } catch (err) {
-      fail((err as { code?: string }).code ?? 'ERR_NO_GUEST', (err as Error).message)
+      fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)
     }
     if (tty) process.stderr.write('\r\x1b[2K')
     if (error) fail(error.code, error.message)
-    if (!report) fail('ERR_MIGRATION_CONNECTION', 'the guest closed the control connection without a report')
+    if (!report) fail(ErrorCode.CONNECTION, 'the guest closed the control connection without a report')
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
   })
 
@@ -152,7 +154,7 @@ program
         if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
       })
     } catch (err) {
-      fail('ERR_NO_GUEST', (err as Error).message)
+      fail(ErrorCode.NO_GUEST, (err as Error).message)
     }
   })
 
@@ -160,11 +162,11 @@ program
   .command('demo')
   .description('migrate an example service with a 1 GiB guest on loopback, under load, and check every answer and page')
   .option('--size-mib <n>', 'guest size in MiB', positiveNumber, 1024)
-  .addOption(new Option('--mode <mode>').choices(['precopy', 'postcopy', 'hybrid']).default('hybrid'))
+  .addOption(new Option('--mode <mode>').choices(MIGRATION_MODES).default('hybrid'))
   .option('--json', 'print the report as JSON')
   .action(async (o: { sizeMib: number; mode: string; json?: boolean }) => {
     const { runDemo } = await import('./demo')
     process.exitCode = await runDemo({ sizeMiB: o.sizeMib, mode: o.mode as never, json: !!o.json })
   })
 
-program.parseAsync().catch((err) => fail(err.code ?? 'ERR_UFFD_MIGRATE', err.message))
+program.parseAsync().catch((err) => fail(err.code ?? ErrorCode.GENERIC, err.message))

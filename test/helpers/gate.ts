@@ -14,12 +14,3 @@ export function kernelSkipReason(): string | undefined {
   }
   return cached
 }
-
-export function rootSkipReason(): string | undefined {
-  if (process.getuid?.() !== 0) {
-    const why = 'network-namespace tests need root (ip netns)'
-    console.warn(`\n*** SKIPPING: ${why}\n`)
-    return why
-  }
-  return undefined
-}

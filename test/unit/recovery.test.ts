@@ -50,6 +50,7 @@ describe('post-copy recovery after a break', () => {
       expect(rep.downtimeMs).toBeGreaterThanOrEqual(0)
       // the destination's report crossed: its figures are there, not defaults
       expect(rep.postcopy.faultLatencyUs.count).toBeGreaterThan(0)
+      expect(rep.postcopy.pagesLocalAtDestination).toBe(260)
     })
   }
 

@@ -281,7 +281,12 @@ export class MigrationDestination implements DestinationHandlers {
       this.requests.attach(undefined)
     }
     this.requests.releaseAll()
-    const report = { ...this.requests.stats, pagesReceivedTwice: this.placement.pagesReceivedTwice, faultLatencyUs: this.requests.latency.summary() }
+    const report = {
+      ...this.requests.stats,
+      pagesReceivedTwice: this.placement.pagesReceivedTwice,
+      pagesLocal: this.placement.totalPages,
+      faultLatencyUs: this.requests.latency.summary(),
+    }
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
     // Keep listening a while: if the link broke as SETTLED left, the source
