@@ -40,11 +40,33 @@ const errorOut = (err: unknown) => ({
 })
 const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e.message, e.code)
 
+/** A question to the main thread (pause, restore) whose answer comes back as a message. */
+class MainThreadCall<T> {
+  private waiter: { resolve: (v: T) => void; reject: (e: Error) => void } | undefined
+
+  ask(m: AgentToMain): Promise<T> {
+    return new Promise((resolve, reject) => {
+      this.waiter = { resolve, reject }
+      post(m)
+    })
+  }
+
+  answer(value: T): void {
+    this.waiter?.resolve(value)
+    this.waiter = undefined
+  }
+
+  refuse(error: { code: string; message: string }): void {
+    this.waiter?.reject(errorIn(error))
+    this.waiter = undefined
+  }
+}
+
 if (data.role === 'source') runSource()
 else runDestination()
 
 function runSource(): void {
-  let pauseWaiter: { resolve: (s: Uint8Array) => void; reject: (e: Error) => void } | undefined
+  const pause = new MainThreadCall<Uint8Array>()
   let freed: number[] = []
   let running = false
   port.on('message', (m: MainToAgent) => {
@@ -57,10 +79,7 @@ function runSource(): void {
         running = true
         const opts: SourceOptions = { ...m.options, token: Buffer.from(m.options.token, 'utf8'), bulkBufferBytes }
         const source = new MigrationSource(binding, regions, opts, {
-          pause: () => new Promise((resolve, reject) => {
-            pauseWaiter = { resolve, reject }
-            post({ type: 'pause' })
-          }),
+          pause: () => pause.ask({ type: 'pause' }),
           resume: () => post({ type: 'resume' }),
           progress: (p) => post({ type: 'progress', progress: p }),
           takeFreed: () => {
@@ -79,13 +98,9 @@ function runSource(): void {
         return
       }
       case 'paused':
-        pauseWaiter?.resolve(m.state)
-        pauseWaiter = undefined
-        return
+        return pause.answer(m.state)
       case 'pauseFailed':
-        pauseWaiter?.reject(errorIn(m.error))
-        pauseWaiter = undefined
-        return
+        return pause.refuse(m.error)
       case 'free':
         // Only a running migration needs them: between migrations the
         // present-page scan of round 0 sees freed pages as zero anyway.
@@ -97,12 +112,9 @@ function runSource(): void {
 
 function runDestination(): void {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
-  let resumeWaiter: { resolve: (t: number) => void; reject: (e: Error) => void } | undefined
+  const restore = new MainThreadCall<number>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
-    restore: (state) => new Promise((resolve, reject) => {
-      resumeWaiter = { resolve, reject }
-      post({ type: 'restore', state })
-    }),
+    restore: (state) => restore.ask({ type: 'restore', state }),
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
@@ -114,13 +126,9 @@ function runDestination(): void {
   port.on('message', (m: MainToAgent) => {
     switch (m.type) {
       case 'resumed':
-        resumeWaiter?.resolve(m.atMs)
-        resumeWaiter = undefined
-        return
+        return restore.answer(m.atMs)
       case 'restoreFailed':
-        resumeWaiter?.reject(errorIn(m.error))
-        resumeWaiter = undefined
-        return
+        return restore.refuse(m.error)
       case 'willNeed':
         dest.willNeed(m.region, m.firstPage, m.pageCount)
         return
