@@ -18,7 +18,7 @@ export function controlSocketPath(name: string): string {
   return join(controlDir(), `${name}.sock`)
 }
 
-export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions }
+export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions } | { cmd: 'cancel' }
 
 /** What the control socket needs of a guest (Guest has it; no import of guest.ts). */
 export interface ControlledGuest {
@@ -28,6 +28,7 @@ export interface ControlledGuest {
   readonly progress: Progress | undefined
   readonly regions: Record<string, { name: string; sizeBytes: number }>
   migrate(options: MigrateOptions): Promise<MigrationReport>
+  cancel(): Promise<void>
   on(event: 'progress', listener: (p: Progress) => void): unknown
   off(event: 'progress', listener: (p: Progress) => void): unknown
 }
@@ -98,12 +99,19 @@ function handle(guest: ControlledGuest, s: Socket): void {
           send({ type: 'report', report })
           s.end()
         },
-        (err: UffdMigrateError) => {
+        (err: UffdMigrateError & { afterHandoff?: boolean }) => {
           guest.off('progress', onProgress)
-          send({ type: 'error', code: err.code, message: err.message })
+          send({ type: 'error', code: err.code, message: err.message, ...(err.afterHandoff ? { afterHandoff: true } : {}) })
           s.end()
         },
       )
+      return
+    }
+    if (req.cmd === 'cancel') {
+      guest.cancel().then(
+        () => send({ type: 'cancelled' }),
+        (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message }),
+      ).finally(() => s.end())
       return
     }
     send({ type: 'error', code: ErrorCode.INVALID_ARG, message: `unknown command ${JSON.stringify((req as { cmd: unknown }).cmd)}` })

@@ -38,6 +38,10 @@ export const ErrorCode = {
   ABORTED: 'ERR_MIGRATION_ABORTED',
   /** A migration is already running. */
   BUSY: 'ERR_MIGRATION_BUSY',
+  /** The migration was cancelled before the hand-off (guest.cancel(), `uffd-migrate cancel`, Ctrl-C of `send`); the service runs on at the source. */
+  CANCELLED: 'ERR_MIGRATION_CANCELLED',
+  /** cancel() after the hand-off: the service already runs on the destination. */
+  CANCEL_REFUSED: 'ERR_MIGRATION_CANCEL_REFUSED',
   /** Bad argument from a JS caller or the CLI. */
   INVALID_ARG: 'ERR_INVALID_ARG',
   /** The guest's pause() hook threw or returned unserialisable state. */

@@ -19,6 +19,9 @@ import type { AgentWorkerData } from './agent/worker'
 import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
 import { ControlServer } from './control'
+import { GuestRegion } from './guest-region'
+
+export { GuestRegion } from './guest-region'
 import { type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
 
 export type { MigrateOptions } from './options'
@@ -52,81 +55,11 @@ export interface GuestOptions {
 
 
 const packr = new Packr({ useRecords: false })
+/** Exit code of a source guest process whose migration failed after the hand-off. */
+export const EXIT_MOVE_FAILED = 4
 const WORKER = __filename.endsWith('.ts')
   ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
   : join(__dirname, 'agent', 'worker.js')
-
-export class GuestRegion {
-  constructor(
-    private readonly guest: Guest,
-    /** Index in the region table. */
-    readonly index: number,
-    readonly region: Region,
-    private readonly receivedMap: PageBitmap | undefined,
-  ) {}
-
-  get name(): string {
-    return this.region.name
-  }
-  get buffer(): ArrayBuffer {
-    return this.region.buffer
-  }
-  get sizeBytes(): number {
-    return this.region.sizeBytes
-  }
-
-  private pages(offset: number, length: number): [number, number] {
-    const ps = this.region.pageSize
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.region.sizeBytes) {
-      throw new UffdMigrateError(
-        `expected a range inside region '${this.name}' (0..${this.region.sizeBytes}), got offset ${offset} length ${length}`,
-        ErrorCode.INVALID_ARG,
-      )
-    }
-    const first = Math.floor(offset / ps)
-    return [first, Math.ceil((offset + length) / ps) - first]
-  }
-
-  /** True when every page of the range is on this host (reads the received bitmap). */
-  isLocal(offset: number, length: number): boolean {
-    const [first, count] = this.pages(offset, length)
-    return !this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)
-  }
-
-  /** Resolves when the range is local; asks for it at once, with urgent priority. */
-  ready(offset: number, length: number): Promise<void> {
-    const [first, count] = this.pages(offset, length)
-    if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return Promise.resolve()
-    return this.guest.waitLocal(this.index, first, count)
-  }
-
-  /** Non-blocking hint: these pages go to the front of the push. */
-  willNeed(offset: number, length: number): void {
-    const [first, count] = this.pages(offset, length)
-    if (!this.receivedMap || this.guest.isSettledFlag || this.receivedMap.allSet(first, count)) return
-    this.guest.post({ type: 'willNeed', region: this.index, firstPage: first, pageCount: count })
-  }
-
-  /**
-   * The service no longer uses the whole pages of this range: they read as
-   * zero from now on and never cross the network (ballooning).
-   */
-  free(offset: number, length: number): void {
-    const ps = this.region.pageSize
-    this.pages(offset, length)
-    // only whole pages inside the range
-    const first = Math.ceil(offset / ps)
-    const end = Math.floor((offset + length) / ps)
-    if (end <= first) return
-    if (this.receivedMap && !this.guest.isSettledFlag) {
-      // destination in post-copy: zero-filled by the agent, never fetched
-      this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first })
-      return
-    }
-    this.region.discard(first * ps, (end - first) * ps)
-    this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first })
-  }
-}
 
 export class Guest extends EventEmitter {
   readonly regions: Record<string, GuestRegion> = {}
@@ -141,6 +74,9 @@ export class Guest extends EventEmitter {
   private readonly worker: Worker
   private readonly list: GuestRegion[]
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
+  private cancelling: { resolve: () => void; reject: (e: Error) => void } | undefined
+  /** Set once this guest moved away: the service runs at this address now. */
+  private movedTo: string | undefined
   private control: ControlServer | undefined
   private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
   private nextWaitId = 1
@@ -205,6 +141,7 @@ export class Guest extends EventEmitter {
     settled.catch(() => {})
     const { state } = await new Promise<{ state: unknown }>((resolve, reject) => {
       const onMessage = (m: AgentToMain) => {
+        if (m.type === 'sessionEnded') process.stderr.write(`uffd-migrate: guest '${opts.name}': ${m.message}\n`)
         if (m.type === 'listening') {
           // one line for the operator (and for tests that wait for it)
           process.stderr.write(`uffd-migrate: guest '${opts.name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
@@ -249,6 +186,7 @@ export class Guest extends EventEmitter {
   get phase(): string {
     if (this.failure) return 'failed'
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
+    if (this.movedTo) return 'moved'
     if (this.restored) return this.isSettledFlag ? 'settled' : 'postcopy'
     return 'idle'
   }
@@ -276,6 +214,7 @@ export class Guest extends EventEmitter {
   /** Moves this service to the destination; resolves with the report once it settled there. */
   migrate(options: MigrateOptions): Promise<MigrationReport> {
     if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
+    if (this.movedTo) return Promise.reject(new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY))
     if (this.restored && !this.isSettledFlag) {
       return Promise.reject(new UffdMigrateError('this guest is still receiving its memory; migrate again once guest.settled resolves', ErrorCode.BUSY))
     }
@@ -289,6 +228,26 @@ export class Guest extends EventEmitter {
       this.migrating = { resolve, reject }
       this.worker.ref()
       this.post({ type: 'migrate', options: wire })
+    })
+  }
+
+  /**
+   * Cancels the running migration if it has not reached the hand-off (QEMU's
+   * migrate_cancel): the service runs on here (resume() is called if it was
+   * paused), the destination is told and listens again, and migrate()
+   * rejects with ERR_MIGRATION_CANCELLED. Resolves once it is cancelled;
+   * rejects with ERR_MIGRATION_CANCEL_REFUSED after the hand-off (the service
+   * already runs on the destination) or ERR_INVALID_ARG when nothing runs.
+   */
+  cancel(): Promise<void> {
+    if (!this.migrating) return Promise.reject(new UffdMigrateError('no migration is running for this guest: nothing to cancel', ErrorCode.INVALID_ARG))
+    if (this.cancelling) return new Promise((resolve, reject) => {
+      const prev = this.cancelling!
+      this.cancelling = { resolve: () => (prev.resolve(), resolve()), reject: (e) => (prev.reject(e), reject(e)) }
+    })
+    return new Promise((resolve, reject) => {
+      this.cancelling = { resolve, reject }
+      this.post({ type: 'cancel' })
     })
   }
 
@@ -317,6 +276,9 @@ export class Guest extends EventEmitter {
       case 'report': {
         const done = this.migrating
         this.migrating = undefined
+        this.movedTo = m.report.to
+        this.cancelling?.reject(new UffdMigrateError(`cannot cancel: the migration to ${m.report.to} is complete`, ErrorCode.CANCEL_REFUSED))
+        this.cancelling = undefined
         this.emit('moved', m.report)
         done?.resolve(m.report)
         if (this.opts.exitOnMoved !== false && this.listenerCount('moved') === 0) {
@@ -326,12 +288,16 @@ export class Guest extends EventEmitter {
         return
       }
       case 'failed': {
-        const err = new UffdMigrateError(m.error.message, m.error.code)
+        const err = Object.assign(new UffdMigrateError(m.error.message, m.error.code), m.error.afterHandoff ? { afterHandoff: true } : {})
         if (this.migrating) {
           const done = this.migrating
           this.migrating = undefined
           this.worker.unref()
+          if (err.code === ErrorCode.CANCELLED) this.cancelling?.resolve()
+          else this.cancelling?.reject(err)
+          this.cancelling = undefined
           done.reject(err)
+          if (m.error.afterHandoff) this.afterFailedHandoff(err)
           return
         }
         // destination after the hand-off
@@ -342,6 +308,15 @@ export class Guest extends EventEmitter {
         if (this.listenerCount('failed') <= 1) console.error(`[uffd-migrate] migration failed: ${err.message}`)
         return
       }
+      case 'cancelRefused': {
+        this.cancelling?.reject(new UffdMigrateError(m.error.message, m.error.code))
+        this.cancelling = undefined
+        return
+      }
+      case 'sessionEnded':
+        // receive mode: only the hand-off commits; this guest waits for the next source
+        process.stderr.write(`uffd-migrate: guest '${this.name}': ${m.message}\n`)
+        return
       case 'ready':
         for (const id of m.ids) {
           this.waiters.get(id)?.resolve()
@@ -370,6 +345,21 @@ export class Guest extends EventEmitter {
       this.post({ type: 'paused', state: bytes })
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
+    }
+  }
+
+  /**
+   * The migration failed after the hand-off (the destination died, or the link
+   * stayed down past recoveryTimeoutMs): the service does not run here and
+   * no longer runs there. Emits 'moveFailed'; without a listener, and unless
+   * exitOnMoved is false, the process ends with exit code 4 so that a
+   * supervisor sees it.
+   */
+  private afterFailedHandoff(err: UffdMigrateError): void {
+    this.emit('moveFailed', err)
+    if (this.opts.exitOnMoved !== false && this.listenerCount('moveFailed') === 0) {
+      process.stderr.write(`uffd-migrate: guest '${this.name}': the migration failed after the hand-off: ${err.message}; exiting with code ${EXIT_MOVE_FAILED}\n`)
+      setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50).unref()
     }
   }
 

@@ -13,6 +13,7 @@ export type MainToAgent =
   | { type: 'resumed'; atMs: number }
   | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
   | { type: 'restoreFailed'; error: { code: string; message: string } }
+  | { type: 'cancel' }
   | { type: 'wait'; id: number; region: number; firstPage: number; pageCount: number }
 
 export type AgentToMain =
@@ -20,9 +21,14 @@ export type AgentToMain =
   | { type: 'resume' }
   | { type: 'progress'; progress: Progress }
   | { type: 'report'; report: MigrationReport }
-  | { type: 'failed'; error: { code: string; message: string } }
+  /** afterHandoff: the source's migration failed once the service ran on the destination. */
+  | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
+  /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
+  | { type: 'sessionEnded'; message: string }
   | { type: 'listening'; port: number; atMs: number }
   | { type: 'restore'; state: Uint8Array }
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }
   | { type: 'recovering'; message: string }
+  /** cancel() was not taken (nothing runs, or the hand-off is done): why. */
+  | { type: 'cancelRefused'; error: { code: string; message: string } }

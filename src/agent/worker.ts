@@ -11,8 +11,8 @@ import { ErrorCode, UffdMigrateError } from '../errors'
 import { DEFAULT_BULK_SOCKET_BUFFER_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
-import { MigrationDestination } from './destination/index'
-import type { AgentToMain, MainToAgent } from './messages'
+import { DestPhase, MigrationDestination } from './destination/index'
+import type { AgentToMain, MainToAgent, WireSourceOptions } from './messages'
 import { MigrationSource, type SourceOptions } from './source/index'
 
 export interface AgentWorkerData {
@@ -37,6 +37,7 @@ const post = (m: AgentToMain) => port.postMessage(m)
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
+  ...((err as { afterHandoff?: boolean }).afterHandoff ? { afterHandoff: true } : {}),
 })
 const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e.message, e.code)
 
@@ -62,55 +63,91 @@ class MainThreadCall<T> {
   }
 }
 
-if (data.role === 'source') runSource()
-else runDestination()
+/**
+ * The agent's role belongs to a migration, not to the process: a guest that
+ * arrived here (the incoming side) can be the source of the next migration
+ * once it settled, any number of times.
+ */
+const outgoing = outgoingMigrations()
+const incoming = data.role === 'destination' ? incomingMigration() : undefined
 
-function runSource(): void {
-  const pause = new MainThreadCall<Uint8Array>()
-  let freed: number[] = []
-  let running = false
-  port.on('message', (m: MainToAgent) => {
-    switch (m.type) {
-      case 'migrate': {
-        if (running) {
-          post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
-          return
-        }
-        running = true
-        const opts: SourceOptions = { ...m.options, token: Buffer.from(m.options.token, 'utf8'), bulkBufferBytes }
-        const source = new MigrationSource(binding, regions, opts, {
-          pause: () => pause.ask({ type: 'pause' }),
-          resume: () => post({ type: 'resume' }),
-          progress: (p) => post({ type: 'progress', progress: p }),
-          takeFreed: () => {
-            const out = freed
-            freed = []
-            return out
-          },
-        })
-        source.run().then(
-          (report) => post({ type: 'report', report }),
-          (err) => {
-            running = false
-            post({ type: 'failed', error: errorOut(err) })
-          },
-        )
+port.on('message', (m: MainToAgent) => {
+  switch (m.type) {
+    case 'migrate':
+      if (incoming && incoming.phase !== DestPhase.SETTLED) {
+        post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'this guest is still settling (receiving its memory); migrate it again once guest.settled resolves' } })
         return
       }
-      case 'paused':
-        return pause.answer(m.state)
-      case 'pauseFailed':
-        return pause.refuse(m.error)
-      case 'free':
-        // Only a running migration needs them: between migrations the
-        // present-page scan of round 0 sees freed pages as zero anyway.
-        if (running) freed.push(m.region, m.firstPage, m.pageCount)
+      return outgoing.start(m.options)
+    case 'cancel':
+      return outgoing.cancel()
+    case 'paused':
+      return outgoing.pause.answer(m.state)
+    case 'pauseFailed':
+      return outgoing.pause.refuse(m.error)
+    case 'free':
+      incoming?.dest.free(m.region, m.firstPage, m.pageCount)
+      return outgoing.freed(m.region, m.firstPage, m.pageCount)
+    case 'resumed':
+      return incoming?.restore.answer(m.atMs)
+    case 'restoreFailed':
+      return incoming?.restore.refuse(m.error)
+    case 'willNeed':
+      return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
+    case 'wait':
+      return incoming?.dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
+  }
+})
+
+function outgoingMigrations() {
+  const pause = new MainThreadCall<Uint8Array>()
+  let freed: number[] = []
+  let source: MigrationSource | undefined
+  return {
+    pause,
+    start(wire: WireSourceOptions): void {
+      if (source) {
+        post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
-    }
-  })
+      }
+      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes }
+      const s = new MigrationSource(binding, regions, opts, {
+        pause: () => pause.ask({ type: 'pause' }),
+        resume: () => post({ type: 'resume' }),
+        progress: (p) => post({ type: 'progress', progress: p }),
+        takeFreed: () => {
+          const out = freed
+          freed = []
+          return out
+        },
+      })
+      source = s
+      s.run().then(
+        (report) => post({ type: 'report', report }),
+        (err) => {
+          source = undefined
+          freed = []
+          post({ type: 'failed', error: errorOut(err) })
+        },
+      )
+    },
+    cancel(): void {
+      if (!source) {
+        post({ type: 'cancelRefused', error: { code: ErrorCode.INVALID_ARG, message: 'no migration is running for this guest: nothing to cancel' } })
+        return
+      }
+      const refused = source.cancel()
+      if (refused) post({ type: 'cancelRefused', error: errorOut(refused) })
+    },
+    freed(region: number, firstPage: number, pageCount: number): void {
+      // Only a running migration needs them: between migrations the
+      // present-page scan of round 0 sees freed pages as zero anyway.
+      if (source) freed.push(region, firstPage, pageCount)
+    },
+  }
 }
 
-function runDestination(): void {
+function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
@@ -119,29 +156,21 @@ function runDestination(): void {
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
     recovering: (message) => post({ type: 'recovering', message }),
-    refused: (message) => {
-      if (process.env.UFFD_MIGRATE_DEBUG) console.error(`[uffd-migrate] ${message}`)
-    },
-  })
-  port.on('message', (m: MainToAgent) => {
-    switch (m.type) {
-      case 'resumed':
-        return restore.answer(m.atMs)
-      case 'restoreFailed':
-        return restore.refuse(m.error)
-      case 'willNeed':
-        dest.willNeed(m.region, m.firstPage, m.pageCount)
-        return
-      case 'wait':
-        dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
-        return
-      case 'free':
-        dest.free(m.region, m.firstPage, m.pageCount)
-        return
-    }
+    refused: (message) => console.error(`uffd-migrate: ${message}`),
+    sessionEnded: (err) => post({
+      type: 'sessionEnded',
+      message: `a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`,
+    }),
   })
   dest.listen(data.listen!).then(
     (p) => post({ type: 'listening', port: p, atMs: nowMs() }),
     (err) => post({ type: 'failed', error: errorOut(err) }),
   )
+  return {
+    dest,
+    restore,
+    get phase() {
+      return dest.phase
+    },
+  }
 }

@@ -36,3 +36,39 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`                     fault latency p50 ${pc.faultLatencyUs.p50.toFixed(0)} us, p99 ${pc.faultLatencyUs.p99.toFixed(0)} us; pushed ${pc.pushedPages}, on demand ${pc.demandPages}; settled after ${ms(pc.timeToSettledMs)}${pc.recoveries ? `; link recovered ${pc.recoveries}x` : ''}`)
   return lines.join('\n')
 }
+
+/**
+ * Progress of `send` on stderr: on a terminal one line redrawn in place; on
+ * anything else (a log, a pipe, CI) a line on each phase change and every
+ * few seconds. quiet: nothing.
+ */
+export class ProgressPrinter {
+  private lastPhase = ''
+  private lastLineAt = 0
+  private drawn = false
+
+  constructor(
+    private readonly out: NodeJS.WritableStream,
+    private readonly quiet: boolean,
+    private readonly tty: boolean,
+    private readonly everyMs = 5000,
+  ) {}
+
+  update(p: Progress, now = Date.now()): void {
+    if (this.quiet) return
+    if (this.tty) {
+      this.out.write(`\r\x1b[2K${progressLine(p)}`)
+      this.drawn = true
+      return
+    }
+    if (p.phase === this.lastPhase && now - this.lastLineAt < this.everyMs) return
+    this.lastPhase = p.phase
+    this.lastLineAt = now
+    this.out.write(`uffd-migrate: ${progressLine(p)}\n`)
+  }
+
+  clear(): void {
+    if (this.drawn) this.out.write('\r\x1b[2K')
+    this.drawn = false
+  }
+}

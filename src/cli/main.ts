@@ -4,13 +4,15 @@
  */
 import { spawn } from 'node:child_process'
 import { connect } from 'node:net'
+import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
 import { controlSocketPath, type ControlRequest } from '../control'
 import { MIGRATION_MODES, readTokenFile, resolveAgentNice } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { ErrorCode } from '../errors'
-import { formatReport, progressLine } from './format'
+import { formatReport, progressLine, ProgressPrinter } from './format'
+import type { Progress } from '../agent/source/index'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
 
@@ -76,7 +78,8 @@ program
     const child = spawn(cmd[0], cmd.slice(1), { stdio: 'inherit', env })
     for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig))
     child.on('error', (err) => fail(ErrorCode.INVALID_ARG, `cannot start ${cmd[0]}: ${err.message}`))
-    child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + 1 : 1)))
+    // the child's status passes through: its code, or 128 + the signal that ended it (as a shell reports it)
+    child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + (osConstants.signals[signal] ?? 0) : 1)))
   })
 
 function control(name: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
@@ -100,6 +103,18 @@ function control(name: string, req: ControlRequest, onLine: (m: Record<string, u
   })
 }
 
+/** Exit codes of `uffd-migrate send` (README, CLI). */
+export const SEND_EXIT = {
+  /** The service moved and the destination settled. */
+  MOVED: 0,
+  /** The migration failed before the hand-off: the service runs on at the source. */
+  FAILED: 1,
+  /** Cancelled before the hand-off (cancel, Ctrl-C, SIGTERM): the service runs on at the source. */
+  CANCELLED: 3,
+  /** Failed after the hand-off: the service ran on the destination, which did not settle. */
+  FAILED_AFTER_HANDOFF: 4,
+} as const
+
 program
   .command('send')
   .description('migrate a running guest to a destination started with `uffd-migrate receive`')
@@ -110,34 +125,73 @@ program
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
+  .option('--connect-timeout-ms <ms>', 'how long to keep dialling a destination that is not listening yet', positiveNumber, 5000)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; tokenFile?: string; json?: boolean }) => {
-    const tty = process.stderr.isTTY && !o.json
+  .option('--quiet', 'no progress lines on stderr')
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; tokenFile?: string; json?: boolean; quiet?: boolean }) => {
+    const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
-    let error: { code: string; message: string } | undefined
+    let error: { code: string; message: string; afterHandoff?: boolean } | undefined
+    // Ctrl-C / SIGTERM: cancel (before the hand-off); a second one leaves at once, the migration goes on
+    let signals = 0
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (++signals > 1) {
+        progress.clear()
+        process.stderr.write(`uffd-migrate: ${sig} again: leaving; the migration goes on in guest '${o.guest}' (\`uffd-migrate status --guest ${o.guest}\`)\n`)
+        process.exit(128 + (osConstants.signals[sig] ?? 1))
+      }
+      progress.clear()
+      process.stderr.write(`uffd-migrate: ${sig}: cancelling the migration of guest '${o.guest}' ...\n`)
+      control(o.guest, { cmd: 'cancel' }, (m) => {
+        if (m.type === 'error') process.stderr.write(`uffd-migrate: ${m.message} [${m.code}]\n`)
+      }).catch((err) => process.stderr.write(`uffd-migrate: could not cancel: ${(err as Error).message}\n`))
+    }
+    process.on('SIGINT', onSignal)
+    process.on('SIGTERM', onSignal)
     try {
       await control(o.guest, {
         cmd: 'migrate',
         options: {
-          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
+          to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
+          recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
           ...(o.prepaging || o.pivots ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}) } } : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },
       }, (m) => {
-        if (m.type === 'progress' && tty) process.stderr.write(`\r\x1b[2K${progressLine(m.progress as never)}`)
+        if (m.type === 'progress') progress.update(m.progress as Progress)
         if (m.type === 'report') report = m.report as MigrationReport
         if (m.type === 'error') error = m as never
       })
     } catch (err) {
       fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)
     }
-    if (tty) process.stderr.write('\r\x1b[2K')
-    if (error) fail(error.code, error.message)
+    progress.clear()
+    if (error?.code === ErrorCode.CANCELLED) {
+      process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
+      process.exit(SEND_EXIT.CANCELLED)
+    }
+    if (error) fail(error.code, error.message, error.afterHandoff ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
     if (!report) fail(ErrorCode.CONNECTION, 'the guest closed the control connection without a report')
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
+    process.exit(SEND_EXIT.MOVED)
+  })
+
+program
+  .command('cancel')
+  .description('cancel a running migration before its hand-off: the service runs on here, the destination listens again')
+  .requiredOption('--guest <name>', 'the guest name')
+  .action(async (o: { guest: string }) => {
+    let result: Record<string, unknown> | undefined
+    try {
+      await control(o.guest, { cmd: 'cancel' }, (m) => (result = m))
+    } catch (err) {
+      fail(ErrorCode.NO_GUEST, (err as Error).message)
+    }
+    if (result?.type !== 'cancelled') fail(String(result?.code ?? ErrorCode.GENERIC), String(result?.message ?? 'no answer from the guest'))
+    process.stdout.write(`cancelled: the migration of guest '${o.guest}' stopped before the hand-off; the service runs on here\n`)
   })
 
 program

@@ -46,7 +46,7 @@ export class Acceptor {
     })
   }
 
-  async accept(transport: Transport): Promise<void> {
+  async accept(transport: Transport, peer = describePeer(transport)): Promise<void> {
     const ch = new Channel(transport, 'incoming')
     try {
       const info = await serverHandshake(ch, this.token)
@@ -65,7 +65,7 @@ export class Acceptor {
       // refused before any page moved; keep listening for a proper source
       ch.sendError(err as Error)
       ch.fail(err as Error)
-      this.host.refused(`refused a connection: ${(err as Error).message}`)
+      this.host.refused(`refused a connection from ${peer}: ${(err as Error).message} [${(err as { code?: string }).code ?? ErrorCode.PROTOCOL}]`)
     }
   }
 
@@ -82,6 +82,11 @@ export class Acceptor {
     this.bulk = undefined
   }
 
+  /** The session ended before the hand-off: the next source may bring another. */
+  forgetSession(): void {
+    this.session = undefined
+  }
+
   stopListening(): void {
     this.server?.close()
   }
@@ -91,4 +96,9 @@ export class Acceptor {
     this.urgent?.close()
     this.bulk?.close()
   }
+}
+
+function describePeer(t: Transport): string {
+  const s = t as { remoteAddress?: string; remotePort?: number }
+  return s.remoteAddress ? `${s.remoteAddress}:${s.remotePort}` : 'an in-memory peer'
 }

@@ -48,17 +48,19 @@ export interface DestinationHooks {
   failed(err: Error): void
   /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
   recovering?(message: string): void
-  /** A connection was refused before it joined a migration. */
+  /** A connection was refused before it joined a migration (one line: peer and reason). */
   refused?(message: string): void
+  /** A session ended before the hand-off; the guest listens for the next source. */
+  sessionEnded?(err: Error): void
 }
 
 export class MigrationDestination implements DestinationHandlers {
   readonly machine = new StateMachine<DestPhase>('destination', DEST_TRANSITIONS, DestPhase.LISTENING)
   private readonly link: Acceptor
-  private readonly placement: Placement
-  private readonly requests: Requests
+  private placement!: Placement
+  private requests!: Requests
   private readonly gate: BulkGate
-  private readonly recovery: RecoveryWindow
+  private recovery!: RecoveryWindow
   private readonly clock: Clock
   private readonly ps: number
   private readonly layout: RegionLayout[]
@@ -84,11 +86,17 @@ export class MigrationDestination implements DestinationHandlers {
       adopt: (ch, role) => this.adopt(ch, role),
       refused: (m) => this.hooks.refused?.(m),
     })
-    this.placement = new Placement(regions, received, this.ps, (region, first, count) => {
+    this.newSession(received)
+    this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
+  }
+
+  /** Fresh per-session state over the (cleared) received maps. */
+  private newSession(received: PageBitmap[]): void {
+    this.placement = new Placement(this.regions, received, this.ps, (region, first, count) => {
       this.requests.arrived(region, first, count)
       this.checkSettled()
     })
-    this.requests = new Requests(regions, this.placement, this.ps, this.clock, {
+    this.requests = new Requests(this.regions, this.placement, this.ps, this.clock, {
       request: (type, region, runs, kind) => {
         const urgent = this.link.urgent
         if (!urgent) return // no link: in flight, asked again on recovery
@@ -98,8 +106,8 @@ export class MigrationDestination implements DestinationHandlers {
       freed: (region, runs) => void this.link.bulk?.send(encodeRuns(Msg.FREED, RangeKind.FREE, region, runs)),
       ready: (ids) => this.hooks.ready(ids),
     })
-    this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
     this.recovery = new RecoveryWindow(this.clock)
+    this.linkTimeoutMs = 0
   }
 
   get phase(): DestPhase {
@@ -299,11 +307,34 @@ export class MigrationDestination implements DestinationHandlers {
 
   private fail(err: Error): void {
     if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
+    if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
     this.machine.transition(DestPhase.FAILED)
     this.link.drop(err)
     this.link.stopListening()
     this.hooks.failed(err)
+  }
+
+  /**
+   * Only the hand-off commits: a session that fails, is refused, cancelled or
+   * dropped before it leaves the guest as it was (regions empty, nothing
+   * registered) and listening for the next source.
+   */
+  private endSession(err: Error): void {
+    const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
+    this.link.drop(err)
+    this.link.forgetSession()
+    if (this.uffd) {
+      for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
+      this.uffd.close()
+      this.uffd = undefined
+    }
+    for (const r of this.regions) r.discard(0, r.sizeBytes)
+    this.placement.forget()
+    this.gate.reset()
+    this.newSession(this.placement.received)
+    if (this.phase !== DestPhase.LISTENING) this.machine.transition(DestPhase.LISTENING)
+    if (hadSession) this.hooks.sessionEnded?.(err)
   }
 
   // ---- the service's calls (through the worker) ----------------------------------

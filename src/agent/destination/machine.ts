@@ -11,7 +11,7 @@ import type { TransitionTable } from '../state-machine'
 export enum DestPhase {
   /** Listening; connections authenticate and pair up until REGIONS. */
   LISTENING = 'listening',
-  /** Rounds arrive; pages go straight into the regions. */
+  /** Rounds arrive; pages go straight into the regions. A failure or cancel goes back to listening. */
   PRECOPY = 'precopy',
   /** HANDOFF applied and the service resumed here; faults become page requests. */
   POSTCOPY = 'postcopy',
@@ -24,7 +24,7 @@ export enum DestPhase {
 
 export const DEST_TRANSITIONS: TransitionTable<DestPhase> = {
   [DestPhase.LISTENING]: [DestPhase.PRECOPY, DestPhase.FAILED],
-  [DestPhase.PRECOPY]: [DestPhase.POSTCOPY, DestPhase.FAILED],
+  [DestPhase.PRECOPY]: [DestPhase.POSTCOPY, DestPhase.LISTENING, DestPhase.FAILED],
   [DestPhase.POSTCOPY]: [DestPhase.RECOVERING, DestPhase.SETTLED, DestPhase.FAILED],
   [DestPhase.RECOVERING]: [DestPhase.POSTCOPY, DestPhase.FAILED],
   [DestPhase.SETTLED]: [],

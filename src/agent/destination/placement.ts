@@ -145,6 +145,12 @@ export class Placement {
     })
   }
 
+  /** The session ended before the hand-off: nothing is here any more (the regions were discarded). */
+  forget(): void {
+    for (const m of this.received) m.words.fill(0)
+    this.receivedCount = 0
+  }
+
   /** RECOVER_STATE's body: the received maps as little-endian u32 words. */
   receivedBytes(): Buffer[] {
     return this.received.map((m) => Buffer.from(new Uint8Array(m.words.buffer, m.words.byteOffset, m.words.byteLength)))

@@ -89,6 +89,9 @@ export class MigrationSource implements SourceHandlers {
   private committed = false
   /** The destination said it could not restore the hand-off: the service did not start there. */
   private handoffRefused = false
+  /** Rejects when cancel() is taken: every wait before the hand-off races it. */
+  private readonly cancelled: Promise<never>
+  private cancelWith!: (err: Error) => void
 
   constructor(
     private readonly binding: NativeBinding,
@@ -97,6 +100,8 @@ export class MigrationSource implements SourceHandlers {
     private readonly hooks: SourceHooks,
   ) {
     this.clock = opts.clock ?? systemClock
+    this.cancelled = new Promise<never>((_, reject) => (this.cancelWith = reject))
+    this.cancelled.catch(() => {})
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
     this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
     this.sender = new Sender(binding, regions)
@@ -126,21 +131,53 @@ export class MigrationSource implements SourceHandlers {
     return this.current!
   }
 
+  /**
+   * Cancels a migration that has not reached the hand-off (QEMU's
+   * migrate_cancel): the destination is told (ERROR ERR_MIGRATION_CANCELLED)
+   * and goes back to listening, the service runs on here (resumed if it was
+   * paused) and run() rejects with ERR_MIGRATION_CANCELLED. Returns why it
+   * was refused, or undefined when taken.
+   */
+  cancel(): UffdMigrateError | undefined {
+    if (this.committed) {
+      return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the hand-off is done and the service already runs on the destination (${this.opts.to}); the source keeps its memory until the destination settles`)
+    }
+    if (this.machine.is(SourcePhase.FAILED, SourcePhase.SETTLED)) return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the migration already ended (${this.phase})`)
+    const err = migrationError(ErrorCode.CANCELLED, `migration to ${this.opts.to} cancelled in phase ${this.phase}${this.phase === SourcePhase.PRECOPY ? ` (round ${this.round})` : ''}, before the hand-off: the service runs on here`)
+    this.failure ??= err
+    if (this.current) {
+      this.current.bulk.sendError(err)
+      this.current.urgent.sendError(err)
+    }
+    this.cancelWith(err)
+    return undefined
+  }
+
+  /** Waits for p unless the migration is cancelled first (p's own later failure is observed, never unhandled). */
+  private guard<T>(p: Promise<T>): Promise<T> {
+    p.catch(() => {})
+    return Promise.race([p, this.cancelled])
+  }
+
   async run(): Promise<MigrationReport> {
     const t0 = this.clock.now()
     let paused = false
+    let pausing: Promise<Uint8Array> | undefined
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     try {
-      this.current = await SourceLink.open(this.binding, this.opts, this.session)
+      const opening = SourceLink.open(this.binding, this.opts, this.session)
+      // a link that opens after a cancel is closed at once
+      opening.then((l) => (this.failure ? l.close() : undefined), () => {})
+      this.current = await this.guard(opening)
       const bulk = this.link.bulk
       bulk.send(encodeControl(Msg.REGIONS, {
         linkTimeoutMs: this.opts.linkTimeoutMs,
         pageSize: this.binding.pageSize,
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
       }))
-      await reply(bulk, Msg.REGIONS_OK)
-      const clock = await this.link.syncClock(this.clock)
-      const failed = this.attachLink()
+      await this.guard(reply(bulk, Msg.REGIONS_OK))
+      const clock = await this.guard(this.link.syncClock(this.clock))
+      const failed = this.guard(this.attachLink())
       const rounds: RoundReport[] = []
       this.machine.transition(SourcePhase.PRECOPY)
       this.tracker = new DirtyTracker(this.binding, this.regions)
@@ -153,12 +190,14 @@ export class MigrationSource implements SourceHandlers {
       // from here a failure before the hand-off resumes the service here,
       // even when pause() itself failed half-way
       paused = true
-      const state = await Promise.race([this.hooks.pause(), failed])
+      pausing = this.hooks.pause()
+      const state = await Promise.race([pausing, failed])
       const discarded = await Promise.race([sendHandoff({
         ...common,
         recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
         closeTracker: () => this.closeTracker(),
         commit: () => {
+          if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
           this.committed = true
           this.machine.transition(SourcePhase.POSTCOPY)
           if (this.opts.mode !== 'precopy') this.postcopy.start()
@@ -181,12 +220,15 @@ export class MigrationSource implements SourceHandlers {
       // Once HANDOFF is on the wire the destination may already run the
       // service: resuming here too would run it twice, unless it said it did not.
       if (paused && (!this.committed || this.handoffRefused)) {
+        // a cancel while pause() runs: let it finish first, so that resume() comes after it
+        if (pausing) await pausing.catch(() => {})
         this.hooks.resume()
         if (this.handoffRefused) (err as UffdMigrateError).message += ' (the service resumed on the source)'
       } else if (this.committed) {
         // The destination runs the service now: our copy is its only backing
         // store for the pages it lacks. Keep it; recovery is the caller's call.
         ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
+        ;(err as { afterHandoff?: boolean }).afterHandoff = true
       }
       throw err
     } finally {
