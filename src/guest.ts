@@ -216,7 +216,7 @@ export class Guest extends EventEmitter {
     if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
     if (this.movedTo) return Promise.reject(new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY))
     if (this.restored && !this.isSettledFlag) {
-      return Promise.reject(new UffdMigrateError('this guest is still receiving its memory; migrate again once guest.settled resolves', ErrorCode.BUSY))
+      return Promise.reject(new UffdMigrateError('this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves', ErrorCode.BUSY))
     }
     let wire: WireSourceOptions
     try {
@@ -359,7 +359,9 @@ export class Guest extends EventEmitter {
     this.emit('moveFailed', err)
     if (this.opts.exitOnMoved !== false && this.listenerCount('moveFailed') === 0) {
       process.stderr.write(`uffd-migrate: guest '${this.name}': the migration failed after the hand-off: ${err.message}; exiting with code ${EXIT_MOVE_FAILED}\n`)
-      setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50).unref()
+      // the exit code holds even if the loop runs dry before the timer
+      process.exitCode = EXIT_MOVE_FAILED
+      setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50)
     }
   }
 

@@ -125,13 +125,14 @@ program
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
+  .option('--idle-fill-ms <ms>', "post-copy, 'demand': push the rest once the service went this long without a fault (default 1000)", nonNegativeNumber)
   .option('--connect-timeout-ms <ms>', 'how long to keep dialling a destination that is not listening yet', positiveNumber, 5000)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; tokenFile?: string; json?: boolean; quiet?: boolean }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let error: { code: string; message: string; afterHandoff?: boolean } | undefined
@@ -157,7 +158,9 @@ program
         options: {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
           recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
-          ...(o.prepaging || o.pivots ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}) } } : {}),
+          ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
+            ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
+            : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },
       }, (m) => {

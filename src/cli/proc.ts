@@ -1,27 +1,43 @@
-/** Child processes with line-oriented stdout, for the demo, tests and benchmarks. */
+/** Child processes with line-oriented stdout and stderr, for the demo, tests and benchmarks. */
 import { type ChildProcess, spawn, type SpawnOptions } from 'node:child_process'
 import { createServer } from 'node:net'
+import type { Readable } from 'node:stream'
+
+type Stream = 'stdout' | 'stderr'
 
 export class LineProc {
   readonly lines: string[] = []
+  readonly errLines: string[] = []
   readonly child: ChildProcess
-  private waiters: { re: RegExp; resolve: (m: RegExpMatchArray) => void }[] = []
+  private waiters: { re: RegExp; stream: Stream; resolve: (m: RegExpMatchArray) => void }[] = []
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
   stderr = ''
 
   constructor(cmd: string, args: string[], opts: SpawnOptions & { echo?: (line: string) => void } = {}) {
     this.child = spawn(cmd, args, { ...opts, stdio: ['ignore', 'pipe', 'pipe'] })
+    this.readLines(this.child.stdout!, 'stdout', opts.echo)
+    this.readLines(this.child.stderr!, 'stderr')
+    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })))
+  }
+
+  private readLines(from: Readable, stream: Stream, echo?: (line: string) => void): void {
     let buf = ''
-    this.child.stdout!.setEncoding('utf8').on('data', (c: string) => {
+    const store = stream === 'stdout' ? this.lines : this.errLines
+    from.setEncoding('utf8').on('data', (c: string) => {
+      if (stream === 'stderr') {
+        this.stderr += c
+        if (this.stderr.length > 1 << 20) this.stderr = this.stderr.slice(-(1 << 19))
+      }
       buf += c
       let nl
       while ((nl = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, nl)
         buf = buf.slice(nl + 1)
-        this.lines.push(line)
-        opts.echo?.(line)
+        store.push(line)
+        if (store.length > 10_000) store.splice(0, 5_000)
+        echo?.(line)
         for (const w of [...this.waiters]) {
-          const m = line.match(w.re)
+          const m = w.stream === stream && line.match(w.re)
           if (m) {
             this.waiters.splice(this.waiters.indexOf(w), 1)
             w.resolve(m)
@@ -29,34 +45,35 @@ export class LineProc {
         }
       }
     })
-    this.child.stderr!.setEncoding('utf8').on('data', (c: string) => {
-      this.stderr += c
-      if (this.stderr.length > 1 << 20) this.stderr = this.stderr.slice(-(1 << 19))
-    })
-    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })))
   }
 
-  /** Resolves with the first line (seen or future) matching re. */
-  waitLine(re: RegExp, timeoutMs = 60_000): Promise<RegExpMatchArray> {
-    for (const l of this.lines) {
+  get exitCode(): number | null {
+    return this.child.exitCode
+  }
+
+  /** Resolves with the first line (seen or future) of the stream matching re. */
+  waitLine(re: RegExp, timeoutMs = 60_000, stream: Stream = 'stdout'): Promise<RegExpMatchArray> {
+    for (const l of stream === 'stdout' ? this.lines : this.errLines) {
       const m = l.match(re)
       if (m) return Promise.resolve(m)
     }
+    const tail = () => `(stdout: ${this.lines.slice(-5).join(' | ')}; stderr: ${this.stderr.slice(-800)})`
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${re} (stdout: ${this.lines.slice(-5).join(' | ')}; stderr: ${this.stderr.slice(-500)})`)), timeoutMs)
-      const w = { re, resolve: (m: RegExpMatchArray) => (clearTimeout(timer), resolve(m)) }
+      const timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${re} on ${stream} ${tail()}`)), timeoutMs)
+      const w = { re, stream, resolve: (m: RegExpMatchArray) => (clearTimeout(timer), resolve(m)) }
       this.waiters.push(w)
       void this.exited.then(() => setTimeout(() => {
         if (this.waiters.includes(w)) {
           clearTimeout(timer)
-          reject(new Error(`process exited while waiting for ${re} (stdout: ${this.lines.slice(-5).join(' | ')}; stderr: ${this.stderr.slice(-800)})`))
+          reject(new Error(`process exited while waiting for ${re} on ${stream} ${tail()}`))
         }
       }, 50))
     })
   }
 
-  kill(): void {
-    if (this.child.exitCode === null) this.child.kill('SIGKILL')
+  /** Sends a signal (default SIGKILL) if the process still runs. */
+  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal)
   }
 }
 

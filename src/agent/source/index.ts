@@ -183,7 +183,10 @@ export class MigrationSource implements SourceHandlers {
       this.tracker = new DirtyTracker(this.binding, this.regions)
       const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, takeFreed: () => this.hooks.takeFreed() }
       const pre = await Promise.race([runPrecopy({
-        ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, onRound: (r) => (this.round = r),
+        ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, onRound: (r) => {
+          this.round = r
+          this.emitProgress()
+        },
       }, rounds), failed])
       this.machine.transition(SourcePhase.HANDOFF)
       const pauseAt = this.clock.now()

@@ -1,0 +1,293 @@
+/**
+ * A service moved again and again, cancelled, and a receiver that outlives
+ * bad sessions: real processes (the page-store example), the CLI, real TCP,
+ * real userfaultfd. Each "host" has its own runtime directory (its own
+ * control sockets), as two machines would.
+ */
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync } from 'node:fs'
+import { get } from 'node:http'
+import { connect } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterEach, describe, expect, it } from 'vitest'
+import type { MigrationReport } from '../src/agent/report'
+import { freePort, LineProc } from '../src/cli/proc'
+import { Guest } from '../src/guest'
+import { kernelSkipReason } from './helpers/gate'
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { writePage } = require('../examples/page-store/pattern.js') as { writePage: (u32: Uint32Array, p: number, v: number, words: number) => void }
+
+const skip = kernelSkipReason()
+const root = join(__dirname, '..')
+const cli = join(root, 'bin', 'uffd-migrate.js')
+const server = join(root, 'examples', 'page-store', 'server.js')
+const TOKEN = randomBytes(24).toString('hex')
+const procs: LineProc[] = []
+
+function host(name: string) {
+  const env = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `uffd-host-${name}-`)) }
+  const run = (args: string[]) => {
+    const p = new LineProc(process.execPath, args, { env })
+    procs.push(p)
+    return p
+  }
+  return {
+    env,
+    /** The page-store as the first source. */
+    service: (guest: string, http: number, extra: string[] = []) => run([server, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]),
+    /** The page-store waiting for an incoming migration. */
+    receive: (guest: string, port: number, http: number, extra: string[] = []) =>
+      run([cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, server, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]),
+    cli: (args: string[]) => run([cli, ...args]),
+  }
+}
+
+function page(port: number, p: number): Promise<{ ok: boolean; version: number }> {
+  return new Promise((resolve, reject) => {
+    get({ host: '127.0.0.1', port, path: `/page/${p}` }, (res) => {
+      let body = ''
+      res.on('data', (c) => (body += c))
+      res.on('end', () => resolve(JSON.parse(body)))
+    }).on('error', reject)
+  })
+}
+
+async function sendAndWait(from: ReturnType<typeof host>, guest: string, to: number, extra: string[] = []) {
+  const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])
+  const { code } = await send.exited
+  return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
+}
+
+afterEach(() => {
+  for (const p of procs.splice(0)) p.kill()
+})
+
+describe.skipIf(skip)('a service that moves again and again', () => {
+  it('A → B → A → B, every page verified after each hop', async () => {
+    const A = host('a'), B = host('b')
+    const [httpA, httpB] = [await freePort(), await freePort()]
+    const g = `hop-${process.pid}`
+    let src = A.service(g, httpA)
+    await src.waitLine(/^READY/)
+    const modes = ['hybrid', 'postcopy', 'precopy'] as const
+    const hosts = [[A, B, httpB], [B, A, httpA], [A, B, httpB]] as const
+    for (let hop = 0; hop < 3; hop++) {
+      const [from, to, http] = hosts[hop]
+      const port = await freePort()
+      const dst = to.receive(g, port, http)
+      await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+      const { code, report, send } = await sendAndWait(from, g, port, ['--mode', modes[hop]])
+      expect(code, send.stderr).toBe(0)
+      expect(report!.mode).toBe(modes[hop])
+      expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
+      expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+      // the service answers at its new home, and the old one is gone with exit 0
+      expect((await page(http, 1)).ok).toBe(true)
+      expect((await src.exited).code).toBe(0)
+      src = dst
+    }
+  }, 120_000)
+
+  it('a guest still settling answers send with ERR_MIGRATION_BUSY', async () => {
+    const A = host('a'), B = host('b')
+    const g = `busy-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort(), ['--blocking'])
+    const src = A.service(g, await freePort(), ['--writes', '0'])
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    // demand-only push with no idle fill: it stays in post-copy until its pages are touched
+    const first = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000'])
+    await dst.waitLine(/^RESTORED/, 30_000)
+    const again = await sendAndWait(B, g, await freePort())
+    expect(again.code).toBe(1)
+    expect(again.send.stderr).toMatch(/still settling.*\[ERR_MIGRATION_BUSY\]/)
+    first.kill()
+  }, 60_000)
+})
+
+describe.skipIf(skip)('cancel', () => {
+  async function bigSource(A: ReturnType<typeof host>, g: string) {
+    const http = await freePort()
+    // 512 MiB: round 0 takes long enough to be caught in it on loopback
+    const src = A.service(g, http, ['--mib', '512', '--writes', '20000'])
+    await src.waitLine(/^READY/, 60_000)
+    return { src, http }
+  }
+
+  it('by command in round 0, then by SIGINT of send: the source serves on, the receiver listens again, and the next migration succeeds', async () => {
+    const A = host('a'), B = host('b')
+    const g = `cancel-${process.pid}`
+    const { src, http } = await bigSource(A, g)
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort(), ['--mib', '512', '--writes', '20000'])
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    for (const how of ['command', 'SIGINT'] as const) {
+      const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid'])
+      await send.waitLine(/precopy round 0/, 30_000, 'stderr') // progress lines without a TTY
+      if (how === 'command') {
+        const c = A.cli(['cancel', '--guest', g])
+        expect((await c.exited).code, c.stderr).toBe(0)
+        expect(c.lines.join('\n')).toMatch(/^cancelled: /)
+      } else {
+        send.kill('SIGINT')
+      }
+      const { code } = await send.exited
+      expect(code, send.stderr).toBe(3)
+      expect(send.lines.join('\n')).toMatch(/^cancelled: .*cancelled in phase precopy.*the service runs on here/)
+      await dst.waitLine(/ended before the hand-off \(.*\[ERR_MIGRATION_CANCELLED\]; listening for the next source/, 10_000, 'stderr')
+      // the source serves on, with its data
+      expect((await page(http, 3)).ok).toBe(true)
+      const st = A.cli(['status', '--guest', g])
+      await st.exited
+      expect(st.lines[0]).toMatch(/: idle/)
+    }
+    const { code, report } = await sendAndWait(A, g, port)
+    expect(code).toBe(0)
+    expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=131072')
+    expect((await src.exited).code).toBe(0)
+  }, 180_000)
+
+  it('by guest.cancel() in a later round and while pause() runs; refused after the hand-off', async () => {
+    const port = await freePort()
+    const B = host('b')
+    const dst = B.receive(`api-${port}`, port, await freePort(), ['--mib', '256', '--writes', '0'])
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    let resumed = 0
+    let cancelInPause = false
+    const order: string[] = []
+    // the page-store's own model: versions per page, written with its pattern (the destination verifies it)
+    const PAGES = 65536
+    const versions = new Uint32Array(PAGES)
+    let paused = false
+    const guest = await Guest.start({
+      name: `api-${port}`, regions: { store: PAGES * 4096 }, token: TOKEN, control: false, exitOnMoved: false,
+      pause: async () => {
+        order.push('pause')
+        paused = true
+        if (cancelInPause) void guest.cancel()
+        await new Promise((r) => setTimeout(r, 200))
+        order.push('paused')
+        return { versions: Buffer.from(versions.buffer), writesDone: 0 }
+      },
+      resume: () => {
+        paused = false
+        order.push('resume')
+        resumed++
+      },
+    })
+    const u32 = new Uint32Array(guest.regions.store.buffer)
+    // every page written once, then a heavy writer: round 1 has most of the region to send again
+    for (let p = 0; p < PAGES; p++) writePage(u32, p, ++versions[p], 1024)
+    const writer = setInterval(() => {
+      if (paused) return
+      for (let i = 0; i < 3000; i++) {
+        const p = (Math.random() * PAGES) | 0
+        writePage(u32, p, ++versions[p], 1024)
+      }
+    }, 1)
+    try {
+      // a later round: cancel once round 1 has begun
+      const onProgress = (p: { phase: string; round: number }) => {
+        if (p.phase === 'precopy' && p.round >= 1) {
+          guest.off('progress', onProgress)
+          void guest.cancel()
+        }
+      }
+      guest.on('progress', onProgress)
+      const err = await guest.migrate({ to: `127.0.0.1:${port}`, downtimeMs: 0.01, maxRounds: 100 }).catch((e) => e)
+      expect(err.code).toBe('ERR_MIGRATION_CANCELLED')
+      expect(err.message).toMatch(/phase precopy \(round [1-9]/)
+      expect(resumed).toBe(0)
+      // while pause() runs: resume() comes after it
+      cancelInPause = true
+      const err2 = await guest.migrate({ to: `127.0.0.1:${port}` }).catch((e) => e)
+      expect(err2.code).toBe('ERR_MIGRATION_CANCELLED')
+      expect(order).toEqual(['pause', 'paused', 'resume'])
+      cancelInPause = false
+      clearInterval(writer)
+      // after the hand-off: refused, and the migration completes
+      const moving = guest.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy' })
+      await new Promise<void>((r) => guest.once('progress', (p: { phase: string }) => p.phase === 'postcopy' && r()) && setTimeout(r, 2000))
+      await moving
+      const refused = await guest.cancel().catch((e) => e)
+      expect(['ERR_MIGRATION_CANCEL_REFUSED', 'ERR_INVALID_ARG']).toContain(refused.code)
+      expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=65536')
+    } finally {
+      clearInterval(writer)
+      await guest.close()
+    }
+  }, 120_000)
+})
+
+describe.skipIf(skip)('a receiver that keeps listening', () => {
+  it('survives a wrong token, garbage bytes, a cancelled session and a killed source, then accepts a real migration', async () => {
+    const A = host('a'), B = host('b')
+    const g = `survive-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort())
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    // garbage bytes
+    await new Promise<void>((resolve) => {
+      const s = connect(port, '127.0.0.1', () => s.end(Buffer.alloc(64, 0xff)))
+      s.on('close', () => resolve())
+      s.on('error', () => resolve())
+    })
+    await dst.waitLine(/refused a connection from 127\.0\.0\.1:\d+: .*\[ERR_MIGRATION_PROTOCOL\]/, 10_000, 'stderr')
+    // a wrong token
+    const wrong = host('w')
+    wrong.env.UFFD_MIGRATE_TOKEN = 'a-wrong-token-0123456789'
+    const ws = wrong.service(`w-${g}`, await freePort())
+    await ws.waitLine(/^READY/)
+    const bad = await sendAndWait(wrong, `w-${g}`, port)
+    expect(bad.code).toBe(1)
+    expect(bad.send.stderr).toMatch(/ERR_MIGRATION_AUTH/)
+    await dst.waitLine(/refused a connection from .*\[ERR_MIGRATION_AUTH\]/, 10_000, 'stderr')
+    // a killed source, in pre-copy
+    const doomed = A.service(`${g}`, await freePort(), ['--mib', '64'])
+    await doomed.waitLine(/^READY/)
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'precopy', '--downtime-ms', '0.01', '--max-rounds', '1000'])
+    await send.waitLine(/precopy round/, 30_000, 'stderr')
+    doomed.kill()
+    await send.exited
+    await dst.waitLine(/ended before the hand-off .*listening for the next source/, 10_000, 'stderr')
+    // the real one
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const { code, report } = await sendAndWait(A, g, port)
+    expect(code).toBe(0)
+    expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  }, 120_000)
+})
+
+describe.skipIf(skip)('exit codes', () => {
+  it('receive passes its child\'s end through: 128 + the signal', async () => {
+    for (const [sig, code] of [['SIGKILL', 137], ['SIGTERM', 143]] as const) {
+      const B = host('b')
+      const r = B.cli(['receive', '--listen', `127.0.0.1:${await freePort()}`, '--', process.execPath, '-e', 'console.log(process.pid); setInterval(() => {}, 1000)'])
+      const [pid] = await r.waitLine(/^\d+$/)
+      process.kill(Number(pid), sig)
+      expect((await r.exited).code).toBe(code)
+    }
+  })
+
+  it('a source whose destination dies in post-copy exits 4, and so does send', async () => {
+    const A = host('a'), B = host('b')
+    const g = `die-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort(), ['--blocking', '--writes', '0'])
+    const src = A.service(g, await freePort(), ['--writes', '0'])
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '300'])
+    await dst.waitLine(/^RESTORED/, 30_000)
+    dst.kill('SIGTERM') // receive passes it to the service: the destination dies in post-copy
+    expect((await send.exited).code, send.stderr).toBe(4)
+    expect(send.stderr).toMatch(/after the hand-off/)
+    expect((await src.exited).code, src.stderr + src.lines.join('|')).toBe(4)
+    expect(src.stderr).toMatch(/failed after the hand-off.*exiting with code 4/)
+  }, 60_000)
+})
