@@ -5,6 +5,8 @@ export default defineConfig({
   test: {
     include: ['test/unit/**/*.test.ts'],
     testTimeout: 20_000,
+    pool: 'threads',
+    isolate: false,
     reporters: ['default'],
   },
 })
