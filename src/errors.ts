@@ -40,6 +40,8 @@ export const ErrorCode = {
   BUSY: 'ERR_MIGRATION_BUSY',
   /** The migration was cancelled before the hand-off (guest.cancel(), `uffd-migrate cancel`, Ctrl-C of `send`); the service runs on at the source. */
   CANCELLED: 'ERR_MIGRATION_CANCELLED',
+  /** A returning source asked to recover a session the destination does not have: the hand-off never arrived there (or the receiver restarted), so the service does not run there. */
+  NO_SESSION: 'ERR_MIGRATION_NO_SESSION',
   /** cancel() after the hand-off: the service already runs on the destination. */
   CANCEL_REFUSED: 'ERR_MIGRATION_CANCEL_REFUSED',
   /** Bad argument from a JS caller or the CLI. */

@@ -77,6 +77,8 @@ export class Guest extends EventEmitter {
   private cancelling: { resolve: () => void; reject: (e: Error) => void } | undefined
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
+  private lastOutcome: 'cancelled' | 'failed' | undefined
+  private lastFailure: { code: string; message: string } | undefined
   private control: ControlServer | undefined
   private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
   private nextWaitId = 1
@@ -183,12 +185,24 @@ export class Guest extends EventEmitter {
     if (!this.closed) this.worker.postMessage(m)
   }
 
+  /**
+   * One word for `status`: a migration's phase while one runs (connect,
+   * precopy, handoff, postcopy, recovering); otherwise idle, settling (a
+   * destination receiving its memory), settled, moved (it runs elsewhere
+   * now), cancelled (the last migration was cancelled; the service runs
+   * here), or failed (a migration failed after its hand-off).
+   */
   get phase(): string {
     if (this.failure) return 'failed'
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
     if (this.movedTo) return 'moved'
-    if (this.restored) return this.isSettledFlag ? 'settled' : 'postcopy'
-    return 'idle'
+    if (this.restored && !this.isSettledFlag) return 'settling'
+    return this.lastOutcome ?? (this.restored ? 'settled' : 'idle')
+  }
+
+  /** Why the last migration from here did not move the service (status --json: lastError). */
+  get lastError(): { code: string; message: string } | undefined {
+    return this.lastFailure
   }
 
   get progress(): Progress | undefined {
@@ -226,6 +240,8 @@ export class Guest extends EventEmitter {
     }
     return new Promise((resolve, reject) => {
       this.migrating = { resolve, reject }
+      this.lastOutcome = undefined
+      this.lastFailure = undefined
       this.worker.ref()
       this.post({ type: 'migrate', options: wire })
     })
@@ -295,6 +311,8 @@ export class Guest extends EventEmitter {
           this.worker.unref()
           if (err.code === ErrorCode.CANCELLED) this.cancelling?.resolve()
           else this.cancelling?.reject(err)
+          this.lastOutcome = err.code === ErrorCode.CANCELLED ? 'cancelled' : m.error.afterHandoff ? 'failed' : undefined
+          this.lastFailure = { code: err.code, message: err.message }
           this.cancelling = undefined
           done.reject(err)
           if (m.error.afterHandoff) this.afterFailedHandoff(err)

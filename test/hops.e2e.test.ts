@@ -141,7 +141,8 @@ describe.skipIf(skip)('cancel', () => {
       expect((await page(http, 3)).ok).toBe(true)
       const st = A.cli(['status', '--guest', g])
       await st.exited
-      expect(st.lines[0]).toMatch(/: idle/)
+      expect(st.lines[0]).toMatch(/: cancelled;/)
+      expect(st.lines[1]).toMatch(/last migration: .*\[ERR_MIGRATION_CANCELLED\]/)
     }
     const { code, report } = await sendAndWait(A, g, port)
     expect(code).toBe(0)

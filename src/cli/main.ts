@@ -208,6 +208,8 @@ program
         if (o.json) return void process.stdout.write(JSON.stringify(m, null, 2) + '\n')
         const regions = (m.regions as { name: string; sizeBytes: number }[]).map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
         process.stdout.write(`guest ${m.name} (pid ${m.pid}): ${m.phase}${m.restored ? ', restored' : ''}; regions ${regions}\n`)
+        const last = m.lastError as { code: string; message: string } | undefined
+        if (last) process.stdout.write(`  last migration: ${last.message} [${last.code}]\n`)
         if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
       })
     } catch (err) {

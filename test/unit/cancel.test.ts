@@ -133,4 +133,24 @@ describe('cancel before the hand-off', () => {
     pair.onFrame = undefined
     await migrateAgain(pair)
   })
+
+  it('a reset that loses HANDOFF in flight: the destination listens again and the source runs its service on', async () => {
+    const pair = makePair([64], fill)
+    let cut = false
+    pair.onFrame = (from, type) => {
+      if (cut || from !== 'source' || type !== Msg.HANDOFF) return undefined
+      cut = true
+      return 'cut'
+    }
+    const { report } = startSource(pair, { mode: 'hybrid' })
+    const err = await report.then(() => undefined, (e) => e)
+    expect(cut).toBe(true)
+    expect(err?.code, err?.message).toBe(ErrorCode.NO_SESSION)
+    expect(err.message).toMatch(/hand-off never arrived.*\(the service resumed on the source\)/)
+    expect(pair.resumedOnSource).toBe(1)
+    await new Promise((r) => setTimeout(r, 20))
+    expectListeningAndEmpty(pair)
+    pair.onFrame = undefined
+    await migrateAgain(pair)
+  })
 })

@@ -259,6 +259,11 @@ export class MigrationDestination implements DestinationHandlers {
 
   /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
   onRecover(): void {
+    if (this.phase === DestPhase.LISTENING) {
+      // the source thinks the hand-off happened, but it never arrived here (a reset lost it in flight, or this
+      // receiver restarted): the service does not run here, so the source may run it on
+      throw migrationError(ErrorCode.NO_SESSION, 'this destination has no migration to recover: the hand-off never arrived here (or the receiver restarted), the service does not run here')
+    }
     const pair = this.link.pair
     if (!pair) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
     if (this.phase === DestPhase.SETTLED) {

@@ -58,7 +58,7 @@ export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.HANDOFF]: { on: { bulk: [PRECOPY] }, handle: (d, f) => d.onHandoff(f), note: 'discard list applied, service restored; → postcopy' },
   [Msg.REQUEST_DONE]: { on: { urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRequestDone(f), note: 'closes one page request (bulk gate)' },
   [Msg.PUSH_END]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (d) => d.checkSettled(), note: 'the source pushed everything' },
-  [Msg.RECOVER]: { on: { bulk: [RECOVERING, SETTLED] }, handle: (d) => d.onRecover(), note: 'both connections are back: RECOVER_STATE; → postcopy' },
+  [Msg.RECOVER]: { on: { bulk: [LISTENING, RECOVERING, SETTLED] }, handle: (d) => d.onRecover(), note: 'both connections are back: RECOVER_STATE; → postcopy (listening: ERR_MIGRATION_NO_SESSION, the hand-off never arrived)' },
   [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (d, f) => d.onPeerError(f), note: 'the source gave up' },
 }
 

@@ -26,7 +26,8 @@ export interface HandoffContext {
   takeFreed(): number[]
   /** The final scan is done: write tracking can stop. */
   closeTracker(): void
-  commit(): void
+  /** discarded: pages the destination drops (the report's figure, known before HANDOFF leaves). */
+  commit(discarded: number): void
 }
 
 /** Stale pages in the destination's copy: stale ∩ destHas, word-wise; they leave destHas. Returns their runs. */
@@ -74,7 +75,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
   }
   // every page the destination lacks is pending from now on, each to be sent once
   if (!precopyMode) sender.setPending(sender.destHas.map((has) => PageBitmap.complementOf(has.words, has.size)))
-  ctx.commit()
+  ctx.commit(discarded)
   bulk.send(encodeControl(Msg.HANDOFF, {
     state,
     discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),

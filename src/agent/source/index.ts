@@ -116,6 +116,10 @@ export class MigrationSource implements SourceHandlers {
       },
       reconnect: async () => (this.current = await SourceLink.open(this.binding, this.opts, this.session)),
       recovering: () => this.machine.transition(SourcePhase.RECOVERING),
+      handoffLost: (err) => {
+        this.failure = err
+        this.handoffRefused = true
+      },
       resumeLink: () => {
         this.machine.transition(SourcePhase.POSTCOPY)
         return this.attachLink()
@@ -195,17 +199,23 @@ export class MigrationSource implements SourceHandlers {
       paused = true
       pausing = this.hooks.pause()
       const state = await Promise.race([pausing, failed])
-      const discarded = await Promise.race([sendHandoff({
+      let discarded = 0
+      // after the commit a broken link is post-copy's to recover (below), even while HANDOFF is still leaving
+      const handedOff = Promise.race([sendHandoff({
         ...common,
         recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
         closeTracker: () => this.closeTracker(),
-        commit: () => {
+        commit: (d) => {
           if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
           this.committed = true
+          discarded = d
           this.machine.transition(SourcePhase.POSTCOPY)
           if (this.opts.mode !== 'precopy') this.postcopy.start()
         },
       }, state, pre.hot, rounds), failed])
+      await handedOff.catch((err: UffdMigrateError) => {
+        if (!this.committed || this.failure || err.code !== ErrorCode.CONNECTION) throw err
+      })
       const postStart = this.clock.now()
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
       this.machine.transition(SourcePhase.SETTLED)

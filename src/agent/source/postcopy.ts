@@ -35,6 +35,8 @@ export interface PostcopyHost {
   recovering(): void
   /** The new link is usable: phase postcopy again, frames routed; rejects when it breaks. */
   resumeLink(): Promise<never>
+  /** The destination never got the hand-off: the service does not run there. */
+  handoffLost(err: Error): void
 }
 
 export class Postcopy {
@@ -197,6 +199,10 @@ export class Postcopy {
       } catch (err) {
         last = err as Error
         link?.close()
+        if ((err as UffdMigrateError).code === ErrorCode.NO_SESSION) {
+          this.host.handoffLost(err as Error)
+          throw err
+        }
         // the destination gave up or refused us: dialling again cannot help
         if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION && (err as UffdMigrateError).code !== ErrorCode.CONNECT) break
       }
