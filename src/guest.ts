@@ -18,40 +18,18 @@ import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messag
 import type { AgentWorkerData } from './agent/worker'
 import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
+import type { Server } from 'node:net'
 import { ControlServer } from './control'
+import { Forwarder } from './forwarder'
 import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
-import { type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
+import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
+import { awaitHandoff } from './receive'
 
-export type { MigrateOptions } from './options'
+export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
 
-export interface GuestOptions {
-  /** Names the control socket ($XDG_RUNTIME_DIR/uffd-migrate/<name>.sock or /run/uffd-migrate/<name>.sock). */
-  name: string
-  /** Region name -> bytes (rounded up to whole pages). */
-  regions: Record<string, number>
-  /** Hand-off: stop mutating the regions and return the small JS state to carry (msgpackr). */
-  pause?: () => unknown
-  /** A migration failed after pause(): the service may run here again. */
-  resume?: () => void
-  /** Shared token for the migration; default: $UFFD_MIGRATE_TOKEN or the file $UFFD_MIGRATE_TOKEN_FILE. */
-  token?: string
-  /** Receive mode: listen here for the incoming migration; default: $UFFD_MIGRATE_RECEIVE. */
-  receive?: string
-  /** Listen on the control socket for `uffd-migrate send/status` (default true). */
-  control?: boolean
-  /** End the process once moved and no 'moved' listener is attached (default true). */
-  exitOnMoved?: boolean
-  /**
-   * Nice value (0-19) of the migration agent's threads; default
-   * $UFFD_MIGRATE_AGENT_NICE or 0. Above 0 the service's own threads win the
-   * CPU when both want it: less event-loop lag during the migration, a longer
-   * migration on a busy host.
-   */
-  agentNice?: number
-}
 
 
 const packr = new Packr({ useRecords: false })
@@ -78,6 +56,8 @@ export class Guest extends EventEmitter {
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   private lastOutcome: 'cancelled' | 'failed' | undefined
+  private readonly forwarder = new Forwarder()
+  private readonly servedPorts: (number | null)[] = []
   private lastFailure: { code: string; message: string } | undefined
   private control: ControlServer | undefined
   private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
@@ -141,36 +121,7 @@ export class Guest extends EventEmitter {
     let settleFail!: (e: Error) => void
     const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
     settled.catch(() => {})
-    const { state } = await new Promise<{ state: unknown }>((resolve, reject) => {
-      const onMessage = (m: AgentToMain) => {
-        if (m.type === 'sessionEnded') process.stderr.write(`uffd-migrate: guest '${opts.name}': ${m.message}\n`)
-        if (m.type === 'listening') {
-          // one line for the operator (and for tests that wait for it)
-          process.stderr.write(`uffd-migrate: guest '${opts.name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
-        }
-        if (m.type === 'restore') {
-          let state: unknown
-          try {
-            state = m.state.length ? packr.unpack(m.state) : undefined
-          } catch (err) {
-            // The service does not start here: the agent tells the source
-            // (ERROR ERR_MIGRATION_HANDOFF, its service resumes there) and
-            // reports 'failed', which ends this start() below.
-            worker.postMessage({ type: 'restoreFailed', error: { code: ErrorCode.HANDOFF, message: `could not decode the hand-off state: ${(err as Error).message}` } } satisfies MainToAgent)
-            return
-          }
-          worker.off('message', onMessage)
-          resolve({ state })
-        }
-        if (m.type === 'failed') {
-          worker.off('message', onMessage)
-          void worker.terminate()
-          reject(new UffdMigrateError(m.error.message, m.error.code))
-        }
-      }
-      worker.on('message', onMessage)
-      worker.once('error', reject)
-    })
+    const { state } = await awaitHandoff(worker, opts.name, listen)
     const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
@@ -234,7 +185,7 @@ export class Guest extends EventEmitter {
     }
     let wire: WireSourceOptions
     try {
-      wire = validateMigrateOptions(options, this.opts.token)
+      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving }
     } catch (err) {
       return Promise.reject(err)
     }
@@ -284,6 +235,10 @@ export class Guest extends EventEmitter {
         return
       case 'resume':
         this.opts.resume?.()
+        this.forwarder.release() // held requests and connections reach the service again
+        return
+      case 'forwardTo':
+        this.forwarder.forwardTo(m.ports.map((port) => (port === null ? undefined : { host: m.host, port })))
         return
       case 'progress':
         this.lastProgress = m.progress
@@ -298,8 +253,10 @@ export class Guest extends EventEmitter {
         this.emit('moved', m.report)
         done?.resolve(m.report)
         if (this.opts.exitOnMoved !== false && this.listenerCount('moved') === 0) {
-          // The destination runs the service now; give the caller a moment to print.
-          setTimeout(() => this.exitMoved(), 50).unref()
+          // The destination runs the service now; give the caller a moment to print,
+          // or, when it serves, relay its clients until they moved too.
+          if (this.forwarder.serving) this.exitWhenForwarded()
+          else setTimeout(() => this.exitMoved(), 50).unref()
         }
         return
       }
@@ -358,6 +315,8 @@ export class Guest extends EventEmitter {
 
   private async runPause(): Promise<void> {
     try {
+      // from now on clients wait here (held, not refused) until the service runs on one host or the other
+      this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
       const bytes = state === undefined ? new Uint8Array(0) : packr.pack(state)
       this.post({ type: 'paused', state: bytes })
@@ -381,6 +340,35 @@ export class Guest extends EventEmitter {
       process.exitCode = EXIT_MOVE_FAILED
       setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50)
     }
+  }
+
+  private exitWhenForwarded(): void {
+    const idleMs = this.opts.forwardIdleMs ?? 2000
+    const timer = setInterval(() => {
+      if (!this.forwarder.idleFor(idleMs)) return
+      clearInterval(timer)
+      const c = this.forwarder.counts
+      process.stderr.write(`uffd-migrate: guest '${this.name}' moved to ${this.movedTo}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), idle for ${idleMs} ms: exiting\n`)
+      this.exitMoved()
+    }, 100)
+  }
+
+  /**
+   * Hands a listening server of the service to the guest: at a migration its
+   * socket stays open and its clients are held, then relayed to the
+   * destination's service (which serve()s the same way); they see latency,
+   * never a refused connection. Do not close it in pause(). The destination
+   * tells the source on which port it listens once it does.
+   */
+  serve(server: Server): void {
+    const index = this.forwarder.serve(server)
+    if (!this.restored) return
+    const announce = () => {
+      this.servedPorts[index] = Forwarder.port(server) ?? null
+      this.post({ type: 'serving', ports: [...this.servedPorts].map((p) => p ?? null) })
+    }
+    if (server.listening) announce()
+    else server.once('listening', announce)
   }
 
   private exitMoved(): void {

@@ -10,6 +10,38 @@ import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
 import { ErrorCode, UffdMigrateError } from './errors'
 
+export interface GuestOptions {
+  /** Names the control socket ($XDG_RUNTIME_DIR/uffd-migrate/<name>.sock or /run/uffd-migrate/<name>.sock). */
+  name: string
+  /** Region name -> bytes (rounded up to whole pages). */
+  regions: Record<string, number>
+  /** Hand-off: stop mutating the regions and return the small JS state to carry (msgpackr). */
+  pause?: () => unknown
+  /** A migration failed after pause(): the service may run here again. */
+  resume?: () => void
+  /** Shared token for the migration; default: $UFFD_MIGRATE_TOKEN or the file $UFFD_MIGRATE_TOKEN_FILE. */
+  token?: string
+  /** Receive mode: listen here for the incoming migration; default: $UFFD_MIGRATE_RECEIVE. */
+  receive?: string
+  /** Listen on the control socket for `uffd-migrate send/status` (default true). */
+  control?: boolean
+  /** End the process once moved and no 'moved' listener is attached (default true). */
+  exitOnMoved?: boolean
+  /**
+   * Nice value (0-19) of the migration agent's threads; default
+   * $UFFD_MIGRATE_AGENT_NICE or 0. Above 0 the service's own threads win the
+   * CPU when both want it: less event-loop lag during the migration, a longer
+   * migration on a busy host.
+   */
+  agentNice?: number
+  /**
+   * After it moved, a guest that serves (guest.serve()) lives on as a
+   * forwarder until the destination settled and no client used it for this
+   * long (default 2000), then exits.
+   */
+  forwardIdleMs?: number
+}
+
 export const MIGRATION_MODES: readonly MigrationMode[] = ['precopy', 'postcopy', 'hybrid']
 
 export interface MigrateOptions {

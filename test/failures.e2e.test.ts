@@ -120,7 +120,7 @@ describe.skipIf(skip)('migration failures', () => {
     const err = await guest.migrate({ to: `127.0.0.1:${(server.address() as { port: number }).port}` }).catch((e) => e)
     server.close()
     expect(err.code).toBe('ERR_MIGRATION_VERSION')
-    expect(err.message).toMatch(/version 99.*version 1/)
+    expect(err.message).toMatch(/version 99.*version 2/)
     expect(unharmed()).toBe(true)
   })
 

@@ -18,7 +18,7 @@ const root = join(__dirname, '..')
 const cli = join(root, 'bin', 'uffd-migrate.js')
 const procs: LineProc[] = []
 afterEach(() => {
-  for (const p of procs.splice(0)) p.kill('SIGTERM')
+  for (const p of procs.splice(0)) p.kill()
 })
 
 function hit(port: number, slot: number): Promise<{ slot: number; count: number; hits: number }> {

@@ -6,29 +6,23 @@ const http = require('node:http')
 const { Guest } = require('uffd-migrate')
 
 async function main() {
-  let server
   const guest = await Guest.start({
     name: process.env.GUEST_NAME || 'counter', // names the control socket for the CLI
     regions: { counts: 64 << 20 }, // bytes, rounded up to pages
-    pause: async () => {
-      // hand-off: stop changing the regions, return the small state (msgpackr)
-      await new Promise((resolve) => server.close(resolve).closeAllConnections())
-      return { hits }
-    },
-    resume: () => listen(), // the migration failed or was cancelled before the hand-off: serve on here
+    // hand-off: stop changing the regions, return the small state (msgpackr); requests wait meanwhile
+    pause: () => ({ hits }),
   })
   const counts = new Uint32Array(guest.regions.counts.buffer)
   let hits = guest.restored ? guest.state.hits : 0 // on the next host: the state pause() returned
-  function listen() {
-    server = http.createServer((req, res) => {
-      const slot = Number(new URL(req.url, 'http://x').searchParams.get('slot') || 0) % counts.length
-      counts[slot]++
-      hits++
-      res.end(JSON.stringify({ slot, count: counts[slot], hits }) + '\n')
-    })
-    server.listen(Number(process.env.PORT || 8080))
-  }
-  listen()
+  const server = http.createServer((req, res) => {
+    const slot = Number(new URL(req.url, 'http://x').searchParams.get('slot') || 0) % counts.length
+    counts[slot]++
+    hits++
+    res.end(JSON.stringify({ slot, count: counts[slot], hits }) + '\n')
+  })
+  server.listen(Number(process.env.PORT || 8080))
+  // this address keeps working across a migration: clients wait, then are relayed to the next host
+  guest.serve(server)
 }
 
 main().catch((err) => {

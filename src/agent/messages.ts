@@ -14,6 +14,8 @@ export type MainToAgent =
   | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
   | { type: 'restoreFailed'; error: { code: string; message: string } }
   | { type: 'cancel' }
+  /** receive mode: the service listens on these ports (guest.serve(), per served server). */
+  | { type: 'serving'; ports: (number | null)[] }
   | { type: 'wait'; id: number; region: number; firstPage: number; pageCount: number }
 
 export type AgentToMain =
@@ -25,6 +27,8 @@ export type AgentToMain =
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded'; message: string }
+  /** The destination's service listens on these ports of host: forward clients there. */
+  | { type: 'forwardTo'; host: string; ports: (number | null)[] }
   | { type: 'listening'; port: number; atMs: number }
   | { type: 'restore'; state: Uint8Array }
   | { type: 'ready'; ids: number[] }

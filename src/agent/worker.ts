@@ -96,6 +96,8 @@ port.on('message', (m: MainToAgent) => {
       return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
     case 'wait':
       return incoming?.dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
+    case 'serving':
+      return incoming?.dest.announceService(m.ports)
   }
 })
 
@@ -115,6 +117,7 @@ function outgoingMigrations() {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
         progress: (p) => post({ type: 'progress', progress: p }),
+        forwardTo: (host, ports) => post({ type: 'forwardTo', host, ports }),
         takeFreed: () => {
           const out = freed
           freed = []

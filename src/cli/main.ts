@@ -2,7 +2,7 @@
 /**
  * uffd-migrate: doctor | receive | send | status | demo
  */
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { connect } from 'node:net'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
@@ -113,6 +113,8 @@ export const SEND_EXIT = {
   CANCELLED: 3,
   /** Failed after the hand-off: the service ran on the destination, which did not settle. */
   FAILED_AFTER_HANDOFF: 4,
+  /** Moved, but the --on-moved command failed. */
+  HOOK_FAILED: 5,
 } as const
 
 program
@@ -132,7 +134,8 @@ program
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean }) => {
+  .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let error: { code: string; message: string; afterHandoff?: boolean } | undefined
@@ -179,6 +182,11 @@ program
     if (error) fail(error.code, error.message, error.afterHandoff ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
     if (!report) fail(ErrorCode.CONNECTION, 'the guest closed the control connection without a report')
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
+    if (o.onMoved) {
+      // the patterns that move an address for good: a floating IP, DNS, a load balancer's API
+      const hook = spawnSync('/bin/sh', ['-c', o.onMoved], { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, UFFD_MIGRATE_GUEST: o.guest, UFFD_MIGRATE_TO: o.to } })
+      if (hook.status !== 0) fail(ErrorCode.GENERIC, `--on-moved command failed (${hook.status ?? hook.signal}): ${o.onMoved}; the service runs on ${o.to}`, SEND_EXIT.HOOK_FAILED)
+    }
     process.exit(SEND_EXIT.MOVED)
   })
 

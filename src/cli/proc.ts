@@ -14,7 +14,8 @@ export class LineProc {
   stderr = ''
 
   constructor(cmd: string, args: string[], opts: SpawnOptions & { echo?: (line: string) => void } = {}) {
-    this.child = spawn(cmd, args, { ...opts, stdio: ['ignore', 'pipe', 'pipe'] })
+    // its own process group: kill() ends it with everything it started (`receive`'s service too)
+    this.child = spawn(cmd, args, { ...opts, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
     this.readLines(this.child.stdout!, 'stdout', opts.echo)
     this.readLines(this.child.stderr!, 'stderr')
     this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })))
@@ -71,9 +72,14 @@ export class LineProc {
     })
   }
 
-  /** Sends a signal (default SIGKILL) if the process still runs. */
-  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal)
+  /** Sends a signal (default SIGKILL) to the process, or with group, to its whole process group. */
+  kill(signal: NodeJS.Signals = 'SIGKILL', group = signal === 'SIGKILL'): void {
+    try {
+      if (group && this.child.pid) process.kill(-this.child.pid, signal)
+      else if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal)
+    } catch {
+      // already gone
+    }
   }
 }
 

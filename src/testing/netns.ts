@@ -11,6 +11,9 @@ export interface HostPair {
   hostIp: string
   /** Address of the namespace end (the second host). */
   nsIp: string
+  /** The veth ends: in the root namespace, and in the second host's. */
+  hostDev: string
+  nsDev: string
   /** Shape both directions with tbf at rateMbit. */
   shape(rateMbit: number): void
   /** Take the link down (no carrier: packets vanish, nobody gets a reset) or bring it back. */
@@ -40,7 +43,7 @@ export function createHostPair(index = process.pid % 200): HostPair {
   ip('netns', 'exec', ns, 'ip', 'link', 'set', b, 'up')
   ip('netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
   return {
-    ns, hostIp, nsIp,
+    ns, hostIp, nsIp, hostDev: a, nsDev: b,
     shape(rateMbit: number) {
       const tbf = ['qdisc', 'replace', 'dev']
       const args = ['root', 'tbf', 'rate', `${rateMbit}mbit`, 'burst', '256kb', 'latency', '20ms']

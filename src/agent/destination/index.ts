@@ -67,6 +67,8 @@ export class MigrationDestination implements DestinationHandlers {
   private uffd: NativeUffd | undefined
   /** From REGIONS: a silent peer fails a connection after this long (0: never). */
   private linkTimeoutMs = 0
+  /** guest.serve() ports, sent again to a source that came back after a break. */
+  private servicePorts: (number | null)[] | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -269,11 +271,13 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.phase === DestPhase.SETTLED) {
       // the link broke as SETTLED left: the report again, nothing else to do
       pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state([])))
+      if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
       return
     }
     this.recovery.stop()
     this.machine.transition(DestPhase.POSTCOPY)
     pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(this.placement.receivedBytes())))
+    if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
   }
@@ -354,6 +358,12 @@ export class MigrationDestination implements DestinationHandlers {
   willNeed(region: number, first: number, count: number): void {
     if (this.phase !== DestPhase.POSTCOPY || !this.link.urgent) return
     this.requests.request(region, first, count, false)
+  }
+
+  /** The service listens on these ports (guest.serve(), per served server): the source's forwarder relays there. */
+  announceService(ports: (number | null)[]): void {
+    this.servicePorts = ports
+    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.SETTLED)) this.link.bulk?.send(encodeControl(Msg.SERVICE, { ports }))
   }
 
   /** free() during post-copy: missing pages are zero-filled here and never pushed. */

@@ -12,7 +12,8 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { peerError } from '../../protocol/handshake'
-import { encodeControl, Msg, type RegionLayout } from '../../protocol/messages'
+import { decodeControl, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
+import { parseAddress } from '../address'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
 import { type ChannelName, route } from '../message-table'
@@ -47,6 +48,9 @@ export interface SourceOptions {
   pushLog: boolean
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
+  /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
+  forward?: boolean
+  forwardWaitMs?: number
   /** Opens a connection (default TCP; the pure tier dials in memory). */
   dial?: Dialer
   clock?: Clock
@@ -60,6 +64,8 @@ export interface SourceHooks {
   progress(p: Progress): void
   /** Free-page reports from the service since the last call: [region, firstPage, pageCount] triples. */
   takeFreed(): number[]
+  /** The destination's service listens on these ports (per served server) of host: forward clients there. */
+  forwardTo?(host: string, ports: (number | null)[]): void
 }
 
 export interface Progress {
@@ -219,6 +225,10 @@ export class MigrationSource implements SourceHandlers {
       const postStart = this.clock.now()
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
       this.machine.transition(SourcePhase.SETTLED)
+      // the forwarder needs the destination service's ports; its service may start listening after it settled
+      if (this.opts.forward && !this.serviceKnown) {
+        await Promise.race([this.serviceAnnounced, new Promise((r) => setTimeout(r, this.opts.forwardWaitMs ?? 10_000).unref())])
+      }
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
@@ -274,6 +284,22 @@ export class MigrationSource implements SourceHandlers {
     const rule = route(SOURCE_MESSAGES, 'source', this.phase, role, f.type)
     if (!rule.handle) throw migrationError(ErrorCode.PROTOCOL, `unexpected ${f.type} outside its exchange`)
     rule.handle(this, f, role)
+  }
+
+  private serviceKnown = false
+  private announceService!: () => void
+  private readonly serviceAnnounced = new Promise<void>((r) => (this.announceService = r))
+
+  onService(f: Frame): void {
+    const m = decodeControl(f.type, f.payload)
+    const ports = field<unknown[]>(m, 'ports', 'array', 'SERVICE').map((p, i) => {
+      if (p === null) return null
+      if (!Number.isInteger(p) || (p as number) < 1 || (p as number) > 65535) throw migrationError(ErrorCode.PROTOCOL, `expected SERVICE.ports[${i}] to be a port or null, got ${JSON.stringify(p)}`)
+      return p as number
+    })
+    this.serviceKnown = true
+    this.hooks.forwardTo?.(parseAddress(this.opts.to).host, ports)
+    this.announceService()
   }
 
   onPeerError(f: Frame): never {

@@ -47,6 +47,7 @@ export interface SourceHandlers {
     onFreed(f: Frame): void
     onSettled(f: Frame): void
   }
+  onService(f: Frame): void
   onPeerError(f: Frame): never
 }
 
@@ -60,5 +61,6 @@ export const SOURCE_MESSAGES: MessageTable<SourcePhase, SourceHandlers> = {
   [Msg.RESUMED]: { on: { bulk: [POSTCOPY] }, handle: (s, f) => s.postcopy.onResumed(f), note: 'the service runs on the destination (downtime ends)' },
   [Msg.FREED]: { on: { bulk: [POSTCOPY] }, handle: (s, f) => s.postcopy.onFreed(f), note: 'never push these pages' },
   [Msg.SETTLED]: { on: { bulk: [POSTCOPY] }, handle: (s, f) => s.postcopy.onSettled(f), note: 'the destination has every page: its report; → settled' },
+  [Msg.SERVICE]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (s, f) => s.onService(f), note: 'the destination service\'s ports: the forwarder relays clients there' },
   [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (s, f) => s.onPeerError(f), note: 'the destination gave up' },
 }

@@ -1,0 +1,205 @@
+/**
+ * The service's address follows the service. The service hands its
+ * listening servers to the guest (guest.serve(server)); at the hand-off the
+ * listening sockets stay open, so a client is never refused:
+ * - while the service is paused, requests (HTTP) or new connections (any
+ *   other server) are held, not refused; if the migration is cancelled or
+ *   fails before the hand-off they go to the service as if nothing happened;
+ * - once the destination's service address is known, held requests are
+ *   proxied to it (their replies say `connection: close`, so that the client
+ *   comes back on a new connection), and every new connection is relayed byte
+ *   for byte to the destination's service;
+ * - the source process lives as this forwarder until the destination settled
+ *   and no connection used it for forwardIdleMs.
+ */
+import { request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { connect, type Server, type Socket } from 'node:net'
+import { ErrorCode, UffdMigrateError } from './errors'
+
+type Listener = (...args: unknown[]) => void
+
+interface Served {
+  server: Server
+  /** An http.Server: requests are held and proxied one by one; else connections are. */
+  http: boolean
+  saved?: { request: Listener[]; connection: Listener[] }
+}
+
+export interface ForwardTarget {
+  host: string
+  port: number
+}
+
+export class Forwarder {
+  private readonly served: Served[] = []
+  private heldRequests: { server: Served; req: IncomingMessage; res: ServerResponse }[] = []
+  private heldSockets: { server: Served; socket: Socket }[] = []
+  /** Per served server (same order): where its traffic goes after the hand-off. */
+  private targets: (ForwardTarget | undefined)[] = []
+  private holding = false
+  private active = 0
+  private lastUseMs = Date.now()
+  /** Connections relayed and requests proxied, for the log line at exit. */
+  readonly counts = { connections: 0, requests: 0, bytes: 0 }
+
+  get serving(): boolean {
+    return this.served.length > 0
+  }
+
+  /** Idle: nothing in flight and nothing new for ms. */
+  idleFor(ms: number): boolean {
+    return this.active === 0 && this.heldRequests.length === 0 && this.heldSockets.length === 0 && Date.now() - this.lastUseMs >= ms
+  }
+
+  serve(server: Server): number {
+    if (!server || typeof server.on !== 'function' || typeof server.address !== 'function') {
+      throw new UffdMigrateError('expected guest.serve() to get a net.Server or http.Server', ErrorCode.INVALID_ARG)
+    }
+    const existing = this.served.findIndex((s) => s.server === server)
+    if (existing >= 0) return existing
+    this.served.push({ server, http: server instanceof HttpServer })
+    return this.served.length - 1
+  }
+
+  /** The port a served server listens on (once it listens). */
+  static port(server: Server): number | undefined {
+    const a = server.address()
+    return typeof a === 'object' && a ? a.port : undefined
+  }
+
+  /** pause(): from now on requests and connections wait here instead of reaching the service. */
+  hold(): void {
+    if (this.holding) return
+    this.holding = true
+    for (const s of this.served) {
+      s.saved = { request: s.server.listeners('request') as Listener[], connection: s.server.listeners('connection') as Listener[] }
+      if (s.http) {
+        s.server.removeAllListeners('request')
+        s.server.on('request', (req: IncomingMessage, res: ServerResponse) => this.onRequest(s, req, res))
+      } else {
+        s.server.removeAllListeners('connection')
+        s.server.on('connection', (socket: Socket) => this.onConnection(s, socket))
+      }
+    }
+  }
+
+  /** The migration did not happen (cancelled, failed before the hand-off): everything goes to the service again. */
+  release(): void {
+    if (!this.holding) return
+    this.holding = false
+    for (const s of this.served) {
+      if (!s.saved) continue
+      s.server.removeAllListeners('request')
+      s.server.removeAllListeners('connection')
+      for (const l of s.saved.request) s.server.on('request', l)
+      for (const l of s.saved.connection) s.server.on('connection', l)
+      s.saved = undefined
+    }
+    const requests = this.heldRequests, sockets = this.heldSockets
+    this.heldRequests = []
+    this.heldSockets = []
+    for (const h of requests) h.server.server.emit('request', h.req, h.res)
+    for (const h of sockets) {
+      h.server.server.emit('connection', h.socket)
+      h.socket.resume()
+    }
+  }
+
+  /**
+   * The destination's service listens at these addresses (one per served
+   * server, in serve() order): held traffic goes there now, and so does
+   * everything that arrives from now on.
+   */
+  forwardTo(targets: (ForwardTarget | undefined)[]): void {
+    this.targets = targets
+    for (const s of this.served) {
+      if (!s.http) continue
+      // new connections are relayed raw; the http parser keeps only the keep-alive connections it has
+      s.server.removeAllListeners('connection')
+      s.server.on('connection', (socket: Socket) => this.onConnection(s, socket))
+    }
+    const requests = this.heldRequests, sockets = this.heldSockets
+    this.heldRequests = []
+    this.heldSockets = []
+    for (const h of requests) this.proxy(h.server, h.req, h.res)
+    for (const h of sockets) this.relay(h.server, h.socket)
+  }
+
+  private target(s: Served): ForwardTarget | undefined {
+    return this.targets[this.served.indexOf(s)]
+  }
+
+  private onRequest(s: Served, req: IncomingMessage, res: ServerResponse): void {
+    this.lastUseMs = Date.now()
+    if (!this.target(s)) {
+      req.pause()
+      this.heldRequests.push({ server: s, req, res })
+      return
+    }
+    this.proxy(s, req, res)
+  }
+
+  private onConnection(s: Served, socket: Socket): void {
+    this.lastUseMs = Date.now()
+    if (!this.target(s)) {
+      socket.pause()
+      this.heldSockets.push({ server: s, socket })
+      return
+    }
+    this.relay(s, socket)
+  }
+
+  /** One HTTP request to the destination's service; the reply closes the client's connection. */
+  private proxy(s: Served, req: IncomingMessage, res: ServerResponse): void {
+    const t = this.target(s)!
+    this.active++
+    this.counts.requests++
+    const done = () => {
+      this.active--
+      this.lastUseMs = Date.now()
+    }
+    const headers = { ...req.headers, connection: 'close' }
+    const up = httpRequest({ host: t.host, port: t.port, method: req.method, path: req.url, headers }, (reply) => {
+      res.writeHead(reply.statusCode ?? 502, { ...reply.headers, connection: 'close' })
+      reply.on('data', (c: Buffer) => (this.counts.bytes += c.length))
+      reply.pipe(res)
+      reply.once('end', done)
+      reply.once('error', () => res.destroy())
+    })
+    up.once('error', (err) => {
+      done()
+      if (!res.headersSent) res.writeHead(502, { connection: 'close' }).end(`uffd-migrate forwarder: ${err.message}\n`)
+      else res.destroy()
+    })
+    req.resume()
+    req.pipe(up)
+  }
+
+  /** A connection relayed byte for byte to the destination's service. */
+  private relay(s: Served, socket: Socket): void {
+    const t = this.target(s)!
+    this.active++
+    this.counts.connections++
+    let closed = false
+    const up = connect({ host: t.host, port: t.port })
+    const close = () => {
+      if (closed) return
+      closed = true
+      this.active--
+      this.lastUseMs = Date.now()
+      socket.destroy()
+      up.destroy()
+    }
+    up.setNoDelay(true)
+    socket.setNoDelay(true)
+    up.on('data', (c: Buffer) => (this.counts.bytes += c.length))
+    socket.on('data', (c: Buffer) => (this.counts.bytes += c.length))
+    socket.pipe(up)
+    up.pipe(socket)
+    socket.resume()
+    for (const end of [socket, up]) {
+      end.once('close', close)
+      end.once('error', close)
+    }
+  }
+}

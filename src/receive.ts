@@ -1,0 +1,45 @@
+/**
+ * Receive mode, in the service's main thread: waits for the incoming
+ * migration's hand-off and decodes the state pause() returned on the source.
+ * Sessions that end before the hand-off are one line each on stderr; the
+ * guest keeps waiting (only the hand-off commits).
+ */
+import type { Worker } from 'node:worker_threads'
+import { Packr } from 'msgpackr'
+import type { AgentToMain, MainToAgent } from './agent/messages'
+import { ErrorCode, UffdMigrateError } from './errors'
+
+const packr = new Packr({ useRecords: false })
+
+export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {
+  return new Promise((resolve, reject) => {
+    const onMessage = (m: AgentToMain) => {
+      if (m.type === 'sessionEnded') process.stderr.write(`uffd-migrate: guest '${name}': ${m.message}\n`)
+      if (m.type === 'listening') {
+        // one line for the operator (and for tests that wait for it)
+        process.stderr.write(`uffd-migrate: guest '${name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
+      }
+      if (m.type === 'restore') {
+        let state: unknown
+        try {
+          state = m.state.length ? packr.unpack(m.state) : undefined
+        } catch (err) {
+          // The service does not start here: the agent tells the source
+          // (ERROR ERR_MIGRATION_HANDOFF, its service resumes there) and
+          // reports 'failed', which ends this wait below.
+          worker.postMessage({ type: 'restoreFailed', error: { code: ErrorCode.HANDOFF, message: `could not decode the hand-off state: ${(err as Error).message}` } } satisfies MainToAgent)
+          return
+        }
+        worker.off('message', onMessage)
+        resolve({ state })
+      }
+      if (m.type === 'failed') {
+        worker.off('message', onMessage)
+        void worker.terminate()
+        reject(new UffdMigrateError(m.error.message, m.error.code))
+      }
+    }
+    worker.on('message', onMessage)
+    worker.once('error', reject)
+  })
+}
