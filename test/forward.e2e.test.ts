@@ -66,10 +66,14 @@ describe.skipIf(skip)('clients across a migration, pointed at the source only', 
       expect(result.timeouts).toBe(0)
       expect(result.non2xx).toBe(0)
       expect(result['2xx']).toBeGreaterThan(500)
-      // the destination counted every request exactly once: the ones served before the hand-off arrived in memory
+      // the destination counted every answered request exactly once (those served before the hand-off arrived in
+      // memory); beyond them only the requests in flight when autocannon stopped, at most one per connection
       const after = await hit(dstHttp, 1)
-      expect(after.count).toBe(result['2xx'] + 1)
-      expect(after.hits).toBe(result['2xx'] + 2) // + the first probe of slot 0
+      const served = after.count - 1 // minus this request
+      expect(served).toBeGreaterThanOrEqual(result['2xx'])
+      expect(served).toBeLessThanOrEqual(result['2xx'] + 8)
+      expect(served).toBeLessThanOrEqual(result.requests.sent)
+      expect(after.hits).toBe(served + 2) // + the first probe of slot 0 and this one
       // the source lived on as a forwarder, then left once idle
       expect((await src.exited).code).toBe(0)
       expect(src.stderr).toMatch(/forwarded \d+ connection\(s\) and \d+ request\(s\), idle for 2000 ms: exiting/)
