@@ -10,6 +10,8 @@
 //   --quick   256 MiB only, idle and 10k writes/s, both links (development)
 //   --no-ref  skip the C reference run (../shared/limits)
 //   --blocking  page-store without cooperation (no ready()): post-copy misses are real uffd faults
+//   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
+//                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
 // Uses dist/ (`npx tsc -p tsconfig.json` first; `npm run bench:migrate` does it).
 // Each migration runs in a child process of its own (`--case JSON`), in its
@@ -36,7 +38,7 @@ const say = (s) => process.stderr.write(`[bench:migrate] ${s}\n`)
 // ---------------------------------------------------------------------------
 
 function parseArgs(argv) {
-  const a = { quick: false, ref: true }
+  const a = { quick: false, ref: true, pinned: true }
   for (let i = 0; i < argv.length; i++) {
     const [k, inline] = argv[i].split(/=(.*)/s)
     const val = () => (inline !== undefined ? inline : argv[++i])
@@ -44,6 +46,7 @@ function parseArgs(argv) {
       case '--quick': a.quick = true; break
       case '--no-ref': a.ref = false; break
       case '--blocking': a.blocking = true; break
+      case '--no-pinned': a.pinned = false; break
       case '--sizes': a.sizes = val().split(',').map(Number); break
       case '--links': a.links = val().split(','); break
       case '--loads': a.loads = val().split(',').map(Number); break
@@ -232,6 +235,13 @@ function caseTimeoutMs(c) {
   return 120_000 + (c.sizeMiB / 50) * 1000 + ((c.sizeMiB * 8) / rate) * 1000
 }
 
+/** The autocannon client pinned to the source's address (--pinned): its figures and the target verdict. */
+function pinnedCells(p, rep) {
+  if (!p) return Array(7).fill('—')
+  const ok = rep && p.errors === 0 && p.non2xx === 0 && p.timeouts === 0 && p.maxMs <= rep.downtimeMs + 50
+  return [p.requests2xx, p.errors + p.timeouts, p.non2xx, fmt(p.p99Ms), fmt(p.maxMs), fmt(p.maxGapMs), ok ? 'pass' : 'FAIL']
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2))
   if (args.case) return runCaseChild(args.case)
@@ -334,7 +344,7 @@ async function main() {
         cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
         continue
       }
-      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, ...(args.blocking ? { serviceArgs: ['--blocking'] } : {}) }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, autocannon: args.pinned, ...(args.blocking ? { serviceArgs: ['--blocking'] } : {}) }
       if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
       say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} ...`)
       const r = await runCase(opts, caseTimeoutMs(c))
@@ -372,7 +382,9 @@ async function main() {
   out()
 
   const header = ['link', 'size', 'load', 'mode', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
-    'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong', 'eff. MiB/s', 'vs link', 'other CPU', 'error']
+    'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
+    ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50'] : []),
+    'eff. MiB/s', 'vs link', 'other CPU', 'error']
   const rows = []
   const notes = []
   let lastLink
@@ -422,6 +434,7 @@ async function main() {
       cl ? fmt(cl.maxGapMs) : '—',
       r.probe?.switchGapMs !== undefined ? fmt(r.probe.switchGapMs) : r.probe?.silentAtEndMs !== undefined ? `≥${fmt(r.probe.silentAtEndMs)}*` : '—',
       cl ? cl.wrong : '—',
+      ...(args.pinned ? pinnedCells(r.pinned, rep) : []),
       fmt(effMiB),
       Number.isFinite(effMiB) && linkMiB ? `${(effMiB / linkMiB).toFixed(2)}x` : '—',
       `${(c.foreign * 100).toFixed(0)}%`,
@@ -432,6 +445,9 @@ async function main() {
   printTable(header, rows, { out })
   if (!args.blocking) out(`net faults / fault p50/p99: uffd faults served over the network; the page-store service is cooperative (it awaits region.ready() for a missing page), ` +
     `so its post-copy misses show up as 'demand' pages, not as faults, and the fault latency stays empty (--blocking measures faults)`)
+  if (args.pinned) out(`pinned: autocannon (4 connections, /page/1) pointed only at the source's address from 0.5 s before the migration until send returned; ` +
+    `the service hands its server to the guest (--serve): held at the hand-off, then relayed by the source's forwarder. errors include timeouts. ` +
+    `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms`)
   out(`client gap ms: longest gap between two good answers, as client.js reports it (a gap counts only once a good answer ends it). ` +
     `switch gap ms: last good answer of the source → first good answer of the destination (probe in this benchmark); ` +
     `≥N* = the destination never answered before the client stopped, N ms after the source's last answer ` +

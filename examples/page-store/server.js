@@ -23,6 +23,10 @@ const { values: a } = parseArgs({
     'exit-after-verify': { type: 'boolean', default: false },
     // without cooperation, post-copy faults block the event loop (the baseline)
     blocking: { type: 'boolean', default: false },
+    // hand the HTTP server to the guest: clients of this address are held at the hand-off and relayed to the next host
+    serve: { type: 'boolean', default: false },
+    // wait this long after settling before the (event-loop blocking) verify, e.g. while a benchmark's client finishes
+    'verify-delay-ms': { type: 'string', default: '0' },
   },
 })
 const sizeBytes = Number(a.mib) * 1024 * 1024
@@ -82,6 +86,7 @@ function startHttp(region, u32, pageCount, pageWords, port) {
   })
   server.keepAliveTimeout = 1
   server.listen(port, a['http-host'], () => out(`HTTP ${server.address().port}`))
+  return server
 }
 
 async function main() {
@@ -91,14 +96,18 @@ async function main() {
     pause: async () => {
       paused = true
       clearInterval(writer)
-      await new Promise((r) => {
-        server.close(r)
-        server.closeAllConnections()
-      })
+      // a served server stays open: the guest holds its requests, then relays them
+      if (!a.serve) {
+        await new Promise((r) => {
+          server.close(r)
+          server.closeAllConnections()
+        })
+      }
       return { versions: Buffer.from(versions.buffer, versions.byteOffset, versions.byteLength), writesDone }
     },
     resume: () => start(false),
   })
+  let served
   const region = guest.regions.store
   const ps = 4096
   const pageCount = region.sizeBytes / ps
@@ -108,7 +117,11 @@ async function main() {
   function start(restored) {
     paused = false
     startWriter(region, u32, pageCount, pageWords)
-    startHttp(region, u32, pageCount, pageWords, Number(a.http))
+    // a served server never closed: after a failed or cancelled migration it answers again by itself
+    if (!served) {
+      const s = startHttp(region, u32, pageCount, pageWords, Number(a.http))
+      if (a.serve) guest.serve((served = s))
+    }
     if (restored) out('RESTORED')
   }
 
@@ -119,6 +132,7 @@ async function main() {
     start(true)
     await guest.settled
     out('SETTLED')
+    await new Promise((r) => setTimeout(r, Number(a['verify-delay-ms'])))
     let bad = 0
     let first = -1
     for (let p = 0; p < pageCount; p++) {

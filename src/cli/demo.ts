@@ -62,6 +62,11 @@ export interface ExampleRun {
   /** Extra arguments for the page-store service on both hosts (e.g. --blocking). */
   serviceArgs?: string[]
   /**
+   * page-store: the service serve()s its HTTP server, and autocannon (a
+   * devDependency) hammers the source's address only, across the migration.
+   */
+  autocannon?: boolean
+  /**
    * Tests: something between the source and the destination (a relay that can
    * cut the link); given the destination's migration address, returns the
    * address the source should dial instead.
@@ -78,8 +83,45 @@ export interface ExampleResult {
   report?: MigrationReport
   error?: string
   client?: { requests: number; ok: number; wrong: number; errors: number; maxGapMs: number; wrongSamples: unknown[] }
+  /** The autocannon client pinned to the source's address (ExampleRun.autocannon). */
+  pinned?: PinnedClientResult
   verify?: string
   sourceExit?: number | null
+}
+
+export interface PinnedClientResult {
+  requests2xx: number
+  errors: number
+  timeouts: number
+  non2xx: number
+  p99Ms: number
+  maxMs: number
+  /** Longest stretch without a 2xx answer, over all connections. */
+  maxGapMs: number
+}
+
+/** autocannon against one address until stop(); the longest stretch without a 2xx is tracked from its response events. */
+function pinnedClient(url: string): { stop(): Promise<PinnedClientResult> } {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const autocannon = require('autocannon')
+  let last = performance.now()
+  let maxGapMs = 0
+  const instance = autocannon({ url, connections: 4, duration: 3600, timeout: 30 })
+  instance.on('response', (_client: unknown, status: number) => {
+    if (status < 200 || status >= 300) return
+    const t = performance.now()
+    maxGapMs = Math.max(maxGapMs, t - last)
+    last = t
+  })
+  const done = new Promise<PinnedClientResult>((resolve) => instance.once('done', (r: Record<string, any>) => resolve({
+    requests2xx: r['2xx'], errors: r.errors, timeouts: r.timeouts, non2xx: r.non2xx, p99Ms: r.latency.p99, maxMs: r.latency.max, maxGapMs,
+  })))
+  return {
+    stop() {
+      instance.stop()
+      return done
+    },
+  }
 }
 
 export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
@@ -94,8 +136,13 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const name = `run-${process.pid}-${migPort}`
   const example = EXAMPLES[o.example ?? 'page-store']
   const server = join(root, 'examples', o.example ?? 'page-store', 'server.js')
-  const common = ['--name', name, ...example.args(o), ...(o.serviceArgs ?? [])]
-  const destCmd = [cli, 'receive', '--listen', `${destHost}:${migPort}`, '--', process.execPath, server, ...common, '--http', String(dstHttp), ...(destHost !== '127.0.0.1' ? ['--http-host', destHost] : []), '--exit-after-verify']
+  const common = ['--name', name, ...example.args(o), ...(o.serviceArgs ?? []), ...(o.autocannon ? ['--serve'] : [])]
+  const destCmd = [
+    cli, 'receive', '--listen', `${destHost}:${migPort}`, '--', process.execPath, server, ...common, '--http', String(dstHttp),
+    ...(destHost !== '127.0.0.1' ? ['--http-host', destHost] : []), '--exit-after-verify',
+    // the pinned client stops when send returns; the verify (which blocks the service) comes after it
+    ...(o.autocannon ? ['--verify-delay-ms', '1500'] : []),
+  ]
   const dest = o.destNetns
     ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env })
     : new LineProc(process.execPath, destCmd, { env })
@@ -106,6 +153,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
+    const pinned = o.autocannon ? pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`) : undefined
+    if (pinned) await new Promise((r) => setTimeout(r, 500))
     const to = o.relay ? await o.relay(destHost, migPort) : `${destHost}:${migPort}`
     const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', to, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
     const poll = o.progress && setInterval(async () => {
@@ -120,6 +169,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     }, 250)
     const sent = await send.exited
     if (poll) clearInterval(poll)
+    const pinnedResult = await pinned?.stop()
     if (sent.code !== 0) return { ok: false, error: send.stderr.trim() }
     const report = JSON.parse(send.lines.join('\n')) as MigrationReport
     const verify = (await dest.waitLine(/^VERIFY (.*)$/, 180_000))[1]
@@ -128,7 +178,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     client = undefined
     const sourceExit = (await source.exited).code
     const ok = verify.startsWith('ok') && (stats?.wrong ?? 0) === 0 && sourceExit === 0
-    return { ok, report, client: stats, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
+    return { ok, report, client: stats, pinned: pinnedResult, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
   } finally {
     await client?.stop()
     source.kill()
