@@ -84,7 +84,9 @@ function startHttp(region, u32, pageCount, pageWords, port) {
     const ok = checkPage(u32, p, v, pageWords)
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ page: p, version: v, ok, pid: process.pid }))
   })
-  server.keepAliveTimeout = 1
+  // Without --serve the server closes at the hand-off and its clients must reconnect elsewhere: no idle
+  // keep-alive. A served server keeps its connections (the guest relays them), with the usual keep-alive.
+  if (!a.serve) server.keepAliveTimeout = 1
   server.listen(port, a['http-host'], () => out(`HTTP ${server.address().port}`))
   return server
 }
@@ -150,10 +152,14 @@ async function main() {
     if (p % fillEvery === fillEvery - 1) continue
     writePage(u32, p, ++versions[p], pageWords)
   }
-  guest.on('moved', (report) => {
-    out(`MOVED ${JSON.stringify({ downtimeMs: report.downtimeMs, totalMs: report.totalMs })}`)
-    setTimeout(() => process.exit(0), 20)
-  })
+  // Served: no 'moved' listener, so that the guest relays the clients of this address to the next host and
+  // exits once they are idle (a listener would keep the process, and exiting here would drop them).
+  if (!a.serve) {
+    guest.on('moved', (report) => {
+      out(`MOVED ${JSON.stringify({ downtimeMs: report.downtimeMs, totalMs: report.totalMs })}`)
+      setTimeout(() => process.exit(0), 20)
+    })
+  }
   start(false)
   out('READY')
 }
