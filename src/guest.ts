@@ -8,7 +8,6 @@
 import { EventEmitter } from 'node:events'
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
-import { Packr } from 'msgpackr'
 import { loadBinding, type NativeBinding } from './binding'
 import { PageBitmap } from './bitmap'
 import { ErrorCode, UffdMigrateError } from './errors'
@@ -25,14 +24,13 @@ import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
 import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
-import { awaitHandoff } from './receive'
+import { awaitHandoff, handoffState } from './receive'
 
 export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
 
 
 
-const packr = new Packr({ useRecords: false })
 /** Exit code of a source guest process whose migration failed after the hand-off. */
 export const EXIT_MOVE_FAILED = 4
 const WORKER = __filename.endsWith('.ts')
@@ -318,7 +316,7 @@ export class Guest extends EventEmitter {
       // from now on clients wait here (held, not refused) until the service runs on one host or the other
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
-      const bytes = state === undefined ? new Uint8Array(0) : packr.pack(state)
+      const bytes = handoffState.encode(state)
       this.post({ type: 'paused', state: bytes })
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })

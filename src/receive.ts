@@ -1,5 +1,6 @@
 /**
- * Receive mode, in the service's main thread: waits for the incoming
+ * The hand-off state's codec, and receive mode in the service's main
+ * thread: waits for the incoming
  * migration's hand-off and decodes the state pause() returned on the source.
  * Sessions that end before the hand-off are one line each on stderr; the
  * guest keeps waiting (only the hand-off commits).
@@ -10,6 +11,12 @@ import type { AgentToMain, MainToAgent } from './agent/messages'
 import { ErrorCode, UffdMigrateError } from './errors'
 
 const packr = new Packr({ useRecords: false })
+
+/** The hand-off state as it crosses: what pause() returned on the source, msgpackr-encoded (empty: undefined). */
+export const handoffState = {
+  encode: (state: unknown): Uint8Array => (state === undefined ? new Uint8Array(0) : packr.pack(state)),
+  decode: (bytes: Uint8Array): unknown => (bytes.length ? packr.unpack(bytes) : undefined),
+}
 
 export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {
   return new Promise((resolve, reject) => {
@@ -22,7 +29,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
       if (m.type === 'restore') {
         let state: unknown
         try {
-          state = m.state.length ? packr.unpack(m.state) : undefined
+          state = handoffState.decode(m.state)
         } catch (err) {
           // The service does not start here: the agent tells the source
           // (ERROR ERR_MIGRATION_HANDOFF, its service resumes there) and
