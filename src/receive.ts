@@ -1,8 +1,7 @@
 /**
- * The hand-off state's codec, and receive mode in the service's main
- * thread: waits for the incoming
- * migration's hand-off and decodes the state pause() returned on the source.
- * Sessions that end before the hand-off are one line each on stderr; the
+ * The hand-off state's codec, and receive mode in the service's main thread:
+ * waits for the incoming migration's hand-off and decodes the state pause()
+ * returned on the source. Sessions that end before the hand-off are one line each on stderr; the
  * guest keeps waiting (only the hand-off commits).
  */
 import type { Worker } from 'node:worker_threads'
