@@ -14,7 +14,7 @@ export interface MessageRule<P extends string, Ctx> {
   /** Per channel, the phases in which the message is legal there. */
   on: Partial<Record<ChannelName, readonly P[]>>
   /** Absent for replies awaited inline (the handshake-like exchanges of connect and recovery). */
-  handle?: (ctx: Ctx, f: Frame, channel: ChannelName) => void
+  handle?: (ctx: Ctx, f: Frame) => void
   /** One line for docs/protocol.md. */
   note: string
 }

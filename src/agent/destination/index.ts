@@ -141,8 +141,11 @@ export class MigrationDestination implements DestinationHandlers {
   private onFrame(ch: Channel, role: ChannelName, f: Frame): void {
     try {
       const rule = route(DEST_MESSAGES, 'destination', this.phase, role, f.type)
-      rule.handle!(this, f, role)
-      if (role === 'bulk' && (f.type === Msg.PAGES || f.type === Msg.RANGES) && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
+      // pushed data in post-copy: look for faults before it (so their requests leave now), let the gate yield after it
+      const pushed = role === 'bulk' && (f.type === Msg.PAGES || f.type === Msg.RANGES) && this.phase === DestPhase.POSTCOPY
+      if (pushed) this.pollFaults()
+      rule.handle!(this, f)
+      if (pushed && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
     } catch (err) {
       ch.sendError(err as Error)
       this.fail(err as Error)
@@ -201,16 +204,20 @@ export class MigrationDestination implements DestinationHandlers {
     this.link.urgent!.send(encodeControl(Msg.CLOCK, { t0, t1: this.clock.now() }))
   }
 
-  onPages(f: Frame, ch: ChannelName): void {
-    // Post-copy: a stretch of pushed frames keeps this loop busy for a
-    // millisecond or more before the uv_poll sees a fault; look before each
-    // frame (one read() that usually answers EAGAIN) so the request goes out now.
-    if (ch === 'bulk' && this.phase === DestPhase.POSTCOPY) this.uffd?.pollFaults()
+  /**
+   * Post-copy: a stretch of pushed frames keeps this loop busy for a
+   * millisecond or more before the uv_poll sees a fault; look before each
+   * frame (one read() that usually answers EAGAIN) so the request goes out now.
+   */
+  private pollFaults(): void {
+    this.uffd?.pollFaults()
+  }
+
+  onPages(f: Frame): void {
     this.placement.pages(decodePages(f.payload, this.layout, this.ps), this.phase !== DestPhase.PRECOPY)
   }
 
-  onRanges(f: Frame, ch: ChannelName): void {
-    if (ch === 'bulk' && this.phase === DestPhase.POSTCOPY) this.uffd?.pollFaults()
+  onRanges(f: Frame): void {
     const m = decodeRuns(f.type, f.payload, this.layout)
     if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
     this.placement.zeroRuns(m.region, m.runs, this.phase !== DestPhase.PRECOPY)

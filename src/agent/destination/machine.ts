@@ -5,7 +5,7 @@
  */
 import { Msg } from '../../protocol/messages'
 import type { Frame } from '../../protocol/frames'
-import type { ChannelName, MessageTable } from '../message-table'
+import type { MessageTable } from '../message-table'
 import type { TransitionTable } from '../state-machine'
 
 export enum DestPhase {
@@ -38,8 +38,8 @@ const ALL = [LISTENING, PRECOPY, POSTCOPY, RECOVERING, SETTLED, FAILED]
 export interface DestinationHandlers {
   onRegions(f: Frame): void
   onClock(f: Frame): void
-  onPages(f: Frame, ch: ChannelName): void
-  onRanges(f: Frame, ch: ChannelName): void
+  onPages(f: Frame): void
+  onRanges(f: Frame): void
   onHandoff(f: Frame): void
   onRequestDone(f: Frame): void
   checkSettled(): void
@@ -51,8 +51,8 @@ export interface DestinationHandlers {
 export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy' },
   [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
-  [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f, ch) => d.onPages(f, ch), note: 'placed; urgent only after the hand-off' },
-  [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f, ch) => d.onRanges(f, ch), note: 'zero/free pages placed; urgent only after the hand-off' },
+  [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onPages(f), note: 'placed; urgent only after the hand-off' },
+  [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRanges(f), note: 'zero/free pages placed; urgent only after the hand-off' },
   [Msg.ROUND_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'end of a round' },
   [Msg.PRECOPY_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'no more rounds' },
   [Msg.HANDOFF]: { on: { bulk: [PRECOPY] }, handle: (d, f) => d.onHandoff(f), note: 'discard list applied, service restored; → postcopy' },

@@ -283,7 +283,7 @@ export class MigrationSource implements SourceHandlers {
   private onFrame(_ch: Channel, role: ChannelName, f: Frame): void {
     const rule = route(SOURCE_MESSAGES, 'source', this.phase, role, f.type)
     if (!rule.handle) throw migrationError(ErrorCode.PROTOCOL, `unexpected ${f.type} outside its exchange`)
-    rule.handle(this, f, role)
+    rule.handle(this, f)
   }
 
   private serviceKnown = false
