@@ -97,7 +97,8 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
   const state: ConvergenceState = { prevRemaining: Infinity, notShrinking: 0 }
   for (let round = 0; ; round++) {
     ctx.onRound(round)
-    const rr = startRound(ctx, round)
+    const started = startRound(ctx, round)
+    const rr = started.rr
     rr.freePages = sender.sendFreed(bulk, ctx.takeFreed())
     for (let i = 0; i < regions.length; i++) {
       const r = regions[i]
@@ -120,7 +121,7 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
       rr.hotPages += hot[i].count()
     }
     bulk.send(encodeControl(Msg.ROUND_END, { round }))
-    await endRound(ctx, rr, rounds)
+    await endRound(ctx, started, rounds)
     if (round === 0) continue
     const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, linkRate(rounds), ctx.downtimeMs, ctx.maxRounds)
     if (stop) {
@@ -137,7 +138,8 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
  */
 async function zeroRound(ctx: PrecopyContext, rounds: RoundReport[]): Promise<void> {
   const { regions, sender, tracker, bulk } = ctx
-  const rr = startRound(ctx, 0)
+  const started = startRound(ctx, 0)
+  const rr = started.rr
   for (let i = 0; i < regions.length; i++) {
     const r = regions[i]
     tracker.collectWritten(r.id, r.pageCount)
@@ -156,21 +158,23 @@ async function zeroRound(ctx: PrecopyContext, rounds: RoundReport[]): Promise<vo
     }
   }
   bulk.send(encodeControl(Msg.PRECOPY_END, { reason: 'postcopy' }))
-  await endRound(ctx, rr, rounds)
+  await endRound(ctx, started, rounds)
 }
 
-const roundStart = new WeakMap<RoundReport, { t: number; bytes: number }>()
+interface RoundStart {
+  rr: RoundReport
+  t: number
+  bytes: number
+}
 
-function startRound(ctx: PrecopyContext, round: number): RoundReport {
+function startRound(ctx: PrecopyContext, round: number): RoundStart {
   const rr: RoundReport = { round, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
-  roundStart.set(rr, { t: ctx.clock.now(), bytes: ctx.bulk.bytesWritten })
-  return rr
+  return { rr, t: ctx.clock.now(), bytes: ctx.bulk.bytesWritten }
 }
 
-async function endRound(ctx: PrecopyContext, rr: RoundReport, rounds: RoundReport[]): Promise<void> {
+async function endRound(ctx: PrecopyContext, start: RoundStart, rounds: RoundReport[]): Promise<void> {
   await ctx.bulk.drain()
-  const start = roundStart.get(rr)!
-  rr.bytes = ctx.bulk.bytesWritten - start.bytes
-  rr.durationMs = ctx.clock.now() - start.t
-  rounds.push(rr)
+  start.rr.bytes = ctx.bulk.bytesWritten - start.bytes
+  start.rr.durationMs = ctx.clock.now() - start.t
+  rounds.push(start.rr)
 }
