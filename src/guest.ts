@@ -53,10 +53,10 @@ export class Guest extends EventEmitter {
   private cancelling: { resolve: () => void; reject: (e: Error) => void } | undefined
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
-  private lastOutcome: 'cancelled' | 'failed' | undefined
   private readonly forwarder = new Forwarder()
   private readonly servedPorts: (number | null)[] = []
-  private lastFailure: { code: string; message: string } | undefined
+  /** Why the last migration from here did not move the service (afterHandoff: it failed once the service ran there). */
+  private lastFailure: { code: string; message: string; afterHandoff?: boolean } | undefined
   private control: ControlServer | undefined
   private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
   private nextWaitId = 1
@@ -146,12 +146,14 @@ export class Guest extends EventEmitter {
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
     if (this.movedTo) return 'moved'
     if (this.restored && !this.isSettledFlag) return 'settling'
-    return this.lastOutcome ?? (this.restored ? 'settled' : 'idle')
+    if (this.lastFailure?.code === ErrorCode.CANCELLED) return 'cancelled'
+    if (this.lastFailure?.afterHandoff) return 'failed'
+    return this.restored ? 'settled' : 'idle'
   }
 
   /** Why the last migration from here did not move the service (status --json: lastError). */
   get lastError(): { code: string; message: string } | undefined {
-    return this.lastFailure
+    return this.lastFailure && { code: this.lastFailure.code, message: this.lastFailure.message }
   }
 
   get progress(): Progress | undefined {
@@ -189,7 +191,6 @@ export class Guest extends EventEmitter {
     }
     return new Promise((resolve, reject) => {
       this.migrating = { resolve, reject }
-      this.lastOutcome = undefined
       this.lastFailure = undefined
       this.worker.ref()
       this.post({ type: 'migrate', options: wire })
@@ -266,8 +267,7 @@ export class Guest extends EventEmitter {
           this.worker.unref()
           if (err.code === ErrorCode.CANCELLED) this.cancelling?.resolve()
           else this.cancelling?.reject(err)
-          this.lastOutcome = err.code === ErrorCode.CANCELLED ? 'cancelled' : m.error.afterHandoff ? 'failed' : undefined
-          this.lastFailure = { code: err.code, message: err.message }
+          this.lastFailure = m.error
           this.cancelling = undefined
           done.reject(err)
           if (m.error.afterHandoff) this.afterFailedHandoff(err)
