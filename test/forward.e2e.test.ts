@@ -8,7 +8,6 @@
 import { execFileSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
-import { get } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import autocannon from 'autocannon'
@@ -16,6 +15,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { freePort, LineProc } from '../src/cli/proc'
 import { createHostPair, netnsUnavailable } from '../src/testing/netns'
 import { kernelSkipReason } from './helpers/gate'
+import { getJson } from './helpers/http'
 
 const skip = kernelSkipReason()
 const root = join(__dirname, '..')
@@ -26,15 +26,7 @@ afterEach(() => {
   for (const p of procs.splice(0)) p.kill()
 })
 
-function hit(port: number, slot: number, host = '127.0.0.1'): Promise<{ count: number; hits: number }> {
-  return new Promise((resolve, reject) => {
-    get({ host, port, agent: false, path: `/?slot=${slot}` }, (res) => {
-      let body = ''
-      res.on('data', (c) => (body += c))
-      res.on('end', () => resolve(JSON.parse(body)))
-    }).on('error', reject)
-  })
-}
+const hit = (port: number, slot: number, host?: string) => getJson<{ count: number; hits: number }>(port, `/?slot=${slot}`, host)
 
 describe.skipIf(skip)('clients across a migration, pointed at the source only', () => {
   for (const mode of ['hybrid', 'postcopy', 'precopy'] as const) {

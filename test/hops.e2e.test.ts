@@ -6,7 +6,6 @@
  */
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
-import { get } from 'node:http'
 import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -15,6 +14,7 @@ import type { MigrationReport } from '../src/agent/report'
 import { freePort, LineProc } from '../src/cli/proc'
 import { Guest } from '../src/guest'
 import { kernelSkipReason } from './helpers/gate'
+import { getJson } from './helpers/http'
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const { writePage } = require('../examples/page-store/pattern.js') as { writePage: (u32: Uint32Array, p: number, v: number, words: number) => void }
 
@@ -43,15 +43,7 @@ function host(name: string) {
   }
 }
 
-function page(port: number, p: number): Promise<{ ok: boolean; version: number }> {
-  return new Promise((resolve, reject) => {
-    get({ host: '127.0.0.1', port, path: `/page/${p}` }, (res) => {
-      let body = ''
-      res.on('data', (c) => (body += c))
-      res.on('end', () => resolve(JSON.parse(body)))
-    }).on('error', reject)
-  })
-}
+const page = (port: number, p: number) => getJson<{ ok: boolean; version: number }>(port, `/page/${p}`)
 
 async function sendAndWait(from: ReturnType<typeof host>, guest: string, to: number, extra: string[] = []) {
   const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])

@@ -6,12 +6,12 @@
  */
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
-import { get } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { freePort, LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
+import { getJson } from './helpers/http'
 
 const skip = kernelSkipReason()
 const root = join(__dirname, '..')
@@ -21,15 +21,7 @@ afterEach(() => {
   for (const p of procs.splice(0)) p.kill()
 })
 
-function hit(port: number, slot: number): Promise<{ slot: number; count: number; hits: number }> {
-  return new Promise((resolve, reject) => {
-    get({ host: '127.0.0.1', port, path: `/?slot=${slot}` }, (res) => {
-      let body = ''
-      res.on('data', (c) => (body += c))
-      res.on('end', () => resolve(JSON.parse(body)))
-    }).on('error', reject)
-  })
-}
+const hit = (port: number, slot: number) => getJson<{ slot: number; count: number; hits: number }>(port, `/?slot=${slot}`)
 
 async function until<T>(f: () => Promise<T>, ms = 20_000): Promise<T> {
   const end = Date.now() + ms
