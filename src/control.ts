@@ -27,6 +27,8 @@ export interface ControlledGuest {
   readonly restored: boolean
   readonly progress: Progress | undefined
   readonly lastError: { code: string; message: string } | undefined
+  /** receive mode: connections refused so far, by error code. */
+  readonly refusals?: Record<string, number>
   readonly regions: Record<string, { name: string; sizeBytes: number }>
   migrate(options: MigrateOptions): Promise<MigrationReport>
   cancel(): Promise<void>
@@ -87,7 +89,7 @@ function handle(guest: ControlledGuest, s: Socket): void {
     }
     buf = ''
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

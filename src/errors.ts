@@ -8,6 +8,8 @@ export class UffdMigrateError extends Error {
   code: string
   errno?: number
   syscall?: string
+  /** ERR_MIGRATION_BUSY from a destination whose slot frees by itself: try again after this long. */
+  retryAfterMs?: number
 
   constructor(message: string, code: string = ErrorCode.GENERIC, options?: { cause?: unknown }) {
     super(message, options)
@@ -32,6 +34,8 @@ export const ErrorCode = {
   REGIONS: 'ERR_MIGRATION_REGIONS',
   /** Could not reach the peer. */
   CONNECT: 'ERR_MIGRATION_CONNECT',
+  /** A peer did not do its part in time: a handshake past its deadline, a session that never sent its region table, a page request unanswered for requestTimeoutMs, a link with no progress for linkTimeoutMs. */
+  TIMEOUT: 'ERR_MIGRATION_TIMEOUT',
   /** Connection lost or closed mid-migration. */
   CONNECTION: 'ERR_MIGRATION_CONNECTION',
   /** Migration aborted (by the user or after a failure). */

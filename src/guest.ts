@@ -24,7 +24,7 @@ import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
 import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
-import { awaitHandoff, handoffState } from './receive'
+import { awaitHandoff, countRefusals, handoffState, waitingGuest } from './receive'
 
 export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
@@ -63,6 +63,8 @@ export class Guest extends EventEmitter {
   private failure: Error | undefined
   private lastProgress: Progress | undefined
   private closed = false
+  /** receive mode: connections refused so far, by error code (status shows them). */
+  refusals: Record<string, number> | undefined
 
   private constructor(
     readonly name: string,
@@ -119,8 +121,13 @@ export class Guest extends EventEmitter {
     let settleFail!: (e: Error) => void
     const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
     settled.catch(() => {})
-    const { state } = await awaitHandoff(worker, opts.name, listen)
+    const refusals: Record<string, number> = {}
+    countRefusals(worker, opts.name, refusals)
+    // status answers while the guest waits: phase 'listening', refused connections
+    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals)).catch(() => undefined) : undefined
+    const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
+    guest.refusals = refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
     // The service resumes when start() returns: tell the agent when that is.

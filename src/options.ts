@@ -55,6 +55,8 @@ export interface MigrateOptions {
   recoveryTimeoutMs?: number
   /** A connection whose peer stops answering (a silent link) fails after this long (default 10 000, at least 1000; 0: never). */
   linkTimeoutMs?: number
+  /** Post-copy: the destination treats a page request unanswered this long as a stuck source and recovers (default 5000; 100..3600000). */
+  requestTimeoutMs?: number
   prepaging?: Partial<PrepagingOptions>
   /** Record the post-copy push order in the report. */
   pushLog?: boolean
@@ -73,6 +75,8 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   if (!Number.isInteger(maxRounds) || maxRounds < 1 || maxRounds > 1000) throw bad(`expected maxRounds in 1..1000, got ${maxRounds}`)
   const linkTimeoutMs = o.linkTimeoutMs ?? 10_000
   if (!(linkTimeoutMs === 0 || (linkTimeoutMs >= 1000 && linkTimeoutMs <= 3_600_000))) throw bad(`expected linkTimeoutMs 0 or in 1000..3600000, got ${linkTimeoutMs}`)
+  const requestTimeoutMs = o.requestTimeoutMs ?? 5000
+  if (!(requestTimeoutMs >= 100 && requestTimeoutMs <= 3_600_000)) throw bad(`expected requestTimeoutMs in 100..3600000, got ${requestTimeoutMs}`)
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -83,6 +87,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     connectTimeoutMs: o.connectTimeoutMs ?? 5000,
     recoveryTimeoutMs,
     linkTimeoutMs,
+    requestTimeoutMs,
     prepaging: validatePrepaging(o.prepaging),
     pushLog: o.pushLog ?? false,
     token: resolveToken(o.token ?? guestToken),

@@ -7,6 +7,7 @@
 import type { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
 import type { AgentToMain, MainToAgent } from './agent/messages'
+import type { ControlledGuest } from './control'
 import { ErrorCode, UffdMigrateError } from './errors'
 
 const packr = new Packr({ useRecords: false })
@@ -15,6 +16,32 @@ const packr = new Packr({ useRecords: false })
 export const handoffState = {
   encode: (state: unknown): Uint8Array => (state === undefined ? new Uint8Array(0) : packr.pack(state)),
   decode: (bytes: Uint8Array): unknown => (bytes.length ? packr.unpack(bytes) : undefined),
+}
+
+/** What `status` says of a guest that waits for its incoming migration (no service runs yet). */
+export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], refusals: Record<string, number>): ControlledGuest {
+  return {
+    name,
+    phase: 'listening',
+    restored: false,
+    progress: undefined,
+    lastError: undefined,
+    refusals,
+    regions: Object.fromEntries(regions.map((r) => [r.name, { name: r.name, sizeBytes: r.sizeBytes }])),
+    migrate: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: nothing runs here to send yet`, ErrorCode.BUSY)),
+    cancel: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: no migration from here to cancel`, ErrorCode.INVALID_ARG)),
+    on: () => undefined,
+    off: () => undefined,
+  }
+}
+
+/** Logs each refused connection and keeps the counts (by code) in `refusals`. */
+export function countRefusals(worker: Worker, name: string, refusals: Record<string, number>): void {
+  worker.on('message', (m: AgentToMain) => {
+    if (m.type !== 'refused') return
+    process.stderr.write(`uffd-migrate: guest '${name}': ${m.message}\n`)
+    Object.assign(refusals, m.refusals)
+  })
 }
 
 export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {

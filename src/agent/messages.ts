@@ -27,6 +27,8 @@ export type AgentToMain =
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded'; message: string }
+  /** receive mode: a connection was refused (one line for the operator); refusals: counts by code so far. */
+  | { type: 'refused'; message: string; refusals: Record<string, number> }
   /** The destination's service listens on these ports of host: forward clients there. */
   | { type: 'forwardTo'; host: string; ports: (number | null)[] }
   | { type: 'listening'; port: number; atMs: number }

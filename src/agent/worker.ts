@@ -159,7 +159,7 @@ function incomingMigration() {
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
     recovering: (message) => post({ type: 'recovering', message }),
-    refused: (message) => console.error(`uffd-migrate: ${message}`),
+    refused: (message, refusals) => post({ type: 'refused', message, refusals: { ...refusals } }),
     sessionEnded: (err) => post({
       type: 'sessionEnded',
       message: `a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`,

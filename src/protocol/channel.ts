@@ -7,7 +7,7 @@
  */
 import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
 import { type Frame, FrameDecoder } from './frames'
-import { encodeControl, MAX_CONTROL_BYTES, Msg } from './messages'
+import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
 
 /** The part of net.Socket a Channel uses. */
 export interface Transport {
@@ -35,15 +35,23 @@ export class Channel {
   private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = []
   private failure: Error | undefined
   private closeListeners: ((err: Error) => void)[] = []
+  /** Reading stopped because frames wait that nobody asked for yet (before the handshake is done). */
+  private heldBack = false
   bytesRead = 0
   bytesWritten = 0
+  /**
+   * A write that cannot drain for this long means the peer stopped reading
+   * (stopped, wedged): the connection fails as broken (0: wait forever).
+   */
+  stallTimeoutMs = 0
 
   constructor(
     private readonly socket: Transport,
     readonly name: string,
   ) {
     socket.setNoDelay?.(true)
-    this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_CONTROL_BYTES)
+    // until authenticated() a frame is at most a handshake message: an unauthenticated peer costs a few KiB
+    this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_HANDSHAKE_FRAME_BYTES)
     socket.on('data', (chunk: Buffer) => {
       this.bytesRead += chunk.length
       try {
@@ -56,11 +64,22 @@ export class Channel {
     socket.on('close', () => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection closed by the peer`)))
   }
 
+  /** The handshake succeeded: frames up to the control-message limit from now on. */
+  authenticated(): void {
+    this.decoder.maxFrameBytes = MAX_CONTROL_BYTES
+  }
+
+  /** Part of a frame has arrived and the rest has not. */
+  get midFrame(): boolean {
+    return this.decoder.midFrame
+  }
+
   /** Frames go to `handler` from now on (after the handshake). */
   onFrame(handler: (f: Frame) => void): void {
     this.handler = handler
     const q = this.queued
     this.queued = []
+    this.releaseHold()
     for (const f of q) this.safeDispatch(f)
   }
 
@@ -73,6 +92,7 @@ export class Channel {
   nextFrame(): Promise<Frame> {
     if (this.failure) return Promise.reject(this.failure)
     const f = this.queued.shift()
+    if (!this.queued.length) this.releaseHold()
     if (f) return Promise.resolve(f)
     return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }))
   }
@@ -82,7 +102,21 @@ export class Channel {
     const w = this.waiters.shift()
     if (w) w.resolve(f)
     else if (this.handler) this.safeDispatch(f)
-    else this.queued.push(f)
+    else {
+      // nobody asked for it yet: stop reading, so that a peer running ahead
+      // of the handshake is held by TCP, not buffered here
+      this.queued.push(f)
+      if (!this.heldBack) {
+        this.heldBack = true
+        this.pauseReading()
+      }
+    }
+  }
+
+  private releaseHold(): void {
+    if (!this.heldBack) return
+    this.heldBack = false
+    this.resumeReading()
   }
 
   private safeDispatch(f: Frame): void {
@@ -155,19 +189,29 @@ export class Channel {
   drain(): Promise<void> {
     if (!this.socket.writableNeedDrain || this.failure) return Promise.resolve()
     return new Promise((resolve) => {
+      const stalled = this.stallTimeoutMs > 0
+        ? setTimeout(() => {
+          this.fail(migrationError(ErrorCode.CONNECTION, `${this.name} connection stalled: the peer has not read for ${this.stallTimeoutMs} ms (stopped or wedged); treated as a broken link`))
+        }, this.stallTimeoutMs)
+        : undefined
       const done = () => {
+        clearTimeout(stalled)
         this.socket.off('drain', done)
         this.socket.off('close', done)
+        this.closeListeners = this.closeListeners.filter((l) => l !== done)
         resolve()
       }
       this.socket.on('drain', done)
       this.socket.on('close', done)
+      this.closeListeners.push(done)
     })
   }
 
   sendError(err: Error): void {
     const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
-    if (!this.failure && !this.socket.destroyed) this.socket.write(Buffer.concat(encodeControl(Msg.ERROR, { code, message: err.message })))
+    const retryAfterMs = (err as UffdMigrateError).retryAfterMs
+    const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) }
+    if (!this.failure && !this.socket.destroyed) this.socket.write(Buffer.concat(encodeControl(Msg.ERROR, body)))
   }
 
   get failed(): Error | undefined {

@@ -20,11 +20,17 @@ export class FrameDecoder {
 
   constructor(
     private readonly onFrame: (frame: Frame) => void,
-    readonly maxFrameBytes: number,
+    /** Raised once a connection has authenticated (see Channel.authenticated()). */
+    public maxFrameBytes: number,
   ) {}
 
   get bufferedBytes(): number {
     return this.buffered
+  }
+
+  /** Part of a frame has arrived and the rest has not. */
+  get midFrame(): boolean {
+    return this.buffered > 0 || this.need >= 0
   }
 
   feed(chunk: Buffer): void {

@@ -42,7 +42,9 @@ export function peerError(payload: Buffer): UffdMigrateError {
   const m = decodeControl(Msg.ERROR, payload)
   const code = typeof m.code === 'string' ? m.code : ErrorCode.PROTOCOL
   const message = typeof m.message === 'string' ? m.message : 'no message'
-  return new UffdMigrateError(`peer reported: ${message}`, code)
+  const err = new UffdMigrateError(`peer reported: ${message}`, code)
+  if (typeof m.retryAfterMs === 'number' && m.retryAfterMs >= 0) err.retryAfterMs = Math.min(m.retryAfterMs, 60_000)
+  return err
 }
 
 /** Source side (connects). Resolves once the destination has said READY. */
@@ -65,10 +67,15 @@ export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInf
   const ready = await ch.nextFrame()
   if (ready.type === Msg.ERROR) throw peerError(ready.payload)
   if (ready.type !== Msg.READY) throw migrationError(ErrorCode.PROTOCOL, `expected READY, got message type ${ready.type}`)
+  ch.authenticated()
 }
 
-/** Destination side (accepts). Resolves with the connection's role and session. */
-export async function serverHandshake(ch: Channel, token: Buffer): Promise<HelloInfo> {
+/**
+ * Destination side (accepts). Resolves with the connection's role and
+ * session. admit() may refuse an authenticated peer (busy) before READY, so
+ * that the source hears it as the handshake's answer.
+ */
+export async function serverHandshake(ch: Channel, token: Buffer, admit: (info: HelloInfo) => void = () => {}): Promise<HelloInfo> {
   try {
     const hello = await ch.nextFrame()
     if (hello.type !== Msg.HELLO) throw migrationError(ErrorCode.PROTOCOL, `expected HELLO, got message type ${hello.type}`)
@@ -87,6 +94,8 @@ export async function serverHandshake(ch: Channel, token: Buffer): Promise<Hello
     if (auth.type === Msg.ERROR) throw peerError(auth.payload)
     if (auth.type !== Msg.AUTH) throw migrationError(ErrorCode.PROTOCOL, `expected AUTH, got message type ${auth.type}`)
     verify(proof(token, 'client', info, nonce, peerNonce), field<Uint8Array>(decodeControl(auth.type, auth.payload), 'proof', 'bytes', 'AUTH'), 'the source')
+    admit(info)
+    ch.authenticated()
     ch.send(encodeControl(Msg.READY, {}))
     return info
   } catch (err) {

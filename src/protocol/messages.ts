@@ -9,7 +9,7 @@ import { ErrorCode, migrationError } from '../errors'
 import { frameHeader } from './frames'
 
 export const PROTOCOL_NAME = 'uffd-migrate'
-export const PROTOCOL_VERSION = 2
+export const PROTOCOL_VERSION = 3
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256
@@ -18,6 +18,12 @@ export const DEFAULT_BULK_SOCKET_BUFFER_BYTES = 512 * 1024
 
 /** Largest control message (hand-off state, discard lists). */
 export const MAX_CONTROL_BYTES = 64 << 20
+/**
+ * Largest frame before a connection has authenticated: HELLO, AUTH, READY
+ * and ERROR are a few hundred bytes. An unauthenticated peer can make this
+ * side buffer no more than this (plus one socket chunk).
+ */
+export const MAX_HANDSHAKE_FRAME_BYTES = 4096
 
 export const enum Msg {
   // handshake (both connections)
@@ -44,12 +50,13 @@ export const enum Msg {
   RECOVER = 36, // bulk, source -> destination: both connections are back after a break in post-copy
   RECOVER_STATE = 37, // bulk, destination -> source: what the destination holds now
   SERVICE = 38, // bulk, destination -> source: the ports its service listens on (the source's forwarder relays there)
+  KEEPALIVE = 39, // urgent, source -> destination: the source is alive (a quiet link is not a stuck peer)
 }
 
 export const MSG_NAMES: Record<number, string> = {
   1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
-  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE',
 }
 
 /** Kind of a PAGE_REQUEST (echoed in its REQUEST_DONE). */

@@ -7,8 +7,9 @@
 import { createServer, type Server } from 'node:net'
 import { ErrorCode, migrationError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
-import { serverHandshake } from '../../protocol/handshake'
+import { type HelloInfo, serverHandshake } from '../../protocol/handshake'
 import { parseAddress } from '../address'
+import type { Clock, TimerHandle } from '../clock'
 import type { ChannelName } from '../message-table'
 import { DestPhase } from './machine'
 
@@ -18,17 +19,37 @@ export interface AcceptorHost {
   adopt(ch: Channel, role: ChannelName): void
   /** A connection was refused (peer's fault); one line for the operator. */
   refused(message: string): void
+  /** The session holding the slot did not send its region table in time: end it. */
+  expired(err: Error): void
 }
+
+export interface AcceptorLimits {
+  /** A connection must authenticate within this, and a session send REGIONS within this of taking the slot. */
+  handshakeTimeoutMs: number
+  /** Connections still in their handshake at one time; beyond it new ones are closed at once. */
+  maxUnauthenticated: number
+}
+
+export const DEFAULT_ACCEPTOR_LIMITS: AcceptorLimits = { handshakeTimeoutMs: 5000, maxUnauthenticated: 16 }
 
 export class Acceptor {
   private server: Server | undefined
   private session: string | undefined
+  /** When the session's slot lapses unless it has sent REGIONS by then. */
+  private slotDeadlineMs = 0
+  private slotTimer: TimerHandle | undefined
+  /** Connections in their handshake now. */
+  private unauthenticated = 0
+  /** Refused connections by error code (status shows them). */
+  readonly refusals: Record<string, number> = {}
   urgent: Channel | undefined
   bulk: Channel | undefined
 
   constructor(
     private readonly token: Buffer,
     private readonly host: AcceptorHost,
+    private readonly clock: Clock,
+    private readonly limits: AcceptorLimits = DEFAULT_ACCEPTOR_LIMITS,
   ) {}
 
   /** Starts listening; resolves with the bound port. */
@@ -47,26 +68,81 @@ export class Acceptor {
   }
 
   async accept(transport: Transport, peer = describePeer(transport)): Promise<void> {
+    if (this.unauthenticated >= this.limits.maxUnauthenticated) {
+      // closed before a byte is read: a flood of connections costs a file descriptor for microseconds
+      transport.destroy()
+      return this.refuse(peer, migrationError(ErrorCode.BUSY, `${this.unauthenticated} connections are already authenticating (the limit)`))
+    }
     const ch = new Channel(transport, 'incoming')
+    this.unauthenticated++
+    const deadline = this.clock.setTimeout(() => {
+      ch.fail(migrationError(ErrorCode.TIMEOUT, `did not authenticate within ${this.limits.handshakeTimeoutMs} ms`))
+    }, this.limits.handshakeTimeoutMs)
+    let authenticating = true
+    const authenticated = () => {
+      if (!authenticating) return
+      authenticating = false
+      this.unauthenticated--
+      this.clock.clearTimeout(deadline)
+    }
     try {
-      const info = await serverHandshake(ch, this.token)
-      const phase = this.host.phase
-      const rejoin = (phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
-      if (phase !== DestPhase.LISTENING && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
-      if (this.session && info.session !== this.session) throw migrationError(ErrorCode.BUSY, 'a migration from another source is already connecting')
-      this.session = info.session
+      let rejoin = false
+      const info = await serverHandshake(ch, this.token, (hello) => {
+        authenticated()
+        rejoin = this.admit(hello)
+      })
       // recovering: a connection of an attempt that broke half-way gives way to the new one
       const replaced = rejoin ? this[info.role] : undefined
-      if (this[info.role] && !rejoin) throw migrationError(ErrorCode.PROTOCOL, `a second ${info.role} connection for one session`)
       this[info.role] = ch
       this.host.adopt(ch, info.role)
       replaced?.close()
     } catch (err) {
+      authenticated()
       // refused before any page moved; keep listening for a proper source
       ch.sendError(err as Error)
       ch.fail(err as Error)
-      this.host.refused(`refused a connection from ${peer}: ${(err as Error).message} [${(err as { code?: string }).code ?? ErrorCode.PROTOCOL}]`)
+      this.refuse(peer, err as Error)
     }
+  }
+
+  /** An authenticated peer may join (true: it rejoins its session after a break); throws BUSY or PROTOCOL before READY. */
+  private admit(info: HelloInfo): boolean {
+    const phase = this.host.phase
+    const rejoin = (phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
+    if (phase !== DestPhase.LISTENING && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+    if (this.session && info.session !== this.session) {
+      // the slot's holder has not sent its region table yet: it lapses by itself at the deadline
+      const err = migrationError(ErrorCode.BUSY, 'another source is connecting to this destination; its slot lapses unless it starts within the handshake deadline')
+      err.retryAfterMs = Math.max(0, Math.ceil(this.slotDeadlineMs - this.clock.now())) + 50
+      throw err
+    }
+    if (this[info.role] && !rejoin) throw migrationError(ErrorCode.PROTOCOL, `a second ${info.role} connection for one session`)
+    if (!this.session) this.takeSlot(info.session)
+    this.session = info.session
+    return rejoin
+  }
+
+  private refuse(peer: string, err: Error): void {
+    const code = (err as { code?: string }).code ?? ErrorCode.PROTOCOL
+    this.refusals[code] = (this.refusals[code] ?? 0) + 1
+    this.host.refused(`refused a connection from ${peer}: ${err.message} [${code}]`)
+  }
+
+  /** A session takes the slot: it must send REGIONS (leave LISTENING) within the handshake deadline. */
+  private takeSlot(session: string): void {
+    this.slotDeadlineMs = this.clock.now() + this.limits.handshakeTimeoutMs
+    this.slotTimer = this.clock.setTimeout(() => {
+      this.slotTimer = undefined
+      if (this.session !== session || this.host.phase !== DestPhase.LISTENING) return
+      const err = migrationError(ErrorCode.TIMEOUT, `session ${session} authenticated but did not send its region table within ${this.limits.handshakeTimeoutMs} ms; its slot is free again`)
+      this.refusals[err.code] = (this.refusals[err.code] ?? 0) + 1
+      this.host.expired(err)
+    }, this.limits.handshakeTimeoutMs)
+  }
+
+  /** The session's connections now. */
+  get channels(): Channel[] {
+    return [this.urgent, this.bulk].filter((c): c is Channel => c !== undefined)
   }
 
   /** Both connections of the session, when both are here. */
@@ -76,15 +152,19 @@ export class Acceptor {
 
   /** The link broke: both slots free for the session's next pair. */
   drop(err: Error): void {
-    this.urgent?.fail(err)
-    this.bulk?.fail(err)
+    // slots first: the channels' close listeners must see a pair that is already gone
+    const { urgent, bulk } = this
     this.urgent = undefined
     this.bulk = undefined
+    urgent?.fail(err)
+    bulk?.fail(err)
   }
 
   /** The session ended before the hand-off: the next source may bring another. */
   forgetSession(): void {
     this.session = undefined
+    if (this.slotTimer !== undefined) this.clock.clearTimeout(this.slotTimer)
+    this.slotTimer = undefined
   }
 
   stopListening(): void {
@@ -92,6 +172,7 @@ export class Acceptor {
   }
 
   close(): void {
+    this.forgetSession()
     this.server?.close()
     this.urgent?.close()
     this.bulk?.close()

@@ -22,12 +22,14 @@ import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
 import { type ChannelName, route } from '../message-table'
 import { StateMachine } from '../state-machine'
-import { Acceptor } from './accept'
+import { Acceptor, type AcceptorLimits, DEFAULT_ACCEPTOR_LIMITS } from './accept'
 import { BulkGate } from './bulk-gate'
 import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase, type DestinationHandlers } from './machine'
 import { Placement } from './placement'
 import { RecoveryWindow } from './recovery'
 import { Requests } from './requests'
+import { acceptRegionTable } from './region-table'
+import { Watchdog } from './watchdog'
 
 export { DestPhase } from './machine'
 
@@ -36,6 +38,8 @@ export interface DestinationOptions {
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
   clock?: Clock
+  /** Handshake deadline and the cap on unauthenticated connections (defaults: 5 s, 16). */
+  limits?: Partial<AcceptorLimits>
 }
 
 export interface DestinationHooks {
@@ -48,8 +52,8 @@ export interface DestinationHooks {
   failed(err: Error): void
   /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
   recovering?(message: string): void
-  /** A connection was refused before it joined a migration (one line: peer and reason). */
-  refused?(message: string): void
+  /** A connection was refused before it joined a migration (one line: peer and reason); refusals: counts by code so far. */
+  refused?(message: string, refusals: Record<string, number>): void
   /** A session ended before the hand-off; the guest listens for the next source. */
   sessionEnded?(err: Error): void
 }
@@ -60,6 +64,7 @@ export class MigrationDestination implements DestinationHandlers {
   private placement!: Placement
   private requests!: Requests
   private readonly gate: BulkGate
+  private readonly watchdog: Watchdog
   private recovery!: RecoveryWindow
   private readonly clock: Clock
   private readonly ps: number
@@ -86,7 +91,18 @@ export class MigrationDestination implements DestinationHandlers {
         return machine.phase
       },
       adopt: (ch, role) => this.adopt(ch, role),
-      refused: (m) => this.hooks.refused?.(m),
+      refused: (m) => this.hooks.refused?.(m, this.link.refusals),
+      expired: (err) => {
+        for (const ch of this.link.channels) ch.sendError(err)
+        this.endSession(err)
+      },
+    }, this.clock, { ...DEFAULT_ACCEPTOR_LIMITS, ...opts.limits })
+    this.watchdog = new Watchdog(this.clock, {
+      phase: () => machine.phase,
+      complete: () => this.placement.complete,
+      channels: () => this.link.channels,
+      oldestRequestSinceMs: () => this.requests.oldestRequestSinceMs(),
+      broken: (err) => this.brokenLink(err),
     })
     this.newSession(received)
     this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
@@ -126,8 +142,8 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   /** An incoming connection (TCP from listen(), or an in-memory transport in tests). */
-  accept(transport: Transport): Promise<void> {
-    return this.link.accept(transport)
+  accept(transport: Transport, peer?: string): Promise<void> {
+    return this.link.accept(transport, peer)
   }
 
   private adopt(ch: Channel, role: ChannelName): void {
@@ -135,15 +151,18 @@ export class MigrationDestination implements DestinationHandlers {
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
     ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+    ch.stallTimeoutMs = this.linkTimeoutMs
   }
 
   /** Every frame after the handshake: the message table says whether it is legal here and now. */
   private onFrame(ch: Channel, role: ChannelName, f: Frame): void {
     try {
       const rule = route(DEST_MESSAGES, 'destination', this.phase, role, f.type)
-      // pushed data in post-copy: look for faults before it (so their requests leave now), let the gate yield after it
+      // pushed data in post-copy: look for faults before it (a stretch of pushed frames keeps this loop busy
+      // for a millisecond or more before the uv_poll sees one; one read(), usually EAGAIN) so their requests
+      // leave now; let the gate yield after it
       const pushed = role === 'bulk' && (f.type === Msg.PAGES || f.type === Msg.RANGES) && this.phase === DestPhase.POSTCOPY
-      if (pushed) this.pollFaults()
+      if (pushed) this.uffd?.pollFaults()
       rule.handle!(this, f)
       if (pushed && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
     } catch (err) {
@@ -168,24 +187,13 @@ export class MigrationDestination implements DestinationHandlers {
   // ---- message handlers (named in machine.ts) -------------------------------
 
   onRegions(f: Frame): void {
-    const m = decodeControl(f.type, f.payload)
-    const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
-    const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
-    const theirs = list.map((r, i) => {
-      if (typeof r !== 'object' || r === null) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS.regions[${i}] to be a map`)
-      const rec = r as Record<string, unknown>
-      return { name: field<string>(rec, 'name', 'string', `REGIONS.regions[${i}]`), sizeBytes: uint(rec, 'sizeBytes', `REGIONS.regions[${i}]`) }
-    })
-    const ours = this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes }))
-    const fmt = (t: { name: string; sizeBytes: number }[]) => t.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
-    if (pageSize !== this.ps || JSON.stringify(theirs) !== JSON.stringify(ours)) {
-      throw migrationError(
-        ErrorCode.REGIONS,
-        `region table mismatch: the source has {${fmt(theirs)}} (page size ${pageSize}), the destination asked for {${fmt(ours)}} (page size ${this.ps}); start the same service with the same region sizes on both hosts`,
-      )
+    const limits = acceptRegionTable(f, this.regions, this.ps)
+    this.linkTimeoutMs = limits.linkTimeoutMs
+    for (const ch of [this.link.urgent, this.link.bulk]) {
+      ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+      if (ch) ch.stallTimeoutMs = this.linkTimeoutMs
     }
-    this.linkTimeoutMs = typeof m.linkTimeoutMs === 'number' && m.linkTimeoutMs >= 1000 ? Math.min(m.linkTimeoutMs, 3600_000) : 0
-    for (const ch of [this.link.urgent, this.link.bulk]) ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+    this.watchdog.start(limits)
     // Registered from the start: pre-copy pages are installed with
     // UFFDIO_COPY, and from the hand-off on every missing page faults to us.
     // Nobody touches the regions before the hand-off (the service waits in start()).
@@ -202,15 +210,6 @@ export class MigrationDestination implements DestinationHandlers {
   onClock(f: Frame): void {
     const t0 = field<number>(decodeControl(f.type, f.payload), 't0', 'number', 'CLOCK')
     this.link.urgent!.send(encodeControl(Msg.CLOCK, { t0, t1: this.clock.now() }))
-  }
-
-  /**
-   * Post-copy: a stretch of pushed frames keeps this loop busy for a
-   * millisecond or more before the uv_poll sees a fault; look before each
-   * frame (one read() that usually answers EAGAIN) so the request goes out now.
-   */
-  private pollFaults(): void {
-    this.uffd?.pollFaults()
   }
 
   onPages(f: Frame): void {
@@ -255,6 +254,13 @@ export class MigrationDestination implements DestinationHandlers {
 
   // ---- recovery ----------------------------------------------------------------
 
+  /** The watchdog found the source stuck: as a reset (post-copy recovers, pre-copy ends the session). */
+  private brokenLink(err: Error): void {
+    for (const ch of [this.link.urgent, this.link.bulk]) ch?.sendError(err)
+    if (this.phase === DestPhase.POSTCOPY && this.recovery.timeoutMs > 0) this.startRecovery(err)
+    else this.fail(err)
+  }
+
   private startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
     this.link.drop(err)
@@ -282,6 +288,7 @@ export class MigrationDestination implements DestinationHandlers {
       return
     }
     this.recovery.stop()
+    this.watchdog.reset()
     this.machine.transition(DestPhase.POSTCOPY)
     pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(this.placement.receivedBytes())))
     if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
@@ -295,6 +302,7 @@ export class MigrationDestination implements DestinationHandlers {
   checkSettled(): void {
     if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete || this.recovery.resumedAtMs === undefined) return
     this.machine.transition(DestPhase.SETTLED)
+    this.watchdog.stop()
     if (this.uffd) {
       // Everything with data is present; what is left are known-zero pages,
       // which plain anonymous memory fills by itself once unregistered.
@@ -325,6 +333,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
     if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
+    this.watchdog.stop()
     this.machine.transition(DestPhase.FAILED)
     this.link.drop(err)
     this.link.stopListening()
@@ -338,6 +347,7 @@ export class MigrationDestination implements DestinationHandlers {
    */
   private endSession(err: Error): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
+    this.watchdog.stop()
     this.link.drop(err)
     this.link.forgetSession()
     if (this.uffd) {
@@ -380,6 +390,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   close(): void {
+    this.watchdog.stop()
     this.link.close()
     this.uffd?.close()
   }

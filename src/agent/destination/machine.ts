@@ -51,14 +51,15 @@ export interface DestinationHandlers {
 export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy' },
   [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
-  [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onPages(f), note: 'placed; urgent only after the hand-off' },
-  [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRanges(f), note: 'zero/free pages placed; urgent only after the hand-off' },
+  [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onPages(f), note: 'placed; urgent only after the hand-off; after it a page already held is ignored' },
+  [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRanges(f), note: 'zero/free pages placed; urgent only after the hand-off; after it a page already held is ignored' },
   [Msg.ROUND_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'end of a round' },
   [Msg.PRECOPY_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'no more rounds' },
   [Msg.HANDOFF]: { on: { bulk: [PRECOPY] }, handle: (d, f) => d.onHandoff(f), note: 'discard list applied, service restored; → postcopy' },
   [Msg.REQUEST_DONE]: { on: { urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRequestDone(f), note: 'closes one page request (bulk gate)' },
   [Msg.PUSH_END]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (d) => d.checkSettled(), note: 'the source pushed everything' },
   [Msg.RECOVER]: { on: { bulk: [LISTENING, RECOVERING, SETTLED] }, handle: (d) => d.onRecover(), note: 'both connections are back: RECOVER_STATE; → postcopy (listening: ERR_MIGRATION_NO_SESSION, the hand-off never arrived)' },
+  [Msg.KEEPALIVE]: { on: { urgent: ALL }, handle: () => {}, note: 'the source is alive (a quiet link is not a stuck peer)' },
   [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (d, f) => d.onPeerError(f), note: 'the source gave up' },
 }
 

@@ -47,22 +47,34 @@ export class Placement {
     this.uffd = uffd
   }
 
-  private markReceived(region: number, first: number, count: number, postcopy: boolean): void {
-    const added = this.received[region].setRange(first, count)
-    this.receivedCount += added
-    if (added < count && postcopy) {
+  private markReceived(region: number, first: number, count: number): void {
+    this.receivedCount += this.received[region].setRange(first, count)
+  }
+
+  /**
+   * After the hand-off, the one rule for a page that arrives again: a page
+   * already held here (data, known-zero or freed) is ignored and counted in
+   * pagesReceivedTwice; only missing pages are installed. A known-zero page
+   * has no page-table entry yet, so UFFDIO_COPY would otherwise put stale
+   * data over it; and the rule makes the order of arrival irrelevant (a run
+   * that completes the migration half-way through a frame leaves the rest
+   * of the frame with nothing to do).
+   */
+  private eachMissing(region: number, first: number, count: number, fn: (p: number, q: number) => void): void {
+    this.received[region].eachRun(first, first + count, (p, q, got) => {
+      if (!got) return fn(p, q)
       // a page freed here while the source had it in flight is not a resend
-      let twice = count - added
-      for (let p = first; p < first + count && twice > 0; p++) if (this.freedHere[region].has(p)) twice--
-      this.pagesReceivedTwice += twice
-    }
+      for (let k = p; k < q; k++) if (!this.freedHere[region].has(k)) this.pagesReceivedTwice++
+    })
   }
 
   pages(m: PagesMsg, postcopy: boolean): void {
     const r = this.regions[m.region]
     if (postcopy) {
-      this.uffd!.copy(r.id, m.firstPage * this.ps, m.data)
-      this.arrived(m.region, m.firstPage, m.pageCount)
+      this.eachMissing(m.region, m.firstPage, m.pageCount, (p, q) => {
+        this.uffd!.copy(r.id, p * this.ps, m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps))
+        this.arrived(m.region, p, q - p)
+      })
       return
     }
     // A page that holds data already (an older round's) is overwritten in
@@ -80,7 +92,7 @@ export class Placement {
       else put(p, q, false)
     })
     zero.clearRange(m.firstPage, m.pageCount)
-    this.markReceived(m.region, m.firstPage, m.pageCount, false)
+    this.markReceived(m.region, m.firstPage, m.pageCount)
   }
 
   /** Zero and free ranges alike: pages without payload that read as zero. */
@@ -92,11 +104,13 @@ export class Placement {
         // A page that held data from an earlier round is zero now.
         if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
         this.knownZero[region].setRange(first, count)
-        this.markReceived(region, first, count, false)
+        this.markReceived(region, first, count)
       } else {
-        this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
-        this.knownZero[region].setRange(first, count)
-        this.arrived(region, first, count)
+        this.eachMissing(region, first, count, (p, q) => {
+          this.uffd!.zeropage(r.id, p * this.ps, (q - p) * this.ps)
+          this.knownZero[region].setRange(p, q - p)
+          this.arrived(region, p, q - p)
+        })
       }
     }
   }
@@ -109,7 +123,7 @@ export class Placement {
   }
 
   private arrived(region: number, first: number, count: number): void {
-    this.markReceived(region, first, count, true)
+    this.markReceived(region, first, count)
     this.onArrived(region, first, count)
   }
 

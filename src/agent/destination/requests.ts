@@ -31,6 +31,8 @@ export class Requests {
   private readonly regionIndex: Map<number, number>
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
+  /** The last askAgain(): open requests count as asked from then on. */
+  private askedAgainAtMs = -Infinity
   readonly latency = new Samples()
   readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0 }
   private uffd: NativeUffd | undefined
@@ -158,8 +160,17 @@ export class Requests {
     if (done.length) this.sink.ready(done)
   }
 
+  /** Since when the oldest open fault request has waited for its page (undefined: none open). */
+  oldestRequestSinceMs(): number | undefined {
+    if (!this.faultStart.size) return undefined
+    let oldest = Infinity
+    for (const t of this.faultStart.values()) if (t < oldest) oldest = t
+    return Math.max(oldest, this.askedAgainAtMs)
+  }
+
   /** Recovery: ask again for every page in flight and every open ready() range (their replies may be lost). */
   askAgain(): void {
+    this.askedAgainAtMs = this.clock.now()
     for (let region = 0; region < this.regions.length; region++) {
       const runs: number[] = []
       for (const [first, count] of this.inFlight[region].runs()) runs.push(first, count)

@@ -43,6 +43,8 @@ export interface SourceOptions {
   recoveryTimeoutMs: number
   /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
   linkTimeoutMs: number
+  /** Sent to the destination: a page request of its unanswered this long means this side is stuck (its default: 5000). */
+  requestTimeoutMs?: number
   prepaging: PrepagingOptions
   /** Record the push order in the report (tests, benchmarks). */
   pushLog: boolean
@@ -182,6 +184,7 @@ export class MigrationSource implements SourceHandlers {
       const bulk = this.link.bulk
       bulk.send(encodeControl(Msg.REGIONS, {
         linkTimeoutMs: this.opts.linkTimeoutMs,
+        ...(this.opts.requestTimeoutMs !== undefined ? { requestTimeoutMs: this.opts.requestTimeoutMs } : {}),
         pageSize: this.binding.pageSize,
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
       }))

@@ -27,17 +27,45 @@ export interface LinkOptions {
   dial?: Dialer
 }
 
+/** Tries of a destination that answers ERR_MIGRATION_BUSY with retryAfterMs (its slot is held by a session that has not started). */
+const BUSY_TRIES = 3
+
 export class SourceLink {
   readonly urgent: Channel
   readonly bulk: Channel
+  private keepalive: NodeJS.Timeout | undefined
 
-  private constructor(urgent: Channel, bulk: Channel) {
+  private constructor(urgent: Channel, bulk: Channel, linkTimeoutMs: number) {
     this.urgent = urgent
     this.bulk = bulk
+    if (linkTimeoutMs > 0) {
+      // the destination takes a quiet link for a stuck source after linkTimeoutMs
+      this.keepalive = setInterval(() => {
+        if (!urgent.failed && !urgent.needsDrain) urgent.send(encodeControl(Msg.KEEPALIVE, {}))
+      }, linkTimeoutMs / 4)
+      this.keepalive.unref()
+      urgent.onClose(() => clearInterval(this.keepalive))
+    }
   }
 
-  /** Dials and authenticates both connections of `session`. */
-  static async open(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
+  /**
+   * Dials and authenticates both connections of `session`. A destination
+   * whose slot another source holds without starting answers BUSY with
+   * retryAfterMs: the slot lapses then, so wait and try again.
+   */
+  static async open(binding: NativeBinding, opts: LinkOptions, session: string, sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))): Promise<SourceLink> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await SourceLink.openOnce(binding, opts, session)
+      } catch (err) {
+        const retryAfterMs = (err as UffdMigrateError).retryAfterMs
+        if ((err as UffdMigrateError).code !== ErrorCode.BUSY || retryAfterMs === undefined || attempt >= BUSY_TRIES) throw err
+        await sleep(retryAfterMs)
+      }
+    }
+  }
+
+  private static async openOnce(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
     const { host, port } = parseAddress(opts.to)
     const dial = opts.dial ?? dialTcp
     const open = async (role: 'urgent' | 'bulk') => {
@@ -59,8 +87,11 @@ export class SourceLink {
       throw err
     }
     bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
-    for (const ch of [urgent, bulk]) ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
-    return new SourceLink(urgent, bulk)
+    for (const ch of [urgent, bulk]) {
+      ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+      ch.stallTimeoutMs = opts.linkTimeoutMs
+    }
+    return new SourceLink(urgent, bulk, opts.linkTimeoutMs)
   }
 
   get bytesWritten(): number {
@@ -72,6 +103,7 @@ export class SourceLink {
   }
 
   close(): void {
+    clearInterval(this.keepalive)
     this.urgent.close()
     this.bulk.close()
   }

@@ -4,6 +4,7 @@
  * frame and reports what the destination made of it.
  */
 import { PageBitmap } from '../../../src/bitmap'
+import type { Clock } from '../../../src/agent/clock'
 import { MigrationDestination } from '../../../src/agent/destination/index'
 import { DestPhase } from '../../../src/agent/destination/machine'
 import type { UffdMigrateError } from '../../../src/errors'
@@ -25,6 +26,10 @@ export interface Driven {
   bulk: Channel
   failure: Promise<UffdMigrateError>
   events: string[]
+  binding: FakeBinding
+  region: Region
+  /** Source ends of every transport opened, newest last. */
+  links: MemoryTransport[]
 }
 
 const PAGES = 8
@@ -32,7 +37,7 @@ export const turns = async (n = 5) => {
   for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r))
 }
 
-async function open(dest: MigrationDestination, role: 'urgent' | 'bulk', session: string, links: MemoryTransport[]): Promise<Channel> {
+export async function open(dest: MigrationDestination, role: 'urgent' | 'bulk', session: string, links: MemoryTransport[]): Promise<Channel> {
   const [a, b] = MemoryTransport.pair()
   links.push(a)
   void dest.accept(b)
@@ -42,25 +47,27 @@ async function open(dest: MigrationDestination, role: 'urgent' | 'bulk', session
 }
 
 /** A destination with one region of 8 pages, driven to `phase` by a raw source. */
-export async function drive(phase: DestPhase): Promise<Driven> {
+export async function drive(phase: DestPhase, opts: { clock?: Clock; regions?: Record<string, unknown> } = {}): Promise<Driven> {
   const binding = new FakeBinding(PS)
   const region = Region.create('r', PAGES * PS, binding)
   const events: string[] = []
   let fail!: (e: UffdMigrateError) => void
   const failure = new Promise<UffdMigrateError>((r) => (fail = r))
-  const dest = new MigrationDestination(binding, [region], [new PageBitmap(PAGES)], { token: TOKEN, bulkBufferBytes: 0 }, {
+  const dest = new MigrationDestination(binding, [region], [new PageBitmap(PAGES)], { token: TOKEN, bulkBufferBytes: 0, clock: opts.clock }, {
     restore: async () => 1,
     settled: () => events.push('settled'),
     ready: () => {},
     failed: (e) => fail(e as UffdMigrateError),
     recovering: () => events.push('recovering'),
+    refused: (m) => events.push(`refused: ${m}`),
+    sessionEnded: (e) => events.push(`ended: ${(e as UffdMigrateError).code}`),
   })
   const links: MemoryTransport[] = []
   const session = 'raw-session'
   let urgent = await open(dest, 'urgent', session, links)
   let bulk = await open(dest, 'bulk', session, links)
   if (phase !== DestPhase.LISTENING) {
-    bulk.send(encodeControl(Msg.REGIONS, { pageSize: PS, regions: [{ name: 'r', sizeBytes: PAGES * PS }], linkTimeoutMs: 0 }))
+    bulk.send(encodeControl(Msg.REGIONS, { pageSize: PS, regions: [{ name: 'r', sizeBytes: PAGES * PS }], linkTimeoutMs: 0, ...opts.regions }))
     const ok = await bulk.nextFrame()
     if (ok.type !== Msg.REGIONS_OK) throw new Error(`expected REGIONS_OK, got ${ok.type}`)
   }
@@ -79,7 +86,7 @@ export async function drive(phase: DestPhase): Promise<Driven> {
   const errors = { urgent: [] as UffdMigrateError[], bulk: [] as UffdMigrateError[] }
   urgent.onFrame((f) => void (f.type === Msg.ERROR && errors.urgent.push(peerError(f.payload))))
   bulk.onFrame((f) => void (f.type === Msg.ERROR && errors.bulk.push(peerError(f.payload))))
-  return { dest, urgent, bulk, failure, events, errors }
+  return { dest, urgent, bulk, failure, events, errors, binding, region, links }
 }
 
 /**

@@ -1,0 +1,31 @@
+/**
+ * REGIONS, the first message of a session: the source's region table must
+ * equal the destination's, and it carries the source's timeouts (bounded
+ * here: a peer cannot switch the stuck-peer rules off or make them absurd).
+ */
+import { ErrorCode, migrationError } from '../../errors'
+import type { Frame } from '../../protocol/frames'
+import { decodeControl, field, uint } from '../../protocol/messages'
+import type { Region } from '../../region'
+import { DEFAULT_REQUEST_TIMEOUT_MS, type StuckLimits } from './watchdog'
+
+export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: number): StuckLimits {
+  const m = decodeControl(f.type, f.payload)
+  const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
+  const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
+  const theirs = list.map((r, i) => {
+    if (typeof r !== 'object' || r === null) throw migrationError(ErrorCode.PROTOCOL, `expected REGIONS.regions[${i}] to be a map`)
+    const rec = r as Record<string, unknown>
+    return { name: field<string>(rec, 'name', 'string', `REGIONS.regions[${i}]`), sizeBytes: uint(rec, 'sizeBytes', `REGIONS.regions[${i}]`) }
+  })
+  const ours = regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes }))
+  const fmt = (t: { name: string; sizeBytes: number }[]) => t.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
+  if (pageSize !== pageSizeHere || JSON.stringify(theirs) !== JSON.stringify(ours)) {
+    throw migrationError(
+      ErrorCode.REGIONS,
+      `region table mismatch: the source has {${fmt(theirs)}} (page size ${pageSize}), the destination asked for {${fmt(ours)}} (page size ${pageSizeHere}); start the same service with the same region sizes on both hosts`,
+    )
+  }
+  const ms = (v: unknown, min: number, fallback: number) => (typeof v === 'number' && v >= min ? Math.min(v, 3600_000) : fallback)
+  return { linkTimeoutMs: ms(m.linkTimeoutMs, 1000, 0), requestTimeoutMs: ms(m.requestTimeoutMs, 100, DEFAULT_REQUEST_TIMEOUT_MS) }
+}

@@ -1,0 +1,106 @@
+/**
+ * Stuck-peer detection on the destination. The link timeout of the socket
+ * (TCP_USER_TIMEOUT, keepalive) only catches a dead link; a source that is
+ * connected but stopped (SIGSTOP, a wedged loop, a hostile peer) keeps the
+ * link up and the guest's faulting threads waiting. Three rules, checked a
+ * few times per timeout:
+ * - a page request unanswered for requestTimeoutMs (post-copy);
+ * - no byte on either connection for linkTimeoutMs while the session needs
+ *   the source (pre-copy, or post-copy with pages missing); a live source
+ *   sends KEEPALIVE, so a quiet link is a stuck peer;
+ * - a connection left half-way through a frame for linkTimeoutMs.
+ * Any of them is a broken link: post-copy enters recovery as for a reset,
+ * pre-copy ends the session (the source's service runs on).
+ */
+import { ErrorCode, migrationError } from '../../errors'
+import type { Channel } from '../../protocol/channel'
+import type { Clock, TimerHandle } from '../clock'
+import { DestPhase } from './machine'
+
+export interface WatchdogHost {
+  phase(): DestPhase
+  /** The session's connections now (none while recovering). */
+  channels(): Channel[]
+  /** Since when the oldest open page request has waited (undefined: none open). */
+  oldestRequestSinceMs(): number | undefined
+  /** Every page is local. */
+  complete(): boolean
+  broken(err: Error): void
+}
+
+export interface StuckLimits {
+  requestTimeoutMs: number
+  linkTimeoutMs: number
+}
+
+export const DEFAULT_REQUEST_TIMEOUT_MS = 5000
+
+export class Watchdog {
+  private timer: TimerHandle | undefined
+  private limits: StuckLimits = { requestTimeoutMs: 0, linkTimeoutMs: 0 }
+  /** Per connection: bytes read at the last change and when that was. */
+  private readonly seen = new Map<Channel, { bytes: number; atMs: number }>()
+
+  constructor(
+    private readonly clock: Clock,
+    private readonly host: WatchdogHost,
+  ) {}
+
+  /** Arms the checks with the session's limits (0: that rule is off). */
+  start(limits: StuckLimits): void {
+    this.stop()
+    this.limits = limits
+    const on = [limits.requestTimeoutMs, limits.linkTimeoutMs].filter((t) => t > 0)
+    if (!on.length) return
+    const everyMs = Math.max(50, Math.min(1000, Math.min(...on) / 5))
+    const tick = () => {
+      this.timer = this.clock.setTimeout(tick, everyMs)
+      this.check()
+    }
+    this.timer = this.clock.setTimeout(tick, everyMs)
+  }
+
+  stop(): void {
+    if (this.timer !== undefined) this.clock.clearTimeout(this.timer)
+    this.timer = undefined
+    this.seen.clear()
+  }
+
+  /** A new pair after recovery: progress is measured from now. */
+  reset(): void {
+    this.seen.clear()
+  }
+
+  check(): void {
+    const phase = this.host.phase()
+    if (phase !== DestPhase.PRECOPY && phase !== DestPhase.POSTCOPY) return
+    const now = this.clock.now()
+    const { requestTimeoutMs, linkTimeoutMs } = this.limits
+    let lastProgressMs = -Infinity
+    for (const ch of this.host.channels()) {
+      const s = this.seen.get(ch)
+      if (!s || s.bytes !== ch.bytesRead) this.seen.set(ch, { bytes: ch.bytesRead, atMs: now })
+      const atMs = this.seen.get(ch)!.atMs
+      lastProgressMs = Math.max(lastProgressMs, atMs)
+      if (linkTimeoutMs > 0 && ch.midFrame && now - atMs > linkTimeoutMs) {
+        return this.stuck(`the ${ch.name} connection stopped half-way through a frame ${Math.round(now - atMs)} ms ago`)
+      }
+    }
+    if (phase === DestPhase.POSTCOPY && requestTimeoutMs > 0) {
+      const since = this.host.oldestRequestSinceMs()
+      if (since !== undefined && now - since > requestTimeoutMs) {
+        return this.stuck(`a page request has been unanswered for ${Math.round(now - since)} ms (requestTimeoutMs ${requestTimeoutMs})`)
+      }
+    }
+    const needsSource = phase === DestPhase.PRECOPY || !this.host.complete()
+    if (linkTimeoutMs > 0 && needsSource && lastProgressMs > -Infinity && now - lastProgressMs > linkTimeoutMs) {
+      this.stuck(`nothing arrived from the source for ${Math.round(now - lastProgressMs)} ms (linkTimeoutMs ${linkTimeoutMs})`)
+    }
+  }
+
+  private stuck(why: string): void {
+    this.seen.clear()
+    // CONNECTION: handled exactly as a reset (post-copy: recovery)
+    this.host.broken(migrationError(ErrorCode.CONNECTION, `the source looks stuck: ${why}; treated as a broken link`))
+  }
+}

@@ -1,0 +1,218 @@
+/**
+ * Hostile and stuck peers against a real destination engine (fake binding,
+ * in-memory transports, a fake clock): what an unauthenticated peer may cost,
+ * the handshake deadline, the slot of a session that never starts, the
+ * stuck-source rules, and the one rule for a page that arrives twice after
+ * the hand-off.
+ */
+import { describe, expect, it } from 'vitest'
+import { PageBitmap } from '../../src/bitmap'
+import { MigrationDestination } from '../../src/agent/destination/index'
+import { DestPhase } from '../../src/agent/destination/machine'
+import type { UffdMigrateError } from '../../src/errors'
+import { Channel } from '../../src/protocol/channel'
+import { clientHandshake, peerError } from '../../src/protocol/handshake'
+import { encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../../src/protocol/messages'
+import { Region } from '../../src/region'
+import { FakeBinding } from '../../src/testing/fake-binding'
+import { FakeClock } from '../../src/testing/fake-clock'
+import { MemoryTransport } from '../../src/testing/memory-transport'
+import { drive, open, turns } from './helpers/raw-source'
+import { PS, TOKEN } from './helpers/wire'
+
+function listening(clock: FakeClock) {
+  const binding = new FakeBinding(PS)
+  const region = Region.create('r', 8 * PS, binding)
+  const refused: string[] = []
+  const ended: string[] = []
+  const dest = new MigrationDestination(binding, [region], [new PageBitmap(8)], { token: TOKEN, bulkBufferBytes: 0, clock }, {
+    restore: async () => 1, settled: () => {}, ready: () => {}, failed: () => {},
+    refused: (m) => refused.push(m),
+    sessionEnded: (e) => ended.push((e as UffdMigrateError).code),
+  })
+  return { dest, refused, ended }
+}
+
+/** A raw peer: its end of an in-memory connection the destination accepted. */
+function rawPeer(dest: MigrationDestination): MemoryTransport {
+  const [a, b] = MemoryTransport.pair()
+  void dest.accept(b, 'peer:1')
+  return a
+}
+
+const encodePages = (region: number, first: number, count: number, data: Buffer) => [pagesHeader(region, first, count, PS), data]
+
+const refusalsOf = (d: MigrationDestination) => (d as unknown as { link: { refusals: Record<string, number> } }).link.refusals
+
+describe('before authentication', () => {
+  it('refuses a frame larger than a handshake message from its header, before buffering its body', async () => {
+    const { dest, refused } = listening(new FakeClock())
+    const peer = rawPeer(dest)
+    const header = Buffer.alloc(5)
+    header.writeUInt32BE(64 << 20, 0)
+    header[4] = Msg.HELLO
+    peer.write(header)
+    peer.write(Buffer.alloc(60_000)) // the start of the 64 MiB it announced
+    await turns()
+    expect(refused).toHaveLength(1)
+    expect(refused[0]).toMatch(/refused a connection from peer:1: expected a frame of 1\.\.4097 bytes, got a length of 67108864 \[ERR_MIGRATION_PROTOCOL\]/)
+    expect(peer.destroyed || peer.peer.destroyed).toBe(true)
+    expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_PROTOCOL: 1 })
+  })
+
+  it('closes a connection that does not authenticate within the handshake deadline', async () => {
+    const clock = new FakeClock()
+    const { dest, refused } = listening(clock)
+    rawPeer(dest) // connects, says nothing
+    await turns()
+    clock.advance(4999)
+    await turns()
+    expect(refused).toEqual([])
+    clock.advance(2)
+    await turns()
+    expect(refused).toEqual(['refused a connection from peer:1: did not authenticate within 5000 ms [ERR_MIGRATION_TIMEOUT]'])
+  })
+
+  it('holds frames sent ahead of the handshake in TCP (reading stops), not in memory', async () => {
+    const { dest } = listening(new FakeClock())
+    const [a, b] = MemoryTransport.pair()
+    void dest.accept(b, 'peer:1')
+    // a HELLO that waits for nothing, then many small frames in one chunk each
+    const junk = Buffer.concat(Array.from({ length: 50 }, () => Buffer.concat(encodeControl(Msg.AUTH, { proof: Buffer.alloc(32) }))))
+    for (let i = 0; i < 20; i++) a.write(junk)
+    await turns()
+    // the destination read the first chunk and then paused: the rest is unread on the writer's side
+    expect(b.isPaused()).toBe(true)
+    expect(a.unread).toBeGreaterThan(junk.length * 15)
+  })
+
+  it('refuses connections beyond the cap on unauthenticated ones at once, then takes new ones when the deadline frees slots', async () => {
+    const clock = new FakeClock()
+    const { dest, refused } = listening(clock)
+    for (let i = 0; i < 20; i++) rawPeer(dest)
+    await turns()
+    expect(refused).toHaveLength(4)
+    expect(refused[0]).toMatch(/16 connections are already authenticating \(the limit\) \[ERR_MIGRATION_BUSY\]/)
+    clock.advance(5001)
+    await turns()
+    expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 4, ERR_MIGRATION_TIMEOUT: 16 })
+    // slots are free again: a real source authenticates
+    const links: MemoryTransport[] = []
+    const ch = await open(dest, 'urgent', 's1', links)
+    expect(ch.failed).toBeUndefined()
+  })
+})
+
+describe('the slot of a session', () => {
+  it('lapses when the session does not send REGIONS within the deadline; meanwhile another source hears BUSY with retryAfterMs', async () => {
+    const clock = new FakeClock()
+    const { dest, ended } = listening(clock)
+    const links: MemoryTransport[] = []
+    const squatter = await open(dest, 'urgent', 'squatter', links)
+    const told: UffdMigrateError[] = []
+    squatter.onFrame((f) => void (f.type === Msg.ERROR && told.push(peerError(f.payload))))
+    clock.advance(1000)
+    const [a, b] = MemoryTransport.pair()
+    void dest.accept(b, 'peer:2')
+    const busy = await clientHandshake(new Channel(a, 'urgent'), TOKEN, { role: 'urgent', session: 'real' }).then(() => undefined, (e: UffdMigrateError) => e)
+    expect(busy?.code).toBe('ERR_MIGRATION_BUSY')
+    expect(busy?.retryAfterMs).toBe(4050)
+    clock.advance(4100)
+    await turns()
+    expect(ended).toEqual(['ERR_MIGRATION_TIMEOUT'])
+    expect(told.map((e) => e.code)).toEqual(['ERR_MIGRATION_TIMEOUT'])
+    expect(told[0].message).toMatch(/session squatter authenticated but did not send its region table within 5000 ms/)
+    expect(dest.phase).toBe(DestPhase.LISTENING)
+    const real = await open(dest, 'urgent', 'real', links)
+    expect(real.failed).toBeUndefined()
+    expect(refusalsOf(dest).ERR_MIGRATION_TIMEOUT).toBe(1)
+  })
+})
+
+describe('a stuck source', () => {
+  it('post-copy: a page request unanswered for requestTimeoutMs is a broken link, and the destination recovers', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 10_000, requestTimeoutMs: 2000 } })
+    void d.binding.touch(d.region.id, 3) // a thread faults; the source never answers
+    await turns()
+    clock.advance(1900)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+    clock.advance(600)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+    expect(d.events).toContain('recovering')
+  })
+
+  it('post-copy: nothing on either connection for linkTimeoutMs while pages are missing is a broken link; KEEPALIVE is progress', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 4000 } })
+    for (let t = 0; t < 12_000; t += 1000) {
+      d.urgent.send(encodeControl(Msg.KEEPALIVE, {}))
+      await turns()
+      clock.advance(1000)
+      await turns()
+    }
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+    clock.advance(4500)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+  })
+
+  it('a frame left half-sent for linkTimeoutMs is a broken link', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 4000 } })
+    const frame = Buffer.concat(encodePages(0, 0, 1, Buffer.alloc(PS, 7)))
+    d.links.at(-1)!.write(frame.subarray(0, 100)) // bulk: header and the start of the page
+    for (let t = 0; t < 4000; t += 1000) {
+      d.urgent.send(encodeControl(Msg.KEEPALIVE, {})) // the other connection is alive
+      await turns()
+      clock.advance(1000)
+      await turns()
+    }
+    clock.advance(2000)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+  })
+
+  it('pre-copy: a quiet source ends the session and the destination listens again', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })
+    clock.advance(3000)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.PRECOPY)
+    clock.advance(3000)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.LISTENING)
+    expect(d.events).toContain('ended: ERR_MIGRATION_CONNECTION')
+  })
+})
+
+describe('after the hand-off, a page the destination holds', () => {
+  it('is ignored when known-zero (no page-table entry yet), not installed over', async () => {
+    const d = await drive(DestPhase.PRECOPY)
+    d.bulk.send(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, [0, 4]))
+    d.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: 60_000 }))
+    await turns()
+    d.urgent.send(encodePages(0, 2, 1, Buffer.alloc(PS, 0xee))) // a page known to be zero
+    await turns()
+    expect(d.binding.isPresent(d.region.id, 2)).toBe(false) // still untouched: reads as zero when it faults
+    expect(d.errors.urgent).toEqual([])
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+  })
+
+  it('a RANGES frame whose first run completes the migration: the rest is ignored, no error; data after settled is ignored on both channels', async () => {
+    const d = await drive(DestPhase.PRECOPY)
+    d.bulk.send(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, [0, 4]))
+    d.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: 60_000 }))
+    await turns()
+    d.bulk.send(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, [4, 4, 0, 2]))
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.SETTLED)
+    d.bulk.send(encodePages(0, 5, 1, Buffer.alloc(PS, 1)))
+    d.urgent.send(encodePages(0, 6, 1, Buffer.alloc(PS, 1)))
+    await turns()
+    expect(d.errors.bulk.map((e) => e.code)).toEqual([])
+    expect(d.errors.urgent).toEqual([])
+  })
+})
