@@ -10,7 +10,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { Guest } from '../src/guest'
 import { Channel } from '../src/protocol/channel'
 import { clientHandshake, peerError } from '../src/protocol/handshake'
-import { encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME } from '../src/protocol/messages'
+import { encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION } from '../src/protocol/messages'
 import { freePort, LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 
@@ -120,7 +120,7 @@ describe.skipIf(skip)('migration failures', () => {
     const err = await guest.migrate({ to: `127.0.0.1:${(server.address() as { port: number }).port}` }).catch((e) => e)
     server.close()
     expect(err.code).toBe('ERR_MIGRATION_VERSION')
-    expect(err.message).toMatch(/version 99.*version 2/)
+    expect(err.message).toMatch(new RegExp(`version 99.*version ${PROTOCOL_VERSION}`))
     expect(unharmed()).toBe(true)
   })
 

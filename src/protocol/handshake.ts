@@ -16,7 +16,8 @@ export interface HelloInfo {
   session: string
 }
 
-function proof(token: Buffer, who: 'client' | 'server', info: HelloInfo, a: Uint8Array, b: Uint8Array): Buffer {
+/** The HMAC one side sends to prove it holds the token (exported for the fuzzer, which writes raw handshakes). */
+export function handshakeProof(token: Buffer, who: 'client' | 'server', info: HelloInfo, a: Uint8Array, b: Uint8Array): Buffer {
   return createHmac('sha256', token).update(`${PROTOCOL_NAME}/${who}/${info.role}/${info.session}/`).update(a).update(b).digest()
 }
 
@@ -58,12 +59,12 @@ export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInf
   checkVersion(m)
   const peerNonce = field<Uint8Array>(m, 'nonce', 'bytes', 'HELLO')
   try {
-    verify(proof(token, 'server', info, nonce, peerNonce), field<Uint8Array>(m, 'proof', 'bytes', 'HELLO'), 'the destination')
+    verify(handshakeProof(token, 'server', info, nonce, peerNonce), field<Uint8Array>(m, 'proof', 'bytes', 'HELLO'), 'the destination')
   } catch (err) {
     ch.sendError(err as UffdMigrateError)
     throw err
   }
-  ch.send(encodeControl(Msg.AUTH, { proof: proof(token, 'client', info, peerNonce, nonce) }))
+  ch.send(encodeControl(Msg.AUTH, { proof: handshakeProof(token, 'client', info, peerNonce, nonce) }))
   const ready = await ch.nextFrame()
   if (ready.type === Msg.ERROR) throw peerError(ready.payload)
   if (ready.type !== Msg.READY) throw migrationError(ErrorCode.PROTOCOL, `expected READY, got message type ${ready.type}`)
@@ -89,11 +90,11 @@ export async function serverHandshake(ch: Channel, token: Buffer, admit: (info: 
     const peerNonce = field<Uint8Array>(m, 'nonce', 'bytes', 'HELLO')
     if (peerNonce.length !== 32) throw migrationError(ErrorCode.PROTOCOL, 'expected a 32-byte HELLO.nonce')
     const nonce = randomBytes(32)
-    ch.send(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, nonce, proof: proof(token, 'server', info, peerNonce, nonce) }))
+    ch.send(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, nonce, proof: handshakeProof(token, 'server', info, peerNonce, nonce) }))
     const auth = await ch.nextFrame()
     if (auth.type === Msg.ERROR) throw peerError(auth.payload)
     if (auth.type !== Msg.AUTH) throw migrationError(ErrorCode.PROTOCOL, `expected AUTH, got message type ${auth.type}`)
-    verify(proof(token, 'client', info, nonce, peerNonce), field<Uint8Array>(decodeControl(auth.type, auth.payload), 'proof', 'bytes', 'AUTH'), 'the source')
+    verify(handshakeProof(token, 'client', info, nonce, peerNonce), field<Uint8Array>(decodeControl(auth.type, auth.payload), 'proof', 'bytes', 'AUTH'), 'the source')
     admit(info)
     ch.authenticated()
     ch.send(encodeControl(Msg.READY, {}))

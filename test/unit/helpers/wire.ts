@@ -17,17 +17,7 @@ import { MemoryTransport } from '../../../src/testing/memory-transport'
 export const PS = 4096
 export const TOKEN = Buffer.from('unit-test-token-0123456789')
 
-/** Deterministic PRNG (mulberry32). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+export { prng } from '../../../src/testing/prng'
 
 export interface Pair {
   src: FakeBinding

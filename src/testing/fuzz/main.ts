@@ -1,0 +1,43 @@
+/**
+ * `npm run fuzz -- --frames 100000 --seed N [--json]`: the structure-aware
+ * fuzzer against the real addon (see session.ts). Prints the outcome table;
+ * exits 1 on any crash, hang, wrong page or rejection without an ERR_ code.
+ */
+import { loadBinding } from '../../binding'
+import { fuzzTable, runFuzz } from './run'
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2)
+  const arg = (name: string, fallback: number) => {
+    const i = args.indexOf(`--${name}`)
+    const v = i >= 0 ? Number(args[i + 1]) : fallback
+    if (!Number.isInteger(v) || v < 0) throw new Error(`expected --${name} to be a whole number, got ${args[i + 1]}`)
+    return v
+  }
+  const frames = arg('frames', 100_000)
+  const seed = arg('seed', 1)
+  let crashes = 0
+  process.on('uncaughtException', (err) => {
+    crashes++
+    console.error(`uncaught: ${err.stack ?? err}`)
+  })
+  process.on('unhandledRejection', (err) => {
+    crashes++
+    console.error(`unhandled rejection: ${(err as Error).stack ?? err}`)
+  })
+  const report = await runFuzz({
+    binding: loadBinding(),
+    frames,
+    seed,
+    onProgress: (r) => process.stderr.write(`fuzz: ${r.frames}/${frames} frames, ${r.sessions} sessions\n`),
+  })
+  report.totals.crashes += crashes
+  console.log(args.includes('--json') ? JSON.stringify(report, null, 2) : fuzzTable(report))
+  const t = report.totals
+  process.exitCode = t.crashes + t.hangs + t.badPages + t.uncoded > 0 ? 1 : 0
+}
+
+main().catch((err) => {
+  console.error(err)
+  process.exitCode = 2
+})

@@ -1,0 +1,112 @@
+/**
+ * The fuzz loop: sessions from a seed until `frames` frames went out, each
+ * with one mutated frame at a random point (the handshake included), and the
+ * table of outcomes. Deterministic for a seed (fake clock, seeded choices).
+ */
+import type { NativeBinding } from '../../binding'
+import { prng } from '../prng'
+import { type Mutation, MUTATIONS } from './mutate'
+import { FuzzSession } from './session'
+
+export interface FuzzRow {
+  sessions: number
+  rejected: number
+  accepted: number
+  ends: Record<string, number>
+  codes: Record<string, number>
+  hangs: number
+  badPages: number
+  /** Rejections without an ERR_ code. */
+  uncoded: number
+  crashes: number
+}
+
+export interface FuzzReport {
+  seed: number
+  frames: number
+  sessions: number
+  rows: Record<Mutation, FuzzRow>
+  totals: FuzzRow
+  /** The first few failures, to reproduce: seed, session, mutation, point, what. */
+  failures: string[]
+  elapsedMs: number
+}
+
+const emptyRow = (): FuzzRow => ({ sessions: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0 })
+
+export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
+  const t0 = performance.now()
+  const rand = prng(opts.seed)
+  const rows = Object.fromEntries(MUTATIONS.map((m) => [m, emptyRow()])) as Record<Mutation, FuzzRow>
+  const report: FuzzReport = { seed: opts.seed, frames: 0, sessions: 0, rows, totals: emptyRow(), failures: [], elapsedMs: 0 }
+  let lastProgress = t0
+  while (report.frames < opts.frames) {
+    const kind = MUTATIONS[Math.floor(rand() * MUTATIONS.length)]
+    const sessionSeed = Math.floor(rand() * 2 ** 31)
+    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed)
+    const at = Math.floor(rand() * (session.frameCount + 1)) - 1 // -1: the handshake
+    const row = rows[kind]
+    row.sessions++
+    report.sessions++
+    const fail = (what: string) => {
+      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} session ${report.sessions} (session seed ${sessionSeed}): ${kind} at frame ${at}: ${what}`)
+    }
+    try {
+      const r = await session.run(at, kind)
+      report.frames += r.frames
+      if (r.rejected) row.rejected++
+      else row.accepted++
+      row.ends[r.end] = (row.ends[r.end] ?? 0) + 1
+      for (const c of r.codes) {
+        row.codes[c] = (row.codes[c] ?? 0) + 1
+        if (!/^ERR_[A-Z_]+$/.test(c)) {
+          row.uncoded++
+          fail(`a rejection without an ERR_ code: ${c}`)
+        }
+      }
+      if (r.hang) {
+        row.hangs++
+        fail(`hang: ${r.hang}`)
+      }
+      if (r.badPages) {
+        row.badPages += r.badPages
+        fail(`${r.badPages} pages wrong after the session (end: ${r.end})`)
+      }
+    } catch (err) {
+      row.crashes++
+      fail(`crash: ${(err as Error).stack ?? err}`)
+    } finally {
+      session.close()
+    }
+    if (opts.onProgress && performance.now() - lastProgress > 2000) {
+      lastProgress = performance.now()
+      opts.onProgress(report)
+    }
+  }
+  for (const row of Object.values(rows)) {
+    const t = report.totals
+    for (const k of ['sessions', 'rejected', 'accepted', 'hangs', 'badPages', 'uncoded', 'crashes'] as const) t[k] += row[k]
+    for (const [k, v] of Object.entries(row.ends)) t.ends[k] = (t.ends[k] ?? 0) + v
+    for (const [k, v] of Object.entries(row.codes)) t.codes[k] = (t.codes[k] ?? 0) + v
+  }
+  report.elapsedMs = performance.now() - t0
+  return report
+}
+
+/** The outcome table (markdown). */
+export function fuzzTable(r: FuzzReport): string {
+  const short = (c: string) => c.replace(/^ERR_MIGRATION_/, '').replace(/^ERR_/, '')
+  const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
+  const lines = [
+    `fuzz: seed ${r.seed}, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s`,
+    '',
+    '| mutation | sessions | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---|---|',
+  ]
+  const row = (name: string, x: FuzzRow) =>
+    `| ${name} | ${x.sessions} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
+  for (const [name, x] of Object.entries(r.rows)) lines.push(row(name, x))
+  lines.push(row('**all**', r.totals))
+  if (r.failures.length) lines.push('', 'failures:', ...r.failures.map((f) => `- ${f}`))
+  return lines.join('\n')
+}

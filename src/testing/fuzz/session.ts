@@ -1,0 +1,337 @@
+/**
+ * One fuzz session against a real destination engine (the real addon:
+ * mmap'd regions, a real userfaultfd, UFFDIO_COPY) over in-memory
+ * connections and a fake clock. The fuzzer plays the source: it sends a valid
+ * session's frames up to a chosen one, sends that one mutated (and a couple
+ * of valid frames after it), records how the destination took it, then ends
+ * the session as a real source would have to and checks every page:
+ * - before the hand-off: it hangs up; the destination must listen again, and
+ *   a correct migration from scratch must then settle with every page right;
+ * - after it: it hangs up and comes back (RECOVER), sends what the
+ *   destination says it lacks, and every page must be right once settled;
+ *   if the destination failed instead, every page it holds must be right.
+ */
+import { PageBitmap } from '../../bitmap'
+import type { NativeBinding } from '../../binding'
+import { MigrationDestination } from '../../agent/destination/index'
+import { DestPhase } from '../../agent/destination/machine'
+import type { UffdMigrateError } from '../../errors'
+import { Channel } from '../../protocol/channel'
+import { handshakeProof, peerError } from '../../protocol/handshake'
+import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
+import { Region } from '../../region'
+import { FakeClock } from '../fake-clock'
+import { MemoryTransport } from '../memory-transport'
+import { type Mutation, mutate, type ScriptFrame } from './mutate'
+
+export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
+const LAYOUT = [16, 8]
+
+export interface SessionResult {
+  /** Frames written, valid ones included. */
+  frames: number
+  /** The destination said no: an ERROR frame, a refused connection, an ended or failed session. */
+  rejected: boolean
+  /** Every code the destination gave (ERROR frames and hooks). */
+  codes: string[]
+  /** The session could not be brought to an end state. */
+  hang?: string
+  /** Pages whose bytes differ from the source's after the session (or held wrongly after a failure). */
+  badPages: number
+  /** How the session ended: settled after a fresh migration, settled after recovery, failed. */
+  end: 'fresh' | 'recovered' | 'failed' | 'settled'
+}
+
+/** Every page's final content: data (a seeded pattern) or zero. */
+class Content {
+  readonly zero: boolean[][]
+  readonly changed: boolean[][]
+  constructor(private readonly seed: number, rand: () => number, readonly ps: number) {
+    this.zero = LAYOUT.map((n) => Array.from({ length: n }, () => rand() < 0.25))
+    this.changed = LAYOUT.map((n, r) => Array.from({ length: n }, (_, p) => !this.zero[r][p] && rand() < 0.3))
+  }
+
+  page(region: number, page: number, version: 0 | 1): Buffer {
+    const b = Buffer.alloc(this.ps)
+    for (let i = 0; i < this.ps; i += 4) b.writeUInt32LE((this.seed * 2654435761 + region * 7919 + page * 104729 + version * 31 + i) >>> 0, i)
+    return b
+  }
+
+  final(region: number, page: number): Buffer {
+    return this.zero[region][page] ? Buffer.alloc(this.ps) : this.page(region, page, this.changed[region][page] ? 1 : 0)
+  }
+}
+
+interface Link {
+  urgent: Channel
+  bulk: Channel
+  ends: MemoryTransport[]
+  codes: string[]
+}
+
+const turns = async (n = 4) => {
+  for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r))
+}
+
+export class FuzzSession {
+  private readonly clock = new FakeClock()
+  private readonly regions: Region[]
+  private readonly dest: MigrationDestination
+  private readonly content: Content
+  private readonly hookCodes: string[] = []
+  private settled = false
+  private failed = false
+  private frames = 0
+  private sessionSeq = 0
+
+  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number) {
+    const ps = binding.pageSize
+    this.content = new Content(seed, rand, ps)
+    this.regions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
+    const code = (e: Error) => this.hookCodes.push((e as UffdMigrateError).code ?? 'NO_CODE')
+    this.dest = new MigrationDestination(binding, this.regions, LAYOUT.map((n) => new PageBitmap(n)), { token: FUZZ_TOKEN, bulkBufferBytes: 0, clock: this.clock }, {
+      restore: async () => this.clock.now(),
+      settled: () => (this.settled = true),
+      ready: () => {},
+      failed: (e) => {
+        this.failed = true
+        code(e)
+      },
+      refused: (m) => this.hookCodes.push(/\[(\w+)\]$/.exec(m)?.[1] ?? 'NO_CODE'),
+      sessionEnded: code,
+    })
+  }
+
+  /** Frames of the valid script (after the handshake). */
+  get frameCount(): number {
+    return this.script().frames.length
+  }
+
+  /** The valid frames of a whole session after the handshake, in order. */
+  private script(): { frames: ScriptFrame[]; handoffAt: number } {
+    const c = this.content, ps = this.binding.pageSize
+    const out: ScriptFrame[] = []
+    const push = (channel: 'urgent' | 'bulk', type: number, bytes: Buffer) => out.push({ channel, type, bytes })
+    const control = (channel: 'urgent' | 'bulk', type: Msg, body: object) => push(channel, type, Buffer.concat(encodeControl(type, body)))
+    const pages = (channel: 'urgent' | 'bulk', r: number, first: number, list: Buffer[]) =>
+      push(channel, Msg.PAGES, Buffer.concat([pagesHeader(r, first, list.length, ps), ...list]))
+    control('bulk', Msg.REGIONS, { linkTimeoutMs: 10_000, requestTimeoutMs: 5000, pageSize: ps, regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+    control('urgent', Msg.CLOCK, { t0: 1 })
+    // round 0: the data pages in the first three quarters (version 0), every zero page as a run
+    LAYOUT.forEach((n, r) => {
+      const zeros: number[] = []
+      for (let p = 0; p < n; p++) if (c.zero[r][p]) zeros.push(p, 1)
+      if (zeros.length) push('bulk', Msg.RANGES, encodeRuns(Msg.RANGES, RangeKind.ZERO, r, zeros))
+      for (let p = 0; p < Math.floor((n * 3) / 4); p += 2) {
+        const list = [p, p + 1].filter((q) => q < n && !c.zero[r][q]).map((q) => c.page(r, q, 0))
+        if (list.length === 2) pages('bulk', r, p, list)
+        else if (list.length === 1) pages('bulk', r, c.zero[r][p] ? p + 1 : p, list)
+      }
+    })
+    control('bulk', Msg.ROUND_END, { round: 0 })
+    control('bulk', Msg.PRECOPY_END, {})
+    // the hand-off: pages changed since round 0 are discarded and come again in post-copy
+    const discard = LAYOUT.map((n, r) => {
+      const runs: number[] = []
+      for (let p = 0; p < Math.floor((n * 3) / 4); p++) if (c.changed[r][p]) runs.push(p, 1)
+      const b = Buffer.alloc(runs.length * 4)
+      runs.forEach((v, i) => b.writeUInt32LE(v, i * 4))
+      return b
+    })
+    const handoffAt = out.length
+    control('bulk', Msg.HANDOFF, { state: new Uint8Array([1, 2, 3]), discard, recoveryTimeoutMs: 60_000 })
+    // post-copy: changed pages (as replies on urgent) and the last quarter (pushed on bulk)
+    LAYOUT.forEach((n, r) => {
+      for (let p = 0; p < n; p++) {
+        if (c.zero[r][p]) continue
+        if (p < Math.floor((n * 3) / 4) && c.changed[r][p]) pages('urgent', r, p, [c.final(r, p)])
+        else if (p >= Math.floor((n * 3) / 4)) pages('bulk', r, p, [c.final(r, p)])
+      }
+    })
+    control('bulk', Msg.PUSH_END, {})
+    return { frames: out, handoffAt }
+  }
+
+  /** Opens both connections of a session (a correct handshake). */
+  private async connect(session: string): Promise<Link> {
+    const codes: string[] = []
+    const ends: MemoryTransport[] = []
+    const open = async (role: 'urgent' | 'bulk') => {
+      const [a, b] = MemoryTransport.pair()
+      ends.push(a)
+      void this.dest.accept(b, 'fuzzer')
+      const ch = new Channel(a, role)
+      const nonce = Buffer.alloc(32, 7)
+      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce })))
+      const hello = await this.next(ch)
+      if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
+      const peerNonce = decodeControl(hello.type, hello.payload).nonce as Uint8Array
+      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce) })))
+      const ready = await this.next(ch)
+      if (ready.type !== Msg.READY) throw new Error(`fuzzer: expected READY, got ${ready.type === Msg.ERROR ? peerError(ready.payload).message : ready.type}`)
+      ch.authenticated()
+      ch.onFrame((f) => void (f.type === Msg.ERROR && codes.push(peerError(f.payload).code)))
+      return ch
+    }
+    const urgent = await open('urgent')
+    const bulk = await open('bulk')
+    return { urgent, bulk, ends, codes }
+  }
+
+  private write(t: MemoryTransport, bytes: Buffer): void {
+    if (bytes.length) t.write(bytes)
+  }
+
+  private async next(ch: Channel): Promise<{ type: number; payload: Buffer }> {
+    const f = ch.nextFrame()
+    for (let i = 0; i < 50; i++) {
+      const got = await Promise.race([f, turns(1).then(() => undefined)])
+      if (got) return got
+    }
+    throw new Error('fuzzer: no answer from the destination')
+  }
+
+  private send(link: Link, f: ScriptFrame): void {
+    this.frames++
+    this.write(link.ends[f.channel === 'urgent' ? 0 : 1], f.bytes)
+  }
+
+  /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
+  private async until(cond: () => boolean, maxMs = 120_000): Promise<boolean> {
+    for (let t = 0; t <= maxMs; t += 250) {
+      await turns()
+      if (cond()) return true
+      this.clock.advance(250)
+    }
+    return false
+  }
+
+  /** A whole correct migration from a fresh session; the destination must be listening. */
+  private async migrateCorrectly(): Promise<void> {
+    const link = await this.connect(`good-${++this.sessionSeq}`)
+    for (const f of this.script().frames) {
+      this.send(link, f)
+      await turns(1)
+    }
+  }
+
+  /** Mutates frame `at` of the script (at = -1: the handshake) with `kind`; see the file's comment. */
+  async run(at: number, kind: Mutation): Promise<SessionResult> {
+    const { frames } = this.script()
+    let link: Link | undefined
+    const ends: MemoryTransport[] = []
+    if (at < 0) {
+      ends.push(await this.handshakeMutated(kind))
+    } else {
+      link = await this.connect(`fuzz-${++this.sessionSeq}`)
+      ends.push(...link.ends)
+      for (let i = 0; i < at; i++) this.send(link, frames[i])
+      await turns()
+      const m = mutate(frames[at], kind, this.rand, LAYOUT)
+      for (const w of m.writes) this.write(link.ends[m.channel === 'urgent' ? 0 : 1], w)
+      this.frames += m.frames
+      // a couple of valid frames after it: a desynchronised stream must still fail cleanly
+      for (let i = at + 1; i < Math.min(frames.length, at + 3); i++) this.send(link, frames[i])
+      await turns(8)
+    }
+    const codes = [...this.hookCodes, ...(link?.codes ?? [])]
+    const rejected = codes.length > 0
+    const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled' }
+    // end it as a source would: hang up (an authenticated half-session must not keep the slot), then come back or start over
+    for (const t of ends) t.cut()
+    await turns()
+    const phase = this.dest.phase as DestPhase
+    if (this.settled) result.end = 'settled'
+    else if (phase === DestPhase.LISTENING || phase === DestPhase.PRECOPY) {
+      if (!(await this.until(() => this.dest.phase === DestPhase.LISTENING))) result.hang = `did not listen again (phase ${this.dest.phase})`
+      else {
+        await this.migrateCorrectly()
+        result.end = 'fresh'
+      }
+    } else if (phase === DestPhase.RECOVERING) {
+      await this.recover()
+      result.end = 'recovered'
+    } else if (phase !== DestPhase.FAILED) result.hang = `phase ${this.dest.phase} after the hang-up`
+    if (!result.hang && !this.failed && !(await this.until(() => this.settled || this.failed))) result.hang = `did not settle (phase ${this.dest.phase})`
+    if (this.failed) result.end = 'failed'
+    result.badPages = this.checkPages()
+    result.frames = this.frames
+    return result
+  }
+
+  /** Comes back after the hang-up: RECOVER, then every page the destination lacks. */
+  private async recover(): Promise<void> {
+    const link = await this.connect(`fuzz-${this.sessionSeq}`)
+    this.frames++
+    link.bulk.send(encodeControl(Msg.RECOVER, {}))
+    const state = await this.next(link.bulk)
+    if (state.type !== Msg.RECOVER_STATE) throw new Error(`fuzzer: expected RECOVER_STATE, got ${state.type}`)
+    const got = (decodeControl(state.type, state.payload).received as Uint8Array[]).map((b, i) => {
+      const m = new PageBitmap(LAYOUT[i])
+      m.words.set(new Uint32Array(b.buffer.slice(b.byteOffset, b.byteOffset + Math.min(b.byteLength, m.words.byteLength))))
+      return m
+    })
+    const ps = this.binding.pageSize
+    LAYOUT.forEach((n, r) => {
+      for (let p = 0; p < n; p++) {
+        if (got[r]?.has(p)) continue
+        this.frames++
+        if (this.content.zero[r][p]) link.bulk.send(encodeRuns(Msg.RANGES, RangeKind.ZERO, r, [p, 1]))
+        else link.bulk.send([pagesHeader(r, p, 1, ps), this.content.final(r, p)])
+      }
+    })
+    this.frames++
+    link.bulk.send(encodeControl(Msg.PUSH_END, {}))
+  }
+
+  /** A handshake whose HELLO or AUTH is mutated; the destination must refuse it with a code, or accept a still-valid one. */
+  private async handshakeMutated(kind: Mutation): Promise<MemoryTransport> {
+    const [a, b] = MemoryTransport.pair()
+    void this.dest.accept(b, 'fuzzer')
+    const ch = new Channel(a, 'urgent')
+    const nonce = Buffer.alloc(32, 9)
+    const info = { role: 'urgent' as const, session: `hs-${++this.sessionSeq}` }
+    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce })) }
+    const mutateAuth = this.rand() < 0.5
+    if (!mutateAuth) {
+      const m = mutate(hello, kind, this.rand, LAYOUT)
+      for (const w of m.writes) this.write(a, w)
+      this.frames += m.frames
+    } else {
+      this.write(a, hello.bytes)
+      this.frames++
+      const reply = await this.next(ch).catch(() => undefined)
+      if (reply?.type === Msg.HELLO) {
+        const peerNonce = decodeControl(reply.type, reply.payload).nonce as Uint8Array
+        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, peerNonce, nonce) })) }
+        const m = mutate(auth, kind, this.rand, LAYOUT)
+        for (const w of m.writes) this.write(a, w)
+        this.frames += m.frames
+      }
+    }
+    await turns(8)
+    return a
+  }
+
+  /** Pages that differ from the source's final content (settled), or held wrongly (failed). */
+  private checkPages(): number {
+    if (!this.settled) this.dest.close() // the uffd goes: missing pages read zero, nothing blocks
+    let bad = 0
+    this.regions.forEach((region, r) => {
+      const mem = new Uint8Array(region.buffer)
+      const held = this.dest.received[r]
+      for (let p = 0; p < LAYOUT[r]; p++) {
+        const got = mem.subarray(p * this.binding.pageSize, (p + 1) * this.binding.pageSize)
+        if (this.settled || held.has(p)) {
+          if (!Buffer.from(got).equals(this.content.final(r, p))) bad++
+        } else if (got.some((x) => x !== 0)) bad++
+      }
+    })
+    return bad
+  }
+
+  close(): void {
+    this.dest.close()
+    for (const r of this.regions) r.release()
+  }
+}

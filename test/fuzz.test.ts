@@ -1,0 +1,28 @@
+/**
+ * The structure-aware fuzzer's fixed-seed slice (npm run fuzz runs the long
+ * one): mutated frames at every point of a session against the real addon.
+ * Every session must end in a correct migration or a failure that holds no
+ * wrong page; no crash, no hang, an ERR_ code on every rejection.
+ */
+import { describe, expect, it } from 'vitest'
+import { loadBinding } from '../src/binding'
+import { fuzzTable, runFuzz } from '../src/testing/fuzz/run'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+
+describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
+  it('5,000+ frames: 0 crashes, 0 hangs, 0 wrong pages, every rejection coded', async () => {
+    const report = await runFuzz({ binding: loadBinding(), frames: 6000, seed: 20261125 })
+    const table = fuzzTable(report)
+    console.log(table)
+    expect(report.frames).toBeGreaterThanOrEqual(5000)
+    expect(report.failures, table).toEqual([])
+    expect(report.totals).toMatchObject({ crashes: 0, hangs: 0, badPages: 0, uncoded: 0 })
+    // it did exercise both sides of the hand-off and both kinds of outcome
+    expect(report.totals.rejected).toBeGreaterThan(report.sessions / 2)
+    expect(report.totals.accepted).toBeGreaterThan(0)
+    expect(report.totals.ends).toMatchObject({ fresh: expect.any(Number), recovered: expect.any(Number), failed: expect.any(Number) })
+  }, 120_000)
+})
+if (skip) console.warn(`fuzz.test: skipped: ${skip}`)
