@@ -232,4 +232,9 @@ export class Channel {
   close(): void {
     this.fail(migrationError(ErrorCode.ABORTED, `${this.name} connection closed`))
   }
+
+  /** Drops the connection now (a hostile or idle peer: no time to flush, the descriptor goes at once). */
+  destroy(): void {
+    this.socket.destroy()
+  }
 }

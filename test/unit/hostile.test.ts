@@ -86,20 +86,24 @@ describe('before authentication', () => {
     expect(a.unread).toBeGreaterThan(junk.length * 15)
   })
 
-  it('refuses connections beyond the cap on unauthenticated ones at once, then takes new ones when the deadline frees slots', async () => {
+  it('beyond the cap on unauthenticated connections the oldest makes room, so a flood cannot keep a real source out', async () => {
     const clock = new FakeClock()
     const { dest, refused } = listening(clock)
-    for (let i = 0; i < 20; i++) rawPeer(dest)
+    const idle = Array.from({ length: 20 }, () => rawPeer(dest))
     await turns()
     expect(refused).toHaveLength(4)
-    expect(refused[0]).toMatch(/16 connections are already authenticating \(the limit\) \[ERR_MIGRATION_BUSY\]/)
-    clock.advance(5001)
-    await turns()
-    expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 4, ERR_MIGRATION_TIMEOUT: 16 })
-    // slots are free again: a real source authenticates
+    expect(refused[0]).toMatch(/closed to make room: 16 connections were authenticating at once \(the limit\), the oldest goes first \[ERR_MIGRATION_BUSY\]/)
+    expect(idle.slice(0, 4).every((t) => t.destroyed)).toBe(true)
+    expect(idle.slice(4).some((t) => t.destroyed)).toBe(false)
+    // a real source among 16 idle ones: it evicts one and authenticates
     const links: MemoryTransport[] = []
     const ch = await open(dest, 'urgent', 's1', links)
     expect(ch.failed).toBeUndefined()
+    expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 5 })
+    clock.advance(5001)
+    await turns()
+    // 15 idle ones past the handshake deadline, and s1's slot (it never sent REGIONS)
+    expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 5, ERR_MIGRATION_TIMEOUT: 16 })
   })
 })
 

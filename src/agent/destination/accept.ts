@@ -38,8 +38,8 @@ export class Acceptor {
   /** When the session's slot lapses unless it has sent REGIONS by then. */
   private slotDeadlineMs = 0
   private slotTimer: TimerHandle | undefined
-  /** Connections in their handshake now. */
-  private unauthenticated = 0
+  /** Connections in their handshake now, oldest first (the peer's address for the log). */
+  private readonly unauthenticated = new Map<Channel, string>()
   /** Refused connections by error code (status shows them). */
   readonly refusals: Record<string, number> = {}
   urgent: Channel | undefined
@@ -68,21 +68,22 @@ export class Acceptor {
   }
 
   async accept(transport: Transport, peer = describePeer(transport)): Promise<void> {
-    if (this.unauthenticated >= this.limits.maxUnauthenticated) {
-      // closed before a byte is read: a flood of connections costs a file descriptor for microseconds
-      transport.destroy()
-      return this.refuse(peer, migrationError(ErrorCode.BUSY, `${this.unauthenticated} connections are already authenticating (the limit)`))
-    }
     const ch = new Channel(transport, 'incoming')
-    this.unauthenticated++
+    if (this.unauthenticated.size >= this.limits.maxUnauthenticated) {
+      // the oldest makes room (sshd's MaxStartups, oldest-first): a flood of idle connections
+      // cannot keep a real source out, whose handshake takes a few round trips
+      const [oldest] = this.unauthenticated.keys()
+      this.unauthenticated.delete(oldest)
+      oldest.fail(migrationError(ErrorCode.BUSY, `closed to make room: ${this.limits.maxUnauthenticated} connections were authenticating at once (the limit), the oldest goes first`))
+      oldest.destroy()
+    }
+    this.unauthenticated.set(ch, peer)
     const deadline = this.clock.setTimeout(() => {
       ch.fail(migrationError(ErrorCode.TIMEOUT, `did not authenticate within ${this.limits.handshakeTimeoutMs} ms`))
+      ch.destroy()
     }, this.limits.handshakeTimeoutMs)
-    let authenticating = true
     const authenticated = () => {
-      if (!authenticating) return
-      authenticating = false
-      this.unauthenticated--
+      this.unauthenticated.delete(ch)
       this.clock.clearTimeout(deadline)
     }
     try {
