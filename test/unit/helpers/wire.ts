@@ -17,7 +17,9 @@ import { MemoryTransport } from '../../../src/testing/memory-transport'
 export const PS = 4096
 export const TOKEN = Buffer.from('unit-test-token-0123456789')
 
-export { prng } from '../../../src/testing/prng'
+import { prng } from '../../../src/testing/prng'
+
+export { prng }
 
 export interface Pair {
   src: FakeBinding
