@@ -96,7 +96,7 @@ export class Guest extends EventEmitter {
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
     if (receive) return Guest.startReceiving(opts, binding, regions, receive, agentNice)
-    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice } satisfies AgentWorkerData })
+    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name } satisfies AgentWorkerData })
     worker.unref()
     const guest = new Guest(opts.name, opts, { worker, binding, regions, settled: Promise.resolve() })
     guest.isSettledFlag = true
@@ -115,6 +115,7 @@ export class Guest extends EventEmitter {
       listen,
       token,
       agentNice,
+      name: opts.name,
     }
     const worker = new Worker(WORKER, { workerData })
     let settle!: () => void
@@ -122,7 +123,7 @@ export class Guest extends EventEmitter {
     const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
     settled.catch(() => {})
     const refusals: Record<string, number> = {}
-    countRefusals(worker, opts.name, refusals)
+    countRefusals(worker, refusals)
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals)).catch(() => undefined) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
@@ -294,8 +295,7 @@ export class Guest extends EventEmitter {
         return
       }
       case 'sessionEnded':
-        // receive mode: only the hand-off commits; this guest waits for the next source
-        process.stderr.write(`uffd-migrate: guest '${this.name}': ${m.message}\n`)
+        // receive mode: only the hand-off commits; this guest waits for the next source (the agent logged why)
         return
       case 'ready':
         for (const id of m.ids) {
@@ -305,8 +305,8 @@ export class Guest extends EventEmitter {
         return
       case 'recovering':
         // the link broke during post-copy; faults wait until the source is back
+        // the agent logged it (this thread may be blocked in a fault)
         this.emit('recovering', m.message)
-        if (this.listenerCount('recovering') === 0) console.error(`[uffd-migrate] ${m.message}`)
         return
       case 'settled':
         this.isSettledFlag = true

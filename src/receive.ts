@@ -1,8 +1,8 @@
 /**
  * The hand-off state's codec, and receive mode in the service's main thread:
  * waits for the incoming migration's hand-off and decodes the state pause()
- * returned on the source. Sessions that end before the hand-off are one line each on stderr; the
- * guest keeps waiting (only the hand-off commits).
+ * returned on the source. Sessions that end before the hand-off (the agent logs each on stderr)
+ * leave the guest waiting (only the hand-off commits).
  */
 import type { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
@@ -35,19 +35,16 @@ export function waitingGuest(name: string, regions: { name: string; sizeBytes: n
   }
 }
 
-/** Logs each refused connection and keeps the counts (by code) in `refusals`. */
-export function countRefusals(worker: Worker, name: string, refusals: Record<string, number>): void {
+/** Keeps the counts of refused connections (by code) in `refusals` (the agent logs each one). */
+export function countRefusals(worker: Worker, refusals: Record<string, number>): void {
   worker.on('message', (m: AgentToMain) => {
-    if (m.type !== 'refused') return
-    process.stderr.write(`uffd-migrate: guest '${name}': ${m.message}\n`)
-    Object.assign(refusals, m.refusals)
+    if (m.type === 'refused') Object.assign(refusals, m.refusals)
   })
 }
 
 export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {
   return new Promise((resolve, reject) => {
     const onMessage = (m: AgentToMain) => {
-      if (m.type === 'sessionEnded') process.stderr.write(`uffd-migrate: guest '${name}': ${m.message}\n`)
       if (m.type === 'listening') {
         // one line for the operator (and for tests that wait for it)
         process.stderr.write(`uffd-migrate: guest '${name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)

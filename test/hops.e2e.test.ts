@@ -4,56 +4,18 @@
  * real userfaultfd. Each "host" has its own runtime directory (its own
  * control sockets), as two machines would.
  */
-import { randomBytes } from 'node:crypto'
-import { mkdtempSync } from 'node:fs'
 import { connect } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { MigrationReport } from '../src/agent/report'
-import { freePort, LineProc } from '../src/cli/proc'
+import { freePort } from '../src/cli/proc'
 import { Guest } from '../src/guest'
 import { kernelSkipReason } from './helpers/gate'
-import { getJson } from './helpers/http'
+import { host, killAll, page, sendAndWait, TOKEN } from './helpers/hosts'
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const { writePage } = require('../examples/page-store/pattern.js') as { writePage: (u32: Uint32Array, p: number, v: number, words: number) => void }
 
 const skip = kernelSkipReason()
-const root = join(__dirname, '..')
-const cli = join(root, 'bin', 'uffd-migrate.js')
-const server = join(root, 'examples', 'page-store', 'server.js')
-const TOKEN = randomBytes(24).toString('hex')
-const procs: LineProc[] = []
 
-function host(name: string) {
-  const env = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `uffd-host-${name}-`)) }
-  const run = (args: string[]) => {
-    const p = new LineProc(process.execPath, args, { env })
-    procs.push(p)
-    return p
-  }
-  return {
-    env,
-    /** The page-store as the first source. */
-    service: (guest: string, http: number, extra: string[] = []) => run([server, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]),
-    /** The page-store waiting for an incoming migration. */
-    receive: (guest: string, port: number, http: number, extra: string[] = []) =>
-      run([cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, server, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]),
-    cli: (args: string[]) => run([cli, ...args]),
-  }
-}
-
-const page = (port: number, p: number) => getJson<{ ok: boolean; version: number }>(port, `/page/${p}`)
-
-async function sendAndWait(from: ReturnType<typeof host>, guest: string, to: number, extra: string[] = []) {
-  const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])
-  const { code } = await send.exited
-  return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
-}
-
-afterEach(() => {
-  for (const p of procs.splice(0)) p.kill()
-})
+afterEach(killAll)
 
 describe.skipIf(skip)('a service that moves again and again', () => {
   it('A → B → A → B, every page verified after each hop', async () => {

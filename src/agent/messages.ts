@@ -26,8 +26,8 @@ export type AgentToMain =
   /** afterHandoff: the source's migration failed once the service ran on the destination. */
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
-  | { type: 'sessionEnded'; message: string }
-  /** receive mode: a connection was refused (one line for the operator); refusals: counts by code so far. */
+  | { type: 'sessionEnded' }
+  /** receive mode: a connection was refused (the agent logged the line); refusals: counts by code so far. */
   | { type: 'refused'; message: string; refusals: Record<string, number> }
   /** The destination's service listens on these ports of host: forward clients there. */
   | { type: 'forwardTo'; host: string; ports: (number | null)[] }

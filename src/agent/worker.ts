@@ -4,6 +4,7 @@
  * the agent keeps running while the main thread is blocked in a fault. The
  * environment is read here, at the process boundary, and passed down.
  */
+import { writeSync } from 'node:fs'
 import { parentPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
@@ -24,6 +25,8 @@ export interface AgentWorkerData {
   token?: string
   /** nice value of the agent's threads (0: as the service) */
   agentNice: number
+  /** The guest's name, for the operator's log lines. */
+  name?: string
 }
 
 const port = parentPort!
@@ -34,6 +37,18 @@ const regions = data.regions.map((d) => Region.open(d, binding))
 if (data.agentNice) binding.setThreadNice(data.agentNice)
 const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
 const post = (m: AgentToMain) => port.postMessage(m)
+/**
+ * One line on stderr for the operator, written by this thread with a plain
+ * write(2): the service's thread may be blocked in a fault (that is when a
+ * stuck source matters), and a worker's process.stderr goes through it.
+ */
+const log = (line: string) => {
+  try {
+    writeSync(2, `uffd-migrate: guest '${data.name ?? '?'}': ${line}\n`)
+  } catch {
+    // stderr closed: nobody to tell
+  }
+}
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
@@ -158,12 +173,18 @@ function incomingMigration() {
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),
-    recovering: (message) => post({ type: 'recovering', message }),
-    refused: (message, refusals) => post({ type: 'refused', message, refusals: { ...refusals } }),
-    sessionEnded: (err) => post({
-      type: 'sessionEnded',
-      message: `a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`,
-    }),
+    recovering: (message) => {
+      log(message)
+      post({ type: 'recovering', message })
+    },
+    refused: (message, refusals) => {
+      log(message)
+      post({ type: 'refused', message, refusals: { ...refusals } })
+    },
+    sessionEnded: (err) => {
+      log(`a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`)
+      post({ type: 'sessionEnded' })
+    },
   })
   dest.listen(data.listen!).then(
     (p) => post({ type: 'listening', port: p, atMs: nowMs() }),

@@ -131,11 +131,12 @@ program
   .option('--connect-timeout-ms <ms>', 'how long to keep dialling a destination that is not listening yet', positiveNumber, 5000)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
+  .option('--request-timeout-ms <ms>', 'post-copy: the destination takes a page request unanswered this long for a stuck source and recovers', positiveNumber, 5000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let error: { code: string; message: string; afterHandoff?: boolean } | undefined
@@ -160,7 +161,7 @@ program
         cmd: 'migrate',
         options: {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
-          recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs,
+          recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
           ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
             : {}),

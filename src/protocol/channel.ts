@@ -53,6 +53,8 @@ export class Channel {
     // until authenticated() a frame is at most a handshake message: an unauthenticated peer costs a few KiB
     this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_HANDSHAKE_FRAME_BYTES)
     socket.on('data', (chunk: Buffer) => {
+      // a failed connection reads nothing more: what a hostile peer keeps sending is dropped, not buffered
+      if (this.failure) return
       this.bytesRead += chunk.length
       try {
         this.decoder.feed(chunk)
@@ -221,10 +223,13 @@ export class Channel {
   fail(err: Error): void {
     if (this.failure) return
     this.failure = err
+    this.decoder.clear()
     for (const w of this.waiters) w.reject(err)
     this.waiters = []
     for (const l of this.closeListeners) l(err)
     this.closeListeners = []
+    // nothing more is read (the kernel holds what the peer keeps sending, then the peer waits); our last words go out
+    this.socket.pause()
     this.socket.end()
     setTimeout(() => this.socket.destroy(), 1000).unref()
   }

@@ -28,6 +28,13 @@ export class FrameDecoder {
     return this.buffered
   }
 
+  /** Drops what is buffered (the connection failed). */
+  clear(): void {
+    this.chunks = []
+    this.buffered = 0
+    this.need = -1
+  }
+
   /** Part of a frame has arrived and the rest has not. */
   get midFrame(): boolean {
     return this.buffered > 0 || this.need >= 0

@@ -256,9 +256,10 @@ export class MigrationDestination implements DestinationHandlers {
 
   /** The watchdog found the source stuck: as a reset (post-copy recovers, pre-copy ends the session). */
   private brokenLink(err: Error): void {
-    for (const ch of [this.link.urgent, this.link.bulk]) ch?.sendError(err)
-    if (this.phase === DestPhase.POSTCOPY && this.recovery.timeoutMs > 0) this.startRecovery(err)
-    else this.fail(err)
+    // post-copy: hang up without an ERROR (a source that wakes up must see a broken link and come back, not give up)
+    if (this.phase === DestPhase.POSTCOPY && this.recovery.timeoutMs > 0) return this.startRecovery(err)
+    for (const ch of this.link.channels) ch.sendError(err)
+    this.fail(err)
   }
 
   private startRecovery(err: Error): void {

@@ -1,0 +1,56 @@
+/**
+ * Two "hosts" for the e2e tier: each its own runtime directory (its own
+ * control sockets), the page-store example as the service, the CLI. Every
+ * process started here is killed (with its group) by killAll().
+ */
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { MigrationReport } from '../../src/agent/report'
+import { LineProc } from '../../src/cli/proc'
+import { getJson } from './http'
+
+const root = join(__dirname, '..', '..')
+export const cli = join(root, 'bin', 'uffd-migrate.js')
+export const pageStore = join(root, 'examples', 'page-store', 'server.js')
+export const TOKEN = randomBytes(24).toString('hex')
+const procs: LineProc[] = []
+
+export type Host = ReturnType<typeof host>
+
+export function host(name: string) {
+  const env = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `uffd-host-${name}-`)) }
+  const run = (args: string[], cmd = process.execPath) => {
+    const p = new LineProc(cmd, args, { env })
+    procs.push(p)
+    return p
+  }
+  const receiveArgs = (guest: string, port: number, http: number, extra: string[]) =>
+    [cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, pageStore, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]
+  return {
+    env,
+    /** The page-store as the first source. */
+    service: (guest: string, http: number, extra: string[] = []) => run([pageStore, '--name', guest, '--mib', '64', '--writes', '2000', '--http', String(http), ...extra]),
+    /** The page-store waiting for an incoming migration. */
+    receive: (guest: string, port: number, http: number, extra: string[] = []) => run(receiveArgs(guest, port, http, extra)),
+    /** The same, under a shell that sets the open-file limit first (`ulimit -n`). */
+    receiveWithFileLimit: (limit: number, guest: string, port: number, http: number) =>
+      run(['-c', `ulimit -n ${limit} && exec "$0" "$@"`, process.execPath, ...receiveArgs(guest, port, http, [])], '/bin/bash'),
+    cli: (args: string[]) => run([cli, ...args]),
+    /** Any command, killed with the rest. */
+    run,
+  }
+}
+
+export const page = (port: number, p: number) => getJson<{ ok: boolean; version: number }>(port, `/page/${p}`)
+
+export async function sendAndWait(from: Host, guest: string, to: number, extra: string[] = []) {
+  const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])
+  const { code } = await send.exited
+  return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
+}
+
+export function killAll(): void {
+  for (const p of procs.splice(0)) p.kill()
+}

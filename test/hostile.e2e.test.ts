@@ -1,0 +1,149 @@
+/**
+ * Hostile and stuck peers against a real `uffd-migrate receive` (the
+ * page-store example, real TCP, real userfaultfd): what unauthenticated
+ * connections may cost the destination, a connection flood under the default
+ * open-file limit, a squatting authenticated connection, and a source
+ * stopped (SIGSTOP) in post-copy.
+ */
+import { execFileSync } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { connect, type Socket } from 'node:net'
+import { afterEach, describe, expect, it } from 'vitest'
+import { Channel } from '../src/protocol/channel'
+import { clientHandshake } from '../src/protocol/handshake'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+import { host, killAll, page, sendAndWait, TOKEN } from './helpers/hosts'
+
+const skip = kernelSkipReason()
+afterEach(killAll)
+
+const MiB = 1 << 20
+/** The service process under `receive` (its only child). */
+function childPid(pid: number): number {
+  return Number(execFileSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).trim().split('\n')[0])
+}
+const rssBytes = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024
+
+/** A peer that announces a 64 MiB HELLO and sends 63 MiB of it (as fast as the destination takes it). */
+function bigHello(port: number): Promise<number> {
+  return new Promise((resolve) => {
+    let sent = 0
+    const s: Socket = connect(port, '127.0.0.1', () => {
+      const header = Buffer.alloc(5)
+      header.writeUInt32BE(64 * MiB, 0)
+      header[4] = 1 // HELLO
+      s.write(header)
+      const chunk = Buffer.alloc(MiB, 0x41)
+      const pump = () => {
+        while (sent < 63 * MiB && !s.destroyed) {
+          sent += chunk.length
+          if (!s.write(chunk)) return void s.once('drain', pump)
+        }
+      }
+      pump()
+    })
+    s.on('error', () => {})
+    s.on('close', () => resolve(sent))
+  })
+}
+
+describe.skipIf(skip)('a receiver under hostile peers', () => {
+  it('16 connections that announce 64 MiB and send 63 MiB before authenticating cost it less than 10 MiB; status counts them; a real migration follows', async () => {
+    const A = host('a'), B = host('b')
+    const g = `big-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort())
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const service = childPid(dst.child.pid!)
+    const before = rssBytes(service)
+    let peak = before
+    const sampler = setInterval(() => (peak = Math.max(peak, rssBytes(service))), 5)
+    await Promise.all(Array.from({ length: 16 }, () => bigHello(port)))
+    clearInterval(sampler)
+    peak = Math.max(peak, rssBytes(service))
+    console.log(`hostile: destination RSS ${(before / MiB).toFixed(1)} MiB before, peak ${(peak / MiB).toFixed(1)} MiB during 16 x 64 MiB announced frames`)
+    expect(peak - before).toBeLessThan(10 * MiB)
+    const refusals = dst.errLines.filter((l) => /refused a connection from 127\.0\.0\.1:\d+: expected a frame of 1\.\.4097 bytes, got a length of 67108864 \[ERR_MIGRATION_PROTOCOL\]/.test(l))
+    expect(refusals).toHaveLength(16)
+    const status = B.cli(['status', '--guest', g, '--json'])
+    await status.exited
+    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening', refusals: { ERR_MIGRATION_PROTOCOL: 16 } })
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const { code } = await sendAndWait(A, g, port)
+    expect(code).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  }, 120_000)
+
+  it('2,000 idle connections do not stop a real migration (the destination has the default open-file limit of 1024)', async () => {
+    const A = host('a'), B = host('b')
+    const g = `flood-${process.pid}`
+    const port = await freePort()
+    const dst = B.receiveWithFileLimit(1024, g, port, await freePort())
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    // the flood: its own process, with room for 2,000 sockets; it holds whatever the destination keeps open
+    const flood = A.run(['-c', `ulimit -n 8192 && exec "$0" -e "$1" ${port}`, process.execPath, `
+      const net = require('node:net'); let open = 0, closed = 0
+      for (let i = 0; i < 2000; i++) {
+        const s = net.connect(Number(process.argv[1]), '127.0.0.1', () => { if (++open === 2000) console.log('CONNECTED') })
+        s.on('error', () => {}); s.on('close', () => closed++)
+      }
+      setInterval(() => console.log('open', open, 'closed', closed), 1000)`], '/bin/bash')
+    await flood.waitLine(/^CONNECTED$/, 30_000)
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const { code, send } = await sendAndWait(A, g, port)
+    expect(code, send.stderr).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    // the flood was real: most of it was closed to make room
+    expect(dst.errLines.filter((l) => /closed to make room: 16 connections were authenticating/.test(l)).length).toBeGreaterThan(1000)
+  }, 120_000)
+
+  it('a squatting authenticated connection delays a real send by at most the handshake deadline', async () => {
+    const A = host('a'), B = host('b')
+    const g = `squat-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort())
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const sock = connect(port, '127.0.0.1')
+    await new Promise((r) => sock.once('connect', r))
+    const squatter = new Channel(sock, 'urgent')
+    await clientHandshake(squatter, Buffer.from(TOKEN, 'utf8'), { role: 'urgent', session: 'squatter' })
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const t0 = performance.now()
+    const { code, send } = await sendAndWait(A, g, port)
+    const elapsedMs = performance.now() - t0
+    console.log(`hostile: send beside a squatter took ${elapsedMs.toFixed(0)} ms (handshake deadline 5000 ms)`)
+    expect(code, send.stderr).toBe(0)
+    expect(dst.errLines.join('\n')).toMatch(/session squatter authenticated but did not send its region table within 5000 ms; its slot is free again/)
+    expect(squatter.failed).toBeDefined()
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  }, 120_000)
+})
+
+describe.skipIf(skip)('a source stopped in post-copy', () => {
+  it('SIGSTOP beyond requestTimeoutMs: the destination recovers; after SIGCONT the migration settles with every byte verified', async () => {
+    const A = host('a'), B = host('b')
+    const g = `stop-${process.pid}`
+    const port = await freePort(), http = await freePort()
+    const dst = B.receive(g, port, http, ['--blocking'])
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    // demand-only: pages stay missing (the service faults on them) until the source answers
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--request-timeout-ms', '1000', '--json'])
+    await dst.waitLine(/^RESTORED/, 30_000)
+    src.kill('SIGSTOP', false)
+    await dst.waitLine(/the source looks stuck: a page request has been unanswered for \d+ ms \(requestTimeoutMs 1000\)/, 30_000, 'stderr')
+    src.kill('SIGCONT', false)
+    const { code } = await send.exited
+    expect(code, send.stderr).toBe(0)
+    const report = JSON.parse(send.lines.join('\n'))
+    expect(report.postcopy.recoveries).toBeGreaterThanOrEqual(1)
+    expect(report.pagesSentTwiceAfterHandoff).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+  }, 120_000)
+})
