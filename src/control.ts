@@ -3,7 +3,7 @@
  * which `uffd-migrate send` and `status` drive it. One JSON object per line.
  */
 import { mkdirSync, unlinkSync, existsSync } from 'node:fs'
-import { createServer, type Server, type Socket } from 'node:net'
+import { connect, createServer, type Server, type Socket } from 'node:net'
 import { join } from 'node:path'
 import type { Progress } from './agent/source/index'
 import type { MigrationReport } from './agent/report'
@@ -69,6 +69,25 @@ export class ControlServer {
       // already gone
     }
   }
+}
+
+/** Client side: sends one request to the control socket at `path`; onLine gets each JSON line of the answer. */
+export function controlRequest(path: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const s = connect(path)
+    let buf = ''
+    s.on('connect', () => s.write(JSON.stringify(req) + '\n'))
+    s.on('data', (c) => {
+      buf += c.toString('utf8')
+      let nl
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        onLine(JSON.parse(buf.slice(0, nl)))
+        buf = buf.slice(nl + 1)
+      }
+    })
+    s.on('end', resolve)
+    s.on('error', reject)
+  })
 }
 
 function handle(guest: ControlledGuest, s: Socket): void {

@@ -3,11 +3,10 @@
  * uffd-migrate: doctor | receive | send | status | demo
  */
 import { spawn, spawnSync } from 'node:child_process'
-import { connect } from 'node:net'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
-import { controlSocketPath, type ControlRequest } from '../control'
+import { controlRequest, controlSocketPath, type ControlRequest } from '../control'
 import { MIGRATION_MODES, readTokenFile, resolveAgentNice } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { ErrorCode } from '../errors'
@@ -84,22 +83,8 @@ program
 
 function control(name: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
   const path = controlSocketPath(name)
-  return new Promise((resolve, reject) => {
-    const s = connect(path)
-    let buf = ''
-    s.on('connect', () => s.write(JSON.stringify(req) + '\n'))
-    s.on('data', (c) => {
-      buf += c.toString('utf8')
-      let nl
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        onLine(JSON.parse(buf.slice(0, nl)))
-        buf = buf.slice(nl + 1)
-      }
-    })
-    s.on('end', resolve)
-    s.on('error', (err: NodeJS.ErrnoException) =>
-      reject(Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: ErrorCode.NO_GUEST })),
-    )
+  return controlRequest(path, req, onLine).catch((err: NodeJS.ErrnoException) => {
+    throw Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: ErrorCode.NO_GUEST })
   })
 }
 
@@ -139,6 +124,7 @@ program
   .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
+    let lastPhase: string | undefined
     let error: { code: string; message: string; afterHandoff?: boolean } | undefined
     // Ctrl-C / SIGTERM: cancel (before the hand-off); a second one leaves at once, the migration goes on
     let signals = 0
@@ -168,7 +154,10 @@ program
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
         },
       }, (m) => {
-        if (m.type === 'progress') progress.update(m.progress as Progress)
+        if (m.type === 'progress') {
+          progress.update(m.progress as Progress)
+          lastPhase = (m.progress as Progress).phase
+        }
         if (m.type === 'report') report = m.report as MigrationReport
         if (m.type === 'error') error = m as never
       })
@@ -181,7 +170,14 @@ program
       process.exit(SEND_EXIT.CANCELLED)
     }
     if (error) fail(error.code, error.message, error.afterHandoff ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
-    if (!report) fail(ErrorCode.CONNECTION, 'the guest closed the control connection without a report')
+    if (!report) {
+      // the source process went away (killed, crashed) in the middle: say what that means for the service
+      const after = lastPhase === 'postcopy' || lastPhase === 'recovering'
+      fail(ErrorCode.CONNECTION, after
+        ? `the guest's process ended during ${lastPhase}, after the hand-off: the service runs on the destination, which cannot get the pages it still lacks (it fails after its recovery timeout)`
+        : `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`,
+      after ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
+    }
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
     if (o.onMoved) {
       // the patterns that move an address for good: a floating IP, DNS, a load balancer's API

@@ -1,0 +1,136 @@
+/**
+ * kill -9 at every phase (real processes, the page-store example, the CLI):
+ * who runs the service afterwards, the exit codes, and that no page is lost
+ * or stale where the design says it cannot be (README, Caveats).
+ */
+import { join } from 'node:path'
+import { afterEach, describe, expect, it } from 'vitest'
+import { controlRequest } from '../src/control'
+import { freePort, type LineProc } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+import { type Host, host, killAll, page, sendAndWait } from './helpers/hosts'
+
+const skip = kernelSkipReason()
+afterEach(killAll)
+
+/** A long pre-copy: the page-store (at 20,000 page writes/s, see busyService) dirties pages about as fast as loopback moves them. */
+const LONG_PRECOPY = ['--mode', 'precopy', '--downtime-ms', '0.01', '--max-rounds', '1000']
+const busyService = (h: Host, guest: string, http: number) => h.service(guest, http, ['--writes', '20000'])
+
+async function statusJson(h: Host, guest: string): Promise<{ phase: string; progress?: { round: number } }> {
+  const st = h.cli(['status', '--guest', guest, '--json'])
+  await st.exited
+  return JSON.parse(st.lines.join('\n'))
+}
+
+/** Polls the guest's control socket (no process per poll: a round may last tens of ms) until pre-copy reaches `round`. */
+async function untilRound(h: Host, guest: string, round: number): Promise<void> {
+  const path = join(h.env.XDG_RUNTIME_DIR, 'uffd-migrate', `${guest}.sock`)
+  for (let i = 0; i < 20_000; i++) {
+    let s: { phase?: string; progress?: { round: number } } = {}
+    await controlRequest(path, { cmd: 'status' }, (m) => (s = m)).catch(() => undefined)
+    if (s.phase === 'precopy' && (s.progress?.round ?? 0) >= round) return
+    if (s.phase && !['idle', 'connect', 'precopy'].includes(s.phase)) throw new Error(`guest ${guest} left pre-copy (${s.phase}) before round ${round}`)
+    await new Promise((r) => setTimeout(r, 2))
+  }
+  throw new Error(`guest ${guest} never reached pre-copy round ${round}`)
+}
+
+/** The destination listens again after the attempt: a fresh source migrates to it and every page verifies. */
+async function listensAgainAndMigrates(A: Host, dst: LineProc, guest: string, port: number): Promise<void> {
+  await dst.waitLine(/ended before the hand-off .*listening for the next source/, 30_000, 'stderr')
+  const src = A.service(guest, await freePort())
+  await src.waitLine(/^READY/)
+  const { code, send } = await sendAndWait(A, guest, port)
+  expect(code, send.stderr).toBe(0)
+  expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+}
+
+describe.skipIf(skip)('kill -9 of the source', () => {
+  for (const round of [0, 2]) {
+    it(`in pre-copy round ${round}: send exits 1, the destination listens again and takes the next migration`, async () => {
+      const A = host('a'), B = host('b')
+      const g = `k9r${round}-${process.pid}`
+      const port = await freePort()
+      const dst = B.receive(g, port, await freePort())
+      const src = busyService(A, g, await freePort())
+      await src.waitLine(/^READY/)
+      await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+      const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
+      await untilRound(A, g, round)
+      src.kill('SIGKILL')
+      expect((await send.exited).code).toBe(1)
+      expect(send.stderr).toMatch(/ended during precopy, before the hand-off: the service ended with it; the destination listens again/)
+      await listensAgainAndMigrates(A, dst, g, port)
+    }, 120_000)
+  }
+
+  it('at the hand-off: either the destination never got it and listens again, or it runs the service and fails after its recovery timeout', async () => {
+    const A = host('a'), B = host('b')
+    const g = `k9h-${process.pid}`
+    const port = await freePort()
+    const dst = B.receive(g, port, await freePort())
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--recovery-timeout-ms', '1500'])
+    await send.waitLine(/^uffd-migrate: handoff/, 60_000, 'stderr')
+    src.kill('SIGKILL')
+    const { code } = await send.exited
+    expect([1, 4]).toContain(code)
+    if (dst.lines.includes('RESTORED')) {
+      // committed: the service ran on the destination, which cannot get its missing pages; it fails, never answers wrong
+      expect(code).toBe(4)
+      expect((await dst.exited).code).toBe(1)
+      expect(dst.stderr).toMatch(/did not reconnect within 1500 ms/)
+      expect(dst.lines.some((l) => l.startsWith('VERIFY'))).toBe(false)
+    } else {
+      await listensAgainAndMigrates(A, dst, g, port)
+    }
+  }, 120_000)
+
+  it('in post-copy: the destination waits recoveryTimeoutMs for it, then fails (exit 1) without a wrong answer; send exits 4', async () => {
+    const A = host('a'), B = host('b')
+    const g = `k9p-${process.pid}`
+    const port = await freePort(), http = await freePort()
+    const dst = B.receive(g, port, http)
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'])
+    await dst.waitLine(/^RESTORED/, 30_000)
+    expect((await page(http, 1)).ok).toBe(true) // the service answers there
+    src.kill('SIGKILL')
+    expect((await send.exited).code).toBe(4)
+    expect(send.stderr).toMatch(/ended during (postcopy|recovering), after the hand-off/)
+    await dst.waitLine(/connection broke during post-copy .*waiting up to 1500 ms/, 30_000, 'stderr')
+    expect((await dst.exited).code).toBe(1)
+    expect(dst.stderr).toMatch(/ERR_MIGRATION_CONNECTION/)
+    expect(dst.lines.some((l) => l.startsWith('VERIFY'))).toBe(false)
+  }, 120_000)
+})
+
+describe.skipIf(skip)('kill -9 of the destination', () => {
+  it('in pre-copy: send exits 1, the source serves on with its data and migrates to the next receiver', async () => {
+    const A = host('a'), B = host('b')
+    const g = `k9d-${process.pid}`
+    const port = await freePort(), httpA = await freePort()
+    const dst = B.receive(g, port, await freePort())
+    const src = busyService(A, g, httpA)
+    await src.waitLine(/^READY/)
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
+    await untilRound(A, g, 1)
+    dst.kill('SIGKILL')
+    expect((await send.exited).code).toBe(1)
+    expect(send.stderr).toMatch(/ERR_MIGRATION_CONNECTION/)
+    for (const p of [1, 2, 3, 4000, 16000]) expect((await page(httpA, p)).ok).toBe(true)
+    expect((await statusJson(A, g)).phase).toBe('idle')
+    const port2 = await freePort()
+    const dst2 = B.receive(g, port2, await freePort())
+    await dst2.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { code } = await sendAndWait(A, g, port2)
+    expect(code).toBe(0)
+    expect((await dst2.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  }, 120_000)
+})
