@@ -179,6 +179,20 @@ describe('a stuck source', () => {
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
+  it('post-copy: PUSH_END with pages missing, then silence: recovery after linkTimeoutMs (plus at most two checks, a fifth of it each)', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 3000, requestTimeoutMs: 60_000 } })
+    d.bulk.send(encodeControl(Msg.PUSH_END, {}))
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY) // pages are missing: not settled
+    clock.advance(2500)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+    clock.advance(1700) // 4200 = 3000 + 2 * 600
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+  })
+
   it('pre-copy: a quiet source ends the session and the destination listens again', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })
@@ -218,5 +232,23 @@ describe('after the hand-off, a page the destination holds', () => {
     await turns()
     expect(d.errors.bulk.map((e) => e.code)).toEqual([])
     expect(d.errors.urgent).toEqual([])
+  })
+})
+
+describe('a stuck destination, seen from the writer', () => {
+  it('a write that cannot drain for stallTimeoutMs fails the connection as broken', async () => {
+    const [a, b] = MemoryTransport.pair(64 * 1024)
+    b.pause() // the peer stopped reading
+    const ch = new Channel(a, 'bulk')
+    ch.authenticated()
+    ch.stallTimeoutMs = 100
+    while (ch.send(Buffer.alloc(16 * 1024))) {
+      // fill the window
+    }
+    const closed = new Promise<UffdMigrateError>((resolve) => ch.onClose((e) => resolve(e as UffdMigrateError)))
+    await ch.drain()
+    const err = await closed
+    expect(err.code).toBe('ERR_MIGRATION_CONNECTION')
+    expect(err.message).toMatch(/bulk connection stalled: the peer has not read for 100 ms/)
   })
 })
