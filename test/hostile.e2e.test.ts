@@ -5,8 +5,7 @@
  * open-file limit, a squatting authenticated connection, and a source
  * stopped (SIGSTOP) in post-copy.
  */
-import { execFileSync } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { Channel } from '../src/protocol/channel'
@@ -21,7 +20,19 @@ afterEach(killAll)
 const MiB = 1 << 20
 /** The service process under `receive` (its only child). */
 function childPid(pid: number): number {
-  return Number(execFileSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).trim().split('\n')[0])
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue
+    const stat = (() => {
+      try {
+        return readFileSync(`/proc/${d}/stat`, 'utf8')
+      } catch {
+        return ''
+      }
+    })()
+    // pid (comm) state ppid ...: comm may hold spaces, so read after its last ')'
+    if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) return Number(d)
+  }
+  throw new Error(`no child of ${pid}`)
 }
 const rssBytes = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) * 1024
 
@@ -63,7 +74,10 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
     clearInterval(sampler)
     peak = Math.max(peak, rssBytes(service))
     console.log(`hostile: destination RSS ${(before / MiB).toFixed(1)} MiB before, peak ${(peak / MiB).toFixed(1)} MiB during 16 x 64 MiB announced frames`)
-    expect(peak - before).toBeLessThan(10 * MiB)
+    // under test:asan RSS also holds ASan's quarantine of freed memory and its redzones, which is not what the
+    // destination keeps; the 10 MiB bound is the product's, checked in the normal run
+    const asan = /libasan/.test(process.env.LD_PRELOAD ?? '')
+    expect(peak - before).toBeLessThan((asan ? 32 : 10) * MiB)
     const refusals = dst.errLines.filter((l) => /refused a connection from 127\.0\.0\.1:\d+: expected a frame of 1\.\.4097 bytes, got a length of 67108864 \[ERR_MIGRATION_PROTOCOL\]/.test(l))
     expect(refusals).toHaveLength(16)
     const status = B.cli(['status', '--guest', g, '--json'])
