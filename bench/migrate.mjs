@@ -237,9 +237,11 @@ function caseTimeoutMs(c) {
 
 /** The autocannon client pinned to the source's address (--pinned): its figures and the target verdict. */
 function pinnedCells(p, rep) {
-  if (!p) return Array(7).fill('—')
+  if (!p) return Array(9).fill('—')
   const ok = rep && p.errors === 0 && p.non2xx === 0 && p.timeouts === 0 && p.maxMs <= rep.downtimeMs + 50
-  return [p.requests2xx, p.errors + p.timeouts, p.non2xx, fmt(p.p99Ms), fmt(p.maxMs), fmt(p.maxGapMs), ok ? 'pass' : 'FAIL']
+  const f = p.forwarder
+  return [p.requests2xx, p.errors + p.timeouts, p.non2xx, fmt(p.p99Ms), fmt(p.maxMs), fmt(p.maxGapMs), ok ? 'pass' : 'FAIL',
+    f ? fmt(f.bytes / 2 ** 20) : '—', f && f.bytes > 0 ? fmt(f.cpuMs / 1000 / (f.bytes / 2 ** 30)) : '—']
 }
 
 async function main() {
@@ -383,7 +385,7 @@ async function main() {
 
   const header = ['link', 'size', 'load', 'mode', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
-    ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50'] : []),
+    ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
     'eff. MiB/s', 'vs link', 'other CPU', 'error']
   const rows = []
   const notes = []
@@ -447,7 +449,8 @@ async function main() {
     `so its post-copy misses show up as 'demand' pages, not as faults, and the fault latency stays empty (--blocking measures faults)`)
   if (args.pinned) out(`pinned: autocannon (4 connections, /page/1) pointed only at the source's address from 0.5 s before the migration until send returned; ` +
     `the service hands its server to the guest (--serve): held at the hand-off, then relayed by the source's forwarder. errors include timeouts. ` +
-    `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms`)
+    `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms. fwd MiB: client bytes the source's forwarder relayed (both ways) until it exited; ` +
+    `fwd CPU s/GiB: the CPU time of the source's main thread (the forwarder's; the service is paused, the agent has its own thread) from the hand-off until it exited, per GiB relayed`)
   out(`client gap ms: longest gap between two good answers, as client.js reports it (a gap counts only once a good answer ends it). ` +
     `switch gap ms: last good answer of the source → first good answer of the destination (probe in this benchmark); ` +
     `≥N* = the destination never answered before the client stopped, N ms after the source's last answer ` +

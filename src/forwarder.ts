@@ -12,6 +12,7 @@
  * - the source process lives as this forwarder until the destination settled
  *   and no connection used it for forwardIdleMs.
  */
+import { readFileSync } from 'node:fs'
 import { request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type Server, type Socket } from 'node:net'
 import { ErrorCode, UffdMigrateError } from './errors'
@@ -41,6 +42,16 @@ export class Forwarder {
   private lastUseMs = Date.now()
   /** Connections relayed and requests proxied, for the log line at exit. */
   readonly counts = { connections: 0, requests: 0, bytes: 0 }
+  /** This (the service's main) thread's CPU time when forwarding began (ns; undefined: not forwarding). */
+  private cpuAtStartNs: number | undefined
+
+  /**
+   * CPU time of this thread since forwarding began, in ms: the forwarder's
+   * cost (the service is paused and the migration agent has its own thread).
+   */
+  get cpuMs(): number {
+    return this.cpuAtStartNs === undefined ? 0 : (mainThreadCpuNs() - this.cpuAtStartNs) / 1e6
+  }
 
   get serving(): boolean {
     return this.served.length > 0
@@ -111,6 +122,7 @@ export class Forwarder {
    * everything that arrives from now on.
    */
   forwardTo(targets: (ForwardTarget | undefined)[]): void {
+    this.cpuAtStartNs ??= mainThreadCpuNs()
     this.targets = targets
     for (const s of this.served) {
       if (!s.http) continue
@@ -201,5 +213,14 @@ export class Forwarder {
       end.once('close', close)
       end.once('error', close)
     }
+  }
+}
+
+/** CPU time of the process's main thread, ns (schedstat: the time it ran, ns resolution; 0 where /proc lacks it). */
+function mainThreadCpuNs(): number {
+  try {
+    return Number(readFileSync(`/proc/self/task/${process.pid}/schedstat`, 'utf8').split(' ')[0])
+  } catch {
+    return 0
   }
 }

@@ -5,7 +5,7 @@
  * environment is read here, at the process boundary, and passed down.
  */
 import { writeSync } from 'node:fs'
-import { parentPort, workerData } from 'node:worker_threads'
+import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
 import { ErrorCode, UffdMigrateError } from '../errors'
@@ -86,7 +86,18 @@ class MainThreadCall<T> {
 const outgoing = outgoingMigrations()
 const incoming = data.role === 'destination' ? incomingMigration() : undefined
 
-port.on('message', (m: MainToAgent) => {
+port.on('message', onMain)
+
+/**
+ * Messages from the service's thread waiting behind a burst of pushed pages
+ * (libuv reads a socket up to 32 times per turn: milliseconds of installs)
+ * are taken between frames: ready() waits, willNeed() hints, serve() ports.
+ */
+function pollMain(): void {
+  for (let r = receiveMessageOnPort(port as unknown as MessagePort); r; r = receiveMessageOnPort(port as unknown as MessagePort)) onMain(r.message as MainToAgent)
+}
+
+function onMain(m: MainToAgent): void {
   switch (m.type) {
     case 'migrate':
       if (incoming && incoming.phase !== DestPhase.SETTLED) {
@@ -114,7 +125,7 @@ port.on('message', (m: MainToAgent) => {
     case 'serving':
       return incoming?.dest.announceService(m.ports)
   }
-})
+}
 
 function outgoingMigrations() {
   const pause = new MainThreadCall<Uint8Array>()
@@ -170,6 +181,7 @@ function incomingMigration() {
   const restore = new MainThreadCall<number>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     restore: (state) => restore.ask({ type: 'restore', state }),
+    pollService: pollMain,
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => post({ type: 'failed', error: errorOut(err) }),

@@ -98,6 +98,8 @@ export interface PinnedClientResult {
   maxMs: number
   /** Longest stretch without a 2xx answer, over all connections. */
   maxGapMs: number
+  /** The source's forwarder, from its exit line: bytes relayed and its thread's CPU time while forwarding. */
+  forwarder?: { bytes: number; cpuMs: number }
 }
 
 /** autocannon against one address until stop(); the longest stretch without a 2xx is tracked from its response events. */
@@ -177,6 +179,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     const stats = await client?.stop()
     client = undefined
     const sourceExit = (await source.exited).code
+    const fwd = /forwarded \d+ connection\(s\) and \d+ request\(s\), (\d+) bytes in ([\d.]+) ms of CPU/.exec(source.stderr)
+    if (pinnedResult && fwd) pinnedResult.forwarder = { bytes: Number(fwd[1]), cpuMs: Number(fwd[2]) }
     const ok = verify.startsWith('ok') && (stats?.wrong ?? 0) === 0 && sourceExit === 0
     return { ok, report, client: stats, pinned: pinnedResult, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
   } finally {

@@ -5,9 +5,7 @@
  * the hand-off the discard list is applied and the service resumes; after
  * it, faults become page requests on the urgent channel, and pages are
  * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local.
- * Concerns live beside it: accept.ts (connections), placement.ts (the
- * received map), requests.ts (faults, waits, free), bulk-gate.ts,
- * recovery.ts.
+ * Beside it, one file per concern (accept, placement, requests, bulk-gate, recovery, watchdog).
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
@@ -56,6 +54,8 @@ export interface DestinationHooks {
   refused?(message: string, refusals: Record<string, number>): void
   /** A session ended before the hand-off; the guest listens for the next source. */
   sessionEnded?(err: Error): void
+  /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */
+  pollService?(): void
 }
 
 export class MigrationDestination implements DestinationHandlers {
@@ -158,11 +158,13 @@ export class MigrationDestination implements DestinationHandlers {
   private onFrame(ch: Channel, role: ChannelName, f: Frame): void {
     try {
       const rule = route(DEST_MESSAGES, 'destination', this.phase, role, f.type)
-      // pushed data in post-copy: look for faults before it (a stretch of pushed frames keeps this loop busy
-      // for a millisecond or more before the uv_poll sees one; one read(), usually EAGAIN) so their requests
-      // leave now; let the gate yield after it
+      // pushed data in post-copy: a stretch of it keeps this loop busy for milliseconds, so faults (one read(),
+      // usually EAGAIN) and the service's calls are taken before each frame; the gate may yield after it
       const pushed = role === 'bulk' && (f.type === Msg.PAGES || f.type === Msg.RANGES) && this.phase === DestPhase.POSTCOPY
-      if (pushed) this.uffd?.pollFaults()
+      if (pushed) {
+        this.uffd?.pollFaults()
+        this.hooks.pollService?.()
+      }
       rule.handle!(this, f)
       if (pushed && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
     } catch (err) {
