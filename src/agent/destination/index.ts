@@ -306,15 +306,9 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete || this.recovery.resumedAtMs === undefined) return
     this.machine.transition(DestPhase.SETTLED)
     this.watchdog.stop()
-    if (this.uffd) {
-      // Everything with data is present; what is left are known-zero pages,
-      // which plain anonymous memory fills by itself once unregistered.
-      for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
-      this.uffd.close()
-      this.uffd = undefined
-      this.placement.attach(undefined)
-      this.requests.attach(undefined)
-    }
+    // Everything with data is present; what is left are known-zero pages,
+    // which plain anonymous memory fills by itself once unregistered.
+    this.closeUffd()
     this.requests.releaseAll()
     const report = {
       ...this.requests.stats,
@@ -330,6 +324,15 @@ export class MigrationDestination implements DestinationHandlers {
     else this.link.stopListening()
     this.hooks.settled()
     // the source closes both connections once it has the report
+  }
+
+  private closeUffd(): void {
+    if (!this.uffd) return
+    for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
+    this.uffd.close()
+    this.uffd = undefined
+    this.placement.attach(undefined)
+    this.requests.attach(undefined)
   }
 
   private fail(err: Error): void {
@@ -353,11 +356,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.watchdog.stop()
     this.link.drop(err)
     this.link.forgetSession()
-    if (this.uffd) {
-      for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
-      this.uffd.close()
-      this.uffd = undefined
-    }
+    this.closeUffd()
     for (const r of this.regions) r.discard(0, r.sizeBytes)
     this.placement.forget()
     this.gate.reset()
