@@ -26,6 +26,7 @@ import { fileURLToPath } from 'node:url'
 import { repoRoot, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { measureTcp } from './lib/tcp-tput.mjs'
+import { prewarm } from './lib/warm.mjs'
 
 const require = createRequire(import.meta.url)
 const self = fileURLToPath(import.meta.url)
@@ -235,6 +236,11 @@ function caseTimeoutMs(c) {
   return 120_000 + (c.sizeMiB / 50) * 1000 + ((c.sizeMiB * 8) / rate) * 1000
 }
 
+/** The report's downtime breakdown: pause / final scan / hand-off sent / discard / restore. */
+function splitCell(b) {
+  return b ? [b.pause, b.finalScan, b.handoffTransfer, b.discard, b.restore].map((x) => x.toFixed(1)).join('/') : '—'
+}
+
 /** The autocannon client pinned to the source's address (--pinned): its figures and the target verdict. */
 function pinnedCells(p, rep) {
   if (!p) return Array(9).fill('—')
@@ -255,7 +261,14 @@ async function main() {
   }
   say(`${meta.cpus} vCPUs, load average ${meta.loadavgAtStart.map((x) => x.toFixed(2)).join(' ')} at start; this machine is shared: other tenants' CPU use is measured per case (column 'other CPU')`)
 
-  // 1. C reference figures (before anything of ours runs)
+  // 0. warm memory: both sides of the largest case, and room for the C references (this VM backs memory lazily)
+  const warmBytes = (2 * Math.max(...args.sizes) + 1024) * MiB
+  say(`warming ${(warmBytes / 2 ** 30).toFixed(1)} GiB of memory (touched once and freed) before the first timed case and the C references ...`)
+  meta.warmedGiB = warmBytes / 2 ** 30
+  meta.warmSeconds = prewarm(warmBytes)
+  say(`warmed in ${meta.warmSeconds.toFixed(1)} s`)
+
+  // 1. C reference figures (before anything of ours runs, after the same warm-up)
   let refs = new Map()
   if (args.ref) {
     // one run per figure by default: NRUNS=3 gives min/median/max but costs ~4 more minutes
@@ -385,6 +398,7 @@ async function main() {
 
   const header = ['link', 'size', 'load', 'mode', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
+    'downtime split ms',
     ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
     'eff. MiB/s', 'vs link', 'other CPU', 'error']
   const rows = []
@@ -436,6 +450,7 @@ async function main() {
       cl ? fmt(cl.maxGapMs) : '—',
       r.probe?.switchGapMs !== undefined ? fmt(r.probe.switchGapMs) : r.probe?.silentAtEndMs !== undefined ? `≥${fmt(r.probe.silentAtEndMs)}*` : '—',
       cl ? cl.wrong : '—',
+      splitCell(rep?.downtimeBreakdownMs),
       ...(args.pinned ? pinnedCells(r.pinned, rep) : []),
       fmt(effMiB),
       Number.isFinite(effMiB) && linkMiB ? `${(effMiB / linkMiB).toFixed(2)}x` : '—',
@@ -443,6 +458,7 @@ async function main() {
       error,
     ])
   }
+  out(`memory: ${meta.warmedGiB.toFixed(1)} GiB touched once and freed before the first timed case and the C references (${meta.warmSeconds.toFixed(1)} s; this VM backs memory lazily)`)
   out(`## Migrations: page-store example${args.blocking ? ' with --blocking (no ready(): misses fault)' : ''}, one migration per row (client: 4 concurrent checking readers; downtime = pause on the source → service resumed on the destination)`)
   printTable(header, rows, { out })
   if (!args.blocking) out(`net faults / fault p50/p99: uffd faults served over the network; the page-store service is cooperative (it awaits region.ready() for a missing page), ` +
@@ -451,6 +467,7 @@ async function main() {
     `the service hands its server to the guest (--serve): held at the hand-off, then relayed by the source's forwarder. errors include timeouts. ` +
     `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms. fwd MiB: client bytes the source's forwarder relayed (both ways) until it exited; ` +
     `fwd CPU s/GiB: the CPU time of the source's main thread (the forwarder's; the service is paused, the agent has its own thread) from the hand-off until it exited, per GiB relayed`)
+  out(`downtime split ms: pause() on the source / final scan and end of write tracking / HANDOFF sent until the destination has it / discard list applied / the service restored there (they sum to the downtime)`)
   out(`client gap ms: longest gap between two good answers, as client.js reports it (a gap counts only once a good answer ends it). ` +
     `switch gap ms: last good answer of the source → first good answer of the destination (probe in this benchmark); ` +
     `≥N* = the destination never answered before the client stopped, N ms after the source's last answer ` +

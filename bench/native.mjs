@@ -17,6 +17,7 @@
 //   Runs are guarded against foreign CPU load like the C references
 //   (QUIET_GATE seconds of waiting, MAX_RETRY retries; flagged with '*').
 // Run `npx tsc -p tsconfig.json` first (uses dist/).
+import { prewarm } from './lib/warm.mjs'
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads'
 import { createRequire } from 'node:module'
 import { once } from 'node:events'
@@ -256,16 +257,6 @@ async function main() {
   }
   const col = (vals, key) => vals.map((v) => v[key])
 
-  /** Touch every page of `len` bytes of fresh memory and free it (see prewarm() in common.h). */
-  function prewarm(len) {
-    const parts = []
-    for (let left = len; left > 0; left -= 4 * GiB) parts.push(Region.create('prewarm', Math.min(left, 4 * GiB)))
-    for (const r of parts) {
-      const u8 = new Uint8Array(r.buffer)
-      for (let off = 0; off < r.sizeBytes; off += ps) u8[off] = 1
-    }
-    for (const r of parts) r.release()
-  }
   function populate(region, val = 1) {
     const u8 = new Uint8Array(region.buffer)
     for (let off = 0; off < region.sizeBytes; off += ps) u8[off] = val

@@ -27,6 +27,8 @@ export interface MigrationReport {
   totalMs: number
   /** pause() called on the source -> service resumed on the destination (clock offset corrected). */
   downtimeMs: number
+  /** downtimeMs split (they sum to it): pause() on the source, final scan, HANDOFF sent and received, discard list applied, restore on the destination. */
+  downtimeBreakdownMs?: { pause: number; finalScan: number; handoffTransfer: number; discard: number; restore: number }
   clockOffsetMs: number
   clockRttMs: number
   bytesOnWire: number

@@ -148,6 +148,19 @@ describe('a stuck source', () => {
     expect(d.events).toContain('recovering')
   })
 
+  it('post-copy: a ready() wait whose pages never come counts as an unanswered request too', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 60_000, requestTimeoutMs: 2000 } })
+    d.dest.waitFor(1, 0, 2, 2) // the service awaits region.ready() on pages 2-3
+    await turns()
+    clock.advance(1900)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+    clock.advance(600)
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+  })
+
   it('post-copy: nothing on either connection for linkTimeoutMs while pages are missing is a broken link; KEEPALIVE is progress', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 4000 } })

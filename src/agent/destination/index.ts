@@ -210,8 +210,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   onClock(f: Frame): void {
-    const t0 = field<number>(decodeControl(f.type, f.payload), 't0', 'number', 'CLOCK')
-    this.link.urgent!.send(encodeControl(Msg.CLOCK, { t0, t1: this.clock.now() }))
+    this.link.urgent!.send(encodeControl(Msg.CLOCK, { t0: field<number>(decodeControl(f.type, f.payload), 't0', 'number', 'CLOCK'), t1: this.clock.now() }))
   }
 
   onPages(f: Frame): void {
@@ -226,15 +225,16 @@ export class MigrationDestination implements DestinationHandlers {
 
   /** Applies the discard list, then resumes the service. */
   onHandoff(f: Frame): void {
-    const m = decodeControl(f.type, f.payload)
+    const handoffAtMs = this.clock.now(), m = decodeControl(f.type, f.payload)
     const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
     this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
+    const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
     this.hooks.restore(state).then(
       (resumedAtMs) => {
         this.recovery.resumedAtMs = resumedAtMs
-        this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs }))
+        this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
         this.checkSettled()
       },
       (err: Error) => {

@@ -27,6 +27,8 @@ export class Requests {
   readonly inFlight: PageBitmap[]
   /** Open faults: region * 2^32 + page -> when the agent saw it (for the latency figures). */
   private readonly faultStart = new Map<number, number>()
+  /** Pages asked for with urgent priority for a ready() wait: key as above -> when (the stuck-source watchdog). */
+  private readonly readyStart = new Map<number, number>()
   /** Native region id -> index in `regions` (fault events carry the id). */
   private readonly regionIndex: Map<number, number>
   /** ready() waits of the service: id -> range; answered when the range is local. */
@@ -115,10 +117,12 @@ export class Requests {
     // only the pages nobody asked for yet
     const runs: number[] = []
     const inFlight = this.inFlight[region]
+    const now = this.clock.now()
     for (let k = 0; k < missing.length; k += 2) {
       for (let q = missing[k]; q < missing[k] + missing[k + 1]; q++) {
         if (inFlight.has(q)) continue
         inFlight.set(q)
+        this.readyStart.set(region * 2 ** 32 + q, now)
         runs.push(q, 1)
       }
     }
@@ -137,15 +141,17 @@ export class Requests {
 
   /** Pages placed (post-copy): time the faults they answer, wake ready() waits. */
   arrived(region: number, first: number, count: number): void {
+    const lo = region * 2 ** 32 + first, hi = lo + count
     if (this.faultStart.size) {
       // a few faults are open at a time: look them up, not every page of the run
-      const now = this.clock.now(), lo = region * 2 ** 32 + first, hi = lo + count
+      const now = this.clock.now()
       for (const [key, t] of this.faultStart) {
         if (key < lo || key >= hi) continue
         this.latency.add((now - t) * 1000)
         this.faultStart.delete(key)
       }
     }
+    if (this.readyStart.size) for (const key of this.readyStart.keys()) if (key >= lo && key < hi) this.readyStart.delete(key)
     this.inFlight[region].clearRange(first, count)
     if (this.waits.size) this.wakeWaits(region, first, count)
   }
@@ -160,11 +166,12 @@ export class Requests {
     if (done.length) this.sink.ready(done)
   }
 
-  /** Since when the oldest open fault request has waited for its page (undefined: none open). */
+  /** Since when the oldest open page request (a fault's or a ready() wait's) has waited for its page (undefined: none open). */
   oldestRequestSinceMs(): number | undefined {
-    if (!this.faultStart.size) return undefined
+    if (!this.faultStart.size && !this.readyStart.size) return undefined
     let oldest = Infinity
     for (const t of this.faultStart.values()) if (t < oldest) oldest = t
+    for (const t of this.readyStart.values()) if (t < oldest) oldest = t
     return Math.max(oldest, this.askedAgainAtMs)
   }
 

@@ -28,6 +28,8 @@ export interface HandoffContext {
   closeTracker(): void
   /** discarded: pages the destination drops (the report's figure, known before HANDOFF leaves). */
   commit(discarded: number): void
+  /** Source-clock stamps of the pause window, for the report's downtime breakdown. */
+  marks: { scannedAt?: number; sentAt?: number }
 }
 
 /** Stale pages in the destination's copy: stale ∩ destHas, word-wise; they leave destHas. Returns their runs. */
@@ -57,6 +59,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
     return map
   })
   ctx.closeTracker()
+  ctx.marks.scannedAt = ctx.clock.now()
   const discard: Uint32Array[] = []
   let discarded = 0
   for (let i = 0; i < regions.length; i++) {
@@ -82,6 +85,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
     recoveryTimeoutMs: ctx.recoveryTimeoutMs,
   }))
   await bulk.drain()
+  ctx.marks.sentAt = ctx.clock.now()
   final.bytes = bulk.bytesWritten - before
   final.durationMs = ctx.clock.now() - start
   if (final.dataPages || final.zeroPages || final.freePages) rounds.push(final)

@@ -45,6 +45,8 @@ export class Postcopy {
   pushed = 0
   demand = 0
   recoveries = 0
+  /** From RESUMED (destination clock): when HANDOFF arrived and when its discard list was applied. */
+  destHandoff: { handoffAtMs: number; discardedAtMs: number } | undefined
   /** Bumped when a link breaks: work started on the old link stops. */
   private generation = 0
   private settledWaiter: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void } | undefined
@@ -79,7 +81,10 @@ export class Postcopy {
   }
 
   onResumed(f: Frame): void {
-    this.resumedResolve(field<number>(decodeControl(f.type, f.payload), 'resumedAtMs', 'number', 'RESUMED'))
+    const m = decodeControl(f.type, f.payload)
+    // the destination's side of the pause window (its clock): HANDOFF arrived, discard list applied
+    if (typeof m.handoffAtMs === 'number' && typeof m.discardedAtMs === 'number') this.destHandoff = { handoffAtMs: m.handoffAtMs, discardedAtMs: m.discardedAtMs }
+    this.resumedResolve(field<number>(m, 'resumedAtMs', 'number', 'RESUMED'))
   }
 
   /** The destination freed pages during post-copy: it zero-fills them; never push them. */

@@ -14,6 +14,8 @@ export interface ReportInputs {
   /** Source clock, ms. */
   t0: number
   pauseAt: number
+  /** pause() returned, final scan done, HANDOFF drained (source clock). */
+  marks: { pausedAt?: number; scannedAt?: number; sentAt?: number }
   postStart: number
   settledAt: number
   /** Destination clock, ms. */
@@ -41,6 +43,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     precopyStop: x.precopyStop,
     totalMs: x.settledAt - x.t0,
     downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.pauseAt,
+    downtimeBreakdownMs: breakdown(x),
     clockOffsetMs: x.clock.offsetMs,
     clockRttMs: x.clock.rttMs,
     bytesOnWire: x.bytesOnWire,
@@ -63,5 +66,24 @@ export function buildReport(x: ReportInputs): MigrationReport {
       pagesLocalAtDestination: num('pagesLocal'),
       ...(x.pushLog ? { pushLog: x.postcopy.pushLog } : {}),
     },
+  }
+}
+
+/**
+ * Where the downtime went, in order: the service's pause(), the final scan
+ * (and the end of write tracking), HANDOFF leaving and crossing (until the
+ * destination has it), the discard list, the service's restore. Stamps of
+ * the destination are moved onto the source's clock with the measured offset.
+ */
+function breakdown(x: ReportInputs): MigrationReport['downtimeBreakdownMs'] {
+  const m = x.marks, d = x.postcopy.destHandoff
+  if (m.pausedAt === undefined || m.scannedAt === undefined || !d) return undefined
+  const handoffAt = d.handoffAtMs - x.clock.offsetMs, discardedAt = d.discardedAtMs - x.clock.offsetMs
+  return {
+    pause: m.pausedAt - x.pauseAt,
+    finalScan: m.scannedAt - m.pausedAt,
+    handoffTransfer: handoffAt - m.scannedAt,
+    discard: discardedAt - handoffAt,
+    restore: x.resumedAtDest - x.clock.offsetMs - discardedAt,
   }
 }
