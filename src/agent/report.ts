@@ -12,6 +12,8 @@ export interface RoundReport {
   freePages: number
   /** Pages held back as hot (written in consecutive rounds). */
   hotPages: number
+  /** Hot pages whose old copy the destination dropped during this round (not in the pause window). */
+  stalePages?: number
   bytes: number
   durationMs: number
 }

@@ -45,12 +45,43 @@ export class DirtyTracker {
     )
   }
 
+  /**
+   * Pages written since the last collectWritten(), without re-protecting
+   * them: the final scan at the hand-off, after which tracking ends. The
+   * read-only walk is ~30x cheaper (4 GiB, 20k written pages: 2.6 ms against
+   * 87 ms), and it runs in the pause window.
+   */
+  peekWritten(regionId: number, pageCount: number): Uint32Array {
+    const W = this.k.PAGE_IS_WRITTEN
+    return this.binding.pagemapScan(regionId, 0, pageCount, 0, W, 0, 0, W)
+  }
+
   /** Pages that hold real memory: present and not the shared zero page. */
   presentRuns(regionId: number, pageCount: number): Uint32Array {
     // PAGE_IS_SWAPPED is not asked for: with WP_UNPOPULATED the kernel's
     // write-protect markers on never-touched pages report as swapped too.
     const P = this.k.PAGE_IS_PRESENT, Z = this.k.PAGE_IS_PFNZERO
     return this.binding.pagemapScan(regionId, 0, pageCount, 0, P | Z, Z, 0, P)
+  }
+
+  /**
+   * Ends tracking a slice at a time, yielding between slices: ending
+   * write-protection walks every page table of the range (0.8 s for 4 GiB
+   * here, with the mmap lock held), so it never runs in the pause window
+   * and never holds the agent's loop for long. For after the hand-off.
+   */
+  async closeGradually(sliceBytes = 32 * 2 ** 20): Promise<void> {
+    for (const r of this.regions) {
+      for (let off = 0; off < r.sizeBytes; off += sliceBytes) {
+        try {
+          this.uffd.unregister(r.id, off, Math.min(sliceBytes, r.sizeBytes - off))
+        } catch {
+          break // region released: nothing left to unregister
+        }
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+    }
+    this.uffd.close()
   }
 
   close(): void {

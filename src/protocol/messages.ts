@@ -69,6 +69,7 @@ export const enum RequestKind {
 export const enum RangeKind {
   ZERO = 0, // all zeros or never populated
   FREE = 1, // reported free by the guest (ballooning)
+  STALE = 2, // pre-copy only: the copy the destination holds is out of date (a hot page); dropped there now, not at the hand-off
 }
 
 const packr = new Packr({ useRecords: false, moreTypes: false })

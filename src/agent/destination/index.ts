@@ -132,8 +132,7 @@ export class MigrationDestination implements DestinationHandlers {
     return this.machine.phase
   }
 
-  /** Shared with the service's thread: isLocal() reads it. */
-  get received(): PageBitmap[] {
+  get received(): PageBitmap[] { // shared with the service's thread: isLocal() reads it
     return this.placement.received
   }
 
@@ -219,7 +218,8 @@ export class MigrationDestination implements DestinationHandlers {
 
   onRanges(f: Frame): void {
     const m = decodeRuns(f.type, f.payload, this.layout)
-    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `unknown range kind ${m.kind}`)
+    if (m.kind === RangeKind.STALE && this.phase === DestPhase.PRECOPY) return this.placement.drop(m.region, m.runs)
+    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `expected range kind zero or free${this.phase === DestPhase.PRECOPY ? ' or stale' : ''}, got ${m.kind}`)
     this.placement.zeroRuns(m.region, m.runs, this.phase !== DestPhase.PRECOPY)
   }
 

@@ -149,14 +149,17 @@ export class Placement {
       }
       return runs
     })
-    lists.forEach((runs, i) => {
-      for (let k = 0; k < runs.length; k += 2) {
-        const first = runs[k], count = runs[k + 1]
-        this.regions[i].discard(first * this.ps, count * this.ps)
-        this.receivedCount -= this.received[i].clearRange(first, count)
-        this.knownZero[i].clearRange(first, count)
-      }
-    })
+    lists.forEach((runs, i) => this.drop(i, runs))
+  }
+
+  /** Drops these (validated) runs: they read as missing again and fault when touched after the hand-off. */
+  drop(region: number, runs: Uint32Array): void {
+    for (let k = 0; k < runs.length; k += 2) {
+      const first = runs[k], count = runs[k + 1]
+      if (this.received[region].nextSet(first, first + count) !== -1) this.regions[region].discard(first * this.ps, count * this.ps)
+      this.receivedCount -= this.received[region].clearRange(first, count)
+      this.knownZero[region].clearRange(first, count)
+    }
   }
 
   /** The session ended before the hand-off: nothing is here any more (the regions were discarded). */

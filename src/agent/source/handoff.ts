@@ -3,7 +3,8 @@
  * then either every remaining page (precopy: the downtime grows with them)
  * or the discard list (post-copy, hybrid: pages the destination holds an
  * old copy of, dropped there so that they fault and are fetched fresh),
- * then HANDOFF with the service's state. commit() runs just before HANDOFF
+ * then HANDOFF with the service's state. Nothing here is O(memory) but the
+ * final scan's page-table walk. commit() runs just before HANDOFF
  * goes on the wire: from then on the service may run on the destination.
  */
 import { PageBitmap } from '../../bitmap'
@@ -24,8 +25,6 @@ export interface HandoffContext {
   mode: MigrationMode
   recoveryTimeoutMs: number
   takeFreed(): number[]
-  /** The final scan is done: write tracking can stop. */
-  closeTracker(): void
   /** discarded: pages the destination drops (the report's figure, known before HANDOFF leaves). */
   commit(discarded: number): void
   /** Source-clock stamps of the pause window, for the report's downtime breakdown. */
@@ -54,11 +53,11 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
   final.freePages = sender.sendFreed(bulk, ctx.takeFreed())
   const stale = regions.map((r, i) => {
     const map = new PageBitmap(r.pageCount)
-    map.setRuns(ctx.tracker.collectWritten(r.id, r.pageCount))
+    map.setRuns(ctx.tracker.peekWritten(r.id, r.pageCount))
     if (hotAtEnd) for (const [s, n] of hotAtEnd[i].runs()) map.setRange(s, n)
     return map
   })
-  ctx.closeTracker()
+  // write tracking stays on until the migration ends: ending it is O(memory) (see DirtyTracker.closeGradually)
   ctx.marks.scannedAt = ctx.clock.now()
   const discard: Uint32Array[] = []
   let discarded = 0

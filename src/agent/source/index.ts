@@ -214,7 +214,6 @@ export class MigrationSource implements SourceHandlers {
       const handedOff = Promise.race([sendHandoff({
         ...common,
         recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
-        closeTracker: () => this.closeTracker(),
         marks,
         commit: (d) => {
           if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
@@ -265,9 +264,13 @@ export class MigrationSource implements SourceHandlers {
     }
   }
 
+  /** After the hand-off the service never writes here again: tracking ends gradually, off the pause window. */
   private closeTracker(): void {
-    this.tracker?.close()
+    const t = this.tracker
     this.tracker = undefined
+    if (!t) return
+    if (this.committed) void t.closeGradually().catch(() => {})
+    else t.close() // the service runs on here, and a next migration may track it again at once
   }
 
   /** Routes both connections' frames through the message table; the promise rejects when either breaks. */

@@ -84,6 +84,26 @@ export class Sender {
     return this.sendRanges(ch, RangeKind.ZERO, region, runs)
   }
 
+  /**
+   * Pre-copy: the destination's copy of these pages is out of date and they
+   * will not be sent again this round (hot): it drops them now, while the
+   * service still runs here, instead of in the pause window at the hand-off.
+   * Only pages it holds are named. Returns how many.
+   */
+  sendStale(ch: Channel, region: number, candidates: PageBitmap): number {
+    const has = this.destHas[region]
+    const runs: number[] = []
+    for (const [s, n] of candidates.runs()) {
+      has.eachRun(s, s + n, (p, q, held) => {
+        if (held) runs.push(p, q - p)
+      })
+    }
+    for (let k = 0; k < runs.length; k += RANGE_ENTRIES_PER_FRAME) ch.send(encodeRuns(Msg.RANGES, RangeKind.STALE, region, runs.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+    let pages = 0
+    for (let k = 0; k < runs.length; k += 2) pages += has.clearRange(runs[k], runs[k + 1])
+    return pages
+  }
+
   /** Sends runs without payload, marking them current at the destination. */
   sendRanges(ch: Channel, kind: RangeKind, region: number, runs: number[]): number {
     let pages = 0
