@@ -68,7 +68,10 @@ describe.skipIf(skip)('clients across a migration, pointed at the source only', 
       expect(after.hits).toBe(served + 2) // + the first probe of slot 0 and this one
       // the source lived on as a forwarder, then left once idle
       expect((await src.exited).code).toBe(0)
-      expect(src.stderr).toMatch(/forwarded \d+ connection\(s\) and \d+ request\(s\), idle for 2000 ms: exiting/)
+      const fwd = /forwarded \d+ connection\(s\) and \d+ request\(s\), (\d+) bytes in ([\d.]+) ms of CPU, idle for 2000 ms: exiting/.exec(src.stderr)
+      expect(fwd, src.stderr).not.toBeNull()
+      expect(Number(fwd![1])).toBeGreaterThan(0) // it relayed client bytes, and says what that cost
+      expect(Number(fwd![2])).toBeGreaterThan(0)
     }, 60_000)
   }
 })

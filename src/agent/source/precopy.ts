@@ -127,6 +127,16 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
     if (round === 0) continue
     const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, linkRate(rounds), ctx.downtimeMs, ctx.maxRounds)
     if (stop) {
+      // hybrid: what was written during this last round goes post-copy anyway; the destination drops
+      // its old copies now, behind the service's pause(), so the hand-off's discard list holds only
+      // what is written from here to the pause
+      if (ctx.mode === 'hybrid') {
+        for (let i = 0; i < regions.length; i++) {
+          const written = new PageBitmap(regions[i].pageCount)
+          written.setRuns(tracker.collectWritten(regions[i].id, regions[i].pageCount))
+          rr.stalePages = (rr.stalePages ?? 0) + sender.sendStale(bulk, i, written)
+        }
+      }
       bulk.send(encodeControl(Msg.PRECOPY_END, { reason: stop }))
       return { stop, hot }
     }
