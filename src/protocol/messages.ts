@@ -51,12 +51,13 @@ export const enum Msg {
   RECOVER_STATE = 37, // bulk, destination -> source: what the destination holds now
   SERVICE = 38, // bulk, destination -> source: the ports its service listens on (the source's forwarder relays there)
   KEEPALIVE = 39, // urgent, source -> destination: the source is alive (a quiet link is not a stuck peer)
+  SYNC = 40, // bulk, both ways in pre-copy: answered once everything sent before it on bulk was applied
 }
 
 export const MSG_NAMES: Record<number, string> = {
   1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
-  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE', 40: 'SYNC',
 }
 
 /** Kind of a PAGE_REQUEST (echoed in its REQUEST_DONE). */

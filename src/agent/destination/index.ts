@@ -195,9 +195,8 @@ export class MigrationDestination implements DestinationHandlers {
       if (ch) ch.stallTimeoutMs = this.linkTimeoutMs
     }
     this.watchdog.start(limits)
-    // Registered from the start: pre-copy pages are installed with
-    // UFFDIO_COPY, and from the hand-off on every missing page faults to us.
-    // Nobody touches the regions before the hand-off (the service waits in start()).
+    // Registered from the start: pre-copy pages are installed with UFFDIO_COPY, and from the hand-off on every
+    // missing page faults to us. Nobody touches the regions before the hand-off (the service waits in start()).
     this.uffd = new this.binding.Uffd(0)
     const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
     for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
@@ -244,6 +243,10 @@ export class MigrationDestination implements DestinationHandlers {
         this.fail(e)
       },
     )
+  }
+
+  onSync(): void {
+    this.link.bulk!.send(encodeControl(Msg.SYNC, {}))
   }
 
   onRequestDone(f: Frame): void {
@@ -306,8 +309,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.phase !== DestPhase.POSTCOPY || !this.placement.complete || this.recovery.resumedAtMs === undefined) return
     this.machine.transition(DestPhase.SETTLED)
     this.watchdog.stop()
-    // Everything with data is present; what is left are known-zero pages,
-    // which plain anonymous memory fills by itself once unregistered.
+    // everything with data is present; known-zero pages are filled by plain anonymous memory once unregistered
     this.closeUffd()
     this.requests.releaseAll()
     const report = {
@@ -318,12 +320,10 @@ export class MigrationDestination implements DestinationHandlers {
     }
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
-    // Keep listening a while: if the link broke as SETTLED left, the source
-    // dials in again to learn it (onRecover); a clean hang-up closes it sooner.
+    // keep listening a while: if the link broke as SETTLED left, the source dials in again to learn it (onRecover)
     if (this.recovery.timeoutMs > 0) this.clock.setTimeout(() => this.link.stopListening(), this.recovery.timeoutMs)
     else this.link.stopListening()
     this.hooks.settled()
-    // the source closes both connections once it has the report
   }
 
   private closeUffd(): void {

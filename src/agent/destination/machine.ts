@@ -44,6 +44,7 @@ export interface DestinationHandlers {
   onRequestDone(f: Frame): void
   checkSettled(): void
   onRecover(): void
+  onSync(): void
   onPeerError(f: Frame): never
 }
 
@@ -59,6 +60,7 @@ export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.REQUEST_DONE]: { on: { urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRequestDone(f), note: 'closes one page request (bulk gate)' },
   [Msg.PUSH_END]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (d) => d.checkSettled(), note: 'the source pushed everything' },
   [Msg.RECOVER]: { on: { bulk: [LISTENING, RECOVERING, SETTLED] }, handle: (d) => d.onRecover(), note: 'both connections are back: RECOVER_STATE; → postcopy (listening: ERR_MIGRATION_NO_SESSION, the hand-off never arrived)' },
+  [Msg.SYNC]: { on: { bulk: [PRECOPY] }, handle: (d) => d.onSync(), note: 'answered with SYNC: everything before it on bulk is applied' },
   [Msg.KEEPALIVE]: { on: { urgent: ALL }, handle: () => {}, note: 'the source is alive (a quiet link is not a stuck peer)' },
   [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (d, f) => d.onPeerError(f), note: 'the source gave up' },
 }

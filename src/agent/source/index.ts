@@ -196,7 +196,7 @@ export class MigrationSource implements SourceHandlers {
       this.tracker = new DirtyTracker(this.binding, this.regions)
       const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, takeFreed: () => this.hooks.takeFreed() }
       const pre = await Promise.race([runPrecopy({
-        ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, onRound: (r) => {
+        ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, sync: () => reply(bulk, Msg.SYNC), onRound: (r) => {
           this.round = r
           this.emitProgress()
         },

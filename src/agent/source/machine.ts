@@ -55,6 +55,7 @@ export interface SourceHandlers {
 export const SOURCE_MESSAGES: MessageTable<SourcePhase, SourceHandlers> = {
   [Msg.REGIONS_OK]: { on: { bulk: [CONNECT] }, note: 'awaited reply to REGIONS' },
   [Msg.CLOCK]: { on: { urgent: [CONNECT] }, note: 'awaited reply: a clock sample' },
+  [Msg.SYNC]: { on: { bulk: [PRECOPY] }, note: 'awaited reply: the destination applied what came before' },
   [Msg.RECOVER_STATE]: { on: { bulk: [RECOVERING] }, note: 'awaited reply to RECOVER; → postcopy' },
   [Msg.PAGE_REQUEST]: { on: { urgent: [POSTCOPY] }, handle: (s, f) => s.postcopy.onPageRequest(f), note: 'pending pages of the runs go on urgent, then REQUEST_DONE' },
   [Msg.WILL_NEED]: { on: { urgent: [POSTCOPY] }, handle: (s, f) => s.postcopy.onWillNeed(f), note: 'steers the push policy' },

@@ -76,6 +76,8 @@ export interface PrecopyContext {
   maxRounds: number
   /** Free-page reports from the service since the last call. */
   takeFreed(): number[]
+  /** Resolves when the destination answers SYNC (it applied everything sent before on bulk). */
+  sync(): Promise<unknown>
   onRound(round: number): void
 }
 
@@ -127,20 +129,38 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
     if (round === 0) continue
     const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, linkRate(rounds), ctx.downtimeMs, ctx.maxRounds)
     if (stop) {
-      // hybrid: what was written during this last round goes post-copy anyway; the destination drops
-      // its old copies now, behind the service's pause(), so the hand-off's discard list holds only
-      // what is written from here to the pause
-      if (ctx.mode === 'hybrid') {
-        for (let i = 0; i < regions.length; i++) {
-          const written = new PageBitmap(regions[i].pageCount)
-          written.setRuns(tracker.collectWritten(regions[i].id, regions[i].pageCount))
-          rr.stalePages = (rr.stalePages ?? 0) + sender.sendStale(bulk, i, written)
-        }
-      }
+      if (ctx.mode === 'hybrid') rr.stalePages = (rr.stalePages ?? 0) + (await dropUntilQuiet(ctx))
       bulk.send(encodeControl(Msg.PRECOPY_END, { reason: stop }))
       return { stop, hot }
     }
   }
+}
+
+/**
+ * Hybrid, after the last round: what was written during it goes post-copy
+ * anyway, so the destination drops its old copies (STALE) while the service
+ * still runs here, and says when it is done (SYNC); what was written
+ * meanwhile is dropped the same way, a few times, each pass shorter (drops
+ * cost ~10-20 µs a page, writes come slower). The hand-off's discard list,
+ * applied in the pause window, then holds only the last few pages.
+ */
+async function dropUntilQuiet(ctx: PrecopyContext): Promise<number> {
+  const { regions, tracker, sender, bulk } = ctx
+  let total = 0
+  for (let pass = 0; pass < 4; pass++) {
+    let dropped = 0
+    for (let i = 0; i < regions.length; i++) {
+      const written = new PageBitmap(regions[i].pageCount)
+      written.setRuns(tracker.collectWritten(regions[i].id, regions[i].pageCount))
+      dropped += sender.sendStale(bulk, i, written)
+    }
+    total += dropped
+    if (dropped === 0) break
+    bulk.send(encodeControl(Msg.SYNC, {}))
+    await ctx.sync()
+    if (dropped < 256) break
+  }
+  return total
 }
 
 /**
