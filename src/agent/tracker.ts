@@ -64,26 +64,6 @@ export class DirtyTracker {
     return this.binding.pagemapScan(regionId, 0, pageCount, 0, P | Z, Z, 0, P)
   }
 
-  /**
-   * Ends tracking a slice at a time, yielding between slices: ending
-   * write-protection walks every page table of the range (0.8 s for 4 GiB
-   * here, with the mmap lock held), so it never runs in the pause window
-   * and never holds the agent's loop for long. For after the hand-off.
-   */
-  async closeGradually(sliceBytes = 32 * 2 ** 20): Promise<void> {
-    for (const r of this.regions) {
-      for (let off = 0; off < r.sizeBytes; off += sliceBytes) {
-        try {
-          this.uffd.unregister(r.id, off, Math.min(sliceBytes, r.sizeBytes - off))
-        } catch {
-          break // region released: nothing left to unregister
-        }
-        await new Promise((resolve) => setImmediate(resolve))
-      }
-    }
-    this.uffd.close()
-  }
-
   close(): void {
     for (const r of this.regions) {
       try {

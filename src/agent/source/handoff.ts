@@ -57,7 +57,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
     if (hotAtEnd) for (const [s, n] of hotAtEnd[i].runs()) map.setRange(s, n)
     return map
   })
-  // write tracking stays on until the migration ends: ending it is O(memory) (see DirtyTracker.closeGradually)
+  // write tracking is not ended here: that is O(memory) (see MigrationSource.closeTracker())
   ctx.marks.scannedAt = ctx.clock.now()
   const discard: Uint32Array[] = []
   let discarded = 0
