@@ -43,8 +43,10 @@ export interface MigrationReport {
   pagesResent: number
   /** Pages sent more than once after the hand-off (invariant 2: always 0). */
   pagesSentTwiceAfterHandoff: number
-  /** Pages the destination discarded at hand-off (stale pre-copy versions). */
+  /** Old copies the destination dropped: at the hand-off (its discard list) and during pre-copy (hot pages, hybrid's last passes). */
   discardedPages: number
+  /** Pages the destination lacked when the service resumed there: what post-copy moves (pushed + on demand + freed). */
+  pagesMissingAtHandoff: number
   postcopy: {
     strategy: string
     /** Demand faults served over the network (page requests). */

@@ -25,8 +25,8 @@ export interface HandoffContext {
   mode: MigrationMode
   recoveryTimeoutMs: number
   takeFreed(): number[]
-  /** discarded: pages the destination drops (the report's figure, known before HANDOFF leaves). */
-  commit(discarded: number): void
+  /** discarded: pages the destination drops now; missing: pages it lacks when the service resumes there (the report's figures). */
+  commit(discarded: number, missing: number): void
   /** Source-clock stamps of the pause window, for the report's downtime breakdown. */
   marks: { scannedAt?: number; sentAt?: number }
 }
@@ -77,7 +77,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
   }
   // every page the destination lacks is pending from now on, each to be sent once
   if (!precopyMode) sender.setPending(sender.destHas.map((has) => PageBitmap.complementOf(has.words, has.size)))
-  ctx.commit(discarded)
+  ctx.commit(discarded, precopyMode ? 0 : sender.pagesLeft)
   bulk.send(encodeControl(Msg.HANDOFF, {
     state,
     discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),

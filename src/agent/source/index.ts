@@ -211,16 +211,17 @@ export class MigrationSource implements SourceHandlers {
       pausing = this.hooks.pause()
       const state = await Promise.race([pausing, failed])
       const marks: { pausedAt?: number; scannedAt?: number; sentAt?: number } = { pausedAt: this.clock.now() }
-      let discarded = 0
+      let discarded = 0, missingAtHandoff = 0
       // after the commit a broken link is post-copy's to recover (below), even while HANDOFF is still leaving
       const handedOff = Promise.race([sendHandoff({
         ...common,
         recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
         marks,
-        commit: (d) => {
+        commit: (d, missing) => {
           if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
           this.committed = true
           discarded = d
+          missingAtHandoff = missing
           this.machine.transition(SourcePhase.POSTCOPY)
           if (this.opts.mode !== 'precopy') this.postcopy.start()
         },
@@ -238,7 +239,7 @@ export class MigrationSource implements SourceHandlers {
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
-        discarded, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report

@@ -120,8 +120,9 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
         rr.dataPages += data
         rr.zeroPages += zero
       }
-      // hot pages wait for the hand-off; the destination drops its old copies now, not in the pause window
-      if (round > 0) rr.stalePages = (rr.stalePages ?? 0) + sender.sendStale(bulk, i, hot[i])
+      // hot pages wait for the hand-off; with post-copy after it (hybrid) the destination drops its old copies
+      // now, not in the pause window (precopy overwrites them in place at the hand-off)
+      if (round > 0 && ctx.mode === 'hybrid') rr.stalePages = (rr.stalePages ?? 0) + sender.sendStale(bulk, i, hot[i])
       rr.hotPages += hot[i].count()
     }
     bulk.send(encodeControl(Msg.ROUND_END, { round }))

@@ -23,6 +23,7 @@ export interface ReportInputs {
   clock: { offsetMs: number; rttMs: number }
   bytesOnWire: number
   discarded: number
+  missingAtHandoff: number
   /** The destination's SETTLED report. */
   stats: Record<string, unknown>
   sender: Sender
@@ -52,7 +53,8 @@ export function buildReport(x: ReportInputs): MigrationReport {
     // the source cannot send a page twice by construction (pending map);
     // the destination counts what it actually received twice
     pagesSentTwiceAfterHandoff: num('pagesReceivedTwice'),
-    discardedPages: x.discarded,
+    discardedPages: x.discarded + x.rounds.reduce((n, r) => n + (r.stalePages ?? 0), 0),
+    pagesMissingAtHandoff: x.missingAtHandoff,
     postcopy: {
       strategy: x.mode === 'precopy' ? 'none' : x.postcopy.policy?.name ?? 'none',
       networkFaults: num('networkFaults'),
