@@ -17,7 +17,7 @@ import { Region } from '../../src/region'
 import { FakeBinding } from '../../src/testing/fake-binding'
 import { FakeClock } from '../../src/testing/fake-clock'
 import { MemoryTransport } from '../../src/testing/memory-transport'
-import { drive, open, turns } from './helpers/raw-source'
+import { drive, type Driven, open, turns } from './helpers/raw-source'
 import { PS, TOKEN } from './helpers/wire'
 
 function listening(clock: FakeClock) {
@@ -42,6 +42,21 @@ function rawPeer(dest: MigrationDestination): MemoryTransport {
 
 const encodePages = (region: number, first: number, count: number, data: Buffer) => [pagesHeader(region, first, count, PS), data]
 
+/** Moves the fake clock on and lets the engine run. */
+async function advance(clock: FakeClock, ms: number): Promise<void> {
+  clock.advance(ms)
+  await turns()
+}
+
+/** A live source for ms: KEEPALIVE on urgent every second. */
+async function keepAlive(d: Driven, clock: FakeClock, ms: number): Promise<void> {
+  for (let t = 0; t < ms; t += 1000) {
+    d.urgent.send(encodeControl(Msg.KEEPALIVE, {}))
+    await turns()
+    await advance(clock, 1000)
+  }
+}
+
 const refusalsOf = (d: MigrationDestination) => (d as unknown as { link: { refusals: Record<string, number> } }).link.refusals
 
 describe('before authentication', () => {
@@ -65,11 +80,9 @@ describe('before authentication', () => {
     const { dest, refused } = listening(clock)
     rawPeer(dest) // connects, says nothing
     await turns()
-    clock.advance(4999)
-    await turns()
+    await advance(clock, 4999)
     expect(refused).toEqual([])
-    clock.advance(2)
-    await turns()
+    await advance(clock, 2)
     expect(refused).toEqual(['refused a connection from peer:1: did not authenticate within 5000 ms [ERR_MIGRATION_TIMEOUT]'])
   })
 
@@ -100,8 +113,7 @@ describe('before authentication', () => {
     const ch = await open(dest, 'urgent', 's1', links)
     expect(ch.failed).toBeUndefined()
     expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 5 })
-    clock.advance(5001)
-    await turns()
+    await advance(clock, 5001)
     // 15 idle ones past the handshake deadline, and s1's slot (it never sent REGIONS)
     expect(refusalsOf(dest)).toEqual({ ERR_MIGRATION_BUSY: 5, ERR_MIGRATION_TIMEOUT: 16 })
   })
@@ -121,8 +133,7 @@ describe('the slot of a session', () => {
     const busy = await clientHandshake(new Channel(a, 'urgent'), TOKEN, { role: 'urgent', session: 'real' }).then(() => undefined, (e: UffdMigrateError) => e)
     expect(busy?.code).toBe('ERR_MIGRATION_BUSY')
     expect(busy?.retryAfterMs).toBe(4050)
-    clock.advance(4100)
-    await turns()
+    await advance(clock, 4100)
     expect(ended).toEqual(['ERR_MIGRATION_TIMEOUT'])
     expect(told.map((e) => e.code)).toEqual(['ERR_MIGRATION_TIMEOUT'])
     expect(told[0].message).toMatch(/session squatter authenticated but did not send its region table within 5000 ms/)
@@ -139,11 +150,9 @@ describe('a stuck source', () => {
     const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 10_000, requestTimeoutMs: 2000 } })
     void d.binding.touch(d.region.id, 3) // a thread faults; the source never answers
     await turns()
-    clock.advance(1900)
-    await turns()
+    await advance(clock, 1900)
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
-    clock.advance(600)
-    await turns()
+    await advance(clock, 600)
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
     expect(d.events).toContain('recovering')
   })
@@ -153,11 +162,9 @@ describe('a stuck source', () => {
     const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 60_000, requestTimeoutMs: 2000 } })
     d.dest.waitFor(1, 0, 2, 2) // the service awaits region.ready() on pages 2-3
     await turns()
-    clock.advance(1900)
-    await turns()
+    await advance(clock, 1900)
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
-    clock.advance(600)
-    await turns()
+    await advance(clock, 600)
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
@@ -171,8 +178,7 @@ describe('a stuck source', () => {
       await turns()
     }
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
-    clock.advance(4500)
-    await turns()
+    await advance(clock, 4500)
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
@@ -187,8 +193,7 @@ describe('a stuck source', () => {
       clock.advance(1000)
       await turns()
     }
-    clock.advance(2000)
-    await turns()
+    await advance(clock, 2000)
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
@@ -198,22 +203,18 @@ describe('a stuck source', () => {
     d.bulk.send(encodeControl(Msg.PUSH_END, {}))
     await turns()
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY) // pages are missing: not settled
-    clock.advance(2500)
-    await turns()
+    await advance(clock, 2500)
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
-    clock.advance(1700) // 4200 = 3000 + 2 * 600
-    await turns()
+    await advance(clock, 1700) // 4200 = 3000 + 2 * 600
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
   it('pre-copy: a quiet source ends the session and the destination listens again', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })
-    clock.advance(3000)
-    await turns()
+    await advance(clock, 3000)
     expect(d.dest.phase).toBe(DestPhase.PRECOPY)
-    clock.advance(3000)
-    await turns()
+    await advance(clock, 3000)
     expect(d.dest.phase).toBe(DestPhase.LISTENING)
     expect(d.events).toContain('ended: ERR_MIGRATION_CONNECTION')
   })
