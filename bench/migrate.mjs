@@ -10,6 +10,8 @@
 //   --quick   256 MiB only, idle and 10k writes/s, both links (development)
 //   --no-ref  skip the C reference run (../shared/limits)
 //   --blocking  page-store without cooperation (no ready()): post-copy misses are real uffd faults
+//   --tiny-state the page-store keeps its per-page versions in a guest region: the hand-off state is a few bytes
+//                at any size, so the downtime shows the engine's hand-off, not the example's own state
 //   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
 //                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
@@ -48,6 +50,7 @@ function parseArgs(argv) {
       case '--no-ref': a.ref = false; break
       case '--blocking': a.blocking = true; break
       case '--no-pinned': a.pinned = false; break
+      case '--tiny-state': a.tinyState = true; break
       case '--sizes': a.sizes = val().split(',').map(Number); break
       case '--links': a.links = val().split(','); break
       case '--loads': a.loads = val().split(',').map(Number); break
@@ -55,7 +58,7 @@ function parseArgs(argv) {
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
-        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 14).map((l) => l.slice(3)).join('\n') + '\n')
+        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 17).map((l) => l.slice(3)).join('\n') + '\n')
         process.exit(0)
         break
       default:
@@ -359,7 +362,7 @@ async function main() {
         cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
         continue
       }
-      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, autocannon: args.pinned, ...(args.blocking ? { serviceArgs: ['--blocking'] } : {}) }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, autocannon: args.pinned, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
       if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
       say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} ...`)
       const r = await runCase(opts, caseTimeoutMs(c))
@@ -459,7 +462,7 @@ async function main() {
     ])
   }
   out(`memory: ${meta.warmedGiB.toFixed(1)} GiB touched once and freed before the first timed case and the C references (${meta.warmSeconds.toFixed(1)} s; this VM backs memory lazily)`)
-  out(`## Migrations: page-store example${args.blocking ? ' with --blocking (no ready(): misses fault)' : ''}, one migration per row (client: 4 concurrent checking readers; downtime = pause on the source → service resumed on the destination)`)
+  out(`## Migrations: page-store example${args.blocking ? ' with --blocking (no ready(): misses fault)' : ''}${args.tinyState ? ' with --versions-in-region (the hand-off state is a few bytes)' : ''}, one migration per row (client: 4 concurrent checking readers; downtime = pause on the source → service resumed on the destination)`)
   printTable(header, rows, { out })
   if (!args.blocking) out(`net faults / fault p50/p99: uffd faults served over the network; the page-store service is cooperative (it awaits region.ready() for a missing page), ` +
     `so its post-copy misses show up as 'demand' pages, not as faults, and the fault latency stays empty (--blocking measures faults)`)
