@@ -129,6 +129,12 @@ export class FuzzSession {
       }
     })
     control('bulk', Msg.ROUND_END, { round: 0 })
+    // hybrid's drop pass: the changed pages of region 0 are dropped now (STALE), confirmed by SYNC; the discard
+    // list names them again, which is harmless (a dropped page is missing already)
+    const stale: number[] = []
+    for (let p = 0; p < Math.floor((LAYOUT[0] * 3) / 4); p++) if (c.changed[0][p]) stale.push(p, 1)
+    if (stale.length) push('bulk', Msg.RANGES, encodeRuns(Msg.RANGES, RangeKind.STALE, 0, stale))
+    control('bulk', Msg.SYNC, {})
     control('bulk', Msg.PRECOPY_END, {})
     // the hand-off: pages changed since round 0 are discarded and come again in post-copy
     const discard = LAYOUT.map((n, r) => {
