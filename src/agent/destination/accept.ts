@@ -124,9 +124,15 @@ export class Acceptor {
   }
 
   private refuse(peer: string, err: Error): void {
+    const code = this.count(err)
+    this.host.refused(`refused a connection from ${peer}: ${err.message} [${code}]`)
+  }
+
+  /** One more refusal with err's code; returns the code. */
+  private count(err: Error): string {
     const code = (err as { code?: string }).code ?? ErrorCode.PROTOCOL
     this.refusals[code] = (this.refusals[code] ?? 0) + 1
-    this.host.refused(`refused a connection from ${peer}: ${err.message} [${code}]`)
+    return code
   }
 
   /** A session takes the slot: it must send REGIONS (leave LISTENING) within the handshake deadline. */
@@ -136,7 +142,7 @@ export class Acceptor {
       this.slotTimer = undefined
       if (this.session !== session || this.host.phase !== DestPhase.LISTENING) return
       const err = migrationError(ErrorCode.TIMEOUT, `session ${session} authenticated but did not send its region table within ${this.limits.handshakeTimeoutMs} ms; its slot is free again`)
-      this.refusals[err.code] = (this.refusals[err.code] ?? 0) + 1
+      this.count(err)
       this.host.expired(err)
     }, this.limits.handshakeTimeoutMs)
   }

@@ -102,7 +102,12 @@ export class MigrationDestination implements DestinationHandlers {
       complete: () => this.placement.complete,
       channels: () => this.link.channels,
       oldestRequestSinceMs: () => this.requests.oldestRequestSinceMs(),
-      broken: (err) => this.brokenLink(err),
+      // a stuck source is a broken link; the source that wakes up after the hand-off must see it closed and come
+      // back (no ERROR then), before it the session ends with the error
+      broken: (err) => {
+        if (this.phase === DestPhase.PRECOPY) for (const ch of this.link.channels) ch.sendError(err)
+        this.linkBroke(err)
+      },
     })
     this.newSession(received)
     this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
@@ -178,10 +183,13 @@ export class MigrationDestination implements DestinationHandlers {
     }
     if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
     if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke
-    const code = (err as UffdMigrateError).code
-    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && code === ErrorCode.CONNECTION && this.recovery.timeoutMs > 0) {
-      return this.startRecovery(err)
-    }
+    this.linkBroke(err)
+  }
+
+  /** The one rule for a broken link (a reset, or a stuck source): after the hand-off it is recovered, before it fatal to the session. */
+  private linkBroke(err: Error): void {
+    const recoverable = this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && (err as UffdMigrateError).code === ErrorCode.CONNECTION
+    if (recoverable && this.recovery.timeoutMs > 0) return this.startRecovery(err)
     this.fail(err)
   }
 
@@ -258,14 +266,6 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   // ---- recovery ----------------------------------------------------------------
-
-  /** The watchdog found the source stuck: as a reset (post-copy recovers, pre-copy ends the session). */
-  private brokenLink(err: Error): void {
-    // post-copy: hang up without an ERROR (a source that wakes up must see a broken link and come back, not give up)
-    if (this.phase === DestPhase.POSTCOPY && this.recovery.timeoutMs > 0) return this.startRecovery(err)
-    for (const ch of this.link.channels) ch.sendError(err)
-    this.fail(err)
-  }
 
   private startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)

@@ -27,8 +27,11 @@ export class Requests {
   readonly inFlight: PageBitmap[]
   /** Open faults: region * 2^32 + page -> when the agent saw it (for the latency figures). */
   private readonly faultStart = new Map<number, number>()
-  /** Pages asked for with urgent priority for a ready() wait: key as above -> when (the stuck-source watchdog). */
-  private readonly readyStart = new Map<number, number>()
+  /**
+   * Page requests for ready() waits, oldest first: when, and what (the stuck-source watchdog). Arrivals do
+   * not touch it (the push's hot path); oldestRequestSinceMs() drops the answered ones from the front.
+   */
+  private readyAsked: { atMs: number; region: number; runs: number[] }[] = []
   /** Native region id -> index in `regions` (fault events carry the id). */
   private readonly regionIndex: Map<number, number>
   /** ready() waits of the service: id -> range; answered when the range is local. */
@@ -117,16 +120,16 @@ export class Requests {
     // only the pages nobody asked for yet
     const runs: number[] = []
     const inFlight = this.inFlight[region]
-    const now = this.clock.now()
     for (let k = 0; k < missing.length; k += 2) {
       for (let q = missing[k]; q < missing[k] + missing[k + 1]; q++) {
         if (inFlight.has(q)) continue
         inFlight.set(q)
-        this.readyStart.set(region * 2 ** 32 + q, now)
         runs.push(q, 1)
       }
     }
-    if (runs.length) this.sink.request(Msg.PAGE_REQUEST, region, runs, RequestKind.READY)
+    if (!runs.length) return
+    this.readyAsked.push({ atMs: this.clock.now(), region, runs })
+    this.sink.request(Msg.PAGE_REQUEST, region, runs, RequestKind.READY)
   }
 
   /**
@@ -151,7 +154,6 @@ export class Requests {
         this.faultStart.delete(key)
       }
     }
-    if (this.readyStart.size) for (const key of this.readyStart.keys()) if (key >= lo && key < hi) this.readyStart.delete(key)
     this.inFlight[region].clearRange(first, count)
     if (this.waits.size) this.wakeWaits(region, first, count)
   }
@@ -168,11 +170,14 @@ export class Requests {
 
   /** Since when the oldest open page request (a fault's or a ready() wait's) has waited for its page (undefined: none open). */
   oldestRequestSinceMs(): number | undefined {
-    if (!this.faultStart.size && !this.readyStart.size) return undefined
-    let oldest = Infinity
+    const answered = (a: { region: number; runs: number[] }) => {
+      for (let k = 0; k < a.runs.length; k += 2) if (!this.placement.received[a.region].allSet(a.runs[k], a.runs[k + 1])) return false
+      return true
+    }
+    while (this.readyAsked.length && answered(this.readyAsked[0])) this.readyAsked.shift()
+    let oldest = this.readyAsked.length ? this.readyAsked[0].atMs : Infinity
     for (const t of this.faultStart.values()) if (t < oldest) oldest = t
-    for (const t of this.readyStart.values()) if (t < oldest) oldest = t
-    return Math.max(oldest, this.askedAgainAtMs)
+    return oldest === Infinity ? undefined : Math.max(oldest, this.askedAgainAtMs)
   }
 
   /** Recovery: ask again for every page in flight and every open ready() range (their replies may be lost). */
