@@ -8,7 +8,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { controlRequest } from '../src/control'
 import { freePort, type LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { type Host, host, killAll, page, sendAndWait } from './helpers/hosts'
+import { type Host, killAll, listening, page, ready, sendAndWait, twoHosts } from './helpers/hosts'
 
 const skip = kernelSkipReason()
 afterEach(killAll)
@@ -39,8 +39,7 @@ async function untilRound(h: Host, guest: string, round: number): Promise<void> 
 /** The destination listens again after the attempt: a fresh source migrates to it and every page verifies. */
 async function listensAgainAndMigrates(A: Host, dst: LineProc, guest: string, port: number): Promise<void> {
   await dst.waitLine(/ended before the hand-off .*listening for the next source/, 30_000, 'stderr')
-  const src = A.service(guest, await freePort())
-  await src.waitLine(/^READY/)
+  await ready(A.service(guest, await freePort()))
   const { code, send } = await sendAndWait(A, guest, port)
   expect(code, send.stderr).toBe(0)
   expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
@@ -49,13 +48,9 @@ async function listensAgainAndMigrates(A: Host, dst: LineProc, guest: string, po
 describe.skipIf(skip)('kill -9 of the source', () => {
   for (const round of [0, 2]) {
     it(`in pre-copy round ${round}: send exits 1, the destination listens again and takes the next migration`, async () => {
-      const A = host('a'), B = host('b')
-      const g = `k9r${round}-${process.pid}`
-      const port = await freePort()
-      const dst = B.receive(g, port, await freePort())
+      const { A, g, port, dst } = await twoHosts(`k9r${round}`)
       const src = busyService(A, g, await freePort())
-      await src.waitLine(/^READY/)
-      await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+      await ready(src)
       const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
       await untilRound(A, g, round)
       src.kill('SIGKILL')
@@ -66,13 +61,9 @@ describe.skipIf(skip)('kill -9 of the source', () => {
   }
 
   it('at the hand-off: either the destination never got it and listens again, or it runs the service and fails after its recovery timeout', async () => {
-    const A = host('a'), B = host('b')
-    const g = `k9h-${process.pid}`
-    const port = await freePort()
-    const dst = B.receive(g, port, await freePort())
+    const { A, g, port, dst } = await twoHosts('k9h')
     const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    await ready(src)
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--recovery-timeout-ms', '1500'])
     await send.waitLine(/^uffd-migrate: handoff/, 60_000, 'stderr')
     src.kill('SIGKILL')
@@ -90,13 +81,9 @@ describe.skipIf(skip)('kill -9 of the source', () => {
   }, 120_000)
 
   it('in post-copy: the destination waits recoveryTimeoutMs for it, then fails (exit 1) without a wrong answer; send exits 4', async () => {
-    const A = host('a'), B = host('b')
-    const g = `k9p-${process.pid}`
-    const port = await freePort(), http = await freePort()
-    const dst = B.receive(g, port, http)
+    const { A, g, port, http, dst } = await twoHosts('k9p')
     const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    await ready(src)
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'])
     await dst.waitLine(/^RESTORED/, 30_000)
     expect((await page(http, 1)).ok).toBe(true) // the service answers there
@@ -112,13 +99,9 @@ describe.skipIf(skip)('kill -9 of the source', () => {
 
 describe.skipIf(skip)('kill -9 of the destination', () => {
   it('in pre-copy: send exits 1, the source serves on with its data and migrates to the next receiver', async () => {
-    const A = host('a'), B = host('b')
-    const g = `k9d-${process.pid}`
-    const port = await freePort(), httpA = await freePort()
-    const dst = B.receive(g, port, await freePort())
-    const src = busyService(A, g, httpA)
-    await src.waitLine(/^READY/)
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { A, B, g, port, dst } = await twoHosts('k9d')
+    const httpA = await freePort()
+    await ready(busyService(A, g, httpA))
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
     await untilRound(A, g, 1)
     dst.kill('SIGKILL')
@@ -128,7 +111,7 @@ describe.skipIf(skip)('kill -9 of the destination', () => {
     expect((await statusJson(A, g)).phase).toBe('idle')
     const port2 = await freePort()
     const dst2 = B.receive(g, port2, await freePort())
-    await dst2.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    await listening(dst2)
     const { code } = await sendAndWait(A, g, port2)
     expect(code).toBe(0)
     expect((await dst2.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')

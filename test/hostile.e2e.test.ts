@@ -12,7 +12,7 @@ import { Channel } from '../src/protocol/channel'
 import { clientHandshake } from '../src/protocol/handshake'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { host, killAll, page, sendAndWait, TOKEN } from './helpers/hosts'
+import { killAll, page, ready, sendAndWait, TOKEN, twoHosts } from './helpers/hosts'
 
 const skip = kernelSkipReason()
 afterEach(killAll)
@@ -61,11 +61,7 @@ function bigHello(port: number): Promise<number> {
 
 describe.skipIf(skip)('a receiver under hostile peers', () => {
   it('16 connections that announce 64 MiB and send 63 MiB before authenticating cost it less than 10 MiB; status counts them; a real migration follows', async () => {
-    const A = host('a'), B = host('b')
-    const g = `big-${process.pid}`
-    const port = await freePort()
-    const dst = B.receive(g, port, await freePort())
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { A, B, g, port, dst } = await twoHosts('big')
     const service = childPid(dst.child.pid!)
     const before = rssBytes(service)
     let peak = before
@@ -83,19 +79,14 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
     const status = B.cli(['status', '--guest', g, '--json'])
     await status.exited
     expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening', refusals: { ERR_MIGRATION_PROTOCOL: 16 } })
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    await ready(A.service(g, await freePort()))
     const { code } = await sendAndWait(A, g, port)
     expect(code).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
   }, 120_000)
 
   it('2,000 idle connections do not stop a real migration (the destination has the default open-file limit of 1024)', async () => {
-    const A = host('a'), B = host('b')
-    const g = `flood-${process.pid}`
-    const port = await freePort()
-    const dst = B.receiveWithFileLimit(1024, g, port, await freePort())
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { A, g, port, dst } = await twoHosts('flood', { fileLimit: 1024 })
     // the flood: its own process, with room for 2,000 sockets; it holds whatever the destination keeps open
     const flood = A.run(['-c', `ulimit -n 8192 && exec "$0" -e "$1" ${port}`, process.execPath, `
       const net = require('node:net'); let open = 0, closed = 0
@@ -105,8 +96,7 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
       }
       setInterval(() => console.log('open', open, 'closed', closed), 1000)`], '/bin/bash')
     await flood.waitLine(/^CONNECTED$/, 30_000)
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    await ready(A.service(g, await freePort()))
     const { code, send } = await sendAndWait(A, g, port)
     expect(code, send.stderr).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
@@ -115,17 +105,12 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
   }, 120_000)
 
   it('a squatting authenticated connection delays a real send by at most the handshake deadline', async () => {
-    const A = host('a'), B = host('b')
-    const g = `squat-${process.pid}`
-    const port = await freePort()
-    const dst = B.receive(g, port, await freePort())
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { A, g, port, dst } = await twoHosts('squat')
     const sock = connect(port, '127.0.0.1')
     await new Promise((r) => sock.once('connect', r))
     const squatter = new Channel(sock, 'urgent')
     await clientHandshake(squatter, Buffer.from(TOKEN, 'utf8'), { role: 'urgent', session: 'squatter' })
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    await ready(A.service(g, await freePort()))
     const t0 = performance.now()
     const { code, send } = await sendAndWait(A, g, port)
     const elapsedMs = performance.now() - t0
@@ -139,13 +124,9 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
 
 describe.skipIf(skip)('a source stopped in post-copy', () => {
   it('SIGSTOP beyond requestTimeoutMs: the destination recovers; after SIGCONT the migration settles with every byte verified', async () => {
-    const A = host('a'), B = host('b')
-    const g = `stop-${process.pid}`
-    const port = await freePort(), http = await freePort()
-    const dst = B.receive(g, port, http, ['--blocking'])
+    const { A, g, port, http, dst } = await twoHosts('stop', { receiveArgs: ['--blocking'] })
     const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
-    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    await ready(src)
     // demand-only: pages stay missing (the service faults on them) until the source answers
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--request-timeout-ms', '1000', '--json'])
     await dst.waitLine(/^RESTORED/, 30_000)

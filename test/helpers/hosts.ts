@@ -8,7 +8,7 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationReport } from '../../src/agent/report'
-import { LineProc } from '../../src/cli/proc'
+import { freePort, LineProc } from '../../src/cli/proc'
 import { getJson } from './http'
 
 const root = join(__dirname, '..', '..')
@@ -49,6 +49,24 @@ export async function sendAndWait(from: Host, guest: string, to: number, extra: 
   const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])
   const { code } = await send.exited
   return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
+}
+
+/** Waits for the page-store's READY line. */
+export const ready = (p: LineProc) => p.waitLine(/^READY/)
+/** Waits until a `receive` process listens for its incoming migration. */
+export const listening = (p: LineProc) => p.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+
+/**
+ * Host A (the source side) and host B with the page-store waiting for guest
+ * `name-<pid>` on a fresh port (`fileLimit`: under `ulimit -n`). Resolves once it listens.
+ */
+export async function twoHosts(name: string, o: { receiveArgs?: string[]; fileLimit?: number } = {}) {
+  const A = host('a'), B = host('b')
+  const g = `${name}-${process.pid}`
+  const port = await freePort(), http = await freePort()
+  const dst = o.fileLimit ? B.receiveWithFileLimit(o.fileLimit, g, port, http) : B.receive(g, port, http, o.receiveArgs)
+  await listening(dst)
+  return { A, B, g, port, http, dst }
 }
 
 export function killAll(): void {
