@@ -12,7 +12,7 @@ import type { Frame } from '../../protocol/frames'
 import { clientHandshake, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
 import { parseAddress } from '../address'
-import type { Clock } from '../clock'
+import { type Clock, sleep, systemClock } from '../clock'
 import { msgName } from '../message-table'
 
 /** Opens one connection to host:port (TCP in production). */
@@ -25,6 +25,7 @@ export interface LinkOptions {
   linkTimeoutMs: number
   bulkBufferBytes: number
   dial?: Dialer
+  clock?: Clock
 }
 
 /** Tries of a destination that answers ERR_MIGRATION_BUSY with retryAfterMs (its slot is held by a session that has not started). */
@@ -53,14 +54,14 @@ export class SourceLink {
    * whose slot another source holds without starting answers BUSY with
    * retryAfterMs: the slot lapses then, so wait and try again.
    */
-  static async open(binding: NativeBinding, opts: LinkOptions, session: string, sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))): Promise<SourceLink> {
+  static async open(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await SourceLink.openOnce(binding, opts, session)
       } catch (err) {
         const retryAfterMs = (err as UffdMigrateError).retryAfterMs
         if ((err as UffdMigrateError).code !== ErrorCode.BUSY || retryAfterMs === undefined || attempt >= BUSY_TRIES) throw err
-        await sleep(retryAfterMs)
+        await sleep(opts.clock ?? systemClock, retryAfterMs)
       }
     }
   }
