@@ -8,6 +8,9 @@
 //     event-loop blocked time on the destination from the hand-off to settled, with
 //     the agent at nice 0 and 10, on loopback and on a namespace link.
 //  C. free pages: 1 GiB, 10/50/90% free, with and without free() reporting (hybrid).
+//  D. guest stall: a 512 MiB page-store writing 100k random pages/s from a 0.5 ms loop
+//     (blocking faults), post-copy, each strategy: the longest interval without a loop
+//     iteration on the destination, fault p50/p99 while the push runs, total time.
 // Every row is one real migration between two processes (examples/, the CLI).
 // Flags: --quick, --runs N (repeat table A and B, min/median/max), --link loopback|netns,
 //        --only A,B,C, --json FILE, --b-links loopback,netns (table B's links; default
@@ -17,6 +20,7 @@ import { writeFileSync } from 'node:fs'
 import { runLimits, repoRoot } from './lib/limits.mjs'
 import { printTable, stats, fmt } from './lib/table.mjs'
 import { modelFaults } from './lib/policy-model.mjs'
+import { prewarm } from './lib/warm.mjs'
 
 const require = createRequire(import.meta.url)
 const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
@@ -30,10 +34,11 @@ const opt = (name, dflt) => {
 }
 const quick = flag('quick')
 const runs = Number(opt('runs', quick ? 1 : 3))
-const only = new Set(opt('only', 'A,B,C').split(','))
+const only = new Set(opt('only', 'A,B,C,D').split(','))
 const link = opt('link', 'loopback')
 const say = (s) => process.stderr.write(`${s}\n`)
-const results = { A: [], B: [], C: [] }
+const GiB = 2 ** 30
+const results = { A: [], B: [], C: [], D: [] }
 
 let hosts
 if (link === 'netns') {
@@ -70,6 +75,11 @@ function json(r, prefix, lines = r.destLines) {
 }
 
 try {
+  if (only.has('D')) {
+    // D's guests (512 MiB on each side) and the C references run on warm memory (see bench/lib/warm.mjs)
+    const s = prewarm(3 * GiB)
+    say(`warmed 3 GiB in ${fmt(s)} s`)
+  }
   console.log(`# bench:postcopy on ${link === 'netns' ? 'two namespace hosts, 1 Gbit/s tbf link' : 'loopback'}; ${runs} run(s) per row; machine: 2 vCPUs, shared`)
   const ref = runLimits(['tcp-tput', 'postcopy-demand'], { nruns: quick ? 1 : 3, log: say })
   if (ref.size) {
@@ -190,7 +200,7 @@ try {
   // ---- C: free pages ---------------------------------------------------------------------
   if (only.has('C')) {
     const rows = []
-    const GiB = 1 << 30
+
     const checks = []
     for (const pct of quick ? [90] : [10, 50, 90]) {
       const by = {}
@@ -224,6 +234,49 @@ try {
     console.log('C. free-page skipping, 1 GiB guest, hybrid')
     printTable(['free', 'reporting', 'MiB on wire (median)', 'x guest size', 'total ms min/med/max', 'pages data / zero / free'], rows)
     printTable(['target', 'measured', ''], checks)
+  }
+  // ---- D: guest stall under 100k writes/s -----------------------------------------------
+  if (only.has('D')) {
+    const rows = []
+    const checks = []
+    const refP50 = ref.get('7.demand.none.p50')?.median
+    for (const strategy of ['demand', 'push', 'bubble']) {
+      const samples = []
+      for (let i = 0; i < runs; i++) {
+        say(`D: ${strategy} run ${i + 1}/${runs}`)
+        const r = await migrateExample({
+          sizeMiB: 512, mode: 'postcopy', writesPerSec: 100_000, client: false, ...where,
+          serviceArgs: ['--blocking', '--loop-us', '500'], sendArgs: ['--prepaging', strategy],
+        })
+        const st = json(r, 'STALL')
+        if (!r.ok || !st) {
+          say(`   failed: ${r.error ?? r.verify}`)
+          continue
+        }
+        const pc = r.report.postcopy
+        samples.push({ stallMs: st.maxMs, p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, faults: pc.networkFaults, totalMs: r.report.totalMs, settleMs: pc.timeToSettledMs })
+      }
+      results.D.push({ strategy, samples })
+      const col = (k) => {
+        const t = stats(samples.map((x) => x[k]))
+        return samples.length ? `${fmt(t.min)} / ${fmt(t.median)} / ${fmt(t.max)}` : 'failed'
+      }
+      rows.push([strategy, col('stallMs'), col('p50'), col('p99'), col('faults'), col('settleMs'), col('totalMs')])
+      if (strategy === 'bubble' && samples.length) {
+        const m = (k) => stats(samples.map((x) => x[k])).median
+        checks.push(['longest stall <= 150 ms', `${fmt(m('stallMs'))} ms`, m('stallMs') <= 150 ? 'pass' : 'FAIL'])
+        checks.push(['total time <= 1.5 s', `${fmt(m('totalMs'))} ms`, m('totalMs') <= 1500 ? 'pass' : 'FAIL'])
+        if (refP50) {
+          checks.push(['fault p50 <= 2 x 7.demand.none.p50', `${fmt(m('p50'))} us vs ${fmt(refP50)} us (x${fmt(m('p50') / refP50)})`, m('p50') <= 2 * refP50 ? 'pass' : 'FAIL'])
+          checks.push(['fault p99 <= 10 x 7.demand.none.p50', `${fmt(m('p99'))} us (x${fmt(m('p99') / refP50)})`, m('p99') <= 10 * refP50 ? 'pass' : 'FAIL'])
+        }
+      }
+    }
+    console.log('D. guest stall: 512 MiB page-store, 100k random page writes/s from a 0.5 ms loop, blocking faults, post-copy (min / median / max)')
+    console.log('  stall: longest interval without a loop iteration on the destination, from the restore to settled; faults: network faults')
+    printTable(['strategy', 'longest stall ms', 'fault p50 us', 'fault p99 us', 'faults', 'settled ms', 'total ms'], rows)
+    printTable(['target (bubble, the default)', 'measured', ''], checks)
+    console.log('')
   }
   const out = opt('json')
   if (out) writeFileSync(out, JSON.stringify(results, null, 2))

@@ -7,4 +7,5 @@ void init_region_bindings(Napi::Env env, Napi::Object exports);
 void init_uffd_binding(Napi::Env env, Napi::Object exports);
 void init_socket_bindings(Napi::Env env, Napi::Object exports);
 void init_thread_bindings(Napi::Env env, Napi::Object exports);
+void init_demand_bindings(Napi::Env env, Napi::Object exports);
 }  // namespace uffdm

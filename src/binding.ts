@@ -23,6 +23,21 @@ export interface NativeUffd {
   /** Delivers the fault events queued now to the startFaults callback, synchronously; how many. */
   pollFaults(): number
   close(): void
+  readonly fd: number
+}
+
+/** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
+export interface NativeDemandServer {
+  close(): void
+}
+
+/** Destination: reads the uffd's faults, asks for them and installs the replies on its own thread. */
+export interface NativeDemandClient {
+  /** A (new) demand connection, or -1 (the link broke: faults are recorded and asked for on the next one). */
+  attach(fd: number): void
+  /** How long the oldest open fault has waited (0: none). */
+  readonly oldestOpenUs: number
+  close(): void
 }
 
 export interface ProbeResult {
@@ -63,6 +78,9 @@ export interface NativeBinding {
   setThreadNice(nice: number): void
   Uffd: new (features: number) => NativeUffd
   probe(): ProbeResult
+  /** The native demand path (absent in the fake binding: faults stay in JS there). pending/received: page bitmaps' words. */
+  DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandServer
+  DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 
 let cached: NativeBinding | undefined

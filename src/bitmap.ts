@@ -2,7 +2,9 @@
  * One bit per page. Backed by an ArrayBuffer or a SharedArrayBuffer (the
  * destination's received map is read by the service's thread for isLocal()).
  * Iteration helpers skip whole zero/full words so that walking a sparse map
- * costs O(words skipped + bits returned).
+ * costs O(words skipped + bits returned). Range updates are atomic per
+ * word: a native thread of the demand path sets and clears bits of the same
+ * maps (received on the destination, pending on the source).
  */
 export class PageBitmap {
   readonly words: Uint32Array
@@ -54,17 +56,39 @@ export class PageBitmap {
       const bit = i & 31
       const n = Math.min(32 - bit, end - i)
       const mask = n === 32 ? 0xffffffff : ((1 << n) - 1) << bit
-      const old = this.words[w]
-      if (value) {
-        changed += popcount(~old & mask)
-        this.words[w] = old | mask
-      } else {
-        changed += popcount(old & mask)
-        this.words[w] = old & ~mask
-      }
+      if (value) changed += popcount(~Atomics.or(this.words, w, mask) & mask)
+      else changed += popcount(Atomics.and(this.words, w, ~mask) & mask)
       i += n
     }
     return changed
+  }
+
+  /**
+   * Clears [start, start+count) and calls fn(p, q) for each run of bits that
+   * were set: whoever clears a bit first owns it (the source's push and its
+   * native demand thread both take pages from the pending map).
+   */
+  takeRange(start: number, count: number, fn: (p: number, q: number) => void): number {
+    let taken = 0, run = -1
+    const end = start + count
+    for (let i = start; i < end;) {
+      const w = i >>> 5, bit = i & 31, n = Math.min(32 - bit, end - i)
+      const mask = n === 32 ? 0xffffffff : ((1 << n) - 1) << bit
+      const old = Atomics.and(this.words, w, ~mask) & mask
+      if (old === 0) {
+        if (run >= 0) fn(run, i), (run = -1)
+      } else {
+        for (let b = bit; b < bit + n; b++) {
+          const had = (old & (1 << b)) !== 0
+          if (had) taken++
+          if (had && run < 0) run = (w << 5) + b
+          else if (!had && run >= 0) fn(run, (w << 5) + b), (run = -1)
+        }
+      }
+      i += n
+    }
+    if (run >= 0) fn(run, end)
+    return taken
   }
 
   /** True when every bit of [start, start+count) is set. */

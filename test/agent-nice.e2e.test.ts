@@ -15,11 +15,12 @@ const skip = kernelSkipReason()
 const TOKEN = 'agent-nice-tests-token-0123456789'
 const MiB = 1 << 20
 
-/** tid -> nice, as the scheduler has it (field 19 of /proc/<pid>/task/<tid>/stat). */
-function threadNice(): Map<number, number> {
+/** tid -> nice, as the scheduler has it (field 19 of /proc/<pid>/task/<tid>/stat); name: only threads of that name. */
+function threadNice(name?: string): Map<number, number> {
   const out = new Map<number, number>()
   for (const tid of readdirSync('/proc/self/task')) {
     const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+    if (name !== undefined && stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== name) continue
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ') // fields from 3 on
     out.set(Number(tid), Number(fields[19 - 3]))
   }
@@ -39,8 +40,13 @@ describe.skipIf(skip)('agentNice', () => {
     const dest = await destination
     const nice = threadNice()
     expect(nice.get(process.pid)).toBe(0) // the service's main thread is left alone
-    // the two agent workers, one per guest (faults are read on the worker's own loop)
+    // the two agent workers, one per guest; the native demand threads (a blocked fault waits on them) run at
+    // the service's priority, which root may give them
     expect([...nice.values()].filter((n) => n === 7).length - before).toBe(2)
+    // the native demand threads, one per side: at the service's nice where the kernel allows lowering it (root)
+    const demandNice = process.getuid?.() === 0 ? 0 : 7
+    expect([...threadNice('uffdm-demand-rx').values()]).toEqual([demandNice])
+    expect([...threadNice('uffdm-demand-tx').values()]).toEqual([demandNice])
     await dest.settled
     await report
     expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)

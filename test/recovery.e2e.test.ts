@@ -28,7 +28,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
       relay: (host, port) => relay!.start(host, port),
     })
     expect(relay.cuts).toBe(1)
-    expect(relay.connections).toBe(4) // two connections, then the same two again
+    expect(relay.connections).toBe(6) // three connections (urgent, bulk, demand), then the same three again
     expect(r.error).toBeUndefined()
     expect(r.verify).toBe('ok pages=131072') // the destination checked every page against the source's pattern
     expect(r.ok).toBe(true)

@@ -30,6 +30,10 @@ const { values: a } = parseArgs({
     // keep the per-page versions in a second guest region instead of the hand-off state: the state that crosses at
     // the hand-off is a few bytes whatever the size (bench:migrate --tiny-state measures the hand-off that way)
     'versions-in-region': { type: 'boolean', default: false },
+    // a tight writer instead of the 10 ms timer: one iteration every loop-us microseconds (bench:postcopy's
+    // guest-stall case, 500), writing writes/s spread over the iterations; the destination prints the longest
+    // interval without an iteration between RESTORED and SETTLED (STALL line)
+    'loop-us': { type: 'string', default: '0' },
   },
 })
 const sizeBytes = Number(a.mib) * 1024 * 1024
@@ -59,7 +63,46 @@ function whenLocal(region, p, fn) {
   })
 }
 
+// One iteration every loopUs: the loop runs synchronously (Atomics.wait sleeps between iterations) and gives
+// the event loop a turn every 5 ms, so that the guest's messages (settled) get through. A blocking fault
+// stops it: the longest interval between two iterations is the service's worst stall.
+const stall = { maxMs: 0, iterations: 0, last: 0, on: false }
+function startLoopWriter(region, u32, pageCount, pageWords, loopUs) {
+  const perIter = Math.max(1, Math.round((writesPerSec * loopUs) / 1e6))
+  const sleeper = new Int32Array(new SharedArrayBuffer(4))
+  let seed = (process.pid * 2654435761) >>> 0
+  let stopped = false
+  const burst = () => {
+    if (stopped) return
+    const until = performance.now() + 5
+    for (;;) {
+      for (let i = 0; i < perIter; i++) {
+        seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
+        const p = seed % pageCount
+        writePage(u32, p, ++versions[p], pageWords)
+      }
+      writesDone += perIter
+      const now = performance.now()
+      if (stall.on) {
+        stall.maxMs = Math.max(stall.maxMs, now - stall.last)
+        stall.iterations++
+      }
+      stall.last = now
+      if (now >= until) break
+      Atomics.wait(sleeper, 0, 0, loopUs / 1000)
+    }
+    setImmediate(burst)
+  }
+  stall.last = performance.now()
+  setImmediate(burst)
+  return { stop: () => (stopped = true) }
+}
+
 function startWriter(region, u32, pageCount, pageWords) {
+  if (Number(a['loop-us']) > 0) {
+    writer = startLoopWriter(region, u32, pageCount, pageWords, Number(a['loop-us']))
+    return
+  }
   const perTick = Math.ceil(writesPerSec / 100)
   let seed = (process.pid * 2654435761) >>> 0
   writer = setInterval(() => {
@@ -100,7 +143,8 @@ async function main() {
     regions: a['versions-in-region'] ? { store: sizeBytes, versions: (sizeBytes / 4096) * 4 } : { store: sizeBytes },
     pause: async () => {
       paused = true
-      clearInterval(writer)
+      if (writer?.stop) writer.stop()
+      else clearInterval(writer)
       // a served server stays open: the guest holds its requests, then relays them
       if (!a.serve) {
         await new Promise((r) => {
@@ -137,8 +181,12 @@ async function main() {
       ? new Uint32Array(guest.regions.versions.buffer)
       : new Uint32Array(s.versions.buffer.slice(s.versions.byteOffset, s.versions.byteOffset + s.versions.byteLength))
     writesDone = s.writesDone
+    stall.on = true
+    stall.last = performance.now()
     start(true)
     await guest.settled
+    stall.on = false
+    if (Number(a['loop-us']) > 0) out(`STALL ${JSON.stringify({ maxMs: stall.maxMs, iterations: stall.iterations })}`)
     out('SETTLED')
     await new Promise((r) => setTimeout(r, Number(a['verify-delay-ms'])))
     let bad = 0

@@ -179,6 +179,24 @@ export class Channel {
     if (fd !== undefined && timeoutMs >= 1000) setter(fd, timeoutMs)
   }
 
+  /**
+   * Hands the connection's descriptor to a native thread (the demand path,
+   * which dup()s it): this side reads and writes nothing more on it, and a
+   * later fail() or close() only closes this side's descriptor. undefined
+   * when the transport has none (in-memory) or bytes already wait here.
+   */
+  handOver(): number | undefined {
+    const fd = this.fd
+    const s = this.socket as unknown as { readableLength?: number; _handle?: { reading?: boolean; readStop?(): number } }
+    if (fd === undefined || this.failure || this.decoder.midFrame || this.queued.length || (s.readableLength ?? 0) > 0) return undefined
+    this.pauseReading()
+    if (s._handle?.readStop) {
+      s._handle.reading = false
+      s._handle.readStop()
+    }
+    return fd
+  }
+
   private get fd(): number | undefined {
     const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd
     return typeof fd === 'number' && fd >= 0 ? fd : undefined

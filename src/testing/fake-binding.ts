@@ -172,6 +172,7 @@ export class FakeBinding implements NativeBinding {
 
 class FakeUffd implements NativeUffd {
   readonly ioctls = 0
+  readonly fd = -1
   private closed = false
   private callback: ((events: Uint32Array) => void) | undefined
   private queued: number[] = []

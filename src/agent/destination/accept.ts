@@ -7,16 +7,15 @@
 import { createServer, type Server } from 'node:net'
 import { ErrorCode, migrationError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
-import { type HelloInfo, serverHandshake } from '../../protocol/handshake'
+import { type ChannelRole, type HelloInfo, serverHandshake } from '../../protocol/handshake'
 import { parseAddress } from '../address'
 import type { Clock, TimerHandle } from '../clock'
-import type { ChannelName } from '../message-table'
 import { DestPhase } from './machine'
 
 export interface AcceptorHost {
   readonly phase: DestPhase
   /** A connection of this session passed the handshake and took its slot. */
-  adopt(ch: Channel, role: ChannelName): void
+  adopt(ch: Channel, role: ChannelRole): void
   /** A connection was refused (peer's fault); one line for the operator. */
   refused(message: string): void
   /** The session holding the slot did not send its region table in time: end it. */
@@ -44,6 +43,8 @@ export class Acceptor {
   readonly refusals: Record<string, number> = {}
   urgent: Channel | undefined
   bulk: Channel | undefined
+  /** Read and written by the native demand thread once adopted (not in `channels`: no frames for JS). */
+  demand: Channel | undefined
 
   constructor(
     private readonly token: Buffer,
@@ -160,11 +161,13 @@ export class Acceptor {
   /** The link broke: both slots free for the session's next pair. */
   drop(err: Error): void {
     // slots first: the channels' close listeners must see a pair that is already gone
-    const { urgent, bulk } = this
+    const { urgent, bulk, demand } = this
     this.urgent = undefined
     this.bulk = undefined
+    this.demand = undefined
     urgent?.fail(err)
     bulk?.fail(err)
+    demand?.fail(err)
   }
 
   /** The session ended before the hand-off: the next source may bring another. */
@@ -183,6 +186,7 @@ export class Acceptor {
     this.server?.close()
     this.urgent?.close()
     this.bulk?.close()
+    this.demand?.close()
   }
 }
 

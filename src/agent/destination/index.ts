@@ -5,24 +5,26 @@
  * the hand-off the discard list is applied and the service resumes; after
  * it, faults become page requests on the urgent channel, and pages are
  * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local.
- * Beside it, one file per concern (accept, placement, requests, bulk-gate, recovery, watchdog).
+ * Beside it, one file per concern (accept, placement, requests, bulk-gate, recovery, watchdog, demand-path).
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
 import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
-import { peerError } from '../../protocol/handshake'
+import { type ChannelRole, peerError } from '../../protocol/handshake'
 import {
   decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, RequestKind, uint,
 } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
-import { type ChannelName, route } from '../message-table'
+import { route } from '../message-table'
 import { StateMachine } from '../state-machine'
-import { Acceptor, type AcceptorLimits, DEFAULT_ACCEPTOR_LIMITS } from './accept'
+import { Acceptor, DEFAULT_ACCEPTOR_LIMITS } from './accept'
 import { BulkGate } from './bulk-gate'
+import { DemandPath } from './demand-path'
 import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase, type DestinationHandlers } from './machine'
+import type { DestinationHooks, DestinationOptions } from './hooks'
 import { Placement } from './placement'
 import { RecoveryWindow } from './recovery'
 import { Requests } from './requests'
@@ -31,32 +33,7 @@ import { Watchdog } from './watchdog'
 
 export { DestPhase } from './machine'
 
-export interface DestinationOptions {
-  token: Buffer
-  /** Kernel socket buffers of the bulk connection (0: leave alone). */
-  bulkBufferBytes: number
-  clock?: Clock
-  /** Handshake deadline and the cap on unauthenticated connections (defaults: 5 s, 16). */
-  limits?: Partial<AcceptorLimits>
-}
-
-export interface DestinationHooks {
-  /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
-  restore(state: Uint8Array): Promise<number>
-  /** Every page is local. */
-  settled(): void
-  /** These ready() waits of the service are satisfied: their ranges are local. */
-  ready(waitIds: number[]): void
-  failed(err: Error): void
-  /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
-  recovering?(message: string): void
-  /** A connection was refused before it joined a migration (one line: peer and reason); refusals: counts by code so far. */
-  refused?(message: string, refusals: Record<string, number>): void
-  /** A session ended before the hand-off; the guest listens for the next source. */
-  sessionEnded?(err: Error): void
-  /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */
-  pollService?(): void
-}
+export type { DestinationHooks, DestinationOptions } from './hooks'
 
 export class MigrationDestination implements DestinationHandlers {
   readonly machine = new StateMachine<DestPhase>('destination', DEST_TRANSITIONS, DestPhase.LISTENING)
@@ -66,6 +43,7 @@ export class MigrationDestination implements DestinationHandlers {
   private readonly gate: BulkGate
   private readonly watchdog: Watchdog
   private recovery!: RecoveryWindow
+  private readonly demand: DemandPath
   private readonly clock: Clock
   private readonly ps: number
   private readonly layout: RegionLayout[]
@@ -85,6 +63,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.clock = opts.clock ?? systemClock
     this.ps = binding.pageSize
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
+    this.demand = new DemandPath(binding, regions, (err) => this.linkBroke(err))
     const machine = this.machine
     this.link = new Acceptor(opts.token, {
       get phase() {
@@ -101,7 +80,7 @@ export class MigrationDestination implements DestinationHandlers {
       phase: () => machine.phase,
       complete: () => this.placement.complete,
       channels: () => this.link.channels,
-      oldestRequestSinceMs: () => this.requests.oldestRequestSinceMs(),
+      oldestRequestSinceMs: () => Math.min(this.requests.oldestRequestSinceMs() ?? Infinity, this.demand.oldestOpenMs(this.clock.now()) ?? Infinity),
       // a stuck source is a broken link; the source that wakes up after the hand-off must see it closed and come
       // back (no ERROR then), before it the session ends with the error
       broken: (err) => {
@@ -150,7 +129,8 @@ export class MigrationDestination implements DestinationHandlers {
     return this.link.accept(transport, peer)
   }
 
-  private adopt(ch: Channel, role: ChannelName): void {
+  private adopt(ch: Channel, role: ChannelRole): void {
+    if (role === 'demand') return this.demand.adopt(ch)
     if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
@@ -159,7 +139,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   /** Every frame after the handshake: the message table says whether it is legal here and now. */
-  private onFrame(ch: Channel, role: ChannelName, f: Frame): void {
+  private onFrame(ch: Channel, role: 'urgent' | 'bulk', f: Frame): void {
     try {
       const rule = route(DEST_MESSAGES, 'destination', this.phase, role, f.type)
       // pushed data in post-copy: a stretch of it keeps this loop busy for milliseconds, so faults (one read(),
@@ -208,7 +188,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.uffd = new this.binding.Uffd(0)
     const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
     for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
-    this.uffd.startFaults((ev) => this.requests.onFaults(ev))
+    if (!this.demand.start(this.uffd, this.placement, this.requests)) this.uffd.startFaults((ev) => this.requests.onFaults(ev))
     this.placement.attach(this.uffd)
     this.requests.attach(this.uffd)
     this.machine.transition(DestPhase.PRECOPY)
@@ -270,6 +250,7 @@ export class MigrationDestination implements DestinationHandlers {
   private startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
     this.link.drop(err)
+    this.demand.detach()
     this.gate.reset()
     if (this.recovery.open) return // a second break while recovering: the first deadline stands
     this.hooks.recovering?.(`the connection broke during post-copy (${err.message}); waiting up to ${this.recovery.timeoutMs} ms for the source to reconnect`)
@@ -327,6 +308,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   private closeUffd(): void {
+    this.demand.close() // its thread uses the uffd: joined first
     if (!this.uffd) return
     for (const r of this.regions) this.uffd.unregister(r.id, 0, r.sizeBytes)
     this.uffd.close()
@@ -394,6 +376,7 @@ export class MigrationDestination implements DestinationHandlers {
   close(): void {
     this.watchdog.stop()
     this.link.close()
+    this.demand.close()
     this.uffd?.close()
   }
 }

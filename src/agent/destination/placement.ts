@@ -122,6 +122,12 @@ export class Placement {
     this.arrived(region, first, count)
   }
 
+  /** The native demand thread installed these pages and marked `newly` of them received. */
+  arrivedNatively(region: number, first: number, count: number, newly: number): void {
+    this.receivedCount += newly
+    this.onArrived(region, first, count)
+  }
+
   private arrived(region: number, first: number, count: number): void {
     this.markReceived(region, first, count)
     this.onArrived(region, first, count)

@@ -231,6 +231,7 @@ export class MigrationSource implements SourceHandlers {
       })
       const postStart = this.clock.now()
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
+      this.sender.stopDemand()
       this.machine.transition(SourcePhase.SETTLED)
       // the forwarder needs the destination service's ports; its service may start listening after it settled
       if (this.opts.forward && !this.serviceKnown) {
@@ -245,6 +246,7 @@ export class MigrationSource implements SourceHandlers {
       return report
     } catch (err) {
       this.failure ??= err as Error
+      this.sender.stopDemand()
       this.current?.close()
       if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
       // Once HANDOFF is on the wire the destination may already run the
@@ -285,15 +287,16 @@ export class MigrationSource implements SourceHandlers {
     else t.close()
   }
 
-  /** Routes both connections' frames through the message table; the promise rejects when either breaks. */
+  /** Routes the urgent and bulk connections' frames through the message table; the promise rejects when any connection breaks. */
   private attachLink(): Promise<never> {
-    const { urgent, bulk } = this.link
+    const { urgent, bulk, demand } = this.link
     urgent.onFrame((f) => this.onFrame(urgent, 'urgent', f))
     bulk.onFrame((f) => this.onFrame(bulk, 'bulk', f))
     const failed = new Promise<never>((_, reject) => {
       const onErr = (err: Error) => reject(this.failure ?? err)
       urgent.onClose(onErr)
       bulk.onClose(onErr)
+      demand?.onClose(onErr) // read by a native thread from the hand-off on; it fails the channel when the connection ends
     })
     failed.catch(() => {})
     return failed

@@ -13,6 +13,7 @@ import { clientHandshake, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
 import { parseAddress } from '../address'
 import { type Clock, sleep, systemClock } from '../clock'
+import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
 
 /** Opens one connection to host:port (TCP in production). */
@@ -34,11 +35,14 @@ const BUSY_TRIES = 3
 export class SourceLink {
   readonly urgent: Channel
   readonly bulk: Channel
+  /** Page requests of faults and their replies, between two native threads (absent: they go on urgent, in JS). */
+  readonly demand: Channel | undefined
   private keepalive: NodeJS.Timeout | undefined
 
-  private constructor(urgent: Channel, bulk: Channel, linkTimeoutMs: number) {
+  private constructor(urgent: Channel, bulk: Channel, demand: Channel | undefined, linkTimeoutMs: number) {
     this.urgent = urgent
     this.bulk = bulk
+    this.demand = demand
     if (linkTimeoutMs > 0) {
       // the destination takes a quiet link for a stuck source after linkTimeoutMs
       this.keepalive = setInterval(() => {
@@ -69,7 +73,7 @@ export class SourceLink {
   private static async openOnce(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
     const { host, port } = parseAddress(opts.to)
     const dial = opts.dial ?? dialTcp
-    const open = async (role: 'urgent' | 'bulk') => {
+    const open = async (role: 'urgent' | 'bulk' | 'demand') => {
       const ch = new Channel(await dial(host, port, opts.connectTimeoutMs), role)
       try {
         await clientHandshake(ch, opts.token, { role, session })
@@ -80,19 +84,21 @@ export class SourceLink {
       return ch
     }
     const urgent = await open('urgent')
-    let bulk: Channel
+    let bulk: Channel, demand: Channel | undefined
     try {
       bulk = await open('bulk')
+      // TCP only: the native threads take the connection's descriptor over
+      if (nativeDemandAvailable(binding) && !opts.dial) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
     } catch (err) {
       urgent.close()
       throw err
     }
     bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
-    for (const ch of [urgent, bulk]) {
-      ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
-      ch.stallTimeoutMs = opts.linkTimeoutMs
+    for (const ch of [urgent, bulk, demand]) {
+      ch?.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+      if (ch) ch.stallTimeoutMs = opts.linkTimeoutMs
     }
-    return new SourceLink(urgent, bulk, opts.linkTimeoutMs)
+    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs)
   }
 
   get bytesWritten(): number {
@@ -107,6 +113,7 @@ export class SourceLink {
     clearInterval(this.keepalive)
     this.urgent.close()
     this.bulk.close()
+    this.demand?.close()
   }
 
   /** Destination clock minus ours, from the exchange with the smallest round trip. */

@@ -13,6 +13,7 @@ import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
+import { demandClosedError } from '../demand-events'
 import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
@@ -63,9 +64,18 @@ export class Postcopy {
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
   }
 
-  /** From the hand-off (or a recovery): a fresh push policy over what is pending. */
+  /** From the hand-off (or a recovery): a fresh push policy over what is pending; a native thread answers faults when the link has a demand connection. */
   start(): void {
     this.policy = createPushPolicy(this.opts.prepaging, this.sender.pending)
+    const demand = this.host.link.demand
+    if (!demand) return
+    const fd = demand.handOver()
+    if (fd === undefined) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'bytes arrived on the demand connection before any request could have been made'))
+    this.sender.serveDemand(fd, {
+      onFault: (region, page) => this.policy?.onFault(region, page),
+      onSent: (pages) => (this.demand += pages),
+      onClosed: (errno, protocol) => demand.fail(demandClosedError(errno, protocol)),
+    })
   }
 
   // ---- messages (named in machine.ts) --------------------------------------------
@@ -184,6 +194,7 @@ export class Postcopy {
   /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
   private async recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     this.generation++ // the push loop and the replies of the broken link stop
+    this.sender.stopDemand()
     this.host.link.close()
     this.recoveries++
     this.host.recovering()

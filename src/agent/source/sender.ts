@@ -5,12 +5,15 @@
  * when all-zero or free, as RANGES without payload. After the hand-off only
  * pending pages go, and each leaves the pending map as it is sent: that is
  * "each page at most once after the hand-off", whichever channel carries it.
+ * The native demand thread takes pages from the same pending map; a page
+ * belongs to whoever clears its bit first (PageBitmap.takeRange, atomic).
  */
-import type { NativeBinding } from '../../binding'
+import type { NativeBinding, NativeDemandServer } from '../../binding'
 import { PageBitmap } from '../../bitmap'
 import type { Channel } from '../../protocol/channel'
 import { encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
 import type { Region } from '../../region'
+import { DemandEv, eachDemandEvent } from '../demand-events'
 
 /**
  * After the hand-off, frames carry at most 256 KiB: while a fault is open the
@@ -41,6 +44,7 @@ export class Sender {
   readonly counts: SendCounts = { data: 0, zero: 0, free: 0, resent: 0 }
   private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
   private readonly ps: number
+  private demandServer: NativeDemandServer | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -60,6 +64,31 @@ export class Sender {
   setPending(pending: PageBitmap[]): void {
     this.pending = pending
     this.pagesLeft = pending.reduce((n, m) => n + m.count(), 0)
+  }
+
+  /**
+   * After the hand-off, with a demand connection: a native thread answers its
+   * page requests from region memory and the pending map. onFault: the first
+   * page of each requested run (the push policy's pivots); onSent: pages it sent.
+   */
+  serveDemand(fd: number, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
+    this.stopDemand()
+    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), (ev) => {
+      eachDemandEvent(ev, (kind, a, b, c) => {
+        if (kind === DemandEv.FAULT) hooks.onFault(a, b)
+        else if (kind === DemandEv.SENT) {
+          this.pagesLeft -= c
+          this.counts.data += c
+          this.destHas[a].setRange(b, c)
+          hooks.onSent(c)
+        } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
+      })
+    })
+  }
+
+  stopDemand(): void {
+    this.demandServer?.close()
+    this.demandServer = undefined
   }
 
   /** The destination freed these runs after the hand-off: never send them. */
@@ -146,15 +175,12 @@ export class Sender {
       if (ch.failed) break
       const chunkEnd = Math.min(end, base + framePages)
       if (!afterHandoff) {
-        this.sendChunk(ch, region, base, chunkEnd - base, false, total)
+        this.sendChunk(ch, region, base, chunkEnd - base, total)
       } else {
-        const map = this.pending[region]
-        for (let p = map.nextSet(base, chunkEnd); p !== -1; p = map.nextSet(p, chunkEnd)) {
-          let q = map.nextClear(p, chunkEnd)
-          if (q === -1) q = chunkEnd
-          this.sendChunk(ch, region, p, q - p, true, total)
-          p = q
-        }
+        // the pending pages of the chunk become ours before they go (the demand thread may want them too)
+        const runs: number[] = []
+        this.pagesLeft -= this.pending[region].takeRange(base, chunkEnd - base, (p, q) => runs.push(p, q))
+        for (let k = 0; k < runs.length; k += 2) this.sendChunk(ch, region, runs[k], runs[k + 1] - runs[k], total)
       }
       if (ch.needsDrain) await ch.drain()
     }
@@ -162,7 +188,7 @@ export class Sender {
   }
 
   /** Sends at most MAX_PAGES_PER_FRAME pages, synchronously. */
-  private sendChunk(ch: Channel, region: number, base: number, n: number, afterHandoff: boolean, total: { data: number; zero: number }): void {
+  private sendChunk(ch: Channel, region: number, base: number, n: number, total: { data: number; zero: number }): void {
     const r = this.regions[region]
     const zeroRuns: number[] = []
     this.splitZero(r.id, base, n, (p, count, isZero) => {
@@ -176,7 +202,6 @@ export class Sender {
       this.counts.data += count
       this.counts.resent += count - this.everSent[region].setRange(p, count) // pages sent before
       this.destHas[region].setRange(p, count)
-      if (afterHandoff) this.pagesLeft -= this.pending[region].clearRange(p, count)
     })
     if (zeroRuns.length) this.sendRanges(ch, RangeKind.ZERO, region, zeroRuns)
   }

@@ -1,0 +1,660 @@
+// See demand.h. Wire format (docs/protocol.md): frames are u32 length (type +
+// payload, big-endian) | u8 type | payload. On the demand connection the
+// destination sends PAGE_REQUEST (30): u8 kind | u32 region | (u32 first,
+// u32 count)*, and the source answers PAGES (20): u32 region | u32 first |
+// u32 count | count pages. Nothing else travels there.
+#include "demand.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <unordered_map>
+
+#include "args.h"
+#include "bindings.h"
+#include "errors.h"
+#include "uffd.h"
+
+namespace uffdm {
+
+namespace {
+
+constexpr uint8_t kMsgPages = 20;
+constexpr uint8_t kMsgPageRequest = 30;
+constexpr uint8_t kKindFault = 1;
+// Pages per reply frame: what one installs at a time (and what the staging buffer holds).
+constexpr uint32_t kFramePages = 64;
+// A request frame carries at most this many runs (a batch of faults read at once).
+constexpr uint32_t kMaxRequestRuns = 4096;
+
+// Event kinds, in the order of src/agent/demand.ts.
+enum : int {
+  kEvFault = 1,      // source: (region, first page of a requested run)
+  kEvSent = 2,       // source: (region, first, count) sent on demand
+  kEvArrived = 3,    // destination: (region, first, count) installed here (c: pages newly marked received)
+  kEvLatency = 4,    // destination: (fault to install, us)
+  kEvZeroFault = 5,  // destination: a fault on a page that is local (known zero): zero-filled here
+  kEvNetFault = 6,   // destination: (region, page) asked of the source
+  kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: 1 = protocol violation)
+};
+
+double now_us() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+void put_u32(uint8_t* p, uint32_t v) {
+  p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v;
+}
+uint32_t get_u32(const uint8_t* p) {
+  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+// One region as both sides agreed: where it is here and how many pages it has;
+// bits: a page bitmap owned by JS (one bit per page, u32 words, host order).
+struct RegionView {
+  std::shared_ptr<Mapping> m;
+  uint32_t pages = 0;
+  uint32_t* bits = nullptr;
+  bool test(uint32_t p) const { return __atomic_load_n(&bits[p >> 5], __ATOMIC_ACQUIRE) & (1u << (p & 31)); }
+};
+
+// Clears the bits of [first, first+count) that are set; calls fn(p, q) for each run of pages that were set.
+template <typename Fn>
+void take_runs(uint32_t* bits, uint32_t first, uint32_t count, Fn fn) {
+  uint32_t end = first + count, run = UINT32_MAX;
+  for (uint32_t p = first; p < end;) {
+    uint32_t w = p >> 5, lo = p & 31, hi = std::min<uint32_t>(32, lo + (end - p));
+    uint32_t mask = (hi == 32 ? ~0u : ((1u << hi) - 1)) & ~((1u << lo) - 1);
+    uint32_t old = __atomic_fetch_and(&bits[w], ~mask, __ATOMIC_ACQ_REL) & mask;
+    for (uint32_t b = lo; b < hi; b++) {
+      bool had = old & (1u << b);
+      uint32_t page = (w << 5) + b;
+      if (had && run == UINT32_MAX) run = page;
+      if (!had && run != UINT32_MAX) fn(run, page), run = UINT32_MAX;
+    }
+    p = (w << 5) + hi;
+  }
+  if (run != UINT32_MAX) fn(run, end);
+}
+
+// Sets the bits of [first, first+count); returns how many were clear.
+uint32_t set_range(uint32_t* bits, uint32_t first, uint32_t count) {
+  uint32_t end = first + count, newly = 0;
+  for (uint32_t p = first; p < end;) {
+    uint32_t w = p >> 5, lo = p & 31, hi = std::min<uint32_t>(32, lo + (end - p));
+    uint32_t mask = (hi == 32 ? ~0u : ((1u << hi) - 1)) & ~((1u << lo) - 1);
+    newly += __builtin_popcount(~__atomic_fetch_or(&bits[w], mask, __ATOMIC_ACQ_REL) & mask);
+    p = (w << 5) + hi;
+  }
+  return newly;
+}
+
+// Waits until fd is ready for `events` or the stop eventfd fires; false when stopping.
+bool wait_fd(int fd, short events, int stop_fd) {
+  pollfd p[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+  for (;;) {
+    int r = poll(p, 2, -1);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return false;
+    if (p[1].revents) return false;
+    return true;
+  }
+}
+
+}  // namespace
+
+bool write_all(int fd, int stop_fd, struct iovec* iov, int iovcnt, int* err) {
+  while (iovcnt > 0) {
+    ssize_t n = writev(fd, iov, iovcnt);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        if (!wait_fd(fd, POLLOUT, stop_fd)) return *err = ECANCELED, false;
+        continue;
+      }
+      return *err = errno, false;
+    }
+    while (iovcnt > 0 && (size_t)n >= iov->iov_len) n -= iov->iov_len, iov++, iovcnt--;
+    if (iovcnt > 0) iov->iov_base = (uint8_t*)iov->iov_base + n, iov->iov_len -= n;
+  }
+  return true;
+}
+
+// ---- the thread and its batches ----------------------------------------------------
+
+struct Outbox {
+  std::mutex mu;
+  std::vector<DemandEvent> batch;
+  bool pending = false;
+};
+
+DemandThread::DemandThread(Napi::Env env, Napi::Function callback, const char* name, const char* thread_name)
+    : thread_name_(thread_name) {
+  stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (stop_fd_ < 0) throw sys_error(env, -errno, "eventfd");
+  tsfn_ = Napi::ThreadSafeFunction::New(env, callback, name, 0, 1);
+  tsfn_.Unref(env);  // batches alone do not keep the agent's loop alive
+}
+
+DemandThread::~DemandThread() { stop(); }
+
+void DemandThread::start() {
+  thread_ = std::thread([this] {
+    // A blocked service thread waits on this one: it runs at the service's priority (the main thread's
+    // nice), not at the agent's (agentNice, the bulk work), where the kernel allows it (CAP_SYS_NICE or
+    // RLIMIT_NICE); otherwise it keeps the agent's.
+    pthread_setname_np(pthread_self(), thread_name_);  // top -H, /proc/<pid>/task/<tid>/comm
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
+    if (errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+    run();
+  });
+}
+
+void DemandThread::stop() {
+  if (stop_fd_ < 0) return;
+  stopping_ = true;
+  uint64_t one = 1;
+  (void)!write(stop_fd_, &one, sizeof one);
+  if (thread_.joinable()) thread_.join();
+  close(stop_fd_);
+  stop_fd_ = -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tsfn_live_ = false;
+  }
+  tsfn_.Abort();
+}
+
+void DemandThread::emit(const DemandEvent& e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  batch_.push_back(e);
+}
+
+void DemandThread::flush() {
+  std::vector<DemandEvent> out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (batch_.empty() || !tsfn_live_) return;
+    out.swap(batch_);
+  }
+  auto box = std::make_shared<std::vector<DemandEvent>>(std::move(out));
+  // one call per batch; the events travel with the call (the thread may be gone when it runs)
+  tsfn_.NonBlockingCall([box](Napi::Env env, Napi::Function fn) {
+    if (env == nullptr || fn.IsEmpty()) return;
+    Napi::HandleScope scope(env);
+    const size_t k = kDemandEventNumbers;
+    auto arr = Napi::Float64Array::New(env, box->size() * k);
+    for (size_t i = 0; i < box->size(); i++) {
+      const auto& e = (*box)[i];
+      arr[i * k] = e.kind, arr[i * k + 1] = e.a, arr[i * k + 2] = e.b, arr[i * k + 3] = e.c, arr[i * k + 4] = e.d;
+    }
+    try {
+      fn.Call({arr});
+    } catch (const Napi::Error& err) {
+      napi_fatal_exception(env, err.Value());
+    }
+  });
+}
+
+namespace {
+
+// Reads one frame at a time from a non-blocking socket into a header buffer and a payload buffer.
+struct FrameReader {
+  uint8_t hdr[17];
+  size_t hdr_have = 0, hdr_need = 5;
+  uint8_t* body = nullptr;  // where the payload after the header goes
+  size_t body_have = 0, body_need = 0;
+  // read(): 1 = progress made, 0 = would block, -errno / -EPIPE (end of stream)
+  int fill(int fd, uint8_t* dst, size_t* have, size_t need) {
+    while (*have < need) {
+      ssize_t n = read(fd, dst + *have, need - *have);
+      if (n == 0) return -EPIPE;
+      if (n < 0) return errno == EAGAIN ? 0 : errno == EINTR ? 1 : -errno;
+      *have += (size_t)n;
+    }
+    return 1;
+  }
+};
+
+// ---- source: answers page requests from region memory ------------------------------
+
+class DemandServerThread : public DemandThread {
+ public:
+  DemandServerThread(Napi::Env env, Napi::Function cb, int fd, std::vector<RegionView> regions)
+      : DemandThread(env, cb, "uffd-migrate:demand-server", "uffdm-demand-tx"), fd_(fd), regions_(std::move(regions)) {
+    start();
+  }
+  ~DemandServerThread() override {
+    stop();
+    close(fd_);
+  }
+
+ private:
+  void run() override {
+    std::vector<uint8_t> in(1 << 16);
+    size_t have = 0;
+    for (;;) {
+      if (!wait_fd(fd_, POLLIN, stop_fd_)) return;
+      ssize_t n = read(fd_, in.data() + have, in.size() - have);
+      if (n == 0) return closed(0, false);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR) continue;
+        return closed(errno, false);
+      }
+      have += (size_t)n;
+      size_t off = 0;
+      while (have - off >= 5) {
+        uint32_t len = get_u32(&in[off]);
+        if (len < 6 || len > 6 + kMaxRequestRuns * 8 || (len - 6) % 8 || in[off + 4] != kMsgPageRequest) return closed(EPROTO, true);
+        if (have - off < 4 + len) {
+          if (4 + len > in.size()) in.resize(4 + len);
+          break;
+        }
+        if (!answer(&in[off + 5], len - 1)) return;
+        off += 4 + len;
+      }
+      memmove(in.data(), in.data() + off, have - off);
+      have -= off;
+      flush();
+    }
+  }
+
+  // payload: kind | region | runs; false when the thread must stop
+  bool answer(const uint8_t* p, size_t len) {
+    uint32_t region = get_u32(p + 1);
+    if (region >= regions_.size()) return closed(EPROTO, true), false;
+    const RegionView& r = regions_[region];
+    const size_t ps = page_size();
+    for (size_t k = 5; k < len; k += 8) {
+      uint32_t first = get_u32(p + k), count = get_u32(p + k + 4);
+      if (count == 0 || first >= r.pages || count > r.pages - first) return closed(EPROTO, true), false;
+      emit({kEvFault, (double)region, (double)first, 0});
+      bool ok = true;
+      take_runs(r.bits, first, count, [&](uint32_t a, uint32_t b) {
+        for (uint32_t s = a; s < b && ok; s += kFramePages) {
+          uint32_t c = std::min(kFramePages, b - s);
+          uint8_t hdr[17];
+          put_u32(hdr, 1 + 12 + c * (uint32_t)ps);
+          hdr[4] = kMsgPages;
+          put_u32(hdr + 5, region), put_u32(hdr + 9, s), put_u32(hdr + 13, c);
+          iovec iov[2] = {{hdr, sizeof hdr}, {r.m->base + (size_t)s * ps, c * ps}};
+          int err = 0;
+          if (!write_all(fd_, stop_fd_, iov, 2, &err)) {
+            if (err != ECANCELED) closed(err, false);
+            ok = false;
+          }
+          // sent or not, these pages left the pending map: a broken link is recovered from RECOVER_STATE
+          emit({kEvSent, (double)region, (double)s, (double)c});
+        }
+      });
+      if (!ok) return false;
+    }
+    return true;
+  }
+
+  void closed(int err, bool protocol) {
+    emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0});
+    flush();
+  }
+
+  int fd_;
+  std::vector<RegionView> regions_;
+};
+
+// ---- destination: faults to requests, replies to installs --------------------------
+
+class DemandClientThread : public DemandThread {
+ public:
+  DemandClientThread(Napi::Env env, Napi::Function cb, int uffd, std::vector<RegionView> regions)
+      : DemandThread(env, cb, "uffd-migrate:demand-client", "uffdm-demand-rx"), uffd_(uffd), regions_(std::move(regions)) {
+    const size_t ps = page_size();
+    kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
+    staging_ = (uint8_t*)aligned_alloc(ps, kFramePages * ps);
+    for (auto& r : regions_) asked_.emplace_back((r.pages + 31) / 32, 0u);
+    start();
+  }
+  ~DemandClientThread() override {
+    stop();
+    if (fd_ >= 0) close(fd_);
+    if (next_fd_ >= 0) close(next_fd_);
+    close(kick_fd_);
+    free(staging_);
+  }
+
+  // A (new) connection to the source: the thread takes it over and asks again for every open fault.
+  // -1: none (the link broke; faults are recorded and asked for on the next one).
+  void attach(int fd) {
+    {
+      std::lock_guard<std::mutex> lock(attach_mu_);
+      if (next_fd_ >= 0) close(next_fd_);
+      next_fd_ = fd;
+      attach_pending_ = true;
+    }
+    uint64_t one = 1;
+    (void)!write(kick_fd_, &one, sizeof one);
+  }
+
+  // Microseconds the oldest open fault has waited (0: none), for the stuck-source watchdog.
+  double oldest_open_us() const { return oldest_open_us_.load(); }
+
+ private:
+  void run() override {
+    std::vector<std::vector<uint32_t>> ask(regions_.size());
+    while (!stopping_) {
+      pollfd p[4] = {{uffd_, POLLIN, 0}, {fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
+      int r = poll(p, 4, open_.empty() ? -1 : 1);
+      if (r < 0 && errno != EINTR) return;
+      if (p[2].revents) return;
+      if (p[3].revents) take_new_link();
+      if (p[0].revents) read_faults(ask);
+      for (size_t i = 0; i < ask.size(); i++) {
+        if (!ask[i].empty()) send_request((uint32_t)i, ask[i]);
+        ask[i].clear();
+      }
+      if (fd_ >= 0 && p[1].revents) read_replies();
+      expire_open();
+      flush();
+    }
+  }
+
+  void take_new_link() {
+    uint64_t v;
+    (void)!read(kick_fd_, &v, sizeof v);
+    std::lock_guard<std::mutex> lock(attach_mu_);
+    if (!attach_pending_) return;
+    attach_pending_ = false;
+    drop_link();
+    fd_ = next_fd_;
+    next_fd_ = -1;
+    fr_ = FrameReader();
+    if (fd_ < 0) return;
+    // the replies to what was asked on the old link may be lost: ask again
+    std::vector<std::vector<uint32_t>> again(regions_.size());
+    for (auto& [k, t] : open_) again[k >> 32].push_back((uint32_t)k);
+    for (size_t i = 0; i < again.size(); i++) {
+      if (!again[i].empty()) send_request((uint32_t)i, again[i]);
+    }
+  }
+
+  void drop_link() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+  void read_faults(std::vector<std::vector<uint32_t>>& ask) {
+    uffd_msg msgs[64];
+    const size_t ps = page_size();
+    for (;;) {
+      ssize_t n = read(uffd_, msgs, sizeof msgs);
+      if (n <= 0) return;
+      double t = now_us();
+      for (size_t i = 0; i < (size_t)n / sizeof(uffd_msg); i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+        uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(ps - 1);
+        for (uint32_t k = 0; k < regions_.size(); k++) {
+          const RegionView& rv = regions_[k];
+          if (addr < rv.m->addr() || addr >= rv.m->addr() + rv.m->size) continue;
+          uint32_t page = (uint32_t)((addr - rv.m->addr()) / ps);
+          if (rv.test(page)) {
+            // local: known zero (or installed since the fault was raised: EEXIST, just wake)
+            int64_t done = 0;
+            if (uffd_zeropage(uffd_, addr, ps, true, &done) == -EEXIST) uffd_wake(uffd_, addr, ps);
+            else emit({kEvZeroFault, (double)k, (double)page, 0, 0});
+          } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
+            asked_[k][page >> 5] |= 1u << (page & 31);
+            open_.emplace(key(k, page), t);
+            ask[k].push_back(page);
+            emit({kEvNetFault, (double)k, (double)page, 0, 0});
+          }
+          break;
+        }
+      }
+      if ((size_t)n < sizeof msgs) return;
+    }
+  }
+
+  void send_request(uint32_t region, const std::vector<uint32_t>& pages) {
+    for (size_t i = 0; i < pages.size() && fd_ >= 0; i += kMaxRequestRuns) {
+      size_t n = std::min<size_t>(kMaxRequestRuns, pages.size() - i);
+      std::vector<uint8_t> f(10 + n * 8);
+      put_u32(f.data(), (uint32_t)(6 + n * 8));
+      f[4] = kMsgPageRequest, f[5] = kKindFault;
+      put_u32(&f[6], region);
+      for (size_t j = 0; j < n; j++) put_u32(&f[10 + j * 8], pages[i + j]), put_u32(&f[14 + j * 8], 1);
+      iovec iov = {f.data(), f.size()};
+      int err = 0;
+      if (!write_all(fd_, stop_fd_, &iov, 1, &err) && err != ECANCELED) link_broke(err, false);
+    }
+  }
+
+  void read_replies() {
+    const size_t ps = page_size();
+    FrameReader& fr = fr_;
+    for (;;) {
+      if (fr.hdr_have < fr.hdr_need) {
+        int r = fr.fill(fd_, fr.hdr, &fr.hdr_have, fr.hdr_need);
+        if (r <= 0) return r == 0 ? void() : link_broke(r == -EPIPE ? 0 : -r, false);
+        if (fr.hdr_need == 5) {
+          uint32_t len = get_u32(fr.hdr);
+          if (fr.hdr[4] != kMsgPages || len < 13 || len > 13 + kFramePages * ps) return link_broke(EPROTO, true);
+          fr.hdr_need = 17;
+          continue;
+        }
+        uint32_t len = get_u32(fr.hdr), region = get_u32(fr.hdr + 5), first = get_u32(fr.hdr + 9), count = get_u32(fr.hdr + 13);
+        if (region >= regions_.size() || count == 0 || count > kFramePages || len != 13 + count * ps ||
+            first >= regions_[region].pages || count > regions_[region].pages - first)
+          return link_broke(EPROTO, true);
+        fr.body = staging_, fr.body_have = 0, fr.body_need = count * ps;
+      }
+      int r = fr.fill(fd_, fr.body, &fr.body_have, fr.body_need);
+      if (r <= 0) return r == 0 ? void() : link_broke(r == -EPIPE ? 0 : -r, false);
+      install(get_u32(fr.hdr + 5), get_u32(fr.hdr + 9), get_u32(fr.hdr + 13));
+      fr.hdr_have = 0, fr.hdr_need = 5;
+    }
+  }
+
+  // The reply's pages that are not here yet go in with UFFDIO_COPY, straight from the staging buffer; then
+  // they are marked received (after: a page marked received is one a fault may zero-fill, so it must be in).
+  void install(uint32_t region, uint32_t first, uint32_t count) {
+    const size_t ps = page_size();
+    RegionView& rv = regions_[region];
+    uint32_t end = first + count;
+    for (uint32_t p = first; p < end;) {
+      if (rv.test(p)) {
+        p++;
+        continue;
+      }
+      uint32_t q = p + 1;
+      while (q < end && !rv.test(q)) q++;
+      size_t done = 0, len = (size_t)(q - p) * ps;
+      int again = 0;
+      while (done < len) {
+        int64_t progressed = 0;
+        int e = uffd_copy(uffd_, rv.m->addr() + (size_t)p * ps + done, staging_ + (size_t)(p - first) * ps + done, len - done, true, &progressed);
+        if (e == 0) break;
+        if (progressed > 0) done += (size_t)progressed;
+        if (e == -EEXIST && progressed <= 0) done += ps;  // placed meanwhile (by the push): keep it
+        else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
+        else if (e != -EEXIST && e != -EAGAIN) break;
+      }
+      p = q;
+    }
+    uint32_t newly = set_range(rv.bits, first, count);
+    emit({kEvArrived, (double)region, (double)first, (double)count, (double)newly});
+  }
+
+  // Open faults answered (by a reply here or by the push in JS): their latency, their asked bit.
+  void expire_open() {
+    if (open_.empty()) {
+      oldest_open_us_ = 0;
+      return;
+    }
+    double t = now_us(), oldest = 0;
+    for (auto it = open_.begin(); it != open_.end();) {
+      uint32_t region = (uint32_t)(it->first >> 32), page = (uint32_t)it->first;
+      if (regions_[region].test(page)) {
+        emit({kEvLatency, t - it->second, 0, 0, 0});
+        asked_[region][page >> 5] &= ~(1u << (page & 31));
+        it = open_.erase(it);
+      } else {
+        oldest = std::max(oldest, t - it->second);
+        ++it;
+      }
+    }
+    oldest_open_us_ = oldest;
+  }
+
+  // The connection failed: faults go on being read and recorded, and are asked for again on the next link.
+  void link_broke(int err, bool protocol) {
+    drop_link();
+    emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
+    flush();
+  }
+
+  static uint64_t key(uint32_t region, uint32_t page) { return (uint64_t)region << 32 | page; }
+
+  int uffd_, fd_ = -1;
+  int kick_fd_ = -1;
+  std::mutex attach_mu_;
+  int next_fd_ = -1;
+  bool attach_pending_ = false;
+  FrameReader fr_;
+  std::vector<RegionView> regions_;
+  std::vector<std::vector<uint32_t>> asked_;
+  std::unordered_map<uint64_t, double> open_;
+  std::atomic<double> oldest_open_us_{0};
+  uint8_t* staging_ = nullptr;
+};
+
+// ---- JS classes ----------------------------------------------------------------------
+
+// (regionIds: number[], bitmaps: Uint32Array[]) -> views; the bitmaps' memory is kept by the wrapper.
+std::vector<RegionView> region_views(const Napi::CallbackInfo& info, size_t i, std::vector<Napi::ObjectReference>* keep) {
+  auto env = info.Env();
+  if (info.Length() < i + 2 || !info[i].IsArray() || !info[i + 1].IsArray())
+    throw Napi::TypeError::New(env, "expected regionIds and bitmaps arrays");
+  auto ids = info[i].As<Napi::Array>(), maps = info[i + 1].As<Napi::Array>();
+  if (ids.Length() != maps.Length()) throw Napi::TypeError::New(env, "expected one bitmap per region");
+  std::vector<RegionView> out;
+  const size_t ps = page_size();
+  for (uint32_t k = 0; k < ids.Length(); k++) {
+    Napi::Value id = ids[k], map = maps[k];
+    if (!id.IsNumber()) throw Napi::TypeError::New(env, "expected region ids to be numbers");
+    auto m = region_find(id.As<Napi::Number>().Uint32Value());
+    if (!m) throw lib_error(env, "ERR_REGION_RELEASED", "a region of the demand path does not exist or was released");
+    if (!map.IsTypedArray() || map.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+      throw Napi::TypeError::New(env, "expected bitmaps to be Uint32Arrays");
+    auto words = map.As<Napi::Uint32Array>();
+    RegionView v;
+    v.m = m;
+    v.pages = (uint32_t)(m->size / ps);
+    if (words.ElementLength() < (v.pages + 31) / 32) throw Napi::RangeError::New(env, "expected a bitmap word per 32 pages");
+    v.bits = words.Data();
+    keep->push_back(Napi::Persistent(words.As<Napi::Object>()));
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+int dup_socket(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(env, "expected fd to be a number");
+  int fd = fcntl(v.As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+  if (fd < 0) throw sys_error(env, -errno, "fcntl(F_DUPFD_CLOEXEC)");
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  return fd;
+}
+
+template <typename T>
+class Wrap : public Napi::ObjectWrap<T> {
+ public:
+  explicit Wrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<T>(info) {
+    napi_add_env_cleanup_hook(info.Env(), &Wrap::Cleanup, this);
+  }
+  ~Wrap() override { Shutdown(); }
+
+ protected:
+  static void Cleanup(void* arg) { static_cast<Wrap*>(arg)->Shutdown(); }
+  void Shutdown() {
+    if (!thread_) return;
+    napi_remove_env_cleanup_hook(this->Env(), &Wrap::Cleanup, this);
+    thread_.reset();  // stops and joins
+    keep_.clear();
+  }
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+  std::unique_ptr<DemandThread> thread_;
+  std::vector<Napi::ObjectReference> keep_;
+};
+
+// new DemandServer(socketFd, regionIds, pendingBitmaps, onEvents): answers page requests on its own thread.
+class DemandServer : public Wrap<DemandServer> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DemandServer", {InstanceMethod("close", &DemandServer::Close)});
+  }
+  explicit DemandServer(const Napi::CallbackInfo& info) : Wrap<DemandServer>(info) {
+    auto env = info.Env();
+    if (info.Length() < 4 || !info[3].IsFunction()) throw Napi::TypeError::New(env, "expected (fd, regionIds, pending, onEvents)");
+    auto views = region_views(info, 1, &keep_);
+    int fd = dup_socket(env, info[0]);
+    thread_ = std::make_unique<DemandServerThread>(env, info[3].As<Napi::Function>(), fd, std::move(views));
+  }
+};
+
+// new DemandClient(uffdFd, regionIds, receivedBitmaps, onEvents); attach(socketFd | -1); oldestOpenUs.
+class DemandClient : public Wrap<DemandClient> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DemandClient", {
+        InstanceMethod("attach", &DemandClient::Attach),
+        InstanceMethod("close", &DemandClient::Close),
+        InstanceAccessor("oldestOpenUs", &DemandClient::OldestOpenUs, nullptr),
+    });
+  }
+  explicit DemandClient(const Napi::CallbackInfo& info) : Wrap<DemandClient>(info) {
+    auto env = info.Env();
+    if (info.Length() < 4 || !info[0].IsNumber() || !info[3].IsFunction())
+      throw Napi::TypeError::New(env, "expected (uffdFd, regionIds, received, onEvents)");
+    auto views = region_views(info, 1, &keep_);
+    thread_ = std::make_unique<DemandClientThread>(env, info[3].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(), std::move(views));
+  }
+
+ private:
+  DemandClientThread* client() { return static_cast<DemandClientThread*>(thread_.get()); }
+  Napi::Value Attach(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this demand path is closed");
+    int fd = -1;
+    if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
+    client()->attach(fd);
+    return env.Undefined();
+  }
+  Napi::Value OldestOpenUs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), thread_ ? client()->oldest_open_us() : 0);
+  }
+};
+
+}  // namespace
+
+void init_demand_bindings(Napi::Env env, Napi::Object exports) {
+  exports.Set("DemandServer", DemandServer::Define(env));
+  exports.Set("DemandClient", DemandClient::Define(env));
+}
+
+}  // namespace uffdm

@@ -1,0 +1,36 @@
+/**
+ * The native demand path's events (native/demand.cc): the threads that
+ * answer and install page requests report to the agent in batches of
+ * five-number records (kind, a, b, c, d). The path is used when both sides'
+ * addons have it and the connections are TCP; UFFD_MIGRATE_DEMAND=js keeps
+ * every fault in JavaScript (for comparison).
+ */
+import type { NativeBinding } from '../binding'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
+
+export const enum DemandEv {
+  FAULT = 1, // source: (region, first page of a requested run)
+  SENT = 2, // source: (region, first, count) sent on the demand connection
+  ARRIVED = 3, // destination: (region, first, count, pages newly marked received)
+  LATENCY = 4, // destination: (fault to install, us)
+  ZERO_FAULT = 5, // destination: (region, page) local known-zero page, zero-filled
+  NET_FAULT = 6, // destination: (region, page) asked of the source
+  CLOSED = 7, // either: (errno, 1 = protocol violation); 0 = end of stream
+}
+
+const NUMBERS = 5
+
+export function eachDemandEvent(ev: Float64Array, fn: (kind: DemandEv, a: number, b: number, c: number, d: number) => void): void {
+  for (let i = 0; i + NUMBERS <= ev.length; i += NUMBERS) fn(ev[i] as DemandEv, ev[i + 1], ev[i + 2], ev[i + 3], ev[i + 4])
+}
+
+/** Both native demand classes are built in, and nobody asked for the JS path. */
+export function nativeDemandAvailable(binding: NativeBinding): boolean {
+  return binding.DemandServer !== undefined && binding.DemandClient !== undefined && process.env.UFFD_MIGRATE_DEMAND !== 'js'
+}
+
+/** The error a CLOSED event stands for: a broken link (recovered in post-copy) or a peer that broke the protocol. */
+export function demandClosedError(errno: number, protocol: number): UffdMigrateError {
+  if (protocol) return migrationError(ErrorCode.PROTOCOL, 'the peer sent a malformed frame on the demand connection')
+  return migrationError(ErrorCode.CONNECTION, errno === 0 ? 'demand connection closed by the peer' : `demand connection failed (errno ${errno})`)
+}

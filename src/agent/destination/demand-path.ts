@@ -1,0 +1,77 @@
+/**
+ * The destination's native demand path: a thread of the addon reads the
+ * uffd's faults, asks the source on the demand connection and installs the
+ * replies (native/demand.cc), so that a fault never waits for this event
+ * loop, which is busy installing the push. Here its event batches become the
+ * destination's bookkeeping (received count, ready() waits, latency, stats),
+ * and a broken connection becomes the destination's one broken-link rule.
+ */
+import type { NativeBinding, NativeDemandClient, NativeUffd } from '../../binding'
+import { ErrorCode, migrationError } from '../../errors'
+import type { Channel } from '../../protocol/channel'
+import type { Region } from '../../region'
+import { DemandEv, demandClosedError, eachDemandEvent } from '../demand-events'
+import type { Placement } from './placement'
+import type { Requests } from './requests'
+
+export class DemandPath {
+  private client: NativeDemandClient | undefined
+  /** The session's demand connection arrived before REGIONS: its descriptor, for start(). */
+  private fd: number | undefined
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly regions: Region[],
+    private readonly broken: (err: Error) => void,
+  ) {}
+
+  get active(): boolean {
+    return this.client !== undefined
+  }
+
+  /** A demand connection passed the handshake (first, or back after a break). */
+  adopt(ch: Channel): void {
+    const fd = this.binding.DemandClient ? ch.handOver() : undefined
+    if (fd === undefined) {
+      const err = migrationError(ErrorCode.PROTOCOL, 'this destination cannot take a demand connection here (no native demand path, or bytes arrived before any request)')
+      ch.sendError(err)
+      return ch.fail(err)
+    }
+    if (this.client) this.client.attach(fd)
+    else this.fd = fd
+  }
+
+  /** REGIONS: with a demand connection, the thread takes the uffd's faults from now on (true). */
+  start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
+    if (this.fd === undefined) return false
+    this.client = new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), (ev) => {
+      eachDemandEvent(ev, (kind, a, b, c, d) => {
+        if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
+        else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
+        else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
+        else if (kind === DemandEv.LATENCY) requests.latency.add(a)
+        else if (kind === DemandEv.CLOSED) this.broken(demandClosedError(a, b))
+      })
+    })
+    this.client.attach(this.fd)
+    this.fd = undefined
+    return true
+  }
+
+  /** The link broke: faults are recorded and asked for again on the next demand connection. */
+  detach(): void {
+    this.client?.attach(-1)
+  }
+
+  /** When the oldest fault open on the native path was raised (undefined: none), on `nowMs`'s clock. */
+  oldestOpenMs(nowMs: number): number | undefined {
+    const us = this.client?.oldestOpenUs ?? 0
+    return us > 0 ? nowMs - us / 1000 : undefined
+  }
+
+  close(): void {
+    this.client?.close()
+    this.client = undefined
+    this.fd = undefined
+  }
+}

@@ -1,0 +1,30 @@
+/** What the destination is given: its options and the hooks by which it reaches the service (through the worker). */
+import type { Clock } from '../clock'
+import type { AcceptorLimits } from './accept'
+
+export interface DestinationOptions {
+  token: Buffer
+  /** Kernel socket buffers of the bulk connection (0: leave alone). */
+  bulkBufferBytes: number
+  clock?: Clock
+  /** Handshake deadline and the cap on unauthenticated connections (defaults: 5 s, 16). */
+  limits?: Partial<AcceptorLimits>
+}
+
+export interface DestinationHooks {
+  /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
+  restore(state: Uint8Array): Promise<number>
+  /** Every page is local. */
+  settled(): void
+  /** These ready() waits of the service are satisfied: their ranges are local. */
+  ready(waitIds: number[]): void
+  failed(err: Error): void
+  /** The connection broke during post-copy; the source has recoveryTimeoutMs to come back. */
+  recovering?(message: string): void
+  /** A connection was refused before it joined a migration (one line: peer and reason); refusals: counts by code so far. */
+  refused?(message: string, refusals: Record<string, number>): void
+  /** A session ended before the hand-off; the guest listens for the next source. */
+  sessionEnded?(err: Error): void
+  /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */
+  pollService?(): void
+}
