@@ -134,14 +134,30 @@ bool write_all(int fd, int stop_fd, struct iovec* iov, int iovcnt, int* err) {
 
 // ---- the thread and its batches ----------------------------------------------------
 
-struct Outbox {
-  std::mutex mu;
-  std::vector<DemandEvent> batch;
-  bool pending = false;
-};
+namespace {
+
+Napi::Float64Array to_array(Napi::Env env, const std::vector<DemandEvent>& events) {
+  const size_t k = kDemandEventNumbers;
+  auto arr = Napi::Float64Array::New(env, events.size() * k);
+  for (size_t i = 0; i < events.size(); i++) {
+    const auto& e = events[i];
+    arr[i * k] = e.kind, arr[i * k + 1] = e.a, arr[i * k + 2] = e.b, arr[i * k + 3] = e.c, arr[i * k + 4] = e.d;
+  }
+  return arr;
+}
+
+}  // namespace
+
+std::vector<DemandEvent> Outbox::take() {
+  std::lock_guard<std::mutex> lock(mu);
+  std::vector<DemandEvent> out;
+  out.swap(batch);
+  signalled = false;
+  return out;
+}
 
 DemandThread::DemandThread(Napi::Env env, Napi::Function callback, const char* name, const char* thread_name)
-    : thread_name_(thread_name) {
+    : thread_name_(thread_name), outbox_(std::make_shared<Outbox>()) {
   stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (stop_fd_ < 0) throw sys_error(env, -errno, "eventfd");
   tsfn_ = Napi::ThreadSafeFunction::New(env, callback, name, 0, 1);
@@ -163,46 +179,39 @@ void DemandThread::start() {
   });
 }
 
-void DemandThread::stop() {
-  if (stop_fd_ < 0) return;
+std::vector<DemandEvent> DemandThread::stop() {
+  if (stop_fd_ < 0) return {};
   stopping_ = true;
   uint64_t one = 1;
   (void)!write(stop_fd_, &one, sizeof one);
   if (thread_.joinable()) thread_.join();
   close(stop_fd_);
   stop_fd_ = -1;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    tsfn_live_ = false;
-  }
-  tsfn_.Abort();
+  tsfn_.Release();  // a call still queued finds the outbox empty
+  return outbox_->take();
 }
 
 void DemandThread::emit(const DemandEvent& e) {
-  std::lock_guard<std::mutex> lock(mu_);
-  batch_.push_back(e);
+  std::lock_guard<std::mutex> lock(outbox_->mu);
+  outbox_->batch.push_back(e);
 }
 
 void DemandThread::flush() {
-  std::vector<DemandEvent> out;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (batch_.empty() || !tsfn_live_) return;
-    out.swap(batch_);
+    std::lock_guard<std::mutex> lock(outbox_->mu);
+    if (outbox_->batch.empty() || outbox_->signalled) return;
+    outbox_->signalled = true;
   }
-  auto box = std::make_shared<std::vector<DemandEvent>>(std::move(out));
-  // one call per batch; the events travel with the call (the thread may be gone when it runs)
+  // The call takes the outbox when it runs, not now: events reach JS once and in order, and whatever is left
+  // when the thread stops is handed over by stop() (synchronously, before the settled report is written).
+  auto box = outbox_;
   tsfn_.NonBlockingCall([box](Napi::Env env, Napi::Function fn) {
     if (env == nullptr || fn.IsEmpty()) return;
+    auto events = box->take();
+    if (events.empty()) return;
     Napi::HandleScope scope(env);
-    const size_t k = kDemandEventNumbers;
-    auto arr = Napi::Float64Array::New(env, box->size() * k);
-    for (size_t i = 0; i < box->size(); i++) {
-      const auto& e = (*box)[i];
-      arr[i * k] = e.kind, arr[i * k + 1] = e.a, arr[i * k + 2] = e.b, arr[i * k + 3] = e.c, arr[i * k + 4] = e.d;
-    }
     try {
-      fn.Call({arr});
+      fn.Call({to_array(env, events)});
     } catch (const Napi::Error& err) {
       napi_fatal_exception(env, err.Value());
     }
@@ -358,7 +367,7 @@ class DemandClientThread : public DemandThread {
       pollfd p[4] = {{uffd_, POLLIN, 0}, {fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
       int r = poll(p, 4, open_.empty() ? -1 : 1);
       if (r < 0 && errno != EINTR) return;
-      if (p[2].revents) return;
+      if (p[2].revents) return expire_open();  // stopping: the latencies of faults answered meanwhile count too
       if (p[3].revents) take_new_link();
       if (p[0].revents) read_faults(ask);
       for (size_t i = 0; i < ask.size(); i++) {
@@ -588,16 +597,17 @@ class Wrap : public Napi::ObjectWrap<T> {
 
  protected:
   static void Cleanup(void* arg) { static_cast<Wrap*>(arg)->Shutdown(); }
-  void Shutdown() {
-    if (!thread_) return;
+  // Stops and joins the thread; returns the events JS has not taken yet.
+  std::vector<DemandEvent> Shutdown() {
+    if (!thread_) return {};
     napi_remove_env_cleanup_hook(this->Env(), &Wrap::Cleanup, this);
-    thread_.reset();  // stops and joins
+    auto left = thread_->stop();
+    thread_.reset();
     keep_.clear();
+    return left;
   }
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    Shutdown();
-    return info.Env().Undefined();
-  }
+  // close() -> the events the thread emitted that JS has not seen yet (handled synchronously by the caller)
+  Napi::Value Close(const Napi::CallbackInfo& info) { return to_array(info.Env(), Shutdown()); }
   std::unique_ptr<DemandThread> thread_;
   std::vector<Napi::ObjectReference> keep_;
 };

@@ -30,14 +30,22 @@ struct DemandEvent {
 };
 constexpr int kDemandEventNumbers = 5;
 
+// Events not yet taken by JS; shared with the calls queued on the ThreadSafeFunction.
+struct Outbox {
+  std::mutex mu;
+  std::vector<DemandEvent> batch;
+  bool signalled = false;  // a call is queued that will take the batch
+  std::vector<DemandEvent> take();
+};
+
 // The thread, the stop eventfd and the batch of events both sides share.
 class DemandThread {
  public:
   // name: the async resource's; thread_name: the OS thread's (at most 15 characters)
   DemandThread(Napi::Env env, Napi::Function callback, const char* name, const char* thread_name);
   virtual ~DemandThread();
-  // Stops and joins the thread (idempotent).
-  void stop();
+  // Stops and joins the thread (idempotent); returns the events JS has not taken yet.
+  std::vector<DemandEvent> stop();
   void emit(const DemandEvent& e);
   void flush();  // hands the batch to JS (at most one call in flight)
 
@@ -49,13 +57,9 @@ class DemandThread {
   const char* thread_name_;
 
  private:
-  static void deliver(Napi::Env env, Napi::Function fn, DemandThread* self, void*);
   Napi::ThreadSafeFunction tsfn_;
   std::thread thread_;
-  std::mutex mu_;
-  std::vector<DemandEvent> batch_;
-  bool call_pending_ = false;
-  bool tsfn_live_ = true;
+  std::shared_ptr<Outbox> outbox_;
 };
 
 // Whole-run writes on a non-blocking socket: waits for POLLOUT and for the

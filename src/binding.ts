@@ -28,7 +28,8 @@ export interface NativeUffd {
 
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 export interface NativeDemandServer {
-  close(): void
+  /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
+  close(): Float64Array
 }
 
 /** Destination: reads the uffd's faults, asks for them and installs the replies on its own thread. */
@@ -37,7 +38,8 @@ export interface NativeDemandClient {
   attach(fd: number): void
   /** How long the oldest open fault has waited (0: none). */
   readonly oldestOpenUs: number
-  close(): void
+  /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
+  close(): Float64Array
 }
 
 export interface ProbeResult {

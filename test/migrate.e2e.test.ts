@@ -65,9 +65,17 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.postcopy.networkFaults).toBe(0)
   })
 
-  it('postcopy with a service that blocks in faults: each fault is one page request, timed', async () => {
-    const r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'] })
+  // native: the demand connection's threads serve the faults (the default); js: UFFD_MIGRATE_DEMAND=js, on urgent
+  it.each(['native', 'js'] as const)('postcopy with a service that blocks in faults (%s demand path): each fault is one page request, timed', async (path) => {
+    if (path === 'js') process.env.UFFD_MIGRATE_DEMAND = 'js'
+    let r
+    try {
+      r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'] })
+    } finally {
+      delete process.env.UFFD_MIGRATE_DEMAND
+    }
     const rep = expectMigrated(r, 'postcopy')
+    expect(rep.postcopy.demandPath).toBe(path)
     expect(rep.postcopy.networkFaults).toBeGreaterThan(0)
     // a fault on a page already pushed (in flight) is answered by the push, not resent
     expect(rep.postcopy.demandPages).toBeGreaterThan(0)

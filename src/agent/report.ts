@@ -49,6 +49,8 @@ export interface MigrationReport {
   pagesMissingAtHandoff: number
   postcopy: {
     strategy: string
+    /** Who served the faults: 'native' (the demand connection's threads) or 'js' (the urgent channel, in the agents' loops). */
+    demandPath: 'native' | 'js'
     /** Demand faults served over the network (page requests). */
     networkFaults: number
     /** Faults on zero/free pages resolved locally on the destination. */

@@ -18,6 +18,7 @@ export class DemandPath {
   private client: NativeDemandClient | undefined
   /** The session's demand connection arrived before REGIONS: its descriptor, for start(). */
   private fd: number | undefined
+  private onEvents: ((ev: Float64Array) => void) | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -44,15 +45,14 @@ export class DemandPath {
   /** REGIONS: with a demand connection, the thread takes the uffd's faults from now on (true). */
   start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
     if (this.fd === undefined) return false
-    this.client = new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), (ev) => {
-      eachDemandEvent(ev, (kind, a, b, c, d) => {
-        if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-        else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
-        else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
-        else if (kind === DemandEv.LATENCY) requests.latency.add(a)
-        else if (kind === DemandEv.CLOSED) this.broken(demandClosedError(a, b))
-      })
+    this.onEvents = (ev) => eachDemandEvent(ev, (kind, a, b, c, d) => {
+      if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
+      else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
+      else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
+      else if (kind === DemandEv.LATENCY) requests.latency.add(a)
+      else if (kind === DemandEv.CLOSED && this.client) this.broken(demandClosedError(a, b))
     })
+    this.client = new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), this.onEvents)
     this.client.attach(this.fd)
     this.fd = undefined
     return true
@@ -69,9 +69,12 @@ export class DemandPath {
     return us > 0 ? nowMs - us / 1000 : undefined
   }
 
+  /** Stops the thread (before the uffd closes); what it did since its last batch is counted now (the settled report follows). */
   close(): void {
-    this.client?.close()
+    const client = this.client
     this.client = undefined
     this.fd = undefined
+    const left = client?.close()
+    if (left?.length) this.onEvents?.(left)
   }
 }

@@ -45,6 +45,8 @@ export class Postcopy {
   readonly pushLog: PushRun[] = []
   pushed = 0
   demand = 0
+  /** The demand connection's native threads served the faults. */
+  nativeDemand = false
   recoveries = 0
   /** From RESUMED (destination clock): when HANDOFF arrived and when its discard list was applied. */
   destHandoff: { handoffAtMs: number; discardedAtMs: number } | undefined
@@ -71,6 +73,7 @@ export class Postcopy {
     if (!demand) return
     const fd = demand.handOver()
     if (fd === undefined) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'bytes arrived on the demand connection before any request could have been made'))
+    this.nativeDemand = true
     this.sender.serveDemand(fd, {
       onFault: (region, page) => this.policy?.onFault(region, page),
       onSent: (pages) => (this.demand += pages),

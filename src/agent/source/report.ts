@@ -57,6 +57,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesMissingAtHandoff: x.missingAtHandoff,
     postcopy: {
       strategy: x.mode === 'precopy' ? 'none' : x.postcopy.policy?.name ?? 'none',
+      demandPath: x.postcopy.nativeDemand ? 'native' : 'js',
       networkFaults: num('networkFaults'),
       localZeroFaults: num('localZeroFaults'),
       networkFaultsOnZeroPages: num('networkFaultsOnZeroPages'),

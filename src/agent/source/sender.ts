@@ -45,6 +45,7 @@ export class Sender {
   private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
   private readonly ps: number
   private demandServer: NativeDemandServer | undefined
+  private demandEvents: ((ev: Float64Array) => void) | undefined
 
   constructor(
     private readonly binding: NativeBinding,
@@ -73,22 +74,24 @@ export class Sender {
    */
   serveDemand(fd: number, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
     this.stopDemand()
-    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), (ev) => {
-      eachDemandEvent(ev, (kind, a, b, c) => {
-        if (kind === DemandEv.FAULT) hooks.onFault(a, b)
-        else if (kind === DemandEv.SENT) {
-          this.pagesLeft -= c
-          this.counts.data += c
-          this.destHas[a].setRange(b, c)
-          hooks.onSent(c)
-        } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
-      })
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c) => {
+      if (kind === DemandEv.FAULT) hooks.onFault(a, b)
+      else if (kind === DemandEv.SENT) {
+        this.pagesLeft -= c
+        this.counts.data += c
+        this.destHas[a].setRange(b, c)
+        hooks.onSent(c)
+      } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
     })
+    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents)
+    this.demandEvents = onEvents
   }
 
+  /** Stops the demand thread; what it did since its last batch is counted now. */
   stopDemand(): void {
-    this.demandServer?.close()
+    const left = this.demandServer?.close()
     this.demandServer = undefined
+    if (left?.length) this.demandEvents?.(left)
   }
 
   /** The destination freed these runs after the hand-off: never send them. */
