@@ -10,6 +10,7 @@
         "native/pagemap.cc",
         "native/region.cc",
         "native/region_binding.cc",
+        "native/relay.cc",
         "native/socket_binding.cc",
         "native/thread_binding.cc",
         "native/uffd.cc",

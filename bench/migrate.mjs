@@ -253,6 +253,17 @@ function pinnedCells(p, rep) {
     f ? fmt(f.bytes / 2 ** 20) : '—', f && f.bytes > 0 ? fmt(f.cpuMs / 1000 / (f.bytes / 2 ** 30)) : '—']
 }
 
+/** Each side's agent CPU (worker thread + native demand thread) per GiB of page data moved, and its ratio to the C reference's. */
+function cpuCells(rep, cpuRef) {
+  if (!rep?.cpuMs || !rep.pages.data) return ['—', '—']
+  const gib = (rep.pages.data * rep.pageSize) / 2 ** 30
+  const cell = (ms, side) => {
+    const v = ms / 1000 / gib, r = cpuRef(side)
+    return r ? `${fmt(v)} (x${fmt(v / r)})` : fmt(v)
+  }
+  return [cell(rep.cpuMs.source, 'src'), cell(rep.cpuMs.destination, 'dst')]
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2))
   if (args.case) return runCaseChild(args.case)
@@ -403,7 +414,8 @@ async function main() {
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
     'downtime split ms',
     ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
-    'eff. MiB/s', 'vs link', 'other CPU', 'error']
+    'src CPU s/GiB', 'dst CPU s/GiB', 'eff. MiB/s', 'vs link', 'other CPU', 'error']
+  const cpuRef = (side) => refs.get(`7.bulk4g.copy.${side}_cpu`)?.median
   const rows = []
   const notes = []
   let lastLink
@@ -455,6 +467,7 @@ async function main() {
       cl ? cl.wrong : '—',
       splitCell(rep?.downtimeBreakdownMs),
       ...(args.pinned ? pinnedCells(r.pinned, rep) : []),
+      ...cpuCells(rep, cpuRef),
       fmt(effMiB),
       Number.isFinite(effMiB) && linkMiB ? `${(effMiB / linkMiB).toFixed(2)}x` : '—',
       `${(c.foreign * 100).toFixed(0)}%`,
@@ -470,6 +483,8 @@ async function main() {
     `the service hands its server to the guest (--serve): held at the hand-off, then relayed by the source's forwarder. errors include timeouts. ` +
     `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms. fwd MiB: client bytes the source's forwarder relayed (both ways) until it exited; ` +
     `fwd CPU s/GiB: the CPU time of the source's main thread (the forwarder's; the service is paused, the agent has its own thread) from the hand-off until it exited, per GiB relayed`)
+  out(`src/dst CPU s/GiB: CPU time of each side's agent (its worker thread and native demand thread, user + system) from the start to settled, per GiB of page data moved; ` +
+    `(xN) = ratio to the C reference 7.bulk4g.copy.src_cpu / .dst_cpu of this run (${cpuRef('src') ? `${fmt(cpuRef('src'))} / ${fmt(cpuRef('dst'))} s/GiB` : 'unavailable'}: recv 1 MiB + UFFDIO_COPY, nothing else)`)
   out(`downtime split ms: pause() on the source / final scan and end of write tracking / HANDOFF sent until the destination has it / discard list applied / the service restored there (they sum to the downtime)`)
   out(`client gap ms: longest gap between two good answers, as client.js reports it (a gap counts only once a good answer ends it). ` +
     `switch gap ms: last good answer of the source → first good answer of the destination (probe in this benchmark); ` +

@@ -21,6 +21,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   init_socket_bindings(env, exports);
   init_thread_bindings(env, exports);
   init_demand_bindings(env, exports);
+  init_relay_bindings(env, exports);
   return exports;
 }
 

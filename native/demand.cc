@@ -46,6 +46,7 @@ enum : int {
   kEvZeroFault = 5,  // destination: a fault on a page that is local (known zero): zero-filled here
   kEvNetFault = 6,   // destination: (region, page) asked of the source
   kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: 1 = protocol violation)
+  kEvCpu = 8,        // either, as the thread ends: its CPU time (user + system), ms
 };
 
 double now_us() {
@@ -176,6 +177,9 @@ void DemandThread::start() {
     int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
     if (errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
     run();
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    emit({kEvCpu, ts.tv_sec * 1e3 + ts.tv_nsec / 1e6, 0, 0, 0});  // what this thread cost (the report's CPU figures)
   });
 }
 
@@ -242,8 +246,10 @@ struct FrameReader {
 
 class DemandServerThread : public DemandThread {
  public:
-  DemandServerThread(Napi::Env env, Napi::Function cb, int fd, std::vector<RegionView> regions)
-      : DemandThread(env, cb, "uffd-migrate:demand-server", "uffdm-demand-tx"), fd_(fd), regions_(std::move(regions)) {
+  // head: bytes the agent had read off the connection before handing it over (requests asked again at once
+  // after a recovery); handled first.
+  DemandServerThread(Napi::Env env, Napi::Function cb, int fd, std::vector<RegionView> regions, std::vector<uint8_t> head)
+      : DemandThread(env, cb, "uffd-migrate:demand-server", "uffdm-demand-tx"), fd_(fd), regions_(std::move(regions)), head_(std::move(head)) {
     start();
   }
   ~DemandServerThread() override {
@@ -253,17 +259,20 @@ class DemandServerThread : public DemandThread {
 
  private:
   void run() override {
-    std::vector<uint8_t> in(1 << 16);
-    size_t have = 0;
-    for (;;) {
-      if (!wait_fd(fd_, POLLIN, stop_fd_)) return;
-      ssize_t n = read(fd_, in.data() + have, in.size() - have);
-      if (n == 0) return closed(0, false);
-      if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR) continue;
-        return closed(errno, false);
+    std::vector<uint8_t> in(std::max<size_t>(1 << 16, head_.size()));
+    size_t have = head_.size();
+    std::copy(head_.begin(), head_.end(), in.begin());
+    for (bool first = true;; first = false) {
+      if (!(first && have > 0)) {
+        if (!wait_fd(fd_, POLLIN, stop_fd_)) return;
+        ssize_t n = read(fd_, in.data() + have, in.size() - have);
+        if (n == 0) return closed(0, false);
+        if (n < 0) {
+          if (errno == EAGAIN || errno == EINTR) continue;
+          return closed(errno, false);
+        }
+        have += (size_t)n;
       }
-      have += (size_t)n;
       size_t off = 0;
       while (have - off >= 5) {
         uint32_t len = get_u32(&in[off]);
@@ -321,6 +330,7 @@ class DemandServerThread : public DemandThread {
 
   int fd_;
   std::vector<RegionView> regions_;
+  std::vector<uint8_t> head_;
 };
 
 // ---- destination: faults to requests, replies to installs --------------------------
@@ -357,7 +367,17 @@ class DemandClientThread : public DemandThread {
     (void)!write(kick_fd_, &one, sizeof one);
   }
 
-  // Microseconds the oldest open fault has waited (0: none), for the stuck-source watchdog.
+  // Pages ready() awaits (JS): asked on the demand connection like faults (one request per page), not timed as faults.
+  void ask(uint32_t region, std::vector<uint32_t> pages) {
+    {
+      std::lock_guard<std::mutex> lock(attach_mu_);
+      asks_.emplace_back(region, std::move(pages));
+    }
+    uint64_t one = 1;
+    (void)!write(kick_fd_, &one, sizeof one);
+  }
+
+  // Microseconds the oldest open request has waited (0: none), for the stuck-source watchdog.
   double oldest_open_us() const { return oldest_open_us_.load(); }
 
  private:
@@ -368,7 +388,7 @@ class DemandClientThread : public DemandThread {
       int r = poll(p, 4, open_.empty() ? -1 : 1);
       if (r < 0 && errno != EINTR) return;
       if (p[2].revents) return expire_open();  // stopping: the latencies of faults answered meanwhile count too
-      if (p[3].revents) take_new_link();
+      if (p[3].revents) take_new_link(ask);
       if (p[0].revents) read_faults(ask);
       for (size_t i = 0; i < ask.size(); i++) {
         if (!ask[i].empty()) send_request((uint32_t)i, ask[i]);
@@ -380,10 +400,21 @@ class DemandClientThread : public DemandThread {
     }
   }
 
-  void take_new_link() {
+  void take_new_link(std::vector<std::vector<uint32_t>>& ask) {
     uint64_t v;
     (void)!read(kick_fd_, &v, sizeof v);
     std::lock_guard<std::mutex> lock(attach_mu_);
+    double t = now_us();
+    for (auto& [region, pages] : asks_) {
+      if (region >= regions_.size()) continue;
+      for (uint32_t page : pages) {
+        if (page >= regions_[region].pages || regions_[region].test(page) || (asked_[region][page >> 5] & (1u << (page & 31)))) continue;
+        asked_[region][page >> 5] |= 1u << (page & 31);
+        open_.emplace(key(region, page), Open{t, false});
+        ask[region].push_back(page);
+      }
+    }
+    asks_.clear();
     if (!attach_pending_) return;
     attach_pending_ = false;
     drop_link();
@@ -393,7 +424,7 @@ class DemandClientThread : public DemandThread {
     if (fd_ < 0) return;
     // the replies to what was asked on the old link may be lost: ask again
     std::vector<std::vector<uint32_t>> again(regions_.size());
-    for (auto& [k, t] : open_) again[k >> 32].push_back((uint32_t)k);
+    for (auto& [k, o] : open_) again[k >> 32].push_back((uint32_t)k);
     for (size_t i = 0; i < again.size(); i++) {
       if (!again[i].empty()) send_request((uint32_t)i, again[i]);
     }
@@ -425,7 +456,7 @@ class DemandClientThread : public DemandThread {
             else emit({kEvZeroFault, (double)k, (double)page, 0, 0});
           } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
             asked_[k][page >> 5] |= 1u << (page & 31);
-            open_.emplace(key(k, page), t);
+            open_.emplace(key(k, page), Open{t, true});
             ask[k].push_back(page);
             emit({kEvNetFault, (double)k, (double)page, 0, 0});
           }
@@ -516,11 +547,11 @@ class DemandClientThread : public DemandThread {
     for (auto it = open_.begin(); it != open_.end();) {
       uint32_t region = (uint32_t)(it->first >> 32), page = (uint32_t)it->first;
       if (regions_[region].test(page)) {
-        emit({kEvLatency, t - it->second, 0, 0, 0});
+        if (it->second.fault) emit({kEvLatency, t - it->second.t, 0, 0, 0});
         asked_[region][page >> 5] &= ~(1u << (page & 31));
         it = open_.erase(it);
       } else {
-        oldest = std::max(oldest, t - it->second);
+        oldest = std::max(oldest, t - it->second.t);
         ++it;
       }
     }
@@ -544,7 +575,13 @@ class DemandClientThread : public DemandThread {
   FrameReader fr_;
   std::vector<RegionView> regions_;
   std::vector<std::vector<uint32_t>> asked_;
-  std::unordered_map<uint64_t, double> open_;
+  // Asked and not here yet: when, and whether a thread is blocked on it (a fault) or ready() awaits it.
+  struct Open {
+    double t;
+    bool fault;
+  };
+  std::unordered_map<uint64_t, Open> open_;
+  std::vector<std::pair<uint32_t, std::vector<uint32_t>>> asks_;  // from ask(), under attach_mu_
   std::atomic<double> oldest_open_us_{0};
   uint8_t* staging_ = nullptr;
 };
@@ -622,8 +659,13 @@ class DemandServer : public Wrap<DemandServer> {
     auto env = info.Env();
     if (info.Length() < 4 || !info[3].IsFunction()) throw Napi::TypeError::New(env, "expected (fd, regionIds, pending, onEvents)");
     auto views = region_views(info, 1, &keep_);
+    std::vector<uint8_t> head;
+    if (info.Length() > 4 && info[4].IsTypedArray()) {
+      auto h = info[4].As<Napi::Uint8Array>();
+      head.assign(h.Data(), h.Data() + h.ByteLength());
+    }
     int fd = dup_socket(env, info[0]);
-    thread_ = std::make_unique<DemandServerThread>(env, info[3].As<Napi::Function>(), fd, std::move(views));
+    thread_ = std::make_unique<DemandServerThread>(env, info[3].As<Napi::Function>(), fd, std::move(views), std::move(head));
   }
 };
 
@@ -633,6 +675,7 @@ class DemandClient : public Wrap<DemandClient> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "DemandClient", {
         InstanceMethod("attach", &DemandClient::Attach),
+        InstanceMethod("ask", &DemandClient::Ask),
         InstanceMethod("close", &DemandClient::Close),
         InstanceAccessor("oldestOpenUs", &DemandClient::OldestOpenUs, nullptr),
     });
@@ -653,6 +696,17 @@ class DemandClient : public Wrap<DemandClient> {
     int fd = -1;
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
     client()->attach(fd);
+    return env.Undefined();
+  }
+  // ask(regionIndex, pages: Uint32Array): pages ready() awaits, asked for on the demand connection
+  Napi::Value Ask(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this demand path is closed");
+    uint32_t region = (uint32_t)arg_index(info, 0, "region", 4294967295.0);
+    if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+      throw Napi::TypeError::New(env, "expected pages to be a Uint32Array");
+    auto pages = info[1].As<Napi::Uint32Array>();
+    client()->ask(region, std::vector<uint32_t>(pages.Data(), pages.Data() + pages.ElementLength()));
     return env.Undefined();
   }
   Napi::Value OldestOpenUs(const Napi::CallbackInfo& info) {

@@ -26,6 +26,16 @@ export interface NativeUffd {
   readonly fd: number
 }
 
+/** The forwarder's relay: one thread splices every handed-over pair of sockets (native/relay.cc). */
+export interface NativeRelay {
+  /** Takes dup()s of both connected sockets; returns the pair's id (reported to onEnded when both directions end). */
+  add(clientFd: number, upstreamFd: number): number
+  /** CPU time of the relay thread so far, ms. */
+  readonly cpuMs: number
+  readonly active: number
+  close(): void
+}
+
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
@@ -36,6 +46,8 @@ export interface NativeDemandServer {
 export interface NativeDemandClient {
   /** A (new) demand connection, or -1 (the link broke: faults are recorded and asked for on the next one). */
   attach(fd: number): void
+  /** Pages ready() awaits (region index): asked for on the demand connection, installed by the thread. */
+  ask(region: number, pages: Uint32Array): void
   /** How long the oldest open fault has waited (0: none). */
   readonly oldestOpenUs: number
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
@@ -78,10 +90,13 @@ export interface NativeBinding {
   setSocketLiveness(fd: number, timeoutMs: number): void
   /** Nice value (0..19) of the calling thread only. */
   setThreadNice(nice: number): void
+  /** CPU time (user + system) of the calling thread, ms (absent in the fake binding). */
+  threadCpuMs?(): number
   Uffd: new (features: number) => NativeUffd
   probe(): ProbeResult
   /** The native demand path (absent in the fake binding: faults stay in JS there). pending/received: page bitmaps' words. */
-  DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandServer
+  DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array) => NativeDemandServer
+  Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 

@@ -11,11 +11,16 @@
  *   for byte to the destination's service;
  * - the source process lives as this forwarder until the destination settled
  *   and no connection used it for forwardIdleMs.
+ * Relayed connections are handed to a native thread (native/relay.cc:
+ * splice(2), no byte in JS) once both ends are connected and nothing waits in
+ * Node's buffers; UFFD_MIGRATE_RELAY=js keeps them in JS pipes.
  */
 import { readFileSync } from 'node:fs'
 import { request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type Server, type Socket } from 'node:net'
+import { loadBinding, type NativeRelay } from './binding'
 import { ErrorCode, UffdMigrateError } from './errors'
+import { socketFd, stopReading } from './socket-fd'
 
 type Listener = (...args: unknown[]) => void
 
@@ -44,13 +49,17 @@ export class Forwarder {
   readonly counts = { connections: 0, requests: 0, bytes: 0 }
   /** This (the service's main) thread's CPU time when forwarding began (ns; undefined: not forwarding). */
   private cpuAtStartNs: number | undefined
+  /** The native relay thread (created at the first relayed connection) and what to do when one of its pairs ends. */
+  private relayer: NativeRelay | undefined
+  private readonly relayed = new Map<number, (bytes: number) => void>()
 
   /**
-   * CPU time of this thread since forwarding began, in ms: the forwarder's
-   * cost (the service is paused and the migration agent has its own thread).
+   * CPU time of this thread since forwarding began, plus the native relay
+   * thread's, in ms: the forwarder's cost (the service is paused and the
+   * migration agent has its own thread).
    */
   get cpuMs(): number {
-    return this.cpuAtStartNs === undefined ? 0 : (mainThreadCpuNs() - this.cpuAtStartNs) / 1e6
+    return this.cpuAtStartNs === undefined ? 0 : (mainThreadCpuNs() - this.cpuAtStartNs) / 1e6 + (this.relayer?.cpuMs ?? 0)
   }
 
   get serving(): boolean {
@@ -204,15 +213,64 @@ export class Forwarder {
     }
     up.setNoDelay(true)
     socket.setNoDelay(true)
+    for (const end of [socket, up]) {
+      end.once('close', close)
+      end.once('error', close)
+    }
+    const relayer = this.nativeRelay()
+    if (relayer) up.once('connect', () => this.handToRelay(relayer, socket, up, close))
+    else this.pipe(socket, up)
+  }
+
+  /** Both ends in JS pipes. */
+  private pipe(socket: Socket, up: Socket): void {
     up.on('data', (c: Buffer) => (this.counts.bytes += c.length))
     socket.on('data', (c: Buffer) => (this.counts.bytes += c.length))
     socket.pipe(up)
     up.pipe(socket)
     socket.resume()
-    for (const end of [socket, up]) {
-      end.once('close', close)
-      end.once('error', close)
+    up.resume()
+  }
+
+  /**
+   * Both ends to the native relay: Node stops reading them, what it had read
+   * from the client goes upstream first, and from then on the relay thread
+   * moves every byte. Anything that stops that (bytes from upstream already
+   * in Node, no descriptor) leaves the pair in JS pipes.
+   */
+  private handToRelay(relayer: NativeRelay, socket: Socket, up: Socket, close: () => void): void {
+    stopReading(socket)
+    stopReading(up)
+    const head = socket.readableLength > 0 ? (socket.read(socket.readableLength) as Buffer | null) : null
+    stopReading(socket) // read() may have restarted it; nothing reached JS meanwhile (same tick)
+    if (head) this.counts.bytes += head.length
+    const a = socketFd(socket), b = socketFd(up)
+    const hand = () => {
+      if (socket.destroyed || up.destroyed) return
+      if (a === undefined || b === undefined || up.readableLength > 0 || socket.readableLength > 0) return this.pipe(socket, up)
+      this.relayed.set(relayer.add(a, b), (bytes) => {
+        this.counts.bytes += bytes
+        close()
+      })
     }
+    if (head) up.write(head, hand)
+    else hand()
+  }
+
+  private nativeRelay(): NativeRelay | undefined {
+    if (process.env.UFFD_MIGRATE_RELAY === 'js') return undefined
+    if (!this.relayer) {
+      const Relay = loadBinding().Relay
+      if (!Relay) return undefined
+      this.relayer = new Relay((ended) => {
+        for (let i = 0; i + 3 <= ended.length; i += 3) {
+          const done = this.relayed.get(ended[i])
+          this.relayed.delete(ended[i])
+          done?.(ended[i + 1] + ended[i + 2])
+        }
+      })
+    }
+    return this.relayer
   }
 }
 

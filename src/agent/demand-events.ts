@@ -16,6 +16,7 @@ export const enum DemandEv {
   ZERO_FAULT = 5, // destination: (region, page) local known-zero page, zero-filled
   NET_FAULT = 6, // destination: (region, page) asked of the source
   CLOSED = 7, // either: (errno, 1 = protocol violation); 0 = end of stream
+  CPU = 8, // either, as the thread ends: its CPU time, ms
 }
 
 const NUMBERS = 5

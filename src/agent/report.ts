@@ -34,6 +34,8 @@ export interface MigrationReport {
   clockOffsetMs: number
   clockRttMs: number
   bytesOnWire: number
+  /** CPU time of each side's agent (its worker thread and native demand thread), from the start to settled, ms; absent when unmeasured. */
+  cpuMs?: { source: number; destination: number }
   pages: {
     data: number
     zero: number

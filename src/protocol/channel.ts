@@ -6,7 +6,8 @@
  * The protocol logic stays in the engines; this only moves frames.
  */
 import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
-import { type Frame, FrameDecoder } from './frames'
+import { socketFd, stopReading } from '../socket-fd'
+import { type Frame, FrameDecoder, frameHeader } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
 
 /** The part of net.Socket a Channel uses. */
@@ -35,6 +36,8 @@ export class Channel {
   private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = []
   private failure: Error | undefined
   private closeListeners: ((err: Error) => void)[] = []
+  /** The descriptor went to a native thread (handOver()): nothing is decoded here any more. */
+  private handedOver = false
   /** Reading stopped because frames wait that nobody asked for yet (before the handshake is done). */
   private heldBack = false
   bytesRead = 0
@@ -54,7 +57,7 @@ export class Channel {
     this.decoder = new FrameDecoder((f) => this.dispatch(f), MAX_HANDSHAKE_FRAME_BYTES)
     socket.on('data', (chunk: Buffer) => {
       // a failed connection reads nothing more: what a hostile peer keeps sending is dropped, not buffered
-      if (this.failure) return
+      if (this.failure || this.handedOver) return
       this.bytesRead += chunk.length
       try {
         this.decoder.feed(chunk)
@@ -182,24 +185,26 @@ export class Channel {
   /**
    * Hands the connection's descriptor to a native thread (the demand path,
    * which dup()s it): this side reads and writes nothing more on it, and a
-   * later fail() or close() only closes this side's descriptor. undefined
-   * when the transport has none (in-memory) or bytes already wait here.
+   * later fail() or close() only closes this side's descriptor. head: what
+   * this side had read and not handled yet, as it came off the wire (the
+   * thread starts with it). undefined when the transport has no descriptor.
    */
-  handOver(): number | undefined {
+  handOver(): { fd: number; head: Buffer } | undefined {
     const fd = this.fd
-    const s = this.socket as unknown as { readableLength?: number; _handle?: { reading?: boolean; readStop?(): number } }
-    if (fd === undefined || this.failure || this.decoder.midFrame || this.queued.length || (s.readableLength ?? 0) > 0) return undefined
-    this.pauseReading()
-    if (s._handle?.readStop) {
-      s._handle.reading = false
-      s._handle.readStop()
-    }
-    return fd
+    if (fd === undefined || this.failure) return undefined
+    stopReading(this.socket)
+    this.handedOver = true // a chunk read() below emits 'data': it is in head, not decoded
+    const parts: Buffer[] = this.queued.map((f) => Buffer.concat([frameHeader(f.type, f.payload.length), f.payload]))
+    this.queued = []
+    parts.push(this.decoder.drainRaw())
+    const s = this.socket as unknown as { readableLength?: number; read?(n: number): Buffer | null }
+    if ((s.readableLength ?? 0) > 0) parts.push(s.read!(s.readableLength!) ?? Buffer.alloc(0))
+    stopReading(this.socket) // read() may restart reading; nothing reached JS meanwhile (same tick)
+    return { fd, head: Buffer.concat(parts) }
   }
 
   private get fd(): number | undefined {
-    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd
-    return typeof fd === 'number' && fd >= 0 ? fd : undefined
+    return socketFd(this.socket)
   }
 
   get needsDrain(): boolean {

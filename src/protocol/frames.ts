@@ -35,6 +35,14 @@ export class FrameDecoder {
     this.need = -1
   }
 
+  /** Takes what is buffered, as the bytes that came off the wire (a partial frame, its length header included). */
+  drainRaw(): Buffer {
+    const parts = this.need >= 0 ? [frameLength(this.need), ...this.chunks] : this.chunks
+    const out = Buffer.concat(parts)
+    this.clear()
+    return out
+  }
+
   /** Part of a frame has arrived and the rest has not. */
   get midFrame(): boolean {
     return this.buffered > 0 || this.need >= 0
@@ -93,6 +101,12 @@ export class FrameDecoder {
     }
     return out
   }
+}
+
+function frameLength(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4)
+  b.writeUInt32BE(n, 0)
+  return b
 }
 
 /** The 5-byte header of a frame whose payload is `payloadBytes` long. */

@@ -34,6 +34,17 @@ describe('framing', () => {
     expect(decodeControl(Msg.ROUND_END, whole[0].payload)).toEqual({ round: 3 })
   })
 
+  it('gives back a partial frame as the bytes that came off the wire (a handed-over connection starts with them)', () => {
+    for (let cut = 1; cut < frames.length; cut++) {
+      const got: Frame[] = []
+      const d = new FrameDecoder((f) => got.push(f), 1 << 20)
+      d.feed(frames.subarray(0, cut))
+      const consumed = got.reduce((n, f) => n + 5 + f.payload.length, 0)
+      expect(d.drainRaw().toString('hex')).toBe(frames.subarray(consumed, cut).toString('hex'))
+      expect(d.midFrame).toBe(false)
+    }
+  })
+
   it('rejects a frame longer than the limit before buffering it', () => {
     const d = new FrameDecoder(() => {}, 1024)
     const h = Buffer.alloc(5)
@@ -86,6 +97,18 @@ describe('page bitmap', () => {
     expect(b.allSet(33, 47)).toBe(true)
     expect(b.allSet(32, 2)).toBe(false)
     expect(b.nextClear(33, 80)).toBe(-1)
+  })
+
+  it('takeRange clears a range and hands over exactly the runs that were set', () => {
+    const b = new PageBitmap(100)
+    b.setRange(3, 5)
+    b.setRange(30, 40)
+    b.setRange(90, 10)
+    const runs: number[][] = []
+    expect(b.takeRange(5, 90, (p, q) => runs.push([p, q]))).toBe(3 + 40 + 5)
+    expect(runs).toEqual([[5, 8], [30, 70], [90, 95]])
+    expect([...b.runs()]).toEqual([[3, 2], [95, 5]])
+    expect(b.takeRange(5, 90, () => runs.push([-1]))).toBe(0) // taken once: nobody gets them again
   })
 
   it('agrees with a naive set on random operations', () => {

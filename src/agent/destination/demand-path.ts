@@ -19,6 +19,8 @@ export class DemandPath {
   /** The session's demand connection arrived before REGIONS: its descriptor, for start(). */
   private fd: number | undefined
   private onEvents: ((ev: Float64Array) => void) | undefined
+  /** CPU time of the native thread, once it has ended. */
+  cpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -32,7 +34,9 @@ export class DemandPath {
 
   /** A demand connection passed the handshake (first, or back after a break). */
   adopt(ch: Channel): void {
-    const fd = this.binding.DemandClient ? ch.handOver() : undefined
+    // the source sends nothing on it before this side asks: bytes already here are a protocol error
+    const taken = this.binding.DemandClient ? ch.handOver() : undefined
+    const fd = taken && taken.head.length === 0 ? taken.fd : undefined
     if (fd === undefined) {
       const err = migrationError(ErrorCode.PROTOCOL, 'this destination cannot take a demand connection here (no native demand path, or bytes arrived before any request)')
       ch.sendError(err)
@@ -45,17 +49,26 @@ export class DemandPath {
   /** REGIONS: with a demand connection, the thread takes the uffd's faults from now on (true). */
   start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
     if (this.fd === undefined) return false
+    this.cpuMs = 0
     this.onEvents = (ev) => eachDemandEvent(ev, (kind, a, b, c, d) => {
       if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
       else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
       else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
       else if (kind === DemandEv.LATENCY) requests.latency.add(a)
       else if (kind === DemandEv.CLOSED && this.client) this.broken(demandClosedError(a, b))
+      else if (kind === DemandEv.CPU) this.cpuMs += a
     })
     this.client = new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), this.onEvents)
     this.client.attach(this.fd)
     this.fd = undefined
     return true
+  }
+
+  /** Page requests of ready() waits ([first, count] runs) go on the demand connection too: the thread installs the replies without waiting for this loop. */
+  ask(region: number, runs: number[]): void {
+    const pages: number[] = []
+    for (let k = 0; k < runs.length; k += 2) for (let p = runs[k]; p < runs[k] + runs[k + 1]; p++) pages.push(p)
+    this.client!.ask(region, Uint32Array.from(pages))
   }
 
   /** The link broke: faults are recorded and asked for again on the next demand connection. */

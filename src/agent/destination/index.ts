@@ -50,6 +50,8 @@ export class MigrationDestination implements DestinationHandlers {
   private uffd: NativeUffd | undefined
   /** From REGIONS: a silent peer fails a connection after this long (0: never). */
   private linkTimeoutMs = 0
+  /** This thread's CPU time when the session started (the report's destination CPU). */
+  private cpuAtRegionsMs: number | undefined
   /** guest.serve() ports, sent again to a source that came back after a break. */
   private servicePorts: (number | null)[] | undefined
 
@@ -100,6 +102,7 @@ export class MigrationDestination implements DestinationHandlers {
     })
     this.requests = new Requests(this.regions, this.placement, this.ps, this.clock, {
       request: (type, region, runs, kind) => {
+        if (type === Msg.PAGE_REQUEST && this.demand.active) return this.demand.ask(region, runs)
         const urgent = this.link.urgent
         if (!urgent) return // no link: in flight, asked again on recovery
         urgent.send(encodeRuns(type, kind, region, runs))
@@ -178,6 +181,7 @@ export class MigrationDestination implements DestinationHandlers {
   onRegions(f: Frame): void {
     const limits = acceptRegionTable(f, this.regions, this.ps)
     this.linkTimeoutMs = limits.linkTimeoutMs
+    this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
     for (const ch of [this.link.urgent, this.link.bulk]) {
       ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
       if (ch) ch.stallTimeoutMs = this.linkTimeoutMs
@@ -295,6 +299,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.requests.releaseAll()
     const report = {
       ...this.requests.stats,
+      ...(this.cpuAtRegionsMs !== undefined ? { cpuMs: this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs } : {}),
       pagesReceivedTwice: this.placement.pagesReceivedTwice,
       pagesLocal: this.placement.totalPages,
       faultLatencyUs: this.requests.latency.summary(),

@@ -179,6 +179,7 @@ export class MigrationSource implements SourceHandlers {
     let pausing: Promise<Uint8Array> | undefined
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     try {
+      const cpuAtStartMs = this.binding.threadCpuMs?.()
       const opening = SourceLink.open(this.binding, this.opts, this.session)
       // a link that opens after a cancel is closed at once
       opening.then((l) => (this.failure ? l.close() : undefined), () => {})
@@ -240,6 +241,7 @@ export class MigrationSource implements SourceHandlers {
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
+        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.demandCpuMs,
         discarded, missingAtHandoff, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()

@@ -71,10 +71,11 @@ export class Postcopy {
     this.policy = createPushPolicy(this.opts.prepaging, this.sender.pending)
     const demand = this.host.link.demand
     if (!demand) return
-    const fd = demand.handOver()
-    if (fd === undefined) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'bytes arrived on the demand connection before any request could have been made'))
+    // after a recovery the destination's thread asks again at once: requests may wait in this side's buffers
+    const taken = demand.handOver()
+    if (!taken) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'the demand connection has no descriptor'))
     this.nativeDemand = true
-    this.sender.serveDemand(fd, {
+    this.sender.serveDemand(taken.fd, taken.head, {
       onFault: (region, page) => this.policy?.onFault(region, page),
       onSent: (pages) => (this.demand += pages),
       onClosed: (errno, protocol) => demand.fail(demandClosedError(errno, protocol)),

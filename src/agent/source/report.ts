@@ -22,6 +22,8 @@ export interface ReportInputs {
   resumedAtDest: number
   clock: { offsetMs: number; rttMs: number }
   bytesOnWire: number
+  /** The source agent's CPU time, ms (undefined: not measured). */
+  sourceCpuMs: number | undefined
   discarded: number
   missingAtHandoff: number
   /** The destination's SETTLED report. */
@@ -55,6 +57,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesSentTwiceAfterHandoff: num('pagesReceivedTwice'),
     discardedPages: x.discarded + x.rounds.reduce((n, r) => n + (r.stalePages ?? 0), 0),
     pagesMissingAtHandoff: x.missingAtHandoff,
+    ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),
     postcopy: {
       strategy: x.mode === 'precopy' ? 'none' : x.postcopy.policy?.name ?? 'none',
       demandPath: x.postcopy.nativeDemand ? 'native' : 'js',

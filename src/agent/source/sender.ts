@@ -46,6 +46,8 @@ export class Sender {
   private readonly ps: number
   private demandServer: NativeDemandServer | undefined
   private demandEvents: ((ev: Float64Array) => void) | undefined
+  /** CPU time of the native demand threads that have ended (the report's source CPU). */
+  demandCpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -72,7 +74,7 @@ export class Sender {
    * page requests from region memory and the pending map. onFault: the first
    * page of each requested run (the push policy's pivots); onSent: pages it sent.
    */
-  serveDemand(fd: number, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
+  serveDemand(fd: number, head: Buffer, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
     this.stopDemand()
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c) => {
       if (kind === DemandEv.FAULT) hooks.onFault(a, b)
@@ -82,8 +84,9 @@ export class Sender {
         this.destHas[a].setRange(b, c)
         hooks.onSent(c)
       } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
+      else if (kind === DemandEv.CPU) this.demandCpuMs += a
     })
-    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents)
+    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head)
     this.demandEvents = onEvents
   }
 
