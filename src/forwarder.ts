@@ -46,7 +46,7 @@ export class Forwarder {
   private active = 0
   private lastUseMs = Date.now()
   /** Connections relayed and requests proxied, for the log line at exit. */
-  readonly counts = { connections: 0, requests: 0, bytes: 0 }
+  readonly counts = { connections: 0, requests: 0, bytes: 0, spliced: 0 }
   /** This (the service's main) thread's CPU time when forwarding began (ns; undefined: not forwarding). */
   private cpuAtStartNs: number | undefined
   /** The native relay thread (created at the first relayed connection) and what to do when one of its pairs ends. */
@@ -248,6 +248,7 @@ export class Forwarder {
     const hand = () => {
       if (socket.destroyed || up.destroyed) return
       if (a === undefined || b === undefined || up.readableLength > 0 || socket.readableLength > 0) return this.pipe(socket, up)
+      this.counts.spliced++
       this.relayed.set(relayer.add(a, b), (bytes) => {
         this.counts.bytes += bytes
         close()

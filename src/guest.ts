@@ -353,7 +353,7 @@ export class Guest extends EventEmitter {
       if (!this.forwarder.idleFor(idleMs)) return
       clearInterval(timer)
       const c = this.forwarder.counts
-      process.stderr.write(`uffd-migrate: guest '${this.name}' moved to ${this.movedTo}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${this.forwarder.cpuMs.toFixed(1)} ms of CPU, idle for ${idleMs} ms: exiting\n`)
+      process.stderr.write(`uffd-migrate: guest '${this.name}' moved to ${this.movedTo}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${this.forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting\n`)
       this.exitMoved()
     }, 100)
   }
