@@ -4,6 +4,7 @@
       "target_name": "uffd_migrate",
       "sources": [
         "native/addon.cc",
+        "native/bulk.cc",
         "native/demand.cc",
         "native/errors.cc",
         "native/fault_reader.cc",

@@ -9,4 +9,5 @@ void init_socket_bindings(Napi::Env env, Napi::Object exports);
 void init_thread_bindings(Napi::Env env, Napi::Object exports);
 void init_demand_bindings(Napi::Env env, Napi::Object exports);
 void init_relay_bindings(Napi::Env env, Napi::Object exports);
+void init_bulk_bindings(Napi::Env env, Napi::Object exports);
 }  // namespace uffdm

@@ -23,6 +23,7 @@
 #include "args.h"
 #include "bindings.h"
 #include "errors.h"
+#include "page_maps.h"
 #include "uffd.h"
 
 namespace uffdm {
@@ -49,71 +50,6 @@ enum : int {
   kEvCpu = 8,        // either, as the thread ends: its CPU time (user + system), ms
 };
 
-double now_us() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
-void put_u32(uint8_t* p, uint32_t v) {
-  p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v;
-}
-uint32_t get_u32(const uint8_t* p) {
-  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-// One region as both sides agreed: where it is here and how many pages it has;
-// bits: a page bitmap owned by JS (one bit per page, u32 words, host order).
-struct RegionView {
-  std::shared_ptr<Mapping> m;
-  uint32_t pages = 0;
-  uint32_t* bits = nullptr;
-  bool test(uint32_t p) const { return __atomic_load_n(&bits[p >> 5], __ATOMIC_ACQUIRE) & (1u << (p & 31)); }
-};
-
-// Clears the bits of [first, first+count) that are set; calls fn(p, q) for each run of pages that were set.
-template <typename Fn>
-void take_runs(uint32_t* bits, uint32_t first, uint32_t count, Fn fn) {
-  uint32_t end = first + count, run = UINT32_MAX;
-  for (uint32_t p = first; p < end;) {
-    uint32_t w = p >> 5, lo = p & 31, hi = std::min<uint32_t>(32, lo + (end - p));
-    uint32_t mask = (hi == 32 ? ~0u : ((1u << hi) - 1)) & ~((1u << lo) - 1);
-    uint32_t old = __atomic_fetch_and(&bits[w], ~mask, __ATOMIC_ACQ_REL) & mask;
-    for (uint32_t b = lo; b < hi; b++) {
-      bool had = old & (1u << b);
-      uint32_t page = (w << 5) + b;
-      if (had && run == UINT32_MAX) run = page;
-      if (!had && run != UINT32_MAX) fn(run, page), run = UINT32_MAX;
-    }
-    p = (w << 5) + hi;
-  }
-  if (run != UINT32_MAX) fn(run, end);
-}
-
-// Sets the bits of [first, first+count); returns how many were clear.
-uint32_t set_range(uint32_t* bits, uint32_t first, uint32_t count) {
-  uint32_t end = first + count, newly = 0;
-  for (uint32_t p = first; p < end;) {
-    uint32_t w = p >> 5, lo = p & 31, hi = std::min<uint32_t>(32, lo + (end - p));
-    uint32_t mask = (hi == 32 ? ~0u : ((1u << hi) - 1)) & ~((1u << lo) - 1);
-    newly += __builtin_popcount(~__atomic_fetch_or(&bits[w], mask, __ATOMIC_ACQ_REL) & mask);
-    p = (w << 5) + hi;
-  }
-  return newly;
-}
-
-// Waits until fd is ready for `events` or the stop eventfd fires; false when stopping.
-bool wait_fd(int fd, short events, int stop_fd) {
-  pollfd p[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
-  for (;;) {
-    int r = poll(p, 2, -1);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return false;
-    if (p[1].revents) return false;
-    return true;
-  }
-}
-
 }  // namespace
 
 bool write_all(int fd, int stop_fd, struct iovec* iov, int iovcnt, int* err) {
@@ -135,9 +71,7 @@ bool write_all(int fd, int stop_fd, struct iovec* iov, int iovcnt, int* err) {
 
 // ---- the thread and its batches ----------------------------------------------------
 
-namespace {
-
-Napi::Float64Array to_array(Napi::Env env, const std::vector<DemandEvent>& events) {
+Napi::Float64Array events_array(Napi::Env env, const std::vector<DemandEvent>& events) {
   const size_t k = kDemandEventNumbers;
   auto arr = Napi::Float64Array::New(env, events.size() * k);
   for (size_t i = 0; i < events.size(); i++) {
@@ -147,12 +81,12 @@ Napi::Float64Array to_array(Napi::Env env, const std::vector<DemandEvent>& event
   return arr;
 }
 
-}  // namespace
-
-std::vector<DemandEvent> Outbox::take() {
+std::vector<DemandEvent> Outbox::take(std::vector<std::vector<uint8_t>>* out_frames) {
   std::lock_guard<std::mutex> lock(mu);
   std::vector<DemandEvent> out;
   out.swap(batch);
+  if (out_frames) out_frames->swap(frames);
+  frames.clear();
   signalled = false;
   return out;
 }
@@ -200,6 +134,19 @@ void DemandThread::emit(const DemandEvent& e) {
   outbox_->batch.push_back(e);
 }
 
+double DemandThread::cpu_ms() {
+  clockid_t id;
+  timespec ts{};
+  if (!thread_.joinable() || pthread_getcpuclockid(thread_.native_handle(), &id) || clock_gettime(id, &ts)) return 0;
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+void DemandThread::emit_frame(uint8_t type, std::vector<uint8_t> payload) {
+  std::lock_guard<std::mutex> lock(outbox_->mu);
+  outbox_->batch.push_back({(double)kEvFrame, (double)outbox_->frames.size(), (double)type, 0, 0});
+  outbox_->frames.push_back(std::move(payload));
+}
+
 void DemandThread::flush() {
   {
     std::lock_guard<std::mutex> lock(outbox_->mu);
@@ -211,11 +158,14 @@ void DemandThread::flush() {
   auto box = outbox_;
   tsfn_.NonBlockingCall([box](Napi::Env env, Napi::Function fn) {
     if (env == nullptr || fn.IsEmpty()) return;
-    auto events = box->take();
+    std::vector<std::vector<uint8_t>> frames;
+    auto events = box->take(&frames);
     if (events.empty()) return;
     Napi::HandleScope scope(env);
+    auto js_frames = Napi::Array::New(env, frames.size());
+    for (size_t i = 0; i < frames.size(); i++) js_frames[i] = Napi::Buffer<uint8_t>::Copy(env, frames[i].data(), frames[i].size());
     try {
-      fn.Call({to_array(env, events)});
+      fn.Call({events_array(env, events), js_frames});
     } catch (const Napi::Error& err) {
       napi_fatal_exception(env, err.Value());
     }
@@ -588,7 +538,8 @@ class DemandClientThread : public DemandThread {
 
 // ---- JS classes ----------------------------------------------------------------------
 
-// (regionIds: number[], bitmaps: Uint32Array[]) -> views; the bitmaps' memory is kept by the wrapper.
+}  // namespace
+
 std::vector<RegionView> region_views(const Napi::CallbackInfo& info, size_t i, std::vector<Napi::ObjectReference>* keep) {
   auto env = info.Env();
   if (info.Length() < i + 2 || !info[i].IsArray() || !info[i + 1].IsArray())
@@ -598,20 +549,34 @@ std::vector<RegionView> region_views(const Napi::CallbackInfo& info, size_t i, s
   std::vector<RegionView> out;
   const size_t ps = page_size();
   for (uint32_t k = 0; k < ids.Length(); k++) {
-    Napi::Value id = ids[k], map = maps[k];
+    Napi::Value id = ids[k];
     if (!id.IsNumber()) throw Napi::TypeError::New(env, "expected region ids to be numbers");
     auto m = region_find(id.As<Napi::Number>().Uint32Value());
     if (!m) throw lib_error(env, "ERR_REGION_RELEASED", "a region of the demand path does not exist or was released");
-    if (!map.IsTypedArray() || map.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
-      throw Napi::TypeError::New(env, "expected bitmaps to be Uint32Arrays");
-    auto words = map.As<Napi::Uint32Array>();
     RegionView v;
     v.m = m;
     v.pages = (uint32_t)(m->size / ps);
-    if (words.ElementLength() < (v.pages + 31) / 32) throw Napi::RangeError::New(env, "expected a bitmap word per 32 pages");
-    v.bits = words.Data();
-    keep->push_back(Napi::Persistent(words.As<Napi::Object>()));
     out.push_back(std::move(v));
+  }
+  auto words = bitmap_words(info, i + 1, out, keep);
+  for (size_t k = 0; k < out.size(); k++) out[k].bits = words[k];
+  return out;
+}
+
+std::vector<uint32_t*> bitmap_words(const Napi::CallbackInfo& info, size_t i, const std::vector<RegionView>& regions, std::vector<Napi::ObjectReference>* keep) {
+  auto env = info.Env();
+  if (info.Length() <= i || !info[i].IsArray()) throw Napi::TypeError::New(env, "expected an array of bitmaps");
+  auto maps = info[i].As<Napi::Array>();
+  if (maps.Length() != regions.size()) throw Napi::TypeError::New(env, "expected one bitmap per region");
+  std::vector<uint32_t*> out;
+  for (uint32_t k = 0; k < maps.Length(); k++) {
+    Napi::Value map = maps[k];
+    if (!map.IsTypedArray() || map.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+      throw Napi::TypeError::New(env, "expected bitmaps to be Uint32Arrays");
+    auto words = map.As<Napi::Uint32Array>();
+    if (words.ElementLength() < (regions[k].pages + 31) / 32) throw Napi::RangeError::New(env, "expected a bitmap word per 32 pages");
+    out.push_back(words.Data());
+    keep->push_back(Napi::Persistent(words.As<Napi::Object>()));
   }
   return out;
 }
@@ -624,53 +589,32 @@ int dup_socket(Napi::Env env, const Napi::Value& v) {
   return fd;
 }
 
-template <typename T>
-class Wrap : public Napi::ObjectWrap<T> {
- public:
-  explicit Wrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<T>(info) {
-    napi_add_env_cleanup_hook(info.Env(), &Wrap::Cleanup, this);
-  }
-  ~Wrap() override { Shutdown(); }
+std::vector<uint8_t> bytes_arg(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || !info[i].IsTypedArray()) return {};
+  auto h = info[i].As<Napi::Uint8Array>();
+  return std::vector<uint8_t>(h.Data(), h.Data() + h.ByteLength());
+}
 
- protected:
-  static void Cleanup(void* arg) { static_cast<Wrap*>(arg)->Shutdown(); }
-  // Stops and joins the thread; returns the events JS has not taken yet.
-  std::vector<DemandEvent> Shutdown() {
-    if (!thread_) return {};
-    napi_remove_env_cleanup_hook(this->Env(), &Wrap::Cleanup, this);
-    auto left = thread_->stop();
-    thread_.reset();
-    keep_.clear();
-    return left;
-  }
-  // close() -> the events the thread emitted that JS has not seen yet (handled synchronously by the caller)
-  Napi::Value Close(const Napi::CallbackInfo& info) { return to_array(info.Env(), Shutdown()); }
-  std::unique_ptr<DemandThread> thread_;
-  std::vector<Napi::ObjectReference> keep_;
-};
+namespace {
 
 // new DemandServer(socketFd, regionIds, pendingBitmaps, onEvents): answers page requests on its own thread.
-class DemandServer : public Wrap<DemandServer> {
+class DemandServer : public ThreadWrap<DemandServer> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "DemandServer", {InstanceMethod("close", &DemandServer::Close)});
   }
-  explicit DemandServer(const Napi::CallbackInfo& info) : Wrap<DemandServer>(info) {
+  explicit DemandServer(const Napi::CallbackInfo& info) : ThreadWrap<DemandServer>(info) {
     auto env = info.Env();
     if (info.Length() < 4 || !info[3].IsFunction()) throw Napi::TypeError::New(env, "expected (fd, regionIds, pending, onEvents)");
     auto views = region_views(info, 1, &keep_);
-    std::vector<uint8_t> head;
-    if (info.Length() > 4 && info[4].IsTypedArray()) {
-      auto h = info[4].As<Napi::Uint8Array>();
-      head.assign(h.Data(), h.Data() + h.ByteLength());
-    }
+    std::vector<uint8_t> head = bytes_arg(info, 4);
     int fd = dup_socket(env, info[0]);
     thread_ = std::make_unique<DemandServerThread>(env, info[3].As<Napi::Function>(), fd, std::move(views), std::move(head));
   }
 };
 
 // new DemandClient(uffdFd, regionIds, receivedBitmaps, onEvents); attach(socketFd | -1); oldestOpenUs.
-class DemandClient : public Wrap<DemandClient> {
+class DemandClient : public ThreadWrap<DemandClient> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "DemandClient", {
@@ -680,7 +624,7 @@ class DemandClient : public Wrap<DemandClient> {
         InstanceAccessor("oldestOpenUs", &DemandClient::OldestOpenUs, nullptr),
     });
   }
-  explicit DemandClient(const Napi::CallbackInfo& info) : Wrap<DemandClient>(info) {
+  explicit DemandClient(const Napi::CallbackInfo& info) : ThreadWrap<DemandClient>(info) {
     auto env = info.Env();
     if (info.Length() < 4 || !info[0].IsNumber() || !info[3].IsFunction())
       throw Napi::TypeError::New(env, "expected (uffdFd, regionIds, received, onEvents)");

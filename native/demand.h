@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "page_maps.h"
 #include "region.h"
 
 namespace uffdm {
@@ -30,13 +31,16 @@ struct DemandEvent {
 };
 constexpr int kDemandEventNumbers = 5;
 
-// Events not yet taken by JS; shared with the calls queued on the ThreadSafeFunction.
+// Events (and whole frames for JS, referenced by a FRAME event) not yet taken by JS; shared with the calls
+// queued on the ThreadSafeFunction.
 struct Outbox {
   std::mutex mu;
   std::vector<DemandEvent> batch;
+  std::vector<std::vector<uint8_t>> frames;
   bool signalled = false;  // a call is queued that will take the batch
-  std::vector<DemandEvent> take();
+  std::vector<DemandEvent> take(std::vector<std::vector<uint8_t>>* frames = nullptr);
 };
+constexpr int kEvFrame = 9;  // (index in the batch's frames, frame type): a frame for JS, in order with the events
 
 // The thread, the stop eventfd and the batch of events both sides share.
 class DemandThread {
@@ -47,7 +51,11 @@ class DemandThread {
   // Stops and joins the thread (idempotent); returns the events JS has not taken yet.
   std::vector<DemandEvent> stop();
   void emit(const DemandEvent& e);
-  void flush();  // hands the batch to JS (at most one call in flight)
+  // A frame the thread does not handle itself: JS routes it, in order with the events before and after it.
+  void emit_frame(uint8_t type, std::vector<uint8_t> payload);
+  void flush();  // hands the batch to JS (at most one call in flight): onEvents(events, frames)
+  // CPU time of the thread so far (user + system), ms.
+  double cpu_ms();
 
  protected:
   void start();
@@ -60,6 +68,43 @@ class DemandThread {
   Napi::ThreadSafeFunction tsfn_;
   std::thread thread_;
   std::shared_ptr<Outbox> outbox_;
+};
+
+
+// (regionIds: number[], bitmaps: Uint32Array[]) at args i, i+1 -> views; the bitmaps are kept alive in *keep.
+std::vector<RegionView> region_views(const Napi::CallbackInfo& info, size_t i, std::vector<Napi::ObjectReference>* keep);
+// Word arrays of more page bitmaps (one per region, in the same order), kept alive in *keep.
+std::vector<uint32_t*> bitmap_words(const Napi::CallbackInfo& info, size_t i, const std::vector<RegionView>& regions, std::vector<Napi::ObjectReference>* keep);
+// A dup() of a connected socket's descriptor, non-blocking.
+int dup_socket(Napi::Env env, const Napi::Value& v);
+// Bytes of a Uint8Array argument (empty when absent).
+std::vector<uint8_t> bytes_arg(const Napi::CallbackInfo& info, size_t i);
+Napi::Float64Array events_array(Napi::Env env, const std::vector<DemandEvent>& events);
+
+// The JS side of a thread: stopped and joined by close(), by the environment's cleanup hook and when collected.
+template <typename T>
+class ThreadWrap : public Napi::ObjectWrap<T> {
+ public:
+  explicit ThreadWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<T>(info) {
+    napi_add_env_cleanup_hook(info.Env(), &ThreadWrap::Cleanup, this);
+  }
+  ~ThreadWrap() override { Shutdown(); }
+
+ protected:
+  static void Cleanup(void* arg) { static_cast<ThreadWrap*>(arg)->Shutdown(); }
+  // Stops and joins the thread; returns the events JS has not taken yet.
+  std::vector<DemandEvent> Shutdown() {
+    if (!thread_) return {};
+    napi_remove_env_cleanup_hook(this->Env(), &ThreadWrap::Cleanup, this);
+    auto left = thread_->stop();
+    thread_.reset();
+    keep_.clear();
+    return left;
+  }
+  // close() -> the events the thread emitted that JS has not seen yet (handled synchronously by the caller)
+  Napi::Value Close(const Napi::CallbackInfo& info) { return events_array(info.Env(), Shutdown()); }
+  std::unique_ptr<DemandThread> thread_;
+  std::vector<Napi::ObjectReference> keep_;
 };
 
 // Whole-run writes on a non-blocking socket: waits for POLLOUT and for the

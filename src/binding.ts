@@ -36,6 +36,17 @@ export interface NativeRelay {
   close(): void
 }
 
+/** Destination: reads the bulk connection and places PAGES and RANGES on its own thread (native/bulk.cc). */
+export interface NativeBulkReader {
+  /** After HANDOFF (the thread waits for it): post-copy placement rules from now on. */
+  resume(postcopy: boolean): void
+  /** A new bulk connection after a recovery, with the bytes read from it and not handled; -1: the link broke. */
+  attach(fd: number, head?: Uint8Array): void
+  /** CPU time of the thread so far, ms. */
+  readonly cpuMs: number
+  close(): Float64Array
+}
+
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
@@ -96,6 +107,10 @@ export interface NativeBinding {
   probe(): ProbeResult
   /** The native demand path (absent in the fake binding: faults stay in JS there). pending/received: page bitmaps' words. */
   DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array) => NativeDemandServer
+  BulkReader?: new (
+    uffdFd: number, regionIds: number[], received: Uint32Array[], knownZero: Uint32Array[], freedHere: Uint32Array[],
+    fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void,
+  ) => NativeBulkReader
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }

@@ -22,12 +22,17 @@ export function socketFd(socket: unknown): number | undefined {
 }
 
 /**
- * Stops Node reading the socket: what arrives from now on waits in the kernel
- * for whoever reads the descriptor next. Safe to call twice (Readable.read()
- * may restart reading; call this again after it, in the same tick).
+ * Stops Node reading the socket, for good: what arrives from now on waits in
+ * the kernel for whoever reads the descriptor next. Pausing is not enough:
+ * a Readable below its high-water mark calls _read() again on the next tick
+ * (maybeReadMore), which restarts reading on the handle, and libuv would then
+ * take bytes meant for the native thread; so _read becomes a no-op. Safe to
+ * call twice (call it again after a Readable.read(), in the same tick).
  */
 export function stopReading(socket: unknown): void {
-  ;(socket as { pause?(): void }).pause?.()
+  const s = socket as { pause?(): void; _read?: (n: number) => void }
+  s.pause?.()
+  if (s._read) s._read = () => {}
   const h = handleOf(socket)
   if (h?.readStop) {
     h.reading = false

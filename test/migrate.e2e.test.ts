@@ -65,17 +65,20 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.postcopy.networkFaults).toBe(0)
   })
 
-  // native: the demand connection's threads serve the faults (the default); js: UFFD_MIGRATE_DEMAND=js, on urgent
-  it.each(['native', 'js'] as const)('postcopy with a service that blocks in faults (%s demand path): each fault is one page request, timed', async (path) => {
-    if (path === 'js') process.env.UFFD_MIGRATE_DEMAND = 'js'
+  // native: the demand connection's threads serve the faults and the bulk reader places the push (the default);
+  // js: UFFD_MIGRATE_DEMAND=js and UFFD_MIGRATE_BULK=js, everything in the agents' loops
+  it.each(['native', 'js'] as const)('postcopy with a service that blocks in faults (%s data path): each fault is one page request, timed', async (path) => {
+    if (path === 'js') process.env.UFFD_MIGRATE_DEMAND = process.env.UFFD_MIGRATE_BULK = 'js'
     let r
     try {
       r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'] })
     } finally {
       delete process.env.UFFD_MIGRATE_DEMAND
+      delete process.env.UFFD_MIGRATE_BULK
     }
     const rep = expectMigrated(r, 'postcopy')
     expect(rep.postcopy.demandPath).toBe(path)
+    expect(rep.bulkReceive).toBe(path)
     expect(rep.postcopy.networkFaults).toBeGreaterThan(0)
     // a fault on a page already pushed (in flight) is answered by the push, not resent
     expect(rep.postcopy.demandPages).toBeGreaterThan(0)

@@ -5,6 +5,7 @@
  * addons have it and the connections are TCP; UFFD_MIGRATE_DEMAND=js keeps
  * every fault in JavaScript (for comparison).
  */
+import { constants as osConstants } from 'node:os'
 import type { NativeBinding } from '../binding'
 import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
 
@@ -17,6 +18,9 @@ export const enum DemandEv {
   NET_FAULT = 6, // destination: (region, page) asked of the source
   CLOSED = 7, // either: (errno, 1 = protocol violation); 0 = end of stream
   CPU = 8, // either, as the thread ends: its CPU time, ms
+  FRAME = 9, // bulk reader: (index in the batch's frames, type): a frame for the message table, in order
+  RECEIVED = 10, // bulk reader, pre-copy: (change of the received count)
+  TWICE = 11, // bulk reader, post-copy: (pages that arrived again, already held)
 }
 
 const NUMBERS = 5
@@ -26,12 +30,21 @@ export function eachDemandEvent(ev: Float64Array, fn: (kind: DemandEv, a: number
 }
 
 /** Both native demand classes are built in, and nobody asked for the JS path. */
+/** The native bulk reader is built in, and nobody asked for the JS path (UFFD_MIGRATE_BULK=js). */
+export function nativeBulkAvailable(binding: NativeBinding): boolean {
+  return binding.BulkReader !== undefined && process.env.UFFD_MIGRATE_BULK !== 'js'
+}
+
 export function nativeDemandAvailable(binding: NativeBinding): boolean {
   return binding.DemandServer !== undefined && binding.DemandClient !== undefined && process.env.UFFD_MIGRATE_DEMAND !== 'js'
 }
 
 /** The error a CLOSED event stands for: a broken link (recovered in post-copy) or a peer that broke the protocol. */
-export function demandClosedError(errno: number, protocol: number): UffdMigrateError {
-  if (protocol) return migrationError(ErrorCode.PROTOCOL, 'the peer sent a malformed frame on the demand connection')
-  return migrationError(ErrorCode.CONNECTION, errno === 0 ? 'demand connection closed by the peer' : `demand connection failed (errno ${errno})`)
+export function demandClosedError(errno: number, protocol: number, connection = 'demand'): UffdMigrateError {
+  if (protocol) return migrationError(ErrorCode.PROTOCOL, `the peer sent a malformed frame on the ${connection} connection`)
+  if (errno === 0) return migrationError(ErrorCode.CONNECTION, `${connection} connection closed by the peer`) // a clean end: no cause
+  // a reset or a timeout, as a socket error would say it (the cause tells a broken link from a peer that hung up)
+  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
+  const cause = Object.assign(new Error(`read ${name}`), { code: name, errno })
+  return migrationError(ErrorCode.CONNECTION, `${connection} connection failed: read ${name}`, cause)
 }

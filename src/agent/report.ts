@@ -34,6 +34,8 @@ export interface MigrationReport {
   clockOffsetMs: number
   clockRttMs: number
   bytesOnWire: number
+  /** Who placed the pages arriving on the bulk connection at the destination: its native thread or its agent's loop (UFFD_MIGRATE_BULK=js, or no addon support). */
+  bulkReceive?: 'native' | 'js'
   /** CPU time of each side's agent (its worker thread and native demand thread), from the start to settled, ms; absent when unmeasured. */
   cpuMs?: { source: number; destination: number }
   pages: {

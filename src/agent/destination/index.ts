@@ -22,6 +22,7 @@ import { route } from '../message-table'
 import { StateMachine } from '../state-machine'
 import { Acceptor, DEFAULT_ACCEPTOR_LIMITS } from './accept'
 import { BulkGate } from './bulk-gate'
+import { BulkPath } from './bulk-path'
 import { DemandPath } from './demand-path'
 import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase, type DestinationHandlers } from './machine'
 import type { DestinationHooks, DestinationOptions } from './hooks'
@@ -44,6 +45,7 @@ export class MigrationDestination implements DestinationHandlers {
   private readonly watchdog: Watchdog
   private recovery!: RecoveryWindow
   private readonly demand: DemandPath
+  private readonly bulkPath: BulkPath
   private readonly clock: Clock
   private readonly ps: number
   private readonly layout: RegionLayout[]
@@ -66,6 +68,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.ps = binding.pageSize
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
     this.demand = new DemandPath(binding, regions, (err) => this.linkBroke(err))
+    this.bulkPath = new BulkPath(binding, regions, { frame: (f) => this.link.bulk && this.onFrame(this.link.bulk, 'bulk', f), closed: (err) => this.link.bulk && this.onChannelClosed(err, this.link.bulk) })
     const machine = this.machine
     this.link = new Acceptor(opts.token, {
       get phase() {
@@ -195,6 +198,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (!this.demand.start(this.uffd, this.placement, this.requests)) this.uffd.startFaults((ev) => this.requests.onFaults(ev))
     this.placement.attach(this.uffd)
     this.requests.attach(this.uffd)
+    this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.machine.transition(DestPhase.PRECOPY)
     this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, {}))
   }
@@ -222,6 +226,7 @@ export class MigrationDestination implements DestinationHandlers {
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
+    this.bulkPath.resume()
     this.hooks.restore(state).then(
       (resumedAtMs) => {
         this.recovery.resumedAtMs = resumedAtMs
@@ -255,6 +260,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
     this.link.drop(err)
     this.demand.detach()
+    this.bulkPath.detach()
     this.gate.reset()
     if (this.recovery.open) return // a second break while recovering: the first deadline stands
     this.hooks.recovering?.(`the connection broke during post-copy (${err.message}); waiting up to ${this.recovery.timeoutMs} ms for the source to reconnect`)
@@ -285,6 +291,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
+    this.bulkPath.attach(pair.bulk)
   }
 
   // ---- settled and failed ------------------------------------------------------
@@ -298,8 +305,8 @@ export class MigrationDestination implements DestinationHandlers {
     this.closeUffd()
     this.requests.releaseAll()
     const report = {
-      ...this.requests.stats,
-      ...(this.cpuAtRegionsMs !== undefined ? { cpuMs: this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs } : {}),
+      ...this.requests.stats, bulkReceive: this.bulkPath.active ? 'native' : 'js',
+      ...(this.cpuAtRegionsMs !== undefined ? { cpuMs: this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs } : {}),
       pagesReceivedTwice: this.placement.pagesReceivedTwice,
       pagesLocal: this.placement.totalPages,
       faultLatencyUs: this.requests.latency.summary(),
@@ -327,6 +334,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
     this.watchdog.stop()
+    this.bulkPath.close()
     this.machine.transition(DestPhase.FAILED)
     this.link.drop(err)
     this.link.stopListening()
@@ -341,6 +349,7 @@ export class MigrationDestination implements DestinationHandlers {
   private endSession(err: Error): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
     this.watchdog.stop()
+    this.bulkPath.close()
     this.link.drop(err)
     this.link.forgetSession()
     this.closeUffd()
@@ -381,6 +390,7 @@ export class MigrationDestination implements DestinationHandlers {
   close(): void {
     this.watchdog.stop()
     this.link.close()
+    this.bulkPath.close()
     this.demand.close()
     this.uffd?.close()
   }

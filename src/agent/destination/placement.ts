@@ -18,7 +18,7 @@ export class Placement {
   /** Pages announced as zero/free (placed locally, never requested). */
   readonly knownZero: PageBitmap[]
   /** Freed by the service during post-copy and zero-filled here. */
-  private readonly freedHere: PageBitmap[]
+  readonly freedHere: PageBitmap[]
   pagesReceivedTwice = 0
   private uffd: NativeUffd | undefined
 
@@ -120,6 +120,11 @@ export class Placement {
     this.uffd!.zeropage(this.regions[region].id, first * this.ps, count * this.ps)
     this.freedHere[region].setRange(first, count)
     this.arrived(region, first, count)
+  }
+
+  /** The native bulk reader placed or dropped pages before the hand-off: the received count changes by delta. */
+  receivedNatively(delta: number): void {
+    this.receivedCount += delta
   }
 
   /** The native demand thread installed these pages and marked `newly` of them received. */

@@ -57,6 +57,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesSentTwiceAfterHandoff: num('pagesReceivedTwice'),
     discardedPages: x.discarded + x.rounds.reduce((n, r) => n + (r.stalePages ?? 0), 0),
     pagesMissingAtHandoff: x.missingAtHandoff,
+    ...(x.stats.bulkReceive === 'native' || x.stats.bulkReceive === 'js' ? { bulkReceive: x.stats.bulkReceive } : {}),
     ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),
     postcopy: {
       strategy: x.mode === 'precopy' ? 'none' : x.postcopy.policy?.name ?? 'none',

@@ -1,0 +1,124 @@
+#!/usr/bin/env node
+// npm run bench:bulk — bulk throughput and CPU per GiB of the data path.
+// One real migration per row (examples/page-store, idle, pre-copy), 1 GiB by
+// default: round 0 moves every populated page once (7 of 8 pages hold data,
+// the 8th goes as a zero range), so its rate is the bulk path's. For the
+// native data path (the destination's bulk reader thread) and the JS one
+// (UFFD_MIGRATE_BULK=js: frames through the agent's event loop), on loopback
+// and on a namespace link shaped to 8 Gbit/s; beside them, in the same run and
+// after the same warm-up, the C reference (../shared/limits postcopy-bulk:
+// recv 1 MiB + UFFDIO_COPY) and raw Node TCP over the same shaped link.
+// Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000), --json FILE
+import { createRequire } from 'node:module'
+import { writeFileSync } from 'node:fs'
+import { repoRoot, runLimits } from './lib/limits.mjs'
+import { fmt, printTable, stats } from './lib/table.mjs'
+import { measureTcp } from './lib/tcp-tput.mjs'
+import { prewarm } from './lib/warm.mjs'
+
+const require = createRequire(import.meta.url)
+const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
+const { createHostPair, netnsUnavailable } = require(`${repoRoot}/dist/testing/netns.js`)
+
+const args = process.argv.slice(2)
+const opt = (name, dflt) => {
+  const i = args.indexOf(`--${name}`)
+  return i >= 0 ? args[i + 1] : dflt
+}
+const mib = Number(opt('mib', 1024))
+const runs = Number(opt('runs', 3))
+const paths = opt('paths', 'native,js').split(',')
+const rateMbit = Number(opt('rate-mbit', 8000))
+let links = opt('links', 'loopback,netns').split(',')
+const say = (s) => process.stderr.write(`[bench:bulk] ${s}\n`)
+const MiB = 2 ** 20, GiB = 2 ** 30
+
+const netnsWhy = links.includes('netns') ? netnsUnavailable() : undefined
+if (netnsWhy) {
+  say(`*** SKIPPING the namespace link: ${netnsWhy}`)
+  links = links.filter((l) => l !== 'netns')
+}
+const pair = links.includes('netns') ? createHostPair(213) : undefined
+pair?.shape(rateMbit)
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => (pair?.cleanup(), process.exit(130)))
+
+try {
+  // both guests (2 x mib) and the C reference's 4 GiB region, touched once right before the timed work
+  const warmGiB = (2 * mib) / 1024 + 4.5
+  say(`warming ${warmGiB} GiB ...`)
+  const warmS = prewarm(warmGiB * GiB)
+  const ref = runLimits(['postcopy-bulk'], { nruns: 3, log: say })
+  const tcp = {}
+  for (const link of links) {
+    const o = link === 'netns' ? { host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns] } : { host: '127.0.0.1' }
+    const r = []
+    for (let i = 0; i < 3; i++) r.push((await measureTcp({ seconds: 3, ...o })).mibPerSec)
+    tcp[link] = stats(r)
+    say(`raw Node TCP ${link}: ${r.map(fmt).join(', ')} MiB/s`)
+  }
+  const results = []
+  for (const link of links) {
+    for (const path of paths) {
+      const samples = []
+      for (let i = 0; i < runs; i++) {
+        say(`${link} ${path} run ${i + 1}/${runs}`)
+        if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
+        let r
+        try {
+          r = await migrateExample({
+            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false,
+            ...(link === 'netns' ? { destNetns: pair.ns, destHost: pair.nsIp } : {}),
+          })
+        } finally {
+          delete process.env.UFFD_MIGRATE_BULK
+        }
+        const rep = r.report
+        if (!r.ok || !rep) {
+          say(`   failed: ${r.error ?? r.verify}`)
+          continue
+        }
+        if (rep.bulkReceive !== path) say(`   note: the destination placed pages with the ${rep.bulkReceive} path`)
+        const r0 = rep.rounds[0]
+        const dataGiB = (rep.pages.data * rep.pageSize) / GiB
+        samples.push({
+          round0MiBps: r0.bytes / MiB / (r0.durationMs / 1000),
+          totalMs: rep.totalMs,
+          dstCpu: rep.cpuMs ? rep.cpuMs.destination / 1000 / dataGiB : NaN,
+          srcCpu: rep.cpuMs ? rep.cpuMs.source / 1000 / dataGiB : NaN,
+        })
+      }
+      results.push({ link, path, samples })
+    }
+  }
+
+  const refBw = ref.get('7.bulk4g.copy.bw'), refDst = ref.get('7.bulk4g.copy.dst_cpu'), refSrc = ref.get('7.bulk4g.copy.src_cpu')
+  console.log(`# bench:bulk: ${mib} MiB page-store, idle, pre-copy; ${runs} run(s) per row (min / median / max); 2 vCPUs, shared`)
+  console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily)`)
+  printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
+  printTable(['link', 'raw Node TCP MiB/s (min / median / max)'], Object.entries(tcp).map(([l, s]) => [l === 'netns' ? `netns, tbf ${rateMbit / 1000} Gbit/s` : l, `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}`]))
+  console.log('')
+  const rows = []
+  const checks = []
+  const mmm = (xs) => {
+    const s = stats(xs)
+    return xs.length ? `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}` : 'failed'
+  }
+  for (const { link, path, samples } of results) {
+    const med = (k) => stats(samples.map((x) => x[k])).median
+    const base = link === 'loopback' ? refBw?.median * 1024 : tcp[link]?.median
+    rows.push([link, path, mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
+      refDst ? `x${fmt(med('dstCpu') / refDst.median)}` : '—', mmm(samples.map((x) => x.srcCpu)), refSrc ? `x${fmt(med('srcCpu') / refSrc.median)}` : '—', mmm(samples.map((x) => x.totalMs))])
+    if (path !== 'native' || !samples.length) continue
+    if (link === 'loopback' && refBw) checks.push(['loopback: round 0 >= 0.8 x C 7.bulk4g.copy.bw', `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
+    if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s: round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])
+    if (link === 'loopback' && refDst) checks.push(['destination CPU/GiB <= 1.3 x C 7.bulk4g.copy.dst_cpu', `x${fmt(med('dstCpu') / refDst.median)}`, med('dstCpu') <= 1.3 * refDst.median ? 'pass' : 'FAIL'])
+  }
+  console.log('round 0 MiB/s: the first pre-copy round (every populated page once) / its duration; vs: the C reference on loopback, raw Node TCP on the shaped link')
+  console.log('CPU s/GiB: each agent\'s CPU (worker thread + native threads, user + system) over the whole migration, per GiB of page data; vs: the C reference\'s receiving / sending thread')
+  printTable(['link', 'data path', 'round 0 MiB/s', 'vs', 'dst CPU s/GiB', 'vs C dst', 'src CPU s/GiB', 'vs C src', 'total ms'], rows)
+  printTable(['target', 'measured', ''], checks)
+  const out = opt('json')
+  if (out) writeFileSync(out, JSON.stringify({ references: [...ref.values()], tcp, results }, null, 2))
+} finally {
+  pair?.cleanup()
+}

@@ -1,0 +1,399 @@
+// The destination's bulk receive on a native thread: pre-copy rounds and
+// the post-copy push arrive as PAGES and RANGES frames; this thread reads
+// each frame's pages into a staging buffer and installs them from there
+// (UFFDIO_COPY for a missing page, a plain copy over an older round's data,
+// UFFDIO_ZEROPAGE or a discard for zero ranges): one copy from the socket,
+// one into place, no JavaScript per frame. The placement rules are those of
+// src/agent/destination/placement.ts (the JS path of the pure tier and of
+// UFFD_MIGRATE_BULK=js). Every other frame goes to JS in order with the
+// events; after HANDOFF the thread stops reading until JS has applied the
+// discard list and says post-copy began (resume()).
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "args.h"
+#include "bindings.h"
+#include "demand.h"
+#include "errors.h"
+#include "uffd.h"
+
+namespace uffdm {
+
+namespace {
+
+constexpr uint8_t kMsgError = 4, kMsgPages = 20, kMsgRanges = 21, kMsgHandoff = 24;
+constexpr uint32_t kMaxPagesPerFrame = 256;              // MAX_PAGES_PER_FRAME
+constexpr uint32_t kMaxControlBytes = 64u << 20;         // MAX_CONTROL_BYTES
+constexpr uint8_t kRangeZero = 0, kRangeFree = 1, kRangeStale = 2;
+
+enum : int {
+  kEvArrived = 3,   // post-copy: (region, first, count, pages newly marked received)
+  kEvClosed = 7,    // (errno, 1 = protocol violation; 0 = end of stream)
+  kEvCpu = 8,       // as the thread ends: its CPU time, ms
+  kEvReceived = 10, // pre-copy: (change of the received count: + placed, - dropped)
+  kEvTwice = 11,    // post-copy: (pages that arrived again, already held)
+};
+
+class BulkReaderThread : public DemandThread {
+ public:
+  BulkReaderThread(Napi::Env env, Napi::Function cb, int uffd, std::vector<RegionView> regions, std::vector<uint32_t*> zero,
+                   std::vector<uint32_t*> freed, int fd, std::vector<uint8_t> head)
+      : DemandThread(env, cb, "uffd-migrate:bulk", "uffdm-bulk-rx"), uffd_(uffd), regions_(std::move(regions)),
+        zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)) {
+    kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
+    staging_ = (uint8_t*)aligned_alloc(page_size(), kMaxPagesPerFrame * page_size());
+    start();
+  }
+  ~BulkReaderThread() override {
+    stop();
+    if (fd_ >= 0) close(fd_);
+    if (next_fd_ >= 0) close(next_fd_);
+    close(kick_fd_);
+    free(staging_);
+  }
+
+  // After HANDOFF: post-copy rules from now on, and reading goes on.
+  void resume(bool postcopy) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      resume_pending_ = true;
+      resume_postcopy_ = postcopy;
+    }
+    kick();
+  }
+
+  // A new bulk connection (after a recovery) with the bytes JS had read from it; -1: none (the link broke).
+  void attach(int fd, std::vector<uint8_t> head) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (next_fd_ >= 0) close(next_fd_);
+      next_fd_ = fd;
+      next_head_ = std::move(head);
+      attach_pending_ = true;
+    }
+    kick();
+  }
+
+ private:
+  void kick() {
+    uint64_t one = 1;
+    (void)!write(kick_fd_, &one, sizeof one);
+  }
+
+  void run() override {
+    while (!stopping_) {
+      bool reading = fd_ >= 0 && !paused_;
+      pollfd p[3] = {{reading ? fd_ : -1, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
+      // bytes JS handed over are read first, without waiting for the socket
+      int r = head_off_ < head_.size() && reading ? 0 : poll(p, 3, -1);
+      if (r < 0 && errno != EINTR) return;
+      if (p[1].revents) return;
+      if (p[2].revents) take_commands();
+      if (fd_ >= 0 && !paused_) read_frames();
+      flush();
+    }
+  }
+
+  void take_commands() {
+    uint64_t v;
+    (void)!read(kick_fd_, &v, sizeof v);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (resume_pending_) {
+      resume_pending_ = false;
+      postcopy_ = resume_postcopy_;
+      paused_ = false;
+    }
+    if (attach_pending_) {
+      attach_pending_ = false;
+      if (fd_ >= 0) close(fd_);
+      fd_ = next_fd_;
+      next_fd_ = -1;
+      head_ = std::move(next_head_);
+      head_off_ = 0;
+      hdr_have_ = body_have_ = 0;
+      hdr_need_ = 5;
+      body_need_ = 0;
+    }
+  }
+
+  // read(): from the handed-over head first, then the socket. >0 bytes, 0 would block, -1 ended (reported).
+  ssize_t take(uint8_t* dst, size_t n) {
+    if (head_off_ < head_.size()) {
+      size_t k = std::min(n, head_.size() - head_off_);
+      memcpy(dst, head_.data() + head_off_, k);
+      head_off_ += k;
+      return (ssize_t)k;
+    }
+    for (;;) {
+      ssize_t got = read(fd_, dst, n);
+      if (got > 0) return got;
+      if (got == 0) return link_broke(0, false), -1;
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return 0;
+      return link_broke(errno, false), -1;
+    }
+  }
+
+  bool fill(uint8_t* dst, size_t* have, size_t need) {
+    while (*have < need) {
+      ssize_t n = take(dst + *have, need - *have);
+      if (n <= 0) return false;
+      *have += (size_t)n;
+    }
+    return true;
+  }
+
+  // Reads and handles frames until the socket would block, the link breaks or HANDOFF pauses it.
+  void read_frames() {
+    const size_t ps = page_size();
+    while (fd_ >= 0 && !paused_ && !stopping_) {
+      if (hdr_have_ < hdr_need_) {
+        if (!fill(hdr_, &hdr_have_, hdr_need_)) return;
+        if (hdr_need_ == 5) {
+          len_ = get_u32(hdr_), type_ = hdr_[4];
+          if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
+          if (type_ == kMsgPages) {
+            if (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps) return reject(std::vector<uint8_t>());
+            hdr_need_ = 17;
+            continue;
+          }
+          body_.resize(len_ - 1);
+          body_need_ = len_ - 1, body_have_ = 0;
+        } else {
+          uint32_t region = get_u32(hdr_ + 5), first = get_u32(hdr_ + 9), count = get_u32(hdr_ + 13);
+          if (!run_ok(region, first, count) || count > kMaxPagesPerFrame || len_ != 13 + count * ps)
+            return reject(std::vector<uint8_t>(hdr_ + 5, hdr_ + 17));
+          body_need_ = count * ps, body_have_ = 0;
+        }
+      }
+      uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
+      if (!fill(dst, &body_have_, body_need_)) return;
+      bool ok = true;
+      if (type_ == kMsgPages) pages(get_u32(hdr_ + 5), get_u32(hdr_ + 9), get_u32(hdr_ + 13));
+      else if (type_ == kMsgRanges) ok = ranges();
+      else {
+        emit_frame(type_, std::move(body_));
+        body_ = {};
+        if (type_ == kMsgHandoff) paused_ = true;  // until JS applied the discard list (resume())
+        if (type_ == kMsgError) paused_ = true;    // the source gave up: JS ends the session
+      }
+      hdr_have_ = 0, hdr_need_ = 5;
+      if (!ok) return reject(std::move(body_));
+    }
+  }
+
+  // A frame that breaks the rules goes to JS as it came (a PAGES frame: its header), where the message table and
+  // the decoders name what is wrong and answer ERROR, as on the JS path; nothing more is read.
+  void reject(std::vector<uint8_t> payload) {
+    emit_frame(type_, std::move(payload));
+    body_ = {};
+    paused_ = true;
+  }
+
+  bool run_ok(uint32_t region, uint32_t first, uint32_t count) const {
+    return region < regions_.size() && count > 0 && first < regions_[region].pages && count <= regions_[region].pages - first;
+  }
+
+  uint8_t* addr(uint32_t region, uint32_t page) const { return regions_[region].m->base + (size_t)page * page_size(); }
+
+  // UFFDIO_COPY of [p, q) from src, through EEXIST (placed meanwhile: kept) and EAGAIN.
+  void copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) {
+    const size_t ps = page_size(), len = (size_t)(q - p) * ps;
+    size_t done = 0;
+    int again = 0;
+    while (done < len) {
+      int64_t progressed = 0;
+      int e = uffd_copy(uffd_, (uintptr_t)addr(region, p) + done, src + done, len - done, true, &progressed);
+      if (e == 0) break;
+      if (progressed > 0) done += (size_t)progressed;
+      if (e == -EEXIST && progressed <= 0) done += ps;
+      else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
+      else if (e != -EEXIST && e != -EAGAIN) break;
+    }
+  }
+
+  void zero_in(uint32_t region, uint32_t p, uint32_t q) {
+    const size_t ps = page_size(), len = (size_t)(q - p) * ps;
+    size_t done = 0;
+    int again = 0;
+    while (done < len) {
+      int64_t progressed = 0;
+      int e = uffd_zeropage(uffd_, (uintptr_t)addr(region, p) + done, len - done, true, &progressed);
+      if (e == 0) break;
+      if (progressed > 0) done += (size_t)progressed;
+      if (e == -EEXIST && progressed <= 0) done += ps;
+      else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
+      else if (e != -EEXIST && e != -EAGAIN) break;
+    }
+  }
+
+  // Runs of [first, end) by one bitmap's value: fn(p, q, set).
+  template <typename Fn>
+  static void each_run(const uint32_t* bits, uint32_t first, uint32_t end, Fn fn) {
+    auto test = [&](uint32_t p) { return (__atomic_load_n(&bits[p >> 5], __ATOMIC_ACQUIRE) >> (p & 31)) & 1u; };
+    for (uint32_t p = first; p < end;) {
+      bool v = test(p);
+      uint32_t q = p + 1;
+      while (q < end && (bool)test(q) == v) q++;
+      fn(p, q, v);
+      p = q;
+    }
+  }
+
+  // PAGES: pre-copy overwrites an older round's data in place and installs missing pages; post-copy installs
+  // only the missing pages (a page held here is never overwritten: invariant 2), counted as received twice.
+  void pages(uint32_t region, uint32_t first, uint32_t count) {
+    const size_t ps = page_size();
+    const RegionView& rv = regions_[region];
+    uint32_t end = first + count;
+    auto src = [&](uint32_t p) { return staging_ + (size_t)(p - first) * ps; };
+    if (postcopy_) {
+      uint32_t twice = 0;
+      each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
+        if (got) {
+          for (uint32_t k = p; k < q; k++) twice += !((freed_[region][k >> 5] >> (k & 31)) & 1u);
+          return;
+        }
+        copy_in(region, p, q, src(p));
+        uint32_t newly = set_range(rv.bits, p, q - p);
+        emit({kEvArrived, (double)region, (double)p, (double)(q - p), (double)newly});
+      });
+      if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
+      return;
+    }
+    each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
+      if (!got) return copy_in(region, p, q, src(p));
+      // held: a known-zero page was never populated (install it), the others hold an older round's copy
+      each_run(zero_[region], p, q, [&](uint32_t a, uint32_t b, bool is_zero) {
+        if (is_zero) copy_in(region, a, b, src(a));
+        else memcpy(addr(region, a), src(a), (size_t)(b - a) * ps);
+      });
+    });
+    clear_range(zero_[region], first, count);
+    uint32_t newly = set_range(rv.bits, first, count);
+    if (newly) emit({kEvReceived, (double)newly, 0, 0, 0});
+  }
+
+  // RANGES: u8 kind | u32 region | (u32 first, u32 count)*
+  bool ranges() {
+    if (body_.size() < 5 || (body_.size() - 5) % 8) return false;
+    uint8_t kind = body_[0];
+    uint32_t region = get_u32(&body_[1]);
+    const size_t ps = page_size();
+    if (region >= regions_.size()) return false;
+    if (kind != kRangeZero && kind != kRangeFree && !(kind == kRangeStale && !postcopy_)) return false;
+    for (size_t k = 5; k < body_.size(); k += 8)
+      if (!run_ok(region, get_u32(&body_[k]), get_u32(&body_[k + 4]))) return false;
+    const RegionView& rv = regions_[region];
+    int64_t delta = 0;
+    for (size_t k = 5; k < body_.size(); k += 8) {
+      uint32_t first = get_u32(&body_[k]), count = get_u32(&body_[k + 4]), end = first + count;
+      bool any_held = false;
+      each_run(rv.bits, first, end, [&](uint32_t, uint32_t, bool got) { any_held |= got; });
+      if (kind == kRangeStale) {
+        // an out-of-date copy (a hot page): dropped now, it faults and is fetched fresh after the hand-off
+        if (any_held) madvise(addr(region, first), (size_t)count * ps, MADV_DONTNEED);
+        delta -= clear_range(rv.bits, first, count);
+        clear_range(zero_[region], first, count);
+      } else if (!postcopy_) {
+        if (any_held) madvise(addr(region, first), (size_t)count * ps, MADV_DONTNEED);  // held data is zero now
+        set_range(zero_[region], first, count);
+        delta += set_range(rv.bits, first, count);
+      } else {
+        uint32_t twice = 0;
+        each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
+          if (got) {
+            for (uint32_t i = p; i < q; i++) twice += !((freed_[region][i >> 5] >> (i & 31)) & 1u);
+            return;
+          }
+          zero_in(region, p, q);
+          set_range(zero_[region], p, q - p);
+          uint32_t newly = set_range(rv.bits, p, q - p);
+          emit({kEvArrived, (double)region, (double)p, (double)(q - p), (double)newly});
+        });
+        if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
+      }
+    }
+    if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});
+    return true;
+  }
+
+  void link_broke(int err, bool protocol) {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+    emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
+    flush();
+  }
+
+  int uffd_;
+  std::vector<RegionView> regions_;
+  std::vector<uint32_t*> zero_, freed_;  // knownZero and freedHere of placement.ts
+  int fd_, kick_fd_ = -1;
+  std::vector<uint8_t> head_;
+  size_t head_off_ = 0;
+  bool postcopy_ = false, paused_ = false;
+  std::mutex mu_;
+  bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
+  int next_fd_ = -1;
+  std::vector<uint8_t> next_head_;
+  // the frame being read
+  uint8_t hdr_[17];
+  size_t hdr_have_ = 0, hdr_need_ = 5, body_have_ = 0, body_need_ = 0;
+  uint32_t len_ = 0;
+  uint8_t type_ = 0;
+  std::vector<uint8_t> body_;
+  uint8_t* staging_ = nullptr;
+};
+
+// new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames));
+// resume(postcopy); attach(fd | -1, head); close() -> events left.
+class BulkReader : public ThreadWrap<BulkReader> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "BulkReader", {
+        InstanceMethod("resume", &BulkReader::Resume),
+        InstanceMethod("attach", &BulkReader::Attach),
+        InstanceMethod("close", &BulkReader::Close),
+        InstanceAccessor("cpuMs", &BulkReader::CpuMs, nullptr),
+    });
+  }
+  explicit BulkReader(const Napi::CallbackInfo& info) : ThreadWrap<BulkReader>(info) {
+    auto env = info.Env();
+    if (info.Length() < 8 || !info[0].IsNumber() || !info[7].IsFunction())
+      throw Napi::TypeError::New(env, "expected (uffdFd, regionIds, received, knownZero, freedHere, fd, head, onEvents)");
+    auto views = region_views(info, 1, &keep_);
+    auto zero = bitmap_words(info, 3, views, &keep_);
+    auto freed = bitmap_words(info, 4, views, &keep_);
+    auto head = bytes_arg(info, 6);
+    int fd = dup_socket(env, info[5]);
+    thread_ = std::make_unique<BulkReaderThread>(env, info[7].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
+                                                 std::move(views), std::move(zero), std::move(freed), fd, std::move(head));
+  }
+
+ private:
+  BulkReaderThread* reader() { return static_cast<BulkReaderThread*>(thread_.get()); }
+  Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    if (thread_) reader()->resume(arg_bool(info, 0, true));
+    return info.Env().Undefined();
+  }
+  Napi::Value Attach(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this bulk reader is closed");
+    int fd = -1;
+    if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
+    reader()->attach(fd, bytes_arg(info, 1));
+    return env.Undefined();
+  }
+};
+
+}  // namespace
+
+void init_bulk_bindings(Napi::Env env, Napi::Object exports) { exports.Set("BulkReader", BulkReader::Define(env)); }
+
+}  // namespace uffdm
