@@ -46,6 +46,7 @@ class BulkReaderThread : public DemandThread {
         zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)) {
     kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
+    urgent_ = false;  // bulk work: at agentNice, like the agent's loop it replaces
     staging_ = (uint8_t*)aligned_alloc(page_size(), kMaxPagesPerFrame * page_size());
     start();
   }
@@ -201,35 +202,12 @@ class BulkReaderThread : public DemandThread {
 
   uint8_t* addr(uint32_t region, uint32_t page) const { return regions_[region].m->base + (size_t)page * page_size(); }
 
-  // UFFDIO_COPY of [p, q) from src, through EEXIST (placed meanwhile: kept) and EAGAIN.
   void copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) {
-    const size_t ps = page_size(), len = (size_t)(q - p) * ps;
-    size_t done = 0;
-    int again = 0;
-    while (done < len) {
-      int64_t progressed = 0;
-      int e = uffd_copy(uffd_, (uintptr_t)addr(region, p) + done, src + done, len - done, true, &progressed);
-      if (e == 0) break;
-      if (progressed > 0) done += (size_t)progressed;
-      if (e == -EEXIST && progressed <= 0) done += ps;
-      else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
-      else if (e != -EEXIST && e != -EAGAIN) break;
-    }
+    install_pages(uffd_, (uintptr_t)addr(region, p), src, (size_t)(q - p) * page_size());
   }
 
   void zero_in(uint32_t region, uint32_t p, uint32_t q) {
-    const size_t ps = page_size(), len = (size_t)(q - p) * ps;
-    size_t done = 0;
-    int again = 0;
-    while (done < len) {
-      int64_t progressed = 0;
-      int e = uffd_zeropage(uffd_, (uintptr_t)addr(region, p) + done, len - done, true, &progressed);
-      if (e == 0) break;
-      if (progressed > 0) done += (size_t)progressed;
-      if (e == -EEXIST && progressed <= 0) done += ps;
-      else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
-      else if (e != -EEXIST && e != -EAGAIN) break;
-    }
+    install_pages(uffd_, (uintptr_t)addr(region, p), nullptr, (size_t)(q - p) * page_size());
   }
 
   // Runs of [first, end) by one bitmap's value: fn(p, q, set).

@@ -109,7 +109,7 @@ void DemandThread::start() {
     pthread_setname_np(pthread_self(), thread_name_);  // top -H, /proc/<pid>/task/<tid>/comm
     errno = 0;
     int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
-    if (errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+    if (urgent_ && errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
     run();
     timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -470,17 +470,7 @@ class DemandClientThread : public DemandThread {
       }
       uint32_t q = p + 1;
       while (q < end && !rv.test(q)) q++;
-      size_t done = 0, len = (size_t)(q - p) * ps;
-      int again = 0;
-      while (done < len) {
-        int64_t progressed = 0;
-        int e = uffd_copy(uffd_, rv.m->addr() + (size_t)p * ps + done, staging_ + (size_t)(p - first) * ps + done, len - done, true, &progressed);
-        if (e == 0) break;
-        if (progressed > 0) done += (size_t)progressed;
-        if (e == -EEXIST && progressed <= 0) done += ps;  // placed meanwhile (by the push): keep it
-        else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
-        else if (e != -EEXIST && e != -EAGAIN) break;
-      }
+      install_pages(uffd_, rv.m->addr() + (size_t)p * ps, staging_ + (size_t)(p - first) * ps, (size_t)(q - p) * ps);
       p = q;
     }
     uint32_t newly = set_range(rv.bits, first, count);

@@ -63,6 +63,9 @@ class DemandThread {
   int stop_fd_ = -1;
   std::atomic<bool> stopping_{false};
   const char* thread_name_;
+  // A blocked service thread waits on this thread (the demand path): it runs at the service's nice. Bulk work
+  // (false) keeps the agent's (agentNice).
+  bool urgent_ = true;
 
  private:
   Napi::ThreadSafeFunction tsfn_;

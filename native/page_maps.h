@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "region.h"
+#include "uffd.h"
 
 namespace uffdm {
 
@@ -89,6 +90,24 @@ inline bool wait_fd(int fd, short events, int stop_fd) {
     if (r < 0) return false;
     if (p[1].revents) return false;
     return true;
+  }
+}
+
+// UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
+// EEXIST (a page placed meanwhile, by another thread: kept) and EAGAIN (the address space changing: retried).
+inline void install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len) {
+  const size_t ps = page_size();
+  size_t done = 0;
+  int again = 0;
+  while (done < len) {
+    int64_t progressed = 0;
+    int e = src ? uffd_copy(uffd, dst + done, src + done, len - done, true, &progressed)
+                : uffd_zeropage(uffd, dst + done, len - done, true, &progressed);
+    if (e == 0) break;
+    if (progressed > 0) done += (size_t)progressed;
+    if (e == -EEXIST && progressed <= 0) done += ps;
+    else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
+    else if (e != -EEXIST && e != -EAGAIN) break;
   }
 }
 
