@@ -193,9 +193,13 @@ describe.skipIf(skip)('kv-store example', () => {
     expect(r.client!.wrong).toBe(0)
     expect(r.client!.ok).toBeGreaterThan(100)
     expect(r.sourceExit).toBe(0)
-    // the service asked with ready(); its thread never faulted over the network
+    // the service asked with ready() (for pages that were not local yet); its thread never faulted over the network.
+    // How many of those pages the source still had to send on demand depends on how far the push got meanwhile
+    // (none on a slow run, e.g. under AddressSanitizer): the waits are what the service did.
+    const waits = Number(r.destLines!.find((l) => l.startsWith('READY_WAITS '))?.slice(12))
+    expect(waits).toBeGreaterThan(0)
     expect(r.report!.postcopy.networkFaults).toBe(0)
-    expect(r.report!.postcopy.demandPages).toBeGreaterThan(0)
+    expect(r.report!.postcopy.demandPages).toBeLessThanOrEqual(r.report!.postcopy.pagesLocalAtDestination)
     expect(r.report!.pagesSentTwiceAfterHandoff).toBe(0)
   })
 })

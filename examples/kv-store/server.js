@@ -6,7 +6,7 @@
 // that during post-copy the event loop never blocks in a page fault.
 //   source:      node examples/kv-store/server.js --name kv --http 8080
 //   destination: uffd-migrate receive --listen 0.0.0.0:7070 -- node examples/kv-store/server.js --name kv --http 8080
-// stdout: READY, HTTP <port>, LAG_BEFORE {...} (source), RESTORED, LAG {...}, SETTLED, VERIFY ok|fail
+// stdout: READY, HTTP <port>, LAG_BEFORE {...} (source), RESTORED, LAG {...}, READY_WAITS <n>, SETTLED, VERIFY ok|fail
 const http = require('node:http')
 const { parseArgs } = require('node:util')
 const { Guest } = require('../../')
@@ -51,8 +51,11 @@ async function main() {
   store = new Store(table, arena, guest.restored ? guest.state : undefined)
 
   // Guest-cooperative page faults: wait for the pages off the event loop.
+  let readyWaits = 0
   async function local(region, [off, len]) {
-    if (a.ready && len > 0 && !region.isLocal(off, len)) await region.ready(off, len)
+    if (!a.ready || len === 0 || region.isLocal(off, len)) return
+    readyWaits++
+    await region.ready(off, len)
   }
 
   function listen() {
@@ -90,6 +93,7 @@ async function main() {
     out('RESTORED')
     await guest.settled
     out(`LAG ${JSON.stringify(lag.stop())}`)
+    out(`READY_WAITS ${readyWaits}`)
     out('SETTLED')
     let bad = 0
     let live = 0
