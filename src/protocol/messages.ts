@@ -15,6 +15,18 @@ export const PROTOCOL_VERSION = 4
 export const MAX_PAGES_PER_FRAME = 256
 /** Default kernel socket buffers of the bulk channel (see Channel.limitKernelBuffers; $UFFD_MIGRATE_BULK_BUFFER_BYTES). */
 export const DEFAULT_BULK_SOCKET_BUFFER_BYTES = 512 * 1024
+/**
+ * Kernel socket buffers of the bulk channel before the hand-off, when no page
+ * request can wait behind bulk data: fewer wake-ups and syscalls per GiB
+ * (bench: 1 GiB round 0, 4 MiB against 512 KiB: +14% throughput, -18%
+ * destination CPU). Both sides shrink to the post-copy size at the hand-off.
+ */
+export const PRECOPY_BULK_SOCKET_BUFFER_BYTES = 4 << 20
+
+/** The bulk socket's kernel buffers before the hand-off, given the post-copy size (0: left to the kernel). */
+export function precopyBulkBuffers(postcopyBytes: number): number {
+  return postcopyBytes > 0 ? Math.max(postcopyBytes, PRECOPY_BULK_SOCKET_BUFFER_BYTES) : 0
+}
 
 /** Largest control message (hand-off state, discard lists). */
 export const MAX_CONTROL_BYTES = 64 << 20

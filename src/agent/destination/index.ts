@@ -14,7 +14,7 @@ import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { type ChannelRole, peerError } from '../../protocol/handshake'
 import {
-  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, RequestKind, uint,
+  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, precopyBulkBuffers, RangeKind, type RegionLayout, RequestKind, uint,
 } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
@@ -137,7 +137,7 @@ export class MigrationDestination implements DestinationHandlers {
 
   private adopt(ch: Channel, role: ChannelRole): void {
     if (role === 'demand') return this.demand.adopt(ch)
-    if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes)
+    if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.phase === DestPhase.LISTENING ? precopyBulkBuffers(this.opts.bulkBufferBytes) : this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
     ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
@@ -226,6 +226,7 @@ export class MigrationDestination implements DestinationHandlers {
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
+    this.link.bulk?.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes) // post-copy's smaller buffers
     this.bulkPath.resume()
     this.hooks.restore(state).then(
       (resumedAtMs) => {

@@ -10,7 +10,7 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { clientHandshake, peerError } from '../../protocol/handshake'
-import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
+import { decodeControl, encodeControl, field, Msg, precopyBulkBuffers } from '../../protocol/messages'
 import { parseAddress } from '../address'
 import { type Clock, sleep, systemClock } from '../clock'
 import { nativeDemandAvailable } from '../demand-events'
@@ -39,7 +39,11 @@ export class SourceLink {
   readonly demand: Channel | undefined
   private keepalive: NodeJS.Timeout | undefined
 
-  private constructor(urgent: Channel, bulk: Channel, demand: Channel | undefined, linkTimeoutMs: number) {
+  private constructor(
+    urgent: Channel, bulk: Channel, demand: Channel | undefined, linkTimeoutMs: number,
+    /** Post-copy: the bulk socket's kernel buffers go back to the post-copy size (a pushed page a fault waits for sits behind less). */
+    readonly enterPostcopy: () => void,
+  ) {
     this.urgent = urgent
     this.bulk = bulk
     this.demand = demand
@@ -93,12 +97,14 @@ export class SourceLink {
       urgent.close()
       throw err
     }
-    bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
+    // a link opened before the hand-off starts with pre-copy's larger buffers; post-copy (and a link reopened in it) shrinks them
+    bulk.limitKernelBuffers(binding.setSocketBuffers, precopyBulkBuffers(opts.bulkBufferBytes))
+    const shrink = () => bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
     for (const ch of [urgent, bulk, demand]) {
       ch?.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
       if (ch) ch.stallTimeoutMs = opts.linkTimeoutMs
     }
-    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs)
+    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink)
   }
 
   get bytesWritten(): number {

@@ -69,6 +69,7 @@ export class Postcopy {
   /** From the hand-off (or a recovery): a fresh push policy over what is pending; a native thread answers faults when the link has a demand connection. */
   start(): void {
     this.policy = createPushPolicy(this.opts.prepaging, this.sender.pending)
+    this.host.link.enterPostcopy()
     const demand = this.host.link.demand
     if (!demand) return
     // after a recovery the destination's thread asks again at once: requests may wait in this side's buffers
