@@ -12,6 +12,7 @@ import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { Region } from '../../region'
 import { DemandEv, demandClosedError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
+import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 
 export interface BulkPathHooks {
@@ -22,7 +23,7 @@ export interface BulkPathHooks {
 }
 
 export class BulkPath {
-  private reader: NativeBulkReader | undefined
+  private reader: NativeThread<NativeBulkReader> | undefined
   /** The connection the thread reads (this side still writes on it). */
   private ch: Channel | undefined
 
@@ -38,7 +39,7 @@ export class BulkPath {
 
   /** CPU time of the thread so far, ms. */
   get cpuMs(): number {
-    return this.reader?.cpuMs ?? 0
+    return this.reader?.thread.cpuMs ?? 0
   }
 
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
@@ -48,29 +49,32 @@ export class BulkPath {
     if (!taken) return false
     this.ch = ch
     const words = (maps: { words: Uint32Array }[]) => maps.map((m) => m.words)
-    this.reader = new this.binding.BulkReader!(
+    // frames: the batch's frames (FRAME events); none come with the events close() hands back
+    const onEvents = (ev: Float64Array, frames: Buffer[] = []) => eachDemandEvent(ev, (kind, a, b, c, d) => {
+      if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
+      else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
+      else if (kind === DemandEv.TWICE) placement.pagesReceivedTwice += a
+      else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
+      else if (kind === DemandEv.CLOSED && this.reader) this.broke(demandClosedError(a, b, 'bulk'))
+    })
+    const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
-      taken.fd, taken.head, (ev, frames) => eachDemandEvent(ev, (kind, a, b, c, d) => {
-        if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-        else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
-        else if (kind === DemandEv.TWICE) placement.pagesReceivedTwice += a
-        else if (kind === DemandEv.FRAME) this.hooks.frame({ type: b, payload: frames[a] })
-        else if (kind === DemandEv.CLOSED && this.reader) this.broke(demandClosedError(a, b, 'bulk'))
-      }),
+      taken.fd, taken.head, onEvents,
     )
+    this.reader = new NativeThread(reader, (ev) => onEvents(ev))
     return true
   }
 
   /** The discard list is applied: the thread places the post-copy push from now on. */
   resume(): void {
-    this.reader?.resume(true)
+    this.reader?.thread.resume(true)
   }
 
   /** A bulk connection that came back after a break (its RECOVER handled): the thread reads it from here. */
   attach(ch: Channel): void {
     if (!this.reader) return
     const taken = ch.handOver()
-    if (taken) this.reader.attach(taken.fd, taken.head)
+    if (taken) this.reader.thread.attach(taken.fd, taken.head)
     this.ch = ch
   }
 
@@ -82,7 +86,7 @@ export class BulkPath {
 
   /** The link broke. */
   detach(): void {
-    this.reader?.attach(-1)
+    this.reader?.thread.attach(-1)
   }
 
   close(): void {

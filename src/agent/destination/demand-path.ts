@@ -11,14 +11,14 @@ import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Region } from '../../region'
 import { DemandEv, demandClosedError, eachDemandEvent } from '../demand-events'
+import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 import type { Requests } from './requests'
 
 export class DemandPath {
-  private client: NativeDemandClient | undefined
+  private client: NativeThread<NativeDemandClient> | undefined
   /** The session's demand connection arrived before REGIONS: its descriptor, for start(). */
   private fd: number | undefined
-  private onEvents: ((ev: Float64Array) => void) | undefined
   /** CPU time of the native thread, once it has ended. */
   cpuMs = 0
 
@@ -42,7 +42,7 @@ export class DemandPath {
       ch.sendError(err)
       return ch.fail(err)
     }
-    if (this.client) this.client.attach(fd)
+    if (this.client) this.client.thread.attach(fd)
     else this.fd = fd
   }
 
@@ -50,7 +50,7 @@ export class DemandPath {
   start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
     if (this.fd === undefined) return false
     this.cpuMs = 0
-    this.onEvents = (ev) => eachDemandEvent(ev, (kind, a, b, c, d) => {
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c, d) => {
       if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
       else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
       else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
@@ -58,8 +58,8 @@ export class DemandPath {
       else if (kind === DemandEv.CLOSED && this.client) this.broken(demandClosedError(a, b))
       else if (kind === DemandEv.CPU) this.cpuMs += a
     })
-    this.client = new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), this.onEvents)
-    this.client.attach(this.fd)
+    this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)
+    this.client.thread.attach(this.fd)
     this.fd = undefined
     return true
   }
@@ -68,17 +68,17 @@ export class DemandPath {
   ask(region: number, runs: number[]): void {
     const pages: number[] = []
     for (let k = 0; k < runs.length; k += 2) for (let p = runs[k]; p < runs[k] + runs[k + 1]; p++) pages.push(p)
-    this.client!.ask(region, Uint32Array.from(pages))
+    this.client!.thread.ask(region, Uint32Array.from(pages))
   }
 
   /** The link broke: faults are recorded and asked for again on the next demand connection. */
   detach(): void {
-    this.client?.attach(-1)
+    this.client?.thread.attach(-1)
   }
 
   /** When the oldest fault open on the native path was raised (undefined: none), on `nowMs`'s clock. */
   oldestOpenMs(nowMs: number): number | undefined {
-    const us = this.client?.oldestOpenUs ?? 0
+    const us = this.client?.thread.oldestOpenUs ?? 0
     return us > 0 ? nowMs - us / 1000 : undefined
   }
 
@@ -87,7 +87,6 @@ export class DemandPath {
     const client = this.client
     this.client = undefined
     this.fd = undefined
-    const left = client?.close()
-    if (left?.length) this.onEvents?.(left)
+    client?.close()
   }
 }

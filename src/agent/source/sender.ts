@@ -14,6 +14,7 @@ import type { Channel } from '../../protocol/channel'
 import { encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent } from '../demand-events'
+import { NativeThread } from '../native-thread'
 
 /**
  * After the hand-off, frames carry at most 256 KiB: while a fault is open the
@@ -44,8 +45,7 @@ export class Sender {
   readonly counts: SendCounts = { data: 0, zero: 0, free: 0, resent: 0 }
   private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
   private readonly ps: number
-  private demandServer: NativeDemandServer | undefined
-  private demandEvents: ((ev: Float64Array) => void) | undefined
+  private demandServer: NativeThread<NativeDemandServer> | undefined
   /** CPU time of the native demand threads that have ended (the report's source CPU). */
   demandCpuMs = 0
 
@@ -86,15 +86,14 @@ export class Sender {
       } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
       else if (kind === DemandEv.CPU) this.demandCpuMs += a
     })
-    this.demandServer = new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head)
-    this.demandEvents = onEvents
+    this.demandServer = new NativeThread(new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head), onEvents)
   }
 
   /** Stops the demand thread; what it did since its last batch is counted now. */
   stopDemand(): void {
-    const left = this.demandServer?.close()
+    const server = this.demandServer
     this.demandServer = undefined
-    if (left?.length) this.demandEvents?.(left)
+    server?.close()
   }
 
   /** The destination freed these runs after the hand-off: never send them. */
