@@ -132,6 +132,7 @@ class BulkReaderThread : public DemandThread {
     }
     for (;;) {
       ssize_t got = read(fd_, dst, n);
+      if (got > 0) bytes_read_ += (uint64_t)got;
       if (got > 0) return got;
       if (got == 0) return link_broke(0, false), -1;
       if (errno == EINTR) continue;
@@ -326,6 +327,9 @@ class BulkReaderThread : public DemandThread {
   uint8_t type_ = 0;
   std::vector<uint8_t> body_;
   uint8_t* staging_ = nullptr;
+
+ public:
+  std::atomic<uint64_t> bytes_read_{0};  // from the socket, all connections (the watchdog's progress)
 };
 
 // new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames));
@@ -338,6 +342,7 @@ class BulkReader : public ThreadWrap<BulkReader> {
         InstanceMethod("attach", &BulkReader::Attach),
         InstanceMethod("close", &BulkReader::Close),
         InstanceAccessor("cpuMs", &BulkReader::CpuMs, nullptr),
+        InstanceAccessor("bytesRead", &BulkReader::BytesRead, nullptr),
     });
   }
   explicit BulkReader(const Napi::CallbackInfo& info) : ThreadWrap<BulkReader>(info) {
@@ -356,6 +361,7 @@ class BulkReader : public ThreadWrap<BulkReader> {
  private:
   BulkReaderThread* reader() { return static_cast<BulkReaderThread*>(thread_.get()); }
   Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
+  Napi::Value BytesRead(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? (double)reader()->bytes_read_.load() : 0); }
   Napi::Value Resume(const Napi::CallbackInfo& info) {
     if (thread_) reader()->resume(arg_bool(info, 0, true));
     return info.Env().Undefined();

@@ -161,15 +161,50 @@ void DemandThread::flush() {
     std::vector<std::vector<uint8_t>> frames;
     auto events = box->take(&frames);
     if (events.empty()) return;
-    Napi::HandleScope scope(env);
-    auto js_frames = Napi::Array::New(env, frames.size());
-    for (size_t i = 0; i < frames.size(); i++) js_frames[i] = Napi::Buffer<uint8_t>::Copy(env, frames[i].data(), frames[i].size());
-    try {
-      fn.Call({events_array(env, events), js_frames});
-    } catch (const Napi::Error& err) {
-      napi_fatal_exception(env, err.Value());
+    // plain C API from here: see new_float64_array()
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    const size_t k = kDemandEventNumbers;
+    napi_value arr = new_float64_array(env, events.size() * k, [&](double* d) {
+      for (size_t i = 0; i < events.size(); i++) {
+        const auto& e = events[i];
+        d[i * k] = e.kind, d[i * k + 1] = e.a, d[i * k + 2] = e.b, d[i * k + 3] = e.c, d[i * k + 4] = e.d;
+      }
+    });
+    napi_value js_frames = nullptr;
+    bool ok = arr && napi_create_array_with_length(env, frames.size(), &js_frames) == napi_ok;
+    for (size_t i = 0; ok && i < frames.size(); i++) {
+      napi_value buf;
+      void* data = nullptr;
+      ok = napi_create_buffer_copy(env, frames[i].size(), frames[i].data(), &data, &buf) == napi_ok &&
+           napi_set_element(env, js_frames, (uint32_t)i, buf) == napi_ok;
     }
+    if (ok) call_js(env, fn, {arr, js_frames});
+    napi_close_handle_scope(env, scope);
   });
+}
+
+napi_value new_float64_array(napi_env env, size_t n, const std::function<void(double*)>& fill) {
+  void* data = nullptr;
+  napi_value ab, arr;
+  if (napi_create_arraybuffer(env, n * sizeof(double), &data, &ab) != napi_ok) return nullptr;
+  if (napi_create_typedarray(env, napi_float64_array, n, ab, 0, &arr) != napi_ok) return nullptr;
+  fill(static_cast<double*>(data));
+  return arr;
+}
+
+void call_js(napi_env env, napi_value fn, std::initializer_list<napi_value> args) {
+  napi_value recv, result;
+  if (napi_get_undefined(env, &recv) != napi_ok) return;
+  std::vector<napi_value> argv(args);
+  if (napi_call_function(env, recv, fn, argv.size(), argv.data(), &result) == napi_ok) return;
+  bool pending = false;
+  napi_value exc;
+  if (napi_is_exception_pending(env, &pending) != napi_ok || !pending) return;
+  if (napi_get_and_clear_last_exception(env, &exc) != napi_ok) return;
+  napi_valuetype t;
+  // a terminating environment has no real exception to report (undefined): nothing to do
+  if (napi_typeof(env, exc, &t) == napi_ok && t != napi_undefined) napi_fatal_exception(env, exc);
 }
 
 namespace {

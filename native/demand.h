@@ -14,6 +14,8 @@
 #include <sys/uio.h>
 
 #include <atomic>
+#include <functional>
+#include <initializer_list>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -83,6 +85,13 @@ int dup_socket(Napi::Env env, const Napi::Value& v);
 // Bytes of a Uint8Array argument (empty when absent).
 std::vector<uint8_t> bytes_arg(const Napi::CallbackInfo& info, size_t i);
 Napi::Float64Array events_array(Napi::Env env, const std::vector<DemandEvent>& events);
+// A Float64Array of `n` numbers filled by fill(data), with the plain C API: nullptr when the environment cannot make
+// one (a worker being terminated). The node-addon-api wrappers would throw there, and creating that error fails too:
+// a fatal error of the whole process (seen in CI when a test ended its guest while a batch was queued).
+napi_value new_float64_array(napi_env env, size_t n, const std::function<void(double*)>& fill);
+// Calls fn(args) from a ThreadSafeFunction callback: a JS exception goes to the thread's 'uncaughtException'; a call
+// refused because the environment is being torn down is dropped.
+void call_js(napi_env env, napi_value fn, std::initializer_list<napi_value> args);
 
 // The JS side of a thread: stopped and joined by close(), by the environment's cleanup hook and when collected.
 template <typename T>

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "demand.h"
 #include "errors.h"
 
 namespace uffdm {
@@ -191,14 +192,14 @@ class RelayThread {
     auto box = std::make_shared<std::vector<Ended>>(std::move(ended));
     tsfn_.NonBlockingCall([box](Napi::Env env, Napi::Function fn) {
       if (env == nullptr || fn.IsEmpty()) return;
-      Napi::HandleScope scope(env);
-      auto arr = Napi::Float64Array::New(env, box->size() * 3);
-      for (size_t i = 0; i < box->size(); i++) arr[i * 3] = (*box)[i].id, arr[i * 3 + 1] = (*box)[i].a_to_b, arr[i * 3 + 2] = (*box)[i].b_to_a;
-      try {
-        fn.Call({arr});
-      } catch (const Napi::Error& err) {
-        napi_fatal_exception(env, err.Value());
-      }
+      napi_handle_scope scope;
+      if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+      // plain C API: a terminating environment must not turn a refused call into a fatal error (see demand.h)
+      napi_value arr = new_float64_array(env, box->size() * 3, [&](double* d) {
+        for (size_t i = 0; i < box->size(); i++) d[i * 3] = (*box)[i].id, d[i * 3 + 1] = (*box)[i].a_to_b, d[i * 3 + 2] = (*box)[i].b_to_a;
+      });
+      if (arr) call_js(env, fn, {arr});
+      napi_close_handle_scope(env, scope);
     });
   }
 

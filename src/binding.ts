@@ -44,6 +44,8 @@ export interface NativeBulkReader {
   attach(fd: number, head?: Uint8Array): void
   /** CPU time of the thread so far, ms. */
   readonly cpuMs: number
+  /** Bytes read from the bulk connection so far (all of its connections). */
+  readonly bytesRead: number
   close(): Float64Array
 }
 

@@ -40,7 +40,9 @@ export class Channel {
   private handedOver = false
   /** Reading stopped because frames wait that nobody asked for yet (before the handshake is done). */
   private heldBack = false
-  bytesRead = 0
+  private bytesReadHere = 0
+  /** Bytes a native thread read from the descriptor after handOver() (see readBy()). */
+  private readElsewhere: (() => number) | undefined
   bytesWritten = 0
   /**
    * A write that cannot drain for this long means the peer stopped reading
@@ -58,7 +60,7 @@ export class Channel {
     socket.on('data', (chunk: Buffer) => {
       // a failed connection reads nothing more: what a hostile peer keeps sending is dropped, not buffered
       if (this.failure || this.handedOver) return
-      this.bytesRead += chunk.length
+      this.bytesReadHere += chunk.length
       try {
         this.decoder.feed(chunk)
       } catch (err) {
@@ -67,6 +69,16 @@ export class Channel {
     })
     socket.on('error', (err) => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection failed: ${err.message}`, err)))
     socket.on('close', () => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection closed by the peer`)))
+  }
+
+  /** Bytes read from the peer, here and by the native thread that took the connection over (the stuck-peer watchdog reads it). */
+  get bytesRead(): number {
+    return this.bytesReadHere + (this.readElsewhere?.() ?? 0)
+  }
+
+  /** After handOver(): what the native thread read counts as read on this connection. */
+  readBy(count: () => number): void {
+    this.readElsewhere = count
   }
 
   /** The handshake succeeded: frames up to the control-message limit from now on. */

@@ -62,6 +62,7 @@ export class BulkPath {
       taken.fd, taken.head, onEvents,
     )
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
+    this.adoptCounts(ch)
     return true
   }
 
@@ -75,7 +76,14 @@ export class BulkPath {
     if (!this.reader) return
     const taken = ch.handOver()
     if (taken) this.reader.thread.attach(taken.fd, taken.head)
+    this.adoptCounts(ch)
+  }
+
+  /** The stuck-source watchdog sees the bytes the thread reads from now on as this connection's. */
+  private adoptCounts(ch: Channel): void {
     this.ch = ch
+    const reader = this.reader!.thread, base = reader.bytesRead
+    ch.readBy(() => reader.bytesRead - base)
   }
 
   private broke(err: Error): void {
