@@ -117,7 +117,7 @@ function startWriter(region, u32, pageCount, pageWords) {
   }, 10)
 }
 
-function startHttp(region, u32, pageCount, pageWords, port) {
+function startHttp(region, u32, pageCount, pageWords, port, onListening = () => {}) {
   server = http.createServer(async (req, res) => {
     const m = /^\/page\/(\d+)$/.exec(req.url || '')
     if (!m || Number(m[1]) >= pageCount) {
@@ -133,7 +133,10 @@ function startHttp(region, u32, pageCount, pageWords, port) {
   // Without --serve the server closes at the hand-off and its clients must reconnect elsewhere: no idle
   // keep-alive. A served server keeps its connections (the guest relays them), with the usual keep-alive.
   if (!a.serve) server.keepAliveTimeout = 1
-  server.listen(port, a['http-host'], () => out(`HTTP ${server.address().port}`))
+  server.listen(port, a['http-host'], () => {
+    out(`HTTP ${server.address().port}`)
+    onListening()
+  })
   return server
 }
 
@@ -168,11 +171,17 @@ async function main() {
     paused = false
     startWriter(region, u32, pageCount, pageWords)
     // a served server never closed: after a failed or cancelled migration it answers again by itself
-    if (!served) {
-      const s = startHttp(region, u32, pageCount, pageWords, Number(a.http))
-      if (a.serve) guest.serve((served = s))
-    }
-    if (restored) out('RESTORED')
+    // RESTORED once the service answers (its server listens): a client that waits for the line is not refused
+    return new Promise((resolve) => {
+      const listening = () => {
+        if (restored) out('RESTORED')
+        resolve()
+      }
+      if (!served) {
+        const s = startHttp(region, u32, pageCount, pageWords, Number(a.http), listening)
+        if (a.serve) guest.serve((served = s))
+      } else listening()
+    })
   }
 
   if (guest.restored) {
@@ -183,7 +192,7 @@ async function main() {
     writesDone = s.writesDone
     stall.on = true
     stall.last = performance.now()
-    start(true)
+    await start(true)
     await guest.settled
     stall.on = false
     if (Number(a['loop-us']) > 0) out(`STALL ${JSON.stringify({ maxMs: stall.maxMs, iterations: stall.iterations })}`)
