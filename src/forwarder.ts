@@ -20,7 +20,7 @@ import { request as httpRequest, Server as HttpServer, type IncomingMessage, typ
 import { connect, type Server, type Socket } from 'node:net'
 import { loadBinding, type NativeRelay } from './binding'
 import { ErrorCode, UffdMigrateError } from './errors'
-import { socketFd, stopReading } from './socket-fd'
+import { socketFd, takeSocket } from './socket-fd'
 
 type Listener = (...args: unknown[]) => void
 
@@ -234,28 +234,26 @@ export class Forwarder {
 
   /**
    * Both ends to the native relay: Node stops reading them, what it had read
-   * from the client goes upstream first, and from then on the relay thread
-   * moves every byte. Anything that stops that (bytes from upstream already
-   * in Node, no descriptor) leaves the pair in JS pipes.
+   * from either end goes to the other first, and from then on the relay
+   * thread moves every byte. Without descriptors the pair stays in JS pipes.
    */
   private handToRelay(relayer: NativeRelay, socket: Socket, up: Socket, close: () => void): void {
-    stopReading(socket)
-    stopReading(up)
-    const head = socket.readableLength > 0 ? (socket.read(socket.readableLength) as Buffer | null) : null
-    stopReading(socket) // read() may have restarted it; nothing reached JS meanwhile (same tick)
-    if (head) this.counts.bytes += head.length
-    const a = socketFd(socket), b = socketFd(up)
+    if (socketFd(socket) === undefined || socketFd(up) === undefined) return this.pipe(socket, up)
+    const client = takeSocket(socket)!, upstream = takeSocket(up)!
+    this.counts.bytes += client.head.length + upstream.head.length
+    let flushing = 2
     const hand = () => {
-      if (socket.destroyed || up.destroyed) return
-      if (a === undefined || b === undefined || up.readableLength > 0 || socket.readableLength > 0) return this.pipe(socket, up)
+      if (--flushing > 0 || socket.destroyed || up.destroyed) return
       this.counts.spliced++
-      this.relayed.set(relayer.add(a, b), (bytes) => {
+      this.relayed.set(relayer.add(client.fd, upstream.fd), (bytes) => {
         this.counts.bytes += bytes
         close()
       })
     }
-    if (head) up.write(head, hand)
-    else hand()
+    for (const [to, head] of [[up, client.head], [socket, upstream.head]] as const) {
+      if (head.length) to.write(head, hand)
+      else hand()
+    }
   }
 
   private nativeRelay(): NativeRelay | undefined {

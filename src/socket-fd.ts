@@ -26,10 +26,9 @@ export function socketFd(socket: unknown): number | undefined {
  * the kernel for whoever reads the descriptor next. Pausing is not enough:
  * a Readable below its high-water mark calls _read() again on the next tick
  * (maybeReadMore), which restarts reading on the handle, and libuv would then
- * take bytes meant for the native thread; so _read becomes a no-op. Safe to
- * call twice (call it again after a Readable.read(), in the same tick).
+ * take bytes meant for the native thread; so _read becomes a no-op.
  */
-export function stopReading(socket: unknown): void {
+function stopReading(socket: unknown): void {
   const s = socket as { pause?(): void; _read?: (n: number) => void }
   s.pause?.()
   if (s._read) s._read = () => {}
@@ -38,4 +37,19 @@ export function stopReading(socket: unknown): void {
     h.reading = false
     h.readStop()
   }
+}
+
+/**
+ * Takes a connected socket away from Node for a native thread: Node reads
+ * nothing more from it; returns its descriptor and the bytes Node had read
+ * and not delivered (the thread's, first). undefined, and the socket left as
+ * it was, when it has no descriptor.
+ */
+export function takeSocket(socket: unknown): { fd: number; head: Buffer } | undefined {
+  const fd = socketFd(socket)
+  if (fd === undefined) return undefined
+  stopReading(socket) // before read(): with _read a no-op, read() cannot start reading again
+  const s = socket as { readableLength?: number; read?(n: number): Buffer | null }
+  const head = (s.readableLength ?? 0) > 0 ? s.read!(s.readableLength!) : null
+  return { fd, head: head ?? Buffer.alloc(0) }
 }

@@ -39,8 +39,8 @@ export function nativeDemandAvailable(binding: NativeBinding): boolean {
   return binding.DemandServer !== undefined && binding.DemandClient !== undefined && process.env.UFFD_MIGRATE_DEMAND !== 'js'
 }
 
-/** The error a CLOSED event stands for: a broken link (recovered in post-copy) or a peer that broke the protocol. */
-export function demandClosedError(errno: number, protocol: number, connection = 'demand'): UffdMigrateError {
+/** The error a native thread's CLOSED event (demand or bulk connection) stands for: a broken link (recovered in post-copy) or a peer that broke the protocol. */
+export function nativeLinkError(errno: number, protocol: number, connection = 'demand'): UffdMigrateError {
   if (protocol) return migrationError(ErrorCode.PROTOCOL, `the peer sent a malformed frame on the ${connection} connection`)
   if (errno === 0) return migrationError(ErrorCode.CONNECTION, `${connection} connection closed by the peer`) // a clean end: no cause
   // a reset or a timeout, as a socket error would say it (the cause tells a broken link from a peer that hung up)

@@ -6,7 +6,7 @@
  * The protocol logic stays in the engines; this only moves frames.
  */
 import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
-import { socketFd, stopReading } from '../socket-fd'
+import { socketFd, takeSocket } from '../socket-fd'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
 
@@ -202,17 +202,14 @@ export class Channel {
    * thread starts with it). undefined when the transport has no descriptor.
    */
   handOver(): { fd: number; head: Buffer } | undefined {
-    const fd = this.fd
-    if (fd === undefined || this.failure) return undefined
-    stopReading(this.socket)
-    this.handedOver = true // a chunk read() below emits 'data': it is in head, not decoded
+    if (this.failure || this.fd === undefined) return undefined
+    this.handedOver = true // the chunk takeSocket() reads emits 'data': it is in head, not decoded
+    const taken = takeSocket(this.socket)!
+    // in the order they came off the wire: frames queued here, a partial frame, what Node had not delivered
     const parts: Buffer[] = this.queued.map((f) => Buffer.concat([frameHeader(f.type, f.payload.length), f.payload]))
     this.queued = []
-    parts.push(this.decoder.drainRaw())
-    const s = this.socket as unknown as { readableLength?: number; read?(n: number): Buffer | null }
-    if ((s.readableLength ?? 0) > 0) parts.push(s.read!(s.readableLength!) ?? Buffer.alloc(0))
-    stopReading(this.socket) // read() may restart reading; nothing reached JS meanwhile (same tick)
-    return { fd, head: Buffer.concat(parts) }
+    parts.push(this.decoder.drainRaw(), taken.head)
+    return { fd: taken.fd, head: Buffer.concat(parts) }
   }
 
   private get fd(): number | undefined {

@@ -11,7 +11,7 @@ import type { NativeBinding, NativeBulkReader, NativeUffd } from '../../binding'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { Region } from '../../region'
-import { DemandEv, demandClosedError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
+import { DemandEv, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 
@@ -55,7 +55,7 @@ export class BulkPath {
       else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
       else if (kind === DemandEv.TWICE) placement.pagesReceivedTwice += a
       else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
-      else if (kind === DemandEv.CLOSED && this.reader) this.broke(demandClosedError(a, b, 'bulk'))
+      else if (kind === DemandEv.CLOSED && this.reader) this.broke(nativeLinkError(a, b, 'bulk'))
     })
     const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),

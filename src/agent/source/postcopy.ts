@@ -13,7 +13,7 @@ import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
-import { demandClosedError } from '../demand-events'
+import { nativeLinkError } from '../demand-events'
 import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
@@ -79,7 +79,7 @@ export class Postcopy {
     this.sender.serveDemand(taken.fd, taken.head, {
       onFault: (region, page) => this.policy?.onFault(region, page),
       onSent: (pages) => (this.demand += pages),
-      onClosed: (errno, protocol) => demand.fail(demandClosedError(errno, protocol)),
+      onClosed: (errno, protocol) => demand.fail(nativeLinkError(errno, protocol)),
     })
   }
 
