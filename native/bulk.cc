@@ -122,32 +122,17 @@ class BulkReaderThread : public DemandThread {
     }
   }
 
-  // read(): from the handed-over head first, then the socket. >0 bytes, 0 would block, -1 ended (reported).
-  ssize_t take(uint8_t* dst, size_t n) {
-    if (head_off_ < head_.size()) {
-      size_t k = std::min(n, head_.size() - head_off_);
-      memcpy(dst, head_.data() + head_off_, k);
-      head_off_ += k;
-      return (ssize_t)k;
-    }
-    for (;;) {
-      ssize_t got = read(fd_, dst, n);
-      if (got > 0) bytes_read_ += (uint64_t)got;
-      if (got > 0) return got;
-      if (got == 0) return link_broke(0, false), -1;
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN) return 0;
-      return link_broke(errno, false), -1;
-    }
-  }
-
+  // Fills dst up to need: from the handed-over head first, then the socket. false: it would block, or the
+  // link ended (reported).
   bool fill(uint8_t* dst, size_t* have, size_t need) {
-    while (*have < need) {
-      ssize_t n = take(dst + *have, need - *have);
-      if (n <= 0) return false;
-      *have += (size_t)n;
+    if (head_off_ < head_.size() && *have < need) {
+      size_t k = std::min(need - *have, head_.size() - head_off_);
+      memcpy(dst + *have, head_.data() + head_off_, k);
+      head_off_ += k, *have += k;
     }
-    return true;
+    int r = read_fill(fd_, dst, have, need, &bytes_read_);
+    if (r < 0) link_broke(r == -EPIPE ? 0 : -r, false);
+    return r > 0;
   }
 
   // Reads and handles frames until the socket would block, the link breaks or HANDOFF pauses it.

@@ -215,16 +215,7 @@ struct FrameReader {
   size_t hdr_have = 0, hdr_need = 5;
   uint8_t* body = nullptr;  // where the payload after the header goes
   size_t body_have = 0, body_need = 0;
-  // read(): 1 = progress made, 0 = would block, -errno / -EPIPE (end of stream)
-  int fill(int fd, uint8_t* dst, size_t* have, size_t need) {
-    while (*have < need) {
-      ssize_t n = read(fd, dst + *have, need - *have);
-      if (n == 0) return -EPIPE;
-      if (n < 0) return errno == EAGAIN ? 0 : errno == EINTR ? 1 : -errno;
-      *have += (size_t)n;
-    }
-    return 1;
-  }
+  int fill(int fd, uint8_t* dst, size_t* have, size_t need) { return read_fill(fd, dst, have, need); }
 };
 
 // ---- source: answers page requests from region memory ------------------------------

@@ -6,7 +6,10 @@
 #include <poll.h>
 #include <time.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -91,6 +94,22 @@ inline bool wait_fd(int fd, short events, int stop_fd) {
     if (p[1].revents) return false;
     return true;
   }
+}
+
+// Reads a non-blocking socket into dst until *have reaches need: 1 = complete, 0 = it would block (call again
+// when readable), -EPIPE = end of stream, -errno = failed. counter (optional) adds the bytes read.
+inline int read_fill(int fd, uint8_t* dst, size_t* have, size_t need, std::atomic<uint64_t>* counter = nullptr) {
+  while (*have < need) {
+    ssize_t n = read(fd, dst + *have, need - *have);
+    if (n == 0) return -EPIPE;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno == EAGAIN ? 0 : -errno;
+    }
+    *have += (size_t)n;
+    if (counter) *counter += (uint64_t)n;
+  }
+  return 1;
 }
 
 // UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
