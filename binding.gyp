@@ -15,7 +15,8 @@
         "native/socket_binding.cc",
         "native/thread_binding.cc",
         "native/uffd.cc",
-        "native/uffd_binding.cc"
+        "native/uffd_binding.cc",
+        "native/wp_tracker.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

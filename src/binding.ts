@@ -67,6 +67,19 @@ export interface NativeDemandClient {
   close(): Float64Array
 }
 
+/** The sync-WP tracker's native side (native/wp_tracker.cc): one thread resolving write faults. */
+export interface NativeSyncWpTracker {
+  /** Runs written since the last collect, re-protected. */
+  collect(regionId: number): Uint32Array
+  /** Runs written since the last collect, left alone. */
+  peek(regionId: number): Uint32Array
+  /** Runs of pages present or swapped (/proc/self/pagemap). */
+  present(regionId: number): Uint32Array
+  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number }
+  /** Joins the thread and ends tracking (closing the userfaultfd drops the protection). */
+  close(): void
+}
+
 export interface ProbeResult {
   features: number
   ioctls: number
@@ -114,6 +127,8 @@ export interface NativeBinding {
     fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void,
   ) => NativeBulkReader
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
+  /** Synchronous write-protect tracking (absent in the fake binding). */
+  SyncWpTracker?: new (regionIds: number[]) => NativeSyncWpTracker
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 

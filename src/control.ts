@@ -30,6 +30,8 @@ export interface ControlledGuest {
   /** receive mode: connections refused so far, by error code. */
   readonly refusals?: Record<string, number>
   readonly regions: Record<string, { name: string; sizeBytes: number }>
+  /** The dirty-page tracker a migration from here gets, and why. */
+  readonly tracker?: string
   migrate(options: MigrateOptions): Promise<MigrationReport>
   cancel(): Promise<void>
   on(event: 'progress', listener: (p: Progress) => void): unknown
@@ -108,7 +110,7 @@ function handle(guest: ControlledGuest, s: Socket): void {
     }
     buf = ''
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

@@ -6,6 +6,7 @@
 import { readFileSync } from 'node:fs'
 import { release } from 'node:os'
 import { loadBinding } from './binding'
+import { chooseTracker, resolveTrackerSetting, SYNC_WP_COST, type TrackerKind } from './agent/tracker-choice'
 
 export interface FeatureCheck {
   name: string
@@ -21,6 +22,8 @@ export interface DoctorReport {
   uid: number
   unprivilegedUserfaultfd: string
   features: FeatureCheck[]
+  /** The dirty-page tracker a migration from here gets ($UFFD_MIGRATE_TRACKER respected), why, and what it costs; absent when none works. */
+  tracker?: { kind: TrackerKind; reason: string; cost: string }
   ok: boolean
   verdict: string
 }
@@ -38,6 +41,8 @@ export function runDoctor(): DoctorReport {
   const uid = process.getuid?.() ?? -1
   const unprivilegedUserfaultfd = readSysctl('/proc/sys/vm/unprivileged_userfaultfd')
   const features: FeatureCheck[] = []
+  let tracker: DoctorReport['tracker']
+  let trackerError = 'not probed'
   const add = (name: string, available: boolean, detail: string, required = true) =>
     features.push({ name, available, detail, required })
   let binding
@@ -100,12 +105,25 @@ export function runDoctor(): DoctorReport {
   }
   add('MISSING', missingOk, missingDetail)
   add('ZEROPAGE', zeroOk, zeroOk ? 'zero pages placed locally, never fetched' : 'UFFDIO_ZEROPAGE not offered for anonymous memory')
-  add('WP', wpOk, wpDetail)
-  add('WP_ASYNC', feat(k.UFFD_FEATURE_WP_ASYNC), why(k.UFFD_FEATURE_WP_ASYNC, '6.7', 'dirty tracking without a fault round trip'))
-  add('WP_UNPOPULATED', feat(k.UFFD_FEATURE_WP_UNPOPULATED), why(k.UFFD_FEATURE_WP_UNPOPULATED, '6.4', 'tracks pages first written during migration'))
-  add('PAGEMAP_SCAN', probe.pagemapScan === 0, probe.pagemapScan === 0 ? 'written/present page scans' : `${probe.pagemapScan}: needs Linux 6.7+`)
+  // A tracker needs either WP_ASYNC + WP_UNPOPULATED + PAGEMAP_SCAN (wp-async) or WP alone (sync-wp): none of them is
+  // required on its own; the tracker line says whether one works.
+  add('WP', wpOk, wpOk ? 'write-protect (the sync-wp tracker, Linux 5.7+)' : wpDetail, false)
+  add('WP_ASYNC', feat(k.UFFD_FEATURE_WP_ASYNC), why(k.UFFD_FEATURE_WP_ASYNC, '6.7', 'dirty tracking without a fault round trip (wp-async)'), false)
+  add('WP_UNPOPULATED', feat(k.UFFD_FEATURE_WP_UNPOPULATED), why(k.UFFD_FEATURE_WP_UNPOPULATED, '6.4', 'tracks never-touched pages without MISSING (wp-async)'), false)
+  add('PAGEMAP_SCAN', probe.pagemapScan === 0, probe.pagemapScan === 0 ? 'written/present page scans (wp-async)' : `${probe.pagemapScan}: needs Linux 6.7+`, false)
   add('MOVE', feat(k.UFFD_FEATURE_MOVE), why(k.UFFD_FEATURE_MOVE, '6.8', 'optional (UFFDIO_MOVE, not used yet)'), false)
   add('POISON', feat(k.UFFD_FEATURE_POISON), why(k.UFFD_FEATURE_POISON, '6.6', 'optional (UFFDIO_POISON, not used yet)'), false)
+  try {
+    const { setting, forcedBy } = resolveTrackerSetting(undefined)
+    const facts = { features: uffdWorks ? probe.features : 0, constants: k, pagemapScan: probe.pagemapScan, syncWpBuilt: binding.SyncWpTracker !== undefined }
+    // WP offered as a feature but refused on a real range (the try above): sync-wp cannot work either
+    if (!wpOk) facts.features &= ~k.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    const c = chooseTracker(facts, setting, forcedBy)
+    tracker = { ...c, cost: c.kind === 'wp-async' ? 'a kernel-resolved fault per first write, a scan per round' : SYNC_WP_COST }
+  } catch (err) {
+    trackerError = (err as Error).message
+  }
+  add('tracker', tracker !== undefined, tracker ? `${tracker.kind}: ${tracker.reason}; costs ${tracker.cost}` : trackerError)
   return finish()
 
   function finish(): DoctorReport {
@@ -114,12 +132,14 @@ export function runDoctor(): DoctorReport {
     const ok = missing.length === 0 && !noOpen
     let verdict: string
     if (ok) verdict = 'migration can work here: every required feature is available'
+    else if (missing.length === 1 && missing[0].name === 'tracker') verdict = `migration cannot work here: ${missing[0].detail}`
     else if (noOpen) verdict = `migration cannot work here: userfaultfd cannot be opened. To fix: ${features[0].detail}`
     else
       verdict =
         `migration cannot work here: missing ${missing.map((f) => f.name).join(', ')}. ` +
-        'To fix: run on Linux 6.7 or newer with CONFIG_USERFAULTFD and CONFIG_PTE_MARKER_UFFD_WP, as root or with userfaultfd permission.'
-    return { kernel, uid, unprivilegedUserfaultfd, features, ok, verdict }
+        'To fix: run on Linux 5.7 or newer (6.7+ for the wp-async tracker) with CONFIG_USERFAULTFD, as root or with userfaultfd permission.'
+    if (ok && tracker) verdict += `; dirty pages tracked by ${tracker.kind}`
+    return { kernel, uid, unprivilegedUserfaultfd, features, ...(tracker ? { tracker } : {}), ok, verdict }
   }
 }
 

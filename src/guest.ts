@@ -28,6 +28,8 @@ import { awaitHandoff, countRefusals, handoffState, waitingGuest } from './recei
 
 export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
+import { describeTracker, type TrackerOption } from './agent/tracker'
+import { resolveTrackerSetting } from './agent/tracker-choice'
 
 
 
@@ -92,11 +94,12 @@ export class Guest extends EventEmitter {
     const entries = Object.entries(opts.regions ?? {})
     if (entries.length === 0) throw new UffdMigrateError('expected options.regions to name at least one region', ErrorCode.INVALID_ARG)
     const agentNice = resolveAgentNice(opts.agentNice)
+    const tracker = resolveTrackerSetting(opts.tracker)
     const binding = loadBinding()
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
-    if (receive) return Guest.startReceiving(opts, binding, regions, receive, agentNice)
-    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name } satisfies AgentWorkerData })
+    if (receive) return Guest.startReceiving(opts, binding, regions, receive, agentNice, tracker)
+    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker } satisfies AgentWorkerData })
     worker.unref()
     const guest = new Guest(opts.name, opts, { worker, binding, regions, settled: Promise.resolve() })
     guest.isSettledFlag = true
@@ -104,7 +107,7 @@ export class Guest extends EventEmitter {
     return guest
   }
 
-  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, agentNice: number): Promise<Guest> {
+  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, agentNice: number, tracker: TrackerOption): Promise<Guest> {
     parseAddress(listen, '0.0.0.0')
     const token = resolveToken(opts.token)
     const received = regions.map((r) => PageBitmap.shared(r.pageCount))
@@ -115,6 +118,7 @@ export class Guest extends EventEmitter {
       listen,
       token,
       agentNice,
+      tracker,
       name: opts.name,
     }
     const worker = new Worker(WORKER, { workerData })
@@ -162,6 +166,11 @@ export class Guest extends EventEmitter {
   /** Why the last migration from here did not move the service (status --json: lastError). */
   get lastError(): { code: string; message: string } | undefined {
     return this.lastFailure && { code: this.lastFailure.code, message: this.lastFailure.message }
+  }
+
+  /** The dirty-page tracker a migration from here gets, and why (`status`); 'none' when this kernel has none. */
+  get tracker(): string {
+    return describeTracker(loadBinding(), this.opts.tracker)
   }
 
   get progress(): Progress | undefined {

@@ -8,6 +8,7 @@ import { parseAddress } from './agent/address'
 import type { WireSourceOptions } from './agent/messages'
 import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
+import type { TrackerSetting } from './agent/tracker-choice'
 import { ErrorCode, UffdMigrateError } from './errors'
 
 export interface GuestOptions {
@@ -40,6 +41,13 @@ export interface GuestOptions {
    * long (default 2000), then exits.
    */
   forwardIdleMs?: number
+  /**
+   * Dirty-page tracker of migrations from here: 'auto' (default: wp-async on
+   * Linux 6.7+, else sync-wp), 'wp-async' or 'sync-wp' (the fallback for
+   * Linux 5.7-6.6, forced for tests and comparison); default
+   * $UFFD_MIGRATE_TRACKER or 'auto'.
+   */
+  tracker?: TrackerSetting
 }
 
 export const MIGRATION_MODES: readonly MigrationMode[] = ['precopy', 'postcopy', 'hybrid']

@@ -3,7 +3,7 @@ import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { Region } from '../src/region'
-import { DirtyTracker } from '../src/agent/tracker'
+import { openTracker } from '../src/agent/tracker'
 import { kernelSkipReason } from './helpers/gate'
 
 const skip = kernelSkipReason()
@@ -128,9 +128,10 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     await new Promise((r) => w.once('exit', r))
   })
 
+  for (const kind of ['wp-async', 'sync-wp'] as const) describe(`tracker ${kind}`, () => {
   it('reports exactly the pages written since the last scan, then none', () => {
     const region = Region.create('t', 64 << 20)
-    const tracker = new DirtyTracker(b, [region])
+    const tracker = openTracker(b, [region], kind)
     const u8 = new Uint8Array(region.buffer)
     let seed = 12345
     const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) % region.pageCount)
@@ -150,7 +151,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
 
   it('scans present pages of a sparse region as runs', () => {
     const region = Region.create('t', 8192 * ps)
-    const tracker = new DirtyTracker(b, [region])
+    const tracker = openTracker(b, [region], kind)
     const u8 = new Uint8Array(region.buffer)
     for (const p of [0, 10, 11, 12, 5000]) u8[p * ps] = 1
     void u8[7000 * ps] // read-only touch: the zero page on most kernels
@@ -167,6 +168,42 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     expect(runs.slice(0, 6)).toEqual([0, 1, 10, 3, 5000, 1])
     expect(runs.length === 6 || runs.length === 8).toBe(true)
     tracker.close()
+  })
+
+  it('loses no write while a service thread writes during the rounds (copy after each collect = memory)', async () => {
+    const region = Region.create('t', 16 << 20)
+    const tracker = openTracker(b, [region], kind)
+    const u8 = new Uint8Array(region.buffer)
+    const shadow = new Uint8Array(region.sizeBytes)
+    const copyRuns = (runs: Uint32Array) => {
+      for (let k = 0; k < runs.length; k += 2) shadow.set(u8.subarray(runs[k] * ps, (runs[k] + runs[k + 1]) * ps), runs[k] * ps)
+    }
+    copyRuns(tracker.presentRuns(region.id, region.pageCount)) // round 0 (nothing yet)
+    tracker.collectWritten(region.id, region.pageCount)
+    const writing = inWorker<number>(region.describe(), `
+      const ps = ${ps}, pages = u8.length / ps, end = Date.now() + 400
+      let n = 0, seed = 7
+      while (Date.now() < end) {
+        seed = (seed * 1103515245 + 12345) >>> 0
+        u8[(seed % pages) * ps + (n % ps)] = (n & 0xff) | 1
+        n++
+      }
+      return n`)
+    let rounds = 0
+    const done = writing.then(() => true)
+    while (!(await Promise.race([done, new Promise((r) => setTimeout(() => r(false), 5))]))) {
+      copyRuns(tracker.collectWritten(region.id, region.pageCount))
+      rounds++
+    }
+    const writes = await writing
+    copyRuns(tracker.peekWritten(region.id, region.pageCount)) // the hand-off's final scan
+    expect(writes).toBeGreaterThan(10_000)
+    expect(rounds).toBeGreaterThan(5)
+    expect(Buffer.compare(Buffer.from(shadow), Buffer.from(u8))).toBe(0)
+    if (kind === 'sync-wp') expect(tracker.faults).toBeGreaterThan(1000)
+    tracker.close()
+    region.release()
+  })
   })
 
   it('places a zero page and detects all-zero pages', async () => {

@@ -1,18 +1,68 @@
 /**
- * Dirty-page tracking with UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN: the kernel
- * resolves write-protect faults itself (no round trip to us) and a scan
- * returns the pages written since the previous scan while re-protecting them
- * atomically. Results are page runs, never one object per page.
+ * Dirty-page tracking behind one interface; the pre-copy rounds do not know
+ * which tracker runs (see tracker-choice.ts for which host gets which).
+ * Results are page runs [first, count]*, never one object per page.
  */
-import type { NativeBinding, NativeUffd } from '../binding'
+import type { NativeBinding, NativeSyncWpTracker, NativeUffd } from '../binding'
 import { ErrorCode, UffdMigrateError } from '../errors'
+import { chooseTracker, resolveTrackerSetting, type TrackerChoice, type TrackerKind, type TrackerSetting } from './tracker-choice'
 
 export interface TrackedRegion {
   id: number
   sizeBytes: number
 }
 
-export class DirtyTracker {
+export interface DirtyTracker {
+  readonly kind: TrackerKind
+  /** Pages written since the last call (or since tracking began), re-protected atomically. */
+  collectWritten(regionId: number, pageCount: number): Uint32Array
+  /** Pages written since the last collectWritten(), left as they are: the hand-off's final scan (the service is paused). */
+  peekWritten(regionId: number, pageCount: number): Uint32Array
+  /** Pages that hold memory (what round 0 sends; the rest are zero ranges). */
+  presentRuns(regionId: number, pageCount: number): Uint32Array
+  /** Write faults this tracker resolved itself (sync-wp), for the report. */
+  readonly faults?: number
+  /** CPU time of the tracker's own thread (sync-wp), ms. */
+  readonly cpuMs?: number
+  close(): void
+}
+
+/** A guest's tracker setting and who set it (for the error that names it). */
+export interface TrackerOption {
+  setting: TrackerSetting
+  forcedBy: string
+}
+
+/** The tracker this kernel gives a migration with this setting. */
+export function trackerFor(binding: NativeBinding, opt: TrackerOption = { setting: 'auto', forcedBy: 'the tracker option' }): TrackerChoice {
+  const probe = binding.probe()
+  return chooseTracker(
+    { features: probe.features, constants: binding.constants, pagemapScan: probe.pagemapScan, syncWpBuilt: binding.SyncWpTracker !== undefined },
+    opt.setting, opt.forcedBy,
+  )
+}
+
+/** 'kind: reason' of the tracker a migration with this option would get, or 'none: why' (`status`). */
+export function describeTracker(binding: NativeBinding, option?: string): string {
+  try {
+    const c = trackerFor(binding, resolveTrackerSetting(option))
+    return `${c.kind}: ${c.reason}`
+  } catch (err) {
+    return `none: ${(err as Error).message}`
+  }
+}
+
+export function openTracker(binding: NativeBinding, regions: TrackedRegion[], kind: TrackerKind): DirtyTracker {
+  return kind === 'sync-wp' ? new SyncWpTracker(binding, regions) : new AsyncWpTracker(binding, regions)
+}
+
+/**
+ * UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+): the kernel resolves
+ * write-protect faults itself (no round trip to us) and a scan returns the
+ * pages written since the previous scan while re-protecting them atomically.
+ */
+export class AsyncWpTracker implements DirtyTracker {
+  readonly kind = 'wp-async'
   private readonly uffd: NativeUffd
   private readonly k: Record<string, number>
 
@@ -25,7 +75,7 @@ export class DirtyTracker {
     const probe = binding.probe()
     if ((probe.features & want) !== want || probe.pagemapScan !== 0) {
       throw new UffdMigrateError(
-        'dirty tracking needs UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED and PAGEMAP_SCAN (Linux 6.7+); ' +
+        'the wp-async tracker needs UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED and PAGEMAP_SCAN (Linux 6.7+); ' +
           'run `npx uffd-migrate doctor`',
         ErrorCode.FEATURE,
       )
@@ -37,7 +87,6 @@ export class DirtyTracker {
     }
   }
 
-  /** Pages written since the last call (or since tracking began), re-protected atomically. */
   collectWritten(regionId: number, pageCount: number): Uint32Array {
     const W = this.k.PAGE_IS_WRITTEN
     return this.binding.pagemapScan(
@@ -45,18 +94,13 @@ export class DirtyTracker {
     )
   }
 
-  /**
-   * Pages written since the last collectWritten(), without re-protecting
-   * them: the final scan at the hand-off, after which tracking ends. The
-   * read-only walk is ~30x cheaper (4 GiB, 20k written pages: 2.6 ms against
-   * 87 ms), and it runs in the pause window.
-   */
+  /** The read-only walk is ~30x cheaper than a re-protecting one (4 GiB, 20k written pages: 2.6 ms against 87 ms), and it runs in the pause window. */
   peekWritten(regionId: number, pageCount: number): Uint32Array {
     const W = this.k.PAGE_IS_WRITTEN
     return this.binding.pagemapScan(regionId, 0, pageCount, 0, W, 0, 0, W)
   }
 
-  /** Pages that hold real memory: present and not the shared zero page. */
+  /** Present and not the shared zero page. */
   presentRuns(regionId: number, pageCount: number): Uint32Array {
     // PAGE_IS_SWAPPED is not asked for: with WP_UNPOPULATED the kernel's
     // write-protect markers on never-touched pages report as swapped too.
@@ -73,5 +117,48 @@ export class DirtyTracker {
       }
     }
     this.uffd.close()
+  }
+}
+
+/**
+ * Synchronous write-protect (Linux 5.7+), for kernels without WP_ASYNC: a
+ * native thread (native/wp_tracker.cc) resolves each first write of a round
+ * by recording the page and un-protecting it; collectWritten() takes that
+ * record and re-protects exactly those pages. The thread lives as long as
+ * the tracker: a write to a protected page waits for it.
+ */
+export class SyncWpTracker implements DirtyTracker {
+  readonly kind = 'sync-wp'
+  private readonly native: NativeSyncWpTracker
+
+  constructor(binding: NativeBinding, regions: TrackedRegion[]) {
+    if (!binding.SyncWpTracker) throw new UffdMigrateError('this addon has no sync-WP tracker', ErrorCode.FEATURE)
+    this.native = new binding.SyncWpTracker(regions.map((r) => r.id))
+  }
+
+  get cpuMs(): number {
+    return this.native.stats.cpuMs
+  }
+
+  get faults(): number {
+    const s = this.native.stats
+    return s.wpFaults + s.missingFaults
+  }
+
+  collectWritten(regionId: number): Uint32Array {
+    return this.native.collect(regionId)
+  }
+
+  peekWritten(regionId: number): Uint32Array {
+    return this.native.peek(regionId)
+  }
+
+  /** Present or swapped, from /proc/self/pagemap (zero pages mapped here count as present: the sender finds them zero). */
+  presentRuns(regionId: number): Uint32Array {
+    return this.native.present(regionId)
+  }
+
+  close(): void {
+    this.native.close()
   }
 }

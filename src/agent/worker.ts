@@ -15,6 +15,7 @@ import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
 import type { AgentToMain, MainToAgent, WireSourceOptions } from './messages'
 import { MigrationSource, type SourceOptions } from './source/index'
+import type { TrackerOption } from './tracker'
 
 export interface AgentWorkerData {
   role: 'source' | 'destination'
@@ -27,6 +28,8 @@ export interface AgentWorkerData {
   agentNice: number
   /** The guest's name, for the operator's log lines. */
   name?: string
+  /** Which dirty-page tracker its migrations use (default: auto). */
+  tracker?: TrackerOption
 }
 
 const port = parentPort!
@@ -138,7 +141,7 @@ function outgoingMigrations() {
         post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
       }
-      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes }
+      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, tracker: data.tracker }
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),

@@ -11,7 +11,7 @@ export function bytes(n: number): string {
 
 export function progressLine(p: Progress): string {
   const done = p.totalPages ? (1 - p.pagesLeft / p.totalPages) * 100 : 0
-  const round = p.phase === 'precopy' ? ` round ${p.round}` : ''
+  const round = p.phase === 'precopy' ? ` round ${p.round}${p.tracker ? ` (${p.tracker})` : ''}` : ''
   return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)`
 }
 
@@ -25,6 +25,7 @@ export function formatReport(r: MigrationReport): string {
   if (b) lines.push(`                     pause() ${ms(b.pause)}, final scan ${ms(b.finalScan)}, hand-off sent ${ms(b.handoffTransfer)}, discard ${ms(b.discard)}, restore ${ms(b.restore)}`)
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
+  if (r.tracker) lines.push(`  tracker            ${r.tracker.kind}${r.tracker.faults !== undefined ? `, ${r.tracker.faults} write faults resolved` : ''}: ${r.tracker.reason}`)
   if (r.rounds.length) {
     lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}`)
     lines.push('    round  data pages  zero pages  free pages  hot pages       bytes   time')

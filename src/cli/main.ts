@@ -216,6 +216,7 @@ program
         const last = m.lastError as { code: string; message: string } | undefined
         if (last) process.stdout.write(`  last migration: ${last.message} [${last.code}]\n`)
         if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
+        if (m.tracker) process.stdout.write(`  tracker ${m.tracker}\n`)
         const refusals = Object.entries((m.refusals ?? {}) as Record<string, number>)
         if (refusals.length) process.stdout.write(`  refused connections: ${refusals.map(([c, n]) => `${c} ${n}`).join(', ')}\n`)
       })

@@ -14,3 +14,10 @@ export function kernelSkipReason(): string | undefined {
   }
   return cached
 }
+
+/** The tracker a migration from this process's children must report: the forced one ($UFFD_MIGRATE_TRACKER, set by the sync-wp pass of vitest.config.ts) or the doctor's choice. */
+export function expectedTracker(): 'wp-async' | 'sync-wp' | undefined {
+  const forced = process.env.UFFD_MIGRATE_TRACKER
+  if (forced === 'sync-wp' || forced === 'wp-async') return forced
+  return runDoctor().tracker?.kind
+}

@@ -20,7 +20,8 @@ import { type ChannelName, route } from '../message-table'
 import type { PrepagingOptions } from '../prepaging'
 import type { MigrationMode, MigrationReport, RoundReport } from '../report'
 import { StateMachine } from '../state-machine'
-import { DirtyTracker } from '../tracker'
+import { type DirtyTracker, openTracker, type TrackerOption, trackerFor } from '../tracker'
+import type { TrackerChoice, TrackerKind } from '../tracker-choice'
 import { sendHandoff } from './handoff'
 import { type Dialer, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
@@ -53,6 +54,8 @@ export interface SourceOptions {
   /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
   forward?: boolean
   forwardWaitMs?: number
+  /** Which dirty-page tracker (default: auto, the best this kernel offers). */
+  tracker?: TrackerOption
   /** Opens a connection (default TCP; the pure tier dials in memory). */
   dial?: Dialer
   clock?: Clock
@@ -77,6 +80,8 @@ export interface Progress {
   bytesPerSec: number
   pagesLeft: number
   totalPages: number
+  /** The dirty-page tracker of this migration (once pre-copy began). */
+  tracker?: TrackerKind
 }
 
 export class MigrationSource implements SourceHandlers {
@@ -91,6 +96,7 @@ export class MigrationSource implements SourceHandlers {
   private tracker: DirtyTracker | undefined
   /** After a committed hand-off: kept open until the agent exits (see closeTracker()). */
   private retiredTracker: DirtyTracker | undefined
+  private trackerChoice: TrackerChoice | undefined
   private round = 0
   private progressTimer: unknown
   private rateWindow = { t: 0, bytes: 0, rate: 0 }
@@ -196,7 +202,8 @@ export class MigrationSource implements SourceHandlers {
       const failed = this.guard(this.attachLink())
       const rounds: RoundReport[] = []
       this.machine.transition(SourcePhase.PRECOPY)
-      this.tracker = new DirtyTracker(this.binding, this.regions)
+      this.trackerChoice = trackerFor(this.binding, this.opts.tracker)
+      this.tracker = openTracker(this.binding, this.regions, this.trackerChoice.kind)
       const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, takeFreed: () => this.hooks.takeFreed() }
       const pre = await Promise.race([runPrecopy({
         ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, sync: () => reply(bulk, Msg.SYNC), onRound: (r) => {
@@ -241,8 +248,8 @@ export class MigrationSource implements SourceHandlers {
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
-        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.demandCpuMs,
-        discarded, missingAtHandoff, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.demandCpuMs + (this.tracker?.cpuMs ?? 0),
+        discarded, missingAtHandoff, stats, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report
@@ -347,6 +354,7 @@ export class MigrationSource implements SourceHandlers {
       phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
       pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
       totalPages: this.totalPages,
+      ...(this.trackerChoice ? { tracker: this.trackerChoice.kind } : {}),
     })
   }
 }

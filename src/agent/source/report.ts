@@ -31,6 +31,8 @@ export interface ReportInputs {
   sender: Sender
   postcopy: Postcopy
   pushLog: boolean
+  /** The dirty-page tracker, why it was chosen, and the write faults it resolved (sync-wp). */
+  tracker?: MigrationReport['tracker']
 }
 
 export function buildReport(x: ReportInputs): MigrationReport {
@@ -57,6 +59,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesSentTwiceAfterHandoff: num('pagesReceivedTwice'),
     discardedPages: x.discarded + x.rounds.reduce((n, r) => n + (r.stalePages ?? 0), 0),
     pagesMissingAtHandoff: x.missingAtHandoff,
+    ...(x.tracker ? { tracker: x.tracker } : {}),
     ...(x.stats.bulkReceive === 'native' || x.stats.bulkReceive === 'js' ? { bulkReceive: x.stats.bulkReceive } : {}),
     ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),
     postcopy: {

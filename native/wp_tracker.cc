@@ -1,0 +1,297 @@
+// Dirty-page tracking for kernels without UFFD_FEATURE_WP_ASYNC and
+// PAGEMAP_SCAN (Linux 5.7-6.6): synchronous write-protect. Every page of a
+// region is write-protected; the first write to a page in a round faults to
+// a native thread here, which records the page in a dirty bitmap and
+// un-protects it (one fault round trip per page per round, the cost of this
+// tracker). A round's collect() takes the bitmap and re-protects exactly the
+// pages it held: every other page is still protected.
+//
+// Never-touched pages carry no write-protect bit before WP_UNPOPULATED (6.4),
+// so the regions are registered MISSING too: the first touch of such a page
+// faults here as well, and is zero-filled with UFFDIO_ZEROPAGE and counted as
+// written. (A write after that zero page would copy it without a WP fault.)
+// One path for every kernel: the forced fallback on a new kernel runs exactly
+// what a 6.1 host runs.
+//
+// Invariant (no lost write): mark+un-protect in the thread and take+re-protect
+// in collect() hold the same mutex. A page un-protected after a collect() is
+// in the next bitmap; a page in a taken bitmap was re-protected before its
+// content is read, so a later write faults again.
+//
+// Presence (what round 0 sends) comes from /proc/self/pagemap, read in bulk:
+// bit 63 present, bit 62 swapped.
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "args.h"
+#include "bindings.h"
+#include "errors.h"
+#include "kernel_compat.h"
+#include "region.h"
+#include "uffd.h"
+
+namespace uffdm {
+
+namespace {
+
+struct Tracked {
+  std::shared_ptr<Mapping> m;
+  uint32_t pages;
+  std::vector<uint32_t> dirty;  // one bit per page; under SyncWpTracker::mu_
+};
+
+// Appends [first, first+count) to runs, merging with the last run when they touch.
+void push_run(std::vector<uint32_t>* runs, uint32_t first, uint32_t count) {
+  size_t k = runs->size();
+  if (k >= 2 && (*runs)[k - 2] + (*runs)[k - 1] == first) (*runs)[k - 1] += count;
+  else runs->push_back(first), runs->push_back(count);
+}
+
+// Runs of set bits in words[0 .. pages); clears them when take.
+std::vector<uint32_t> bit_runs(std::vector<uint32_t>& words, uint32_t pages, bool take) {
+  std::vector<uint32_t> runs;
+  for (uint32_t w = 0; w < words.size(); w++) {
+    uint32_t v = words[w];
+    if (!v) continue;
+    if (take) words[w] = 0;
+    while (v) {
+      uint32_t lo = __builtin_ctz(v);
+      uint32_t hi = (~v >> lo) ? lo + __builtin_ctz(~v >> lo) : 32;  // first clear bit after lo
+      uint32_t first = w * 32 + lo, end = std::min(pages, w * 32 + hi);
+      if (first < end) push_run(&runs, first, end - first);
+      v = hi == 32 ? 0 : v & ~(((1u << hi) - 1) & ~((1u << lo) - 1));
+    }
+  }
+  return runs;
+}
+
+Napi::Uint32Array to_js(Napi::Env env, const std::vector<uint32_t>& runs) {
+  auto out = Napi::Uint32Array::New(env, runs.size());
+  std::copy(runs.begin(), runs.end(), out.Data());
+  return out;
+}
+
+class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "SyncWpTracker",
+                       {
+                           InstanceMethod("collect", &SyncWpTracker::Collect),
+                           InstanceMethod("peek", &SyncWpTracker::Peek),
+                           InstanceMethod("present", &SyncWpTracker::Present),
+                           InstanceMethod("close", &SyncWpTracker::Close),
+                           InstanceAccessor("stats", &SyncWpTracker::Stats, nullptr),
+                       });
+  }
+
+  // new SyncWpTracker(regionIds: number[]): registers MISSING|WP, protects every page, starts the thread.
+  explicit SyncWpTracker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SyncWpTracker>(info) {
+    auto env = info.Env();
+    if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "expected regionIds: number[]");
+    auto ids = info[0].As<Napi::Array>();
+    const size_t ps = page_size();
+    for (uint32_t i = 0; i < ids.Length(); i++) {
+      auto m = region_find((uint32_t)ids.Get(i).As<Napi::Number>().Uint32Value());
+      if (!m) throw lib_error(env, "ERR_REGION_RELEASED", "region was released");
+      uint32_t pages = (uint32_t)(m->size / ps);
+      regions_.push_back({m, pages, std::vector<uint32_t>((pages + 31) / 32, 0)});
+    }
+    const char* call = "userfaultfd";
+    uffd_ = uffd_open(true, &call);
+    if (uffd_ < 0) throw sys_error(env, uffd_, call);
+    int e = uffd_api(uffd_, 0, nullptr, nullptr);
+    if (!e) {
+      for (auto& r : regions_) {
+        e = uffd_register(uffd_, r.m->addr(), r.m->size, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP, nullptr);
+        if (e) { call = "ioctl(UFFDIO_REGISTER)"; break; }
+        e = uffd_writeprotect(uffd_, r.m->addr(), r.m->size, true, true);
+        if (e) { call = "ioctl(UFFDIO_WRITEPROTECT)"; break; }
+      }
+    } else {
+      call = "ioctl(UFFDIO_API)";
+    }
+    if (!e) {
+      stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (stop_fd_ < 0) e = -errno, call = "eventfd";
+    }
+    if (e) {
+      ::close(uffd_);  // closing drops every registration and its protection
+      uffd_ = -1;
+      throw sys_error(env, e, call);
+    }
+    // The service's threads wait on this one: run at the process's (the main thread's) nice, not the agent's.
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
+    bool nice_known = errno == 0;
+    thread_ = std::thread([this, nice, nice_known] {
+      pthread_setname_np(pthread_self(), "uffdm-wp");
+      if (nice_known) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+      run();
+    });
+    napi_add_env_cleanup_hook(env, &SyncWpTracker::Cleanup, this);
+  }
+
+  ~SyncWpTracker() override { Shutdown(); }
+
+ private:
+  static void Cleanup(void* arg) { static_cast<SyncWpTracker*>(arg)->Shutdown(); }
+
+  // Joins the thread, then closes the userfaultfd: the kernel drops the registrations (and wakes any waiter).
+  void Shutdown() {
+    if (uffd_ < 0) return;
+    napi_remove_env_cleanup_hook(Env(), &SyncWpTracker::Cleanup, this);
+    uint64_t one = 1;
+    (void)!write(stop_fd_, &one, sizeof one);
+    if (thread_.joinable()) thread_.join();
+    for (auto& r : regions_) (void)uffd_unregister(uffd_, r.m->addr(), r.m->size);
+    ::close(uffd_);
+    ::close(stop_fd_);
+    uffd_ = stop_fd_ = -1;
+  }
+
+  void run() {
+    const size_t ps = page_size();
+    uffd_msg msgs[64];
+    pollfd p[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+    for (;;) {
+      int r = poll(p, 2, -1);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0 || p[1].revents) return;
+      ssize_t n = read(uffd_, msgs, sizeof msgs);
+      if (n <= 0) continue;  // EAGAIN: another wake-up took it
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < (size_t)n / sizeof(uffd_msg); i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+        uintptr_t addr = (uintptr_t)msgs[i].arg.pagefault.address & ~(uintptr_t)(ps - 1);
+        Tracked* t = find(addr);
+        if (t) {
+          uint32_t page = (uint32_t)((addr - t->m->addr()) / ps);
+          t->dirty[page >> 5] |= 1u << (page & 31);
+        }
+        int e;
+        if (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+          e = uffd_writeprotect(uffd_, addr, ps, false, true);  // un-protects and wakes
+          wp_faults_++;
+        } else {
+          int64_t zeroed = 0;
+          e = uffd_zeropage(uffd_, addr, ps, true, &zeroed);
+          if (e == -EEXIST) e = 0;  // placed meanwhile; the write retries
+          missing_faults_++;
+        }
+        // Whatever went wrong, the faulting thread must not wait forever: it retries, and faults again if need be.
+        if (e) failures_++, last_errno_ = -e, (void)uffd_wake(uffd_, addr, ps);
+      }
+    }
+  }
+
+  Tracked* find(uintptr_t addr) {
+    for (auto& r : regions_)
+      if (addr >= r.m->addr() && addr < r.m->addr() + r.m->size) return &r;
+    return nullptr;
+  }
+
+  Tracked& arg_tracked(const Napi::CallbackInfo& info) {
+    if (uffd_ < 0) throw lib_error(info.Env(), "ERR_UFFD_CLOSED", "this tracker is closed");
+    uint32_t id = (uint32_t)arg_index(info, 0, "regionId", 4294967295.0);
+    for (auto& r : regions_)
+      if (r.m->id == id) return r;
+    throw Napi::RangeError::New(info.Env(), "region " + std::to_string(id) + " is not tracked here");
+  }
+
+  // collect(regionId) -> runs [first, count]* written since the last collect, re-protected
+  Napi::Value Collect(const Napi::CallbackInfo& info) {
+    Tracked& t = arg_tracked(info);
+    const size_t ps = page_size();
+    std::lock_guard<std::mutex> lock(mu_);
+    auto runs = bit_runs(t.dirty, t.pages, true);
+    for (size_t k = 0; k < runs.size(); k += 2) {
+      int e = uffd_writeprotect(uffd_, t.m->addr() + runs[k] * ps, (size_t)runs[k + 1] * ps, true, true);
+      if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_WRITEPROTECT)");
+    }
+    return to_js(info.Env(), runs);
+  }
+
+  // peek(regionId) -> runs written since the last collect, left as they are (the hand-off's final scan)
+  Napi::Value Peek(const Napi::CallbackInfo& info) {
+    Tracked& t = arg_tracked(info);
+    std::lock_guard<std::mutex> lock(mu_);
+    return to_js(info.Env(), bit_runs(t.dirty, t.pages, false));
+  }
+
+  // present(regionId) -> runs of pages that hold memory (present or swapped), from /proc/self/pagemap
+  Napi::Value Present(const Napi::CallbackInfo& info) {
+    Tracked& t = arg_tracked(info);
+    const size_t ps = page_size();
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw sys_error(info.Env(), -errno, "open(/proc/self/pagemap)");
+    constexpr uint32_t kChunk = 1 << 16;  // entries per read: 512 KiB
+    std::vector<uint64_t> entries(kChunk);
+    std::vector<uint32_t> runs;
+    for (uint32_t first = 0; first < t.pages;) {
+      uint32_t n = std::min(kChunk, t.pages - first);
+      ssize_t got = pread(fd, entries.data(), (size_t)n * 8, (off_t)((t.m->addr() / ps + first) * 8));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        int e = got < 0 ? -errno : -EIO;
+        ::close(fd);
+        throw sys_error(info.Env(), e, "pread(/proc/self/pagemap)");
+      }
+      uint32_t read_entries = (uint32_t)(got / 8);
+      for (uint32_t i = 0; i < read_entries; i++)
+        if (entries[i] >> 62) push_run(&runs, first + i, 1);
+      first += read_entries;
+    }
+    ::close(fd);
+    return to_js(info.Env(), runs);
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  // stats -> { wpFaults, missingFaults, failures, lastErrno, cpuMs }
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    auto o = Napi::Object::New(env);
+    o.Set("wpFaults", Napi::Number::New(env, (double)wp_faults_.load()));
+    o.Set("missingFaults", Napi::Number::New(env, (double)missing_faults_.load()));
+    o.Set("failures", Napi::Number::New(env, (double)failures_.load()));
+    o.Set("lastErrno", Napi::Number::New(env, (double)last_errno_.load()));
+    double cpu = 0;
+    clockid_t id;
+    timespec ts{};
+    if (thread_.joinable() && !pthread_getcpuclockid(thread_.native_handle(), &id) && !clock_gettime(id, &ts))
+      cpu = ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+    o.Set("cpuMs", Napi::Number::New(env, cpu));
+    return o;
+  }
+
+  std::vector<Tracked> regions_;
+  std::mutex mu_;
+  std::thread thread_;
+  int uffd_ = -1, stop_fd_ = -1;
+  std::atomic<uint64_t> wp_faults_{0}, missing_faults_{0}, failures_{0};
+  std::atomic<int> last_errno_{0};
+};
+
+}  // namespace
+
+void init_wp_tracker_bindings(Napi::Env env, Napi::Object exports) {
+  exports.Set("SyncWpTracker", SyncWpTracker::Define(env));
+}
+
+}  // namespace uffdm
