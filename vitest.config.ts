@@ -2,7 +2,6 @@ import { defineConfig } from 'vitest/config'
 
 export default defineConfig({
   test: {
-    include: ['test/**/*.test.ts'],
     // Real processes, real sockets, real userfaultfd: one file at a time on a 2-core machine.
     fileParallelism: false,
     testTimeout: 60_000,
@@ -10,7 +9,7 @@ export default defineConfig({
     pool: 'forks',
     reporters: ['default'],
     projects: [
-      { extends: true, test: { name: 'default' } },
+      { extends: true, test: { name: 'default', include: ['test/**/*.test.ts'] } },
       // Every end-to-end test once more with the fallback tracker of Linux 5.7-6.6 forced (issue 13): the
       // processes they start inherit the variable.
       { extends: true, test: { name: 'sync-wp', include: ['test/**/*.e2e.test.ts'], env: { UFFD_MIGRATE_TRACKER: 'sync-wp' } } },

@@ -135,7 +135,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   }
   const destHost = o.destHost ?? '127.0.0.1'
   const [migPort, srcHttp, dstHttp] = [await freePort(), await freePort(), await freePort()]
-  const name = `run-${process.pid}-${migPort}`
+  // unique per run: a port can come back from freePort() while the previous run's source still lives (settling, forwarding)
+  const name = `run-${process.pid}-${migPort}-${randomBytes(3).toString('hex')}`
   const example = EXAMPLES[o.example ?? 'page-store']
   const server = join(root, 'examples', o.example ?? 'page-store', 'server.js')
   const common = ['--name', name, ...example.args(o), ...(o.serviceArgs ?? []), ...(o.autocannon ? ['--serve'] : [])]
