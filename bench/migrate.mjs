@@ -14,6 +14,8 @@
 //                at any size, so the downtime shows the engine's hand-off, not the example's own state
 //   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
 //                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
+//   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
+//                default: the one this kernel gives, 'auto')
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
 // Uses dist/ (`npx tsc -p tsconfig.json` first; `npm run bench:migrate` does it).
 // Each migration runs in a child process of its own (`--case JSON`), in its
@@ -55,6 +57,7 @@ function parseArgs(argv) {
       case '--links': a.links = val().split(','); break
       case '--loads': a.loads = val().split(',').map(Number); break
       case '--modes': a.modes = val().split(','); break
+      case '--trackers': a.trackers = val().split(','); break
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
@@ -70,6 +73,8 @@ function parseArgs(argv) {
   a.links ??= ['loopback', 'netns']
   a.loads ??= a.quick ? [0, 10_000] : [0, 10_000, 100_000]
   a.modes ??= ['precopy', 'postcopy', 'hybrid']
+  a.trackers ??= ['auto']
+  for (const t of a.trackers) if (!['auto', 'wp-async', 'sync-wp'].includes(t)) throw new Error(`bad --trackers: ${t} (auto, wp-async, sync-wp)`)
   for (const s of a.sizes) if (!(s > 0)) throw new Error(`bad --sizes: ${s}`)
   for (const l of a.links) if (!['loopback', 'netns'].includes(l)) throw new Error(`bad --links: ${l} (loopback, netns)`)
   for (const m of a.modes) if (!['precopy', 'postcopy', 'hybrid'].includes(m)) throw new Error(`bad --modes: ${m}`)
@@ -124,6 +129,7 @@ function installProbe() {
 
 async function runCaseChild(json) {
   const o = JSON.parse(json)
+  if (o.tracker) process.env.UFFD_MIGRATE_TRACKER = o.tracker // both services and their agents inherit it
   let r
   const probe = o.client !== false ? installProbe() : undefined
   try {
@@ -362,7 +368,7 @@ async function main() {
     for (const link of args.links) {
       for (const sizeMiB of args.sizes) {
         for (const writesPerSec of args.loads) {
-          for (const mode of args.modes) plan.push({ link, sizeMiB, writesPerSec, mode })
+          for (const mode of args.modes) for (const tracker of args.trackers) plan.push({ link, sizeMiB, writesPerSec, mode, tracker })
         }
       }
     }
@@ -373,9 +379,9 @@ async function main() {
         cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
         continue
       }
-      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, autocannon: args.pinned, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, tracker: c.tracker === 'auto' ? undefined : c.tracker, autocannon: args.pinned, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
       if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
-      say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} ...`)
+      say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} tracker ${c.tracker} ...`)
       const r = await runCase(opts, caseTimeoutMs(c))
       const rep = r.result.report
       say(`[${n}/${plan.length}]   ${r.result.ok ? 'ok' : 'FAILED'} in ${(r.wallMs / 1000).toFixed(1)} s` +
@@ -410,7 +416,7 @@ async function main() {
   ], { out })
   out()
 
-  const header = ['link', 'size', 'load', 'mode', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
+  const header = ['link', 'size', 'load', 'mode', 'tracker', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
     'downtime split ms',
     ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
@@ -426,9 +432,11 @@ async function main() {
         ? `loopback — 'vs link' = effective MiB/s ÷ C loopback TCP reference (${tputRef ? `${tputRef.id}, ${fmt(tputRefMiB)} MiB/s` : 'unavailable'})`
         : `netns, veth + tbf 1 Gbit/s — 'vs link' = effective MiB/s ÷ raw Node TCP over the shaped link (${tcp.netns?.mibPerSec ? `${fmt(tcp.netns.mibPerSec)} MiB/s` : 'unavailable'})`)
     }
-    const base = [c.link, sizeLabel(c.sizeMiB), loadLabel(c.writesPerSec), c.mode]
+    const rep0 = c.result?.report
+    const base = [c.link, sizeLabel(c.sizeMiB), loadLabel(c.writesPerSec), c.mode,
+      rep0?.tracker ? `${rep0.tracker.kind}${rep0.tracker.faults !== undefined ? ` (${rep0.tracker.faults} faults)` : ''}` : c.tracker]
     if (c.skipped) {
-      rows.push([...base, 'skip', ...Array(header.length - 6).fill(''), c.skipped])
+      rows.push([...base, 'skip', ...Array(header.length - 7).fill(''), c.skipped])
       continue
     }
     const r = c.result

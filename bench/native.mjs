@@ -9,10 +9,13 @@
 //      a flat-out random writer (mirrors b4_wp.c bench_guest), and a guest
 //      dirtying 100k pages/s that computes in between (its C twin,
 //      bench/c/paced_guest.c, is built and run as that section's reference).
+//   5. The trackers side by side: the paced guest at 10k and 100k pages/s
+//      untracked, under wp-async and under sync-wp (the fallback for Linux
+//      5.7-6.6), beside the C sync write-protect round trip (b4_wp.c sync).
 //
 // Each section's C reference (../shared/limits/run SECTION) runs right after
 // our own measurement of it, so that both see the machine in the same state.
-// usage: node bench/native.mjs [--quick] [--json[=FILE]] [--only=rtt,copy,scan,guest,paced] [--no-ref]
+// usage: node bench/native.mjs [--quick] [--json[=FILE]] [--only=rtt,copy,scan,guest,paced,trackers] [--no-ref]
 //   NRUNS (default 3) runs per figure; min/median/max over runs are reported.
 //   Runs are guarded against foreign CPU load like the C references
 //   (QUIET_GATE seconds of waiting, MAX_RETRY retries; flagged with '*').
@@ -23,9 +26,9 @@ import { createRequire } from 'node:module'
 import { once } from 'node:events'
 import { writeFileSync } from 'node:fs'
 import { release as osRelease } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { performance } from 'node:perf_hooks'
-import { repoRoot, runCBench, runLimits } from './lib/limits.mjs'
+import { limitsScript, repoRoot, runCBench, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { guarded, sleepSync } from './lib/quiet.mjs'
 
@@ -225,7 +228,12 @@ async function main() {
     console.error(`userfaultfd is not usable here: ${probe.error.message}`)
     process.exit(1)
   }
-  const { DirtyTracker } = require(join(dist, 'agent', 'tracker.js'))
+  const { openTracker } = require(join(dist, 'agent', 'tracker.js'))
+  class DirtyTracker {
+    constructor(b, regions, kind = 'wp-async') {
+      return openTracker(b, regions, kind)
+    }
+  }
 
   const rows = [] // { section?, metric, unit, runs?, ours?, refId?, ref?, target?, info? }
   // Each section's C reference runs right after our own measurement of it:
@@ -473,11 +481,11 @@ async function main() {
     await Promise.race([once(w, 'message'), failed])
     const batchNs = new Float64Array(ticks, 0, MAX_TICKS)
     const busyNs = new Float64Array(ticks, MAX_TICKS * 8, MAX_TICKS)
-    /** One phase: the guest runs for `s` seconds; if track, scans every 100 ms meanwhile. */
+    /** One phase: the guest runs for `s` seconds; if track (true = wp-async, or a tracker kind), scans every 100 ms meanwhile. */
     const phase = (mode, track, s) => {
       Atomics.store(ctl, C_STOP, 0)
       Atomics.store(ctl, C_STATE, 0)
-      const tracker = track ? new DirtyTracker(b, [guestRegion]) : null
+      const tracker = track ? new DirtyTracker(b, [guestRegion], track === true ? 'wp-async' : track) : null
       w.postMessage({ mode })
       while (Atomics.load(ctl, C_STATE) === 0) Atomics.wait(ctl, C_STATE, 0, 1000)
       const start = performance.now()
@@ -502,6 +510,7 @@ async function main() {
       const runMs = res[R_T1] - res[R_T0]
       const nt = res[R_TICKS]
       return {
+        faults: tracker?.faults ?? 0,
         writes: res[R_WRITES], runMs, units: res[R_UNITS], scans, pages,
         scanMean: scans ? scanMs / scans : 0, scanMax,
         batch: nt ? stats(batchNs.subarray(0, nt)) : null,
@@ -604,6 +613,59 @@ async function main() {
     add({ metric: '  busy per tick tracked, median', unit: 'µs', runs: col(vals, 'busyT'), info: true })
     add({ metric: '  busy per tick tracked, p99', unit: 'µs', runs: col(vals, 'busyT99'), info: true })
   }
+  // -------------------------------------------------------------------------
+  // 5. the trackers side by side (issue 13): the paced guest at 10k and 100k
+  //    random pages/s, untracked, wp-async and sync-wp, scans every 100 ms
+  // -------------------------------------------------------------------------
+  if (want('trackers')) {
+    const kinds = ['wp-async', 'sync-wp']
+    for (const perSec of [10_000, 100_000]) {
+      const perTick = perSec / 100
+      log(`trackers: paced guest ${perSec / 1000}k pages/s (${perTick} per 10 ms), ${secs} s per phase: untracked, ${kinds.join(', ')}`)
+      const vals = await withGuest({ tickMs: 10, writesPerTick: perTick, fixedBusyMs: 4 }, async (phase) => {
+        phase('fill', false, 0.5) // warm-up (JIT)
+        return runs(`trackers ${perSec / 1000}k`, () => {
+          const u = phase('fill', false, secs)
+          const rate = (p) => p.units / p.runMs
+          const out = {}
+          for (const kind of kinds) {
+            const t = phase('fill', kind, secs)
+            out[`${kind}.lost`] = (1 - rate(t) / rate(u)) * 100
+            out[`${kind}.perWrite`] = ((t.batch.mean - u.batch.mean) / perTick) / 1e3 // µs per write (each to a new page)
+            out[`${kind}.dirty`] = t.scans ? t.pages / t.scans : 0
+            out[`${kind}.faultsPerSec`] = (t.faults / t.runMs) * 1e3
+            out[`${kind}.scanMean`] = t.scanMean
+          }
+          return out
+        })
+      })
+      section(`5. trackers: guest writing ${perSec / 1000}k random pages/s of ${guestLen / MiB} MiB (${perTick} writes per 10 ms tick, compute fills the rest), a collect every 100 ms`)
+      const id = (s) => `5.trackers.${perSec / 1000}k.${s}`
+      for (const kind of kinds) {
+        add({
+          metric: `${kind}: compute/s lost`, unit: '%', runs: col(vals, `${kind}.lost`), refId: id(`${kind}.lost`),
+          ...(perSec === 10_000 ? { target: { maxAbs: 10 } } : { info: true }),
+        })
+        add({
+          metric: `  extra time per dirtying write`, unit: 'µs', runs: col(vals, `${kind}.perWrite`), info: true,
+          refId: kind === 'sync-wp' ? '4a.wp_sync.poll.same.mean' : undefined,
+        })
+        add({ metric: `  pages per collect`, unit: 'pages', runs: col(vals, `${kind}.dirty`), info: true })
+        add({ metric: `  collect (take + re-protect), mean`, unit: 'ms', runs: col(vals, `${kind}.scanMean`), info: true })
+        if (kind === 'sync-wp') add({ metric: `  write faults resolved by uffdm-wp`, unit: '/s', runs: col(vals, `${kind}.faultsPerSec`), info: true })
+      }
+    }
+    if (!noRef) {
+      // the sync write-protect round trip in C (same CPU / split CPUs / spinning handler): the floor of sync-wp
+      const b4 = join(dirname(limitsScript()), 'b4_wp.c')
+      for (const [k, v] of runCBench(b4, { nruns: NRUNS, args: ['sync'], log })) refs.set(k, v)
+      section('5c. C reference: sync write-protect fault round trip (b4_wp.c sync), µs')
+      for (const p of ['poll.same', 'poll.split', 'spin.split']) {
+        add({ metric: `C handler, ${p.replace('.', ', ')}: p50`, unit: 'µs', runs: [refs.get(`4a.wp_sync.${p}.p50`)?.median ?? NaN], refId: `4a.wp_sync.${p}.p50`, info: true })
+      }
+    }
+  }
+
   if (guestRegion) {
     guestRegion.release()
     guestRegion = null

@@ -41,6 +41,7 @@ const cache = process.env.UFFD_MIGRATE_KERNEL_CACHE ?? join(homedir(), '.cache',
 mkdirSync(cache, { recursive: true })
 const pkgRe = new RegExp(`^linux-image-${version.replace(/\./g, '\\.')}\\.[0-9]+-[0-9]+-amd64-unsigned_.*\\.deb$`)
 let deb = readdirSync(cache).filter((f) => pkgRe.test(f)).sort().pop()
+if (!deb && process.env.KERNEL_TEST_NO_FETCH) die(`no linux-image-${version}.*-amd64-unsigned .deb in ${cache}, and KERNEL_TEST_NO_FETCH is set`)
 if (!deb) {
   const search = spawnSync('apt-cache', ['search', '--names-only', `^linux-image-${version.replace(/\./g, '\\.')}\\.[0-9]+-[0-9]+-amd64-unsigned$`], { encoding: 'utf8' })
   const pkg = search.stdout.split('\n').map((l) => l.split(' ')[0]).filter(Boolean).sort((a, b) => a.localeCompare(b, undefined, { numeric: true })).pop()
