@@ -6,6 +6,7 @@
         "native/addon.cc",
         "native/bulk.cc",
         "native/demand.cc",
+        "native/discard.cc",
         "native/errors.cc",
         "native/fault_reader.cc",
         "native/pagemap.cc",

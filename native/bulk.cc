@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "discard.h"
 #include "args.h"
 #include "bindings.h"
 #include "demand.h"
@@ -255,17 +256,18 @@ class BulkReaderThread : public DemandThread {
       if (!run_ok(region, get_u32(&body_[k]), get_u32(&body_[k + 4]))) return false;
     const RegionView& rv = regions_[region];
     int64_t delta = 0;
+    std::vector<iovec> drop;  // dropped together after the loop: one system call for the frame (discard.h)
     for (size_t k = 5; k < body_.size(); k += 8) {
       uint32_t first = get_u32(&body_[k]), count = get_u32(&body_[k + 4]), end = first + count;
       bool any_held = false;
       each_run(rv.bits, first, end, [&](uint32_t, uint32_t, bool got) { any_held |= got; });
       if (kind == kRangeStale) {
         // an out-of-date copy (a hot page): dropped now, it faults and is fetched fresh after the hand-off
-        if (any_held) madvise(addr(region, first), (size_t)count * ps, MADV_DONTNEED);
+        if (any_held) drop.push_back({addr(region, first), (size_t)count * ps});
         delta -= clear_range(rv.bits, first, count);
         clear_range(zero_[region], first, count);
       } else if (!postcopy_) {
-        if (any_held) madvise(addr(region, first), (size_t)count * ps, MADV_DONTNEED);  // held data is zero now
+        if (any_held) drop.push_back({addr(region, first), (size_t)count * ps});  // held data is zero now
         set_range(zero_[region], first, count);
         delta += set_range(rv.bits, first, count);
       } else {
@@ -283,6 +285,8 @@ class BulkReaderThread : public DemandThread {
         if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
       }
     }
+    // pre-copy only (the service does not run here yet), so the bits may change before the pages go
+    if (!drop.empty()) (void)discard_ranges(drop);
     if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});
     return true;
   }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "args.h"
+#include "discard.h"
 #include "bindings.h"
 #include "errors.h"
 #include "pagemap.h"
@@ -106,6 +107,30 @@ Napi::Value Discard(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// discardRuns(regionId, runs: Uint32Array of (firstPage, pageCount) pairs) -> system calls made. All runs are
+// checked before any is dropped; one process_madvise call takes up to IOV_MAX of them (see discard.h).
+Napi::Value DiscardRuns(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto m = arg_region(info, 0);
+  if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+    throw Napi::TypeError::New(env, "expected runs to be a Uint32Array of (firstPage, pageCount) pairs");
+  auto runs = info[1].As<Napi::Uint32Array>();
+  if (runs.ElementLength() % 2) throw Napi::TypeError::New(env, "expected runs to hold (firstPage, pageCount) pairs");
+  const size_t ps = page_size(), total = m->size / ps;
+  std::vector<iovec> ranges;
+  ranges.reserve(runs.ElementLength() / 2);
+  for (size_t k = 0; k < runs.ElementLength(); k += 2) {
+    uint64_t first = runs[k], count = runs[k + 1];
+    if (count == 0 || first >= total || count > total - first)
+      throw Napi::RangeError::New(env, "run " + std::to_string(first) + "+" + std::to_string(count) + " is outside the region");
+    ranges.push_back({m->base + first * ps, (size_t)(count * ps)});
+  }
+  size_t syscalls = 0;
+  int e = discard_ranges(ranges, &syscalls);
+  if (e) throw sys_error(env, e, "madvise(MADV_DONTNEED)");
+  return Napi::Number::New(env, (double)syscalls);
+}
+
 // (regionId, firstPage, pageCount) at args 0..2, inside the region.
 std::tuple<std::shared_ptr<Mapping>, uint64_t, uint64_t> page_range_args(const Napi::CallbackInfo& info) {
   auto m = arg_region(info, 0);
@@ -175,6 +200,7 @@ void init_region_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("regionOpen", Napi::Function::New(env, RegionOpen));
   exports.Set("regionRelease", Napi::Function::New(env, RegionRelease));
   exports.Set("discard", Napi::Function::New(env, Discard));
+  exports.Set("discardRuns", Napi::Function::New(env, DiscardRuns));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan));
   exports.Set("zeroPages", Napi::Function::New(env, ZeroPages));
 }

@@ -98,6 +98,8 @@ export interface NativeBinding {
   regionOpen(id: number): ArrayBuffer
   regionRelease(buffer: ArrayBuffer): boolean
   discard(regionId: number, offset: number, length: number): void
+  /** MADV_DONTNEED of many (firstPage, pageCount) runs at once (process_madvise where the kernel allows it); returns the system calls made. */
+  discardRuns(regionId: number, runs: Uint32Array): number
   /** Runs of [firstPage, pageCount] relative to the region. */
   pagemapScan(
     regionId: number,

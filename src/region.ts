@@ -62,6 +62,11 @@ export class Region {
     this.view = undefined
   }
 
+  /** discard() of many (firstPage, pageCount) runs in as few system calls as the kernel allows. */
+  discardRuns(runs: Uint32Array): number {
+    return runs.length ? this.binding.discardRuns(this.id, runs) : 0
+  }
+
   /** madvise(MADV_DONTNEED): the range reads as zeros (or faults, when registered MISSING). */
   discard(offset: number, length: number): void {
     this.binding.discard(this.id, offset, length)

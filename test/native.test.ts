@@ -206,6 +206,24 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
   })
 
+  it('drops many runs at once: exactly those read as zero, the rest keep their bytes; a run outside is refused first', () => {
+    const region = Region.create('t', 4096 * ps)
+    const u8 = new Uint8Array(region.buffer)
+    for (let p = 0; p < region.pageCount; p++) u8[p * ps + 7] = (p % 250) + 1
+    const runs: number[] = []
+    for (let p = 3; p < 4000; p += 5) runs.push(p, p % 3 === 0 ? 2 : 1) // 800 runs: more than one call's worth is fine too
+    expect(() => b.discardRuns(region.id, Uint32Array.from([0, 1, 4095, 2]))).toThrow(/outside the region/)
+    expect(u8[0 * ps + 7]).toBe(1) // nothing dropped by the refused call
+    const calls = b.discardRuns(region.id, Uint32Array.from(runs))
+    expect(calls).toBeGreaterThanOrEqual(1)
+    const dropped = new Set<number>()
+    for (let k = 0; k < runs.length; k += 2) for (let p = runs[k]; p < runs[k] + runs[k + 1]; p++) dropped.add(p)
+    const wrong: number[] = []
+    for (let p = 0; p < region.pageCount; p++) if (u8[p * ps + 7] !== (dropped.has(p) ? 0 : (p % 250) + 1)) wrong.push(p)
+    expect(wrong).toEqual([])
+    region.release()
+  })
+
   it('places a zero page and detects all-zero pages', async () => {
     const { region, uffd } = missingRegion(8)
     uffd.startFaults((ev) => {

@@ -77,6 +77,11 @@ export class FakeBinding implements NativeBinding {
     r.written.fill(0, offset / this.pageSize, (offset + length) / this.pageSize)
   }
 
+  discardRuns(regionId: number, runs: Uint32Array): number {
+    for (let k = 0; k < runs.length; k += 2) this.discard(regionId, runs[k] * this.pageSize, runs[k + 1] * this.pageSize)
+    return runs.length ? 1 : 0
+  }
+
   /** The service writes: the page becomes present and written. */
   write(regionId: number, offset: number, bytes: Uint8Array): void {
     const r = this.region(regionId)

@@ -163,13 +163,20 @@ export class Placement {
     lists.forEach((runs, i) => this.drop(i, runs))
   }
 
-  /** Drops these (validated) runs: they read as missing again and fault when touched after the hand-off. */
+  /**
+   * Drops these (validated) runs: they read as missing again and fault when touched after the hand-off. The
+   * memory goes in one system call for all of them (the discard list is applied in the pause window).
+   */
   drop(region: number, runs: Uint32Array): void {
+    const held: number[] = []
     for (let k = 0; k < runs.length; k += 2) {
       const first = runs[k], count = runs[k + 1]
-      if (this.received[region].nextSet(first, first + count) !== -1) this.regions[region].discard(first * this.ps, count * this.ps)
-      this.receivedCount -= this.received[region].clearRange(first, count)
-      this.knownZero[region].clearRange(first, count)
+      if (this.received[region].nextSet(first, first + count) !== -1) held.push(first, count)
+    }
+    this.regions[region].discardRuns(Uint32Array.from(held))
+    for (let k = 0; k < runs.length; k += 2) {
+      this.receivedCount -= this.received[region].clearRange(runs[k], runs[k + 1])
+      this.knownZero[region].clearRange(runs[k], runs[k + 1])
     }
   }
 
