@@ -73,10 +73,11 @@ describe('converged', () => {
 })
 
 describe('discard list', () => {
-  it('is stale ∩ destHas, and those pages leave destHas', () => {
-    const has = map(40, [1, 2, 3, 33])
-    const runs = discardRuns(map(40, [2, 3, 4, 33, 34]), has)
-    expect(Array.from(runs)).toEqual([2, 2, 33, 1])
+  it('is stale ∩ destHas over run lists that may overlap, and those pages leave destHas', () => {
+    const has = map(40, [1, 2, 3, 33, 36])
+    // written since the last round, then the hot pages (36 in both)
+    const runs = discardRuns(has, [[2, 3, 33, 2, 36, 1], undefined, [35, 2]])
+    expect(Array.from(runs)).toEqual([2, 2, 33, 1, 36, 1])
     expect(pagesOf(has)).toEqual([1])
   })
 })

@@ -3,9 +3,12 @@
  * then either every remaining page (precopy: the downtime grows with them)
  * or the discard list (post-copy, hybrid: pages the destination holds an
  * old copy of, dropped there so that they fault and are fetched fresh),
- * then HANDOFF with the service's state. Nothing here is O(memory) but the
- * final scan's page-table walk. commit() runs just before HANDOFF
- * goes on the wire: from then on the service may run on the destination.
+ * then HANDOFF with the service's state. Nothing in the pause window is
+ * O(memory) but the final scan's page-table walk: what the bitmaps need
+ * (the hot runs, what the destination lacks) is prepared before pause()
+ * (prepareHandoff), and the discard lists cost O(stale pages). commit()
+ * runs just before HANDOFF goes on the wire: from then on the service may
+ * run on the destination.
  */
 import { PageBitmap } from '../../bitmap'
 import type { Channel } from '../../protocol/channel'
@@ -31,39 +34,68 @@ export interface HandoffContext {
   marks: { scannedAt?: number; sentAt?: number }
 }
 
-/** Stale pages in the destination's copy: stale ∩ destHas, word-wise; they leave destHas. Returns their runs. */
-export function discardRuns(stale: PageBitmap, destHas: PageBitmap): Uint32Array {
-  const has = destHas.words, st = stale.words
-  for (let w = 0; w < has.length; w++) {
-    st[w] &= has[w]
-    has[w] &= ~st[w]
-  }
+/** Stale pages in the destination's copy: the pages of these run lists that destHas holds; they leave destHas. O(pages in the lists). */
+export function discardRuns(destHas: PageBitmap, lists: (ArrayLike<number> | undefined)[]): Uint32Array {
   const runs: number[] = []
-  for (const [s, n] of stale.runs()) runs.push(s, n)
+  for (const list of lists) {
+    if (!list) continue
+    for (let k = 0; k < list.length; k += 2) {
+      for (let p = list[k], end = p + list[k + 1]; p < end; p++) {
+        if (!destHas.has(p)) continue
+        destHas.clear(p)
+        const n = runs.length
+        if (n && runs[n - 2] + runs[n - 1] === p) runs[n - 1]++
+        else runs.push(p, 1)
+      }
+    }
+  }
   return Uint32Array.from(runs)
 }
 
+/** What the hand-off needs that is O(memory), computed after the last round and before pause(), while the service runs. */
+export interface HandoffPrep {
+  /** Runs of the pages held back as hot (precopy, hybrid). */
+  hotRuns: Uint32Array[] | undefined
+  /** Post-copy, hybrid: the pages the destination lacks now (every page, once the discard list is added, to be sent once). */
+  lacking: PageBitmap[] | undefined
+  lackingCount: number
+}
+
+export function prepareHandoff(sender: Sender, mode: MigrationMode, hot: PageBitmap[] | undefined): HandoffPrep {
+  const hotRuns = hot?.map((h) => {
+    const runs: number[] = []
+    for (const [s, n] of h.runs()) runs.push(s, n)
+    return Uint32Array.from(runs)
+  })
+  if (mode === 'precopy') return { hotRuns, lacking: undefined, lackingCount: 0 }
+  // nothing reaches the destination between here and the hand-off: PRECOPY_END is sent
+  const lacking = sender.destHas.map((has) => PageBitmap.complementOf(has.words, has.size))
+  return { hotRuns, lacking, lackingCount: lacking.reduce((n, m) => n + m.count(), 0) }
+}
+
 /** Sends the hand-off; returns how many pages the destination discards. */
-export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtEnd: PageBitmap[] | undefined, rounds: RoundReport[]): Promise<number> {
+export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: HandoffPrep, rounds: RoundReport[]): Promise<number> {
   const { regions, sender, bulk } = ctx
   const precopyMode = ctx.mode === 'precopy'
   const final: RoundReport = { round: rounds.length, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
   const start = ctx.clock.now()
   const before = bulk.bytesWritten
-  final.freePages = sender.sendFreed(bulk, ctx.takeFreed())
-  const stale = regions.map((r, i) => {
-    const map = new PageBitmap(r.pageCount)
-    map.setRuns(ctx.tracker.peekWritten(r.id, r.pageCount))
-    if (hotAtEnd) for (const [s, n] of hotAtEnd[i].runs()) map.setRange(s, n)
-    return map
-  })
+  const freed = ctx.takeFreed()
+  final.freePages = sender.sendFreed(bulk, freed)
+  // freed pages read as zero there now: not lacking any more
+  if (prep.lacking) for (let k = 0; k < freed.length; k += 3) prep.lackingCount -= prep.lacking[freed[k]].clearRange(freed[k + 1], freed[k + 2])
+  const written = regions.map((r) => ctx.tracker.peekWritten(r.id, r.pageCount))
   // write tracking is not ended here: that is O(memory) (see MigrationSource.closeTracker())
   ctx.marks.scannedAt = ctx.clock.now()
   const discard: Uint32Array[] = []
   let discarded = 0
   for (let i = 0; i < regions.length; i++) {
     if (precopyMode) {
-      for (const [s, n] of stale[i].runs()) {
+      // every page goes now, once: written ∪ hot, in order
+      const stale = new PageBitmap(regions[i].pageCount)
+      stale.setRuns(written[i])
+      if (prep.hotRuns) stale.setRuns(prep.hotRuns[i])
+      for (const [s, n] of stale.runs()) {
         const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
         final.dataPages += data
         final.zeroPages += zero
@@ -71,12 +103,13 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, hotAtE
       discard.push(new Uint32Array(0))
       continue
     }
-    const runs = discardRuns(stale[i], sender.destHas[i])
+    const runs = discardRuns(sender.destHas[i], [written[i], prep.hotRuns?.[i]])
     for (let k = 1; k < runs.length; k += 2) discarded += runs[k]
+    prep.lacking![i].setRuns(runs)
     discard.push(runs)
   }
   // every page the destination lacks is pending from now on, each to be sent once
-  if (!precopyMode) sender.setPending(sender.destHas.map((has) => PageBitmap.complementOf(has.words, has.size)))
+  if (!precopyMode) sender.setPending(prep.lacking!, prep.lackingCount + discarded)
   ctx.commit(discarded, precopyMode ? 0 : sender.pagesLeft)
   bulk.send(encodeControl(Msg.HANDOFF, {
     state,

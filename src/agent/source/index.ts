@@ -22,7 +22,7 @@ import type { MigrationMode, MigrationReport, RoundReport } from '../report'
 import { StateMachine } from '../state-machine'
 import { type DirtyTracker, openTracker, type TrackerOption, trackerFor } from '../tracker'
 import type { TrackerChoice, TrackerKind } from '../tracker-choice'
-import { sendHandoff } from './handoff'
+import { prepareHandoff, sendHandoff } from './handoff'
 import { type Dialer, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
@@ -211,6 +211,7 @@ export class MigrationSource implements SourceHandlers {
           this.emitProgress()
         },
       }, rounds), failed])
+      const prep = prepareHandoff(this.sender, this.opts.mode, pre.hot) // O(memory): before the pause window
       this.machine.transition(SourcePhase.HANDOFF)
       const pauseAt = this.clock.now()
       // from here a failure before the hand-off resumes the service here,
@@ -233,7 +234,7 @@ export class MigrationSource implements SourceHandlers {
           this.machine.transition(SourcePhase.POSTCOPY)
           if (this.opts.mode !== 'precopy') this.postcopy.start()
         },
-      }, state, pre.hot, rounds), failed])
+      }, state, prep, rounds), failed])
       await handedOff.catch((err: UffdMigrateError) => {
         if (!this.committed || this.failure || err.code !== ErrorCode.CONNECTION) throw err
       })

@@ -64,9 +64,10 @@ export class Sender {
   }
 
   /** From the hand-off (or a recovery) on: what is still to send. */
-  setPending(pending: PageBitmap[]): void {
+  /** count: their pages, when the caller knows it (the hand-off: not a count over all memory in the pause window). */
+  setPending(pending: PageBitmap[], count = pending.reduce((n, m) => n + m.count(), 0)): void {
     this.pending = pending
-    this.pagesLeft = pending.reduce((n, m) => n + m.count(), 0)
+    this.pagesLeft = count
   }
 
   /**
