@@ -227,9 +227,10 @@ export class MigrationDestination implements DestinationHandlers {
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
     this.link.bulk?.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes) // post-copy's smaller buffers
-    this.bulkPath.resume()
     this.hooks.restore(state).then(
       (resumedAtMs) => {
+        // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
+        this.bulkPath.resume()
         this.recovery.resumedAtMs = resumedAtMs
         this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
         this.checkSettled()
