@@ -4,7 +4,7 @@
 //   1. MISSING fault round trip: the main thread touches a missing page; the
 //      agent (a worker_thread owning the uffd, events via uv_poll) copies it in.
 //   2. UFFDIO_COPY throughput, 1/16/256/512 pages per call, cold 1 GiB source.
-//   3. PAGEMAP_SCAN (DirtyTracker.collectWritten = scan + re-protect), 1 and 8 GiB.
+//   3. PAGEMAP_SCAN (the wp-async tracker's collectWritten = scan + re-protect), 1 and 8 GiB.
 //   4. Guest slowdown under WP_ASYNC tracking with a scan every 100 ms:
 //      a flat-out random writer (mirrors b4_wp.c bench_guest), and a guest
 //      dirtying 100k pages/s that computes in between (its C twin,
@@ -229,11 +229,6 @@ async function main() {
     process.exit(1)
   }
   const { openTracker } = require(join(dist, 'agent', 'tracker.js'))
-  class DirtyTracker {
-    constructor(b, regions, kind = 'wp-async') {
-      return openTracker(b, regions, kind)
-    }
-  }
 
   const rows = [] // { section?, metric, unit, runs?, ours?, refId?, ref?, target?, info? }
   // Each section's C reference runs right after our own measurement of it:
@@ -400,7 +395,7 @@ async function main() {
       prewarm(len)
       let parts = Array.from({ length: nparts }, (_, i) => Region.create(`scan${i}`, partLen))
       let u8s = parts.map((r) => populate(r))
-      let tracker = new DirtyTracker(b, parts)
+      let tracker = openTracker(b, parts, 'wp-async')
       const collectAll = () => {
         let pages = 0
         for (const r of parts) pages += sumRuns(tracker.collectWritten(r.id, r.pageCount))
@@ -485,7 +480,7 @@ async function main() {
     const phase = (mode, track, s) => {
       Atomics.store(ctl, C_STOP, 0)
       Atomics.store(ctl, C_STATE, 0)
-      const tracker = track ? new DirtyTracker(b, [guestRegion], track === true ? 'wp-async' : track) : null
+      const tracker = track ? openTracker(b, [guestRegion], track === true ? 'wp-async' : track) : null
       w.postMessage({ mode })
       while (Atomics.load(ctl, C_STATE) === 0) Atomics.wait(ctl, C_STATE, 0, 1000)
       const start = performance.now()

@@ -24,6 +24,7 @@
 #include "bindings.h"
 #include "errors.h"
 #include "page_maps.h"
+#include "thread_util.h"
 #include "uffd.h"
 
 namespace uffdm {
@@ -107,9 +108,7 @@ void DemandThread::start() {
     // nice), not at the agent's (agentNice, the bulk work), where the kernel allows it (CAP_SYS_NICE or
     // RLIMIT_NICE); otherwise it keeps the agent's.
     pthread_setname_np(pthread_self(), thread_name_);  // top -H, /proc/<pid>/task/<tid>/comm
-    errno = 0;
-    int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
-    if (urgent_ && errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+    if (urgent_) run_at_service_nice();
     run();
     timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -134,12 +133,7 @@ void DemandThread::emit(const DemandEvent& e) {
   outbox_->batch.push_back(e);
 }
 
-double DemandThread::cpu_ms() {
-  clockid_t id;
-  timespec ts{};
-  if (!thread_.joinable() || pthread_getcpuclockid(thread_.native_handle(), &id) || clock_gettime(id, &ts)) return 0;
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
+double DemandThread::cpu_ms() { return thread_cpu_ms(thread_); }
 
 void DemandThread::emit_frame(uint8_t type, std::vector<uint8_t> payload) {
   std::lock_guard<std::mutex> lock(outbox_->mu);

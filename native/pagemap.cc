@@ -5,6 +5,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "kernel_compat.h"
@@ -47,22 +48,34 @@ int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpe
     long n = ioctl(fd, PAGEMAP_SCAN, &a);
     if (n < 0) return -errno;
     for (long i = 0; i < n; i++) {
-      uint32_t start = (uint32_t)((vec[i].start - base) / ps);
-      uint32_t len = (uint32_t)((vec[i].end - vec[i].start) / ps);
-      // The kernel may split one run across two vec entries: merge.
-      size_t k = out->size();
-      if (k >= 2 && (*out)[k - 2] + (*out)[k - 1] == start) {
-        (*out)[k - 1] += len;
-      } else {
-        out->push_back(start);
-        out->push_back(len);
-      }
+      // The kernel may split one run across two vec entries: append_run merges them.
+      append_run(out, (uint32_t)((vec[i].start - base) / ps), (uint32_t)((vec[i].end - vec[i].start) / ps));
     }
     // Only a full vec means "more": walk_end can be stale after a complete
     // walk on some kernels (see the limits' b4_wp.c).
     if ((size_t)n < kVec) break;
     if (a.walk_end <= s) return -EIO;
     s = a.walk_end;
+  }
+  return 0;
+}
+
+int pagemap_present(uintptr_t base, size_t npages, std::vector<uint32_t>* out) {
+  int err;
+  int fd = pagemap_fd(&err);
+  if (fd < 0) return err;
+  const size_t ps = page_size();
+  constexpr size_t kChunk = 1 << 16;  // entries per read: 512 KiB
+  thread_local std::vector<uint64_t> entries(kChunk);
+  for (size_t first = 0; first < npages;) {
+    size_t n = std::min(kChunk, npages - first);
+    ssize_t got = pread(fd, entries.data(), n * 8, (off_t)((base / ps + first) * 8));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return got < 0 ? -errno : -EIO;
+    size_t read_entries = (size_t)got / 8;
+    for (size_t i = 0; i < read_entries; i++)
+      if (entries[i] >> 62) append_run(out, (uint32_t)(first + i), 1);  // bit 63 present, bit 62 swapped
+    first += read_entries;
   }
   return 0;
 }

@@ -21,4 +21,15 @@ int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpe
 // 0 when PAGEMAP_SCAN works on this kernel, else -errno.
 int pagemap_probe();
 
+// Appends runs of the pages that hold memory (present or swapped), from /proc/self/pagemap entries read in bulk
+// (any kernel: the sync-wp tracker's round 0). Returns 0 or -errno.
+int pagemap_present(uintptr_t base, size_t npages, std::vector<uint32_t>* out);
+
+// Appends the run [first, first+count) to out, merged with the last run when they touch.
+inline void append_run(std::vector<uint32_t>* out, uint32_t first, uint32_t count) {
+  size_t k = out->size();
+  if (k >= 2 && (*out)[k - 2] + (*out)[k - 1] == first) (*out)[k - 1] += count;
+  else out->push_back(first), out->push_back(count);
+}
+
 }  // namespace uffdm

@@ -26,17 +26,13 @@
 // 8-13 ms a round here.)
 // (UFFDIO_WRITEPROTECT refuses MODE_WP with MODE_DONTWAKE: protecting never wakes anyway.)
 //
-// Presence (what round 0 sends) comes from /proc/self/pagemap, read in bulk:
-// bit 63 present, bit 62 swapped.
+// Presence (what round 0 sends) comes from /proc/self/pagemap (pagemap_present()).
 #include <errno.h>
-#include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
-#include <sys/resource.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -47,7 +43,10 @@
 #include "bindings.h"
 #include "errors.h"
 #include "kernel_compat.h"
+#include "page_maps.h"
+#include "pagemap.h"
 #include "region.h"
+#include "thread_util.h"
 #include "uffd.h"
 
 namespace uffdm {
@@ -60,13 +59,6 @@ struct Tracked {
   std::vector<uint32_t> dirty;  // one bit per page; set by the thread (atomic or), taken by collect() (atomic exchange)
 };
 
-// Appends [first, first+count) to runs, merging with the last run when they touch.
-void push_run(std::vector<uint32_t>* runs, uint32_t first, uint32_t count) {
-  size_t k = runs->size();
-  if (k >= 2 && (*runs)[k - 2] + (*runs)[k - 1] == first) (*runs)[k - 1] += count;
-  else runs->push_back(first), runs->push_back(count);
-}
-
 // Runs of set bits in words[0 .. pages); clears them when take.
 std::vector<uint32_t> bit_runs(std::vector<uint32_t>& words, uint32_t pages, bool take) {
   std::vector<uint32_t> runs;
@@ -78,7 +70,7 @@ std::vector<uint32_t> bit_runs(std::vector<uint32_t>& words, uint32_t pages, boo
       uint32_t lo = __builtin_ctz(v);
       uint32_t hi = (~v >> lo) ? lo + __builtin_ctz(~v >> lo) : 32;  // first clear bit after lo
       uint32_t first = w * 32 + lo, end = std::min(pages, w * 32 + hi);
-      if (first < end) push_run(&runs, first, end - first);
+      if (first < end) append_run(&runs, first, end - first);
       v = hi == 32 ? 0 : v & ~(((1u << hi) - 1) & ~((1u << lo) - 1));
     }
   }
@@ -139,13 +131,9 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       uffd_ = -1;
       throw sys_error(env, e, call);
     }
-    // The service's threads wait on this one: run at the process's (the main thread's) nice, not the agent's.
-    errno = 0;
-    int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
-    bool nice_known = errno == 0;
-    thread_ = std::thread([this, nice, nice_known] {
+    thread_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "uffdm-wp");
-      if (nice_known) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+      run_at_service_nice();  // the service's threads wait on this one
       run();
     });
     napi_add_env_cleanup_hook(env, &SyncWpTracker::Cleanup, this);
@@ -172,11 +160,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
   void run() {
     const size_t ps = page_size();
     uffd_msg msgs[64];
-    pollfd p[2] = {{uffd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    for (;;) {
-      int r = poll(p, 2, -1);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0 || p[1].revents) return;
+    while (wait_fd(uffd_, POLLIN, stop_fd_)) {
       ssize_t n = read(uffd_, msgs, sizeof msgs);
       if (n <= 0) continue;  // EAGAIN: another wake-up took it
       for (size_t i = 0; i < (size_t)n / sizeof(uffd_msg); i++) {
@@ -239,27 +223,9 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
   // present(regionId) -> runs of pages that hold memory (present or swapped), from /proc/self/pagemap
   Napi::Value Present(const Napi::CallbackInfo& info) {
     Tracked& t = arg_tracked(info);
-    const size_t ps = page_size();
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw sys_error(info.Env(), -errno, "open(/proc/self/pagemap)");
-    constexpr uint32_t kChunk = 1 << 16;  // entries per read: 512 KiB
-    std::vector<uint64_t> entries(kChunk);
     std::vector<uint32_t> runs;
-    for (uint32_t first = 0; first < t.pages;) {
-      uint32_t n = std::min(kChunk, t.pages - first);
-      ssize_t got = pread(fd, entries.data(), (size_t)n * 8, (off_t)((t.m->addr() / ps + first) * 8));
-      if (got < 0 && errno == EINTR) continue;
-      if (got <= 0) {
-        int e = got < 0 ? -errno : -EIO;
-        ::close(fd);
-        throw sys_error(info.Env(), e, "pread(/proc/self/pagemap)");
-      }
-      uint32_t read_entries = (uint32_t)(got / 8);
-      for (uint32_t i = 0; i < read_entries; i++)
-        if (entries[i] >> 62) push_run(&runs, first + i, 1);
-      first += read_entries;
-    }
-    ::close(fd);
+    int e = pagemap_present(t.m->addr(), t.pages, &runs);
+    if (e) throw sys_error(info.Env(), e, "pread(/proc/self/pagemap)");
     return to_js(info.Env(), runs);
   }
 
@@ -276,12 +242,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     o.Set("missingFaults", Napi::Number::New(env, (double)missing_faults_.load()));
     o.Set("failures", Napi::Number::New(env, (double)failures_.load()));
     o.Set("lastErrno", Napi::Number::New(env, (double)last_errno_.load()));
-    double cpu = 0;
-    clockid_t id;
-    timespec ts{};
-    if (thread_.joinable() && !pthread_getcpuclockid(thread_.native_handle(), &id) && !clock_gettime(id, &ts))
-      cpu = ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-    o.Set("cpuMs", Napi::Number::New(env, cpu));
+    o.Set("cpuMs", Napi::Number::New(env, thread_cpu_ms(thread_)));
     return o;
   }
 

@@ -5,6 +5,7 @@
 // doctor, then migrations between two processes, every byte verified.
 //
 //   npm run test:kernel -- 6.1            (after `npm install`; builds nothing)
+//   npm run test:kernel -- 6.1 --check    says what is missing (exit 2) or 'ready' (exit 0); downloads nothing
 //
 // Needs: qemu-system-x86_64 (apt-get install qemu-system-x86), a static
 // busybox (apt-get install busybox-static), dpkg-deb, and the kernel package
@@ -21,7 +22,9 @@ import { dirname, join, relative } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
-const version = process.argv[2] ?? '6.1'
+const args_ = process.argv.slice(2)
+const checkOnly = args_.includes('--check')
+const version = args_.find((a) => !a.startsWith('--')) ?? '6.1'
 const timeoutS = Number(process.env.KERNEL_TEST_TIMEOUT_S ?? 1200)
 const die = (msg) => {
   process.stderr.write(`test:kernel: ${msg}\n`)
@@ -41,7 +44,13 @@ const cache = process.env.UFFD_MIGRATE_KERNEL_CACHE ?? join(homedir(), '.cache',
 mkdirSync(cache, { recursive: true })
 const pkgRe = new RegExp(`^linux-image-${version.replace(/\./g, '\\.')}\\.[0-9]+-[0-9]+-amd64-unsigned_.*\\.deb$`)
 let deb = readdirSync(cache).filter((f) => pkgRe.test(f)).sort().pop()
-if (!deb && process.env.KERNEL_TEST_NO_FETCH) die(`no linux-image-${version}.*-amd64-unsigned .deb in ${cache}, and KERNEL_TEST_NO_FETCH is set`)
+if (!deb && (checkOnly || process.env.KERNEL_TEST_NO_FETCH)) {
+  die(`no Linux ${version} package (linux-image-${version}.*-amd64-unsigned .deb) in ${cache}: \`npm run test:kernel -- ${version}\` fetches it once with apt-get download`)
+}
+if (checkOnly) {
+  process.stdout.write(`ready: ${deb}\n`)
+  process.exit(0)
+}
 if (!deb) {
   const search = spawnSync('apt-cache', ['search', '--names-only', `^linux-image-${version.replace(/\./g, '\\.')}\\.[0-9]+-[0-9]+-amd64-unsigned$`], { encoding: 'utf8' })
   const pkg = search.stdout.split('\n').map((l) => l.split(' ')[0]).filter(Boolean).sort((a, b) => a.localeCompare(b, undefined, { numeric: true })).pop()

@@ -54,7 +54,9 @@ export function discardRuns(destHas: PageBitmap, lists: (ArrayLike<number> | und
 
 /** What the hand-off needs that is O(memory), computed after the last round and before pause(), while the service runs. */
 export interface HandoffPrep {
-  /** Runs of the pages held back as hot (precopy, hybrid). */
+  /** The pages held back as hot (precopy, hybrid): precopy sends them in the window, as a bitmap. */
+  hot: PageBitmap[] | undefined
+  /** The same as runs (hybrid): what the discard lists walk. */
   hotRuns: Uint32Array[] | undefined
   /** Post-copy, hybrid: the pages the destination lacks now (every page, once the discard list is added, to be sent once). */
   lacking: PageBitmap[] | undefined
@@ -62,15 +64,15 @@ export interface HandoffPrep {
 }
 
 export function prepareHandoff(sender: Sender, mode: MigrationMode, hot: PageBitmap[] | undefined): HandoffPrep {
+  if (mode === 'precopy') return { hot, hotRuns: undefined, lacking: undefined, lackingCount: 0 }
   const hotRuns = hot?.map((h) => {
     const runs: number[] = []
     for (const [s, n] of h.runs()) runs.push(s, n)
     return Uint32Array.from(runs)
   })
-  if (mode === 'precopy') return { hotRuns, lacking: undefined, lackingCount: 0 }
   // nothing reaches the destination between here and the hand-off: PRECOPY_END is sent
   const lacking = sender.destHas.map((has) => PageBitmap.complementOf(has.words, has.size))
-  return { hotRuns, lacking, lackingCount: lacking.reduce((n, m) => n + m.count(), 0) }
+  return { hot, hotRuns, lacking, lackingCount: lacking.reduce((n, m) => n + m.count(), 0) }
 }
 
 /** Sends the hand-off; returns how many pages the destination discards. */
@@ -91,10 +93,9 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   let discarded = 0
   for (let i = 0; i < regions.length; i++) {
     if (precopyMode) {
-      // every page goes now, once: written ∪ hot, in order
-      const stale = new PageBitmap(regions[i].pageCount)
+      // every page goes now, once: written ∪ hot, in order (the hot map is not needed after this)
+      const stale = prep.hot?.[i] ?? new PageBitmap(regions[i].pageCount)
       stale.setRuns(written[i])
-      if (prep.hotRuns) stale.setRuns(prep.hotRuns[i])
       for (const [s, n] of stale.runs()) {
         const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
         final.dataPages += data
