@@ -115,7 +115,11 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
       } else {
         written.setRuns(tracker.collectWritten(r.id, r.pageCount))
       }
+      let runsSent = 0
       for (const [s, n] of splitHot(written, prevWritten[i], hot[i], round).runs()) {
+        // a round can go by without the socket ever asking to drain (4 MiB buffers): let the agent's loop take
+        // messages (a cancel) now and then, not only at the end of the round
+        if (++runsSent % 64 === 0) await new Promise((r) => setImmediate(r))
         const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
         rr.dataPages += data
         rr.zeroPages += zero
