@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.cc",
         "native/bulk.cc",
+        "native/bulk_writer.cc",
         "native/demand.cc",
         "native/discard.cc",
         "native/errors.cc",

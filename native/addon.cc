@@ -23,6 +23,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   init_demand_bindings(env, exports);
   init_relay_bindings(env, exports);
   init_bulk_bindings(env, exports);
+  init_bulk_writer_bindings(env, exports);
   init_wp_tracker_bindings(env, exports);
   return exports;
 }

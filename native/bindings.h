@@ -10,5 +10,6 @@ void init_thread_bindings(Napi::Env env, Napi::Object exports);
 void init_demand_bindings(Napi::Env env, Napi::Object exports);
 void init_relay_bindings(Napi::Env env, Napi::Object exports);
 void init_bulk_bindings(Napi::Env env, Napi::Object exports);
+void init_bulk_writer_bindings(Napi::Env env, Napi::Object exports);
 void init_wp_tracker_bindings(Napi::Env env, Napi::Object exports);
 }  // namespace uffdm

@@ -32,6 +32,17 @@ inline uint32_t get_u32(const uint8_t* p) {
   return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+// All bytes of the page are zero (read 64 bytes at a time; stops at the first non-zero line).
+inline bool page_is_zero(const uint8_t* p, size_t ps) {
+  const uint64_t* w = (const uint64_t*)p;
+  uint64_t acc = 0;
+  for (size_t i = 0; i < ps / 8; i += 8) {
+    acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+    if (acc) return false;
+  }
+  return true;
+}
+
 // One region as both sides agreed: where it is here and how many pages it has;
 // bits: a page bitmap owned by JS (one bit per page, u32 words, host order).
 struct RegionView {

@@ -12,6 +12,7 @@
 #include "discard.h"
 #include "bindings.h"
 #include "errors.h"
+#include "page_maps.h"
 #include "pagemap.h"
 #include "region.h"
 
@@ -160,16 +161,6 @@ Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   auto out = Napi::Uint32Array::New(env, runs.size());
   std::copy(runs.begin(), runs.end(), out.Data());
   return out;
-}
-
-static bool page_is_zero(const uint8_t* p, size_t ps) {
-  const uint64_t* w = (const uint64_t*)p;
-  uint64_t acc = 0;
-  for (size_t i = 0; i < ps / 8; i += 8) {
-    acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-    if (acc) return false;
-  }
-  return true;
 }
 
 // zeroPages(regionId, firstPage, pageCount, out: Uint8Array) -> number of zero pages;

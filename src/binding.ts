@@ -49,6 +49,24 @@ export interface NativeBulkReader {
   close(): Float64Array
 }
 
+/**
+ * Source: writes the bulk connection on its own thread (native/bulk_writer.cc):
+ * ready frames and runs of pages, in the order given; pages are split into
+ * PAGES frames written from region memory and ZERO ranges, destHas/everSent
+ * marked as they go. Each call returns its sequence number.
+ */
+export interface NativeBulkWriter {
+  frame(bytes: Uint8Array): number
+  /** runs: (first, count) pairs of one region; takePending: only pages still in the pending map (setPending), taken as they go. */
+  pages(region: number, runs: Uint32Array, framePages?: number, takePending?: boolean): number
+  setPending(pending: Uint32Array[]): void
+  readonly bytesWritten: number
+  /** Bytes of the commands not done yet (frames, and runs counted as full pages). */
+  readonly queuedBytes: number
+  readonly cpuMs: number
+  close(): Float64Array
+}
+
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
@@ -128,6 +146,7 @@ export interface NativeBinding {
     uffdFd: number, regionIds: number[], received: Uint32Array[], knownZero: Uint32Array[], freedHere: Uint32Array[],
     fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void,
   ) => NativeBulkReader
+  BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   SyncWpTracker?: new (regionIds: number[]) => NativeSyncWpTracker

@@ -41,9 +41,11 @@ describe.skipIf(skip)('agentNice', () => {
     const nice = threadNice()
     expect(nice.get(process.pid)).toBe(0) // the service's main thread is left alone
     // the native demand threads (a blocked fault waits on them) run at the service's priority, which root may give them
-    // the two agent workers and the destination's bulk reader (bulk work, like the agent's loop it replaces)
-    expect([...nice.values()].filter((n) => n === 7).length - before).toBe(3)
+    // the two agent workers, the destination's bulk reader and the source's bulk writer (bulk work, like the
+    // agents' loops they replace)
+    expect([...nice.values()].filter((n) => n === 7).length - before).toBe(4)
     expect([...threadNice('uffdm-bulk-rx').values()]).toEqual([7])
+    expect([...threadNice('uffdm-bulk-tx').values()]).toEqual([7])
     // the native demand threads, one per side: at the service's nice where the kernel allows lowering it (root)
     const demandNice = process.getuid?.() === 0 ? 0 : 7
     expect([...threadNice('uffdm-demand-rx').values()]).toEqual([demandNice])

@@ -29,6 +29,23 @@ export interface Transport {
   off(event: 'close' | 'drain', fn: () => void): unknown
 }
 
+/**
+ * Something that writes this connection's frames instead of the socket (the
+ * source's native bulk writer): frames keep the order they were given in.
+ */
+export interface FrameWriter {
+  /** Queues a whole frame. */
+  write(frame: Buffer): void
+  /** Bytes it wrote so far. */
+  readonly bytesWritten: number
+  /** It holds enough queued work that the caller should wait for drained(). */
+  readonly needsDrain: boolean
+  /** Resolves when everything queued so far is written (or the writer failed). */
+  drained(): Promise<void>
+  /** Stops at once; what is queued is dropped (the connection is failing). */
+  close(): void
+}
+
 export class Channel {
   private readonly decoder: FrameDecoder
   private handler: ((f: Frame) => void) | undefined
@@ -43,7 +60,9 @@ export class Channel {
   private bytesReadHere = 0
   /** Bytes a native thread read from the descriptor after handOver() (see readBy()). */
   private readElsewhere: (() => number) | undefined
-  bytesWritten = 0
+  private bytesWrittenHere = 0
+  /** Writes go through this instead of the socket (useWriter()). */
+  private writer: FrameWriter | undefined
   /**
    * A write that cannot drain for this long means the peer stopped reading
    * (stopped, wedged): the connection fails as broken (0: wait forever).
@@ -158,21 +177,48 @@ export class Channel {
     return this.socket.isPaused()
   }
 
+  /** Bytes written to the peer (by the socket, and by the writer since useWriter()). */
+  get bytesWritten(): number {
+    return this.bytesWrittenHere + (this.writer?.bytesWritten ?? 0)
+  }
+
   /** Writes one frame made of buffers; false means "wait for drain()". */
   send(parts: Buffer[] | Buffer): boolean {
     if (this.failure || this.socket.destroyed) return false
+    if (this.writer) {
+      this.writer.write(Buffer.isBuffer(parts) ? parts : Buffer.concat(parts))
+      return !this.writer.needsDrain
+    }
     if (Buffer.isBuffer(parts)) {
-      this.bytesWritten += parts.length
+      this.bytesWrittenHere += parts.length
       return this.socket.write(parts)
     }
     let ok = true
     this.socket.cork()
     for (const p of parts) {
-      this.bytesWritten += p.length
+      this.bytesWrittenHere += p.length
       ok = this.socket.write(p)
     }
     this.socket.uncork()
     return ok
+  }
+
+  /**
+   * From now on every frame goes through make(fd)'s writer (a native thread
+   * that writes the descriptor); the socket is still read here. Refused
+   * (false) while the socket has unwritten bytes (they would come after the
+   * writer's) or has no descriptor.
+   */
+  useWriter(make: (fd: number) => FrameWriter): FrameWriter | undefined {
+    const fd = this.fd
+    if (fd === undefined || this.failure || this.writer || (this.socket as { writableLength?: number }).writableLength) return undefined
+    this.writer = make(fd)
+    return this.writer
+  }
+
+  /** The writer of useWriter(), if any. */
+  get frameWriter(): FrameWriter | undefined {
+    return this.writer
   }
 
   /**
@@ -217,11 +263,27 @@ export class Channel {
   }
 
   get needsDrain(): boolean {
-    return this.socket.writableNeedDrain
+    return this.writer ? this.writer.needsDrain : this.socket.writableNeedDrain
   }
 
+  /** Resolves when what was sent left (the socket drained; with a writer: all its queue), or the connection failed. */
   drain(): Promise<void> {
-    if (!this.socket.writableNeedDrain || this.failure) return Promise.resolve()
+    if (this.failure) return Promise.resolve()
+    if (this.writer) return this.waitWritten(this.writer.drained())
+    if (!this.socket.writableNeedDrain) return Promise.resolve()
+    return this.waitWritten(new Promise((resolve) => {
+      const done = () => {
+        this.socket.off('drain', done)
+        this.socket.off('close', done)
+        resolve()
+      }
+      this.socket.on('drain', done)
+      this.socket.on('close', done)
+    }))
+  }
+
+  /** written, unless the peer stops reading for stallTimeoutMs (then the connection fails) or it fails anyway. */
+  private waitWritten(written: Promise<void>): Promise<void> {
     return new Promise((resolve) => {
       const stalled = this.stallTimeoutMs > 0
         ? setTimeout(() => {
@@ -230,13 +292,10 @@ export class Channel {
         : undefined
       const done = () => {
         clearTimeout(stalled)
-        this.socket.off('drain', done)
-        this.socket.off('close', done)
         this.closeListeners = this.closeListeners.filter((l) => l !== done)
         resolve()
       }
-      this.socket.on('drain', done)
-      this.socket.on('close', done)
+      written.then(done, done)
       this.closeListeners.push(done)
     })
   }
@@ -245,7 +304,7 @@ export class Channel {
     const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
     const retryAfterMs = (err as UffdMigrateError).retryAfterMs
     const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) }
-    if (!this.failure && !this.socket.destroyed) this.socket.write(Buffer.concat(encodeControl(Msg.ERROR, body)))
+    if (!this.failure && !this.socket.destroyed) this.send(Buffer.concat(encodeControl(Msg.ERROR, body)))
   }
 
   get failed(): Error | undefined {
@@ -260,6 +319,8 @@ export class Channel {
     this.waiters = []
     for (const l of this.closeListeners) l(err)
     this.closeListeners = []
+    // the writer stops at once: the peer learns why from the urgent connection (the bulk one may be mid-frame)
+    this.writer?.close()
     // nothing more is read (the kernel holds what the peer keeps sending, then the peer waits); our last words go out
     this.socket.pause()
     this.socket.end()

@@ -96,11 +96,10 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
       // every page goes now, once: written ∪ hot, in order (the hot map is not needed after this)
       const stale = prep.hot?.[i] ?? new PageBitmap(regions[i].pageCount)
       stale.setRuns(written[i])
-      for (const [s, n] of stale.runs()) {
-        const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
-        final.dataPages += data
-        final.zeroPages += zero
-      }
+      // the service is paused: no turns of the agent's loop in between (yieldToLoop false)
+      const { data, zero } = await sender.sendRuns(bulk, i, stale.runs(), false, false)
+      final.dataPages += data
+      final.zeroPages += zero
       discard.push(new Uint32Array(0))
       continue
     }

@@ -130,7 +130,7 @@ export class MigrationSource implements SourceHandlers {
       get failure() {
         return source.failure
       },
-      reconnect: async () => (this.current = await SourceLink.open(this.binding, this.opts, this.session)),
+      reconnect: async () => (this.current = this.writeNatively(await SourceLink.open(this.binding, this.opts, this.session))),
       recovering: () => this.machine.transition(SourcePhase.RECOVERING),
       handoffLost: (err) => {
         this.failure = err
@@ -173,6 +173,12 @@ export class MigrationSource implements SourceHandlers {
     return undefined
   }
 
+  /** The link's bulk connection is written by the native writer from now on, where the addon has it. */
+  private writeNatively(link: SourceLink): SourceLink {
+    this.sender.writeNatively(link.bulk)
+    return link
+  }
+
   /** Waits for p unless the migration is cancelled first (p's own later failure is observed, never unhandled). */
   private guard<T>(p: Promise<T>): Promise<T> {
     p.catch(() => {})
@@ -189,7 +195,7 @@ export class MigrationSource implements SourceHandlers {
       const opening = SourceLink.open(this.binding, this.opts, this.session)
       // a link that opens after a cancel is closed at once
       opening.then((l) => (this.failure ? l.close() : undefined), () => {})
-      this.current = await this.guard(opening)
+      this.current = this.writeNatively(await this.guard(opening))
       const bulk = this.link.bulk
       bulk.send(encodeControl(Msg.REGIONS, {
         linkTimeoutMs: this.opts.linkTimeoutMs,
@@ -249,7 +255,7 @@ export class MigrationSource implements SourceHandlers {
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
-        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.demandCpuMs + (this.tracker?.cpuMs ?? 0),
+        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
         discarded, missingAtHandoff, stats, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()

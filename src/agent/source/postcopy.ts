@@ -158,11 +158,15 @@ export class Postcopy {
         await sleep(this.clock, 5)
         continue
       }
-      for (const run of runs) {
+      if (this.opts.pushLog) this.pushLog.push(...runs)
+      // consecutive runs of one region go together (the native writer takes them as one batch)
+      for (let k = 0; k < runs.length;) {
         if (generation !== this.generation) return
-        if (this.opts.pushLog) this.pushLog.push(run)
-        const { data, zero } = await this.sender.sendRun(bulk, run.region, run.firstPage, run.pageCount, true)
+        let end = k + 1
+        while (end < runs.length && runs[end].region === runs[k].region) end++
+        const { data, zero } = await this.sender.sendRuns(bulk, runs[k].region, runs.slice(k, end).map((r): [number, number] => [r.firstPage, r.pageCount]), true)
         this.pushed += data + zero
+        k = end
       }
       // let page requests in between batches
       await new Promise<void>((r) => this.clock.setImmediate(r))

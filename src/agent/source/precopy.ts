@@ -115,15 +115,11 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
       } else {
         written.setRuns(tracker.collectWritten(r.id, r.pageCount))
       }
-      let runsSent = 0
-      for (const [s, n] of splitHot(written, prevWritten[i], hot[i], round).runs()) {
-        // a round can go by without the socket ever asking to drain (4 MiB buffers): let the agent's loop take
-        // messages (a cancel) now and then, not only at the end of the round
-        if (++runsSent % 64 === 0) await new Promise((r) => setImmediate(r))
-        const { data, zero } = await sender.sendRun(bulk, i, s, n, false)
-        rr.dataPages += data
-        rr.zeroPages += zero
-      }
+      // a round can go by without the socket ever asking to drain (4 MiB buffers): sendRuns lets the agent's
+      // loop take messages (a cancel) now and then, not only at the end of the round
+      const { data, zero } = await sender.sendRuns(bulk, i, splitHot(written, prevWritten[i], hot[i], round).runs(), false)
+      rr.dataPages += data
+      rr.zeroPages += zero
       // hot pages wait for the hand-off; with post-copy after it (hybrid) the destination drops its old copies
       // now, not in the pause window (precopy overwrites them in place at the hand-off)
       if (round > 0 && ctx.mode === 'hybrid') rr.stalePages = (rr.stalePages ?? 0) + sender.sendStale(bulk, i, hot[i])

@@ -13,8 +13,9 @@ import { PageBitmap } from '../../bitmap'
 import type { Channel } from '../../protocol/channel'
 import { encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
 import type { Region } from '../../region'
-import { DemandEv, eachDemandEvent } from '../demand-events'
+import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
+import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 
 /**
  * After the hand-off, frames carry at most 256 KiB: while a fault is open the
@@ -25,6 +26,10 @@ export const POSTCOPY_FRAME_PAGES = 64
 
 /** Run entries per RANGES frame: 32 KiB. */
 const RANGE_ENTRIES_PER_FRAME = 8192
+
+/** Pages per batch handed to the native writer, and batches in flight: enough to keep it busy, little to drop on a cancel. */
+const WRITER_BATCH_PAGES = 2048
+const WRITER_BATCHES_IN_FLIGHT = 2
 
 export interface SendCounts {
   data: number
@@ -46,8 +51,10 @@ export class Sender {
   private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
   private readonly ps: number
   private demandServer: NativeThread<NativeDemandServer> | undefined
-  /** CPU time of the native demand threads that have ended (the report's source CPU). */
-  demandCpuMs = 0
+  /** The bulk connection's native writer (writeNatively()). */
+  private writer: NativeBulkSend | undefined
+  /** CPU time of the native threads that have ended (the report's source CPU). */
+  private endedCpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -63,11 +70,78 @@ export class Sender {
     return this.regions.reduce((n, r, i) => n + r.pageCount - this.destHas[i].count(), 0)
   }
 
+  /** CPU time of the native threads (demand server, bulk writer), ended and running. */
+  get nativeCpuMs(): number {
+    return this.endedCpuMs + (this.writer?.cpuMs ?? 0)
+  }
+
   /** From the hand-off (or a recovery) on: what is still to send. */
   /** count: their pages, when the caller knows it (the hand-off: not a count over all memory in the pause window). */
   setPending(pending: PageBitmap[], count = pending.reduce((n, m) => n + m.count(), 0)): void {
     this.pending = pending
     this.pagesLeft = count
+    this.writer?.setPending(pending.map((m) => m.words))
+  }
+
+  /**
+   * A native thread writes this (bulk) connection from now on, when the addon
+   * has one (bulk-writer.ts); false: the JS path goes on.
+   */
+  writeNatively(ch: Channel): boolean {
+    if (!nativeWriterAvailable(this.binding)) return false
+    const writer = ch.useWriter((fd) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
+      onDone: (data, zero, resent) => {
+        this.counts.data += data
+        this.counts.zero += zero
+        this.counts.resent += resent
+      },
+      onSent: (_region, _first, count) => (this.pagesLeft -= count),
+      onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
+      onCpu: (ms) => (this.endedCpuMs += ms),
+    }))
+    if (!(writer instanceof NativeBulkSend)) return false
+    this.writer = writer
+    if (this.pending.length) writer.setPending(this.pending.map((m) => m.words))
+    return true
+  }
+
+  /**
+   * Sends runs of one region ([first, count] pairs), in order: through the
+   * native writer in batches (a few in flight) when ch has it, else run by
+   * run in JS, letting the agent's loop in every 64 runs (a cancel waits for
+   * no more than that) unless yieldToLoop is false (the pause window).
+   */
+  async sendRuns(ch: Channel, region: number, runs: Iterable<[number, number]>, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
+    const total = { data: 0, zero: 0 }
+    const add = (r: { data: number; zero: number }) => {
+      total.data += r.data
+      total.zero += r.zero
+    }
+    const writer = this.writer
+    if (writer && ch.frameWriter === writer) {
+      const inFlight: Promise<{ data: number; zero: number }>[] = []
+      let batch: number[] = [], pages = 0
+      const submit = async () => {
+        inFlight.push(writer.pages(region, Uint32Array.from(batch), afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME, afterHandoff))
+        batch = [], pages = 0
+        if (inFlight.length >= WRITER_BATCHES_IN_FLIGHT) add(await inFlight.shift()!)
+      }
+      for (const [s, n] of runs) {
+        if (ch.failed) break
+        batch.push(s, n)
+        pages += n
+        if (pages >= WRITER_BATCH_PAGES || batch.length >= 2 * RANGE_ENTRIES_PER_FRAME) await submit()
+      }
+      if (batch.length) await submit()
+      for (const p of inFlight) add(await p)
+      return total
+    }
+    let runsSent = 0
+    for (const [s, n] of runs) {
+      if (yieldToLoop && ++runsSent % 64 === 0) await new Promise((r) => setImmediate(r))
+      add(await this.sendRun(ch, region, s, n, afterHandoff))
+    }
+    return total
   }
 
   /**
@@ -85,7 +159,7 @@ export class Sender {
         this.destHas[a].setRange(b, c)
         hooks.onSent(c)
       } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
-      else if (kind === DemandEv.CPU) this.demandCpuMs += a
+      else if (kind === DemandEv.CPU) this.endedCpuMs += a
     })
     this.demandServer = new NativeThread(new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head), onEvents)
   }

@@ -1,0 +1,149 @@
+// The source's native bulk writer (native/bulk_writer.cc) on a real TCP
+// connection: what it writes is decoded with the protocol's own decoder and
+// compared with region memory and with the bitmaps it marks.
+import { once } from 'node:events'
+import { createServer, connect, type Socket } from 'node:net'
+import { describe, expect, it } from 'vitest'
+import { loadBinding } from '../src/binding'
+import { PageBitmap } from '../src/bitmap'
+import { type Frame, FrameDecoder } from '../src/protocol/frames'
+import { decodePages, decodeRuns, encodeControl, Msg, RangeKind } from '../src/protocol/messages'
+import { Region } from '../src/region'
+import { socketFd } from '../src/socket-fd'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+
+async function tcpPair(): Promise<{ client: Socket; server: Socket; close(): void }> {
+  const srv = createServer()
+  srv.listen(0, '127.0.0.1')
+  await once(srv, 'listening')
+  const port = (srv.address() as { port: number }).port
+  const accepted = once(srv, 'connection')
+  const client = connect(port, '127.0.0.1')
+  await once(client, 'connect')
+  const [server] = (await accepted) as [Socket]
+  return { client, server, close: () => (client.destroy(), server.destroy(), srv.close()) }
+}
+
+describe.skipIf(skip)('native bulk writer', () => {
+  const b = skip ? (undefined as never) : loadBinding()
+  const ps = skip ? 4096 : b.pageSize
+
+  it('writes frames and runs in call order: data pages from memory, zero pages as ranges, bitmaps marked, resends counted, pending taken once', async () => {
+    const pages = 1024
+    const region = Region.create('w', pages * ps)
+    const u8 = new Uint8Array(region.buffer)
+    const isZero = (p: number) => p % 7 === 3 || (p >= 600 && p < 700)
+    for (let p = 0; p < pages; p++) if (!isZero(p)) u8[p * ps + (p % ps)] = (p % 251) + 1
+    const destHas = new PageBitmap(pages), everSent = new PageBitmap(pages), pending = new PageBitmap(pages)
+    const { client, server, close } = await tcpPair()
+    const frames: Frame[] = []
+    const decoder = new FrameDecoder((f) => frames.push(f), 64 << 20)
+    server.on('data', (c: Buffer) => decoder.feed(c))
+    const events: number[] = []
+    const writer = new b.BulkWriter!(socketFd(client)!, [region.id], [destHas.words], [everSent.words], (ev) => events.push(...ev))
+    const idle = () => new Promise<void>((resolve) => {
+      const t = setInterval(() => {
+        if (writer.queuedBytes === 0 && events.some((_, i) => i % 5 === 0 && events[i] === 3)) (clearInterval(t), resolve())
+      }, 5)
+    })
+    const first = Buffer.concat(encodeControl(Msg.ROUND_END, { round: 0 }))
+    writer.frame(first)
+    writer.pages(0, Uint32Array.from([0, 300, 500, 300])) // [0,300) and [500,800), 1 MiB frames
+    writer.frame(Buffer.concat(encodeControl(Msg.PRECOPY_END, { reason: 'converged' })))
+    writer.pages(0, Uint32Array.from([10, 20]), 4) // sent again, frames of 4 pages
+    await idle()
+    // DONE (kind 1): (seq, data, zero, pages sent before) per batch
+    const done = [] as number[][]
+    for (let i = 0; i < events.length; i += 5) if (events[i] === 1) done.push(events.slice(i + 1, i + 5))
+    const resendData = [...Array(20).keys()].filter((i) => !isZero(10 + i)).length
+    expect(done.map((d) => d.slice(1))).toEqual([[428, 172, 0], [resendData, 20 - resendData, resendData]])
+    // after the hand-off: only pages still pending go, each once, and leave the map
+    pending.setRange(900, 100)
+    pending.clearRange(950, 10)
+    writer.setPending([pending.words])
+    events.length = 0
+    writer.pages(0, Uint32Array.from([880, 144]), 64, true)
+    writer.pages(0, Uint32Array.from([900, 10]), 64, true) // already taken: nothing more goes
+    await idle()
+    await new Promise((r) => setTimeout(r, 50))
+    const layout = [{ pageCount: pages }]
+
+    // call order on the wire
+    const kinds = frames.map((f) => f.type)
+    expect(kinds[0]).toBe(Msg.ROUND_END)
+    const end = kinds.indexOf(Msg.PRECOPY_END)
+    expect(end).toBeGreaterThan(1)
+    // every page of the first batch exactly once before PRECOPY_END: data as PAGES with its bytes, zero as ZERO ranges
+    const seen = new Map<number, 'data' | 'zero'>()
+    const bad: string[] = []
+    const take = (slice: Frame[], into: Map<number, 'data' | 'zero'>) => {
+      for (const f of slice) {
+        if (f.type === Msg.PAGES) {
+          const m = decodePages(f.payload, layout, ps)
+          for (let i = 0; i < m.pageCount; i++) {
+            const p = m.firstPage + i
+            if (into.has(p)) bad.push(`page ${p} twice`)
+            into.set(p, 'data')
+            if (Buffer.compare(m.data.subarray(i * ps, (i + 1) * ps), Buffer.from(region.buffer, p * ps, ps)) !== 0) bad.push(`page ${p} bytes`)
+          }
+        } else if (f.type === Msg.RANGES) {
+          const m = decodeRuns(f.type, f.payload, layout)
+          expect(m.kind).toBe(RangeKind.ZERO)
+          for (let k = 0; k < m.runs.length; k += 2) for (let p = m.runs[k]; p < m.runs[k] + m.runs[k + 1]; p++) {
+            if (into.has(p)) bad.push(`page ${p} twice`)
+            into.set(p, 'zero')
+          }
+        }
+      }
+    }
+    take(frames.slice(1, end), seen)
+    const expected = new Map<number, 'data' | 'zero'>()
+    for (const [s, n] of [[0, 300], [500, 300]]) for (let p = s; p < s + n; p++) expected.set(p, isZero(p) ? 'zero' : 'data')
+    expect(bad).toEqual([])
+    expect([...seen.entries()].sort((x, y) => x[0] - y[0])).toEqual([...expected.entries()].sort((x, y) => x[0] - y[0]))
+    // the resend: frames of at most 4 pages
+    const again = frames.slice(end + 1).filter((f) => f.type === Msg.PAGES).map((f) => decodePages(f.payload, layout, ps))
+    const resend = again.filter((m) => m.firstPage < 880)
+    expect(resend.every((m) => m.pageCount <= 4)).toBe(true)
+    expect(resend.reduce((n, m) => n + m.pageCount, 0)).toBe(resendData)
+    // bitmaps: destHas holds every page sent (data or zero); everSent only data pages
+    for (let p = 0; p < 800; p++) expect(destHas.has(p)).toBe(p < 300 || p >= 500)
+    // after the hand-off: exactly the pending pages of [880, 1024), each once, and the map is empty
+    const post = new Map<number, 'data' | 'zero'>()
+    take(frames.slice(end + 1).filter((f) => f.type !== Msg.PAGES || decodePages(f.payload, layout, ps).firstPage >= 880), post)
+    expect(bad).toEqual([])
+    const wanted = [...Array(100).keys()].map((i) => 900 + i).filter((p) => p < 950 || p >= 960)
+    expect([...post.keys()].filter((p) => p >= 880).sort((x, y) => x - y)).toEqual(wanted)
+    expect(pending.count()).toBe(0)
+    expect(everSent.count()).toBe(428 + wanted.filter((p) => !isZero(p)).length)
+    // events: SENT (kind 2) for exactly the pending pages; DONE (kind 1) per batch with its counts
+    let sent = 0
+    for (let i = 0; i < events.length; i += 5) if (events[i] === 2) sent += events[i + 3]
+    expect(sent).toBe(wanted.length)
+    expect(writer.bytesWritten).toBeGreaterThan(500 * ps)
+    writer.close()
+    close()
+    region.release()
+  })
+
+  it('reports a write that fails (the peer closed) once, and keeps its calls harmless afterwards', async () => {
+    const region = Region.create('w', 256 * ps)
+    new Uint8Array(region.buffer).fill(1)
+    const { client, server, close } = await tcpPair()
+    server.destroy()
+    const events: number[] = []
+    const writer = new b.BulkWriter!(socketFd(client)!, [region.id], [new PageBitmap(256).words], [new PageBitmap(256).words], (ev) => events.push(...ev))
+    for (let i = 0; i < 20; i++) writer.pages(0, Uint32Array.from([0, 256]))
+    for (let t = 0; t < 200 && !events.some((_, i) => i % 5 === 0 && events[i] === 7); t++) await new Promise((r) => setTimeout(r, 10))
+    const closedEvents = events.filter((_, i) => i % 5 === 0 && events[i] === 7).length
+    expect(closedEvents).toBe(1)
+    expect(() => writer.pages(0, Uint32Array.from([0, 1]))).not.toThrow()
+    expect(() => writer.pages(5, Uint32Array.from([0, 1]))).toThrow(/no such region/)
+    writer.close()
+    expect(() => writer.frame(Buffer.from([0, 0, 0, 1, 7]))).toThrow(/closed/)
+    close()
+    region.release()
+  })
+})
