@@ -110,6 +110,7 @@ program
   .addOption(new Option('--mode <mode>', 'migration mode').choices(MIGRATION_MODES).default('hybrid'))
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
+  .option('--streams <n>', 'parallel bulk connections for the pre-copy rounds, each with a thread per side (1-8; default 1)', positiveNumber)
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
   .option('--idle-fill-ms <ms>', "post-copy, 'demand': push the rest once the service went this long without a fault (default 1000)", nonNegativeNumber)
@@ -121,7 +122,7 @@ program
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -148,6 +149,7 @@ program
         options: {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
           recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
+          ...(o.streams !== undefined ? { streams: o.streams } : {}),
           ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
             : {}),

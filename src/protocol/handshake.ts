@@ -9,8 +9,12 @@ import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
 import type { Channel } from './channel'
 import { decodeControl, encodeControl, field, Msg, PROTOCOL_NAME, PROTOCOL_VERSION } from './messages'
 
-/** urgent and bulk always; demand when the source's native demand path answers page faults (see src/agent/demand-events.ts). */
-export type ChannelRole = 'urgent' | 'bulk' | 'demand'
+/**
+ * urgent and bulk always; demand when the source's native demand path answers
+ * page faults (see src/agent/demand-events.ts); stream: an extra bulk stream,
+ * opened after REGIONS_OK granted it (pre-copy only).
+ */
+export type ChannelRole = 'urgent' | 'bulk' | 'demand' | 'stream'
 
 export interface HelloInfo {
   role: ChannelRole
@@ -84,7 +88,7 @@ export async function serverHandshake(ch: Channel, token: Buffer, admit: (info: 
     const m = decodeControl(hello.type, hello.payload)
     checkVersion(m)
     const role = field<string>(m, 'role', 'string', 'HELLO')
-    if (role !== 'urgent' && role !== 'bulk' && role !== 'demand') throw migrationError(ErrorCode.PROTOCOL, `expected HELLO.role urgent|bulk|demand, got ${role}`)
+    if (role !== 'urgent' && role !== 'bulk' && role !== 'demand' && role !== 'stream') throw migrationError(ErrorCode.PROTOCOL, `expected HELLO.role urgent|bulk|demand|stream, got ${role}`)
     const session = field<string>(m, 'session', 'string', 'HELLO')
     if (session.length > 64) throw migrationError(ErrorCode.PROTOCOL, 'expected HELLO.session of at most 64 characters')
     const info: HelloInfo = { role, session }

@@ -45,6 +45,9 @@ export class Acceptor {
   bulk: Channel | undefined
   /** Read and written by the native demand thread once adopted (not in `channels`: no frames for JS). */
   demand: Channel | undefined
+  /** Extra bulk streams of the session (read by native threads: not in `channels`), and how many it may open. */
+  streams: Channel[] = []
+  streamsAllowed = 0
 
   constructor(
     private readonly token: Buffer,
@@ -93,6 +96,10 @@ export class Acceptor {
         authenticated()
         rejoin = this.admit(hello)
       })
+      if (info.role === 'stream') {
+        this.streams.push(ch)
+        return this.host.adopt(ch, info.role)
+      }
       // recovering: a connection of an attempt that broke half-way gives way to the new one
       const replaced = rejoin ? this[info.role] : undefined
       this[info.role] = ch
@@ -110,6 +117,12 @@ export class Acceptor {
   /** An authenticated peer may join (true: it rejoins its session after a break); throws BUSY or PROTOCOL before READY. */
   private admit(info: HelloInfo): boolean {
     const phase = this.host.phase
+    if (info.role === 'stream') {
+      // only the session in pre-copy, as many as REGIONS_OK granted
+      if (phase !== DestPhase.PRECOPY || info.session !== this.session) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+      if (this.streams.length >= this.streamsAllowed) throw migrationError(ErrorCode.PROTOCOL, `more extra bulk streams than the ${this.streamsAllowed} granted`)
+      return false
+    }
     const rejoin = (phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
     if (phase !== DestPhase.LISTENING && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
     if (this.session && info.session !== this.session) {
@@ -161,13 +174,16 @@ export class Acceptor {
   /** The link broke: both slots free for the session's next pair. */
   drop(err: Error): void {
     // slots first: the channels' close listeners must see a pair that is already gone
-    const { urgent, bulk, demand } = this
+    const { urgent, bulk, demand, streams } = this
     this.urgent = undefined
     this.bulk = undefined
     this.demand = undefined
+    this.streams = []
+    this.streamsAllowed = 0
     urgent?.fail(err)
     bulk?.fail(err)
     demand?.fail(err)
+    for (const s of streams) s.fail(err)
   }
 
   /** The session ended before the hand-off: the next source may bring another. */
@@ -187,6 +203,7 @@ export class Acceptor {
     this.urgent?.close()
     this.bulk?.close()
     this.demand?.close()
+    for (const s of this.streams) s.close()
   }
 }
 

@@ -6,10 +6,19 @@
  * order, for the message table; after HANDOFF the thread waits until the
  * discard list is applied (resume()). Without it (no addon support, or
  * UFFD_MIGRATE_BULK=js) the Channel's frames go through placement.ts.
+ *
+ * Extra bulk streams (the source's `streams` option, pre-copy only) get a
+ * thread each, placing whatever arrives on them: the source sends every
+ * frame about a page on that page's stream, so per-stream order is per-page
+ * order. Their only other frame is SYNC (answered on the same stream: the
+ * source's barrier before HANDOFF); at the hand-off they are closed, so that
+ * nothing can reach the running service's memory with pre-copy's rules.
  */
 import type { NativeBinding, NativeBulkReader, NativeUffd } from '../../binding'
+import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
+import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
@@ -22,10 +31,18 @@ export interface BulkPathHooks {
   closed(err: Error): void
 }
 
+/** Extra bulk streams one session may open beside bulk. */
+export const MAX_EXTRA_STREAMS = 7
+
 export class BulkPath {
   private reader: NativeThread<NativeBulkReader> | undefined
   /** The connection the thread reads (this side still writes on it). */
   private ch: Channel | undefined
+  /** Extra streams' readers (before the hand-off only). */
+  private streams: BulkPath[] = []
+  private started: { uffd: NativeUffd; placement: Placement } | undefined
+  /** CPU time of extra streams' threads that ended. */
+  private streamsCpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -37,9 +54,40 @@ export class BulkPath {
     return this.reader !== undefined
   }
 
-  /** CPU time of the thread so far, ms. */
+  /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
   get cpuMs(): number {
-    return this.reader?.thread.cpuMs ?? 0
+    return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0)
+  }
+
+  /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader. */
+  streamsFor(wanted: unknown): number {
+    if (!this.active || typeof wanted !== 'number' || !Number.isInteger(wanted) || wanted < 2) return 0
+    return Math.min(wanted - 1, MAX_EXTRA_STREAMS)
+  }
+
+  /** An extra stream of the session (admitted by the acceptor): a thread of its own places its pages. */
+  addStream(ch: Channel, failed: (err: Error) => void): void {
+    if (!this.started) return failed(migrationError(ErrorCode.PROTOCOL, 'an extra bulk stream before the region table'))
+    const stream: BulkPath = new BulkPath(this.binding, this.regions, {
+      frame: (f) => {
+        if (f.type === Msg.SYNC) return void ch.send(encodeControl(Msg.SYNC, {}))
+        failed(migrationError(ErrorCode.PROTOCOL, `unexpected message ${f.type} on an extra bulk stream (only pages, ranges and SYNC)`))
+      },
+      closed: (err) => this.streams.includes(stream) && failed(err),
+    })
+    this.streams.push(stream)
+    if (!stream.start(this.started.uffd, this.started.placement, ch)) failed(migrationError(ErrorCode.PROTOCOL, 'extra bulk streams need the native bulk reader'))
+  }
+
+  /** The hand-off: the extra streams are quiet (the source's barrier) and closed from now on. */
+  endStreams(): void {
+    const streams = this.streams
+    this.streams = []
+    for (const s of streams) {
+      s.close()
+      this.streamsCpuMs += s.endedCpuMs
+      s.ch?.close()
+    }
   }
 
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
@@ -62,6 +110,7 @@ export class BulkPath {
       taken.fd, taken.head, onEvents,
     )
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
+    this.started = { uffd, placement }
     this.adoptCounts(ch)
     return true
   }
@@ -97,9 +146,15 @@ export class BulkPath {
     this.reader?.thread.attach(-1)
   }
 
+  /** CPU time of the thread when it was closed, ms. */
+  private endedCpuMs = 0
+
   close(): void {
+    this.endStreams()
     const reader = this.reader
     this.reader = undefined
+    if (reader) this.endedCpuMs = reader.thread.cpuMs
     reader?.close()
+    this.started = undefined
   }
 }

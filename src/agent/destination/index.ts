@@ -4,8 +4,7 @@
  * hand-off pages go straight into the (registered, untouched) regions; at
  * the hand-off the discard list is applied and the service resumes; after
  * it, faults become page requests on the urgent channel, and pages are
- * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local.
- * Beside it, one file per concern (accept, placement, requests, bulk-gate, recovery, watchdog, demand-path).
+ * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local. Beside it, one file per concern.
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
@@ -33,7 +32,6 @@ import { acceptRegionTable } from './region-table'
 import { Watchdog } from './watchdog'
 
 export { DestPhase } from './machine'
-
 export type { DestinationHooks, DestinationOptions } from './hooks'
 
 export class MigrationDestination implements DestinationHandlers {
@@ -86,8 +84,7 @@ export class MigrationDestination implements DestinationHandlers {
       complete: () => this.placement.complete,
       channels: () => this.link.channels,
       oldestRequestSinceMs: () => Math.min(this.requests.oldestRequestSinceMs() ?? Infinity, this.demand.oldestOpenMs(this.clock.now()) ?? Infinity),
-      // a stuck source is a broken link; the source that wakes up after the hand-off must see it closed and come
-      // back (no ERROR then), before it the session ends with the error
+      // a stuck source is a broken link: after the hand-off it must find it closed and come back (no ERROR then)
       broken: (err) => {
         if (this.phase === DestPhase.PRECOPY) for (const ch of this.link.channels) ch.sendError(err)
         this.linkBroke(err)
@@ -137,6 +134,7 @@ export class MigrationDestination implements DestinationHandlers {
 
   private adopt(ch: Channel, role: ChannelRole): void {
     if (role === 'demand') return this.demand.adopt(ch)
+    if (role === 'stream') return this.bulkPath.addStream(ch, (err) => this.linkBroke(err))
     if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.phase === DestPhase.LISTENING ? precopyBulkBuffers(this.opts.bulkBufferBytes) : this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
@@ -199,8 +197,9 @@ export class MigrationDestination implements DestinationHandlers {
     this.placement.attach(this.uffd)
     this.requests.attach(this.uffd)
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
+    this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
-    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, {}))
+    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1 }))
   }
 
   onClock(f: Frame): void {
@@ -222,6 +221,7 @@ export class MigrationDestination implements DestinationHandlers {
   onHandoff(f: Frame): void {
     const handoffAtMs = this.clock.now(), m = decodeControl(f.type, f.payload)
     const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
+    this.bulkPath.endStreams() // quiet since the source's barrier; nothing reaches the service's memory through them now
     this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0

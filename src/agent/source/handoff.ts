@@ -81,7 +81,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   const precopyMode = ctx.mode === 'precopy'
   const final: RoundReport = { round: rounds.length, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
   const start = ctx.clock.now()
-  const before = bulk.bytesWritten
+  const before = bulk.bytesWritten + sender.laneBytes
   const freed = ctx.takeFreed()
   final.freePages = sender.sendFreed(bulk, freed)
   // freed pages read as zero there now: not lacking any more
@@ -108,6 +108,8 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
     prep.lacking![i].setRuns(runs)
     discard.push(runs)
   }
+  // what went on extra streams is applied there before HANDOFF (which goes on bulk); only bulk from now on
+  await sender.barrier(false)
   // every page the destination lacks is pending from now on, each to be sent once
   if (!precopyMode) sender.setPending(prep.lacking!, prep.lackingCount + discarded)
   ctx.commit(discarded, precopyMode ? 0 : sender.pagesLeft)
@@ -118,7 +120,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   }))
   await bulk.drain()
   ctx.marks.sentAt = ctx.clock.now()
-  final.bytes = bulk.bytesWritten - before
+  final.bytes = bulk.bytesWritten + sender.laneBytes - before
   final.durationMs = ctx.clock.now() - start
   if (final.dataPages || final.zeroPages || final.freePages) rounds.push(final)
   return discarded

@@ -49,6 +49,8 @@ export interface SourceOptions {
   prepaging: PrepagingOptions
   /** Record the push order in the report (tests, benchmarks). */
   pushLog: boolean
+  /** Bulk connections for the pre-copy rounds (1: bulk alone; the destination may grant fewer). */
+  streams?: number
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
   /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
@@ -173,6 +175,18 @@ export class MigrationSource implements SourceHandlers {
     return undefined
   }
 
+  /** REGIONS_OK granted extra bulk streams: open them, each written by a native writer, pages split between them. */
+  private async openStreams(ok: Frame): Promise<void> {
+    const granted = decodeControl(ok.type, ok.payload).streams
+    if (typeof granted !== 'number' || !Number.isInteger(granted) || granted < 2 || granted > this.opts.streams!) return
+    const link = this.link
+    const extra = await this.guard(link.openStreams(granted - 1))
+    if (!this.sender.useLanes(link.bulk, extra)) return link.closeStreams()
+    // a stream that breaks before the hand-off breaks the migration, like bulk; the destination closes them at HANDOFF
+    // (this side must not close them first: a stream that ends before HANDOFF is read there ends the session)
+    for (const ch of extra) ch.onClose((err) => link.streams.includes(ch) && !this.committed && this.cancelWith(this.failure ?? err))
+  }
+
   /** The link's bulk connection is written by the native writer from now on, where the addon has it. */
   private writeNatively(link: SourceLink): SourceLink {
     this.sender.writeNatively(link.bulk)
@@ -202,8 +216,9 @@ export class MigrationSource implements SourceHandlers {
         ...(this.opts.requestTimeoutMs !== undefined ? { requestTimeoutMs: this.opts.requestTimeoutMs } : {}),
         pageSize: this.binding.pageSize,
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
+        ...(this.opts.streams! > 1 && bulk.frameWriter ? { streams: this.opts.streams } : {}),
       }))
-      await this.guard(reply(bulk, Msg.REGIONS_OK))
+      await this.openStreams(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))
       const failed = this.guard(this.attachLink())
       const rounds: RoundReport[] = []

@@ -39,10 +39,15 @@ export class SourceLink {
   readonly demand: Channel | undefined
   private keepalive: NodeJS.Timeout | undefined
 
+  /** Extra bulk streams (pre-copy only; openStreams()), closed at the hand-off. */
+  streams: Channel[] = []
+
   private constructor(
     urgent: Channel, bulk: Channel, demand: Channel | undefined, linkTimeoutMs: number,
     /** Post-copy: the bulk socket's kernel buffers go back to the post-copy size (a pushed page a fault waits for sits behind less). */
     readonly enterPostcopy: () => void,
+    /** Dials and authenticates one more connection of the session, tuned like bulk before the hand-off. */
+    private readonly dialStream: () => Promise<Channel>,
   ) {
     this.urgent = urgent
     this.bulk = bulk
@@ -77,7 +82,7 @@ export class SourceLink {
   private static async openOnce(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
     const { host, port } = parseAddress(opts.to)
     const dial = opts.dial ?? dialTcp
-    const open = async (role: 'urgent' | 'bulk' | 'demand') => {
+    const open = async (role: 'urgent' | 'bulk' | 'demand' | 'stream') => {
       const ch = new Channel(await dial(host, port, opts.connectTimeoutMs), role)
       try {
         await clientHandshake(ch, opts.token, { role, session })
@@ -104,12 +109,43 @@ export class SourceLink {
       ch?.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
       if (ch) ch.stallTimeoutMs = opts.linkTimeoutMs
     }
-    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink)
+    const dialStream = async () => {
+      const ch = await open('stream')
+      ch.limitKernelBuffers(binding.setSocketBuffers, precopyBulkBuffers(opts.bulkBufferBytes))
+      ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+      ch.stallTimeoutMs = opts.linkTimeoutMs
+      return ch
+    }
+    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream)
+  }
+
+  /** Opens `count` extra bulk streams (granted by REGIONS_OK); on a failure the ones opened are closed. */
+  async openStreams(count: number): Promise<Channel[]> {
+    try {
+      for (let i = 0; i < count; i++) this.streams.push(await this.dialStream())
+    } catch (err) {
+      this.closeStreams()
+      throw err
+    }
+    return this.streams
+  }
+
+  /** The hand-off: the extra streams are quiet (barrier done) and not used again. */
+  closeStreams(): void {
+    const streams = this.streams
+    this.streams = []
+    for (const s of streams) {
+      this.closedStreamBytes += s.bytesWritten
+      s.close()
+    }
   }
 
   get bytesWritten(): number {
-    return this.urgent.bytesWritten + this.bulk.bytesWritten
+    return this.urgent.bytesWritten + this.bulk.bytesWritten + this.streams.reduce((n, s) => n + s.bytesWritten, 0) + this.closedStreamBytes
   }
+
+  /** Bytes the extra streams wrote before they closed. */
+  private closedStreamBytes = 0
 
   get bytesRead(): number {
     return this.urgent.bytesRead + this.bulk.bytesRead
@@ -120,6 +156,7 @@ export class SourceLink {
     this.urgent.close()
     this.bulk.close()
     this.demand?.close()
+    this.closeStreams()
   }
 
   /** Destination clock minus ours, from the exchange with the smallest round trip. */

@@ -157,6 +157,7 @@ async function dropUntilQuiet(ctx: PrecopyContext): Promise<number> {
     }
     total += dropped
     if (dropped === 0) break
+    await sender.barrier(true) // the drops sent on extra streams are applied too
     bulk.send(encodeControl(Msg.SYNC, {}))
     await ctx.sync()
     if (dropped < 256) break
@@ -202,12 +203,12 @@ interface RoundStart {
 
 function startRound(ctx: PrecopyContext, round: number): RoundStart {
   const rr: RoundReport = { round, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
-  return { rr, t: ctx.clock.now(), bytes: ctx.bulk.bytesWritten }
+  return { rr, t: ctx.clock.now(), bytes: ctx.bulk.bytesWritten + ctx.sender.laneBytes }
 }
 
 async function endRound(ctx: PrecopyContext, start: RoundStart, rounds: RoundReport[]): Promise<void> {
-  await ctx.bulk.drain()
-  start.rr.bytes = ctx.bulk.bytesWritten - start.bytes
+  await ctx.sender.drain(ctx.bulk)
+  start.rr.bytes = ctx.bulk.bytesWritten + ctx.sender.laneBytes - start.bytes
   start.rr.durationMs = ctx.clock.now() - start.t
   rounds.push(start.rr)
 }

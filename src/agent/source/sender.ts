@@ -11,11 +11,13 @@
 import type { NativeBinding, NativeDemandServer } from '../../binding'
 import { PageBitmap } from '../../bitmap'
 import type { Channel } from '../../protocol/channel'
-import { encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
+import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
+import { splitByLane } from './lanes'
+import { reply } from './link'
 
 /**
  * After the hand-off, frames carry at most 256 KiB: while a fault is open the
@@ -55,6 +57,9 @@ export class Sender {
   private writer: NativeBulkSend | undefined
   /** CPU time of the native threads that have ended (the report's source CPU). */
   private endedCpuMs = 0
+  /** Parallel bulk streams before the hand-off (lanes.ts): lane 0 is bulk; empty: bulk alone. */
+  private lanes: Channel[] = []
+  private laneWriters: NativeBulkSend[] = []
 
   constructor(
     private readonly binding: NativeBinding,
@@ -70,9 +75,67 @@ export class Sender {
     return this.regions.reduce((n, r, i) => n + r.pageCount - this.destHas[i].count(), 0)
   }
 
-  /** CPU time of the native threads (demand server, bulk writer), ended and running. */
+  /** CPU time of the native threads (demand server, bulk writers), ended and running. */
   get nativeCpuMs(): number {
-    return this.endedCpuMs + (this.writer?.cpuMs ?? 0)
+    return this.endedCpuMs + (this.writer?.cpuMs ?? 0) + this.laneWriters.reduce((n, w) => n + w.cpuMs, 0)
+  }
+
+  /**
+   * Pre-copy over parallel streams: each extra stream gets a native writer
+   * and pages travel on their lane (lanes.ts). False (nothing changed) when
+   * bulk or an extra stream cannot be written natively.
+   */
+  useLanes(bulk: Channel, extra: Channel[]): boolean {
+    if (!this.writer || bulk.frameWriter !== this.writer || !extra.length) return false
+    const writers: NativeBulkSend[] = []
+    for (const ch of extra) {
+      const w = this.attachWriter(ch)
+      if (!w) return false
+      writers.push(w)
+    }
+    this.lanes = [bulk, ...extra]
+    this.laneWriters = writers
+    return true
+  }
+
+  /**
+   * Every extra stream has applied what was sent on it (a SYNC answered on
+   * each): the barrier before a frame that changes the rules for every page.
+   * Then, with lanes false, pages travel on bulk alone from now on (the hand-off).
+   */
+  async barrier(keepLanes: boolean): Promise<void> {
+    const extra = this.lanes.slice(1)
+    await Promise.all(extra.map(async (ch) => {
+      const answered = reply(ch, Msg.SYNC)
+      ch.send(encodeControl(Msg.SYNC, {}))
+      await answered
+    }))
+    if (keepLanes) return
+    this.lanes = []
+    for (const w of this.laneWriters) {
+      this.extraBytes += w.bytesWritten
+      this.endedCpuMs += w.cpuMs
+    }
+    this.laneWriters = []
+  }
+
+  /** Bytes the extra streams wrote, ended and running (round and hand-off byte counts add them to bulk's). */
+  get laneBytes(): number {
+    return this.extraBytes + this.laneWriters.reduce((n, w) => n + w.bytesWritten, 0)
+  }
+
+  private extraBytes = 0
+
+  /** Waits until ch (and, for bulk, every extra stream) has written what was queued. */
+  async drain(ch: Channel): Promise<void> {
+    await Promise.all(ch === this.lanes[0] ? this.lanes.map((l) => l.drain()) : [ch.drain()])
+  }
+
+  /** The channels (with their runs) that carry these runs: their lanes when ch is bulk with extra streams. */
+  private route(ch: Channel, runs: number[]): [Channel, number[]][] {
+    if (this.lanes.length < 2 || ch !== this.lanes[0]) return [[ch, runs]]
+    const split = splitByLane(runs, this.lanes.length)
+    return this.lanes.map((lane, i): [Channel, number[]] => [lane, split[i]]).filter(([, r]) => r.length > 0)
   }
 
   /** From the hand-off (or a recovery) on: what is still to send. */
@@ -88,7 +151,15 @@ export class Sender {
    * has one (bulk-writer.ts); false: the JS path goes on.
    */
   writeNatively(ch: Channel): boolean {
-    if (!nativeWriterAvailable(this.binding)) return false
+    const writer = this.attachWriter(ch)
+    if (!writer) return false
+    this.writer = writer
+    if (this.pending.length) writer.setPending(this.pending.map((m) => m.words))
+    return true
+  }
+
+  private attachWriter(ch: Channel): NativeBulkSend | undefined {
+    if (!nativeWriterAvailable(this.binding)) return undefined
     const writer = ch.useWriter((fd) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
       onDone: (data, zero, resent) => {
         this.counts.data += data
@@ -99,10 +170,7 @@ export class Sender {
       onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
       onCpu: (ms) => (this.endedCpuMs += ms),
     }))
-    if (!(writer instanceof NativeBulkSend)) return false
-    this.writer = writer
-    if (this.pending.length) writer.setPending(this.pending.map((m) => m.words))
-    return true
+    return writer instanceof NativeBulkSend ? writer : undefined
   }
 
   /**
@@ -117,23 +185,27 @@ export class Sender {
       total.data += r.data
       total.zero += r.zero
     }
-    const writer = this.writer
-    if (writer && ch.frameWriter === writer) {
-      const inFlight: Promise<{ data: number; zero: number }>[] = []
-      let batch: number[] = [], pages = 0
-      const submit = async () => {
-        inFlight.push(writer.pages(region, Uint32Array.from(batch), afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME, afterHandoff))
-        batch = [], pages = 0
-        if (inFlight.length >= WRITER_BATCHES_IN_FLIGHT) add(await inFlight.shift()!)
+    if (this.writer && ch.frameWriter === this.writer) {
+      // one queue of batches per lane (bulk alone: one), each with a few batches in flight
+      const queues = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => ({
+        lane, writer: lane.frameWriter as NativeBulkSend, batch: [] as number[], pages: 0, inFlight: [] as Promise<{ data: number; zero: number }>[],
+      }))
+      const submit = async (q: (typeof queues)[number]) => {
+        q.inFlight.push(q.writer.pages(region, Uint32Array.from(q.batch), afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME, afterHandoff))
+        q.batch = [], q.pages = 0
+        if (q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT) add(await q.inFlight.shift()!)
       }
       for (const [s, n] of runs) {
         if (ch.failed) break
-        batch.push(s, n)
-        pages += n
-        if (pages >= WRITER_BATCH_PAGES || batch.length >= 2 * RANGE_ENTRIES_PER_FRAME) await submit()
+        const parts = queues.length > 1 ? splitByLane([s, n], queues.length) : [[s, n]]
+        for (let i = 0; i < queues.length; i++) {
+          const q = queues[i], part = parts[i]
+          for (let k = 0; k < part.length; k += 2) q.batch.push(part[k], part[k + 1]), (q.pages += part[k + 1])
+          if (q.pages >= WRITER_BATCH_PAGES || q.batch.length >= 2 * RANGE_ENTRIES_PER_FRAME) await submit(q)
+        }
       }
-      if (batch.length) await submit()
-      for (const p of inFlight) add(await p)
+      for (const q of queues) if (q.batch.length) await submit(q)
+      for (const q of queues) for (const p of q.inFlight) add(await p)
       return total
     }
     let runsSent = 0
@@ -207,7 +279,7 @@ export class Sender {
         if (held) runs.push(p, q - p)
       })
     }
-    for (let k = 0; k < runs.length; k += RANGE_ENTRIES_PER_FRAME) ch.send(encodeRuns(Msg.RANGES, RangeKind.STALE, region, runs.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+    this.sendRunsFrames(ch, RangeKind.STALE, region, runs)
     let pages = 0
     for (let k = 0; k < runs.length; k += 2) pages += has.clearRange(runs[k], runs[k + 1])
     return pages
@@ -216,7 +288,7 @@ export class Sender {
   /** Sends runs without payload, marking them current at the destination. */
   sendRanges(ch: Channel, kind: RangeKind, region: number, runs: number[]): number {
     let pages = 0
-    for (let k = 0; k < runs.length; k += RANGE_ENTRIES_PER_FRAME) ch.send(encodeRuns(Msg.RANGES, kind, region, runs.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+    this.sendRunsFrames(ch, kind, region, runs)
     for (let k = 0; k < runs.length; k += 2) {
       this.destHas[region].setRange(runs[k], runs[k + 1])
       if (this.pending.length) this.pagesLeft -= this.pending[region].clearRange(runs[k], runs[k + 1])
@@ -225,6 +297,13 @@ export class Sender {
     if (kind === RangeKind.FREE) this.counts.free += pages
     else this.counts.zero += pages
     return pages
+  }
+
+  /** RANGES frames of one kind, each on the lane of its pages (see route()). */
+  private sendRunsFrames(ch: Channel, kind: RangeKind, region: number, runs: number[]): void {
+    for (const [lane, list] of this.route(ch, runs)) {
+      for (let k = 0; k < list.length; k += RANGE_ENTRIES_PER_FRAME) lane.send(encodeRuns(Msg.RANGES, kind, region, list.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+    }
   }
 
   /** Free-page reports from the service ([region, first, count] triples): sent as FREE ranges. */
