@@ -8,7 +8,8 @@
 // and on a namespace link shaped to 8 Gbit/s; beside them, in the same run and
 // after the same warm-up, the C reference (../shared/limits postcopy-bulk:
 // recv 1 MiB + UFFDIO_COPY) and raw Node TCP over the same shaped link.
-// Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000), --json FILE
+// Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000),
+//        --streams 1,2,4 (native path: parallel bulk streams, send --streams; default 1), --json FILE
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
 import { repoRoot, runLimits } from './lib/limits.mjs'
@@ -29,6 +30,7 @@ const mib = Number(opt('mib', 1024))
 const runs = Number(opt('runs', 3))
 const paths = opt('paths', 'native,js').split(',')
 const rateMbit = Number(opt('rate-mbit', 8000))
+const streamCounts = opt('streams', '1').split(',').map(Number)
 let links = opt('links', 'loopback,netns').split(',')
 const say = (s) => process.stderr.write(`[bench:bulk] ${s}\n`)
 const MiB = 2 ** 20, GiB = 2 ** 30
@@ -58,15 +60,15 @@ try {
   }
   const results = []
   for (const link of links) {
-    for (const path of paths) {
+    for (const [path, streams] of paths.flatMap((p) => (p === 'native' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
       const samples = []
       for (let i = 0; i < runs; i++) {
-        say(`${link} ${path} run ${i + 1}/${runs}`)
+        say(`${link} ${path} streams ${streams} run ${i + 1}/${runs}`)
         if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
         let r
         try {
           r = await migrateExample({
-            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false,
+            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false, sendArgs: ['--streams', String(streams)],
             ...(link === 'netns' ? { destNetns: pair.ns, destHost: pair.nsIp } : {}),
           })
         } finally {
@@ -78,6 +80,7 @@ try {
           continue
         }
         if (rep.bulkReceive !== path) say(`   note: the destination placed pages with the ${rep.bulkReceive} path`)
+        if ((rep.streams ?? 1) !== streams) say(`   note: ${rep.streams ?? 1} stream(s) granted of ${streams}`)
         const r0 = rep.rounds[0]
         const dataGiB = (rep.pages.data * rep.pageSize) / GiB
         samples.push({
@@ -87,7 +90,7 @@ try {
           srcCpu: rep.cpuMs ? rep.cpuMs.source / 1000 / dataGiB : NaN,
         })
       }
-      results.push({ link, path, samples })
+      results.push({ link, path, streams, samples })
     }
   }
 
@@ -103,19 +106,19 @@ try {
     const s = stats(xs)
     return xs.length ? `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}` : 'failed'
   }
-  for (const { link, path, samples } of results) {
+  for (const { link, path, streams, samples } of results) {
     const med = (k) => stats(samples.map((x) => x[k])).median
     const base = link === 'loopback' ? refBw?.median * 1024 : tcp[link]?.median
-    rows.push([link, path, mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
+    rows.push([link, path, String(streams), mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
       refDst ? `x${fmt(med('dstCpu') / refDst.median)}` : '—', mmm(samples.map((x) => x.srcCpu)), refSrc ? `x${fmt(med('srcCpu') / refSrc.median)}` : '—', mmm(samples.map((x) => x.totalMs))])
     if (path !== 'native' || !samples.length) continue
-    if (link === 'loopback' && refBw) checks.push(['loopback: round 0 >= 0.8 x C 7.bulk4g.copy.bw', `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
-    if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s: round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])
-    if (link === 'loopback' && refDst) checks.push(['destination CPU/GiB <= 1.3 x C 7.bulk4g.copy.dst_cpu', `x${fmt(med('dstCpu') / refDst.median)}`, med('dstCpu') <= 1.3 * refDst.median ? 'pass' : 'FAIL'])
+    if (link === 'loopback' && refBw) checks.push([`loopback, ${streams} stream(s): round 0 >= 0.8 x C 7.bulk4g.copy.bw`, `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
+    if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s, ${streams} stream(s): round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])
+    if (link === 'loopback' && refDst) checks.push([`loopback, ${streams} stream(s): destination CPU/GiB <= 1.3 x C 7.bulk4g.copy.dst_cpu`, `x${fmt(med('dstCpu') / refDst.median)}`, med('dstCpu') <= 1.3 * refDst.median ? 'pass' : 'FAIL'])
   }
   console.log('round 0 MiB/s: the first pre-copy round (every populated page once) / its duration; vs: the C reference on loopback, raw Node TCP on the shaped link')
   console.log('CPU s/GiB: each agent\'s CPU (worker thread + native threads, user + system) over the whole migration, per GiB of page data; vs: the C reference\'s receiving / sending thread')
-  printTable(['link', 'data path', 'round 0 MiB/s', 'vs', 'dst CPU s/GiB', 'vs C dst', 'src CPU s/GiB', 'vs C src', 'total ms'], rows)
+  printTable(['link', 'data path', 'streams', 'round 0 MiB/s', 'vs', 'dst CPU s/GiB', 'vs C dst', 'src CPU s/GiB', 'vs C src', 'total ms'], rows)
   printTable(['target', 'measured', ''], checks)
   const out = opt('json')
   if (out) writeFileSync(out, JSON.stringify({ references: [...ref.values()], tcp, results }, null, 2))

@@ -46,6 +46,23 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     // ('client gap ms'); a loaded CI machine must not turn it into a failure here
   })
 
+  // streams: pages split between three bulk connections by 2 MiB chunk, their frames (data, zero, stale) on their
+  // page's stream, a SYNC barrier on each before HANDOFF; js: a destination without the native reader grants none
+  it.each(['native', 'js'] as const)('hybrid over 3 parallel bulk streams under writes (%s destination): every page verified, each at most once after the hand-off', async (path) => {
+    if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
+    let r
+    try {
+      r = await migrateExample({ sizeMiB: 256, mode: 'hybrid', writesPerSec: 10_000, sendArgs: ['--streams', '3'] })
+    } finally {
+      delete process.env.UFFD_MIGRATE_BULK
+    }
+    const rep = expectMigrated(r, 'hybrid')
+    expect(rep.streams ?? 1).toBe(path === 'native' ? 3 : 1)
+    expect(rep.rounds.length).toBeGreaterThanOrEqual(2)
+    expect(rep.rounds[0].dataPages).toBeGreaterThan(50_000)
+    expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.pagesMissingAtHandoff)
+  })
+
   it('precopy: everything crosses before the service resumes, nothing after', async () => {
     const r = await migrateExample({ sizeMiB: 256, mode: 'precopy', writesPerSec: 10_000 })
     const rep = expectMigrated(r, 'precopy')

@@ -36,6 +36,8 @@ export interface MigrationReport {
   bytesOnWire: number
   /** The source's dirty-page tracker (wp-async or sync-wp), why this host got it, and (sync-wp) the write faults it resolved. */
   tracker?: { kind: 'wp-async' | 'sync-wp'; reason: string; faults?: number }
+  /** Bulk connections the pre-copy rounds used (1: bulk alone; more when asked with `streams` and granted). */
+  streams?: number
   /** Who placed the pages arriving on the bulk connection at the destination: its native thread or its agent's loop (UFFD_MIGRATE_BULK=js, or no addon support). */
   bulkReceive?: 'native' | 'js'
   /** CPU time of each side's agent (its worker thread and native demand thread), from the start to settled, ms; absent when unmeasured. */

@@ -25,6 +25,7 @@ export function formatReport(r: MigrationReport): string {
   if (b) lines.push(`                     pause() ${ms(b.pause)}, final scan ${ms(b.finalScan)}, hand-off sent ${ms(b.handoffTransfer)}, discard ${ms(b.discard)}, restore ${ms(b.restore)}`)
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
+  if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
   if (r.tracker) lines.push(`  tracker            ${r.tracker.kind}${r.tracker.faults !== undefined ? `, ${r.tracker.faults} write faults resolved` : ''}: ${r.tracker.reason}`)
   if (r.rounds.length) {
     lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}`)

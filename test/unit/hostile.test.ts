@@ -209,6 +209,21 @@ describe('a stuck source', () => {
     expect(d.dest.phase).toBe(DestPhase.RECOVERING)
   })
 
+  it('extra bulk streams: only as many as REGIONS_OK granted (none without the native reader), only the session\'s, only in pre-copy', async () => {
+    const d = await drive(DestPhase.PRECOPY, { regions: { streams: 4 } })
+    const stream = async (session: string) => {
+      const [a, b] = MemoryTransport.pair()
+      void d.dest.accept(b, 'peer:2')
+      return clientHandshake(new Channel(a, 'stream'), TOKEN, { role: 'stream', session }).then(() => undefined, (e: UffdMigrateError) => e)
+    }
+    // the fake binding has no native bulk reader: REGIONS_OK granted bulk alone
+    expect(await stream('raw-session')).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: expect.stringMatching(/more extra bulk streams than the 0 granted/) })
+    expect(await stream('another')).toMatchObject({ code: 'ERR_MIGRATION_BUSY' })
+    expect(d.events.filter((e) => e.startsWith('refused: '))).toHaveLength(2)
+    // the session goes on
+    expect(d.dest.phase).toBe(DestPhase.PRECOPY)
+  })
+
   it('pre-copy: a quiet source ends the session and the destination listens again', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })

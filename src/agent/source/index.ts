@@ -175,6 +175,9 @@ export class MigrationSource implements SourceHandlers {
     return undefined
   }
 
+  /** Bulk connections of the pre-copy rounds (the report's `streams`). */
+  private streamsUsed = 1
+
   /** REGIONS_OK granted extra bulk streams: open them, each written by a native writer, pages split between them. */
   private async openStreams(ok: Frame): Promise<void> {
     const granted = decodeControl(ok.type, ok.payload).streams
@@ -182,6 +185,7 @@ export class MigrationSource implements SourceHandlers {
     const link = this.link
     const extra = await this.guard(link.openStreams(granted - 1))
     if (!this.sender.useLanes(link.bulk, extra)) return link.closeStreams()
+    this.streamsUsed = granted
     // a stream that breaks before the hand-off breaks the migration, like bulk; the destination closes them at HANDOFF
     // (this side must not close them first: a stream that ends before HANDOFF is read there ends the session)
     for (const ch of extra) ch.onClose((err) => link.streams.includes(ch) && !this.committed && this.cancelWith(this.failure ?? err))
@@ -271,7 +275,7 @@ export class MigrationSource implements SourceHandlers {
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
-        discarded, missingAtHandoff, stats, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report

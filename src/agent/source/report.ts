@@ -33,6 +33,7 @@ export interface ReportInputs {
   pushLog: boolean
   /** The dirty-page tracker, why it was chosen, and the write faults it resolved (sync-wp). */
   tracker?: MigrationReport['tracker']
+  streams?: number
 }
 
 export function buildReport(x: ReportInputs): MigrationReport {
@@ -60,6 +61,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     discardedPages: x.discarded + x.rounds.reduce((n, r) => n + (r.stalePages ?? 0), 0),
     pagesMissingAtHandoff: x.missingAtHandoff,
     ...(x.tracker ? { tracker: x.tracker } : {}),
+    ...(x.streams ? { streams: x.streams } : {}),
     ...(x.stats.bulkReceive === 'native' || x.stats.bulkReceive === 'js' ? { bulkReceive: x.stats.bulkReceive } : {}),
     ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),
     postcopy: {
