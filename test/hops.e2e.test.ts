@@ -161,21 +161,22 @@ describe.skipIf(skip)('cancel', () => {
         }
       }
       guest.on('progress', onProgress)
-      const err = await guest.migrate({ to: `127.0.0.1:${port}`, downtimeMs: 0.01, maxRounds: 100 }).catch((e) => e)
+      // over three bulk streams: a cancel closes them too, and the destination takes the next session's streams
+      const err = await guest.migrate({ to: `127.0.0.1:${port}`, downtimeMs: 0.01, maxRounds: 100, streams: 3 }).catch((e) => e)
       expect(err.code).toBe('ERR_MIGRATION_CANCELLED')
       expect(err.message).toMatch(/phase precopy \(round [1-9]/)
       expect(resumed).toBe(0)
       // while pause() runs: resume() comes after it
       cancelInPause = true
-      const err2 = await guest.migrate({ to: `127.0.0.1:${port}` }).catch((e) => e)
+      const err2 = await guest.migrate({ to: `127.0.0.1:${port}`, streams: 3 }).catch((e) => e)
       expect(err2.code).toBe('ERR_MIGRATION_CANCELLED')
       expect(order).toEqual(['pause', 'paused', 'resume'])
       cancelInPause = false
       clearInterval(writer)
       // after the hand-off: refused, and the migration completes
-      const moving = guest.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy' })
+      const moving = guest.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', streams: 3 })
       await new Promise<void>((r) => guest.once('progress', (p: { phase: string }) => p.phase === 'postcopy' && r()) && setTimeout(r, 2000))
-      await moving
+      expect((await moving).streams).toBe(3)
       const refused = await guest.cancel().catch((e) => e)
       expect(['ERR_MIGRATION_CANCEL_REFUSED', 'ERR_INVALID_ARG']).toContain(refused.code)
       expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=65536')
