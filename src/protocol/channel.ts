@@ -206,7 +206,7 @@ export class Channel {
   /**
    * From now on every frame goes through make(fd)'s writer (a native thread
    * that writes the descriptor); the socket is still read here. Refused
-   * (false) while the socket has unwritten bytes (they would come after the
+   * (undefined) while the socket has unwritten bytes (they would come after the
    * writer's) or has no descriptor.
    */
   useWriter(make: (fd: number) => FrameWriter): FrameWriter | undefined {

@@ -111,6 +111,7 @@ export class BulkPath {
     )
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
     this.started = { uffd, placement }
+    this.streamsCpuMs = 0 // a new session's
     this.adoptCounts(ch)
     return true
   }

@@ -184,7 +184,8 @@ export class MigrationSource implements SourceHandlers {
     if (typeof granted !== 'number' || !Number.isInteger(granted) || granted < 2 || granted > this.opts.streams!) return
     const link = this.link
     const extra = await this.guard(link.openStreams(granted - 1))
-    if (!this.sender.useLanes(link.bulk, extra)) return link.closeStreams()
+    // (not expected: each stream got a writer as bulk did) they stay idle, and the destination closes them at HANDOFF
+    if (!this.sender.useLanes(link.bulk, extra)) return
     this.streamsUsed = granted
     // a stream that breaks before the hand-off breaks the migration, like bulk; the destination closes them at HANDOFF
     // (this side must not close them first: a stream that ends before HANDOFF is read there ends the session)

@@ -77,7 +77,7 @@ export class Sender {
 
   /** CPU time of the native threads (demand server, bulk writers), ended and running. */
   get nativeCpuMs(): number {
-    return this.endedCpuMs + (this.writer?.cpuMs ?? 0) + this.laneWriters.reduce((n, w) => n + w.cpuMs, 0)
+    return this.endedCpuMs + [this.writer, ...this.laneWriters, ...this.retiredWriters].reduce((n, w) => n + (w?.cpuMs ?? 0), 0)
   }
 
   /**
@@ -112,12 +112,14 @@ export class Sender {
     }))
     if (keepLanes) return
     this.lanes = []
-    for (const w of this.laneWriters) {
-      this.extraBytes += w.bytesWritten
-      this.endedCpuMs += w.cpuMs
-    }
+    for (const w of this.laneWriters) this.extraBytes += w.bytesWritten
+    // their threads end when the destination closes the streams: their CPU arrives then (onCpu), until then it is live
+    this.retiredWriters.push(...this.laneWriters)
     this.laneWriters = []
   }
+
+  /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
+  private retiredWriters: NativeBulkSend[] = []
 
   /** Bytes the extra streams wrote, ended and running (round and hand-off byte counts add them to bulk's). */
   get laneBytes(): number {
