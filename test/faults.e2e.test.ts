@@ -9,9 +9,14 @@ import { controlRequest } from '../src/control'
 import { freePort, type LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { type Host, killAll, listening, page, ready, sendAndWait, twoHosts } from './helpers/hosts'
+import { Relay } from './helpers/relay'
 
 const skip = kernelSkipReason()
-afterEach(killAll)
+const relays: Relay[] = []
+afterEach(() => {
+  killAll()
+  for (const r of relays.splice(0)) r.close()
+})
 
 /** A long pre-copy: the page-store (at 20,000 page writes/s, see busyService) dirties pages about as fast as loopback moves them. */
 const LONG_PRECOPY = ['--mode', 'precopy', '--downtime-ms', '0.01', '--max-rounds', '1000']
@@ -51,7 +56,11 @@ describe.skipIf(skip)('kill -9 of the source', () => {
       const { A, g, port, dst } = await twoHosts(`k9r${round}`)
       const src = busyService(A, g, await freePort())
       await ready(src)
-      const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
+      // a link of 64 MiB/s: each round lasts hundreds of ms, so that the status polls (answered by the busy service's
+      // event loop, every ~10-20 ms) see round 2 before pre-copy ends (on loopback rounds 2-4 took ~10 ms in all)
+      const link = Relay.slow(64 << 20)
+      relays.push(link)
+      const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
       await untilRound(A, g, round)
       src.kill('SIGKILL')
       expect((await send.exited).code).toBe(1)
@@ -102,7 +111,9 @@ describe.skipIf(skip)('kill -9 of the destination', () => {
     const { A, B, g, port, dst } = await twoHosts('k9d')
     const httpA = await freePort()
     await ready(busyService(A, g, httpA))
-    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, ...LONG_PRECOPY])
+    const link = Relay.slow(64 << 20) // rounds that last (see the source's kill in round 2)
+    relays.push(link)
+    const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
     await untilRound(A, g, 1)
     dst.kill('SIGKILL')
     expect((await send.exited).code).toBe(1)

@@ -20,6 +20,16 @@ export class Relay {
    */
   constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false, private readonly cutOnType?: number) {}
 
+  /** Towards the destination at most this many bytes per second (0: as fast as it goes). */
+  rateBytesPerSec = 0
+
+  /** A relay that never cuts and carries at most bytesPerSec towards the destination: a slow link, so that rounds last. */
+  static slow(bytesPerSec: number): Relay {
+    const r = new Relay(Infinity)
+    r.rateBytesPerSec = bytesPerSec
+    return r
+  }
+
   async start(host: string, port: number): Promise<string> {
     // the destination may not listen yet (the source would retry a refused
     // connection, but the relay accepts it and would then drop it)
@@ -36,6 +46,10 @@ export class Relay {
       client.on('data', (chunk: Buffer) => {
         this.bytesToDestination += chunk.length
         upstream.write(chunk)
+        if (this.rateBytesPerSec > 0) {
+          client.pause()
+          setTimeout(() => client.resume(), (chunk.length / this.rateBytesPerSec) * 1000)
+        }
         if (this.cuts === 0 && this.bytesToDestination >= this.cutAfterBytes) this.cut()
       })
       // frames coming back: u32 length (type + payload) | u8 type | payload
