@@ -146,9 +146,12 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     // the pinned client stops when send returns; the verify (which blocks the service) comes after it
     ...(o.autocannon ? ['--verify-delay-ms', '1500'] : []),
   ]
+  // each host has its own runtime directory (its control sockets), as two machines would: with a shared one the guest
+  // that starts second, under the same name, is refused as already running (seen once in CI: the destination first)
+  const destEnv = { ...env, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), 'uffd-migrate-run-')) }
   const dest = o.destNetns
-    ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env })
-    : new LineProc(process.execPath, destCmd, { env })
+    ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env: destEnv })
+    : new LineProc(process.execPath, destCmd, { env: destEnv })
   const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env })
   let client: Client | undefined
   try {
