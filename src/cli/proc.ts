@@ -83,13 +83,29 @@ export class LineProc {
   }
 }
 
-export function freePort(host = '127.0.0.1'): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * A TCP port that is free now, for a process this one is about to start.
+ * Ports come from below the kernel's ephemeral range (32768+ by default): a port
+ * the kernel hands out for `listen(0)` may go to any outgoing connection's local
+ * end before the child binds it (EADDRINUSE, seen in CI). Each process walks its
+ * own band (vitest's pool id, else its pid), so parallel test workers do not race.
+ */
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  for (let tries = 0; tries < PORT_BAND; tries++) {
+    const port = PORT_BASE + portBand * PORT_BAND + (nextPort++ % PORT_BAND)
+    if (await canListen(port, host)) return port
+  }
+  throw new Error(`no free TCP port in ${PORT_BASE + portBand * PORT_BAND}..+${PORT_BAND} on ${host}`)
+}
+
+const PORT_BASE = 10000, PORT_BAND = 1000, PORT_BANDS = 22 // 10000..31999, below the ephemeral range
+const portBand = (Number(process.env.VITEST_POOL_ID) || process.pid) % PORT_BANDS
+let nextPort = process.pid % PORT_BAND // a fresh process starts elsewhere in its band than the last one
+
+function canListen(port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
     const s = createServer()
-    s.once('error', reject)
-    s.listen(0, host, () => {
-      const a = s.address()
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0))
-    })
+    s.once('error', () => resolve(false))
+    s.listen({ port, host, exclusive: true }, () => s.close(() => resolve(true)))
   })
 }
