@@ -48,6 +48,7 @@ class BulkReaderThread : public DemandThread {
     kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
     urgent_ = false;  // bulk work: at agentNice, like the agent's loop it replaces
+    flush_gap_us_ = kFlushGapUs;
     staging_ = (uint8_t*)aligned_alloc(page_size(), kMaxPagesPerFrame * page_size());
     start();
   }
@@ -92,7 +93,7 @@ class BulkReaderThread : public DemandThread {
       bool reading = fd_ >= 0 && !paused_;
       pollfd p[3] = {{reading ? fd_ : -1, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
       // bytes JS handed over are read first, without waiting for the socket
-      int r = head_off_ < head_.size() && reading ? 0 : poll(p, 3, -1);
+      int r = head_off_ < head_.size() && reading ? 0 : poll(p, 3, flush_timeout_ms(-1));
       if (r < 0 && errno != EINTR) return;
       if (p[1].revents) return;
       if (p[2].revents) take_commands();
@@ -117,22 +118,28 @@ class BulkReaderThread : public DemandThread {
       next_fd_ = -1;
       head_ = std::move(next_head_);
       head_off_ = 0;
-      hdr_have_ = body_have_ = 0;
+      hdr_have_ = body_have_ = next_have_ = 0;
       hdr_need_ = 5;
       body_need_ = 0;
+      sized_ = false;
     }
   }
 
-  // Fills dst up to need: from the handed-over head first, then the socket. false: it would block, or the
-  // link ended (reported).
-  bool fill(uint8_t* dst, size_t* have, size_t need) {
-    if (head_off_ < head_.size() && *have < need) {
-      size_t k = std::min(need - *have, head_.size() - head_off_);
-      memcpy(dst + *have, head_.data() + head_off_, k);
-      head_off_ += k, *have += k;
+  // Fills parts up to their need: from the handed-over head first, then the socket, whose readv also takes the
+  // next frame's first five bytes when they are there (into next_). false: it would block, or the link ended
+  // (reported).
+  bool fill(std::initializer_list<ReadPart> parts, bool with_next) {
+    if (std::all_of(parts.begin(), parts.end(), [](const ReadPart& p) { return *p.have >= p.need; })) return true;
+    for (const ReadPart& part : parts) {
+      if (head_off_ < head_.size() && *part.have < part.need) {
+        size_t k = std::min(part.need - *part.have, head_.size() - head_off_);
+        memcpy(part.dst + *part.have, head_.data() + head_off_, k);
+        head_off_ += k, *part.have += k;
+      }
     }
-    int r = read_fill(fd_, dst, have, need, &bytes_read_);
+    int r = read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? next_ : nullptr, &next_have_, 5, &bytes_read_);
     if (r < 0) link_broke(r == -EPIPE ? 0 : -r, false);
+    drained_ = r == 2 && head_off_ >= head_.size();
     return r > 0;
   }
 
@@ -140,38 +147,41 @@ class BulkReaderThread : public DemandThread {
   void read_frames() {
     const size_t ps = page_size();
     while (fd_ >= 0 && !paused_ && !stopping_) {
-      if (hdr_have_ < hdr_need_) {
-        if (!fill(hdr_, &hdr_have_, hdr_need_)) return;
-        if (hdr_need_ == 5) {
-          len_ = get_u32(hdr_), type_ = hdr_[4];
-          if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
-          if (type_ == kMsgPages) {
-            if (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps) return reject(std::vector<uint8_t>());
-            hdr_need_ = 17;
-            continue;
-          }
-          body_.resize(len_ - 1);
-          body_need_ = len_ - 1, body_have_ = 0;
+      if (!sized_) {
+        // every frame starts with its length and type (five bytes, maybe read with the frame before)
+        if (!fill({{hdr_, &hdr_have_, 5}}, false)) return;
+        len_ = get_u32(hdr_), type_ = hdr_[4];
+        if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
+        if (type_ == kMsgPages) {
+          if (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps) return reject(std::vector<uint8_t>());
+          hdr_need_ = 17, body_need_ = len_ - 13;
         } else {
-          uint32_t region = get_u32(hdr_ + 5), first = get_u32(hdr_ + 9), count = get_u32(hdr_ + 13);
-          if (!run_ok(region, first, count) || count > kMaxPagesPerFrame || len_ != 13 + count * ps)
-            return reject(std::vector<uint8_t>(hdr_ + 5, hdr_ + 17));
-          body_need_ = count * ps, body_have_ = 0;
+          body_.resize(len_ - 1);
+          hdr_need_ = 5, body_need_ = len_ - 1;
         }
+        body_have_ = 0, next_have_ = 0, sized_ = true;
       }
       uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
-      if (!fill(dst, &body_have_, body_need_)) return;
+      if (!fill({{hdr_, &hdr_have_, hdr_need_}, {dst, &body_have_, body_need_}}, true)) return;
       bool ok = true;
-      if (type_ == kMsgPages) pages(get_u32(hdr_ + 5), get_u32(hdr_ + 9), get_u32(hdr_ + 13));
-      else if (type_ == kMsgRanges) ok = ranges();
-      else {
+      if (type_ == kMsgPages) {
+        uint32_t region = get_u32(hdr_ + 5), first = get_u32(hdr_ + 9), count = get_u32(hdr_ + 13);
+        if (!run_ok(region, first, count) || count > kMaxPagesPerFrame || len_ != 13 + count * ps)
+          return reject(std::vector<uint8_t>(hdr_ + 5, hdr_ + 17));
+        pages(region, first, count);
+      } else if (type_ == kMsgRanges) {
+        ok = ranges();
+      } else {
         emit_frame(type_, std::move(body_));
         body_ = {};
         if (type_ == kMsgHandoff) paused_ = true;  // until JS applied the discard list (resume())
         if (type_ == kMsgError) paused_ = true;    // the source gave up: JS ends the session
       }
-      hdr_have_ = 0, hdr_need_ = 5;
+      // the next frame begins with what came along
+      memcpy(hdr_, next_, next_have_);
+      hdr_have_ = next_have_, next_have_ = 0, sized_ = false;
       if (!ok) return reject(std::move(body_));
+      if (drained_) return;  // nothing more to read: poll, not a read that fails
     }
   }
 
@@ -295,7 +305,7 @@ class BulkReaderThread : public DemandThread {
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
     emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
-    flush();
+    flush(true);
   }
 
   int uffd_;
@@ -310,8 +320,10 @@ class BulkReaderThread : public DemandThread {
   int next_fd_ = -1;
   std::vector<uint8_t> next_head_;
   // the frame being read
-  uint8_t hdr_[17];
-  size_t hdr_have_ = 0, hdr_need_ = 5, body_have_ = 0, body_need_ = 0;
+  uint8_t hdr_[17], next_[5];
+  size_t hdr_have_ = 0, hdr_need_ = 5, body_have_ = 0, body_need_ = 0, next_have_ = 0;
+  bool sized_ = false;    // the frame's first five bytes were read and checked
+  bool drained_ = false;  // the last read emptied the socket
   uint32_t len_ = 0;
   uint8_t type_ = 0;
   std::vector<uint8_t> body_;

@@ -135,17 +135,33 @@ void DemandThread::emit(const DemandEvent& e) {
 
 double DemandThread::cpu_ms() { return thread_cpu_ms(thread_); }
 
+int DemandThread::flush_timeout_ms(int other) const {
+  if (!deferred_) return other;
+  double left_us = last_signal_us_ + flush_gap_us_ - now_us();
+  int due = left_us <= 0 ? 0 : (int)((left_us + 999) / 1000);
+  return other < 0 ? due : std::min(other, due);
+}
+
 void DemandThread::emit_frame(uint8_t type, std::vector<uint8_t> payload) {
   std::lock_guard<std::mutex> lock(outbox_->mu);
   outbox_->batch.push_back({(double)kEvFrame, (double)outbox_->frames.size(), (double)type, 0, 0});
+  outbox_->urgent = true;
   outbox_->frames.push_back(std::move(payload));
 }
 
-void DemandThread::flush() {
+void DemandThread::flush(bool urgent) {
   {
     std::lock_guard<std::mutex> lock(outbox_->mu);
     if (outbox_->batch.empty() || outbox_->signalled) return;
+    double t = flush_gap_us_ > 0 ? now_us() : 0;
+    if (!urgent && !outbox_->urgent && t - last_signal_us_ < flush_gap_us_) {
+      deferred_ = true;
+      return;
+    }
     outbox_->signalled = true;
+    outbox_->urgent = false;
+    last_signal_us_ = t;
+    deferred_ = false;
   }
   // The call takes the outbox when it runs, not now: events reach JS once and in order, and whatever is left
   // when the thread stops is handed over by stop() (synchronously, before the settled report is written).
@@ -205,11 +221,9 @@ namespace {
 
 // Reads one frame at a time from a non-blocking socket into a header buffer and a payload buffer.
 struct FrameReader {
-  uint8_t hdr[17];
-  size_t hdr_have = 0, hdr_need = 5;
-  uint8_t* body = nullptr;  // where the payload after the header goes
-  size_t body_have = 0, body_need = 0;
-  int fill(int fd, uint8_t* dst, size_t* have, size_t need) { return read_fill(fd, dst, have, need); }
+  uint8_t hdr[17], next[5];
+  size_t hdr_have = 0, body_have = 0, body_need = 0, next_have = 0;
+  bool sized = false;  // the frame's first five bytes were read and checked
 };
 
 // ---- source: answers page requests from region memory ------------------------------
@@ -220,6 +234,7 @@ class DemandServerThread : public DemandThread {
   // after a recovery); handled first.
   DemandServerThread(Napi::Env env, Napi::Function cb, int fd, std::vector<RegionView> regions, std::vector<uint8_t> head)
       : DemandThread(env, cb, "uffd-migrate:demand-server", "uffdm-demand-tx"), fd_(fd), regions_(std::move(regions)), head_(std::move(head)) {
+    flush_gap_us_ = kFlushGapUs;
     start();
   }
   ~DemandServerThread() override {
@@ -234,11 +249,14 @@ class DemandServerThread : public DemandThread {
     std::copy(head_.begin(), head_.end(), in.begin());
     for (bool first = true;; first = false) {
       if (!(first && have > 0)) {
-        if (!wait_fd(fd_, POLLIN, stop_fd_)) return;
+        if (!wait_fd(fd_, POLLIN, stop_fd_, flush_timeout_ms(-1))) return;
         ssize_t n = read(fd_, in.data() + have, in.size() - have);
         if (n == 0) return closed(0, false);
         if (n < 0) {
-          if (errno == EAGAIN || errno == EINTR) continue;
+          if (errno == EAGAIN || errno == EINTR) {
+            flush();  // the poll's timeout: a deferred batch is due
+            continue;
+          }
           return closed(errno, false);
         }
         have += (size_t)n;
@@ -295,7 +313,7 @@ class DemandServerThread : public DemandThread {
 
   void closed(int err, bool protocol) {
     emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0});
-    flush();
+    flush(true);
   }
 
   int fd_;
@@ -310,6 +328,7 @@ class DemandClientThread : public DemandThread {
   DemandClientThread(Napi::Env env, Napi::Function cb, int uffd, std::vector<RegionView> regions)
       : DemandThread(env, cb, "uffd-migrate:demand-client", "uffdm-demand-rx"), uffd_(uffd), regions_(std::move(regions)) {
     const size_t ps = page_size();
+    flush_gap_us_ = kFlushGapUs;
     kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
     staging_ = (uint8_t*)aligned_alloc(ps, kFramePages * ps);
@@ -355,7 +374,7 @@ class DemandClientThread : public DemandThread {
     std::vector<std::vector<uint32_t>> ask(regions_.size());
     while (!stopping_) {
       pollfd p[4] = {{uffd_, POLLIN, 0}, {fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      int r = poll(p, 4, open_.empty() ? -1 : 1);
+      int r = poll(p, 4, flush_timeout_ms(open_.empty() ? -1 : 1));
       if (r < 0 && errno != EINTR) return;
       if (p[2].revents) return expire_open();  // stopping: the latencies of faults answered meanwhile count too
       if (p[3].revents) take_new_link(ask);
@@ -451,29 +470,41 @@ class DemandClientThread : public DemandThread {
     }
   }
 
+  // Replies: PAGES frames only. Each frame's rest and the next frame's first five bytes come with one readv.
   void read_replies() {
     const size_t ps = page_size();
     FrameReader& fr = fr_;
-    for (;;) {
-      if (fr.hdr_have < fr.hdr_need) {
-        int r = fr.fill(fd_, fr.hdr, &fr.hdr_have, fr.hdr_need);
-        if (r <= 0) return r == 0 ? void() : link_broke(r == -EPIPE ? 0 : -r, false);
-        if (fr.hdr_need == 5) {
-          uint32_t len = get_u32(fr.hdr);
-          if (fr.hdr[4] != kMsgPages || len < 13 || len > 13 + kFramePages * ps) return link_broke(EPROTO, true);
-          fr.hdr_need = 17;
-          continue;
+    bool drained = false;
+    auto fill = [&](std::initializer_list<ReadPart> parts, bool with_next) {
+      if (std::all_of(parts.begin(), parts.end(), [](const ReadPart& p) { return *p.have >= p.need; })) return true;
+      int r = read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? fr.next : nullptr, &fr.next_have, 5);
+      if (r < 0) link_broke(r == -EPIPE ? 0 : -r, false);
+      drained = r == 2;
+      return r > 0;
+    };
+    while (fd_ >= 0) {
+      if (!fr.sized) {
+        // a reply holds at least one page: its header and first page are read at once (the usual whole reply),
+        // with five bytes more: the next reply's start, or more of this one's pages
+        if (!fill({{fr.hdr, &fr.hdr_have, 17}, {staging_, &fr.body_have, ps}}, true)) return;
+        uint32_t len = get_u32(fr.hdr);
+        if (fr.hdr[4] != kMsgPages || len < 13 + ps || len > 13 + kFramePages * ps) return link_broke(EPROTO, true);
+        fr.body_need = len - 13, fr.sized = true;
+        if (fr.body_need > ps) {
+          memcpy(staging_ + ps, fr.next, fr.next_have);
+          fr.body_have += fr.next_have, fr.next_have = 0;
         }
-        uint32_t len = get_u32(fr.hdr), region = get_u32(fr.hdr + 5), first = get_u32(fr.hdr + 9), count = get_u32(fr.hdr + 13);
-        if (region >= regions_.size() || count == 0 || count > kFramePages || len != 13 + count * ps ||
-            first >= regions_[region].pages || count > regions_[region].pages - first)
-          return link_broke(EPROTO, true);
-        fr.body = staging_, fr.body_have = 0, fr.body_need = count * ps;
       }
-      int r = fr.fill(fd_, fr.body, &fr.body_have, fr.body_need);
-      if (r <= 0) return r == 0 ? void() : link_broke(r == -EPIPE ? 0 : -r, false);
-      install(get_u32(fr.hdr + 5), get_u32(fr.hdr + 9), get_u32(fr.hdr + 13));
-      fr.hdr_have = 0, fr.hdr_need = 5;
+      if (!fill({{fr.hdr, &fr.hdr_have, 17}, {staging_, &fr.body_have, fr.body_need}}, true)) return;
+      uint32_t len = get_u32(fr.hdr), region = get_u32(fr.hdr + 5), first = get_u32(fr.hdr + 9), count = get_u32(fr.hdr + 13);
+      if (region >= regions_.size() || count == 0 || count > kFramePages || len != 13 + count * ps ||
+          first >= regions_[region].pages || count > regions_[region].pages - first)
+        return link_broke(EPROTO, true);
+      install(region, first, count);
+      // what came along begins the next reply (five bytes at most: never past its first page)
+      memcpy(fr.hdr, fr.next, fr.next_have);
+      fr.hdr_have = fr.next_have, fr.body_have = 0, fr.next_have = 0, fr.sized = false;
+      if (drained) return;  // nothing more to read: poll, not a read that fails
     }
   }
 
@@ -522,7 +553,7 @@ class DemandClientThread : public DemandThread {
   void link_broke(int err, bool protocol) {
     drop_link();
     emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
-    flush();
+    flush(true);
   }
 
   static uint64_t key(uint32_t region, uint32_t page) { return (uint64_t)region << 32 | page; }

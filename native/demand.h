@@ -40,6 +40,7 @@ struct Outbox {
   std::vector<DemandEvent> batch;
   std::vector<std::vector<uint8_t>> frames;
   bool signalled = false;  // a call is queued that will take the batch
+  bool urgent = false;     // the batch holds a frame for JS: handed over now, whatever the gap
   std::vector<DemandEvent> take(std::vector<std::vector<uint8_t>>* frames = nullptr);
 };
 constexpr int kEvFrame = 9;  // (index in the batch's frames, frame type): a frame for JS, in order with the events
@@ -55,13 +56,22 @@ class DemandThread {
   void emit(const DemandEvent& e);
   // A frame the thread does not handle itself: JS routes it, in order with the events before and after it.
   void emit_frame(uint8_t type, std::vector<uint8_t> payload);
-  void flush();  // hands the batch to JS (at most one call in flight): onEvents(events, frames)
+  // Hands the batch to JS (at most one call in flight): onEvents(events, frames). With a flush gap, JS is woken
+  // at most once per gap unless `urgent` (or a frame waits): the rest waits for flush_timeout_ms().
+  void flush(bool urgent = false);
   // CPU time of the thread so far (user + system), ms.
   double cpu_ms();
 
  protected:
   void start();
   virtual void run() = 0;
+  // Timeout for the thread's poll: `other` ms, or less when a deferred batch is due sooner (-1: none).
+  int flush_timeout_ms(int other) const;
+  // Threads that emit on every fault or frame (the destination's readers) wake JS at most once per this many
+  // microseconds: woken per event, the agent's loop took a quarter of a vCPU in post-copy under 100k writes/s,
+  // CPU the push and the faults need. 0: every flush wakes JS (the writer's DONE paces its pipeline).
+  double flush_gap_us_ = 0;
+  static constexpr double kFlushGapUs = 1000;
   int stop_fd_ = -1;
   std::atomic<bool> stopping_{false};
   const char* thread_name_;
@@ -73,6 +83,8 @@ class DemandThread {
   Napi::ThreadSafeFunction tsfn_;
   std::thread thread_;
   std::shared_ptr<Outbox> outbox_;
+  double last_signal_us_ = 0;
+  bool deferred_ = false;  // a batch waits for the gap to end
 };
 
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <errno.h>
 #include <poll.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include <unistd.h>
@@ -95,11 +96,12 @@ inline uint32_t clear_range(uint32_t* bits, uint32_t first, uint32_t count) {
   return cleared;
 }
 
-// Waits until fd is ready for `events` or the stop eventfd fires; false when stopping.
-inline bool wait_fd(int fd, short events, int stop_fd) {
+// Waits until fd is ready for `events`, the stop eventfd fires or timeout_ms passes (-1: no timeout); false
+// when stopping.
+inline bool wait_fd(int fd, short events, int stop_fd, int timeout_ms = -1) {
   pollfd p[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
   for (;;) {
-    int r = poll(p, 2, -1);
+    int r = poll(p, 2, timeout_ms);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return false;
     if (p[1].revents) return false;
@@ -107,20 +109,45 @@ inline bool wait_fd(int fd, short events, int stop_fd) {
   }
 }
 
-// Reads a non-blocking socket into dst until *have reaches need: 1 = complete, 0 = it would block (call again
-// when readable), -EPIPE = end of stream, -errno = failed. counter (optional) adds the bytes read.
-inline int read_fill(int fd, uint8_t* dst, size_t* have, size_t need, std::atomic<uint64_t>* counter = nullptr) {
-  while (*have < need) {
-    ssize_t n = read(fd, dst + *have, need - *have);
-    if (n == 0) return -EPIPE;
-    if (n < 0) {
+// A frame's remaining parts, read with one readv where the bytes are there.
+struct ReadPart {
+  uint8_t* dst;
+  size_t* have;
+  size_t need;
+};
+
+// Fills parts in order; the same readv also takes up to extra_need bytes of what follows them (the next frame's
+// prefix: callers ask for no more than the shortest frame, so nothing past the next frame is read), one syscall
+// per frame instead of three. 1 = the parts are complete (*extra_have: how much of the extra came along; it gets
+// bytes only then; 2: the same, and the last readv found fewer bytes than it asked for, so the socket is
+// drained: poll before reading again, rather than a read that fails with EAGAIN), 0 = it would block,
+// -EPIPE = end of stream, -errno = failed. counter adds the bytes read.
+inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
+                      std::atomic<uint64_t>* counter = nullptr) {
+  for (bool short_read = false;; ) {
+    iovec iov[4];
+    int k = 0;
+    size_t asked = 0;
+    for (int i = 0; i < n && k < 3; i++)
+      if (*parts[i].have < parts[i].need) iov[k++] = {parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have};
+    if (k == 0) return short_read ? 2 : 1;
+    if (extra && *extra_have < extra_need) iov[k++] = {extra + *extra_have, extra_need - *extra_have};
+    for (int i = 0; i < k; i++) asked += iov[i].iov_len;
+    ssize_t r = readv(fd, iov, k);
+    if (r == 0) return -EPIPE;
+    if (r < 0) {
       if (errno == EINTR) continue;
       return errno == EAGAIN ? 0 : -errno;
     }
-    *have += (size_t)n;
-    if (counter) *counter += (uint64_t)n;
+    if (counter) *counter += (uint64_t)r;
+    short_read = (size_t)r < asked;
+    size_t left = (size_t)r;
+    for (int i = 0; i < n; i++) {
+      size_t t = std::min(left, parts[i].need - *parts[i].have);
+      *parts[i].have += t, left -= t;
+    }
+    if (extra) *extra_have += left;
   }
-  return 1;
 }
 
 // UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through

@@ -57,9 +57,11 @@ export function peerError(payload: Buffer): UffdMigrateError {
 export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInfo): Promise<void> {
   const nonce = randomBytes(32)
   ch.send(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce }))
-  const hello = await ch.nextFrame()
+  const hello = await ch.nextFrame().catch((err: UffdMigrateError) => {
+    throw err.code === ErrorCode.PROTOCOL ? notADestination(err.message) : err
+  })
   if (hello.type === Msg.ERROR) throw peerError(hello.payload)
-  if (hello.type !== Msg.HELLO) throw migrationError(ErrorCode.PROTOCOL, `expected HELLO, got message type ${hello.type}`)
+  if (hello.type !== Msg.HELLO) throw notADestination(`expected HELLO, got message type ${hello.type}`)
   const m = decodeControl(hello.type, hello.payload)
   checkVersion(m)
   const peerNonce = field<Uint8Array>(m, 'nonce', 'bytes', 'HELLO')
@@ -74,6 +76,16 @@ export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInf
   if (ready.type === Msg.ERROR) throw peerError(ready.payload)
   if (ready.type !== Msg.READY) throw migrationError(ErrorCode.PROTOCOL, `expected READY, got message type ${ready.type}`)
   ch.authenticated()
+}
+
+/**
+ * The address answered, but its first bytes are not a uffd-migrate HELLO (a web
+ * server, a middlebox, a proxy that took a connection meant for a host that is
+ * unreachable). A connect failure, not a protocol one: the address is wrong or
+ * not ours yet, and post-copy recovery dials again until its deadline.
+ */
+function notADestination(detail: string): UffdMigrateError {
+  return migrationError(ErrorCode.CONNECT, `the address answered, but not as a uffd-migrate destination (${detail}): is \`uffd-migrate receive\` listening there?`)
 }
 
 /**

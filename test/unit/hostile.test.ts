@@ -281,3 +281,14 @@ describe('a stuck destination, seen from the writer', () => {
     expect(err.message).toMatch(/bulk connection stalled: the peer has not read for 100 ms/)
   })
 })
+
+describe('a source that reached the wrong peer', () => {
+  it('an address that answers as a web server (or a middlebox) is a connect failure that says what to check, not a protocol error', async () => {
+    const [a, b] = MemoryTransport.pair()
+    b.on('data', () => b.write(Buffer.from('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n')))
+    const err = await clientHandshake(new Channel(a, 'urgent'), TOKEN, { role: 'urgent', session: 's' }).then(() => undefined, (e: UffdMigrateError) => e)
+    // CONNECT: post-copy recovery dials again until its deadline (the proxy answered for a host that was unreachable)
+    expect(err?.code).toBe('ERR_MIGRATION_CONNECT')
+    expect(err?.message).toMatch(/the address answered, but not as a uffd-migrate destination \(expected a frame of 1\.\.4097 bytes, got a length of \d+\): is `uffd-migrate receive` listening there\?/)
+  })
+})
