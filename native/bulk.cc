@@ -361,7 +361,6 @@ class BulkReader : public ThreadWrap<BulkReader> {
 
  private:
   BulkReaderThread* reader() { return static_cast<BulkReaderThread*>(thread_.get()); }
-  Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
   Napi::Value BytesRead(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? (double)reader()->bytes_read_.load() : 0); }
   Napi::Value Resume(const Napi::CallbackInfo& info) {
     if (thread_) reader()->resume(arg_bool(info, 0, true));

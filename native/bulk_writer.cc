@@ -311,7 +311,6 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
   Napi::Value QueuedBytes(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), thread_ ? (double)static_cast<BulkWriterThread*>(thread_.get())->queued_bytes_.load() : 0);
   }
-  Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
   std::vector<uint32_t> pages_;
 };
 

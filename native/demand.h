@@ -127,6 +127,8 @@ class ThreadWrap : public Napi::ObjectWrap<T> {
   }
   // close() -> the events the thread emitted that JS has not seen yet (handled synchronously by the caller)
   Napi::Value Close(const Napi::CallbackInfo& info) { return events_array(info.Env(), Shutdown()); }
+  // cpuMs: the thread's CPU time so far, ms (0 once closed: its last batch carried the total)
+  Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
   std::unique_ptr<DemandThread> thread_;
   std::vector<Napi::ObjectReference> keep_;
 };

@@ -19,7 +19,12 @@ const MiB = 1 << 20
 function threadNice(name?: string): Map<number, number> {
   const out = new Map<number, number>()
   for (const tid of readdirSync('/proc/self/task')) {
-    const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+    let stat: string
+    try {
+      stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+    } catch {
+      continue // the thread ended since readdir (a libuv or V8 helper)
+    }
     if (name !== undefined && stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== name) continue
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ') // fields from 3 on
     out.set(Number(tid), Number(fields[19 - 3]))
