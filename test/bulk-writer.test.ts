@@ -43,17 +43,18 @@ describe.skipIf(skip)('native bulk writer', () => {
     server.on('data', (c: Buffer) => decoder.feed(c))
     const events: number[] = []
     const writer = new b.BulkWriter!(socketFd(client)!, [region.id], [destHas.words], [everSent.words], (ev) => events.push(...ev))
-    const idle = () => new Promise<void>((resolve) => {
+    // written: the DONE event (kind 1) of batch `seq` reached JS (an IDLE seen earlier may be from before the last batch)
+    const written = (seq: number) => new Promise<void>((resolve) => {
       const t = setInterval(() => {
-        if (writer.queuedBytes === 0 && events.some((_, i) => i % 5 === 0 && events[i] === 3)) (clearInterval(t), resolve())
+        if (events.some((_, i) => i % 5 === 0 && events[i] === 1 && events[i + 1] === seq)) (clearInterval(t), resolve())
       }, 5)
     })
     const first = Buffer.concat(encodeControl(Msg.ROUND_END, { round: 0 }))
     writer.frame(first)
     writer.pages(0, Uint32Array.from([0, 300, 500, 300])) // [0,300) and [500,800), 1 MiB frames
     writer.frame(Buffer.concat(encodeControl(Msg.PRECOPY_END, { reason: 'converged' })))
-    writer.pages(0, Uint32Array.from([10, 20]), 4) // sent again, frames of 4 pages
-    await idle()
+    const resent = writer.pages(0, Uint32Array.from([10, 20]), 4) // sent again, frames of 4 pages
+    await written(resent)
     // DONE (kind 1): (seq, data, zero, pages sent before) per batch
     const done = [] as number[][]
     for (let i = 0; i < events.length; i += 5) if (events[i] === 1) done.push(events.slice(i + 1, i + 5))
@@ -65,8 +66,8 @@ describe.skipIf(skip)('native bulk writer', () => {
     writer.setPending([pending.words])
     events.length = 0
     writer.pages(0, Uint32Array.from([880, 144]), 64, true)
-    writer.pages(0, Uint32Array.from([900, 10]), 64, true) // already taken: nothing more goes
-    await idle()
+    const taken = writer.pages(0, Uint32Array.from([900, 10]), 64, true) // already taken: nothing more goes
+    await written(taken)
     await new Promise((r) => setTimeout(r, 50))
     const layout = [{ pageCount: pages }]
 
