@@ -50,6 +50,7 @@ class BulkReaderThread : public DemandThread {
     urgent_ = false;  // bulk work: at agentNice, like the agent's loop it replaces
     flush_gap_us_ = kFlushGapUs;
     staging_ = (uint8_t*)aligned_alloc(page_size(), kMaxPagesPerFrame * page_size());
+    take_head(std::move(head_));
     start();
   }
   ~BulkReaderThread() override {
@@ -92,8 +93,8 @@ class BulkReaderThread : public DemandThread {
     while (!stopping_) {
       bool reading = fd_ >= 0 && !paused_;
       pollfd p[3] = {{reading ? fd_ : -1, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      // bytes JS handed over are read first, without waiting for the socket
-      int r = head_off_ < head_.size() && reading ? 0 : poll(p, 3, flush_timeout_ms(-1));
+      // whole frames already buffered (bytes JS handed over, or read along before a pause) go first
+      int r = reading && frame_buffered() ? 0 : poll(p, 3, flush_timeout_ms(-1));
       if (r < 0 && errno != EINTR) return;
       if (p[1].revents) return;
       if (p[2].revents) take_commands();
@@ -116,73 +117,118 @@ class BulkReaderThread : public DemandThread {
       if (fd_ >= 0) close(fd_);
       fd_ = next_fd_;
       next_fd_ = -1;
-      head_ = std::move(next_head_);
-      head_off_ = 0;
-      hdr_have_ = body_have_ = next_have_ = 0;
-      hdr_need_ = 5;
-      body_need_ = 0;
-      sized_ = false;
+      direct_ = false;
+      take_head(std::move(next_head_));
     }
   }
 
-  // Fills parts up to their need: from the handed-over head first, then the socket, whose readv also takes the
-  // next frame's first five bytes when they are there (into next_). false: it would block, or the link ended
-  // (reported).
-  bool fill(std::initializer_list<ReadPart> parts, bool with_next) {
-    if (std::all_of(parts.begin(), parts.end(), [](const ReadPart& p) { return *p.have >= p.need; })) return true;
-    for (const ReadPart& part : parts) {
-      if (head_off_ < head_.size() && *part.have < part.need) {
-        size_t k = std::min(part.need - *part.have, head_.size() - head_off_);
-        memcpy(part.dst + *part.have, head_.data() + head_off_, k);
-        head_off_ += k, *part.have += k;
-      }
-    }
-    int r = read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? next_ : nullptr, &next_have_, 5, &bytes_read_);
-    if (r < 0) link_broke(r == -EPIPE ? 0 : -r, false);
-    drained_ = r == 2 && head_off_ >= head_.size();
-    return r > 0;
+  // Bytes JS read off the connection before handing it over: the buffer's first bytes.
+  void take_head(std::vector<uint8_t> head) {
+    buf_.resize(std::max(kBufBytes, head.size()));
+    std::copy(head.begin(), head.end(), buf_.begin());
+    buf_pos_ = 0, buf_len_ = head.size();
+  }
+
+  // The buffer holds a whole frame (or the start of one that is read directly): handle it before polling.
+  bool frame_buffered() const {
+    size_t avail = buf_len_ - buf_pos_;
+    if (direct_ || avail < 5) return false;
+    size_t total = 4 + (size_t)get_u32(&buf_[buf_pos_]);
+    return avail >= total || total > kDirectBytes;
   }
 
   // Reads and handles frames until the socket would block, the link breaks or HANDOFF pauses it.
+  //
+  // Small frames (a run of a few pages between zero pages: 7 pages each for a guest with every 8th page zero)
+  // are read many at a time into a buffer and installed from it: one read for many frames, not one or more
+  // each. A large frame (> kDirectBytes) not all buffered is read straight into the staging buffer (its
+  // buffered start copied there), and the same readv reads the next frame's length into the buffer: large
+  // frames are not copied twice.
   void read_frames() {
     const size_t ps = page_size();
+    bool drained = false;  // the last read found fewer bytes than it asked for: poll before reading again
     while (fd_ >= 0 && !paused_ && !stopping_) {
-      if (!sized_) {
-        // every frame starts with its length and type (five bytes, maybe read with the frame before)
-        if (!fill({{hdr_, &hdr_have_, 5}}, false)) return;
-        len_ = get_u32(hdr_), type_ = hdr_[4];
+      if (direct_) {
+        uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
+        const ReadPart parts[2] = {{hdr_, &hdr_have_, hdr_need_}, {dst, &body_have_, body_need_}};
+        buf_pos_ = buf_len_ = 0;
+        int r = read_parts(fd_, parts, 2, buf_.data(), &buf_len_, 5, &bytes_read_);
+        if (r < 0) return link_broke(r == -EPIPE ? 0 : -r, false);
+        if (r == 0) return;
+        direct_ = false;
+        if (!handle(hdr_, dst)) return;
+        drained = r == 2;
+        continue;
+      }
+      size_t avail = buf_len_ - buf_pos_;
+      if (avail >= 5) {
+        const uint8_t* f = &buf_[buf_pos_];
+        len_ = get_u32(f), type_ = f[4];
         if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
-        if (type_ == kMsgPages) {
-          if (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps) return reject(std::vector<uint8_t>());
-          hdr_need_ = 17, body_need_ = len_ - 13;
-        } else {
-          body_.resize(len_ - 1);
-          hdr_need_ = 5, body_need_ = len_ - 1;
+        if (type_ == kMsgPages && (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps)) return reject(std::vector<uint8_t>());
+        size_t total = 4 + (size_t)len_, hdr = type_ == kMsgPages ? 17 : 5;
+        if (avail >= total) {
+          buf_pos_ += total;
+          if (!handle(f, const_cast<uint8_t*>(f) + hdr)) return;
+          continue;
         }
-        body_have_ = 0, next_have_ = 0, sized_ = true;
+        if (total > kDirectBytes) {
+          // large and not all here: its start goes to the staging buffer (or body_), the rest is read straight
+          // there; the buffer is empty then
+          if (type_ != kMsgPages) body_.resize(len_ - 1);
+          uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
+          hdr_need_ = hdr, hdr_have_ = std::min(avail, hdr);
+          memcpy(hdr_, f, hdr_have_);
+          body_need_ = total - hdr, body_have_ = std::min(avail - hdr_have_, body_need_);
+          memcpy(dst, f + hdr_have_, body_have_);
+          buf_pos_ += hdr_have_ + body_have_;
+          direct_ = true;
+          continue;
+        }
       }
-      uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
-      if (!fill({{hdr_, &hdr_have_, hdr_need_}, {dst, &body_have_, body_need_}}, true)) return;
-      bool ok = true;
-      if (type_ == kMsgPages) {
-        uint32_t region = get_u32(hdr_ + 5), first = get_u32(hdr_ + 9), count = get_u32(hdr_ + 13);
-        if (!run_ok(region, first, count) || count > kMaxPagesPerFrame || len_ != 13 + count * ps)
-          return reject(std::vector<uint8_t>(hdr_ + 5, hdr_ + 17));
-        pages(region, first, count);
-      } else if (type_ == kMsgRanges) {
-        ok = ranges();
-      } else {
-        emit_frame(type_, std::move(body_));
-        body_ = {};
-        if (type_ == kMsgHandoff) paused_ = true;  // until JS applied the discard list (resume())
-        if (type_ == kMsgError) paused_ = true;    // the source gave up: JS ends the session
+      // a partial small frame (or none): to the buffer's front, and read more after it
+      if (drained) return;
+      if (buf_pos_ > 0) {
+        memmove(buf_.data(), &buf_[buf_pos_], avail);
+        buf_pos_ = 0, buf_len_ = avail;
       }
-      // the next frame begins with what came along
-      memcpy(hdr_, next_, next_have_);
-      hdr_have_ = next_have_, next_have_ = 0, sized_ = false;
-      if (!ok) return reject(std::move(body_));
-      if (drained_) return;  // nothing more to read: poll, not a read that fails
+      size_t want = std::min(buf_.size() - buf_len_, std::max(kReadAheadBytes, avail >= 5 ? 4 + (size_t)len_ - avail : 5));
+      ssize_t n = read(fd_, &buf_[buf_len_], want);
+      if (n == 0) return link_broke(0, false);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN) link_broke(errno, false);
+        return;
+      }
+      bytes_read_ += (uint64_t)n;
+      buf_len_ += (size_t)n;
+      drained = (size_t)n < want;
     }
+  }
+
+  // One whole frame: hdr (its first 5 bytes, 17 for PAGES), body (the rest). false: stop reading (rejected, or
+  // HANDOFF/ERROR paused the thread).
+  bool handle(const uint8_t* hdr, uint8_t* body) {
+    const size_t ps = page_size();
+    if (type_ == kMsgPages) {
+      uint32_t region = get_u32(hdr + 5), first = get_u32(hdr + 9), count = get_u32(hdr + 13);
+      if (!run_ok(region, first, count) || count > kMaxPagesPerFrame || len_ != 13 + count * ps) {
+        reject(std::vector<uint8_t>(hdr + 5, hdr + 17));
+        return false;
+      }
+      pages(region, first, count, body);
+      return true;
+    }
+    if (type_ == kMsgRanges) {
+      if (ranges(body, len_ - 1)) return true;
+      reject(std::vector<uint8_t>(body, body + len_ - 1));
+      return false;
+    }
+    emit_frame(type_, std::vector<uint8_t>(body, body + len_ - 1));
+    body_ = {};
+    if (type_ == kMsgHandoff) paused_ = true;  // until JS applied the discard list (resume())
+    if (type_ == kMsgError) paused_ = true;    // the source gave up: JS ends the session
+    return !paused_;
   }
 
   // A frame that breaks the rules goes to JS as it came (a PAGES frame: its header), where the message table and
@@ -222,11 +268,11 @@ class BulkReaderThread : public DemandThread {
 
   // PAGES: pre-copy overwrites an older round's data in place and installs missing pages; post-copy installs
   // only the missing pages (a page held here is never overwritten: invariant 2), counted as received twice.
-  void pages(uint32_t region, uint32_t first, uint32_t count) {
+  void pages(uint32_t region, uint32_t first, uint32_t count, const uint8_t* data) {
     const size_t ps = page_size();
     const RegionView& rv = regions_[region];
     uint32_t end = first + count;
-    auto src = [&](uint32_t p) { return staging_ + (size_t)(p - first) * ps; };
+    auto src = [&](uint32_t p) { return data + (size_t)(p - first) * ps; };
     if (postcopy_) {
       uint32_t twice = 0;
       each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
@@ -255,20 +301,20 @@ class BulkReaderThread : public DemandThread {
   }
 
   // RANGES: u8 kind | u32 region | (u32 first, u32 count)*
-  bool ranges() {
-    if (body_.size() < 5 || (body_.size() - 5) % 8) return false;
-    uint8_t kind = body_[0];
-    uint32_t region = get_u32(&body_[1]);
+  bool ranges(const uint8_t* body, size_t n) {
+    if (n < 5 || (n - 5) % 8) return false;
+    uint8_t kind = body[0];
+    uint32_t region = get_u32(&body[1]);
     const size_t ps = page_size();
     if (region >= regions_.size()) return false;
     if (kind != kRangeZero && kind != kRangeFree && !(kind == kRangeStale && !postcopy_)) return false;
-    for (size_t k = 5; k < body_.size(); k += 8)
-      if (!run_ok(region, get_u32(&body_[k]), get_u32(&body_[k + 4]))) return false;
+    for (size_t k = 5; k < n; k += 8)
+      if (!run_ok(region, get_u32(&body[k]), get_u32(&body[k + 4]))) return false;
     const RegionView& rv = regions_[region];
     int64_t delta = 0;
     std::vector<iovec> drop;  // dropped together after the loop: one system call for the frame (discard.h)
-    for (size_t k = 5; k < body_.size(); k += 8) {
-      uint32_t first = get_u32(&body_[k]), count = get_u32(&body_[k + 4]), end = first + count;
+    for (size_t k = 5; k < n; k += 8) {
+      uint32_t first = get_u32(&body[k]), count = get_u32(&body[k + 4]), end = first + count;
       bool any_held = false;
       each_run(rv.bits, first, end, [&](uint32_t, uint32_t, bool got) { any_held |= got; });
       if (kind == kRangeStale) {
@@ -312,18 +358,22 @@ class BulkReaderThread : public DemandThread {
   std::vector<RegionView> regions_;
   std::vector<uint32_t*> zero_, freed_;  // knownZero and freedHere of placement.ts
   int fd_, kick_fd_ = -1;
-  std::vector<uint8_t> head_;
-  size_t head_off_ = 0;
+  std::vector<uint8_t> head_;  // the constructor's (moved into the buffer)
   bool postcopy_ = false, paused_ = false;
   std::mutex mu_;
   bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
   int next_fd_ = -1;
   std::vector<uint8_t> next_head_;
-  // the frame being read
-  uint8_t hdr_[17], next_[5];
-  size_t hdr_have_ = 0, hdr_need_ = 5, body_have_ = 0, body_need_ = 0, next_have_ = 0;
-  bool sized_ = false;    // the frame's first five bytes were read and checked
-  bool drained_ = false;  // the last read emptied the socket
+  // bytes read ahead: frames at [buf_pos_, buf_len_)
+  static constexpr size_t kDirectBytes = 64 << 10;     // larger frames are read straight into the staging buffer
+  static constexpr size_t kReadAheadBytes = 256 << 10;  // a read while frames are small
+  static constexpr size_t kBufBytes = kReadAheadBytes + kDirectBytes;
+  std::vector<uint8_t> buf_;
+  size_t buf_pos_ = 0, buf_len_ = 0;
+  // a large frame being read straight into staging_ (PAGES) or body_ (others)
+  bool direct_ = false;
+  uint8_t hdr_[17];
+  size_t hdr_have_ = 0, hdr_need_ = 5, body_have_ = 0, body_need_ = 0;
   uint32_t len_ = 0;
   uint8_t type_ = 0;
   std::vector<uint8_t> body_;

@@ -145,6 +145,7 @@ class BulkWriterThread : public DemandThread {
   }
 
   bool write_frame(const uint8_t* p, size_t n) {
+    if (!write_gathered()) return false;
     iovec iov = {(void*)p, n};
     return write_iov(&iov, 1, n);
   }
@@ -181,7 +182,7 @@ class BulkWriterThread : public DemandThread {
     return ok;
   }
 
-  // At most one frame's pages: zero runs join the pending ZERO ranges, the others go now.
+  // At most one frame's pages: zero runs join the pending ZERO ranges, the others the gathered PAGES frames.
   bool chunk(uint32_t region, uint32_t first, uint32_t n) {
     const RegionView& r = regions_[region];
     const size_t ps = page_size();
@@ -197,12 +198,7 @@ class BulkWriterThread : public DemandThread {
         stats_.zero += cnt;
         if (zero_.size() >= 2 * kZeroEntriesPerFrame && !flush_zero(region)) return false;
       } else {
-        uint8_t hdr[17];
-        put_u32(hdr, 1 + 12 + cnt * (uint32_t)ps);
-        hdr[4] = kMsgPages;
-        put_u32(hdr + 5, region), put_u32(hdr + 9, p), put_u32(hdr + 13, cnt);
-        iovec iov[2] = {{hdr, sizeof hdr}, {r.m->base + (size_t)p * ps, cnt * ps}};
-        if (!write_iov(iov, 2, sizeof hdr + cnt * ps)) return false;
+        if (!gather(region, p, cnt)) return false;
         stats_.data += cnt;
         stats_.resent += cnt - set_range(ever_sent_[region], p, cnt);
         set_range(r.bits, p, cnt);  // destHas
@@ -212,8 +208,33 @@ class BulkWriterThread : public DemandThread {
     return true;
   }
 
+  // A PAGES frame joins the gathered ones; they go with one writev when kGatherFrames or kGatherBytes are
+  // reached, before any other frame and at the end of the batch. A guest with a zero page every few pages
+  // makes frames of a few pages: written one by one, the syscalls (and the reader's wake-ups they cause) cost
+  // more than the copies.
+  bool gather(uint32_t region, uint32_t first, uint32_t cnt) {
+    const size_t ps = page_size();
+    uint8_t* hdr = gathered_hdrs_[gathered_frames_];
+    put_u32(hdr, 1 + 12 + cnt * (uint32_t)ps);
+    hdr[4] = kMsgPages;
+    put_u32(hdr + 5, region), put_u32(hdr + 9, first), put_u32(hdr + 13, cnt);
+    gathered_iov_[2 * gathered_frames_] = {hdr, 17};
+    gathered_iov_[2 * gathered_frames_ + 1] = {regions_[region].m->base + (size_t)first * ps, cnt * ps};
+    gathered_frames_++, gathered_bytes_ += 17 + cnt * ps;
+    return gathered_frames_ < kGatherFrames && gathered_bytes_ < kGatherBytes ? true : write_gathered();
+  }
+
+  bool write_gathered() {
+    if (gathered_frames_ == 0) return true;
+    int n = 2 * (int)gathered_frames_;
+    size_t bytes = gathered_bytes_;
+    gathered_frames_ = 0, gathered_bytes_ = 0;
+    return write_iov(gathered_iov_, n, bytes);
+  }
+
   // The pending ZERO ranges of this batch as RANGES frames (destHas marked, like sendRanges()).
   bool flush_zero(uint32_t region) {
+    if (!write_gathered()) return false;
     if (zero_.empty()) return true;
     std::vector<uint8_t> f(10 + zero_.size() * 4);
     put_u32(f.data(), (uint32_t)(f.size() - 4));
@@ -237,6 +258,10 @@ class BulkWriterThread : public DemandThread {
     uint32_t data, zero, resent;
   } stats_ = {};
   std::vector<uint32_t> zero_;
+  static constexpr size_t kGatherFrames = 64, kGatherBytes = 1 << 20;
+  uint8_t gathered_hdrs_[kGatherFrames][17];
+  iovec gathered_iov_[2 * kGatherFrames];
+  size_t gathered_frames_ = 0, gathered_bytes_ = 0;
 };
 
 // new BulkWriter(socketFd, regionIds, destHas, everSent, onEvents(events));

@@ -1,0 +1,151 @@
+// The destination's native bulk reader (native/bulk.cc) on a real TCP
+// connection and a real userfaultfd region: frames many to a read (a run of
+// a few pages between zero pages), frames larger than its buffer (read
+// straight into staging), control frames for JS in order, all of it written
+// in pieces of random size so that every frame is cut somewhere; and a frame
+// that breaks the rules stops it.
+import { once } from 'node:events'
+import { createServer, connect, type Socket } from 'node:net'
+import { describe, expect, it } from 'vitest'
+import { DemandEv, eachDemandEvent } from '../src/agent/demand-events'
+import { loadBinding } from '../src/binding'
+import { PageBitmap } from '../src/bitmap'
+import { encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/protocol/messages'
+import { Region } from '../src/region'
+import { takeSocket } from '../src/socket-fd'
+import { kernelSkipReason } from './helpers/gate'
+
+const skip = kernelSkipReason()
+
+async function tcpPair(): Promise<{ client: Socket; server: Socket; close(): void }> {
+  const srv = createServer()
+  srv.listen(0, '127.0.0.1')
+  await once(srv, 'listening')
+  const port = (srv.address() as { port: number }).port
+  const accepted = once(srv, 'connection')
+  const client = connect(port, '127.0.0.1')
+  await once(client, 'connect')
+  const [server] = (await accepted) as [Socket]
+  return { client, server, close: () => (client.destroy(), server.destroy(), srv.close()) }
+}
+
+/** The socket's descriptor and what Node had read of it, Node reading nothing more (as Channel.handOver()). */
+const takenOf = new Map<Socket, { fd: number; head: Buffer }>()
+function taken(s: Socket): { fd: number; head: Buffer } {
+  if (!takenOf.has(s)) takenOf.set(s, takeSocket(s)!)
+  return takenOf.get(s)!
+}
+
+/** A deterministic generator (the pieces' sizes), so that a failure replays. */
+function lcg(seed: number): () => number {
+  let x = seed >>> 0
+  return () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32)
+}
+
+describe.skipIf(skip)('native bulk reader', () => {
+  const b = skip ? (undefined as never) : loadBinding()
+  const ps = skip ? 4096 : b.pageSize
+  const MISSING = skip ? 0 : b.constants.UFFDIO_REGISTER_MODE_MISSING
+
+  function setup(pages: number) {
+    const region = Region.create('r', pages * ps)
+    const uffd = new b.Uffd(0)
+    uffd.register(region.id, 0, region.sizeBytes, MISSING)
+    const received = new PageBitmap(pages), knownZero = new PageBitmap(pages), freed = new PageBitmap(pages)
+    return { region, uffd, received, knownZero, freed }
+  }
+
+  /** A PAGES frame of [first, first+count) whose page p holds `mark(p)` in every byte. */
+  function pagesFrame(first: number, count: number, mark: (p: number) => number): Buffer {
+    const body = Buffer.alloc(count * ps)
+    for (let i = 0; i < count; i++) body.fill(mark(first + i), i * ps, (i + 1) * ps)
+    return Buffer.concat([pagesHeader(0, first, count, ps), body])
+  }
+
+  async function feed(sock: Socket, stream: Buffer, seed: number): Promise<void> {
+    const rand = lcg(seed)
+    for (let off = 0; off < stream.length;) {
+      const n = Math.min(stream.length - off, 1 + Math.floor(rand() * 96 * 1024))
+      if (!sock.write(stream.subarray(off, off + n))) await once(sock, 'drain')
+      off += n
+      if (rand() < 0.3) await new Promise((r) => setTimeout(r, 1))
+    }
+  }
+
+  for (const seed of [1, 2, 3]) {
+    it(`places small frames read many at a time, large frames read straight, zero ranges, and hands control frames to JS in order (pieces seed ${seed})`, async () => {
+      const pages = 640
+      const { region, uffd, received, knownZero, freed } = setup(pages)
+      const { client, server, close } = await tcpPair()
+      const frames: { type: number; payload: Buffer }[] = []
+      let receivedCount = 0
+      const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
+        if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
+        else if (kind === DemandEv.RECEIVED) receivedCount += a
+      })
+      const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+      try {
+        // [0, 400): runs of 7 data pages and 1 zero page; a control frame between; [400, 640): one large frame
+        // (240 pages, more than the reader's buffer); then [0, 7) again with new data (pre-copy: overwritten in place)
+        const parts: Buffer[] = []
+        const zeroRuns: number[] = []
+        for (let p = 0; p < 400; p += 8) {
+          parts.push(pagesFrame(p, 7, (q) => (q % 251) + 1))
+          zeroRuns.push(p + 7, 1)
+          if (p === 200) parts.push(...encodeControl(Msg.ROUND_END, { round: 0 }))
+        }
+        parts.push(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, zeroRuns))
+        parts.push(pagesFrame(400, 240, (q) => (q % 13) + 100))
+        parts.push(pagesFrame(0, 7, (q) => 200 + q))
+        parts.push(...encodeControl(Msg.ROUND_END, { round: 1 }))
+        await feed(client, Buffer.concat(parts), seed)
+        for (let t = 0; frames.length < 2 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
+
+        expect(frames.map((f) => f.type)).toEqual([Msg.ROUND_END, Msg.ROUND_END])
+        const mem = Buffer.from(region.buffer)
+        const want = (p: number) => (p < 7 ? 200 + p : p < 400 ? (p % 251) + 1 : (p % 13) + 100)
+        const wrong: number[] = []
+        for (let p = 0; p < pages; p++) {
+          if (p < 400 && p % 8 === 7) continue // known zero: never populated (reading it would fault)
+          if (!mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, want(p)))) wrong.push(p)
+        }
+        expect(wrong).toEqual([])
+        for (let p = 0; p < pages; p++) {
+          expect(received.has(p)).toBe(true)
+          expect(knownZero.has(p)).toBe(p < 400 && p % 8 === 7)
+        }
+        expect(receivedCount).toBe(pages)
+        expect(reader.bytesRead + taken(server).head.length).toBe(Buffer.concat(parts).length)
+      } finally {
+        reader.close()
+        close()
+        uffd.close()
+      }
+    })
+  }
+
+  it('a PAGES frame for a region it does not have stops it: the frame goes to JS, nothing after it is placed', async () => {
+    const pages = 64
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    const frames: { type: number; payload: Buffer }[] = []
+    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
+      if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    try {
+      const bad = pagesFrame(0, 2, () => 9)
+      bad.writeUInt32LE(5, 5) // region 5
+      await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 7)
+      for (let t = 0; frames.length < 1 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      await new Promise((r) => setTimeout(r, 50))
+      expect(frames.map((f) => f.type)).toEqual([Msg.PAGES])
+      expect(frames[0].payload.readUInt32LE(0)).toBe(5) // its header (region, first, count): the message table names it
+      expect([...Array(16).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+})
