@@ -1,6 +1,7 @@
 // The destination's bulk receive on a native thread: pre-copy rounds and
 // the post-copy push arrive as PAGES and RANGES frames; this thread reads
-// each frame's pages into a staging buffer and installs them from there
+// small frames many at a time into a buffer and large ones straight into a
+// staging buffer, and installs the pages from there (see read_frames())
 // (UFFDIO_COPY for a missing page, a plain copy over an older round's data,
 // UFFDIO_ZEROPAGE or a discard for zero ranges): one copy from the socket,
 // one into place, no JavaScript per frame. The placement rules are those of
