@@ -5,7 +5,7 @@
 // in pieces of random size so that every frame is cut somewhere; and a frame
 // that breaks the rules stops it.
 import { once } from 'node:events'
-import { createServer, connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import { describe, expect, it } from 'vitest'
 import { DemandEv, eachDemandEvent } from '../src/agent/demand-events'
 import { loadBinding } from '../src/binding'
@@ -14,20 +14,9 @@ import { encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/p
 import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
+import { tcpPair } from './helpers/tcp'
 
 const skip = kernelSkipReason()
-
-async function tcpPair(): Promise<{ client: Socket; server: Socket; close(): void }> {
-  const srv = createServer()
-  srv.listen(0, '127.0.0.1')
-  await once(srv, 'listening')
-  const port = (srv.address() as { port: number }).port
-  const accepted = once(srv, 'connection')
-  const client = connect(port, '127.0.0.1')
-  await once(client, 'connect')
-  const [server] = (await accepted) as [Socket]
-  return { client, server, close: () => (client.destroy(), server.destroy(), srv.close()) }
-}
 
 /** The socket's descriptor and what Node had read of it, Node reading nothing more (as Channel.handOver()). */
 const takenOf = new Map<Socket, { fd: number; head: Buffer }>()

@@ -1,8 +1,6 @@
 // The source's native bulk writer (native/bulk_writer.cc) on a real TCP
 // connection: what it writes is decoded with the protocol's own decoder and
 // compared with region memory and with the bitmaps it marks.
-import { once } from 'node:events'
-import { createServer, connect, type Socket } from 'node:net'
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { PageBitmap } from '../src/bitmap'
@@ -11,20 +9,9 @@ import { decodePages, decodeRuns, encodeControl, Msg, RangeKind } from '../src/p
 import { Region } from '../src/region'
 import { socketFd } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
+import { tcpPair } from './helpers/tcp'
 
 const skip = kernelSkipReason()
-
-async function tcpPair(): Promise<{ client: Socket; server: Socket; close(): void }> {
-  const srv = createServer()
-  srv.listen(0, '127.0.0.1')
-  await once(srv, 'listening')
-  const port = (srv.address() as { port: number }).port
-  const accepted = once(srv, 'connection')
-  const client = connect(port, '127.0.0.1')
-  await once(client, 'connect')
-  const [server] = (await accepted) as [Socket]
-  return { client, server, close: () => (client.destroy(), server.destroy(), srv.close()) }
-}
 
 describe.skipIf(skip)('native bulk writer', () => {
   const b = skip ? (undefined as never) : loadBinding()
