@@ -225,7 +225,8 @@ class BulkReaderThread : public DemandThread {
       reject(std::vector<uint8_t>(body, body + len_ - 1));
       return false;
     }
-    emit_frame(type_, std::vector<uint8_t>(body, body + len_ - 1));
+    // a large frame read into body_ goes as it is (HANDOFF with its discard lists and state: megabytes)
+    emit_frame(type_, body == body_.data() ? std::move(body_) : std::vector<uint8_t>(body, body + len_ - 1));
     body_ = {};
     if (type_ == kMsgHandoff) paused_ = true;  // until JS applied the discard list (resume())
     if (type_ == kMsgError) paused_ = true;    // the source gave up: JS ends the session

@@ -86,11 +86,14 @@ describe.skipIf(skip)('native bulk reader', () => {
         parts.push(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, zeroRuns))
         parts.push(pagesFrame(400, 240, (q) => (q % 13) + 100))
         parts.push(pagesFrame(0, 7, (q) => 200 + q))
-        parts.push(...encodeControl(Msg.ROUND_END, { round: 1 }))
+        // a control frame larger than the buffer: read straight, handed to JS whole
+        const big = encodeControl(Msg.ROUND_END, { round: 1, pad: Buffer.alloc(400 << 10, 7) })
+        parts.push(...big)
         await feed(client, Buffer.concat(parts), seed)
         for (let t = 0; frames.length < 2 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
 
         expect(frames.map((f) => f.type)).toEqual([Msg.ROUND_END, Msg.ROUND_END])
+        expect(frames[1].payload.equals(big[1])).toBe(true)
         const mem = Buffer.from(region.buffer)
         const want = (p: number) => (p < 7 ? 200 + p : p < 400 ? (p % 251) + 1 : (p % 13) + 100)
         const wrong: number[] = []
