@@ -122,13 +122,15 @@ struct ReadPart {
 // bytes only then; 2: the same, and the last readv found fewer bytes than it asked for, so the socket is
 // drained: poll before reading again, rather than a read that fails with EAGAIN), 0 = it would block,
 // -EPIPE = end of stream, -errno = failed. counter adds the bytes read.
+constexpr int kMaxReadParts = 3;
 inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
                       std::atomic<uint64_t>* counter = nullptr) {
+  if (n > kMaxReadParts) return -EINVAL;  // callers pass a header and a body
   for (bool short_read = false;; ) {
-    iovec iov[4];
+    iovec iov[kMaxReadParts + 1];
     int k = 0;
     size_t asked = 0;
-    for (int i = 0; i < n && k < 3; i++)
+    for (int i = 0; i < n; i++)
       if (*parts[i].have < parts[i].need) iov[k++] = {parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have};
     if (k == 0) return short_read ? 2 : 1;
     if (extra && *extra_have < extra_need) iov[k++] = {extra + *extra_have, extra_need - *extra_have};

@@ -11,10 +11,10 @@ import { DemandEv, eachDemandEvent } from '../src/agent/demand-events'
 import { loadBinding } from '../src/binding'
 import { PageBitmap } from '../src/bitmap'
 import { encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/protocol/messages'
-import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
+import { missingRegion } from './helpers/uffd-region'
 
 const skip = kernelSkipReason()
 
@@ -34,12 +34,9 @@ function lcg(seed: number): () => number {
 describe.skipIf(skip)('native bulk reader', () => {
   const b = skip ? (undefined as never) : loadBinding()
   const ps = skip ? 4096 : b.pageSize
-  const MISSING = skip ? 0 : b.constants.UFFDIO_REGISTER_MODE_MISSING
 
   function setup(pages: number) {
-    const region = Region.create('r', pages * ps)
-    const uffd = new b.Uffd(0)
-    uffd.register(region.id, 0, region.sizeBytes, MISSING)
+    const { region, uffd } = missingRegion(b, pages)
     const received = new PageBitmap(pages), knownZero = new PageBitmap(pages), freed = new PageBitmap(pages)
     return { region, uffd, received, knownZero, freed }
   }

@@ -5,6 +5,7 @@ import { loadBinding } from '../src/binding'
 import { Region } from '../src/region'
 import { openTracker } from '../src/agent/tracker'
 import { kernelSkipReason } from './helpers/gate'
+import { missingRegion } from './helpers/uffd-region'
 
 const skip = kernelSkipReason()
 const dist = join(__dirname, '..', 'dist')
@@ -33,15 +34,9 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   const ps = skip ? 4096 : b.pageSize
   const MISSING = skip ? 0 : b.constants.UFFDIO_REGISTER_MODE_MISSING
 
-  function missingRegion(pages: number) {
-    const region = Region.create('t', pages * ps)
-    const uffd = new b.Uffd(0)
-    uffd.register(region.id, 0, region.sizeBytes, MISSING)
-    return { region, uffd }
-  }
 
   it('resolves a worker fault with copy and the worker reads the copied bytes', async () => {
-    const { region, uffd } = missingRegion(16)
+    const { region, uffd } = missingRegion(b, 16)
     const faults: number[] = []
     uffd.startFaults((ev) => {
       for (let i = 0; i < ev.length; i += 3) {
@@ -58,7 +53,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
 
   it('pollFaults() delivers a queued fault synchronously, while this thread never yields to its loop', async () => {
-    const { region, uffd } = missingRegion(8)
+    const { region, uffd } = missingRegion(b, 8)
     const faults: number[] = []
     uffd.startFaults((ev) => {
       for (let i = 0; i < ev.length; i += 3) {
@@ -84,7 +79,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
 
   it('resolves faults from many threads at once, each page with its own bytes', async () => {
     const threads = 4, perThread = 40
-    const { region, uffd } = missingRegion(threads * perThread)
+    const { region, uffd } = missingRegion(b, threads * perThread)
     const faulted = new Set<number>()
     uffd.startFaults((ev) => {
       for (let i = 0; i < ev.length; i += 3) {
@@ -225,7 +220,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
 
   it('places a zero page and detects all-zero pages', async () => {
-    const { region, uffd } = missingRegion(8)
+    const { region, uffd } = missingRegion(b, 8)
     uffd.startFaults((ev) => {
       for (let i = 0; i < ev.length; i += 3) uffd.zeropage(region.id, ev[i + 1] * ps, ps)
     })
@@ -239,7 +234,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
 
   it('makes a discarded page fault again', async () => {
-    const { region, uffd } = missingRegion(4)
+    const { region, uffd } = missingRegion(b, 4)
     let faults = 0
     let fill = 1
     uffd.startFaults((ev) => {
@@ -257,7 +252,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
 
   it('returns EEXIST as a count of pages already present, and copies the rest', () => {
-    const { region, uffd } = missingRegion(8)
+    const { region, uffd } = missingRegion(b, 8)
     expect(uffd.copy(region.id, 2 * ps, new Uint8Array(ps).fill(7))).toBe(0)
     expect(uffd.copy(region.id, 2 * ps, new Uint8Array(ps).fill(8))).toBe(1)
     // pages 0..3: page 2 exists, the other three are copied
@@ -269,7 +264,7 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
 
   it('rejects out-of-range and malformed arguments before any syscall', () => {
-    const { region, uffd } = missingRegion(4)
+    const { region, uffd } = missingRegion(b, 4)
     const page = new Uint8Array(ps)
     expect(() => uffd.copy(region.id, 4 * ps, page)).toThrow(/page-aligned offset below 16384, got 16384/)
     expect(() => uffd.copy(region.id, 1, page)).toThrow(RangeError)
