@@ -54,9 +54,9 @@ describe.skipIf(skip)('the README quick start', () => {
         const next = run(hosts[to], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], httpPort)
         await next.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
         const send = run(hosts[from], [cli, 'send', '--guest', `qs-${process.pid}`, '--to', `127.0.0.1:${migPort}`], 0)
-        expect((await send.exited).code, send.stderr).toBe(0)
+        expect((await send.waitExit(30_000)).code, send.stderr).toBe(0)
         expect(send.lines.join('\n')).toMatch(/^migration to 127\.0\.0\.1:\d+, mode hybrid/)
-        expect((await current.exited).code).toBe(0)
+        expect((await current.waitExit(30_000)).code, current.stderr).toBe(0)
         current = next
         port = httpPort
         const r = await until(() => hit(port, 7))

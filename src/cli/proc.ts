@@ -58,7 +58,7 @@ export class LineProc {
       const m = l.match(re)
       if (m) return Promise.resolve(m)
     }
-    const tail = () => `(stdout: ${this.lines.slice(-5).join(' | ')}; stderr: ${this.stderr.slice(-800)})`
+    const tail = () => this.tail()
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${re} on ${stream} ${tail()}`)), timeoutMs)
       const w = { re, stream, resolve: (m: RegExpMatchArray) => (clearTimeout(timer), resolve(m)) }
@@ -70,6 +70,19 @@ export class LineProc {
         }
       }, 50))
     })
+  }
+
+  /** The exit, or an error after timeoutMs that carries the process's last output (a hang says where it hung). */
+  waitExit(timeoutMs = 60_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${this.child.spawnargs.slice(1, 4).join(' ')} did not exit within ${timeoutMs} ms ${this.tail()}`)), timeoutMs)
+    })
+    return Promise.race([this.exited, late]).finally(() => clearTimeout(timer))
+  }
+
+  private tail(): string {
+    return `(stdout: ${this.lines.slice(-5).join(' | ')}; stderr: ${this.stderr.slice(-800)})`
   }
 
   /** Sends a signal (default SIGKILL) to the process, or with group, to its whole process group. */

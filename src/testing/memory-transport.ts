@@ -88,12 +88,26 @@ export class MemoryTransport extends EventEmitter {
 
   private consumed(n: number): void {
     this.unread -= n
-    if (this.needDrain && this.unread <= this.highWaterBytes / 2) {
+    if (this.needDrain && !this.drainHeld && this.unread <= this.highWaterBytes / 2) {
       this.needDrain = false
       this.emit('drain')
     }
   }
 
+  /**
+   * Writes say "wait for drain" until the returned release is called, as a
+   * socket whose buffer is full would (a slow drain, to order events in tests).
+   */
+  holdDrain(): () => void {
+    this.needDrain = true
+    this.drainHeld = true
+    return () => {
+      this.drainHeld = false
+      this.consumed(0)
+    }
+  }
+
+  private drainHeld = false
   private peerEnded = false
 
   /** Half-close: the peer sees 'close' after the bytes already written. */

@@ -4,7 +4,7 @@
  * process started here is killed (with its group) by killAll().
  */
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationReport } from '../../src/agent/report'
@@ -49,6 +49,22 @@ export async function sendAndWait(from: Host, guest: string, to: number, extra: 
   const send = from.cli(['send', '--guest', guest, '--to', `127.0.0.1:${to}`, '--json', ...extra])
   const { code } = await send.exited
   return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
+}
+
+/** Thread names (comm) of the service a `receive` process started (its child), or of a service started directly. */
+export function serviceThreads(p: LineProc): string[] {
+  const pid = p.child.pid!
+  const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
+  const service = kids ? kids.split(/\s+/)[0] : String(pid)
+  const names: string[] = []
+  for (const tid of readdirSync(`/proc/${service}/task`)) {
+    try {
+      names.push(readFileSync(`/proc/${service}/task/${tid}/comm`, 'utf8').trim())
+    } catch {
+      // the thread ended between readdir and read
+    }
+  }
+  return names
 }
 
 /** Waits for the page-store's READY line. */

@@ -1,10 +1,8 @@
 /**
- * The destination side of one migration, in the agent's worker: one state
- * machine (machine.ts) fed by the frames of both connections. Before the
- * hand-off pages go straight into the (registered, untouched) regions; at
- * the hand-off the discard list is applied and the service resumes; after
- * it, faults become page requests on the urgent channel, and pages are
- * installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local. Beside it, one file per concern.
+ * The destination side of one migration, in the agent's worker: one state machine (machine.ts) fed by the frames of
+ * both connections. Before the hand-off pages go straight into the (registered, untouched) regions; at the hand-off the
+ * discard list is applied and the service resumes; after it, faults become page requests on the urgent channel, and
+ * pages are installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local. Beside it, one file per concern.
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
@@ -163,7 +161,9 @@ export class MigrationDestination implements DestinationHandlers {
 
   private onChannelClosed(err: Error, ch: Channel): void {
     if (this.phase === DestPhase.SETTLED && ch === this.link.bulk && (err as UffdMigrateError).cause === undefined) {
-      this.link.stopListening() // the source hung up cleanly after the report: nobody dials in again
+      // the source hung up cleanly after the report: nobody dials in again, so the bulk thread and the sockets go
+      this.bulkPath.close()
+      return this.link.close()
     }
     if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
     if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke

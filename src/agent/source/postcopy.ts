@@ -52,7 +52,14 @@ export class Postcopy {
   destHandoff: { handoffAtMs: number; discardedAtMs: number } | undefined
   /** Bumped when a link breaks: work started on the old link stops. */
   private generation = 0
-  private settledWaiter: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void } | undefined
+  /**
+   * The destination's SETTLED report. Made here, not when the push ends: a
+   * destination that lacks nothing settles as soon as it resumes, and its
+   * SETTLED may arrive (with RESUMED) before this side has seen its HANDOFF
+   * drain; a report with nobody waiting for it yet is kept, not dropped.
+   */
+  readonly settled: Promise<Record<string, unknown>>
+  private settledWaiter!: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void }
   readonly resumedAt: Promise<number>
   private resumedResolve!: (t: number) => void
 
@@ -64,6 +71,8 @@ export class Postcopy {
     private readonly host: PostcopyHost,
   ) {
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
+    this.settled = new Promise((resolve, reject) => (this.settledWaiter = { resolve, reject }))
+    this.settled.catch(() => {}) // observed by run(); a failure may come before anyone waits
   }
 
   /** From the hand-off (or a recovery): a fresh push policy over what is pending; a native thread answers faults when the link has a demand connection. */
@@ -109,12 +118,12 @@ export class Postcopy {
   }
 
   onSettled(f: Frame): void {
-    this.settledWaiter?.resolve(decodeControl(f.type, f.payload))
+    this.settledWaiter.resolve(decodeControl(f.type, f.payload))
   }
 
   /** The destination reported an error: whatever waits for the settled report fails with it. */
   onPeerFailure(err: Error): void {
-    this.settledWaiter?.reject(err)
+    this.settledWaiter.reject(err)
   }
 
   // ---- the loop ------------------------------------------------------------------
@@ -138,12 +147,10 @@ export class Postcopy {
   }
 
   private async pushUntilSettled(generation: number): Promise<Record<string, unknown>> {
-    const settled = new Promise<Record<string, unknown>>((resolve, reject) => (this.settledWaiter = { resolve, reject }))
-    settled.catch(() => {}) // observed below; a failure may end the push first
     if (this.sender.pending.length) await this.pushLoop(generation)
     if (generation !== this.generation) return new Promise(() => {}) // that link broke; recover() took over
     this.host.link.bulk.send(encodeControl(Msg.PUSH_END, {}))
-    return settled
+    return this.settled
   }
 
   private async pushLoop(generation: number): Promise<void> {
