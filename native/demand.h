@@ -109,17 +109,30 @@ void call_js(napi_env env, napi_value fn, std::initializer_list<napi_value> args
 template <typename T>
 class ThreadWrap : public Napi::ObjectWrap<T> {
  public:
-  explicit ThreadWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<T>(info) {
-    napi_add_env_cleanup_hook(info.Env(), &ThreadWrap::Cleanup, this);
+  explicit ThreadWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<T>(info), env_(info.Env()) {
+    hooked_ = napi_add_env_cleanup_hook(env_, &ThreadWrap::Cleanup, this) == napi_ok;
   }
-  ~ThreadWrap() override { Shutdown(); }
+  // Also when the subclass's constructor threw (bad arguments): the hook must not outlive this object (a later
+  // object at the same address could not register its own, and the environment's teardown would call freed memory).
+  ~ThreadWrap() override {
+    Shutdown();
+    Unhook();
+  }
 
  protected:
-  static void Cleanup(void* arg) { static_cast<ThreadWrap*>(arg)->Shutdown(); }
+  static void Cleanup(void* arg) {
+    auto* self = static_cast<ThreadWrap*>(arg);
+    self->hooked_ = false;  // the environment is running its hooks: this one is gone
+    self->Shutdown();
+  }
+  void Unhook() {
+    if (hooked_) napi_remove_env_cleanup_hook(env_, &ThreadWrap::Cleanup, this);
+    hooked_ = false;
+  }
   // Stops and joins the thread; returns the events JS has not taken yet.
   std::vector<DemandEvent> Shutdown() {
     if (!thread_) return {};
-    napi_remove_env_cleanup_hook(this->Env(), &ThreadWrap::Cleanup, this);
+    Unhook();
     auto left = thread_->stop();
     thread_.reset();
     keep_.clear();
@@ -131,6 +144,10 @@ class ThreadWrap : public Napi::ObjectWrap<T> {
   Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
   std::unique_ptr<DemandThread> thread_;
   std::vector<Napi::ObjectReference> keep_;
+
+ private:
+  napi_env env_;
+  bool hooked_ = false;
 };
 
 // Whole-run writes on a non-blocking socket: waits for POLLOUT and for the
