@@ -88,6 +88,7 @@ describe.skipIf(skip)('cancel', () => {
     const dst = B.receive(g, port, await freePort(), ['--mib', '512', '--writes', '20000'])
     await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
     for (const how of ['command', 'SIGINT'] as const) {
+      const seen = dst.mark('stderr') // the second cancel's line, not the first one's
       const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid'])
       await send.waitLine(/precopy round 0/, 30_000, 'stderr') // progress lines without a TTY
       if (how === 'command') {
@@ -100,7 +101,7 @@ describe.skipIf(skip)('cancel', () => {
       const { code } = await send.exited
       expect(code, send.stderr).toBe(3)
       expect(send.lines.join('\n')).toMatch(/^cancelled: .*cancelled in phase precopy.*the service runs on here/)
-      await dst.waitLine(/ended before the hand-off \(.*\[ERR_MIGRATION_CANCELLED\]; listening for the next source/, 10_000, 'stderr')
+      await dst.waitLine(/ended before the hand-off \(.*\[ERR_MIGRATION_CANCELLED\]; listening for the next source/, 10_000, 'stderr', seen)
       // the source serves on, with its data
       expect((await page(http, 3)).ok).toBe(true)
       const st = A.cli(['status', '--guest', g])
@@ -108,8 +109,8 @@ describe.skipIf(skip)('cancel', () => {
       expect(st.lines[0]).toMatch(/: cancelled;/)
       expect(st.lines[1]).toMatch(/last migration: .*\[ERR_MIGRATION_CANCELLED\]/)
     }
-    const { code, report } = await sendAndWait(A, g, port)
-    expect(code).toBe(0)
+    const { code, report, send: last } = await sendAndWait(A, g, port)
+    expect(code, `${last.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
     expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=131072')
     expect((await src.exited).code).toBe(0)
@@ -229,8 +230,8 @@ describe.skipIf(skip)('a receiver that keeps listening', () => {
     // the real one
     const src = A.service(g, await freePort())
     await src.waitLine(/^READY/)
-    const { code, report } = await sendAndWait(A, g, port)
-    expect(code).toBe(0)
+    const { code, report, send: last } = await sendAndWait(A, g, port)
+    expect(code, `${last.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
     expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
   }, 120_000)

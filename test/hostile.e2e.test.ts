@@ -80,8 +80,8 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
     await status.exited
     expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening', refusals: { ERR_MIGRATION_PROTOCOL: 16 } })
     await ready(A.service(g, await freePort()))
-    const { code } = await sendAndWait(A, g, port)
-    expect(code).toBe(0)
+    const { code, send } = await sendAndWait(A, g, port)
+    expect(code, `${send.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
   }, 120_000)
 

@@ -52,9 +52,14 @@ export class LineProc {
     return this.child.exitCode
   }
 
-  /** Resolves with the first line (seen or future) of the stream matching re. */
-  waitLine(re: RegExp, timeoutMs = 60_000, stream: Stream = 'stdout'): Promise<RegExpMatchArray> {
-    for (const l of stream === 'stdout' ? this.lines : this.errLines) {
+  /** How many lines of the stream were seen so far (for waitLine's `since`: only what comes after). */
+  mark(stream: Stream = 'stdout'): number {
+    return (stream === 'stdout' ? this.lines : this.errLines).length
+  }
+
+  /** Resolves with the first line (seen from line `since` on, or future) of the stream matching re. */
+  waitLine(re: RegExp, timeoutMs = 60_000, stream: Stream = 'stdout', since = 0): Promise<RegExpMatchArray> {
+    for (const l of (stream === 'stdout' ? this.lines : this.errLines).slice(since)) {
       const m = l.match(re)
       if (m) return Promise.resolve(m)
     }

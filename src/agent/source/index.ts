@@ -32,6 +32,9 @@ import { Sender } from './sender'
 
 export { SourcePhase } from './machine'
 
+/** After a cancel, how long run() waits for the destination to hang up (it is listening again then). */
+const CANCEL_HANGUP_WAIT_MS = 2000
+
 export interface SourceOptions {
   to: string
   mode: MigrationMode
@@ -283,7 +286,8 @@ export class MigrationSource implements SourceHandlers {
     } catch (err) {
       this.failure ??= err as Error
       this.sender.stopDemand()
-      this.current?.close()
+      const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
+      if (!cancelled) this.current?.close()
       if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
       // Once HANDOFF is on the wire the destination may already run the
       // service: resuming here too would run it twice, unless it said it did not.
@@ -298,6 +302,7 @@ export class MigrationSource implements SourceHandlers {
         ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
         ;(err as { afterHandoff?: boolean }).afterHandoff = true
       }
+      if (cancelled) await this.current?.closeAfterPeer(CANCEL_HANGUP_WAIT_MS)
       throw err
     } finally {
       clearInterval(this.progressTimer as NodeJS.Timeout)

@@ -159,6 +159,30 @@ export class SourceLink {
     this.closeStreams()
   }
 
+  /**
+   * Closes the link after a cancel: the data connections at once, urgent once
+   * the destination hung up too (it ends its session on the ERROR, or on
+   * bulk's end), at most waitMs. So a cancel returns when the destination is
+   * listening again, and a `send` run right after it is not refused as busy.
+   */
+  async closeAfterPeer(waitMs: number): Promise<void> {
+    clearInterval(this.keepalive)
+    this.bulk.close()
+    this.demand?.close()
+    this.closeStreams()
+    if (!this.urgent.failed) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, waitMs)
+        timer.unref?.()
+        this.urgent.onClose(() => {
+          clearTimeout(timer)
+          resolve()
+        })
+      })
+    }
+    this.urgent.close()
+  }
+
   /** Destination clock minus ours, from the exchange with the smallest round trip. */
   async syncClock(clock: Clock): Promise<{ offsetMs: number; rttMs: number }> {
     let best = { offsetMs: 0, rttMs: Infinity }
