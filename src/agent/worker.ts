@@ -13,7 +13,7 @@ import { DEFAULT_BULK_SOCKET_BUFFER_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
-import type { AgentToMain, MainToAgent, WireSourceOptions } from './messages'
+import { type AgentToMain, type MainToAgent, ownBuffer, type WireSourceOptions } from './messages'
 import { MigrationSource, type SourceOptions } from './source/index'
 import type { TrackerOption } from './tracker'
 
@@ -63,10 +63,12 @@ const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e
 class MainThreadCall<T> {
   private waiter: { resolve: (v: T) => void; reject: (e: Error) => void } | undefined
 
-  ask(m: AgentToMain): Promise<T> {
+  /** transferState: the message's `state` bytes own their buffer (ownBuffer()), which moves instead of being copied. */
+  ask(m: AgentToMain, transferState = false): Promise<T> {
     return new Promise((resolve, reject) => {
       this.waiter = { resolve, reject }
-      post(m)
+      const state = transferState ? (m as { state?: Uint8Array }).state : undefined
+      port.postMessage(m, state ? [state.buffer as ArrayBuffer] : [])
     })
   }
 
@@ -183,7 +185,7 @@ function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
-    restore: (state) => restore.ask({ type: 'restore', state }),
+    restore: (state) => restore.ask({ type: 'restore', state: ownBuffer(state) }, true),
     pollService: pollMain,
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),
