@@ -13,7 +13,7 @@ import { PageBitmap } from './bitmap'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { Region } from './region'
 import { nowMs } from './stats'
-import { type AgentToMain, type MainToAgent, ownBuffer, type WireSourceOptions } from './agent/messages'
+import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './agent/messages'
 import type { AgentWorkerData } from './agent/worker'
 import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
@@ -142,8 +142,8 @@ export class Guest extends EventEmitter {
   }
 
   /** @internal */
-  post(m: MainToAgent): void {
-    if (!this.closed) this.worker.postMessage(m)
+  post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
+    if (!this.closed) this.worker.postMessage(m, transfer)
   }
 
   /**
@@ -332,8 +332,7 @@ export class Guest extends EventEmitter {
       // from now on clients wait here (held, not refused) until the service runs on one host or the other
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
-      const bytes = ownBuffer(handoffState.encode(state))
-      if (!this.closed) this.worker.postMessage({ type: 'paused', state: bytes } satisfies MainToAgent, [bytes.buffer as ArrayBuffer])
+      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state) }))
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
     }

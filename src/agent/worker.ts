@@ -13,7 +13,7 @@ import { DEFAULT_BULK_SOCKET_BUFFER_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
-import { type AgentToMain, type MainToAgent, ownBuffer, type WireSourceOptions } from './messages'
+import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type SourceOptions } from './source/index'
 import type { TrackerOption } from './tracker'
 
@@ -39,7 +39,7 @@ const regions = data.regions.map((d) => Region.open(d, binding))
 // This thread only: it pushes, installs and reads faults (on its own loop).
 if (data.agentNice) binding.setThreadNice(data.agentNice)
 const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
-const post = (m: AgentToMain) => port.postMessage(m)
+const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
 /**
  * One line on stderr for the operator, written by this thread with a plain
  * write(2): the service's thread may be blocked in a fault (that is when a
@@ -63,12 +63,10 @@ const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e
 class MainThreadCall<T> {
   private waiter: { resolve: (v: T) => void; reject: (e: Error) => void } | undefined
 
-  /** transferState: the message's `state` bytes own their buffer (ownBuffer()), which moves instead of being copied. */
-  ask(m: AgentToMain, transferState = false): Promise<T> {
+  ask(m: AgentToMain, transfer: ArrayBuffer[] = []): Promise<T> {
     return new Promise((resolve, reject) => {
       this.waiter = { resolve, reject }
-      const state = transferState ? (m as { state?: Uint8Array }).state : undefined
-      port.postMessage(m, state ? [state.buffer as ArrayBuffer] : [])
+      post(m, transfer)
     })
   }
 
@@ -185,7 +183,7 @@ function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
-    restore: (state) => restore.ask({ type: 'restore', state: ownBuffer(state) }, true),
+    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
     settled: () => post({ type: 'settled' }),
     ready: (ids) => post({ type: 'ready', ids }),

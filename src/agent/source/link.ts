@@ -152,8 +152,13 @@ export class SourceLink {
   }
 
   close(): void {
-    clearInterval(this.keepalive)
+    this.closeData()
     this.urgent.close()
+  }
+
+  /** Everything but urgent: the keepalive, bulk, demand and the extra streams. */
+  private closeData(): void {
+    clearInterval(this.keepalive)
     this.bulk.close()
     this.demand?.close()
     this.closeStreams()
@@ -166,10 +171,7 @@ export class SourceLink {
    * listening again, and a `send` run right after it is not refused as busy.
    */
   async closeAfterPeer(waitMs: number): Promise<void> {
-    clearInterval(this.keepalive)
-    this.bulk.close()
-    this.demand?.close()
-    this.closeStreams()
+    this.closeData()
     if (!this.urgent.failed) {
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, waitMs)
