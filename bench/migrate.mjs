@@ -12,6 +12,8 @@
 //   --blocking  page-store without cooperation (no ready()): post-copy misses are real uffd faults
 //   --tiny-state the page-store keeps its per-page versions in a guest region: the hand-off state is a few bytes
 //                at any size, so the downtime shows the engine's hand-off, not the example's own state
+//   --pinned-rate N  the pinned client sends N requests/s in all (default: flat out, which on a small machine keeps
+//                the CPUs busy on its own: the latency then holds the machine's run-queue waits, see 'max before')
 //   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
 //                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
 //   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
@@ -52,6 +54,7 @@ function parseArgs(argv) {
       case '--no-ref': a.ref = false; break
       case '--blocking': a.blocking = true; break
       case '--no-pinned': a.pinned = false; break
+      case '--pinned-rate': a.pinnedRate = Number(val()); break
       case '--tiny-state': a.tinyState = true; break
       case '--sizes': a.sizes = val().split(',').map(Number); break
       case '--links': a.links = val().split(','); break
@@ -61,7 +64,7 @@ function parseArgs(argv) {
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
-        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 17).map((l) => l.slice(3)).join('\n') + '\n')
+        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 19).map((l) => l.slice(3)).join('\n') + '\n')
         process.exit(0)
         break
       default:
@@ -252,10 +255,10 @@ function splitCell(b) {
 
 /** The autocannon client pinned to the source's address (--pinned): its figures and the target verdict. */
 function pinnedCells(p, rep) {
-  if (!p) return Array(9).fill('—')
+  if (!p) return Array(10).fill('—')
   const ok = rep && p.errors === 0 && p.non2xx === 0 && p.timeouts === 0 && p.maxMs <= rep.downtimeMs + 50
   const f = p.forwarder
-  return [p.requests2xx, p.errors + p.timeouts, p.non2xx, fmt(p.p99Ms), fmt(p.maxMs), fmt(p.maxGapMs), ok ? 'pass' : 'FAIL',
+  return [p.requests2xx, p.errors + p.timeouts, p.non2xx, fmt(p.p99Ms), fmt(p.maxMs), fmt(p.maxBeforeMs), fmt(p.maxGapMs), ok ? 'pass' : 'FAIL',
     f ? fmt(f.bytes / 2 ** 20) : '—', f && f.bytes > 0 ? fmt(f.cpuMs / 1000 / (f.bytes / 2 ** 30)) : '—']
 }
 
@@ -379,7 +382,7 @@ async function main() {
         cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
         continue
       }
-      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, tracker: c.tracker === 'auto' ? undefined : c.tracker, autocannon: args.pinned, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, tracker: c.tracker === 'auto' ? undefined : c.tracker, autocannon: args.pinned, autocannonRate: args.pinnedRate, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
       if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
       say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} tracker ${c.tracker} ...`)
       const r = await runCase(opts, caseTimeoutMs(c))
@@ -419,7 +422,7 @@ async function main() {
   const header = ['link', 'size', 'load', 'mode', 'tracker', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
     'downtime split ms',
-    ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
+    ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'max before ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
     'src CPU s/GiB', 'dst CPU s/GiB', 'eff. MiB/s', 'vs link', 'other CPU', 'error']
   const cpuRef = (side) => refs.get(`7.bulk4g.copy.${side}_cpu`)?.median
   const rows = []
@@ -487,7 +490,8 @@ async function main() {
   printTable(header, rows, { out })
   if (!args.blocking) out(`net faults / fault p50/p99: uffd faults served over the network; the page-store service is cooperative (it awaits region.ready() for a missing page), ` +
     `so its post-copy misses show up as 'demand' pages, not as faults, and the fault latency stays empty (--blocking measures faults)`)
-  if (args.pinned) out(`pinned: autocannon (4 connections, /page/1) pointed only at the source's address from 0.5 s before the migration until send returned; ` +
+  if (args.pinned) out(`pinned: autocannon (4 connections, /page/1, ${args.pinnedRate ? `${args.pinnedRate} requests/s in all` : 'flat out'}) pointed only at the source's address from 0.5 s before the migration until send returned; ` +
+    `max before ms: its longest latency in those 0.5 s, before the migration began (what this machine gives the client without a migration); ` +
     `the service hands its server to the guest (--serve): held at the hand-off, then relayed by the source's forwarder. errors include timeouts. ` +
     `target: 0 errors, 0 non-2xx, max latency <= downtime + 50 ms. fwd MiB: client bytes the source's forwarder relayed (both ways) until it exited; ` +
     `fwd CPU s/GiB: the CPU time of the source's main thread (the forwarder's; the service is paused, the agent has its own thread) from the hand-off until it exited, per GiB relayed`)

@@ -66,6 +66,8 @@ export interface ExampleRun {
    * devDependency) hammers the source's address only, across the migration.
    */
   autocannon?: boolean
+  /** The pinned client's total request rate, requests/s (default: as fast as its 4 connections go). */
+  autocannonRate?: number
   /**
    * Tests: something between the source and the destination (a relay that can
    * cut the link); given the destination's migration address, returns the
@@ -98,27 +100,36 @@ export interface PinnedClientResult {
   maxMs: number
   /** Longest stretch without a 2xx answer, over all connections. */
   maxGapMs: number
+  /** The longest latency of the answers that came before the migration began (the same client, same machine): the floor. */
+  maxBeforeMs: number
   /** The source's forwarder, from its exit line: bytes relayed and its thread's CPU time while forwarding. */
   forwarder?: { bytes: number; cpuMs: number }
 }
 
 /** autocannon against one address until stop(); the longest stretch without a 2xx is tracked from its response events. */
-function pinnedClient(url: string): { stop(): Promise<PinnedClientResult> } {
+function pinnedClient(url: string, overallRate?: number): { stop(): Promise<PinnedClientResult>; migrationStarts(): void } {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const autocannon = require('autocannon')
   let last = performance.now()
   let maxGapMs = 0
-  const instance = autocannon({ url, connections: 4, duration: 3600, timeout: 30 })
-  instance.on('response', (_client: unknown, status: number) => {
+  let maxBeforeMs: number | undefined
+  let before = 0
+  const instance = autocannon({ url, connections: 4, duration: 3600, timeout: 30, ...(overallRate ? { overallRate } : {}) })
+  instance.on('response', (_client: unknown, status: number, _bytes: number, latencyMs: number) => {
     if (status < 200 || status >= 300) return
+    if (maxBeforeMs === undefined) before = Math.max(before, latencyMs)
     const t = performance.now()
     maxGapMs = Math.max(maxGapMs, t - last)
     last = t
   })
   const done = new Promise<PinnedClientResult>((resolve) => instance.once('done', (r: Record<string, any>) => resolve({
     requests2xx: r['2xx'], errors: r.errors, timeouts: r.timeouts, non2xx: r.non2xx, p99Ms: r.latency.p99, maxMs: r.latency.max, maxGapMs,
+    maxBeforeMs: maxBeforeMs ?? before,
   })))
   return {
+    migrationStarts() {
+      maxBeforeMs ??= before
+    },
     stop() {
       instance.stop()
       return done
@@ -159,8 +170,9 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
-    const pinned = o.autocannon ? pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`) : undefined
+    const pinned = o.autocannon ? pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`, o.autocannonRate) : undefined
     if (pinned) await new Promise((r) => setTimeout(r, 500))
+    pinned?.migrationStarts()
     const to = o.relay ? await o.relay(destHost, migPort) : `${destHost}:${migPort}`
     const send = new LineProc(process.execPath, [cli, 'send', '--guest', name, '--to', to, '--mode', o.mode, '--json', ...(o.sendArgs ?? [])], { env })
     const poll = o.progress && setInterval(async () => {
