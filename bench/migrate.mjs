@@ -421,7 +421,7 @@ async function main() {
 
   const header = ['link', 'size', 'load', 'mode', 'tracker', 'ok', 'rounds', 'precopy stop', 'total ms', 'downtime ms', 'wire MiB', 'data/zero pages',
     'resent', 'net faults', 'fault p50/p99 µs', 'pushed', 'demand', 'settled ms', 'client gap ms', 'switch gap ms', 'wrong',
-    'downtime split ms',
+    'downtime split ms', 'pause wait ms',
     ...(args.pinned ? ['pinned 2xx', 'pinned errors', 'pinned non-2xx', 'pinned p99 ms', 'pinned max ms', 'max before ms', 'pinned gap ms', 'max ≤ downtime+50', 'fwd MiB', 'fwd CPU s/GiB'] : []),
     'src CPU s/GiB', 'dst CPU s/GiB', 'eff. MiB/s', 'vs link', 'other CPU', 'error']
   const cpuRef = (side) => refs.get(`7.bulk4g.copy.${side}_cpu`)?.median
@@ -477,6 +477,7 @@ async function main() {
       r.probe?.switchGapMs !== undefined ? fmt(r.probe.switchGapMs) : r.probe?.silentAtEndMs !== undefined ? `≥${fmt(r.probe.silentAtEndMs)}*` : '—',
       cl ? cl.wrong : '—',
       splitCell(rep?.downtimeBreakdownMs),
+      rep?.pauseWaitMs !== undefined ? fmt(rep.pauseWaitMs) : '—',
       ...(args.pinned ? pinnedCells(r.pinned, rep) : []),
       ...cpuCells(rep, cpuRef),
       fmt(effMiB),
@@ -486,7 +487,7 @@ async function main() {
     ])
   }
   out(`memory: ${meta.warmedGiB.toFixed(1)} GiB touched once and freed before the first timed case and the C references (${meta.warmSeconds.toFixed(1)} s; this VM backs memory lazily)`)
-  out(`## Migrations: page-store example${args.blocking ? ' with --blocking (no ready(): misses fault)' : ''}${args.tinyState ? ' with --versions-in-region (the hand-off state is a few bytes)' : ''}, one migration per row (client: 4 concurrent checking readers; downtime = pause on the source → service resumed on the destination)`)
+  out(`## Migrations: page-store example${args.blocking ? ' with --blocking (no ready(): misses fault)' : ''}${args.tinyState ? ' with --versions-in-region (the hand-off state is a few bytes)' : ''}, one migration per row (client: 4 concurrent checking readers; downtime = the service stopped on the source (its pause() began) → resumed on the destination)`)
   printTable(header, rows, { out })
   if (!args.blocking) out(`net faults / fault p50/p99: uffd faults served over the network; the page-store service is cooperative (it awaits region.ready() for a missing page), ` +
     `so its post-copy misses show up as 'demand' pages, not as faults, and the fault latency stays empty (--blocking measures faults)`)
@@ -497,7 +498,7 @@ async function main() {
     `fwd CPU s/GiB: the CPU time of the source's main thread (the forwarder's; the service is paused, the agent has its own thread) from the hand-off until it exited, per GiB relayed`)
   out(`src/dst CPU s/GiB: CPU time of each side's agent (its worker thread and native demand thread, user + system) from the start to settled, per GiB of page data moved; ` +
     `(xN) = ratio to the C reference 7.bulk4g.copy.src_cpu / .dst_cpu of this run (${cpuRef('src') ? `${fmt(cpuRef('src'))} / ${fmt(cpuRef('dst'))} s/GiB` : 'unavailable'}: recv 1 MiB + UFFDIO_COPY, nothing else)`)
-  out(`downtime split ms: pause() on the source / final scan and end of write tracking / HANDOFF sent until the destination has it / discard list applied / the service restored there (they sum to the downtime)`)
+  out(`pause wait ms: before the downtime, the agent's pause request until the service's event loop got to it (it still served meanwhile). downtime split ms: pause() and its state reaching the agent / final scan and end of write tracking / HANDOFF sent until the destination has it / discard list applied / the service restored there (they sum to the downtime)`)
   out(`client gap ms: longest gap between two good answers, as client.js reports it (a gap counts only once a good answer ends it). ` +
     `switch gap ms: last good answer of the source → first good answer of the destination (probe in this benchmark); ` +
     `≥N* = the destination never answered before the client stopped, N ms after the source's last answer ` +

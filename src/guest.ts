@@ -329,10 +329,12 @@ export class Guest extends EventEmitter {
 
   private async runPause(): Promise<void> {
     try {
+      // the service stops here: its loop got to the request (the downtime counts from now)
+      const stoppedAtMs = nowMs()
       // from now on clients wait here (held, not refused) until the service runs on one host or the other
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
-      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state) }))
+      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs }))
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
     }

@@ -7,7 +7,8 @@ export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' 
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }
-  | { type: 'paused'; state: Uint8Array }
+  /** stoppedAtMs: when the main thread began pause() (nowMs(), monotonic: the same clock in every thread). */
+  | { type: 'paused'; state: Uint8Array; stoppedAtMs: number }
   | { type: 'pauseFailed'; error: { code: string; message: string } }
   | { type: 'free'; region: number; firstPage: number; pageCount: number }
   | { type: 'resumed'; atMs: number }

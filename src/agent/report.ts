@@ -27,9 +27,17 @@ export interface MigrationReport {
   /** Why pre-copy stopped: 'converged' | 'round-limit' | 'not-converging' | 'postcopy'. */
   precopyStop: string
   totalMs: number
-  /** pause() called on the source -> service resumed on the destination (clock offset corrected). */
+  /**
+   * The service stopped on the source (its main thread began pause()) -> it resumed on the destination (clock
+   * offset corrected): the time it ran nowhere.
+   */
   downtimeMs: number
-  /** downtimeMs split (they sum to it): pause() on the source, final scan, HANDOFF sent and received, discard list applied, restore on the destination. */
+  /**
+   * Before the downtime: the agent asked for the pause -> the service's event loop got to it (a busy loop is
+   * late). The service still ran and served in that time; its writes were still tracked.
+   */
+  pauseWaitMs: number
+  /** downtimeMs split (they sum to it): pause() on the source and its state reaching the agent, final scan, HANDOFF sent and received, discard list applied, restore on the destination. */
   downtimeBreakdownMs?: { pause: number; finalScan: number; handoffTransfer: number; discard: number; restore: number }
   clockOffsetMs: number
   clockRttMs: number

@@ -14,7 +14,7 @@ import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
-import { MigrationSource, type SourceOptions } from './source/index'
+import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { TrackerOption } from './tracker'
 
 export interface AgentWorkerData {
@@ -111,7 +111,7 @@ function onMain(m: MainToAgent): void {
     case 'cancel':
       return outgoing.cancel()
     case 'paused':
-      return outgoing.pause.answer(m.state)
+      return outgoing.pause.answer({ state: m.state, stoppedAtMs: m.stoppedAtMs })
     case 'pauseFailed':
       return outgoing.pause.refuse(m.error)
     case 'free':
@@ -131,7 +131,7 @@ function onMain(m: MainToAgent): void {
 }
 
 function outgoingMigrations() {
-  const pause = new MainThreadCall<Uint8Array>()
+  const pause = new MainThreadCall<PausedService>()
   let freed: number[] = []
   let source: MigrationSource | undefined
   return {

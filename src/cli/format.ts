@@ -20,7 +20,8 @@ export function formatReport(r: MigrationReport): string {
   const lines: string[] = []
   lines.push(`migration to ${r.to}, mode ${r.mode}: ${r.regions.map((g) => `${g.name} ${bytes(g.sizeBytes)}`).join(', ')}`)
   lines.push(`  total time         ${ms(r.totalMs)}`)
-  lines.push(`  downtime           ${ms(r.downtimeMs)}   (pause() on the source -> resumed on the destination; clock offset ${r.clockOffsetMs.toFixed(2)} ms, rtt ${r.clockRttMs.toFixed(2)} ms)`)
+  lines.push(`  downtime           ${ms(r.downtimeMs)}   (stopped on the source -> resumed on the destination; clock offset ${r.clockOffsetMs.toFixed(2)} ms, rtt ${r.clockRttMs.toFixed(2)} ms)`)
+  lines.push(`  pause wait         ${ms(r.pauseWaitMs)}   (before the downtime: the service's event loop getting to the pause request; it still served)`)
   const b = r.downtimeBreakdownMs
   if (b) lines.push(`                     pause() ${ms(b.pause)}, final scan ${ms(b.finalScan)}, hand-off sent ${ms(b.handoffTransfer)}, discard ${ms(b.discard)}, restore ${ms(b.restore)}`)
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)

@@ -88,13 +88,13 @@ describe('cancel before the hand-off', () => {
     const started = startSource(pair, { mode: 'hybrid' })
     source = started.source
     // wrap the hooks: a slow pause() that the cancel lands in
-    const hooks = (source as unknown as { hooks: { pause(): Promise<Uint8Array>; resume(): void } }).hooks
+    const hooks = (source as unknown as { hooks: { pause(): Promise<{ state: Uint8Array }>; resume(): void } }).hooks
     hooks.pause = async () => {
       order.push('pause-start')
       expect(source.cancel()).toBeUndefined()
       await new Promise((r) => setTimeout(r, 30))
       order.push('pause-end')
-      return new Uint8Array(1)
+      return { state: new Uint8Array(1) }
     }
     const resume = hooks.resume
     hooks.resume = () => {

@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest'
 import { makePair, pageBytes, prng, sameBytes, startSource, touchAll } from './helpers/wire'
 import type { FakeBinding } from '../../src/testing/fake-binding'
 import type { Region } from '../../src/region'
+import { nowMs } from '../../src/stats'
 
 /** Half the pages hold data, some hold zeros written explicitly, the rest were never touched. */
 function fill(src: FakeBinding, regions: Region[]): void {
@@ -83,5 +84,25 @@ describe('a whole migration in memory', () => {
     const rep = await report
     expect(rep.pages.free).toBeGreaterThanOrEqual(8)
     expect(sameBytes(pair)).toBeUndefined()
+  })
+
+  it('the downtime starts when the service stopped, not when the pause was asked for', async () => {
+    const pair = makePair([64], fill)
+    const { source, report } = startSource(pair, { mode: 'hybrid' })
+    // a service whose event loop gets to the request 40 ms late, then stops
+    const hooks = (source as unknown as { hooks: { pause(): Promise<{ state: Uint8Array; stoppedAtMs?: number }> } }).hooks
+    hooks.pause = async () => {
+      await new Promise((r) => setTimeout(r, 40))
+      return { state: new Uint8Array([5]), stoppedAtMs: nowMs() }
+    }
+    await pair.restored
+    await touchAll(pair)
+    const rep = await report
+    expect(rep.pauseWaitMs).toBeGreaterThanOrEqual(39)
+    const b = rep.downtimeBreakdownMs!
+    // the parts still sum to the downtime, and the wait is in none of them
+    expect(b.pause + b.finalScan + b.handoffTransfer + b.discard + b.restore).toBeCloseTo(rep.downtimeMs, 6)
+    expect(b.pause).toBeLessThan(rep.pauseWaitMs)
+    expect(b.pause).toBeGreaterThanOrEqual(0)
   })
 })

@@ -66,9 +66,16 @@ export interface SourceOptions {
   clock?: Clock
 }
 
+/** What pause() gives: the service's state, and when it stopped (its main thread's clock; default: when it was asked). */
+export interface PausedService {
+  state: Uint8Array
+  /** On this side's clock: from here the service no longer ran (the downtime starts); before it, its loop got to the request. */
+  stoppedAtMs?: number
+}
+
 export interface SourceHooks {
   /** Ask the service to stop mutating; resolves with its msgpackr-encoded state. */
-  pause(): Promise<Uint8Array>
+  pause(): Promise<PausedService>
   /** Migration failed after pause() and the service does not run on the destination: let it run again here. */
   resume(): void
   progress(p: Progress): void
@@ -210,7 +217,7 @@ export class MigrationSource implements SourceHandlers {
   async run(): Promise<MigrationReport> {
     const t0 = this.clock.now()
     let paused = false
-    let pausing: Promise<Uint8Array> | undefined
+    let pausing: Promise<PausedService> | undefined
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     try {
       const cpuAtStartMs = this.binding.threadCpuMs?.()
@@ -247,7 +254,9 @@ export class MigrationSource implements SourceHandlers {
       // even when pause() itself failed half-way
       paused = true
       pausing = this.hooks.pause()
-      const state = await Promise.race([pausing, failed])
+      const { state, stoppedAtMs } = await Promise.race([pausing, failed])
+      // the service ran on until its loop got to the request: the downtime starts when it stopped
+      const stoppedAt = Math.min(Math.max(stoppedAtMs ?? pauseAt, pauseAt), this.clock.now())
       const marks: { pausedAt?: number; scannedAt?: number; sentAt?: number } = { pausedAt: this.clock.now() }
       let discarded = 0, missingAtHandoff = 0
       // after the commit a broken link is post-copy's to recover (below), even while HANDOFF is still leaving
@@ -277,7 +286,7 @@ export class MigrationSource implements SourceHandlers {
       }
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
-        t0, pauseAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
+        t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
         discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })

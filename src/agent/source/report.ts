@@ -13,7 +13,9 @@ export interface ReportInputs {
   precopyStop: string
   /** Source clock, ms. */
   t0: number
+  /** pause() asked of the service, and when it stopped (its loop got to the request). */
   pauseAt: number
+  stoppedAt: number
   /** pause() returned, final scan done, HANDOFF drained (source clock). */
   marks: { pausedAt?: number; scannedAt?: number; sentAt?: number }
   postStart: number
@@ -48,7 +50,8 @@ export function buildReport(x: ReportInputs): MigrationReport {
     rounds: x.rounds,
     precopyStop: x.precopyStop,
     totalMs: x.settledAt - x.t0,
-    downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.pauseAt,
+    downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.stoppedAt,
+    pauseWaitMs: x.stoppedAt - x.pauseAt,
     downtimeBreakdownMs: breakdown(x),
     clockOffsetMs: x.clock.offsetMs,
     clockRttMs: x.clock.rttMs,
@@ -92,7 +95,7 @@ function breakdown(x: ReportInputs): MigrationReport['downtimeBreakdownMs'] {
   if (m.pausedAt === undefined || m.scannedAt === undefined || !d) return undefined
   const handoffAt = d.handoffAtMs - x.clock.offsetMs, discardedAt = d.discardedAtMs - x.clock.offsetMs
   return {
-    pause: m.pausedAt - x.pauseAt,
+    pause: m.pausedAt - x.stoppedAt,
     finalScan: m.scannedAt - m.pausedAt,
     handoffTransfer: handoffAt - m.scannedAt,
     discard: discardedAt - handoffAt,

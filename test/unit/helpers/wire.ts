@@ -146,7 +146,7 @@ export function startSource(pair: Pair, o: RunOptions): { source: MigrationSourc
   const source = new MigrationSource(pair.src, pair.srcRegions, sourceOptions(pair, o.mode, o.extra), {
     pause: async () => {
       writing = false
-      return o.state ?? new Uint8Array([1, 2, 3])
+      return { state: o.state ?? new Uint8Array([1, 2, 3]) }
     },
     resume: () => {
       pair.resumedOnSource++
