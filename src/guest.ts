@@ -329,9 +329,8 @@ export class Guest extends EventEmitter {
 
   private async runPause(): Promise<void> {
     try {
-      // the service stops here: its loop got to the request (the downtime counts from now)
+      // the service stops here (the downtime counts from now); clients wait (held, not refused) until it runs again
       const stoppedAtMs = nowMs()
-      // from now on clients wait here (held, not refused) until the service runs on one host or the other
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
       this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs }))

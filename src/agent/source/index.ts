@@ -4,7 +4,8 @@
  * the destination says settled. The service's memory is kept until then.
  * Concerns live beside it: link.ts (dial, handshake, clock), sender.ts (what
  * the destination holds, every page sent), precopy.ts (rounds, hot pages,
- * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts.
+ * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts;
+ * hooks.ts: its options and how it reaches the service.
  */
 import { randomBytes } from 'node:crypto'
 import type { NativeBinding } from '../../binding'
@@ -17,13 +18,13 @@ import { parseAddress } from '../address'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
 import { type ChannelName, route } from '../message-table'
-import type { PrepagingOptions } from '../prepaging'
-import type { MigrationMode, MigrationReport, RoundReport } from '../report'
+import type { MigrationReport, RoundReport } from '../report'
 import { StateMachine } from '../state-machine'
-import { type DirtyTracker, openTracker, type TrackerOption, trackerFor } from '../tracker'
-import type { TrackerChoice, TrackerKind } from '../tracker-choice'
+import { type DirtyTracker, openTracker, trackerFor } from '../tracker'
+import type { TrackerChoice } from '../tracker-choice'
 import { prepareHandoff, sendHandoff } from './handoff'
-import { type Dialer, reply, SourceLink } from './link'
+import type { PausedService, SourceHooks, SourceOptions } from './hooks'
+import { reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
@@ -31,70 +32,10 @@ import { buildReport } from './report'
 import { Sender } from './sender'
 
 export { SourcePhase } from './machine'
+export type { PausedService, Progress, SourceHooks, SourceOptions } from './hooks'
 
 /** After a cancel, how long run() waits for the destination to hang up (it is listening again then). */
 const CANCEL_HANGUP_WAIT_MS = 2000
-
-export interface SourceOptions {
-  to: string
-  mode: MigrationMode
-  token: Buffer
-  /** Downtime budget for convergence (precopy: the stop-and-copy must fit in it). */
-  downtimeMs: number
-  maxRounds: number
-  connectTimeoutMs: number
-  /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
-  recoveryTimeoutMs: number
-  /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
-  linkTimeoutMs: number
-  /** Sent to the destination: a page request of its unanswered this long means this side is stuck (its default: 5000). */
-  requestTimeoutMs?: number
-  prepaging: PrepagingOptions
-  /** Record the push order in the report (tests, benchmarks). */
-  pushLog: boolean
-  /** Bulk connections for the pre-copy rounds (1: bulk alone; the destination may grant fewer). */
-  streams?: number
-  /** Kernel socket buffers of the bulk connection (0: leave alone). */
-  bulkBufferBytes: number
-  /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
-  forward?: boolean
-  forwardWaitMs?: number
-  /** Which dirty-page tracker (default: auto, the best this kernel offers). */
-  tracker?: TrackerOption
-  /** Opens a connection (default TCP; the pure tier dials in memory). */
-  dial?: Dialer
-  clock?: Clock
-}
-
-/** What pause() gives: the service's state, and when it stopped (its main thread's clock; default: when it was asked). */
-export interface PausedService {
-  state: Uint8Array
-  /** On this side's clock: from here the service no longer ran (the downtime starts); before it, its loop got to the request. */
-  stoppedAtMs?: number
-}
-
-export interface SourceHooks {
-  /** Ask the service to stop mutating; resolves with its msgpackr-encoded state. */
-  pause(): Promise<PausedService>
-  /** Migration failed after pause() and the service does not run on the destination: let it run again here. */
-  resume(): void
-  progress(p: Progress): void
-  /** Free-page reports from the service since the last call: [region, firstPage, pageCount] triples. */
-  takeFreed(): number[]
-  /** The destination's service listens on these ports (per served server) of host: forward clients there. */
-  forwardTo?(host: string, ports: (number | null)[]): void
-}
-
-export interface Progress {
-  phase: SourcePhase
-  round: number
-  bytesSent: number
-  bytesPerSec: number
-  pagesLeft: number
-  totalPages: number
-  /** The dirty-page tracker of this migration (once pre-copy began). */
-  tracker?: TrackerKind
-}
 
 export class MigrationSource implements SourceHandlers {
   readonly machine: StateMachine<SourcePhase>

@@ -1,0 +1,69 @@
+/** What the source is given: its options and the hooks by which it reaches the service (through the worker). */
+import type { Clock } from '../clock'
+import type { PrepagingOptions } from '../prepaging'
+import type { MigrationMode } from '../report'
+import type { TrackerOption } from '../tracker'
+import type { TrackerKind } from '../tracker-choice'
+import type { Dialer } from './link'
+import type { SourcePhase } from './machine'
+
+export interface SourceOptions {
+  to: string
+  mode: MigrationMode
+  token: Buffer
+  /** Downtime budget for convergence (precopy: the stop-and-copy must fit in it). */
+  downtimeMs: number
+  maxRounds: number
+  connectTimeoutMs: number
+  /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
+  recoveryTimeoutMs: number
+  /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
+  linkTimeoutMs: number
+  /** Sent to the destination: a page request of its unanswered this long means this side is stuck (its default: 5000). */
+  requestTimeoutMs?: number
+  prepaging: PrepagingOptions
+  /** Record the push order in the report (tests, benchmarks). */
+  pushLog: boolean
+  /** Bulk connections for the pre-copy rounds (1: bulk alone; the destination may grant fewer). */
+  streams?: number
+  /** Kernel socket buffers of the bulk connection (0: leave alone). */
+  bulkBufferBytes: number
+  /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
+  forward?: boolean
+  forwardWaitMs?: number
+  /** Which dirty-page tracker (default: auto, the best this kernel offers). */
+  tracker?: TrackerOption
+  /** Opens a connection (default TCP; the pure tier dials in memory). */
+  dial?: Dialer
+  clock?: Clock
+}
+
+/** What pause() gives: the service's state, and when it stopped (its main thread's clock; default: when it was asked). */
+export interface PausedService {
+  state: Uint8Array
+  /** On this side's clock: from here the service no longer ran (the downtime starts); before it, its loop got to the request. */
+  stoppedAtMs?: number
+}
+
+export interface SourceHooks {
+  /** Ask the service to stop mutating; resolves with its msgpackr-encoded state. */
+  pause(): Promise<PausedService>
+  /** Migration failed after pause() and the service does not run on the destination: let it run again here. */
+  resume(): void
+  progress(p: Progress): void
+  /** Free-page reports from the service since the last call: [region, firstPage, pageCount] triples. */
+  takeFreed(): number[]
+  /** The destination's service listens on these ports (per served server) of host: forward clients there. */
+  forwardTo?(host: string, ports: (number | null)[]): void
+}
+
+export interface Progress {
+  phase: SourcePhase
+  round: number
+  bytesSent: number
+  bytesPerSec: number
+  pagesLeft: number
+  totalPages: number
+  /** The dirty-page tracker of this migration (once pre-copy began). */
+  tracker?: TrackerKind
+}
