@@ -11,7 +11,7 @@ import { Guest } from '../src/guest'
 import { loadBinding } from '../src/binding'
 import { asyncWpAvailable } from '../src/agent/tracker-choice'
 import { kernelSkipReason } from './helpers/gate'
-import { host, killAll, page, sendAndWait, serviceThreads, TOKEN } from './helpers/hosts'
+import { host, killAll, page, sendAndWait, sendFailure, serviceThreads, TOKEN } from './helpers/hosts'
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const { writePage } = require('../examples/page-store/pattern.js') as { writePage: (u32: Uint32Array, p: number, v: number, words: number) => void }
 
@@ -110,7 +110,7 @@ describe.skipIf(skip)('cancel', () => {
       expect(st.lines[1]).toMatch(/last migration: .*\[ERR_MIGRATION_CANCELLED\]/)
     }
     const { code, report, send: last } = await sendAndWait(A, g, port)
-    expect(code, `${last.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
+    expect(code, sendFailure(last, dst)).toBe(0)
     expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=131072')
     expect((await src.exited).code).toBe(0)
@@ -231,7 +231,7 @@ describe.skipIf(skip)('a receiver that keeps listening', () => {
     const src = A.service(g, await freePort())
     await src.waitLine(/^READY/)
     const { code, report, send: last } = await sendAndWait(A, g, port)
-    expect(code, `${last.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
+    expect(code, sendFailure(last, dst)).toBe(0)
     expect(report!.pagesSentTwiceAfterHandoff).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
   }, 120_000)

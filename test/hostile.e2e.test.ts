@@ -12,7 +12,7 @@ import { Channel } from '../src/protocol/channel'
 import { clientHandshake } from '../src/protocol/handshake'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { killAll, page, ready, sendAndWait, TOKEN, twoHosts } from './helpers/hosts'
+import { killAll, page, ready, sendAndWait, sendFailure, TOKEN, twoHosts } from './helpers/hosts'
 
 const skip = kernelSkipReason()
 afterEach(killAll)
@@ -81,7 +81,7 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
     expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening', refusals: { ERR_MIGRATION_PROTOCOL: 16 } })
     await ready(A.service(g, await freePort()))
     const { code, send } = await sendAndWait(A, g, port)
-    expect(code, `${send.stderr}\n(destination: ${dst.stderr.slice(-1500)})`).toBe(0)
+    expect(code, sendFailure(send, dst)).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
   }, 120_000)
 

@@ -111,7 +111,7 @@ function onMain(m: MainToAgent): void {
     case 'cancel':
       return outgoing.cancel()
     case 'paused':
-      return outgoing.pause.answer({ state: m.state, stoppedAtMs: m.stoppedAtMs })
+      return outgoing.pause.answer(m)
     case 'pauseFailed':
       return outgoing.pause.refuse(m.error)
     case 'free':

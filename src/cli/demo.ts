@@ -112,23 +112,23 @@ function pinnedClient(url: string, overallRate?: number): { stop(): Promise<Pinn
   const autocannon = require('autocannon')
   let last = performance.now()
   let maxGapMs = 0
-  let maxBeforeMs: number | undefined
-  let before = 0
+  // the longest latency until the migration began (then it stops growing)
+  let maxBeforeMs = 0
+  let migrating = false
   const instance = autocannon({ url, connections: 4, duration: 3600, timeout: 30, ...(overallRate ? { overallRate } : {}) })
   instance.on('response', (_client: unknown, status: number, _bytes: number, latencyMs: number) => {
     if (status < 200 || status >= 300) return
-    if (maxBeforeMs === undefined) before = Math.max(before, latencyMs)
+    if (!migrating) maxBeforeMs = Math.max(maxBeforeMs, latencyMs)
     const t = performance.now()
     maxGapMs = Math.max(maxGapMs, t - last)
     last = t
   })
   const done = new Promise<PinnedClientResult>((resolve) => instance.once('done', (r: Record<string, any>) => resolve({
-    requests2xx: r['2xx'], errors: r.errors, timeouts: r.timeouts, non2xx: r.non2xx, p99Ms: r.latency.p99, maxMs: r.latency.max, maxGapMs,
-    maxBeforeMs: maxBeforeMs ?? before,
+    requests2xx: r['2xx'], errors: r.errors, timeouts: r.timeouts, non2xx: r.non2xx, p99Ms: r.latency.p99, maxMs: r.latency.max, maxGapMs, maxBeforeMs,
   })))
   return {
     migrationStarts() {
-      maxBeforeMs ??= before
+      migrating = true
     },
     stop() {
       instance.stop()

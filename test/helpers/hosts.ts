@@ -51,6 +51,11 @@ export async function sendAndWait(from: Host, guest: string, to: number, extra: 
   return { code, send, report: code === 0 ? (JSON.parse(send.lines.join('\n')) as MigrationReport) : undefined }
 }
 
+/** The message of an assertion on a send's exit code: what the send said, and the end of the destination's log. */
+export function sendFailure(send: LineProc, dest: LineProc): string {
+  return `${send.stderr}\n(destination: ${dest.stderr.slice(-1500)})`
+}
+
 /** Thread names (comm) of the service a `receive` process started (its child), or of a service started directly. */
 export function serviceThreads(p: LineProc): string[] {
   const pid = p.child.pid!
