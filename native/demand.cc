@@ -376,7 +376,7 @@ class DemandClientThread : public DemandThread {
       pollfd p[4] = {{uffd_, POLLIN, 0}, {fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
       int r = poll(p, 4, flush_timeout_ms(open_.empty() ? -1 : 1));
       if (r < 0 && errno != EINTR) return;
-      if (p[2].revents) return expire_open();  // stopping: the latencies of faults answered meanwhile count too
+      if (p[2].revents) break;
       if (p[3].revents) take_new_link(ask);
       if (p[0].revents) read_faults(ask);
       for (size_t i = 0; i < ask.size(); i++) {
@@ -387,6 +387,9 @@ class DemandClientThread : public DemandThread {
       expire_open();
       flush();
     }
+    // Stopping (the settled report follows): the faults answered since the last pass count too, however the loop
+    // ended. stop() can land between that pass and the loop's test, after the last page arrived by the push.
+    expire_open();
   }
 
   void take_new_link(std::vector<std::vector<uint32_t>>& ask) {
