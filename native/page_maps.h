@@ -120,7 +120,7 @@ struct ReadPart {
 // prefix: callers ask for no more than the shortest frame, so nothing past the next frame is read), one syscall
 // per frame instead of three. 1 = the parts are complete (*extra_have: how much of the extra came along; it gets
 // bytes only then; 2: the same, and the last readv found fewer bytes than it asked for, so the socket is
-// drained: poll before reading again, rather than a read that fails with EAGAIN), 0 = it would block,
+// drained: poll before reading again, rather than a read that fails with EAGAIN), 0 = it would block (or a readv came back short: the socket is drained),
 // -EPIPE = end of stream, -errno = failed. counter adds the bytes read.
 constexpr int kMaxReadParts = 3;
 inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
@@ -144,11 +144,15 @@ inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size
     if (counter) *counter += (uint64_t)r;
     short_read = (size_t)r < asked;
     size_t left = (size_t)r;
+    bool complete = true;
     for (int i = 0; i < n; i++) {
       size_t t = std::min(left, parts[i].need - *parts[i].have);
       *parts[i].have += t, left -= t;
+      complete &= *parts[i].have == parts[i].need;
     }
     if (extra) *extra_have += left;
+    // fewer bytes than asked: the socket is drained, so a second readv would only fail with EAGAIN
+    if (short_read && !complete) return 0;
   }
 }
 

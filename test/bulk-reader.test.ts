@@ -113,6 +113,42 @@ describe.skipIf(skip)('native bulk reader', () => {
     })
   }
 
+  it('a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket)', async () => {
+    const pages = 256
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    let receivedCount = 0
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a) => {
+      if (kind === DemandEv.RECEIVED) receivedCount += a
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    try {
+      const frame = Buffer.concat([pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)])
+      // the first frame in 32 pieces, 20 ms apart: the reader waits for the rest of it, the progress must move
+      client.setNoDelay(true) // each piece leaves at once (no Nagle wait for an ACK that the receiver delays)
+      const piece = Math.ceil(frame.length / 32)
+      const progress: number[] = []
+      for (let off = 0; off < frame.length; off += piece) {
+        client.write(frame.subarray(off, Math.min(off + piece, frame.length)))
+        await new Promise((r) => setTimeout(r, 20))
+        progress.push(reader.bytesRead)
+      }
+      for (let t = 0; receivedCount < pages && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      expect(receivedCount).toBe(pages)
+      const partway = progress.slice(0, 16)
+      expect(new Set(partway).size).toBe(16) // every piece showed up as progress, before the frame was whole
+      expect(Math.max(...partway)).toBeLessThan(frame.length)
+      const mem = Buffer.from(region.buffer)
+      expect(mem.subarray(0, ps).equals(Buffer.alloc(ps, 250))).toBe(true) // the 1-page frame after it, in order
+      const wrong = [...Array(pages).keys()].filter((p) => p > 0 && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, (p % 199) + 1)))
+      expect(wrong).toEqual([])
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+
   it('a PAGES frame for a region it does not have stops it: the frame goes to JS, nothing after it is placed', async () => {
     const pages = 64
     const { region, uffd, received, knownZero, freed } = setup(pages)
