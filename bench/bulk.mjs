@@ -8,11 +8,16 @@
 // and on a namespace link shaped to 8 Gbit/s; beside them, in the same run and
 // after the same warm-up, the C reference (../shared/limits postcopy-bulk:
 // recv 1 MiB + UFFDIO_COPY) and raw Node TCP over the same shaped link.
+// Two memory layouts: the page-store's own (every 8th page never written, so
+// pages go in 7-page runs: one frame and one UFFDIO_COPY each) and a dense
+// guest (--fill-every 1e9: 256-page frames, the C reference's layout).
 // Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000),
-//        --streams 1,2,4 (native path: parallel bulk streams, send --streams; default 1), --json FILE
+//        --streams 1,2,4 (native path: parallel bulk streams, send --streams; default 1),
+//        --layouts sparse,dense (default both), --json FILE
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
-import { repoRoot, runLimits } from './lib/limits.mjs'
+import { join } from 'node:path'
+import { repoRoot, runCBench, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { measureTcp } from './lib/tcp-tput.mjs'
 import { prewarm } from './lib/warm.mjs'
@@ -31,6 +36,9 @@ const runs = Number(opt('runs', 3))
 const paths = opt('paths', 'native,js').split(',')
 const rateMbit = Number(opt('rate-mbit', 8000))
 const streamCounts = opt('streams', '1').split(',').map(Number)
+const LAYOUTS = { sparse: '8', dense: '1000000000' } // page-store --fill-every
+const layouts = opt('layouts', 'sparse,dense').split(',')
+for (const l of layouts) if (!LAYOUTS[l]) throw new Error(`--layouts: expected sparse and/or dense, got ${l}`)
 let links = opt('links', 'loopback,netns').split(',')
 const say = (s) => process.stderr.write(`[bench:bulk] ${s}\n`)
 const MiB = 2 ** 20, GiB = 2 ** 30
@@ -50,6 +58,8 @@ try {
   say(`warming ${warmGiB} GiB ...`)
   const warmS = prewarm(warmGiB * GiB)
   const ref = runLimits(['postcopy-bulk'], { nruns: 3, log: say })
+  // the sparse layout's own install cost (UFFDIO_COPY per 7-page run against per 256 pages), C, same warm-up
+  for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'copy_runs.c'), { nruns: 5, log: say })) ref.set(k, v)
   const tcp = {}
   for (const link of links) {
     const o = link === 'netns' ? { host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns] } : { host: '127.0.0.1' }
@@ -59,16 +69,20 @@ try {
     say(`raw Node TCP ${link}: ${r.map(fmt).join(', ')} MiB/s`)
   }
   const results = []
+  const rewarmS = []
   for (const link of links) {
-    for (const [path, streams] of paths.flatMap((p) => (p === 'native' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
+    for (const layout of layouts) for (const [path, streams] of paths.flatMap((p) => (p === 'native' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
       const samples = []
       for (let i = 0; i < runs; i++) {
-        say(`${link} ${path} streams ${streams} run ${i + 1}/${runs}`)
+        say(`${link} ${layout} ${path} streams ${streams} run ${i + 1}/${runs}`)
+        // again before each run: this VM's DAMON pages out memory left idle for a few seconds (a run that found
+        // it cold took 2-5x the CPU)
+        rewarmS.push(prewarm(2 * mib * MiB))
         if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
         let r
         try {
           r = await migrateExample({
-            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false, sendArgs: ['--streams', String(streams)],
+            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false, sendArgs: ['--streams', String(streams)], serviceArgs: ['--fill-every', LAYOUTS[layout]],
             ...(link === 'netns' ? { destNetns: pair.ns, destHost: pair.nsIp } : {}),
           })
         } finally {
@@ -90,14 +104,18 @@ try {
           srcCpu: rep.cpuMs ? rep.cpuMs.source / 1000 / dataGiB : NaN,
         })
       }
-      results.push({ link, path, streams, samples })
+      results.push({ link, layout, path, streams, samples })
     }
   }
 
   const refBw = ref.get('7.bulk4g.copy.bw'), refDst = ref.get('7.bulk4g.copy.dst_cpu'), refSrc = ref.get('7.bulk4g.copy.src_cpu')
+  // what the sparse layout adds to the C reference's receiving side: one UFFDIO_COPY per 7-page run, not per 256 pages
+  const run7 = ref.get('bulk.copy_runs.run7.cpu'), run256 = ref.get('bulk.copy_runs.run256.cpu')
+  const layoutExtra = { dense: 0, sparse: run7 && run256 ? run7.median - run256.median : NaN }
   console.log(`# bench:bulk: ${mib} MiB page-store, idle, pre-copy; ${runs} run(s) per row (min / median / max); 2 vCPUs, shared`)
-  console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily)`)
-  printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
+  console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily),`)
+  console.log(`#   and both guests' ${(2 * mib) / 1024} GiB again before each run (${fmt(stats(rewarmS).median)} s median: DAMON pages out memory left idle)`)
+  printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)|bulk\.copy_runs/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
   printTable(['link', 'raw Node TCP MiB/s (min / median / max)'], Object.entries(tcp).map(([l, s]) => [l === 'netns' ? `netns, tbf ${rateMbit / 1000} Gbit/s` : l, `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}`]))
   console.log('')
   const rows = []
@@ -106,19 +124,22 @@ try {
     const s = stats(xs)
     return xs.length ? `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}` : 'failed'
   }
-  for (const { link, path, streams, samples } of results) {
+  for (const { link, layout, path, streams, samples } of results) {
     const med = (k) => stats(samples.map((x) => x[k])).median
     const base = link === 'loopback' ? refBw?.median * 1024 : tcp[link]?.median
-    rows.push([link, path, String(streams), mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
-      refDst ? `x${fmt(med('dstCpu') / refDst.median)}` : '—', mmm(samples.map((x) => x.srcCpu)), refSrc ? `x${fmt(med('srcCpu') / refSrc.median)}` : '—', mmm(samples.map((x) => x.totalMs))])
+    rows.push([link, layout, path, String(streams), mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
+      refDst ? `x${fmt(med('dstCpu') / refDst.median)}` : '—',
+      refDst && Number.isFinite(layoutExtra[layout]) ? `x${fmt(med('dstCpu') / (refDst.median + layoutExtra[layout]))}` : '—', mmm(samples.map((x) => x.srcCpu)), refSrc ? `x${fmt(med('srcCpu') / refSrc.median)}` : '—', mmm(samples.map((x) => x.totalMs))])
     if (path !== 'native' || !samples.length) continue
-    if (link === 'loopback' && refBw) checks.push([`loopback, ${streams} stream(s): round 0 >= 0.8 x C 7.bulk4g.copy.bw`, `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
-    if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s, ${streams} stream(s): round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])
-    if (link === 'loopback' && refDst) checks.push([`loopback, ${streams} stream(s): destination CPU/GiB <= 1.3 x C 7.bulk4g.copy.dst_cpu`, `x${fmt(med('dstCpu') / refDst.median)}`, med('dstCpu') <= 1.3 * refDst.median ? 'pass' : 'FAIL'])
+    if (link === 'loopback' && refBw) checks.push([`loopback, ${layout}, ${streams} stream(s): round 0 >= 0.8 x C 7.bulk4g.copy.bw`, `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
+    if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s, ${layout}, ${streams} stream(s): round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])
+    if (link === 'loopback' && refDst) checks.push([`loopback, ${layout}, ${streams} stream(s): destination CPU/GiB <= 1.3 x C 7.bulk4g.copy.dst_cpu`, `x${fmt(med('dstCpu') / refDst.median)}`, med('dstCpu') <= 1.3 * refDst.median ? 'pass' : 'FAIL'])
   }
   console.log('round 0 MiB/s: the first pre-copy round (every populated page once) / its duration; vs: the C reference on loopback, raw Node TCP on the shaped link')
   console.log('CPU s/GiB: each agent\'s CPU (worker thread + native threads, user + system) over the whole migration, per GiB of page data; vs: the C reference\'s receiving / sending thread')
-  printTable(['link', 'data path', 'streams', 'round 0 MiB/s', 'vs', 'dst CPU s/GiB', 'vs C dst', 'src CPU s/GiB', 'vs C src', 'total ms'], rows)
+  console.log('layout: sparse = the page-store (every 8th page never written: 7-page frames, one UFFDIO_COPY each); dense = every page written (256-page frames, as the C reference)')
+  console.log('vs C dst + layout: against the C reference plus what the layout adds to its install (bulk.copy_runs run7 - run256 medians; 0 for dense)')
+  printTable(['link', 'layout', 'data path', 'streams', 'round 0 MiB/s', 'vs', 'dst CPU s/GiB', 'vs C dst', 'vs C dst + layout', 'src CPU s/GiB', 'vs C src', 'total ms'], rows)
   printTable(['target', 'measured', ''], checks)
   const out = opt('json')
   if (out) writeFileSync(out, JSON.stringify({ references: [...ref.values()], tcp, results }, null, 2))
