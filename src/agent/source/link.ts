@@ -48,6 +48,8 @@ export class SourceLink {
     readonly enterPostcopy: () => void,
     /** Dials and authenticates one more connection of the session, tuned like bulk before the hand-off. */
     private readonly dialStream: () => Promise<Channel>,
+    /** The session's clock: closeAfterPeer()'s wait runs on it (a fake one in the pure tier). */
+    private readonly clock: Clock,
   ) {
     this.urgent = urgent
     this.bulk = bulk
@@ -116,7 +118,7 @@ export class SourceLink {
       ch.stallTimeoutMs = opts.linkTimeoutMs
       return ch
     }
-    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream)
+    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream, opts.clock ?? systemClock)
   }
 
   /** Opens `count` extra bulk streams (granted by REGIONS_OK); on a failure the ones opened are closed. */
@@ -174,10 +176,10 @@ export class SourceLink {
     this.closeData()
     if (!this.urgent.failed) {
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, waitMs)
-        timer.unref?.()
+        const timer = this.clock.setTimeout(resolve, waitMs)
+        ;(timer as { unref?: () => void }).unref?.() // the wait alone does not keep the process alive
         this.urgent.onClose(() => {
-          clearTimeout(timer)
+          this.clock.clearTimeout(timer)
           resolve()
         })
       })
