@@ -44,7 +44,7 @@ enum : int {
   kEvFault = 1,      // source: (region, first page of a requested run)
   kEvSent = 2,       // source: (region, first, count) sent on demand
   kEvArrived = 3,    // destination: (region, first, count) installed here (c: pages newly marked received)
-  kEvLatency = 4,    // destination: (fault to install, us)
+  kEvLatency = 4,    // destination: (fault to install, us; b: 0 = installed from this thread's reply, 1 = by the push)
   kEvZeroFault = 5,  // destination: a fault on a page that is local (known zero): zero-filled here
   kEvNetFault = 6,   // destination: (region, page) asked of the source
   kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: 1 = protocol violation)
@@ -527,6 +527,12 @@ class DemandClientThread : public DemandThread {
       install_pages(uffd_, rv.m->addr() + (size_t)p * ps, staging_ + (size_t)(p - first) * ps, (size_t)(q - p) * ps);
       p = q;
     }
+    // the faulting threads woke as the pages went in: their latency ends now, not when expire_open() runs
+    double t = now_us();
+    for (uint32_t p = first; p < end && !open_.empty(); p++) {
+      auto it = open_.find(key(region, p));
+      if (it != open_.end() && it->second.replied == 0) it->second.replied = t;
+    }
     uint32_t newly = set_range(rv.bits, first, count);
     emit({kEvArrived, (double)region, (double)first, (double)count, (double)newly});
   }
@@ -541,7 +547,9 @@ class DemandClientThread : public DemandThread {
     for (auto it = open_.begin(); it != open_.end();) {
       uint32_t region = (uint32_t)(it->first >> 32), page = (uint32_t)it->first;
       if (regions_[region].test(page)) {
-        if (it->second.fault) emit({kEvLatency, t - it->second.t, 0, 0, 0});
+        // a page the push installed is seen here, up to a poll timeout (1 ms) after it went in: an upper bound
+        const Open& o = it->second;
+        if (o.fault) emit({kEvLatency, (o.replied > 0 ? o.replied : t) - o.t, o.replied > 0 ? 0.0 : 1.0, 0, 0});
         asked_[region][page >> 5] &= ~(1u << (page & 31));
         it = open_.erase(it);
       } else {
@@ -573,6 +581,7 @@ class DemandClientThread : public DemandThread {
   struct Open {
     double t;
     bool fault;
+    double replied = 0;  // when this thread's reply installed the page (0: not by a reply)
   };
   std::unordered_map<uint64_t, Open> open_;
   std::vector<std::pair<uint32_t, std::vector<uint32_t>>> asks_;  // from ask(), under attach_mu_

@@ -106,6 +106,14 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.postcopy.demandPages).toBeLessThanOrEqual(rep.postcopy.networkFaults)
     expect(rep.postcopy.faultLatencyUs.count).toBe(rep.postcopy.networkFaults)
     expect(rep.postcopy.faultLatencyUs.p50).toBeGreaterThan(0)
+    const byPath = rep.postcopy.faultLatencyByPathUs
+    if (path === 'js') expect(byPath).toBeUndefined()
+    else {
+      // every timed fault was answered by its reply or by the push; a page request that got a reply answered its fault
+      expect(byPath!.reply.count + byPath!.push.count).toBe(rep.postcopy.faultLatencyUs.count)
+      expect(byPath!.reply.count).toBeGreaterThan(0)
+      expect(byPath!.reply.p50).toBeGreaterThan(0)
+    }
   })
 })
 

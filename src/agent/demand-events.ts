@@ -13,7 +13,7 @@ export const enum DemandEv {
   FAULT = 1, // source: (region, first page of a requested run)
   SENT = 2, // source: (region, first, count) sent on the demand connection
   ARRIVED = 3, // destination: (region, first, count, pages newly marked received)
-  LATENCY = 4, // destination: (fault to install, us)
+  LATENCY = 4, // destination: (fault to install, us; 1 = the push installed it, 0 = the thread's reply)
   ZERO_FAULT = 5, // destination: (region, page) local known-zero page, zero-filled
   NET_FAULT = 6, // destination: (region, page) asked of the source
   CLOSED = 7, // either: (errno, 1 = protocol violation); 0 = end of stream

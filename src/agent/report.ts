@@ -74,6 +74,13 @@ export interface MigrationReport {
     /** Network faults on pages the source had announced as zero or free (always 0). */
     networkFaultsOnZeroPages: number
     faultLatencyUs: LatencySummary
+    /**
+     * The native demand path's faults by what answered them: `reply`, the
+     * page request's own reply (timed to its install); `push`, the push's
+     * frame, the page already on its way when the fault came (seen up to
+     * 1 ms late: an upper bound). Absent on the JS demand path.
+     */
+    faultLatencyByPathUs?: { reply: LatencySummary; push: LatencySummary }
     pushedPages: number
     demandPages: number
     timeToSettledMs: number

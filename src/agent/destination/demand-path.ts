@@ -54,7 +54,7 @@ export class DemandPath {
       if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
       else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
       else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
-      else if (kind === DemandEv.LATENCY) requests.latency.add(a)
+      else if (kind === DemandEv.LATENCY) requests.addNativeLatency(a, b === 1)
       else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))
       else if (kind === DemandEv.CPU) this.cpuMs += a
     })

@@ -311,7 +311,7 @@ export class MigrationDestination implements DestinationHandlers {
       ...(this.cpuAtRegionsMs !== undefined ? { cpuMs: this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs } : {}),
       pagesReceivedTwice: this.placement.pagesReceivedTwice,
       pagesLocal: this.placement.totalPages,
-      faultLatencyUs: this.requests.latency.summary(),
+      ...this.requests.latencyReport(),
     }
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))

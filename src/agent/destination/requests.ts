@@ -9,7 +9,7 @@ import type { NativeUffd } from '../../binding'
 import { PageBitmap } from '../../bitmap'
 import { Msg, RequestKind } from '../../protocol/messages'
 import type { Region } from '../../region'
-import { Samples } from '../../stats'
+import { type LatencySummary, Samples } from '../../stats'
 import type { Clock } from '../clock'
 import type { Placement } from './placement'
 
@@ -39,6 +39,8 @@ export class Requests {
   /** The last askAgain(): open requests count as asked from then on. */
   private askedAgainAtMs = -Infinity
   readonly latency = new Samples()
+  /** The native demand path's faults by what answered them: its own reply, or the push (the page was on its way). */
+  readonly latencyByPath = { reply: new Samples(), push: new Samples() }
   readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0 }
   private uffd: NativeUffd | undefined
 
@@ -55,6 +57,21 @@ export class Requests {
 
   attach(uffd: NativeUffd | undefined): void {
     this.uffd = uffd
+  }
+
+  /** A fault the native demand thread timed: push = installed by the push rather than by its reply. */
+  addNativeLatency(us: number, push: boolean): void {
+    this.latency.add(us)
+    ;(push ? this.latencyByPath.push : this.latencyByPath.reply).add(us)
+  }
+
+  /** The settled report's fault figures (by path where the native demand thread timed them). */
+  latencyReport(): { faultLatencyUs: LatencySummary; faultLatencyByPathUs?: { reply: LatencySummary; push: LatencySummary } } {
+    const { reply, push } = this.latencyByPath
+    return {
+      faultLatencyUs: this.latency.summary(),
+      ...(reply.length + push.length ? { faultLatencyByPathUs: { reply: reply.summary(), push: push.summary() } } : {}),
+    }
   }
 
   /** Runs of [first, first+count) not received yet: [first, count, ...]. */

@@ -41,6 +41,7 @@ export interface ReportInputs {
 export function buildReport(x: ReportInputs): MigrationReport {
   const num = (k: string) => (typeof x.stats[k] === 'number' ? (x.stats[k] as number) : 0)
   const lat = (typeof x.stats.faultLatencyUs === 'object' && x.stats.faultLatencyUs) as MigrationReport['postcopy']['faultLatencyUs'] | false
+  const byPath = (typeof x.stats.faultLatencyByPathUs === 'object' && x.stats.faultLatencyByPathUs) as MigrationReport['postcopy']['faultLatencyByPathUs'] | false
   const c = x.sender.counts
   return {
     mode: x.mode,
@@ -74,6 +75,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
       localZeroFaults: num('localZeroFaults'),
       networkFaultsOnZeroPages: num('networkFaultsOnZeroPages'),
       faultLatencyUs: lat || { count: 0, p50: 0, p99: 0, max: 0, mean: 0 },
+      ...(byPath ? { faultLatencyByPathUs: byPath } : {}),
       pushedPages: x.postcopy.pushed,
       demandPages: x.postcopy.demand,
       timeToSettledMs: x.settledAt - x.postStart,
