@@ -13,7 +13,7 @@
 //     iteration on the destination, fault p50/p99 while the push runs, total time.
 // Every row is one real migration between two processes (examples/, the CLI).
 // Flags: --quick, --runs N (repeat table A and B, min/median/max), --link loopback|netns,
-//        --only A,B,C, --json FILE, --b-links loopback,netns (table B's links; default
+//        --only A,B,C,D, --d-strategies demand,push,bubble (table D), --json FILE, --b-links loopback,netns (table B's links; default
 //        loopback plus netns when available), --agent-nice 0,10 (table B's agent nice values)
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
@@ -240,7 +240,7 @@ try {
     const rows = []
     const checks = []
     const refP50 = ref.get('7.demand.none.p50')?.median
-    for (const strategy of ['demand', 'push', 'bubble']) {
+    for (const strategy of opt('d-strategies', 'demand,push,bubble').split(',')) {
       const samples = []
       for (let i = 0; i < runs; i++) {
         say(`D: ${strategy} run ${i + 1}/${runs}`)
