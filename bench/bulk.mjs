@@ -60,6 +60,8 @@ try {
   const ref = runLimits(['postcopy-bulk'], { nruns: 3, log: say })
   // the sparse layout's own install cost (UFFDIO_COPY per 7-page run against per 256 pages), C, same warm-up
   for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'copy_runs.c'), { nruns: 5, log: say })) ref.set(k, v)
+  // the source's send: plain vs MSG_ZEROCOPY from populated memory (why the agent does not use it: see docs/data-plane.md)
+  for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'zerocopy_send.c'), { nruns: 3, log: say })) ref.set(k, v)
   const tcp = {}
   for (const link of links) {
     const o = link === 'netns' ? { host: pair.nsIp, prefix: ['ip', 'netns', 'exec', pair.ns] } : { host: '127.0.0.1' }
@@ -115,7 +117,7 @@ try {
   console.log(`# bench:bulk: ${mib} MiB page-store, idle, pre-copy; ${runs} run(s) per row (min / median / max); 2 vCPUs, shared`)
   console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily),`)
   console.log(`#   and both guests' ${(2 * mib) / 1024} GiB again before each run (${fmt(stats(rewarmS).median)} s median: DAMON pages out memory left idle)`)
-  printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)|bulk\.copy_runs/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
+  printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)|bulk\.copy_runs|bulk\.send/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
   printTable(['link', 'raw Node TCP MiB/s (min / median / max)'], Object.entries(tcp).map(([l, s]) => [l === 'netns' ? `netns, tbf ${rateMbit / 1000} Gbit/s` : l, `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}`]))
   console.log('')
   const rows = []
