@@ -112,7 +112,7 @@ class BulkReaderThread : public DemandThread {
 
   // Before the hand-off, a large frame being read straight into staging wakes the thread once, when the rest of
   // it is there (SO_RCVLOWAT), rather than once per one or two socket buffers' worth: 1 GiB of 1 MiB frames took
-  // ~8 polls and ~8 reads a frame, now ~1 of each (bench:bulk, dense guest: destination CPU -25%). Only where the
+  // ~8 polls and ~8 reads a frame, now ~1 of each (dense guest: destination CPU -20%, docs/data-plane.md). Only where the
   // sender is bound to send those bytes (the rest of a frame it began); 1 again otherwise. The kernel still wakes
   // the reader when its window closes, so a small buffer cannot hold it up; bytesRead counts queued bytes, so the
   // watchdog sees progress while they gather.
