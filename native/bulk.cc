@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
-#include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -412,7 +411,8 @@ class BulkReaderThread : public DemandThread {
   std::atomic<int> stats_fd_{-1};          // fd_, for progress() on the JS thread
 
   // The watchdog's progress: bytes read, and bytes waiting in the socket (a low-water mark holds a frame's
-  // bytes there until the whole frame is in). A closed fd reads as nothing queued.
+  // bytes there until the whole frame is in). Not exact while the thread reads (two loads, not one), nor if the
+  // descriptor was closed and its number reused in between: the watchdog only asks whether it changed.
   uint64_t progress() const {
     int queued = 0, fd = stats_fd_.load();
     if (fd < 0 || ioctl(fd, FIONREAD, &queued) < 0) queued = 0;
