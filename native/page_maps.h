@@ -116,44 +116,41 @@ struct ReadPart {
   size_t need;
 };
 
-// Fills parts in order; the same readv also takes up to extra_need bytes of what follows them (the next frame's
-// prefix: callers ask for no more than the shortest frame, so nothing past the next frame is read), one syscall
-// per frame instead of three. 1 = the parts are complete (*extra_have: how much of the extra came along; it gets
-// bytes only then; 2: the same, and the last readv found fewer bytes than it asked for, so the socket is
-// drained: poll before reading again, rather than a read that fails with EAGAIN), 0 = it would block (or a readv came back short: the socket is drained),
-// -EPIPE = end of stream, -errno = failed. counter adds the bytes read.
+// Fills parts in order with one readv, which also takes up to extra_need bytes of what follows them (the next
+// frame's prefix: callers ask for no more than the shortest frame, so nothing past the next frame is read): one
+// syscall per frame instead of three. 1 = the parts are complete (*extra_have: how much of the extra came along;
+// it gets bytes only then); 2 = the same, and the readv found fewer bytes than it asked for, so the socket is
+// drained: poll before reading again rather than a read that fails with EAGAIN; 0 = not complete (it would block,
+// or the readv came back short: drained as well); -EPIPE = end of stream; -errno = failed. counter adds the bytes
+// read.
 constexpr int kMaxReadParts = 3;
 inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
                       std::atomic<uint64_t>* counter = nullptr) {
   if (n > kMaxReadParts) return -EINVAL;  // callers pass a header and a body
-  for (bool short_read = false;; ) {
-    iovec iov[kMaxReadParts + 1];
-    int k = 0;
-    size_t asked = 0;
-    for (int i = 0; i < n; i++)
-      if (*parts[i].have < parts[i].need) iov[k++] = {parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have};
-    if (k == 0) return short_read ? 2 : 1;
-    if (extra && *extra_have < extra_need) iov[k++] = {extra + *extra_have, extra_need - *extra_have};
-    for (int i = 0; i < k; i++) asked += iov[i].iov_len;
-    ssize_t r = readv(fd, iov, k);
-    if (r == 0) return -EPIPE;
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return errno == EAGAIN ? 0 : -errno;
-    }
-    if (counter) *counter += (uint64_t)r;
-    short_read = (size_t)r < asked;
-    size_t left = (size_t)r;
-    bool complete = true;
-    for (int i = 0; i < n; i++) {
-      size_t t = std::min(left, parts[i].need - *parts[i].have);
-      *parts[i].have += t, left -= t;
-      complete &= *parts[i].have == parts[i].need;
-    }
-    if (extra) *extra_have += left;
-    // fewer bytes than asked: the socket is drained, so a second readv would only fail with EAGAIN
-    if (short_read && !complete) return 0;
+  iovec iov[kMaxReadParts + 1];
+  int k = 0;
+  size_t asked = 0;
+  for (int i = 0; i < n; i++)
+    if (*parts[i].have < parts[i].need) iov[k++] = {parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have};
+  if (k == 0) return 1;
+  if (extra && *extra_have < extra_need) iov[k++] = {extra + *extra_have, extra_need - *extra_have};
+  for (int i = 0; i < k; i++) asked += iov[i].iov_len;
+  ssize_t r;
+  while ((r = readv(fd, iov, k)) < 0 && errno == EINTR) {
   }
+  if (r == 0) return -EPIPE;
+  if (r < 0) return errno == EAGAIN ? 0 : -errno;
+  if (counter) *counter += (uint64_t)r;
+  size_t left = (size_t)r;
+  bool complete = true;
+  for (int i = 0; i < n; i++) {
+    size_t t = std::min(left, parts[i].need - *parts[i].have);
+    *parts[i].have += t, left -= t;
+    complete &= *parts[i].have == parts[i].need;
+  }
+  if (extra) *extra_have += left;
+  if (!complete) return 0;  // short: the socket is drained, a second readv would only fail with EAGAIN
+  return (size_t)r < asked ? 2 : 1;
 }
 
 // UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
