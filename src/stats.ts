@@ -12,6 +12,14 @@ export class Samples {
     this.data[this.length++] = v
   }
 
+  /** One set of samples out of several (for a summary over all of them). */
+  static merged(...parts: Samples[]): Samples {
+    const all = new Samples()
+    all.data = new Float64Array(Math.max(1024, parts.reduce((n, p) => n + p.length, 0)))
+    for (const p of parts) all.data.set(p.data.subarray(0, p.length), all.length), (all.length += p.length)
+    return all
+  }
+
   summary(): LatencySummary {
     if (this.length === 0) return { count: 0, p50: 0, p99: 0, max: 0, mean: 0 }
     const s = this.data.slice(0, this.length).sort()

@@ -38,9 +38,10 @@ export class Requests {
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
   /** The last askAgain(): open requests count as asked from then on. */
   private askedAgainAtMs = -Infinity
-  readonly latency = new Samples()
-  /** The native demand path's faults by what answered them: its own reply, or the push (the page was on its way). */
-  readonly latencyByPath = { reply: new Samples(), push: new Samples() }
+  /** Faults timed here, in JS (the JS demand path). */
+  private readonly latency = new Samples()
+  /** Faults the native demand thread timed, by what answered them: its own reply, or the push (the page was on its way). */
+  private readonly latencyByPath = { reply: new Samples(), push: new Samples() }
   readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0 }
   private uffd: NativeUffd | undefined
 
@@ -61,7 +62,6 @@ export class Requests {
 
   /** A fault the native demand thread timed: push = installed by the push rather than by its reply. */
   addNativeLatency(us: number, push: boolean): void {
-    this.latency.add(us)
     ;(push ? this.latencyByPath.push : this.latencyByPath.reply).add(us)
   }
 
@@ -69,7 +69,7 @@ export class Requests {
   latencyReport(): { faultLatencyUs: LatencySummary; faultLatencyByPathUs?: { reply: LatencySummary; push: LatencySummary } } {
     const { reply, push } = this.latencyByPath
     return {
-      faultLatencyUs: this.latency.summary(),
+      faultLatencyUs: Samples.merged(this.latency, reply, push).summary(),
       ...(reply.length + push.length ? { faultLatencyByPathUs: { reply: reply.summary(), push: push.summary() } } : {}),
     }
   }
