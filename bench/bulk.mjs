@@ -77,8 +77,8 @@ try {
       const samples = []
       for (let i = 0; i < runs; i++) {
         say(`${link} ${layout} ${path} streams ${streams} run ${i + 1}/${runs}`)
-        // again before each run: this VM's DAMON pages out memory left idle for a few seconds (a run that found
-        // it cold took 2-5x the CPU)
+        // again before each run: this VM gives freed memory back to the host within seconds (free page reporting,
+        // and a DAMON pageout scheme; docs/data-plane.md), and a run that found it cold took 2-5x the CPU
         rewarmS.push(prewarm(2 * mib * MiB))
         if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
         let r
@@ -116,7 +116,7 @@ try {
   const layoutExtra = { dense: 0, sparse: run7 && run256 ? run7.median - run256.median : NaN }
   console.log(`# bench:bulk: ${mib} MiB page-store, idle, pre-copy; ${runs} run(s) per row (min / median / max); 2 vCPUs, shared`)
   console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily),`)
-  console.log(`#   and both guests' ${(2 * mib) / 1024} GiB again before each run (${fmt(stats(rewarmS).median)} s median: DAMON pages out memory left idle)`)
+  console.log(`#   and both guests' ${(2 * mib) / 1024} GiB again before each run (${fmt(stats(rewarmS).median)} s median: freed memory goes back to the host within seconds)`)
   printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)|bulk\.copy_runs|bulk\.send/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
   printTable(['link', 'raw Node TCP MiB/s (min / median / max)'], Object.entries(tcp).map(([l, s]) => [l === 'netns' ? `netns, tbf ${rateMbit / 1000} Gbit/s` : l, `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}`]))
   console.log('')
@@ -126,12 +126,13 @@ try {
     const s = stats(xs)
     return xs.length ? `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}` : 'failed'
   }
+  const ratio = (a, b) => (Number.isFinite(b) && b > 0 ? `x${fmt(a / b)}` : '—')
   for (const { link, layout, path, streams, samples } of results) {
     const med = (k) => stats(samples.map((x) => x[k])).median
+    const col = (k) => mmm(samples.map((x) => x[k]))
     const base = link === 'loopback' ? refBw?.median * 1024 : tcp[link]?.median
-    rows.push([link, layout, path, String(streams), mmm(samples.map((x) => x.round0MiBps)), base ? `x${fmt(med('round0MiBps') / base)}` : '—', mmm(samples.map((x) => x.dstCpu)),
-      refDst ? `x${fmt(med('dstCpu') / refDst.median)}` : '—',
-      refDst && Number.isFinite(layoutExtra[layout]) ? `x${fmt(med('dstCpu') / (refDst.median + layoutExtra[layout]))}` : '—', mmm(samples.map((x) => x.srcCpu)), refSrc ? `x${fmt(med('srcCpu') / refSrc.median)}` : '—', mmm(samples.map((x) => x.totalMs))])
+    rows.push([link, layout, path, String(streams), col('round0MiBps'), ratio(med('round0MiBps'), base), col('dstCpu'), ratio(med('dstCpu'), refDst?.median),
+      ratio(med('dstCpu'), refDst?.median + layoutExtra[layout]), col('srcCpu'), ratio(med('srcCpu'), refSrc?.median), col('totalMs')])
     if (path !== 'native' || !samples.length) continue
     if (link === 'loopback' && refBw) checks.push([`loopback, ${layout}, ${streams} stream(s): round 0 >= 0.8 x C 7.bulk4g.copy.bw`, `x${fmt(med('round0MiBps') / (refBw.median * 1024))}`, med('round0MiBps') >= 0.8 * refBw.median * 1024 ? 'pass' : 'FAIL'])
     if (link === 'netns' && tcp.netns) checks.push([`netns ${rateMbit / 1000} Gbit/s, ${layout}, ${streams} stream(s): round 0 >= 0.95 x raw TCP`, `x${fmt(med('round0MiBps') / tcp.netns.median)}`, med('round0MiBps') >= 0.95 * tcp.netns.median ? 'pass' : 'FAIL'])

@@ -12,13 +12,7 @@
  * Build: gcc -O2 -I ../shared/limits -o copy_runs copy_runs.c -lpthread
  * Output: RESULT|id|description|unit|min|median|max (see common.h). */
 #include "common.h"
-
-static double thread_cpu_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
+#include "thread_cpu.h"
 
 /* places [0, len) in runs of `run` pages with `gap` pages left out after each; returns CPU s per GiB placed */
 static double place(size_t len, size_t run, size_t gap, const uint8_t *src)

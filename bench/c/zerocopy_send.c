@@ -10,6 +10,7 @@
  * Build: gcc -O2 -I ../shared/limits -o zerocopy_send zerocopy_send.c -lpthread
  * Output: RESULT|id|description|unit|min|median|max (see common.h). */
 #include "common.h"
+#include "thread_cpu.h"
 #include <linux/errqueue.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -26,13 +27,6 @@
 #define CHUNK MiB
 
 static size_t g_len;
-
-static double thread_cpu_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
 
 static void *receiver(void *arg)
 {

@@ -3,7 +3,7 @@
 // allow with no Node in the way. Benchmarks print them beside their own
 // figures so that each target is a ratio measured in the same run.
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, statSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs'
 import { basename, dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -91,7 +91,9 @@ export function runCBench(source, { nruns = Number(process.env.NRUNS) || 3, root
   mkdirSync(binDir, { recursive: true })
   const bin = join(binDir, basename(source, '.c'))
   const stale = (p) => !existsSync(bin) || statSync(p).mtimeMs > statSync(bin).mtimeMs
-  if (stale(source) || stale(join(limitsDir, 'common.h'))) {
+  // rebuilt when the source, common.h or a header beside the source (bench/c/*.h) is newer than the binary
+  const headers = readdirSync(dirname(source)).filter((f) => f.endsWith('.h')).map((f) => join(dirname(source), f))
+  if ([source, join(limitsDir, 'common.h'), ...headers].some(stale)) {
     const cc = spawnSync('gcc', ['-O2', '-Wall', '-I', limitsDir, '-o', bin, source, '-lpthread'], { stdio: ['ignore', 'inherit', 'inherit'] })
     if (cc.error || cc.status !== 0) {
       warn(`could not compile ${source} (${cc.error ? cc.error.message : `gcc exit ${cc.status}`})`)
