@@ -53,8 +53,8 @@ pair?.shape(rateMbit)
 for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => (pair?.cleanup(), process.exit(130)))
 
 try {
-  // both guests (2 x mib) and the C reference's 4 GiB region, touched once right before the timed work
-  const warmGiB = (2 * mib) / 1024 + 4.5
+  // kept warm for the whole run (bench/lib/warm.mjs): both guests (2 x mib), or the C reference's two 4 GiB regions
+  const warmGiB = Math.max((2 * mib) / 1024 + 1, 8.5)
   say(`warming ${warmGiB} GiB ...`)
   const warmS = prewarm(warmGiB * GiB)
   const ref = runLimits(['postcopy-bulk'], { nruns: 3, log: say })
@@ -71,15 +71,11 @@ try {
     say(`raw Node TCP ${link}: ${r.map(fmt).join(', ')} MiB/s`)
   }
   const results = []
-  const rewarmS = []
   for (const link of links) {
     for (const layout of layouts) for (const [path, streams] of paths.flatMap((p) => (p === 'native' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
       const samples = []
       for (let i = 0; i < runs; i++) {
         say(`${link} ${layout} ${path} streams ${streams} run ${i + 1}/${runs}`)
-        // again before each run: this VM gives freed memory back to the host within seconds (free page reporting,
-        // and a DAMON pageout scheme; docs/data-plane.md), and a run that found it cold took 2-5x the CPU
-        rewarmS.push(prewarm(2 * mib * MiB))
         if (path === 'js') process.env.UFFD_MIGRATE_BULK = 'js'
         let r
         try {
@@ -115,8 +111,8 @@ try {
   const run7 = ref.get('bulk.copy_runs.run7.cpu'), run256 = ref.get('bulk.copy_runs.run256.cpu')
   const layoutExtra = { dense: 0, sparse: run7 && run256 ? run7.median - run256.median : NaN }
   console.log(`# bench:bulk: ${mib} MiB page-store, idle, pre-copy; ${runs} run(s) per row (min / median / max); 2 vCPUs, shared`)
-  console.log(`# memory: ${warmGiB} GiB touched once and freed right before the C reference and the migrations (${fmt(warmS)} s; this VM backs memory lazily),`)
-  console.log(`#   and both guests' ${(2 * mib) / 1024} GiB again before each run (${fmt(stats(rewarmS).median)} s median: freed memory goes back to the host within seconds)`)
+  console.log(`# memory: ${warmGiB} GiB warmed before the C reference and the migrations and kept warm to the end (${fmt(warmS)} s; bench/lib/warm.mjs:`)
+  console.log('#   this VM backs memory lazily and takes freed 2 MiB blocks back within seconds)')
   printTable(['reference', 'unit', 'min', 'median', 'max'], [...ref.values()].filter((r) => /7\.bulk4g\.(copy|move_thp|tcp_only)\.(bw|dst_cpu|src_cpu)|bulk\.copy_runs|bulk\.send/.test(r.id)).map((r) => [r.id, r.unit, fmt(r.min), fmt(r.median), fmt(r.max)]))
   printTable(['link', 'raw Node TCP MiB/s (min / median / max)'], Object.entries(tcp).map(([l, s]) => [l === 'netns' ? `netns, tbf ${rateMbit / 1000} Gbit/s` : l, `${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)}`]))
   console.log('')

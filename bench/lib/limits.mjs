@@ -74,32 +74,44 @@ export function runLimits(sections, { nruns = Number(process.env.NRUNS) || 3, ro
 }
 
 /**
- * Compiles (when missing or older than its source) and runs a C benchmark
- * of our own that follows the same conventions (includes the references'
- * common.h, prints RESULT lines); returns its figures by id. Missing gcc or
- * common.h: a loud warning and an empty map.
+ * Compiles a C program of bench/c (when missing, or older than its source,
+ * common.h or a header beside it) into $TMPDIR/uffd-bench-bin; returns the
+ * binary's path, or null after a loud warning (no gcc, no common.h).
  * @param {string} source path of the .c file
- * @param {{nruns?: number, root?: string, env?: Record<string,string>, args?: string[], log?: (s: string) => void}} [opts]
+ * @param {string} [root]
  */
-export function runCBench(source, { nruns = Number(process.env.NRUNS) || 3, root = repoRoot, env = {}, args = [], log } = {}) {
+export function buildCBench(source, root = repoRoot) {
   const limitsDir = dirname(limitsScript(root))
   if (!existsSync(join(limitsDir, 'common.h'))) {
     warn(`cannot build ${source}: ${join(limitsDir, 'common.h')} does not exist`)
-    return new Map()
+    return null
   }
   const binDir = join(process.env.TMPDIR || '/tmp', 'uffd-bench-bin')
   mkdirSync(binDir, { recursive: true })
   const bin = join(binDir, basename(source, '.c'))
   const stale = (p) => !existsSync(bin) || statSync(p).mtimeMs > statSync(bin).mtimeMs
-  // rebuilt when the source, common.h or a header beside the source (bench/c/*.h) is newer than the binary
   const headers = readdirSync(dirname(source)).filter((f) => f.endsWith('.h')).map((f) => join(dirname(source), f))
   if ([source, join(limitsDir, 'common.h'), ...headers].some(stale)) {
     const cc = spawnSync('gcc', ['-O2', '-Wall', '-I', limitsDir, '-o', bin, source, '-lpthread'], { stdio: ['ignore', 'inherit', 'inherit'] })
     if (cc.error || cc.status !== 0) {
       warn(`could not compile ${source} (${cc.error ? cc.error.message : `gcc exit ${cc.status}`})`)
-      return new Map()
+      return null
     }
   }
+  return bin
+}
+
+/**
+ * Compiles (see buildCBench) and runs a C benchmark of our own that follows
+ * the same conventions (includes the references' common.h, prints RESULT
+ * lines); returns its figures by id. Missing gcc or common.h: a loud warning
+ * and an empty map.
+ * @param {string} source path of the .c file
+ * @param {{nruns?: number, root?: string, env?: Record<string,string>, args?: string[], log?: (s: string) => void}} [opts]
+ */
+export function runCBench(source, { nruns = Number(process.env.NRUNS) || 3, root = repoRoot, env = {}, args = [], log } = {}) {
+  const bin = buildCBench(source, root)
+  if (!bin) return new Map()
   log?.(`running ${bin} ${args.join(' ')} (NRUNS=${nruns}) ...`)
   const r = spawnSync(bin, args, {
     env: { QUIET_GATE: '5', MAX_RETRY: '1', ...process.env, NRUNS: String(nruns), ...env },
