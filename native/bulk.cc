@@ -29,7 +29,7 @@ namespace uffdm {
 
 namespace {
 
-constexpr uint8_t kMsgError = 4, kMsgPages = 20, kMsgRanges = 21, kMsgHandoff = 24;
+constexpr uint8_t kMsgError = 4, kMsgPages = 20, kMsgRanges = 21, kMsgHandoff = 24, kMsgBatch = 41;
 constexpr uint32_t kMaxPagesPerFrame = 256;              // MAX_PAGES_PER_FRAME
 constexpr uint32_t kMaxControlBytes = 64u << 20;         // MAX_CONTROL_BYTES
 constexpr uint8_t kRangeZero = 0, kRangeFree = 1, kRangeStale = 2;
@@ -100,8 +100,11 @@ class BulkReaderThread : public DemandThread {
       pollfd p[3] = {{reading ? fd_ : -1, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
       // whole frames already buffered (bytes JS handed over, or read along before a pause) go first
       if (reading) want_lowat();
-      int r = reading && frame_buffered() ? 0 : poll(p, 3, flush_timeout_ms(-1));
+      int timeout = flush_timeout_ms(-1);
+      if (reading && batch_wait_) timeout = timeout < 0 ? kBatchWaitMs : std::min(timeout, kBatchWaitMs);
+      int r = reading && frame_buffered() ? 0 : poll(p, 3, timeout);
       if (r < 0 && errno != EINTR) return;
+      if (r == 0 && batch_wait_) promised_ = 0;  // slow, or it lied: read what is there
       if (p[1].revents) return;
       if (p[2].revents) take_commands();
       if (fd_ >= 0 && !paused_) read_frames();
@@ -115,9 +118,23 @@ class BulkReaderThread : public DemandThread {
   // sender is bound to send those bytes (the rest of a frame it began); 1 again otherwise. The kernel still wakes
   // the reader when its window closes, so a small buffer cannot hold it up; bytesRead counts queued bytes, so the
   // watchdog sees progress while they gather.
+  //
+  // The same for the bytes a BATCH frame announced (the sender's gathered writev of small frames), up to what the
+  // next read can take: ~9k wake-ups a GiB fewer for a guest whose frames are a few pages each.
   void want_lowat() {
     size_t want = 1;
-    if (direct_ && !postcopy_) want = std::max<size_t>(1, std::min(hdr_need_ - hdr_have_ + body_need_ - body_have_, kLowatBytes));
+    if (!postcopy_) {
+      size_t frame = direct_ ? hdr_need_ - hdr_have_ + body_need_ - body_have_ : 0;
+      uint64_t got = bytes_read_.load(std::memory_order_relaxed) - promise_mark_;
+      size_t batch = promised_ > got ? (size_t)(promised_ - got) : 0;
+      if (!direct_) batch = std::min(batch, buf_.size() - (buf_len_ - buf_pos_));
+      want = std::max<size_t>(1, std::min(std::max(frame, batch), kLowatBytes));
+      // a frame's rest must come before anything can go on; a batch's frames could be placed as they come, so
+      // its promise is waited on for kBatchWaitMs at most (a slow link, or a source that announced too much)
+      batch_wait_ = batch > frame && want > 1;
+    } else {
+      batch_wait_ = false;
+    }
     if ((int)want == lowat_) return;
     int v = (int)want;
     if (setsockopt(fd_, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof v) == 0) lowat_ = v;
@@ -139,6 +156,7 @@ class BulkReaderThread : public DemandThread {
       fd_ = next_fd_;
       next_fd_ = -1;
       lowat_ = 1;
+      promised_ = 0;
       stats_fd_.store(fd_);
       direct_ = false;
       take_head(std::move(next_head_));
@@ -189,6 +207,7 @@ class BulkReaderThread : public DemandThread {
         len_ = get_u32(f), type_ = f[4];
         if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
         if (type_ == kMsgPages && (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps)) return reject(std::vector<uint8_t>());
+        if (type_ == kMsgBatch && len_ != 5) return reject(std::vector<uint8_t>());  // JS names the error
         size_t total = 4 + (size_t)len_, hdr = type_ == kMsgPages ? 17 : 5;
         if (avail >= total) {
           buf_pos_ += total;
@@ -240,6 +259,14 @@ class BulkReaderThread : public DemandThread {
         return false;
       }
       pages(region, first, count, body);
+      return true;
+    }
+    if (type_ == kMsgBatch) {
+      // the next n bytes were written with it: those already buffered are not waited for
+      uint32_t n = get_u32(body);
+      size_t buffered = buf_len_ - buf_pos_;
+      promised_ = n > buffered ? n - buffered : 0;
+      promise_mark_ = bytes_read_.load(std::memory_order_relaxed);
       return true;
     }
     if (type_ == kMsgRanges) {
@@ -395,6 +422,9 @@ class BulkReaderThread : public DemandThread {
   static constexpr size_t kBufBytes = kReadAheadBytes + kDirectBytes;
   static constexpr size_t kLowatBytes = 1 << 20;  // SO_RCVLOWAT at most: a PAGES frame's pages
   int lowat_ = 1;                                  // the socket's SO_RCVLOWAT as last set
+  uint64_t promised_ = 0, promise_mark_ = 0;       // bytes a BATCH announced, still to read after bytes_read_ was mark
+  bool batch_wait_ = false;                        // the low-water mark waits on a BATCH's promise
+  static constexpr int kBatchWaitMs = 10;          // 1 MiB at ~1 Gbit/s
   std::vector<uint8_t> buf_;
   size_t buf_pos_ = 0, buf_len_ = 0;
   // a large frame being read straight into staging_ (PAGES) or body_ (others)

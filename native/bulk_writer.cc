@@ -32,7 +32,7 @@ namespace uffdm {
 
 namespace {
 
-constexpr uint8_t kMsgPages = 20, kMsgRanges = 21, kRangeZero = 0;
+constexpr uint8_t kMsgPages = 20, kMsgRanges = 21, kMsgBatch = 41, kRangeZero = 0;
 constexpr uint32_t kMaxPagesPerFrame = 256;   // MAX_PAGES_PER_FRAME
 constexpr size_t kZeroEntriesPerFrame = 8192; // RANGE_ENTRIES_PER_FRAME / 2 runs
 
@@ -85,6 +85,9 @@ class BulkWriterThread : public DemandThread {
     std::lock_guard<std::mutex> lock(mu_);
     pending_ = std::move(pending);
   }
+
+  // The destination reads BATCH (REGIONS_OK said so): announce each gathered writev of several frames.
+  void set_announce(bool on) { announce_.store(on); }
 
   uint64_t submitted() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -218,18 +221,29 @@ class BulkWriterThread : public DemandThread {
     put_u32(hdr, 1 + 12 + cnt * (uint32_t)ps);
     hdr[4] = kMsgPages;
     put_u32(hdr + 5, region), put_u32(hdr + 9, first), put_u32(hdr + 13, cnt);
-    gathered_iov_[2 * gathered_frames_] = {hdr, 17};
-    gathered_iov_[2 * gathered_frames_ + 1] = {regions_[region].m->base + (size_t)first * ps, cnt * ps};
+    gathered_iov_[1 + 2 * gathered_frames_] = {hdr, 17};
+    gathered_iov_[2 + 2 * gathered_frames_] = {regions_[region].m->base + (size_t)first * ps, cnt * ps};
     gathered_frames_++, gathered_bytes_ += 17 + cnt * ps;
     return gathered_frames_ < kGatherFrames && gathered_bytes_ < kGatherBytes ? true : write_gathered();
   }
 
+  // Several frames in one writev go after a BATCH frame that announces their bytes: the reader may then wait for
+  // all of them before it wakes (SO_RCVLOWAT), as it does for one large frame. Written in the same writev, so the
+  // promise is never for bytes this side could hold back.
   bool write_gathered() {
     if (gathered_frames_ == 0) return true;
     int n = 2 * (int)gathered_frames_;
     size_t bytes = gathered_bytes_;
+    iovec* iov = gathered_iov_ + 1;
+    if (gathered_frames_ > 1 && announce_.load(std::memory_order_relaxed)) {
+      put_u32(batch_hdr_, 5);
+      batch_hdr_[4] = kMsgBatch;
+      put_u32(batch_hdr_ + 5, (uint32_t)bytes);
+      gathered_iov_[0] = {batch_hdr_, sizeof batch_hdr_};
+      iov = gathered_iov_, n++, bytes += sizeof batch_hdr_;
+    }
     gathered_frames_ = 0, gathered_bytes_ = 0;
-    return write_iov(gathered_iov_, n, bytes);
+    return write_iov(iov, n, bytes);
   }
 
   // The pending ZERO ranges of this batch as RANGES frames (destHas marked, like sendRanges()).
@@ -260,7 +274,9 @@ class BulkWriterThread : public DemandThread {
   std::vector<uint32_t> zero_;
   static constexpr size_t kGatherFrames = 64, kGatherBytes = 1 << 20;
   uint8_t gathered_hdrs_[kGatherFrames][17];
-  iovec gathered_iov_[2 * kGatherFrames];
+  iovec gathered_iov_[1 + 2 * kGatherFrames];  // [0]: the BATCH frame, when there is one
+  uint8_t batch_hdr_[9];
+  std::atomic<bool> announce_{false};
   size_t gathered_frames_ = 0, gathered_bytes_ = 0;
 };
 
@@ -274,6 +290,7 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
         InstanceMethod("frame", &BulkWriter::Frame),
         InstanceMethod("pages", &BulkWriter::Pages),
         InstanceMethod("setPending", &BulkWriter::SetPending),
+        InstanceMethod("announceBatches", &BulkWriter::AnnounceBatches),
         InstanceMethod("close", &BulkWriter::Close),
         InstanceAccessor("bytesWritten", &BulkWriter::BytesWritten, nullptr),
         InstanceAccessor("queuedBytes", &BulkWriter::QueuedBytes, nullptr),
@@ -328,6 +345,10 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
     std::vector<RegionView> shape;
     for (uint32_t n : pages_) shape.push_back(RegionView{nullptr, n, nullptr});
     w->set_pending(bitmap_words(info, 0, shape, &keep_));
+    return info.Env().Undefined();
+  }
+  Napi::Value AnnounceBatches(const Napi::CallbackInfo& info) {
+    writer(info.Env())->set_announce(arg_bool(info, 0, true));
     return info.Env().Undefined();
   }
   Napi::Value BytesWritten(const Napi::CallbackInfo& info) {

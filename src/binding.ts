@@ -60,6 +60,8 @@ export interface NativeBulkWriter {
   /** runs: (first, count) pairs of one region; takePending: only pages still in the pending map (setPending), taken as they go. */
   pages(region: number, runs: Uint32Array, framePages?: number, takePending?: boolean): number
   setPending(pending: Uint32Array[]): void
+  /** The destination reads BATCH: each writev of several frames goes after one announcing its bytes. */
+  announceBatches(on: boolean): void
   readonly bytesWritten: number
   /** Bytes of the commands not done yet (frames, and runs counted as full pages). */
   readonly queuedBytes: number

@@ -2,15 +2,16 @@
 // connection and a real userfaultfd region: frames many to a read (a run of
 // a few pages between zero pages), frames larger than its buffer (read
 // straight into staging), control frames for JS in order, all of it written
-// in pieces of random size so that every frame is cut somewhere; and a frame
-// that breaks the rules stops it.
+// in pieces of random size so that every frame is cut somewhere; BATCH frames
+// announcing the bytes of a gathered write; and a frame that breaks the rules
+// stops it.
 import { once } from 'node:events'
 import type { Socket } from 'node:net'
 import { describe, expect, it } from 'vitest'
 import { DemandEv, eachDemandEvent } from '../src/agent/demand-events'
 import { loadBinding } from '../src/binding'
 import { PageBitmap } from '../src/bitmap'
-import { encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/protocol/messages'
+import { decodeBatch, encodeBatch, encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/protocol/messages'
 import { takeSocket } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
@@ -75,10 +76,16 @@ describe.skipIf(skip)('native bulk reader', () => {
         // (240 pages, more than the reader's buffer); then [0, 7) again with new data (pre-copy: overwritten in place)
         const parts: Buffer[] = []
         const zeroRuns: number[] = []
-        for (let p = 0; p < 400; p += 8) {
-          parts.push(pagesFrame(p, 7, (q) => (q % 251) + 1))
-          zeroRuns.push(p + 7, 1)
-          if (p === 200) parts.push(...encodeControl(Msg.ROUND_END, { round: 0 }))
+        for (let p = 0; p < 400; p += 64) {
+          // as the native writer gathers them: eight 7-page frames after a BATCH with their bytes
+          const group: Buffer[] = []
+          for (let q = p; q < Math.min(400, p + 64); q += 8) {
+            group.push(pagesFrame(q, 7, (r) => (r % 251) + 1))
+            zeroRuns.push(q + 7, 1)
+          }
+          const bytes = Buffer.concat(group)
+          parts.push(encodeBatch(bytes.length), bytes)
+          if (p === 192) parts.push(...encodeControl(Msg.ROUND_END, { round: 0 }))
         }
         parts.push(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, zeroRuns))
         parts.push(pagesFrame(400, 240, (q) => (q % 13) + 100))
@@ -142,6 +149,92 @@ describe.skipIf(skip)('native bulk reader', () => {
       expect(mem.subarray(0, ps).equals(Buffer.alloc(ps, 250))).toBe(true) // the 1-page frame after it, in order
       const wrong = [...Array(pages).keys()].filter((p) => p > 0 && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, (p % 199) + 1)))
       expect(wrong).toEqual([])
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+
+  it('a BATCH of small frames that trickles in is placed whole, and its bytes count as progress while they gather', async () => {
+    const pages = 320
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    let receivedCount = 0
+    const frames: number[] = []
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, bb) => {
+      if (kind === DemandEv.RECEIVED) receivedCount += a
+      else if (kind === DemandEv.FRAME) frames.push(bb)
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    try {
+      // 40 frames of 7 pages (~1.1 MiB) announced by one BATCH, then a 1-page frame outside it
+      const group: Buffer[] = []
+      for (let p = 0; p < 320; p += 8) group.push(pagesFrame(p, 7, (q) => (q % 199) + 1))
+      const batch = Buffer.concat(group)
+      const stream = Buffer.concat([encodeBatch(batch.length), batch, pagesFrame(7, 1, () => 250)])
+      client.setNoDelay(true)
+      const piece = Math.ceil(stream.length / 32)
+      const progress: number[] = []
+      for (let off = 0; off < stream.length; off += piece) {
+        client.write(stream.subarray(off, Math.min(off + piece, stream.length)))
+        await new Promise((r) => setTimeout(r, 20))
+        progress.push(reader.bytesRead)
+      }
+      for (let t = 0; receivedCount < 281 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      expect(receivedCount).toBe(281) // 40 x 7 pages and page 7
+      expect(frames).toEqual([]) // BATCH stays in the reader
+      const partway = progress.slice(0, 16)
+      expect(new Set(partway).size).toBe(16) // every piece showed up as progress
+      const mem = Buffer.from(region.buffer)
+      const wrong = [...Array(pages).keys()].filter((p) => (p % 8 !== 7 || p === 7) && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, p === 7 ? 250 : (p % 199) + 1)))
+      expect(wrong).toEqual([])
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+
+  it('a BATCH that announces more than ever comes holds nothing up for long: the frame after it is placed', async () => {
+    const pages = 16
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    let receivedCount = 0
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a) => {
+      if (kind === DemandEv.RECEIVED) receivedCount += a
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    try {
+      client.setNoDelay(true)
+      client.write(Buffer.concat([encodeBatch(1 << 20), pagesFrame(0, 3, () => 5)])) // 1 MiB promised, 12 KiB sent
+      for (let t = 0; receivedCount < 3 && t < 200; t++) await new Promise((r) => setTimeout(r, 5))
+      expect(receivedCount).toBe(3) // within a second, not at the link timeout
+      expect(Buffer.from(region.buffer).subarray(0, 3 * ps).equals(Buffer.alloc(3 * ps, 5))).toBe(true)
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+
+  it('a BATCH of the wrong size stops it: the frame goes to JS, nothing after it is placed', async () => {
+    const pages = 16
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    const frames: { type: number; payload: Buffer }[] = []
+    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
+      if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    try {
+      const bad = Buffer.from([0, 0, 0, 3, Msg.BATCH, 1, 2])
+      await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 9)
+      for (let t = 0; frames.length < 1 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      await new Promise((r) => setTimeout(r, 50))
+      expect(frames.map((f) => f.type)).toEqual([Msg.BATCH])
+      expect(() => decodeBatch(frames[0].payload)).toThrow(/BATCH of 4 bytes/)
+      expect([...Array(16).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
     } finally {
       reader.close()
       close()

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { PageBitmap } from '../src/bitmap'
 import { type Frame, FrameDecoder } from '../src/protocol/frames'
-import { decodePages, decodeRuns, encodeControl, Msg, RangeKind } from '../src/protocol/messages'
+import { decodeBatch, decodePages, decodeRuns, encodeControl, Msg, RangeKind } from '../src/protocol/messages'
 import { Region } from '../src/region'
 import { socketFd } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
@@ -114,6 +114,55 @@ describe.skipIf(skip)('native bulk writer', () => {
     writer.close()
     close()
     region.release()
+  })
+
+  it('announces each gathered write of several frames with a BATCH of their exact bytes, once asked to', async () => {
+    const pages = 1024
+    const region = Region.create('w', pages * ps)
+    const u8 = new Uint8Array(region.buffer)
+    for (let p = 0; p < pages; p++) if (p % 8 !== 7) u8[p * ps] = (p % 251) + 1 // 7-page frames between zero pages
+    const destHas = new PageBitmap(pages), everSent = new PageBitmap(pages)
+    const { client, server, close } = await tcpPair()
+    const frames: Frame[] = []
+    const decoder = new FrameDecoder((f) => frames.push(f), 64 << 20)
+    server.on('data', (c: Buffer) => decoder.feed(c))
+    const writer = new b.BulkWriter!(socketFd(client)!, [region.id], [destHas.words], [everSent.words], () => {})
+    const sent = (n: number) => new Promise<void>((resolve) => {
+      const t = setInterval(() => frames.filter((f) => f.type === Msg.ROUND_END).length >= n && (clearInterval(t), resolve()), 5)
+    })
+    try {
+      writer.pages(0, Uint32Array.from([0, 512])) // not asked yet: no BATCH
+      writer.frame(Buffer.concat(encodeControl(Msg.ROUND_END, { round: 0 })))
+      await sent(1)
+      expect(frames.some((f) => f.type === Msg.BATCH)).toBe(false)
+      frames.length = 0
+      writer.announceBatches(true)
+      writer.pages(0, Uint32Array.from([512, 512]))
+      writer.frame(Buffer.concat(encodeControl(Msg.ROUND_END, { round: 1 })))
+      await sent(1)
+      const batches = frames.filter((f) => f.type === Msg.BATCH)
+      expect(batches.length).toBeGreaterThan(0)
+      // after each BATCH: whole PAGES frames (two or more) adding up to exactly the bytes it announced
+      const layout = [{ pageCount: pages }]
+      const pagesSeen = new Set<number>()
+      for (let i = 0; i < frames.length; i++) {
+        if (frames[i].type === Msg.PAGES) for (let k = 0, m = decodePages(frames[i].payload, layout, ps); k < m.pageCount; k++) pagesSeen.add(m.firstPage + k)
+        if (frames[i].type !== Msg.BATCH) continue
+        const want = decodeBatch(frames[i].payload)
+        let got = 0, n = 0
+        for (let j = i + 1; j < frames.length && got < want; j++, n++) {
+          expect(frames[j].type).toBe(Msg.PAGES)
+          got += 5 + frames[j].payload.length
+        }
+        expect(got).toBe(want)
+        expect(n).toBeGreaterThan(1)
+      }
+      expect(pagesSeen.size).toBe(448) // every data page of [512, 1024) once
+    } finally {
+      writer.close()
+      close()
+      region.release()
+    }
   })
 
   it('reports a write that fails (the peer closed) once, and keeps its calls harmless afterwards', async () => {

@@ -64,12 +64,13 @@ export const enum Msg {
   SERVICE = 38, // bulk, destination -> source: the ports its service listens on (the source's forwarder relays there)
   KEEPALIVE = 39, // urgent, source -> destination: the source is alive (a quiet link is not a stuck peer)
   SYNC = 40, // bulk, both ways in pre-copy: answered once everything sent before it on bulk was applied
+  BATCH = 41, // bulk, source -> destination (REGIONS_OK said batch): u32 bytes of frames written with it, follow at once
 }
 
 export const MSG_NAMES: Record<number, string> = {
   1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
-  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE', 40: 'SYNC',
+  31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE', 40: 'SYNC', 41: 'BATCH',
 }
 
 /** Kind of a PAGE_REQUEST (echoed in its REQUEST_DONE). */
@@ -172,6 +173,23 @@ export function decodePages(payload: Buffer, layout: RegionLayout[], pageSize: n
     throw migrationError(ErrorCode.PROTOCOL, `expected ${pageCount * pageSize} bytes of page data, got ${data.length}`)
   }
   return { region, firstPage, pageCount, data }
+}
+
+/**
+ * BATCH: u32 bytes. The native writer announces the frames it writes in one
+ * writev, so that the reader may sleep until they are all in (SO_RCVLOWAT); a
+ * hint only, nothing else depends on it.
+ */
+export function encodeBatch(bytes: number): Buffer {
+  const b = Buffer.allocUnsafe(9)
+  frameHeader(Msg.BATCH, 4).copy(b, 0)
+  b.writeUInt32BE(bytes, 5)
+  return b
+}
+
+export function decodeBatch(payload: Buffer): number {
+  if (payload.length !== 4) throw migrationError(ErrorCode.PROTOCOL, `expected a BATCH of 4 bytes, got ${payload.length}`)
+  return payload.readUInt32BE(0)
 }
 
 export function checkRun(region: number, firstPage: number, pageCount: number, layout: RegionLayout[], what: string): void {

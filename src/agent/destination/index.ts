@@ -199,7 +199,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
-    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1 }))
+    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
   }
 
   onClock(f: Frame): void {

@@ -3,7 +3,7 @@
  * the messages it accepts in each (docs/protocol.md shows both tables; a
  * unit test keeps them equal).
  */
-import { Msg } from '../../protocol/messages'
+import { Msg, decodeBatch } from '../../protocol/messages'
 import type { Frame } from '../../protocol/frames'
 import type { MessageTable } from '../message-table'
 import type { TransitionTable } from '../state-machine'
@@ -54,6 +54,7 @@ export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
   [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
   [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onPages(f), note: 'placed; urgent only after the hand-off; after it a page already held is ignored' },
   [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRanges(f), note: 'zero/free pages placed; urgent only after the hand-off; after it a page already held is ignored' },
+  [Msg.BATCH]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED] }, handle: (_d, f) => void decodeBatch(f.payload), note: 'the bytes of the frames that follow at once (a hint for the native reader)' },
   [Msg.ROUND_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'end of a round' },
   [Msg.PRECOPY_END]: { on: { bulk: [PRECOPY] }, handle: () => {}, note: 'no more rounds' },
   [Msg.HANDOFF]: { on: { bulk: [PRECOPY] }, handle: (d, f) => d.onHandoff(f), note: 'discard list applied, service restored; → postcopy' },

@@ -78,6 +78,10 @@ export class NativeBulkSend implements FrameWriter {
     if (!this.closed) this.writer.setPending(pending)
   }
 
+  announceBatches(): void {
+    if (!this.closed) this.writer.announceBatches(true)
+  }
+
   get bytesWritten(): number {
     return this.closed ? this.finalBytes : this.writer.bytesWritten
   }

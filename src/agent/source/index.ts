@@ -129,9 +129,14 @@ export class MigrationSource implements SourceHandlers {
   /** Bulk connections of the pre-copy rounds (the report's `streams`). */
   private streamsUsed = 1
 
-  /** REGIONS_OK granted extra bulk streams: open them, each written by a native writer, pages split between them. */
-  private async openStreams(ok: Frame): Promise<void> {
-    const granted = decodeControl(ok.type, ok.payload).streams
+  /**
+   * REGIONS_OK: the destination reads BATCH (announced writes), and granted extra bulk streams: open them, each
+   * written by a native writer, pages split between them.
+   */
+  private async onRegionsOk(ok: Frame): Promise<void> {
+    const msg = decodeControl(ok.type, ok.payload)
+    if (msg.batch === true) this.sender.announceBatches()
+    const granted = msg.streams
     if (typeof granted !== 'number' || !Number.isInteger(granted) || granted < 2 || granted > this.opts.streams!) return
     const link = this.link
     const extra = await this.guard(link.openStreams(granted - 1))
@@ -174,7 +179,7 @@ export class MigrationSource implements SourceHandlers {
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
         ...(this.opts.streams! > 1 && bulk.frameWriter ? { streams: this.opts.streams } : {}),
       }))
-      await this.openStreams(await this.guard(reply(bulk, Msg.REGIONS_OK)))
+      await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))
       const failed = this.guard(this.attachLink())
       const rounds: RoundReport[] = []

@@ -60,6 +60,8 @@ export class Sender {
   /** Parallel bulk streams before the hand-off (lanes.ts): lane 0 is bulk; empty: bulk alone. */
   private lanes: Channel[] = []
   private laneWriters: NativeBulkSend[] = []
+  /** The destination reads BATCH frames (REGIONS_OK): native writers announce their gathered writes. */
+  private announce = false
 
   constructor(
     private readonly binding: NativeBinding,
@@ -160,6 +162,12 @@ export class Sender {
     return true
   }
 
+  /** REGIONS_OK said the destination reads BATCH: every native writer, and those attached later, announce. */
+  announceBatches(): void {
+    this.announce = true
+    for (const w of [this.writer, ...this.laneWriters]) w?.announceBatches()
+  }
+
   private attachWriter(ch: Channel): NativeBulkSend | undefined {
     if (!nativeWriterAvailable(this.binding)) return undefined
     const writer = ch.useWriter((fd) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
@@ -172,7 +180,9 @@ export class Sender {
       onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
       onCpu: (ms) => (this.endedCpuMs += ms),
     }))
-    return writer instanceof NativeBulkSend ? writer : undefined
+    if (!(writer instanceof NativeBulkSend)) return undefined
+    if (this.announce) writer.announceBatches()
+    return writer
   }
 
   /**
