@@ -120,150 +120,113 @@ describe.skipIf(skip)('native bulk reader', () => {
     })
   }
 
-  it('a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket)', async () => {
-    const pages = 256
+  /** A reader on a fresh region and connection; `body` gets them and what the reader reported; all closed after. */
+  async function withReader(pages: number, body: (t: {
+    client: Socket
+    reader: { readonly bytesRead: number }
+    mem: Buffer
+    received: PageBitmap
+    seen: { received: number; frames: { type: number; payload: Buffer }[] }
+  }) => Promise<void>): Promise<void> {
     const { region, uffd, received, knownZero, freed } = setup(pages)
     const { client, server, close } = await tcpPair()
-    let receivedCount = 0
-    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a) => {
-      if (kind === DemandEv.RECEIVED) receivedCount += a
+    const seen = { received: 0, frames: [] as { type: number; payload: Buffer }[] }
+    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
+      if (kind === DemandEv.RECEIVED) seen.received += a
+      else if (kind === DemandEv.FRAME) seen.frames.push({ type: bb, payload: fs[a] })
     })
     const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
     try {
-      const frame = Buffer.concat([pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)])
-      // the first frame in 32 pieces, 20 ms apart: the reader waits for the rest of it, the progress must move
-      client.setNoDelay(true) // each piece leaves at once (no Nagle wait for an ACK that the receiver delays)
-      const piece = Math.ceil(frame.length / 32)
-      const progress: number[] = []
-      for (let off = 0; off < frame.length; off += piece) {
-        client.write(frame.subarray(off, Math.min(off + piece, frame.length)))
-        await new Promise((r) => setTimeout(r, 20))
-        progress.push(reader.bytesRead)
-      }
-      for (let t = 0; receivedCount < pages && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
-      expect(receivedCount).toBe(pages)
-      const partway = progress.slice(0, 16)
-      expect(new Set(partway).size).toBe(16) // every piece showed up as progress, before the frame was whole
-      expect(Math.max(...partway)).toBeLessThan(frame.length)
-      const mem = Buffer.from(region.buffer)
-      expect(mem.subarray(0, ps).equals(Buffer.alloc(ps, 250))).toBe(true) // the 1-page frame after it, in order
-      const wrong = [...Array(pages).keys()].filter((p) => p > 0 && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, (p % 199) + 1)))
-      expect(wrong).toEqual([])
+      await body({ client, reader, mem: Buffer.from(region.buffer), received, seen })
     } finally {
       reader.close()
       close()
       uffd.close()
     }
+  }
+
+  /** Writes `stream` in 32 pieces, 20 ms apart (each leaves at once: no Nagle); the reader's bytesRead after each. */
+  async function trickle(client: Socket, stream: Buffer, reader: { readonly bytesRead: number }): Promise<number[]> {
+    client.setNoDelay(true)
+    const piece = Math.ceil(stream.length / 32)
+    const progress: number[] = []
+    for (let off = 0; off < stream.length; off += piece) {
+      client.write(stream.subarray(off, Math.min(off + piece, stream.length)))
+      await new Promise((r) => setTimeout(r, 20))
+      progress.push(reader.bytesRead)
+    }
+    return progress
+  }
+
+  const until = async (done: () => boolean, ms: number) => {
+    for (const end = Date.now() + ms; !done() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 5))
+  }
+
+  it('a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket)', async () => {
+    const pages = 256
+    await withReader(pages, async ({ client, reader, mem, seen }) => {
+      const frame = Buffer.concat([pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)])
+      // the reader waits for the rest of the first frame; the progress must move meanwhile
+      const progress = await trickle(client, frame, reader)
+      await until(() => seen.received >= pages, 5000)
+      expect(seen.received).toBe(pages)
+      const partway = progress.slice(0, 16)
+      expect(new Set(partway).size).toBe(16) // every piece showed up as progress, before the frame was whole
+      expect(Math.max(...partway)).toBeLessThan(frame.length)
+      expect(mem.subarray(0, ps).equals(Buffer.alloc(ps, 250))).toBe(true) // the 1-page frame after it, in order
+      const wrong = [...Array(pages).keys()].filter((p) => p > 0 && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, (p % 199) + 1)))
+      expect(wrong).toEqual([])
+    })
   })
 
   it('a BATCH of small frames that trickles in is placed whole, and its bytes count as progress while they gather', async () => {
-    const pages = 320
-    const { region, uffd, received, knownZero, freed } = setup(pages)
-    const { client, server, close } = await tcpPair()
-    let receivedCount = 0
-    const frames: number[] = []
-    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, bb) => {
-      if (kind === DemandEv.RECEIVED) receivedCount += a
-      else if (kind === DemandEv.FRAME) frames.push(bb)
-    })
-    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
-    try {
+    await withReader(320, async ({ client, reader, mem, seen }) => {
       // 40 frames of 7 pages (~1.1 MiB) announced by one BATCH, then a 1-page frame outside it
       const group: Buffer[] = []
       for (let p = 0; p < 320; p += 8) group.push(pagesFrame(p, 7, (q) => (q % 199) + 1))
       const batch = Buffer.concat(group)
-      const stream = Buffer.concat([encodeBatch(batch.length), batch, pagesFrame(7, 1, () => 250)])
-      client.setNoDelay(true)
-      const piece = Math.ceil(stream.length / 32)
-      const progress: number[] = []
-      for (let off = 0; off < stream.length; off += piece) {
-        client.write(stream.subarray(off, Math.min(off + piece, stream.length)))
-        await new Promise((r) => setTimeout(r, 20))
-        progress.push(reader.bytesRead)
-      }
-      for (let t = 0; receivedCount < 281 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
-      expect(receivedCount).toBe(281) // 40 x 7 pages and page 7
-      expect(frames).toEqual([]) // BATCH stays in the reader
-      const partway = progress.slice(0, 16)
-      expect(new Set(partway).size).toBe(16) // every piece showed up as progress
-      const mem = Buffer.from(region.buffer)
-      const wrong = [...Array(pages).keys()].filter((p) => (p % 8 !== 7 || p === 7) && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, p === 7 ? 250 : (p % 199) + 1)))
+      const progress = await trickle(client, Buffer.concat([encodeBatch(batch.length), batch, pagesFrame(7, 1, () => 250)]), reader)
+      await until(() => seen.received >= 281, 5000)
+      expect(seen.received).toBe(281) // 40 x 7 pages and page 7
+      expect(seen.frames).toEqual([]) // BATCH stays in the reader
+      expect(new Set(progress.slice(0, 16)).size).toBe(16) // every piece showed up as progress
+      const wrong = [...Array(320).keys()].filter((p) => (p % 8 !== 7 || p === 7) && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, p === 7 ? 250 : (p % 199) + 1)))
       expect(wrong).toEqual([])
-    } finally {
-      reader.close()
-      close()
-      uffd.close()
-    }
+    })
   })
 
   it('a BATCH that announces more than ever comes holds nothing up for long: the frame after it is placed', async () => {
-    const pages = 16
-    const { region, uffd, received, knownZero, freed } = setup(pages)
-    const { client, server, close } = await tcpPair()
-    let receivedCount = 0
-    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a) => {
-      if (kind === DemandEv.RECEIVED) receivedCount += a
-    })
-    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
-    try {
+    await withReader(16, async ({ client, mem, seen }) => {
       client.setNoDelay(true)
       client.write(Buffer.concat([encodeBatch(1 << 20), pagesFrame(0, 3, () => 5)])) // 1 MiB promised, 12 KiB sent
-      for (let t = 0; receivedCount < 3 && t < 200; t++) await new Promise((r) => setTimeout(r, 5))
-      expect(receivedCount).toBe(3) // within a second, not at the link timeout
-      expect(Buffer.from(region.buffer).subarray(0, 3 * ps).equals(Buffer.alloc(3 * ps, 5))).toBe(true)
-    } finally {
-      reader.close()
-      close()
-      uffd.close()
-    }
+      await until(() => seen.received >= 3, 1000)
+      expect(seen.received).toBe(3) // within a second, not at the link timeout
+      expect(mem.subarray(0, 3 * ps).equals(Buffer.alloc(3 * ps, 5))).toBe(true)
+    })
   })
 
   it('a BATCH of the wrong size stops it: the frame goes to JS, nothing after it is placed', async () => {
-    const pages = 16
-    const { region, uffd, received, knownZero, freed } = setup(pages)
-    const { client, server, close } = await tcpPair()
-    const frames: { type: number; payload: Buffer }[] = []
-    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
-      if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
-    })
-    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
-    try {
+    await withReader(16, async ({ client, received, seen }) => {
       const bad = Buffer.from([0, 0, 0, 3, Msg.BATCH, 1, 2])
       await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 9)
-      for (let t = 0; frames.length < 1 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      await until(() => seen.frames.length >= 1, 5000)
       await new Promise((r) => setTimeout(r, 50))
-      expect(frames.map((f) => f.type)).toEqual([Msg.BATCH])
-      expect(() => decodeBatch(frames[0].payload)).toThrow(/BATCH of 4 bytes/)
+      expect(seen.frames.map((f) => f.type)).toEqual([Msg.BATCH])
+      expect(() => decodeBatch(seen.frames[0].payload)).toThrow(/BATCH of 4 bytes/)
       expect([...Array(16).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
-    } finally {
-      reader.close()
-      close()
-      uffd.close()
-    }
+    })
   })
 
   it('a PAGES frame for a region it does not have stops it: the frame goes to JS, nothing after it is placed', async () => {
-    const pages = 64
-    const { region, uffd, received, knownZero, freed } = setup(pages)
-    const { client, server, close } = await tcpPair()
-    const frames: { type: number; payload: Buffer }[] = []
-    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
-      if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
-    })
-    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
-    try {
+    await withReader(64, async ({ client, received, seen }) => {
       const bad = pagesFrame(0, 2, () => 9)
       bad.writeUInt32LE(5, 5) // region 5
       await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 7)
-      for (let t = 0; frames.length < 1 && t < 500; t++) await new Promise((r) => setTimeout(r, 10))
+      await until(() => seen.frames.length >= 1, 5000)
       await new Promise((r) => setTimeout(r, 50))
-      expect(frames.map((f) => f.type)).toEqual([Msg.PAGES])
-      expect(frames[0].payload.readUInt32LE(0)).toBe(5) // its header (region, first, count): the message table names it
+      expect(seen.frames.map((f) => f.type)).toEqual([Msg.PAGES])
+      expect(seen.frames[0].payload.readUInt32LE(0)).toBe(5) // its header (region, first, count): the message table names it
       expect([...Array(16).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
-    } finally {
-      reader.close()
-      close()
-      uffd.close()
-    }
+    })
   })
 })
