@@ -36,11 +36,6 @@ export function prewarm(bytes) {
   return (performance.now() - t0) / 1000
 }
 
-/** How much memory the keepers hold warm (bytes). */
-export function warmBytes() {
-  return keptBytes
-}
-
 function startKeeper(bin, mib) {
   const dir = mkdtempSync(join(tmpdir(), 'uffd-warm-'))
   const ready = join(dir, 'ready')
