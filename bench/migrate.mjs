@@ -13,7 +13,10 @@
 //   --tiny-state the page-store keeps its per-page versions in a guest region: the hand-off state is a few bytes
 //                at any size, so the downtime shows the engine's hand-off, not the example's own state
 //   --pinned-rate N  the pinned client sends N requests/s in all (default: flat out, which on a small machine keeps
-//                the CPUs busy on its own: the latency then holds the machine's run-queue waits, see 'max before')
+//                the CPUs busy on its own: the latency then holds the machine's run-queue waits, see 'max before').
+//                autocannon sends each connection's share as a burst at the start of every second, so the
+//                'pinned gap' column then shows the idle rest of a second, not the migration
+//   The pinned client runs in a process of its own (src/cli/pinned-client.ts), like a client on another host.
 //   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
 //                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
 //   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
@@ -64,7 +67,7 @@ function parseArgs(argv) {
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
-        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 19).map((l) => l.slice(3)).join('\n') + '\n')
+        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 24).map((l) => l.slice(3)).join('\n') + '\n')
         process.exit(0)
         break
       default:

@@ -11,7 +11,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationMode, MigrationReport } from '../agent/report'
 import { formatReport, progressLine } from './format'
+import { pinnedClient, type PinnedClient, type PinnedClientResult } from './pinned-client'
 import { freePort, LineProc } from './proc'
+
+export type { PinnedClientResult }
 
 const root = join(__dirname, '..', '..')
 const cli = join(root, 'bin', 'uffd-migrate.js')
@@ -91,52 +94,6 @@ export interface ExampleResult {
   sourceExit?: number | null
 }
 
-export interface PinnedClientResult {
-  requests2xx: number
-  errors: number
-  timeouts: number
-  non2xx: number
-  p99Ms: number
-  maxMs: number
-  /** Longest stretch without a 2xx answer, over all connections. */
-  maxGapMs: number
-  /** The longest latency of the answers that came before the migration began (the same client, same machine): the floor. */
-  maxBeforeMs: number
-  /** The source's forwarder, from its exit line: bytes relayed and its thread's CPU time while forwarding. */
-  forwarder?: { bytes: number; cpuMs: number }
-}
-
-/** autocannon against one address until stop(); the longest stretch without a 2xx is tracked from its response events. */
-function pinnedClient(url: string, overallRate?: number): { stop(): Promise<PinnedClientResult>; migrationStarts(): void } {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const autocannon = require('autocannon')
-  let last = performance.now()
-  let maxGapMs = 0
-  // the longest latency until the migration began (then it stops growing)
-  let maxBeforeMs = 0
-  let migrating = false
-  const instance = autocannon({ url, connections: 4, duration: 3600, timeout: 30, ...(overallRate ? { overallRate } : {}) })
-  instance.on('response', (_client: unknown, status: number, _bytes: number, latencyMs: number) => {
-    if (status < 200 || status >= 300) return
-    if (!migrating) maxBeforeMs = Math.max(maxBeforeMs, latencyMs)
-    const t = performance.now()
-    maxGapMs = Math.max(maxGapMs, t - last)
-    last = t
-  })
-  const done = new Promise<PinnedClientResult>((resolve) => instance.once('done', (r: Record<string, any>) => resolve({
-    requests2xx: r['2xx'], errors: r.errors, timeouts: r.timeouts, non2xx: r.non2xx, p99Ms: r.latency.p99, maxMs: r.latency.max, maxGapMs, maxBeforeMs,
-  })))
-  return {
-    migrationStarts() {
-      migrating = true
-    },
-    stop() {
-      instance.stop()
-      return done
-    },
-  }
-}
-
 export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const env = {
     ...process.env,
@@ -165,12 +122,13 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     : new LineProc(process.execPath, destCmd, { env: destEnv })
   const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env })
   let client: Client | undefined
+  let pinned: PinnedClient | undefined
   try {
     await source.waitLine(/^READY/)
     if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
-    const pinned = o.autocannon ? pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`, o.autocannonRate) : undefined
+    pinned = o.autocannon ? await pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`, o.autocannonRate) : undefined
     if (pinned) await new Promise((r) => setTimeout(r, 500))
     pinned?.migrationStarts()
     const to = o.relay ? await o.relay(destHost, migPort) : `${destHost}:${migPort}`
@@ -201,6 +159,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     return { ok, report, client: stats, pinned: pinnedResult, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
   } finally {
     await client?.stop()
+    pinned?.kill()
     source.kill()
     dest.kill()
   }
