@@ -95,7 +95,8 @@ export interface NativeSyncWpTracker {
   peek(regionId: number): Uint32Array
   /** Runs of pages present or swapped (/proc/self/pagemap). */
   present(regionId: number): Uint32Array
-  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number }
+  /** cpuMoves: times the thread moved to the CPU of the thread that faulted (followWriter). */
+  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number; cpuMoves: number }
   /** Joins the thread and ends tracking (closing the userfaultfd drops the protection). */
   close(): void
 }
@@ -151,7 +152,8 @@ export interface NativeBinding {
   BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
-  SyncWpTracker?: new (regionIds: number[]) => NativeSyncWpTracker
+  /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
+  SyncWpTracker?: new (regionIds: number[], followWriter?: boolean) => NativeSyncWpTracker
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 

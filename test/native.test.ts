@@ -201,6 +201,27 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
   })
   })
 
+  it('sync-wp: the fault thread moves to the CPU of the thread that wrote (followWriter), and stays put without it', () => {
+    const pause = new Int32Array(new SharedArrayBuffer(4))
+    for (const follow of [true, false]) {
+      const region = Region.create('t', 64 * ps)
+      const tracker = new b.SyncWpTracker!([region.id], follow)
+      const u8 = new Uint8Array(region.buffer)
+      for (let p = 0; p < 64; p++) u8[p * ps] = p + 1
+      // the move comes after the writer was woken: give the thread a moment
+      for (let i = 0; i < 200 && tracker.stats.cpuMoves === 0; i++) Atomics.wait(pause, 0, 0, 10)
+      if (!follow) Atomics.wait(pause, 0, 0, 20)
+      expect(tracker.stats.wpFaults + tracker.stats.missingFaults).toBeGreaterThanOrEqual(64)
+      // at least once onto the writer's CPU (again if the scheduler moved the writer meanwhile); never without it
+      if (follow) expect(tracker.stats.cpuMoves).toBeGreaterThanOrEqual(1)
+      else expect(tracker.stats.cpuMoves).toBe(0)
+      expect(expandRuns(tracker.collect(region.id))).toEqual(Array.from({ length: 64 }, (_, p) => p))
+      expect(u8[63 * ps]).toBe(64)
+      tracker.close()
+      region.release()
+    }
+  })
+
   it('drops many runs at once: exactly those read as zero, the rest keep their bytes; a run outside is refused first', () => {
     const region = Region.create('t', 4096 * ps)
     const u8 = new Uint8Array(region.buffer)

@@ -33,7 +33,7 @@ export interface TrackerChoice {
 
 /** What a host on the fallback pays, for the doctor and the README. */
 export const SYNC_WP_COST =
-  'a fault round trip through a native thread (uffdm-wp) for the first write to each page in each pre-copy round: tens of µs on a VM, a few on bare metal'
+  'a fault round trip through a native thread (uffdm-wp, on the CPU of the writing thread) for the first write to each page in each pre-copy round: tens of µs on a VM, a few on bare metal'
 
 export function asyncWpAvailable(f: TrackerFacts): boolean {
   const want = f.constants.UFFD_FEATURE_WP_ASYNC | f.constants.UFFD_FEATURE_WP_UNPOPULATED

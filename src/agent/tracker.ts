@@ -133,7 +133,8 @@ export class SyncWpTracker implements DirtyTracker {
 
   constructor(binding: NativeBinding, regions: TrackedRegion[]) {
     if (!binding.SyncWpTracker) throw new UffdMigrateError('this addon has no sync-WP tracker', ErrorCode.FEATURE)
-    this.native = new binding.SyncWpTracker(regions.map((r) => r.id))
+    // UFFD_MIGRATE_WP_FOLLOW=0: the fault thread goes where the scheduler puts it (to compare; docs/data-plane.md, "uffdm-wp")
+    this.native = new binding.SyncWpTracker(regions.map((r) => r.id), process.env.UFFD_MIGRATE_WP_FOLLOW !== '0')
   }
 
   get cpuMs(): number {
