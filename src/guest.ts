@@ -206,6 +206,7 @@ export class Guest extends EventEmitter {
     } catch (err) {
       return Promise.reject(err)
     }
+    void this.forwarder.prepare()
     return new Promise((resolve, reject) => {
       this.migrating = { resolve, reject }
       this.lastFailure = undefined

@@ -51,6 +51,20 @@ describe('forwarder', () => {
     expect((await fetch(src.port, '/after')).body).toBe('src:/after')
   })
 
+  it('prepare() runs the proxy path once against a server of its own: the service sees nothing and nothing is left open', async () => {
+    const src = await listen('src')
+    const f = new Forwarder()
+    await f.prepare() // not serving: nothing to do
+    f.serve(src.server)
+    const servers = () => process.getActiveResourcesInfo().filter((r) => r === 'TCPServerWrap').length
+    const before = servers()
+    await f.prepare()
+    expect(servers()).toBe(before)
+    expect(src.seen).toEqual([])
+    expect(f.counts).toEqual({ connections: 0, requests: 0, bytes: 0, spliced: 0 })
+    expect((await fetch(src.port, '/after')).body).toBe('src:/after')
+  })
+
   it('after the hand-off: held requests are proxied (connection: close), new connections relayed, then idle', async () => {
     const src = await listen('src'), dst = await listen('dst')
     const f = new Forwarder()
