@@ -197,9 +197,8 @@ export class Guest extends EventEmitter {
   migrate(options: MigrateOptions): Promise<MigrationReport> {
     if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
     if (this.movedTo) return Promise.reject(new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY))
-    if (this.restored && !this.isSettledFlag) {
-      return Promise.reject(new UffdMigrateError('this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves', ErrorCode.BUSY))
-    }
+    const settling = 'this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves'
+    if (this.restored && !this.isSettledFlag) return Promise.reject(new UffdMigrateError(settling, ErrorCode.BUSY))
     let wire: WireSourceOptions
     try {
       wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving }
