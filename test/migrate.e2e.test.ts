@@ -92,7 +92,8 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     if (path === 'js') process.env.UFFD_MIGRATE_DEMAND = process.env.UFFD_MIGRATE_BULK = 'js'
     let r
     try {
-      r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'] })
+      // bounded below the test's timeout: a hang (seen once in CI) fails with both guests' status and output
+      r = await migrateExample({ sizeMiB: 256, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'], sendTimeoutMs: 45_000 })
     } finally {
       delete process.env.UFFD_MIGRATE_DEMAND
       delete process.env.UFFD_MIGRATE_BULK

@@ -6,7 +6,7 @@
  * a function, for the end-to-end tests and the benchmark.
  */
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationMode, MigrationReport } from '../agent/report'
@@ -62,6 +62,8 @@ export interface ExampleRun {
   progress?: (line: string) => void
   /** Hammer the service with a checking client (default true). */
   client?: boolean
+  /** Fail with both guests' status and output if `send` has not returned by then (tests; default: no bound). */
+  sendTimeoutMs?: number
   /** Extra arguments for the page-store service on both hosts (e.g. --blocking). */
   serviceArgs?: string[]
   /**
@@ -123,6 +125,19 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env })
   let client: Client | undefined
   let pinned: PinnedClient | undefined
+  // send did not return in time: what both hosts' guests say, with the error (a hang is found from this, not rerun)
+  const hung = async (err: Error, send: LineProc): Promise<never> => {
+    const status = async (e: NodeJS.ProcessEnv) => {
+      const st = new LineProc(process.execPath, [cli, 'status', '--guest', name], { env: e })
+      await st.waitExit(5000).catch(() => st.kill())
+      const pid = /\(pid (\d+)\)/.exec(st.lines.join(' '))?.[1]
+      return `${st.lines.join(' | ')} ${st.stderr.trim()}${pid ? `\n  threads: ${threadStates(Number(pid))}` : ''}`
+    }
+    const [src, dst] = [await status(env), await status(destEnv)]
+    send.kill()
+    throw new Error(`${err.message}\nsource status: ${src}\ndestination status: ${dst}\n` +
+      `source stderr: ${source.stderr.slice(-1500)}\ndestination stderr: ${dest.stderr.slice(-1500)}`)
+  }
   try {
     await source.waitLine(/^READY/)
     if (example.client) await source.waitLine(/^HTTP /)
@@ -143,7 +158,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
         // status raced with the exit of the source
       }
     }, 250)
-    const sent = await send.exited
+    const sent = await (o.sendTimeoutMs ? send.waitExit(o.sendTimeoutMs).catch((err) => hung(err, send)) : send.exited)
     if (poll) clearInterval(poll)
     const pinnedResult = await pinned?.stop()
     if (sent.code !== 0) return { ok: false, error: send.stderr.trim() }
@@ -162,6 +177,18 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     pinned?.kill()
     source.kill()
     dest.kill()
+  }
+}
+
+/** Each thread of a process: name, state and the kernel function it sleeps in (a fault: handle_userfault). */
+function threadStates(pid: number): string {
+  try {
+    return readdirSync(`/proc/${pid}/task`).map((tid) => {
+      const read = (f: string) => readFileSync(`/proc/${pid}/task/${tid}/${f}`, 'utf8').trim()
+      return `${read('comm')}:${read('stat').split(') ')[1]?.[0]}:${read('wchan')}`
+    }).join(' ')
+  } catch (err) {
+    return String(err)
   }
 }
 
