@@ -47,6 +47,9 @@ const say = (s) => process.stderr.write(`[bench:migrate] ${s}\n`)
 // arguments
 // ---------------------------------------------------------------------------
 
+// --help prints the header comment down to its 'Uses dist/' line
+const HELP_LINES = readFileSync(self, 'utf8').split('\n').findIndex((l) => l.startsWith('// Uses dist/')) + 1
+
 function parseArgs(argv) {
   const a = { quick: false, ref: true, pinned: true }
   for (let i = 0; i < argv.length; i++) {
@@ -67,7 +70,7 @@ function parseArgs(argv) {
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
-        process.stdout.write(readFileSync(self, 'utf8').split('\n').filter((l) => l.startsWith('//')).slice(0, 24).map((l) => l.slice(3)).join('\n') + '\n')
+        process.stdout.write(readFileSync(self, 'utf8').split('\n').slice(0, HELP_LINES).map((l) => l.slice(3)).join('\n') + '\n')
         process.exit(0)
         break
       default:

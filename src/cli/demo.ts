@@ -6,13 +6,13 @@
  * a function, for the end-to-end tests and the benchmark.
  */
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
+import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationMode, MigrationReport } from '../agent/report'
 import { formatReport, progressLine } from './format'
 import { pinnedClient, type PinnedClient, type PinnedClientResult } from './pinned-client'
-import { freePort, LineProc } from './proc'
+import { freePort, LineProc, threadsOf } from './proc'
 
 export type { PinnedClientResult }
 
@@ -131,7 +131,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
       const st = new LineProc(process.execPath, [cli, 'status', '--guest', name], { env: e })
       await st.waitExit(5000).catch(() => st.kill())
       const pid = /\(pid (\d+)\)/.exec(st.lines.join(' '))?.[1]
-      return `${st.lines.join(' | ')} ${st.stderr.trim()}${pid ? `\n  threads: ${threadStates(Number(pid))}` : ''}`
+      const threads = pid ? threadsOf(Number(pid)).map((t) => `${t.name}:${t.state}:${t.wait}`).join(' ') : ''
+      return `${st.lines.join(' | ')} ${st.stderr.trim()}${threads ? `\n  threads: ${threads}` : ''}`
     }
     const [src, dst] = [await status(env), await status(destEnv)]
     send.kill()
@@ -177,18 +178,6 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     pinned?.kill()
     source.kill()
     dest.kill()
-  }
-}
-
-/** Each thread of a process: name, state and the kernel function it sleeps in (a fault: handle_userfault). */
-function threadStates(pid: number): string {
-  try {
-    return readdirSync(`/proc/${pid}/task`).map((tid) => {
-      const read = (f: string) => readFileSync(`/proc/${pid}/task/${tid}/${f}`, 'utf8').trim()
-      return `${read('comm')}:${read('stat').split(') ')[1]?.[0]}:${read('wchan')}`
-    }).join(' ')
-  } catch (err) {
-    return String(err)
   }
 }
 

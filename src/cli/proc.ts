@@ -1,5 +1,6 @@
 /** Child processes with line-oriented stdout and stderr, for the demo, tests and benchmarks. */
 import { type ChildProcess, spawn, type SpawnOptions } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import type { Readable } from 'node:stream'
 
@@ -126,4 +127,21 @@ function canListen(port: number, host: string): Promise<boolean> {
     s.once('error', () => resolve(false))
     s.listen({ port, host, exclusive: true }, () => s.close(() => resolve(true)))
   })
+}
+
+/**
+ * Each thread of a process (Linux /proc): its name, state letter (R, S, D...) and the kernel function it sleeps in
+ * (`handle_userfault` for a thread blocked in a page fault); a thread that ends meanwhile is left out.
+ */
+export function threadsOf(pid: number): { name: string; state: string; wait: string }[] {
+  const out: { name: string; state: string; wait: string }[] = []
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const read = (f: string) => readFileSync(`/proc/${pid}/task/${tid}/${f}`, 'utf8').trim()
+      out.push({ name: read('comm'), state: read('stat').split(') ')[1]?.[0] ?? '?', wait: read('wchan') })
+    } catch {
+      // the thread ended between readdir and read
+    }
+  }
+  return out
 }

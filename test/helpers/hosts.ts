@@ -4,11 +4,11 @@
  * process started here is killed (with its group) by killAll().
  */
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationReport } from '../../src/agent/report'
-import { freePort, LineProc } from '../../src/cli/proc'
+import { freePort, LineProc, threadsOf } from '../../src/cli/proc'
 import { getJson } from './http'
 
 const root = join(__dirname, '..', '..')
@@ -60,16 +60,8 @@ export function sendFailure(send: LineProc, dest: LineProc): string {
 export function serviceThreads(p: LineProc): string[] {
   const pid = p.child.pid!
   const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
-  const service = kids ? kids.split(/\s+/)[0] : String(pid)
-  const names: string[] = []
-  for (const tid of readdirSync(`/proc/${service}/task`)) {
-    try {
-      names.push(readFileSync(`/proc/${service}/task/${tid}/comm`, 'utf8').trim())
-    } catch {
-      // the thread ended between readdir and read
-    }
-  }
-  return names
+  const service = kids ? Number(kids.split(/\s+/)[0]) : pid
+  return threadsOf(service).map((t) => t.name)
 }
 
 /** Waits for the page-store's READY line. */
