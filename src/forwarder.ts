@@ -5,10 +5,16 @@
  * - while the service is paused, requests (HTTP) or new connections (any
  *   other server) are held, not refused; if the migration is cancelled or
  *   fails before the hand-off they go to the service as if nothing happened;
- * - once the destination's service address is known, held requests are
- *   proxied to it (their replies say `connection: close`, so that the client
- *   comes back on a new connection), and every new connection is relayed byte
- *   for byte to the destination's service;
+ * - once the destination's service address is known, every new connection
+ *   is relayed byte for byte to the destination's service, and so is the
+ *   connection of each held request: the request, already parsed here, is
+ *   written to the destination again (its head from the parsed fields, its
+ *   body as read) and from then on that connection's bytes are relayed, so
+ *   the client keeps its keep-alive connection. A request that cannot be
+ *   re-sent that way (chunked or unfinished body, `expect`, pipelined, no
+ *   native relay) is proxied through Node's HTTP client instead, its reply
+ *   saying `connection: close` so that the client comes back on a new,
+ *   relayed connection;
  * - the source process lives as this forwarder until the destination settled
  *   and no connection used it for forwardIdleMs.
  * Relayed connections are handed to a native thread (native/relay.cc:
@@ -52,6 +58,8 @@ export class Forwarder {
   /** The native relay thread (created at the first relayed connection) and what to do when one of its pairs ends. */
   private relayer: NativeRelay | undefined
   private readonly relayed = new Map<number, (bytes: number) => void>()
+  /** Connections of parsed requests until the relay has them: the requests' bytes, in order, to send first. */
+  private readonly parsedAhead = new Map<Socket, Buffer[]>()
 
   /**
    * CPU time of this thread since forwarding began, plus the native relay
@@ -118,7 +126,11 @@ export class Forwarder {
     const requests = this.heldRequests, sockets = this.heldSockets
     this.heldRequests = []
     this.heldSockets = []
-    for (const h of requests) h.server.server.emit('request', h.req, h.res)
+    for (const h of requests) {
+      // as the service would have got it: not paused (it flows from the next tick, after the handler's listeners)
+      h.req.resume()
+      h.server.server.emit('request', h.req, h.res)
+    }
     for (const h of sockets) {
       h.server.server.emit('connection', h.socket)
       h.socket.resume()
@@ -142,8 +154,30 @@ export class Forwarder {
     const requests = this.heldRequests, sockets = this.heldSockets
     this.heldRequests = []
     this.heldSockets = []
-    for (const h of requests) this.proxy(h.server, h.req, h.res)
+    // held requests in order, one connection at a time (a pipelining client can have several held)
+    const perSocket = new Map<Socket, typeof requests>()
+    for (const h of requests) perSocket.set(h.req.socket, [...(perSocket.get(h.req.socket) ?? []), h])
+    for (const held of perSocket.values()) {
+      if (this.nativeRelay() && held.every((h) => canResend(h.req))) {
+        this.counts.requests += held.length
+        this.relay(held[0].server, held[0].req.socket, { head: Buffer.concat(held.map((h) => resendBytes(h.req))), res: held[0].res })
+      } else for (const h of held) this.proxy(h.server, h.req, h.res)
+    }
     for (const h of sockets) this.relay(h.server, h.socket)
+  }
+
+  /** A request parsed here once the destination is known: its connection relayed raw if it can be, else proxied. */
+  private forwardRequest(s: Served, req: IncomingMessage, res: ServerResponse): void {
+    const queued = this.parsedAhead.get(req.socket)
+    if (queued) {
+      // pipelined behind a request whose connection is being relayed: it goes after it
+      if (canResend(req)) queued.push(resendBytes(req))
+      else req.socket.destroy() // its bytes cannot be rebuilt, and the connection's order is the relay's now
+      return
+    }
+    if (!this.nativeRelay() || !canResend(req)) return this.proxy(s, req, res)
+    this.counts.requests++
+    this.relay(s, req.socket, { head: resendBytes(req), res })
   }
 
   private target(s: Served): ForwardTarget | undefined {
@@ -157,7 +191,8 @@ export class Forwarder {
       this.heldRequests.push({ server: s, req, res })
       return
     }
-    this.proxy(s, req, res)
+    // the parser finishes a request without a body after this event, in the same read (req.complete then)
+    process.nextTick(() => this.forwardRequest(s, req, res))
   }
 
   private onConnection(s: Served, socket: Socket): void {
@@ -172,13 +207,14 @@ export class Forwarder {
 
   /**
    * A migration begins: the code the hand-off will run here for the first
-   * time runs now, while the service still serves. Cold, the first held
-   * requests' proxying compiled Node's HTTP client on this thread at the
-   * hand-off (its loop stalled ~30 ms on a busy 2-vCPU VM; post-copy, the
-   * client's worst latency 67-159 ms against 61-85 warmed). So: one request
-   * through the same upstream path to a throwaway local server, and the
-   * native relay thread started. Resolves when that request is over (nobody
-   * needs to wait for it).
+   * time runs now, while the service still serves. Cold, proxying the first
+   * held requests compiled Node's HTTP client on this thread at the hand-off
+   * (its loop stalled ~30 ms on a busy 2-vCPU VM; post-copy, the client's
+   * worst latency 67-159 ms against 61-85 warmed). Most requests are now
+   * re-sent raw, but the proxy path stays for those that cannot be: one
+   * request through it to a throwaway local server, and the native relay
+   * thread started. Resolves when that request is over (nobody needs to
+   * wait for it).
    */
   prepare(): Promise<void> {
     if (!this.serving) return Promise.resolve()
@@ -231,16 +267,25 @@ export class Forwarder {
     req.pipe(up)
   }
 
-  /** A connection relayed byte for byte to the destination's service. */
-  private relay(s: Served, socket: Socket): void {
+  /**
+   * A connection relayed byte for byte to the destination's service. With
+   * `parsed`, the connection of a request Node's HTTP server has parsed:
+   * Node stops reading it at once (nothing more enters its parser), the
+   * request goes first, and a destination that cannot be reached gets a 502
+   * on it, as a proxied request would.
+   */
+  private relay(s: Served, socket: Socket, parsed?: { head: Buffer; res: ServerResponse }): void {
     const t = this.target(s)!
     this.active++
     this.counts.connections++
     let closed = false
+    const taken = parsed && takeSocket(socket)
+    if (parsed) this.parsedAhead.set(socket, [parsed.head])
     const up = connect({ host: t.host, port: t.port })
     const close = () => {
       if (closed) return
       closed = true
+      this.parsedAhead.delete(socket)
       this.active--
       this.lastUseMs = Date.now()
       socket.destroy()
@@ -248,12 +293,22 @@ export class Forwarder {
     }
     up.setNoDelay(true)
     socket.setNoDelay(true)
-    for (const end of [socket, up]) {
-      end.once('close', close)
-      end.once('error', close)
-    }
+    socket.once('close', close)
+    socket.once('error', close)
+    up.once('close', () => !parsed?.res.writableEnded && close())
+    up.once('error', (err) => {
+      if (!parsed || parsed.res.headersSent) return close()
+      parsed.res.writeHead(502, { connection: 'close' }).end(`uffd-migrate forwarder: ${err.message}\n`, close)
+    })
     const relayer = this.nativeRelay()
-    if (relayer) up.once('connect', () => this.handToRelay(relayer, socket, up, close))
+    if (taken) {
+      up.once('connect', () => {
+        const head = Buffer.concat([...(this.parsedAhead.get(socket) ?? []), taken.head])
+        this.parsedAhead.delete(socket)
+        this.handToRelay(relayer!, socket, up, close, { fd: taken.fd, head })
+      })
+    }
+    else if (relayer) up.once('connect', () => this.handToRelay(relayer, socket, up, close))
     else this.pipe(socket, up)
   }
 
@@ -272,9 +327,9 @@ export class Forwarder {
    * from either end goes to the other first, and from then on the relay
    * thread moves every byte. Without descriptors the pair stays in JS pipes.
    */
-  private handToRelay(relayer: NativeRelay, socket: Socket, up: Socket, close: () => void): void {
-    if (socketFd(socket) === undefined || socketFd(up) === undefined) return this.pipe(socket, up)
-    const client = takeSocket(socket)!, upstream = takeSocket(up)!
+  private handToRelay(relayer: NativeRelay, socket: Socket, up: Socket, close: () => void, taken?: { fd: number; head: Buffer }): void {
+    if (socketFd(up) === undefined || (!taken && socketFd(socket) === undefined)) return this.pipe(socket, up)
+    const client = taken ?? takeSocket(socket)!, upstream = takeSocket(up)!
     this.counts.bytes += client.head.length + upstream.head.length
     let flushing = 2
     const hand = () => {
@@ -315,4 +370,27 @@ function mainThreadCpuNs(): number {
   } catch {
     return 0
   }
+}
+
+/**
+ * Whether a parsed request can be sent again exactly as it came: not when its
+ * body is still arriving or was de-chunked, an `expect` (Node may have
+ * answered it), an upgrade, a socket without a descriptor or with bytes of an
+ * earlier answer still queued in Node.
+ */
+function canResend(req: IncomingMessage): boolean {
+  const socket = req.socket as Socket | undefined
+  const h = req.headers
+  if (!socket || socketFd(socket) === undefined || socket.writableLength > 0) return false
+  if (!req.complete || h['transfer-encoding'] !== undefined || h.expect !== undefined || h.upgrade !== undefined || req.method === 'CONNECT') return false
+  const bodyBytes = Number(h['content-length'] ?? 0)
+  return Number.isSafeInteger(bodyBytes) && req.readableLength === bodyBytes
+}
+
+/** The request's bytes (canResend): its head from the parsed fields (raw header names, order, repeats) and its body, read here. */
+function resendBytes(req: IncomingMessage): Buffer {
+  let head = `${req.method} ${req.url} HTTP/${req.httpVersion}\r\n`
+  for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) head += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`
+  const body = req.readableLength > 0 ? (req.read(req.readableLength) as Buffer) : Buffer.alloc(0)
+  return Buffer.concat([Buffer.from(head + '\r\n', 'latin1'), body])
 }

@@ -1,13 +1,17 @@
 /**
- * The forwarder on its own, with real HTTP servers on loopback (no addon):
- * held requests reach the service again when the migration did not happen,
- * or the destination's service when it did; new connections are relayed.
+ * The forwarder on its own, with real HTTP servers on loopback (and the
+ * addon's relay thread where built): held requests reach the service again
+ * when the migration did not happen, or the destination's service when it
+ * did; new connections are relayed.
  */
-import { createServer, get, type Server } from 'node:http'
+import { createServer, get, request, type Server } from 'node:http'
+import { connect, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
+import { loadBinding } from '../src/binding'
 import { Forwarder } from '../src/forwarder'
 
 const servers: Server[] = []
+const nativeRelay = Boolean(loadBinding().Relay) && process.env.UFFD_MIGRATE_RELAY !== 'js'
 afterEach(() => {
   for (const s of servers.splice(0)) s.close()
 })
@@ -15,8 +19,12 @@ afterEach(() => {
 async function listen(name: string): Promise<{ server: Server; port: number; seen: string[] }> {
   const seen: string[] = []
   const server = createServer((req, res) => {
-    seen.push(req.url!)
-    res.end(`${name}:${req.url}`)
+    let body = ''
+    req.on('data', (c) => (body += c))
+    req.on('end', () => {
+      seen.push(body ? `${req.url} ${body}` : req.url!)
+      res.end(`${name}:${req.url}`)
+    })
   })
   servers.push(server)
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
@@ -31,6 +39,44 @@ function fetch(port: number, path: string): Promise<{ body: string; connection?:
       res.on('end', () => resolve({ body, connection: res.headers.connection }))
     }).on('error', reject)
   })
+}
+
+/** A raw HTTP/1.1 client on one connection: send() writes bytes, next() resolves with the next whole answer (content-length bodies). */
+function rawClient(port: number): { socket: Socket; send(text: string): void; next(): Promise<{ head: string; body: string }> } {
+  const socket = connect({ host: '127.0.0.1', port })
+  let buf = ''
+  let waiter: (() => void) | undefined
+  socket.setEncoding('latin1')
+  socket.on('data', (c: string) => {
+    buf += c
+    waiter?.()
+  })
+  const parse = () => {
+    const end = buf.indexOf('\r\n\r\n')
+    if (end < 0) return undefined
+    const head = buf.slice(0, end)
+    const length = Number(/content-length: *(\d+)/i.exec(head)?.[1] ?? 0)
+    if (buf.length < end + 4 + length) return undefined
+    const body = buf.slice(end + 4, end + 4 + length)
+    buf = buf.slice(end + 4 + length)
+    return { head, body }
+  }
+  return {
+    socket,
+    send: (text) => socket.write(text),
+    next: () =>
+      new Promise((resolve, reject) => {
+        socket.once('error', reject)
+        const check = () => {
+          const r = parse()
+          if (r) {
+            waiter = undefined
+            resolve(r)
+          } else waiter = check
+        }
+        check()
+      }),
+  }
 }
 
 const turn = () => new Promise((r) => setTimeout(r, 50))
@@ -65,7 +111,7 @@ describe('forwarder', () => {
     expect((await fetch(src.port, '/after')).body).toBe('src:/after')
   })
 
-  it('after the hand-off: held requests are proxied (connection: close), new connections relayed, then idle', async () => {
+  it('after the hand-off: held requests and new connections reach the destination, then idle', async () => {
     const src = await listen('src'), dst = await listen('dst')
     const f = new Forwarder()
     expect(f.serving).toBe(false)
@@ -77,15 +123,87 @@ describe('forwarder', () => {
     f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
     const r = await held
     expect(r.body).toBe('dst:/held')
-    expect(r.connection).toBe('close')
+    expect(r.connection).toBe('close') // the client asked for it (agent: false)
     expect((await fetch(src.port, '/new')).body).toBe('dst:/new')
     expect(src.seen).toEqual([])
     expect(dst.seen).toEqual(['/held', '/new'])
     expect(f.counts.requests).toBe(1)
-    expect(f.counts.connections).toBe(1)
+    // the held request's connection is relayed too where the native relay is
+    expect(f.counts.connections).toBe(nativeRelay ? 2 : 1)
     await turn()
     expect(f.idleFor(10)).toBe(true)
     expect(f.idleFor(60_000)).toBe(false)
+  })
+
+  it.skipIf(!nativeRelay)('a held request keeps its connection: re-sent to the destination, then the connection is relayed raw', async () => {
+    const src = await listen('src'), dst = await listen('dst')
+    const f = new Forwarder()
+    f.serve(src.server)
+    f.hold()
+    const c = rawClient(src.port)
+    c.send('POST /held HTTP/1.1\r\nHost: a\r\nX-Two: 1\r\nX-Two: 2\r\nContent-Length: 5\r\n\r\nhello')
+    await turn()
+    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    const first = await c.next()
+    expect(first.body).toBe('dst:/held')
+    expect(first.head).not.toMatch(/connection: close/i) // the client keeps its keep-alive connection
+    c.send('GET /again HTTP/1.1\r\nHost: a\r\n\r\n') // same connection, now relayed byte for byte
+    expect((await c.next()).body).toBe('dst:/again')
+    expect(src.seen).toEqual([])
+    expect(dst.seen).toEqual(['/held hello', '/again'])
+    expect(f.counts).toMatchObject({ requests: 1, connections: 1, spliced: 1 })
+    c.socket.destroy()
+  })
+
+  it.skipIf(!nativeRelay)('a keep-alive connection from before the hand-off: pipelined requests after it reach the destination in order', async () => {
+    const src = await listen('src'), dst = await listen('dst')
+    const f = new Forwarder()
+    f.serve(src.server)
+    const c = rawClient(src.port)
+    c.send('GET /before HTTP/1.1\r\nHost: a\r\n\r\n')
+    expect((await c.next()).body).toBe('src:/before')
+    f.hold()
+    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    c.send('GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n')
+    expect((await c.next()).body).toBe('dst:/one')
+    expect((await c.next()).body).toBe('dst:/two')
+    expect(src.seen).toEqual(['/before'])
+    expect(dst.seen).toEqual(['/one', '/two'])
+    expect(f.counts).toMatchObject({ connections: 1, spliced: 1 })
+    c.socket.destroy()
+  })
+
+  it.skipIf(!nativeRelay)('pipelined requests held together go on one relayed connection, in order', async () => {
+    const src = await listen('src'), dst = await listen('dst')
+    const f = new Forwarder()
+    f.serve(src.server)
+    f.hold()
+    const c = rawClient(src.port)
+    c.send('GET /one HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz')
+    await turn()
+    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    expect((await c.next()).body).toBe('dst:/one')
+    expect((await c.next()).body).toBe('dst:/two')
+    expect(dst.seen).toEqual(['/one', '/two xyz'])
+    expect(f.counts).toMatchObject({ requests: 2, connections: 1, spliced: 1 })
+    c.socket.destroy()
+  })
+
+  it.skipIf(!nativeRelay)('a request whose body cannot be re-sent as it came (chunked) is proxied, connection: close', async () => {
+    const src = await listen('src'), dst = await listen('dst')
+    const f = new Forwarder()
+    f.serve(src.server)
+    f.hold()
+    const c = rawClient(src.port)
+    c.send('POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n')
+    await turn()
+    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    const r = await c.next()
+    expect(r.body).toBe('dst:/chunked')
+    expect(r.head).toMatch(/connection: close/i)
+    expect(dst.seen).toEqual(['/chunked abc'])
+    expect(f.counts).toMatchObject({ requests: 1, connections: 0, spliced: 0 })
+    c.socket.destroy()
   })
 
   it('a destination that is gone answers 502, never hangs', async () => {
