@@ -298,12 +298,17 @@ class BulkReaderThread : public DemandThread {
 
   uint8_t* addr(uint32_t region, uint32_t page) const { return regions_[region].m->base + (size_t)page * page_size(); }
 
-  void copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) {
-    install_pages(uffd_, (uintptr_t)addr(region, p), src, (size_t)(q - p) * page_size());
+  // false: the pages could not be installed (JS was told; the caller leaves them unmarked)
+  bool copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) {
+    int e = install_pages(uffd_, (uintptr_t)addr(region, p), src, (size_t)(q - p) * page_size());
+    if (e) install_failed(-e, region, p, q - p);
+    return e == 0;
   }
 
-  void zero_in(uint32_t region, uint32_t p, uint32_t q) {
-    install_pages(uffd_, (uintptr_t)addr(region, p), nullptr, (size_t)(q - p) * page_size());
+  bool zero_in(uint32_t region, uint32_t p, uint32_t q) {
+    int e = install_pages(uffd_, (uintptr_t)addr(region, p), nullptr, (size_t)(q - p) * page_size());
+    if (e) install_failed(-e, region, p, q - p);
+    return e == 0;
   }
 
   // Runs of [first, end) by one bitmap's value: fn(p, q, set).
@@ -333,21 +338,26 @@ class BulkReaderThread : public DemandThread {
           for (uint32_t k = p; k < q; k++) twice += !((freed_[region][k >> 5] >> (k & 31)) & 1u);
           return;
         }
-        copy_in(region, p, q, src(p));
+        if (!copy_in(region, p, q, src(p))) return;
         uint32_t newly = set_range(rv.bits, p, q - p);
         emit({kEvArrived, (double)region, (double)p, (double)(q - p), (double)newly});
       });
       if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
       return;
     }
+    bool all_in = true;
     each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
-      if (!got) return copy_in(region, p, q, src(p));
+      if (!got) {
+        all_in &= copy_in(region, p, q, src(p));
+        return;
+      }
       // held: a known-zero page was never populated (install it), the others hold an older round's copy
       each_run(zero_[region], p, q, [&](uint32_t a, uint32_t b, bool is_zero) {
-        if (is_zero) copy_in(region, a, b, src(a));
+        if (is_zero) all_in &= copy_in(region, a, b, src(a));
         else memcpy(addr(region, a), src(a), (size_t)(b - a) * ps);
       });
     });
+    if (!all_in) return;  // JS fails the session; nothing of this frame counts as received
     clear_range(zero_[region], first, count);
     uint32_t newly = set_range(rv.bits, first, count);
     if (newly) emit({kEvReceived, (double)newly, 0, 0, 0});
@@ -386,7 +396,7 @@ class BulkReaderThread : public DemandThread {
             for (uint32_t i = p; i < q; i++) twice += !((freed_[region][i >> 5] >> (i & 31)) & 1u);
             return;
           }
-          zero_in(region, p, q);
+          if (!zero_in(region, p, q)) return;
           set_range(zero_[region], p, q - p);
           uint32_t newly = set_range(rv.bits, p, q - p);
           emit({kEvArrived, (double)region, (double)p, (double)(q - p), (double)newly});

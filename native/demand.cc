@@ -133,6 +133,11 @@ void DemandThread::emit(const DemandEvent& e) {
   outbox_->batch.push_back(e);
 }
 
+void DemandThread::install_failed(int err, uint32_t region, uint32_t first, uint32_t count) {
+  emit({(double)kEvInstallFailed, (double)err, (double)region, (double)first, (double)count});
+  flush(true);
+}
+
 double DemandThread::cpu_ms() { return thread_cpu_ms(thread_); }
 
 int DemandThread::flush_timeout_ms(int other) const {
@@ -443,8 +448,7 @@ class DemandClientThread : public DemandThread {
           uint32_t page = (uint32_t)((addr - rv.m->addr()) / ps);
           if (rv.test(page)) {
             // local: known zero (or installed since the fault was raised: EEXIST, just wake)
-            int64_t done = 0;
-            if (uffd_zeropage(uffd_, addr, ps, true, &done) == -EEXIST) uffd_wake(uffd_, addr, ps);
+            if (int e = install_pages(uffd_, addr, nullptr, ps)) install_failed(-e, k, page, 1);
             else emit({kEvZeroFault, (double)k, (double)page, 0, 0});
           } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
             asked_[k][page >> 5] |= 1u << (page & 31);
@@ -524,7 +528,8 @@ class DemandClientThread : public DemandThread {
       }
       uint32_t q = p + 1;
       while (q < end && !rv.test(q)) q++;
-      install_pages(uffd_, rv.m->addr() + (size_t)p * ps, staging_ + (size_t)(p - first) * ps, (size_t)(q - p) * ps);
+      int e = install_pages(uffd_, rv.m->addr() + (size_t)p * ps, staging_ + (size_t)(p - first) * ps, (size_t)(q - p) * ps);
+      if (e) return install_failed(-e, region, p, q - p);
       p = q;
     }
     // the faulting threads woke as the pages went in: their latency ends now, not when expire_open() runs

@@ -4,6 +4,8 @@
 #pragma once
 #include <errno.h>
 #include <poll.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -153,22 +155,53 @@ inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size
   return (size_t)r < asked ? 2 : 1;
 }
 
+// Testing the failure path (CRIU's CRIU_FAULT in spirit): UFFD_MIGRATE_FAULT_INJECT=install:N makes the Nth
+// install of this process, and every one after it, fail with ENOMEM (after the retries below), as a destination
+// whose memory cgroup is full would. Read once.
+inline bool install_fault_injected() {
+  static const long nth = [] {
+    const char* v = getenv("UFFD_MIGRATE_FAULT_INJECT");
+    return v && strncmp(v, "install:", 8) == 0 ? atol(v + 8) : 0L;
+  }();
+  static std::atomic<long> calls{0};
+  return nth > 0 && calls.fetch_add(1, std::memory_order_relaxed) + 1 >= nth;
+}
+
+// An event every thread that installs pages sends when it cannot: (errno, region, first page, pages). The pages
+// are not marked received; JS fails the migration (a service thread blocked on them would never be woken).
+constexpr int kEvInstallFailed = 12;
+
 // UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
-// EEXIST (a page placed meanwhile, by another thread: kept) and EAGAIN (the address space changing: retried).
-inline void install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len) {
+// EEXIST (a page placed meanwhile, by another thread: kept, its waiters woken), EAGAIN (the address space changing, or a partial
+// copy: retried) and ENOMEM (memory short for a moment: retried for ~200 ms). 0 when every page is in; else the
+// -errno that stopped it, and the caller must not mark the pages received.
+inline int install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len) {
   const size_t ps = page_size();
   size_t done = 0;
-  int again = 0;
+  int again = 0, short_of_memory = 0;
   while (done < len) {
     int64_t progressed = 0;
-    int e = src ? uffd_copy(uffd, dst + done, src + done, len - done, true, &progressed)
-                : uffd_zeropage(uffd, dst + done, len - done, true, &progressed);
-    if (e == 0) break;
-    if (progressed > 0) done += (size_t)progressed;
-    if (e == -EEXIST && progressed <= 0) done += ps;
-    else if (e == -EAGAIN && progressed <= 0 && ++again > 1000) break;
-    else if (e != -EEXIST && e != -EAGAIN) break;
+    int e = install_fault_injected() ? -ENOMEM
+            : src ? uffd_copy(uffd, dst + done, src + done, len - done, true, &progressed)
+                  : uffd_zeropage(uffd, dst + done, len - done, true, &progressed);
+    if (e == 0) return 0;
+    if (progressed > 0) {
+      done += (size_t)progressed;
+      again = 0;
+    }
+    if (e == -EEXIST) {
+      // already in (placed by another thread, which woke its waiters): wake anyway, a fault may have come after
+      if (progressed <= 0) uffd_wake(uffd, dst + done, ps), done += ps;
+    } else if (e == -EAGAIN) {
+      if (progressed <= 0 && ++again > 1000) return e;
+    } else if (e == -ENOMEM) {
+      if (++short_of_memory > 200) return e;
+      usleep(1000);
+    } else {
+      return e;
+    }
   }
+  return 0;
 }
 
 }  // namespace uffdm

@@ -8,7 +8,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { controlRequest } from '../src/control'
 import { freePort, type LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { type Host, killAll, listening, page, ready, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
+import { exitedWithin, type Host, killAll, listening, page, ready, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 import { Relay } from './helpers/relay'
 
 const skip = kernelSkipReason()
@@ -63,7 +63,7 @@ describe.skipIf(skip)('kill -9 of the source', () => {
       const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
       await untilRound(A, g, round)
       src.kill('SIGKILL')
-      expect((await send.exited).code).toBe(1)
+      expect((await exitedWithin(send, 30_000, [dst])).code).toBe(1)
       expect(send.stderr).toMatch(/ended during precopy, before the hand-off: the service ended with it; the destination listens again/)
       await listensAgainAndMigrates(A, dst, g, port)
     }, 120_000)
@@ -76,12 +76,12 @@ describe.skipIf(skip)('kill -9 of the source', () => {
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--recovery-timeout-ms', '1500'])
     await send.waitLine(/^uffd-migrate: handoff/, 60_000, 'stderr')
     src.kill('SIGKILL')
-    const { code } = await send.exited
+    const { code } = await exitedWithin(send, 30_000, [dst])
     expect([1, 4]).toContain(code)
     if (dst.lines.includes('RESTORED')) {
       // committed: the service ran on the destination, which cannot get its missing pages; it fails, never answers wrong
       expect(code).toBe(4)
-      expect((await dst.exited).code).toBe(1)
+      expect((await exitedWithin(dst, 30_000, [send])).code).toBe(1)
       expect(dst.stderr).toMatch(/did not reconnect within 1500 ms/)
       expect(dst.lines.some((l) => l.startsWith('VERIFY'))).toBe(false)
     } else {
@@ -97,10 +97,10 @@ describe.skipIf(skip)('kill -9 of the source', () => {
     await dst.waitLine(/^RESTORED/, 30_000)
     expect((await page(http, 1)).ok).toBe(true) // the service answers there
     src.kill('SIGKILL')
-    expect((await send.exited).code).toBe(4)
+    expect((await exitedWithin(send, 30_000, [dst])).code).toBe(4)
     expect(send.stderr).toMatch(/ended during (postcopy|recovering), after the hand-off/)
     await dst.waitLine(/connection broke during post-copy .*waiting up to 1500 ms/, 30_000, 'stderr')
-    expect((await dst.exited).code).toBe(1)
+    expect((await exitedWithin(dst, 30_000, [send])).code).toBe(1)
     expect(dst.stderr).toMatch(/ERR_MIGRATION_CONNECTION/)
     expect(dst.lines.some((l) => l.startsWith('VERIFY'))).toBe(false)
   }, 120_000)
@@ -116,7 +116,7 @@ describe.skipIf(skip)('kill -9 of the destination', () => {
     const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
     await untilRound(A, g, 1)
     dst.kill('SIGKILL')
-    expect((await send.exited).code).toBe(1)
+    expect((await exitedWithin(send, 30_000, [dst])).code).toBe(1)
     expect(send.stderr).toMatch(/ERR_MIGRATION_CONNECTION/)
     for (const p of [1, 2, 3, 4000, 16000]) expect((await page(httpA, p)).ok).toBe(true)
     expect((await statusJson(A, g)).phase).toBe('idle')

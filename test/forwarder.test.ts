@@ -81,6 +81,19 @@ function rawClient(port: number): { socket: Socket; send(text: string): void; ne
 
 const turn = () => new Promise((r) => setTimeout(r, 50))
 
+/** A source and a destination service, the source's requests held; `text` sent raw on one connection while held, then the hand-off. */
+async function heldThenForwarded(text: string) {
+  const src = await listen('src'), dst = await listen('dst')
+  const f = new Forwarder()
+  f.serve(src.server)
+  f.hold()
+  const c = rawClient(src.port)
+  c.send(text)
+  await turn()
+  f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+  return { src, dst, f, c }
+}
+
 describe('forwarder', () => {
   it('holds requests while paused and gives them back to the service when the migration did not happen', async () => {
     const src = await listen('src')
@@ -136,14 +149,7 @@ describe('forwarder', () => {
   })
 
   it.skipIf(!nativeRelay)('a held request keeps its connection: re-sent to the destination, then the connection is relayed raw', async () => {
-    const src = await listen('src'), dst = await listen('dst')
-    const f = new Forwarder()
-    f.serve(src.server)
-    f.hold()
-    const c = rawClient(src.port)
-    c.send('POST /held HTTP/1.1\r\nHost: a\r\nX-Two: 1\r\nX-Two: 2\r\nContent-Length: 5\r\n\r\nhello')
-    await turn()
-    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    const { src, dst, f, c } = await heldThenForwarded('POST /held HTTP/1.1\r\nHost: a\r\nX-Two: 1\r\nX-Two: 2\r\nContent-Length: 5\r\n\r\nhello')
     const first = await c.next()
     expect(first.body).toBe('dst:/held')
     expect(first.head).not.toMatch(/connection: close/i) // the client keeps its keep-alive connection
@@ -174,14 +180,7 @@ describe('forwarder', () => {
   })
 
   it.skipIf(!nativeRelay)('pipelined requests held together go on one relayed connection, in order', async () => {
-    const src = await listen('src'), dst = await listen('dst')
-    const f = new Forwarder()
-    f.serve(src.server)
-    f.hold()
-    const c = rawClient(src.port)
-    c.send('GET /one HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz')
-    await turn()
-    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    const { dst, f, c } = await heldThenForwarded('GET /one HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz')
     expect((await c.next()).body).toBe('dst:/one')
     expect((await c.next()).body).toBe('dst:/two')
     expect(dst.seen).toEqual(['/one', '/two xyz'])
@@ -190,14 +189,7 @@ describe('forwarder', () => {
   })
 
   it.skipIf(!nativeRelay)('a request whose body cannot be re-sent as it came (chunked) is proxied, connection: close', async () => {
-    const src = await listen('src'), dst = await listen('dst')
-    const f = new Forwarder()
-    f.serve(src.server)
-    f.hold()
-    const c = rawClient(src.port)
-    c.send('POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n')
-    await turn()
-    f.forwardTo([{ host: '127.0.0.1', port: dst.port }])
+    const { dst, f, c } = await heldThenForwarded('POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n')
     const r = await c.next()
     expect(r.body).toBe('dst:/chunked')
     expect(r.head).toMatch(/connection: close/i)

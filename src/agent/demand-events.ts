@@ -21,6 +21,7 @@ export const enum DemandEv {
   FRAME = 9, // bulk reader: (index in the batch's frames, type): a frame for the message table, in order
   RECEIVED = 10, // bulk reader, pre-copy: (change of the received count)
   TWICE = 11, // bulk reader, post-copy: (pages that arrived again, already held)
+  INSTALL_FAILED = 12, // either destination thread: (errno, region, first page, pages) could not be placed
 }
 
 const NUMBERS = 5
@@ -47,4 +48,17 @@ export function nativeLinkError(errno: number, protocol: number, connection = 'd
   const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
   const cause = Object.assign(new Error(`read ${name}`), { code: name, errno })
   return migrationError(ErrorCode.CONNECTION, `${connection} connection failed: read ${name}`, cause)
+}
+
+/**
+ * INSTALL_FAILED: pages this destination could not place (UFFDIO_COPY or
+ * UFFDIO_ZEROPAGE failed past its retries; ENOMEM: the host or the service's
+ * memory cgroup is out of memory). A service thread blocked on them would
+ * never wake, so the migration stops here, loudly (the source hears why).
+ */
+export function installFailedError(errno: number, region: number, first: number, count: number): UffdMigrateError {
+  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
+  const cause = Object.assign(new Error(`UFFDIO_COPY ${name}`), { code: name, errno, syscall: 'UFFDIO_COPY' })
+  const hint = name === 'ENOMEM' ? ': the destination is out of memory (its memory cgroup limit, or the host\'s); free memory there or raise the limit, then migrate again' : ''
+  return migrationError(ErrorCode.ABORTED, `the destination could not place ${count} page(s) of region ${region} from page ${first}: ${name}${hint}`, cause)
 }

@@ -59,9 +59,48 @@ export function sendFailure(send: LineProc, dest: LineProc): string {
 /** Thread names (comm) of the service a `receive` process started (its child), or of a service started directly. */
 export function serviceThreads(p: LineProc): string[] {
   const pid = p.child.pid!
-  const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
-  const service = kids ? Number(kids.split(/\s+/)[0]) : pid
-  return threadsOf(service).map((t) => t.name)
+  return threadsOf(childrenOf(pid)[0] ?? pid).map((t) => t.name)
+}
+
+/**
+ * p's exit, or after ms an error that says where everything stands: the stderr
+ * of p and of `others`, and every thread of each and of the service it started
+ * (state and kernel wait: `handle_userfault` is a thread blocked in a fault).
+ * A hang then explains itself instead of timing the test out silently.
+ */
+export async function exitedWithin(p: LineProc, ms: number, others: LineProc[] = []): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const describe = (q: LineProc) => {
+        const pid = q.child.pid!
+        let threads = ''
+        for (const id of [pid, ...childrenOf(pid)]) {
+          try {
+            threads += `\n  pid ${id}: ${threadsOf(id).map((t) => `${t.name}:${t.state}${t.wait && t.wait !== '0' ? `@${t.wait}` : ''}`).join(' ')}`
+          } catch {
+            threads += `\n  pid ${id}: gone`
+          }
+        }
+        return `--- ${q.child.spawnargs.slice(1, 4).join(' ')} (exit ${q.child.exitCode ?? q.child.signalCode ?? 'not yet'})${threads}\n${q.stderr.slice(-2000)}`
+      }
+      reject(new Error(`no exit within ${ms} ms\n${[p, ...others].map(describe).join('\n')}`))
+    }, ms)
+  })
+  try {
+    return await Promise.race([p.exited, late])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+function childrenOf(pid: number): number[] {
+  try {
+    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
+    return kids ? kids.split(/\s+/).map(Number) : []
+  } catch {
+    return []
+  }
 }
 
 /** Waits for the page-store's READY line. */

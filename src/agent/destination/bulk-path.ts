@@ -20,7 +20,7 @@ import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
-import { DemandEv, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
+import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 
@@ -104,6 +104,7 @@ export class BulkPath {
       else if (kind === DemandEv.TWICE) placement.pagesReceivedTwice += a
       else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
       else if (kind === DemandEv.CLOSED && this.reader) this.broke(nativeLinkError(a, b, 'bulk'))
+      else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.broke(installFailedError(a, b, c, d))
     })
     const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
@@ -137,8 +138,8 @@ export class BulkPath {
   }
 
   private broke(err: Error): void {
-    // a frame whose length header is out of bounds: the peer hears why, as on the JS path
-    if ((err as { code?: string }).code === 'ERR_MIGRATION_PROTOCOL') this.ch?.sendError(err)
+    // a frame whose length header is out of bounds, or pages this side could not place: the peer hears why
+    if (['ERR_MIGRATION_PROTOCOL', 'ERR_MIGRATION_ABORTED'].includes((err as { code?: string }).code!)) this.ch?.sendError(err)
     this.hooks.closed(err)
   }
 

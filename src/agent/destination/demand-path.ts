@@ -10,7 +10,7 @@ import type { NativeBinding, NativeDemandClient, NativeUffd } from '../../bindin
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Region } from '../../region'
-import { DemandEv, nativeLinkError, eachDemandEvent } from '../demand-events'
+import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent } from '../demand-events'
 import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 import type { Requests } from './requests'
@@ -56,6 +56,7 @@ export class DemandPath {
       else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
       else if (kind === DemandEv.LATENCY) requests.addNativeLatency(a, b === 1)
       else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))
+      else if (kind === DemandEv.INSTALL_FAILED && this.client) this.broken(installFailedError(a, b, c, d))
       else if (kind === DemandEv.CPU) this.cpuMs += a
     })
     this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)

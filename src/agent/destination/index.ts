@@ -31,7 +31,6 @@ import { Watchdog } from './watchdog'
 
 export { DestPhase } from './machine'
 export type { DestinationHooks, DestinationOptions } from './hooks'
-
 export class MigrationDestination implements DestinationHandlers {
   readonly machine = new StateMachine<DestPhase>('destination', DEST_TRANSITIONS, DestPhase.LISTENING)
   private readonly link: Acceptor
@@ -188,8 +187,7 @@ export class MigrationDestination implements DestinationHandlers {
       if (ch) ch.stallTimeoutMs = this.linkTimeoutMs
     }
     this.watchdog.start(limits)
-    // Registered from the start: pre-copy pages are installed with UFFDIO_COPY, and from the hand-off on every
-    // missing page faults to us. Nobody touches the regions before the hand-off (the service waits in start()).
+    // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us
     this.uffd = new this.binding.Uffd(0)
     const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
     for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
@@ -338,6 +336,8 @@ export class MigrationDestination implements DestinationHandlers {
     this.watchdog.stop()
     this.bulkPath.close()
     this.machine.transition(DestPhase.FAILED)
+    // a failure of this side's own (pages it could not place): the source hears why before the link goes
+    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) for (const ch of this.link.channels) ch.sendError(err)
     this.link.drop(err)
     this.link.stopListening()
     this.hooks.failed(err)
