@@ -347,15 +347,10 @@ class BulkReaderThread : public DemandThread {
     }
     bool all_in = true;
     each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
-      if (!got) {
-        all_in &= copy_in(region, p, q, src(p));
-        return;
-      }
-      // held: a known-zero page was never populated (install it), the others hold an older round's copy
-      each_run(zero_[region], p, q, [&](uint32_t a, uint32_t b, bool is_zero) {
-        if (is_zero) all_in &= copy_in(region, a, b, src(a));
-        else memcpy(addr(region, a), src(a), (size_t)(b - a) * ps);
-      });
+      // held: an older round's copy, or the zero page (known-zero pages are installed as they are learnt):
+      // written over in place (a zero page takes an ordinary copy-on-write fault here, not a userfault)
+      if (got) memcpy(addr(region, p), src(p), (size_t)(q - p) * ps);
+      else all_in &= copy_in(region, p, q, src(p));
     });
     if (!all_in) return;  // JS fails the session; nothing of this frame counts as received
     clear_range(zero_[region], first, count);
@@ -376,6 +371,7 @@ class BulkReaderThread : public DemandThread {
     const RegionView& rv = regions_[region];
     int64_t delta = 0;
     std::vector<iovec> drop;  // dropped together after the loop: one system call for the frame (discard.h)
+    std::vector<std::pair<uint32_t, uint32_t>> zero_runs;  // pre-copy: installed after the drop
     for (size_t k = 5; k < n; k += 8) {
       uint32_t first = get_u32(&body[k]), count = get_u32(&body[k + 4]), end = first + count;
       bool any_held = false;
@@ -389,6 +385,7 @@ class BulkReaderThread : public DemandThread {
         if (any_held) drop.push_back({addr(region, first), (size_t)count * ps});  // held data is zero now
         set_range(zero_[region], first, count);
         delta += set_range(rv.bits, first, count);
+        zero_runs.emplace_back(first, count);
       } else {
         uint32_t twice = 0;
         each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
@@ -406,6 +403,11 @@ class BulkReaderThread : public DemandThread {
     }
     // pre-copy only (the service does not run here yet), so the bits may change before the pages go
     if (!drop.empty()) (void)discard_ranges(drop);
+    // Known-zero pages get the zero page now, while nothing waits for this thread: left missing, each would
+    // cost the service a blocking fault after the hand-off (a round trip to the demand thread; measured: a
+    // page-store writing 10k pages/s, 1 in 8 of them zero, stalled its loop 30 ms right after resuming)
+    for (auto [zf, zc] : zero_runs)
+      if (!zero_in(region, zf, zf + zc)) return true;  // JS was told and ends the session
     if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});
     return true;
   }

@@ -77,21 +77,16 @@ export class Placement {
       })
       return
     }
-    // A page that holds data already (an older round's) is overwritten in
-    // place; a missing one is installed with UFFDIO_COPY: one copy, no
-    // zero-fill fault, and never touched by this thread while missing.
-    // Present = received and not a known zero page (those were never populated).
-    const zero = this.knownZero[m.region]
-    const put = (p: number, q: number, present: boolean) => {
-      const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
-      if (present) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
-      else this.uffd!.copy(r.id, p * this.ps, bytes)
-    }
+    // A page that holds data already (an older round's, or the zero page of
+    // a known-zero one) is overwritten in place; a missing one is installed
+    // with UFFDIO_COPY: one copy, no zero-fill fault, and never touched by
+    // this thread while missing.
     this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
-      if (got) zero.eachRun(p, q, (a, b, isZero) => put(a, b, !isZero))
-      else put(p, q, false)
+      const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
+      if (got) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
+      else this.uffd!.copy(r.id, p * this.ps, bytes)
     })
-    zero.clearRange(m.firstPage, m.pageCount)
+    this.knownZero[m.region].clearRange(m.firstPage, m.pageCount)
     this.markReceived(m.region, m.firstPage, m.pageCount)
   }
 
@@ -103,6 +98,8 @@ export class Placement {
       if (!postcopy) {
         // A page that held data from an earlier round is zero now.
         if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
+        // the zero page now (missing, it would cost the service a blocking fault after the hand-off)
+        this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
         this.knownZero[region].setRange(first, count)
         this.markReceived(region, first, count)
       } else {
