@@ -139,7 +139,8 @@ export class BulkPath {
 
   private broke(err: Error): void {
     // a frame whose length header is out of bounds, or pages this side could not place: the peer hears why
-    if (['ERR_MIGRATION_PROTOCOL', 'ERR_MIGRATION_ABORTED'].includes((err as { code?: string }).code!)) this.ch?.sendError(err)
+    const code = (err as { code?: string }).code
+    if (code === ErrorCode.PROTOCOL || code === ErrorCode.ABORTED) this.ch?.sendError(err)
     this.hooks.closed(err)
   }
 
