@@ -30,6 +30,7 @@ export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
 import { describeTracker, type TrackerOption } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
+import { WaitBatch } from './wait-batch'
 
 
 
@@ -61,7 +62,7 @@ export class Guest extends EventEmitter {
   private lastFailure: { code: string; message: string; afterHandoff?: boolean } | undefined
   private control: ControlServer | undefined
   private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
-  private nextWaitId = 1
+  private readonly waitBatch = new WaitBatch((waits) => this.post({ type: 'wait', waits }))
   private failure: Error | undefined
   private lastProgress: Progress | undefined
   private closed = false
@@ -238,9 +239,7 @@ export class Guest extends EventEmitter {
   waitLocal(region: number, first: number, count: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure)
     return new Promise((resolve, reject) => {
-      const id = this.nextWaitId++
-      this.waiters.set(id, { resolve, reject })
-      this.post({ type: 'wait', id, region, firstPage: first, pageCount: count })
+      this.waiters.set(this.waitBatch.add(region, first, count), { resolve, reject })
     })
   }
 

@@ -17,7 +17,8 @@ export type MainToAgent =
   | { type: 'cancel' }
   /** receive mode: the service listens on these ports (guest.serve(), per served server). */
   | { type: 'serving'; ports: (number | null)[] }
-  | { type: 'wait'; id: number; region: number; firstPage: number; pageCount: number }
+  /** ready() waits, four numbers each: id, region, first page, page count (src/wait-batch.ts) */
+  | { type: 'wait'; waits: number[] }
 
 export type AgentToMain =
   | { type: 'pause' }

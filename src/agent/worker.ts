@@ -124,7 +124,8 @@ function onMain(m: MainToAgent): void {
     case 'willNeed':
       return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
     case 'wait':
-      return incoming?.dest.waitFor(m.id, m.region, m.firstPage, m.pageCount)
+      for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
+      return
     case 'serving':
       return incoming?.dest.announceService(m.ports)
   }
