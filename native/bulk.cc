@@ -299,17 +299,8 @@ class BulkReaderThread : public DemandThread {
   uint8_t* addr(uint32_t region, uint32_t page) const { return regions_[region].m->base + (size_t)page * page_size(); }
 
   // false: the pages could not be installed (JS was told; the caller leaves them unmarked)
-  bool copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) {
-    int e = install_pages(uffd_, (uintptr_t)addr(region, p), src, (size_t)(q - p) * page_size());
-    if (e) install_failed(-e, region, p, q - p);
-    return e == 0;
-  }
-
-  bool zero_in(uint32_t region, uint32_t p, uint32_t q) {
-    int e = install_pages(uffd_, (uintptr_t)addr(region, p), nullptr, (size_t)(q - p) * page_size());
-    if (e) install_failed(-e, region, p, q - p);
-    return e == 0;
-  }
+  bool copy_in(uint32_t region, uint32_t p, uint32_t q, const uint8_t* src) { return place(uffd_, (uintptr_t)addr(region, 0), region, p, q - p, src); }
+  bool zero_in(uint32_t region, uint32_t p, uint32_t q) { return place(uffd_, (uintptr_t)addr(region, 0), region, p, q - p, nullptr); }
 
   // Runs of [first, end) by one bitmap's value: fn(p, q, set).
   template <typename Fn>

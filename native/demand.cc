@@ -133,9 +133,13 @@ void DemandThread::emit(const DemandEvent& e) {
   outbox_->batch.push_back(e);
 }
 
-void DemandThread::install_failed(int err, uint32_t region, uint32_t first, uint32_t count) {
-  emit({(double)kEvInstallFailed, (double)err, (double)region, (double)first, (double)count});
+bool DemandThread::place(int uffd, uintptr_t region_base, uint32_t region, uint32_t first, uint32_t count, const uint8_t* src) {
+  const size_t ps = page_size();
+  int e = install_pages(uffd, region_base + (size_t)first * ps, src, (size_t)count * ps);
+  if (!e) return true;
+  emit({(double)kEvInstallFailed, (double)-e, (double)region, (double)first, (double)count});
   flush(true);
+  return false;
 }
 
 double DemandThread::cpu_ms() { return thread_cpu_ms(thread_); }
@@ -448,8 +452,7 @@ class DemandClientThread : public DemandThread {
           uint32_t page = (uint32_t)((addr - rv.m->addr()) / ps);
           if (rv.test(page)) {
             // local: known zero (or installed since the fault was raised: EEXIST, just wake)
-            if (int e = install_pages(uffd_, addr, nullptr, ps)) install_failed(-e, k, page, 1);
-            else emit({kEvZeroFault, (double)k, (double)page, 0, 0});
+            if (place(uffd_, rv.m->addr(), k, page, 1, nullptr)) emit({kEvZeroFault, (double)k, (double)page, 0, 0});
           } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
             asked_[k][page >> 5] |= 1u << (page & 31);
             open_.emplace(key(k, page), Open{t, true});
@@ -528,8 +531,7 @@ class DemandClientThread : public DemandThread {
       }
       uint32_t q = p + 1;
       while (q < end && !rv.test(q)) q++;
-      int e = install_pages(uffd_, rv.m->addr() + (size_t)p * ps, staging_ + (size_t)(p - first) * ps, (size_t)(q - p) * ps);
-      if (e) return install_failed(-e, region, p, q - p);
+      if (!place(uffd_, rv.m->addr(), region, p, q - p, staging_ + (size_t)(p - first) * ps)) return;
       p = q;
     }
     // the faulting threads woke as the pages went in: their latency ends now, not when expire_open() runs

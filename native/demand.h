@@ -54,9 +54,9 @@ class DemandThread {
   // Stops and joins the thread (idempotent); returns the events JS has not taken yet.
   std::vector<DemandEvent> stop();
   void emit(const DemandEvent& e);
-  // Pages that could not be installed (install_pages() failed with err): told to JS at once, which fails the
-  // migration; they stay unmarked.
-  void install_failed(int err, uint32_t region, uint32_t first, uint32_t count);
+  // install_pages() of [first, first+count) of a region mapped at region_base (src == nullptr: zero pages). false when
+  // they could not be placed: JS is told at once (it fails the migration) and the caller leaves them unmarked.
+  bool place(int uffd, uintptr_t region_base, uint32_t region, uint32_t first, uint32_t count, const uint8_t* src);
   // A frame the thread does not handle itself: JS routes it, in order with the events before and after it.
   void emit_frame(uint8_t type, std::vector<uint8_t> payload);
   // Hands the batch to JS (at most one call in flight): onEvents(events, frames). With a flush gap, JS is woken

@@ -156,18 +156,18 @@ export class Forwarder {
     this.heldSockets = []
     // held requests in order, one connection at a time (a pipelining client can have several held)
     const perSocket = new Map<Socket, typeof requests>()
-    for (const h of requests) perSocket.set(h.req.socket, [...(perSocket.get(h.req.socket) ?? []), h])
-    for (const held of perSocket.values()) {
-      if (this.nativeRelay() && held.every((h) => canResend(h.req))) {
-        this.counts.requests += held.length
-        this.relay(held[0].server, held[0].req.socket, { head: Buffer.concat(held.map((h) => resendBytes(h.req))), res: held[0].res })
-      } else for (const h of held) this.proxy(h.server, h.req, h.res)
+    for (const h of requests) {
+      const list = perSocket.get(h.req.socket) ?? []
+      list.push(h)
+      perSocket.set(h.req.socket, list)
     }
+    for (const held of perSocket.values()) this.forwardParsed(held)
     for (const h of sockets) this.relay(h.server, h.socket)
   }
 
-  /** A request parsed here once the destination is known: its connection relayed raw if it can be, else proxied. */
-  private forwardRequest(s: Served, req: IncomingMessage, res: ServerResponse): void {
+  /** Requests parsed here, of one connection, once the destination is known: relayed raw if all can be re-sent, else proxied. */
+  private forwardParsed(parsed: { server: Served; req: IncomingMessage; res: ServerResponse }[]): void {
+    const { server, req, res } = parsed[0]
     const queued = this.parsedAhead.get(req.socket)
     if (queued) {
       // pipelined behind a request whose connection is being relayed: it goes after it
@@ -175,9 +175,12 @@ export class Forwarder {
       else req.socket.destroy() // its bytes cannot be rebuilt, and the connection's order is the relay's now
       return
     }
-    if (!this.nativeRelay() || !canResend(req)) return this.proxy(s, req, res)
-    this.counts.requests++
-    this.relay(s, req.socket, { head: resendBytes(req), res })
+    if (!this.nativeRelay() || !parsed.every((h) => canResend(h.req))) {
+      for (const h of parsed) this.proxy(h.server, h.req, h.res)
+      return
+    }
+    this.counts.requests += parsed.length
+    this.relay(server, req.socket, { head: Buffer.concat(parsed.map((h) => resendBytes(h.req))), res })
   }
 
   private target(s: Served): ForwardTarget | undefined {
@@ -192,7 +195,7 @@ export class Forwarder {
       return
     }
     // the parser finishes a request without a body after this event, in the same read (req.complete then)
-    process.nextTick(() => this.forwardRequest(s, req, res))
+    process.nextTick(() => this.forwardParsed([{ server: s, req, res }]))
   }
 
   private onConnection(s: Served, socket: Socket): void {

@@ -45,7 +45,7 @@ export function nativeLinkError(errno: number, protocol: number, connection = 'd
   if (protocol) return migrationError(ErrorCode.PROTOCOL, `the peer sent a malformed frame on the ${connection} connection`)
   if (errno === 0) return migrationError(ErrorCode.CONNECTION, `${connection} connection closed by the peer`) // a clean end: no cause
   // a reset or a timeout, as a socket error would say it (the cause tells a broken link from a peer that hung up)
-  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
+  const name = errnoName(errno)
   const cause = Object.assign(new Error(`read ${name}`), { code: name, errno })
   return migrationError(ErrorCode.CONNECTION, `${connection} connection failed: read ${name}`, cause)
 }
@@ -57,8 +57,13 @@ export function nativeLinkError(errno: number, protocol: number, connection = 'd
  * never wake, so the migration stops here, loudly (the source hears why).
  */
 export function installFailedError(errno: number, region: number, first: number, count: number): UffdMigrateError {
-  const name = Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
+  const name = errnoName(errno)
   const cause = Object.assign(new Error(`UFFDIO_COPY ${name}`), { code: name, errno, syscall: 'UFFDIO_COPY' })
   const hint = name === 'ENOMEM' ? ': the destination is out of memory (its memory cgroup limit, or the host\'s); free memory there or raise the limit, then migrate again' : ''
   return migrationError(ErrorCode.ABORTED, `the destination could not place ${count} page(s) of region ${region} from page ${first}: ${name}${hint}`, cause)
+}
+
+/** 'ENOMEM' for 12, as a socket or syscall error would name it; `errno N` if this platform has no name for it. */
+function errnoName(errno: number): string {
+  return Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
 }

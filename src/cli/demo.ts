@@ -12,7 +12,7 @@ import { join } from 'node:path'
 import type { MigrationMode, MigrationReport } from '../agent/report'
 import { formatReport, progressLine } from './format'
 import { pinnedClient, type PinnedClient, type PinnedClientResult } from './pinned-client'
-import { freePort, LineProc, threadsOf } from './proc'
+import { freePort, LineProc, threadsLine } from './proc'
 
 export type { PinnedClientResult }
 
@@ -131,7 +131,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
       const st = new LineProc(process.execPath, [cli, 'status', '--guest', name], { env: e })
       await st.waitExit(5000).catch(() => st.kill())
       const pid = /\(pid (\d+)\)/.exec(st.lines.join(' '))?.[1]
-      const threads = pid ? threadsOf(Number(pid)).map((t) => `${t.name}:${t.state}:${t.wait}`).join(' ') : ''
+      const threads = pid ? threadsLine(Number(pid)) : ''
       return `${st.lines.join(' | ')} ${st.stderr.trim()}${threads ? `\n  threads: ${threads}` : ''}`
     }
     const [src, dst] = [await status(env), await status(destEnv)]

@@ -145,3 +145,22 @@ export function threadsOf(pid: number): { name: string; state: string; wait: str
   }
   return out
 }
+
+/** One line for a hang's diagnostics: each thread as name:state, with @kernel-wait when it sleeps in one; 'gone' if the process is. */
+export function threadsLine(pid: number): string {
+  try {
+    return threadsOf(pid).map((t) => `${t.name}:${t.state}${t.wait && t.wait !== '0' ? `@${t.wait}` : ''}`).join(' ')
+  } catch {
+    return 'gone'
+  }
+}
+
+/** The processes a process started (Linux /proc), in order; none if it is gone. */
+export function childrenOf(pid: number): number[] {
+  try {
+    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
+    return kids ? kids.split(/\s+/).map(Number) : []
+  } catch {
+    return []
+  }
+}

@@ -4,11 +4,11 @@
  * process started here is killed (with its group) by killAll().
  */
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MigrationReport } from '../../src/agent/report'
-import { freePort, LineProc, threadsOf } from '../../src/cli/proc'
+import { childrenOf, freePort, LineProc, threadsLine, threadsOf } from '../../src/cli/proc'
 import { getJson } from './http'
 
 const root = join(__dirname, '..', '..')
@@ -63,44 +63,20 @@ export function serviceThreads(p: LineProc): string[] {
 }
 
 /**
- * p's exit, or after ms an error that says where everything stands: the stderr
- * of p and of `others`, and every thread of each and of the service it started
- * (state and kernel wait: `handle_userfault` is a thread blocked in a fault).
+ * p's exit, or after ms (LineProc.waitExit) an error that also says where the
+ * others stand: the stderr of each and every thread of each and of the
+ * service it started (`@handle_userfault` is a thread blocked in a fault).
  * A hang then explains itself instead of timing the test out silently.
  */
-export async function exitedWithin(p: LineProc, ms: number, others: LineProc[] = []): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-  let timer: NodeJS.Timeout | undefined
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      const describe = (q: LineProc) => {
-        const pid = q.child.pid!
-        let threads = ''
-        for (const id of [pid, ...childrenOf(pid)]) {
-          try {
-            threads += `\n  pid ${id}: ${threadsOf(id).map((t) => `${t.name}:${t.state}${t.wait && t.wait !== '0' ? `@${t.wait}` : ''}`).join(' ')}`
-          } catch {
-            threads += `\n  pid ${id}: gone`
-          }
-        }
-        return `--- ${q.child.spawnargs.slice(1, 4).join(' ')} (exit ${q.child.exitCode ?? q.child.signalCode ?? 'not yet'})${threads}\n${q.stderr.slice(-2000)}`
-      }
-      reject(new Error(`no exit within ${ms} ms\n${[p, ...others].map(describe).join('\n')}`))
-    }, ms)
+export function exitedWithin(p: LineProc, ms: number, others: LineProc[] = []): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  const describe = (q: LineProc) => {
+    const pid = q.child.pid!
+    const threads = [pid, ...childrenOf(pid)].map((id) => `\n  pid ${id}: ${threadsLine(id)}`).join('')
+    return `--- ${q.child.spawnargs.slice(1, 4).join(' ')} (exit ${q.child.exitCode ?? q.child.signalCode ?? 'not yet'})${threads}\n${q.stderr.slice(-2000)}`
+  }
+  return p.waitExit(ms).catch((err: Error) => {
+    throw new Error(`${err.message}\n${[p, ...others].map(describe).join('\n')}`)
   })
-  try {
-    return await Promise.race([p.exited, late])
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
-function childrenOf(pid: number): number[] {
-  try {
-    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim()
-    return kids ? kids.split(/\s+/).map(Number) : []
-  } catch {
-    return []
-  }
 }
 
 /** Waits for the page-store's READY line. */
