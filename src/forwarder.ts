@@ -22,7 +22,7 @@
  * Node's buffers; UFFD_MIGRATE_RELAY=js keeps them in JS pipes.
  */
 import { readFileSync } from 'node:fs'
-import { createServer as createHttpServer, request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type Server, type Socket } from 'node:net'
 import { loadBinding, type NativeRelay } from './binding'
 import { ErrorCode, UffdMigrateError } from './errors'
@@ -74,6 +74,15 @@ export class Forwarder {
     return this.served.length > 0
   }
 
+  get servesHttp(): boolean {
+    return this.served.some((s) => s.http)
+  }
+
+  /** Requests held since pause(), not forwarded yet. */
+  get heldCount(): number {
+    return this.heldRequests.length
+  }
+
   /** Idle: nothing in flight and nothing new for ms. */
   idleFor(ms: number): boolean {
     return this.active === 0 && this.heldRequests.length === 0 && this.heldSockets.length === 0 && Date.now() - this.lastUseMs >= ms
@@ -87,6 +96,11 @@ export class Forwarder {
     if (existing >= 0) return existing
     this.served.push({ server, http: server instanceof HttpServer })
     return this.served.length - 1
+  }
+
+  /** The ports the served servers listen on, in serve() order (null: not listening). */
+  ports(): (number | null)[] {
+    return this.served.map((s) => Forwarder.port(s.server) ?? null)
   }
 
   /** The port a served server listens on (once it listens). */
@@ -208,41 +222,16 @@ export class Forwarder {
     this.relay(s, socket)
   }
 
-  /**
-   * A migration begins: the code the hand-off will run here for the first
-   * time runs now, while the service still serves. Cold, proxying the first
-   * held requests compiled Node's HTTP client on this thread at the hand-off
-   * (its loop stalled ~30 ms on a busy 2-vCPU VM; post-copy, the client's
-   * worst latency 67-159 ms against 61-85 warmed). Most requests are now
-   * re-sent raw, but the proxy path stays for those that cannot be: one
-   * request through it to a throwaway local server, and the native relay
-   * thread started. Resolves when that request is over (nobody needs to
-   * wait for it).
-   */
-  prepare(): Promise<void> {
-    if (!this.serving) return Promise.resolve()
-    this.nativeRelay()
-    // every migration: V8 drops the bytecode of functions it has not run for a while
-    if (!this.served.some((s) => s.http)) return Promise.resolve()
-    return new Promise((resolve) => {
-      const local = createHttpServer((_req, res) => res.end('ok'))
-      const end = () => local.close(() => resolve())
-      local.once('error', end)
-      local.listen(0, '127.0.0.1', () => {
-        const port = Forwarder.port(local)!
-        const up = this.upstream({ host: '127.0.0.1', port }, 'GET', '/', {}, (reply) => {
-          reply.resume()
-          reply.once('end', end)
-        })
-        up.once('error', end)
-        up.end()
-      })
-    })
+  /** A migration begins: the native relay thread starts now, not at the hand-off. True: rehearse the HTTP path (src/forward-rehearsal.ts). */
+  prepare(): boolean {
+    if (this.serving) this.nativeRelay()
+    return this.servesHttp
   }
 
-  /** A request to the destination's service (or prepare()'s local server), asking it to close the connection after. */
-  private upstream(t: ForwardTarget, method: string | undefined, path: string | undefined, headers: IncomingMessage['headers'], onReply: (reply: IncomingMessage) => void) {
-    return httpRequest({ host: t.host, port: t.port, method, path, headers: { ...headers, connection: 'close' } }, onReply)
+  /** The native relay thread ends (a rehearsal's forwarder; the service's lives as long as its process). */
+  close(): void {
+    this.relayer?.close()
+    this.relayer = undefined
   }
 
   /** One HTTP request to the destination's service; the reply closes the client's connection. */
@@ -254,7 +243,8 @@ export class Forwarder {
       this.active--
       this.lastUseMs = Date.now()
     }
-    const up = this.upstream(t, req.method, req.url, req.headers, (reply) => {
+    // the reply closes the connection: the client comes back on a new one, relayed
+    const up = httpRequest({ host: t.host, port: t.port, method: req.method, path: req.url, headers: { ...req.headers, connection: 'close' } }, (reply) => {
       res.writeHead(reply.statusCode ?? 502, { ...reply.headers, connection: 'close' })
       reply.on('data', (c: Buffer) => (this.counts.bytes += c.length))
       reply.pipe(res)

@@ -20,6 +20,7 @@ import type { Progress } from './agent/source/index'
 import type { Server } from 'node:net'
 import { ControlServer } from './control'
 import { Forwarder } from './forwarder'
+import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
@@ -57,7 +58,8 @@ export class Guest extends EventEmitter {
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   private readonly forwarder = new Forwarder()
-  private readonly servedPorts: (number | null)[] = []
+  /** The forwarding path's rehearsal of this migration (src/forward-rehearsal.ts), over before the service pauses. */
+  private rehearsal: Promise<unknown> | undefined
   /** Why the last migration from here did not move the service (afterHandoff: it failed once the service ran there). */
   private lastFailure: { code: string; message: string; afterHandoff?: boolean } | undefined
   private control: ControlServer | undefined
@@ -202,11 +204,11 @@ export class Guest extends EventEmitter {
     if (this.restored && !this.isSettledFlag) return Promise.reject(new UffdMigrateError(settling, ErrorCode.BUSY))
     let wire: WireSourceOptions
     try {
-      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving }
+      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp }
     } catch (err) {
       return Promise.reject(err)
     }
-    void this.forwarder.prepare()
+    this.rehearsal = this.forwarder.prepare() ? rehearseForwarding() : undefined
     return new Promise((resolve, reject) => {
       this.migrating = { resolve, reject }
       this.lastFailure = undefined
@@ -328,6 +330,7 @@ export class Guest extends EventEmitter {
 
   private async runPause(): Promise<void> {
     try {
+      await this.rehearsal // it runs on this thread: over before the pause window, not in it (the service serves meanwhile)
       // the service stops here (the downtime counts from now); clients wait (held, not refused) until it runs again
       const stoppedAtMs = nowMs()
       this.forwarder.hold()
@@ -374,12 +377,9 @@ export class Guest extends EventEmitter {
    * tells the source on which port it listens once it does.
    */
   serve(server: Server): void {
-    const index = this.forwarder.serve(server)
+    this.forwarder.serve(server)
     if (!this.restored) return
-    const announce = () => {
-      this.servedPorts[index] = Forwarder.port(server) ?? null
-      this.post({ type: 'serving', ports: [...this.servedPorts].map((p) => p ?? null) })
-    }
+    const announce = () => this.post({ type: 'serving', ports: this.forwarder.ports() })
     if (server.listening) announce()
     else server.once('listening', announce)
   }

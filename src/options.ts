@@ -3,6 +3,7 @@
  * resolved in one place: every bad value gets ERR_INVALID_ARG (or
  * ERR_MIGRATION_AUTH for tokens) with the name the caller used.
  */
+import { resolvePostcopyNice } from './agent/yielding'
 import { readFileSync } from 'node:fs'
 import { parseAddress } from './agent/address'
 import type { WireSourceOptions } from './agent/messages'
@@ -74,6 +75,13 @@ export interface MigrateOptions {
    * DEFAULT_STREAMS; the destination may grant fewer). Post-copy uses one.
    */
   streams?: number
+  /**
+   * From the hand-off the migration's threads on both hosts (agents' loops,
+   * bulk threads) run at this nice value, so that the service's threads win
+   * the CPU (0..19; default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: they keep
+   * their own). Faults are served at the service's priority either way.
+   */
+  postcopyNice?: number
   token?: string
 }
 
@@ -110,6 +118,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     prepaging: validatePrepaging(o.prepaging),
     pushLog: o.pushLog ?? false,
     streams,
+    postcopyNice: resolvePostcopyNice(o.postcopyNice),
     token: resolveToken(o.token ?? guestToken),
   }
 }

@@ -9,6 +9,7 @@ import { Packr } from 'msgpackr'
 import type { AgentToMain, MainToAgent } from './agent/messages'
 import type { ControlledGuest } from './control'
 import { ErrorCode, UffdMigrateError } from './errors'
+import { rehearseForwarding } from './forward-rehearsal'
 
 const packr = new Packr({ useRecords: false })
 
@@ -52,6 +53,8 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
         // one line for the operator (and for tests that wait for it)
         process.stderr.write(`uffd-migrate: guest '${name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
       }
+      // the service restored here serves HTTP: its first requests must not run Node's HTTP code cold
+      if (m.type === 'incoming') void rehearseForwarding(1000).then(() => worker.postMessage({ type: 'prepared' } satisfies MainToAgent))
       if (m.type === 'restore') {
         let state: unknown
         try {

@@ -9,6 +9,7 @@ import { connect, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { Forwarder } from '../src/forwarder'
+import { rehearseForwarding } from '../src/forward-rehearsal'
 
 const servers: Server[] = []
 const nativeRelay = Boolean(loadBinding().Relay) && process.env.UFFD_MIGRATE_RELAY !== 'js'
@@ -110,18 +111,32 @@ describe('forwarder', () => {
     expect((await fetch(src.port, '/after')).body).toBe('src:/after')
   })
 
-  it('prepare() runs the proxy path once against a server of its own: the service sees nothing and nothing is left open', async () => {
+  it('prepare() is a no-op until a server is served, then says whether the HTTP path is to be rehearsed', async () => {
+    const f = new Forwarder()
+    expect(f.prepare()).toBe(false) // not serving: nothing to do
+    const src = await listen('src')
+    f.serve(src.server)
+    expect(f.prepare()).toBe(true)
+    expect(f.counts).toEqual({ connections: 0, requests: 0, bytes: 0, spliced: 0 })
+    expect((await fetch(src.port, '/after')).body).toBe('src:/after')
+  })
+
+  it('the rehearsal answers a held GET (re-sent, relayed) and a chunked POST (proxied) with servers of its own; the service sees nothing, nothing is left open', async () => {
     const src = await listen('src')
     const f = new Forwarder()
-    await f.prepare() // not serving: nothing to do
     f.serve(src.server)
-    const servers = () => process.getActiveResourcesInfo().filter((r) => r === 'TCPServerWrap').length
-    const before = servers()
-    await f.prepare()
-    expect(servers()).toBe(before)
+    const open = () => process.getActiveResourcesInfo().filter((r) => r === 'TCPServerWrap' || r === 'TCPSocketWrap').length
+    const before = open()
+    expect(await rehearseForwarding()).toBe(true)
+    await turn()
+    expect(open()).toBeLessThanOrEqual(before) // (an earlier test's sockets may close meanwhile)
     expect(src.seen).toEqual([])
     expect(f.counts).toEqual({ connections: 0, requests: 0, bytes: 0, spliced: 0 })
     expect((await fetch(src.port, '/after')).body).toBe('src:/after')
+  })
+
+  it('a rehearsal that cannot finish in time ends anyway (false), never rejects', async () => {
+    expect(await rehearseForwarding(0)).toBe(false)
   })
 
   it('after the hand-off: held requests and new connections reach the destination, then idle', async () => {

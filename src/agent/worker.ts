@@ -16,6 +16,7 @@ import { DestPhase, MigrationDestination } from './destination/index'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { TrackerOption } from './tracker'
+import { Yielding } from './yielding'
 
 export interface AgentWorkerData {
   role: 'source' | 'destination'
@@ -38,6 +39,12 @@ const binding = loadBinding()
 const regions = data.regions.map((d) => Region.open(d, binding))
 // This thread only: it pushes, installs and reads faults (on its own loop).
 if (data.agentNice) binding.setThreadNice(data.agentNice)
+// post-copy's nice value for this thread and the bulk threads, from the hand-off until settled
+const yielding = new Yielding((nice) => binding.setThreadNice(nice), data.agentNice)
+/** Post-copy is over (settled or failed): this thread's own nice again, where the kernel allows it. */
+const stopYielding = () => {
+  if (!yielding.leave()) log(`the agent's thread stays at nice ${yielding.nice} after post-copy: lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE`)
+}
 const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
 /**
@@ -121,13 +128,16 @@ function onMain(m: MainToAgent): void {
       return incoming?.restore.answer(m.atMs)
     case 'restoreFailed':
       return incoming?.restore.refuse(m.error)
+    case 'prepared':
+      return incoming?.prepared.answer()
     case 'willNeed':
       return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
     case 'wait':
       for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
       return
     case 'serving':
-      return incoming?.dest.announceService(m.ports)
+      incoming?.dest.announceService(m.ports)
+      return yielding.clientsRouted()
   }
 }
 
@@ -147,7 +157,11 @@ function outgoingMigrations() {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
         progress: (p) => post({ type: 'progress', progress: p }),
-        forwardTo: (host, ports) => post({ type: 'forwardTo', host, ports }),
+        forwardTo: (host, ports) => {
+          post({ type: 'forwardTo', host, ports })
+          yielding.clientsRouted()
+        },
+        postcopy: (threads) => yielding.enterWhen(opts.forward === true, opts.postcopyNice, threads),
         takeFreed: () => {
           const out = freed
           freed = []
@@ -156,8 +170,12 @@ function outgoingMigrations() {
       })
       source = s
       s.run().then(
-        (report) => post({ type: 'report', report }),
+        (report) => {
+          stopYielding()
+          post({ type: 'report', report })
+        },
         (err) => {
+          stopYielding()
           source = undefined
           freed = []
           post({ type: 'failed', error: errorOut(err) })
@@ -183,12 +201,21 @@ function outgoingMigrations() {
 function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
+  const prepared = new MainThreadCall<void>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
-    settled: () => post({ type: 'settled' }),
+    postcopy: (nice, threads, forwarded) => yielding.enterWhen(forwarded, nice, threads),
+    incoming: (o) => (o.servesHttp ? prepared.ask({ type: 'incoming', servesHttp: true }) : undefined),
+    settled: () => {
+      stopYielding()
+      post({ type: 'settled' })
+    },
     ready: (ids) => post({ type: 'ready', ids }),
-    failed: (err) => post({ type: 'failed', error: errorOut(err) }),
+    failed: (err) => {
+      stopYielding()
+      post({ type: 'failed', error: errorOut(err) })
+    },
     recovering: (message) => {
       log(message)
       post({ type: 'recovering', message })
@@ -209,6 +236,7 @@ function incomingMigration() {
   return {
     dest,
     restore,
+    prepared,
     get phase() {
       return dest.phase
     },

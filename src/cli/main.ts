@@ -2,6 +2,7 @@
 /**
  * uffd-migrate: doctor | receive | send | status | demo
  */
+import { resolvePostcopyNice } from '../agent/yielding'
 import { spawn, spawnSync } from 'node:child_process'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
@@ -35,13 +36,15 @@ function nonNegativeNumber(v: string): number {
   return n
 }
 
-function agentNice(v: string): number {
+/** A nice value flag: the library's check, as commander's error. */
+const niceFlag = (resolve: (v: string, name: string) => number, name: string) => (v: string): number => {
   try {
-    return resolveAgentNice(v, '--agent-nice')
+    return resolve(v, name)
   } catch (err) {
     throw new InvalidArgumentError((err as Error).message)
   }
 }
+const agentNice = niceFlag(resolveAgentNice, '--agent-nice')
 
 function address(v: string): string {
   try {
@@ -111,6 +114,7 @@ program
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .option('--streams <n>', 'parallel bulk connections for the pre-copy rounds, each with a thread per side (1-8; default 1)', positiveNumber)
+  .option('--postcopy-nice <n>', "nice value 0-19 of the migration's threads on both hosts from the hand-off (default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: unchanged)", niceFlag(resolvePostcopyNice, '--postcopy-nice'))
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
   .option('--idle-fill-ms <ms>', "post-copy, 'demand': push the rest once the service went this long without a fault (default 1000)", nonNegativeNumber)
@@ -122,7 +126,7 @@ program
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -150,6 +154,7 @@ program
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
           recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
           ...(o.streams !== undefined ? { streams: o.streams } : {}),
+          ...(o.postcopyNice !== undefined ? { postcopyNice: o.postcopyNice } : {}),
           ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
             : {}),

@@ -25,7 +25,8 @@ import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase, type DestinationHandlers } 
 import type { DestinationHooks, DestinationOptions } from './hooks'
 import { Placement } from './placement'
 import { RecoveryWindow } from './recovery'
-import { Requests } from './requests'
+import { peerPostcopyNice } from '../yielding'
+import { Requests, settledReport } from './requests'
 import { acceptRegionTable } from './region-table'
 import { Watchdog } from './watchdog'
 
@@ -197,7 +198,10 @@ export class MigrationDestination implements DestinationHandlers {
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
-    this.link.bulk!.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
+    const bulk = this.link.bulk!, ok = () => bulk.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
+    const preparing = this.hooks.incoming?.({ servesHttp: limits.servesHttp })
+    if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
+    else ok()
   }
 
   onClock(f: Frame): void {
@@ -229,6 +233,7 @@ export class MigrationDestination implements DestinationHandlers {
       (resumedAtMs) => {
         // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
         this.bulkPath.resume()
+        this.hooks.postcopy?.(peerPostcopyNice(m.postcopyNice), this.bulkPath.threads, m.forward === true) // the rest is background
         this.recovery.resumedAtMs = resumedAtMs
         this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
         this.checkSettled()
@@ -272,8 +277,7 @@ export class MigrationDestination implements DestinationHandlers {
   /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
   onRecover(): void {
     if (this.phase === DestPhase.LISTENING) {
-      // the source thinks the hand-off happened, but it never arrived here (a reset lost it in flight, or this
-      // receiver restarted): the service does not run here, so the source may run it on
+      // the source thinks the hand-off happened, but it never arrived (lost in flight, or this receiver restarted)
       throw migrationError(ErrorCode.NO_SESSION, 'this destination has no migration to recover: the hand-off never arrived here (or the receiver restarted), the service does not run here')
     }
     const pair = this.link.pair
@@ -304,13 +308,8 @@ export class MigrationDestination implements DestinationHandlers {
     // everything with data is present; known-zero pages are filled by plain anonymous memory once unregistered
     this.closeUffd()
     this.requests.releaseAll()
-    const report = {
-      ...this.requests.stats, bulkReceive: this.bulkPath.active ? 'native' : 'js',
-      ...(this.cpuAtRegionsMs !== undefined ? { cpuMs: this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs } : {}),
-      pagesReceivedTwice: this.placement.pagesReceivedTwice,
-      pagesLocal: this.placement.totalPages,
-      ...this.requests.latencyReport(),
-    }
+    const cpuMs = this.cpuAtRegionsMs !== undefined ? this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs : undefined
+    const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs)
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
     // keep listening a while: if the link broke as SETTLED left, the source dials in again to learn it (onRecover)

@@ -214,3 +214,14 @@ export class Requests {
     this.waits.clear()
   }
 }
+
+/** The destination's SETTLED report: its fault figures, what was placed, and its CPU time (ms, where measured). */
+export function settledReport(requests: Requests, placement: Placement, nativeBulk: boolean, cpuMs: number | undefined): Record<string, unknown> {
+  return {
+    ...requests.stats, bulkReceive: nativeBulk ? 'native' : 'js',
+    ...(cpuMs !== undefined ? { cpuMs } : {}),
+    pagesReceivedTwice: placement.pagesReceivedTwice,
+    pagesLocal: placement.totalPages,
+    ...requests.latencyReport(),
+  }
+}

@@ -27,6 +27,9 @@ export interface HandoffContext {
   clock: Clock
   mode: MigrationMode
   recoveryTimeoutMs: number
+  /** The destination's threads run at this nice value from the hand-off (src/agent/yielding.ts); forward: the service's clients are forwarded there. */
+  postcopyNice: number
+  forward: boolean
   takeFreed(): number[]
   /** discarded: pages the destination drops now; missing: pages it lacks when the service resumes there (the report's figures). */
   commit(discarded: number, missing: number): void
@@ -117,6 +120,8 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
     state,
     discard: discard.map((d) => Buffer.from(d.buffer, d.byteOffset, d.byteLength)),
     recoveryTimeoutMs: ctx.recoveryTimeoutMs,
+    postcopyNice: ctx.postcopyNice,
+    ...(ctx.forward ? { forward: true } : {}),
   }))
   await bulk.drain()
   ctx.marks.sentAt = ctx.clock.now()

@@ -1,4 +1,5 @@
 /** What the source is given: its options and the hooks by which it reaches the service (through the worker). */
+import type { NiceThread } from '../yielding'
 import type { Clock } from '../clock'
 import type { PrepagingOptions } from '../prepaging'
 import type { MigrationMode } from '../report'
@@ -30,7 +31,11 @@ export interface SourceOptions {
   bulkBufferBytes: number
   /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
   forward?: boolean
+  /** A served server is HTTP: the destination rehearses Node's HTTP server path while the rounds run (src/forward-rehearsal.ts). */
+  servesHttp?: boolean
   forwardWaitMs?: number
+  /** From the hand-off, the migration's threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
+  postcopyNice: number
   /** Which dirty-page tracker (default: auto, the best this kernel offers). */
   tracker?: TrackerOption
   /** Opens a connection (default TCP; the pure tier dials in memory). */
@@ -55,6 +60,8 @@ export interface SourceHooks {
   takeFreed(): number[]
   /** The destination's service listens on these ports (per served server) of host: forward clients there. */
   forwardTo?(host: string, ports: (number | null)[]): void
+  /** HANDOFF went: post-copy is background work from now on (src/agent/yielding.ts). */
+  postcopy?(bulkThreads: NiceThread[]): void
 }
 
 export interface Progress {

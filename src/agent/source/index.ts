@@ -178,6 +178,7 @@ export class MigrationSource implements SourceHandlers {
         pageSize: this.binding.pageSize,
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
         ...(this.opts.streams! > 1 && bulk.frameWriter ? { streams: this.opts.streams } : {}),
+        ...(this.opts.servesHttp ? { servesHttp: true } : {}),
       }))
       await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))
@@ -209,6 +210,8 @@ export class MigrationSource implements SourceHandlers {
       const handedOff = Promise.race([sendHandoff({
         ...common,
         recoveryTimeoutMs: this.opts.recoveryTimeoutMs,
+        postcopyNice: this.opts.postcopyNice,
+        forward: this.opts.forward === true,
         marks,
         commit: (d, missing) => {
           if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
@@ -222,6 +225,8 @@ export class MigrationSource implements SourceHandlers {
       await handedOff.catch((err: UffdMigrateError) => {
         if (!this.committed || this.failure || err.code !== ErrorCode.CONNECTION) throw err
       })
+      // HANDOFF is out: pushing the rest is background work (threads made from now on inherit the nice value)
+      if (this.opts.mode !== 'precopy') this.hooks.postcopy?.(this.sender.bulkThreads)
       const postStart = this.clock.now()
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
       this.sender.stopDemand()
