@@ -41,7 +41,8 @@ describe.skipIf(skip)('agentNice', () => {
     const source = await Guest.start({ name: `ns-${port}`, regions: { mem: 8 * MiB }, token: TOKEN, control: false, exitOnMoved: false, agentNice: 7 })
     const src = new Uint8Array(source.regions.mem.buffer)
     for (let i = 0; i < src.length; i += 4096) src[i] = (i >> 12) & 0xff
-    const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy' })
+    // postcopyNice 0: only agentNice here (the next test has post-copy's own)
+    const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', postcopyNice: 0 })
     const dest = await destination
     const nice = threadNice()
     expect(nice.get(process.pid)).toBe(0) // the service's main thread is left alone
@@ -57,6 +58,54 @@ describe.skipIf(skip)('agentNice', () => {
     expect([...threadNice('uffdm-demand-tx').values()]).toEqual([demandNice])
     await dest.settled
     await report
+    expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)
+    await dest.close()
+    await source.close()
+  })
+
+  it('postcopyNice: from the hand-off the agents and the bulk threads of both hosts yield, the demand threads do not, and the agents come back once it is over', async () => {
+    const port = await freePort()
+    const threadsBefore = new Set(threadNice().keys())
+    const destination = Guest.start({ name: `pd-${port}`, regions: { mem: 64 * MiB }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false })
+    destination.catch(() => {})
+    const source = await Guest.start({ name: `ps-${port}`, regions: { mem: 64 * MiB }, token: TOKEN, control: false, exitOnMoved: false })
+    const src = new Uint8Array(source.regions.mem.buffer)
+    for (let i = 0; i < src.length; i += 4096) src[i] = ((i >> 12) % 251) + 1
+    const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', postcopyNice: 12 })
+    // the kernel's view of every thread, sampled until the destination settled: the highest nice each one had
+    const seen = new Map<string, number>()
+    const names = (tid: number) => readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
+    let settled = false
+    const dest = await destination
+    void dest.settled.then(() => (settled = true))
+    while (!settled) {
+      for (const [tid, n] of threadNice()) {
+        let key: string
+        try {
+          key = threadsBefore.has(tid) ? 'old' : `${names(tid)}:${tid}`
+        } catch {
+          continue
+        }
+        seen.set(key, Math.max(seen.get(key) ?? 0, n))
+      }
+      await new Promise((r) => setTimeout(r, 2))
+    }
+    await report
+    const max = (prefix: string) => Math.max(...[...seen].filter(([k]) => k.startsWith(prefix)).map(([, n]) => n))
+    expect(max('uffdm-bulk-rx')).toBe(12)
+    expect(max('uffdm-bulk-tx')).toBe(12)
+    // a blocked fault waits on these: the service's nice (0), never post-copy's
+    expect(max('uffdm-demand-rx')).toBe(0)
+    expect(max('uffdm-demand-tx')).toBe(0)
+    expect(threadNice().get(process.pid)).toBe(0) // the service's thread
+    // both agents' threads yielded (two threads that were not there before, at 12 at some point) ...
+    expect([...seen].filter(([k, n]) => !k.startsWith('uffdm-') && k !== 'old' && n === 12).length).toBe(2)
+    // ... and are back at their own nice once it is over (root may lower a nice value again); a bulk thread that
+    // outlives post-copy (the reader idles until the link closes) has nothing left to do
+    if (process.getuid?.() === 0) {
+      const stillYielding = [...threadNice()].filter(([, n]) => n === 12).map(([t]) => names(t)).filter((name) => !name.startsWith('uffdm-bulk'))
+      expect(stillYielding).toEqual([])
+    }
     expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)
     await dest.close()
     await source.close()
