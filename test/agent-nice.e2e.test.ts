@@ -32,6 +32,14 @@ function threadNice(name?: string): Map<number, number> {
   return out
 }
 
+function comm(tid: number): string {
+  try {
+    return readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
+  } catch {
+    return '?' // ended since
+  }
+}
+
 describe.skipIf(skip)('agentNice', () => {
   it('runs the agents of both hosts at the given nice value, the service at its own, and migrates every byte', async () => {
     const before = [...threadNice().values()].filter((n) => n === 7).length
@@ -49,7 +57,10 @@ describe.skipIf(skip)('agentNice', () => {
     // the native demand threads (a blocked fault waits on them) run at the service's priority, which root may give them
     // the two agent workers, the destination's bulk reader and the source's bulk writer (bulk work, like the
     // agents' loops they replace)
-    expect([...nice.values()].filter((n) => n === 7).length - before).toBe(4)
+    // (by name: once in CI a fifth thread of no name of ours was at 7 too, a helper the agent's thread started)
+    const atSeven = [...nice].filter(([, n]) => n === 7).map(([tid]) => comm(tid))
+    expect(atSeven.filter((name) => name.startsWith('uffdm-')).sort(), atSeven.join()).toEqual(['uffdm-bulk-rx', 'uffdm-bulk-tx'])
+    expect(atSeven.filter((name) => !name.startsWith('uffdm-')).length - before, atSeven.join()).toBeGreaterThanOrEqual(2)
     expect([...threadNice('uffdm-bulk-rx').values()]).toEqual([7])
     expect([...threadNice('uffdm-bulk-tx').values()]).toEqual([7])
     // the native demand threads, one per side: at the service's nice where the kernel allows lowering it (root)
@@ -74,7 +85,6 @@ describe.skipIf(skip)('agentNice', () => {
     const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', postcopyNice: 12 })
     // the kernel's view of every thread, sampled until the destination settled: the highest nice each one had
     const seen = new Map<string, number>()
-    const names = (tid: number) => readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
     let settled = false
     const dest = await destination
     void dest.settled.then(() => (settled = true))
@@ -82,7 +92,7 @@ describe.skipIf(skip)('agentNice', () => {
       for (const [tid, n] of threadNice()) {
         let key: string
         try {
-          key = threadsBefore.has(tid) ? 'old' : `${names(tid)}:${tid}`
+          key = threadsBefore.has(tid) ? 'old' : `${comm(tid)}:${tid}`
         } catch {
           continue
         }
@@ -103,7 +113,7 @@ describe.skipIf(skip)('agentNice', () => {
     // ... and are back at their own nice once it is over (root may lower a nice value again); a bulk thread that
     // outlives post-copy (the reader idles until the link closes) has nothing left to do
     if (process.getuid?.() === 0) {
-      const stillYielding = [...threadNice()].filter(([, n]) => n === 12).map(([t]) => names(t)).filter((name) => !name.startsWith('uffdm-bulk'))
+      const stillYielding = [...threadNice()].filter(([, n]) => n === 12).map(([t]) => comm(t)).filter((name) => !name.startsWith('uffdm-bulk'))
       expect(stillYielding).toEqual([])
     }
     expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)
