@@ -465,7 +465,6 @@ class BulkReader : public ThreadWrap<BulkReader> {
         InstanceMethod("attach", &BulkReader::Attach),
         InstanceMethod("close", &BulkReader::Close),
         InstanceAccessor("cpuMs", &BulkReader::CpuMs, nullptr),
-        InstanceMethod("setNice", &BulkReader::SetNice),
         InstanceAccessor("bytesRead", &BulkReader::BytesRead, nullptr),
     });
   }

@@ -295,7 +295,6 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
         InstanceAccessor("bytesWritten", &BulkWriter::BytesWritten, nullptr),
         InstanceAccessor("queuedBytes", &BulkWriter::QueuedBytes, nullptr),
         InstanceAccessor("cpuMs", &BulkWriter::CpuMs, nullptr),
-        InstanceMethod("setNice", &BulkWriter::SetNice),
     });
   }
   explicit BulkWriter(const Napi::CallbackInfo& info) : ThreadWrap<BulkWriter>(info) {

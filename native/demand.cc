@@ -108,7 +108,6 @@ void DemandThread::start() {
     // nice), not at the agent's (agentNice, the bulk work), where the kernel allows it (CAP_SYS_NICE or
     // RLIMIT_NICE); otherwise it keeps the agent's.
     pthread_setname_np(pthread_self(), thread_name_);  // top -H, /proc/<pid>/task/<tid>/comm
-    tid_ = (pid_t)syscall(SYS_gettid);
     if (urgent_) run_at_service_nice();
     run();
     timespec ts;
@@ -144,12 +143,6 @@ bool DemandThread::place(int uffd, uintptr_t region_base, uint32_t region, uint3
 }
 
 double DemandThread::cpu_ms() { return thread_cpu_ms(thread_); }
-
-int DemandThread::set_nice(int nice) {
-  pid_t tid = tid_.load();
-  if (tid == 0) return -ESRCH;
-  return setpriority(PRIO_PROCESS, (id_t)tid, nice) == 0 ? 0 : -errno;
-}
 
 int DemandThread::flush_timeout_ms(int other) const {
   if (!deferred_) return other;

@@ -11,7 +11,6 @@
 // JS in batches through one ThreadSafeFunction call at a time.
 #pragma once
 #include <napi.h>
-#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <atomic>
@@ -23,7 +22,6 @@
 #include <thread>
 #include <vector>
 
-#include "args.h"
 #include "page_maps.h"
 #include "region.h"
 
@@ -66,9 +64,6 @@ class DemandThread {
   void flush(bool urgent = false);
   // CPU time of the thread so far (user + system), ms.
   double cpu_ms();
-  // This thread's nice value from now on (0 or -errno; -ESRCH before it started). Post-copy's bulk work yields
-  // to the service (src/agent/yielding.ts): JS decides when, the thread applies it.
-  int set_nice(int nice);
 
  protected:
   void start();
@@ -90,7 +85,6 @@ class DemandThread {
  private:
   Napi::ThreadSafeFunction tsfn_;
   std::thread thread_;
-  std::atomic<pid_t> tid_{0};
   std::shared_ptr<Outbox> outbox_;
   double last_signal_us_ = 0;
   bool deferred_ = false;  // a batch waits for the gap to end
@@ -151,11 +145,6 @@ class ThreadWrap : public Napi::ObjectWrap<T> {
   Napi::Value Close(const Napi::CallbackInfo& info) { return events_array(info.Env(), Shutdown()); }
   // cpuMs: the thread's CPU time so far, ms (0 once closed: its last batch carried the total)
   Napi::Value CpuMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? thread_->cpu_ms() : 0); }
-  // setNice(nice) -> whether the kernel took it (a closed thread: false)
-  Napi::Value SetNice(const Napi::CallbackInfo& info) {
-    int nice = (int)arg_index(info, 0, "nice", 19);
-    return Napi::Boolean::New(info.Env(), thread_ && thread_->set_nice(nice) == 0);
-  }
   std::unique_ptr<DemandThread> thread_;
   std::vector<Napi::ObjectReference> keep_;
 

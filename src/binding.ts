@@ -44,8 +44,6 @@ export interface NativeBulkReader {
   attach(fd: number, head?: Uint8Array): void
   /** CPU time of the thread so far, ms. */
   readonly cpuMs: number
-  /** The thread's nice value from now on; false when the kernel refused (src/agent/yielding.ts). */
-  setNice?(nice: number): boolean
   /** Bytes read from the bulk connection so far (all of its connections). */
   readonly bytesRead: number
   close(): Float64Array
@@ -68,8 +66,6 @@ export interface NativeBulkWriter {
   /** Bytes of the commands not done yet (frames, and runs counted as full pages). */
   readonly queuedBytes: number
   readonly cpuMs: number
-  /** The thread's nice value from now on; false when the kernel refused (src/agent/yielding.ts). */
-  setNice?(nice: number): boolean
   close(): Float64Array
 }
 

@@ -76,10 +76,10 @@ export interface MigrateOptions {
    */
   streams?: number
   /**
-   * From the hand-off the migration's threads on both hosts (agents' loops,
-   * bulk threads) run at this nice value, so that the service's threads win
-   * the CPU (0..19; default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: they keep
-   * their own). Faults are served at the service's priority either way.
+   * From the hand-off the agents' threads on both hosts run at this nice
+   * value, so that the service's threads win the CPU (0..19; default
+   * $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: they keep their own). The threads
+   * that move pages (a fault waits on them) keep theirs.
    */
   postcopyNice?: number
   token?: string

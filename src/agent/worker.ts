@@ -39,7 +39,7 @@ const binding = loadBinding()
 const regions = data.regions.map((d) => Region.open(d, binding))
 // This thread only: it pushes, installs and reads faults (on its own loop).
 if (data.agentNice) binding.setThreadNice(data.agentNice)
-// post-copy's nice value for this thread and the bulk threads, from the hand-off until settled
+// post-copy's nice value for this thread, from the hand-off until settled
 const yielding = new Yielding((nice) => binding.setThreadNice(nice), data.agentNice)
 /** Post-copy is over (settled or failed): this thread's own nice again, where the kernel allows it. */
 const stopYielding = () => {
@@ -161,7 +161,7 @@ function outgoingMigrations() {
           post({ type: 'forwardTo', host, ports })
           yielding.clientsRouted()
         },
-        postcopy: (threads) => yielding.enterWhen(opts.forward === true, opts.postcopyNice, threads),
+        postcopy: () => yielding.enterWhen(opts.forward === true, opts.postcopyNice),
         takeFreed: () => {
           const out = freed
           freed = []
@@ -205,7 +205,7 @@ function incomingMigration() {
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
-    postcopy: (nice, threads, forwarded) => yielding.enterWhen(forwarded, nice, threads),
+    postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => (o.servesHttp ? prepared.ask({ type: 'incoming', servesHttp: true }) : undefined),
     settled: () => {
       stopYielding()

@@ -1,26 +1,28 @@
 /**
- * Post-copy is background work. Once the service runs on the destination,
- * its clients wait on its event loop, and on a host with few cores that loop
- * waits for CPU behind the migration: the agents' loops (push policy, placed
- * pages, ready() waits) and the bulk threads (pushing, installing) on both
- * hosts. From the hand-off (once the forwarded clients' route is set up)
- * they run at `postcopyNice` (where that is above the agent's own nice), so
- * that the service's threads win the CPU when both want it; the migration
- * still gets every idle cycle. Faults never wait on them: the demand threads
- * keep the service's nice. Measured on the 2-vCPU VM (post-copy, 256 MiB,
- * 10k writes/s, autocannon pinned to the source, with the HTTP rehearsal):
- * the client's worst latency 28-77 ms (7 of 8 runs within downtime + 50)
- * against 38-97 ms (3-5 of 8) at nice 0; time to settled 0.8-1.2 s against
- * 0.5-0.9 s. After settling the destination's agent thread goes back to its
- * own nice where the kernel lets a thread lower its nice value (CAP_SYS_NICE,
- * or RLIMIT_NICE); elsewhere it stays at postcopyNice and logs a line.
+ * Post-copy's bookkeeping is background work. Once the service runs on the
+ * destination its clients wait on its event loop, and on a host with few
+ * cores that loop waits for CPU behind the migration. From the hand-off each
+ * agent's thread (the push policy on the source; placed pages, ready() waits
+ * and statistics on the destination) runs at `postcopyNice` where that is
+ * above the agent's own nice, so that the service's threads win the CPU when
+ * both want it. It waits until the forwarded clients' route is set up: the
+ * held requests wait for the destination's SERVICE message, which crosses
+ * both agents' threads.
+ *
+ * Only the agents' threads: the native threads that move pages keep their
+ * nice value. A fault on a page the push already sent waits for the bulk
+ * threads, so yielding them too made the push the service's bottleneck
+ * (time to settled 0.4-0.9 s -> 1.0-1.6 s, more faults in bench:postcopy A)
+ * for no better latency. Measured on the 2-vCPU VM (post-copy, 256 MiB, 10k
+ * writes/s, autocannon pinned to the source, HTTP path rehearsed), worst
+ * client latency within downtime + 50 ms: 13 of 14 runs yielding the agents
+ * only, 13 of 14 yielding the bulk threads too, 5 of 8 not yielding.
+ *
+ * After settling (or failing) the agent's thread goes back to its own nice
+ * where the kernel lets a thread lower its nice value (root, CAP_SYS_NICE or
+ * RLIMIT_NICE); elsewhere it stays at postcopyNice and the worker logs it.
  */
 import { ErrorCode, UffdMigrateError } from '../errors'
-
-/** A native thread that takes a nice value (the bulk reader and writer). */
-export interface NiceThread {
-  setNice(nice: number): unknown
-}
 
 export const DEFAULT_POSTCOPY_NICE = 10
 
@@ -56,11 +58,9 @@ export class Yielding {
     this.current = ownNice
   }
 
-  /** The hand-off: this thread and the given bulk threads run at `nice` from now on, if that is above the agent's own. */
-  enter(nice: number, threads: (NiceThread | undefined)[]): void {
-    if (nice <= this.ownNice) return
-    for (const t of threads) t?.setNice(nice)
-    if (nice <= this.current) return
+  /** This thread runs at `nice` from now on, if that is above the agent's own (and above where it is). */
+  enter(nice: number): void {
+    if (nice <= this.ownNice || nice <= this.current) return
     try {
       this.setOwnNice(nice)
       this.current = nice
@@ -72,12 +72,12 @@ export class Yielding {
   /**
    * enter() now, or, when the service's clients are forwarded (guest.serve()), once their route is set up
    * (clientsRouted()): the held requests wait for the destination's SERVICE message, which crosses both agents'
-   * threads; yielding before it had gone let them wait behind the push (worst latency +20 ms, measured).
+   * threads; yielding before it had gone let them wait behind the push (measured: 5 of 8 runs within downtime + 50 ms).
    */
-  enterWhen(clientsFirst: boolean, nice: number, threads: (NiceThread | undefined)[]): void {
+  enterWhen(clientsFirst: boolean, nice: number): void {
     this.deferred = undefined
-    if (clientsFirst && !this.routed) this.deferred = () => this.enter(nice, threads)
-    else this.enter(nice, threads)
+    if (clientsFirst && !this.routed) this.deferred = () => this.enter(nice)
+    else this.enter(nice)
   }
 
   /** The forwarded clients' route is set up (SERVICE sent, or received and handed to the forwarder). */

@@ -114,7 +114,7 @@ program
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .option('--streams <n>', 'parallel bulk connections for the pre-copy rounds, each with a thread per side (1-8; default 1)', positiveNumber)
-  .option('--postcopy-nice <n>', "nice value 0-19 of the migration's threads on both hosts from the hand-off (default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: unchanged)", niceFlag(resolvePostcopyNice, '--postcopy-nice'))
+  .option('--postcopy-nice <n>', "nice value 0-19 of the agents' threads on both hosts from the hand-off (default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: unchanged)", niceFlag(resolvePostcopyNice, '--postcopy-nice'))
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
   .option('--idle-fill-ms <ms>', "post-copy, 'demand': push the rest once the service went this long without a fault (default 1000)", nonNegativeNumber)

@@ -21,22 +21,21 @@ describe('post-copy yields the CPU to the service (Yielding)', () => {
     delete process.env.UFFD_MIGRATE_POSTCOPY_NICE
   })
 
-  it('from the hand-off the agent thread and the bulk threads run at postcopyNice, and the agent thread returns to its own once settled', () => {
-    const own = thread(0), bulk = thread(0)
+  it('from the hand-off the agent thread runs at postcopyNice, and returns to its own once settled', () => {
+    const own = thread(0)
     const y = new Yielding((n) => own.set(n), 0)
-    y.enter(10, [{ setNice: (n) => bulk.set(n) }, undefined])
-    expect([own.nice, bulk.nice, y.nice]).toEqual([10, 10, 10])
+    y.enter(10)
+    expect([own.nice, y.nice]).toEqual([10, 10])
     expect(y.leave()).toBe(true)
     expect([own.nice, y.nice]).toEqual([0, 0])
-    expect(bulk.nice).toBe(10) // a bulk thread ends with its migration: nothing to restore
   })
 
   it('never lowers a nice value: 0, or one not above the agent own, changes nothing', () => {
-    const own = thread(12), bulk = thread(12)
+    const own = thread(12)
     const y = new Yielding((n) => own.set(n), 12)
-    y.enter(0, [{ setNice: (n) => bulk.set(n) }])
-    y.enter(12, [{ setNice: (n) => bulk.set(n) }])
-    expect([own.calls, bulk.calls]).toEqual([[], []])
+    y.enter(0)
+    y.enter(12)
+    expect(own.calls).toEqual([])
     expect(y.leave()).toBe(true)
     expect(own.calls).toEqual([])
   })
@@ -44,10 +43,10 @@ describe('post-copy yields the CPU to the service (Yielding)', () => {
   it('where the kernel refuses to lower it again, leave() says so and the thread stays yielded', () => {
     const own = thread(0, 10)
     const y = new Yielding((n) => own.set(n), 0)
-    y.enter(15, [])
+    y.enter(15)
     expect(y.leave()).toBe(false)
     expect([own.nice, y.nice]).toEqual([15, 15])
-    y.enter(15, []) // the next post-copy: already there, not set again
+    y.enter(15) // the next post-copy: already there, not set again
     expect(own.calls).toEqual([15, 0])
   })
 
@@ -73,25 +72,25 @@ describe('post-copy yields the CPU to the service (Yielding)', () => {
 
 describe('Yielding waits for the forwarded clients route', () => {
   it('with clients forwarded, enters once their route is set up (in either order), and not again after leave()', () => {
-    const own = thread(0), bulk = thread(0)
+    const own = thread(0)
     const y = new Yielding((n) => own.set(n), 0)
-    y.enterWhen(true, 10, [{ setNice: (n) => bulk.set(n) }])
-    expect([own.nice, bulk.nice]).toEqual([0, 0]) // SERVICE has not crossed yet
+    y.enterWhen(true, 10)
+    expect(own.nice).toBe(0) // SERVICE has not crossed yet
     y.clientsRouted()
-    expect([own.nice, bulk.nice]).toEqual([10, 10])
+    expect(own.nice).toBe(10)
     y.clientsRouted()
     expect(own.calls).toEqual([10])
     expect(y.leave()).toBe(true)
     // the next migration: the route came first, then the hand-off's enter does not wait
     y.clientsRouted()
-    y.enterWhen(true, 10, [])
+    y.enterWhen(true, 10)
     expect(own.nice).toBe(10)
     expect(y.leave()).toBe(true)
     // without forwarded clients it enters at once; a leave() before the route drops the waiting enter
-    y.enterWhen(false, 5, [])
+    y.enterWhen(false, 5)
     expect(own.nice).toBe(5)
     y.leave()
-    y.enterWhen(true, 10, [])
+    y.enterWhen(true, 10)
     y.leave()
     y.clientsRouted()
     expect(own.nice).toBe(0)

@@ -14,7 +14,6 @@
  * source's barrier before HANDOFF); at the hand-off they are closed, so that
  * nothing can reach the running service's memory with pre-copy's rules.
  */
-import type { NiceThread } from '../yielding'
 import type { NativeBinding, NativeBulkReader, NativeUffd } from '../../binding'
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
@@ -56,12 +55,6 @@ export class BulkPath {
   }
 
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
-  /** The bulk reader, for post-copy's nice value (src/agent/yielding.ts). */
-  get threads(): NiceThread[] {
-    const reader = this.reader?.thread
-    return reader?.setNice ? [{ setNice: (nice) => reader.setNice!(nice) }] : []
-  }
-
   get cpuMs(): number {
     return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0)
   }

@@ -1,5 +1,4 @@
 /** What the destination is given: its options and the hooks by which it reaches the service (through the worker). */
-import type { NiceThread } from '../yielding'
 import type { Clock } from '../clock'
 import type { AcceptorLimits } from './accept'
 
@@ -31,8 +30,8 @@ export interface DestinationHooks {
    * service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
    */
   incoming?(o: { servesHttp: boolean }): Promise<void> | undefined
-  /** The service runs here: the migration is background work from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */
-  postcopy?(nice: number, bulkThreads: NiceThread[], forwarded: boolean): void
+  /** The service runs here: the agent's thread yields from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */
+  postcopy?(nice: number, forwarded: boolean): void
   /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */
   pollService?(): void
 }

@@ -233,7 +233,7 @@ export class MigrationDestination implements DestinationHandlers {
       (resumedAtMs) => {
         // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
         this.bulkPath.resume()
-        this.hooks.postcopy?.(peerPostcopyNice(m.postcopyNice), this.bulkPath.threads, m.forward === true) // the rest is background
+        this.hooks.postcopy?.(peerPostcopyNice(m.postcopyNice), m.forward === true) // the rest is background work
         this.recovery.resumedAtMs = resumedAtMs
         this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
         this.checkSettled()

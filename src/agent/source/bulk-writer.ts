@@ -63,10 +63,6 @@ export class NativeBulkSend implements FrameWriter {
     this.thread = new NativeThread(this.writer, onEvents)
   }
 
-  setNice(nice: number): void {
-    if (!this.closed) this.writer.setNice?.(nice)
-  }
-
   write(frame: Buffer): void {
     if (!this.closed) this.lastSeq = this.writer.frame(frame)
   }

@@ -27,7 +27,7 @@ export interface HandoffContext {
   clock: Clock
   mode: MigrationMode
   recoveryTimeoutMs: number
-  /** The destination's threads run at this nice value from the hand-off (src/agent/yielding.ts); forward: the service's clients are forwarded there. */
+  /** The destination's agent thread runs at this nice value once the service runs there (src/agent/yielding.ts); forward: the service's clients are forwarded there. */
   postcopyNice: number
   forward: boolean
   takeFreed(): number[]

@@ -1,5 +1,4 @@
 /** What the source is given: its options and the hooks by which it reaches the service (through the worker). */
-import type { NiceThread } from '../yielding'
 import type { Clock } from '../clock'
 import type { PrepagingOptions } from '../prepaging'
 import type { MigrationMode } from '../report'
@@ -34,7 +33,7 @@ export interface SourceOptions {
   /** A served server is HTTP: the destination rehearses Node's HTTP server path while the rounds run (src/forward-rehearsal.ts). */
   servesHttp?: boolean
   forwardWaitMs?: number
-  /** From the hand-off, the migration's threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
+  /** From the hand-off, the agents' threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
   postcopyNice: number
   /** Which dirty-page tracker (default: auto, the best this kernel offers). */
   tracker?: TrackerOption
@@ -60,8 +59,8 @@ export interface SourceHooks {
   takeFreed(): number[]
   /** The destination's service listens on these ports (per served server) of host: forward clients there. */
   forwardTo?(host: string, ports: (number | null)[]): void
-  /** HANDOFF went: post-copy is background work from now on (src/agent/yielding.ts). */
-  postcopy?(bulkThreads: NiceThread[]): void
+  /** HANDOFF went: the agent's thread yields from now on (src/agent/yielding.ts). */
+  postcopy?(): void
 }
 
 export interface Progress {

@@ -225,8 +225,8 @@ export class MigrationSource implements SourceHandlers {
       await handedOff.catch((err: UffdMigrateError) => {
         if (!this.committed || this.failure || err.code !== ErrorCode.CONNECTION) throw err
       })
-      // HANDOFF is out: pushing the rest is background work (threads made from now on inherit the nice value)
-      if (this.opts.mode !== 'precopy') this.hooks.postcopy?.(this.sender.bulkThreads)
+      // HANDOFF is out: deciding what to push next is background work from now on
+      if (this.opts.mode !== 'precopy') this.hooks.postcopy?.()
       const postStart = this.clock.now()
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
       this.sender.stopDemand()

@@ -8,7 +8,6 @@
  * The native demand thread takes pages from the same pending map; a page
  * belongs to whoever clears its bit first (PageBitmap.takeRange, atomic).
  */
-import type { NiceThread } from '../yielding'
 import type { NativeBinding, NativeDemandServer } from '../../binding'
 import { PageBitmap } from '../../bitmap'
 import type { Channel } from '../../protocol/channel'
@@ -79,11 +78,6 @@ export class Sender {
   }
 
   /** CPU time of the native threads (demand server, bulk writers), ended and running. */
-  /** The bulk connection's native writer, for post-copy's nice value (src/agent/yielding.ts). */
-  get bulkThreads(): NiceThread[] {
-    return this.writer ? [this.writer] : []
-  }
-
   get nativeCpuMs(): number {
     return this.endedCpuMs + [this.writer, ...this.laneWriters, ...this.retiredWriters].reduce((n, w) => n + (w?.cpuMs ?? 0), 0)
   }
