@@ -3,10 +3,10 @@
  * resolved in one place: every bad value gets ERR_INVALID_ARG (or
  * ERR_MIGRATION_AUTH for tokens) with the name the caller used.
  */
-import { resolvePostcopyNice } from './agent/yielding'
 import { readFileSync } from 'node:fs'
 import { parseAddress } from './agent/address'
 import type { WireSourceOptions } from './agent/messages'
+import { resolvePostcopyNice } from './agent/yielding'
 import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
 import type { TrackerSetting } from './agent/tracker-choice'

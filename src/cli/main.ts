@@ -2,7 +2,6 @@
 /**
  * uffd-migrate: doctor | receive | send | status | demo
  */
-import { resolvePostcopyNice } from '../agent/yielding'
 import { spawn, spawnSync } from 'node:child_process'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
@@ -10,6 +9,7 @@ import { formatDoctor, runDoctor } from '../doctor'
 import { controlRequest, controlSocketPath, type ControlRequest } from '../control'
 import { MIGRATION_MODES, readTokenFile, resolveAgentNice } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
+import { resolvePostcopyNice } from '../agent/yielding'
 import { ErrorCode } from '../errors'
 import { formatReport, progressLine, ProgressPrinter } from './format'
 import type { Progress } from '../agent/source/index'

@@ -30,7 +30,7 @@ export interface SourceOptions {
   bulkBufferBytes: number
   /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
   forward?: boolean
-  /** A served server is HTTP: the destination rehearses Node's HTTP server path while the rounds run (src/forward-rehearsal.ts). */
+  /** A served server is HTTP: the destination rehearses Node's HTTP server path before it answers REGIONS (src/forward-rehearsal.ts). */
   servesHttp?: boolean
   forwardWaitMs?: number
   /** From the hand-off, the agents' threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
