@@ -36,25 +36,30 @@ export async function rehearseForwarding(timeoutMs = 2000): Promise<boolean> {
   const forwarder = new Forwarder()
   const clients: Socket[] = []
   let over = false
+  let stop = () => {}
+  const stopped = new Promise<void>((r) => (stop = r))
   const run = async (): Promise<boolean> => {
     const [targetPort, frontPort] = [await listen(target), await listen(front)]
     if (over) return false
     forwarder.serve(front)
     forwarder.hold()
+    // after hold(): this listener runs after the forwarder's, which holds the request
+    const held = new Promise<void>((r) => front.on('request', () => forwarder.heldCount >= REQUESTS.length && r()))
     const replies = REQUESTS.map((request) => exchange(frontPort, request, clients))
     for (const r of replies) r.catch(() => {}) // awaited below, unless the rehearsal ends first
-    while (!over && forwarder.heldCount < REQUESTS.length) await new Promise((r) => setImmediate(r))
+    await Promise.race([held, stopped])
     if (over) return false
     forwarder.forwardTo([{ host: '127.0.0.1', port: targetPort }])
     await Promise.all(replies)
     return true
   }
-  // every step ends once `over` is set and the clients are gone: `ran` always settles
+  // every step ends once `over` is set (stop()) and the clients are gone: `ran` always settles
   const ran = run().catch(() => false)
   let timer: NodeJS.Timeout | undefined
   const answered = await Promise.race([ran, new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)))])
   clearTimeout(timer)
   over = true
+  stop()
   for (const c of clients) c.destroy()
   await ran
   forwarder.close()

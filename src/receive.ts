@@ -54,7 +54,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
         process.stderr.write(`uffd-migrate: guest '${name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
       }
       // the service restored here serves HTTP: its first requests must not run Node's HTTP code cold
-      if (m.type === 'incoming') void rehearseForwarding(1000).then(() => worker.postMessage({ type: 'prepared' } satisfies MainToAgent))
+      if (m.type === 'rehearse') void rehearseForwarding(1000).then(() => worker.postMessage({ type: 'rehearsed' } satisfies MainToAgent))
       if (m.type === 'restore') {
         let state: unknown
         try {

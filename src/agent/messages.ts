@@ -15,8 +15,8 @@ export type MainToAgent =
   | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
   | { type: 'restoreFailed'; error: { code: string; message: string } }
   | { type: 'cancel' }
-  /** receive mode: the answer to 'incoming', the service's thread is prepared (src/forward-rehearsal.ts) */
-  | { type: 'prepared' }
+  /** receive mode: the answer to 'rehearse': the HTTP path ran once on the service's thread (src/forward-rehearsal.ts) */
+  | { type: 'rehearsed' }
   /** receive mode: the service listens on these ports (guest.serve(), per served server). */
   | { type: 'serving'; ports: (number | null)[] }
   /** ready() waits, four numbers each: id, region, first page, page count (src/wait-batch.ts) */
@@ -31,8 +31,8 @@ export type AgentToMain =
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded' }
-  /** receive mode: a migration began; servesHttp: the source's service serves HTTP (the main thread rehearses that path, then answers 'prepared'). */
-  | { type: 'incoming'; servesHttp: boolean }
+  /** receive mode: a migration of a service serving HTTP began: the main thread rehearses that path, then answers 'rehearsed'. */
+  | { type: 'rehearse' }
   /** receive mode: a connection was refused (the agent logged the line); refusals: counts by code so far. */
   | { type: 'refused'; message: string; refusals: Record<string, number> }
   /** The destination's service listens on these ports of host: forward clients there. */

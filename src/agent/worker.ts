@@ -128,8 +128,8 @@ function onMain(m: MainToAgent): void {
       return incoming?.restore.answer(m.atMs)
     case 'restoreFailed':
       return incoming?.restore.refuse(m.error)
-    case 'prepared':
-      return incoming?.prepared.answer()
+    case 'rehearsed':
+      return incoming?.rehearsed.answer()
     case 'willNeed':
       return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
     case 'wait':
@@ -201,12 +201,12 @@ function outgoingMigrations() {
 function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
-  const prepared = new MainThreadCall<void>()
+  const rehearsed = new MainThreadCall<void>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
-    incoming: (o) => (o.servesHttp ? prepared.ask({ type: 'incoming', servesHttp: true }) : undefined),
+    incoming: (o) => (o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined),
     settled: () => {
       stopYielding()
       post({ type: 'settled' })
@@ -236,7 +236,7 @@ function incomingMigration() {
   return {
     dest,
     restore,
-    prepared,
+    rehearsed,
     get phase() {
       return dest.phase
     },
