@@ -2,9 +2,11 @@
  * Adaptive prepaging by bubbling (Hines, Deshpande, Gopalan 2009): every
  * demand fault becomes a pivot, and the push sends the pages around it,
  * widening forward (pivot+1, +2, ...) and, less, backward; an edge stops at a
- * page already sent. The k most recent pivots share the push round-robin, and
- * a sticky initial pivot walks the regions front to back and never stops, so
- * the push always makes progress. Adaptivity (as CRIU's lazy-pages adapts its
+ * page already sent, except where the service itself overtook the push (a
+ * sequential scan fetching page after page on demand): that forward edge
+ * follows the service, jumping over what it took. The k most recent pivots
+ * share the push round-robin, and a sticky initial pivot walks the regions
+ * front to back and never stops, so the push always makes progress. Adaptivity (as CRIU's lazy-pages adapts its
  * transfer length): a pivot's window per turn doubles while faults keep
  * landing next to it and falls back when they land elsewhere. Random faults
  * leave bubbles that stopped at each other with holes between them: the holes
@@ -44,6 +46,14 @@ interface Pivot {
   /** Next page forward / backward; -1 once that edge stopped. */
   fwd: number
   bwd: number
+  /** The page already sent where the forward edge stopped (-1: moving, or stopped at the region's end). */
+  fwdStop: number
+  /**
+   * The service went past this pivot's forward edge, taking every page on the
+   * way (a sequential scan faster than the push can react): the edge now
+   * follows it, jumping over pages the service took instead of stopping there.
+   */
+  streaming: boolean
   /** Pages per turn. */
   window: number
   /** Faults seen elsewhere since this pivot was last hit. */
@@ -88,8 +98,25 @@ export class BubblingPush implements PushPolicy {
     // page of the bubble still in flight, or a hole) says nothing about where
     // the edges are going: counting it would let an edge that has run out of
     // the working set keep the push forever.
+    const map = this.pending[region]
     for (const p of this.pivots) {
       if (p.region !== region) continue
+      // The forward edge stopped at a page the service had already fetched, and
+      // the service took every page from there to this fault: a sequential scan
+      // overtook the push. Its faults reach this policy late and in batches (the
+      // demand thread reports them every millisecond), so the pages right after
+      // a fault are often taken too: the edge goes on from the first page still
+      // pending after the fault, instead of the stale fault starting a pivot
+      // whose neighbours are all gone (the push then went backwards only).
+      if (p.fwd === -1 && p.fwdStop !== -1 && page >= p.fwdStop && page <= p.fwdStop + p.window && map.nextSet(p.fwdStop, page) === -1) {
+        p.fwd = map.nextSet(page + 1, map.size)
+        p.fwdStop = -1
+        p.streaming = true
+        if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
+        p.misses = 0
+        this.bump(p)
+        return
+      }
       const nearFwd = p.fwd !== -1 && page >= p.fwd - p.window && page <= p.fwd + p.window
       const nearBwd = p.bwd !== -1 && page >= p.bwd - p.window && page <= p.bwd + p.window
       if (!nearFwd && !nearBwd) continue
@@ -98,8 +125,9 @@ export class BubblingPush implements PushPolicy {
       // The service is ahead of the push and took every page up to here
       // (sequential scans): continue from where it is. Pages still pending in
       // between are not skipped.
-      if (nearFwd && page >= p.fwd && this.pending[region].nextSet(p.fwd, page) === -1) {
-        p.fwd = page + 1 < this.pending[region].size ? page + 1 : -1
+      if (nearFwd && page >= p.fwd && map.nextSet(p.fwd, page) === -1) {
+        p.fwd = page + 1 < map.size ? page + 1 : -1
+        p.streaming = true
       }
       this.bump(p)
       return
@@ -120,7 +148,7 @@ export class BubblingPush implements PushPolicy {
   private addPivot(region: number, page: number, window: number, backward = true): void {
     const size = this.pending[region].size
     const bwd = backward ? page - 1 : -1
-    this.pivots.unshift({ region, center: page, fwd: page + 1 < size ? page + 1 : -1, bwd, window, misses: 0, backwardCredit: 0 })
+    this.pivots.unshift({ region, center: page, fwd: page + 1 < size ? page + 1 : -1, bwd, fwdStop: -1, streaming: false, window, misses: 0, backwardCredit: 0 })
     if (this.pivots.length > this.opts.pivots) this.pivots.length = this.opts.pivots
     this.turn = 0
   }
@@ -203,12 +231,33 @@ export class BubblingPush implements PushPolicy {
     }
     let taken = 0
     if (p.fwd !== -1) {
-      const limit = Math.min(map.size, p.fwd + n - backward)
-      let end = p.fwd
-      while (end < limit && map.has(end)) end++
-      if (end > p.fwd) out.push({ region: p.region, firstPage: p.fwd, pageCount: end - p.fwd })
-      taken += end - p.fwd
-      p.fwd = end < limit || end >= map.size ? -1 : end
+      let room = n - backward
+      for (;;) {
+        const limit = Math.min(map.size, p.fwd + room)
+        let end = p.fwd
+        while (end < limit && map.has(end)) end++
+        if (end > p.fwd) out.push({ region: p.region, firstPage: p.fwd, pageCount: end - p.fwd })
+        taken += end - p.fwd
+        room -= end - p.fwd
+        if (end >= map.size) {
+          p.fwd = p.fwdStop = -1
+          break
+        }
+        if (end === limit) {
+          p.fwd = end
+          break
+        }
+        // end is already sent: the edge stops there, unless the service is the one ahead (streaming), in which
+        // case it jumps over what the service took, up to a window, to get in front of it
+        const next = p.streaming ? map.nextSet(end, Math.min(map.size, end + p.window + 1)) : -1
+        if (next === -1) {
+          p.fwd = -1
+          p.fwdStop = end
+          break
+        }
+        p.fwd = next
+        if (room <= 0) break
+      }
     } else {
       backward = n // only the backward edge is left
     }

@@ -126,6 +126,31 @@ describe('bubbling prepaging', () => {
     expect(policy.pivotState.find((p) => p.center === 1000)!.fwd).toBe(1101)
   })
 
+  it('follows a service that overtook the push: late faults restart the stopped edge, which then jumps over the pages the service took', () => {
+    const pending = [allPending(10_000)]
+    const policy = new BubblingPush(pending, { ...BUBBLE_DEFAULTS, pivots: 7, initialWindow: 64, backwardRatio: 1e9, areaPages: 0 })
+    policy.onFault(0, 1000)
+    pending[0].clear(1000)
+    // a sequential scan fetches 1001..1040 on demand before the policy hears of those faults (they come in batches)
+    for (let p = 1001; p <= 1040; p++) pending[0].clear(p)
+    // Hines' rule: the forward edge stops at the first page already sent
+    expect(flat(policy.next(64))).not.toContain(1041)
+    expect(policy.pivotState[0].fwd).toBe(-1)
+    // the faults arrive: the service took every page from the stop to them, so the edge goes on past them
+    for (let p = 1001; p <= 1040; p++) policy.onFault(0, p)
+    expect(policy.pivotState).toHaveLength(1) // no stale pivot per late fault
+    expect(policy.pivotState[0].fwd).toBe(1041)
+    // before the next turn the scan took 1041..1060 too: the edge jumps over them instead of stopping again
+    for (let p = 1041; p <= 1060; p++) pending[0].clear(p)
+    expect(flat(policy.next(64)).slice(0, 3)).toEqual([1061, 1062, 1063])
+    // a gap wider than the window is another bubble's: the edge stops there as before
+    const w = policy.pivotState[0].window
+    const fwd = policy.pivotState[0].fwd
+    pending[0].clearRange(fwd, w + 1)
+    expect(flat(policy.next(64)).filter((p) => p > fwd)).toEqual([])
+    expect(policy.pivotState.find((p) => p.center === 1000)?.fwd ?? -1).toBe(-1)
+  })
+
   it('puts a hinted range at the front of the push', () => {
     const pending = [allPending(1000)]
     const policy = new BubblingPush(pending)
