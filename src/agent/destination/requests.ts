@@ -36,6 +36,11 @@ export class Requests {
   private readonly regionIndex: Map<number, number>
   /** ready() waits of the service: id -> range; answered when the range is local. */
   private readonly waits = new Map<number, { region: number; first: number; count: number }>()
+  /**
+   * Open waits by the first page of their range still missing (key: region * 2^32 + page): an arrival looks up
+   * the pages it placed, not every open wait (right after a hand-off the service opens ~100 per tick).
+   */
+  private readonly waitsAt = new Map<number, number[]>()
   /** The last askAgain(): open requests count as asked from then on. */
   private askedAgainAtMs = -Infinity
   /** Faults timed here, in JS (the JS demand path). */
@@ -124,6 +129,7 @@ export class Requests {
   waitFor(id: number, region: number, first: number, count: number, askNow: boolean): void {
     if (this.placement.received[region].allSet(first, count)) return this.sink.ready([id])
     this.waits.set(id, { region, first, count })
+    this.park(id, region, first, count)
     if (askNow) this.request(region, first, count, true)
   }
 
@@ -175,11 +181,29 @@ export class Requests {
     if (this.waits.size) this.wakeWaits(region, first, count)
   }
 
+  /** Files a wait under the first page of its range still missing; false when none is (the wait is answered). */
+  private park(id: number, region: number, first: number, count: number): boolean {
+    const page = this.placement.received[region].nextClear(first, first + count)
+    if (page === -1) return false
+    const key = region * 2 ** 32 + page
+    const ids = this.waitsAt.get(key)
+    if (ids) ids.push(id)
+    else this.waitsAt.set(key, [id])
+    return true
+  }
+
+  /** O(pages placed): only the waits filed under one of these pages are looked at, and filed again further on when still short. */
   private wakeWaits(region: number, first: number, count: number): void {
     const done: number[] = []
-    for (const [id, w] of this.waits) {
-      if (w.region !== region || w.first >= first + count || w.first + w.count <= first) continue
-      if (this.placement.received[region].allSet(w.first, w.count)) done.push(id)
+    for (let page = first; page < first + count && this.waitsAt.size; page++) {
+      const key = region * 2 ** 32 + page
+      const ids = this.waitsAt.get(key)
+      if (!ids) continue
+      this.waitsAt.delete(key)
+      for (const id of ids) {
+        const w = this.waits.get(id)
+        if (w && !this.park(id, w.region, w.first, w.count)) done.push(id)
+      }
     }
     for (const id of done) this.waits.delete(id)
     if (done.length) this.sink.ready(done)
@@ -212,6 +236,7 @@ export class Requests {
   releaseAll(): void {
     if (this.waits.size) this.sink.ready([...this.waits.keys()])
     this.waits.clear()
+    this.waitsAt.clear()
   }
 }
 
