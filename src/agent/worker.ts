@@ -136,8 +136,9 @@ function onMain(m: MainToAgent): void {
       for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
       return
     case 'serving':
-      incoming?.dest.announceService(m.ports)
-      return yielding.clientsRouted()
+      // only a route set up during this post-copy counts (a late serve() must not count for the next hop)
+      if (incoming?.dest.announceService(m.ports)) yielding.clientsRouted()
+      return
   }
 }
 
@@ -169,6 +170,7 @@ function outgoingMigrations() {
         },
       })
       source = s
+      yielding.begin()
       s.run().then(
         (report) => {
           stopYielding()

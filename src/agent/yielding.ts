@@ -80,6 +80,12 @@ export class Yielding {
     else this.enter(nice)
   }
 
+  /** A migration begins: nothing of an earlier one (a route, a deferred enter()) counts for it. */
+  begin(): void {
+    this.deferred = undefined
+    this.routed = false
+  }
+
   /** The forwarded clients' route is set up (SERVICE sent, or received and handed to the forwarder). */
   clientsRouted(): void {
     this.routed = true

@@ -95,4 +95,18 @@ describe('Yielding waits for the forwarded clients route', () => {
     y.clientsRouted()
     expect(own.nice).toBe(0)
   })
+
+  it('forgets a route set up after an earlier migration when the next one begins', () => {
+    const own = thread(0)
+    const y = new Yielding((n) => own.set(n), 0)
+    y.enterWhen(true, 10)
+    y.clientsRouted()
+    y.leave()
+    y.clientsRouted() // late: the earlier migration is over
+    y.begin()
+    y.enterWhen(true, 10)
+    expect(own.nice).toBe(0) // waits for this migration's route
+    y.clientsRouted()
+    expect(own.nice).toBe(10)
+  })
 })

@@ -343,9 +343,8 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   /**
-   * Only the hand-off commits: a session that fails, is refused, cancelled or
-   * dropped before it leaves the guest as it was (regions empty, nothing
-   * registered) and listening for the next source.
+   * Only the hand-off commits: a session that fails, is refused, cancelled or dropped before it leaves the
+   * guest as it was (regions empty, nothing registered) and listening for the next source.
    */
   private endSession(err: Error): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
@@ -377,9 +376,11 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   /** The service listens on these ports (guest.serve(), per served server): the source's forwarder relays there. */
-  announceService(ports: (number | null)[]): void {
+  /** True when the forwarded clients' route is set up now, in post-copy (what the agent's yielding waits for). */
+  announceService(ports: (number | null)[]): boolean {
     this.servicePorts = ports
     if (this.machine.is(DestPhase.POSTCOPY, DestPhase.SETTLED)) this.link.bulk?.send(encodeControl(Msg.SERVICE, { ports }))
+    return this.phase === DestPhase.POSTCOPY
   }
 
   /** free() during post-copy: missing pages are zero-filled here and never pushed. */
