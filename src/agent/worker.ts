@@ -68,23 +68,22 @@ const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e
 
 /** A question to the main thread (pause, restore) whose answer comes back as a message. */
 class MainThreadCall<T> {
-  private waiter: { resolve: (v: T) => void; reject: (e: Error) => void } | undefined
+  /** Oldest first: the main thread answers in the order it was asked (a new session may ask before an old answer came). */
+  private readonly waiters: { resolve: (v: T) => void; reject: (e: Error) => void }[] = []
 
   ask(m: AgentToMain, transfer: ArrayBuffer[] = []): Promise<T> {
     return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject }
+      this.waiters.push({ resolve, reject })
       post(m, transfer)
     })
   }
 
   answer(value: T): void {
-    this.waiter?.resolve(value)
-    this.waiter = undefined
+    this.waiters.shift()?.resolve(value)
   }
 
   refuse(error: { code: string; message: string }): void {
-    this.waiter?.reject(errorIn(error))
-    this.waiter = undefined
+    this.waiters.shift()?.reject(errorIn(error))
   }
 }
 
