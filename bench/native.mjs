@@ -501,11 +501,12 @@ async function main() {
       }
       Atomics.store(ctl, C_STOP, 1)
       while (Atomics.load(ctl, C_STATE) !== 2) Atomics.wait(ctl, C_STATE, 1, 1000)
+      const trackerCpuMs = tracker?.cpuMs ?? 0, cpuMoves = tracker?.cpuMoves ?? 0
       tracker?.close()
       const runMs = res[R_T1] - res[R_T0]
       const nt = res[R_TICKS]
       return {
-        faults: tracker?.faults ?? 0,
+        faults: tracker?.faults ?? 0, trackerCpuMs, cpuMoves,
         writes: res[R_WRITES], runMs, units: res[R_UNITS], scans, pages,
         scanMean: scans ? scanMs / scans : 0, scanMax,
         batch: nt ? stats(batchNs.subarray(0, nt)) : null,
@@ -629,6 +630,8 @@ async function main() {
             out[`${kind}.perWrite`] = ((t.batch.mean - u.batch.mean) / perTick) / 1e3 // µs per write (each to a new page)
             out[`${kind}.dirty`] = t.scans ? t.pages / t.scans : 0
             out[`${kind}.faultsPerSec`] = (t.faults / t.runMs) * 1e3
+            out[`${kind}.cpuPerFault`] = t.faults ? (t.trackerCpuMs * 1e3) / t.faults : 0
+            out[`${kind}.movesPerSec`] = (t.cpuMoves / t.runMs) * 1e3
             out[`${kind}.scanMean`] = t.scanMean
           }
           return out
@@ -647,7 +650,13 @@ async function main() {
         })
         add({ metric: `  pages per collect`, unit: 'pages', runs: col(vals, `${kind}.dirty`), info: true })
         add({ metric: `  collect (take + re-protect), mean`, unit: 'ms', runs: col(vals, `${kind}.scanMean`), info: true })
-        if (kind === 'sync-wp') add({ metric: `  write faults resolved by uffdm-wp`, unit: '/s', runs: col(vals, `${kind}.faultsPerSec`), info: true })
+        if (kind === 'sync-wp') {
+          add({ metric: `  write faults resolved by uffdm-wp`, unit: '/s', runs: col(vals, `${kind}.faultsPerSec`), info: true })
+          // the thread's own CPU per fault, and how often it moved to follow the writer: a writer the scheduler keeps
+          // moving (woken onto the idle vCPU while this thread still runs on its own) makes round trips cross CPUs
+          add({ metric: `  uffdm-wp CPU per fault`, unit: 'µs', runs: col(vals, `${kind}.cpuPerFault`), info: true })
+          add({ metric: `  uffdm-wp moves to the writer's CPU`, unit: '/s', runs: col(vals, `${kind}.movesPerSec`), info: true })
+        }
       }
     }
     if (!noRef) {

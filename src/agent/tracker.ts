@@ -141,6 +141,11 @@ export class SyncWpTracker implements DirtyTracker {
     return this.native.stats.cpuMs
   }
 
+  /** Times the thread moved to the CPU of the thread that faulted (a writer the scheduler moved: see native/wp_tracker.cc). */
+  get cpuMoves(): number {
+    return this.native.stats.cpuMoves
+  }
+
   get faults(): number {
     const s = this.native.stats
     return s.wpFaults + s.missingFaults
