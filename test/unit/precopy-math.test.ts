@@ -1,7 +1,7 @@
 /** Hot pages (Ma et al.) and convergence, as pure functions. */
 import { describe, expect, it } from 'vitest'
 import { converged, linkRate, splitHot, type ConvergenceState } from '../../src/agent/source/precopy'
-import { discardRuns } from '../../src/agent/source/handoff'
+import { discardRuns, heldRuns, sendWrittenInWindow, WINDOW_SEND_MS } from '../../src/agent/source/handoff'
 import { PageBitmap } from '../../src/bitmap'
 
 const map = (size: number, pages: number[]) => {
@@ -79,5 +79,26 @@ describe('discard list', () => {
     const runs = discardRuns(has, [[2, 3, 33, 2, 36, 1], undefined, [35, 2]])
     expect(Array.from(runs)).toEqual([2, 2, 33, 1, 36, 1])
     expect(pagesOf(has)).toEqual([1])
+  })
+})
+
+describe('hybrid: written pages sent in the window or dropped', () => {
+  it('takes the written pages the destination holds, leaving destHas as it is', () => {
+    const has = map(40, [1, 2, 3, 33, 36])
+    const { runs, pages } = heldRuns(has, [2, 3, 30, 5, 39, 1])
+    expect(runs).toEqual([[2, 2], [33, 1]])
+    expect(pages).toBe(3)
+    expect(pagesOf(has)).toEqual([1, 2, 3, 33, 36])
+  })
+
+  it('sends them when their transfer at the measured rate fits the window budget, else drops them', () => {
+    const ps = 4096, gbps = 1024 ** 3 / 1000 // 1 GiB/s in bytes per ms
+    const fit = Math.floor((WINDOW_SEND_MS * gbps) / ps) // 524 pages of 4 KiB in 2 ms at 1 GiB/s
+    expect(sendWrittenInWindow(fit, ps, gbps)).toBe(true)
+    expect(sendWrittenInWindow(fit + 1, ps, gbps)).toBe(false)
+    expect(sendWrittenInWindow(0, ps, gbps)).toBe(false) // nothing to send: no final round
+    // before a round measured the link, linkRate() says 100 MiB/s: a tenth as many
+    expect(sendWrittenInWindow(60, ps, 100 * 1024)).toBe(false)
+    expect(sendWrittenInWindow(50, ps, 100 * 1024)).toBe(true)
   })
 })

@@ -123,6 +123,11 @@ export class Sender {
   /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
   private retiredWriters: NativeBulkSend[] = []
 
+  /** Bulk streams pages travel on now (1: bulk alone). */
+  get streams(): number {
+    return Math.max(1, this.lanes.length)
+  }
+
   /** Bytes the extra streams wrote, ended and running (round and hand-off byte counts add them to bulk's). */
   get laneBytes(): number {
     return this.extraBytes + this.laneWriters.reduce((n, w) => n + w.bytesWritten, 0)
