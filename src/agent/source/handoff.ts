@@ -36,6 +36,8 @@ export interface HandoffContext {
   takeFreed(): number[]
   /** discarded: pages the destination drops now; missing: pages it lacks when the service resumes there (the report's figures). */
   commit(discarded: number, missing: number): void
+  /** HANDOFF is queued: what post-copy needs before the destination's first page request (it overlaps HANDOFF's way there). */
+  handedOver(): void
   /** Source-clock stamps of the pause window, for the report's downtime breakdown. */
   marks: { scannedAt?: number; sentAt?: number }
 }
@@ -166,6 +168,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
     postcopyNice: ctx.postcopyNice,
     ...(ctx.forward ? { forward: true } : {}),
   }))
+  ctx.handedOver()
   await bulk.drain()
   ctx.marks.sentAt = ctx.clock.now()
   final.bytes = bulk.bytesWritten + sender.laneBytes - before

@@ -219,6 +219,8 @@ export class MigrationSource implements SourceHandlers {
           discarded = d
           missingAtHandoff = missing
           this.machine.transition(SourcePhase.POSTCOPY)
+        },
+        handedOver: () => {
           if (this.opts.mode !== 'precopy') this.postcopy.start()
         },
       }, state, prep, rounds), failed])
