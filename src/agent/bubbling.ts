@@ -6,11 +6,12 @@
  * sequential scan fetching page after page on demand): that forward edge
  * follows the service, jumping over what it took. The k most recent pivots
  * share the push round-robin, and a sticky initial pivot walks the regions
- * front to back and never stops, so the push always makes progress. Adaptivity (as CRIU's lazy-pages adapts its
- * transfer length): a pivot's window per turn doubles while faults keep
- * landing next to it and falls back when they land elsewhere. Random faults
- * leave bubbles that stopped at each other with holes between them: the holes
- * of the most recently faulted areas (2 MiB) go before the sticky pivot's walk.
+ * front to back and never stops, so the push always makes progress.
+ * Adaptivity (as CRIU's lazy-pages adapts its transfer length): a pivot's
+ * window per turn doubles while faults keep landing next to it and falls
+ * back when they land elsewhere. Random faults leave bubbles that stopped at
+ * each other with holes between them: the holes of the most recently faulted
+ * areas (2 MiB) go before the sticky pivot's walk.
  *
  * Everything works on the pending bitmaps: one turn costs O(pages it returns).
  */
