@@ -106,27 +106,23 @@ export class BubblingPush implements PushPolicy {
       // the service took every page from there to this fault: a sequential scan
       // overtook the push. Its faults reach this policy late and in batches (the
       // demand thread reports them every millisecond), so the pages right after
-      // a fault are often taken too: the edge goes on from the first page still
-      // pending after the fault, instead of the stale fault starting a pivot
-      // whose neighbours are all gone (the push then went backwards only).
-      if (p.fwd === -1 && p.fwdStop !== -1 && page >= p.fwdStop && page <= p.fwdStop + p.window && map.nextSet(p.fwdStop, page) === -1) {
+      // a fault are often taken too: a hit, and the edge goes on from the first
+      // page still pending after the fault, instead of the stale fault starting
+      // a pivot whose neighbours are all gone (the push then went backwards only).
+      const pastStop = p.fwd === -1 && p.fwdStop !== -1 && page >= p.fwdStop && page <= p.fwdStop + p.window && map.nextSet(p.fwdStop, page) === -1
+      const nearFwd = p.fwd !== -1 && page >= p.fwd - p.window && page <= p.fwd + p.window
+      const nearBwd = p.bwd !== -1 && page >= p.bwd - p.window && page <= p.bwd + p.window
+      if (!pastStop && !nearFwd && !nearBwd) continue
+      if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
+      p.misses = 0
+      if (pastStop) {
         p.fwd = map.nextSet(page + 1, map.size)
         p.fwdStop = -1
         p.streaming = true
-        if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
-        p.misses = 0
-        this.bump(p)
-        return
-      }
-      const nearFwd = p.fwd !== -1 && page >= p.fwd - p.window && page <= p.fwd + p.window
-      const nearBwd = p.bwd !== -1 && page >= p.bwd - p.window && page <= p.bwd + p.window
-      if (!nearFwd && !nearBwd) continue
-      if (this.opts.adaptive) p.window = Math.min(this.opts.maxWindow, p.window * 2)
-      p.misses = 0
-      // The service is ahead of the push and took every page up to here
-      // (sequential scans): continue from where it is. Pages still pending in
-      // between are not skipped.
-      if (nearFwd && page >= p.fwd && map.nextSet(p.fwd, page) === -1) {
+      } else if (nearFwd && page >= p.fwd && map.nextSet(p.fwd, page) === -1) {
+        // The service is ahead of the push and took every page up to here
+        // (sequential scans): continue from where it is. Pages still pending in
+        // between are not skipped.
         p.fwd = page + 1 < map.size ? page + 1 : -1
         p.streaming = true
       }
