@@ -116,7 +116,7 @@ export class Requests {
     this.inFlight[region].set(page)
     this.stats.networkFaults++
     if (this.placement.knownZero[region].has(page)) this.stats.networkFaultsOnZeroPages++
-    this.faultStart.set(region * 2 ** 32 + page, now)
+    this.faultStart.set(pageKey(region, page), now)
     const list = requests.get(region) ?? []
     list.push(page, 1)
     requests.set(region, list)
@@ -167,7 +167,7 @@ export class Requests {
 
   /** Pages placed (post-copy): time the faults they answer, wake ready() waits. */
   arrived(region: number, first: number, count: number): void {
-    const lo = region * 2 ** 32 + first, hi = lo + count
+    const lo = pageKey(region, first), hi = lo + count
     if (this.faultStart.size) {
       // a few faults are open at a time: look them up, not every page of the run
       const now = this.clock.now()
@@ -185,24 +185,30 @@ export class Requests {
   private park(id: number, region: number, first: number, count: number): boolean {
     const page = this.placement.received[region].nextClear(first, first + count)
     if (page === -1) return false
-    const key = region * 2 ** 32 + page
-    const ids = this.waitsAt.get(key)
+    const key = pageKey(region, page), ids = this.waitsAt.get(key)
     if (ids) ids.push(id)
     else this.waitsAt.set(key, [id])
     return true
   }
 
-  /** O(pages placed): only the waits filed under one of these pages are looked at, and filed again further on when still short. */
+  /** O(min(pages placed, open waits)): only the waits filed under one of these pages are looked at, and filed again further on when still short. */
   private wakeWaits(region: number, first: number, count: number): void {
     const done: number[] = []
-    for (let page = first; page < first + count && this.waitsAt.size; page++) {
-      const key = region * 2 ** 32 + page
-      const ids = this.waitsAt.get(key)
-      if (!ids) continue
+    const lo = pageKey(region, first), hi = lo + count
+    const wake = (key: number, ids: number[]) => {
       this.waitsAt.delete(key)
       for (const id of ids) {
         const w = this.waits.get(id)
         if (w && !this.park(id, w.region, w.first, w.count)) done.push(id)
+      }
+    }
+    // a long run with few waits open looks at the waits, a short one at its pages (a Map may be changed while iterated)
+    if (this.waitsAt.size < count) {
+      for (const [key, ids] of this.waitsAt) if (key >= lo && key < hi) wake(key, ids)
+    } else {
+      for (let key = lo; key < hi; key++) {
+        const ids = this.waitsAt.get(key)
+        if (ids) wake(key, ids)
       }
     }
     for (const id of done) this.waits.delete(id)
@@ -249,4 +255,9 @@ export function settledReport(requests: Requests, placement: Placement, nativeBu
     pagesLocal: placement.totalPages,
     ...requests.latencyReport(),
   }
+}
+
+/** One number per page of any region: the key of the maps by page (region < 2^21 keeps it exact). */
+function pageKey(region: number, page: number): number {
+  return region * 2 ** 32 + page
 }
