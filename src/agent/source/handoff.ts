@@ -133,7 +133,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   // stream's reader to place its share before HANDOFF may go (256 MiB, 10k writes/s, 3 streams, 5 runs each:
   // transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they are dropped instead)
   const held = ctx.mode === 'hybrid' && sender.streams === 1 ? written.map((w, i) => heldRuns(sender.destHas[i], w)) : undefined
-  const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), regions[0]?.pageSize ?? 4096, linkRate(rounds))
+  const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), sender.pageSize, linkRate(rounds))
   for (let i = 0; i < regions.length; i++) {
     if (precopyMode) {
       // every page goes now, once: written ∪ hot, in order (the hot map is not needed after this)

@@ -123,6 +123,10 @@ export class Sender {
   /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
   private retiredWriters: NativeBulkSend[] = []
 
+  get pageSize(): number {
+    return this.ps
+  }
+
   /** Bulk streams pages travel on now (1: bulk alone). */
   get streams(): number {
     return Math.max(1, this.lanes.length)
