@@ -51,7 +51,7 @@ export class Sender {
   pagesLeft = 0
   readonly counts: SendCounts = { data: 0, zero: 0, free: 0, resent: 0 }
   private readonly zeroScratch = new Uint8Array(MAX_PAGES_PER_FRAME)
-  private readonly ps: number
+  readonly pageSize: number
   private demandServer: NativeThread<NativeDemandServer> | undefined
   /** The bulk connection's native writer (writeNatively()). */
   private writer: NativeBulkSend | undefined
@@ -67,7 +67,7 @@ export class Sender {
     private readonly binding: NativeBinding,
     private readonly regions: Region[],
   ) {
-    this.ps = binding.pageSize
+    this.pageSize = binding.pageSize
     this.destHas = regions.map((r) => new PageBitmap(r.pageCount))
     this.everSent = regions.map((r) => new PageBitmap(r.pageCount))
   }
@@ -122,10 +122,6 @@ export class Sender {
 
   /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
   private retiredWriters: NativeBulkSend[] = []
-
-  get pageSize(): number {
-    return this.ps
-  }
 
   /** Bulk streams pages travel on now (1: bulk alone). */
   get streams(): number {
@@ -377,7 +373,7 @@ export class Sender {
         total.zero += count
         return
       }
-      ch.send([pagesHeader(region, p, count, this.ps), Buffer.from(r.buffer, p * this.ps, count * this.ps)])
+      ch.send([pagesHeader(region, p, count, this.pageSize), Buffer.from(r.buffer, p * this.pageSize, count * this.pageSize)])
       total.data += count
       this.counts.data += count
       this.counts.resent += count - this.everSent[region].setRange(p, count) // pages sent before
