@@ -96,8 +96,7 @@ export class Yielding {
 
   /** Settled (or failed): this thread back to the agent's own nice. False: the kernel refused, it stays where it is. */
   leave(): boolean {
-    this.deferred = undefined
-    this.routed = false
+    this.begin() // the next migration starts from nothing
     if (this.current === this.ownNice) return true
     try {
       this.setOwnNice(this.ownNice)
