@@ -135,7 +135,7 @@ void DemandThread::emit(const DemandEvent& e) {
 
 bool DemandThread::place(int uffd, uintptr_t region_base, uint32_t region, uint32_t first, uint32_t count, const uint8_t* src) {
   const size_t ps = page_size();
-  int e = install_pages(uffd, region_base + (size_t)first * ps, src, (size_t)count * ps);
+  int e = install_pages(uffd, region_base + (size_t)first * ps, src, (size_t)count * ps, &stopping_);
   if (!e) return true;
   emit({(double)kEvInstallFailed, (double)-e, (double)region, (double)first, (double)count});
   flush(true);

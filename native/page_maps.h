@@ -173,9 +173,10 @@ constexpr int kEvInstallFailed = 12;
 
 // UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
 // EEXIST (a page placed meanwhile, by another thread: kept, its waiters woken), EAGAIN (the address space changing, or a partial
-// copy: retried) and ENOMEM (memory short for a moment: retried for ~200 ms). 0 when every page is in; else the
-// -errno that stopped it, and the caller must not mark the pages received.
-inline int install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len) {
+// copy: retried) and ENOMEM (memory short for a moment: retried for ~200 ms, unless `stopping` turns true: a
+// thread being closed is joined on the JS thread, which must not wait that long). 0 when every page is in; else
+// the -errno that stopped it, and the caller must not mark the pages received.
+inline int install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len, const std::atomic<bool>* stopping = nullptr) {
   const size_t ps = page_size();
   size_t done = 0;
   int again = 0, short_of_memory = 0;
@@ -195,7 +196,7 @@ inline int install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len
     } else if (e == -EAGAIN) {
       if (progressed <= 0 && ++again > 1000) return e;
     } else if (e == -ENOMEM) {
-      if (++short_of_memory > 200) return e;
+      if (++short_of_memory > 200 || (stopping && stopping->load(std::memory_order_relaxed))) return e;
       usleep(1000);
     } else {
       return e;
