@@ -72,8 +72,8 @@ describe.skipIf(skip)('native bulk reader', () => {
       })
       const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
       try {
-        // [0, 400): runs of 7 data pages and 1 zero page; a control frame between; [400, 640): one large frame
-        // (240 pages, more than the reader's buffer); then [0, 7) again with new data (pre-copy: overwritten in place)
+        // [0, 400): runs of 7 data pages and 1 zero page; a control frame between; [400, 640): two large frames
+        // (100 and 140 pages, each larger than a small frame); then [0, 7) again with new data (pre-copy: overwritten in place)
         const parts: Buffer[] = []
         const zeroRuns: number[] = []
         for (let p = 0; p < 400; p += 64) {
@@ -89,7 +89,8 @@ describe.skipIf(skip)('native bulk reader', () => {
         }
         parts.push(encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, zeroRuns))
         parts.push(pagesFrame(15, 1, () => 77)) // a known-zero page written in a later round: over its zero page
-        parts.push(pagesFrame(400, 240, (q) => (q % 13) + 100))
+        // two large frames back to back (after a large one the reader reads only the next header ahead)
+        parts.push(pagesFrame(400, 100, (q) => (q % 13) + 100), pagesFrame(500, 140, (q) => (q % 13) + 100))
         parts.push(pagesFrame(0, 7, (q) => 200 + q))
         // a control frame larger than the buffer: read straight, handed to JS whole
         const big = encodeControl(Msg.ROUND_END, { round: 1, pad: Buffer.alloc(400 << 10, 7) })
