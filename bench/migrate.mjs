@@ -19,6 +19,8 @@
 //   The pinned client runs in a process of its own (src/cli/pinned-client.ts), like a client on another host.
 //   --no-pinned  without the autocannon client pinned to the source's address (the page-store serve()s its
 //                server and the source forwards; its columns: 2xx, errors, non-2xx, p99/max latency, gap)
+//   --repeat N  the whole plan N times over (sizes alternate, so a drift of the machine touches all alike); the
+//                'downtime against memory size' table takes medians
 //   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
 //                default: the one this kernel gives, 'auto')
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
@@ -32,7 +34,7 @@ import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { cpus, loadavg, release as osRelease, hostname } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { repoRoot, runLimits } from './lib/limits.mjs'
+import { repoRoot, runCBench, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { measureTcp } from './lib/tcp-tput.mjs'
 import { prewarm } from './lib/warm.mjs'
@@ -62,6 +64,7 @@ function parseArgs(argv) {
       case '--no-pinned': a.pinned = false; break
       case '--pinned-rate': a.pinnedRate = Number(val()); break
       case '--tiny-state': a.tinyState = true; break
+      case '--repeat': a.repeat = Number(val()); break
       case '--sizes': a.sizes = val().split(',').map(Number); break
       case '--links': a.links = val().split(','); break
       case '--loads': a.loads = val().split(',').map(Number); break
@@ -83,6 +86,8 @@ function parseArgs(argv) {
   a.loads ??= a.quick ? [0, 10_000] : [0, 10_000, 100_000]
   a.modes ??= ['precopy', 'postcopy', 'hybrid']
   a.trackers ??= ['auto']
+  a.repeat ??= 1
+  if (!(Number.isInteger(a.repeat) && a.repeat >= 1)) throw new Error(`bad --repeat: ${a.repeat} (a whole number >= 1)`)
   for (const t of a.trackers) if (!['auto', 'wp-async', 'sync-wp'].includes(t)) throw new Error(`bad --trackers: ${t} (auto, wp-async, sync-wp)`)
   for (const s of a.sizes) if (!(s > 0)) throw new Error(`bad --sizes: ${s}`)
   for (const l of a.links) if (!['loopback', 'netns'].includes(l)) throw new Error(`bad --links: ${l} (loopback, netns)`)
@@ -254,6 +259,50 @@ function caseTimeoutMs(c) {
   return 120_000 + (c.sizeMiB / 50) * 1000 + ((c.sizeMiB * 8) / rate) * 1000
 }
 
+/**
+ * How the downtime grows with memory: per link, load, mode and tracker with rows at several sizes, the largest
+ * against the smallest (issue 12's line: <= 1.2 x and <= 25 ms), beside the C floor of the final scan.
+ */
+function printGrowth(cases, refs, out) {
+  const groups = new Map()
+  for (const c of cases) {
+    const rep = c.result?.report
+    if (c.skipped || !c.result?.ok || !(rep?.downtimeMs > 0)) continue
+    const key = `${c.link}, ${loadLabel(c.writesPerSec)}, ${c.mode}${c.tracker && c.tracker !== 'auto' ? `, ${c.tracker}` : ''}`
+    if (!groups.has(key)) groups.set(key, [])
+    groups.get(key).push(c)
+  }
+  const rows = []
+  const checks = []
+  for (const [key, cs] of groups) {
+    const sizes = [...new Set(cs.map((c) => c.sizeMiB))].sort((a, b) => a - b)
+    if (sizes.length < 2) continue
+    const med = (size, f) => stats(cs.filter((c) => c.sizeMiB === size).map(f)).median
+    const downtime = (size) => med(size, (c) => c.result.report.downtimeMs)
+    const scan = (size) => med(size, (c) => c.result.report.downtimeBreakdownMs?.finalScan ?? NaN)
+    const cScan = (size) => refs.get(`migrate.final_scan.${size}m`)?.median
+    for (const size of sizes) {
+      rows.push([key, sizeLabel(size), String(cs.filter((c) => c.sizeMiB === size).length), fmt(downtime(size)), fmt(scan(size)), cScan(size) !== undefined ? fmt(cScan(size)) : '—'])
+    }
+    const lo = sizes[0], hi = sizes[sizes.length - 1]
+    const ratio = downtime(hi) / downtime(lo)
+    checks.push([`${key}: ${sizeLabel(hi)} downtime <= 1.2 x ${sizeLabel(lo)} and <= 25 ms`, `x${fmt(ratio)}, ${fmt(downtime(hi))} ms`, ratio <= 1.2 && downtime(hi) <= 25 ? 'pass' : 'FAIL'])
+    if (cScan(lo) !== undefined && cScan(hi) !== undefined) {
+      const floor = downtime(lo) + cScan(hi) - cScan(lo)
+      checks.push([`  C floor: ${sizeLabel(lo)} downtime + what the C scan adds at ${sizeLabel(hi)} (${fmt(cScan(hi))} - ${fmt(cScan(lo))} ms)`, `${fmt(floor)} ms, x${fmt(floor / downtime(lo))}`,
+        floor <= 1.2 * downtime(lo) ? 'within 1.2' : 'over 1.2'])
+    }
+  }
+  if (!rows.length) return
+  out()
+  out('## Downtime against memory size (medians of the rows above)')
+  printTable(['link, load, mode', 'size', 'rows', 'downtime ms', 'final scan ms', 'C final scan ms'], rows, { out })
+  printTable(['target', 'measured', ''], checks, { out })
+  out('C final scan: bench/c/final_scan.c, one PAGEMAP_SCAN(WP_MATCHING) over a region of that size laid out as the page-store\'s, 32 pages written since the last scan ' +
+    '(median of 5, same warm-up): the least a final scan of that much memory costs on this machine. C floor: the smallest size\'s downtime plus what that scan alone adds ' +
+    'at the largest size; over 1.2, the line cannot hold however fast the rest of the hand-off is')
+}
+
 /** The report's downtime breakdown: pause / final scan / hand-off sent / discard / restore. */
 function splitCell(b) {
   return b ? [b.pause, b.finalScan, b.handoffTransfer, b.discard, b.restore].map((x) => x.toFixed(1)).join('/') : '—'
@@ -304,6 +353,10 @@ async function main() {
     // one run per figure by default: NRUNS=3 gives min/median/max but costs ~4 more minutes
     const nruns = (meta.nruns = Number(process.env.NRUNS) || 1)
     refs = runLimits(['tcp-tput', 'tcp-rtt', 'postcopy-bulk', 'postcopy-demand'], { nruns, log: say })
+  }
+  // the final scan's floor at each size (bench/c/final_scan.c): how the hand-off's scan alone grows with memory in C
+  if (args.sizes.length > 1) {
+    for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'final_scan.c'), { nruns: 5, env: { SIZES_MIB: args.sizes.join(',') }, log: say })) refs.set(k, v)
   }
   // the loopback reference: 1 MiB writes from a cache-cold source, like pages read from a guest
   const tputRef = refs.get('2.tcp.tput.1024k.coldsrc.none') ?? refs.get('2.tcp.tput.1024k.none')
@@ -375,10 +428,12 @@ async function main() {
 
     // 4. the migrations
     const plan = []
-    for (const link of args.links) {
-      for (const sizeMiB of args.sizes) {
-        for (const writesPerSec of args.loads) {
-          for (const mode of args.modes) for (const tracker of args.trackers) plan.push({ link, sizeMiB, writesPerSec, mode, tracker })
+    for (let rep = 0; rep < args.repeat; rep++) {
+      for (const link of args.links) {
+        for (const sizeMiB of args.sizes) {
+          for (const writesPerSec of args.loads) {
+            for (const mode of args.modes) for (const tracker of args.trackers) plan.push({ link, sizeMiB, writesPerSec, mode, tracker })
+          }
         }
       }
     }
@@ -511,6 +566,7 @@ async function main() {
     `≥N* = the destination never answered before the client stopped, N ms after the source's last answer ` +
     `(the destination verifies every page with its event loop blocked, then exits) — that silence is NOT in 'client gap'`)
   if (rows.some((r) => Array.isArray(r) && r[6] === 'round-limit')) out(`round-limit: pre-copy did not converge within --max-rounds (5, the default) and stopped there; the rest goes in the downtime`)
+  printGrowth(cases, refs, out)
   const failed = cases.filter((c) => !c.skipped && !c.result.ok)
   out(`${cases.filter((c) => !c.skipped).length} migrations, ${failed.length} failed, ${cases.filter((c) => c.skipped).length} skipped; ` +
     `wall time ${((Date.parse(meta.finished) - started.getTime()) / 60000).toFixed(1)} min`)

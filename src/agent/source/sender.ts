@@ -194,7 +194,8 @@ export class Sender {
    * Sends runs of one region ([first, count] pairs), in order: through the
    * native writer in batches (a few in flight) when ch has it, else run by
    * run in JS, letting the agent's loop in every 64 runs (a cancel waits for
-   * no more than that) unless yieldToLoop is false (the pause window).
+   * no more than that) unless yieldToLoop is false (the pause window; through
+   * the native writer all is then queued before this returns: the promise counts).
    */
   async sendRuns(ch: Channel, region: number, runs: Iterable<[number, number]>, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
     const total = { data: 0, zero: 0 }
@@ -207,10 +208,10 @@ export class Sender {
       const queues = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => ({
         lane, writer: lane.frameWriter as NativeBulkSend, batch: [] as number[], pages: 0, inFlight: [] as Promise<{ data: number; zero: number }>[],
       }))
-      const submit = async (q: (typeof queues)[number]) => {
+      const submit = (q: (typeof queues)[number]) => {
         q.inFlight.push(q.writer.pages(region, Uint32Array.from(q.batch), afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME, afterHandoff))
         q.batch = [], q.pages = 0
-        if (q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT) add(await q.inFlight.shift()!)
+        return yieldToLoop && q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT ? q.inFlight.shift()!.then(add) : undefined
       }
       for (const [s, n] of runs) {
         if (ch.failed) break
@@ -218,10 +219,12 @@ export class Sender {
         for (let i = 0; i < queues.length; i++) {
           const q = queues[i], part = parts[i]
           for (let k = 0; k < part.length; k += 2) q.batch.push(part[k], part[k + 1]), (q.pages += part[k + 1])
-          if (q.pages >= WRITER_BATCH_PAGES || q.batch.length >= 2 * RANGE_ENTRIES_PER_FRAME) await submit(q)
+          const full = q.pages >= WRITER_BATCH_PAGES || q.batch.length >= 2 * RANGE_ENTRIES_PER_FRAME ? submit(q) : undefined
+          if (full) await full
         }
       }
-      for (const q of queues) if (q.batch.length) await submit(q)
+      const last = queues.map((q) => (q.batch.length ? submit(q) : undefined))
+      for (const full of last) if (full) await full
       for (const q of queues) for (const p of q.inFlight) add(await p)
       return total
     }
