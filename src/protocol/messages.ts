@@ -213,8 +213,11 @@ export function encodeRuns(type: Msg, kind: number, region: number, runs: ArrayL
   const b = Buffer.allocUnsafe(5 + 5 + count * 4)
   frameHeader(type, 5 + count * 4).copy(b, 0)
   b[5] = kind
-  b.writeUInt32BE(region, 6)
-  for (let i = 0; i < count; i++) b.writeUInt32BE(runs[i], 10 + i * 4)
+  // a DataView, not b.writeUInt32BE(): a round 0 of the page-store sends ~66k entries per GiB, and the Buffer
+  // method's range checks were a third of the source's JavaScript time in it (CPU profile)
+  const view = new DataView(b.buffer, b.byteOffset, b.byteLength)
+  view.setUint32(6, region)
+  for (let i = 0; i < count; i++) view.setUint32(10 + i * 4, runs[i])
   return b
 }
 

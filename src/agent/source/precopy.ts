@@ -32,6 +32,11 @@ export function splitHot(written: PageBitmap, prevWritten: PageBitmap, hot: Page
   return send
 }
 
+/** (first, count) pairs of a flat run list. */
+function* runPairs(runs: ArrayLike<number>): Generator<[number, number]> {
+  for (let k = 0; k + 1 < runs.length; k += 2) yield [runs[k], runs[k + 1]]
+}
+
 export type PrecopyStop = 'converged' | 'not-converging' | 'round-limit'
 
 export interface ConvergenceState {
@@ -104,20 +109,23 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
     rr.freePages = sender.sendFreed(bulk, ctx.takeFreed())
     for (let i = 0; i < regions.length; i++) {
       const r = regions[i]
-      const written = new PageBitmap(r.pageCount)
+      let toSend: Iterable<[number, number]>
       if (round === 0) {
         // Round 0 sends every page that holds data; the rest are zero
         // ranges. Re-protect first so that writes from now on show up in round 1.
         tracker.collectWritten(r.id, r.pageCount)
         const present = tracker.presentRuns(r.id, r.pageCount)
-        written.setRuns(present)
         rr.zeroPages += sender.sendComplementAsZero(bulk, i, present)
+        // as they are: nothing is hot in round 0 (splitHot() would give the same runs back, through a bitmap)
+        toSend = runPairs(present)
       } else {
+        const written = new PageBitmap(r.pageCount)
         written.setRuns(tracker.collectWritten(r.id, r.pageCount))
+        toSend = splitHot(written, prevWritten[i], hot[i], round).runs()
       }
       // a round can go by without the socket ever asking to drain (4 MiB buffers): sendRuns lets the agent's
       // loop take messages (a cancel) now and then, not only at the end of the round
-      const { data, zero } = await sender.sendRuns(bulk, i, splitHot(written, prevWritten[i], hot[i], round).runs(), false)
+      const { data, zero } = await sender.sendRuns(bulk, i, toSend, false)
       rr.dataPages += data
       rr.zeroPages += zero
       // hot pages wait for the hand-off; with post-copy after it (hybrid) the destination drops its old copies
