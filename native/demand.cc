@@ -342,6 +342,7 @@ class DemandClientThread : public DemandThread {
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
     staging_ = (uint8_t*)aligned_alloc(ps, kFramePages * ps);
     for (auto& r : regions_) asked_.emplace_back((r.pages + 31) / 32, 0u);
+    read_ahead_.resize(regions_.size());
     start();
   }
   ~DemandClientThread() override {
@@ -412,7 +413,7 @@ class DemandClientThread : public DemandThread {
         if (page >= regions_[region].pages || regions_[region].test(page) || (asked_[region][page >> 5] & (1u << (page & 31)))) continue;
         asked_[region][page >> 5] |= 1u << (page & 31);
         open_.emplace(key(region, page), Open{t, false});
-        ask[region].push_back(page);
+        ask[region].push_back(page), ask[region].push_back(1);
       }
     }
     asks_.clear();
@@ -425,7 +426,7 @@ class DemandClientThread : public DemandThread {
     if (fd_ < 0) return;
     // the replies to what was asked on the old link may be lost: ask again
     std::vector<std::vector<uint32_t>> again(regions_.size());
-    for (auto& [k, o] : open_) again[k >> 32].push_back((uint32_t)k);
+    for (auto& [k, o] : open_) again[k >> 32].push_back((uint32_t)k), again[k >> 32].push_back(1);
     for (size_t i = 0; i < again.size(); i++) {
       if (!again[i].empty()) send_request((uint32_t)i, again[i]);
     }
@@ -456,7 +457,7 @@ class DemandClientThread : public DemandThread {
           } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
             asked_[k][page >> 5] |= 1u << (page & 31);
             open_.emplace(key(k, page), Open{t, true});
-            ask[k].push_back(page);
+            ask[k].push_back(page), ask[k].push_back(read_ahead(k, page));
             emit({kEvNetFault, (double)k, (double)page, 0, 0});
           }
           break;
@@ -466,14 +467,33 @@ class DemandClientThread : public DemandThread {
     }
   }
 
-  void send_request(uint32_t region, const std::vector<uint32_t>& pages) {
-    for (size_t i = 0; i < pages.size() && fd_ >= 0; i += kMaxRequestRuns) {
-      size_t n = std::min<size_t>(kMaxRequestRuns, pages.size() - i);
+  // A fault at or just past the end of the previous fault's run in its region, every page in between here (a
+  // thread reading on through memory the push has not reached, or has only partly), asks for a run twice as long
+  // as that one, up to a reply frame (64 pages); any other fault for its own page. The source sends only the
+  // run's pages still pending (each page at most once), so a page the push took meanwhile is not sent twice.
+  // Bubbling keeps ahead of such a thread while it gets the CPU; when it does not (scan-service, a sequential 8 MiB
+  // working set, another process keeping one of the two CPUs busy), 5.8-64 % of the touched pages faulted and the
+  // workload took 41-117 ms; with this 1.8-1.9 % and 25-33 ms (5 alternating pairs). Random working sets: no change
+  // beyond the noise (128 MiB, 3 pairs: 3.5-8.1 % vs 3.8-7.5 %).
+  uint32_t read_ahead(uint32_t region, uint32_t page) {
+    ReadAhead& ra = read_ahead_[region];
+    const RegionView& rv = regions_[region];
+    bool on = ra.end != UINT32_MAX && page >= ra.end && page - ra.end <= kFramePages;
+    for (uint32_t q = ra.end; on && q < page; q++) on = rv.test(q);
+    uint32_t run = std::min(on ? std::min(2 * ra.run, kFramePages) : 1u, rv.pages - page);
+    ra.end = page + run, ra.run = run;
+    return run;
+  }
+
+  // runs: (first page, pages) pairs
+  void send_request(uint32_t region, const std::vector<uint32_t>& runs) {
+    for (size_t i = 0; i + 1 < runs.size() && fd_ >= 0; i += 2 * kMaxRequestRuns) {
+      size_t n = std::min<size_t>(kMaxRequestRuns, (runs.size() - i) / 2);
       std::vector<uint8_t> f(10 + n * 8);
       put_u32(f.data(), (uint32_t)(6 + n * 8));
       f[4] = kMsgPageRequest, f[5] = kKindFault;
       put_u32(&f[6], region);
-      for (size_t j = 0; j < n; j++) put_u32(&f[10 + j * 8], pages[i + j]), put_u32(&f[14 + j * 8], 1);
+      for (size_t j = 0; j < n; j++) put_u32(&f[10 + j * 8], runs[i + 2 * j]), put_u32(&f[14 + j * 8], runs[i + 2 * j + 1]);
       iovec iov = {f.data(), f.size()};
       int err = 0;
       if (!write_all(fd_, stop_fd_, &iov, 1, &err) && err != ECANCELED) link_broke(err, false);
@@ -584,6 +604,11 @@ class DemandClientThread : public DemandThread {
   FrameReader fr_;
   std::vector<RegionView> regions_;
   std::vector<std::vector<uint32_t>> asked_;
+  struct ReadAhead {
+    uint32_t end = UINT32_MAX;  // the page after the last fault's run
+    uint32_t run = 1;
+  };
+  std::vector<ReadAhead> read_ahead_;  // per region
   // Asked and not here yet: when, and whether a thread is blocked on it (a fault) or ready() awaits it.
   struct Open {
     double t;
