@@ -46,7 +46,7 @@ enum : int {
   kEvArrived = 3,    // destination: (region, first, count) installed here (c: pages newly marked received)
   kEvLatency = 4,    // destination: (fault to install, us; b: 0 = installed from this thread's reply, 1 = by the push)
   kEvZeroFault = 5,  // destination: a fault on a page that is local (known zero): zero-filled here
-  kEvNetFault = 6,   // destination: (region, page) asked of the source
+  kEvNetFault = 6,   // destination: (region, page, pages asked: 1 + read-ahead) asked of the source
   kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: 1 = protocol violation)
   kEvCpu = 8,        // either, as the thread ends: its CPU time (user + system), ms
 };
@@ -457,8 +457,9 @@ class DemandClientThread : public DemandThread {
           } else if (!(asked_[k][page >> 5] & (1u << (page & 31)))) {
             asked_[k][page >> 5] |= 1u << (page & 31);
             open_.emplace(key(k, page), Open{t, true});
-            ask[k].push_back(page), ask[k].push_back(read_ahead(k, page));
-            emit({kEvNetFault, (double)k, (double)page, 0, 0});
+            uint32_t run = read_ahead(k, page);
+            ask[k].push_back(page), ask[k].push_back(run);
+            emit({kEvNetFault, (double)k, (double)page, (double)run, 0});
           }
           break;
         }

@@ -180,6 +180,7 @@ describe.skipIf(skip)('free and zero pages never travel', () => {
     // the data pages only: 5, then 6, which is at the end of 5's run, so it asks for two pages (demand read-ahead)
     // and 7 comes with it; then 1000 and 5000
     expect(rep.postcopy.networkFaults).toBe(4)
+    expect(rep.postcopy.readAheadPages).toBe(1)
     await dest.close()
     await source.close()
   })

@@ -73,6 +73,8 @@ export interface MigrationReport {
     localZeroFaults: number
     /** Network faults on pages the source had announced as zero or free (always 0). */
     networkFaultsOnZeroPages: number
+    /** Pages asked beyond the faulted ones (demand read-ahead after sequential faults; native demand path only). */
+    readAheadPages: number
     faultLatencyUs: LatencySummary
     /**
      * The native demand path's faults by what answered them: `reply`, the

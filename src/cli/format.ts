@@ -37,7 +37,7 @@ export function formatReport(r: MigrationReport): string {
   }
   const pc = r.postcopy
   lines.push(`  hand-off           ${r.discardedPages} old copies dropped at the destination (during pre-copy and at the hand-off), ${r.pagesMissingAtHandoff} pages missing there when the service resumed`)
-  lines.push(`  post-copy          strategy ${pc.strategy}, faults served by ${pc.demandPath === 'native' ? 'native threads' : 'the agents\' loops'}; network faults ${pc.networkFaults} (on zero pages ${pc.networkFaultsOnZeroPages}), local zero faults ${pc.localZeroFaults}`)
+  lines.push(`  post-copy          strategy ${pc.strategy}, faults served by ${pc.demandPath === 'native' ? 'native threads' : 'the agents\' loops'}; network faults ${pc.networkFaults} (on zero pages ${pc.networkFaultsOnZeroPages}, ${pc.readAheadPages ?? 0} pages read ahead), local zero faults ${pc.localZeroFaults}`)
   const bp = pc.faultLatencyByPathUs
   const byPath = bp && bp.push.count ? ` (${bp.reply.count} by their reply: p99 ${bp.reply.p99.toFixed(0)} us; ${bp.push.count} by the push: p99 ${bp.push.p99.toFixed(0)} us)` : ''
   lines.push(`                     fault latency p50 ${pc.faultLatencyUs.p50.toFixed(0)} us, p99 ${pc.faultLatencyUs.p99.toFixed(0)} us${byPath}; pushed ${pc.pushedPages}, on demand ${pc.demandPages}; settled after ${ms(pc.timeToSettledMs)}${pc.recoveries ? `; link recovered ${pc.recoveries}x` : ''}`)

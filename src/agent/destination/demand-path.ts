@@ -52,7 +52,10 @@ export class DemandPath {
     this.cpuMs = 0
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c, d) => {
       if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-      else if (kind === DemandEv.NET_FAULT) requests.stats.networkFaults++
+      else if (kind === DemandEv.NET_FAULT) {
+        requests.stats.networkFaults++
+        if (c > 1) requests.stats.readAheadPages += c - 1
+      }
       else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
       else if (kind === DemandEv.LATENCY) requests.addNativeLatency(a, b === 1)
       else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))

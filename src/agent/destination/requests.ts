@@ -47,7 +47,7 @@ export class Requests {
   private readonly latency = new Samples()
   /** Faults the native demand thread timed, by what answered them: its own reply, or the push (the page was on its way). */
   private readonly latencyByPath = { reply: new Samples(), push: new Samples() }
-  readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0 }
+  readonly stats = { networkFaults: 0, localZeroFaults: 0, networkFaultsOnZeroPages: 0, readAheadPages: 0 }
   private uffd: NativeUffd | undefined
 
   constructor(

@@ -74,6 +74,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
       networkFaults: num('networkFaults'),
       localZeroFaults: num('localZeroFaults'),
       networkFaultsOnZeroPages: num('networkFaultsOnZeroPages'),
+      readAheadPages: num('readAheadPages'),
       faultLatencyUs: lat || { count: 0, p50: 0, p99: 0, max: 0, mean: 0 },
       ...(byPath ? { faultLatencyByPathUs: byPath } : {}),
       pushedPages: x.postcopy.pushed,
