@@ -45,9 +45,9 @@ enum : int {
 class BulkReaderThread : public DemandThread {
  public:
   BulkReaderThread(Napi::Env env, Napi::Function cb, int uffd, std::vector<RegionView> regions, std::vector<uint32_t*> zero,
-                   std::vector<uint32_t*> freed, int fd, std::vector<uint8_t> head)
+                   std::vector<uint32_t*> freed, int fd, std::vector<uint8_t> head, bool lazy_zero)
       : DemandThread(env, cb, "uffd-migrate:bulk", "uffdm-bulk-rx"), uffd_(uffd), regions_(std::move(regions)),
-        zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)) {
+        zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)), lazy_zero_(lazy_zero) {
     kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
     urgent_ = false;  // bulk work: at agentNice, like the agent's loop it replaces
@@ -345,8 +345,13 @@ class BulkReaderThread : public DemandThread {
     each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
       // held: an older round's copy, or the zero page (known-zero pages are installed as they are learnt):
       // written over in place (a zero page takes an ordinary copy-on-write fault here, not a userfault)
-      if (got) memcpy(addr(region, p), src(p), (size_t)(q - p) * ps);
-      else all_in &= copy_in(region, p, q, src(p));
+      if (!got) all_in &= copy_in(region, p, q, src(p));
+      else if (!lazy_zero_) memcpy(addr(region, p), src(p), (size_t)(q - p) * ps);
+      else  // lazy: a known-zero page was never installed (still missing), the others hold an older round's data
+        each_run(zero_[region], p, q, [&](uint32_t a, uint32_t b, bool zero) {
+          if (zero) all_in &= copy_in(region, a, b, src(a));
+          else memcpy(addr(region, a), src(a), (size_t)(b - a) * ps);
+        });
     });
     if (!all_in) return;  // JS fails the session; nothing of this frame counts as received
     clear_range(zero_[region], first, count);
@@ -401,9 +406,12 @@ class BulkReaderThread : public DemandThread {
     if (!drop.empty()) (void)discard_ranges(drop);
     // Known-zero pages get the zero page now, while nothing waits for this thread: left missing, each would
     // cost the service a blocking fault after the hand-off (a round trip to the demand thread; measured: a
-    // page-store writing 10k pages/s, 1 in 8 of them zero, stalled its loop 30 ms right after resuming)
-    for (auto [zf, zc] : zero_runs)
-      if (!zero_in(region, zf, zf + zc)) return true;  // JS was told and ends the session
+    // page-store writing 10k pages/s, 1 in 8 of them zero, stalled its loop 30 ms right after resuming).
+    // Lazily (a pre-copy-only session: the regions are unregistered once the service runs here, and a missing
+    // page is then plain anonymous memory that reads as zero) they stay missing: one ioctl less per gap.
+    if (!lazy_zero_)
+      for (auto [zf, zc] : zero_runs)
+        if (!zero_in(region, zf, zf + zc)) return true;  // JS was told and ends the session
     if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});
     return true;
   }
@@ -422,6 +430,8 @@ class BulkReaderThread : public DemandThread {
   int fd_, kick_fd_ = -1;
   std::vector<uint8_t> head_;  // the constructor's (moved into the buffer)
   bool postcopy_ = false, paused_ = false;
+  // Pre-copy only (REGIONS.mode): known-zero pages are not installed before the hand-off (placement.ts, lazyZero).
+  const bool lazy_zero_;
   std::mutex mu_;
   bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
   int next_fd_ = -1;
@@ -467,7 +477,7 @@ class BulkReaderThread : public DemandThread {
   }
 };
 
-// new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames));
+// new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames), lazyZero = false);
 // resume(postcopy); attach(fd | -1, head); close() -> events left.
 class BulkReader : public ThreadWrap<BulkReader> {
  public:
@@ -490,7 +500,8 @@ class BulkReader : public ThreadWrap<BulkReader> {
     auto head = bytes_arg(info, 6);
     int fd = dup_socket(env, info[5]);
     thread_ = std::make_unique<BulkReaderThread>(env, info[7].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
-                                                 std::move(views), std::move(zero), std::move(freed), fd, std::move(head));
+                                                 std::move(views), std::move(zero), std::move(freed), fd, std::move(head),
+                                                 arg_bool(info, 8, false));
   }
 
  private:

@@ -147,7 +147,7 @@ export interface NativeBinding {
   DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array) => NativeDemandServer
   BulkReader?: new (
     uffdFd: number, regionIds: number[], received: Uint32Array[], knownZero: Uint32Array[], freedHere: Uint32Array[],
-    fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void,
+    fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void, lazyZero?: boolean,
   ) => NativeBulkReader
   BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay

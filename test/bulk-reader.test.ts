@@ -127,6 +127,50 @@ describe.skipIf(skip)('native bulk reader', () => {
     })
   }
 
+  it('a pre-copy-only session (lazyZero) leaves known-zero pages missing, installs a later round\'s data over one with UFFDIO_COPY, and drops data that became zero', async () => {
+    const pages = 64
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const { client, server, close } = await tcpPair()
+    let receivedCount = 0
+    const frames: number[] = []
+    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, bb) => {
+      if (kind === DemandEv.RECEIVED) receivedCount += a
+      else if (kind === DemandEv.FRAME) frames.push(bb)
+    })
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents, true)
+    try {
+      // round 0: [0, 32) data, [32, 64) zero; round 1: 40 and 41 written (data over known-zero pages), 3 and 4 zero now
+      const stream = Buffer.concat([
+        pagesFrame(0, 32, (p) => p + 1), encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, [32, 32]),
+        pagesFrame(40, 2, (p) => p + 100), encodeRuns(Msg.RANGES, RangeKind.ZERO, 0, [3, 2]),
+        ...encodeControl(Msg.ROUND_END, { round: 1 }),
+      ])
+      await feed(client, stream, 4)
+      // a copy over a missing page must not be an ordinary write: nobody serves this region's faults, the reader would hang
+      for (let t = 0; frames.length < 1 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
+      expect(frames).toEqual([Msg.ROUND_END])
+      expect(receivedCount).toBe(pages)
+      const zero = (p: number) => (p >= 32 && p !== 40 && p !== 41) || p === 3 || p === 4
+      for (let p = 0; p < pages; p++) {
+        expect(received.has(p)).toBe(true)
+        expect(knownZero.has(p)).toBe(zero(p))
+      }
+      // every known-zero page is still missing (zeropage() installs it now: none was present), every other present
+      const present = Array.from({ length: pages }, (_, p) => p).filter((p) => uffd.zeropage(region.id, p * ps, ps) === 1)
+      expect(present).toEqual(Array.from({ length: pages }, (_, p) => p).filter((p) => !zero(p)))
+      const mem = Buffer.from(region.buffer)
+      const wrong = Array.from({ length: pages }, (_, p) => p).filter((p) => {
+        const want = zero(p) ? Buffer.alloc(ps) : Buffer.alloc(ps, p >= 40 ? p + 100 : p + 1)
+        return !mem.subarray(p * ps, (p + 1) * ps).equals(want)
+      })
+      expect(wrong).toEqual([])
+    } finally {
+      reader.close()
+      close()
+      uffd.close()
+    }
+  })
+
   /** A reader on a fresh region and connection; `body` gets them and what the reader reported; all closed after. */
   async function withReader(pages: number, body: (t: {
     client: Socket

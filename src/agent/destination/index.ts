@@ -193,7 +193,7 @@ export class MigrationDestination implements DestinationHandlers {
     const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
     for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
     if (!this.demand.start(this.uffd, this.placement, this.requests)) this.uffd.startFaults((ev) => this.requests.onFaults(ev))
-    this.placement.attach(this.uffd)
+    this.placement.attach(this.uffd, limits.precopyOnly)
     this.requests.attach(this.uffd)
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)

@@ -20,6 +20,15 @@ export class Placement {
   /** Freed by the service during post-copy and zero-filled here. */
   readonly freedHere: PageBitmap[]
   pagesReceivedTwice = 0
+  /**
+   * A pre-copy-only session (REGIONS.mode): every page is here at the
+   * hand-off and the regions are unregistered once the service runs, after
+   * which a missing page is plain anonymous memory that reads as zero; so
+   * known-zero pages are not installed before the hand-off (one ioctl per
+   * gap saved). Otherwise they are, as they are learnt: left missing, each
+   * would cost the service a blocking fault after the hand-off.
+   */
+  private lazyZero = false
   private uffd: NativeUffd | undefined
 
   constructor(
@@ -43,8 +52,14 @@ export class Placement {
     return this.receivedCount >= this.totalPages
   }
 
-  attach(uffd: NativeUffd | undefined): void {
+  /** A session's uffd (undefined: it ended), and whether zero pages go in lazily (lazyZero). */
+  get zeroPagesLazily(): boolean {
+    return this.lazyZero
+  }
+
+  attach(uffd: NativeUffd | undefined, lazyZero = false): void {
     this.uffd = uffd
+    this.lazyZero = lazyZero
   }
 
   private markReceived(region: number, first: number, count: number): void {
@@ -81,10 +96,15 @@ export class Placement {
     // a known-zero one) is overwritten in place; a missing one is installed
     // with UFFDIO_COPY: one copy, no zero-fill fault, and never touched by
     // this thread while missing.
-    this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
+    const place = (p: number, q: number, missing: boolean) => {
       const bytes = m.data.subarray((p - m.firstPage) * this.ps, (q - m.firstPage) * this.ps)
-      if (got) new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
-      else this.uffd!.copy(r.id, p * this.ps, bytes)
+      if (missing) this.uffd!.copy(r.id, p * this.ps, bytes)
+      else new Uint8Array(r.buffer, p * this.ps, bytes.length).set(bytes)
+    }
+    this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
+      if (!got) place(p, q, true)
+      else if (!this.lazyZero) place(p, q, false)
+      else this.knownZero[m.region].eachRun(p, q, (a, b, zero) => place(a, b, zero)) // a lazy known-zero page is missing
     })
     this.knownZero[m.region].clearRange(m.firstPage, m.pageCount)
     this.markReceived(m.region, m.firstPage, m.pageCount)
@@ -98,8 +118,8 @@ export class Placement {
       if (!postcopy) {
         // A page that held data from an earlier round is zero now.
         if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
-        // the zero page now (missing, it would cost the service a blocking fault after the hand-off)
-        this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
+        // the zero page now (missing, it would cost the service a blocking fault after the hand-off), unless lazily
+        if (!this.lazyZero) this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
         this.knownZero[region].setRange(first, count)
         this.markReceived(region, first, count)
       } else {

@@ -9,8 +9,11 @@ import { decodeControl, field, uint } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DEFAULT_REQUEST_TIMEOUT_MS, type StuckLimits } from './watchdog'
 
-/** The table's limits, and the bulk streams the source asks for (bulk included; 1 when absent). */
-export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: number): StuckLimits & { streams: unknown; servesHttp: boolean } {
+/**
+ * The table's limits, and the bulk streams the source asks for (bulk included; 1 when absent). precopyOnly: the
+ * source's mode is pre-copy (every page arrives before the hand-off); absent or another mode: false.
+ */
+export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: number): StuckLimits & { streams: unknown; servesHttp: boolean; precopyOnly: boolean } {
   const m = decodeControl(f.type, f.payload)
   const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
   const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
@@ -28,5 +31,5 @@ export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: num
     )
   }
   const ms = (v: unknown, min: number, fallback: number) => (typeof v === 'number' && v >= min ? Math.min(v, 3600_000) : fallback)
-  return { linkTimeoutMs: ms(m.linkTimeoutMs, 1000, 0), requestTimeoutMs: ms(m.requestTimeoutMs, 100, DEFAULT_REQUEST_TIMEOUT_MS), streams: m.streams, servesHttp: m.servesHttp === true }
+  return { linkTimeoutMs: ms(m.linkTimeoutMs, 1000, 0), requestTimeoutMs: ms(m.requestTimeoutMs, 100, DEFAULT_REQUEST_TIMEOUT_MS), streams: m.streams, servesHttp: m.servesHttp === true, precopyOnly: m.mode === 'precopy' }
 }

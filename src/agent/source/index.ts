@@ -179,6 +179,7 @@ export class MigrationSource implements SourceHandlers {
         regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
         ...(this.opts.streams! > 1 && bulk.frameWriter ? { streams: this.opts.streams } : {}),
         ...(this.opts.servesHttp ? { servesHttp: true } : {}),
+        mode: this.opts.mode,
       }))
       await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))
