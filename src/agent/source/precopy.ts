@@ -13,6 +13,7 @@ import type { Clock } from '../clock'
 import type { MigrationMode, RoundReport } from '../report'
 import type { DirtyTracker } from '../tracker'
 import type { Sender } from './sender'
+import type { Runs } from './writer-batches'
 
 /**
  * One round's split, word by word over the bitmaps (updated in place):
@@ -30,11 +31,6 @@ export function splitHot(written: PageBitmap, prevWritten: PageBitmap, hot: Page
     pw[k] = round === 0 ? 0 : w[k]
   }
   return send
-}
-
-/** (first, count) pairs of a flat run list. */
-function* runPairs(runs: ArrayLike<number>): Generator<[number, number]> {
-  for (let k = 0; k + 1 < runs.length; k += 2) yield [runs[k], runs[k + 1]]
 }
 
 export type PrecopyStop = 'converged' | 'not-converging' | 'round-limit'
@@ -109,15 +105,16 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
     rr.freePages = sender.sendFreed(bulk, ctx.takeFreed())
     for (let i = 0; i < regions.length; i++) {
       const r = regions[i]
-      let toSend: Iterable<[number, number]>
+      let toSend: Runs
       if (round === 0) {
         // Round 0 sends every page that holds data; the rest are zero
         // ranges. Re-protect first so that writes from now on show up in round 1.
         tracker.collectWritten(r.id, r.pageCount)
         const present = tracker.presentRuns(r.id, r.pageCount)
         rr.zeroPages += sender.sendComplementAsZero(bulk, i, present)
-        // as they are: nothing is hot in round 0 (splitHot() would give the same runs back, through a bitmap)
-        toSend = runPairs(present)
+        // as the scan returned them: nothing is hot in round 0 (splitHot() would give the same runs back, through a
+        // bitmap), and the writer takes them in slices (writer-batches.ts)
+        toSend = present
       } else {
         const written = new PageBitmap(r.pageCount)
         written.setRuns(tracker.collectWritten(r.id, r.pageCount))

@@ -18,6 +18,7 @@ import { NativeThread } from '../native-thread'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
+import { eachPair, type Runs, writeRunBatches } from './writer-batches'
 
 /**
  * After the hand-off, frames carry at most 256 KiB: while a fault is open the
@@ -28,10 +29,6 @@ export const POSTCOPY_FRAME_PAGES = 64
 
 /** Run entries per RANGES frame: 32 KiB. */
 const RANGE_ENTRIES_PER_FRAME = 8192
-
-/** Pages per batch handed to the native writer, and batches in flight: enough to keep it busy, little to drop on a cancel. */
-const WRITER_BATCH_PAGES = 2048
-const WRITER_BATCHES_IN_FLIGHT = 2
 
 export interface SendCounts {
   data: number
@@ -141,7 +138,7 @@ export class Sender {
   }
 
   /** The channels (with their runs) that carry these runs: their lanes when ch is bulk with extra streams. */
-  private route(ch: Channel, runs: number[]): [Channel, number[]][] {
+  private route(ch: Channel, runs: ArrayLike<number>): [Channel, ArrayLike<number>][] {
     if (this.lanes.length < 2 || ch !== this.lanes[0]) return [[ch, runs]]
     const split = splitByLane(runs, this.lanes.length)
     return this.lanes.map((lane, i): [Channel, number[]] => [lane, split[i]]).filter(([, r]) => r.length > 0)
@@ -197,41 +194,20 @@ export class Sender {
    * no more than that) unless yieldToLoop is false (the pause window; through
    * the native writer all is then queued before this returns: the promise counts).
    */
-  async sendRuns(ch: Channel, region: number, runs: Iterable<[number, number]>, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
-    const total = { data: 0, zero: 0 }
-    const add = (r: { data: number; zero: number }) => {
-      total.data += r.data
-      total.zero += r.zero
-    }
+  async sendRuns(ch: Channel, region: number, runs: Runs, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
     if (this.writer && ch.frameWriter === this.writer) {
-      // one queue of batches per lane (bulk alone: one), each with a few batches in flight
-      const queues = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => ({
-        lane, writer: lane.frameWriter as NativeBulkSend, batch: [] as number[], pages: 0, inFlight: [] as Promise<{ data: number; zero: number }>[],
-      }))
-      const submit = (q: (typeof queues)[number]) => {
-        q.inFlight.push(q.writer.pages(region, Uint32Array.from(q.batch), afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME, afterHandoff))
-        q.batch = [], q.pages = 0
-        return yieldToLoop && q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT ? q.inFlight.shift()!.then(add) : undefined
-      }
-      for (const [s, n] of runs) {
-        if (ch.failed) break
-        const parts = queues.length > 1 ? splitByLane([s, n], queues.length) : [[s, n]]
-        for (let i = 0; i < queues.length; i++) {
-          const q = queues[i], part = parts[i]
-          for (let k = 0; k < part.length; k += 2) q.batch.push(part[k], part[k + 1]), (q.pages += part[k + 1])
-          const full = q.pages >= WRITER_BATCH_PAGES || q.batch.length >= 2 * RANGE_ENTRIES_PER_FRAME ? submit(q) : undefined
-          if (full) await full
-        }
-      }
-      const last = queues.map((q) => (q.batch.length ? submit(q) : undefined))
-      for (const full of last) if (full) await full
-      for (const q of queues) for (const p of q.inFlight) add(await p)
-      return total
+      // one writer per lane (bulk alone: one)
+      const writers = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
+      const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
+      return writeRunBatches(writers, region, runs, { framePages, takePending: afterHandoff, yieldToLoop, failed: () => ch.failed !== undefined })
     }
+    const total = { data: 0, zero: 0 }
     let runsSent = 0
-    for (const [s, n] of runs) {
+    for (const [s, n] of runs instanceof Uint32Array ? eachPair(runs) : runs) {
       if (yieldToLoop && ++runsSent % 64 === 0) await new Promise((r) => setImmediate(r))
-      add(await this.sendRun(ch, region, s, n, afterHandoff))
+      const sent = await this.sendRun(ch, region, s, n, afterHandoff)
+      total.data += sent.data
+      total.zero += sent.zero
     }
     return total
   }
@@ -275,14 +251,14 @@ export class Sender {
   /** Pages of [0, pageCount) outside `present` runs go as zero ranges. */
   sendComplementAsZero(ch: Channel, region: number, present: Uint32Array): number {
     const pages = this.regions[region].pageCount
-    const runs: number[] = []
-    let cursor = 0
+    const runs = new Uint32Array(present.length + 2) // at most one gap before each run, and one after the last
+    let n = 0, cursor = 0
     for (let k = 0; k <= present.length; k += 2) {
       const s = k < present.length ? present[k] : pages
-      if (s > cursor) runs.push(cursor, s - cursor)
+      if (s > cursor) (runs[n++] = cursor), (runs[n++] = s - cursor)
       if (k < present.length) cursor = present[k] + present[k + 1]
     }
-    return this.sendRanges(ch, RangeKind.ZERO, region, runs)
+    return this.sendRanges(ch, RangeKind.ZERO, region, runs.subarray(0, n))
   }
 
   /**
@@ -306,7 +282,7 @@ export class Sender {
   }
 
   /** Sends runs without payload, marking them current at the destination. */
-  sendRanges(ch: Channel, kind: RangeKind, region: number, runs: number[]): number {
+  sendRanges(ch: Channel, kind: RangeKind, region: number, runs: ArrayLike<number>): number {
     let pages = 0
     this.sendRunsFrames(ch, kind, region, runs)
     for (let k = 0; k < runs.length; k += 2) {
@@ -320,9 +296,12 @@ export class Sender {
   }
 
   /** RANGES frames of one kind, each on the lane of its pages (see route()). */
-  private sendRunsFrames(ch: Channel, kind: RangeKind, region: number, runs: number[]): void {
+  private sendRunsFrames(ch: Channel, kind: RangeKind, region: number, runs: ArrayLike<number>): void {
     for (const [lane, list] of this.route(ch, runs)) {
-      for (let k = 0; k < list.length; k += RANGE_ENTRIES_PER_FRAME) lane.send(encodeRuns(Msg.RANGES, kind, region, list.slice(k, k + RANGE_ENTRIES_PER_FRAME)))
+      for (let k = 0; k < list.length; k += RANGE_ENTRIES_PER_FRAME) {
+        const part = list instanceof Uint32Array ? list.subarray(k, k + RANGE_ENTRIES_PER_FRAME) : Array.prototype.slice.call(list, k, k + RANGE_ENTRIES_PER_FRAME)
+        lane.send(encodeRuns(Msg.RANGES, kind, region, part))
+      }
     }
   }
 
