@@ -147,6 +147,11 @@ export class Postcopy {
   }
 
   private async pushUntilSettled(generation: number): Promise<Record<string, unknown>> {
+    // Not before the service runs there (RESUMED): until then the destination's bulk reader is paused, and what
+    // was pushed piles up in a receive buffer shrunk to post-copy's size under a window advertised for pre-copy's;
+    // the kernel then drops segments and the push stalls for a retransmission timeout (200 ms on loopback), with
+    // faults on pages it carries waiting as long (bench:postcopy D: one run in ~8). Faults are answered meanwhile.
+    await this.resumedAt
     if (this.sender.pending.length) await this.pushLoop(generation)
     if (generation !== this.generation) return new Promise(() => {}) // that link broke; recover() took over
     this.host.link.bulk.send(encodeControl(Msg.PUSH_END, {}))
