@@ -52,11 +52,12 @@ export class Placement {
     return this.receivedCount >= this.totalPages
   }
 
-  /** A session's uffd (undefined: it ended), and whether zero pages go in lazily (lazyZero). */
+  /** Known-zero pages are left missing before the hand-off (the native bulk reader follows the same rule). */
   get zeroPagesLazily(): boolean {
     return this.lazyZero
   }
 
+  /** A session's uffd (undefined: it ended), and whether zero pages go in lazily (lazyZero). */
   attach(uffd: NativeUffd | undefined, lazyZero = false): void {
     this.uffd = uffd
     this.lazyZero = lazyZero

@@ -155,7 +155,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
         final.dataPages += data
         final.zeroPages += zero
       })
-      if (bulk.frameWriter) windowSends.push(sending)
+      if (sender.queuesNatively(bulk)) windowSends.push(sending)
       else await sending
     }
     const runs = discardRuns(sender.destHas[i], sendNow ? [prep.hotRuns?.[i]] : [written[i], prep.hotRuns?.[i]])

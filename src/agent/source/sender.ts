@@ -85,7 +85,7 @@ export class Sender {
    * bulk or an extra stream cannot be written natively.
    */
   useLanes(bulk: Channel, extra: Channel[]): boolean {
-    if (!this.writer || bulk.frameWriter !== this.writer || !extra.length) return false
+    if (!this.queuesNatively(bulk) || !extra.length) return false
     const writers: NativeBulkSend[] = []
     for (const ch of extra) {
       const w = this.attachWriter(ch)
@@ -164,6 +164,15 @@ export class Sender {
     return true
   }
 
+  /**
+   * ch is written by this sender's native writer: sendRuns() hands its pages to
+   * the writer's queue, and with yieldToLoop false all of them are queued
+   * (in order, ahead of any later frame on ch) before it returns.
+   */
+  queuesNatively(ch: Channel): boolean {
+    return this.writer !== undefined && ch.frameWriter === this.writer
+  }
+
   /** REGIONS_OK said the destination reads BATCH: every native writer, and those attached later, announce. */
   announceBatches(): void {
     this.announce = true
@@ -195,7 +204,7 @@ export class Sender {
    * the native writer all is then queued before this returns: the promise counts).
    */
   async sendRuns(ch: Channel, region: number, runs: Runs, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
-    if (this.writer && ch.frameWriter === this.writer) {
+    if (this.queuesNatively(ch)) {
       // one writer per lane (bulk alone: one)
       const writers = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
       const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
