@@ -3,7 +3,8 @@
 // small frames many at a time into a buffer and large ones straight into a
 // staging buffer, and installs the pages from there (see read_frames())
 // (UFFDIO_COPY for a missing page, a plain copy over an older round's data,
-// UFFDIO_ZEROPAGE or a discard for zero ranges): one copy from the socket,
+// UFFDIO_ZEROPAGE or a discard for zero ranges, the zero pages while the
+// socket has nothing to read: install_deferred()): one copy from the socket,
 // one into place, no JavaScript per frame. The placement rules are those of
 // src/agent/destination/placement.ts (the JS path of the pure tier and of
 // UFFD_MIGRATE_BULK=js). Every other frame goes to JS in order with the
@@ -17,6 +18,8 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <array>
 
 #include "discard.h"
 #include "args.h"
@@ -103,8 +106,14 @@ class BulkReaderThread : public DemandThread {
       bool polled = !(reading && frame_buffered());
       int timeout = flush_timeout_ms(-1);
       if (reading && batch_wait_) timeout = timeout < 0 ? kBatchWaitMs : std::min(timeout, kBatchWaitMs);
-      int r = polled ? poll(p, 3, timeout) : 0;
+      // zero pages still to install: only a look at the socket, and they go in while nothing is there to read
+      bool idle_work = reading && deferred_next_ < deferred_zero_.size();
+      int r = polled ? poll(p, 3, idle_work ? 0 : timeout) : 0;
       if (r < 0 && errno != EINTR) return;
+      if (polled && r == 0 && idle_work) {
+        install_deferred(kDeferredRunsPerTurn);
+        continue;
+      }
       if (polled && r == 0 && batch_wait_) promise_end_ = 0;  // slow, or it lied: read what is there
       if (p[1].revents) return;
       if (p[2].revents) take_commands();
@@ -281,6 +290,8 @@ class BulkReaderThread : public DemandThread {
       reject(std::vector<uint8_t>(body, body + len_ - 1));
       return false;
     }
+    // everything before a control frame is in place when JS sees it (SYNC answers "applied"; HANDOFF)
+    if (!install_deferred(SIZE_MAX)) return false;
     // a large frame read into body_ goes as it is (HANDOFF with its discard lists and state: megabytes)
     emit_frame(type_, body == body_.data() ? std::move(body_) : std::vector<uint8_t>(body, body + len_ - 1));
     body_ = {};
@@ -340,6 +351,12 @@ class BulkReaderThread : public DemandThread {
       });
       if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
       return;
+    }
+    // a known-zero page whose zero page may still be deferred: all of them in first (a later round's data)
+    if (deferred_next_ < deferred_zero_.size()) {
+      bool zero = false;
+      each_run(zero_[region], first, end, [&](uint32_t, uint32_t, bool z) { zero |= z; });
+      if (zero && !install_deferred(SIZE_MAX)) return;
     }
     bool all_in = true;
     each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
@@ -409,10 +426,29 @@ class BulkReaderThread : public DemandThread {
     // page-store writing 10k pages/s, 1 in 8 of them zero, stalled its loop 30 ms right after resuming).
     // Lazily (a pre-copy-only session: the regions are unregistered once the service runs here, and a missing
     // page is then plain anonymous memory that reads as zero) they stay missing: one ioctl less per gap.
+    // Not at once either: installed while the socket has nothing to read, and before the next control frame goes
+    // to JS (install_deferred()), so round 0 does not wait for them (page-store: one per 7 data pages).
     if (!lazy_zero_)
-      for (auto [zf, zc] : zero_runs)
-        if (!zero_in(region, zf, zf + zc)) return true;  // JS was told and ends the session
+      for (auto [zf, zc] : zero_runs) deferred_zero_.push_back({region, zf, zc});
     if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});
+    return true;
+  }
+
+  // Installs the zero pages of deferred runs still known zero (a later PAGES or STALE frame may have changed
+  // some), up to max_runs runs; false when an install failed (JS was told and ends the session).
+  bool install_deferred(size_t max_runs) {
+    for (; deferred_next_ < deferred_zero_.size() && max_runs > 0; max_runs--) {
+      auto [region, first, count] = deferred_zero_[deferred_next_++];
+      bool ok = true;
+      each_run(zero_[region], first, first + count, [&](uint32_t p, uint32_t q, bool zero) {
+        if (zero && ok) ok = zero_in(region, p, q);
+      });
+      if (!ok) {
+        deferred_zero_.clear(), deferred_next_ = 0;
+        return false;
+      }
+    }
+    if (deferred_next_ == deferred_zero_.size()) deferred_zero_.clear(), deferred_next_ = 0;
     return true;
   }
 
@@ -432,6 +468,10 @@ class BulkReaderThread : public DemandThread {
   bool postcopy_ = false, paused_ = false;
   // Pre-copy only (REGIONS.mode): known-zero pages are not installed before the hand-off (placement.ts, lazyZero).
   const bool lazy_zero_;
+  // Otherwise: zero runs (region, first, count) marked known-zero and received, their zero pages not installed yet.
+  std::vector<std::array<uint32_t, 3>> deferred_zero_;
+  size_t deferred_next_ = 0;
+  static constexpr size_t kDeferredRunsPerTurn = 256;  // between two looks at the socket: ~0.3 ms of one-page runs
   std::mutex mu_;
   bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
   int next_fd_ = -1;
