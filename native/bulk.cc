@@ -112,6 +112,7 @@ class BulkReaderThread : public DemandThread {
       if (r < 0 && errno != EINTR) return;
       if (polled && r == 0 && idle_work) {
         install_deferred(kDeferredRunsPerTurn);
+        flush();
         continue;
       }
       if (polled && r == 0 && batch_wait_) promise_end_ = 0;  // slow, or it lied: read what is there
