@@ -16,7 +16,7 @@
 //        --only A,B,C,D, --d-strategies demand,push,bubble (table D), --json FILE, --b-links loopback,netns (table B's links; default
 //        loopback plus netns when available), --agent-nice 0,10 (table B's agent nice values)
 import { createRequire } from 'node:module'
-import { writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { runLimits, repoRoot } from './lib/limits.mjs'
 import { printTable, stats, fmt } from './lib/table.mjs'
 import { modelFaults } from './lib/policy-model.mjs'
@@ -246,6 +246,7 @@ try {
       const samples = []
       for (let i = 0; i < runs; i++) {
         say(`D: ${strategy} run ${i + 1}/${runs}`)
+        const dropsBefore = rcvQueueDrops()
         const r = await migrateExample({
           sizeMiB: 512, mode: 'postcopy', writesPerSec: 100_000, client: false, ...where,
           serviceArgs: ['--blocking', '--loop-us', '500'], sendArgs: ['--prepaging', strategy],
@@ -258,6 +259,7 @@ try {
         const pc = r.report.postcopy
         const bp = pc.faultLatencyByPathUs
         samples.push({
+          drops: hosts ? NaN : rcvQueueDrops() - dropsBefore,
           stallMs: st.maxMs, p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, faults: pc.networkFaults, totalMs: r.report.totalMs, settleMs: pc.timeToSettledMs,
           replyP99: bp?.reply.count ? bp.reply.p99 : NaN, pushP50: bp?.push.count ? bp.push.p50 : NaN,
           pushShare: bp ? (100 * bp.push.count) / Math.max(1, bp.push.count + bp.reply.count) : NaN,
@@ -268,7 +270,7 @@ try {
         const xs = samples.map((x) => x[k]).filter(Number.isFinite), t = stats(xs)
         return !samples.length ? 'failed' : xs.length ? `${fmt(t.min)} / ${fmt(t.median)} / ${fmt(t.max)}` : '—'
       }
-      rows.push([strategy, col('stallMs'), col('p50'), col('p99'), col('replyP99'), col('pushShare'), col('pushP50'), col('faults'), col('settleMs'), col('totalMs')])
+      rows.push([strategy, col('stallMs'), col('p50'), col('p99'), col('replyP99'), col('pushShare'), col('pushP50'), col('faults'), col('settleMs'), col('totalMs'), col('drops')])
       if (strategy === 'bubble' && samples.length) {
         const m = (k) => stats(samples.map((x) => x[k])).median
         checks.push(['longest stall <= 150 ms', `${fmt(m('stallMs'))} ms`, m('stallMs') <= 150 ? 'pass' : 'FAIL'])
@@ -283,7 +285,9 @@ try {
     console.log('  stall: longest interval without a loop iteration on the destination, from the restore to settled; faults: network faults')
     console.log('  by path (native demand path): reply = the page request\'s own reply, timed to its install; push = the page was already')
     console.log('  on its way in the push when the fault came (its share of the faults, and its p50: seen up to 1 ms late, an upper bound)')
-    printTable(['strategy', 'longest stall ms', 'fault p50 us', 'fault p99 us', 'reply p99 us', 'push %', 'push p50 us', 'faults', 'settled ms', 'total ms'], rows)
+    console.log('  rcvq drops: segments TCP dropped for want of receive buffer during the migration (TcpExt TCPRcvQDrop, this namespace,')
+    console.log('  loopback only): each can stall the push a retransmission timeout (200 ms), see docs/data-plane.md')
+    printTable(['strategy', 'longest stall ms', 'fault p50 us', 'fault p99 us', 'reply p99 us', 'push %', 'push p50 us', 'faults', 'settled ms', 'total ms', 'rcvq drops'], rows)
     printTable(['target (bubble, the default)', 'measured', ''], checks)
     console.log('')
   }
@@ -292,4 +296,16 @@ try {
 } finally {
   hosts?.cleanup()
   bHosts?.cleanup()
+}
+
+/** TcpExt TCPRcvQDrop of this network namespace (/proc/net/netstat); NaN where it cannot be read. */
+function rcvQueueDrops() {
+  try {
+    const lines = readFileSync('/proc/net/netstat', 'utf8').split('\n').filter((l) => l.startsWith('TcpExt:'))
+    const names = lines[0].trim().split(/\s+/), values = lines[1].trim().split(/\s+/)
+    const i = names.indexOf('TCPRcvQDrop')
+    return i > 0 ? Number(values[i]) : NaN
+  } catch {
+    return NaN
+  }
 }
