@@ -361,8 +361,8 @@ class BulkReaderThread : public DemandThread {
     }
     bool all_in = true;
     each_run(rv.bits, first, end, [&](uint32_t p, uint32_t q, bool got) {
-      // held: an older round's copy, or the zero page (known-zero pages are installed as they are learnt):
-      // written over in place (a zero page takes an ordinary copy-on-write fault here, not a userfault)
+      // held: an older round's copy, or the zero page of a known-zero one (any deferred ones were installed just
+      // above): written over in place (a zero page takes an ordinary copy-on-write fault here, not a userfault)
       if (!got) all_in &= copy_in(region, p, q, src(p));
       else if (!lazy_zero_) memcpy(addr(region, p), src(p), (size_t)(q - p) * ps);
       else  // lazy: a known-zero page was never installed (still missing), the others hold an older round's data
@@ -422,13 +422,12 @@ class BulkReaderThread : public DemandThread {
     }
     // pre-copy only (the service does not run here yet), so the bits may change before the pages go
     if (!drop.empty()) (void)discard_ranges(drop);
-    // Known-zero pages get the zero page now, while nothing waits for this thread: left missing, each would
-    // cost the service a blocking fault after the hand-off (a round trip to the demand thread; measured: a
-    // page-store writing 10k pages/s, 1 in 8 of them zero, stalled its loop 30 ms right after resuming).
-    // Lazily (a pre-copy-only session: the regions are unregistered once the service runs here, and a missing
-    // page is then plain anonymous memory that reads as zero) they stay missing: one ioctl less per gap.
-    // Not at once either: installed while the socket has nothing to read, and before the next control frame goes
-    // to JS (install_deferred()), so round 0 does not wait for them (page-store: one per 7 data pages).
+    // Known-zero pages get the zero page before the hand-off: left missing, each would cost the service a
+    // blocking fault after it (a round trip to the demand thread; measured: a page-store writing 10k pages/s, 1 in
+    // 8 of them zero, stalled its loop 30 ms right after resuming). Not at once: install_deferred() puts them in
+    // while the socket has nothing to read and before the next control frame goes to JS, so that round 0 does not
+    // wait for them (page-store: one per 7 data pages). A pre-copy-only session (lazy_zero_) leaves them missing:
+    // its regions are unregistered once the service runs here, and a missing page then reads as zero.
     if (!lazy_zero_)
       for (auto [zf, zc] : zero_runs) deferred_zero_.push_back({region, zf, zc});
     if (delta) emit({kEvReceived, (double)delta, 0, 0, 0});

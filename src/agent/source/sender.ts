@@ -138,10 +138,10 @@ export class Sender {
   }
 
   /** The channels (with their runs) that carry these runs: their lanes when ch is bulk with extra streams. */
-  private route(ch: Channel, runs: ArrayLike<number>): [Channel, ArrayLike<number>][] {
+  private route(ch: Channel, runs: Uint32Array): [Channel, Uint32Array][] {
     if (this.lanes.length < 2 || ch !== this.lanes[0]) return [[ch, runs]]
     const split = splitByLane(runs, this.lanes.length)
-    return this.lanes.map((lane, i): [Channel, number[]] => [lane, split[i]]).filter(([, r]) => r.length > 0)
+    return this.lanes.map((lane, i): [Channel, Uint32Array] => [lane, Uint32Array.from(split[i])]).filter(([, r]) => r.length > 0)
   }
 
   /** From the hand-off (or a recovery) on: what is still to send. */
@@ -306,11 +306,8 @@ export class Sender {
 
   /** RANGES frames of one kind, each on the lane of its pages (see route()). */
   private sendRunsFrames(ch: Channel, kind: RangeKind, region: number, runs: ArrayLike<number>): void {
-    for (const [lane, list] of this.route(ch, runs)) {
-      for (let k = 0; k < list.length; k += RANGE_ENTRIES_PER_FRAME) {
-        const part = list instanceof Uint32Array ? list.subarray(k, k + RANGE_ENTRIES_PER_FRAME) : Array.prototype.slice.call(list, k, k + RANGE_ENTRIES_PER_FRAME)
-        lane.send(encodeRuns(Msg.RANGES, kind, region, part))
-      }
+    for (const [lane, list] of this.route(ch, runs instanceof Uint32Array ? runs : Uint32Array.from(runs))) {
+      for (let k = 0; k < list.length; k += RANGE_ENTRIES_PER_FRAME) lane.send(encodeRuns(Msg.RANGES, kind, region, list.subarray(k, k + RANGE_ENTRIES_PER_FRAME)))
     }
   }
 

@@ -27,54 +27,47 @@ export interface BatchOptions {
   failed(): boolean
 }
 
-/** Hands runs of one region to `writers` (one per lane, in lane order); resolves with the pages they sent, once all went. */
+/**
+ * Hands runs of one region to `writers` (one per lane, in lane order); resolves with the pages they sent, once all
+ * went. The runs are cut into batches where they lie (a flat array: no per-run objects); over lanes each writer
+ * gets its share and the lanes take turns, so that they all work at once.
+ */
 export async function writeRunBatches(writers: NativeBulkSend[], region: number, runs: Runs, o: BatchOptions): Promise<BatchResult> {
   const total = { data: 0, zero: 0 }
   const add = (r: BatchResult) => {
     total.data += r.data
     total.zero += r.zero
   }
-  const queues = writers.map((writer) => ({ writer, inFlight: [] as Promise<BatchResult>[] }))
-  const submit = (i: number, batch: Uint32Array): Promise<void> | undefined => {
-    const q = queues[i]
-    q.inFlight.push(q.writer.pages(region, batch, o.framePages, o.takePending))
-    return o.yieldToLoop && q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT ? q.inFlight.shift()!.then(add) : undefined
-  }
-  if (runs instanceof Uint32Array && writers.length === 1) {
-    // as a scan returned them (round 0's present runs): cut into batches where they lie, no per-run objects
-    let start = 0, pages = 0
-    for (let k = 0; k + 1 < runs.length && !o.failed(); k += 2) {
-      pages += runs[k + 1]
-      if (pages < WRITER_BATCH_PAGES) continue
-      const full = submit(0, runs.subarray(start, k + 2))
-      start = k + 2
-      pages = 0
-      if (full) await full
+  const flat = runs instanceof Uint32Array ? runs : flatten(runs)
+  const shares = writers.length > 1 ? splitByLane(flat, writers.length).map((l) => Uint32Array.from(l)) : [flat]
+  const queues = writers.map((writer, i) => ({ writer, runs: shares[i], next: 0, inFlight: [] as Promise<BatchResult>[] }))
+  for (let more = true; more && !o.failed();) {
+    more = false
+    for (const q of queues) {
+      if (q.next >= q.runs.length) continue
+      const end = batchEnd(q.runs, q.next)
+      q.inFlight.push(q.writer.pages(region, q.runs.subarray(q.next, end), o.framePages, o.takePending))
+      q.next = end
+      more ||= end < q.runs.length
+      // yieldToLoop false (the pause window): nothing awaited here, every batch is queued in this turn
+      if (o.yieldToLoop && q.inFlight.length >= WRITER_BATCHES_IN_FLIGHT) add(await q.inFlight.shift()!)
     }
-    const last = start < runs.length && !o.failed() ? submit(0, runs.subarray(start)) : undefined
-    if (last) await last
-  } else {
-    const batches = queues.map(() => ({ runs: [] as number[], pages: 0 }))
-    const pairs: Iterable<[number, number]> = runs instanceof Uint32Array ? eachPair(runs) : runs
-    for (const [s, n] of pairs) {
-      if (o.failed()) break
-      const parts = queues.length > 1 ? splitByLane([s, n], queues.length) : [[s, n]]
-      for (let i = 0; i < queues.length; i++) {
-        const b = batches[i], part = parts[i]
-        for (let k = 0; k < part.length; k += 2) b.runs.push(part[k], part[k + 1]), (b.pages += part[k + 1])
-        if (b.pages < WRITER_BATCH_PAGES) continue
-        const full = submit(i, Uint32Array.from(b.runs))
-        b.runs = []
-        b.pages = 0
-        if (full) await full
-      }
-    }
-    // every lane's last batch queued before anything is awaited (yieldToLoop false: all of it in this turn)
-    const last = batches.map((b, i) => (b.runs.length ? submit(i, Uint32Array.from(b.runs)) : undefined))
-    for (const full of last) if (full) await full
   }
   for (const q of queues) for (const p of q.inFlight) add(await p)
   return total
+}
+
+/** Where the batch starting at run entry `from` ends: once it holds WRITER_BATCH_PAGES pages, or at the end. */
+function batchEnd(runs: Uint32Array, from: number): number {
+  let k = from, pages = 0
+  while (k + 1 < runs.length && pages < WRITER_BATCH_PAGES) pages += runs[k + 1], (k += 2)
+  return k
+}
+
+function flatten(pairs: Iterable<[number, number]>): Uint32Array {
+  const out: number[] = []
+  for (const [s, n] of pairs) out.push(s, n)
+  return Uint32Array.from(out)
 }
 
 /** The pairs of a flat run array, one by one. */
