@@ -108,7 +108,7 @@ export class BulkPath {
     })
     const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
-      taken.fd, taken.head, onEvents, placement.zeroPagesLazily,
+      taken.fd, taken.head, onEvents, placement.lazyZero,
     )
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
     this.started = { uffd, placement }

@@ -28,7 +28,7 @@ export class Placement {
    * gap saved). Otherwise they are, as they are learnt: left missing, each
    * would cost the service a blocking fault after the hand-off.
    */
-  private lazyZero = false
+  private lazy = false
   private uffd: NativeUffd | undefined
 
   constructor(
@@ -53,14 +53,14 @@ export class Placement {
   }
 
   /** Known-zero pages are left missing before the hand-off (the native bulk reader follows the same rule). */
-  get zeroPagesLazily(): boolean {
-    return this.lazyZero
+  get lazyZero(): boolean {
+    return this.lazy
   }
 
   /** A session's uffd (undefined: it ended), and whether zero pages go in lazily (lazyZero). */
   attach(uffd: NativeUffd | undefined, lazyZero = false): void {
     this.uffd = uffd
-    this.lazyZero = lazyZero
+    this.lazy = lazyZero
   }
 
   private markReceived(region: number, first: number, count: number): void {
@@ -104,7 +104,7 @@ export class Placement {
     }
     this.received[m.region].eachRun(m.firstPage, m.firstPage + m.pageCount, (p, q, got) => {
       if (!got) place(p, q, true)
-      else if (!this.lazyZero) place(p, q, false)
+      else if (!this.lazy) place(p, q, false)
       else this.knownZero[m.region].eachRun(p, q, (a, b, zero) => place(a, b, zero)) // a lazy known-zero page is missing
     })
     this.knownZero[m.region].clearRange(m.firstPage, m.pageCount)
@@ -120,7 +120,7 @@ export class Placement {
         // A page that held data from an earlier round is zero now.
         if (this.received[region].nextSet(first, first + count) !== -1) r.discard(first * this.ps, count * this.ps)
         // the zero page now (missing, it would cost the service a blocking fault after the hand-off), unless lazily
-        if (!this.lazyZero) this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
+        if (!this.lazy) this.uffd!.zeropage(r.id, first * this.ps, count * this.ps)
         this.knownZero[region].setRange(first, count)
         this.markReceived(region, first, count)
       } else {
