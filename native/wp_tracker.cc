@@ -174,8 +174,8 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       throw sys_error(env, e, call);
     }
     thread_ = std::thread([this] {
+      run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
       pthread_setname_np(pthread_self(), "uffdm-wp");
-      run_at_service_nice();  // the service's threads wait on this one
       run();
     });
     napi_add_env_cleanup_hook(env, &SyncWpTracker::Cleanup, this);

@@ -15,9 +15,13 @@ const skip = kernelSkipReason()
 const TOKEN = 'agent-nice-tests-token-0123456789'
 const MiB = 1 << 20
 
-/** tid -> nice, as the scheduler has it (field 19 of /proc/<pid>/task/<tid>/stat); name: only threads of that name. */
-function threadNice(name?: string): Map<number, number> {
-  const out = new Map<number, number>()
+/**
+ * tid -> { name, nice } as the scheduler has it, both from one read of /proc/<pid>/task/<tid>/stat (name in
+ * parentheses, nice in field 19): a name read apart from the nice could belong to a later moment (a native
+ * thread takes its priority, then its name). name: only threads of that name.
+ */
+function threads(name?: string): Map<number, { name: string; nice: number }> {
+  const out = new Map<number, { name: string; nice: number }>()
   for (const tid of readdirSync('/proc/self/task')) {
     let stat: string
     try {
@@ -25,19 +29,17 @@ function threadNice(name?: string): Map<number, number> {
     } catch {
       continue // the thread ended since readdir (a libuv or V8 helper)
     }
-    if (name !== undefined && stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== name) continue
+    const comm = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'))
+    if (name !== undefined && comm !== name) continue
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ') // fields from 3 on
-    out.set(Number(tid), Number(fields[19 - 3]))
+    out.set(Number(tid), { name: comm, nice: Number(fields[19 - 3]) })
   }
   return out
 }
 
-function comm(tid: number): string {
-  try {
-    return readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
-  } catch {
-    return '?' // ended since
-  }
+/** tid -> nice; name: only threads of that name. */
+function threadNice(name?: string): Map<number, number> {
+  return new Map([...threads(name)].map(([tid, t]) => [tid, t.nice]))
 }
 
 describe.skipIf(skip)('agentNice', () => {
@@ -52,13 +54,13 @@ describe.skipIf(skip)('agentNice', () => {
     // postcopyNice 0: only agentNice here (the next test has post-copy's own)
     const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', postcopyNice: 0 })
     const dest = await destination
-    const nice = threadNice()
-    expect(nice.get(process.pid)).toBe(0) // the service's main thread is left alone
+    const nice = threads()
+    expect(nice.get(process.pid)?.nice).toBe(0) // the service's main thread is left alone
     // the native demand threads (a blocked fault waits on them) run at the service's priority, which root may give them
     // the two agent workers, the destination's bulk reader and the source's bulk writer (bulk work, like the
     // agents' loops they replace)
     // (by name: once in CI a fifth thread of no name of ours was at 7 too, a helper the agent's thread started)
-    const atSeven = [...nice].filter(([, n]) => n === 7).map(([tid]) => comm(tid))
+    const atSeven = [...nice.values()].filter((t) => t.nice === 7).map((t) => t.name)
     expect(atSeven.filter((name) => name.startsWith('uffdm-')).sort(), atSeven.join()).toEqual(['uffdm-bulk-rx', 'uffdm-bulk-tx'])
     expect(atSeven.filter((name) => !name.startsWith('uffdm-')).length - before, atSeven.join()).toBeGreaterThanOrEqual(2)
     expect([...threadNice('uffdm-bulk-rx').values()]).toEqual([7])
@@ -83,25 +85,23 @@ describe.skipIf(skip)('agentNice', () => {
     const src = new Uint8Array(source.regions.mem.buffer)
     for (let i = 0; i < src.length; i += 4096) src[i] = ((i >> 12) % 251) + 1
     const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', postcopyNice: 12 })
-    // the kernel's view of every thread, sampled until the destination settled: the highest nice each one had
-    const seen = new Map<string, number>()
+    // the kernel's view of every new thread, sampled until the destination settled: its latest name and the
+    // highest nice seen under that name (a native thread takes its priority, then its name: what it had under
+    // the name it inherited is not the named thread's)
+    const seen = new Map<number, { name: string; nice: number }>()
     let settled = false
     const dest = await destination
     void dest.settled.then(() => (settled = true))
     while (!settled) {
-      for (const [tid, n] of threadNice()) {
-        let key: string
-        try {
-          key = threadsBefore.has(tid) ? 'old' : `${comm(tid)}:${tid}`
-        } catch {
-          continue
-        }
-        seen.set(key, Math.max(seen.get(key) ?? 0, n))
+      for (const [tid, t] of threads()) {
+        if (threadsBefore.has(tid)) continue
+        const was = seen.get(tid)
+        seen.set(tid, was?.name === t.name ? { name: t.name, nice: Math.max(was.nice, t.nice) } : t)
       }
       await new Promise((r) => setTimeout(r, 2))
     }
     await report
-    const max = (prefix: string) => Math.max(...[...seen].filter(([k]) => k.startsWith(prefix)).map(([, n]) => n))
+    const max = (prefix: string) => Math.max(...[...seen.values()].filter((t) => t.name.startsWith(prefix)).map((t) => t.nice))
     // a blocked fault waits on these (a page the push sent comes through the bulk threads): never post-copy's nice
     expect(max('uffdm-bulk-rx')).toBe(0)
     expect(max('uffdm-bulk-tx')).toBe(0)
@@ -109,9 +109,9 @@ describe.skipIf(skip)('agentNice', () => {
     expect(max('uffdm-demand-tx')).toBe(0)
     expect(threadNice().get(process.pid)).toBe(0) // the service's thread
     // both agents' threads yielded (two threads that were not there before, at 12 at some point) ...
-    expect([...seen].filter(([k, n]) => !k.startsWith('uffdm-') && k !== 'old' && n === 12).length).toBe(2)
+    expect([...seen.values()].filter((t) => !t.name.startsWith('uffdm-') && t.nice === 12).length).toBe(2)
     // ... and are back at their own nice once it is over (root may lower a nice value again)
-    if (process.getuid?.() === 0) expect([...threadNice()].filter(([, n]) => n === 12).map(([t]) => comm(t))).toEqual([])
+    if (process.getuid?.() === 0) expect([...threads().values()].filter((t) => t.nice === 12).map((t) => t.name)).toEqual([])
     expect(Buffer.compare(Buffer.from(dest.regions.mem.buffer), Buffer.from(src))).toBe(0)
     await dest.close()
     await source.close()
