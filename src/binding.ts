@@ -70,6 +70,12 @@ export interface NativeBulkWriter {
 }
 
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
+/** A socket's kernel buffers as granted (bytes; 0: left to the kernel's autotuning). */
+export interface SocketBuffers {
+  sendBytes: number
+  receiveBytes: number
+}
+
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
   close(): Float64Array
@@ -133,8 +139,14 @@ export interface NativeBinding {
     returnMask: number,
   ): Uint32Array
   zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number
-  /** SO_SNDBUF / SO_RCVBUF of a socket fd (0: leave alone). */
-  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): void
+  /**
+   * SO_SNDBUF / SO_RCVBUF of a socket fd (0: leave alone), past net.core.wmem_max / rmem_max with CAP_NET_ADMIN,
+   * else up to them; whole: not at all where they would cut it (the kernel's autotuning keeps that buffer). Returns
+   * what the kernel granted (0: left alone).
+   */
+  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number, whole?: boolean): SocketBuffers
+  /** TCP_NOTSENT_LOWAT: a writer waits while more than `bytes` written are not sent yet (what is in flight is not limited). */
+  setSocketUnsentLimit(fd: number, bytes: number): void
   /** Keepalive probes every second and TCP_USER_TIMEOUT: a silent peer fails the connection after ~timeoutMs (>= 1000). */
   setSocketLiveness(fd: number, timeoutMs: number): void
   /** Nice value (0..19) of the calling thread only. */

@@ -3,7 +3,7 @@ import type { SourceOptions, Progress } from './source/index'
 import type { MigrationReport } from './report'
 
 /** What crosses to the worker: no functions, the token as text; the worker adds what it resolves itself. */
-export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' | 'dial' | 'clock'> & { token: string }
+export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' | 'pushUnsentBytes' | 'dial' | 'clock'> & { token: string }
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }

@@ -9,7 +9,7 @@ import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from '
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
 import { ErrorCode, UffdMigrateError } from '../errors'
-import { DEFAULT_BULK_SOCKET_BUFFER_BYTES } from '../protocol/messages'
+import { DEFAULT_BULK_SOCKET_BUFFER_BYTES, DEFAULT_PUSH_UNSENT_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
@@ -46,6 +46,7 @@ const stopYielding = () => {
   if (!yielding.leave()) log(`the agent's thread stays at nice ${yielding.nice} after post-copy: lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE`)
 }
 const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
+const pushUnsentBytes = Number(process.env.UFFD_MIGRATE_PUSH_UNSENT_BYTES ?? DEFAULT_PUSH_UNSENT_BYTES)
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
 /**
  * One line on stderr for the operator, written by this thread with a plain
@@ -152,7 +153,7 @@ function outgoingMigrations() {
         post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
       }
-      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, tracker: data.tracker }
+      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),

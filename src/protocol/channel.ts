@@ -225,10 +225,23 @@ export class Channel {
    * Caps the kernel's send and receive buffers of this socket: bulk data that
    * sits in them is data an urgent page may have to wait behind (the pushed
    * copy of a page already in flight). setter: the addon's setSocketBuffers.
+   * whole: only if the kernel grants all of it (pre-copy's larger buffers: one
+   * that net.core.rmem_max / wmem_max would cut stays with the kernel's autotuning).
    */
-  limitKernelBuffers(setter: (fd: number, sendBytes: number, receiveBytes: number) => void, bytes: number): void {
+  limitKernelBuffers(setter: (fd: number, sendBytes: number, receiveBytes: number, whole?: boolean) => unknown, bytes: number, whole = false): void {
     const fd = this.fd
-    if (fd !== undefined && bytes > 0) setter(fd, bytes, bytes)
+    if (fd !== undefined && bytes > 0) setter(fd, bytes, bytes, whole)
+  }
+
+  /**
+   * Caps what this socket holds written but not sent (TCP_NOTSENT_LOWAT): a
+   * pushed page written after it waits in the sender's queue, not the
+   * kernel's, and what is in flight (the window) is not limited. setter: the
+   * addon's setSocketUnsentLimit.
+   */
+  limitUnsent(setter: (fd: number, bytes: number) => void, bytes: number): void {
+    const fd = this.fd
+    if (fd !== undefined && bytes > 0) setter(fd, bytes)
   }
 
   /**

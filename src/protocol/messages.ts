@@ -23,6 +23,16 @@ export const DEFAULT_BULK_SOCKET_BUFFER_BYTES = 512 * 1024
  */
 export const PRECOPY_BULK_SOCKET_BUFFER_BYTES = 4 << 20
 
+/**
+ * The most the source's bulk socket holds written but not sent during the
+ * post-copy push (TCP_NOTSENT_LOWAT; $UFFD_MIGRATE_PUSH_UNSENT_BYTES, 0: no
+ * limit). A page not yet in the socket can still go as a fault's reply;
+ * what is in flight on the link is not limited. 10 alternating pairs of
+ * bench:postcopy Table D's case: fault p99 1115 against 1791 us, total
+ * +5 % (docs/data-plane.md).
+ */
+export const DEFAULT_PUSH_UNSENT_BYTES = 128 * 1024
+
 /** The bulk socket's kernel buffers before the hand-off, given the post-copy size (0: left to the kernel). */
 export function precopyBulkBuffers(postcopyBytes: number): number {
   return postcopyBytes > 0 ? Math.max(postcopyBytes, PRECOPY_BULK_SOCKET_BUFFER_BYTES) : 0

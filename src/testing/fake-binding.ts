@@ -8,7 +8,7 @@
  * queues a fault like the kernel and resolves when the page is installed.
  * UFFDIO_COPY / ZEROPAGE count pages already present (EEXIST) per page.
  */
-import type { NativeBinding, NativeUffd, ProbeResult } from '../binding'
+import type { NativeBinding, NativeUffd, ProbeResult, SocketBuffers } from '../binding'
 import { ErrorCode, UffdMigrateError } from '../errors'
 
 const K = {
@@ -166,7 +166,11 @@ export class FakeBinding implements NativeBinding {
     return zero
   }
 
-  setSocketBuffers(): void {}
+  setSocketBuffers(_fd: number, sendBytes: number, receiveBytes: number): SocketBuffers {
+    return { sendBytes, receiveBytes }
+  }
+
+  setSocketUnsentLimit(): void {}
   setSocketLiveness(): void {}
   setThreadNice(): void {}
 

@@ -10,10 +10,9 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { type ChannelRole, peerError } from '../../protocol/handshake'
-import {
-  decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, precopyBulkBuffers, RangeKind, type RegionLayout, RequestKind, uint,
-} from '../../protocol/messages'
+import { decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, field, Msg, RangeKind, type RegionLayout, RequestKind, uint } from '../../protocol/messages'
 import type { Region } from '../../region'
+import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
 import { type Clock, systemClock } from '../clock'
 import { route } from '../message-table'
 import { StateMachine } from '../state-machine'
@@ -133,7 +132,7 @@ export class MigrationDestination implements DestinationHandlers {
   private adopt(ch: Channel, role: ChannelRole): void {
     if (role === 'demand') return this.demand.adopt(ch)
     if (role === 'stream') return this.bulkPath.addStream(ch, (err) => this.linkBroke(err))
-    if (role === 'bulk') ch.limitKernelBuffers(this.binding.setSocketBuffers, this.phase === DestPhase.LISTENING ? precopyBulkBuffers(this.opts.bulkBufferBytes) : this.opts.bulkBufferBytes)
+    if (role === 'bulk') (this.phase === DestPhase.LISTENING ? precopyBulkSocket : postcopyBulkSocket)(ch, this.binding, this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
     ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
@@ -228,7 +227,7 @@ export class MigrationDestination implements DestinationHandlers {
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
-    this.link.bulk?.limitKernelBuffers(this.binding.setSocketBuffers, this.opts.bulkBufferBytes) // post-copy's smaller buffers
+    if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
     this.hooks.restore(state).then(
       (resumedAtMs) => {
         // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)

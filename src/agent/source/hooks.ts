@@ -28,6 +28,8 @@ export interface SourceOptions {
   streams?: number
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
+  /** Post-copy: the most the bulk socket holds written but not sent (0: no limit). */
+  pushUnsentBytes?: number
   /** The service forwards its clients (guest.serve()): after SETTLED, wait up to forwardWaitMs for the destination's SERVICE ports. */
   forward?: boolean
   /** A served server is HTTP: the destination rehearses Node's HTTP server path before it answers REGIONS (src/forward-rehearsal.ts). */

@@ -10,8 +10,9 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { clientHandshake, peerError } from '../../protocol/handshake'
-import { decodeControl, encodeControl, field, Msg, precopyBulkBuffers } from '../../protocol/messages'
+import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
 import { parseAddress } from '../address'
+import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
 import { type Clock, sleep, systemClock } from '../clock'
 import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
@@ -25,6 +26,7 @@ export interface LinkOptions {
   connectTimeoutMs: number
   linkTimeoutMs: number
   bulkBufferBytes: number
+  pushUnsentBytes?: number
   dial?: Dialer
   clock?: Clock
 }
@@ -105,15 +107,16 @@ export class SourceLink {
       throw err
     }
     // a link opened before the hand-off starts with pre-copy's larger buffers; post-copy (and a link reopened in it) shrinks them
-    bulk.limitKernelBuffers(binding.setSocketBuffers, precopyBulkBuffers(opts.bulkBufferBytes))
-    const shrink = () => bulk.limitKernelBuffers(binding.setSocketBuffers, opts.bulkBufferBytes)
+    // and caps the push's unsent bytes
+    precopyBulkSocket(bulk, binding, opts.bulkBufferBytes)
+    const shrink = () => postcopyBulkSocket(bulk, binding, opts.bulkBufferBytes, opts.pushUnsentBytes)
     for (const ch of [urgent, bulk, demand]) {
       ch?.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
       if (ch) ch.stallTimeoutMs = opts.linkTimeoutMs
     }
     const dialStream = async () => {
       const ch = await open('stream')
-      ch.limitKernelBuffers(binding.setSocketBuffers, precopyBulkBuffers(opts.bulkBufferBytes))
+      precopyBulkSocket(ch, binding, opts.bulkBufferBytes)
       ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
       ch.stallTimeoutMs = opts.linkTimeoutMs
       return ch
