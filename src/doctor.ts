@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs'
 import { release } from 'node:os'
 import { loadBinding } from './binding'
 import { chooseTracker, resolveTrackerSetting, SYNC_WP_COST, type TrackerKind } from './agent/tracker-choice'
+import { PRECOPY_BULK_SOCKET_BUFFER_BYTES } from './protocol/messages'
 
 export interface FeatureCheck {
   name: string
@@ -26,6 +27,30 @@ export interface DoctorReport {
   tracker?: { kind: TrackerKind; reason: string; cost: string }
   ok: boolean
   verdict: string
+}
+
+/** CAP_NET_ADMIN (bit 12 of CapEff): SO_SNDBUFFORCE / SO_RCVBUFFORCE set buffers past net.core.wmem_max / rmem_max. */
+function hasNetAdmin(): boolean {
+  const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readSysctl('/proc/self/status'))
+  return m !== null && (BigInt(`0x${m[1]}`) & (1n << 12n)) !== 0n
+}
+
+/**
+ * Whether the bulk sockets get pre-copy's buffers here, and what happens if
+ * not: the agent then leaves them to the kernel's autotuning (a set buffer
+ * would be cut to the cap and no longer autotuned).
+ */
+export function socketBufferCheck(f: { rmemMax: number; wmemMax: number; netAdmin: boolean }): { available: boolean; detail: string } {
+  const want = PRECOPY_BULK_SOCKET_BUFFER_BYTES, mib = want / (1 << 20)
+  if (f.netAdmin) return { available: true, detail: `pre-copy's ${mib} MiB bulk socket buffers, past net.core.rmem_max / wmem_max if need be (CAP_NET_ADMIN)` }
+  if (f.rmemMax >= want && f.wmemMax >= want) return { available: true, detail: `pre-copy's ${mib} MiB bulk socket buffers (net.core.rmem_max=${f.rmemMax}, wmem_max=${f.wmemMax})` }
+  return {
+    available: false,
+    detail:
+      `net.core.rmem_max=${f.rmemMax} / wmem_max=${f.wmemMax} are below pre-copy's ${mib} MiB and this process lacks CAP_NET_ADMIN: ` +
+      `the kernel's autotuning sizes the bulk buffers instead (enough on most links); for the measured setting run ` +
+      `sysctl -w net.core.rmem_max=${want} net.core.wmem_max=${want} on both hosts`,
+  }
 }
 
 function readSysctl(path: string): string {
@@ -123,6 +148,10 @@ export function runDoctor(): DoctorReport {
   } catch (err) {
     trackerError = (err as Error).message
   }
+  const buffers = socketBufferCheck({
+    rmemMax: Number(readSysctl('/proc/sys/net/core/rmem_max')), wmemMax: Number(readSysctl('/proc/sys/net/core/wmem_max')), netAdmin: hasNetAdmin(),
+  })
+  add('socket buffers', buffers.available, buffers.detail, false)
   add('tracker', tracker !== undefined, tracker ? `${tracker.kind}: ${tracker.reason}; costs ${tracker.cost}` : trackerError)
   return finish()
 
