@@ -16,6 +16,7 @@ import { DestPhase, MigrationDestination } from './destination/index'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { TrackerOption } from './tracker'
+import { warmLinkCode } from './warm-up'
 import { Yielding } from './yielding'
 
 export interface AgentWorkerData {
@@ -95,6 +96,7 @@ class MainThreadCall<T> {
  */
 const outgoing = outgoingMigrations()
 const incoming = data.role === 'destination' ? incomingMigration() : undefined
+void warmLinkCode() // idle now; a migration's first connection then runs warm code
 
 port.on('message', onMain)
 
