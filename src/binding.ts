@@ -69,13 +69,13 @@ export interface NativeBulkWriter {
   close(): Float64Array
 }
 
-/** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 /** A socket's kernel buffers as granted (bytes; 0: left to the kernel's autotuning). */
 export interface SocketBuffers {
   sendBytes: number
   receiveBytes: number
 }
 
+/** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
   close(): Float64Array
