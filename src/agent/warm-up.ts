@@ -26,7 +26,9 @@ export async function warmLinkCode(timeoutMs = 2000): Promise<boolean> {
       server!.once('error', reject)
       server!.listen(0, '127.0.0.1', resolve)
     })
-    const accepted = new Promise<Channel>((resolve) => server!.once('connection', (s) => resolve(new Channel(s, 'incoming'))))
+    // the first connection is ours (another local process that got in first just makes this fail); later ones close
+    let taken = false
+    const accepted = new Promise<Channel>((resolve) => server!.on('connection', (s) => (taken ? s.destroy() : ((taken = true), resolve(new Channel(s, 'incoming'))))))
     const client = new Channel(await dialTcp('127.0.0.1', (server.address() as { port: number }).port, timeoutMs), 'urgent')
     const incoming = await accepted
     channels.push(client, incoming)
