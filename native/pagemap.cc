@@ -60,6 +60,18 @@ int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpe
   return 0;
 }
 
+int pagemap_protect_all(uintptr_t base, size_t npages) {
+  int err;
+  int fd = pagemap_fd(&err);
+  if (fd < 0) return err;
+  pm_scan_arg a = {};
+  a.size = sizeof(a);
+  a.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+  a.start = base;
+  a.end = base + npages * page_size();
+  return ioctl(fd, PAGEMAP_SCAN, &a) < 0 ? -errno : 0;
+}
+
 int pagemap_present(uintptr_t base, size_t npages, std::vector<uint32_t>* out) {
   int err;
   int fd = pagemap_fd(&err);

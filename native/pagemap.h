@@ -21,6 +21,11 @@ int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpe
 // 0 when PAGEMAP_SCAN works on this kernel, else -errno.
 int pagemap_probe();
 
+// Write-protects every page of [base, base + npages pages), present or not: PAGEMAP_SCAN with WP_MATCHING, a filter
+// that matches every page and no output vector (the kernel's exclusive write-protect path). The range must be
+// registered for WP with UFFD_FEATURE_WP_ASYNC (and WP_UNPOPULATED for the holes). 0 or -errno.
+int pagemap_protect_all(uintptr_t base, size_t npages);
+
 // Appends runs of the pages that hold memory (present or swapped), from /proc/self/pagemap entries read in bulk
 // (any kernel: the sync-wp tracker's round 0). Returns 0 or -errno.
 int pagemap_present(uintptr_t base, size_t npages, std::vector<uint32_t>* out);

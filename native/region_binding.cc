@@ -163,6 +163,16 @@ Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// pagemapProtectAll(regionId, firstPage, pageCount): every page of the range write-protected, present or not
+// (pagemap_protect_all()).
+Napi::Value PagemapProtectAll(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto [m, first, count] = page_range_args(info);
+  int r = pagemap_protect_all(m->addr() + first * page_size(), count);
+  if (r) throw sys_error(env, r, "ioctl(PAGEMAP_SCAN)");
+  return env.Undefined();
+}
+
 // zeroPages(regionId, firstPage, pageCount, out: Uint8Array) -> number of zero pages;
 // out[i] = 1 when page first+i is all zeros. Reads the pages: source side only.
 Napi::Value ZeroPages(const Napi::CallbackInfo& info) {
@@ -193,6 +203,7 @@ void init_region_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("discard", Napi::Function::New(env, Discard));
   exports.Set("discardRuns", Napi::Function::New(env, DiscardRuns));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan));
+  exports.Set("pagemapProtectAll", Napi::Function::New(env, PagemapProtectAll));
   exports.Set("zeroPages", Napi::Function::New(env, ZeroPages));
 }
 

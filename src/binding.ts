@@ -138,6 +138,8 @@ export interface NativeBinding {
     categoryAnyof: number,
     returnMask: number,
   ): Uint32Array
+  /** Every page of the range write-protected, present or not (a region registered for WP with WP_ASYNC): PAGEMAP_SCAN's exclusive write-protect. */
+  pagemapProtectAll(regionId: number, firstPage: number, pageCount: number): void
   zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number
   /**
    * SO_SNDBUF / SO_RCVBUF of a socket fd (0: leave alone), past net.core.wmem_max / rmem_max with CAP_NET_ADMIN,

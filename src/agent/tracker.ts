@@ -88,14 +88,15 @@ export class AsyncWpTracker implements DirtyTracker {
   }
 
   /**
-   * Every page of the region write-protected, present or not (WP_UNPOPULATED puts markers in the holes): a
-   * PAGEMAP_SCAN whose filter matches every page, with WP_MATCHING. The same result as UFFDIO_WRITEPROTECT over
-   * the range, in less than half the time on populated memory (1 GiB on the development VM: 16 ms against 35-39;
-   * 90 % never touched: 9-11 ms both), and it comes before round 0, while the service runs on.
+   * Every page of the region write-protected, present or not (WP_UNPOPULATED puts markers in the holes):
+   * PAGEMAP_SCAN with WP_MATCHING, a filter that matches every page and no output (the kernel's exclusive
+   * write-protect path). The same result as UFFDIO_WRITEPROTECT over the range in a third of the time on
+   * populated memory (bench/c/protect_all.c, run by bench:bulk; 1 GiB on the development VM: 9.9-10.3 ms against
+   * 22.8-30.2, a scan that returns runs 14.2-14.7; 1 MiB in 10 written: 6.1-7.2 against 8.3-9.1), before round 0
+   * and while the service runs on.
    */
   private protectAll(r: TrackedRegion): void {
-    const P = this.k.PAGE_IS_PRESENT
-    this.binding.pagemapScan(r.id, 0, Math.ceil(r.sizeBytes / this.binding.pageSize), this.k.PM_SCAN_WP_MATCHING | this.k.PM_SCAN_CHECK_WPASYNC, 0, 0, 0, P)
+    this.binding.pagemapProtectAll(r.id, 0, Math.ceil(r.sizeBytes / this.binding.pageSize))
   }
 
   collectWritten(regionId: number, pageCount: number): Uint32Array {

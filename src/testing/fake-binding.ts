@@ -152,6 +152,8 @@ export class FakeBinding implements NativeBinding {
     return Uint32Array.from(runs)
   }
 
+  pagemapProtectAll(): void {}
+
   zeroPages(regionId: number, firstPage: number, pageCount: number, out: Uint8Array): number {
     const r = this.region(regionId)
     const ps = this.pageSize
