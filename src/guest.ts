@@ -24,12 +24,12 @@ import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
-import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveToken, validateMigrateOptions } from './options'
+import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
 import { awaitHandoff, countRefusals, handoffState, waitingGuest } from './receive'
 
 export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
-import { describeTracker, type TrackerOption } from './agent/tracker'
+import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 
@@ -96,13 +96,13 @@ export class Guest extends EventEmitter {
     }
     const entries = Object.entries(opts.regions ?? {})
     if (entries.length === 0) throw new UffdMigrateError('expected options.regions to name at least one region', ErrorCode.INVALID_ARG)
-    const agentNice = resolveAgentNice(opts.agentNice)
+    const agentNice = resolveAgentNice(opts.agentNice), sockets = resolveSocketTuning()
     const tracker = resolveTrackerSetting(opts.tracker)
     const binding = loadBinding()
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
-    if (receive) return Guest.startReceiving(opts, binding, regions, receive, agentNice, tracker)
-    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker } satisfies AgentWorkerData })
+    if (receive) return Guest.startReceiving(opts, binding, regions, receive, { agentNice, tracker, sockets })
+    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker, sockets } satisfies AgentWorkerData })
     worker.unref()
     const guest = new Guest(opts.name, opts, { worker, binding, regions, settled: Promise.resolve() })
     guest.isSettledFlag = true
@@ -110,7 +110,7 @@ export class Guest extends EventEmitter {
     return guest
   }
 
-  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, agentNice: number, tracker: TrackerOption): Promise<Guest> {
+  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, agent: Pick<AgentWorkerData, 'agentNice' | 'tracker' | 'sockets'>): Promise<Guest> {
     parseAddress(listen, '0.0.0.0')
     const token = resolveToken(opts.token)
     const received = regions.map((r) => PageBitmap.shared(r.pageCount))
@@ -120,8 +120,7 @@ export class Guest extends EventEmitter {
       received: received.map((b) => b.buffer as SharedArrayBuffer),
       listen,
       token,
-      agentNice,
-      tracker,
+      ...agent,
       name: opts.name,
     }
     const worker = new Worker(WORKER, { workerData })

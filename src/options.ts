@@ -11,6 +11,7 @@ import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
 import type { TrackerSetting } from './agent/tracker-choice'
 import { ErrorCode, UffdMigrateError } from './errors'
+import { DEFAULT_BULK_SOCKET_BUFFER_BYTES, DEFAULT_PUSH_UNSENT_BYTES } from './protocol/messages'
 
 export interface GuestOptions {
   /** Names the control socket ($XDG_RUNTIME_DIR/uffd-migrate/<name>.sock or /run/uffd-migrate/<name>.sock). */
@@ -132,6 +133,27 @@ export function resolveAgentNice(explicit?: number | string, name = 'options.age
     throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${typeof nice === 'number' && !Number.isNaN(nice) ? nice : JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
   }
   return nice
+}
+
+/** The bulk socket's kernel settings (src/agent/bulk-socket.ts), from the environment: each a byte count, 0 for the kernel's own. */
+export interface SocketTuning {
+  /** $UFFD_MIGRATE_BULK_BUFFER_BYTES: post-copy's buffers (pre-copy's: at least 4 MiB). */
+  bulkBufferBytes: number
+  /** $UFFD_MIGRATE_PUSH_UNSENT_BYTES: the most the post-copy push holds written but not sent. */
+  pushUnsentBytes: number
+}
+
+export function resolveSocketTuning(env: NodeJS.ProcessEnv = process.env): SocketTuning {
+  const bytes = (name: string, fallback: number): number => {
+    const raw = env[name]
+    if (raw === undefined || raw.trim() === '') return fallback
+    const n = Number(raw)
+    if (!Number.isInteger(n) || n < 0 || n > 1 << 30) {
+      throw new UffdMigrateError(`expected ${name} to be a byte count from 0 (the kernel's own) to 1073741824, got ${JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
+    }
+    return n
+  }
+  return { bulkBufferBytes: bytes('UFFD_MIGRATE_BULK_BUFFER_BYTES', DEFAULT_BULK_SOCKET_BUFFER_BYTES), pushUnsentBytes: bytes('UFFD_MIGRATE_PUSH_UNSENT_BYTES', DEFAULT_PUSH_UNSENT_BYTES) }
 }
 
 /** The shared token: explicit, $UFFD_MIGRATE_TOKEN, or the file $UFFD_MIGRATE_TOKEN_FILE. */

@@ -9,12 +9,12 @@ import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from '
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
 import { ErrorCode, UffdMigrateError } from '../errors'
-import { DEFAULT_BULK_SOCKET_BUFFER_BYTES, DEFAULT_PUSH_UNSENT_BYTES } from '../protocol/messages'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
+import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
 import { warmLinkCode } from './warm-up'
 import { Yielding } from './yielding'
@@ -32,6 +32,8 @@ export interface AgentWorkerData {
   name?: string
   /** Which dirty-page tracker its migrations use (default: auto). */
   tracker?: TrackerOption
+  /** The bulk socket's settings ($UFFD_MIGRATE_BULK_BUFFER_BYTES, $UFFD_MIGRATE_PUSH_UNSENT_BYTES), checked on the main thread. */
+  sockets: SocketTuning
 }
 
 const port = parentPort!
@@ -46,8 +48,7 @@ const yielding = new Yielding((nice) => binding.setThreadNice(nice), data.agentN
 const stopYielding = () => {
   if (!yielding.leave()) log(`the agent's thread stays at nice ${yielding.nice} after post-copy: lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE`)
 }
-const bulkBufferBytes = Number(process.env.UFFD_MIGRATE_BULK_BUFFER_BYTES ?? DEFAULT_BULK_SOCKET_BUFFER_BYTES)
-const pushUnsentBytes = Number(process.env.UFFD_MIGRATE_PUSH_UNSENT_BYTES ?? DEFAULT_PUSH_UNSENT_BYTES)
+const { bulkBufferBytes, pushUnsentBytes } = data.sockets
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
 /**
  * One line on stderr for the operator, written by this thread with a plain
