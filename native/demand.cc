@@ -103,18 +103,21 @@ DemandThread::DemandThread(Napi::Env env, Napi::Function callback, const char* n
 DemandThread::~DemandThread() { stop(); }
 
 void DemandThread::start() {
-  thread_ = std::thread([this] {
-    // A blocked service thread waits on this one: it runs at the service's priority (the main thread's
-    // nice), not at the agent's (agentNice, the bulk work), where the kernel allows it (CAP_SYS_NICE or
-    // RLIMIT_NICE); otherwise it keeps the agent's. The priority first, then the name: a thread seen under its
-    // name (top -H, /proc/<pid>/task/<tid>/comm) already has the priority it runs at.
-    if (urgent_) run_at_service_nice();
-    pthread_setname_np(pthread_self(), thread_name_);
-    run();
-    timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    emit({kEvCpu, ts.tv_sec * 1e3 + ts.tv_nsec / 1e6, 0, 0, 0});  // what this thread cost (the report's CPU figures)
-  });
+  thread_ = start_thread(
+      [this] {
+        // A blocked service thread waits on this one: it runs at the service's priority (the main thread's
+        // nice), not at the agent's (agentNice, the bulk work), where the kernel allows it (CAP_SYS_NICE or
+        // RLIMIT_NICE); otherwise it keeps the agent's. The priority first, then the name: a thread seen under
+        // its name (top -H, /proc/<pid>/task/<tid>/comm) already has the priority it runs at.
+        if (urgent_) run_at_service_nice();
+        pthread_setname_np(pthread_self(), thread_name_);
+      },
+      [this] {
+        run();
+        timespec ts;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        emit({kEvCpu, ts.tv_sec * 1e3 + ts.tv_nsec / 1e6, 0, 0, 0});  // what this thread cost (the report's CPU figures)
+      });
 }
 
 std::vector<DemandEvent> DemandThread::stop() {

@@ -7,7 +7,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <future>
 #include <thread>
+#include <utility>
 
 namespace uffdm {
 
@@ -18,6 +20,22 @@ inline void run_at_service_nice() {
   errno = 0;
   int nice = getpriority(PRIO_PROCESS, (id_t)getpid());
   if (errno == 0) (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
+}
+
+// A thread that runs setup() (its priority, then its name), then body(); returns once setup() ran. A thread the
+// agent started is what it will be by the time its constructor returns: what /proc and `top -H` show of it (and
+// what tests read) is never the priority or name it inherited.
+template <class Setup, class Body>
+std::thread start_thread(Setup setup, Body body) {
+  std::promise<void> ready;
+  std::future<void> started = ready.get_future();
+  std::thread t([setup = std::move(setup), body = std::move(body), ready = std::move(ready)]() mutable {
+    setup();
+    ready.set_value();
+    body();
+  });
+  started.wait();
+  return t;
 }
 
 // CPU time (user + system) of a running thread so far, ms; 0 once it ended.

@@ -173,11 +173,12 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       uffd_ = -1;
       throw sys_error(env, e, call);
     }
-    thread_ = std::thread([this] {
-      run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
-      pthread_setname_np(pthread_self(), "uffdm-wp");
-      run();
-    });
+    thread_ = start_thread(
+        [] {
+          run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
+          pthread_setname_np(pthread_self(), "uffdm-wp");
+        },
+        [this] { run(); });
     napi_add_env_cleanup_hook(env, &SyncWpTracker::Cleanup, this);
   }
 
