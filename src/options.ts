@@ -11,6 +11,7 @@ import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
 import type { TrackerSetting } from './agent/tracker-choice'
 import { ErrorCode, UffdMigrateError } from './errors'
+import { resolveIntegerSetting } from './integer-setting'
 import { DEFAULT_BULK_SOCKET_BUFFER_BYTES, DEFAULT_PUSH_UNSENT_BYTES } from './protocol/messages'
 
 export interface GuestOptions {
@@ -126,13 +127,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
 
 /** The agent's nice value: explicit (a number, or a CLI string), $UFFD_MIGRATE_AGENT_NICE, or 0. */
 export function resolveAgentNice(explicit?: number | string, name = 'options.agentNice'): number {
-  const raw = explicit ?? process.env.UFFD_MIGRATE_AGENT_NICE ?? 0
-  const nice = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw
-  if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) {
-    const from = explicit !== undefined ? name : 'UFFD_MIGRATE_AGENT_NICE'
-    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${typeof nice === 'number' && !Number.isNaN(nice) ? nice : JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
-  }
-  return nice
+  return resolveIntegerSetting({ explicit, name, env: 'UFFD_MIGRATE_AGENT_NICE', fallback: 0, min: 0, max: 19, what: 'an integer nice value from 0 to 19' })
 }
 
 /** The bulk socket's kernel settings (src/agent/bulk-socket.ts), from the environment: each a byte count, 0 for the kernel's own. */
@@ -144,15 +139,8 @@ export interface SocketTuning {
 }
 
 export function resolveSocketTuning(env: NodeJS.ProcessEnv = process.env): SocketTuning {
-  const bytes = (name: string, fallback: number): number => {
-    const raw = env[name]
-    if (raw === undefined || raw.trim() === '') return fallback
-    const n = Number(raw)
-    if (!Number.isInteger(n) || n < 0 || n > 1 << 30) {
-      throw new UffdMigrateError(`expected ${name} to be a byte count from 0 (the kernel's own) to 1073741824, got ${JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
-    }
-    return n
-  }
+  const bytes = (name: string, fallback: number) =>
+    resolveIntegerSetting({ name, env: name, fallback, min: 0, max: 1 << 30, what: "a byte count from 0 (the kernel's own) to 1073741824" }, env)
   return { bulkBufferBytes: bytes('UFFD_MIGRATE_BULK_BUFFER_BYTES', DEFAULT_BULK_SOCKET_BUFFER_BYTES), pushUnsentBytes: bytes('UFFD_MIGRATE_PUSH_UNSENT_BYTES', DEFAULT_PUSH_UNSENT_BYTES) }
 }
 

@@ -22,19 +22,13 @@
  * where the kernel lets a thread lower its nice value (root, CAP_SYS_NICE or
  * RLIMIT_NICE); elsewhere it stays at postcopyNice and the worker logs it.
  */
-import { ErrorCode, UffdMigrateError } from '../errors'
+import { resolveIntegerSetting } from '../integer-setting'
 
 export const DEFAULT_POSTCOPY_NICE = 10
 
 /** postcopyNice: explicit, $UFFD_MIGRATE_POSTCOPY_NICE, or DEFAULT_POSTCOPY_NICE; an integer 0..19 (0: post-copy does not yield). */
 export function resolvePostcopyNice(explicit?: number | string, name = 'options.postcopyNice'): number {
-  const raw = explicit ?? process.env.UFFD_MIGRATE_POSTCOPY_NICE ?? DEFAULT_POSTCOPY_NICE
-  const nice = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw
-  if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) {
-    const from = explicit !== undefined ? name : 'UFFD_MIGRATE_POSTCOPY_NICE'
-    throw new UffdMigrateError(`expected ${from} to be an integer nice value from 0 to 19, got ${JSON.stringify(raw)}`, ErrorCode.INVALID_ARG)
-  }
-  return nice
+  return resolveIntegerSetting({ explicit, name, env: 'UFFD_MIGRATE_POSTCOPY_NICE', fallback: DEFAULT_POSTCOPY_NICE, min: 0, max: 19, what: 'an integer nice value from 0 to 19' })
 }
 
 /** The nice value a peer asked for in HANDOFF: an integer 0..19, anything else 0 (no yielding). */
