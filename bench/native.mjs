@@ -501,12 +501,12 @@ async function main() {
       }
       Atomics.store(ctl, C_STOP, 1)
       while (Atomics.load(ctl, C_STATE) !== 2) Atomics.wait(ctl, C_STATE, 1, 1000)
-      const trackerCpuMs = tracker?.cpuMs ?? 0, cpuMoves = tracker?.cpuMoves ?? 0
+      const trackerCpuMs = tracker?.cpuMs ?? 0, cpuMoves = tracker?.cpuMoves ?? 0, starved = tracker?.starved ?? 0
       tracker?.close()
       const runMs = res[R_T1] - res[R_T0]
       const nt = res[R_TICKS]
       return {
-        faults: tracker?.faults ?? 0, trackerCpuMs, cpuMoves,
+        faults: tracker?.faults ?? 0, trackerCpuMs, cpuMoves, starved,
         writes: res[R_WRITES], runMs, units: res[R_UNITS], scans, pages,
         scanMean: scans ? scanMs / scans : 0, scanMax,
         batch: nt ? stats(batchNs.subarray(0, nt)) : null,
@@ -632,6 +632,7 @@ async function main() {
             out[`${kind}.faultsPerSec`] = (t.faults / t.runMs) * 1e3
             out[`${kind}.cpuPerFault`] = t.faults ? (t.trackerCpuMs * 1e3) / t.faults : 0
             out[`${kind}.movesPerSec`] = (t.cpuMoves / t.runMs) * 1e3
+            out[`${kind}.starved`] = t.starved
             out[`${kind}.scanMean`] = t.scanMean
           }
           return out
@@ -656,6 +657,8 @@ async function main() {
           // moving (woken onto the idle vCPU while this thread still runs on its own) makes round trips cross CPUs
           add({ metric: `  uffdm-wp CPU per fault`, unit: 'µs', runs: col(vals, `${kind}.cpuPerFault`), info: true })
           add({ metric: `  uffdm-wp moves to the writer's CPU`, unit: '/s', runs: col(vals, `${kind}.movesPerSec`), info: true })
+          // SCHED_IDLE keeps the woken writer on its CPU; other work there starves it, and its guard moves it back
+          add({ metric: `  uffdm-wp starved in the idle class (guard)`, unit: 'times', runs: col(vals, `${kind}.starved`), info: true })
         }
       }
     }

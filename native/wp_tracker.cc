@@ -13,17 +13,15 @@
 // One path for every kernel: the forced fallback on a new kernel runs exactly
 // what a 6.1 host runs.
 //
-// Invariant (no lost write), without a lock between the two sides: the thread
-// un-protects a page *before* it marks it (atomically), and wakes the writer
-// only after the mark (so a write that completed is always marked: the
-// hand-off's final peek sees it); collect() takes the
-// bitmap (atomic exchange per word) *before* it re-protects what it took. A
-// mark that lands before the take: the page is taken, and re-protected after
-// it was un-protected, before its content is read. A mark after the take: the
-// page is in the next bitmap. A page can fault only while protected, so a
-// taken page is never un-protected again by a fault older than the take. (A
-// mutex over both made every fault wait out a collect's ioctls: ~14 µs a run,
-// 8-13 ms a round here.)
+// Invariant (no lost write), without a lock between the two sides: the thread un-protects a page *before* it
+// marks it (atomically), and wakes the writer only after the mark (so a write that completed is always marked: the
+// hand-off's final peek sees it); collect() takes the bitmap (atomic exchange per word) *before* it re-protects
+// what it took. A mark that lands before the take: the page is taken, and re-protected after it was un-protected,
+// before its content is read. A mark after the take: the page is in the next bitmap. A page can fault only while
+// protected, so a taken page is never un-protected again by a fault older than the take. (A mutex over both made
+// every fault wait out a collect's ioctls: ~14 us a run, 8-13 ms a round here.) One ioctl that un-protects and
+// wakes, with a mark before and after it, would save a system call, but in the idle class (below) the woken
+// writer preempts the thread before the second mark: a page written in one round then shows up in the next too.
 // (UFFDIO_WRITEPROTECT refuses MODE_WP with MODE_DONTWAKE: protecting never wakes anyway.)
 //
 // The thread follows the writer's CPU (followWriter): a round trip where the writer and this thread sit on two
@@ -33,6 +31,18 @@
 // which CPU the last faulting thread (UFFD_FEATURE_THREAD_ID) was on (/proc/self/task/TID/stat, ~5 us) and sets
 // its own affinity to that CPU. The writer is never pinned; when the scheduler moves it, the thread follows
 // within a millisecond.
+//
+// Following alone was not enough: this thread wakes the writer while it still runs on the writer's CPU, so the
+// scheduler puts the writer on the other CPU if it is idle (select_idle_sibling), the next round trip crosses
+// CPUs, and the thread follows again (~300-900 moves a second in bench:native). So the thread runs in SCHED_IDLE:
+// a CPU running only idle-class work counts as idle, the woken writer stays on it and preempts this thread at
+// once (the rest of its loop runs when the writer next blocks). C, a writer faulting back to back: 10.7 us a
+// fault against 115 us following in the normal class; bench:native's 10k-writes/s guest lost ~30 % of its compute
+// against ~64 % (6 alternating pairs, medians). An idle-class thread gets almost no CPU beside a busy one, though
+// (C: 18 ms a fault with a busy thread on each CPU). So a guard thread (normal class, a 2 ms tick) checks
+// whether a fault has been waiting across two ticks while this thread resolved none, and if so puts it back in
+// the normal class for 100 ms, doubling each time it happens again (up to 3.2 s), then tries the idle class again.
+// Without following it stays in the normal class (on any CPU the idle class would only add the starvation risk).
 //
 // Presence (what round 0 sends) comes from /proc/self/pagemap (pagemap_present()).
 #include <errno.h>
@@ -138,7 +148,9 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     auto env = info.Env();
     if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "expected regionIds: number[]");
     if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsBoolean()) throw Napi::TypeError::New(env, "expected followWriter: boolean");
+    if (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsBoolean()) throw Napi::TypeError::New(env, "expected idleClass: boolean");
     bool follow = info.Length() < 2 || info[1].IsUndefined() || info[1].As<Napi::Boolean>().Value();
+    bool idle_class = info.Length() < 3 || info[2].IsUndefined() || info[2].As<Napi::Boolean>().Value();
     auto ids = info[0].As<Napi::Array>();
     const size_t ps = page_size();
     for (uint32_t i = 0; i < ids.Length(); i++) {
@@ -174,11 +186,21 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       throw sys_error(env, e, call);
     }
     thread_ = start_thread(
-        [] {
+        [this] {
           run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
+          fault_tid_ = (pid_t)syscall(SYS_gettid);
           pthread_setname_np(pthread_self(), "uffdm-wp");
         },
         [this] { run(); });
+    // idle class only with following (see the top of this file), and only where a thread may leave it again
+    if (follow_ && idle_class && idle_class_reversible() && set_class(SCHED_IDLE)) {
+      guard_ = start_thread(
+          [] {
+            run_at_service_nice();
+            pthread_setname_np(pthread_self(), "uffdm-wp-guard");
+          },
+          [this] { guard(); });
+    }
     napi_add_env_cleanup_hook(env, &SyncWpTracker::Cleanup, this);
   }
 
@@ -193,6 +215,8 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     napi_remove_env_cleanup_hook(Env(), &SyncWpTracker::Cleanup, this);
     uint64_t one = 1;
     (void)!write(stop_fd_, &one, sizeof one);
+    if (guard_.joinable()) guard_.join();  // first: it changes the fault thread's class by thread id
+    if (idle_now_) set_class(SCHED_OTHER);  // so that a busy CPU does not hold up its exit
     if (thread_.joinable()) thread_.join();
     for (auto& r : regions_) (void)uffd_unregister(uffd_, r.m->addr(), r.m->size);
     ::close(uffd_);
@@ -230,6 +254,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
           __atomic_fetch_or(&t->dirty[page >> 5], 1u << (page & 31), __ATOMIC_ACQ_REL);
         }
         // Whatever went wrong, the faulting thread must not wait forever: it retries, and faults again if need be.
+        // Last: in the idle class the woken writer preempts this thread here (all the fault's work is done by then).
         (void)uffd_wake(uffd_, addr, ps);
       }
       // after the wake-ups, off the writers' path: on to the last writer's CPU (at most once a millisecond)
@@ -246,6 +271,69 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       }
     }
     if (stat_fd >= 0) ::close(stat_fd);
+  }
+
+  // The guard of the idle-class fault thread (see the top of this file): every GUARD_TICK_MS, a fault that was
+  // pending at the last tick too while the fault thread resolved none means other work on its CPU starves it; the
+  // thread then runs in the normal class for a while (100 ms, doubling each time up to 3.2 s), and goes back after.
+  // After GUARD_QUIET_TICKS ticks without a fault it stops ticking and waits for the next fault instead (a service
+  // that writes little, or none after the hand-off, while the tracker lives on to the agent's exit).
+  void guard() {
+    static constexpr int GUARD_TICK_MS = 2, GUARD_QUIET_TICKS = 50;
+    uint64_t last_done = UINT64_MAX;
+    bool was_pending = false;
+    int quiet_ticks = 0;
+    double normal_until_us = 0, backoff_us = 100e3;
+    for (;;) {
+      bool quiet = idle_now_ && quiet_ticks >= GUARD_QUIET_TICKS;
+      pollfd p[2] = {{stop_fd_, POLLIN, 0}, {uffd_, POLLIN, 0}};
+      int r = poll(p, quiet ? 2 : 1, quiet ? -1 : GUARD_TICK_MS);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0 || p[0].revents) return;
+      if (quiet) {  // a fault came: tick again
+        quiet_ticks = 0;
+        continue;
+      }
+      double now = now_us();
+      if (!idle_now_) {
+        if (normal_until_us && now >= normal_until_us && set_class(SCHED_IDLE)) normal_until_us = 0;
+        continue;
+      }
+      pollfd f = {uffd_, POLLIN, 0};
+      bool pending = poll(&f, 1, 0) > 0 && (f.revents & POLLIN);
+      uint64_t done = wp_faults_.load() + missing_faults_.load();
+      if (pending && was_pending && done == last_done && set_class(SCHED_OTHER)) {
+        starved_++;
+        normal_until_us = now + backoff_us;
+        backoff_us = std::min(backoff_us * 2, 3.2e6);
+        pending = false;
+      }
+      quiet_ticks = !pending && done == last_done ? quiet_ticks + 1 : 0;
+      was_pending = pending;
+      last_done = done;
+    }
+  }
+
+  // Whether a thread of this process may go back from SCHED_IDLE to the normal class: the kernel treats the idle
+  // class as nice 20 and lets a thread leave it only with CAP_SYS_NICE or an RLIMIT_NICE that allows its nice value
+  // (an unprivileged process has neither by default). Tried on a short-lived thread of its own.
+  static bool idle_class_reversible() {
+    bool ok = false;
+    std::thread probe([&ok] {
+      run_at_service_nice();  // the fault thread's nice value: what leaving the idle class is checked against
+      sched_param sp{};
+      ok = sched_setscheduler(0, SCHED_IDLE, &sp) == 0 && sched_setscheduler(0, SCHED_OTHER, &sp) == 0;
+    });
+    probe.join();
+    return ok;
+  }
+
+  // The fault thread's scheduling class (SCHED_IDLE or SCHED_OTHER; its nice value is kept); false if refused.
+  bool set_class(int policy) {
+    sched_param sp{};
+    if (sched_setscheduler(fault_tid_, policy, &sp) != 0) return false;
+    idle_now_ = policy == SCHED_IDLE;
+    return true;
   }
 
   Tracked* find(uintptr_t addr) {
@@ -294,7 +382,8 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     return info.Env().Undefined();
   }
 
-  // stats -> { wpFaults, missingFaults, failures, lastErrno, cpuMs, cpuMoves (the thread moved to a writer's CPU) }
+  // stats -> { wpFaults, missingFaults, failures, lastErrno, cpuMs, cpuMoves (the thread moved to a writer's CPU),
+  //            idleClass (the thread runs in SCHED_IDLE now), starved (times the guard moved it back to the normal class) }
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     auto env = info.Env();
     auto o = Napi::Object::New(env);
@@ -304,11 +393,16 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     o.Set("lastErrno", Napi::Number::New(env, (double)last_errno_.load()));
     o.Set("cpuMs", Napi::Number::New(env, thread_cpu_ms(thread_)));
     o.Set("cpuMoves", Napi::Number::New(env, (double)cpu_moves_.load()));
+    o.Set("idleClass", Napi::Boolean::New(env, idle_now_.load()));
+    o.Set("starved", Napi::Number::New(env, (double)starved_.load()));
     return o;
   }
 
   std::vector<Tracked> regions_;
-  std::thread thread_;
+  std::thread thread_, guard_;
+  pid_t fault_tid_ = 0;                // the fault thread's id, set before its constructor returns
+  std::atomic<bool> idle_now_{false};  // the fault thread runs in SCHED_IDLE (the guard alone changes it after start)
+  std::atomic<uint64_t> starved_{0};   // times the guard moved it back to the normal class
   int uffd_ = -1, stop_fd_ = -1;
   std::atomic<uint64_t> wp_faults_{0}, missing_faults_{0}, failures_{0}, cpu_moves_{0};
   bool follow_ = false;  // written before the thread starts; the thread alone clears it

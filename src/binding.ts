@@ -102,7 +102,8 @@ export interface NativeSyncWpTracker {
   /** Runs of pages present or swapped (/proc/self/pagemap). */
   present(regionId: number): Uint32Array
   /** cpuMoves: times the thread moved to the CPU of the thread that faulted (followWriter). */
-  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number; cpuMoves: number }
+  /** idleClass: the thread runs in SCHED_IDLE now; starved: times its guard moved it back to the normal class. */
+  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number; cpuMoves: number; idleClass: boolean; starved: number }
   /** Joins the thread and ends tracking (closing the userfaultfd drops the protection). */
   close(): void
 }
@@ -167,7 +168,7 @@ export interface NativeBinding {
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
-  SyncWpTracker?: new (regionIds: number[], followWriter?: boolean) => NativeSyncWpTracker
+  SyncWpTracker?: new (regionIds: number[], followWriter?: boolean, idleClass?: boolean) => NativeSyncWpTracker
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 

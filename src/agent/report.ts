@@ -42,8 +42,11 @@ export interface MigrationReport {
   clockOffsetMs: number
   clockRttMs: number
   bytesOnWire: number
-  /** The source's dirty-page tracker (wp-async or sync-wp), why this host got it, and (sync-wp) the write faults it resolved. */
-  tracker?: { kind: 'wp-async' | 'sync-wp'; reason: string; faults?: number }
+  /**
+   * The source's dirty-page tracker (wp-async or sync-wp), why this host got it, and (sync-wp) the write faults it
+   * resolved and how often other work starved its idle-class fault thread (then put back in the normal class).
+   */
+  tracker?: { kind: 'wp-async' | 'sync-wp'; reason: string; faults?: number; starved?: number }
   /** Bulk connections the pre-copy rounds used (1: bulk alone; more when asked with `streams` and granted). */
   streams?: number
   /** Who placed the pages arriving on the bulk connection at the destination: its native thread or its agent's loop (UFFD_MIGRATE_BULK=js, or no addon support). */

@@ -22,6 +22,8 @@ export interface DirtyTracker {
   presentRuns(regionId: number, pageCount: number): Uint32Array
   /** Write faults this tracker resolved itself (sync-wp), for the report. */
   readonly faults?: number
+  /** Times its fault thread was starved in the idle class and put back in the normal class (sync-wp), for the report. */
+  readonly starved?: number
   /** CPU time of the tracker's own thread (sync-wp), ms. */
   readonly cpuMs?: number
   close(): void
@@ -145,8 +147,10 @@ export class SyncWpTracker implements DirtyTracker {
 
   constructor(binding: NativeBinding, regions: TrackedRegion[]) {
     if (!binding.SyncWpTracker) throw new UffdMigrateError('this addon has no sync-WP tracker', ErrorCode.FEATURE)
-    // UFFD_MIGRATE_WP_FOLLOW=0: the fault thread goes where the scheduler puts it (to compare; docs/data-plane.md, "uffdm-wp")
-    this.native = new binding.SyncWpTracker(regions.map((r) => r.id), process.env.UFFD_MIGRATE_WP_FOLLOW !== '0')
+    // UFFD_MIGRATE_WP_FOLLOW=0: the fault thread goes where the scheduler puts it; UFFD_MIGRATE_WP_IDLE=0: it stays in
+    // the normal scheduling class (both to compare; README, Caveats)
+    const env = process.env
+    this.native = new binding.SyncWpTracker(regions.map((r) => r.id), env.UFFD_MIGRATE_WP_FOLLOW !== '0', env.UFFD_MIGRATE_WP_IDLE !== '0')
   }
 
   get cpuMs(): number {
@@ -156,6 +160,11 @@ export class SyncWpTracker implements DirtyTracker {
   /** Times the thread moved to the CPU of the thread that faulted (a writer the scheduler moved: see native/wp_tracker.cc). */
   get cpuMoves(): number {
     return this.native.stats.cpuMoves
+  }
+
+  /** Times other work on its CPU starved the idle-class fault thread, and its guard moved it back to the normal class. */
+  get starved(): number {
+    return this.native.stats.starved
   }
 
   get faults(): number {

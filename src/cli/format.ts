@@ -27,7 +27,11 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
-  if (r.tracker) lines.push(`  tracker            ${r.tracker.kind}${r.tracker.faults !== undefined ? `, ${r.tracker.faults} write faults resolved` : ''}: ${r.tracker.reason}`)
+  if (r.tracker) {
+    const t = r.tracker
+    const starved = t.starved ? ` (its thread starved ${t.starved} time(s) by other work on its CPU: normal class meanwhile)` : ''
+    lines.push(`  tracker            ${t.kind}${t.faults !== undefined ? `, ${t.faults} write faults resolved${starved}` : ''}: ${t.reason}`)
+  }
   if (r.rounds.length) {
     lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}`)
     lines.push('    round  data pages  zero pages  free pages  hot pages       bytes   time')

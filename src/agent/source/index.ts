@@ -242,7 +242,7 @@ export class MigrationSource implements SourceHandlers {
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
-        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerChoice && { ...this.trackerChoice, faults: this.tracker?.faults ?? this.retiredTracker?.faults }, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report
@@ -271,6 +271,12 @@ export class MigrationSource implements SourceHandlers {
       clearInterval(this.progressTimer as NodeJS.Timeout)
       this.closeTracker()
     }
+  }
+
+  /** The report's tracker part: the choice, and (sync-wp) what its fault thread did. */
+  private trackerReport(): MigrationReport['tracker'] {
+    const t = this.tracker ?? this.retiredTracker
+    return this.trackerChoice && { ...this.trackerChoice, faults: t?.faults, starved: t?.starved }
   }
 
   /**
