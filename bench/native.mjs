@@ -11,7 +11,9 @@
 //      bench/c/paced_guest.c, is built and run as that section's reference).
 //   5. The trackers side by side: the paced guest at 10k and 100k pages/s
 //      untracked, under wp-async and under sync-wp (the fallback for Linux
-//      5.7-6.6), beside the C sync write-protect round trip (b4_wp.c sync).
+//      5.7-6.6), beside the C sync write-protect round trip (b4_wp.c sync)
+//      and the C handler in the classes and placements uffdm-wp can take
+//      (bench/c/sync_wp_class.c).
 //
 // Each section's C reference (../shared/limits/run SECTION) runs right after
 // our own measurement of it, so that both see the machine in the same state.
@@ -669,6 +671,14 @@ async function main() {
       section('5c. C reference: sync write-protect fault round trip (b4_wp.c sync), µs')
       for (const p of ['poll.same', 'poll.split', 'spin.split']) {
         add({ metric: `C handler, ${p.replace('.', ', ')}: p50`, unit: 'µs', runs: [refs.get(`4a.wp_sync.${p}.p50`)?.median ?? NaN], refId: `4a.wp_sync.${p}.p50`, info: true })
+      }
+      // the handler's class and placement as uffdm-wp can choose them, the writer not pinned (bench/c/sync_wp_class.c)
+      for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'sync_wp_class.c'), { nruns: NRUNS, log })) refs.set(k, v)
+      section('5d. C reference: the handler\'s class, writer not pinned, faulting back to back (bench/c/sync_wp_class.c)')
+      for (const [m, label] of [['follow', 'follows the writer, normal class'], ['idle_follow', 'follows the writer, SCHED_IDLE (uffdm-wp)'], ['pinned', 'pinned with the writer to one CPU (the floor)']]) {
+        const mean = refs.get(`wp_class.${m}.mean`), moves = refs.get(`wp_class.${m}.writer_moves`)
+        add({ metric: `C handler ${label}: mean`, unit: 'µs', runs: [mean?.median ?? NaN], refId: `wp_class.${m}.mean`, info: true })
+        add({ metric: `  writer's CPU changes`, unit: 'moves', runs: [moves?.median ?? NaN], info: true })
       }
     }
   }
