@@ -130,6 +130,20 @@ int thread_last_cpu(int tid, int* fd, int* fd_tid) {
   return -1;
 }
 
+// Whether a thread of this process may go back from SCHED_IDLE to the normal class: the kernel treats the idle
+// class as nice 20 and lets a thread leave it only with CAP_SYS_NICE or an RLIMIT_NICE that allows its nice value
+// (an unprivileged process has neither by default). Tried on a short-lived thread of its own.
+bool idle_class_reversible() {
+  bool ok = false;
+  std::thread probe([&ok] {
+    run_at_service_nice();  // the fault thread's nice value: what leaving the idle class is checked against
+    sched_param sp{};
+    ok = sched_setscheduler(0, SCHED_IDLE, &sp) == 0 && sched_setscheduler(0, SCHED_OTHER, &sp) == 0;
+  });
+  probe.join();
+  return ok;
+}
+
 class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -315,20 +329,6 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     }
   }
 
-  // Whether a thread of this process may go back from SCHED_IDLE to the normal class: the kernel treats the idle
-  // class as nice 20 and lets a thread leave it only with CAP_SYS_NICE or an RLIMIT_NICE that allows its nice value
-  // (an unprivileged process has neither by default). Tried on a short-lived thread of its own.
-  static bool idle_class_reversible() {
-    bool ok = false;
-    std::thread probe([&ok] {
-      run_at_service_nice();  // the fault thread's nice value: what leaving the idle class is checked against
-      sched_param sp{};
-      ok = sched_setscheduler(0, SCHED_IDLE, &sp) == 0 && sched_setscheduler(0, SCHED_OTHER, &sp) == 0;
-    });
-    probe.join();
-    return ok;
-  }
-
   // The fault thread's scheduling class (SCHED_IDLE or SCHED_OTHER; its nice value is kept); false if refused.
   bool set_class(int policy) {
     sched_param sp{};
@@ -423,6 +423,10 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
 
 void init_wp_tracker_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("SyncWpTracker", SyncWpTracker::Define(env));
+  // syncWpIdleClass() -> whether uffdm-wp can run in SCHED_IDLE here (this process may take a thread out of it again)
+  exports.Set("syncWpIdleClass", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+                return Napi::Boolean::New(info.Env(), idle_class_reversible());
+              }));
 }
 
 }  // namespace uffdm

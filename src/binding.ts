@@ -169,6 +169,8 @@ export interface NativeBinding {
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
   SyncWpTracker?: new (regionIds: number[], followWriter?: boolean, idleClass?: boolean) => NativeSyncWpTracker
+  /** Whether the sync-WP fault thread can run in SCHED_IDLE here (the process may take a thread out of it again). */
+  syncWpIdleClass?: () => boolean
   DemandClient?: new (uffdFd: number, regionIds: number[], received: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeDemandClient
 }
 

@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs'
 import { release } from 'node:os'
 import { loadBinding } from './binding'
-import { chooseTracker, resolveTrackerSetting, SYNC_WP_COST, type TrackerKind } from './agent/tracker-choice'
+import { chooseTracker, resolveTrackerSetting, syncWpCost, type TrackerKind } from './agent/tracker-choice'
 import { PRECOPY_BULK_SOCKET_BUFFER_BYTES } from './protocol/messages'
 
 export interface FeatureCheck {
@@ -144,7 +144,7 @@ export function runDoctor(): DoctorReport {
     // WP offered as a feature but refused on a real range (the try above): sync-wp cannot work either
     if (!wpOk) facts.features &= ~k.UFFD_FEATURE_PAGEFAULT_FLAG_WP
     const c = chooseTracker(facts, setting, forcedBy)
-    tracker = { ...c, cost: c.kind === 'wp-async' ? 'a kernel-resolved fault per first write, a scan per round' : SYNC_WP_COST }
+    tracker = { ...c, cost: c.kind === 'wp-async' ? 'a kernel-resolved fault per first write, a scan per round' : syncWpCost(binding.syncWpIdleClass?.() ?? false) }
   } catch (err) {
     trackerError = (err as Error).message
   }

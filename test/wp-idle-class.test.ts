@@ -11,6 +11,8 @@ const skip = kernelSkipReason()
 const dist = join(__dirname, '..', 'dist')
 
 interface ChildResult {
+  /** binding.syncWpIdleClass(): the process may take a thread out of SCHED_IDLE again. */
+  allowed: boolean
   /** Scheduling policy of each thread named uffdm-wp* right after the tracker started (/proc: 0 normal, 5 idle). */
   policies: Record<string, number>
   /** Voluntary context switches of uffdm-wp-guard during a second without writes (-1: no guard). */
@@ -33,6 +35,7 @@ function runChild(opts: { idleClass: boolean; hog: boolean; noSysNice?: boolean 
     const policies = {}
     const region = Region.create('t', 4096 * ps)
     const u8 = new Uint8Array(region.buffer)
+    const allowed = b.syncWpIdleClass()
     const tracker = new b.SyncWpTracker([region.id], true, ${opts.idleClass})
     for (const tid of readdirSync('/proc/self/task')) {
       const stat = readFileSync('/proc/self/task/' + tid + '/stat', 'utf8')
@@ -68,7 +71,7 @@ function runChild(opts: { idleClass: boolean; hog: boolean; noSysNice?: boolean 
     for (let k = 0; k < runs.length; k += 2) reported += runs[k + 1]
     const s = tracker.stats
     tracker.close()
-    console.log(JSON.stringify({ policies, guardWakeupsIdleSecond, writes, reported, starved: s.starved, idleClass: s.idleClass, faults: s.wpFaults + s.missingFaults }))
+    console.log(JSON.stringify({ allowed, policies, guardWakeupsIdleSecond, writes, reported, starved: s.starved, idleClass: s.idleClass, faults: s.wpFaults + s.missingFaults }))
     process.exit(0)`
   const cmd = ['taskset', '-c', '0', process.execPath, '-e', script]
   // without CAP_SYS_NICE (root keeps the right to use userfaultfd) and with RLIMIT_NICE 0, the default
@@ -80,6 +83,7 @@ function runChild(opts: { idleClass: boolean; hog: boolean; noSysNice?: boolean 
 describe.skipIf(skip)('sync-wp fault thread: idle class and its guard', () => {
   it('runs the fault thread in SCHED_IDLE with a normal-class guard; idleClass false: normal class, no guard', () => {
     const idle = runChild({ idleClass: true, hog: false })
+    expect(idle.allowed).toBe(true)
     expect(idle.policies).toEqual({ 'uffdm-wp': 5, 'uffdm-wp-guard': 0 })
     expect(idle.writes).toBe(210)
     expect(idle.reported).toBe(210)
@@ -98,6 +102,7 @@ describe.skipIf(skip)('sync-wp fault thread: idle class and its guard', () => {
       return ctx.skip()
     }
     const r = runChild({ idleClass: true, hog: false, noSysNice: true })
+    expect(r.allowed).toBe(false)
     expect(r.policies).toEqual({ 'uffdm-wp': 0 })
     expect(r.idleClass).toBe(false)
     expect(r.reported).toBe(210)

@@ -31,9 +31,25 @@ export interface TrackerChoice {
   reason: string
 }
 
-/** What a host on the fallback pays, for the doctor and the README. */
-export const SYNC_WP_COST =
-  'a fault round trip through a native thread (uffdm-wp, on the CPU of the writing thread) for the first write to each page in each pre-copy round: tens of µs on a VM, a few on bare metal'
+/**
+ * What a host on the fallback pays, for the doctor. idleClassAllowed: the process may take a thread out of
+ * SCHED_IDLE again (binding.syncWpIdleClass()); env: UFFD_MIGRATE_WP_FOLLOW / UFFD_MIGRATE_WP_IDLE turn following
+ * the writer and the idle class off (native/wp_tracker.cc).
+ */
+export function syncWpCost(idleClassAllowed: boolean, env: NodeJS.ProcessEnv = process.env): string {
+  const follow = env.UFFD_MIGRATE_WP_FOLLOW !== '0'
+  const where = follow ? 'on the CPU of the writing thread' : 'where the scheduler puts it (UFFD_MIGRATE_WP_FOLLOW=0)'
+  let cls: string
+  if (!follow) cls = ''
+  else if (env.UFFD_MIGRATE_WP_IDLE === '0') cls = ', in the normal class (UFFD_MIGRATE_WP_IDLE=0)'
+  else if (idleClassAllowed) cls = ', in SCHED_IDLE so that the woken writer stays on its CPU'
+  else {
+    cls =
+      ', in the normal class: this process may not take a thread out of SCHED_IDLE again (no CAP_SYS_NICE, RLIMIT_NICE ' +
+      'below 20 - nice), which costs ~2x a write on a VM with few vCPUs (grant CAP_SYS_NICE or raise RLIMIT_NICE)'
+  }
+  return `a fault round trip through a native thread (uffdm-wp, ${where}${cls}) for the first write to each page in each pre-copy round: tens of µs on a VM, a few on bare metal`
+}
 
 export function asyncWpAvailable(f: TrackerFacts): boolean {
   const want = f.constants.UFFD_FEATURE_WP_ASYNC | f.constants.UFFD_FEATURE_WP_UNPOPULATED

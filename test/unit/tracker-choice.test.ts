@@ -3,7 +3,7 @@
  * README names, a forced setting, and the errors that say what to do.
  */
 import { afterEach, describe, expect, it } from 'vitest'
-import { chooseTracker, resolveTrackerSetting, type TrackerFacts } from '../../src/agent/tracker-choice'
+import { chooseTracker, resolveTrackerSetting, syncWpCost, type TrackerFacts } from '../../src/agent/tracker-choice'
 import { ErrorCode } from '../../src/errors'
 
 const K = {
@@ -63,5 +63,19 @@ describe('tracker setting', () => {
     process.env.UFFD_MIGRATE_TRACKER = 'soft-dirty'
     expect(() => resolveTrackerSetting(undefined)).toThrow(expect.objectContaining({ code: ErrorCode.INVALID_ARG, message: expect.stringMatching(/UFFD_MIGRATE_TRACKER .*"soft-dirty"/) }))
     expect(() => resolveTrackerSetting('fast')).toThrow(/options\.tracker to be auto\|wp-async\|sync-wp/)
+  })
+})
+
+describe('sync-wp cost (the doctor\'s tracker line)', () => {
+  it('names where the fault thread runs and in which class, and what to do when the process cannot use the idle class', () => {
+    expect(syncWpCost(true, {})).toMatch(/uffdm-wp, on the CPU of the writing thread, in SCHED_IDLE so that the woken writer stays on its CPU\)/)
+    const denied = syncWpCost(false, {})
+    expect(denied).toMatch(/in the normal class: this process may not take a thread out of SCHED_IDLE again/)
+    expect(denied).toMatch(/grant CAP_SYS_NICE or raise RLIMIT_NICE/)
+    expect(syncWpCost(true, { UFFD_MIGRATE_WP_IDLE: '0' })).toMatch(/in the normal class \(UFFD_MIGRATE_WP_IDLE=0\)/)
+    // without following the writer there is no idle class either
+    const loose = syncWpCost(true, { UFFD_MIGRATE_WP_FOLLOW: '0' })
+    expect(loose).toMatch(/where the scheduler puts it \(UFFD_MIGRATE_WP_FOLLOW=0\)\)/)
+    expect(loose).not.toMatch(/SCHED_IDLE|normal class/)
   })
 })
