@@ -334,7 +334,7 @@ export class Guest extends EventEmitter {
       const stoppedAtMs = nowMs()
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
-      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs }))
+      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs, postedAtMs: nowMs() }))
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
     }

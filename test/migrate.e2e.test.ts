@@ -44,6 +44,9 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
       expect(rep.tracker?.starved).toBeUndefined()
     }
     expect(rep.rounds[0].dataPages).toBeGreaterThan(50_000)
+    // the main thread's share of the pause part of the downtime
+    expect(rep.pauseCallMs).toBeGreaterThanOrEqual(0)
+    expect(rep.pauseCallMs).toBeLessThanOrEqual(rep.downtimeBreakdownMs!.pause)
     // what went after the hand-off is exactly what the destination lacked then: the old copies it dropped
     // (at the hand-off, or during pre-copy and not sent again)
     expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.pagesMissingAtHandoff)

@@ -7,8 +7,8 @@ export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' 
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }
-  /** stoppedAtMs: when the main thread began pause() (nowMs(), monotonic: the same clock in every thread). */
-  | { type: 'paused'; state: Uint8Array; stoppedAtMs: number }
+  /** stoppedAtMs / postedAtMs: when the main thread began pause() / posted its encoded state (nowMs(), monotonic: the same clock in every thread). */
+  | { type: 'paused'; state: Uint8Array; stoppedAtMs: number; postedAtMs?: number }
   | { type: 'pauseFailed'; error: { code: string; message: string } }
   | { type: 'free'; region: number; firstPage: number; pageCount: number }
   | { type: 'resumed'; atMs: number }

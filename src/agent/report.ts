@@ -39,6 +39,8 @@ export interface MigrationReport {
   pauseWaitMs: number
   /** downtimeMs split (they sum to it): pause() on the source and its state reaching the agent, final scan, HANDOFF sent and received, discard list applied, restore on the destination. */
   downtimeBreakdownMs?: { pause: number; finalScan: number; handoffTransfer: number; discard: number; restore: number }
+  /** The part of downtimeBreakdownMs.pause on the service's main thread: its pause() and the encoding of its state (the rest: the state reaching the agent's thread). */
+  pauseCallMs?: number
   clockOffsetMs: number
   clockRttMs: number
   bytesOnWire: number

@@ -23,7 +23,8 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  downtime           ${ms(r.downtimeMs)}   (stopped on the source -> resumed on the destination; clock offset ${r.clockOffsetMs.toFixed(2)} ms, rtt ${r.clockRttMs.toFixed(2)} ms)`)
   lines.push(`  pause wait         ${ms(r.pauseWaitMs)}   (before the downtime: the service's event loop getting to the pause request; it still served)`)
   const b = r.downtimeBreakdownMs
-  if (b) lines.push(`                     pause() ${ms(b.pause)}, final scan ${ms(b.finalScan)}, hand-off sent ${ms(b.handoffTransfer)}, discard ${ms(b.discard)}, restore ${ms(b.restore)}`)
+  const call = r.pauseCallMs !== undefined ? ` (${ms(r.pauseCallMs)} of it on the service's thread)` : ''
+  if (b) lines.push(`                     pause() ${ms(b.pause)}${call}, final scan ${ms(b.finalScan)}, hand-off sent ${ms(b.handoffTransfer)}, discard ${ms(b.discard)}, restore ${ms(b.restore)}`)
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)

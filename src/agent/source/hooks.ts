@@ -49,6 +49,8 @@ export interface PausedService {
   state: Uint8Array
   /** On this side's clock: from here the service no longer ran (the downtime starts); before it, its loop got to the request. */
   stoppedAtMs?: number
+  /** On this side's clock: pause() returned and its state was encoded (the main thread's part of the pause window). */
+  postedAtMs?: number
 }
 
 export interface SourceHooks {

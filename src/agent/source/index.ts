@@ -202,10 +202,11 @@ export class MigrationSource implements SourceHandlers {
       // even when pause() itself failed half-way
       paused = true
       pausing = this.hooks.pause()
-      const { state, stoppedAtMs } = await Promise.race([pausing, failed])
+      const { state, stoppedAtMs, postedAtMs } = await Promise.race([pausing, failed])
       // the service ran on until its loop got to the request: the downtime starts when it stopped
       const stoppedAt = Math.min(Math.max(stoppedAtMs ?? pauseAt, pauseAt), this.clock.now())
       const marks: { pausedAt?: number; scannedAt?: number; sentAt?: number } = { pausedAt: this.clock.now() }
+      const pauseCallMs = postedAtMs === undefined ? undefined : Math.min(Math.max(postedAtMs - stoppedAt, 0), marks.pausedAt! - stoppedAt)
       let discarded = 0, missingAtHandoff = 0
       // after the commit a broken link is post-copy's to recover (below), even while HANDOFF is still leaving
       const handedOff = Promise.race([sendHandoff({
@@ -240,7 +241,7 @@ export class MigrationSource implements SourceHandlers {
       }
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
-        t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
+        t0, pauseAt, stoppedAt, pauseCallMs, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
         discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })

@@ -18,6 +18,8 @@ export interface ReportInputs {
   stoppedAt: number
   /** pause() returned, final scan done, HANDOFF drained (source clock). */
   marks: { pausedAt?: number; scannedAt?: number; sentAt?: number }
+  /** The main thread's part of the pause: the service's pause() and its state's encoding. */
+  pauseCallMs?: number
   postStart: number
   settledAt: number
   /** Destination clock, ms. */
@@ -54,6 +56,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.stoppedAt,
     pauseWaitMs: x.stoppedAt - x.pauseAt,
     downtimeBreakdownMs: breakdown(x),
+    ...(x.pauseCallMs !== undefined ? { pauseCallMs: x.pauseCallMs } : {}),
     clockOffsetMs: x.clock.offsetMs,
     clockRttMs: x.clock.rttMs,
     bytesOnWire: x.bytesOnWire,
