@@ -617,6 +617,7 @@ async function main() {
   // -------------------------------------------------------------------------
   if (want('trackers')) {
     const kinds = ['wp-async', 'sync-wp']
+    let syncLost10k = null // sync-wp's compute lost at 10k pages/s (runs), held against the C floor below
     for (const perSec of [10_000, 100_000]) {
       const perTick = perSec / 100
       log(`trackers: paced guest ${perSec / 1000}k pages/s (${perTick} per 10 ms), ${secs} s per phase: untracked, ${kinds.join(', ')}`)
@@ -640,6 +641,7 @@ async function main() {
           return out
         })
       })
+      if (perSec === 10_000) syncLost10k = col(vals, 'sync-wp.lost')
       section(`5. trackers: guest writing ${perSec / 1000}k random pages/s of ${guestLen / MiB} MiB (${perTick} writes per 10 ms tick, compute fills the rest), a collect every 100 ms`)
       const id = (s) => `5.trackers.${perSec / 1000}k.${s}`
       for (const kind of kinds) {
@@ -679,6 +681,16 @@ async function main() {
         const mean = refs.get(`wp_class.${m}.mean`), moves = refs.get(`wp_class.${m}.writer_moves`)
         add({ metric: `C handler ${label}: mean`, unit: 'µs', runs: [mean?.median ?? NaN], refId: `wp_class.${m}.mean`, info: true })
         add({ metric: `  writer's CPU changes`, unit: 'moves', runs: [moves?.median ?? NaN], info: true })
+      }
+      // the least a sync round trip per first write costs the guest here: the pinned handler's mean, 10k times a second
+      const pinned = refs.get('wp_class.pinned.mean')
+      if (pinned && syncLost10k) {
+        const floorPct = (pinned.median * 1e4) / 1e6 * 100
+        refs.set('wp_class.floor_10k_pct', { ...pinned, id: 'wp_class.floor_10k_pct', unit: '%', median: floorPct })
+        add({
+          metric: 'sync-wp: compute/s lost at 10k pages/s, against the C floor', unit: '%', runs: syncLost10k, refId: 'wp_class.floor_10k_pct', info: true,
+          note: `C floor: the pinned handler's mean round trip x 10k faults/s = ${fmt(floorPct)} % of each second; ${floorPct > 10 ? 'over 10 %: the <= 10 % line is below what this machine allows' : 'within 10 %'}`,
+        })
       }
     }
   }
