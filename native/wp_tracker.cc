@@ -200,6 +200,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       uffd_ = -1;
       throw sys_error(env, e, call);
     }
+    const bool following = follow_;  // read before the thread starts: from then on the thread alone may clear it
     thread_ = start_thread(
         [this] {
           run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
@@ -208,7 +209,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
         },
         [this] { run(); });
     // idle class only with following (see the top of this file), and only where a thread may leave it again
-    if (follow_ && idle_class && idle_class_reversible() && set_class(SCHED_IDLE)) {
+    if (following && idle_class && idle_class_reversible() && set_class(SCHED_IDLE)) {
       guard_ = start_thread(
           [] {
             run_at_service_nice();

@@ -11,9 +11,12 @@ import { kernelSkipReason } from './helpers/gate'
 const skip = kernelSkipReason()
 const dist = join(__dirname, '..', 'dist')
 
+/** taskset (util-linux) confines each case's child to one CPU. */
+const hasTaskset = () => spawnSync('taskset', ['-V']).status === 0
+
 /** Why the idle-class cases cannot run here (they confine a child to one CPU, and need the class to be usable). */
 function idleClassSkipReason(): string | undefined {
-  if (spawnSync('taskset', ['-V']).status !== 0) return 'no taskset (util-linux) to confine a child to one CPU'
+  if (!hasTaskset()) return 'no taskset (util-linux) to confine a child to one CPU'
   if (!loadBinding().syncWpIdleClass?.()) return 'this process may not take a thread out of SCHED_IDLE again (no CAP_SYS_NICE, RLIMIT_NICE 0): the fault thread stays in the normal class here'
   return undefined
 }
@@ -117,7 +120,7 @@ describe.skipIf(skip)('sync-wp fault thread: idle class and its guard', () => {
     // here already (a process without the capability), or in a child that drops it (root, setpriv, prlimit)
     const allowedHere = loadBinding().syncWpIdleClass?.() === true
     const canDrop = process.getuid?.() === 0 && spawnSync('setpriv', ['--version']).status === 0 && spawnSync('prlimit', ['--version']).status === 0
-    if (spawnSync('taskset', ['-V']).status !== 0 || (allowedHere && !canDrop)) {
+    if (!hasTaskset() || (allowedHere && !canDrop)) {
       console.warn('\n*** SKIPPING the no-CAP_SYS_NICE case: it needs taskset, and root with setpriv and prlimit (util-linux) to drop that one capability\n')
       return ctx.skip()
     }

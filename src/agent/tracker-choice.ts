@@ -32,16 +32,23 @@ export interface TrackerChoice {
 }
 
 /**
+ * How the sync-wp fault thread runs (native/wp_tracker.cc): on the writer's CPU unless UFFD_MIGRATE_WP_FOLLOW=0, in
+ * SCHED_IDLE (when following, and where allowed) unless UFFD_MIGRATE_WP_IDLE=0. Both are there to compare.
+ */
+export function syncWpSettings(env: NodeJS.ProcessEnv = process.env): { followWriter: boolean; idleClass: boolean } {
+  return { followWriter: env.UFFD_MIGRATE_WP_FOLLOW !== '0', idleClass: env.UFFD_MIGRATE_WP_IDLE !== '0' }
+}
+
+/**
  * What a host on the fallback pays, for the doctor. idleClassAllowed: the process may take a thread out of
- * SCHED_IDLE again (binding.syncWpIdleClass()); env: UFFD_MIGRATE_WP_FOLLOW / UFFD_MIGRATE_WP_IDLE turn following
- * the writer and the idle class off (native/wp_tracker.cc).
+ * SCHED_IDLE again (binding.syncWpIdleClass()).
  */
 export function syncWpCost(idleClassAllowed: boolean, env: NodeJS.ProcessEnv = process.env): string {
-  const follow = env.UFFD_MIGRATE_WP_FOLLOW !== '0'
+  const { followWriter: follow, idleClass } = syncWpSettings(env)
   const where = follow ? 'on the CPU of the writing thread' : 'where the scheduler puts it (UFFD_MIGRATE_WP_FOLLOW=0)'
   let cls: string
   if (!follow) cls = ''
-  else if (env.UFFD_MIGRATE_WP_IDLE === '0') cls = ', in the normal class (UFFD_MIGRATE_WP_IDLE=0)'
+  else if (!idleClass) cls = ', in the normal class (UFFD_MIGRATE_WP_IDLE=0)'
   else if (idleClassAllowed) cls = ', in SCHED_IDLE so that the woken writer stays on its CPU'
   else {
     cls =

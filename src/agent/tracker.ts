@@ -5,7 +5,7 @@
  */
 import type { NativeBinding, NativeSyncWpTracker, NativeUffd } from '../binding'
 import { ErrorCode, UffdMigrateError } from '../errors'
-import { chooseTracker, resolveTrackerSetting, type TrackerChoice, type TrackerKind, type TrackerSetting } from './tracker-choice'
+import { chooseTracker, resolveTrackerSetting, syncWpSettings, type TrackerChoice, type TrackerKind, type TrackerSetting } from './tracker-choice'
 
 export interface TrackedRegion {
   id: number
@@ -147,10 +147,8 @@ export class SyncWpTracker implements DirtyTracker {
 
   constructor(binding: NativeBinding, regions: TrackedRegion[]) {
     if (!binding.SyncWpTracker) throw new UffdMigrateError('this addon has no sync-WP tracker', ErrorCode.FEATURE)
-    // UFFD_MIGRATE_WP_FOLLOW=0: the fault thread goes where the scheduler puts it; UFFD_MIGRATE_WP_IDLE=0: it stays in
-    // the normal scheduling class (both to compare; README, Caveats)
-    const env = process.env
-    this.native = new binding.SyncWpTracker(regions.map((r) => r.id), env.UFFD_MIGRATE_WP_FOLLOW !== '0', env.UFFD_MIGRATE_WP_IDLE !== '0')
+    const { followWriter, idleClass } = syncWpSettings()
+    this.native = new binding.SyncWpTracker(regions.map((r) => r.id), followWriter, idleClass)
   }
 
   get cpuMs(): number {
