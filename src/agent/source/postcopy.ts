@@ -27,6 +27,16 @@ import { reply, type SourceLink } from './link'
  */
 const BATCH_PAGES = 256
 
+/**
+ * A connection broke: how long the bulk connection is still read for a SETTLED already on its way before
+ * recovering. A destination that settled and then ended (its service may exit or move on right after a migration)
+ * closes all its connections at once, and the one that tells this side first need not be bulk, which carries
+ * SETTLED: recovering at once dropped it, and the source then dialled a host that was gone until its recovery timeout
+ * (seen on a loaded 2-vCPU machine: the migration complete there, `send` still recovering 45 s later). A link
+ * that really broke costs recovery this long at most, less when bulk ends sooner.
+ */
+const SETTLED_GRACE_MS = 300
+
 export interface PostcopyHost {
   readonly link: SourceLink
   readonly failure: Error | undefined
@@ -118,8 +128,11 @@ export class Postcopy {
   }
 
   onSettled(f: Frame): void {
-    this.settledWaiter.resolve(decodeControl(f.type, f.payload))
+    this.settledStats = decodeControl(f.type, f.payload)
+    this.settledWaiter.resolve(this.settledStats)
   }
+
+  private settledStats: Record<string, unknown> | undefined
 
   /** The destination reported an error: whatever waits for the settled report fails with it. */
   onPeerFailure(err: Error): void {
@@ -138,12 +151,28 @@ export class Postcopy {
         return await Promise.race([Promise.all([this.resumedAt, this.pushUntilSettled(this.generation)]), failed])
       } catch (err) {
         const code = (err as UffdMigrateError).code
-        if (this.host.failure || code !== ErrorCode.CONNECTION || this.opts.recoveryTimeoutMs <= 0) throw err
+        if (this.host.failure || code !== ErrorCode.CONNECTION) throw err
+        const settled = await this.settledOnBulk()
+        if (settled) return [await this.resumedAt, settled]
+        if (this.opts.recoveryTimeoutMs <= 0) throw err
         const back = await this.recover(err as Error)
         if (back.settled) return [await this.resumedAt, back.settled] // it settled as the link broke
         failed = back.failed
       }
     }
+  }
+
+  /** The SETTLED report if it arrives on bulk before bulk ends, within SETTLED_GRACE_MS (see there). */
+  private async settledOnBulk(): Promise<Record<string, unknown> | undefined> {
+    const bulk = this.host.link.bulk
+    if (!this.settledStats && !bulk.failed) {
+      await Promise.race([
+        this.settled.catch(() => {}),
+        new Promise<void>((resolve) => bulk.onClose(() => resolve())),
+        sleep(this.clock, SETTLED_GRACE_MS),
+      ])
+    }
+    return this.settledStats
   }
 
   private async pushUntilSettled(generation: number): Promise<Record<string, unknown>> {
