@@ -117,7 +117,8 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     // at most the pages asked: one per fault, and those read ahead after sequential faults (native only)
     expect(rep.postcopy.demandPages).toBeLessThanOrEqual(rep.postcopy.networkFaults + rep.postcopy.readAheadPages)
     if (path === 'js') expect(rep.postcopy.readAheadPages).toBe(0)
-    expect(rep.postcopy.faultLatencyUs.count).toBe(rep.postcopy.networkFaults)
+    // (once in ~12 runs under a busy loop one timed fault was missing: the figures say where, if it comes back)
+    expect(rep.postcopy.faultLatencyUs.count, JSON.stringify(rep.postcopy)).toBe(rep.postcopy.networkFaults)
     expect(rep.postcopy.faultLatencyUs.p50).toBeGreaterThan(0)
     const byPath = rep.postcopy.faultLatencyByPathUs
     if (path === 'js') expect(byPath).toBeUndefined()
