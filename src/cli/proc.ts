@@ -19,7 +19,14 @@ export class LineProc {
     this.child = spawn(cmd, args, { ...opts, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
     this.readLines(this.child.stdout!, 'stdout', opts.echo)
     this.readLines(this.child.stderr!, 'stderr')
-    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })))
+    // resolved once what it wrote before it exited has been read too (its last error line), at most 1 s after the
+    // exit: a process it started may hold the pipes open
+    const ended = (s: Readable) => new Promise<void>((resolve) => (s.readableEnded || s.destroyed ? resolve() : s.once('end', resolve).once('close', resolve)))
+    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => {
+      const done = () => (clearTimeout(timer), resolve({ code, signal }))
+      const timer = setTimeout(done, 1000)
+      void Promise.all([ended(this.child.stdout!), ended(this.child.stderr!)]).then(done)
+    }))
   }
 
   private readLines(from: Readable, stream: Stream, echo?: (line: string) => void): void {
