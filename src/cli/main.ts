@@ -179,16 +179,18 @@ program
     if (error) fail(error.code, error.message, error.afterHandoff ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
     if (!report) {
       // the source process went away (killed, crashed) in the middle: say what that means for the service
-      const after = lastPhase === 'postcopy' || lastPhase === 'recovering'
+      const lacking = 'the service runs on the destination, which cannot get the pages it still lacks (it fails after its recovery timeout)'
+      if (lastPhase === 'postcopy' || lastPhase === 'recovering') {
+        fail(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase}, after the hand-off: ${lacking}`, SEND_EXIT.FAILED_AFTER_HANDOFF)
+      }
       // in the hand-off this side cannot know whether HANDOFF left before the process ended (it commits as it goes on
       // the wire, before any progress says so): exit 4, so that nobody starts the service here again before looking
-      const during = lastPhase === 'handoff'
-      fail(ErrorCode.CONNECTION, after
-        ? `the guest's process ended during ${lastPhase}, after the hand-off: the service runs on the destination, which cannot get the pages it still lacks (it fails after its recovery timeout)`
-        : during
-          ? `the guest's process ended during the hand-off: whether HANDOFF reached the destination is not known here. Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' means it never got it and the service ended with this process; otherwise the service ran there and cannot get the pages it still lacks (it fails after its recovery timeout)`
-          : `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`,
-      after || during ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
+      if (lastPhase === 'handoff') {
+        fail(ErrorCode.CONNECTION, `the guest's process ended during the hand-off: whether HANDOFF reached the destination is not known here. ` +
+          `Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' means it never got it and the service ended with this process; otherwise ${lacking}`,
+        SEND_EXIT.FAILED_AFTER_HANDOFF)
+      }
+      fail(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED)
     }
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
     if (o.onMoved) {

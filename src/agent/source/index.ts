@@ -28,7 +28,7 @@ import { reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
-import { buildReport } from './report'
+import { buildReport, type ReportInputs } from './report'
 import { Sender } from './sender'
 
 export { SourcePhase } from './machine'
@@ -205,8 +205,7 @@ export class MigrationSource implements SourceHandlers {
       const { state, stoppedAtMs, postedAtMs } = await Promise.race([pausing, failed])
       // the service ran on until its loop got to the request: the downtime starts when it stopped
       const stoppedAt = Math.min(Math.max(stoppedAtMs ?? pauseAt, pauseAt), this.clock.now())
-      const marks: { pausedAt?: number; scannedAt?: number; sentAt?: number } = { pausedAt: this.clock.now() }
-      const pauseCallMs = postedAtMs === undefined ? undefined : Math.min(Math.max(postedAtMs - stoppedAt, 0), marks.pausedAt! - stoppedAt)
+      const marks: ReportInputs['marks'] = { postedAt: postedAtMs, pausedAt: this.clock.now() }
       let discarded = 0, missingAtHandoff = 0
       // after the commit a broken link is post-copy's to recover (below), even while HANDOFF is still leaving
       const handedOff = Promise.race([sendHandoff({
@@ -241,7 +240,7 @@ export class MigrationSource implements SourceHandlers {
       }
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
-        t0, pauseAt, stoppedAt, pauseCallMs, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
+        t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
         discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })

@@ -16,10 +16,8 @@ export interface ReportInputs {
   /** pause() asked of the service, and when it stopped (its loop got to the request). */
   pauseAt: number
   stoppedAt: number
-  /** pause() returned, final scan done, HANDOFF drained (source clock). */
-  marks: { pausedAt?: number; scannedAt?: number; sentAt?: number }
-  /** The main thread's part of the pause: the service's pause() and its state's encoding. */
-  pauseCallMs?: number
+  /** The service's state posted by its main thread (pause() and the encoding done), pause() returned here, final scan done, HANDOFF drained (source clock). */
+  marks: { postedAt?: number; pausedAt?: number; scannedAt?: number; sentAt?: number }
   postStart: number
   settledAt: number
   /** Destination clock, ms. */
@@ -56,7 +54,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.stoppedAt,
     pauseWaitMs: x.stoppedAt - x.pauseAt,
     downtimeBreakdownMs: breakdown(x),
-    ...(x.pauseCallMs !== undefined ? { pauseCallMs: x.pauseCallMs } : {}),
+    ...pauseCall(x),
     clockOffsetMs: x.clock.offsetMs,
     clockRttMs: x.clock.rttMs,
     bytesOnWire: x.bytesOnWire,
@@ -88,6 +86,13 @@ export function buildReport(x: ReportInputs): MigrationReport {
       ...(x.pushLog ? { pushLog: x.postcopy.pushLog } : {}),
     },
   }
+}
+
+/** The main thread's part of the downtime's pause part (the service's pause() and its state's encoding), within it. */
+function pauseCall(x: ReportInputs): { pauseCallMs?: number } {
+  const { postedAt, pausedAt } = x.marks
+  if (postedAt === undefined || pausedAt === undefined) return {}
+  return { pauseCallMs: Math.min(Math.max(postedAt - x.stoppedAt, 0), pausedAt - x.stoppedAt) }
 }
 
 /**
