@@ -154,6 +154,8 @@ export interface NativeBinding {
   setSocketLiveness(fd: number, timeoutMs: number): void
   /** Nice value (0..19) of the calling thread only. */
   setThreadNice(nice: number): void
+  /** Ends the process at once with this exit code, from any thread, running no JavaScript (absent in the fake binding). */
+  exitProcess?(code: number): never
   /** CPU time (user + system) of the calling thread, ms (absent in the fake binding). */
   threadCpuMs?(): number
   Uffd: new (features: number) => NativeUffd

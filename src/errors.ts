@@ -65,6 +65,12 @@ export const ErrorCode = {
   /** Catch-all of the error class. */
   GENERIC: 'ERR_UFFD_MIGRATE',
 } as const
+/**
+ * Exit code of a guest's process, on either side, whose migration failed after the hand-off: the service does not
+ * run on the source any more, and cannot go on at the destination without the pages that did not arrive.
+ */
+export const EXIT_MOVE_FAILED = 4
+
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode]
 
 export function migrationError(code: ErrorCodeValue, message: string, cause?: unknown): UffdMigrateError {

@@ -10,7 +10,9 @@ import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { loadBinding, type NativeBinding } from './binding'
 import { PageBitmap } from './bitmap'
-import { ErrorCode, UffdMigrateError } from './errors'
+import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from './errors'
+
+export { EXIT_MOVE_FAILED }
 import { Region } from './region'
 import { nowMs } from './stats'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './agent/messages'
@@ -35,8 +37,6 @@ import { WaitBatch } from './wait-batch'
 
 
 
-/** Exit code of a source guest process whose migration failed after the hand-off. */
-export const EXIT_MOVE_FAILED = 4
 const WORKER = __filename.endsWith('.ts')
   ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
   : join(__dirname, 'agent', 'worker.js')
@@ -266,9 +266,11 @@ export class Guest extends EventEmitter {
         this.movedTo = m.report.to
         this.cancelling?.reject(new UffdMigrateError(`cannot cancel: the migration to ${m.report.to} is complete`, ErrorCode.CANCEL_REFUSED))
         this.cancelling = undefined
+        // counted before the emit, which removes once() listeners
+        const kept = this.listenerCount('moved') > 0
         this.emit('moved', m.report)
         done?.resolve(m.report)
-        if (this.opts.exitOnMoved !== false && this.listenerCount('moved') === 0) {
+        if (this.opts.exitOnMoved !== false && !kept) {
           // The destination runs the service now; give the caller a moment to print,
           // or, when it serves, relay its clients until they moved too.
           if (this.forwarder.serving) this.exitWhenForwarded()
@@ -287,16 +289,18 @@ export class Guest extends EventEmitter {
           this.lastFailure = m.error
           this.cancelling = undefined
           done.reject(err)
-          if (m.error.afterHandoff) this.afterFailedHandoff(err)
+          if (m.error.afterHandoff) this.emitOrExit('moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
           return
         }
-        // destination after the hand-off
+        // destination after the hand-off: this thread is not blocked in a fault (the agent ends the process itself otherwise)
+        this.post({ type: 'failedSeen' })
         this.failure = err
         for (const w of this.waiters.values()) w.reject(err)
         this.waiters.clear()
-        this.emit('failed', err)
-        if (this.listenerCount('failed') <= 1) console.error(`[uffd-migrate] migration failed: ${err.message}`)
-        return
+        // the agent logged the failure, unless it was the agent that crashed
+        if (err.code === ErrorCode.AGENT) process.stderr.write(`uffd-migrate: guest '${this.name}': ${err.message}\n`)
+        // 1: guest.settled's own listener
+        return this.emitOrExit('failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
       case 'cancelRefused': {
         this.cancelling?.reject(new UffdMigrateError(m.error.message, m.error.code))
@@ -341,20 +345,18 @@ export class Guest extends EventEmitter {
   }
 
   /**
-   * The migration failed after the hand-off (the destination died, or the link
-   * stayed down past recoveryTimeoutMs): the service does not run here and
-   * no longer runs there. Emits 'moveFailed'; without a listener, and unless
-   * exitOnMoved is false, the process ends with exit code 4 so that a
-   * supervisor sees it.
+   * A migration failed after its hand-off ('moveFailed' on the source: the service no longer runs here nor there;
+   * 'failed' on the destination: it lacks pages that cannot arrive now). Without a listener of the service's own
+   * (`ownListeners` are the guest's), and unless exitOnMoved is false, the process ends with exit code 4 so that a
+   * supervisor sees it. The agent logged the failure.
    */
-  private afterFailedHandoff(err: UffdMigrateError): void {
-    this.emit('moveFailed', err)
-    if (this.opts.exitOnMoved !== false && this.listenerCount('moveFailed') === 0) {
-      process.stderr.write(`uffd-migrate: guest '${this.name}': the migration failed after the hand-off: ${err.message}; exiting with code ${EXIT_MOVE_FAILED}\n`)
-      // the exit code holds even if the loop runs dry before the timer
-      process.exitCode = EXIT_MOVE_FAILED
-      setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50)
-    }
+  private emitOrExit(event: 'moveFailed' | 'failed', err: Error, ownListeners: number, why: string): void {
+    const handled = this.listenerCount(event) > ownListeners // before the emit, which removes once() listeners
+    this.emit(event, err)
+    if (this.opts.exitOnMoved === false || handled) return
+    process.stderr.write(`uffd-migrate: guest '${this.name}': exiting with code ${EXIT_MOVE_FAILED}: ${why}\n`)
+    process.exitCode = EXIT_MOVE_FAILED // holds even if the loop runs dry before the timer
+    setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50)
   }
 
   private exitWhenForwarded(): void {

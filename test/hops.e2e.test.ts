@@ -5,7 +5,7 @@
  * control sockets), as two machines would.
  */
 import { connect } from 'node:net'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterEach, describe, expect, it, vi } from 'vitest'
 import { freePort } from '../src/cli/proc'
 import { Guest } from '../src/guest'
 import { loadBinding } from '../src/binding'
@@ -262,6 +262,33 @@ describe.skipIf(skip)('exit codes', () => {
     expect((await send.exited).code, send.stderr).toBe(4)
     expect(send.stderr).toMatch(/after the hand-off/)
     expect((await src.exited).code, src.stderr + src.lines.join('|')).toBe(4)
-    expect(src.stderr).toMatch(/failed after the hand-off.*exiting with code 4/)
+    expect(src.stderr).toMatch(/the migration to 127\.0\.0\.1:\d+ failed: .*; after the hand-off: the service does not run here/)
+    expect(src.stderr).toMatch(/exiting with code 4: the service does not run here any more, and did not settle there/)
   }, 60_000)
+
+  it('a once(\'moved\') listener keeps the source\'s process, as an on() listener does', async () => {
+    const port = await freePort()
+    const destP = Guest.start({ name: `once-dst-${port}`, regions: { store: 1 << 20 }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false, exitOnMoved: false })
+    const src = await Guest.start({ name: `once-src-${port}`, regions: { store: 1 << 20 }, token: TOKEN, control: false })
+    const u8 = new Uint8Array(src.regions.store.buffer)
+    u8[4096] = 7
+    let moved = 0
+    src.once('moved', () => moved++)
+    const exits: unknown[] = []
+    const exit = vi.spyOn(process, 'exit').mockImplementation(((code?: number) => void exits.push(code)) as typeof process.exit)
+    try {
+      await src.migrate({ to: `127.0.0.1:${port}` })
+      const dst = await destP
+      await dst.settled
+      await new Promise((r) => setTimeout(r, 300)) // past the 50 ms after which a process without a listener closes and exits
+      expect(moved).toBe(1)
+      expect(exits).toEqual([])
+      expect(src.phase).toBe('moved')
+      expect(new Uint8Array(dst.regions.store.buffer)[4096]).toBe(7)
+      await dst.close()
+    } finally {
+      exit.mockRestore()
+      await src.close()
+    }
+  })
 })

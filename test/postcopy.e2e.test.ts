@@ -18,7 +18,9 @@ const MiB = 1 << 20
 
 async function pair(sizeBytes: number) {
   const port = await freePort()
-  const destination = Guest.start({ name: `d-${port}`, regions: { mem: sizeBytes }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false })
+  // exitOnMoved: false on both: a failure after the hand-off is the test's to see (ready() and settled reject), and it
+  // must not end the test runner's process
+  const destination = Guest.start({ name: `d-${port}`, regions: { mem: sizeBytes }, receive: `127.0.0.1:${port}`, token: TOKEN, control: false, exitOnMoved: false })
   destination.catch(() => {})
   const source = await Guest.start({ name: `s-${port}`, regions: { mem: sizeBytes }, token: TOKEN, control: false, exitOnMoved: false, pause: () => ({ at: 'handoff' }) })
   const migrate = (o: Partial<MigrateOptions> = {}) => source.migrate({ to: `127.0.0.1:${port}`, ...o })

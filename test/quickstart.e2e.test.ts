@@ -2,7 +2,10 @@
  * The README's quick start, as written (examples/quickstart, the same text
  * as the README's blocks): the counter service moved to another "host" and
  * back with the CLI, in CommonJS and as an ES module; its counts and hits
- * carry on across both hops.
+ * carry on across both hops, and each side's log tells the hop. A service
+ * that does nothing about failures: when its source dies in post-copy, the
+ * destination's process ends with exit code 4, also when its main thread is
+ * blocked for ever on a page that cannot arrive.
  */
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
@@ -57,11 +60,60 @@ describe.skipIf(skip)('the README quick start', () => {
         expect((await send.waitExit(30_000)).code, send.stderr).toBe(0)
         expect(send.lines.join('\n')).toMatch(/^migration to 127\.0\.0\.1:\d+, mode hybrid/)
         expect((await current.waitExit(30_000)).code, current.stderr).toBe(0)
+        // the operator's lines on each host (the service's stderr)
+        const addr = `127\\.0\\.0\\.1:${migPort}`
+        expect(current.stderr).toMatch(new RegExp(`a migration to ${addr} began \\(mode hybrid\\)`))
+        expect(current.stderr).toMatch(new RegExp(`handed off to ${addr}: the service runs there now`))
+        expect(current.stderr).toMatch(new RegExp(`moved to ${addr}: settled there; downtime [\\d.]+ ms`))
+        expect(next.stderr).toMatch(/a migration from 127\.0\.0\.1:\d+ began: 64\.0 MiB in 1 region\(s\)/)
+        expect(next.stderr).toMatch(/the service runs here \([\d.]+ ms after the hand-off arrived\)/)
+        expect(next.stderr).toMatch(/settled: every page is here, \d+ ms after the service resumed/)
         current = next
         port = httpPort
         const r = await until(() => hit(port, 7))
         expect(r.count).toBe(from === 0 ? 4 : 5)
         expect(r.hits).toBe(from === 0 ? 4 : 5)
+      }
+    }, 90_000)
+  }
+})
+
+describe.skipIf(skip)('the quick start service when its source dies in post-copy', () => {
+  for (const blocked of [false, true]) {
+    it(`the destination ends with exit code 4${blocked ? ', its main thread blocked on a page that cannot arrive' : ''}`, async () => {
+      const token = randomBytes(16).toString('hex')
+      const server = join(root, 'examples', 'quickstart', 'server.cjs')
+      const name = `qsf-${process.pid}-${blocked ? 'b' : 'u'}`
+      const hosts = ['a', 'b'].map((h) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, GUEST_NAME: name, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `qsf-${h}-`)) }))
+      const run = (env: NodeJS.ProcessEnv, args: string[], port: number) => {
+        const p = new LineProc(process.execPath, args, { env: { ...env, PORT: String(port) } })
+        procs.push(p)
+        return p
+      }
+      const [srcHttp, migPort, dstHttp] = [await freePort(), await freePort(), await freePort()]
+      const src = run(hosts[0], [server], srcHttp)
+      // slots on pages of their own: with on-demand paging only and no background push they stay at the source
+      const slots = [5000, 10000, 15000, 20000]
+      for (const s of slots) expect((await until(() => hit(srcHttp, s))).count).toBe(1)
+      const dst = run(hosts[1], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
+      await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+      const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
+      await dst.waitLine(/the service runs here .* pages still to come/, 30_000, 'stderr')
+      src.kill('SIGKILL')
+      expect((await send.waitExit(30_000)).code, send.stderr).toBe(4)
+      // the service answers from the pages it has; a request for a slot whose page is still at the dead source
+      // blocks its only thread in a fault that nothing can resolve any more
+      expect((await hit(dstHttp, 1)).count).toBe(1)
+      const answer = blocked ? hit(dstHttp, slots[0]).then(() => 'answered', () => 'no answer') : undefined
+      const { code } = await dst.waitExit(30_000)
+      expect(code, dst.stderr).toBe(4)
+      expect(dst.stderr).toMatch(/the migration failed after the hand-off: .*did not reconnect within 1500 ms.* \[ERR_MIGRATION_CONNECTION\]/)
+      if (blocked) {
+        expect(dst.stderr).toMatch(/the service's main thread did not take the failure within 3000 ms .*: ending the process with exit code 4/)
+        expect(await answer).toBe('no answer') // never a wrong one
+      } else {
+        expect(dst.stderr).toMatch(/exiting with code 4: the service cannot go on here without the pages that did not arrive/)
+        expect(dst.stderr).not.toMatch(/did not take the failure/)
       }
     }, 90_000)
   }

@@ -8,7 +8,7 @@ import { writeSync } from 'node:fs'
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
-import { ErrorCode, UffdMigrateError } from '../errors'
+import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from '../errors'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
@@ -16,6 +16,7 @@ import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnStat
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
+import { destinationLine, sourceLine } from './log-lines'
 import { warmLinkCode } from './warm-up'
 import { Yielding } from './yielding'
 
@@ -138,6 +139,8 @@ function onMain(m: MainToAgent): void {
     case 'wait':
       for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
       return
+    case 'failedSeen':
+      return clearTimeout(unanswered)
     case 'serving':
       // only a route set up during this post-copy counts (a late serve() must not count for the next hop)
       if (incoming?.dest.announceService(m.ports)) yielding.clientsRouted()
@@ -157,10 +160,17 @@ function outgoingMigrations() {
         return
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
+      let phase = ''
+      log(sourceLine.began(wire.to, wire.mode))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
-        progress: (p) => post({ type: 'progress', progress: p }),
+        progress: (p) => {
+          const line = p.phase !== phase ? sourceLine.phase(wire.to, phase, p.phase, wire.recoveryTimeoutMs) : undefined
+          if (line) log(line)
+          phase = p.phase
+          post({ type: 'progress', progress: p })
+        },
         forwardTo: (host, ports) => {
           post({ type: 'forwardTo', host, ports })
           yielding.clientsRouted()
@@ -177,13 +187,16 @@ function outgoingMigrations() {
       s.run().then(
         (report) => {
           stopYielding()
+          log(sourceLine.moved(wire.to, report))
           post({ type: 'report', report })
         },
         (err) => {
           stopYielding()
           source = undefined
           freed = []
-          post({ type: 'failed', error: errorOut(err) })
+          const e = errorOut(err)
+          log(sourceLine.failed(wire.to, e))
+          post({ type: 'failed', error: e })
         },
       )
     },
@@ -203,6 +216,13 @@ function outgoingMigrations() {
   }
 }
 
+/**
+ * After a failure past the hand-off, the service's thread has this long to take it ('failedSeen'); a thread that does
+ * not is blocked in a fault that nothing can resolve any more, and the agent ends the process.
+ */
+const FAILED_ANSWER_MS = 3000
+let unanswered: ReturnType<typeof setTimeout> | undefined
+
 function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
@@ -219,7 +239,15 @@ function incomingMigration() {
     ready: (ids) => post({ type: 'ready', ids }),
     failed: (err) => {
       stopYielding()
-      post({ type: 'failed', error: errorOut(err) })
+      const e = errorOut(err)
+      log(`the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`)
+      post({ type: 'failed', error: e })
+      unanswered = setTimeout(() => {
+        // blocked in a fault on one of those pages, for ever: it can neither handle this nor exit, and a process that
+        // looks alive but answers nothing would hide the failure from its supervisor
+        log(`the service's main thread did not take the failure within ${FAILED_ANSWER_MS} ms (it waits for a page that cannot arrive now): ending the process with exit code ${EXIT_MOVE_FAILED}`)
+        binding.exitProcess?.(EXIT_MOVE_FAILED)
+      }, FAILED_ANSWER_MS)
     },
     recovering: (message) => {
       log(message)
@@ -229,6 +257,7 @@ function incomingMigration() {
       log(message)
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
+    milestone: (m) => log(destinationLine(m, regions)),
     sessionEnded: (err) => {
       log(`a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`)
       post({ type: 'sessionEnded' })

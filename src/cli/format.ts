@@ -1,13 +1,7 @@
 /** Human-readable progress line and report table. */
 import type { MigrationReport } from '../agent/report'
 import type { Progress } from '../agent/source/index'
-
-export function bytes(n: number): string {
-  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
-  let i = 0
-  while (Math.abs(n) >= 1024 && i < u.length - 1) (n /= 1024), i++
-  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`
-}
+import { bytes } from '../units'
 
 export function progressLine(p: Progress): string {
   const done = p.totalPages ? (1 - p.pagesLeft / p.totalPages) * 100 : 0

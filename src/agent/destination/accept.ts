@@ -48,6 +48,8 @@ export class Acceptor {
   /** Extra bulk streams of the session (read by native threads: not in `channels`), and how many it may open. */
   streams: Channel[] = []
   streamsAllowed = 0
+  /** The address of the session's bulk connection (the source, for the operator's log). */
+  sessionPeer = ''
 
   constructor(
     private readonly token: Buffer,
@@ -103,6 +105,7 @@ export class Acceptor {
       // recovering: a connection of an attempt that broke half-way gives way to the new one
       const replaced = rejoin ? this[info.role] : undefined
       this[info.role] = ch
+      if (info.role === 'bulk') this.sessionPeer = peer
       this.host.adopt(ch, info.role)
       replaced?.close()
     } catch (err) {

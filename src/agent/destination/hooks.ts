@@ -11,6 +11,13 @@ export interface DestinationOptions {
   limits?: Partial<AcceptorLimits>
 }
 
+/** The turns of an incoming migration the operator's log tells (peer: the source's address). */
+export type DestMilestone =
+  | { kind: 'began'; peer: string }
+  | { kind: 'resumed'; peer: string; afterHandoffMs: number; pagesLeft: number }
+  | { kind: 'back'; brokenMs: number; pagesLeft: number }
+  | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
+
 export interface DestinationHooks {
   /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
   restore(state: Uint8Array): Promise<number>
@@ -23,6 +30,8 @@ export interface DestinationHooks {
   recovering?(message: string): void
   /** A connection was refused before it joined a migration (one line: peer and reason); refusals: counts by code so far. */
   refused?(message: string, refusals: Record<string, number>): void
+  /** A turn of the session, for the operator's log (src/agent/log-lines.ts). */
+  milestone?(m: DestMilestone): void
   /** A session ended before the hand-off; the guest listens for the next source. */
   sessionEnded?(err: Error): void
   /**

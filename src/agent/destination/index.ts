@@ -197,6 +197,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
+    this.hooks.milestone?.({ kind: 'began', peer: this.link.sessionPeer })
     const bulk = this.link.bulk!, ok = () => bulk.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
     const preparing = this.hooks.incoming?.({ servesHttp: limits.servesHttp })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
@@ -235,6 +236,7 @@ export class MigrationDestination implements DestinationHandlers {
         this.hooks.postcopy?.(peerPostcopyNice(m.postcopyNice), m.forward === true) // the rest is background work
         this.recovery.resumedAtMs = resumedAtMs
         this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
+        this.hooks.milestone?.({ kind: 'resumed', peer: this.link.sessionPeer, afterHandoffMs: resumedAtMs - handoffAtMs, pagesLeft: this.placement.pagesLeft })
         this.checkSettled()
       },
       (err: Error) => {
@@ -281,17 +283,15 @@ export class MigrationDestination implements DestinationHandlers {
     }
     const pair = this.link.pair
     if (!pair) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
-    if (this.phase === DestPhase.SETTLED) {
-      // the link broke as SETTLED left: the report again, nothing else to do
-      pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state([])))
-      if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
-      return
+    const settled = this.phase === DestPhase.SETTLED // the link broke as SETTLED left: the report again, nothing else to do
+    if (!settled) {
+      this.hooks.milestone?.({ kind: 'back', brokenMs: this.recovery.stop(), pagesLeft: this.placement.pagesLeft })
+      this.watchdog.reset()
+      this.machine.transition(DestPhase.POSTCOPY)
     }
-    this.recovery.stop()
-    this.watchdog.reset()
-    this.machine.transition(DestPhase.POSTCOPY)
-    pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(this.placement.receivedBytes())))
+    pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(settled ? [] : this.placement.receivedBytes())))
     if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
+    if (settled) return
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
     this.bulkPath.attach(pair.bulk)
@@ -311,6 +311,7 @@ export class MigrationDestination implements DestinationHandlers {
     const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs)
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
+    this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99 })
     // keep listening a while: if the link broke as SETTLED left, the source dials in again to learn it (onRecover)
     if (this.recovery.timeoutMs > 0) this.clock.setTimeout(() => this.link.stopListening(), this.recovery.timeoutMs)
     else this.link.stopListening()

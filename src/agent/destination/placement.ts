@@ -48,6 +48,11 @@ export class Placement {
     return this.regions.map((r) => ({ pageCount: r.pageCount }))
   }
 
+  /** Pages not here yet (neither received, zero-filled nor known zero). */
+  get pagesLeft(): number {
+    return this.totalPages - this.receivedCount
+  }
+
   get complete(): boolean {
     return this.receivedCount >= this.totalPages
   }

@@ -10,6 +10,7 @@ import type { Clock, TimerHandle } from '../clock'
 
 export class RecoveryWindow {
   private timer: TimerHandle | undefined
+  private brokenAtMs = 0
   /** From HANDOFF: how long a broken link may stay broken (0: no recovery). */
   timeoutMs = 0
   /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
@@ -26,15 +27,18 @@ export class RecoveryWindow {
   /** Starts the deadline once per break (a second break while recovering keeps the first deadline). */
   start(onExpired: () => void): void {
     if (this.timer !== undefined) return
+    this.brokenAtMs = this.clock.now()
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined
       onExpired()
     }, this.timeoutMs)
   }
 
-  stop(): void {
+  /** Ends the deadline (the source is back); returns how long the link was broken (ms). */
+  stop(): number {
     if (this.timer !== undefined) this.clock.clearTimeout(this.timer)
     this.timer = undefined
+    return this.clock.now() - this.brokenAtMs
   }
 
   /** RECOVER_STATE's body. */

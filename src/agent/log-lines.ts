@@ -1,0 +1,49 @@
+/**
+ * The operator's log: one line on the service's stderr at each turn of a
+ * migration, on each side (the README's Troubleshooting lists them). Written
+ * by the agent's thread (worker.ts), so they come even while the service's
+ * thread is blocked in a fault.
+ */
+import { ErrorCode } from '../errors'
+import { bytes } from '../units'
+import type { DestMilestone } from './destination/hooks'
+import type { MigrationReport } from './report'
+
+/** The guest's regions, as the lines count them. */
+export interface RegionSizes {
+  sizeBytes: number
+  pageCount: number
+}
+
+/** The destination's turns (its refusals, recovery and failures have lines of their own). */
+export function destinationLine(m: DestMilestone, regions: RegionSizes[]): string {
+  const totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+  switch (m.kind) {
+    case 'began':
+      return `a migration from ${m.peer} began: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
+    case 'resumed':
+      return `the service runs here (${m.afterHandoffMs.toFixed(1)} ms after the hand-off arrived); ` +
+        (m.pagesLeft ? `${m.pagesLeft} of ${totalPages} pages still to come from ${m.peer} (post-copy)` : 'every page is here')
+    case 'back':
+      return `the source came back after ${m.brokenMs.toFixed(0)} ms; post-copy goes on (${m.pagesLeft} pages to come)`
+    case 'settled':
+      return `settled: every page is here, ${m.afterResumeMs.toFixed(0)} ms after the service resumed ` +
+        `(${m.networkFaults} fault(s) fetched over the network${m.networkFaults ? `, p99 ${m.p99Us.toFixed(0)} us` : ''}); the guest can move on`
+  }
+}
+
+/** The source's turns: a migration to `to` began, changed phase, moved or failed. */
+export const sourceLine = {
+  began: (to: string, mode: string) => `a migration to ${to} began (mode ${mode})`,
+  /** A phase change worth a line (from the hand-off on), or undefined. */
+  phase(to: string, from: string, phase: string, recoveryTimeoutMs: number): string | undefined {
+    if (phase === 'postcopy' && from === 'handoff') return `handed off to ${to}: the service runs there now; this process keeps its memory until every page is there`
+    if (phase === 'recovering') return `the link to ${to} broke after the hand-off; dialling it again for up to ${recoveryTimeoutMs} ms`
+    if (phase === 'postcopy' && from === 'recovering') return `the link to ${to} is back; post-copy goes on`
+    return undefined
+  },
+  moved: (to: string, r: MigrationReport) => `moved to ${to}: settled there; downtime ${r.downtimeMs.toFixed(1)} ms, total ${r.totalMs.toFixed(0)} ms`,
+  failed: (to: string, e: { code: string; message: string; afterHandoff?: boolean }) =>
+    `the migration to ${to} ${e.code === ErrorCode.CANCELLED ? 'was cancelled' : 'failed'}: ${e.message} [${e.code}]; ` +
+    (e.afterHandoff ? 'after the hand-off: the service does not run here' : 'the service runs on here'),
+}

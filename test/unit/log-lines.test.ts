@@ -1,0 +1,47 @@
+/** The operator's log lines (src/agent/log-lines.ts): what each turn of a migration says, with its figures. */
+import { describe, expect, it } from 'vitest'
+import { destinationLine, sourceLine } from '../../src/agent/log-lines'
+import type { MigrationReport } from '../../src/agent/report'
+
+const regions = [{ sizeBytes: 64 << 20, pageCount: 16384 }, { sizeBytes: 1 << 20, pageCount: 256 }]
+
+describe('destination lines', () => {
+  it('name the source, the sizes and the pages still to come', () => {
+    expect(destinationLine({ kind: 'began', peer: '10.0.0.1:40000' }, regions)).toBe('a migration from 10.0.0.1:40000 began: 65.0 MiB in 2 region(s)')
+    expect(destinationLine({ kind: 'resumed', peer: '10.0.0.1:40000', afterHandoffMs: 2.25, pagesLeft: 5 }, regions)).toBe(
+      'the service runs here (2.3 ms after the hand-off arrived); 5 of 16640 pages still to come from 10.0.0.1:40000 (post-copy)',
+    )
+    expect(destinationLine({ kind: 'resumed', peer: 'p', afterHandoffMs: 1, pagesLeft: 0 }, regions)).toMatch(/; every page is here$/)
+    expect(destinationLine({ kind: 'back', brokenMs: 812.4, pagesLeft: 99 }, regions)).toBe('the source came back after 812 ms; post-copy goes on (99 pages to come)')
+  })
+
+  it('settled: the fault figures only when there were faults', () => {
+    expect(destinationLine({ kind: 'settled', afterResumeMs: 40.6, networkFaults: 3, p99Us: 211.7 }, regions)).toBe(
+      'settled: every page is here, 41 ms after the service resumed (3 fault(s) fetched over the network, p99 212 us); the guest can move on',
+    )
+    expect(destinationLine({ kind: 'settled', afterResumeMs: 4, networkFaults: 0, p99Us: 0 }, regions)).toBe(
+      'settled: every page is here, 4 ms after the service resumed (0 fault(s) fetched over the network); the guest can move on',
+    )
+  })
+})
+
+describe('source lines', () => {
+  it('a line for the hand-off, a broken link and its return; none for the other phase changes', () => {
+    const at = (from: string, to: string) => sourceLine.phase('h:7070', from, to, 60000)
+    expect(at('precopy', 'handoff')).toBeUndefined()
+    expect(at('connect', 'precopy')).toBeUndefined()
+    expect(at('postcopy', 'settled')).toBeUndefined()
+    expect(at('handoff', 'postcopy')).toMatch(/^handed off to h:7070: the service runs there now/)
+    expect(at('postcopy', 'recovering')).toBe('the link to h:7070 broke after the hand-off; dialling it again for up to 60000 ms')
+    expect(at('recovering', 'postcopy')).toBe('the link to h:7070 is back; post-copy goes on')
+  })
+
+  it('moved and failed say where the service runs now', () => {
+    expect(sourceLine.moved('h:7070', { downtimeMs: 3.14, totalMs: 79.4 } as MigrationReport)).toBe('moved to h:7070: settled there; downtime 3.1 ms, total 79 ms')
+    expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECT', message: 'refused' })).toBe(
+      'the migration to h:7070 failed: refused [ERR_MIGRATION_CONNECT]; the service runs on here',
+    )
+    expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CANCELLED', message: 'cancelled' })).toMatch(/^the migration to h:7070 was cancelled: .*the service runs on here$/)
+    expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECTION', message: 'gone', afterHandoff: true })).toMatch(/; after the hand-off: the service does not run here$/)
+  })
+})
