@@ -18,6 +18,9 @@ import type { MigrationReport } from '../agent/report'
 
 const program = new Command()
 program.name('uffd-migrate').description('Live migration of a running Node.js service between Linux hosts, with userfaultfd')
+// A usage error exits 2 (commander has printed it): 1 means "failed before the hand-off, the service runs on here"
+// to a script. Set before the commands, which inherit it.
+program.exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 2))
 
 function fail(code: string, message: string, exit = 1): never {
   process.stderr.write(`uffd-migrate: ${message} [${code}]\n`)
