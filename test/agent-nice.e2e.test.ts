@@ -146,7 +146,7 @@ describe.skipIf(skip)('agentNice', () => {
     const out = execFileSync(process.execPath, [cli, 'receive', '--listen', '127.0.0.1:1', '--agent-nice', '9', '--', process.execPath, '-e', 'console.log(process.env.UFFD_MIGRATE_AGENT_NICE)'], { env, encoding: 'utf8' })
     expect(out.trim()).toBe('9')
     const bad = spawnSync(process.execPath, [cli, 'receive', '--listen', '127.0.0.1:1', '--agent-nice', '25', '--', 'true'], { env, encoding: 'utf8' })
-    expect(bad.status).toBe(1)
+    expect(bad.status).toBe(2) // a usage error
     expect(bad.stderr).toMatch(/--agent-nice to be an integer nice value from 0 to 19, got 25/)
   })
 })

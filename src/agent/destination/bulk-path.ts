@@ -98,14 +98,18 @@ export class BulkPath {
     this.ch = ch
     const words = (maps: { words: Uint32Array }[]) => maps.map((m) => m.words)
     // frames: the batch's frames (FRAME events); none come with the events close() hands back
-    const onEvents = (ev: Float64Array, frames: Buffer[] = []) => eachDemandEvent(ev, (kind, a, b, c, d) => {
-      if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-      else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
-      else if (kind === DemandEv.TWICE) placement.pagesReceivedTwice += a
-      else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
-      else if (kind === DemandEv.CLOSED && this.reader) this.broke(nativeLinkError(a, b, 'bulk'))
-      else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.broke(installFailedError(a, b, c, d))
-    })
+    const onEvents = (ev: Float64Array, frames: Buffer[] = []) => {
+      // TWICE first: the thread emits it after its frame's ARRIVED, which may settle the migration, and the settled
+      // report must count it; the rest in order (frames and placements)
+      eachDemandEvent(ev, (kind, a) => void (kind === DemandEv.TWICE && (placement.pagesReceivedTwice += a)))
+      eachDemandEvent(ev, (kind, a, b, c, d) => {
+        if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
+        else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
+        else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
+        else if (kind === DemandEv.CLOSED && this.reader) this.broke(nativeLinkError(a, b, 'bulk'))
+        else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.broke(installFailedError(a, b, c, d))
+      })
+    }
     const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
       taken.fd, taken.head, onEvents, placement.lazyZero,

@@ -50,18 +50,24 @@ export class DemandPath {
   start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
     if (this.fd === undefined) return false
     this.cpuMs = 0
-    const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c, d) => {
-      if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-      else if (kind === DemandEv.NET_FAULT) {
-        requests.stats.networkFaults++
-        if (c > 1) requests.stats.readAheadPages += c - 1
-      }
-      else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
-      else if (kind === DemandEv.LATENCY) requests.addNativeLatency(a, b === 1)
-      else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))
-      else if (kind === DemandEv.INSTALL_FAILED && this.client) this.broken(installFailedError(a, b, c, d))
-      else if (kind === DemandEv.CPU) this.cpuMs += a
-    })
+    const onEvents = (ev: Float64Array) => {
+      // The figures first: an ARRIVED of this batch may settle the migration, and its report must count the whole
+      // batch (the thread emits a fault's LATENCY after the ARRIVED of the reply that answered it).
+      eachDemandEvent(ev, (kind, a, b, c) => {
+        if (kind === DemandEv.NET_FAULT) {
+          requests.stats.networkFaults++
+          if (c > 1) requests.stats.readAheadPages += c - 1
+        }
+        else if (kind === DemandEv.ZERO_FAULT) requests.stats.localZeroFaults++
+        else if (kind === DemandEv.LATENCY) requests.addNativeLatency(a, b === 1)
+        else if (kind === DemandEv.CPU) this.cpuMs += a
+      })
+      eachDemandEvent(ev, (kind, a, b, c, d) => {
+        if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
+        else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))
+        else if (kind === DemandEv.INSTALL_FAILED && this.client) this.broken(installFailedError(a, b, c, d))
+      })
+    }
     this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)
     this.client.thread.attach(this.fd)
     this.fd = undefined

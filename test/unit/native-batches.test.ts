@@ -1,0 +1,91 @@
+/**
+ * The native threads' event batches on the destination: a batch whose ARRIVED
+ * completes the migration settles it in the middle of the batch, and the
+ * settled report is taken right then. Figures that come later in the same
+ * batch (the demand thread's LATENCY of the fault that reply answered, the
+ * bulk reader's TWICE of that frame) must be counted first, or the report
+ * misses them (seen under load: one network fault without its latency).
+ */
+import { describe, expect, it } from 'vitest'
+import { PageBitmap } from '../../src/bitmap'
+import { DemandPath } from '../../src/agent/destination/demand-path'
+import { BulkPath } from '../../src/agent/destination/bulk-path'
+import { Placement } from '../../src/agent/destination/placement'
+import { Requests } from '../../src/agent/destination/requests'
+import { DemandEv } from '../../src/agent/demand-events'
+import type { NativeBinding, NativeUffd } from '../../src/binding'
+import type { Channel } from '../../src/protocol/channel'
+import type { Region } from '../../src/region'
+import type { Clock } from '../../src/agent/clock'
+
+const PAGES = 64
+const ev = (...records: number[][]) => Float64Array.from(records.flatMap((r) => [...r, 0, 0, 0, 0].slice(0, 5)))
+
+/** A destination's placement and requests for one region, and what they said at the moment every page was there. */
+function destination() {
+  const regions = [{ id: 1, pageCount: PAGES, sizeBytes: PAGES * 4096 } as unknown as Region]
+  const received = [new PageBitmap(PAGES)]
+  const clock = { now: () => 0, setTimeout: () => 0, clearTimeout: () => {}, setImmediate: (fn: () => void) => fn() } as unknown as Clock
+  let settled: { networkFaults: number; latencies: number; twice: number } | undefined
+  // eslint-disable-next-line prefer-const
+  let requests: Requests
+  const placement = new Placement(regions, received, 4096, (region, first, count) => {
+    requests.arrived(region, first, count)
+    // what checkSettled does: the report, taken as the last page arrives
+    if (placement.complete && !settled) settled = { networkFaults: requests.stats.networkFaults, latencies: requests.latencyReport().faultLatencyUs.count, twice: placement.pagesReceivedTwice }
+  })
+  requests = new Requests(regions, placement, 4096, clock, { request: () => {}, ready: () => {}, freed: () => {} } as never)
+  return { regions, received, placement, requests, settled: () => settled }
+}
+
+const uffd = { fd: 3 } as NativeUffd
+const channel = { handOver: () => ({ fd: 7, head: new Uint8Array(0) }), readBy: () => {}, bytesRead: 0 } as unknown as Channel
+
+describe('native event batches on the destination', () => {
+  it('demand thread: the LATENCY after the ARRIVED that settles the migration is in the settled report', () => {
+    const d = destination()
+    let deliver!: (e: Float64Array) => void
+    class DemandClient {
+      constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
+        deliver = onEvents
+      }
+      attach(): void {}
+      close(): Float64Array {
+        return new Float64Array(0)
+      }
+    }
+    const path = new DemandPath({ DemandClient } as unknown as NativeBinding, d.regions, () => {})
+    path.adopt(channel)
+    expect(path.start(uffd, d.placement, d.requests)).toBe(true)
+    d.received[0].setRange(0, PAGES - 1) // as the native thread marks them, and reports them:
+    deliver(ev([DemandEv.NET_FAULT, 0, 5, 1], [DemandEv.ARRIVED, 0, 0, PAGES - 1, PAGES - 1], [DemandEv.LATENCY, 120, 0]))
+    expect(d.settled()).toBeUndefined()
+    d.received[0].setRange(PAGES - 1, 1)
+    // the last page: a reply to a fault, then that fault's latency, in one batch
+    deliver(ev([DemandEv.NET_FAULT, 0, PAGES - 1, 1], [DemandEv.ARRIVED, 0, PAGES - 1, 1, 1], [DemandEv.LATENCY, 95, 0]))
+    expect(d.settled()).toEqual({ networkFaults: 2, latencies: 2, twice: 0 })
+  })
+
+  it('bulk reader: the TWICE after the ARRIVED that settles the migration is in the settled report', () => {
+    const d = destination()
+    let deliver!: (e: Float64Array, frames?: Buffer[]) => void
+    class BulkReader {
+      constructor(...args: unknown[]) {
+        deliver = args[7] as typeof deliver
+      }
+      resume(): void {}
+      attach(): void {}
+      close(): Float64Array {
+        return new Float64Array(0)
+      }
+      cpuMs = 0
+      bytesRead = 0
+    }
+    const path = new BulkPath({ BulkReader } as unknown as NativeBinding, d.regions, { frame: () => {}, closed: () => {} })
+    path.start(uffd, d.placement, channel)
+    expect(path.active).toBe(true)
+    d.received[0].setRange(0, PAGES)
+    deliver(ev([DemandEv.ARRIVED, 0, 0, PAGES, PAGES], [DemandEv.TWICE, 3]))
+    expect(d.settled()).toEqual({ networkFaults: 0, latencies: 0, twice: 3 })
+  })
+})
