@@ -35,6 +35,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
                            InstanceMethod("stopFaults", &Uffd::StopFaults),
                            InstanceMethod("pollFaults", &Uffd::PollFaults),
                            InstanceMethod("close", &Uffd::Close),
+                           InstanceMethod("holdRegistrations", &Uffd::HoldRegistrations),
                            InstanceAccessor("features", &Uffd::Features, nullptr),
                            InstanceAccessor("ioctls", &Uffd::Ioctls, nullptr),
                            InstanceAccessor("fd", &Uffd::Fd, nullptr),
@@ -220,6 +221,20 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   Napi::Value Close(const Napi::CallbackInfo& info) {
     if (fd_ >= 0) napi_remove_env_cleanup_hook(info.Env(), &Uffd::Cleanup, this);
     Shutdown();
+    if (held_fd_ >= 0) ::close(held_fd_);
+    held_fd_ = -1;
+    return info.Env().Undefined();
+  }
+
+  // holdRegistrations(): from now on only close() ends the registrations. The environment's teardown (the agent's
+  // worker terminated or crashed, the process exiting) closes this object's descriptor but not a second one kept
+  // here, so the regions stay registered: a page that never arrived keeps faulting (its thread waits) instead of
+  // reading as zero, which is what an unregistered missing page does. For a destination between its hand-off and
+  // settling; one descriptor, kept for the life of the process when that ends without close().
+  Napi::Value HoldRegistrations(const Napi::CallbackInfo& info) {
+    check_open(info.Env());
+    if (held_fd_ < 0) held_fd_ = fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+    if (held_fd_ < 0) throw sys_error(info.Env(), -errno, "fcntl(F_DUPFD_CLOEXEC)");
     return info.Env().Undefined();
   }
 
@@ -228,6 +243,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), fd_); }
 
   int fd_ = -1;
+  int held_fd_ = -1;  // holdRegistrations(): closed by close() only
   uint64_t features_ = 0, ioctls_ = 0;
   FaultReader* reader_ = nullptr;
 };

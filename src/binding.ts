@@ -23,6 +23,8 @@ export interface NativeUffd {
   /** Delivers the fault events queued now to the startFaults callback, synchronously; how many. */
   pollFaults(): number
   close(): void
+  /** From now on only close() ends the registrations: a teardown of the agent leaves them (missing pages keep faulting, never read as zero). Absent in the fake binding. */
+  holdRegistrations?(): void
   readonly fd: number
 }
 
