@@ -302,11 +302,10 @@ export class Guest extends EventEmitter {
         // 1: guest.settled's own listener
         return this.emitOrExit('failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
-      case 'cancelRefused': {
+      case 'cancelRefused':
         this.cancelling?.reject(new UffdMigrateError(m.error.message, m.error.code))
         this.cancelling = undefined
         return
-      }
       case 'sessionEnded':
         // receive mode: only the hand-off commits; this guest waits for the next source (the agent logged why)
         return
@@ -345,10 +344,10 @@ export class Guest extends EventEmitter {
   }
 
   /**
-   * A migration failed after its hand-off ('moveFailed' on the source: the service no longer runs here nor there;
-   * 'failed' on the destination: it lacks pages that cannot arrive now). Without a listener of the service's own
-   * (`ownListeners` are the guest's), and unless exitOnMoved is false, the process ends with exit code 4 so that a
-   * supervisor sees it. The agent logged the failure.
+   * A migration failed after its hand-off (source 'moveFailed': the service runs neither here nor there; destination
+   * 'failed': it lacks pages that cannot arrive now; the agent logged it). Without a listener of the service's own
+   * (`ownListeners` are the guest's) and unless exitOnMoved is false, the process ends with exit code 4 for its
+   * supervisor; a destination at once (process.exit() would wait for threads blocked for ever on missing pages).
    */
   private emitOrExit(event: 'moveFailed' | 'failed', err: Error, ownListeners: number, why: string): void {
     const handled = this.listenerCount(event) > ownListeners // before the emit, which removes once() listeners
@@ -356,7 +355,8 @@ export class Guest extends EventEmitter {
     if (this.opts.exitOnMoved === false || handled) return
     process.stderr.write(`uffd-migrate: guest '${this.name}': exiting with code ${EXIT_MOVE_FAILED}: ${why}\n`)
     process.exitCode = EXIT_MOVE_FAILED // holds even if the loop runs dry before the timer
-    setTimeout(() => void this.close().then(() => process.exit(EXIT_MOVE_FAILED)), 50)
+    const hard = event === 'failed' ? loadBinding().exitProcess : undefined
+    setTimeout(() => (hard ? hard(EXIT_MOVE_FAILED) : void this.close().then(() => process.exit(EXIT_MOVE_FAILED))), 50)
   }
 
   private exitWhenForwarded(): void {
