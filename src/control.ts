@@ -29,7 +29,7 @@ export interface ControlledGuest {
   readonly lastError: { code: string; message: string } | undefined
   /** receive mode: connections refused so far, by error code. */
   readonly refusals?: Record<string, number>
-  readonly regions: Record<string, { name: string; sizeBytes: number }>
+  readonly regions: Record<string, { name: string; sizeBytes: number; pagesLeft?: number }>
   /** The dirty-page tracker a migration from here gets, and why. */
   readonly tracker?: string
   migrate(options: MigrateOptions): Promise<MigrationReport>
@@ -110,7 +110,7 @@ function handle(guest: ControlledGuest, s: Socket): void {
     }
     buf = ''
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

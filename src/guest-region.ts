@@ -34,6 +34,10 @@ export class GuestRegion {
   get sizeBytes(): number {
     return this.region.sizeBytes
   }
+  /** Pages of this region not on this host yet (a destination's, before it settled; `status`). */
+  get pagesLeft(): number {
+    return this.receivedMap && !this.guest.isSettledFlag ? this.region.pageCount - this.receivedMap.count() : 0
+  }
 
   private pages(offset: number, length: number): [number, number] {
     const ps = this.region.pageSize

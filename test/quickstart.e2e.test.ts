@@ -98,7 +98,11 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       const dst = run(hosts[1], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
       await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
       const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
-      await dst.waitLine(/the service runs here .* pages still to come/, 30_000, 'stderr')
+      await dst.waitLine(/the service runs here .* 4 of 16384 pages still to come/, 30_000, 'stderr')
+      // what the destination's operator sees meanwhile
+      const status = run(hosts[1], [cli, 'status', '--guest', name], 0)
+      expect((await status.waitExit(10_000)).code, status.stderr).toBe(0)
+      expect(status.lines.join('\n')).toMatch(/^guest .*: settling, restored; regions counts=67108864\n {2}4 page\(s\) still to come here from the source \(post-copy\)/)
       src.kill('SIGKILL')
       expect((await send.waitExit(30_000)).code, send.stderr).toBe(4)
       // the service answers from the pages it has; a request for a slot whose page is still at the dead source

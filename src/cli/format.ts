@@ -4,7 +4,8 @@ import type { Progress } from '../agent/source/index'
 import { bytes } from '../units'
 
 export function progressLine(p: Progress): string {
-  const done = p.totalPages ? (1 - p.pagesLeft / p.totalPages) * 100 : 0
+  // rounded down: a page left is never 100.0% local
+  const done = p.totalPages ? Math.floor((1 - p.pagesLeft / p.totalPages) * 1000) / 10 : 0
   const round = p.phase === 'precopy' ? ` round ${p.round}${p.tracker ? ` (${p.tracker})` : ''}` : ''
   return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)`
 }

@@ -228,8 +228,12 @@ program
     try {
       await control(o.guest, { cmd: 'status' }, (m) => {
         if (o.json) return void process.stdout.write(JSON.stringify(m, null, 2) + '\n')
-        const regions = (m.regions as { name: string; sizeBytes: number }[]).map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
+        const list = m.regions as { name: string; sizeBytes: number; pagesLeft?: number }[]
+        const regions = list.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
         process.stdout.write(`guest ${m.name} (pid ${m.pid}): ${m.phase}${m.restored ? ', restored' : ''}; regions ${regions}\n`)
+        // a destination still receiving its memory (post-copy)
+        const left = list.reduce((n, r) => n + (r.pagesLeft ?? 0), 0)
+        if (left) process.stdout.write(`  ${left} page(s) still to come here from the source (post-copy)\n`)
         const last = m.lastError as { code: string; message: string } | undefined
         if (last) process.stdout.write(`  last migration: ${last.message} [${last.code}]\n`)
         if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
