@@ -16,9 +16,12 @@ inline double arg_number(const Napi::CallbackInfo& info, size_t i, const char* n
   return info[i].As<Napi::Number>().DoubleValue();
 }
 
-inline bool arg_bool(const Napi::CallbackInfo& info, size_t i, bool fallback) {
+// A boolean, or the fallback when absent or undefined; anything else is a TypeError naming it (a caller's
+// mistake, e.g. 'false' or 0, must not read as a choice).
+inline bool arg_bool(const Napi::CallbackInfo& info, size_t i, const char* name, bool fallback) {
   if (info.Length() <= i || info[i].IsUndefined()) return fallback;
-  return info[i].ToBoolean().Value();
+  if (!info[i].IsBoolean()) throw Napi::TypeError::New(info.Env(), std::string("expected ") + name + ": boolean");
+  return info[i].As<Napi::Boolean>().Value();
 }
 
 // A non-negative integer no larger than limit.

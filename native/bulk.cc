@@ -541,14 +541,14 @@ class BulkReader : public ThreadWrap<BulkReader> {
     int fd = dup_socket(env, info[5]);
     thread_ = std::make_unique<BulkReaderThread>(env, info[7].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
                                                  std::move(views), std::move(zero), std::move(freed), fd, std::move(head),
-                                                 arg_bool(info, 8, false));
+                                                 arg_bool(info, 8, "lazyZero", false));
   }
 
  private:
   BulkReaderThread* reader() { return static_cast<BulkReaderThread*>(thread_.get()); }
   Napi::Value BytesRead(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? (double)reader()->progress() : 0); }
   Napi::Value Resume(const Napi::CallbackInfo& info) {
-    if (thread_) reader()->resume(arg_bool(info, 0, true));
+    if (thread_) reader()->resume(arg_bool(info, 0, "postcopy", true));
     return info.Env().Undefined();
   }
   Napi::Value Attach(const Napi::CallbackInfo& info) {

@@ -335,7 +335,7 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
     auto runs = info[1].As<Napi::Uint32Array>();
     c.runs.assign(runs.Data(), runs.Data() + runs.ElementLength());
     if (info.Length() > 2 && info[2].IsNumber()) c.frame_pages = std::clamp<uint32_t>(info[2].As<Napi::Number>().Uint32Value(), 1, kMaxPagesPerFrame);
-    c.take_pending = arg_bool(info, 3, false);
+    c.take_pending = arg_bool(info, 3, "takePending", false);
     for (size_t k = 0; k + 1 < c.runs.size(); k += 2) c.bytes += (size_t)c.runs[k + 1] * page_size();
     w->push(std::move(c));
     return Napi::Number::New(env, (double)w->submitted());
@@ -348,7 +348,7 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
     return info.Env().Undefined();
   }
   Napi::Value AnnounceBatches(const Napi::CallbackInfo& info) {
-    writer(info.Env())->set_announce(arg_bool(info, 0, true));
+    writer(info.Env())->set_announce(arg_bool(info, 0, "announce", true));
     return info.Env().Undefined();
   }
   Napi::Value BytesWritten(const Napi::CallbackInfo& info) {

@@ -155,7 +155,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     const uint8_t* data = (const uint8_t*)src.ArrayBuffer().Data() + src.ByteOffset();
     uint64_t len = src.ByteLength();
     check_range(info, *m, off, len);
-    bool wake = arg_bool(info, 3, true);
+    bool wake = arg_bool(info, 3, "wake", true);
     uint32_t existing = fill(env, "ioctl(UFFDIO_COPY)", len, [&](uint64_t done, uint64_t rest, int64_t* p) {
       return uffd_copy(fd_, m->addr() + off + done, data + done, rest, wake, p);
     });
@@ -165,7 +165,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   // zeropage(regionId, offset, length, wake = true) -> pages already present
   Napi::Value Zeropage(const Napi::CallbackInfo& info) {
     Range r = range_args(info, 0);
-    bool wake = arg_bool(info, 3, true);
+    bool wake = arg_bool(info, 3, "wake", true);
     uint32_t existing = fill(info.Env(), "ioctl(UFFDIO_ZEROPAGE)", r.len, [&](uint64_t done, uint64_t rest, int64_t* p) {
       return uffd_zeropage(fd_, r.start() + done, rest, wake, p);
     });
@@ -182,7 +182,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   // writeProtect(regionId, offset, length, protect, wake = true)
   Napi::Value WriteProtect(const Napi::CallbackInfo& info) {
     Range r = range_args(info, 0);
-    bool protect = arg_bool(info, 3, true), wake = arg_bool(info, 4, true);
+    bool protect = arg_bool(info, 3, "protect", true), wake = arg_bool(info, 4, "wake", true);
     int e = uffd_writeprotect(fd_, r.start(), r.len, protect, wake);
     if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_WRITEPROTECT)");
     return info.Env().Undefined();

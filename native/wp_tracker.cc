@@ -162,10 +162,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
   explicit SyncWpTracker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SyncWpTracker>(info) {
     auto env = info.Env();
     if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "expected regionIds: number[]");
-    if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsBoolean()) throw Napi::TypeError::New(env, "expected followWriter: boolean");
-    if (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsBoolean()) throw Napi::TypeError::New(env, "expected idleClass: boolean");
-    bool follow = info.Length() < 2 || info[1].IsUndefined() || info[1].As<Napi::Boolean>().Value();
-    bool idle_class = info.Length() < 3 || info[2].IsUndefined() || info[2].As<Napi::Boolean>().Value();
+    bool follow = arg_bool(info, 1, "followWriter", true), idle_class = arg_bool(info, 2, "idleClass", true);
     auto ids = info[0].As<Napi::Array>();
     const size_t ps = page_size();
     for (uint32_t i = 0; i < ids.Length(); i++) {
