@@ -256,11 +256,13 @@ describe.skipIf(skip)('exit codes', () => {
     const src = A.service(g, await freePort(), ['--writes', '0'])
     await src.waitLine(/^READY/)
     await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
-    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '300'])
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '300', '--json'])
     await dst.waitLine(/^RESTORED/, 30_000)
     dst.kill('SIGTERM') // receive passes it to the service: the destination dies in post-copy
     expect((await send.exited).code, send.stderr).toBe(4)
     expect(send.stderr).toMatch(/after the hand-off/)
+    // --json: the outcome for a script, with where the service runs now
+    expect(JSON.parse(send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_CONNECTION', exitCode: 4, serviceRunsOn: 'destination' })
     expect((await src.exited).code, src.stderr + src.lines.join('|')).toBe(4)
     expect(src.stderr).toMatch(/the migration to 127\.0\.0\.1:\d+ failed: .*; after the hand-off: the service does not run here/)
     expect(src.stderr).toMatch(/exiting with code 4: the service does not run here any more, and did not settle there/)

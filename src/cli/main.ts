@@ -175,25 +175,31 @@ program
       fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)
     }
     progress.clear()
+    /** A failure on stderr, and with --json on stdout too, saying where the service runs now (for scripts). */
+    function failed(code: string, message: string, exit: number, runsOn: 'source' | 'destination' | 'none' | 'unknown'): never {
+      if (o.json) process.stdout.write(JSON.stringify({ outcome: 'failed', code, message, exitCode: exit, serviceRunsOn: runsOn }, null, 2) + '\n')
+      return fail(code, message, exit)
+    }
     if (error?.code === ErrorCode.CANCELLED) {
-      process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
+      process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message, exitCode: SEND_EXIT.CANCELLED, serviceRunsOn: 'source' }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
       process.exit(SEND_EXIT.CANCELLED)
     }
-    if (error) fail(error.code, error.message, error.afterHandoff ? SEND_EXIT.FAILED_AFTER_HANDOFF : SEND_EXIT.FAILED)
+    if (error && error.afterHandoff) failed(error.code, error.message, SEND_EXIT.FAILED_AFTER_HANDOFF, 'destination')
+    if (error) failed(error.code, error.message, SEND_EXIT.FAILED, 'source')
     if (!report) {
       // the source process went away (killed, crashed) in the middle: say what that means for the service
       const lacking = 'the service runs on the destination, which cannot get the pages it still lacks (it fails after its recovery timeout)'
       if (lastPhase === 'postcopy' || lastPhase === 'recovering') {
-        fail(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase}, after the hand-off: ${lacking}`, SEND_EXIT.FAILED_AFTER_HANDOFF)
+        failed(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase}, after the hand-off: ${lacking}`, SEND_EXIT.FAILED_AFTER_HANDOFF, 'destination')
       }
       // in the hand-off this side cannot know whether HANDOFF left before the process ended (it commits as it goes on
       // the wire, before any progress says so): exit 4, so that nobody starts the service here again before looking
       if (lastPhase === 'handoff') {
-        fail(ErrorCode.CONNECTION, `the guest's process ended during the hand-off: whether HANDOFF reached the destination is not known here. ` +
+        failed(ErrorCode.CONNECTION, `the guest's process ended during the hand-off: whether HANDOFF reached the destination is not known here. ` +
           `Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' means it never got it and the service ended with this process; otherwise ${lacking}`,
-        SEND_EXIT.FAILED_AFTER_HANDOFF)
+        SEND_EXIT.FAILED_AFTER_HANDOFF, 'unknown')
       }
-      fail(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED)
+      failed(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED, 'none')
     }
     process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
     if (o.onMoved) {
