@@ -240,7 +240,9 @@ function incomingMigration() {
     failed: (err) => {
       stopYielding()
       const e = errorOut(err)
-      log(`the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`)
+      // a state that could not be restored: the service never started here and runs on at the source
+      if (e.code === ErrorCode.HANDOFF) log(`the migration ended at the hand-off: ${e.message} [${e.code}]; the service runs on at the source`)
+      else log(`the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`)
       post({ type: 'failed', error: e })
       unanswered = setTimeout(() => {
         // blocked in a fault on one of those pages, for ever: it can neither handle this nor exit, and a process that
