@@ -5,10 +5,13 @@
  * batch (the demand thread's LATENCY of the fault that reply answered, the
  * bulk reader's TWICE of that frame) must be counted first, or the report
  * misses them (seen under load: one network fault without its latency).
+ * And a clean hang-up of the demand connection waits for the reason that
+ * comes on the other connections (a cancel's ERROR, read by another thread).
  */
 import { describe, expect, it } from 'vitest'
 import { PageBitmap } from '../../src/bitmap'
-import { DemandPath } from '../../src/agent/destination/demand-path'
+import { DEMAND_HANGUP_GRACE_MS, DemandPath } from '../../src/agent/destination/demand-path'
+import { FakeClock } from '../../src/testing/fake-clock'
 import { BulkPath } from '../../src/agent/destination/bulk-path'
 import { Placement } from '../../src/agent/destination/placement'
 import { Requests } from '../../src/agent/destination/requests'
@@ -87,5 +90,55 @@ describe('native event batches on the destination', () => {
     d.received[0].setRange(0, PAGES)
     deliver(ev([DemandEv.ARRIVED, 0, 0, PAGES, PAGES], [DemandEv.TWICE, 3]))
     expect(d.settled()).toEqual({ networkFaults: 0, latencies: 0, twice: 3 })
+  })
+})
+
+describe('a hang-up of the demand connection', () => {
+  function demandPath() {
+    const d = destination()
+    const clock = new FakeClock()
+    let deliver!: (e: Float64Array) => void
+    class DemandClient {
+      constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
+        deliver = onEvents
+      }
+      attach(): void {}
+      close(): Float64Array {
+        return new Float64Array(0)
+      }
+    }
+    const broken: string[] = []
+    const path = new DemandPath({ DemandClient } as unknown as NativeBinding, d.regions, (err) => broken.push((err as { code?: string }).code + ': ' + err.message), clock)
+    path.adopt(channel)
+    path.start(uffd, d.placement, d.requests)
+    return { path, clock, broken, hangUp: (errno = 0) => deliver(ev([DemandEv.CLOSED, errno, 0])) }
+  }
+
+  it('breaks the link only after the grace when nothing else ended the session', () => {
+    const { clock, broken, hangUp } = demandPath()
+    hangUp()
+    clock.advance(DEMAND_HANGUP_GRACE_MS - 1)
+    expect(broken).toEqual([])
+    clock.advance(1)
+    expect(broken).toEqual(['ERR_MIGRATION_CONNECTION: demand connection closed by the peer'])
+  })
+
+  it('not at all when the session ended meanwhile (a cancel read on urgent) or a new demand connection came', () => {
+    const a = demandPath()
+    a.hangUp()
+    a.path.close() // the session ended with the reason the other connections gave
+    a.clock.advance(DEMAND_HANGUP_GRACE_MS * 2)
+    expect(a.broken).toEqual([])
+    const b = demandPath()
+    b.hangUp()
+    b.path.adopt(channel) // recovered: the next connection is not broken by the old one's end
+    b.clock.advance(DEMAND_HANGUP_GRACE_MS * 2)
+    expect(b.broken).toEqual([])
+  })
+
+  it('a reset breaks it at once', () => {
+    const { broken, hangUp } = demandPath()
+    hangUp(104) // ECONNRESET
+    expect(broken).toEqual(['ERR_MIGRATION_CONNECTION: demand connection failed: read ECONNRESET'])
   })
 })

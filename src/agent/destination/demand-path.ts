@@ -14,6 +14,14 @@ import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent } from '
 import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 import type { Requests } from './requests'
+import { type Clock, systemClock } from '../clock'
+
+/**
+ * A clean end of the demand connection is the source hanging up; why (an ERROR such as a cancel) comes on urgent or
+ * bulk, which another thread reads and which may be read later under load. It counts as a broken link only if
+ * nothing else ended the session or replaced the connection within this long.
+ */
+export const DEMAND_HANGUP_GRACE_MS = 300
 
 export class DemandPath {
   private client: NativeThread<NativeDemandClient> | undefined
@@ -22,10 +30,14 @@ export class DemandPath {
   /** CPU time of the native thread, once it has ended. */
   cpuMs = 0
 
+  /** Counts demand connections (adopted or closed): a late hang-up must not break the next one. */
+  private generation = 0
+
   constructor(
     private readonly binding: NativeBinding,
     private readonly regions: Region[],
     private readonly broken: (err: Error) => void,
+    private readonly clock: Clock = systemClock,
   ) {}
 
   get active(): boolean {
@@ -42,6 +54,7 @@ export class DemandPath {
       ch.sendError(err)
       return ch.fail(err)
     }
+    this.generation++
     if (this.client) this.client.thread.attach(fd)
     else this.fd = fd
   }
@@ -64,7 +77,7 @@ export class DemandPath {
       })
       eachDemandEvent(ev, (kind, a, b, c, d) => {
         if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-        else if (kind === DemandEv.CLOSED && this.client) this.broken(nativeLinkError(a, b))
+        else if (kind === DemandEv.CLOSED && this.client) this.hungUp(nativeLinkError(a, b), a === 0 && b === 0)
         else if (kind === DemandEv.INSTALL_FAILED && this.client) this.broken(installFailedError(a, b, c, d))
       })
     }
@@ -81,8 +94,16 @@ export class DemandPath {
     this.client!.thread.ask(region, Uint32Array.from(pages))
   }
 
+  /** The demand connection ended: a reset or a protocol breach breaks the link now, a clean hang-up after a grace. */
+  private hungUp(err: Error, clean: boolean): void {
+    if (!clean) return this.broken(err)
+    const gen = this.generation, client = this.client
+    this.clock.setTimeout(() => gen === this.generation && client === this.client && this.broken(err), DEMAND_HANGUP_GRACE_MS)
+  }
+
   /** The link broke: faults are recorded and asked for again on the next demand connection. */
   detach(): void {
+    this.generation++
     this.client?.thread.attach(-1)
   }
 
@@ -95,6 +116,7 @@ export class DemandPath {
   /** Stops the thread (before the uffd closes); what it did since its last batch is counted now (the settled report follows). */
   close(): void {
     const client = this.client
+    this.generation++
     this.client = undefined
     this.fd = undefined
     client?.close()

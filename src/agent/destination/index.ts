@@ -62,7 +62,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.clock = opts.clock ?? systemClock
     this.ps = binding.pageSize
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
-    this.demand = new DemandPath(binding, regions, (err) => this.linkBroke(err))
+    this.demand = new DemandPath(binding, regions, (err) => this.linkBroke(err), this.clock)
     this.bulkPath = new BulkPath(binding, regions, { frame: (f) => this.link.bulk && this.onFrame(this.link.bulk, 'bulk', f), closed: (err) => this.link.bulk && this.onChannelClosed(err, this.link.bulk) })
     const machine = this.machine
     this.link = new Acceptor(opts.token, {
