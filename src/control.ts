@@ -18,7 +18,8 @@ export function controlSocketPath(name: string): string {
   return join(controlDir(), `${name}.sock`)
 }
 
-export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions } | { cmd: 'cancel' }
+/** release: a guest that moved away gives up its name to the guest of that name that runs here again (ControlServer.start). */
+export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions } | { cmd: 'cancel' } | { cmd: 'release' }
 
 /** What the control socket needs of a guest (Guest has it; no import of guest.ts). */
 export interface ControlledGuest {
@@ -45,32 +46,59 @@ export class ControlServer {
     const path = controlSocketPath(guest.name)
     mkdirSync(controlDir(), { recursive: true, mode: 0o700 })
     if (existsSync(path)) {
-      // a stale socket from a process that died, or a live guest of the same name
-      const live = await new Promise<boolean>((resolve) => {
-        const s = require('node:net').connect(path)
-        s.once('connect', () => (s.destroy(), resolve(true)))
-        s.once('error', () => resolve(false))
-      })
-      if (live) throw new UffdMigrateError(`a guest named '${guest.name}' is already running (${path})`, ErrorCode.BUSY)
-      unlinkSync(path)
+      // a stale socket from a process that died, or a live process of the same name: a guest that moved away
+      // (its forwarder relays clients, or the service kept it with a 'moved' listener) gives the name to the one that
+      // runs here now (it came back) and closes its socket first (closing removes the path: after, it would remove
+      // the newcomer's); any other is a second guest of that name
+      const holder = await holderPhase(path)
+      if (holder === 'moved') await controlRequest(path, { cmd: 'release' }, () => {}).catch(() => {})
+      else if (holder !== undefined) throw new UffdMigrateError(`a guest named '${guest.name}' is already running here (${path}, ${holder})`, ErrorCode.BUSY)
+      if (existsSync(path)) unlinkSync(path)
     }
-    const server = createServer((s) => handle(guest, s))
+    let control: ControlServer | undefined
+    const server = createServer((s) => handle(guest, s, () => control?.close()))
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject)
       server.listen(path, () => resolve())
     })
     server.unref()
-    return new ControlServer(server, path)
+    control = new ControlServer(server, path)
+    return control
   }
 
+  private closed = false
+
   close(): void {
-    this.server.close()
+    if (this.closed) return
+    this.closed = true
+    this.server.close() // (libuv removes the socket's path as it closes it)
     try {
       unlinkSync(this.path)
     } catch {
       // already gone
     }
   }
+}
+
+/** Receive mode goes on without a control socket when it cannot have one, and says so (status and send cannot reach it). */
+export function withoutControl(name: string): (err: Error) => undefined {
+  return (err) => {
+    process.stderr.write(`uffd-migrate: guest '${name}': no control socket (${err.message}): \`uffd-migrate status/send --guest ${name}\` cannot reach it\n`)
+    return undefined
+  }
+}
+
+/** The phase of the guest answering at `path` ('?' if it does not answer in time), or undefined: nobody listens. */
+function holderPhase(path: string): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve('?'), 2000) // a live holder that does not answer (its thread is busy): not ours to take
+    const done = (phase: string | undefined) => (clearTimeout(timer), resolve(phase))
+    let phase = '?'
+    controlRequest(path, { cmd: 'status' }, (m) => void (typeof m.phase === 'string' && (phase = m.phase))).then(
+      () => done(phase),
+      (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? undefined : phase),
+    )
+  })
 }
 
 /** Client side: sends one request to the control socket at `path`; onLine gets each JSON line of the answer. */
@@ -92,7 +120,7 @@ export function controlRequest(path: string, req: ControlRequest, onLine: (m: Re
   })
 }
 
-function handle(guest: ControlledGuest, s: Socket): void {
+function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
   let buf = ''
   const send = (o: object) => s.write(JSON.stringify(o) + '\n')
   s.on('error', () => {})
@@ -109,6 +137,12 @@ function handle(guest: ControlledGuest, s: Socket): void {
       return void s.end()
     }
     buf = ''
+    if (req.cmd === 'release') {
+      // only a guest that moved away: its name goes to the guest of that name that runs here again
+      if (guest.phase === 'moved') release()
+      else send({ type: 'error', code: ErrorCode.BUSY, message: `guest '${guest.name}' runs here (${guest.phase}): it keeps its name` })
+      return void s.end()
+    }
     if (req.cmd === 'status') {
       send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()

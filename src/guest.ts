@@ -20,7 +20,7 @@ import type { AgentWorkerData } from './agent/worker'
 import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
 import type { Server } from 'node:net'
-import { ControlServer } from './control'
+import { ControlServer, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion } from './guest-region'
@@ -131,7 +131,7 @@ export class Guest extends EventEmitter {
     const refusals: Record<string, number> = {}
     countRefusals(worker, refusals)
     // status answers while the guest waits: phase 'listening', refused connections
-    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals)).catch(() => undefined) : undefined
+    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
     guest.refusals = refusals
@@ -139,7 +139,7 @@ export class Guest extends EventEmitter {
     guest.once('failed', (e: Error) => settleFail(e))
     // The service resumes when start() returns: tell the agent when that is.
     queueMicrotask(() => guest.post({ type: 'resumed', atMs: nowMs() }))
-    if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(() => undefined)
+    if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(withoutControl(opts.name))
     return guest
   }
 

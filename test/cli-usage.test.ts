@@ -35,4 +35,11 @@ describe('CLI usage', () => {
     expect(r.stderr).toMatch(/no guest named 'nosuch' is running here .*\[ERR_NO_GUEST\]/)
     expect(r.code).toBe(1)
   })
+
+  it('a reader that stops early (`| head`) is not an error: no stack trace, the command\'s own exit status', () => {
+    const own = run(['doctor']).code
+    const r = spawnSync('bash', ['-c', `"${process.execPath}" "${cli}" doctor | true; echo "exit \${PIPESTATUS[0]}"`], { encoding: 'utf8' })
+    expect(r.stderr).not.toMatch(/EPIPE|Unhandled 'error' event/)
+    expect(r.stdout.trim()).toBe(`exit ${own}`)
+  })
 })

@@ -122,3 +122,46 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     }, 90_000)
   }
 })
+
+describe.skipIf(skip)('the quick start service moved back while its old process still forwards', () => {
+  it('the guest that came back takes the name: status and send reach it, also after the old process exited', async () => {
+    const token = randomBytes(16).toString('hex')
+    const server = join(root, 'examples', 'quickstart', 'server.cjs')
+    const name = `qsb-${process.pid}`
+    const hosts = ['a', 'b'].map((h) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, GUEST_NAME: name, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `qsb-${h}-`)) }))
+    const run = (env: NodeJS.ProcessEnv, args: string[], port: number) => {
+      const p = new LineProc(process.execPath, args, { env: { ...env, PORT: String(port) } })
+      procs.push(p)
+      return p
+    }
+    const status = async (host: number) => {
+      const st = run(hosts[host], [cli, 'status', '--guest', name], 0)
+      expect((await st.waitExit(10_000)).code, st.stderr).toBe(0)
+      return st.lines[0]
+    }
+    const [httpA, httpB, httpA2, migB, migA] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()]
+    const old = run(hosts[0], [server], httpA)
+    expect((await until(() => hit(httpA, 7))).count).toBe(1)
+    const onB = run(hosts[1], [cli, 'receive', '--listen', `127.0.0.1:${migB}`, '--', process.execPath, server], httpB)
+    await onB.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    expect((await run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migB}`], 0).waitExit(30_000)).code).toBe(0)
+    // a client of the old address keeps the old process forwarding (it exits once idle for 2 s)
+    let clients = true
+    const client = (async () => {
+      while (clients) await hit(httpA, 9).catch(() => undefined).then(() => new Promise((r) => setTimeout(r, 100)))
+    })()
+    const back = run(hosts[0], [cli, 'receive', '--listen', `127.0.0.1:${migA}`, '--', process.execPath, server], httpA2)
+    await back.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    expect(await status(0)).toMatch(/: listening; /)
+    expect((await run(hosts[1], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migA}`], 0).waitExit(30_000)).code).toBe(0)
+    expect(old.child.exitCode, 'the old process still forwards').toBeNull()
+    expect(await status(0)).toMatch(/: settled, restored; /)
+    clients = false
+    await client
+    expect((await old.waitExit(30_000)).code).toBe(0)
+    // its exit did not take the name from the guest that runs here now
+    expect(await status(0)).toMatch(/: settled, restored; /)
+    expect((await hit(httpA2, 7)).count).toBe(2)
+  }, 90_000)
+})
+

@@ -21,6 +21,8 @@ program.name('uffd-migrate').description('Live migration of a running Node.js se
 // A usage error exits 2 (commander has printed it): 1 means "failed before the hand-off, the service runs on here"
 // to a script. Set before the commands, which inherit it.
 program.exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : 2))
+// `uffd-migrate status | head -1`: a reader that stops early is not an error (no stack trace)
+process.stdout.on('error', (err: NodeJS.ErrnoException) => (err.code === 'EPIPE' ? process.exit(process.exitCode ?? 0) : Promise.reject(err)))
 
 function fail(code: string, message: string, exit = 1): never {
   process.stderr.write(`uffd-migrate: ${message} [${code}]\n`)
