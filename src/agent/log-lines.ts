@@ -43,7 +43,9 @@ export const sourceLine = {
     return undefined
   },
   moved: (to: string, r: MigrationReport) => `moved to ${to}: settled there; downtime ${r.downtimeMs.toFixed(1)} ms, total ${r.totalMs.toFixed(0)} ms`,
+  // (a cancel's message says where the service runs already)
   failed: (to: string, e: { code: string; message: string; afterHandoff?: boolean }) =>
-    `the migration to ${to} ${e.code === ErrorCode.CANCELLED ? 'was cancelled' : 'failed'}: ${e.message} [${e.code}]; ` +
-    (e.afterHandoff ? 'after the hand-off: the service does not run here' : 'the service runs on here'),
+    e.code === ErrorCode.CANCELLED
+      ? `the migration to ${to} was cancelled: ${e.message} [${e.code}]`
+      : `the migration to ${to} failed: ${e.message} [${e.code}]; ${e.afterHandoff ? 'after the hand-off: the service does not run here' : 'the service runs on here'}`,
 }

@@ -41,7 +41,9 @@ describe('source lines', () => {
     expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECT', message: 'refused' })).toBe(
       'the migration to h:7070 failed: refused [ERR_MIGRATION_CONNECT]; the service runs on here',
     )
-    expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CANCELLED', message: 'cancelled' })).toMatch(/^the migration to h:7070 was cancelled: .*the service runs on here$/)
+    expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CANCELLED', message: 'migration to h:7070 cancelled in phase precopy (round 1), before the hand-off: the service runs on here' })).toBe(
+      'the migration to h:7070 was cancelled: migration to h:7070 cancelled in phase precopy (round 1), before the hand-off: the service runs on here [ERR_MIGRATION_CANCELLED]',
+    )
     expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECTION', message: 'gone', afterHandoff: true })).toMatch(/; after the hand-off: the service does not run here$/)
   })
 })
