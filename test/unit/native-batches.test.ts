@@ -42,21 +42,27 @@ function destination() {
 }
 
 const uffd = { fd: 3 } as NativeUffd
+
+/** A binding's DemandClient that hands its batch handler to the test (deliver: a batch from the native thread). */
+function stubDemandClient() {
+  let handler!: (e: Float64Array) => void
+  class DemandClient {
+    constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
+      handler = onEvents
+    }
+    attach(): void {}
+    close(): Float64Array {
+      return new Float64Array(0)
+    }
+  }
+  return { DemandClient, deliver: (e: Float64Array) => handler(e) }
+}
 const channel = { handOver: () => ({ fd: 7, head: new Uint8Array(0) }), readBy: () => {}, bytesRead: 0 } as unknown as Channel
 
 describe('native event batches on the destination', () => {
   it('demand thread: the LATENCY after the ARRIVED that settles the migration is in the settled report', () => {
     const d = destination()
-    let deliver!: (e: Float64Array) => void
-    class DemandClient {
-      constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
-        deliver = onEvents
-      }
-      attach(): void {}
-      close(): Float64Array {
-        return new Float64Array(0)
-      }
-    }
+    const { DemandClient, deliver } = stubDemandClient()
     const path = new DemandPath({ DemandClient } as unknown as NativeBinding, d.regions, () => {})
     path.adopt(channel)
     expect(path.start(uffd, d.placement, d.requests)).toBe(true)
@@ -97,16 +103,7 @@ describe('a hang-up of the demand connection', () => {
   function demandPath() {
     const d = destination()
     const clock = new FakeClock()
-    let deliver!: (e: Float64Array) => void
-    class DemandClient {
-      constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
-        deliver = onEvents
-      }
-      attach(): void {}
-      close(): Float64Array {
-        return new Float64Array(0)
-      }
-    }
+    const { DemandClient, deliver } = stubDemandClient()
     const broken: string[] = []
     const path = new DemandPath({ DemandClient } as unknown as NativeBinding, d.regions, (err) => broken.push((err as { code?: string }).code + ': ' + err.message), clock)
     path.adopt(channel)
