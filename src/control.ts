@@ -30,6 +30,8 @@ export interface ControlledGuest {
   readonly lastError: { code: string; message: string } | undefined
   /** receive mode: connections refused so far, by error code. */
   readonly refusals?: Record<string, number>
+  /** receive mode, while a source's session runs before the hand-off: its address. */
+  readonly from?: string
   readonly regions: Record<string, { name: string; sizeBytes: number; pagesLeft?: number }>
   /** The dirty-page tracker a migration from here gets, and why. */
   readonly tracker?: string
@@ -144,7 +146,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
       return void s.end()
     }
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

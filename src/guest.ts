@@ -131,7 +131,7 @@ export class Guest extends EventEmitter {
     const refusals: Record<string, number> = {}
     countRefusals(worker, refusals)
     // status answers while the guest waits: phase 'listening', refused connections
-    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals)).catch(withoutControl(opts.name)) : undefined
+    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals, worker)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
     guest.refusals = refusals

@@ -22,11 +22,24 @@ export const handoffState = {
 // outside the pause window (measured: pause() returned → state posted went from ~1.1 to 0.15-0.37 ms).
 handoffState.decode(handoffState.encode({ warm: [1, 1.5, 'x', true, null], bytes: new Uint8Array(8) }))
 
-/** What `status` says of a guest that waits for its incoming migration (no service runs yet). */
-export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], refusals: Record<string, number>): ControlledGuest {
+/**
+ * What `status` says of a guest that waits for its incoming migration (no service runs yet): `listening`, or
+ * `precopy` and from where while a source's session runs (it follows the agent's messages).
+ */
+export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], refusals: Record<string, number>, worker: Worker): ControlledGuest {
+  const session = { phase: 'listening', from: undefined as string | undefined }
+  worker.on('message', (m: AgentToMain) => {
+    if (m.type === 'incoming') Object.assign(session, { phase: 'precopy', from: m.peer })
+    if (m.type === 'sessionEnded') Object.assign(session, { phase: 'listening', from: undefined })
+  })
   return {
     name,
-    phase: 'listening',
+    get phase() {
+      return session.phase
+    },
+    get from() {
+      return session.from
+    },
     restored: false,
     progress: undefined,
     lastError: undefined,

@@ -53,7 +53,7 @@ async function listensAgainAndMigrates(A: Host, dst: LineProc, guest: string, po
 describe.skipIf(skip)('kill -9 of the source', () => {
   for (const round of [0, 2]) {
     it(`in pre-copy round ${round}: send exits 1, the destination listens again and takes the next migration`, async () => {
-      const { A, g, port, dst } = await twoHosts(`k9r${round}`)
+      const { A, B, g, port, dst } = await twoHosts(`k9r${round}`)
       const src = busyService(A, g, await freePort())
       await ready(src)
       // a link of 64 MiB/s: each round lasts hundreds of ms, so that the status polls (answered by the busy service's
@@ -62,6 +62,10 @@ describe.skipIf(skip)('kill -9 of the source', () => {
       relays.push(link)
       const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
       await untilRound(A, g, round)
+      // the destination's status meanwhile: pre-copy, and from where (the session began before round 0)
+      let waiting: { phase?: string; from?: string } = {}
+      await controlRequest(join(B.env.XDG_RUNTIME_DIR, 'uffd-migrate', `${g}.sock`), { cmd: 'status' }, (m) => (waiting = m))
+      expect(waiting).toMatchObject({ phase: 'precopy', from: expect.stringMatching(/^127\.0\.0\.1:\d+$/) })
       src.kill('SIGKILL')
       expect((await exitedWithin(send, 30_000, [dst])).code).toBe(1)
       expect(send.stderr).toMatch(/ended during precopy, before the hand-off: the service ended with it; the destination listens again/)

@@ -102,6 +102,10 @@ describe.skipIf(skip)('cancel', () => {
       expect(code, send.stderr).toBe(3)
       expect(send.lines.join('\n')).toMatch(/^cancelled: .*cancelled in phase precopy.*the service runs on here/)
       await dst.waitLine(/ended before the hand-off \(.*\[ERR_MIGRATION_CANCELLED\]; listening for the next source/, 10_000, 'stderr', seen)
+      // the receiver's status says so too (it said precopy, from the source's address, during the session)
+      const waiting = B.cli(['status', '--guest', g])
+      await waiting.exited
+      expect(waiting.lines.join('\n')).toMatch(/^guest .*: listening; regions [^\n]*$/)
       // the source serves on, with its data
       expect((await page(http, 3)).ok).toBe(true)
       const st = A.cli(['status', '--guest', g])

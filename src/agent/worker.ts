@@ -259,7 +259,10 @@ function incomingMigration() {
       log(message)
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
-    milestone: (m) => log(destinationLine(m, regions)),
+    milestone: (m) => {
+      log(destinationLine(m, regions))
+      if (m.kind === 'began') post({ type: 'incoming', peer: m.peer }) // for status while the guest waits
+    },
     sessionEnded: (err) => {
       log(`a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`)
       post({ type: 'sessionEnded' })

@@ -239,6 +239,7 @@ program
         const list = m.regions as { name: string; sizeBytes: number; pagesLeft?: number }[]
         const regions = list.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
         process.stdout.write(`guest ${m.name} (pid ${m.pid}): ${m.phase}${m.restored ? ', restored' : ''}; regions ${regions}\n`)
+        if (m.from) process.stdout.write(`  incoming migration from ${m.from} (before its hand-off: the service runs there)\n`)
         // a destination still receiving its memory (post-copy)
         const left = list.reduce((n, r) => n + (r.pagesLeft ?? 0), 0)
         if (left) process.stdout.write(`  ${left} page(s) still to come here from the source (post-copy)\n`)
