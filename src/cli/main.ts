@@ -198,7 +198,7 @@ program
       // the wire, before any progress says so): exit 4, so that nobody starts the service here again before looking
       if (lastPhase === 'handoff') {
         failed(ErrorCode.CONNECTION, `the guest's process ended during the hand-off: whether HANDOFF reached the destination is not known here. ` +
-          `Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' means it never got it and the service ended with this process; otherwise ${lacking}`,
+          `Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' (or 'precopy' until it notices this side is gone) means it never got it and the service ended with this process; otherwise ${lacking}`,
         SEND_EXIT.FAILED_AFTER_HANDOFF, 'unknown')
       }
       failed(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED, 'none')
