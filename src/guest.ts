@@ -11,8 +11,6 @@ import { Worker } from 'node:worker_threads'
 import { loadBinding, type NativeBinding } from './binding'
 import { PageBitmap } from './bitmap'
 import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from './errors'
-
-export { EXIT_MOVE_FAILED }
 import { Region } from './region'
 import { nowMs } from './stats'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './agent/messages'
@@ -27,7 +25,7 @@ import { GuestRegion } from './guest-region'
 
 export { GuestRegion } from './guest-region'
 import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
-import { awaitHandoff, countRefusals, handoffState, waitingGuest } from './receive'
+import { awaitHandoff, followReceiving, handoffState, waitingGuest } from './receive'
 
 export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
@@ -37,6 +35,7 @@ import { WaitBatch } from './wait-batch'
 
 
 
+export { EXIT_MOVE_FAILED }
 const WORKER = __filename.endsWith('.ts')
   ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
   : join(__dirname, 'agent', 'worker.js')
@@ -128,13 +127,12 @@ export class Guest extends EventEmitter {
     let settleFail!: (e: Error) => void
     const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
     settled.catch(() => {})
-    const refusals: Record<string, number> = {}
-    countRefusals(worker, refusals)
+    const receiving = followReceiving(worker)
     // status answers while the guest waits: phase 'listening', refused connections
-    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, refusals, worker)).catch(withoutControl(opts.name)) : undefined
+    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
-    guest.refusals = refusals
+    guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
     // The service resumes when start() returns: tell the agent when that is.

@@ -22,16 +22,27 @@ export const handoffState = {
 // outside the pause window (measured: pause() returned → state posted went from ~1.1 to 0.15-0.37 ms).
 handoffState.decode(handoffState.encode({ warm: [1, 1.5, 'x', true, null], bytes: new Uint8Array(8) }))
 
-/**
- * What `status` says of a guest that waits for its incoming migration (no service runs yet): `listening`, or
- * `precopy` and from where while a source's session runs (it follows the agent's messages).
- */
-export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], refusals: Record<string, number>, worker: Worker): ControlledGuest {
-  const session = { phase: 'listening', from: undefined as string | undefined }
+/** What a receiver's agent says of its sessions: refused connections by code (also after the hand-off), and the session before it. */
+export interface Receiving {
+  readonly refusals: Record<string, number>
+  /** `listening`, or `precopy` while a source's session runs, from `from`. */
+  phase: string
+  from: string | undefined
+}
+
+/** Follows the agent's messages about its sessions (it logs each one). */
+export function followReceiving(worker: Worker): Receiving {
+  const r: Receiving = { refusals: {}, phase: 'listening', from: undefined }
   worker.on('message', (m: AgentToMain) => {
-    if (m.type === 'incoming') Object.assign(session, { phase: 'precopy', from: m.peer })
-    if (m.type === 'sessionEnded') Object.assign(session, { phase: 'listening', from: undefined })
+    if (m.type === 'refused') Object.assign(r.refusals, m.refusals)
+    if (m.type === 'incoming') Object.assign(r, { phase: 'precopy', from: m.peer })
+    if (m.type === 'sessionEnded') Object.assign(r, { phase: 'listening', from: undefined })
   })
+  return r
+}
+
+/** What `status` says of a guest that waits for its incoming migration (no service runs yet). */
+export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], session: Receiving): ControlledGuest {
   return {
     name,
     get phase() {
@@ -43,20 +54,13 @@ export function waitingGuest(name: string, regions: { name: string; sizeBytes: n
     restored: false,
     progress: undefined,
     lastError: undefined,
-    refusals,
+    refusals: session.refusals,
     regions: Object.fromEntries(regions.map((r) => [r.name, { name: r.name, sizeBytes: r.sizeBytes }])),
     migrate: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: nothing runs here to send yet`, ErrorCode.BUSY)),
     cancel: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: no migration from here to cancel`, ErrorCode.INVALID_ARG)),
     on: () => undefined,
     off: () => undefined,
   }
-}
-
-/** Keeps the counts of refused connections (by code) in `refusals` (the agent logs each one). */
-export function countRefusals(worker: Worker, refusals: Record<string, number>): void {
-  worker.on('message', (m: AgentToMain) => {
-    if (m.type === 'refused') Object.assign(refusals, m.refusals)
-  })
 }
 
 export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {

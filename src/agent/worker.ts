@@ -231,7 +231,11 @@ function incomingMigration() {
     restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
-    incoming: (o) => (o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined),
+    incoming: (o) => {
+      log(destinationLine({ kind: 'began', peer: o.peer }, regions))
+      post({ type: 'incoming', peer: o.peer }) // for status while the guest waits
+      return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined
+    },
     settled: () => {
       stopYielding()
       post({ type: 'settled' })
@@ -259,10 +263,7 @@ function incomingMigration() {
       log(message)
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
-    milestone: (m) => {
-      log(destinationLine(m, regions))
-      if (m.kind === 'began') post({ type: 'incoming', peer: m.peer }) // for status while the guest waits
-    },
+    milestone: (m) => log(destinationLine(m, regions)),
     sessionEnded: (err) => {
       log(`a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`)
       post({ type: 'sessionEnded' })

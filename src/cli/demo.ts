@@ -144,8 +144,8 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     if (example.client) await source.waitLine(/^HTTP /)
     if (o.client !== false && example.client) client = example.client(() => [['127.0.0.1', srcHttp], [destHost, dstHttp]], o)
     await new Promise((r) => setTimeout(r, o.warmupMs ?? (example.client ? 1000 : 0)))
-    // as an operator would: send once the destination listens (a slow or loaded host can take seconds to get there;
-    // send does not retry a refused connection)
+    // as an operator would: send once the destination listens (a slow or loaded host can take longer to get there
+    // than send's --connect-timeout-ms of retrying a refused connection)
     await dest.waitLine(/waiting for the incoming migration/, 120_000, 'stderr')
     pinned = o.autocannon ? await pinnedClient(`http://127.0.0.1:${srcHttp}/page/1`, o.autocannonRate) : undefined
     if (pinned) await new Promise((r) => setTimeout(r, 500))

@@ -11,7 +11,7 @@ export interface DestinationOptions {
   limits?: Partial<AcceptorLimits>
 }
 
-/** The turns of an incoming migration the operator's log tells (peer: the source's address). */
+/** The turns of an incoming migration the operator's log tells (peer: the source's address; its start is `incoming`). */
 export type DestMilestone =
   | { kind: 'began'; peer: string }
   | { kind: 'resumed'; peer: string; afterHandoffMs: number; pagesLeft: number }
@@ -35,10 +35,10 @@ export interface DestinationHooks {
   /** A session ended before the hand-off; the guest listens for the next source. */
   sessionEnded?(err: Error): void
   /**
-   * A migration began (its region table matched); servesHttp: the source's service serves HTTP. A promise: the
-   * service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
+   * A migration began (its region table matched); peer: the source's address; servesHttp: the source's service serves
+   * HTTP. A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
    */
-  incoming?(o: { servesHttp: boolean }): Promise<void> | undefined
+  incoming?(o: { peer: string; servesHttp: boolean }): Promise<void> | undefined
   /** The service runs here: the agent's thread yields from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */
   postcopy?(nice: number, forwarded: boolean): void
   /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */

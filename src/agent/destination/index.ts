@@ -197,9 +197,8 @@ export class MigrationDestination implements DestinationHandlers {
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
-    this.hooks.milestone?.({ kind: 'began', peer: this.link.sessionPeer })
     const bulk = this.link.bulk!, ok = () => bulk.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
-    const preparing = this.hooks.incoming?.({ servesHttp: limits.servesHttp })
+    const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
     else ok()
   }
@@ -228,6 +227,7 @@ export class MigrationDestination implements DestinationHandlers {
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
+    this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
     if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
     this.hooks.restore(state).then(
       (resumedAtMs) => {

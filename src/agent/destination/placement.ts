@@ -165,12 +165,8 @@ export class Placement {
    * HANDOFF's discard lists (little-endian u32 (first, count) pairs per
    * region): pages the destination holds an old copy of are dropped so that
    * they fault and are fetched fresh. Validated before anything is dropped.
-   * From here on the service runs on these regions with pages missing, and a
-   * missing page must never read as zero: only a settle (closeUffd) ends the
-   * registrations, not the agent's end (holdRegistrations).
    */
   applyDiscard(discard: unknown[]): void {
-    this.uffd?.holdRegistrations?.()
     if (discard.length !== this.regions.length) {
       throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.discard for ${this.regions.length} regions, got ${discard.length}`)
     }
