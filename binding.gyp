@@ -9,6 +9,7 @@
         "native/demand.cc",
         "native/discard.cc",
         "native/errors.cc",
+        "native/exit_watch.cc",
         "native/fault_reader.cc",
         "native/pagemap.cc",
         "native/region.cc",

@@ -20,6 +20,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   init_uffd_binding(env, exports);
   init_socket_bindings(env, exports);
   init_thread_bindings(env, exports);
+  init_exit_watch_bindings(env, exports);
   init_demand_bindings(env, exports);
   init_relay_bindings(env, exports);
   init_bulk_bindings(env, exports);

@@ -29,7 +29,7 @@ inline uint64_t arg_index(const Napi::CallbackInfo& info, size_t i, const char* 
   double v = arg_number(info, i, name);
   if (!(v >= 0) || v != (double)(uint64_t)v || v > limit)
     throw Napi::RangeError::New(info.Env(), std::string("expected ") + name + " to be an integer in [0, " +
-                                                std::to_string((uint64_t)limit) + "], got " + std::to_string(v));
+                                                std::to_string((uint64_t)limit) + "], got " + info[i].ToString().Utf8Value());
   return (uint64_t)v;
 }
 

@@ -7,6 +7,7 @@ void init_region_bindings(Napi::Env env, Napi::Object exports);
 void init_uffd_binding(Napi::Env env, Napi::Object exports);
 void init_socket_bindings(Napi::Env env, Napi::Object exports);
 void init_thread_bindings(Napi::Env env, Napi::Object exports);
+void init_exit_watch_bindings(Napi::Env env, Napi::Object exports);
 void init_demand_bindings(Napi::Env env, Napi::Object exports);
 void init_relay_bindings(Napi::Env env, Napi::Object exports);
 void init_bulk_bindings(Napi::Env env, Napi::Object exports);

@@ -158,6 +158,16 @@ export interface NativeBinding {
   setThreadNice(nice: number): void
   /** Ends the process at once with this exit code, from any thread, running no JavaScript (absent in the fake binding). */
   exitProcess?(code: number): never
+  /**
+   * The exit watch of a destination in post-copy (native/exit_watch.cc; absent in the fake binding): a plain thread
+   * that ends the process with `code` after `ms` unless the service's thread takes the failure (a thread blocked on a
+   * page that cannot arrive never does). Armed at the hand-off, it also counts down when the agent's thread ends.
+   */
+  exitWatchCreate?(): number
+  exitWatchArm?(id: number, code: number, ms: number, line: string): boolean
+  exitWatchDisarm?(id: number): void
+  exitWatchFire?(id: number, code: number, ms: number, line: string): boolean
+  exitWatchTake?(id: number): void
   /** CPU time (user + system) of the calling thread, ms (absent in the fake binding). */
   threadCpuMs?(): number
   Uffd: new (features: number) => NativeUffd

@@ -22,19 +22,15 @@ import { ControlServer, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion } from './guest-region'
-
-export { GuestRegion } from './guest-region'
 import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
 import { awaitHandoff, followReceiving, handoffState, waitingGuest } from './receive'
-
-export type { GuestOptions, MigrateOptions } from './options'
 import { parseAddress } from './agent/address'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 
-
-
+export { GuestRegion } from './guest-region'
+export type { GuestOptions, MigrateOptions } from './options'
 export { EXIT_MOVE_FAILED }
 const WORKER = __filename.endsWith('.ts')
   ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
@@ -67,15 +63,18 @@ export class Guest extends EventEmitter {
   private failure: Error | undefined
   private lastProgress: Progress | undefined
   private closed = false
+  private readonly takeFailure: () => void
   /** receive mode: connections refused so far, by error code (status shows them). */
   refusals: Record<string, number> | undefined
 
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void> },
+    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; exitWatch?: number },
   ) {
     super()
+    // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
+    this.takeFailure = () => init.exitWatch && init.binding.exitWatchTake?.(init.exitWatch)
     this.worker = init.worker
     this.restored = init.received !== undefined
     this.state = init.state
@@ -121,6 +120,7 @@ export class Guest extends EventEmitter {
       token,
       ...agent,
       name: opts.name,
+      exitWatch: binding.exitWatchCreate?.(),
     }
     const worker = new Worker(WORKER, { workerData })
     let settle!: () => void
@@ -131,7 +131,7 @@ export class Guest extends EventEmitter {
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled })
+    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled, exitWatch: workerData.exitWatch })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
@@ -290,8 +290,8 @@ export class Guest extends EventEmitter {
           if (m.error.afterHandoff) this.emitOrExit('moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
           return
         }
-        // destination after the hand-off: this thread is not blocked in a fault (the agent ends the process itself otherwise)
-        this.post({ type: 'failedSeen' })
+        // destination after the hand-off: this thread is not blocked in a fault (the exit watch ends the process otherwise)
+        this.takeFailure()
         this.failure = err
         for (const w of this.waiters.values()) w.reject(err)
         this.waiters.clear()
@@ -391,6 +391,7 @@ export class Guest extends EventEmitter {
   async close(): Promise<void> {
     if (this.closed) return
     this.closed = true
+    this.takeFailure()
     this.control?.close()
     await this.worker.terminate()
   }

@@ -2,7 +2,8 @@
  * The addon when its environment goes away: a worker terminated while it
  * calls into the addon (guest.close() during a batch of native events), and
  * constructors that throw. Each case runs in a child process of its own,
- * because the failure it guards against is an abort of the whole process.
+ * because the failure it guards against is an abort of the whole process;
+ * and the exit watch, which ends the process itself when it must.
  */
 import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
@@ -51,5 +52,66 @@ describe('the addon as its environment goes away', () => {
     `)
     expect(r.out).not.toMatch(/Assertion failed/)
     expect([r.status, r.signal, r.out.trim()]).toEqual([0, null, 'refused 400'])
+  })
+})
+
+describe('the exit watch (native/exit_watch.cc): a destination whose service thread waits for ever', () => {
+  // The child: a watch armed in a worker (as the agent arms it at the hand-off); `then` runs in the worker after
+  // arming; the main thread then blocks for `blockMs` (a thread in a fault that never resolves) unless told not to.
+  const child = (then: string, main: { blockMs: number; onError?: string }) => `
+    const { Worker } = require('node:worker_threads')
+    const b = ${load}
+    const id = b.exitWatchCreate()
+    const w = new Worker("const b = ${load.replace(/"/g, '\\"')}; const { workerData: id, parentPort } = require('node:worker_threads'); b.exitWatchArm(id, 4, 200, 'watch: agent ended\\\\n'); ${then}; parentPort.postMessage('armed')", { eval: true, workerData: id })
+    w.on('error', () => { ${main.onError ?? ''} })
+    w.once('message', () => {
+      ${main.blockMs ? `Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ${main.blockMs}); console.log('main ran on')` : ''}
+    })
+    setTimeout(() => console.log('main still here'), ${main.blockMs + 800})
+  `
+
+  it('armed, the agent crashes, the main thread never takes it: the process ends with the code and the line', () => {
+    const r = runChild(child(`setTimeout(() => { throw new Error('agent bug') }, 10)`, { blockMs: 20_000 }))
+    expect([r.status, r.signal]).toEqual([4, null])
+    expect(r.out).toContain('watch: agent ended')
+    expect(r.out).not.toContain('main ran on')
+  })
+
+  it('armed, the agent crashes, the main thread takes it: the process goes on', () => {
+    const r = runChild(child(`setTimeout(() => { throw new Error('agent bug') }, 10)`, { blockMs: 0, onError: 'b.exitWatchTake(id)' }))
+    expect([r.status, r.signal]).toEqual([0, null])
+    expect(r.out).toContain('main still here')
+    expect(r.out).not.toContain('watch: agent ended')
+  })
+
+  it('disarmed (settled) before the agent ends: nothing is ended', () => {
+    const r = runChild(child(`b.exitWatchDisarm(id); setTimeout(() => { throw new Error('agent bug') }, 10)`, { blockMs: 600 }))
+    expect([r.status, r.signal]).toEqual([0, null])
+    expect(r.out).toContain('main ran on')
+    expect(r.out).not.toContain('watch: agent ended')
+  })
+
+  it('a failure fired while armed ends the process unless taken; fired while idle it does nothing', () => {
+    const fired = runChild(child(`b.exitWatchFire(id, 7, 100, 'watch: failure not taken\\\\n')`, { blockMs: 20_000 }))
+    expect([fired.status, fired.signal]).toEqual([7, null])
+    expect(fired.out).toContain('watch: failure not taken')
+    const idle = runChild(`
+      const b = ${load}
+      const id = b.exitWatchCreate()
+      console.log(b.exitWatchFire(id, 7, 10, 'x'), b.exitWatchArm(id, 4, 10, 'y'), b.exitWatchArm(id, 4, 10, 'y'))
+      b.exitWatchTake(id)
+      console.log(b.exitWatchFire(id, 7, 10, 'x'))
+      for (const bad of [() => b.exitWatchArm(id + 1000, 4, 10, 'y'), () => b.exitWatchArm(id, 4, 10, 5), () => b.exitWatchFire(-1, 4, 10, 'y')]) {
+        try { bad() } catch (e) { console.log(e.name + ': ' + e.message) }
+      }
+    `)
+    expect([idle.status, idle.signal]).toEqual([0, null])
+    expect(idle.out.trim().split('\n')).toEqual([
+      'false true false', // not armed: nothing to fire; armed once only
+      'false', // taken: the service's thread has it
+      expect.stringMatching(/^RangeError: no exit watch \d+$/),
+      'TypeError: expected line to be a string',
+      'RangeError: expected id to be an integer in [0, 4294967295], got -1',
+    ])
   })
 })

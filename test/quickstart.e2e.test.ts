@@ -5,7 +5,8 @@
  * carry on across both hops, and each side's log tells the hop. A service
  * that does nothing about failures: when its source dies in post-copy, the
  * destination's process ends with exit code 4, also when its main thread is
- * blocked for ever on a page that cannot arrive.
+ * blocked for ever on a page that cannot arrive, and also when its migration
+ * agent crashes (a bug) meanwhile.
  */
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
@@ -78,27 +79,36 @@ describe.skipIf(skip)('the README quick start', () => {
   }
 })
 
+/**
+ * The quick start service moved in post-copy with four slots' pages left at the source (on-demand paging only, no
+ * background push): what each test then breaks, the destination must end with exit code 4, never answer wrong.
+ */
+async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {}) {
+  const token = randomBytes(16).toString('hex')
+  const server = join(root, 'examples', 'quickstart', 'server.cjs')
+  const hosts = ['a', 'b'].map((h) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, GUEST_NAME: name, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `qsf-${h}-`)) }))
+  const run = (env: NodeJS.ProcessEnv, args: string[], port: number) => {
+    const p = new LineProc(process.execPath, args, { env: { ...env, PORT: String(port) } })
+    procs.push(p)
+    return p
+  }
+  const [srcHttp, migPort, dstHttp] = [await freePort(), await freePort(), await freePort()]
+  const src = run(hosts[0], [server], srcHttp)
+  // slots on pages of their own: with on-demand paging only and no background push they stay at the source
+  const slots = [5000, 10000, 15000, 20000]
+  for (const s of slots) expect((await until(() => hit(srcHttp, s))).count).toBe(1)
+  const dst = run({ ...hosts[1], ...dstEnv }, [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
+  await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+  const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
+  await dst.waitLine(/the service runs here .* 4 of 16384 pages still to come/, 30_000, 'stderr')
+  return { hosts, run, src, dst, send, dstHttp, slots }
+}
+
 describe.skipIf(skip)('the quick start service when its source dies in post-copy', () => {
   for (const blocked of [false, true]) {
     it(`the destination ends with exit code 4${blocked ? ', its main thread blocked on a page that cannot arrive' : ''}`, async () => {
-      const token = randomBytes(16).toString('hex')
-      const server = join(root, 'examples', 'quickstart', 'server.cjs')
       const name = `qsf-${process.pid}-${blocked ? 'b' : 'u'}`
-      const hosts = ['a', 'b'].map((h) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, GUEST_NAME: name, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `qsf-${h}-`)) }))
-      const run = (env: NodeJS.ProcessEnv, args: string[], port: number) => {
-        const p = new LineProc(process.execPath, args, { env: { ...env, PORT: String(port) } })
-        procs.push(p)
-        return p
-      }
-      const [srcHttp, migPort, dstHttp] = [await freePort(), await freePort(), await freePort()]
-      const src = run(hosts[0], [server], srcHttp)
-      // slots on pages of their own: with on-demand paging only and no background push they stay at the source
-      const slots = [5000, 10000, 15000, 20000]
-      for (const s of slots) expect((await until(() => hit(srcHttp, s))).count).toBe(1)
-      const dst = run(hosts[1], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
-      await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
-      const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
-      await dst.waitLine(/the service runs here .* 4 of 16384 pages still to come/, 30_000, 'stderr')
+      const { hosts, run, src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(name)
       // what the destination's operator sees meanwhile
       const status = run(hosts[1], [cli, 'status', '--guest', name], 0)
       expect((await status.waitExit(10_000)).code, status.stderr).toBe(0)
@@ -121,6 +131,24 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       }
     }, 90_000)
   }
+
+  it('its migration agent crashes while the main thread waits on a page: the process still ends with exit code 4', async () => {
+    // the source is stopped, so the page the service waits for cannot come; then the destination's agent throws
+    // (a test hook: once the main thread's wchan is the userfaultfd wait); only the native exit watch can end it now
+    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_TEST_AGENT_CRASH: 'blocked' })
+    src.kill('SIGSTOP')
+    try {
+      const answer = hit(dstHttp, slots[1]).then(() => 'answered', () => 'no answer')
+      const { code } = await dst.waitExit(30_000)
+      expect(code, dst.stderr).toBe(4)
+      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_TEST_AGENT_CRASH=blocked/)
+      expect(dst.stderr).toMatch(/the migration agent ended before every page arrived, and the service's main thread did not take the failure within 3000 ms .*: ending the process with exit code 4/)
+      expect(await answer).toBe('no answer')
+    } finally {
+      src.kill('SIGKILL')
+      send.kill()
+    }
+  }, 90_000)
 })
 
 describe.skipIf(skip)('the quick start service moved back while its old process still forwards', () => {

@@ -22,7 +22,6 @@ export type MainToAgent =
   /** ready() waits, four numbers each: id, region, first page, page count (src/wait-batch.ts) */
   | { type: 'wait'; waits: number[] }
   /** receive mode: the service's thread took the 'failed' of a migration that failed after the hand-off (it is not blocked in a fault) */
-  | { type: 'failedSeen' }
 
 export type AgentToMain =
   | { type: 'pause' }

@@ -4,7 +4,7 @@
  * the agent keeps running while the main thread is blocked in a fault. The
  * environment is read here, at the process boundary, and passed down.
  */
-import { writeSync } from 'node:fs'
+import { readFileSync, writeSync } from 'node:fs'
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
@@ -35,6 +35,8 @@ export interface AgentWorkerData {
   tracker?: TrackerOption
   /** The bulk socket's settings ($UFFD_MIGRATE_BULK_BUFFER_BYTES, $UFFD_MIGRATE_PUSH_UNSENT_BYTES), checked on the main thread. */
   sockets: SocketTuning
+  /** Destination: its exit watch (native/exit_watch.cc), made by the service's thread, which takes failures on it. */
+  exitWatch?: number
 }
 
 const port = parentPort!
@@ -102,6 +104,18 @@ void warmLinkCode() // idle now; a migration's first connection then runs warm c
 
 port.on('message', onMain)
 
+// A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
+// 'error' event); then the worker ends, and a destination's exit watch counts down.
+process.on('uncaughtExceptionMonitor', (err) => log(`the migration agent crashed: ${(err as Error)?.stack ?? String(err)}`))
+if (process.env.UFFD_MIGRATE_TEST_AGENT_CRASH === 'blocked') crashOnceMainBlocked()
+
+/** Tests only: such a bug, once the service's main thread waits in a fault (its wchan; test/quickstart.e2e.test.ts). */
+function crashOnceMainBlocked(): void {
+  setInterval(() => {
+    if (readFileSync('/proc/self/wchan', 'utf8').includes('userfault')) throw new Error('injected by UFFD_MIGRATE_TEST_AGENT_CRASH=blocked')
+  }, 20).unref()
+}
+
 /**
  * Messages from the service's thread waiting behind a burst of pushed pages
  * (libuv reads a socket up to 32 times per turn: milliseconds of installs)
@@ -139,8 +153,6 @@ function onMain(m: MainToAgent): void {
     case 'wait':
       for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
       return
-    case 'failedSeen':
-      return clearTimeout(unanswered)
     case 'serving':
       // only a route set up during this post-copy counts (a late serve() must not count for the next hop)
       if (incoming?.dest.announceService(m.ports)) yielding.clientsRouted()
@@ -217,18 +229,26 @@ function outgoingMigrations() {
 }
 
 /**
- * After a failure past the hand-off, the service's thread has this long to take it ('failedSeen'); a thread that does
- * not is blocked in a fault that nothing can resolve any more, and the agent ends the process.
+ * After a failure past the hand-off, the service's thread has this long to take it (exitWatchTake); a thread that does
+ * not is blocked in a fault that nothing can resolve any more, and the exit watch ends the process. The watch is a
+ * native thread: it also counts down when this thread ends (a bug in the agent) before every page arrived.
  */
 const FAILED_ANSWER_MS = 3000
-let unanswered: ReturnType<typeof setTimeout> | undefined
+const notTaken = (what: string) =>
+  `uffd-migrate: guest '${data.name ?? '?'}': ${what}, and the service's main thread did not take the failure within ${FAILED_ANSWER_MS} ms (it waits for a page that cannot arrive now): ending the process with exit code ${EXIT_MOVE_FAILED}\n`
+const exitWatch = {
+  arm: () => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived')),
+  disarm: () => data.exitWatch && binding.exitWatchDisarm?.(data.exitWatch),
+  fire: () => data.exitWatch && binding.exitWatchFire?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration failed after the hand-off')),
+}
 
 function incomingMigration() {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const rehearsed = new MainThreadCall<void>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
-    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
+    // from the resume on, the service's thread may wait on a page that only this agent can install
+    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })).then((atMs) => (exitWatch.arm(), atMs)),
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
@@ -237,6 +257,7 @@ function incomingMigration() {
       return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined
     },
     settled: () => {
+      exitWatch.disarm()
       stopYielding()
       post({ type: 'settled' })
     },
@@ -248,12 +269,9 @@ function incomingMigration() {
       if (e.code === ErrorCode.HANDOFF) log(`the migration ended at the hand-off: ${e.message} [${e.code}]; the service runs on at the source`)
       else log(`the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`)
       post({ type: 'failed', error: e })
-      unanswered = setTimeout(() => {
-        // blocked in a fault on one of those pages, for ever: it can neither handle this nor exit, and a process that
-        // looks alive but answers nothing would hide the failure from its supervisor
-        log(`the service's main thread did not take the failure within ${FAILED_ANSWER_MS} ms (it waits for a page that cannot arrive now): ending the process with exit code ${EXIT_MOVE_FAILED}`)
-        binding.exitProcess?.(EXIT_MOVE_FAILED)
-      }, FAILED_ANSWER_MS)
+      // a thread blocked in a fault on one of those pages, for ever, can neither handle this nor exit, and a process
+      // that looks alive but answers nothing would hide the failure from its supervisor
+      exitWatch.fire()
     },
     recovering: (message) => {
       log(message)
