@@ -15,7 +15,7 @@ export interface RegionSizes {
   pageCount: number
 }
 
-/** The destination's turns (its refusals, recovery and failures have lines of their own). */
+/** The destination's turns (its refusals and recovery have lines of their own, its failures `destinationTrouble`). */
 export function destinationLine(m: DestMilestone, regions: RegionSizes[]): string {
   const totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
   switch (m.kind) {
@@ -48,4 +48,25 @@ export const sourceLine = {
     e.code === ErrorCode.CANCELLED
       ? `the migration to ${to} was cancelled: ${e.message} [${e.code}]`
       : `the migration to ${to} failed: ${e.message} [${e.code}]; ${e.afterHandoff ? 'after the hand-off: the service does not run here' : 'the service runs on here'}`,
+}
+
+/** What went wrong at the destination, and what the service can still count on. */
+export const destinationTrouble = {
+  failed: (e: { code: string; message: string }) =>
+    e.code === ErrorCode.HANDOFF
+      // a state that could not be restored: the service never started here and runs on at the source
+      ? `the migration ended at the hand-off: ${e.message} [${e.code}]; the service runs on at the source`
+      : `the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`,
+  sessionEnded: (e: { code?: string; message: string }) =>
+    `a migration ended before the hand-off (${e.message}) [${e.code ?? ErrorCode.GENERIC}]; listening for the next source`,
+  /** Written by the exit watch (a native thread) as it ends the process: whole, with its prefix and newline. */
+  notTaken: (name: string, what: string, waitedMs: number, exitCode: number) =>
+    `uffd-migrate: guest '${name}': ${what}, and the service's main thread did not take the failure within ${waitedMs} ms ` +
+    `(it waits for a page that cannot arrive now): ending the process with exit code ${exitCode}\n`,
+}
+
+/** Either side's agent. */
+export const agentTrouble = {
+  crashed: (err: unknown) => `the migration agent crashed: ${(err as Error)?.stack ?? String(err)}`,
+  stillYielding: (nice: number) => `the agent's thread stays at nice ${nice} after post-copy: lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE`,
 }

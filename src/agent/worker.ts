@@ -16,7 +16,7 @@ import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnStat
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
-import { destinationLine, sourceLine } from './log-lines'
+import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from './log-lines'
 import { warmLinkCode } from './warm-up'
 import { Yielding } from './yielding'
 
@@ -49,7 +49,7 @@ if (data.agentNice) binding.setThreadNice(data.agentNice)
 const yielding = new Yielding((nice) => binding.setThreadNice(nice), data.agentNice)
 /** Post-copy is over (settled or failed): this thread's own nice again, where the kernel allows it. */
 const stopYielding = () => {
-  if (!yielding.leave()) log(`the agent's thread stays at nice ${yielding.nice} after post-copy: lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE`)
+  if (!yielding.leave()) log(agentTrouble.stillYielding(yielding.nice))
 }
 const { bulkBufferBytes, pushUnsentBytes } = data.sockets
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
@@ -106,7 +106,7 @@ port.on('message', onMain)
 
 // A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
-process.on('uncaughtExceptionMonitor', (err) => log(`the migration agent crashed: ${(err as Error)?.stack ?? String(err)}`))
+process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
 if (process.env.UFFD_MIGRATE_TEST_AGENT_CRASH === 'blocked') crashOnceMainBlocked()
 
 /** Tests only: such a bug, once the service's main thread waits in a fault (its wchan; test/quickstart.e2e.test.ts). */
@@ -234,8 +234,7 @@ function outgoingMigrations() {
  * native thread: it also counts down when this thread ends (a bug in the agent) before every page arrived.
  */
 const FAILED_ANSWER_MS = 3000
-const notTaken = (what: string) =>
-  `uffd-migrate: guest '${data.name ?? '?'}': ${what}, and the service's main thread did not take the failure within ${FAILED_ANSWER_MS} ms (it waits for a page that cannot arrive now): ending the process with exit code ${EXIT_MOVE_FAILED}\n`
+const notTaken = (what: string) => destinationTrouble.notTaken(data.name ?? '?', what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED)
 const exitWatch = {
   arm: () => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived')),
   disarm: () => data.exitWatch && binding.exitWatchDisarm?.(data.exitWatch),
@@ -265,9 +264,7 @@ function incomingMigration() {
     failed: (err) => {
       stopYielding()
       const e = errorOut(err)
-      // a state that could not be restored: the service never started here and runs on at the source
-      if (e.code === ErrorCode.HANDOFF) log(`the migration ended at the hand-off: ${e.message} [${e.code}]; the service runs on at the source`)
-      else log(`the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`)
+      log(destinationTrouble.failed(e))
       post({ type: 'failed', error: e })
       // a thread blocked in a fault on one of those pages, for ever, can neither handle this nor exit, and a process
       // that looks alive but answers nothing would hide the failure from its supervisor
@@ -283,7 +280,7 @@ function incomingMigration() {
     },
     milestone: (m) => log(destinationLine(m, regions)),
     sessionEnded: (err) => {
-      log(`a migration ended before the hand-off (${err.message}) [${(err as UffdMigrateError).code ?? ErrorCode.GENERIC}]; listening for the next source`)
+      log(destinationTrouble.sessionEnded(err as UffdMigrateError))
       post({ type: 'sessionEnded' })
     },
   })

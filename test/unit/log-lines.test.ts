@@ -1,6 +1,6 @@
 /** The operator's log lines (src/agent/log-lines.ts): what each turn of a migration says, with its figures. */
 import { describe, expect, it } from 'vitest'
-import { destinationLine, sourceLine } from '../../src/agent/log-lines'
+import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from '../../src/agent/log-lines'
 import type { MigrationReport } from '../../src/agent/report'
 
 const regions = [{ sizeBytes: 64 << 20, pageCount: 16384 }, { sizeBytes: 1 << 20, pageCount: 256 }]
@@ -45,5 +45,25 @@ describe('source lines', () => {
       'the migration to h:7070 was cancelled: migration to h:7070 cancelled in phase precopy (round 1), before the hand-off: the service runs on here [ERR_MIGRATION_CANCELLED]',
     )
     expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECTION', message: 'gone', afterHandoff: true })).toMatch(/; after the hand-off: the service does not run here$/)
+  })
+})
+
+describe('trouble lines', () => {
+  it('a failure at the destination says where the service runs and what is lost', () => {
+    expect(destinationTrouble.failed({ code: 'ERR_MIGRATION_HANDOFF', message: 'could not decode the hand-off state: bad' }))
+      .toBe('the migration ended at the hand-off: could not decode the hand-off state: bad [ERR_MIGRATION_HANDOFF]; the service runs on at the source')
+    expect(destinationTrouble.failed({ code: 'ERR_MIGRATION_CONNECTION', message: 'gone' }))
+      .toBe('the migration failed after the hand-off: gone [ERR_MIGRATION_CONNECTION]; the pages that had not arrived cannot come now')
+    expect(destinationTrouble.sessionEnded({ message: 'closed' })).toBe('a migration ended before the hand-off (closed) [ERR_UFFD_MIGRATE]; listening for the next source')
+  })
+
+  it("the exit watch's line is whole (a native thread writes it as it is) and names the guest, the wait and the code", () => {
+    expect(destinationTrouble.notTaken('kv', 'the migration agent ended before every page arrived', 3000, 4)).toBe(
+      "uffd-migrate: guest 'kv': the migration agent ended before every page arrived, and the service's main thread did not take the failure " +
+        'within 3000 ms (it waits for a page that cannot arrive now): ending the process with exit code 4\n',
+    )
+    const err = new Error('boom')
+    expect(agentTrouble.crashed(err)).toMatch(/^the migration agent crashed: Error: boom\n {4}at /)
+    expect(agentTrouble.crashed('a string')).toBe('the migration agent crashed: a string')
   })
 })
