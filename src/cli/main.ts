@@ -15,7 +15,10 @@ import { formatReport, progressLine, ProgressPrinter } from './format'
 import type { Progress } from '../agent/source/index'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
+import { SourcePhase } from '../agent/source/machine'
 
+/** A source's phases while its migration runs (status shows its progress then, not the figures of one that ended). */
+const MIGRATING_PHASES = new Set<string>([SourcePhase.CONNECT, SourcePhase.PRECOPY, SourcePhase.HANDOFF, SourcePhase.POSTCOPY, SourcePhase.RECOVERING])
 const program = new Command()
 program.name('uffd-migrate').description('Live migration of a running Node.js service between Linux hosts, with userfaultfd')
 // A usage error exits 2 (commander has printed it): 1 means "failed before the hand-off, the service runs on here"
@@ -245,7 +248,8 @@ program
         if (left) process.stdout.write(`  ${left} page(s) still to come here from the source (post-copy)\n`)
         const last = m.lastError as { code: string; message: string } | undefined
         if (last) process.stdout.write(`  last migration: ${last.message} [${last.code}]\n`)
-        if (m.progress) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
+        // the figures of a migration that ended (cancelled, failed, moved) are not news: lastError or phase says how it ended
+        if (m.progress && MIGRATING_PHASES.has(m.phase as string)) process.stdout.write(`  ${progressLine(m.progress as never)}\n`)
         if (m.tracker) process.stdout.write(`  tracker ${m.tracker}\n`)
         const refusals = Object.entries((m.refusals ?? {}) as Record<string, number>)
         if (refusals.length) process.stdout.write(`  refused connections: ${refusals.map(([c, n]) => `${c} ${n}`).join(', ')}\n`)
