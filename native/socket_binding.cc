@@ -1,7 +1,7 @@
 // Socket options the agent needs and Node does not expose: kernel buffer
 // sizes (how much bulk data can sit ahead of an urgent page), the unsent
-// limit of the post-copy push, and liveness (how soon a link that went
-// silent is declared broken).
+// limit of the post-copy push, liveness (how soon a link that went silent is
+// declared broken), and the pacing rate (an operator's bandwidth limit).
 #include <errno.h>
 #include <stdio.h>
 #include <netinet/in.h>
@@ -93,12 +93,29 @@ Napi::Value SetSocketLiveness(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// setSocketPacing(fd, bytesPerSec) -> bytesPerSec granted: SO_MAX_PACING_RATE, the most this socket sends per second
+// (0: no limit). The kernel paces TCP itself (the fq qdisc where one is set up, else TCP's own pacing), so a rate
+// limit costs no thread and no timer here, and holds for whatever writes the socket (a native writer included).
+Napi::Value SetSocketPacing(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  int fd = (int)arg_index(info, 0, "fd", 1 << 30);
+  uint64_t rate = arg_index(info, 1, "bytesPerSec", 9007199254740991.0);
+  uint64_t value = rate == 0 ? ~0ULL : rate;
+  if (setsockopt(fd, SOL_SOCKET, SO_MAX_PACING_RATE, &value, sizeof value)) throw sys_error(env, -errno, "setsockopt(SO_MAX_PACING_RATE)");
+  uint64_t got = 0;
+  socklen_t len = sizeof got;
+  if (getsockopt(fd, SOL_SOCKET, SO_MAX_PACING_RATE, &got, &len)) throw sys_error(env, -errno, "getsockopt(SO_MAX_PACING_RATE)");
+  if (len == sizeof(uint32_t)) got = got == 0xffffffffULL ? ~0ULL : (uint32_t)got;
+  return Napi::Number::New(env, got == ~0ULL ? 0 : (double)got);
+}
+
 }  // namespace
 
 void init_socket_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("setSocketBuffers", Napi::Function::New(env, SetSocketBuffers));
   exports.Set("setSocketLiveness", Napi::Function::New(env, SetSocketLiveness));
   exports.Set("setSocketUnsentLimit", Napi::Function::New(env, SetSocketUnsentLimit));
+  exports.Set("setSocketPacing", Napi::Function::New(env, SetSocketPacing));
 }
 
 }  // namespace uffdm

@@ -152,6 +152,8 @@ export interface NativeBinding {
   setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number, whole?: boolean): SocketBuffers
   /** TCP_NOTSENT_LOWAT: a writer waits while more than `bytes` written are not sent yet (what is in flight is not limited). */
   setSocketUnsentLimit(fd: number, bytes: number): void
+  /** SO_MAX_PACING_RATE: the kernel sends at most bytesPerSec from this socket (0: no limit); returns what it holds. */
+  setSocketPacing(fd: number, bytesPerSec: number): number
   /** Keepalive probes every second and TCP_USER_TIMEOUT: a silent peer fails the connection after ~timeoutMs (>= 1000). */
   setSocketLiveness(fd: number, timeoutMs: number): void
   /** Nice value (0..19) of the calling thread only. */

@@ -19,7 +19,12 @@ export function controlSocketPath(name: string): string {
 }
 
 /** release: a guest that moved away gives up its name to the guest of that name that runs here again (ControlServer.start). */
-export type ControlRequest = { cmd: 'status' } | { cmd: 'migrate'; options: MigrateOptions } | { cmd: 'cancel' } | { cmd: 'release' }
+export type ControlRequest =
+  | { cmd: 'status' }
+  | { cmd: 'migrate'; options: MigrateOptions }
+  | { cmd: 'cancel' }
+  | { cmd: 'setBandwidth'; limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'> }
+  | { cmd: 'release' }
 
 /** What the control socket needs of a guest (Guest has it; no import of guest.ts). */
 export interface ControlledGuest {
@@ -37,6 +42,7 @@ export interface ControlledGuest {
   readonly tracker?: string
   migrate(options: MigrateOptions): Promise<MigrationReport>
   cancel(): Promise<void>
+  setBandwidth(limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Promise<unknown>
   on(event: 'progress', listener: (p: Progress) => void): unknown
   off(event: 'progress', listener: (p: Progress) => void): unknown
 }
@@ -170,6 +176,13 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
     if (req.cmd === 'cancel') {
       guest.cancel().then(
         () => send({ type: 'cancelled' }),
+        (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message }),
+      ).finally(() => s.end())
+      return
+    }
+    if (req.cmd === 'setBandwidth') {
+      guest.setBandwidth(req.limits ?? {}).then(
+        (limits) => send({ type: 'bandwidth', limits }),
         (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message }),
       ).finally(() => s.end())
       return

@@ -92,3 +92,11 @@ export class GuestRegion {
   }
 }
 
+
+/** One of this guest's regions, by name or object (ERR_INVALID_ARG for any other). */
+export function regionOf(regions: Record<string, GuestRegion>, region: string | GuestRegion): GuestRegion {
+  const r = typeof region === 'string' ? regions[region] : region
+  if (r && regions[r.name] === r) return r
+  const name = typeof region === 'string' ? region : (region as GuestRegion | undefined)?.name
+  throw new UffdMigrateError(`expected a region of this guest (${Object.keys(regions).map((n) => `'${n}'`).join(', ')}), got ${JSON.stringify(name)}`, ErrorCode.INVALID_ARG)
+}

@@ -21,13 +21,15 @@ import type { Server } from 'node:net'
 import { ControlServer, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
-import { GuestRegion } from './guest-region'
-import { type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
+import { GuestRegion, regionOf } from './guest-region'
+import { bandwidthLimits, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
 import { awaitHandoff, followReceiving, handoffState, waitingGuest } from './receive'
 import { parseAddress } from './agent/address'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
+import { MigrationCalls } from './migration-calls'
+import type { BandwidthLimits } from './agent/source/bandwidth'
 
 export { GuestRegion } from './guest-region'
 export type { GuestOptions, MigrateOptions } from './options'
@@ -49,7 +51,7 @@ export class Guest extends EventEmitter {
   private readonly worker: Worker
   private readonly list: GuestRegion[]
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
-  private cancelling: { resolve: () => void; reject: (e: Error) => void } | undefined
+  private readonly calls = new MigrationCalls((m) => this.post(m))
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   private readonly forwarder = new Forwarder()
@@ -182,15 +184,7 @@ export class Guest extends EventEmitter {
    * longer uses the whole pages of this range (region by name or object).
    */
   free(region: string | GuestRegion, offset: number, length: number): void {
-    const r = typeof region === 'string' ? this.regions[region] : region
-    if (!r || this.regions[r.name] !== r) {
-      const name = typeof region === 'string' ? region : (region as GuestRegion | undefined)?.name
-      throw new UffdMigrateError(
-        `expected a region of this guest (${Object.keys(this.regions).map((n) => `'${n}'`).join(', ')}), got ${JSON.stringify(name)}`,
-        ErrorCode.INVALID_ARG,
-      )
-    }
-    r.free(offset, length)
+    regionOf(this.regions, region).free(offset, length)
   }
 
   /** Moves this service to the destination; resolves with the report once it settled there. */
@@ -223,15 +217,20 @@ export class Guest extends EventEmitter {
    * already runs on the destination) or ERR_INVALID_ARG when nothing runs.
    */
   cancel(): Promise<void> {
-    if (!this.migrating) return Promise.reject(new UffdMigrateError('no migration is running for this guest: nothing to cancel', ErrorCode.INVALID_ARG))
-    if (this.cancelling) return new Promise((resolve, reject) => {
-      const prev = this.cancelling!
-      this.cancelling = { resolve: () => (prev.resolve(), resolve()), reject: (e) => (prev.reject(e), reject(e)) }
-    })
-    return new Promise((resolve, reject) => {
-      this.cancelling = { resolve, reject }
-      this.post({ type: 'cancel' })
-    })
+    return this.calls.cancel(this.migrating !== undefined)
+  }
+
+  /**
+   * Changes the bandwidth limits of the running migration at once (QEMU's migrate-set-parameters max-bandwidth):
+   * bytes a second, 0 for none; one not given stays. Resolves with the limits that hold now; rejects with
+   * ERR_INVALID_ARG for a bad value or when no migration runs.
+   */
+  setBandwidth(limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Promise<BandwidthLimits> {
+    try {
+      return this.calls.setBandwidth(this.migrating !== undefined, bandwidthLimits(limits))
+    } catch (err) {
+      return Promise.reject(err)
+    }
   }
 
   /** @internal resolves when [first, first+count) of the region is local; the agent asks for it at once */
@@ -262,8 +261,7 @@ export class Guest extends EventEmitter {
         const done = this.migrating
         this.migrating = undefined
         this.movedTo = m.report.to
-        this.cancelling?.reject(new UffdMigrateError(`cannot cancel: the migration to ${m.report.to} is complete`, ErrorCode.CANCEL_REFUSED))
-        this.cancelling = undefined
+        this.calls.moved(m.report.to)
         // counted before the emit, which removes once() listeners
         const kept = this.listenerCount('moved') > 0
         this.emit('moved', m.report)
@@ -282,10 +280,8 @@ export class Guest extends EventEmitter {
           const done = this.migrating
           this.migrating = undefined
           this.worker.unref()
-          if (err.code === ErrorCode.CANCELLED) this.cancelling?.resolve()
-          else this.cancelling?.reject(err)
+          this.calls.failed(err)
           this.lastFailure = m.error
-          this.cancelling = undefined
           done.reject(err)
           if (m.error.afterHandoff) this.emitOrExit('moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
           return
@@ -301,9 +297,11 @@ export class Guest extends EventEmitter {
         return this.emitOrExit('failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
       case 'cancelRefused':
-        this.cancelling?.reject(new UffdMigrateError(m.error.message, m.error.code))
-        this.cancelling = undefined
-        return
+        return this.calls.cancelRefused(new UffdMigrateError(m.error.message, m.error.code))
+      case 'bandwidthSet':
+        return this.calls.bandwidthSet(m.limits)
+      case 'bandwidthRefused':
+        return this.calls.bandwidthRefused(new UffdMigrateError(m.error.message, m.error.code))
       case 'sessionEnded':
         // receive mode: only the hand-off commits; this guest waits for the next source (the agent logged why)
         return

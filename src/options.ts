@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs'
 import { parseAddress } from './agent/address'
 import type { WireSourceOptions } from './agent/messages'
 import { resolvePostcopyNice } from './agent/yielding'
+import { type BandwidthLimits, MIN_BANDWIDTH_BYTES_PER_SEC } from './agent/source/bandwidth'
 import { validatePrepaging, type PrepagingOptions } from './agent/prepaging'
 import type { MigrationMode } from './agent/report'
 import type { TrackerSetting } from './agent/tracker-choice'
@@ -84,6 +85,13 @@ export interface MigrateOptions {
    * that move pages (a fault waits on them) keep theirs.
    */
   postcopyNice?: number
+  /**
+   * Bytes a second the pre-copy rounds may send, over all streams together (QEMU's max-bandwidth; default 0: no
+   * limit; else at least 1 MiB/s). The hand-off is never limited. guest.setBandwidth() changes it while it runs.
+   */
+  maxBandwidth?: number
+  /** Bytes a second the post-copy push may send (default 0: no limit); the pages a fault waits for never wait for it. */
+  maxPostcopyBandwidth?: number
   token?: string
 }
 
@@ -106,6 +114,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   if (!(requestTimeoutMs >= 100 && requestTimeoutMs <= 3_600_000)) throw bad(`expected requestTimeoutMs in 100..3600000, got ${requestTimeoutMs}`)
   const streams = o.streams ?? DEFAULT_STREAMS
   if (!Number.isInteger(streams) || streams < 1 || streams > 8) throw bad(`expected streams in 1..8, got ${streams}`)
+  const [maxBandwidth, maxPostcopyBandwidth] = [validateBandwidth(o.maxBandwidth, 'maxBandwidth'), validateBandwidth(o.maxPostcopyBandwidth, 'maxPostcopyBandwidth')]
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -121,8 +130,30 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     pushLog: o.pushLog ?? false,
     streams,
     postcopyNice: resolvePostcopyNice(o.postcopyNice),
+    ...(maxBandwidth ? { maxBandwidth } : {}),
+    ...(maxPostcopyBandwidth ? { maxPostcopyBandwidth } : {}),
     token: resolveToken(o.token ?? guestToken),
   }
+}
+
+/** Guest.setBandwidth()'s argument, checked: at least one limit. */
+export function bandwidthLimits(o: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Partial<BandwidthLimits> {
+  if (!o || (o.maxBandwidth === undefined && o.maxPostcopyBandwidth === undefined)) {
+    throw new UffdMigrateError('expected maxBandwidth or maxPostcopyBandwidth (bytes a second, 0: no limit)', ErrorCode.INVALID_ARG)
+  }
+  return {
+    ...(o.maxBandwidth !== undefined ? { precopyBytesPerSec: validateBandwidth(o.maxBandwidth, 'maxBandwidth') } : {}),
+    ...(o.maxPostcopyBandwidth !== undefined ? { postcopyBytesPerSec: validateBandwidth(o.maxPostcopyBandwidth, 'maxPostcopyBandwidth') } : {}),
+  }
+}
+
+/** A bandwidth limit in bytes a second: 0 (none) or from 1 MiB/s (MIN_BANDWIDTH_BYTES_PER_SEC); fractions are dropped. */
+export function validateBandwidth(v: unknown, name: string): number {
+  if (v === undefined) return 0
+  if (typeof v !== 'number' || !Number.isFinite(v) || (v !== 0 && v < MIN_BANDWIDTH_BYTES_PER_SEC) || v > Number.MAX_SAFE_INTEGER) {
+    throw new UffdMigrateError(`expected ${name} in bytes a second: 0 (no limit) or at least ${MIN_BANDWIDTH_BYTES_PER_SEC} (1 MiB/s), got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
+  }
+  return Math.floor(v)
 }
 
 /** The agent's nice value: explicit (a number, or a CLI string), $UFFD_MIGRATE_AGENT_NICE, or 0. */

@@ -1,6 +1,7 @@
 /** Messages between the service's main thread (guest.ts) and the agent's worker. */
 import type { SourceOptions, Progress } from './source/index'
 import type { MigrationReport } from './report'
+import type { BandwidthLimits } from './source/bandwidth'
 
 /** What crosses to the worker: no functions, the token as text; the worker adds what it resolves itself. */
 export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' | 'pushUnsentBytes' | 'dial' | 'clock'> & { token: string }
@@ -15,6 +16,8 @@ export type MainToAgent =
   | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
   | { type: 'restoreFailed'; error: { code: string; message: string } }
   | { type: 'cancel' }
+  /** The running migration's bandwidth limits change (checked on the main thread). */
+  | { type: 'setBandwidth'; limits: Partial<BandwidthLimits> }
   /** receive mode: the answer to 'rehearse': the HTTP path ran once on the service's thread (src/forward-rehearsal.ts) */
   | { type: 'rehearsed' }
   /** receive mode: the service listens on these ports (guest.serve(), per served server). */
@@ -47,6 +50,9 @@ export type AgentToMain =
   | { type: 'recovering'; message: string }
   /** cancel() was not taken (nothing runs, or the hand-off is done): why. */
   | { type: 'cancelRefused'; error: { code: string; message: string } }
+  /** The limits that hold now (answer to setBandwidth), or why none changed. */
+  | { type: 'bandwidthSet'; limits: BandwidthLimits }
+  | { type: 'bandwidthRefused'; error: { code: string; message: string } }
 
 /**
  * A message carrying the hand-off state ('paused', 'restore'), with the postMessage transfer list that moves it: the

@@ -18,6 +18,7 @@ import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
 import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from './log-lines'
 import { warmLinkCode } from './warm-up'
+import type { BandwidthLimits } from './source/bandwidth'
 import { Yielding } from './yielding'
 
 export interface AgentWorkerData {
@@ -135,6 +136,8 @@ function onMain(m: MainToAgent): void {
       return outgoing.start(m.options)
     case 'cancel':
       return outgoing.cancel()
+    case 'setBandwidth':
+      return outgoing.setBandwidth(m.limits)
     case 'paused':
       return outgoing.pause.answer(m)
     case 'pauseFailed':
@@ -219,6 +222,10 @@ function outgoingMigrations() {
       }
       const refused = source.cancel()
       if (refused) post({ type: 'cancelRefused', error: errorOut(refused) })
+    },
+    setBandwidth(limits: Partial<BandwidthLimits>): void {
+      if (!source) post({ type: 'bandwidthRefused', error: { code: ErrorCode.INVALID_ARG, message: 'no migration is running for this guest' } })
+      else post({ type: 'bandwidthSet', limits: source.setBandwidth(limits) })
     },
     freed(region: number, firstPage: number, pageCount: number): void {
       // Only a running migration needs them: between migrations the

@@ -23,6 +23,10 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
+  if (r.bandwidthLimits) {
+    const perSec = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
+    lines.push(`  bandwidth limits   pre-copy ${perSec(r.bandwidthLimits.precopyBytesPerSec)}, post-copy push ${perSec(r.bandwidthLimits.postcopyBytesPerSec)} (as it ended; the hand-off and faults never limited)`)
+  }
   if (r.tracker) {
     const t = r.tracker
     const starved = t.starved ? ` (its thread starved ${t.starved} time(s) by other work on its CPU: normal class meanwhile)` : ''

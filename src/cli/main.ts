@@ -7,7 +7,7 @@ import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
 import { controlRequest, controlSocketPath, type ControlRequest } from '../control'
-import { MIGRATION_MODES, readTokenFile, resolveAgentNice } from '../options'
+import { MIGRATION_MODES, readTokenFile, resolveAgentNice, validateBandwidth } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { resolvePostcopyNice } from '../agent/yielding'
 import { ErrorCode } from '../errors'
@@ -16,6 +16,8 @@ import type { Progress } from '../agent/source/index'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
 import { SourcePhase } from '../agent/source/machine'
+import type { BandwidthLimits } from '../agent/source/bandwidth'
+import { bytes, parseRate } from '../units'
 
 /** A source's phases while its migration runs (status shows its progress then, not the figures of one that ended). */
 const MIGRATING_PHASES = new Set<string>([SourcePhase.CONNECT, SourcePhase.PRECOPY, SourcePhase.HANDOFF, SourcePhase.POSTCOPY, SourcePhase.RECOVERING])
@@ -53,6 +55,19 @@ const niceFlag = (resolve: (v: string, name: string) => number, name: string) =>
   }
 }
 const agentNice = niceFlag(resolveAgentNice, '--agent-nice')
+
+/** A bandwidth flag: '100MiB', '800Mbit', 'unlimited' ... as bytes a second, checked as the library checks it. */
+function rate(v: string): number {
+  const n = parseRate(v)
+  if (n === undefined) throw new InvalidArgumentError("expected a rate such as 100MiB, 50MB, 800Mbit, 10Gbit or 'unlimited' (per second)")
+  try {
+    return validateBandwidth(n, 'the rate')
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
+}
+
+const perSecond = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
 
 function address(v: string): string {
   try {
@@ -122,6 +137,8 @@ program
   .option('--downtime-ms <ms>', 'downtime budget for convergence', positiveNumber, 50)
   .option('--max-rounds <n>', 'pre-copy round limit', positiveNumber, 5)
   .option('--streams <n>', 'parallel bulk connections for the pre-copy rounds, each with a thread per side (1-8; default 1)', positiveNumber)
+  .option('--max-bandwidth <rate>', 'the pre-copy rounds send at most this much a second, all streams together (e.g. 200MiB, 1Gbit; default: no limit); the hand-off never waits for it', rate)
+  .option('--max-postcopy-bandwidth <rate>', 'the post-copy push sends at most this much a second (default: no limit); pages a fault waits for never wait for it', rate)
   .option('--postcopy-nice <n>', "nice value 0-19 of the agents' threads on both hosts from the hand-off (default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: unchanged)", niceFlag(resolvePostcopyNice, '--postcopy-nice'))
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
@@ -134,7 +151,7 @@ program
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -162,6 +179,8 @@ program
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
           recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
           ...(o.streams !== undefined ? { streams: o.streams } : {}),
+          ...(o.maxBandwidth !== undefined ? { maxBandwidth: o.maxBandwidth } : {}),
+          ...(o.maxPostcopyBandwidth !== undefined ? { maxPostcopyBandwidth: o.maxPostcopyBandwidth } : {}),
           ...(o.postcopyNice !== undefined ? { postcopyNice: o.postcopyNice } : {}),
           ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
@@ -228,6 +247,25 @@ program
     }
     if (result?.type !== 'cancelled') fail(String(result?.code ?? ErrorCode.GENERIC), String(result?.message ?? 'no answer from the guest'))
     process.stdout.write(`cancelled: the migration of guest '${o.guest}' stopped before the hand-off; the service runs on here\n`)
+  })
+
+program
+  .command('set-bandwidth')
+  .description("change a running migration's bandwidth limits at once (either or both; 'unlimited' lifts one)")
+  .requiredOption('--guest <name>', 'the guest name')
+  .option('--max-bandwidth <rate>', 'the pre-copy rounds, all streams together (e.g. 200MiB, 1Gbit, unlimited)', rate)
+  .option('--max-postcopy-bandwidth <rate>', 'the post-copy push', rate)
+  .action(async (o: { guest: string; maxBandwidth?: number; maxPostcopyBandwidth?: number }) => {
+    if (o.maxBandwidth === undefined && o.maxPostcopyBandwidth === undefined) fail(ErrorCode.INVALID_ARG, 'expected --max-bandwidth or --max-postcopy-bandwidth (or both)', 2)
+    let result: Record<string, unknown> | undefined
+    try {
+      await control(o.guest, { cmd: 'setBandwidth', limits: { maxBandwidth: o.maxBandwidth, maxPostcopyBandwidth: o.maxPostcopyBandwidth } }, (m) => (result = m))
+    } catch (err) {
+      fail(ErrorCode.NO_GUEST, (err as Error).message)
+    }
+    if (result?.type !== 'bandwidth') fail(String(result?.code ?? ErrorCode.GENERIC), String(result?.message ?? 'no answer from the guest'))
+    const l = result.limits as BandwidthLimits
+    process.stdout.write(`bandwidth of guest '${o.guest}': pre-copy ${perSecond(l.precopyBytesPerSec)}, post-copy push ${perSecond(l.postcopyBytesPerSec)}\n`)
   })
 
 program

@@ -244,6 +244,17 @@ export class Channel {
     if (fd !== undefined && bytes > 0) setter(fd, bytes)
   }
 
+  /** The most this socket sends a second (SO_MAX_PACING_RATE; 0: no limit). setter: the addon's setSocketPacing. */
+  limitRate(setter: (fd: number, bytesPerSec: number) => unknown, bytesPerSec: number): void {
+    const fd = this.fd
+    if (fd === undefined || this.failure) return
+    try {
+      setter(fd, bytesPerSec)
+    } catch {
+      // a socket going away as the phase changes: its end is reported where it is read, not here
+    }
+  }
+
   /**
    * A peer that stops answering (a link gone silent, no reset) fails this
    * connection after about timeoutMs instead of never. setter: the addon's setSocketLiveness.

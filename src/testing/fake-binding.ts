@@ -174,6 +174,9 @@ export class FakeBinding implements NativeBinding {
 
   setSocketUnsentLimit(): void {}
   setSocketLiveness(): void {}
+  setSocketPacing(_fd: number, bytesPerSec: number): number {
+    return bytesPerSec
+  }
   setThreadNice(): void {}
 
   probe(): ProbeResult {

@@ -26,6 +26,10 @@ export interface SourceOptions {
   pushLog: boolean
   /** Bulk connections for the pre-copy rounds (1: bulk alone; the destination may grant fewer). */
   streams?: number
+  /** Bytes a second the pre-copy rounds send over all bulk connections (0 or absent: no limit; bandwidth.ts). */
+  maxBandwidth?: number
+  /** Bytes a second the post-copy push sends (0 or absent: no limit); never the pages a fault waits for. */
+  maxPostcopyBandwidth?: number
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
   /** Post-copy: the most the bulk socket holds written but not sent (0: no limit). */

@@ -22,6 +22,7 @@ import type { MigrationReport, RoundReport } from '../report'
 import { StateMachine } from '../state-machine'
 import { type DirtyTracker, openTracker, trackerFor } from '../tracker'
 import type { TrackerChoice } from '../tracker-choice'
+import { Bandwidth, type BandwidthLimits } from './bandwidth'
 import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
 import { reply, SourceLink } from './link'
@@ -45,6 +46,9 @@ export class MigrationSource implements SourceHandlers {
   readonly postcopy: Postcopy
   private readonly totalPages: number
   private readonly session = randomBytes(12).toString('hex')
+  private readonly bandwidth: Bandwidth
+  /** A limit was set at some point (the report says which held at the end). */
+  private limited: boolean
   private current: SourceLink | undefined
   private tracker: DirtyTracker | undefined
   /** After a committed hand-off: kept open until the agent exits (see closeTracker()). */
@@ -74,7 +78,12 @@ export class MigrationSource implements SourceHandlers {
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
     this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
     this.sender = new Sender(binding, regions)
-    this.machine = new StateMachine('source', SOURCE_TRANSITIONS, SourcePhase.CONNECT, () => this.emitProgress())
+    this.bandwidth = new Bandwidth({ precopyBytesPerSec: opts.maxBandwidth ?? 0, postcopyBytesPerSec: opts.maxPostcopyBandwidth ?? 0 })
+    this.limited = (opts.maxBandwidth ?? 0) > 0 || (opts.maxPostcopyBandwidth ?? 0) > 0
+    this.machine = new StateMachine('source', SOURCE_TRANSITIONS, SourcePhase.CONNECT, (_, to) => {
+      if (this.bandwidth.enter(to)) this.current?.pace() // the hand-off is never limited
+      this.emitProgress()
+    })
     const source = this
     this.postcopy = new Postcopy(this.sender, this.layout, this.clock, opts, {
       get link() {
@@ -83,7 +92,7 @@ export class MigrationSource implements SourceHandlers {
       get failure() {
         return source.failure
       },
-      reconnect: async () => (this.current = this.writeNatively(await SourceLink.open(this.binding, this.opts, this.session))),
+      reconnect: async () => (this.current = this.writeNatively(await SourceLink.open(this.binding, this.linkOptions, this.session))),
       recovering: () => this.machine.transition(SourcePhase.RECOVERING),
       handoffLost: (err) => {
         this.failure = err
@@ -102,6 +111,18 @@ export class MigrationSource implements SourceHandlers {
 
   get link(): SourceLink {
     return this.current!
+  }
+
+  private get linkOptions() {
+    return { ...this.opts, bandwidth: this.bandwidth }
+  }
+
+  /** The operator changed the bandwidth limits (set-bandwidth): they hold from now on, also in the phases to come. */
+  setBandwidth(limits: Partial<BandwidthLimits>): BandwidthLimits {
+    this.bandwidth.set(limits)
+    this.limited = true
+    this.current?.pace()
+    return this.bandwidth.current
   }
 
   /**
@@ -167,7 +188,7 @@ export class MigrationSource implements SourceHandlers {
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     try {
       const cpuAtStartMs = this.binding.threadCpuMs?.()
-      const opening = SourceLink.open(this.binding, this.opts, this.session)
+      const opening = SourceLink.open(this.binding, this.linkOptions, this.session)
       // a link that opens after a cancel is closed at once
       opening.then((l) => (this.failure ? l.close() : undefined), () => {})
       this.current = this.writeNatively(await this.guard(opening))
@@ -242,7 +263,7 @@ export class MigrationSource implements SourceHandlers {
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
-        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), bandwidthLimits: this.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report

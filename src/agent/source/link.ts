@@ -13,6 +13,7 @@ import { clientHandshake, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
 import { parseAddress } from '../address'
 import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
+import { type Bandwidth, perConnection } from './bandwidth'
 import { type Clock, sleep, systemClock } from '../clock'
 import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
@@ -27,6 +28,8 @@ export interface LinkOptions {
   linkTimeoutMs: number
   bulkBufferBytes: number
   pushUnsentBytes?: number
+  /** The operator's limits (bandwidth.ts), shared by every link of the migration. */
+  bandwidth?: Bandwidth
   dial?: Dialer
   clock?: Clock
 }
@@ -52,6 +55,8 @@ export class SourceLink {
     private readonly dialStream: () => Promise<Channel>,
     /** The session's clock: closeAfterPeer()'s wait runs on it (a fake one in the pure tier). */
     private readonly clock: Clock,
+    /** The kernel's pacing of the bulk sockets, and the limits it follows. */
+    private readonly pacing: { setter: NativeBinding['setSocketPacing']; bandwidth?: Bandwidth },
   ) {
     this.urgent = urgent
     this.bulk = bulk
@@ -121,13 +126,27 @@ export class SourceLink {
       ch.stallTimeoutMs = opts.linkTimeoutMs
       return ch
     }
-    return new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream, opts.clock ?? systemClock)
+    const link = new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream, opts.clock ?? systemClock, { setter: binding.setSocketPacing, bandwidth: opts.bandwidth })
+    link.pace()
+    return link
+  }
+
+  private paced = false
+
+  /** The bulk sockets send at most the limit of the migration's phase, shared out evenly (demand and urgent never). */
+  pace(): void {
+    const bytesPerSec = this.pacing.bandwidth?.bytesPerSec ?? 0
+    if (!bytesPerSec && !this.paced) return // never limited: nothing to undo
+    this.paced = true
+    const bulk = [this.bulk, ...this.streams]
+    for (const ch of bulk) ch.limitRate(this.pacing.setter, perConnection(bytesPerSec, bulk.length))
   }
 
   /** Opens `count` extra bulk streams (granted by REGIONS_OK); on a failure the ones opened are closed. */
   async openStreams(count: number): Promise<Channel[]> {
     try {
       for (let i = 0; i < count; i++) this.streams.push(await this.dialStream())
+      this.pace()
     } catch (err) {
       this.closeStreams()
       throw err

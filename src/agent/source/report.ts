@@ -36,6 +36,7 @@ export interface ReportInputs {
   /** The dirty-page tracker, why it was chosen, and the write faults it resolved (sync-wp). */
   tracker?: MigrationReport['tracker']
   streams?: number
+  bandwidthLimits?: MigrationReport['bandwidthLimits']
 }
 
 export function buildReport(x: ReportInputs): MigrationReport {
@@ -67,6 +68,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesMissingAtHandoff: x.missingAtHandoff,
     ...(x.tracker ? { tracker: x.tracker } : {}),
     ...(x.streams ? { streams: x.streams } : {}),
+    ...(x.bandwidthLimits ? { bandwidthLimits: x.bandwidthLimits } : {}),
     ...(x.stats.bulkReceive === 'native' || x.stats.bulkReceive === 'js' ? { bulkReceive: x.stats.bulkReceive } : {}),
     ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),
     postcopy: {
