@@ -135,13 +135,13 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
   it('its migration agent crashes while the main thread waits on a page: the process still ends with exit code 4', async () => {
     // the source is stopped, so the page the service waits for cannot come; then the destination's agent throws
     // (a test hook: once the main thread's wchan is the userfaultfd wait); only the native exit watch can end it now
-    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_TEST_AGENT_CRASH: 'blocked' })
+    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' })
     src.kill('SIGSTOP')
     try {
       const answer = hit(dstHttp, slots[1]).then(() => 'answered', () => 'no answer')
       const { code } = await dst.waitExit(30_000)
       expect(code, dst.stderr).toBe(4)
-      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_TEST_AGENT_CRASH=blocked/)
+      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash/)
       expect(dst.stderr).toMatch(/the migration agent ended before every page arrived, and the service's main thread did not take the failure within 3000 ms .*: ending the process with exit code 4/)
       expect(await answer).toBe('no answer')
     } finally {

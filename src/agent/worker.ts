@@ -108,12 +108,12 @@ port.on('message', onMain)
 // A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
 process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
-if (process.env.UFFD_MIGRATE_TEST_AGENT_CRASH === 'blocked') crashOnceMainBlocked()
+if (process.env.UFFD_MIGRATE_FAULT_INJECT === 'agent-crash') crashOnceMainBlocked()
 
-/** Tests only: such a bug, once the service's main thread waits in a fault (its wchan; test/quickstart.e2e.test.ts). */
+/** Testing the exit watch (as install:N in native/page_maps.h): such a bug, once the service's main thread waits in a fault (its wchan). */
 function crashOnceMainBlocked(): void {
   setInterval(() => {
-    if (readFileSync('/proc/self/wchan', 'utf8').includes('userfault')) throw new Error('injected by UFFD_MIGRATE_TEST_AGENT_CRASH=blocked')
+    if (readFileSync('/proc/self/wchan', 'utf8').includes('userfault')) throw new Error('injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash')
   }, 20).unref()
 }
 
