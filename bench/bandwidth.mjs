@@ -10,6 +10,7 @@
 // warm first (bench/lib/warm.mjs). Flags: --runs N (default 3; min/median/max), --json FILE.
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
+import { opt } from './lib/args.mjs'
 import { repoRoot } from './lib/limits.mjs'
 import { printTable, stats, fmt } from './lib/table.mjs'
 import { prewarm } from './lib/warm.mjs'
@@ -17,11 +18,6 @@ import { prewarm } from './lib/warm.mjs'
 const require = createRequire(import.meta.url)
 const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
 
-const args = process.argv.slice(2)
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`)
-  return i >= 0 ? args[i + 1] : dflt
-}
 const runs = Number(opt('runs', 3))
 const jsonOut = opt('json', undefined)
 const MiB = 2 ** 20

@@ -20,6 +20,7 @@
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { opt } from './lib/args.mjs'
 import { repoRoot, runCBench, runLimits } from './lib/limits.mjs'
 import { fmt, printTable, stats } from './lib/table.mjs'
 import { measureTcp } from './lib/tcp-tput.mjs'
@@ -29,11 +30,6 @@ const require = createRequire(import.meta.url)
 const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
 const { createHostPair, netnsUnavailable } = require(`${repoRoot}/dist/testing/netns.js`)
 
-const args = process.argv.slice(2)
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`)
-  return i >= 0 ? args[i + 1] : dflt
-}
 const mib = Number(opt('mib', 1024))
 const runs = Number(opt('runs', 3))
 const paths = opt('paths', 'native,js').split(',')

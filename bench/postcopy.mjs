@@ -17,6 +17,7 @@
 //        loopback plus netns when available), --agent-nice 0,10 (table B's agent nice values)
 import { createRequire } from 'node:module'
 import { readFileSync, writeFileSync } from 'node:fs'
+import { flag, opt } from './lib/args.mjs'
 import { runLimits, repoRoot } from './lib/limits.mjs'
 import { printTable, stats, fmt } from './lib/table.mjs'
 import { modelFaults } from './lib/policy-model.mjs'
@@ -26,12 +27,6 @@ const require = createRequire(import.meta.url)
 const { migrateExample } = require(`${repoRoot}/dist/cli/demo.js`)
 const { createHostPair, netnsUnavailable } = require(`${repoRoot}/dist/testing/netns.js`)
 
-const args = process.argv.slice(2)
-const flag = (name) => args.includes(`--${name}`)
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`)
-  return i >= 0 ? args[i + 1] : dflt
-}
 const quick = flag('quick')
 const runs = Number(opt('runs', quick ? 1 : 3))
 const only = new Set(opt('only', 'A,B,C,D').split(','))

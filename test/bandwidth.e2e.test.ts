@@ -54,6 +54,9 @@ describe.skipIf(skip)('bandwidth limits', () => {
     // 64 MiB at 1 MiB/s would take a minute
     const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--json', '--max-bandwidth', '1MiB'])
     await send.waitLine(/precopy round 0/, 30_000, 'stderr')
+    const status = A.cli(['status', '--guest', g])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    expect(status.lines.join('\n')).toMatch(/precopy round 0 \(.*\/s \(limit 1\.0 MiB\/s\)  pages left/)
     const set = A.cli(['set-bandwidth', '--guest', g, '--max-bandwidth', 'unlimited', '--max-postcopy-bandwidth', '200MiB'])
     expect((await set.exited).code, set.stderr).toBe(0)
     expect(set.lines[0]).toBe(`bandwidth of guest '${g}': pre-copy no limit, post-copy push 200.0 MiB/s`)

@@ -80,4 +80,6 @@ export interface Progress {
   totalPages: number
   /** The dirty-page tracker of this migration (once pre-copy began). */
   tracker?: TrackerKind
+  /** The bandwidth limit of this phase's bulk transfer, bytes a second (absent: none). */
+  limitBytesPerSec?: number
 }

@@ -377,6 +377,7 @@ export class MigrationSource implements SourceHandlers {
       pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
       totalPages: this.totalPages,
       ...(this.trackerChoice ? { tracker: this.trackerChoice.kind } : {}),
+      ...(this.bandwidth.bytesPerSec ? { limitBytesPerSec: this.bandwidth.bytesPerSec } : {}),
     })
   }
 }
