@@ -682,6 +682,12 @@ async function main() {
         add({ metric: `C handler ${label}: mean`, unit: 'µs', runs: [mean?.median ?? NaN], refId: `wp_class.${m}.mean`, info: true })
         add({ metric: `  writer's CPU changes`, unit: 'moves', runs: [moves?.median ?? NaN], info: true })
       }
+      // the fault resolved by the writer itself (UFFD_FEATURE_SIGBUS): cheaper than any handler thread, but a kernel-mode
+      // write into a protected page then fails with EFAULT instead of waiting, so the sync-wp tracker does not use it
+      for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'wp_sigbus.c'), { nruns: NRUNS, log })) refs.set(k, v)
+      const sigbus = refs.get('wp_sigbus.mean'), errnoKernel = refs.get('wp_sigbus.kernel_write_errno')
+      add({ metric: 'C, the writer resolves its own fault (SIGBUS mode): mean', unit: 'µs', runs: [sigbus?.median ?? NaN], refId: 'wp_sigbus.mean', info: true,
+        note: `not used: read(2) into a protected page then fails (errno ${errnoKernel?.median ?? '?'}${errnoKernel?.median === 14 ? ', EFAULT' : ''}) instead of waiting; x 10k faults/s = ${fmt(((sigbus?.median ?? NaN) * 1e4) / 1e6 * 100)} % of each second` })
       // the least a sync round trip per first write costs the guest here: the pinned handler's mean, 10k times a second
       const pinned = refs.get('wp_class.pinned.mean')
       if (pinned && syncLost10k) {
