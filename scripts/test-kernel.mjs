@@ -131,6 +131,9 @@ if (accelEnv && !['kvm', 'tcg'].includes(accelEnv)) die(`UFFD_MIGRATE_KERNEL_ACC
 const started = Date.now()
 boot(accelEnv ? accelEnv === 'kvm' : existsSync('/dev/kvm'))
 
+/** Seconds a KVM guest has to print its first kernel line (it takes a second or two when KVM works). */
+const KVM_START_S = 60
+
 function boot(kvm) {
   const args = [
     '-kernel', join(kdir, 'boot', vmlinuz), '-initrd', initrd,
@@ -153,8 +156,16 @@ function boot(kvm) {
     process.stderr.write(`\ntest:kernel: no end after ${timeoutS} s: killing QEMU\n`)
     vm.kill('SIGKILL')
   }, timeoutS * 1000)
+  // a KVM that starts but never gets the kernel going (a nested guest resetting in a loop after SeaBIOS, seen on a
+  // Firecracker VM) would use up the whole time limit: without a kernel line by then, it is killed (TCG follows)
+  const kvmStart = kvm && !accelEnv ? setTimeout(() => {
+    if (/Linux version|=== /.test(out)) return
+    process.stderr.write(`\ntest:kernel: no kernel line ${KVM_START_S} s after QEMU started with KVM: killing it\n`)
+    vm.kill('SIGKILL')
+  }, KVM_START_S * 1000) : undefined
   vm.on('exit', () => {
     clearTimeout(timer)
+    clearTimeout(kvmStart)
     log.end()
     const pass = /KERNEL-TEST PASS/.test(out)
     // the guest never printed a line (its kernel did not start): KVM is unusable here, TCG is not

@@ -60,6 +60,9 @@ describe.skipIf(skip)('bandwidth limits', () => {
     const set = A.cli(['set-bandwidth', '--guest', g, '--max-bandwidth', 'unlimited', '--max-postcopy-bandwidth', '200MiB'])
     expect((await set.exited).code, set.stderr).toBe(0)
     expect(set.lines[0]).toBe(`bandwidth of guest '${g}': pre-copy no limit, post-copy push 200.0 MiB/s`)
+    // the operator's log on the source says it too
+    await src.waitLine(/the migration to 127\.0\.0\.1:\d+ now runs with bandwidth limits: pre-copy no limit, post-copy push 200\.0 MiB\/s/, 10_000, 'stderr')
+    expect(src.stderr).toMatch(/a migration to 127\.0\.0\.1:\d+ began \(mode hybrid; bandwidth limits: pre-copy 1\.0 MiB\/s, post-copy push no limit\)/)
     const { code } = await send.exited
     expect(code, sendFailure(send, dst)).toBe(0)
     const r = JSON.parse(send.lines.join('\n')) as MigrationReport

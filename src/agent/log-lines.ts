@@ -8,6 +8,7 @@ import { ErrorCode } from '../errors'
 import { bytes } from '../units'
 import type { DestMilestone } from './destination/hooks'
 import type { MigrationReport } from './report'
+import type { BandwidthLimits } from './source/bandwidth'
 
 /** The guest's regions, as the lines count them. */
 export interface RegionSizes {
@@ -33,8 +34,14 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
 }
 
 /** The source's turns: a migration to `to` began, changed phase, moved or failed. */
+const perSecond = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
+const limitsText = (l: BandwidthLimits) => `pre-copy ${perSecond(l.precopyBytesPerSec)}, post-copy push ${perSecond(l.postcopyBytesPerSec)}`
+
 export const sourceLine = {
-  began: (to: string, mode: string) => `a migration to ${to} began (mode ${mode})`,
+  began: (to: string, mode: string, limits?: BandwidthLimits) =>
+    `a migration to ${to} began (mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''})`,
+  /** The operator changed the limits of the running migration (set-bandwidth). */
+  limits: (to: string, l: BandwidthLimits) => `the migration to ${to} now runs with bandwidth limits: ${limitsText(l)}`,
   /** A phase change worth a line (from the hand-off on), or undefined. */
   phase(to: string, from: string, phase: string, recoveryTimeoutMs: number): string | undefined {
     if (phase === 'postcopy' && from === 'handoff') return `handed off to ${to}: the service runs there now; this process keeps its memory until every page is there`

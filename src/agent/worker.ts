@@ -176,7 +176,7 @@ function outgoingMigrations() {
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
       let phase = ''
-      log(sourceLine.began(wire.to, wire.mode))
+      log(sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
@@ -225,7 +225,11 @@ function outgoingMigrations() {
     },
     setBandwidth(limits: Partial<BandwidthLimits>): void {
       if (!source) post({ type: 'bandwidthRefused', error: { code: ErrorCode.INVALID_ARG, message: 'no migration is running for this guest' } })
-      else post({ type: 'bandwidthSet', limits: source.setBandwidth(limits) })
+      else {
+        const now = source.setBandwidth(limits)
+        log(sourceLine.limits(source.to, now))
+        post({ type: 'bandwidthSet', limits: now })
+      }
     },
     freed(region: number, firstPage: number, pageCount: number): void {
       // Only a running migration needs them: between migrations the

@@ -36,6 +36,17 @@ describe('source lines', () => {
     expect(at('recovering', 'postcopy')).toBe('the link to h:7070 is back; post-copy goes on')
   })
 
+  it('the start names the bandwidth limits when there are any, and a change of them gets a line', () => {
+    expect(sourceLine.began('h:7070', 'hybrid')).toBe('a migration to h:7070 began (mode hybrid)')
+    expect(sourceLine.began('h:7070', 'hybrid', { precopyBytesPerSec: 0, postcopyBytesPerSec: 0 })).toBe('a migration to h:7070 began (mode hybrid)')
+    expect(sourceLine.began('h:7070', 'precopy', { precopyBytesPerSec: 64 << 20, postcopyBytesPerSec: 0 })).toBe(
+      'a migration to h:7070 began (mode precopy; bandwidth limits: pre-copy 64.0 MiB/s, post-copy push no limit)',
+    )
+    expect(sourceLine.limits('h:7070', { precopyBytesPerSec: 0, postcopyBytesPerSec: 1 << 30 })).toBe(
+      'the migration to h:7070 now runs with bandwidth limits: pre-copy no limit, post-copy push 1.0 GiB/s',
+    )
+  })
+
   it('moved and failed say where the service runs now', () => {
     expect(sourceLine.moved('h:7070', { downtimeMs: 3.14, totalMs: 79.4 } as MigrationReport)).toBe('moved to h:7070: settled there; downtime 3.1 ms, total 79 ms')
     expect(sourceLine.failed('h:7070', { code: 'ERR_MIGRATION_CONNECT', message: 'refused' })).toBe(

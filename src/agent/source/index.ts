@@ -109,6 +109,11 @@ export class MigrationSource implements SourceHandlers {
     return this.machine.phase
   }
 
+  /** The destination's address. */
+  get to(): string {
+    return this.opts.to
+  }
+
   get link(): SourceLink {
     return this.current!
   }
