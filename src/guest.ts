@@ -22,8 +22,8 @@ import { ControlServer, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
-import { bandwidthLimits, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
-import { awaitHandoff, followReceiving, handoffState, waitingGuest } from './receive'
+import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
+import { awaitHandoff, followReceiving, handoffState, settlement, waitingGuest } from './receive'
 import { parseAddress } from './agent/address'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
@@ -65,6 +65,8 @@ export class Guest extends EventEmitter {
   private failure: Error | undefined
   private lastProgress: Progress | undefined
   private closed = false
+  /** The agent's worker died (a bug): nothing can migrate from this process any more. */
+  private agentEnded: UffdMigrateError | undefined
   private readonly takeFailure: () => void
   /** receive mode: connections refused so far, by error code (status shows them). */
   refusals: Record<string, number> | undefined
@@ -84,20 +86,21 @@ export class Guest extends EventEmitter {
     this.list = init.regions.map((r, i) => new GuestRegion(this, i, r, init.received?.[i]))
     for (const g of this.list) this.regions[g.name] = g
     this.worker.on('message', (m: AgentToMain) => this.onAgent(m))
-    this.worker.on('error', (err) => {
-      // a bug in the agent: fail the migration, never the service
-      this.onAgent({ type: 'failed', error: { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` } })
-    })
+    this.worker.on('error', (err) => this.onAgentCrash(err))
+  }
+
+  /** A bug in the agent: it fails the migration it ran (a destination's, when pages were still to come), never the service. */
+  private onAgentCrash(err: Error): void {
+    const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
+    this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: restart the service (it runs on) to move it`, ErrorCode.AGENT)
+    if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
+    this.lastFailure = e
+    process.stderr.write(`uffd-migrate: guest '${this.name}': ${this.agentEnded.message}\n`)
   }
 
   static async start(opts: GuestOptions): Promise<Guest> {
-    if (!opts || typeof opts.name !== 'string' || !/^[A-Za-z0-9_.-]{1,64}$/.test(opts.name)) {
-      throw new UffdMigrateError(`expected options.name of 1-64 letters, digits, '_', '.', '-', got ${JSON.stringify(opts?.name)}`, ErrorCode.INVALID_ARG)
-    }
-    const entries = Object.entries(opts.regions ?? {})
-    if (entries.length === 0) throw new UffdMigrateError('expected options.regions to name at least one region', ErrorCode.INVALID_ARG)
-    const agentNice = resolveAgentNice(opts.agentNice), sockets = resolveSocketTuning()
-    const tracker = resolveTrackerSetting(opts.tracker)
+    const entries = guestRegions(opts)
+    const agentNice = resolveAgentNice(opts.agentNice), sockets = resolveSocketTuning(), tracker = resolveTrackerSetting(opts.tracker)
     const binding = loadBinding()
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
@@ -125,10 +128,7 @@ export class Guest extends EventEmitter {
       exitWatch: binding.exitWatchCreate?.(),
     }
     const worker = new Worker(WORKER, { workerData })
-    let settle!: () => void
-    let settleFail!: (e: Error) => void
-    const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
-    settled.catch(() => {})
+    const { settled, settle, settleFail } = settlement()
     const receiving = followReceiving(worker)
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
@@ -159,6 +159,7 @@ export class Guest extends EventEmitter {
     if (this.failure) return 'failed'
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
     if (this.movedTo) return 'moved'
+    if (this.agentEnded) return 'failed'
     if (this.restored && !this.isSettledFlag) return 'settling'
     if (this.lastFailure?.code === ErrorCode.CANCELLED) return 'cancelled'
     if (this.lastFailure?.afterHandoff) return 'failed'
@@ -189,6 +190,7 @@ export class Guest extends EventEmitter {
 
   /** Moves this service to the destination; resolves with the report once it settled there. */
   migrate(options: MigrateOptions): Promise<MigrationReport> {
+    if (this.agentEnded || this.closed) return Promise.reject(this.agentEnded ?? new UffdMigrateError(`guest '${this.name}' is closed (guest.close()): start a new one to migrate`, ErrorCode.INVALID_ARG))
     if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
     if (this.movedTo) return Promise.reject(new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY))
     const settling = 'this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves'

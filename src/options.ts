@@ -136,6 +136,16 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   }
 }
 
+/** Guest.start()'s name and regions, checked: [name, bytes] of each region. */
+export function guestRegions(opts: GuestOptions): [string, number][] {
+  if (!opts || typeof opts.name !== 'string' || !/^[A-Za-z0-9_.-]{1,64}$/.test(opts.name)) {
+    throw new UffdMigrateError(`expected options.name of 1-64 letters, digits, '_', '.', '-', got ${JSON.stringify(opts?.name)}`, ErrorCode.INVALID_ARG)
+  }
+  const entries = Object.entries(opts.regions ?? {})
+  if (entries.length === 0) throw new UffdMigrateError('expected options.regions to name at least one region', ErrorCode.INVALID_ARG)
+  return entries
+}
+
 /** Guest.setBandwidth()'s argument, checked: at least one limit. */
 export function bandwidthLimits(o: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Partial<BandwidthLimits> {
   if (!o || (o.maxBandwidth === undefined && o.maxPostcopyBandwidth === undefined)) {

@@ -41,6 +41,15 @@ export function followReceiving(worker: Worker): Receiving {
   return r
 }
 
+/** guest.settled of a destination: resolved at settled, rejected at a failure (observed: a failure may come first). */
+export function settlement(): { settled: Promise<void>; settle: () => void; settleFail: (e: Error) => void } {
+  let settle!: () => void
+  let settleFail!: (e: Error) => void
+  const settled = new Promise<void>((res, rej) => ((settle = res), (settleFail = rej)))
+  settled.catch(() => {})
+  return { settled, settle, settleFail }
+}
+
 /** What `status` says of a guest that waits for its incoming migration (no service runs yet). */
 export function waitingGuest(name: string, regions: { name: string; sizeBytes: number }[], session: Receiving): ControlledGuest {
   return {

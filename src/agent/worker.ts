@@ -108,13 +108,17 @@ port.on('message', onMain)
 // A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
 process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
+// testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 if (process.env.UFFD_MIGRATE_FAULT_INJECT === 'agent-crash') crashOnceMainBlocked()
+if (process.env.UFFD_MIGRATE_FAULT_INJECT === 'agent-crash:now') setImmediate(() => injectedCrash('agent-crash:now'))
 
-/** Testing the exit watch (as install:N in native/page_maps.h): such a bug, once the service's main thread waits in a fault (its wchan). */
+/** The service's main thread waits in a fault: its wchan. */
 function crashOnceMainBlocked(): void {
-  setInterval(() => {
-    if (readFileSync('/proc/self/wchan', 'utf8').includes('userfault')) throw new Error('injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash')
-  }, 20).unref()
+  setInterval(() => readFileSync('/proc/self/wchan', 'utf8').includes('userfault') && injectedCrash('agent-crash'), 20).unref()
+}
+
+function injectedCrash(what: string): never {
+  throw new Error(`injected by UFFD_MIGRATE_FAULT_INJECT=${what}`)
 }
 
 /**
