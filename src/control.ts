@@ -2,7 +2,7 @@
  * The guest's control socket: a Unix socket named after the guest, through
  * which `uffd-migrate send` and `status` drive it. One JSON object per line.
  */
-import { mkdirSync, unlinkSync, existsSync } from 'node:fs'
+import { mkdirSync, readdirSync, unlinkSync, existsSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { join } from 'node:path'
 import type { Progress } from './agent/source/index'
@@ -98,21 +98,46 @@ export function withoutControl(name: string): (err: Error) => undefined {
 
 /** The phase of the guest answering at `path` ('?' if it does not answer in time), or undefined: nobody listens. */
 function holderPhase(path: string): Promise<string | undefined> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => resolve('?'), 2000) // a live holder that does not answer (its thread is busy): not ours to take
-    const done = (phase: string | undefined) => (clearTimeout(timer), resolve(phase))
-    let phase = '?'
-    controlRequest(path, { cmd: 'status' }, (m) => void (typeof m.phase === 'string' && (phase = m.phase))).then(
-      () => done(phase),
-      (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? undefined : phase),
-    )
-  })
+  let phase = '?' // a live holder that does not answer within 2 s (its thread is busy): not ours to take
+  return controlRequest(path, { cmd: 'status' }, (m) => void (typeof m.phase === 'string' && (phase = m.phase)), 2000).then(
+    () => phase,
+    (err: NodeJS.ErrnoException) => (err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? undefined : phase),
+  )
 }
 
-/** Client side: sends one request to the control socket at `path`; onLine gets each JSON line of the answer. */
-export function controlRequest(path: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
+/** A control socket of this host, and what its guest said (`uffd-migrate list`). */
+export interface GuestListing {
+  name: string
+  /** answering: its status; stale: no process behind the socket; busy: a process that did not answer within the wait. */
+  state: 'answering' | 'stale' | 'busy'
+  status?: Record<string, unknown>
+}
+
+/** Every guest with a control socket here, by name, each asked for its status (at most waitMs each, all at once). */
+export async function listGuests(waitMs = 2000): Promise<GuestListing[]> {
+  let names: string[]
+  try {
+    names = readdirSync(controlDir()).filter((f) => f.endsWith('.sock')).map((f) => f.slice(0, -'.sock'.length)).sort()
+  } catch {
+    return [] // no directory: no guest ever ran here
+  }
+  return Promise.all(names.map((name) => {
+    let status: Record<string, unknown> | undefined
+    return controlRequest(controlSocketPath(name), { cmd: 'status' }, (m) => (status = m), waitMs).then(
+      (): GuestListing => (status ? { name, state: 'answering', status } : { name, state: 'busy' }),
+      (err: NodeJS.ErrnoException): GuestListing => ({ name, state: err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? 'stale' : 'busy' }),
+    )
+  }))
+}
+
+/**
+ * Client side: sends one request to the control socket at `path`; onLine gets each JSON line of the answer.
+ * quietMs: a guest silent that long is given up (the connection closed, ETIMEDOUT), for requests that must not wait.
+ */
+export function controlRequest(path: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void, quietMs = 0): Promise<void> {
   return new Promise((resolve, reject) => {
     const s = connect(path)
+    if (quietMs) s.setTimeout(quietMs, () => (s.destroy(), reject(Object.assign(new Error(`no answer from ${path} within ${quietMs} ms`), { code: 'ETIMEDOUT' }))))
     let buf = ''
     s.on('connect', () => s.write(JSON.stringify(req) + '\n'))
     s.on('data', (c) => {

@@ -6,7 +6,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
-import { controlRequest, controlSocketPath, type ControlRequest } from '../control'
+import { controlDir, controlRequest, controlSocketPath, type ControlRequest, listGuests } from '../control'
 import { MIGRATION_MODES, readTokenFile, resolveAgentNice, validateBandwidth } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { resolvePostcopyNice } from '../agent/yielding'
@@ -107,12 +107,18 @@ program
     child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + (osConstants.signals[signal] ?? 0) : 1)))
   })
 
-function control(name: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void): Promise<void> {
+function control(name: string, req: ControlRequest, onLine: (m: Record<string, unknown>) => void, quietMs = 0): Promise<void> {
   const path = controlSocketPath(name)
-  return controlRequest(path, req, onLine).catch((err: NodeJS.ErrnoException) => {
+  return controlRequest(path, req, onLine, quietMs).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ETIMEDOUT') {
+      throw Object.assign(new Error(`guest '${name}' did not answer within ${quietMs / 1000} s: its main thread is busy or blocked (on a destination, waiting for a page: its log says why)`), { code: ErrorCode.GENERIC })
+    }
     throw Object.assign(new Error(`no guest named '${name}' is running here (${path}: ${err.code}); start the service with Guest.start({ name: '${name}', ... })`), { code: ErrorCode.NO_GUEST })
   })
 }
+
+/** How long `status` waits for a guest's answer: one whose main thread is blocked must not hang the operator's shell. */
+const STATUS_WAIT_MS = 5000
 
 /** Exit codes of `uffd-migrate send` (README, CLI). */
 export const SEND_EXIT = {
@@ -269,6 +275,25 @@ program
   })
 
 program
+  .command('list')
+  .description('list the guests on this host (their control sockets), each with its phase')
+  .option('--json', 'print as JSON')
+  .action(async (o: { json?: boolean }) => {
+    const guests = await listGuests()
+    if (o.json) return void process.stdout.write(JSON.stringify(guests, null, 2) + '\n')
+    if (!guests.length) return void process.stdout.write(`no guests here (${controlDir()} holds no control socket)\n`)
+    const rows = guests.map((g) => {
+      const st = g.status ?? {}
+      const size = ((st.regions ?? []) as { sizeBytes: number }[]).reduce((n, r) => n + r.sizeBytes, 0)
+      const what = g.state === 'stale' ? 'stale: no process (its next Guest.start replaces it)' : g.state === 'busy' ? 'no answer within 2 s (its thread is busy or blocked)' : String(st.phase)
+      const detail = st.progress && MIGRATING_PHASES.has(st.phase as string) ? progressLine(st.progress as Progress) : st.lastError ? `last: ${(st.lastError as { message: string }).message}` : ''
+      return [g.name, st.pid === undefined ? '-' : String(st.pid), what, size ? bytes(size) : '-', detail]
+    })
+    const widths = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => r[i].length), ['NAME', 'PID', 'PHASE', 'MEMORY'][i].length))
+    for (const r of [['NAME', 'PID', 'PHASE', 'MEMORY', ''], ...rows]) process.stdout.write(`${r.slice(0, 4).map((c, i) => c.padEnd(widths[i])).join('  ')}  ${r[4]}`.trimEnd() + '\n')
+  })
+
+program
   .command('status')
   .description('show a running guest\'s phase and progress')
   .requiredOption('--guest <name>', 'the guest name')
@@ -291,9 +316,9 @@ program
         if (m.tracker) process.stdout.write(`  tracker ${m.tracker}\n`)
         const refusals = Object.entries((m.refusals ?? {}) as Record<string, number>)
         if (refusals.length) process.stdout.write(`  refused connections: ${refusals.map(([c, n]) => `${c} ${n}`).join(', ')}\n`)
-      })
+      }, STATUS_WAIT_MS)
     } catch (err) {
-      fail(ErrorCode.NO_GUEST, (err as Error).message)
+      fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)
     }
   })
 
