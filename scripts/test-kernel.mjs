@@ -129,10 +129,10 @@ writeCpio(initrd, entries)
 const accelEnv = process.env.UFFD_MIGRATE_KERNEL_ACCEL
 if (accelEnv && !['kvm', 'tcg'].includes(accelEnv)) die(`UFFD_MIGRATE_KERNEL_ACCEL must be kvm or tcg, got ${accelEnv}`)
 const started = Date.now()
-boot(accelEnv ? accelEnv === 'kvm' : existsSync('/dev/kvm'))
-
 /** Seconds a KVM guest has to print its first kernel line (it takes a second or two when KVM works). */
 const KVM_START_S = 60
+
+boot(accelEnv ? accelEnv === 'kvm' : existsSync('/dev/kvm'))
 
 function boot(kvm) {
   const args = [
