@@ -117,7 +117,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       expect((await send.waitExit(30_000)).code, send.stderr).toBe(4)
       // the service answers from the pages it has; a request for a slot whose page is still at the dead source
       // blocks its only thread in a fault that nothing can resolve any more
-      expect((await hit(dstHttp, 1)).count).toBe(1)
+      expect((await until(() => hit(dstHttp, 1))).count).toBe(1)
       const answer = blocked ? hit(dstHttp, slots[0]).then(() => 'answered', () => 'no answer') : undefined
       const { code } = await dst.waitExit(30_000)
       expect(code, dst.stderr).toBe(4)
@@ -136,6 +136,8 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     // the source is stopped, so the page the service waits for cannot come; then the destination's agent throws
     // (a test hook: once the main thread's wchan is the userfaultfd wait); only the native exit watch can end it now
     const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' })
+    // the service serves here (a slot whose page it has), then its page requests can get no answer
+    expect((await until(() => hit(dstHttp, 1))).count).toBe(1)
     src.kill('SIGSTOP')
     try {
       const answer = hit(dstHttp, slots[1]).then(() => 'answered', () => 'no answer')
