@@ -104,6 +104,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
       }
     }
     worker.on('message', onMessage)
-    worker.once('error', reject)
+    // a bug in the agent before the hand-off: the service never started here (it runs on at the source)
+    worker.once('error', (err) => reject(new UffdMigrateError(`migration agent crashed before the hand-off: ${err.message}; the service runs on at the source`, ErrorCode.AGENT)))
   })
 }

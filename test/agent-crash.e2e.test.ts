@@ -1,10 +1,12 @@
 /**
  * A bug in the agent is the migration's failure, never the service's: a source whose agent crashed while no migration
  * ran keeps running (it was exiting with code 4, as if it were a destination missing pages), says so once, and every
- * later migrate() says why it cannot start, as does a guest that was closed (both used to wait for ever). The crash
+ * later migrate() says why it cannot start, as does a guest that was closed (both used to wait for ever); a receiver's
+ * start fails with ERR_AGENT, not a bare Error. The crash
  * is injected (UFFD_MIGRATE_FAULT_INJECT=agent-crash:now, read by the agent's worker as it starts).
  */
 import { afterEach, describe, expect, it, vi } from 'vitest'
+import { freePort } from '../src/cli/proc'
 import { Guest } from '../src/guest'
 import { kernelSkipReason } from './helpers/gate'
 
@@ -41,6 +43,14 @@ describe.skipIf(skip)('an agent that is gone', () => {
     expect(process.exitCode ?? 0).toBe(0)
     expect(stderr.mock.calls.map((c) => String(c[0])).filter((l) => l.includes('migration agent crashed'))).toHaveLength(1)
     await guest.close()
+  })
+
+  it('crashed on a receiver before any hand-off: Guest.start() rejects with ERR_AGENT, not a bare Error', async () => {
+    process.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:now'
+    const starting = Guest.start({ name: `crash-rx-${process.pid}`, regions: { r: 1 << 20 }, control: false, token, receive: `127.0.0.1:${await freePort()}` })
+    await expect(starting).rejects.toMatchObject({
+      code: 'ERR_AGENT', message: 'migration agent crashed before the hand-off: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:now; the service runs on at the source',
+    })
   })
 
   it('closed: migrate() is refused at once instead of waiting for ever', async () => {
