@@ -42,4 +42,24 @@ describe('kv-store example: Store', () => {
     expect(wrong).toBe(0)
     expect(store.freedSlabs).toBeGreaterThan(0) // the free list was exercised
   })
+
+  it("names the table pages of a key's whole probe chain (--ready makes each local before it is read)", () => {
+    // 512 slots on 4 pages, 400 keys: clusters cross page ends and wrap around the table's end
+    const table = memory(512 * 32)
+    const store = new Store(table, memory(256 * 64 * 1024))
+    for (let i = 0; i < 400; i++) store.put(`k${i}`, valueFor(`k${i}`, 1), 1)
+    const t32 = new Uint32Array(table.buffer)
+    let crossed = 0
+    for (let i = 0; i < 600; i++) {
+      const key = `k${i}`
+      // the chain's first empty slot, read directly, and the page the walk of pages stops on
+      let slot = store.find(key).slot // the key's slot, or the empty one where it would go
+      while (t32[(slot * 32) / 4] !== 0) slot = (slot + 1) % 512
+      let page = store.homePage(key)
+      for (let n = 0; n < 4 && !store.chainEndsOnPage(key, page); n++) page = (page + 1) % 4
+      expect(page, key).toBe(Math.floor(slot / 128))
+      if (page !== store.homePage(key)) crossed++
+    }
+    expect(crossed).toBeGreaterThan(0) // some chains did run on into the next page
+  })
 })

@@ -58,13 +58,24 @@ async function main() {
     await region.ready(off, len)
   }
 
+  // A lookup, and a delete's backward shift, read key's probe chain up to its first empty slot, which may lie on a
+  // later table page than its home slot: each page of the chain is made local before it is read.
+  async function localChain(key) {
+    if (!a.ready) return
+    const pages = Math.ceil(table.sizeBytes / 4096)
+    for (let page = store.homePage(key), n = 0; n < pages; n++, page = (page + 1) % pages) {
+      await local(table, [page * 4096, Math.min(4096, table.sizeBytes - page * 4096)])
+      if (store.chainEndsOnPage(key, page)) return
+    }
+  }
+
   function listen() {
     server = http.createServer(async (req, res) => {
       const m = /^\/kv\/([A-Za-z0-9_]{1,11})$/.exec(req.url || '')
       if (!m) return res.writeHead(404).end()
       const key = m[1]
       try {
-        await local(table, store.slotRange(key))
+        await localChain(key)
         if (req.method === 'GET') {
           const { slot, found } = store.find(key)
           if (!found) return res.writeHead(404).end()

@@ -7,6 +7,7 @@
 //          uffd-migrate with region.free(), so it never crosses the network.
 const SLOT = 32
 const SLAB = 64 * 1024
+const TABLE_PAGE = 4096
 const KEY_MAX = 11
 
 function hash(key) {
@@ -57,10 +58,21 @@ class Store {
     return s
   }
 
-  /** The table bytes a lookup of key reads: its home slot and the next few of its probe chain (for ready()). */
-  slotRange(key) {
-    const off = (hash(key) % this.slots) * SLOT
-    return [off, Math.min(4 * SLOT, this.table.sizeBytes - off)]
+  /** The 4 KiB table page of key's home slot: its probe chain starts there (for ready()). */
+  homePage(key) {
+    return Math.floor(((hash(key) % this.slots) * SLOT) / TABLE_PAGE)
+  }
+
+  /**
+   * Whether key's probe chain, read on table page `page`, meets an empty slot there: a lookup and a delete's
+   * backward shift read the chain up to its first empty slot, never further. Reads that page only.
+   */
+  chainEndsOnPage(key, page) {
+    const home = hash(key) % this.slots
+    const perPage = TABLE_PAGE / SLOT
+    const first = Math.floor(home / perPage) === page ? home : page * perPage
+    for (let i = first; i < Math.min((page + 1) * perPage, this.slots); i++) if (this.t32[(i * SLOT) / 4] === 0) return true
+    return false
   }
 
   valueRange(slot) {
