@@ -89,7 +89,9 @@ describe.skipIf(skip)('cancel', () => {
     await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
     for (const how of ['command', 'SIGINT'] as const) {
       const seen = dst.mark('stderr') // the second cancel's line, not the first one's
-      const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid'])
+      // a bandwidth limit holds round 0 for half a minute: the cancel lands in it however fast the machine (a round 0 at
+      // full speed could end before the cancel's process started: seen on a fast run, refused after the hand-off)
+      const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--max-bandwidth', '16MiB'])
       await send.waitLine(/precopy round 0/, 30_000, 'stderr') // progress lines without a TTY
       if (how === 'command') {
         const c = A.cli(['cancel', '--guest', g])
@@ -176,7 +178,8 @@ describe.skipIf(skip)('cancel', () => {
         }
       }
       guest.on('progress', onProgress)
-      const err = await guest.migrate({ to: `127.0.0.1:${port}`, downtimeMs: 0.01, maxRounds: 100 }).catch((e) => e)
+      // (a bandwidth limit keeps each round near two seconds, so the cancel lands in round 1 on a fast machine too)
+      const err = await guest.migrate({ to: `127.0.0.1:${port}`, downtimeMs: 0.01, maxRounds: 100, maxBandwidth: 128 << 20 }).catch((e) => e)
       expect(err.code).toBe('ERR_MIGRATION_CANCELLED')
       expect(err.message).toMatch(/phase precopy \(round [1-9]/)
       expect(resumed).toBe(0)
@@ -228,7 +231,8 @@ describe.skipIf(skip)('a receiver that keeps listening', () => {
     // a killed source, in pre-copy
     const doomed = A.service(`${g}`, await freePort(), ['--mib', '64'])
     await doomed.waitLine(/^READY/)
-    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'precopy', '--downtime-ms', '0.01', '--max-rounds', '1000'])
+    // (a bandwidth limit holds round 0 for seconds: the kill lands in pre-copy however fast the machine)
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'precopy', '--downtime-ms', '0.01', '--max-rounds', '1000', '--max-bandwidth', '8MiB'])
     await send.waitLine(/precopy round/, 30_000, 'stderr')
     doomed.kill()
     await send.exited
