@@ -6,6 +6,16 @@ export function bytes(n: number): string {
   return `${n.toFixed(i ? 1 : 0)} ${u[i]}`
 }
 
+/** A bandwidth limit for people: '64.0 MiB/s', or 'no limit' for 0. */
+export function perSecond(bytesPerSec: number): string {
+  return bytesPerSec ? `${bytes(bytesPerSec)}/s` : 'no limit'
+}
+
+/** Both limits of a migration, as the CLI and the log lines say them. */
+export function limitsText(l: { precopyBytesPerSec: number; postcopyBytesPerSec: number }): string {
+  return `pre-copy ${perSecond(l.precopyBytesPerSec)}, post-copy push ${perSecond(l.postcopyBytesPerSec)}`
+}
+
 const RATE_UNITS: Record<string, number> = {
   '': 1, b: 1,
   kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12,

@@ -5,7 +5,7 @@
  * thread is blocked in a fault.
  */
 import { ErrorCode } from '../errors'
-import { bytes } from '../units'
+import { bytes, limitsText } from '../units'
 import type { DestMilestone } from './destination/hooks'
 import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
@@ -34,8 +34,6 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
 }
 
 /** The source's turns: a migration to `to` began, changed phase, moved or failed. */
-const perSecond = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
-const limitsText = (l: BandwidthLimits) => `pre-copy ${perSecond(l.precopyBytesPerSec)}, post-copy push ${perSecond(l.postcopyBytesPerSec)}`
 
 export const sourceLine = {
   began: (to: string, mode: string, limits?: BandwidthLimits) =>

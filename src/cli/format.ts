@@ -1,7 +1,7 @@
 /** Human-readable progress line and report table. */
 import type { MigrationReport } from '../agent/report'
 import type { Progress } from '../agent/source/index'
-import { bytes } from '../units'
+import { bytes, limitsText } from '../units'
 
 export function progressLine(p: Progress): string {
   // rounded down: a page left is never 100.0% local
@@ -25,8 +25,7 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
   if (r.bandwidthLimits) {
-    const perSec = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
-    lines.push(`  bandwidth limits   pre-copy ${perSec(r.bandwidthLimits.precopyBytesPerSec)}, post-copy push ${perSec(r.bandwidthLimits.postcopyBytesPerSec)} (as it ended; the hand-off and faults never limited)`)
+    lines.push(`  bandwidth limits   ${limitsText(r.bandwidthLimits)} (as it ended; the hand-off and faults never limited)`)
   }
   if (r.tracker) {
     const t = r.tracker

@@ -17,7 +17,7 @@ import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
 import { SourcePhase } from '../agent/source/machine'
 import type { BandwidthLimits } from '../agent/source/bandwidth'
-import { bytes, parseRate } from '../units'
+import { bytes, limitsText, parseRate } from '../units'
 
 /** A source's phases while its migration runs (status shows its progress then, not the figures of one that ended). */
 const MIGRATING_PHASES = new Set<string>([SourcePhase.CONNECT, SourcePhase.PRECOPY, SourcePhase.HANDOFF, SourcePhase.POSTCOPY, SourcePhase.RECOVERING])
@@ -66,8 +66,6 @@ function rate(v: string): number {
     throw new InvalidArgumentError((err as Error).message)
   }
 }
-
-const perSecond = (n: number) => (n ? `${bytes(n)}/s` : 'no limit')
 
 function address(v: string): string {
   try {
@@ -271,7 +269,7 @@ program
     }
     if (result?.type !== 'bandwidth') fail(String(result?.code ?? ErrorCode.GENERIC), String(result?.message ?? 'no answer from the guest'))
     const l = result.limits as BandwidthLimits
-    process.stdout.write(`bandwidth of guest '${o.guest}': pre-copy ${perSecond(l.precopyBytesPerSec)}, post-copy push ${perSecond(l.postcopyBytesPerSec)}\n`)
+    process.stdout.write(`bandwidth of guest '${o.guest}': ${limitsText(l)}\n`)
   })
 
 program

@@ -46,6 +46,14 @@ export class Bandwidth {
   /** New limits from the operator (the ones not given stay). */
   set(limits: Partial<BandwidthLimits>): void {
     this.limits = { ...this.limits, ...limits }
+    this.everSet = true
+  }
+
+  private everSet = false
+
+  /** A limit was given at some point (the report then says which held at the end). */
+  get limited(): boolean {
+    return this.everSet || this.limits.precopyBytesPerSec > 0 || this.limits.postcopyBytesPerSec > 0
   }
 
   /** What the bulk connections may send together now (0: no limit). */

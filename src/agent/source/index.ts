@@ -47,8 +47,6 @@ export class MigrationSource implements SourceHandlers {
   private readonly totalPages: number
   private readonly session = randomBytes(12).toString('hex')
   private readonly bandwidth: Bandwidth
-  /** A limit was set at some point (the report says which held at the end). */
-  private limited: boolean
   private current: SourceLink | undefined
   private tracker: DirtyTracker | undefined
   /** After a committed hand-off: kept open until the agent exits (see closeTracker()). */
@@ -79,7 +77,6 @@ export class MigrationSource implements SourceHandlers {
     this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
     this.sender = new Sender(binding, regions)
     this.bandwidth = new Bandwidth({ precopyBytesPerSec: opts.maxBandwidth ?? 0, postcopyBytesPerSec: opts.maxPostcopyBandwidth ?? 0 })
-    this.limited = (opts.maxBandwidth ?? 0) > 0 || (opts.maxPostcopyBandwidth ?? 0) > 0
     this.machine = new StateMachine('source', SOURCE_TRANSITIONS, SourcePhase.CONNECT, (_, to) => {
       if (this.bandwidth.enter(to)) this.current?.pace() // the hand-off is never limited
       this.emitProgress()
@@ -125,7 +122,6 @@ export class MigrationSource implements SourceHandlers {
   /** The operator changed the bandwidth limits (set-bandwidth): they hold from now on, also in the phases to come. */
   setBandwidth(limits: Partial<BandwidthLimits>): BandwidthLimits {
     this.bandwidth.set(limits)
-    this.limited = true
     this.current?.pace()
     return this.bandwidth.current
   }
@@ -268,7 +264,7 @@ export class MigrationSource implements SourceHandlers {
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
-        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), bandwidthLimits: this.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report
