@@ -58,7 +58,9 @@ export class ControlServer {
       // (its forwarder relays clients, or the service kept it with a 'moved' listener) gives the name to the one that
       // runs here now (it came back) and closes its socket first (closing removes the path: after, it would remove
       // the newcomer's); any other is a second guest of that name
-      const holder = await holderPhase(path)
+      // a live holder that does not answer within 2 s (its thread is busy) is not ours to take either
+      const probe = await probeGuest(guest.name, 2000)
+      const holder = probe.state === 'stale' ? undefined : typeof probe.status?.phase === 'string' ? probe.status.phase : '?'
       if (holder === 'moved') await controlRequest(path, { cmd: 'release' }, () => {}).catch(() => {})
       else if (holder !== undefined) throw new UffdMigrateError(`a guest named '${guest.name}' is already running here (${path}, ${holder})`, ErrorCode.BUSY)
       if (existsSync(path)) unlinkSync(path)
@@ -97,11 +99,12 @@ export function withoutControl(name: string): (err: Error) => undefined {
 }
 
 /** The phase of the guest answering at `path` ('?' if it does not answer in time), or undefined: nobody listens. */
-function holderPhase(path: string): Promise<string | undefined> {
-  let phase = '?' // a live holder that does not answer within 2 s (its thread is busy): not ours to take
-  return controlRequest(path, { cmd: 'status' }, (m) => void (typeof m.phase === 'string' && (phase = m.phase)), 2000).then(
-    () => phase,
-    (err: NodeJS.ErrnoException) => (err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? undefined : phase),
+/** One guest's status, or why there is none: no process behind its socket (stale), or none that answered within waitMs (busy). */
+function probeGuest(name: string, waitMs: number): Promise<GuestListing> {
+  let status: Record<string, unknown> | undefined
+  return controlRequest(controlSocketPath(name), { cmd: 'status' }, (m) => (status = m), waitMs).then(
+    (): GuestListing => (status ? { name, state: 'answering', status } : { name, state: 'busy' }),
+    (err: NodeJS.ErrnoException): GuestListing => ({ name, state: err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? 'stale' : 'busy' }),
   )
 }
 
@@ -121,13 +124,7 @@ export async function listGuests(waitMs = 2000): Promise<GuestListing[]> {
   } catch {
     return [] // no directory: no guest ever ran here
   }
-  return Promise.all(names.map((name) => {
-    let status: Record<string, unknown> | undefined
-    return controlRequest(controlSocketPath(name), { cmd: 'status' }, (m) => (status = m), waitMs).then(
-      (): GuestListing => (status ? { name, state: 'answering', status } : { name, state: 'busy' }),
-      (err: NodeJS.ErrnoException): GuestListing => ({ name, state: err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? 'stale' : 'busy' }),
-    )
-  }))
+  return Promise.all(names.map((name) => probeGuest(name, waitMs)))
 }
 
 /**
