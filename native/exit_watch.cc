@@ -108,6 +108,22 @@ Napi::Value Unknown(const Napi::Env& env, uint32_t id) {
   throw Napi::RangeError::New(env, "no exit watch " + std::to_string(id));
 }
 
+// (id, code, ms, line): arm's and fire's arguments, checked before the registry is locked.
+struct CountdownArgs {
+  uint32_t id;
+  int code;
+  uint32_t ms;
+  std::string line;
+};
+
+CountdownArgs countdown_args(const Napi::CallbackInfo& info) {
+  CountdownArgs a{(uint32_t)arg_index(info, 0, "id", UINT32_MAX), (int)arg_index(info, 1, "code", 255),
+                  (uint32_t)arg_index(info, 2, "ms", 3600000), {}};
+  if (info.Length() < 4 || !info[3].IsString()) throw Napi::TypeError::New(info.Env(), "expected line to be a string");
+  a.line = info[3].As<Napi::String>().Utf8Value();
+  return a;
+}
+
 // exitWatchCreate(): a new watch, idle; its id (the service's thread makes it and hands it to the agent).
 Napi::Value Create(const Napi::CallbackInfo& info) {
   Registry& r = registry();
@@ -121,11 +137,8 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
 // the countdown starts with this line. Called on the agent's thread.
 Napi::Value Arm(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
-  int code = (int)arg_index(info, 1, "code", 255);
-  uint32_t ms = (uint32_t)arg_index(info, 2, "ms", 3600000);
-  if (info.Length() < 4 || !info[3].IsString()) throw Napi::TypeError::New(env, "expected line to be a string");
-  std::string line = info[3].As<Napi::String>().Utf8Value();
+  CountdownArgs a = countdown_args(info);
+  uint32_t id = a.id;
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   Watch* w = find(id);
@@ -136,7 +149,7 @@ Napi::Value Arm(const Napi::CallbackInfo& info) {
     delete arg;
     throw Napi::Error::New(env, "napi_add_env_cleanup_hook failed");
   }
-  *w = Watch{WatchState::Armed, code, ms, std::move(line), w->countdown};
+  *w = Watch{WatchState::Armed, a.code, a.ms, std::move(a.line), w->countdown};
   return Napi::Boolean::New(env, true);
 }
 
@@ -156,16 +169,14 @@ Napi::Value Disarm(const Napi::CallbackInfo& info) {
 // taken already.
 Napi::Value Fire(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
-  int code = (int)arg_index(info, 1, "code", 255);
-  uint32_t ms = (uint32_t)arg_index(info, 2, "ms", 3600000);
-  if (info.Length() < 4 || !info[3].IsString()) throw Napi::TypeError::New(env, "expected line to be a string");
+  CountdownArgs a = countdown_args(info);
+  uint32_t id = a.id;
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   Watch* w = find(id);
   if (!w) return Unknown(env, id);
   if (w->state != WatchState::Armed && w->state != WatchState::Counting) return Napi::Boolean::New(env, false);
-  if (!start_countdown(r, id, *w, code, ms, info[3].As<Napi::String>().Utf8Value())) throw Napi::Error::New(env, "could not start the exit watch's thread");
+  if (!start_countdown(r, id, *w, a.code, a.ms, std::move(a.line))) throw Napi::Error::New(env, "could not start the exit watch's thread");
   return Napi::Boolean::New(env, true);
 }
 
