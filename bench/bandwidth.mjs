@@ -2,8 +2,9 @@
 // npm run bench:bandwidth — the operator's bandwidth limits (send --max-bandwidth, --max-postcopy-bandwidth): how
 // closely the kernel's pacing of the bulk sockets holds a limit, what it costs the hand-off (nothing, by design), and
 // what a limited post-copy push does to the faults the service waits on.
-//  A. pre-copy and hybrid, 256 MiB page-store writing 2000 pages/s, no limit / 256 / 64 MiB/s: the rounds' rate
-//     before the hand-off (their bytes over the time to the pause) against the limit, rounds, downtime.
+//  A. pre-copy and hybrid, 256 MiB page-store writing 2000 pages/s, no limit / 256 / 64 MiB/s, and 64 MiB/s with
+//     --switchover-bandwidth 1GiB: the rounds' rate before the hand-off (their bytes over the time to the pause)
+//     against the limit, rounds, why pre-copy stopped, downtime.
 //  B. post-copy, the same guest with blocking faults, push at no limit / 128 / 32 MiB/s: the push's rate against the
 //     limit, fault p50/p99 while it runs (they go on the demand connection, never paced), time to settled.
 // Every row is one real migration between two processes (examples/page-store, the CLI) on loopback; memory is kept
@@ -42,24 +43,27 @@ const results = { A: [], B: [] }
 // ---- A: pre-copy rounds ---------------------------------------------------------------------------------------
 const rowsA = []
 for (const mode of ['precopy', 'hybrid']) {
-  for (const limit of [0, 256 * MiB, 64 * MiB]) {
+  // the last case tells the convergence check what the hand-off gets (--switchover-bandwidth) instead of the limit
+  for (const [limit, switchover] of [[0, 0], [256 * MiB, 0], [64 * MiB, 0], [64 * MiB, 1024 * MiB]]) {
     const samples = []
+    const label = `${limitLabel(limit)}${switchover ? `, switchover ${switchover / MiB} MiB/s` : ''}`
     for (let i = 0; i < runs; i++) {
-      say(`A ${mode} limit ${limitLabel(limit)} run ${i + 1}`)
-      const r = await migrate(mode, ['--max-rounds', '3', ...(limit ? ['--max-bandwidth', String(limit)] : [])])
+      say(`A ${mode} limit ${label} run ${i + 1}`)
+      const r = await migrate(mode, ['--max-rounds', '3', ...(limit ? ['--max-bandwidth', String(limit)] : []), ...(switchover ? ['--switchover-bandwidth', String(switchover)] : [])])
       // pre-copy's last round is its stop-and-copy, in the pause; hybrid's are all before it
       const before = mode === 'precopy' ? r.rounds.slice(0, -1) : r.rounds
       const bytes = before.reduce((n, x) => n + x.bytes, 0)
       const toPauseMs = r.totalMs - r.downtimeMs - r.postcopy.timeToSettledMs
-      samples.push({ rateMiBs: bytes / MiB / (toPauseMs / 1000), ofLimit: limit ? (bytes / (toPauseMs / 1000)) / limit : NaN, rounds: r.rounds.length, downtimeMs: r.downtimeMs, windowMiB: mode === 'precopy' ? r.rounds[r.rounds.length - 1].bytes / MiB : 0, totalMs: r.totalMs })
+      samples.push({ stop: r.precopyStop, rateMiBs: bytes / MiB / (toPauseMs / 1000), ofLimit: limit ? (bytes / (toPauseMs / 1000)) / limit : NaN, rounds: r.rounds.length, downtimeMs: r.downtimeMs, windowMiB: mode === 'precopy' ? r.rounds[r.rounds.length - 1].bytes / MiB : 0, totalMs: r.totalMs })
     }
-    results.A.push({ mode, limit, samples })
+    results.A.push({ mode, limit, switchover, samples })
     const col = (k) => mmm(samples.map((s) => s[k]))
-    rowsA.push([mode, limitLabel(limit), col('rateMiBs'), limit ? col('ofLimit') : '—', col('rounds'), col('windowMiB'), col('downtimeMs'), col('totalMs')])
+    const stops = [...new Set(samples.map((s) => s.stop))].map((k) => `${k} ${samples.filter((s) => s.stop === k).length}`).join(', ')
+    rowsA.push([mode, label, col('rateMiBs'), limit ? col('ofLimit') : '—', col('rounds'), stops, col('windowMiB'), col('downtimeMs'), col('totalMs')])
   }
 }
 console.log('\n## A. Pre-copy rounds under --max-bandwidth (the hand-off is never limited)')
-printTable(['mode', 'limit', 'rounds MiB/s before the pause', 'x limit', 'rounds', 'pause window MiB', 'downtime ms', 'total ms'], rowsA)
+printTable(['mode', 'limit', 'rounds MiB/s before the pause', 'x limit', 'rounds', 'pre-copy stopped', 'pause window MiB', 'downtime ms', 'total ms'], rowsA)
 
 // ---- B: the post-copy push ---------------------------------------------------------------------------------------
 const rowsB = []

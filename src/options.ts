@@ -92,6 +92,13 @@ export interface MigrateOptions {
   maxBandwidth?: number
   /** Bytes a second the post-copy push may send (default 0: no limit); the pages a fault waits for never wait for it. */
   maxPostcopyBandwidth?: number
+  /**
+   * Bytes a second the link gives the hand-off, for pre-copy's convergence check only (QEMU's
+   * avail-switchover-bandwidth; default 0: the rate the rounds measured). With maxBandwidth the rounds measure the
+   * limit, while the hand-off goes at full speed: without this, pre-copy converges against the limit and may run to
+   * maxRounds. Limits nothing.
+   */
+  switchoverBandwidth?: number
   token?: string
 }
 
@@ -114,7 +121,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   if (!(requestTimeoutMs >= 100 && requestTimeoutMs <= 3_600_000)) throw bad(`expected requestTimeoutMs in 100..3600000, got ${requestTimeoutMs}`)
   const streams = o.streams ?? DEFAULT_STREAMS
   if (!Number.isInteger(streams) || streams < 1 || streams > 8) throw bad(`expected streams in 1..8, got ${streams}`)
-  const [maxBandwidth, maxPostcopyBandwidth] = [validateBandwidth(o.maxBandwidth, 'maxBandwidth'), validateBandwidth(o.maxPostcopyBandwidth, 'maxPostcopyBandwidth')]
+  const [maxBandwidth, maxPostcopyBandwidth, switchoverBandwidth] = (['maxBandwidth', 'maxPostcopyBandwidth', 'switchoverBandwidth'] as const).map((k) => validateBandwidth(o[k], k))
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -132,6 +139,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     postcopyNice: resolvePostcopyNice(o.postcopyNice),
     ...(maxBandwidth ? { maxBandwidth } : {}),
     ...(maxPostcopyBandwidth ? { maxPostcopyBandwidth } : {}),
+    ...(switchoverBandwidth ? { switchoverBandwidth } : {}),
     token: resolveToken(o.token ?? guestToken),
   }
 }
@@ -161,7 +169,7 @@ export function bandwidthLimits(o: Pick<MigrateOptions, 'maxBandwidth' | 'maxPos
 export function validateBandwidth(v: unknown, name: string): number {
   if (v === undefined) return 0
   if (typeof v !== 'number' || !Number.isFinite(v) || (v !== 0 && v < MIN_BANDWIDTH_BYTES_PER_SEC) || v > Number.MAX_SAFE_INTEGER) {
-    throw new UffdMigrateError(`expected ${name} in bytes a second: 0 (no limit) or at least ${MIN_BANDWIDTH_BYTES_PER_SEC} (1 MiB/s), got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
+    throw new UffdMigrateError(`expected ${name} in bytes a second: 0 (${name === 'switchoverBandwidth' ? 'the measured rate' : 'no limit'}) or at least ${MIN_BANDWIDTH_BYTES_PER_SEC} (1 MiB/s), got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
   }
   return Math.floor(v)
 }

@@ -31,6 +31,10 @@ describe.skipIf(skip)('bandwidth limits', () => {
     expect(code, sendFailure(send, dst)).toBe(0)
     const r = report!
     expect(r.bandwidthLimits).toEqual({ precopyBytesPerSec: limit, postcopyBytesPerSec: 0 })
+    // the convergence check could only use the rate the limited rounds measured (no --switchover-bandwidth)
+    expect(r.precopyStop).toBe('round-limit')
+    expect(r.convergenceRate?.from).toBe('measured')
+    expect(r.convergenceRate!.bytesPerSec).toBeLessThan(2 * limit)
     // pre-copy's last round is its stop-and-copy, in the pause window
     const before = r.rounds.slice(0, -1), window = r.rounds[r.rounds.length - 1]
     expect(roundBytes(before)).toBeGreaterThan(48 * MiB)
@@ -42,6 +46,26 @@ describe.skipIf(skip)('bandwidth limits', () => {
     expect(r.downtimeMs).toBeLessThan(((window.bytes - buffersBytes) / limit) * 1000)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect((await page(http, 1)).ok).toBe(true)
+  }, 90_000)
+
+  it('--switchover-bandwidth: pre-copy under a limit converges against the hand-off\'s rate, not the limit', async () => {
+    // 32 MiB at 16 MiB/s, 1000 writes a second: round 1 leaves at most every page (32 MiB), which at 1 GiB/s fits
+    // the 50 ms budget whatever the machine's load, and at the limited rate (16 MiB/s) would not: ~200 pages would
+    const args = ['--mib', '32', '--writes', '1000']
+    const { A, g, port, dst } = await twoHosts('bw-switch', { receiveArgs: args })
+    const src = A.service(g, await freePort(), args)
+    await src.waitLine(/^READY/)
+    const sendArgs = ['--mode', 'precopy', '--max-rounds', '5', '--max-bandwidth', '16MiB', '--switchover-bandwidth', '1GiB']
+    const { code, report, send } = await sendAndWait(A, g, port, sendArgs)
+    expect(code, sendFailure(send, dst)).toBe(0)
+    const r = report!
+    expect(r.convergenceRate).toEqual({ bytesPerSec: 1 << 30, from: 'switchover-bandwidth' })
+    expect(r.precopyStop).toBe('converged')
+    // rounds 0 and 1, then the stop-and-copy in the pause window
+    expect(r.rounds.map((x) => x.round), JSON.stringify(r.rounds)).toEqual([0, 1, 2])
+    expect(r.bandwidthLimits).toEqual({ precopyBytesPerSec: 16 * MiB, postcopyBytesPerSec: 0 })
+    expect(src.stderr).toMatch(/began \(mode precopy; bandwidth limits: pre-copy 16\.0 MiB\/s, post-copy push no limit; pre-copy converges against a switchover bandwidth of 1\.0 GiB\/s\)/)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=8192')
   }, 90_000)
 
   it('set-bandwidth lifts a limit while the round runs; set-bandwidth with nothing running says so', async () => {

@@ -5,7 +5,7 @@
  * thread is blocked in a fault.
  */
 import { ErrorCode } from '../errors'
-import { bytes, limitsText } from '../units'
+import { bytes, limitsText, perSecond } from '../units'
 import type { DestMilestone } from './destination/hooks'
 import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
@@ -36,8 +36,9 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
 /** The source's turns: a migration to `to` began, changed phase, moved or failed. */
 
 export const sourceLine = {
-  began: (to: string, mode: string, limits?: BandwidthLimits) =>
-    `a migration to ${to} began (mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''})`,
+  began: (to: string, mode: string, limits?: BandwidthLimits, switchoverBytesPerSec?: number) =>
+    `a migration to ${to} began (mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''}` +
+    `${switchoverBytesPerSec ? `; pre-copy converges against a switchover bandwidth of ${perSecond(switchoverBytesPerSec)}` : ''})`,
   /** The operator changed the limits of the running migration (set-bandwidth). */
   limits: (to: string, l: BandwidthLimits) => `the migration to ${to} now runs with bandwidth limits: ${limitsText(l)}`,
   /** A phase change worth a line (from the hand-off on), or undefined. */

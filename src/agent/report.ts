@@ -26,6 +26,11 @@ export interface MigrationReport {
   rounds: RoundReport[]
   /** Why pre-copy stopped: 'converged' | 'round-limit' | 'not-converging' | 'postcopy'. */
   precopyStop: string
+  /**
+   * The stop-and-copy rate pre-copy's last convergence check assumed (bytes a second): the rounds' best measured
+   * rate, or the operator's switchoverBandwidth. Absent in post-copy mode.
+   */
+  convergenceRate?: { bytesPerSec: number; from: 'measured' | 'switchover-bandwidth' }
   totalMs: number
   /**
    * The service stopped on the source (its main thread began pause()) -> it resumed on the destination (clock

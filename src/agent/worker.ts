@@ -180,7 +180,7 @@ function outgoingMigrations() {
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
       let phase = ''
-      log(sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }))
+      log(sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),

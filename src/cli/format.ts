@@ -33,7 +33,9 @@ export function formatReport(r: MigrationReport): string {
     lines.push(`  tracker            ${t.kind}${t.faults !== undefined ? `, ${t.faults} write faults resolved${starved}` : ''}: ${t.reason}`)
   }
   if (r.rounds.length) {
-    lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}`)
+    const cr = r.convergenceRate
+    const against = cr ? ` (against ${bytes(cr.bytesPerSec)}/s, ${cr.from === 'measured' ? 'the rate the rounds measured' : 'the switchover bandwidth given'})` : ''
+    lines.push(`  pre-copy           ${r.rounds.length} round(s), stopped: ${r.precopyStop}${against}`)
     lines.push('    round  data pages  zero pages  free pages  hot pages       bytes   time')
     for (const x of r.rounds) {
       lines.push(`    ${String(x.round).padStart(5)}  ${String(x.dataPages).padStart(10)}  ${String(x.zeroPages).padStart(10)}  ${String(x.freePages).padStart(10)}  ${String(x.hotPages).padStart(9)}  ${bytes(x.bytes).padStart(10)}  ${ms(x.durationMs)}`)

@@ -143,6 +143,7 @@ program
   .option('--streams <n>', 'parallel bulk connections for the pre-copy rounds, each with a thread per side (1-8; default 1)', positiveNumber)
   .option('--max-bandwidth <rate>', 'the pre-copy rounds send at most this much a second, all streams together (e.g. 200MiB, 1Gbit; default: no limit); the hand-off never waits for it', rate)
   .option('--max-postcopy-bandwidth <rate>', 'the post-copy push sends at most this much a second (default: no limit); pages a fault waits for never wait for it', rate)
+  .option('--switchover-bandwidth <rate>', 'what the link gives the hand-off, for pre-copy\'s convergence check only (with --max-bandwidth the rounds measure the limit; default: the measured rate); limits nothing', rate)
   .option('--postcopy-nice <n>', "nice value 0-19 of the agents' threads on both hosts from the hand-off (default $UFFD_MIGRATE_POSTCOPY_NICE or 10; 0: unchanged)", niceFlag(resolvePostcopyNice, '--postcopy-nice'))
   .addOption(new Option('--prepaging <strategy>', 'post-copy push strategy').choices(PREPAGING_STRATEGIES))
   .option('--pivots <k>', "post-copy: recent faults the 'bubble' push works around (default 7)", positiveNumber)
@@ -155,7 +156,7 @@ program
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -185,6 +186,7 @@ program
           ...(o.streams !== undefined ? { streams: o.streams } : {}),
           ...(o.maxBandwidth !== undefined ? { maxBandwidth: o.maxBandwidth } : {}),
           ...(o.maxPostcopyBandwidth !== undefined ? { maxPostcopyBandwidth: o.maxPostcopyBandwidth } : {}),
+          ...(o.switchoverBandwidth !== undefined ? { switchoverBandwidth: o.switchoverBandwidth } : {}),
           ...(o.postcopyNice !== undefined ? { postcopyNice: o.postcopyNice } : {}),
           ...(o.prepaging || o.pivots || o.idleFillMs !== undefined
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }

@@ -34,6 +34,10 @@ describe('rates', () => {
     const wire = validateMigrateOptions({ to: '127.0.0.1:1', maxBandwidth: 8 * MiB }, token)
     expect([wire.maxBandwidth, wire.maxPostcopyBandwidth]).toEqual([8 * MiB, undefined])
     expect(() => validateMigrateOptions({ to: '127.0.0.1:1', maxPostcopyBandwidth: 10 }, token)).toThrow(/maxPostcopyBandwidth/)
+    // the switchover bandwidth limits nothing; it is checked as a rate all the same, and 0 means "measure it"
+    expect(validateMigrateOptions({ to: '127.0.0.1:1', switchoverBandwidth: 1 << 30 }, token).switchoverBandwidth).toBe(1 << 30)
+    expect(validateMigrateOptions({ to: '127.0.0.1:1', switchoverBandwidth: 0 }, token).switchoverBandwidth).toBeUndefined()
+    expect(() => validateMigrateOptions({ to: '127.0.0.1:1', switchoverBandwidth: 10 }, token)).toThrow(/^expected switchoverBandwidth in bytes a second: 0 \(the measured rate\) or at least/)
     expect(bandwidthLimits({ maxPostcopyBandwidth: 0 })).toEqual({ postcopyBytesPerSec: 0 })
     expect(() => bandwidthLimits({})).toThrow(/expected maxBandwidth or maxPostcopyBandwidth/)
   })

@@ -1,6 +1,7 @@
 /** The CLI's progress line and report lines (src/cli/format.ts). */
 import { describe, expect, it } from 'vitest'
-import { progressLine } from '../../src/cli/format'
+import { formatReport, progressLine } from '../../src/cli/format'
+import type { MigrationReport } from '../../src/agent/report'
 import { SourcePhase } from '../../src/agent/source/machine'
 
 const base = { phase: SourcePhase.PRECOPY, round: 2, bytesSent: 3 * 2 ** 30, bytesPerSec: 64 * 2 ** 20, pagesLeft: 1, totalPages: 1000, tracker: 'wp-async' as const }
@@ -13,5 +14,26 @@ describe('progress line', () => {
 
   it("the phase's bandwidth limit beside the rate", () => {
     expect(progressLine({ ...base, limitBytesPerSec: 64 * 2 ** 20 })).toBe('precopy round 2 (wp-async)  sent 3.0 GiB  64.0 MiB/s (limit 64.0 MiB/s)  pages left 1 (99.9% local)')
+  })
+})
+
+describe('report', () => {
+  const report = {
+    mode: 'precopy', to: 'h:7070', regions: [{ name: 'heap', sizeBytes: 32 << 20 }], pageSize: 4096, totalMs: 3000, downtimeMs: 9, pauseWaitMs: 0.2,
+    clockOffsetMs: 0, clockRttMs: 0.1, bytesOnWire: 40 << 20, pages: { data: 8000, zero: 192, free: 0 }, pagesResent: 900, pagesSentTwiceAfterHandoff: 0,
+    rounds: [0, 1, 2].map((round) => ({ round, dataPages: 1, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 4096, durationMs: 1 })),
+    precopyStop: 'converged', discardedPages: 0, pagesMissingAtHandoff: 0,
+    postcopy: { strategy: 'none', demandPath: 'native', networkFaults: 0, networkFaultsOnZeroPages: 0, localZeroFaults: 0, faultLatencyUs: { p50: 0, p99: 0 }, pushedPages: 0, demandPages: 0, timeToSettledMs: 0 },
+  } as unknown as MigrationReport
+  const preCopyLine = (r: MigrationReport) => formatReport(r).split('\n').find((l) => l.startsWith('  pre-copy'))
+
+  it('why pre-copy stopped, and the rate the convergence check went by', () => {
+    expect(preCopyLine(report)).toBe('  pre-copy           3 round(s), stopped: converged')
+    expect(preCopyLine({ ...report, convergenceRate: { bytesPerSec: 2 ** 30, from: 'switchover-bandwidth' } })).toBe(
+      '  pre-copy           3 round(s), stopped: converged (against 1.0 GiB/s, the switchover bandwidth given)',
+    )
+    expect(preCopyLine({ ...report, precopyStop: 'round-limit', convergenceRate: { bytesPerSec: 16 * 2 ** 20, from: 'measured' } })).toBe(
+      '  pre-copy           3 round(s), stopped: round-limit (against 16.0 MiB/s, the rate the rounds measured)',
+    )
   })
 })

@@ -42,6 +42,9 @@ describe('source lines', () => {
     expect(sourceLine.began('h:7070', 'precopy', { precopyBytesPerSec: 64 << 20, postcopyBytesPerSec: 0 })).toBe(
       'a migration to h:7070 began (mode precopy; bandwidth limits: pre-copy 64.0 MiB/s, post-copy push no limit)',
     )
+    expect(sourceLine.began('h:7070', 'precopy', { precopyBytesPerSec: 16 << 20, postcopyBytesPerSec: 0 }, 1 << 30)).toBe(
+      'a migration to h:7070 began (mode precopy; bandwidth limits: pre-copy 16.0 MiB/s, post-copy push no limit; pre-copy converges against a switchover bandwidth of 1.0 GiB/s)',
+    )
     expect(sourceLine.limits('h:7070', { precopyBytesPerSec: 0, postcopyBytesPerSec: 1 << 30 })).toBe(
       'the migration to h:7070 now runs with bandwidth limits: pre-copy no limit, post-copy push 1.0 GiB/s',
     )

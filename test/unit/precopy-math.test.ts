@@ -1,6 +1,6 @@
 /** Hot pages (Ma et al.) and convergence, as pure functions. */
 import { describe, expect, it } from 'vitest'
-import { converged, linkRate, splitHot, type ConvergenceState } from '../../src/agent/source/precopy'
+import { converged, convergenceRate, linkRate, splitHot, type ConvergenceState } from '../../src/agent/source/precopy'
 import { discardRuns, heldRuns, sendWrittenInWindow, WINDOW_SEND_MS } from '../../src/agent/source/handoff'
 import { PageBitmap } from '../../src/bitmap'
 
@@ -69,6 +69,20 @@ describe('converged', () => {
     expect(linkRate([])).toBe(100 * 1024)
     expect(linkRate([r(1 << 20, 1)])).toBe(100 * 1024) // too small to measure
     expect(linkRate([r(8 << 20, 10), r(8 << 20, 4)])).toBe((8 << 20) / 4)
+    // a slow link is what was measured, not the default
+    expect(linkRate([r(1 << 20, 1), r(16 << 20, 1000)])).toBe((16 << 20) / 1000)
+  })
+
+  it('convergenceRate: the switchover bandwidth when given (rounds held to a limit measure the limit), else measured', () => {
+    const r = (bytes: number, durationMs: number) => ({ round: 0, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes, durationMs })
+    const limited = [r(16 << 20, 1000)] // 16 MiB/s
+    expect(convergenceRate(limited, undefined)).toEqual({ bytesPerSec: 16 << 20, from: 'measured' })
+    expect(convergenceRate(limited, 0)).toEqual({ bytesPerSec: 16 << 20, from: 'measured' })
+    expect(convergenceRate(limited, 1 << 30)).toEqual({ bytesPerSec: 1 << 30, from: 'switchover-bandwidth' })
+    // 3000 pages left, 50 ms budget: not at the limited rate (750 ms), yes at 1 GiB/s (11.4 ms)
+    const check = (bytesPerSec: number) => converged({ prevRemaining: Infinity, notShrinking: 0 }, 1, 3000, 4096, bytesPerSec / 1000, 50, 5)
+    expect(check(convergenceRate(limited, undefined).bytesPerSec)).toBeUndefined()
+    expect(check(convergenceRate(limited, 1 << 30).bytesPerSec)).toBe('converged')
   })
 })
 

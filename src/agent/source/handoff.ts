@@ -13,7 +13,7 @@
  * run on the destination.
  */
 import { PageBitmap } from '../../bitmap'
-import { linkRate } from './precopy'
+import { convergenceRate } from './precopy'
 import type { Channel } from '../../protocol/channel'
 import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
@@ -29,6 +29,8 @@ export interface HandoffContext {
   tracker: DirtyTracker
   clock: Clock
   mode: MigrationMode
+  /** What the link gives the hand-off (0 or absent: the rounds' measured rate; convergenceRate()). */
+  switchoverBytesPerSec?: number
   recoveryTimeoutMs: number
   /** The destination's agent thread runs at this nice value once the service runs there (src/agent/yielding.ts); forward: the service's clients are forwarded there. */
   postcopyNice: number
@@ -134,7 +136,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   // stream's reader to place its share before HANDOFF may go (256 MiB, 10k writes/s, 3 streams, 5 runs each:
   // transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they are dropped instead)
   const held = ctx.mode === 'hybrid' && sender.streams === 1 ? written.map((w, i) => heldRuns(sender.destHas[i], w)) : undefined
-  const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), sender.pageSize, linkRate(rounds))
+  const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), sender.pageSize, convergenceRate(rounds, ctx.switchoverBytesPerSec).bytesPerSec / 1000)
   for (let i = 0; i < regions.length; i++) {
     if (precopyMode) {
       // every page goes now, once: written ∪ hot, in order (the hot map is not needed after this)

@@ -30,6 +30,8 @@ export interface SourceOptions {
   maxBandwidth?: number
   /** Bytes a second the post-copy push sends (0 or absent: no limit); never the pages a fault waits for. */
   maxPostcopyBandwidth?: number
+  /** Bytes a second pre-copy's convergence check expects of the hand-off (0 or absent: the rounds' measured rate). */
+  switchoverBandwidth?: number
   /** Kernel socket buffers of the bulk connection (0: leave alone). */
   bulkBufferBytes: number
   /** Post-copy: the most the bulk socket holds written but not sent (0: no limit). */

@@ -210,7 +210,7 @@ export class MigrationSource implements SourceHandlers {
       this.machine.transition(SourcePhase.PRECOPY)
       this.trackerChoice = trackerFor(this.binding, this.opts.tracker)
       this.tracker = openTracker(this.binding, this.regions, this.trackerChoice.kind)
-      const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, takeFreed: () => this.hooks.takeFreed() }
+      const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, switchoverBytesPerSec: this.opts.switchoverBandwidth, takeFreed: () => this.hooks.takeFreed() }
       const pre = await Promise.race([runPrecopy({
         ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, sync: () => reply(bulk, Msg.SYNC), onRound: (r) => {
           this.round = r
@@ -261,7 +261,7 @@ export class MigrationSource implements SourceHandlers {
         await Promise.race([this.serviceAnnounced, new Promise((r) => setTimeout(r, this.opts.forwardWaitMs ?? 10_000).unref())])
       }
       const report = buildReport({
-        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop,
+        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop, convergenceRate: pre.rate,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
         discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,

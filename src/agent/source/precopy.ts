@@ -58,11 +58,30 @@ export function converged(
   return undefined
 }
 
-/** Best bulk rate seen in a round big enough to measure it (bytes/ms; 100 MB/s until measured). */
+/**
+ * Best bulk rate seen in a round big enough to measure it (bytes/ms; 100 MB/s until one was). What was measured
+ * wins even when slower: a link (or a limit) under 100 MB/s would otherwise converge on a budget it cannot keep.
+ */
 export function linkRate(rounds: RoundReport[]): number {
-  let best = 100 * 1024
+  let best = 0
   for (const r of rounds) if (r.bytes >= 4 << 20) best = Math.max(best, r.bytes / Math.max(r.durationMs, 0.1))
-  return best
+  return best || 100 * 1024
+}
+
+/** The rate the convergence check expects of the stop-and-copy, and where it came from. */
+export interface ConvergenceRate {
+  bytesPerSec: number
+  from: 'measured' | 'switchover-bandwidth'
+}
+
+/**
+ * The operator's switchover bandwidth when given (QEMU's avail-switchover-bandwidth: under a pre-copy limit the
+ * rounds measure the limit, but the hand-off is never limited), else the best rate the rounds measured.
+ */
+export function convergenceRate(rounds: RoundReport[], switchoverBytesPerSec: number | undefined): ConvergenceRate {
+  return switchoverBytesPerSec
+    ? { bytesPerSec: switchoverBytesPerSec, from: 'switchover-bandwidth' }
+    : { bytesPerSec: Math.round(linkRate(rounds) * 1000), from: 'measured' }
 }
 
 export interface PrecopyContext {
@@ -75,6 +94,8 @@ export interface PrecopyContext {
   mode: MigrationMode
   downtimeMs: number
   maxRounds: number
+  /** Bytes a second the hand-off can expect (0 or absent: the rounds' measured rate); see convergenceRate(). */
+  switchoverBytesPerSec?: number
   /** Free-page reports from the service since the last call. */
   takeFreed(): number[]
   /** Resolves when the destination answers SYNC (it applied everything sent before on bulk). */
@@ -86,6 +107,8 @@ export interface PrecopyResult {
   stop: string
   /** Hot pages at the end: they go at the hand-off. */
   hot: PageBitmap[] | undefined
+  /** The rate the last convergence check used (absent in post-copy mode, which has none). */
+  rate?: ConvergenceRate
 }
 
 /** Rounds until convergence (precopy, hybrid) or the zero round (postcopy); PRECOPY_END sent. */
@@ -133,12 +156,13 @@ export async function runPrecopy(ctx: PrecopyContext, rounds: RoundReport[]): Pr
     bulk.send(encodeControl(Msg.ROUND_END, { round }))
     await endRound(ctx, started, rounds)
     if (round === 0) continue
-    const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, linkRate(rounds), ctx.downtimeMs, ctx.maxRounds)
+    const rate = convergenceRate(rounds, ctx.switchoverBytesPerSec)
+    const stop = converged(state, round, rr.dataPages + rr.hotPages, ctx.pageSize, rate.bytesPerSec / 1000, ctx.downtimeMs, ctx.maxRounds)
     if (stop) {
       if (ctx.mode === 'hybrid') rr.stalePages = (rr.stalePages ?? 0) + (await dropUntilQuiet(ctx))
       await appliedAtDestination(ctx)
       bulk.send(encodeControl(Msg.PRECOPY_END, { reason: stop }))
-      return { stop, hot }
+      return { stop, hot, rate }
     }
   }
 }

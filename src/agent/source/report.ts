@@ -11,6 +11,7 @@ export interface ReportInputs {
   pageSize: number
   rounds: RoundReport[]
   precopyStop: string
+  convergenceRate?: MigrationReport['convergenceRate']
   /** Source clock, ms. */
   t0: number
   /** pause() asked of the service, and when it stopped (its loop got to the request). */
@@ -51,6 +52,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pageSize: x.pageSize,
     rounds: x.rounds,
     precopyStop: x.precopyStop,
+    ...(x.convergenceRate ? { convergenceRate: x.convergenceRate } : {}),
     totalMs: x.settledAt - x.t0,
     downtimeMs: x.resumedAtDest - x.clock.offsetMs - x.stoppedAt,
     pauseWaitMs: x.stoppedAt - x.pauseAt,
