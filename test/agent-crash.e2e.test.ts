@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest'
 import { freePort } from '../src/cli/proc'
 import { Guest } from '../src/guest'
 import { kernelSkipReason } from './helpers/gate'
+import { pollUntil } from './helpers/wait'
 
 const skip = kernelSkipReason()
 const token = 'x'.repeat(32)
@@ -18,13 +19,6 @@ afterEach(() => {
   vi.restoreAllMocks()
 })
 
-async function until(ok: () => boolean, ms = 10_000): Promise<void> {
-  for (const end = Date.now() + ms; !ok();) {
-    if (Date.now() > end) throw new Error('timed out')
-    await new Promise((r) => setTimeout(r, 20))
-  }
-}
-
 describe.skipIf(skip)('an agent that is gone', () => {
   it('crashed on an idle source: the service runs on, status says failed and why, migrate() is refused with ERR_AGENT', async () => {
     const exit = vi.spyOn(process, 'exit').mockImplementation((() => undefined) as never)
@@ -32,7 +26,8 @@ describe.skipIf(skip)('an agent that is gone', () => {
     process.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:now'
     const guest = await Guest.start({ name: `crash-${process.pid}`, regions: { r: 1 << 20 }, control: false, token })
     delete process.env.UFFD_MIGRATE_FAULT_INJECT
-    await until(() => guest.phase === 'failed')
+    await pollUntil(() => guest.phase === 'failed', 10_000)
+    expect(guest.phase).toBe('failed')
     expect(guest.lastError).toEqual({ code: 'ERR_AGENT', message: 'migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:now' })
     await expect(guest.migrate({ to: '127.0.0.1:1' })).rejects.toMatchObject({ code: 'ERR_AGENT', message: expect.stringMatching(/no migration can start from this process now: restart the service/) })
     // its memory is the service's as before

@@ -16,6 +16,7 @@ import { takeSocket } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
 import { missingRegion } from './helpers/uffd-region'
+import { pollUntil } from './helpers/wait'
 
 const skip = kernelSkipReason()
 
@@ -96,7 +97,7 @@ describe.skipIf(skip)('native bulk reader', () => {
         const big = encodeControl(Msg.ROUND_END, { round: 1, pad: Buffer.alloc(400 << 10, 7) })
         parts.push(...big)
         await feed(client, Buffer.concat(parts), seed)
-        for (let t = 0; frames.length < 2 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
+        await pollUntil(() => frames.length >= 2, 10_000, 10)
 
         expect(frames.map((f) => f.type)).toEqual([Msg.ROUND_END, Msg.ROUND_END])
         expect(frames[1].payload.equals(big[1])).toBe(true)
@@ -147,7 +148,7 @@ describe.skipIf(skip)('native bulk reader', () => {
       ])
       await feed(client, stream, 4)
       // a copy over a missing page must not be an ordinary write: nobody serves this region's faults, the reader would hang
-      for (let t = 0; frames.length < 1 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
+      await pollUntil(() => frames.length >= 1, 10_000, 10)
       expect(frames).toEqual([Msg.ROUND_END])
       expect(receivedCount).toBe(pages)
       const zero = (p: number) => (p >= 32 && p !== 40 && p !== 41) || p === 3 || p === 4
@@ -193,7 +194,7 @@ describe.skipIf(skip)('native bulk reader', () => {
           ...encodeControl(Msg.ROUND_END, { round: 1 }),
         ])
         await feed(client, stream, seed)
-        for (let t = 0; frames.length < 1 && t < 1000; t++) await new Promise((r) => setTimeout(r, 10))
+        await pollUntil(() => frames.length >= 1, 10_000, 10)
         expect(frames).toEqual([Msg.ROUND_END])
         const stale = (p: number) => p === 10 || p === 11
         for (let p = 0; p < pages; p++) expect(received.has(p)).toBe(!stale(p))
@@ -250,17 +251,13 @@ describe.skipIf(skip)('native bulk reader', () => {
     return progress
   }
 
-  const until = async (done: () => boolean, ms: number) => {
-    for (const end = Date.now() + ms; !done() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 5))
-  }
-
   it('a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket)', async () => {
     const pages = 256
     await withReader(pages, async ({ client, reader, mem, seen }) => {
       const frame = Buffer.concat([pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)])
       // the reader waits for the rest of the first frame; the progress must move meanwhile
       const progress = await trickle(client, frame, reader)
-      await until(() => seen.received >= pages, 5000)
+      await pollUntil(() => seen.received >= pages, 5000)
       expect(seen.received).toBe(pages)
       const partway = progress.slice(0, 16)
       expect(new Set(partway).size).toBe(16) // every piece showed up as progress, before the frame was whole
@@ -278,7 +275,7 @@ describe.skipIf(skip)('native bulk reader', () => {
       for (let p = 0; p < 320; p += 8) group.push(pagesFrame(p, 7, (q) => (q % 199) + 1))
       const batch = Buffer.concat(group)
       const progress = await trickle(client, Buffer.concat([encodeBatch(batch.length), batch, pagesFrame(7, 1, () => 250)]), reader)
-      await until(() => seen.received >= 281, 5000)
+      await pollUntil(() => seen.received >= 281, 5000)
       expect(seen.received).toBe(281) // 40 x 7 pages and page 7
       expect(seen.frames).toEqual([]) // BATCH stays in the reader
       expect(new Set(progress.slice(0, 16)).size).toBe(16) // every piece showed up as progress
@@ -291,7 +288,7 @@ describe.skipIf(skip)('native bulk reader', () => {
     await withReader(16, async ({ client, mem, seen }) => {
       client.setNoDelay(true)
       client.write(Buffer.concat([encodeBatch(1 << 20), pagesFrame(0, 3, () => 5)])) // 1 MiB promised, 12 KiB sent
-      await until(() => seen.received >= 3, 1000)
+      await pollUntil(() => seen.received >= 3, 1000)
       expect(seen.received).toBe(3) // within a second, not at the link timeout
       expect(mem.subarray(0, 3 * ps).equals(Buffer.alloc(3 * ps, 5))).toBe(true)
     })
@@ -301,7 +298,7 @@ describe.skipIf(skip)('native bulk reader', () => {
     await withReader(16, async ({ client, received, seen }) => {
       const bad = Buffer.from([0, 0, 0, 3, Msg.BATCH, 1, 2])
       await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 9)
-      await until(() => seen.frames.length >= 1, 5000)
+      await pollUntil(() => seen.frames.length >= 1, 5000)
       await new Promise((r) => setTimeout(r, 50))
       expect(seen.frames.map((f) => f.type)).toEqual([Msg.BATCH])
       expect(() => decodeBatch(seen.frames[0].payload)).toThrow(/BATCH of 4 bytes/)
@@ -314,7 +311,7 @@ describe.skipIf(skip)('native bulk reader', () => {
       const bad = pagesFrame(0, 2, () => 9)
       bad.writeUInt32LE(5, 5) // region 5
       await feed(client, Buffer.concat([pagesFrame(0, 4, () => 1), bad, pagesFrame(8, 4, () => 2)]), 7)
-      await until(() => seen.frames.length >= 1, 5000)
+      await pollUntil(() => seen.frames.length >= 1, 5000)
       await new Promise((r) => setTimeout(r, 50))
       expect(seen.frames.map((f) => f.type)).toEqual([Msg.PAGES])
       expect(seen.frames[0].payload.readUInt32LE(0)).toBe(5) // its header (region, first, count): the message table names it

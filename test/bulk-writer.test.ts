@@ -10,6 +10,7 @@ import { Region } from '../src/region'
 import { socketFd } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
+import { pollUntil } from './helpers/wait'
 
 const skip = kernelSkipReason()
 
@@ -173,7 +174,7 @@ describe.skipIf(skip)('native bulk writer', () => {
     const events: number[] = []
     const writer = new b.BulkWriter!(socketFd(client)!, [region.id], [new PageBitmap(256).words], [new PageBitmap(256).words], (ev) => events.push(...ev))
     for (let i = 0; i < 20; i++) writer.pages(0, Uint32Array.from([0, 256]))
-    for (let t = 0; t < 200 && !events.some((_, i) => i % 5 === 0 && events[i] === 7); t++) await new Promise((r) => setTimeout(r, 10))
+    await pollUntil(() => events.some((_, i) => i % 5 === 0 && events[i] === 7), 2000, 10)
     const closedEvents = events.filter((_, i) => i % 5 === 0 && events[i] === 7).length
     expect(closedEvents).toBe(1)
     expect(() => writer.pages(0, Uint32Array.from([0, 1]))).not.toThrow()

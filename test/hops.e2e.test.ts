@@ -12,16 +12,13 @@ import { loadBinding } from '../src/binding'
 import { asyncWpAvailable } from '../src/agent/tracker-choice'
 import { kernelSkipReason } from './helpers/gate'
 import { host, killAll, page, sendAndWait, sendFailure, serviceThreads, TOKEN } from './helpers/hosts'
+import { pollUntil } from './helpers/wait'
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const { writePage } = require('../examples/page-store/pattern.js') as { writePage: (u32: Uint32Array, p: number, v: number, words: number) => void }
 
 const skip = kernelSkipReason()
 
 afterEach(killAll)
-
-async function until(ok: () => boolean, ms: number): Promise<void> {
-  for (const end = Date.now() + ms; !ok() && Date.now() < end;) await new Promise((r) => setTimeout(r, 50))
-}
 
 describe.skipIf(skip)('a service that moves again and again', () => {
   it('A → B → A → B, every page verified after each hop', async () => {
@@ -47,7 +44,7 @@ describe.skipIf(skip)('a service that moves again and again', () => {
       expect((await src.exited).code).toBe(0)
       // the source hung up after the report: the destination's bulk thread ended with its connection (a guest that
       // moves on must not carry one reader thread and one dead socket per hop); only the service's own threads stay
-      await until(() => !serviceThreads(dst).some((t) => t.startsWith('uffdm-')), 10_000)
+      await pollUntil(() => !serviceThreads(dst).some((t) => t.startsWith('uffdm-')), 10_000)
       expect(serviceThreads(dst).filter((t) => t.startsWith('uffdm-'))).toEqual([])
       src = dst
     }

@@ -16,6 +16,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { freePort, LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { getJson } from './helpers/http'
+import { retry } from './helpers/wait'
 
 const skip = kernelSkipReason()
 const root = join(__dirname, '..')
@@ -26,18 +27,6 @@ afterEach(() => {
 })
 
 const hit = (port: number, slot: number) => getJson<{ slot: number; count: number; hits: number }>(port, `/?slot=${slot}`)
-
-async function until<T>(f: () => Promise<T>, ms = 20_000): Promise<T> {
-  const end = Date.now() + ms
-  for (;;) {
-    try {
-      return await f()
-    } catch (err) {
-      if (Date.now() > end) throw err
-      await new Promise((r) => setTimeout(r, 50))
-    }
-  }
-}
 
 describe.skipIf(skip)('the README quick start', () => {
   for (const file of ['server.cjs', 'server.mjs']) {
@@ -52,7 +41,7 @@ describe.skipIf(skip)('the README quick start', () => {
       }
       let port = await freePort()
       let current = run(hosts[0], [server], port)
-      for (let i = 1; i <= 3; i++) expect((await until(() => hit(port, 7))).count).toBe(i)
+      for (let i = 1; i <= 3; i++) expect((await retry(() => hit(port, 7))).count).toBe(i)
       for (const [from, to] of [[0, 1], [1, 0]]) {
         const [migPort, httpPort] = [await freePort(), await freePort()]
         const next = run(hosts[to], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], httpPort)
@@ -71,7 +60,7 @@ describe.skipIf(skip)('the README quick start', () => {
         expect(next.stderr).toMatch(/settled: every page is here, \d+ ms after the service resumed/)
         current = next
         port = httpPort
-        const r = await until(() => hit(port, 7))
+        const r = await retry(() => hit(port, 7))
         expect(r.count).toBe(from === 0 ? 4 : 5)
         expect(r.hits).toBe(from === 0 ? 4 : 5)
       }
@@ -96,7 +85,7 @@ async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {
   const src = run(hosts[0], [server], srcHttp)
   // slots on pages of their own: with on-demand paging only and no background push they stay at the source
   const slots = [5000, 10000, 15000, 20000]
-  for (const s of slots) expect((await until(() => hit(srcHttp, s))).count).toBe(1)
+  for (const s of slots) expect((await retry(() => hit(srcHttp, s))).count).toBe(1)
   const dst = run({ ...hosts[1], ...dstEnv }, [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
@@ -117,7 +106,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       expect((await send.waitExit(30_000)).code, send.stderr).toBe(4)
       // the service answers from the pages it has; a request for a slot whose page is still at the dead source
       // blocks its only thread in a fault that nothing can resolve any more
-      expect((await until(() => hit(dstHttp, 1))).count).toBe(1)
+      expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
       const answer = blocked ? hit(dstHttp, slots[0]).then(() => 'answered', () => 'no answer') : undefined
       const { code } = await dst.waitExit(30_000)
       expect(code, dst.stderr).toBe(4)
@@ -137,7 +126,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     // (a test hook: once the main thread's wchan is the userfaultfd wait); only the native exit watch can end it now
     const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' })
     // the service serves here (a slot whose page it has), then its page requests can get no answer
-    expect((await until(() => hit(dstHttp, 1))).count).toBe(1)
+    expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
     src.kill('SIGSTOP')
     try {
       const answer = hit(dstHttp, slots[1]).then(() => 'answered', () => 'no answer')
@@ -171,7 +160,7 @@ describe.skipIf(skip)('the quick start service moved back while its old process 
     }
     const [httpA, httpB, httpA2, migB, migA] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()]
     const old = run(hosts[0], [server], httpA)
-    expect((await until(() => hit(httpA, 7))).count).toBe(1)
+    expect((await retry(() => hit(httpA, 7))).count).toBe(1)
     const onB = run(hosts[1], [cli, 'receive', '--listen', `127.0.0.1:${migB}`, '--', process.execPath, server], httpB)
     await onB.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
     expect((await run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migB}`], 0).waitExit(30_000)).code).toBe(0)

@@ -1,6 +1,7 @@
 /** The agent's warm-up of its link code: a real loopback handshake against itself, and nothing left open after it. */
 import { describe, expect, it } from 'vitest'
 import { warmLinkCode } from '../src/agent/warm-up'
+import { pollUntil } from './helpers/wait'
 
 const handles = () => process.getActiveResourcesInfo().filter((r) => r.startsWith('TCP') || r.endsWith('ShutdownWrap')).length
 
@@ -9,7 +10,7 @@ describe('warmLinkCode', () => {
     const before = handles()
     expect(await warmLinkCode()).toBe(true)
     // the sockets end gracefully (FIN, then close): wait for that, up to 5 s
-    for (let i = 0; i < 100 && handles() !== before; i++) await new Promise((r) => setTimeout(r, 50))
+    await pollUntil(() => handles() === before, 5000, 50)
     expect(handles()).toBe(before)
   })
 

@@ -4,6 +4,7 @@
  * restarted firewall would).
  */
 import { createServer, type Server, type Socket, connect } from 'node:net'
+import { pollUntil } from './wait'
 
 /** Forwards to host:port; cuts every open connection once `cutAfterBytes` went towards the destination. */
 export class Relay {
@@ -33,7 +34,7 @@ export class Relay {
   async start(host: string, port: number): Promise<string> {
     // the destination may not listen yet (the source would retry a refused
     // connection, but the relay accepts it and would then drop it)
-    for (let i = 0; i < 100 && !(await canConnect(host, port)); i++) await new Promise((r) => setTimeout(r, 50))
+    await pollUntil(() => canConnect(host, port), 5000, 50)
     this.server = createServer((client) => {
       if (this.refuseAfterCut && this.cuts > 0) return client.destroy()
       this.connections++
