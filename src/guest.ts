@@ -6,13 +6,13 @@
  * state the source's pause() returned.
  */
 import { EventEmitter } from 'node:events'
-import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { loadBinding, type NativeBinding } from './binding'
 import { PageBitmap } from './bitmap'
 import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from './errors'
 import { Region } from './region'
 import { nowMs } from './stats'
+import { randomBytes } from 'node:crypto'
 import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './agent/messages'
 import type { AgentWorkerData } from './agent/worker'
 import type { MigrationReport } from './agent/report'
@@ -30,13 +30,12 @@ import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
+import { AGENT_WORKER, AgentHandle, MAX_TAKEOVERS } from './agent-handle'
+import { emitOrExit, exitWhenMoved } from './guest-exit'
 
 export { GuestRegion } from './guest-region'
 export type { GuestOptions, MigrateOptions } from './options'
 export { EXIT_MOVE_FAILED }
-const WORKER = __filename.endsWith('.ts')
-  ? join(__dirname, '..', 'dist', 'agent', 'worker.js')
-  : join(__dirname, 'agent', 'worker.js')
 
 export class Guest extends EventEmitter {
   readonly regions: Record<string, GuestRegion> = {}
@@ -48,9 +47,12 @@ export class Guest extends EventEmitter {
   readonly settled: Promise<void>
   /** @internal */
   isSettledFlag = false
-  private readonly worker: Worker
+  private readonly agent: AgentHandle
+  /** The agent a takeover starts (src/agent-handle.ts). */
+  private readonly sourceAgent: AgentWorkerData
   private readonly list: GuestRegion[]
-  private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void } | undefined
+  /** The running migration; stoppedAtMs and pausing: the service is paused for it (the agent asked). */
+  private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void; wire: WireSourceOptions; startedAtMs: number; stoppedAtMs?: number; pausing?: Promise<void>; takeovers: number } | undefined
   private readonly calls = new MigrationCalls((m) => this.post(m))
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
@@ -74,23 +76,24 @@ export class Guest extends EventEmitter {
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; exitWatch?: number },
+    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; exitWatch?: number },
   ) {
     super()
     // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
     this.takeFailure = () => init.exitWatch && init.binding.exitWatchTake?.(init.exitWatch)
-    this.worker = init.worker
+    this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err))
+    this.sourceAgent = init.sourceAgent
     this.restored = init.received !== undefined
     this.state = init.state
     this.settled = init.settled
     this.list = init.regions.map((r, i) => new GuestRegion(this, i, r, init.received?.[i]))
     for (const g of this.list) this.regions[g.name] = g
-    this.worker.on('message', (m: AgentToMain) => this.onAgent(m))
-    this.worker.on('error', (err) => this.onAgentCrash(err))
   }
 
   /** A bug in the agent: it fails the migration it ran (a destination's, when pages were still to come), never the service. */
   private onAgentCrash(err: Error): void {
+    const run = this.migrating
+    if (run?.stoppedAtMs !== undefined && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: restart the service (it runs on) to move it`, ErrorCode.AGENT)
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
@@ -104,36 +107,35 @@ export class Guest extends EventEmitter {
     const binding = loadBinding()
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
-    if (receive) return Guest.startReceiving(opts, binding, regions, receive, { agentNice, tracker, sockets })
-    const worker = new Worker(WORKER, { workerData: { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker, sockets } satisfies AgentWorkerData })
+    const sourceAgent: AgentWorkerData = { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker, sockets }
+    if (receive) return Guest.startReceiving(opts, binding, regions, receive, sourceAgent)
+    const worker = new Worker(AGENT_WORKER, { workerData: sourceAgent })
     worker.unref()
-    const guest = new Guest(opts.name, opts, { worker, binding, regions, settled: Promise.resolve() })
+    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, settled: Promise.resolve() })
     guest.isSettledFlag = true
     if (opts.control !== false) guest.control = await ControlServer.start(guest)
     return guest
   }
 
-  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, agent: Pick<AgentWorkerData, 'agentNice' | 'tracker' | 'sockets'>): Promise<Guest> {
+  private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, sourceAgent: AgentWorkerData): Promise<Guest> {
     parseAddress(listen, '0.0.0.0')
     const token = resolveToken(opts.token)
     const received = regions.map((r) => PageBitmap.shared(r.pageCount))
     const workerData: AgentWorkerData = {
+      ...sourceAgent,
       role: 'destination',
-      regions: regions.map((r) => r.describe()),
       received: received.map((b) => b.buffer as SharedArrayBuffer),
       listen,
       token,
-      ...agent,
-      name: opts.name,
       exitWatch: binding.exitWatchCreate?.(),
     }
-    const worker = new Worker(WORKER, { workerData })
+    const worker = new Worker(AGENT_WORKER, { workerData })
     const { settled, settle, settleFail } = settlement()
     const receiving = followReceiving(worker)
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, binding, regions, received, state, settled, exitWatch: workerData.exitWatch })
+    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, exitWatch: workerData.exitWatch })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
@@ -145,7 +147,7 @@ export class Guest extends EventEmitter {
 
   /** @internal */
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
-    if (!this.closed) this.worker.postMessage(m, transfer)
+    if (!this.closed) this.agent.post(m, transfer)
   }
 
   /**
@@ -197,15 +199,15 @@ export class Guest extends EventEmitter {
     if (this.restored && !this.isSettledFlag) return Promise.reject(new UffdMigrateError(settling, ErrorCode.BUSY))
     let wire: WireSourceOptions
     try {
-      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp }
+      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp, session: randomBytes(12).toString('hex') }
     } catch (err) {
       return Promise.reject(err)
     }
     this.rehearsal = this.forwarder.prepare() ? rehearseForwarding() : undefined
     return new Promise((resolve, reject) => {
-      this.migrating = { resolve, reject }
+      this.migrating = { resolve, reject, wire, startedAtMs: nowMs(), takeovers: 0 }
       this.lastFailure = undefined
-      this.worker.ref()
+      this.agent.ref()
       this.post({ type: 'migrate', options: wire })
     })
   }
@@ -249,6 +251,7 @@ export class Guest extends EventEmitter {
         void this.runPause()
         return
       case 'resume':
+        if (this.migrating) this.migrating.stoppedAtMs = undefined
         this.opts.resume?.()
         this.forwarder.release() // held requests and connections reach the service again
         return
@@ -269,10 +272,8 @@ export class Guest extends EventEmitter {
         this.emit('moved', m.report)
         done?.resolve(m.report)
         if (this.opts.exitOnMoved !== false && !kept) {
-          // The destination runs the service now; give the caller a moment to print,
-          // or, when it serves, relay its clients until they moved too.
-          if (this.forwarder.serving) this.exitWhenForwarded()
-          else setTimeout(() => this.exitMoved(), 50).unref()
+          // the destination runs the service now; when this one serves, relay its clients until they moved too
+          exitWhenMoved(this, m.report.to, this.forwarder, this.opts.forwardIdleMs ?? 2000)
         }
         return
       }
@@ -281,11 +282,11 @@ export class Guest extends EventEmitter {
         if (this.migrating) {
           const done = this.migrating
           this.migrating = undefined
-          this.worker.unref()
+          this.agent.unref()
           this.calls.failed(err)
           this.lastFailure = m.error
           done.reject(err)
-          if (m.error.afterHandoff) this.emitOrExit('moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
+          if (m.error.afterHandoff) emitOrExit(this, this.opts.exitOnMoved !== false, 'moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
           return
         }
         // destination after the hand-off: this thread is not blocked in a fault (the exit watch ends the process otherwise)
@@ -296,7 +297,7 @@ export class Guest extends EventEmitter {
         // the agent logged the failure, unless it was the agent that crashed
         if (err.code === ErrorCode.AGENT) process.stderr.write(`uffd-migrate: guest '${this.name}': ${err.message}\n`)
         // 1: guest.settled's own listener
-        return this.emitOrExit('failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
+        return emitOrExit(this, this.opts.exitOnMoved !== false, 'failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
       case 'cancelRefused':
         return this.calls.cancelRefused(new UffdMigrateError(m.error.message, m.error.code))
@@ -322,50 +323,38 @@ export class Guest extends EventEmitter {
         this.isSettledFlag = true
         for (const w of this.waiters.values()) w.resolve()
         this.waiters.clear()
-        this.worker.unref()
+        this.agent.unref()
         this.emit('settled')
         return
     }
   }
 
   private async runPause(): Promise<void> {
+    const run = this.migrating
+    let paused!: () => void
+    if (run) run.pausing = new Promise((r) => (paused = r))
     try {
       await this.rehearsal // it runs on this thread: over before the pause window, not in it (the service serves meanwhile)
       // the service stops here (the downtime counts from now); clients wait (held, not refused) until it runs again
       const stoppedAtMs = nowMs()
+      if (run) run.stoppedAtMs = stoppedAtMs
       this.forwarder.hold()
       const state = this.opts.pause ? await this.opts.pause() : undefined
       this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs, postedAtMs: nowMs() }))
     } catch (err) {
       this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
     }
+    paused?.()
   }
 
-  /**
-   * A migration failed after its hand-off (source 'moveFailed': the service runs neither here nor there; destination
-   * 'failed': it lacks pages that cannot arrive now; the agent logged it). Without a listener of the service's own
-   * (`ownListeners` are the guest's) and unless exitOnMoved is false, the process ends with exit code 4 for its
-   * supervisor; a destination at once (process.exit() would wait for threads blocked for ever on missing pages).
-   */
-  private emitOrExit(event: 'moveFailed' | 'failed', err: Error, ownListeners: number, why: string): void {
-    const handled = this.listenerCount(event) > ownListeners // before the emit, which removes once() listeners
-    this.emit(event, err)
-    if (this.opts.exitOnMoved === false || handled) return
-    process.stderr.write(`uffd-migrate: guest '${this.name}': exiting with code ${EXIT_MOVE_FAILED}: ${why}\n`)
-    process.exitCode = EXIT_MOVE_FAILED // holds even if the loop runs dry before the timer
-    const hard = event === 'failed' ? loadBinding().exitProcess : undefined
-    setTimeout(() => (hard ? hard(EXIT_MOVE_FAILED) : void this.close().then(() => process.exit(EXIT_MOVE_FAILED))), 50)
-  }
-
-  private exitWhenForwarded(): void {
-    const idleMs = this.opts.forwardIdleMs ?? 2000
-    const timer = setInterval(() => {
-      if (!this.forwarder.idleFor(idleMs)) return
-      clearInterval(timer)
-      const c = this.forwarder.counts
-      process.stderr.write(`uffd-migrate: guest '${this.name}' moved to ${this.movedTo}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${this.forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting\n`)
-      this.exitMoved()
-    }, 100)
+  /** The agent crashed with the service paused for a migration: a new one asks the destination what became of it. */
+  private async takeOver(run: NonNullable<Guest['migrating']>, err: Error): Promise<void> {
+    run.takeovers++
+    process.stderr.write(`uffd-migrate: guest '${this.name}': migration agent crashed: ${err.message}; the service stays paused while a new agent asks ${run.wire.to} whether the hand-off arrived\n`)
+    await run.pausing // its answer went to the crashed agent; the new one must not resume the service before it returned
+    await this.agent.replace(this.sourceAgent)
+    const crash = { phase: this.lastProgress?.phase ?? 'handoff', message: err.message, startedAtMs: run.startedAtMs, stoppedAtMs: run.stoppedAtMs }
+    this.post({ type: 'takeOver', options: run.wire, crash })
   }
 
   /**
@@ -383,16 +372,12 @@ export class Guest extends EventEmitter {
     else server.once('listening', announce)
   }
 
-  private exitMoved(): void {
-    void this.close().then(() => process.exit(0))
-  }
-
   /** Stops the agent and the control socket; regions stay mapped until released. */
   async close(): Promise<void> {
     if (this.closed) return
     this.closed = true
     this.takeFailure()
     this.control?.close()
-    await this.worker.terminate()
+    await this.agent.terminate()
   }
 }

@@ -4,10 +4,20 @@ import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
 
 /** What crosses to the worker: no functions, the token as text; the worker adds what it resolves itself. */
+/** Why a new agent takes a migration over: the old one's phase and error; when the migration began and the service stopped (main thread's clock). */
+export interface TakeoverCause {
+  phase: string
+  message: string
+  startedAtMs: number
+  stoppedAtMs?: number
+}
+
 export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' | 'pushUnsentBytes' | 'dial' | 'clock'> & { token: string }
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }
+  /** A new agent takes over the migration whose agent crashed with the service paused (MigrationSource.takeOver()). */
+  | { type: 'takeOver'; options: WireSourceOptions; crash: TakeoverCause }
   /** stoppedAtMs / postedAtMs: when the main thread began pause() / posted its encoded state (nowMs(), monotonic: the same clock in every thread). */
   | { type: 'paused'; state: Uint8Array; stoppedAtMs: number; postedAtMs?: number }
   | { type: 'pauseFailed'; error: { code: string; message: string } }

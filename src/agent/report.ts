@@ -33,6 +33,12 @@ export interface MigrationReport {
   convergenceRate?: { bytesPerSec: number; from: 'measured' | 'switchover-bandwidth' }
   totalMs: number
   /**
+   * A new agent wrote this report: the one that ran the migration crashed in `crashedInPhase` with the service paused,
+   * and this one took post-copy over (the rounds and the pause window's figures went with the old one; downtimeMs is
+   * from one clock sample).
+   */
+  takeover?: { crashedInPhase: string; message: string }
+  /**
    * The service stopped on the source (its main thread began pause()) -> it resumed on the destination (clock
    * offset corrected): the time it ran nowhere.
    */

@@ -12,7 +12,7 @@ import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from '../errors'
 import { Region, type RegionDescriptor } from '../region'
 import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
-import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './messages'
+import { type AgentToMain, type MainToAgent, type TakeoverCause, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
 import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
@@ -38,6 +38,8 @@ export interface AgentWorkerData {
   sockets: SocketTuning
   /** Destination: its exit watch (native/exit_watch.cc), made by the service's thread, which takes failures on it. */
   exitWatch?: number
+  /** This agent replaces one that crashed (src/agent-takeover.ts); the crash injections below are not repeated in it. */
+  takeover?: boolean
 }
 
 const port = parentPort!
@@ -109,8 +111,10 @@ port.on('message', onMain)
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
 process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
-if (process.env.UFFD_MIGRATE_FAULT_INJECT === 'agent-crash') crashOnceMainBlocked()
-if (process.env.UFFD_MIGRATE_FAULT_INJECT === 'agent-crash:now') setImmediate(() => injectedCrash('agent-crash:now'))
+// (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off)
+const inject = data.takeover ? undefined : process.env.UFFD_MIGRATE_FAULT_INJECT
+if (inject === 'agent-crash') crashOnceMainBlocked()
+if (inject === 'agent-crash:now') setImmediate(() => injectedCrash('agent-crash:now'))
 
 /** The service's main thread waits in a fault: its wchan. */
 function crashOnceMainBlocked(): void {
@@ -138,11 +142,14 @@ function onMain(m: MainToAgent): void {
         return
       }
       return outgoing.start(m.options)
+    case 'takeOver':
+      return outgoing.start(m.options, m.crash)
     case 'cancel':
       return outgoing.cancel()
     case 'setBandwidth':
       return outgoing.setBandwidth(m.limits)
     case 'paused':
+      if (inject === 'agent-crash:paused') injectedCrash(inject)
       return outgoing.pause.answer(m)
     case 'pauseFailed':
       return outgoing.pause.refuse(m.error)
@@ -173,14 +180,15 @@ function outgoingMigrations() {
   let source: MigrationSource | undefined
   return {
     pause,
-    start(wire: WireSourceOptions): void {
+    /** crash: a new agent takes the migration over (MigrationSource.takeOver()) instead of starting it. */
+    start(wire: WireSourceOptions, crash?: TakeoverCause): void {
       if (source) {
         post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
-      let phase = ''
-      log(sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
+      let phase = '', leftAtHandoff: number | undefined
+      log(crash ? sourceLine.takeover(wire.to, crash.phase) : sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
@@ -188,6 +196,8 @@ function outgoingMigrations() {
           const line = p.phase !== phase ? sourceLine.phase(wire.to, phase, p.phase, wire.recoveryTimeoutMs) : undefined
           if (line) log(line)
           phase = p.phase
+          // once a page moved after the hand-off (the destination has HANDOFF then: it asks, or RESUMED started the push)
+          if (inject === 'agent-crash:postcopy' && phase === 'postcopy' && p.pagesLeft < (leftAtHandoff ??= p.pagesLeft)) setImmediate(() => injectedCrash(inject))
           post({ type: 'progress', progress: p })
         },
         forwardTo: (host, ports) => {
@@ -203,7 +213,7 @@ function outgoingMigrations() {
       })
       source = s
       yielding.begin()
-      s.run().then(
+      ;(crash ? s.takeOver(crash) : s.run()).then(
         (report) => {
           stopYielding()
           log(sourceLine.moved(wire.to, report))

@@ -24,6 +24,9 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
+  if (r.takeover) {
+    lines.push(`  agent takeover     the migration agent crashed in phase ${r.takeover.crashedInPhase} (${r.takeover.message}); a new one took the migration over (the rounds and the pause window's figures went with the old one)`)
+  }
   if (r.bandwidthLimits) {
     lines.push(`  bandwidth limits   ${limitsText(r.bandwidthLimits)} (as it ended; the hand-off and faults never limited)`)
   }

@@ -36,4 +36,12 @@ describe('report', () => {
       '  pre-copy           3 round(s), stopped: round-limit (against 16.0 MiB/s, the rate the rounds measured)',
     )
   })
+
+  it('a report written by a new agent says so', () => {
+    const lines = formatReport({ ...report, takeover: { crashedInPhase: 'postcopy', message: 'boom' } }).split('\n')
+    expect(lines.filter((l) => l.startsWith('  agent takeover'))).toEqual([
+      "  agent takeover     the migration agent crashed in phase postcopy (boom); a new one took the migration over (the rounds and the pause window's figures went with the old one)",
+    ])
+    expect(formatReport(report)).not.toMatch(/agent takeover/)
+  })
 })

@@ -289,7 +289,7 @@ export class MigrationDestination implements DestinationHandlers {
       this.watchdog.reset()
       this.machine.transition(DestPhase.POSTCOPY)
     }
-    pair.bulk.send(encodeControl(Msg.RECOVER_STATE, this.recovery.state(settled ? [] : this.placement.receivedBytes())))
+    pair.bulk.send(encodeControl(Msg.RECOVER_STATE, { ...this.recovery.state(settled ? [] : this.placement.receivedBytes()), atMs: this.clock.now() }))
     if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
     if (settled) return
     // requests that were open (their replies may be lost): blocked threads wait on them

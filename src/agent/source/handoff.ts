@@ -127,7 +127,7 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   // freed pages read as zero there now: not lacking any more
   if (prep.lacking) for (let k = 0; k < freed.length; k += 3) prep.lackingCount -= prep.lacking[freed[k]].clearRange(freed[k + 1], freed[k + 2])
   const written = regions.map((r) => ctx.tracker.peekWritten(r.id, r.pageCount))
-  // write tracking is not ended here: that is O(memory) (see MigrationSource.closeTracker())
+  // write tracking is not ended here: that is O(memory) (see tracking.ts)
   ctx.marks.scannedAt = ctx.clock.now()
   const discard: Uint32Array[] = []
   const windowSends: Promise<void>[] = []

@@ -9,6 +9,8 @@ import type { SourcePhase } from './machine'
 
 export interface SourceOptions {
   to: string
+  /** The migration's session id (the destination pairs connections by it; a takeover dials in with it); default: a fresh one. */
+  session?: string
   mode: MigrationMode
   token: Buffer
   /** Downtime budget for convergence (precopy: the stop-and-copy must fit in it). */

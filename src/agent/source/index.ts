@@ -13,15 +13,13 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { peerError } from '../../protocol/handshake'
-import { decodeControl, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
+import { decodeControl, encodeControl, Msg, type RegionLayout } from '../../protocol/messages'
 import { parseAddress } from '../address'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
 import { type ChannelName, route } from '../message-table'
 import type { MigrationReport, RoundReport } from '../report'
 import { StateMachine } from '../state-machine'
-import { type DirtyTracker, openTracker, trackerFor } from '../tracker'
-import type { TrackerChoice } from '../tracker-choice'
 import { Bandwidth, type BandwidthLimits } from './bandwidth'
 import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
@@ -31,6 +29,8 @@ import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
 import { buildReport, type ReportInputs } from './report'
 import { Sender } from './sender'
+import { ServicePorts } from './service-ports'
+import { Tracking } from './tracking'
 
 export { SourcePhase } from './machine'
 export type { PausedService, Progress, SourceHooks, SourceOptions } from './hooks'
@@ -45,13 +45,11 @@ export class MigrationSource implements SourceHandlers {
   private readonly sender: Sender
   readonly postcopy: Postcopy
   private readonly totalPages: number
-  private readonly session = randomBytes(12).toString('hex')
+  private readonly session: string
+  private readonly servicePorts: ServicePorts
   private readonly bandwidth: Bandwidth
   private current: SourceLink | undefined
-  private tracker: DirtyTracker | undefined
-  /** After a committed hand-off: kept open until the agent exits (see closeTracker()). */
-  private retiredTracker: DirtyTracker | undefined
-  private trackerChoice: TrackerChoice | undefined
+  private readonly tracking = new Tracking()
   private round = 0
   private progressTimer: unknown
   private rateWindow = { t: 0, bytes: 0, rate: 0 }
@@ -71,6 +69,8 @@ export class MigrationSource implements SourceHandlers {
     private readonly hooks: SourceHooks,
   ) {
     this.clock = opts.clock ?? systemClock
+    this.session = opts.session ?? randomBytes(12).toString('hex')
+    this.servicePorts = new ServicePorts(parseAddress(opts.to).host, hooks.forwardTo)
     this.cancelled = new Promise<never>((_, reject) => (this.cancelWith = reject))
     this.cancelled.catch(() => {})
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))
@@ -208,9 +208,8 @@ export class MigrationSource implements SourceHandlers {
       const failed = this.guard(this.attachLink())
       const rounds: RoundReport[] = []
       this.machine.transition(SourcePhase.PRECOPY)
-      this.trackerChoice = trackerFor(this.binding, this.opts.tracker)
-      this.tracker = openTracker(this.binding, this.regions, this.trackerChoice.kind)
-      const common = { regions: this.regions, bulk, sender: this.sender, tracker: this.tracker, clock: this.clock, mode: this.opts.mode, switchoverBytesPerSec: this.opts.switchoverBandwidth, takeFreed: () => this.hooks.takeFreed() }
+      const tracker = this.tracking.open(this.binding, this.regions, this.opts.tracker)
+      const common = { regions: this.regions, bulk, sender: this.sender, tracker, clock: this.clock, mode: this.opts.mode, switchoverBytesPerSec: this.opts.switchoverBandwidth, takeFreed: () => this.hooks.takeFreed() }
       const pre = await Promise.race([runPrecopy({
         ...common, pageSize: this.binding.pageSize, downtimeMs: this.opts.downtimeMs, maxRounds: this.opts.maxRounds, sync: () => reply(bulk, Msg.SYNC), onRound: (r) => {
           this.round = r
@@ -256,67 +255,81 @@ export class MigrationSource implements SourceHandlers {
       const [resumedAtDest, stats] = await this.postcopy.run(failed)
       this.sender.stopDemand()
       this.machine.transition(SourcePhase.SETTLED)
-      // the forwarder needs the destination service's ports; its service may start listening after it settled
-      if (this.opts.forward && !this.serviceKnown) {
-        await Promise.race([this.serviceAnnounced, new Promise((r) => setTimeout(r, this.opts.forwardWaitMs ?? 10_000).unref())])
-      }
+      await this.portsOfService()
       const report = buildReport({
         mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop, convergenceRate: pre.rate,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
-        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + (this.tracker?.cpuMs ?? 0),
-        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.trackerReport(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + this.tracking.cpuMs,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.tracking.report(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report
     } catch (err) {
-      this.failure ??= err as Error
-      this.sender.stopDemand()
-      const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
-      if (!cancelled) this.current?.close()
-      if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
-      // Once HANDOFF is on the wire the destination may already run the
-      // service: resuming here too would run it twice, unless it said it did not.
-      if (paused && (!this.committed || this.handoffRefused)) {
-        // a cancel while pause() runs: let it finish first, so that resume() comes after it
-        if (pausing) await pausing.catch(() => {})
-        this.hooks.resume()
-        if (this.handoffRefused) (err as UffdMigrateError).message += ' (the service resumed on the source)'
-      } else if (this.committed) {
-        // The destination runs the service now: our copy is its only backing
-        // store for the pages it lacks. Keep it; recovery is the caller's call.
-        ;(err as UffdMigrateError).message += ' (after the hand-off: the source keeps its memory until the destination settles)'
-        ;(err as { afterHandoff?: boolean }).afterHandoff = true
-      }
-      if (cancelled) await this.current?.closeAfterPeer(CANCEL_HANGUP_WAIT_MS)
-      throw err
+      throw await this.failed(err as Error, paused, pausing)
     } finally {
       clearInterval(this.progressTimer as NodeJS.Timeout)
-      this.closeTracker()
+      this.tracking.close(this.committed)
     }
   }
 
-  /** The report's tracker part: the choice, and (sync-wp) what its fault thread did. */
-  private trackerReport(): MigrationReport['tracker'] {
-    const t = this.tracker ?? this.retiredTracker
-    return this.trackerChoice && { ...this.trackerChoice, faults: t?.faults, starved: t?.starved }
+  /**
+   * A new agent, after the one that ran this migration crashed with the service paused here (src/agent-takeover.ts):
+   * whether HANDOFF reached the destination is not known here. It dials in with the migration's session as after a
+   * break (RECOVER): RECOVER_STATE means the service runs there, and post-copy goes on from what arrived; NO_SESSION
+   * means HANDOFF never arrived, and the service resumes here. startedAtMs, stoppedAtMs: the service's thread's clock.
+   */
+  async takeOver(crash: { phase: string; message: string; startedAtMs: number; stoppedAtMs?: number }): Promise<MigrationReport> {
+    this.committed = true // until the destination says that it never got HANDOFF (handoffLost)
+    this.machine.transition(SourcePhase.RECOVERING)
+    this.progressTimer = setInterval(() => this.emitProgress(), 200)
+    const postStart = this.clock.now()
+    try {
+      const [resumedAtDest, stats] = await this.postcopy.takeOver(migrationError(ErrorCode.AGENT, `the migration agent crashed: ${crash.message}`))
+      this.sender.stopDemand()
+      this.machine.transition(SourcePhase.SETTLED)
+      await this.portsOfService()
+      const stoppedAt = crash.stoppedAtMs ?? postStart
+      const report = buildReport({
+        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds: [], precopyStop: 'unknown (agent restarted)',
+        t0: crash.startedAtMs, pauseAt: stoppedAt, stoppedAt, marks: {}, postStart, settledAt: this.clock.now(), resumedAtDest, clock: this.postcopy.recoverClock ?? { offsetMs: 0, rttMs: 0 },
+        bytesOnWire: this.link.bytesWritten + this.link.bytesRead, sourceCpuMs: undefined, discarded: 0, missingAtHandoff: 0, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+      })
+      this.link.close()
+      return { ...report, takeover: { crashedInPhase: crash.phase, message: crash.message } }
+    } catch (err) {
+      throw await this.failed(err as Error, true, undefined)
+    } finally {
+      clearInterval(this.progressTimer as NodeJS.Timeout)
+    }
   }
 
-  /**
-   * Before the hand-off, tracking ends at once: the service runs on here,
-   * and a next migration may track it again. After it, the tracker is kept
-   * until the agent exits: ending write-protection walks every page table
-   * with the mmap lock held (0.8 s at 4 GiB), which stalls every thread of
-   * the process that faults meanwhile, the forwarder's included (a traced
-   * precopy run: the source's main thread stalled 164 ms, clients waited
-   * 227 ms instead of 47-66). The service no longer runs here; the process
-   * is on its way out, and its exit pays for it.
-   */
-  private closeTracker(): void {
-    const t = this.tracker
-    this.tracker = undefined
-    if (!t) return
-    if (this.committed) this.retiredTracker = t // a reference, so that no finalizer closes it at a random moment
-    else t.close()
+  /** The migration failed: the service resumes here unless it may run on the destination; returns err, told so. */
+  private async failed(err: Error, paused: boolean, pausing: Promise<PausedService> | undefined): Promise<Error> {
+    this.failure ??= err
+    this.sender.stopDemand()
+    const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
+    if (!cancelled) this.current?.close()
+    if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
+    // Once HANDOFF is on the wire the destination may already run the
+    // service: resuming here too would run it twice, unless it said it did not.
+    if (paused && (!this.committed || this.handoffRefused)) {
+      // a cancel while pause() runs: let it finish first, so that resume() comes after it
+      if (pausing) await pausing.catch(() => {})
+      this.hooks.resume()
+      if (this.handoffRefused) err.message += ' (the service resumed on the source)'
+    } else if (this.committed) {
+      // The destination runs the service now: our copy is its only backing
+      // store for the pages it lacks. Keep it; recovery is the caller's call.
+      err.message += ' (after the hand-off: the source keeps its memory until the destination settles)'
+      ;(err as { afterHandoff?: boolean }).afterHandoff = true
+    }
+    if (cancelled) await this.current?.closeAfterPeer(CANCEL_HANGUP_WAIT_MS)
+    return err
+  }
+
+  /** Settled: the forwarder needs the destination service's ports; its service may start listening after it settled. */
+  private async portsOfService(): Promise<void> {
+    if (this.opts.forward) await this.servicePorts.wait(this.opts.forwardWaitMs ?? 10_000)
   }
 
   /** Routes the urgent and bulk connections' frames through the message table; the promise rejects when any connection breaks. */
@@ -341,20 +354,8 @@ export class MigrationSource implements SourceHandlers {
     rule.handle(this, f)
   }
 
-  private serviceKnown = false
-  private announceService!: () => void
-  private readonly serviceAnnounced = new Promise<void>((r) => (this.announceService = r))
-
   onService(f: Frame): void {
-    const m = decodeControl(f.type, f.payload)
-    const ports = field<unknown[]>(m, 'ports', 'array', 'SERVICE').map((p, i) => {
-      if (p === null) return null
-      if (!Number.isInteger(p) || (p as number) < 1 || (p as number) > 65535) throw migrationError(ErrorCode.PROTOCOL, `expected SERVICE.ports[${i}] to be a port or null, got ${JSON.stringify(p)}`)
-      return p as number
-    })
-    this.serviceKnown = true
-    this.hooks.forwardTo?.(parseAddress(this.opts.to).host, ports)
-    this.announceService()
+    this.servicePorts.onService(f)
   }
 
   onPeerError(f: Frame): never {
@@ -377,7 +378,7 @@ export class MigrationSource implements SourceHandlers {
       phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
       pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
       totalPages: this.totalPages,
-      ...(this.trackerChoice ? { tracker: this.trackerChoice.kind } : {}),
+      ...(this.tracking.kind ? { tracker: this.tracking.kind } : {}),
       ...(this.bandwidth.bytesPerSec ? { limitBytesPerSec: this.bandwidth.bytesPerSec } : {}),
     })
   }

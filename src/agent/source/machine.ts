@@ -26,7 +26,8 @@ export enum SourcePhase {
 }
 
 export const SOURCE_TRANSITIONS: TransitionTable<SourcePhase> = {
-  [SourcePhase.CONNECT]: [SourcePhase.PRECOPY, SourcePhase.FAILED],
+  // recovering: a new agent takes over a migration whose agent crashed with the service paused (takeOver())
+  [SourcePhase.CONNECT]: [SourcePhase.PRECOPY, SourcePhase.RECOVERING, SourcePhase.FAILED],
   [SourcePhase.PRECOPY]: [SourcePhase.HANDOFF, SourcePhase.FAILED],
   [SourcePhase.HANDOFF]: [SourcePhase.POSTCOPY, SourcePhase.FAILED],
   [SourcePhase.POSTCOPY]: [SourcePhase.RECOVERING, SourcePhase.SETTLED, SourcePhase.FAILED],

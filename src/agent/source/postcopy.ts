@@ -58,6 +58,8 @@ export class Postcopy {
   /** The demand connection's native threads served the faults. */
   nativeDemand = false
   recoveries = 0
+  /** From the last RECOVER_STATE: the destination's clock against this side's (offset, ms). */
+  recoverClock: { offsetMs: number; rttMs: number } | undefined
   /** From RESUMED (destination clock): when HANDOFF arrived and when its discard list was applied. */
   destHandoff: { handoffAtMs: number; discardedAtMs: number } | undefined
   /** Bumped when a link breaks: work started on the old link stops. */
@@ -241,13 +243,25 @@ export class Postcopy {
 
   // ---- recovery ------------------------------------------------------------------
 
+  /**
+   * A new agent takes over a migration whose agent crashed with the service paused (MigrationSource.takeOver()):
+   * nothing of the old link is left here, so it dials in as after a break; the rest is run()'s.
+   */
+  async takeOver(cause: Error): Promise<[number, Record<string, unknown>]> {
+    const back = await this.recover(cause, false)
+    if (back.settled) return [await this.resumedAt, back.settled]
+    return this.run(back.failed)
+  }
+
   /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
-  private async recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
-    this.generation++ // the push loop and the replies of the broken link stop
-    this.sender.stopDemand()
-    this.host.link.close()
-    this.recoveries++
-    this.host.recovering()
+  private async recover(cause: Error, hadLink = true): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
+    if (hadLink) {
+      this.generation++ // the push loop and the replies of the broken link stop
+      this.sender.stopDemand()
+      this.host.link.close()
+      this.recoveries++
+      this.host.recovering()
+    }
     const deadline = this.clock.now() + this.opts.recoveryTimeoutMs
     let last = cause
     for (let attempt = 0; this.clock.now() < deadline; attempt++) {
@@ -256,8 +270,11 @@ export class Postcopy {
       try {
         link = await this.host.reconnect()
         link.bulk.send(encodeControl(Msg.RECOVER, {}))
+        const askedAt = this.clock.now()
         const f = await reply(link.bulk, Msg.RECOVER_STATE)
         const m = decodeControl(f.type, f.payload)
+        // one clock sample (the takeover's report has no other): the destination's clock when it answered
+        if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
         if (typeof m.resumedAtMs === 'number') this.resumedResolve(m.resumedAtMs)
         const settled = typeof m.settled === 'object' && m.settled !== null ? (m.settled as Record<string, unknown>) : undefined
         if (!settled) this.applyRecoverState(m)

@@ -1,0 +1,63 @@
+/**
+ * The source's agent crashes (a bug, injected) while a migration has the service paused. Nobody on the source knows
+ * then whether HANDOFF reached the destination; a new agent dials in with the migration's session (RECOVER) and the
+ * destination's answer decides: post-copy goes on (the service runs there), or the service resumes here (it never got
+ * HANDOFF). Before, the service stayed paused at the source for ever, or died with exit code 4 while the
+ * destination, missing pages, failed after its recovery timeout: the service was lost on both hosts.
+ * Real processes, real TCP; the crash points are UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy / agent-crash:paused
+ * (read by the source's first agent only).
+ */
+import { afterEach, describe, expect, it } from 'vitest'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+import { killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
+
+const skip = kernelSkipReason()
+
+afterEach(killAll)
+
+describe.skipIf(skip)('a new agent takes over', () => {
+  it('the agent crashes in post-copy: a new one recovers the link, every page arrives, the service moved', async () => {
+    const { A, g, port, http, dst } = await twoHosts('takeover-post')
+    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:postcopy'
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    // a slow push (64 MiB at 16 MiB/s: 4 s) so that the crash comes with most pages still here
+    const { code, report, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--max-postcopy-bandwidth', '16MiB'])
+    expect(code, sendFailure(send, dst)).toBe(0)
+    const r = report!
+    expect(r.takeover).toEqual({ crashedInPhase: 'postcopy', message: 'injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy' })
+    expect(r.precopyStop).toBe('unknown (agent restarted)')
+    // the new agent pushed what the destination lacked when it came back, and the destination received nothing twice
+    expect(r.postcopy.pushedPages).toBeGreaterThan(1000)
+    expect(r.pagesSentTwiceAfterHandoff).toBe(0)
+    expect(r.downtimeMs).toBeGreaterThan(0)
+    expect(src.stderr).toMatch(/migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy; the service stays paused while a new agent asks 127\.0\.0\.1:\d+ whether the hand-off arrived/)
+    expect(src.stderr).toMatch(/a new migration agent takes over the migration to 127\.0\.0\.1:\d+ \(the last one crashed in phase postcopy/)
+    expect(dst.stderr).toMatch(/the source came back after/)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+  }, 90_000)
+
+  it('the agent crashes as the service paused, before HANDOFF left: the service resumes here, and moves on the next try', async () => {
+    const { A, g, port, http, dst } = await twoHosts('takeover-paused')
+    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:paused'
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    const first = await sendAndWait(A, g, port)
+    expect(first.code, first.send.stderr).toBe(1)
+    expect(first.send.stderr).toMatch(/hand-off never arrived.*\(the service resumed on the source\)/)
+    expect(src.stderr).toMatch(/a new migration agent takes over .* \(the last one crashed in phase handoff/)
+    // it serves here again, and its memory moves with the new agent
+    expect((await page(srcHttp, 1)).ok).toBe(true)
+    const status = A.cli(['status', '--guest', g])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    const second = await sendAndWait(A, g, port)
+    expect(second.code, sendFailure(second.send, dst)).toBe(0)
+    expect(second.report!.takeover).toBeUndefined()
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+  }, 90_000)
+})
