@@ -4,8 +4,10 @@
  * the destination says settled. The service's memory is kept until then.
  * Concerns live beside it: link.ts (dial, handshake, clock), sender.ts (what
  * the destination holds, every page sent), precopy.ts (rounds, hot pages,
- * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts;
- * hooks.ts: its options and how it reaches the service.
+ * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts,
+ * tracking.ts (the dirty-page tracker's life), service-ports.ts (where the
+ * destination's service listens); hooks.ts: its options and how it reaches the
+ * service. takeOver(): a new agent after one that crashed (src/agent-handle.ts).
  */
 import { randomBytes } from 'node:crypto'
 import type { NativeBinding } from '../../binding'
