@@ -23,7 +23,6 @@ export const MAX_TAKEOVERS = 1
 export class AgentHandle {
   private worker!: Worker
   private exited!: Promise<void>
-  private referenced = false
 
   constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void) {
     this.attach(worker)
@@ -32,10 +31,9 @@ export class AgentHandle {
   private attach(worker: Worker): void {
     this.worker = worker
     this.exited = new Promise((resolve) => worker.once('exit', () => resolve()))
+    // (a 'message' listener refs the worker: it keeps the process alive until unref() after a migration)
     worker.on('message', this.onMessage)
     worker.on('error', this.onCrash)
-    if (this.referenced) worker.ref()
-    else worker.unref()
   }
 
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
@@ -44,12 +42,10 @@ export class AgentHandle {
 
   /** While a migration runs, the agent keeps the process alive. */
   ref(): void {
-    this.referenced = true
     this.worker.ref()
   }
 
   unref(): void {
-    this.referenced = false
     this.worker.unref()
   }
 

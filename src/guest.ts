@@ -94,8 +94,11 @@ export class Guest extends EventEmitter {
   private onAgentCrash(err: Error): void {
     const run = this.migrating
     if (run?.stoppedAtMs !== undefined && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
+    // paused, and the new agent crashed too: nobody here can tell whether the service runs at the destination
+    const where = run?.stoppedAtMs !== undefined ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
-    this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: restart the service (it runs on) to move it`, ErrorCode.AGENT)
+    this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: ${where}`, ErrorCode.AGENT)
+    if (run?.stoppedAtMs !== undefined) e.message = this.agentEnded.message
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
     this.lastFailure = e
     process.stderr.write(`uffd-migrate: guest '${this.name}': ${this.agentEnded.message}\n`)

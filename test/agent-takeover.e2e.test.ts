@@ -60,4 +60,24 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect((await page(http, 1)).ok).toBe(true)
   }, 90_000)
+
+  it('the new agent crashes too: the service stays paused, and the error says where it may run', async () => {
+    const { A, g, port, dst } = await twoHosts('takeover-twice')
+    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:paused+takeover'
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const { code, send } = await sendAndWait(A, g, port)
+    expect(code).toBe(1)
+    const why = /migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:paused\+takeover \(the new agent\); no migration can start from this process now: the service stays paused here: it may run on 127\.0\.0\.1:\d+ now/
+    expect(send.stderr).toMatch(why)
+    const status = A.cli(['status', '--guest', g, '--json'])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    const st = JSON.parse(status.lines.join('\n')) as { phase: string; lastError?: { code: string; message: string } }
+    expect(st.phase).toBe('failed')
+    expect(st.lastError?.code).toBe('ERR_AGENT')
+    expect(st.lastError?.message).toMatch(why)
+    // the process lives on (paused), and the destination, which never got HANDOFF, listens again
+    expect(src.child.exitCode).toBeNull()
+    expect(dst.stderr).toMatch(/a migration ended before the hand-off/)
+  }, 90_000)
 })

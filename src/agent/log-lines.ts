@@ -39,7 +39,7 @@ export const sourceLine = {
   began: (to: string, mode: string, limits?: BandwidthLimits, switchoverBytesPerSec?: number) =>
     `a migration to ${to} began (mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''}` +
     `${switchoverBytesPerSec ? `; pre-copy converges against a switchover bandwidth of ${perSecond(switchoverBytesPerSec)}` : ''})`,
-  /** A new agent after the one that ran the migration crashed with the service paused (src/agent-takeover.ts). */
+  /** A new agent after the one that ran the migration crashed with the service paused (src/agent-handle.ts). */
   takeover: (to: string, phase: string) =>
     `a new migration agent takes over the migration to ${to} (the last one crashed in phase ${phase}, the service paused): dialling in with its session to learn whether the hand-off arrived`,
   /** The operator changed the limits of the running migration (set-bandwidth). */

@@ -38,7 +38,7 @@ export interface AgentWorkerData {
   sockets: SocketTuning
   /** Destination: its exit watch (native/exit_watch.cc), made by the service's thread, which takes failures on it. */
   exitWatch?: number
-  /** This agent replaces one that crashed (src/agent-takeover.ts); the crash injections below are not repeated in it. */
+  /** This agent replaces one that crashed (src/agent-handle.ts); the crash injections below are not repeated in it. */
   takeover?: boolean
 }
 
@@ -112,7 +112,10 @@ port.on('message', onMain)
 process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 // (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off)
-const inject = data.takeover ? undefined : process.env.UFFD_MIGRATE_FAULT_INJECT
+// (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
+const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
+const inject = data.takeover ? undefined : injected?.[0]
+if (data.takeover && injected?.[1] === 'takeover') setImmediate(() => injectedCrash(`${injected.join('+')} (the new agent)`))
 if (inject === 'agent-crash') crashOnceMainBlocked()
 if (inject === 'agent-crash:now') setImmediate(() => injectedCrash('agent-crash:now'))
 

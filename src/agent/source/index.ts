@@ -275,7 +275,7 @@ export class MigrationSource implements SourceHandlers {
   }
 
   /**
-   * A new agent, after the one that ran this migration crashed with the service paused here (src/agent-takeover.ts):
+   * A new agent, after the one that ran this migration crashed with the service paused here (src/agent-handle.ts):
    * whether HANDOFF reached the destination is not known here. It dials in with the migration's session as after a
    * break (RECOVER): RECOVER_STATE means the service runs there, and post-copy goes on from what arrived; NO_SESSION
    * means HANDOFF never arrived, and the service resumes here. startedAtMs, stoppedAtMs: the service's thread's clock.
