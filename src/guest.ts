@@ -98,7 +98,11 @@ export class Guest extends EventEmitter {
     const where = run?.stoppedAtMs !== undefined ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: ${where}`, ErrorCode.AGENT)
-    if (run?.stoppedAtMs !== undefined) e.message = this.agentEnded.message
+    // and the process must not end by itself: its memory may be the only copy of pages the service there lacks
+    if (run?.stoppedAtMs !== undefined) {
+      e.message = this.agentEnded.message
+      setInterval(() => {}, 2 ** 30)
+    }
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
     this.lastFailure = e
     process.stderr.write(`uffd-migrate: guest '${this.name}': ${this.agentEnded.message}\n`)
