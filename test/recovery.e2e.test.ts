@@ -52,6 +52,22 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(r.report!.postcopy.pagesLocalAtDestination).toBe(16384) // the destination's own report arrived (0 when lost)
   }, 60_000)
 
+  it('the source dials in again while the destination still trusts the old connections (a reset that reached one side)', async () => {
+    // the destination's ends of the old connections stay open and silent: it would notice only after its stuck-source
+    // timeout, and refused the source's new connections as another migration's (ERR_MIGRATION_BUSY) until then
+    relay = new Relay(64 * MiB)
+    relay.oneSided = true
+    const r = await migrateExample({
+      example: 'scan-service', sizeMiB: 512, mode: 'postcopy',
+      serviceArgs: ['--ws-mib', '0'],
+      relay: (host, port) => relay!.start(host, port),
+    })
+    expect(relay.cuts).toBe(1)
+    expect(r.error).toBeUndefined()
+    expect(r.verify).toBe('ok pages=131072')
+    expect(r.report!.postcopy.recoveries).toBe(1)
+  }, 60_000)
+
   it('fails with a clear error when the link stays down past the recovery timeout', async () => {
     relay = new Relay(64 * MiB, true)
     const r = await migrateExample({

@@ -1,7 +1,9 @@
 /**
  * A TCP relay between a source and a destination that can break the link:
  * every open connection reset at once, both ways (as a failing switch or a
- * restarted firewall would).
+ * restarted firewall would), or towards the source only (`oneSided`: the
+ * destination's side of each connection stays open and silent, as after a
+ * reset that reached one host, or a partition the source noticed first).
  */
 import { createServer, type Server, type Socket, connect } from 'node:net'
 import { pollUntil } from './wait'
@@ -10,6 +12,7 @@ import { pollUntil } from './wait'
 export class Relay {
   private server: Server | undefined
   private readonly open = new Set<Socket>()
+  private readonly clients = new WeakSet<Socket>()
   bytesToDestination = 0
   cuts = 0
   connections = 0
@@ -20,6 +23,9 @@ export class Relay {
    * (that frame is lost with the link).
    */
   constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false, private readonly cutOnType?: number) {}
+
+  /** cut() resets the source's side only; the destination's stays open, nothing more forwarded either way. */
+  oneSided = false
 
   /** Towards the destination at most this many bytes per second (0: as fast as it goes). */
   rateBytesPerSec = 0
@@ -38,6 +44,7 @@ export class Relay {
     this.server = createServer((client) => {
       if (this.refuseAfterCut && this.cuts > 0) return client.destroy()
       this.connections++
+      this.clients.add(client)
       const upstream = connect(port, host)
       for (const s of [client, upstream]) {
         this.open.add(s)
@@ -65,16 +72,16 @@ export class Relay {
         }
         client.write(chunk)
       })
-      client.on('close', () => upstream.destroy())
+      client.on('close', () => (this.oneSided && this.cuts > 0 ? upstream.pause() : upstream.destroy()))
       upstream.on('close', () => client.destroy())
     })
     return new Promise((resolve) => this.server!.listen(0, '127.0.0.1', () => resolve(`127.0.0.1:${(this.server!.address() as { port: number }).port}`)))
   }
 
-  /** Every connection reset at once, both ways. */
+  /** Every connection reset at once, both ways (oneSided: the source's side only). */
   private cut(): void {
     this.cuts++
-    for (const s of this.open) s.resetAndDestroy()
+    for (const s of this.open) if (!this.oneSided || this.clients.has(s)) s.resetAndDestroy()
   }
 
   close(): void {

@@ -224,6 +224,23 @@ describe('a stuck source', () => {
     expect(d.dest.phase).toBe(DestPhase.PRECOPY)
   })
 
+  it('post-copy: the session\'s source dialling in again means its old connections are dead (recovering); another session is BUSY', async () => {
+    const d = await drive(DestPhase.POSTCOPY)
+    const dial = (session: string) => {
+      const [a, b] = MemoryTransport.pair()
+      void d.dest.accept(b, 'peer:3')
+      return clientHandshake(new Channel(a, 'urgent'), TOKEN, { role: 'urgent', session }).then(() => undefined, (e: UffdMigrateError) => e)
+    }
+    expect(await dial('another')).toMatchObject({ code: 'ERR_MIGRATION_BUSY' })
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+    expect(await dial('raw-session')).toBeUndefined()
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+    expect(d.events.filter((e) => e === 'recovering' || e.startsWith('refused'))).toEqual([
+      'refused: refused a connection from peer:3: a migration is already in progress on this destination [ERR_MIGRATION_BUSY]',
+      'recovering',
+    ])
+  })
+
   it('pre-copy: a quiet source ends the session and the destination listens again', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })

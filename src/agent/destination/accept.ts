@@ -126,8 +126,9 @@ export class Acceptor {
       if (this.streams.length >= this.streamsAllowed) throw migrationError(ErrorCode.PROTOCOL, `more extra bulk streams than the ${this.streamsAllowed} granted`)
       return false
     }
-    const rejoin = (phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
-    if (phase !== DestPhase.LISTENING && !rejoin) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+    if (phase === DestPhase.POSTCOPY && info.session === this.session) this.supersede()
+    const rejoin = (this.host.phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
+    if (!rejoin && phase !== DestPhase.LISTENING) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
     if (this.session && info.session !== this.session) {
       // the slot's holder has not sent its region table yet: it lapses by itself at the deadline
       const err = migrationError(ErrorCode.BUSY, 'another source is connecting to this destination; its slot lapses unless it starts within the handshake deadline')
@@ -138,6 +139,16 @@ export class Acceptor {
     if (!this.session) this.takeSlot(info.session)
     this.session = info.session
     return rejoin
+  }
+
+  /**
+   * The session's source dialled in again after the hand-off: it gave up on its connections, though from here they
+   * look alive (a reset that reached one host only, a partition it noticed first). They are broken: failing one makes
+   * the destination recover (its close listener), and this connection rejoins. Refused as BUSY, the source's recovery
+   * ended at once while this side waited for a stuck-source timeout. (QEMU needs migrate-pause on the destination.)
+   */
+  private supersede(): void {
+    ;(this.urgent ?? this.bulk)?.fail(migrationError(ErrorCode.CONNECTION, 'the source dialled in again with this session: its old connections are dead'))
   }
 
   private refuse(peer: string, err: Error): void {
