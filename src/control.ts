@@ -9,6 +9,7 @@ import type { Progress } from './agent/source/index'
 import type { MigrationReport } from './agent/report'
 import type { MigrateOptions } from './options'
 import { ErrorCode, UffdMigrateError } from './errors'
+import { logLine } from './log'
 
 export function controlDir(): string {
   return process.env.XDG_RUNTIME_DIR ? join(process.env.XDG_RUNTIME_DIR, 'uffd-migrate') : '/run/uffd-migrate'
@@ -93,7 +94,7 @@ export class ControlServer {
 /** Receive mode goes on without a control socket when it cannot have one, and says so (status and send cannot reach it). */
 export function withoutControl(name: string): (err: Error) => undefined {
   return (err) => {
-    process.stderr.write(`uffd-migrate: guest '${name}': no control socket (${err.message}): \`uffd-migrate status/send --guest ${name}\` cannot reach it\n`)
+    logLine(name, 'no-control-socket', `no control socket (${err.message}): \`uffd-migrate status/send --guest ${name}\` cannot reach it`, 'warn')
     return undefined
   }
 }

@@ -7,6 +7,7 @@ import type { EventEmitter } from 'node:events'
 import { loadBinding } from './binding'
 import { EXIT_MOVE_FAILED } from './errors'
 import type { Forwarder } from './forwarder'
+import { logLine } from './log'
 
 interface EndingGuest extends EventEmitter {
   readonly name: string
@@ -21,7 +22,7 @@ export function exitWhenMoved(guest: EndingGuest, to: string, forwarder: Forward
     if (!forwarder.idleFor(idleMs)) return
     clearInterval(timer)
     const c = forwarder.counts
-    process.stderr.write(`uffd-migrate: guest '${guest.name}' moved to ${to}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting\n`)
+    logLine(guest.name, 'forwarded-exit', `moved to ${to}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting`)
     exit()
   }, 100)
 }
@@ -36,7 +37,7 @@ export function emitOrExit(guest: EndingGuest, exitOnMoved: boolean, event: 'mov
   const handled = guest.listenerCount(event) > ownListeners // before the emit, which removes once() listeners
   guest.emit(event, err)
   if (!exitOnMoved || handled) return
-  process.stderr.write(`uffd-migrate: guest '${guest.name}': exiting with code ${EXIT_MOVE_FAILED}: ${why}\n`)
+  logLine(guest.name, 'exiting', `exiting with code ${EXIT_MOVE_FAILED}: ${why}`, 'error')
   process.exitCode = EXIT_MOVE_FAILED // holds even if the loop runs dry before the timer
   const hard = event === 'failed' ? loadBinding().exitProcess : undefined
   setTimeout(() => (hard ? hard(EXIT_MOVE_FAILED) : void guest.close().then(() => process.exit(EXIT_MOVE_FAILED))), 50)

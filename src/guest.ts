@@ -32,6 +32,7 @@ import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
 import { AGENT_WORKER, AgentHandle, MAX_TAKEOVERS } from './agent-handle'
 import { emitOrExit, exitWhenMoved } from './guest-exit'
+import { logLine } from './log'
 
 export { GuestRegion } from './guest-region'
 export type { GuestOptions, MigrateOptions } from './options'
@@ -105,7 +106,7 @@ export class Guest extends EventEmitter {
     }
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
     this.lastFailure = e
-    process.stderr.write(`uffd-migrate: guest '${this.name}': ${this.agentEnded.message}\n`)
+    logLine(this.name, 'agent-crashed', this.agentEnded.message, 'error')
   }
 
   static async start(opts: GuestOptions): Promise<Guest> {
@@ -302,7 +303,7 @@ export class Guest extends EventEmitter {
         for (const w of this.waiters.values()) w.reject(err)
         this.waiters.clear()
         // the agent logged the failure, unless it was the agent that crashed
-        if (err.code === ErrorCode.AGENT) process.stderr.write(`uffd-migrate: guest '${this.name}': ${err.message}\n`)
+        if (err.code === ErrorCode.AGENT) logLine(this.name, 'agent-crashed', err.message, 'error')
         // 1: guest.settled's own listener
         return emitOrExit(this, this.opts.exitOnMoved !== false, 'failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
@@ -357,7 +358,7 @@ export class Guest extends EventEmitter {
   /** The agent crashed with the service paused for a migration: a new one asks the destination what became of it. */
   private async takeOver(run: NonNullable<Guest['migrating']>, err: Error): Promise<void> {
     run.takeovers++
-    process.stderr.write(`uffd-migrate: guest '${this.name}': migration agent crashed: ${err.message}; the service stays paused while a new agent asks ${run.wire.to} whether the hand-off arrived\n`)
+    logLine(this.name, 'agent-crashed', `migration agent crashed: ${err.message}; the service stays paused while a new agent asks ${run.wire.to} whether the hand-off arrived`, 'error')
     await run.pausing // its answer went to the crashed agent; the new one must not resume the service before it returned
     await this.agent.replace(this.sourceAgent)
     const crash = { phase: this.lastProgress?.phase ?? 'handoff', message: err.message, startedAtMs: run.startedAtMs, stoppedAtMs: run.stoppedAtMs }

@@ -10,6 +10,7 @@ import type { AgentToMain, MainToAgent } from './agent/messages'
 import type { ControlledGuest } from './control'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { rehearseForwarding } from './forward-rehearsal'
+import { logLine } from './log'
 
 const packr = new Packr({ useRecords: false })
 
@@ -79,7 +80,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
     const onMessage = (m: AgentToMain) => {
       if (m.type === 'listening') {
         // one line for the operator (and for tests that wait for it)
-        process.stderr.write(`uffd-migrate: guest '${name}' waiting for the incoming migration on ${listen} (port ${m.port})\n`)
+        logLine(name, 'listening', `waiting for the incoming migration on ${listen} (port ${m.port})`)
       }
       // the service restored here serves HTTP: its first requests must not run Node's HTTP code cold
       if (m.type === 'rehearse') void rehearseForwarding(1000).then(() => worker.postMessage({ type: 'rehearsed' } satisfies MainToAgent))

@@ -1,14 +1,15 @@
 /**
- * The operator's log: one line on the service's stderr at each turn of a
- * migration, on each side (the README's Troubleshooting lists them). Written
- * by the agent's thread (worker.ts), so they come even while the service's
- * thread is blocked in a fault.
+ * The operator's log: the words of each line at each turn of a migration, on
+ * each side (the README's Troubleshooting lists them; src/log.ts writes them,
+ * as text or JSON, with their event names). Written by the agent's thread
+ * (worker.ts), so they come even while the service's thread is blocked in a fault.
  */
 import { ErrorCode } from '../errors'
 import { bytes, limitsText, perSecond } from '../units'
 import type { DestMilestone } from './destination/hooks'
 import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
+import type { LogEvent, LogLevel } from '../log'
 
 /** The guest's regions, as the lines count them. */
 export interface RegionSizes {
@@ -44,11 +45,11 @@ export const sourceLine = {
     `a new migration agent takes over the migration to ${to} (the last one crashed in phase ${phase}, the service paused): dialling in with its session to learn whether the hand-off arrived`,
   /** The operator changed the limits of the running migration (set-bandwidth). */
   limits: (to: string, l: BandwidthLimits) => `the migration to ${to} now runs with bandwidth limits: ${limitsText(l)}`,
-  /** A phase change worth a line (from the hand-off on), or undefined. */
-  phase(to: string, from: string, phase: string, recoveryTimeoutMs: number): string | undefined {
-    if (phase === 'postcopy' && from === 'handoff') return `handed off to ${to}: the service runs there now; this process keeps its memory until every page is there`
-    if (phase === 'recovering') return `the link to ${to} broke after the hand-off; dialling it again for up to ${recoveryTimeoutMs} ms`
-    if (phase === 'postcopy' && from === 'recovering') return `the link to ${to} is back; post-copy goes on`
+  /** A phase change worth a line (from the hand-off on): its event and words, or undefined. */
+  phase(to: string, from: string, phase: string, recoveryTimeoutMs: number): [LogEvent, string, LogLevel] | undefined {
+    if (phase === 'postcopy' && from === 'handoff') return ['handed-off', `handed off to ${to}: the service runs there now; this process keeps its memory until every page is there`, 'info']
+    if (phase === 'recovering') return ['link-broken', `the link to ${to} broke after the hand-off; dialling it again for up to ${recoveryTimeoutMs} ms`, 'warn']
+    if (phase === 'postcopy' && from === 'recovering') return ['link-back', `the link to ${to} is back; post-copy goes on`, 'info']
     return undefined
   },
   moved: (to: string, r: MigrationReport) => `moved to ${to}: settled there; downtime ${r.downtimeMs.toFixed(1)} ms, total ${r.totalMs.toFixed(0)} ms`,
@@ -68,10 +69,10 @@ export const destinationTrouble = {
       : `the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`,
   sessionEnded: (e: { code?: string; message: string }) =>
     `a migration ended before the hand-off (${e.message}) [${e.code ?? ErrorCode.GENERIC}]; listening for the next source`,
-  /** Written by the exit watch (a native thread) as it ends the process: whole, with its prefix and newline. */
-  notTaken: (name: string, what: string, waitedMs: number, exitCode: number) =>
-    `uffd-migrate: guest '${name}': ${what}, and the service's main thread did not take the failure within ${waitedMs} ms ` +
-    `(it waits for a page that cannot arrive now): ending the process with exit code ${exitCode}\n`,
+  /** Written by the exit watch (a native thread) as it ends the process (deferredLogLine()). */
+  notTaken: (what: string, waitedMs: number, exitCode: number) =>
+    `${what}, and the service's main thread did not take the failure within ${waitedMs} ms ` +
+    `(it waits for a page that cannot arrive now): ending the process with exit code ${exitCode}`,
 }
 
 /** Either side's agent. */

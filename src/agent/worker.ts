@@ -4,7 +4,7 @@
  * the agent keeps running while the main thread is blocked in a fault. The
  * environment is read here, at the process boundary, and passed down.
  */
-import { readFileSync, writeSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
@@ -20,6 +20,10 @@ import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from '.
 import { warmLinkCode } from './warm-up'
 import type { BandwidthLimits } from './source/bandwidth'
 import { Yielding } from './yielding'
+import { deferredLogLine, type LogEvent, type LogLevel, logLine } from '../log'
+
+/** The destination's milestones as log events. */
+const MILESTONE_EVENTS = { began: 'incoming', resumed: 'resumed', back: 'link-back', settled: 'settled' } as const satisfies Record<string, LogEvent>
 
 export interface AgentWorkerData {
   role: 'source' | 'destination'
@@ -52,22 +56,12 @@ if (data.agentNice) binding.setThreadNice(data.agentNice)
 const yielding = new Yielding((nice) => binding.setThreadNice(nice), data.agentNice)
 /** Post-copy is over (settled or failed): this thread's own nice again, where the kernel allows it. */
 const stopYielding = () => {
-  if (!yielding.leave()) log(agentTrouble.stillYielding(yielding.nice))
+  if (!yielding.leave()) log('still-yielding', agentTrouble.stillYielding(yielding.nice), 'warn')
 }
 const { bulkBufferBytes, pushUnsentBytes } = data.sockets
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
-/**
- * One line on stderr for the operator, written by this thread with a plain
- * write(2): the service's thread may be blocked in a fault (that is when a
- * stuck source matters), and a worker's process.stderr goes through it.
- */
-const log = (line: string) => {
-  try {
-    writeSync(2, `uffd-migrate: guest '${data.name ?? '?'}': ${line}\n`)
-  } catch {
-    // stderr closed: nobody to tell
-  }
-}
+/** One line on stderr for the operator, written by this thread (src/log.ts). */
+const log = (event: LogEvent, line: string, level: LogLevel = 'info') => logLine(data.name ?? '?', event, line, level)
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
@@ -109,7 +103,7 @@ port.on('message', onMain)
 
 // A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
-process.on('uncaughtExceptionMonitor', (err) => log(agentTrouble.crashed(err)))
+process.on('uncaughtExceptionMonitor', (err) => log('agent-crashed', agentTrouble.crashed(err), 'error'))
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 // (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
@@ -191,13 +185,14 @@ function outgoingMigrations() {
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
       let phase = '', leftAtHandoff: number | undefined
-      log(crash ? sourceLine.takeover(wire.to, crash.phase) : sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
+      if (crash) log('agent-takeover', sourceLine.takeover(wire.to, crash.phase), 'warn')
+      else log('migration-began', sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
         progress: (p) => {
           const line = p.phase !== phase ? sourceLine.phase(wire.to, phase, p.phase, wire.recoveryTimeoutMs) : undefined
-          if (line) log(line)
+          if (line) log(...line)
           phase = p.phase
           // once a page moved after the hand-off (the destination has HANDOFF then: it asks, or RESUMED started the push)
           if (inject === 'agent-crash:postcopy' && phase === 'postcopy' && p.pagesLeft < (leftAtHandoff ??= p.pagesLeft)) setImmediate(() => injectedCrash(inject))
@@ -219,7 +214,7 @@ function outgoingMigrations() {
       ;(crash ? s.takeOver(crash) : s.run()).then(
         (report) => {
           stopYielding()
-          log(sourceLine.moved(wire.to, report))
+          log('moved', sourceLine.moved(wire.to, report))
           post({ type: 'report', report })
         },
         (err) => {
@@ -227,7 +222,7 @@ function outgoingMigrations() {
           source = undefined
           freed = []
           const e = errorOut(err)
-          log(sourceLine.failed(wire.to, e))
+          log(e.code === ErrorCode.CANCELLED ? 'migration-cancelled' : 'migration-failed', sourceLine.failed(wire.to, e), e.code === ErrorCode.CANCELLED ? 'info' : 'error')
           post({ type: 'failed', error: e })
         },
       )
@@ -244,7 +239,7 @@ function outgoingMigrations() {
       if (!source) post({ type: 'bandwidthRefused', error: { code: ErrorCode.INVALID_ARG, message: 'no migration is running for this guest' } })
       else {
         const now = source.setBandwidth(limits)
-        log(sourceLine.limits(source.to, now))
+        log('bandwidth-changed', sourceLine.limits(source.to, now))
         post({ type: 'bandwidthSet', limits: now })
       }
     },
@@ -262,7 +257,7 @@ function outgoingMigrations() {
  * native thread: it also counts down when this thread ends (a bug in the agent) before every page arrived.
  */
 const FAILED_ANSWER_MS = 3000
-const notTaken = (what: string) => destinationTrouble.notTaken(data.name ?? '?', what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED)
+const notTaken = (what: string) => deferredLogLine(data.name ?? '?', 'exiting', destinationTrouble.notTaken(what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED), 'error')
 const exitWatch = {
   arm: () => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived')),
   disarm: () => data.exitWatch && binding.exitWatchDisarm?.(data.exitWatch),
@@ -279,7 +274,7 @@ function incomingMigration() {
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
-      log(destinationLine({ kind: 'began', peer: o.peer }, regions))
+      log('incoming', destinationLine({ kind: 'began', peer: o.peer }, regions))
       post({ type: 'incoming', peer: o.peer }) // for status while the guest waits
       return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined
     },
@@ -292,23 +287,23 @@ function incomingMigration() {
     failed: (err) => {
       stopYielding()
       const e = errorOut(err)
-      log(destinationTrouble.failed(e))
+      log(e.code === ErrorCode.HANDOFF ? 'handoff-refused' : 'migration-failed', destinationTrouble.failed(e), 'error')
       post({ type: 'failed', error: e })
       // a thread blocked in a fault on one of those pages, for ever, can neither handle this nor exit, and a process
       // that looks alive but answers nothing would hide the failure from its supervisor
       exitWatch.fire()
     },
     recovering: (message) => {
-      log(message)
+      log('link-broken', message, 'warn')
       post({ type: 'recovering', message })
     },
     refused: (message, refusals) => {
-      log(message)
+      log('refused', message, 'warn')
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
-    milestone: (m) => log(destinationLine(m, regions)),
+    milestone: (m) => log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions)),
     sessionEnded: (err) => {
-      log(destinationTrouble.sessionEnded(err as UffdMigrateError))
+      log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       post({ type: 'sessionEnded' })
     },
   })

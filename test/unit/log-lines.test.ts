@@ -2,6 +2,7 @@
 import { describe, expect, it } from 'vitest'
 import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from '../../src/agent/log-lines'
 import type { MigrationReport } from '../../src/agent/report'
+import { deferredLogLine } from '../../src/log'
 
 const regions = [{ sizeBytes: 64 << 20, pageCount: 16384 }, { sizeBytes: 1 << 20, pageCount: 256 }]
 
@@ -31,9 +32,10 @@ describe('source lines', () => {
     expect(at('precopy', 'handoff')).toBeUndefined()
     expect(at('connect', 'precopy')).toBeUndefined()
     expect(at('postcopy', 'settled')).toBeUndefined()
-    expect(at('handoff', 'postcopy')).toMatch(/^handed off to h:7070: the service runs there now/)
-    expect(at('postcopy', 'recovering')).toBe('the link to h:7070 broke after the hand-off; dialling it again for up to 60000 ms')
-    expect(at('recovering', 'postcopy')).toBe('the link to h:7070 is back; post-copy goes on')
+    expect(at('handoff', 'postcopy')?.[0]).toBe('handed-off')
+    expect(at('handoff', 'postcopy')?.[1]).toMatch(/^handed off to h:7070: the service runs there now/)
+    expect(at('postcopy', 'recovering')).toEqual(['link-broken', 'the link to h:7070 broke after the hand-off; dialling it again for up to 60000 ms', 'warn'])
+    expect(at('recovering', 'postcopy')).toEqual(['link-back', 'the link to h:7070 is back; post-copy goes on', 'info'])
   })
 
   it('the start names the bandwidth limits when there are any, and a change of them gets a line', () => {
@@ -72,7 +74,7 @@ describe('trouble lines', () => {
   })
 
   it("the exit watch's line is whole (a native thread writes it as it is) and names the guest, the wait and the code", () => {
-    expect(destinationTrouble.notTaken('kv', 'the migration agent ended before every page arrived', 3000, 4)).toBe(
+    expect(deferredLogLine('kv', 'exiting', destinationTrouble.notTaken('the migration agent ended before every page arrived', 3000, 4), 'error')).toBe(
       "uffd-migrate: guest 'kv': the migration agent ended before every page arrived, and the service's main thread did not take the failure " +
         'within 3000 ms (it waits for a page that cannot arrive now): ending the process with exit code 4\n',
     )

@@ -1,0 +1,43 @@
+/**
+ * UFFD_MIGRATE_LOG_FORMAT=json on both hosts: every line either side's service writes on stderr is one JSON object,
+ * and their events tell the migration's turns in order (a log pipeline alerts on them). Real processes, real TCP.
+ */
+import { afterEach, describe, expect, it } from 'vitest'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+import { host, killAll, listening, page, sendAndWait, sendFailure } from './helpers/hosts'
+
+const skip = kernelSkipReason()
+
+afterEach(killAll)
+
+interface Line { time: string; level: string; guest: string; pid: number; event: string; msg: string }
+const lines = (stderr: string) => stderr.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Line)
+
+describe.skipIf(skip)('JSON log lines', () => {
+  it('a migration there: the source says migration-began, handed-off, moved; the destination listening, incoming, resumed, settled', async () => {
+    const A = host('a'), B = host('b')
+    A.env.UFFD_MIGRATE_LOG_FORMAT = B.env.UFFD_MIGRATE_LOG_FORMAT = 'json'
+    const g = `jsonlog-${process.pid}`, port = await freePort(), http = await freePort()
+    const dst = B.receive(g, port, http)
+    await listening(dst)
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    const { code, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
+    expect(code, sendFailure(send, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0)
+    const s = lines(src.stderr), d = lines(dst.stderr)
+    expect(s.map((l) => l.event)).toEqual(['migration-began', 'handed-off', 'moved'])
+    expect(d.map((l) => l.event)).toEqual(['listening', 'incoming', 'resumed', 'settled'])
+    for (const l of [...s, ...d]) {
+      expect(l.guest).toBe(g)
+      expect(l.level).toBe('info')
+      expect(Number.isInteger(l.pid)).toBe(true)
+      expect(Date.parse(l.time)).toBeGreaterThan(Date.parse('2026-01-01'))
+    }
+    expect(s[2].msg).toMatch(/^moved to 127\.0\.0\.1:\d+: settled there; downtime [\d.]+ ms, total \d+ ms$/)
+    expect(d[0].pid).not.toBe(s[0].pid)
+  }, 60_000)
+})
