@@ -54,11 +54,13 @@ export class AgentHandle {
   }
 
   /**
-   * A new source agent once the crashed one's worker is gone (its sockets closed with it, so the destination has
-   * seen the link break and waits for the source to come back).
+   * A new source agent; resolves once the crashed one's worker is gone too (its sockets closed with it, so the
+   * destination has seen the link break and waits for the source to come back). The new one loads meanwhile: the old
+   * one's teardown (its tracker's end walks the page tables) and the new one's start overlap.
    */
   async replace(data: AgentWorkerData): Promise<void> {
-    await this.exited
+    const crashed = this.exited
     this.attach(new Worker(AGENT_WORKER, { workerData: { ...data, takeover: true } satisfies AgentWorkerData }))
+    await crashed
   }
 }

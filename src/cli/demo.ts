@@ -79,6 +79,8 @@ export interface ExampleRun {
    * address the source should dial instead.
    */
   relay?: (host: string, port: number) => Promise<string>
+  /** More environment for the source's service only (e.g. UFFD_MIGRATE_FAULT_INJECT). */
+  sourceEnv?: Record<string, string>
 }
 
 export interface ExampleResult {
@@ -94,6 +96,9 @@ export interface ExampleResult {
   pinned?: PinnedClientResult
   verify?: string
   sourceExit?: number | null
+  /** What each side's service wrote on stderr (the operator's log lines). */
+  sourceLog?: string
+  destLog?: string
 }
 
 export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
@@ -122,7 +127,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const dest = o.destNetns
     ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env: destEnv })
     : new LineProc(process.execPath, destCmd, { env: destEnv })
-  const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env })
+  const source = new LineProc(process.execPath, [server, ...common, '--http', String(srcHttp)], { env: { ...env, ...o.sourceEnv } })
   let client: Client | undefined
   let pinned: PinnedClient | undefined
   // send did not return in time: what both hosts' guests say, with the error (a hang is found from this, not rerun)
@@ -165,7 +170,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     const sent = await (o.sendTimeoutMs ? send.waitExit(o.sendTimeoutMs).catch((err) => hung(err, send)) : send.exited)
     if (poll) clearInterval(poll)
     const pinnedResult = await pinned?.stop()
-    if (sent.code !== 0) return { ok: false, error: send.stderr.trim() }
+    if (sent.code !== 0) return { ok: false, error: send.stderr.trim(), sourceLog: source.stderr, destLog: dest.stderr }
     const report = JSON.parse(send.lines.join('\n')) as MigrationReport
     const verify = (await dest.waitLine(/^VERIFY (.*)$/, 180_000))[1]
     await new Promise((r) => setTimeout(r, 200))
@@ -175,7 +180,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
     const fwd = /forwarded \d+ connection\(s\) and \d+ request\(s\), (\d+) bytes in ([\d.]+) ms of CPU/.exec(source.stderr)
     if (pinnedResult && fwd) pinnedResult.forwarder = { bytes: Number(fwd[1]), cpuMs: Number(fwd[2]) }
     const ok = verify.startsWith('ok') && (stats?.wrong ?? 0) === 0 && sourceExit === 0
-    return { ok, report, client: stats, pinned: pinnedResult, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines }
+    return { ok, report, client: stats, pinned: pinnedResult, verify, sourceExit, destLines: dest.lines, sourceLines: source.lines, sourceLog: source.stderr, destLog: dest.stderr }
   } finally {
     await client?.stop()
     pinned?.kill()
