@@ -37,6 +37,9 @@ const BATCH_PAGES = 256
  */
 const SETTLED_GRACE_MS = 300
 
+/** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()). */
+const TAKEOVER_ASK_MS = 10_000
+
 export interface PostcopyHost {
   readonly link: SourceLink
   readonly failure: Error | undefined
@@ -248,13 +251,15 @@ export class Postcopy {
    * nothing of the old link is left here, so it dials in as after a break; the rest is run()'s.
    */
   async takeOver(cause: Error): Promise<[number, Record<string, unknown>]> {
-    const back = await this.recover(cause, false)
+    // asked even with recovery turned off (recoveryTimeoutMs 0): a destination that never got HANDOFF says so, and
+    // the service resumes here instead of running nowhere
+    const back = await this.recover(cause, false, TAKEOVER_ASK_MS)
     if (back.settled) return [await this.resumedAt, back.settled]
     return this.run(back.failed)
   }
 
   /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
-  private async recover(cause: Error, hadLink = true): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
+  private async recover(cause: Error, hadLink = true, leastMs = 0): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     if (hadLink) {
       this.generation++ // the push loop and the replies of the broken link stop
       this.sender.stopDemand()
@@ -262,7 +267,8 @@ export class Postcopy {
       this.recoveries++
       this.host.recovering()
     }
-    const deadline = this.clock.now() + this.opts.recoveryTimeoutMs
+    const timeoutMs = Math.max(this.opts.recoveryTimeoutMs, leastMs)
+    const deadline = this.clock.now() + timeoutMs
     let last = cause
     for (let attempt = 0; this.clock.now() < deadline; attempt++) {
       if (attempt > 0) await sleep(this.clock, Math.min(1000, 100 * attempt))
@@ -292,7 +298,7 @@ export class Postcopy {
     }
     throw migrationError(
       ErrorCode.CONNECTION,
-      `the connection broke during post-copy (${cause.message}) and could not be re-established within ${this.opts.recoveryTimeoutMs} ms: ${last.message}`,
+      `the connection broke during post-copy (${cause.message}) and could not be re-established within ${timeoutMs} ms: ${last.message}`,
     )
   }
 
