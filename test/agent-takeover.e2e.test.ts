@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
+import { retry } from './helpers/wait'
 
 const skip = kernelSkipReason()
 
@@ -52,7 +53,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect(first.send.stderr).toMatch(/hand-off never arrived.*\(the service resumed on the source\)/)
     expect(src.stderr).toMatch(/a new migration agent takes over .* \(the last one crashed in phase handoff/)
     // it serves here again, and its memory moves with the new agent
-    expect((await page(srcHttp, 1)).ok).toBe(true)
+    expect((await retry(() => page(srcHttp, 1), 10_000)).ok).toBe(true) // (its resume() listens again)
     const status = A.cli(['status', '--guest', g])
     expect((await status.exited).code, status.stderr).toBe(0)
     const second = await sendAndWait(A, g, port)
