@@ -4,14 +4,16 @@
  * destination's answer decides: post-copy goes on (the service runs there), or the service resumes here (it never got
  * HANDOFF). Before, the service stayed paused at the source for ever, or died with exit code 4 while the
  * destination, missing pages, failed after its recovery timeout: the service was lost on both hosts.
- * Real processes, real TCP; the crash points are UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy / agent-crash:paused
- * (read by the source's first agent only).
+ * Clients pointed at the source's address (autocannon) see no error across it. Real processes, real TCP; the crash
+ * points are UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy / agent-crash:paused (read by the source's first agent only;
+ * agent-crash:paused+takeover crashes the new one too).
  */
 import { afterEach, describe, expect, it } from 'vitest'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 import { retry } from './helpers/wait'
+import { migrateExample } from '../src/cli/demo'
 
 const skip = kernelSkipReason()
 
@@ -81,5 +83,19 @@ describe.skipIf(skip)('a new agent takes over', () => {
     // the process lives on (paused), and the destination, which never got HANDOFF, listens again
     expect(src.child.exitCode).toBeNull()
     expect(dst.stderr).toMatch(/a migration ended before the hand-off/)
+  }, 90_000)
+
+  it('clients pointed at the source (autocannon, through its forwarder) see no error across the crash in post-copy', async () => {
+    const r = await migrateExample({
+      example: 'page-store', sizeMiB: 64, mode: 'postcopy', autocannon: true, client: false, serviceArgs: ['--blocking'],
+      sendArgs: ['--max-postcopy-bandwidth', '16MiB'], sourceEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:postcopy' },
+    })
+    expect(r.error).toBeUndefined()
+    expect(r.report?.takeover?.crashedInPhase).toBe('postcopy')
+    expect(r.verify).toBe('ok pages=16384')
+    const p = r.pinned!
+    expect(p.requests2xx).toBeGreaterThan(100)
+    expect([p.errors, p.timeouts, p.non2xx]).toEqual([0, 0, 0])
+    expect(p.forwarder?.bytes).toBeGreaterThan(0) // they reached the destination's service through the source
   }, 90_000)
 })
