@@ -5,7 +5,7 @@
  */
 import { readdirSync } from 'node:fs'
 import { afterEach, describe, expect, it } from 'vitest'
-import { freePort, threadsOf } from '../src/cli/proc'
+import { childrenOf, freePort, threadsOf } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { host, killAll, listening, page, sendAndWait, sendFailure } from './helpers/hosts'
 import { pollUntil } from './helpers/wait'
@@ -20,14 +20,14 @@ function holdings(pid: number): { fds: number; threads: string[] } {
 }
 
 describe.skipIf(skip)('a source tried again and again', () => {
-  it('five migrations that end before the hand-off leave no descriptor and no thread behind; the sixth moves it', async () => {
+  it('five migrations that end before the hand-off leave no descriptor and no thread behind, on either side; the sixth moves it', async () => {
     const A = host('a'), B = host('b')
     const g = `repeat-${process.pid}`, port = await freePort(), http = await freePort()
     const dst = B.receive(g, port, http)
     await listening(dst)
     const src = A.service(g, await freePort())
     await src.waitLine(/^READY/)
-    const pid = src.child.pid!
+    const pid = src.child.pid!, dstPid = childrenOf(dst.child.pid!)[0] // the receiver's service
     const during: { fds: number; threads: string[] }[] = []
     const cancelOnce = async () => {
       const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--max-bandwidth', '4MiB'])
@@ -44,15 +44,17 @@ describe.skipIf(skip)('a source tried again and again', () => {
     }
     // the first one may set up what stays for the process's life (the addon's own state): measured after it
     await cancelOnce()
-    const settle = async (want: { fds: number; threads: string[] }) => {
-      await pollUntil(() => holdings(pid).fds === want.fds && holdings(pid).threads.length === want.threads.length, 10_000, 100)
-      return holdings(pid)
+    const settle = async (p: number, want: { fds: number; threads: string[] }) => {
+      await pollUntil(() => holdings(p).fds === want.fds && holdings(p).threads.length === want.threads.length, 10_000, 100)
+      return holdings(p)
     }
     await new Promise((r) => setTimeout(r, 500))
-    const base = holdings(pid)
+    const base = holdings(pid), dstBase = holdings(dstPid)
     for (const attempt of [cancelOnce, unreachable, cancelOnce, unreachable]) {
       await attempt()
-      expect(await settle(base), attempt.name).toEqual(base)
+      expect(await settle(pid, base), attempt.name).toEqual(base)
+      // and the receiver, whose session ended (its userfaultfd, its readers) or never began, listens as it did
+      expect(await settle(dstPid, dstBase), `receiver after ${attempt.name}`).toEqual(dstBase)
     }
     // (what the check would catch: a migration running holds its sockets, its tracker and its native threads)
     for (const d of during) {
