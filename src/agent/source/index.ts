@@ -58,6 +58,8 @@ export class MigrationSource implements SourceHandlers {
   failure: Error | undefined
   /** HANDOFF is on the wire: the service may run on the destination now. */
   private committed = false
+  /** A new agent's takeOver(): until the destination answers, nobody here knows whether the hand-off arrived. */
+  private takingOver = false
   /** The destination said it could not restore the hand-off: the service did not start there. */
   private handoffRefused = false
   /** Rejects when cancel() is taken: every wait before the hand-off races it. */
@@ -136,6 +138,9 @@ export class MigrationSource implements SourceHandlers {
    * was refused, or undefined when taken.
    */
   cancel(): UffdMigrateError | undefined {
+    if (this.takingOver && !this.handoffRefused && this.machine.is(SourcePhase.RECOVERING)) {
+      return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: a new migration agent is asking ${this.opts.to} whether the hand-off arrived (the last one crashed); if it did not, the service resumes here`)
+    }
     if (this.committed) {
       return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the hand-off is done and the service already runs on the destination (${this.opts.to}); the source keeps its memory until the destination settles`)
     }
@@ -282,6 +287,7 @@ export class MigrationSource implements SourceHandlers {
    */
   async takeOver(crash: { phase: string; message: string; startedAtMs: number; stoppedAtMs?: number }): Promise<MigrationReport> {
     this.committed = true // until the destination says that it never got HANDOFF (handoffLost)
+    this.takingOver = true
     this.machine.transition(SourcePhase.RECOVERING)
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
     const postStart = this.clock.now()
