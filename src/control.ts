@@ -188,9 +188,9 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
           send({ type: 'report', report })
           s.end()
         },
-        (err: UffdMigrateError & { afterHandoff?: boolean }) => {
+        (err: UffdMigrateError & { afterHandoff?: boolean; runsOn?: 'unknown' }) => {
           guest.off('progress', onProgress)
-          send({ type: 'error', code: err.code, message: err.message, ...(err.afterHandoff ? { afterHandoff: true } : {}) })
+          send({ type: 'error', code: err.code, message: err.message, ...(err.afterHandoff ? { afterHandoff: true } : {}), ...(err.runsOn ? { runsOn: err.runsOn } : {}) })
           s.end()
         },
       )

@@ -101,7 +101,7 @@ export class Guest extends EventEmitter {
     this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: ${where}`, ErrorCode.AGENT)
     // and the process must not end by itself: its memory may be the only copy of pages the service there lacks
     if (run?.stoppedAtMs !== undefined) {
-      e.message = this.agentEnded.message
+      Object.assign(e, { message: this.agentEnded.message, runsOn: 'unknown' })
       setInterval(() => {}, 2 ** 30)
     }
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
@@ -286,7 +286,7 @@ export class Guest extends EventEmitter {
         return
       }
       case 'failed': {
-        const err = Object.assign(new UffdMigrateError(m.error.message, m.error.code), m.error.afterHandoff ? { afterHandoff: true } : {})
+        const err = Object.assign(new UffdMigrateError(m.error.message, m.error.code), m.error.afterHandoff ? { afterHandoff: true } : {}, m.error.runsOn ? { runsOn: m.error.runsOn } : {})
         if (this.migrating) {
           const done = this.migrating
           this.migrating = undefined

@@ -71,7 +71,8 @@ describe.skipIf(skip)('a new agent takes over', () => {
     const src = A.service(g, await freePort())
     await src.waitLine(/^READY/)
     const { code, send } = await sendAndWait(A, g, port)
-    expect(code).toBe(1)
+    expect(code).toBe(4) // as when the source's process ends in the hand-off: look there before starting it again
+    expect(JSON.parse(send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_AGENT', exitCode: 4, serviceRunsOn: 'unknown' })
     const why = /migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:paused\+takeover \(the new agent\); no migration can start from this process now: the service stays paused here: it may run on 127\.0\.0\.1:\d+ now/
     expect(send.stderr).toMatch(why)
     const status = A.cli(['status', '--guest', g, '--json'])

@@ -42,7 +42,8 @@ export type AgentToMain =
   | { type: 'progress'; progress: Progress }
   | { type: 'report'; report: MigrationReport }
   /** afterHandoff: the source's migration failed once the service ran on the destination. */
-  | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean } }
+  /** runsOn 'unknown': nobody here can tell whether the service runs on the destination (a second agent crash with it paused). */
+  | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown' } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded' }
   /** receive mode: a source's session began (its region table matched): pre-copy from `peer`. */

@@ -160,7 +160,7 @@ program
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
-    let error: { code: string; message: string; afterHandoff?: boolean } | undefined
+    let error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown' } | undefined
     // Ctrl-C / SIGTERM: cancel (before the hand-off); a second one leaves at once, the migration goes on
     let signals = 0
     const onSignal = (sig: NodeJS.Signals) => {
@@ -214,6 +214,8 @@ program
       process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message, exitCode: SEND_EXIT.CANCELLED, serviceRunsOn: 'source' }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
       process.exit(SEND_EXIT.CANCELLED)
     }
+    // (exit 4 too when nobody can tell: so that nobody starts the service here again before looking there)
+    if (error?.runsOn === 'unknown') failed(error.code, error.message, SEND_EXIT.FAILED_AFTER_HANDOFF, 'unknown')
     if (error && error.afterHandoff) failed(error.code, error.message, SEND_EXIT.FAILED_AFTER_HANDOFF, 'destination')
     if (error) failed(error.code, error.message, SEND_EXIT.FAILED, 'source')
     if (!report) {
