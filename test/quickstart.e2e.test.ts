@@ -140,6 +140,25 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       send.kill()
     }
   }, 90_000)
+
+  it('the same with JSON log lines: the exit watch\'s last line (written by its native thread) is one object too', async () => {
+    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsj-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash', UFFD_MIGRATE_LOG_FORMAT: 'json' })
+    expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
+    src.kill('SIGSTOP')
+    try {
+      void hit(dstHttp, slots[1]).catch(() => {})
+      expect((await dst.waitExit(30_000)).code, dst.stderr).toBe(4)
+      // (the receive CLI's own lines are not the service's: only those that start as a JSON object)
+      const lines = dst.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>)
+      expect(lines.find((l) => l.event === 'agent-crashed')).toMatchObject({ level: 'error', msg: expect.stringMatching(/^the migration agent crashed: Error: injected/) })
+      const last = lines[lines.length - 1]
+      expect(last).toMatchObject({ event: 'exiting', level: 'error', msg: expect.stringMatching(/the migration agent ended before every page arrived, .*: ending the process with exit code 4$/) })
+      expect(last.time).toBeUndefined()
+    } finally {
+      src.kill('SIGKILL')
+      send.kill()
+    }
+  }, 90_000)
 })
 
 describe.skipIf(skip)('the quick start service moved back while its old process still forwards', () => {
