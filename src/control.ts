@@ -99,7 +99,6 @@ export function withoutControl(name: string): (err: Error) => undefined {
   }
 }
 
-/** The phase of the guest answering at `path` ('?' if it does not answer in time), or undefined: nobody listens. */
 /** One guest's status, or why there is none: no process behind its socket (stale), or none that answered within waitMs (busy). */
 function probeGuest(name: string, waitMs: number): Promise<GuestListing> {
   let status: Record<string, unknown> | undefined

@@ -93,14 +93,14 @@ export class Guest extends EventEmitter {
 
   /** A bug in the agent: it fails the migration it ran (a destination's, when pages were still to come), never the service. */
   private onAgentCrash(err: Error): void {
-    const run = this.migrating
-    if (run?.stoppedAtMs !== undefined && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
+    const run = this.migrating, paused = run?.stoppedAtMs !== undefined
+    if (run && paused && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
     // paused, and the new agent crashed too: nobody here can tell whether the service runs at the destination
-    const where = run?.stoppedAtMs !== undefined ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
+    const where = run && paused ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: ${where}`, ErrorCode.AGENT)
     // and the process must not end by itself: its memory may be the only copy of pages the service there lacks
-    if (run?.stoppedAtMs !== undefined) {
+    if (paused) {
       Object.assign(e, { message: this.agentEnded.message, runsOn: 'unknown' })
       setInterval(() => {}, 2 ** 30)
     }

@@ -121,7 +121,8 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   if (!(requestTimeoutMs >= 100 && requestTimeoutMs <= 3_600_000)) throw bad(`expected requestTimeoutMs in 100..3600000, got ${requestTimeoutMs}`)
   const streams = o.streams ?? DEFAULT_STREAMS
   if (!Number.isInteger(streams) || streams < 1 || streams > 8) throw bad(`expected streams in 1..8, got ${streams}`)
-  const [maxBandwidth, maxPostcopyBandwidth, switchoverBandwidth] = (['maxBandwidth', 'maxPostcopyBandwidth', 'switchoverBandwidth'] as const).map((k) => validateBandwidth(o[k], k))
+  const [maxBandwidth, maxPostcopyBandwidth] = [validateBandwidth(o.maxBandwidth, 'maxBandwidth'), validateBandwidth(o.maxPostcopyBandwidth, 'maxPostcopyBandwidth')]
+  const switchoverBandwidth = validateBandwidth(o.switchoverBandwidth, 'switchoverBandwidth', 'the measured rate')
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -166,10 +167,10 @@ export function bandwidthLimits(o: Pick<MigrateOptions, 'maxBandwidth' | 'maxPos
 }
 
 /** A bandwidth limit in bytes a second: 0 (none) or from 1 MiB/s (MIN_BANDWIDTH_BYTES_PER_SEC); fractions are dropped. */
-export function validateBandwidth(v: unknown, name: string): number {
+export function validateBandwidth(v: unknown, name: string, zeroMeans = 'no limit'): number {
   if (v === undefined) return 0
   if (typeof v !== 'number' || !Number.isFinite(v) || (v !== 0 && v < MIN_BANDWIDTH_BYTES_PER_SEC) || v > Number.MAX_SAFE_INTEGER) {
-    throw new UffdMigrateError(`expected ${name} in bytes a second: 0 (${name === 'switchoverBandwidth' ? 'the measured rate' : 'no limit'}) or at least ${MIN_BANDWIDTH_BYTES_PER_SEC} (1 MiB/s), got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
+    throw new UffdMigrateError(`expected ${name} in bytes a second: 0 (${zeroMeans}) or at least ${MIN_BANDWIDTH_BYTES_PER_SEC} (1 MiB/s), got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
   }
   return Math.floor(v)
 }

@@ -27,6 +27,8 @@ export const MIN_BANDWIDTH_BYTES_PER_SEC = 1 << 20
 export class Bandwidth {
   private limits: BandwidthLimits
   private phase: SourcePhase = SourcePhase.CONNECT
+  /** set() was called (a limit lifted to 0 still counts: the report says what held at the end). */
+  private everSet = false
 
   constructor(limits: BandwidthLimits = NO_LIMITS) {
     this.limits = { ...limits }
@@ -48,8 +50,6 @@ export class Bandwidth {
     this.limits = { ...this.limits, ...limits }
     this.everSet = true
   }
-
-  private everSet = false
 
   /** A limit was given at some point (the report then says which held at the end). */
   get limited(): boolean {

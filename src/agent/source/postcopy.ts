@@ -253,21 +253,23 @@ export class Postcopy {
   async takeOver(cause: Error): Promise<[number, Record<string, unknown>]> {
     // asked even with recovery turned off (recoveryTimeoutMs 0): a destination that never got HANDOFF says so, and
     // the service resumes here instead of running nowhere
-    const back = await this.recover(cause, false, TAKEOVER_ASK_MS)
+    const back = await this.dialBack(cause, Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS))
     if (back.settled) return [await this.resumedAt, back.settled]
     return this.run(back.failed)
   }
 
-  /** Resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
-  private async recover(cause: Error, hadLink = true, leastMs = 0): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
-    if (hadLink) {
-      this.generation++ // the push loop and the replies of the broken link stop
-      this.sender.stopDemand()
-      this.host.link.close()
-      this.recoveries++
-      this.host.recovering()
-    }
-    const timeoutMs = Math.max(this.opts.recoveryTimeoutMs, leastMs)
+  /** The link broke: drop it and dial back. */
+  private recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
+    this.generation++ // the push loop and the replies of the broken link stop
+    this.sender.stopDemand()
+    this.host.link.close()
+    this.recoveries++
+    this.host.recovering()
+    return this.dialBack(cause, this.opts.recoveryTimeoutMs)
+  }
+
+  /** Dials the destination again for up to timeoutMs; resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
+  private async dialBack(cause: Error, timeoutMs: number): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     const deadline = this.clock.now() + timeoutMs
     let last = cause
     for (let attempt = 0; this.clock.now() < deadline; attempt++) {
