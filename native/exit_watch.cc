@@ -7,8 +7,18 @@
 //
 // States: idle -> armed (the hand-off: pages may be missing from now on) -> idle (settled)
 //         armed -> counting (a failure, or the agent ended while armed) -> ends the process after ms
+//         counting -> armed (a standby agent took over from the one that ended: it armed the watch again)
 //         any -> taken (the service's thread has the failure, or closes the guest itself): nothing more is done
+//
+// The successor: an agent that arms the watch leaves a will (what a new agent needs to go on: the session, the
+// held userfaultfd, the listening port). A standby agent waits on one end of a socket pair (exitWatchSucceed); when
+// the armed agent's environment ends, the watch writes the will there, and the standby takes over and arms the watch
+// again before the countdown ends. The teardown hook is registered as the agent starts (exitWatchBind), before its
+// userfaultfd and native threads exist: hooks run newest first, so those are closed and joined by the time the will
+// goes out, and the standby never races a thread of the agent that ended for the same faults.
+#include <errno.h>
 #include <napi.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -16,11 +26,13 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
 #include "args.h"
 #include "bindings.h"
+#include "errors.h"
 
 namespace uffdm {
 
@@ -34,12 +46,17 @@ struct Watch {
   uint32_t ms = 0;
   std::string line;        // armed: written if the agent ends before it settled
   uint64_t countdown = 0;  // which countdown is current (a thread of an older one finds it changed)
+  napi_env armed_by = nullptr;  // the environment whose end starts the countdown
+  std::string will;             // armed: written to the successor when armed_by ends ("" : nothing to take over)
+  int successor_fd = -1;        // a standby's socket (exitWatchSucceed)
+  bool will_left = false;       // armed_by ended before a standby waited: the next one to wait gets the will at once
 };
 
 struct Registry {
   std::mutex mu;
   std::condition_variable changed;
   std::map<uint32_t, Watch> watches;
+  std::set<std::pair<napi_env, uint32_t>> bound;  // environments with a teardown hook for a watch
   uint32_t next = 1;
 };
 
@@ -84,18 +101,53 @@ bool start_countdown(Registry& r, uint32_t id, Watch& w, int code, uint32_t ms, 
 
 struct HookArg {
   uint32_t id;
+  napi_env env;
 };
 
-// The agent's environment goes away (the worker ended: closed, crashed, or the process exits).
+void close_successor(Watch& w) {
+  if (w.successor_fd >= 0) ::close(w.successor_fd);
+  w.successor_fd = -1;
+}
+
+// The will, to a standby that waits for it (one line; the socket's buffer holds it whole: it is a few hundred bytes).
+void hand_over(Watch& w) {
+  if (w.successor_fd < 0 || w.will.empty()) return;
+  std::string line = w.will + "\n";
+  const char* p = line.data();
+  size_t left = line.size();
+  while (left > 0) {
+    ssize_t n = send(w.successor_fd, p, left, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n <= 0) break;  // the standby is gone: the countdown below decides
+    p += n;
+    left -= (size_t)n;
+  }
+  close_successor(w);
+}
+
+// An agent's environment goes away (the worker ended: closed, crashed, or the process exits).
 void on_teardown(void* arg) {
-  uint32_t id = static_cast<HookArg*>(arg)->id;
+  HookArg a = *static_cast<HookArg*>(arg);
   delete static_cast<HookArg*>(arg);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.watches.find(id);
-  if (it == r.watches.end() || it->second.state != WatchState::Armed) return;
+  r.bound.erase({a.env, a.id});
+  auto it = r.watches.find(a.id);
+  if (it == r.watches.end() || it->second.state != WatchState::Armed || it->second.armed_by != a.env) return;
   Watch& w = it->second;
-  if (!start_countdown(r, id, w, w.code, w.ms, w.line)) write_line("uffd-migrate: the exit watch could not start a thread\n");
+  if (!start_countdown(r, a.id, w, w.code, w.ms, w.line)) write_line("uffd-migrate: the exit watch could not start a thread\n");
+  w.will_left = w.successor_fd < 0 && !w.will.empty();  // a standby still starting
+  hand_over(w);
+}
+
+// With r.mu held: env's end is watched for id (once per environment).
+void bind_env(napi_env env, Registry& r, uint32_t id) {
+  if (r.bound.count({env, id})) return;
+  auto* arg = new HookArg{id, env};
+  if (napi_add_env_cleanup_hook(env, on_teardown, arg) != napi_ok) {
+    delete arg;
+    throw Napi::Error::New(env, "napi_add_env_cleanup_hook failed");
+  }
+  r.bound.insert({env, id});
 }
 
 Watch* find(uint32_t id) {
@@ -133,24 +185,59 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), id);
 }
 
-// exitWatchArm(id, code, ms, line): from the hand-off on; if the calling thread's environment ends before a disarm,
-// the countdown starts with this line. Called on the agent's thread.
+// exitWatchBind(id): the calling agent's end is watched from now on (call it as the agent starts: see the top).
+Napi::Value Bind(const Napi::CallbackInfo& info) {
+  uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (!find(id)) return Unknown(info.Env(), id);
+  bind_env(info.Env(), r, id);
+  return info.Env().Undefined();
+}
+
+// exitWatchArm(id, code, ms, line, will?): from the hand-off on; if the calling thread's environment ends before a
+// disarm, the countdown starts with this line (and a standby gets the will). Called on the agent's thread; also by a
+// standby that took over, which stops the countdown its predecessor's end started.
 Napi::Value Arm(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   CountdownArgs a = countdown_args(info);
+  std::string will = info.Length() > 4 && info[4].IsString() ? info[4].As<Napi::String>().Utf8Value() : "";
   uint32_t id = a.id;
+  Registry& r = registry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    Watch* w = find(id);
+    if (!w) return Unknown(env, id);
+    if (w->state != WatchState::Idle && w->state != WatchState::Counting) return Napi::Boolean::New(env, false);
+    bind_env(env, r, id);
+    w->state = WatchState::Armed;
+    w->code = a.code;
+    w->ms = a.ms;
+    w->line = std::move(a.line);
+    w->armed_by = env;
+    w->will = std::move(will);
+    w->will_left = false;
+  }
+  r.changed.notify_all();  // a countdown that was running sees the state change and ends
+  return Napi::Boolean::New(env, true);
+}
+
+// exitWatchSucceed(id) -> fd: the calling standby's end of a socket pair, where the armed agent's will arrives (one
+// line) when its environment ends. One standby per watch (a new call replaces the last one's socket).
+Napi::Value Succeed(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   Watch* w = find(id);
   if (!w) return Unknown(env, id);
-  if (w->state != WatchState::Idle) return Napi::Boolean::New(env, false);
-  auto* arg = new HookArg{id};
-  if (napi_add_env_cleanup_hook(env, on_teardown, arg) != napi_ok) {
-    delete arg;
-    throw Napi::Error::New(env, "napi_add_env_cleanup_hook failed");
-  }
-  *w = Watch{WatchState::Armed, a.code, a.ms, std::move(a.line), w->countdown};
-  return Napi::Boolean::New(env, true);
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) throw sys_error(env, -errno, "socketpair");
+  close_successor(*w);
+  w->successor_fd = sv[0];
+  if (w->state == WatchState::Counting && w->will_left) hand_over(*w);  // the agent ended while this one started
+  w->will_left = false;
+  return Napi::Number::New(env, sv[1]);
 }
 
 // exitWatchDisarm(id): settled; an armed watch is idle again (its teardown hook then does nothing).
@@ -161,6 +248,7 @@ Napi::Value Disarm(const Napi::CallbackInfo& info) {
   Watch* w = find(id);
   if (!w) return Unknown(info.Env(), id);
   if (w->state == WatchState::Armed) w->state = WatchState::Idle;
+  close_successor(*w);  // nothing to take over now: the standby reads the end of its socket
   return info.Env().Undefined();
 }
 
@@ -176,6 +264,8 @@ Napi::Value Fire(const Napi::CallbackInfo& info) {
   Watch* w = find(id);
   if (!w) return Unknown(env, id);
   if (w->state != WatchState::Armed && w->state != WatchState::Counting) return Napi::Boolean::New(env, false);
+  close_successor(*w);  // a failure: nothing for a standby to take over
+  w->will_left = false;
   if (!start_countdown(r, id, *w, a.code, a.ms, std::move(a.line))) throw Napi::Error::New(env, "could not start the exit watch's thread");
   return Napi::Boolean::New(env, true);
 }
@@ -190,6 +280,7 @@ Napi::Value Take(const Napi::CallbackInfo& info) {
     Watch* w = find(id);
     if (!w) return Unknown(info.Env(), id);
     w->state = WatchState::Taken;
+    close_successor(*w);
   }
   r.changed.notify_all();
   return info.Env().Undefined();
@@ -199,7 +290,9 @@ Napi::Value Take(const Napi::CallbackInfo& info) {
 
 void init_exit_watch_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("exitWatchCreate", Napi::Function::New(env, Create));
+  exports.Set("exitWatchBind", Napi::Function::New(env, Bind));
   exports.Set("exitWatchArm", Napi::Function::New(env, Arm));
+  exports.Set("exitWatchSucceed", Napi::Function::New(env, Succeed));
   exports.Set("exitWatchDisarm", Napi::Function::New(env, Disarm));
   exports.Set("exitWatchFire", Napi::Function::New(env, Fire));
   exports.Set("exitWatchTake", Napi::Function::New(env, Take));

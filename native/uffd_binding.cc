@@ -7,6 +7,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstring>
+
 #include "args.h"
 #include "bindings.h"
 #include "errors.h"
@@ -42,10 +44,21 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
                        });
   }
 
-  // new Uffd(features: number)
+  // new Uffd(features: number), or new Uffd(features, adoptFd, ioctls): a descriptor a crashed agent held
+  // (holdRegistrations()) taken over by the agent that replaces it, with what UFFDIO_API answered then (the API
+  // handshake is once per userfaultfd); this object owns it from now on.
   explicit Uffd(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Uffd>(info) {
     auto env = info.Env();
     uint64_t want = arg_index(info, 0, "features", 4294967295.0);
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      int fd = (int)arg_index(info, 1, "adoptFd", 1 << 30);
+      if (!is_userfaultfd(fd)) throw Napi::TypeError::New(env, "expected adoptFd to be an open userfaultfd (" + std::to_string(fd) + " is not)");
+      fd_ = fd;
+      features_ = want;
+      ioctls_ = arg_index(info, 2, "ioctls", 4294967295.0);
+      napi_add_env_cleanup_hook(env, &Uffd::Cleanup, this);
+      return;
+    }
     const char* call = "userfaultfd";
     fd_ = uffd_open(true, &call);
     if (fd_ < 0) throw sys_error(env, fd_, call);
@@ -70,6 +83,15 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     return b;
   }
   static void Cleanup(void* arg) { static_cast<Uffd*>(arg)->Shutdown(); }
+
+  static bool is_userfaultfd(int fd) {
+    char link[64], target[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) return false;
+    target[n] = 0;
+    return strstr(target, "userfaultfd") != nullptr;
+  }
 
   void Shutdown() {
     if (reader_) {
@@ -226,7 +248,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     return info.Env().Undefined();
   }
 
-  // holdRegistrations(): from now on only close() ends the registrations. The environment's teardown (the agent's
+  // holdRegistrations() -> the held descriptor: from now on only close() ends the registrations. The environment's teardown (the agent's
   // worker terminated or crashed, the process exiting) closes this object's descriptor but not a second one kept
   // here, so the regions stay registered: a page that never arrived keeps faulting (its thread waits) instead of
   // reading as zero, which is what an unregistered missing page does. For a destination between its hand-off and
@@ -235,7 +257,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     check_open(info.Env());
     if (held_fd_ < 0) held_fd_ = fcntl(fd_, F_DUPFD_CLOEXEC, 0);
     if (held_fd_ < 0) throw sys_error(info.Env(), -errno, "fcntl(F_DUPFD_CLOEXEC)");
-    return info.Env().Undefined();
+    return Napi::Number::New(info.Env(), held_fd_);
   }
 
   Napi::Value Features(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), (double)features_); }

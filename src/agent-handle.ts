@@ -7,6 +7,10 @@
  * new agent takes over: it dials the destination with the migration's session as after a broken link (RECOVER), and
  * the destination's answer decides (RECOVER_STATE: post-copy goes on from what arrived; NO_SESSION: HANDOFF never
  * arrived, the service resumes here). QEMU and CRIU lose the guest when their source process dies in post-copy.
+ *
+ * A destination's agent that crashes after the hand-off may leave the service's thread blocked in a fault, unable to
+ * start anything: so a standby agent, started once the service runs there, takes over by itself
+ * (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only makes it the agent it talks to.
  */
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
@@ -23,17 +27,24 @@ export const MAX_TAKEOVERS = 1
 export class AgentHandle {
   private worker!: Worker
   private exited!: Promise<void>
+  /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
+  private standby: Worker | undefined
+  private promoted = 0
 
   constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void) {
-    this.attach(worker)
+    this.listen(worker)
+    this.use(worker)
   }
 
-  private attach(worker: Worker): void {
+  private use(worker: Worker): void {
     this.worker = worker
     this.exited = new Promise((resolve) => worker.once('exit', () => resolve()))
+  }
+
+  private listen(worker: Worker): void {
     // (a 'message' listener refs the worker: it keeps the process alive until unref() after a migration)
     worker.on('message', this.onMessage)
-    worker.on('error', this.onCrash)
+    worker.on('error', (err) => worker === this.worker && this.onCrash(err)) // a standby's own crash: it logged it, and is no standby
   }
 
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
@@ -50,7 +61,39 @@ export class AgentHandle {
   }
 
   terminate(): Promise<number> {
+    this.dismiss()
     return this.worker.terminate()
+  }
+
+  /**
+   * Destination, once the service runs on pages still to come (its agent asks): a standby agent, idle until the
+   * agent's end hands it the agent's will (native/exit_watch.cc). Its messages come here from the start: this thread
+   * may take them before it sees the crash.
+   */
+  standBy(data: AgentWorkerData): void {
+    if (this.standby || this.promoted >= MAX_TAKEOVERS) return
+    const w = new Worker(AGENT_WORKER, { workerData: { ...data, standby: true, takeover: true } satisfies AgentWorkerData })
+    this.listen(w)
+    w.unref()
+    w.once('exit', () => this.standby === w && (this.standby = undefined))
+    this.standby = w
+  }
+
+  /** The destination's agent crashed: the standby took over (or is taking over); it is the agent from now on. */
+  promote(): boolean {
+    const w = this.standby
+    if (!w) return false
+    this.standby = undefined
+    this.promoted++
+    this.use(w)
+    w.ref()
+    return true
+  }
+
+  /** Settled or failed: nothing to take over. */
+  dismiss(): void {
+    void this.standby?.terminate()
+    this.standby = undefined
   }
 
   /**
@@ -60,7 +103,9 @@ export class AgentHandle {
    */
   async replace(data: AgentWorkerData): Promise<void> {
     const crashed = this.exited
-    this.attach(new Worker(AGENT_WORKER, { workerData: { ...data, takeover: true } satisfies AgentWorkerData }))
+    const w = new Worker(AGENT_WORKER, { workerData: { ...data, takeover: true } satisfies AgentWorkerData })
+    this.listen(w)
+    this.use(w)
     await crashed
   }
 }

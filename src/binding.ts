@@ -23,8 +23,12 @@ export interface NativeUffd {
   /** Delivers the fault events queued now to the startFaults callback, synchronously; how many. */
   pollFaults(): number
   close(): void
-  /** From now on only close() ends the registrations: a teardown of the agent leaves them (missing pages keep faulting, never read as zero). Absent in the fake binding. */
-  holdRegistrations?(): void
+  /**
+   * From now on only close() ends the registrations: a teardown of the agent leaves them (missing pages keep faulting,
+   * never read as zero). Returns the held descriptor (a standby agent adopts it: `new Uffd(features, fd, ioctls)`).
+   * Absent in the fake binding.
+   */
+  holdRegistrations?(): number
   readonly fd: number
 }
 
@@ -166,13 +170,19 @@ export interface NativeBinding {
    * page that cannot arrive never does). Armed at the hand-off, it also counts down when the agent's thread ends.
    */
   exitWatchCreate?(): number
-  exitWatchArm?(id: number, code: number, ms: number, line: string): boolean
+  /** The calling agent's end is watched from now on (as it starts: its teardown hook then runs after its threads'). */
+  exitWatchBind?(id: number): void
+  /** will: what a standby agent needs to take over (JSON), written to it when the calling agent's environment ends. */
+  exitWatchArm?(id: number, code: number, ms: number, line: string, will?: string): boolean
+  /** A standby's end of a socket pair: the armed agent's will arrives there (one line) when that agent ends. */
+  exitWatchSucceed?(id: number): number
   exitWatchDisarm?(id: number): void
   exitWatchFire?(id: number, code: number, ms: number, line: string): boolean
   exitWatchTake?(id: number): void
   /** CPU time (user + system) of the calling thread, ms (absent in the fake binding). */
   threadCpuMs?(): number
-  Uffd: new (features: number) => NativeUffd
+  /** adoptFd: a descriptor an agent that crashed held (holdRegistrations()), taken over with its features and ioctls. */
+  Uffd: new (features: number, adoptFd?: number, ioctls?: number) => NativeUffd
   probe(): ProbeResult
   /** The native demand path (absent in the fake binding: faults stay in JS there). pending/received: page bitmaps' words. */
   DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array) => NativeDemandServer

@@ -51,6 +51,8 @@ export class Guest extends EventEmitter {
   private readonly agent: AgentHandle
   /** The agent a takeover starts (src/agent-handle.ts). */
   private readonly sourceAgent: AgentWorkerData
+  /** Destination: its agent's data, for a standby agent (src/agent-handle.ts). */
+  private readonly standbyData: AgentWorkerData | undefined
   private readonly list: GuestRegion[]
   /** The running migration; stoppedAtMs and pausing: the service is paused for it (the agent asked). */
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void; wire: WireSourceOptions; startedAtMs: number; stoppedAtMs?: number; pausing?: Promise<void>; takeovers: number } | undefined
@@ -63,7 +65,6 @@ export class Guest extends EventEmitter {
   /** Why the last migration from here did not move the service (afterHandoff: it failed once the service ran there). */
   private lastFailure: { code: string; message: string; afterHandoff?: boolean } | undefined
   private control: ControlServer | undefined
-  private readonly waiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
   private readonly waitBatch = new WaitBatch((waits) => this.post({ type: 'wait', waits }))
   private failure: Error | undefined
   private lastProgress: Progress | undefined
@@ -77,11 +78,13 @@ export class Guest extends EventEmitter {
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; exitWatch?: number },
+    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; receiving?: AgentWorkerData },
   ) {
     super()
     // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
-    this.takeFailure = () => init.exitWatch && init.binding.exitWatchTake?.(init.exitWatch)
+    const exitWatch = init.receiving?.exitWatch
+    this.takeFailure = () => exitWatch && init.binding.exitWatchTake?.(exitWatch)
+    this.standbyData = init.receiving
     this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err))
     this.sourceAgent = init.sourceAgent
     this.restored = init.received !== undefined
@@ -95,6 +98,8 @@ export class Guest extends EventEmitter {
   private onAgentCrash(err: Error): void {
     const run = this.migrating, paused = run?.stoppedAtMs !== undefined
     if (run && paused && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
+    // a destination's standby took over (it logged it): it hears the open waits and the service's ports again
+    if (!run && this.restored && !this.isSettledFlag && !this.closed && this.agent.promote()) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
     // paused, and the new agent crashed too: nobody here can tell whether the service runs at the destination
     const where = run && paused ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
@@ -143,7 +148,7 @@ export class Guest extends EventEmitter {
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, exitWatch: workerData.exitWatch })
+    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
@@ -248,9 +253,7 @@ export class Guest extends EventEmitter {
   /** @internal resolves when [first, first+count) of the region is local; the agent asks for it at once */
   waitLocal(region: number, first: number, count: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure)
-    return new Promise((resolve, reject) => {
-      this.waiters.set(this.waitBatch.add(region, first, count), { resolve, reject })
-    })
+    return this.waitBatch.wait(region, first, count)
   }
 
   private onAgent(m: AgentToMain): void {
@@ -299,9 +302,9 @@ export class Guest extends EventEmitter {
         }
         // destination after the hand-off: this thread is not blocked in a fault (the exit watch ends the process otherwise)
         this.takeFailure()
+        this.agent.dismiss()
         this.failure = err
-        for (const w of this.waiters.values()) w.reject(err)
-        this.waiters.clear()
+        this.waitBatch.endAll(err)
         // the agent logged the failure, unless it was the agent that crashed
         if (err.code === ErrorCode.AGENT) logLine(this.name, 'agent-crashed', err.message, 'error')
         // 1: guest.settled's own listener
@@ -317,20 +320,18 @@ export class Guest extends EventEmitter {
         // receive mode: only the hand-off commits; this guest waits for the next source (the agent logged why)
         return
       case 'ready':
-        for (const id of m.ids) {
-          this.waiters.get(id)?.resolve()
-          this.waiters.delete(id)
-        }
-        return
+        return this.waitBatch.ready(m.ids)
       case 'recovering':
         // the link broke during post-copy; faults wait until the source is back
         // the agent logged it (this thread may be blocked in a fault)
         this.emit('recovering', m.message)
         return
+      case 'standBy':
+        return this.standbyData && this.agent.standBy(this.standbyData)
       case 'settled':
+        this.agent.dismiss()
         this.isSettledFlag = true
-        for (const w of this.waiters.values()) w.resolve()
-        this.waiters.clear()
+        this.waitBatch.endAll()
         this.agent.unref()
         this.emit('settled')
         return

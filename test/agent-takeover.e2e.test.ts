@@ -86,6 +86,29 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect(dst.stderr).toMatch(/a migration ended before the hand-off/)
   }, 90_000)
 
+  it("the destination's agent crashes in post-copy: the standby takes over, the source comes back to it, every page arrives", async () => {
+    const { A, B, g, port, http, dst } = await twoHosts('takeover-dst', { dstEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:postcopy' } })
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    // a slow push (64 MiB at 16 MiB/s: 4 s): the crash, 200 ms after the service resumed there, comes with most pages still to come
+    const { code, report, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--max-postcopy-bandwidth', '16MiB'])
+    expect(code, sendFailure(send, dst)).toBe(0)
+    const r = report!
+    expect(r.takeover).toBeUndefined() // (the source's agent did not crash)
+    expect(r.postcopy.pushedPages).toBeGreaterThan(1000)
+    expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy/)
+    const [, left] = /a new migration agent takes over after the last one crashed: (\d+) page\(s\) still to come from 127\.0\.0\.1:\d+; listening again on port (\d+)/.exec(dst.stderr) ?? []
+    expect(Number(left)).toBeGreaterThan(1000)
+    expect(src.stderr).toMatch(/the link to 127\.0\.0\.1:\d+ broke after the hand-off/)
+    expect(dst.stderr).toMatch(/the source came back after \d+ ms/)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+    const status = B.cli(['status', '--guest', g, '--json'])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'settled' })
+  }, 90_000)
+
   it('clients pointed at the source (autocannon, through its forwarder) see no error across the crash in post-copy', async () => {
     const r = await migrateExample({
       example: 'page-store', sizeMiB: 64, mode: 'postcopy', autocannon: true, client: false, serviceArgs: ['--blocking'],

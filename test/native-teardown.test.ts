@@ -91,6 +91,62 @@ describe('the exit watch (native/exit_watch.cc): a destination whose service thr
     expect(r.out).not.toContain('watch: agent ended')
   })
 
+  // A standby (src/agent/destination/takeover.ts): it waits on exitWatchSucceed()'s socket, takes the will that the
+  // watch writes there when the armed agent ends, and arms the watch itself, which stops the countdown.
+  const succession = (o: { standbyAfterMs: number; countdownMs: number; rearm: boolean }) => `
+    const { Worker } = require('node:worker_threads')
+    const b = ${load}
+    const id = b.exitWatchCreate()
+    const standby = "const b = ${load.replace(/"/g, '\\"')}; const { workerData: id } = require('node:worker_threads'); const fs = require('node:fs');" +
+      "const s = new (require('node:net').Socket)({ fd: b.exitWatchSucceed(id), readable: true, writable: false }); let t = '';" +
+      "s.on('data', (c) => (t += c)); s.on('end', () => { s.destroy(); fs.writeSync(1, 'standby got [' + t.trim() + ']\\\\n'); ${o.rearm ? "b.exitWatchArm(id, 4, 200, 'watch: standby ended\\\\n', 'W2'); setInterval(() => {}, 1000)" : ''} })"
+    const agent = new Worker("const b = ${load.replace(/"/g, '\\"')}; const { workerData: id, parentPort } = require('node:worker_threads'); b.exitWatchBind(id); b.exitWatchArm(id, 4, ${o.countdownMs}, 'watch: agent ended\\\\n', '{\\"will\\":1}'); parentPort.postMessage('armed'); setTimeout(() => { throw new Error('agent bug') }, 50)", { eval: true, workerData: id })
+    agent.on('error', () => {})
+    agent.once('message', () => {
+      setTimeout(() => new Worker(standby, { eval: true, workerData: id }), ${o.standbyAfterMs})
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ${o.standbyAfterMs} + 10) // (the standby's start is queued: it runs after)
+      setTimeout(() => (console.log('main ran on'), b.exitWatchTake(id), process.exit(0)), 1500) // (the standby lives on)
+    })
+  `
+
+  it('a standby gets the will as the armed agent ends and stops the countdown by arming it again; one that starts after the end gets it too', () => {
+    const waiting = runChild(succession({ standbyAfterMs: 0, countdownMs: 1000, rearm: true }))
+    expect([waiting.status, waiting.signal], waiting.out).toEqual([0, null])
+    expect(waiting.out.trim().split('\n')).toEqual(['standby got [{"will":1}]', 'main ran on'])
+    const late = runChild(succession({ standbyAfterMs: 300, countdownMs: 1000, rearm: true }))
+    expect([late.status, late.signal], late.out).toEqual([0, null])
+    expect(late.out.trim().split('\n')).toEqual(['standby got [{"will":1}]', 'main ran on'])
+    // a standby that does not arm it: the countdown ends the process as without one
+    const idle = runChild(succession({ standbyAfterMs: 0, countdownMs: 400, rearm: false }))
+    expect([idle.status, idle.signal], idle.out).toEqual([4, null])
+    expect(idle.out).toContain('standby got [{"will":1}]')
+    expect(idle.out).toContain('watch: agent ended')
+    expect(idle.out).not.toContain('main ran on')
+  })
+
+  it('settled (disarmed) or failed (fired): the standby reads an empty end, no will', () => {
+    const r = runChild(`
+      const { Worker } = require('node:worker_threads')
+      const b = ${load}
+      const fs = require('node:fs'), net = require('node:net')
+      const id = b.exitWatchCreate()
+      const read = (fd) => new Promise((res) => { const s = new net.Socket({ fd, readable: true, writable: false }); let t = ''; s.on('data', (c) => (t += c)); s.on('end', () => { s.destroy(); res(t) }) })
+      ;(async () => {
+        b.exitWatchArm(id, 4, 10000, 'x', 'W')
+        const settled = read(b.exitWatchSucceed(id))
+        b.exitWatchDisarm(id)
+        console.log('settled [' + (await settled) + ']')
+        b.exitWatchArm(id, 4, 10000, 'x', 'W')
+        const failed = read(b.exitWatchSucceed(id))
+        b.exitWatchFire(id, 4, 10000, 'x')
+        console.log('failed [' + (await failed) + ']')
+        b.exitWatchTake(id)
+      })()
+    `)
+    expect([r.status, r.signal], r.out).toEqual([0, null])
+    expect(r.out.trim().split('\n')).toEqual(['settled []', 'failed []'])
+  })
+
   it('a failure fired while armed ends the process unless taken; fired while idle it does nothing', () => {
     const fired = runChild(child(`b.exitWatchFire(id, 7, 100, 'watch: failure not taken\\\\n')`, { blockMs: 20_000 }))
     expect([fired.status, fired.signal]).toEqual([7, null])

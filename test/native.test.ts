@@ -52,6 +52,30 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     region.release()
   })
 
+  it('a held descriptor outlives its object and another adopts it: a fault read and dropped is raised again by a wake', async () => {
+    // (a destination's agent that crashed, and the one that takes over: src/agent/destination/takeover.ts)
+    const { region, uffd } = missingRegion(b, 8)
+    const held = uffd.holdRegistrations!()
+    expect(held).toBeGreaterThan(2)
+    let dropped = 0
+    uffd.startFaults((ev) => void (dropped += ev.length / 3)) // the crashed agent read the fault, never answered it
+    const read = inWorker<number>(region.describe(), `return u8[5 * ${ps} + 1]`)
+    await new Promise((r) => setTimeout(r, 200))
+    expect(dropped).toBe(1)
+    const { features, ioctls } = uffd
+    ;(uffd as unknown as { stopFaults(): void }).stopFaults() // (never close()d: that closes the held descriptor too)
+    const next = new b.Uffd(features, held, ioctls)
+    expect([next.fd, next.features, next.ioctls]).toEqual([held, features, ioctls])
+    next.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) next.copy(region.id, ev[i + 1] * ps, new Uint8Array(ps).fill(77))
+    })
+    next.wake(region.id, 0, region.sizeBytes) // the blocked thread faults again, into the new reader
+    expect(await read).toBe(77)
+    next.close()
+    region.release()
+    expect(() => new b.Uffd(0, 1, 0)).toThrow(/expected adoptFd to be an open userfaultfd \(1 is not\)/)
+  })
+
   it('pollFaults() delivers a queued fault synchronously, while this thread never yields to its loop', async () => {
     const { region, uffd } = missingRegion(b, 8)
     const faults: number[] = []

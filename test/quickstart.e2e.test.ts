@@ -72,7 +72,7 @@ describe.skipIf(skip)('the README quick start', () => {
  * The quick start service moved in post-copy with four slots' pages left at the source (on-demand paging only, no
  * background push): what each test then breaks, the destination must end with exit code 4, never answer wrong.
  */
-async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {}) {
+async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {}, recoveryTimeoutMs = 1500) {
   const token = randomBytes(16).toString('hex')
   const server = join(root, 'examples', 'quickstart', 'server.cjs')
   const hosts = ['a', 'b'].map((h) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, GUEST_NAME: name, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `qsf-${h}-`)) }))
@@ -88,7 +88,7 @@ async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {
   for (const s of slots) expect((await retry(() => hit(srcHttp, s))).count).toBe(1)
   const dst = run({ ...hosts[1], ...dstEnv }, [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], dstHttp)
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
-  const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', '1500'], 0)
+  const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', String(recoveryTimeoutMs)], 0)
   await dst.waitLine(/the service runs here .* 4 of 16384 pages still to come/, 30_000, 'stderr')
   return { hosts, run, src, dst, send, dstHttp, slots }
 }
@@ -121,10 +121,36 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     }, 90_000)
   }
 
-  it('its migration agent crashes while the main thread waits on a page: the process still ends with exit code 4', async () => {
+  it('its migration agent crashes while the main thread waits on a page: a standby agent takes over, the page arrives, the migration settles', async () => {
+    // the destination's agent throws once the service's only thread waits in a fault (a test hook: its wchan is the
+    // userfaultfd wait); that thread cannot start anything now, so the standby takes over by itself
+    const { src, dst, send, dstHttp, slots, hosts, run } = await postcopyWithPagesLeft(`qst-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' }, 20_000)
+    expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
+    // the source stopped a while, so that the service's thread stays in its fault until the agent has crashed
+    src.kill('SIGSTOP')
+    const answer = hit(dstHttp, slots[1])
+    await dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr')
+    src.kill('SIGCONT') // it finds the link broken and dials in again: the new agent answers
+    // each slot was hit once at the source: the answers count on from there, from pages the new agent installed
+    expect((await answer).count).toBe(2)
+    for (const s of [slots[0], slots[2], slots[3]]) expect((await hit(dstHttp, s)).count).toBe(2)
+    expect((await send.waitExit(60_000)).code, send.stderr).toBe(0)
+    expect((await src.waitExit(30_000)).code).toBe(0) // moved
+    expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash/)
+    expect(dst.stderr).toMatch(/a new migration agent takes over after the last one crashed: [1-4] page\(s\) still to come from 127\.0\.0\.1:\d+; listening again on port \d+ for the source/)
+    expect(dst.stderr).toMatch(/the source came back after/)
+    expect(dst.stderr).not.toMatch(/exiting|ending the process/)
+    const status = run(hosts[1], [cli, 'status', '--guest', `qst-${process.pid}`], 0)
+    expect((await status.waitExit(10_000)).code, status.stderr).toBe(0)
+    expect(status.lines[0]).toMatch(/: settled/)
+    expect((await hit(dstHttp, 1)).count).toBe(2)
+  }, 90_000)
+
+  it('its migration agent and the standby both crash while the main thread waits on a page: the process still ends with exit code 4', async () => {
     // the source is stopped, so the page the service waits for cannot come; then the destination's agent throws
-    // (a test hook: once the main thread's wchan is the userfaultfd wait); only the native exit watch can end it now
-    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' })
+    // (a test hook: once the main thread's wchan is the userfaultfd wait), and the standby as it takes over: only the
+    // native exit watch can end the process now
+    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsc-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash+takeover' })
     // the service serves here (a slot whose page it has), then its page requests can get no answer
     expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
     src.kill('SIGSTOP')
@@ -132,7 +158,9 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       const answer = hit(dstHttp, slots[1]).then(() => 'answered', () => 'no answer')
       const { code } = await dst.waitExit(30_000)
       expect(code, dst.stderr).toBe(4)
-      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash/)
+      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash\n/)
+      expect(dst.stderr).toMatch(/a new migration agent takes over after the last one crashed/)
+      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash\+takeover \(the new agent\)/)
       expect(dst.stderr).toMatch(/the migration agent ended before every page arrived, and the service's main thread did not take the failure within 3000 ms .*: ending the process with exit code 4/)
       expect(await answer).toBe('no answer')
     } finally {
@@ -142,7 +170,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
   }, 90_000)
 
   it('the same with JSON log lines: the exit watch\'s last line (written by its native thread) is one object too', async () => {
-    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsj-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash', UFFD_MIGRATE_LOG_FORMAT: 'json' })
+    const { src, dst, send, dstHttp, slots } = await postcopyWithPagesLeft(`qsj-${process.pid}`, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash+takeover', UFFD_MIGRATE_LOG_FORMAT: 'json' })
     expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
     src.kill('SIGSTOP')
     try {

@@ -69,6 +69,8 @@ export const destinationTrouble = {
       : `the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`,
   sessionEnded: (e: { code?: string; message: string }) =>
     `a migration ended before the hand-off (${e.message}) [${e.code ?? ErrorCode.GENERIC}]; listening for the next source`,
+  takeover: (w: { peer: string; port: number }, pagesLeft: number) =>
+    `a new migration agent takes over after the last one crashed: ${pagesLeft} page(s) still to come from ${w.peer}; listening again on port ${w.port} for the source`,
   /** Written by the exit watch (a native thread) as it ends the process (deferredLogLine()). */
   notTaken: (what: string, waitedMs: number, exitCode: number) =>
     `${what}, and the service's main thread did not take the failure within ${waitedMs} ms ` +

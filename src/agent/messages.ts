@@ -58,6 +58,8 @@ export type AgentToMain =
   | { type: 'restore'; state: Uint8Array }
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }
+  /** Destination: the service runs on pages still to come and the source may come back: start a standby agent. */
+  | { type: 'standBy' }
   | { type: 'recovering'; message: string }
   /** cancel() was not taken (nothing runs, or the hand-off is done): why. */
   | { type: 'cancelRefused'; error: { code: string; message: string } }

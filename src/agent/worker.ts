@@ -5,6 +5,7 @@
  * environment is read here, at the process boundary, and passed down.
  */
 import { readFileSync } from 'node:fs'
+import { Socket } from 'node:net'
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
 import { PageBitmap } from '../bitmap'
@@ -18,6 +19,7 @@ import type { SocketTuning } from '../options'
 import type { TrackerOption } from './tracker'
 import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from './log-lines'
 import { warmLinkCode } from './warm-up'
+import { type AgentWill, parseWill } from './destination/takeover'
 import type { BandwidthLimits } from './source/bandwidth'
 import { Yielding } from './yielding'
 import { deferredLogLine, type LogEvent, type LogLevel, logLine } from '../log'
@@ -44,11 +46,15 @@ export interface AgentWorkerData {
   exitWatch?: number
   /** This agent replaces one that crashed (src/agent-handle.ts); the crash injections below are not repeated in it. */
   takeover?: boolean
+  /** Destination: idle until the agent's end hands it the agent's will (src/agent/destination/takeover.ts). */
+  standby?: boolean
 }
 
 const port = parentPort!
 const data = workerData as AgentWorkerData
 const binding = loadBinding()
+// a destination's end is watched before it makes its uffd and threads: their cleanup runs before the watch's (see there)
+if (data.role === 'destination' && data.exitWatch) binding.exitWatchBind?.(data.exitWatch)
 const regions = data.regions.map((d) => Region.open(d, binding))
 // This thread only: it pushes, installs and reads faults (on its own loop).
 if (data.agentNice) binding.setThreadNice(data.agentNice)
@@ -96,20 +102,24 @@ class MainThreadCall<T> {
  * once it settled, any number of times.
  */
 const outgoing = outgoingMigrations()
-const incoming = data.role === 'destination' ? incomingMigration() : undefined
-void warmLinkCode() // idle now; a migration's first connection then runs warm code
-
-port.on('message', onMain)
+let incoming = data.role === 'destination' && !data.standby ? incomingMigration() : undefined
+if (data.standby) awaitWill()
+else {
+  void warmLinkCode() // idle now; a migration's first connection then runs warm code
+  port.on('message', onMain)
+}
 
 // A bug in this thread: it says so itself (the service's thread may be blocked in a fault and never see the worker's
 // 'error' event); then the worker ends, and a destination's exit watch counts down.
 process.on('uncaughtExceptionMonitor', (err) => log('agent-crashed', agentTrouble.crashed(err), 'error'))
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
-// (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off)
+// (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off;
+// destination: agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
 const inject = data.takeover ? undefined : injected?.[0]
-if (data.takeover && injected?.[1] === 'takeover') setImmediate(() => injectedCrash(`${injected.join('+')} (the new agent)`))
+const crashTakingOver = () => injected?.[1] === 'takeover' && setImmediate(() => injectedCrash(`${injected.join('+')} (the new agent)`))
+if (data.takeover && !data.standby) crashTakingOver()
 if (inject === 'agent-crash') crashOnceMainBlocked()
 if (inject === 'agent-crash:now') setImmediate(() => injectedCrash('agent-crash:now'))
 
@@ -151,7 +161,7 @@ function onMain(m: MainToAgent): void {
     case 'pauseFailed':
       return outgoing.pause.refuse(m.error)
     case 'free':
-      incoming?.dest.free(m.region, m.firstPage, m.pageCount)
+      incoming?.dest.service.free(m.region, m.firstPage, m.pageCount)
       return outgoing.freed(m.region, m.firstPage, m.pageCount)
     case 'resumed':
       return incoming?.restore.answer(m.atMs)
@@ -160,13 +170,13 @@ function onMain(m: MainToAgent): void {
     case 'rehearsed':
       return incoming?.rehearsed.answer()
     case 'willNeed':
-      return incoming?.dest.willNeed(m.region, m.firstPage, m.pageCount)
+      return incoming?.dest.service.willNeed(m.region, m.firstPage, m.pageCount)
     case 'wait':
-      for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
+      for (let k = 0; k + 4 <= m.waits.length; k += 4) incoming?.dest.service.waitFor(m.waits[k], m.waits[k + 1], m.waits[k + 2], m.waits[k + 3])
       return
     case 'serving':
       // only a route set up during this post-copy counts (a late serve() must not count for the next hop)
-      if (incoming?.dest.announceService(m.ports)) yielding.clientsRouted()
+      if (incoming?.dest.service.announce(m.ports)) yielding.clientsRouted()
       return
   }
 }
@@ -259,18 +269,36 @@ function outgoingMigrations() {
 const FAILED_ANSWER_MS = 3000
 const notTaken = (what: string) => deferredLogLine(data.name ?? '?', 'exiting', destinationTrouble.notTaken(what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED), 'error')
 const exitWatch = {
-  arm: () => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived')),
+  arm: (will: AgentWill | undefined) => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived'), will ? JSON.stringify(will) : undefined),
   disarm: () => data.exitWatch && binding.exitWatchDisarm?.(data.exitWatch),
   fire: () => data.exitWatch && binding.exitWatchFire?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration failed after the hand-off')),
 }
 
-function incomingMigration() {
+/**
+ * A standby (src/agent-handle.ts): it waits for the will the exit watch writes when the agent ends (an empty end: the
+ * migration settled or failed, nothing to take over, and this worker ends with it). Messages from the service's thread
+ * wait in the port until it took over.
+ */
+function awaitWill(): void {
+  const sock = new Socket({ fd: binding.exitWatchSucceed!(data.exitWatch!), readable: true, writable: false })
+  let text = ''
+  sock.setEncoding('utf8')
+  sock.on('data', (c: string) => (text += c))
+  sock.on('end', () => {
+    sock.destroy()
+    if (!text.trim()) return
+    incoming = incomingMigration(parseWill(text.trim()))
+    port.on('message', onMain)
+  })
+}
+
+function incomingMigration(will?: AgentWill) {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const rehearsed = new MainThreadCall<void>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     // from the resume on, the service's thread may wait on a page that only this agent can install
-    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })).then((atMs) => (exitWatch.arm(), atMs)),
+    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
@@ -301,16 +329,32 @@ function incomingMigration() {
       log('refused', message, 'warn')
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
-    milestone: (m) => log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions)),
+    milestone: (m) => {
+      log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions))
+      if (m.kind !== 'resumed') return
+      // from the resume on, the service's thread may wait on a page that only an agent can install
+      const w = dest.will()
+      exitWatch.arm(w)
+      if (w) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
+      if (inject === 'agent-crash:postcopy') setTimeout(() => injectedCrash(inject), 200)
+    },
     sessionEnded: (err) => {
       log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       post({ type: 'sessionEnded' })
     },
   })
-  dest.listen(data.listen!).then(
-    (p) => post({ type: 'listening', port: p, atMs: nowMs() }),
-    (err) => post({ type: 'failed', error: errorOut(err) }),
-  )
+  if (will) {
+    const pagesLeft = regions.reduce((n, r, i) => n + r.pageCount - dest.received[i].count(), 0)
+    log('agent-takeover', destinationTrouble.takeover(will, pagesLeft), 'warn')
+    dest.takeOver(will, data.listen!)
+    exitWatch.arm(dest.will()) // the countdown the crash started stops
+    crashTakingOver()
+  } else {
+    dest.listen(data.listen!).then(
+      (p) => post({ type: 'listening', port: p, atMs: nowMs() }),
+      (err) => post({ type: 'failed', error: errorOut(err) }),
+    )
+  }
   return {
     dest,
     restore,

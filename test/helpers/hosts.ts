@@ -88,8 +88,9 @@ export const listening = (p: LineProc) => p.waitLine(/waiting for the incoming m
  * Host A (the source side) and host B with the page-store waiting for guest
  * `name-<pid>` on a fresh port (`fileLimit`: under `ulimit -n`). Resolves once it listens.
  */
-export async function twoHosts(name: string, o: { receiveArgs?: string[]; fileLimit?: number } = {}) {
+export async function twoHosts(name: string, o: { receiveArgs?: string[]; fileLimit?: number; dstEnv?: NodeJS.ProcessEnv } = {}) {
   const A = host('a'), B = host('b')
+  Object.assign(B.env, o.dstEnv)
   const g = `${name}-${process.pid}`
   const port = await freePort(), http = await freePort()
   const dst = o.fileLimit ? B.receiveWithFileLimit(o.fileLimit, g, port, http) : B.receive(g, port, http, o.receiveArgs)

@@ -160,7 +160,7 @@ describe('a stuck source', () => {
   it('post-copy: a ready() wait whose pages never come counts as an unanswered request too', async () => {
     const clock = new FakeClock()
     const d = await drive(DestPhase.POSTCOPY, { clock, regions: { linkTimeoutMs: 60_000, requestTimeoutMs: 2000 } })
-    d.dest.waitFor(1, 0, 2, 2) // the service awaits region.ready() on pages 2-3
+    d.dest.service.waitFor(1, 0, 2, 2) // the service awaits region.ready() on pages 2-3
     await turns()
     await advance(clock, 1900)
     expect(d.dest.phase).toBe(DestPhase.POSTCOPY)

@@ -200,6 +200,17 @@ export class Acceptor {
     for (const s of streams) s.fail(err)
   }
 
+  /** The session's id, once a source took the slot. */
+  get sessionId(): string | undefined {
+    return this.session
+  }
+
+  /** A new agent took over the session after the hand-off (the last one crashed): its source may rejoin. */
+  resume(session: string, peer: string): void {
+    this.session = session
+    this.sessionPeer = peer
+  }
+
   /** The session ended before the hand-off: the next source may bring another. */
   forgetSession(): void {
     this.session = undefined

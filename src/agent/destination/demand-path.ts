@@ -59,9 +59,12 @@ export class DemandPath {
     else this.fd = fd
   }
 
-  /** REGIONS: with a demand connection, the thread takes the uffd's faults from now on (true). */
-  start(uffd: NativeUffd, placement: Placement, requests: Requests): boolean {
-    if (this.fd === undefined) return false
+  /**
+   * REGIONS: with a demand connection, the thread takes the uffd's faults from now on (true). detached: a new agent
+   * that took over (takeover.ts) starts it before any connection; faults wait in it until the source is back.
+   */
+  start(uffd: NativeUffd, placement: Placement, requests: Requests, detached = false): boolean {
+    if (this.fd === undefined && !(detached && this.binding.DemandClient)) return false
     this.cpuMs = 0
     const onEvents = (ev: Float64Array) => {
       // The figures first: an ARRIVED of this batch may settle the migration, and its report must count the whole
@@ -82,7 +85,7 @@ export class DemandPath {
       })
     }
     this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)
-    this.client.thread.attach(this.fd)
+    if (this.fd !== undefined) this.client.thread.attach(this.fd)
     this.fd = undefined
     return true
   }

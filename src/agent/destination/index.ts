@@ -1,8 +1,7 @@
 /**
- * The destination side of one migration, in the agent's worker: one state machine (machine.ts) fed by the frames of
- * both connections. Before the hand-off pages go straight into the (registered, untouched) regions; at the hand-off the
- * discard list is applied and the service resumes; after it, faults become page requests on the urgent channel, and
- * pages are installed with UFFDIO_COPY / ZEROPAGE. Settled = every page is local. Beside it, one file per concern.
+ * The destination side of one migration, in the agent's worker: one state machine (machine.ts) fed by both connections'
+ * frames. Pages go straight into the registered regions before the hand-off; after it faults become page requests and
+ * pages go in with UFFDIO_COPY / ZEROPAGE. Settled = every page is local. Beside it, one file per concern.
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
@@ -26,8 +25,10 @@ import { Placement } from './placement'
 import { RecoveryWindow } from './recovery'
 import { peerPostcopyNice } from '../yielding'
 import { Requests, settledReport } from './requests'
+import { ServiceCalls } from './service-calls'
 import { acceptRegionTable } from './region-table'
-import { Watchdog } from './watchdog'
+import { type StuckLimits, Watchdog } from './watchdog'
+import { type AgentWill, SessionNotes } from './takeover'
 
 export { DestPhase } from './machine'
 export type { DestinationHooks, DestinationOptions } from './hooks'
@@ -49,8 +50,10 @@ export class MigrationDestination implements DestinationHandlers {
   private linkTimeoutMs = 0
   /** This thread's CPU time when the session started (the report's destination CPU). */
   private cpuAtRegionsMs: number | undefined
-  /** guest.serve() ports, sent again to a source that came back after a break. */
-  private servicePorts: (number | null)[] | undefined
+  /** The service's calls (ready, willNeed, serve, free), through the worker. */
+  readonly service: ServiceCalls
+  /** What a successor needs (takeover.ts). */
+  private readonly notes = new SessionNotes()
 
   constructor(
     private readonly binding: NativeBinding,
@@ -66,9 +69,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.bulkPath = new BulkPath(binding, regions, { frame: (f) => this.link.bulk && this.onFrame(this.link.bulk, 'bulk', f), closed: (err) => this.link.bulk && this.onChannelClosed(err, this.link.bulk) })
     const machine = this.machine
     this.link = new Acceptor(opts.token, {
-      get phase() {
-        return machine.phase
-      },
+      get phase() { return machine.phase },
       adopt: (ch, role) => this.adopt(ch, role),
       refused: (m) => this.hooks.refused?.(m, this.link.refusals),
       expired: (err) => {
@@ -87,6 +88,8 @@ export class MigrationDestination implements DestinationHandlers {
         this.linkBroke(err)
       },
     })
+    const self = this // (getters: the session's parts change under the calls)
+    this.service = new ServiceCalls({ get phase() { return self.phase }, get requests() { return self.requests }, get urgent() { return self.link.urgent }, get bulk() { return self.link.bulk }, get hasUffd() { return self.uffd !== undefined }, ready: (ids) => this.hooks.ready(ids) })
     this.newSession(received)
     this.gate = new BulkGate(this.clock, (paused) => (paused ? this.link.bulk?.pauseReading() : this.link.bulk?.resumeReading()))
   }
@@ -121,7 +124,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   listen(addr: string): Promise<number> {
-    return this.link.listen(addr)
+    return this.link.listen(addr).then((port) => (this.notes.port = port))
   }
 
   /** An incoming connection (TCP from listen(), or an in-memory transport in tests). */
@@ -179,21 +182,13 @@ export class MigrationDestination implements DestinationHandlers {
   // ---- message handlers (named in machine.ts) -------------------------------
 
   onRegions(f: Frame): void {
-    const limits = acceptRegionTable(f, this.regions, this.ps)
-    this.linkTimeoutMs = limits.linkTimeoutMs
+    const limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
     this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
-    for (const ch of [this.link.urgent, this.link.bulk]) {
-      ch?.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
-      if (ch) ch.stallTimeoutMs = this.linkTimeoutMs
-    }
-    this.watchdog.start(limits)
     // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us
     this.uffd = new this.binding.Uffd(0)
     const MISSING = this.binding.constants.UFFDIO_REGISTER_MODE_MISSING
     for (const r of this.regions) this.uffd.register(r.id, 0, r.sizeBytes, MISSING)
-    if (!this.demand.start(this.uffd, this.placement, this.requests)) this.uffd.startFaults((ev) => this.requests.onFaults(ev))
-    this.placement.attach(this.uffd, limits.precopyOnly)
-    this.requests.attach(this.uffd)
+    this.readFaults(this.uffd, limits.precopyOnly)
     this.bulkPath.start(this.uffd, this.placement, this.link.bulk!)
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
@@ -201,6 +196,25 @@ export class MigrationDestination implements DestinationHandlers {
     const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
     else ok()
+  }
+
+  /** The source's stuck-peer limits (REGIONS, or a takeover's will) for the session's connections and the watchdog. */
+  private applyLimits<L extends StuckLimits>(limits: L): L {
+    this.notes.limits = limits
+    this.linkTimeoutMs = limits.linkTimeoutMs
+    for (const ch of this.link.channels) {
+      ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+      ch.stallTimeoutMs = this.linkTimeoutMs
+    }
+    this.watchdog.start(limits)
+    return limits
+  }
+
+  /** The uffd's faults go to the native demand thread (with a demand connection, or detached: a takeover's) or to this loop. */
+  private readFaults(uffd: NativeUffd, lazyZero: boolean, detached = false): void {
+    if (!this.demand.start(uffd, this.placement, this.requests, detached)) uffd.startFaults((ev) => this.requests.onFaults(ev))
+    this.placement.attach(uffd, lazyZero)
+    this.requests.attach(uffd)
   }
 
   onClock(f: Frame): void {
@@ -227,13 +241,14 @@ export class MigrationDestination implements DestinationHandlers {
     const discardedAtMs = this.clock.now()
     this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
     this.machine.transition(DestPhase.POSTCOPY)
-    this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
+    this.notes.heldFd = this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
     if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
     this.hooks.restore(state).then(
       (resumedAtMs) => {
         // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
         this.bulkPath.resume()
-        this.hooks.postcopy?.(peerPostcopyNice(m.postcopyNice), m.forward === true) // the rest is background work
+        this.notes.postcopy = { nice: peerPostcopyNice(m.postcopyNice), forwarded: m.forward === true }
+        this.hooks.postcopy?.(this.notes.postcopy.nice, this.notes.postcopy.forwarded) // the rest is background work
         this.recovery.resumedAtMs = resumedAtMs
         this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
         this.hooks.milestone?.({ kind: 'resumed', peer: this.link.sessionPeer, afterHandoffMs: resumedAtMs - handoffAtMs, pagesLeft: this.placement.pagesLeft })
@@ -260,7 +275,7 @@ export class MigrationDestination implements DestinationHandlers {
     throw peerError(f.payload)
   }
 
-  // ---- recovery ----------------------------------------------------------------
+  // ---- recovery, and a new agent taking over (takeover.ts) ----------------------
 
   private startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
@@ -268,19 +283,13 @@ export class MigrationDestination implements DestinationHandlers {
     this.demand.detach()
     this.bulkPath.detach()
     this.gate.reset()
-    if (this.recovery.open) return // a second break while recovering: the first deadline stands
-    this.hooks.recovering?.(`the connection broke during post-copy (${err.message}); waiting up to ${this.recovery.timeoutMs} ms for the source to reconnect`)
-    this.recovery.start(() => {
-      this.fail(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.recovery.timeoutMs} ms: ${err.message}`))
-    })
+    this.recovery.begin(err, (line) => this.hooks.recovering?.(line), (e) => this.fail(e))
   }
 
   /** Both connections are back: tell the source what arrived, ask again for what is still awaited. */
   onRecover(): void {
-    if (this.phase === DestPhase.LISTENING) {
-      // the source thinks the hand-off happened, but it never arrived (lost in flight, or this receiver restarted)
-      throw migrationError(ErrorCode.NO_SESSION, 'this destination has no migration to recover: the hand-off never arrived here (or the receiver restarted), the service does not run here')
-    }
+    // the source thinks the hand-off happened, but it never arrived (lost in flight, or this receiver restarted)
+    if (this.phase === DestPhase.LISTENING) throw migrationError(ErrorCode.NO_SESSION, 'this destination has no migration to recover: the hand-off never arrived here (or the receiver restarted), the service does not run here')
     const pair = this.link.pair
     if (!pair) throw migrationError(ErrorCode.PROTOCOL, 'RECOVER before both connections were back')
     const settled = this.phase === DestPhase.SETTLED // the link broke as SETTLED left: the report again, nothing else to do
@@ -290,11 +299,33 @@ export class MigrationDestination implements DestinationHandlers {
       this.machine.transition(DestPhase.POSTCOPY)
     }
     pair.bulk.send(encodeControl(Msg.RECOVER_STATE, { ...this.recovery.state(settled ? [] : this.placement.receivedBytes()), atMs: this.clock.now() }))
-    if (this.servicePorts) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.servicePorts }))
+    if (this.service.ports) pair.bulk.send(encodeControl(Msg.SERVICE, { ports: this.service.ports }))
     if (settled) return
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
-    this.bulkPath.attach(pair.bulk)
+    if (this.bulkPath.active || !this.bulkPath.start(this.uffd!, this.placement, pair.bulk)) this.bulkPath.attach(pair.bulk)
+    else this.bulkPath.resume() // a takeover's first bulk connection
+  }
+
+  /** What an agent that takes over from this one needs, once the service runs here and the source may come back. */
+  will(): AgentWill | undefined {
+    return this.notes.will(this.link.sessionId, this.link.sessionPeer, this.uffd, this.recovery)
+  }
+
+  /** The last agent crashed after the hand-off: go on from its held uffd and the shared received maps, and wait for the source to dial in again. */
+  takeOver(will: AgentWill, listen: string): void {
+    this.applyLimits(will.limits)
+    const uffd = (this.uffd = new this.binding.Uffd(will.uffd.features, will.uffd.fd, will.uffd.ioctls))
+    Object.assign(this.notes, { heldFd: uffd.holdRegistrations?.(), postcopy: { nice: will.postcopyNice, forwarded: will.forwarded } })
+    this.placement.recount()
+    this.readFaults(uffd, false, true)
+    Object.assign(this.recovery, { timeoutMs: will.recoveryTimeoutMs, resumedAtMs: will.resumedAtMs })
+    this.hooks.postcopy?.(will.postcopyNice, will.forwarded)
+    this.link.resume(will.session, will.peer)
+    this.machine.transition(DestPhase.RECOVERING)
+    for (const r of this.regions) uffd.wake(r.id, 0, r.sizeBytes) // threads blocked in faults the crashed agent read fault again, into this agent's reader
+    this.startRecovery(migrationError(ErrorCode.AGENT, 'the migration agent that received it crashed; a new one took over'))
+    this.listen(listen).catch((err: Error) => this.fail(err)) // (its port: the source dials it again)
   }
 
   // ---- settled and failed ------------------------------------------------------
@@ -342,10 +373,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.hooks.failed(err)
   }
 
-  /**
-   * Only the hand-off commits: a session that fails, is refused, cancelled or dropped before it leaves the
-   * guest as it was (regions empty, nothing registered) and listening for the next source.
-   */
+  /** Only the hand-off commits: a session that ends before it leaves the guest as it was (regions empty, nothing registered), listening. */
   private endSession(err: Error): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
     this.watchdog.stop()
@@ -359,34 +387,6 @@ export class MigrationDestination implements DestinationHandlers {
     this.newSession(this.placement.received)
     if (this.phase !== DestPhase.LISTENING) this.machine.transition(DestPhase.LISTENING)
     if (hadSession) this.hooks.sessionEnded?.(err)
-  }
-
-  // ---- the service's calls (through the worker) ----------------------------------
-
-  /** ready(): answered once the range is local. */
-  waitFor(id: number, region: number, first: number, count: number): void {
-    if (this.phase === DestPhase.SETTLED) return this.hooks.ready([id])
-    this.requests.waitFor(id, region, first, count, this.phase === DestPhase.POSTCOPY && this.link.urgent !== undefined)
-  }
-
-  /** willNeed(): a hint for the push (WILL_NEED) with the missing runs of the range. */
-  willNeed(region: number, first: number, count: number): void {
-    if (this.phase !== DestPhase.POSTCOPY || !this.link.urgent) return
-    this.requests.request(region, first, count, false)
-  }
-
-  /** The service listens on these ports (guest.serve(), per served server): the source's forwarder relays there. */
-  /** True when the forwarded clients' route is set up now, in post-copy (what the agent's yielding waits for). */
-  announceService(ports: (number | null)[]): boolean {
-    this.servicePorts = ports
-    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.SETTLED)) this.link.bulk?.send(encodeControl(Msg.SERVICE, { ports }))
-    return this.phase === DestPhase.POSTCOPY
-  }
-
-  /** free() during post-copy: missing pages are zero-filled here and never pushed. */
-  free(region: number, first: number, count: number): void {
-    if (this.phase !== DestPhase.POSTCOPY || !this.uffd) return
-    this.requests.free(region, first, count)
   }
 
   close(): void {

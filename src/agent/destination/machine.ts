@@ -15,7 +15,7 @@ export enum DestPhase {
   PRECOPY = 'precopy',
   /** HANDOFF applied and the service resumed here; faults become page requests. */
   POSTCOPY = 'postcopy',
-  /** The link broke after the hand-off; faulting threads wait for the source to dial again. */
+  /** The link broke after the hand-off (or a new agent took over from one that crashed); faulting threads wait for the source to dial again. */
   RECOVERING = 'recovering',
   /** Every page is local. */
   SETTLED = 'settled',
@@ -23,7 +23,7 @@ export enum DestPhase {
 }
 
 export const DEST_TRANSITIONS: TransitionTable<DestPhase> = {
-  [DestPhase.LISTENING]: [DestPhase.PRECOPY, DestPhase.FAILED],
+  [DestPhase.LISTENING]: [DestPhase.PRECOPY, DestPhase.RECOVERING, DestPhase.FAILED],
   [DestPhase.PRECOPY]: [DestPhase.POSTCOPY, DestPhase.LISTENING, DestPhase.FAILED],
   [DestPhase.POSTCOPY]: [DestPhase.RECOVERING, DestPhase.SETTLED, DestPhase.FAILED],
   [DestPhase.RECOVERING]: [DestPhase.POSTCOPY, DestPhase.FAILED],

@@ -68,6 +68,11 @@ export class Placement {
     this.lazy = lazyZero
   }
 
+  /** A new agent took over after a crash: what the received maps (shared; the old agent's) hold already. */
+  recount(): void {
+    this.receivedCount = this.received.reduce((n, m) => n + m.count(), 0)
+  }
+
   private markReceived(region: number, first: number, count: number): void {
     this.receivedCount += this.received[region].setRange(first, count)
   }

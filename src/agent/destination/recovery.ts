@@ -6,6 +6,7 @@
  * in again with the same session and send RECOVER. This file keeps that
  * deadline and what the destination tells a returning source.
  */
+import { ErrorCode, migrationError } from '../../errors'
 import type { Clock, TimerHandle } from '../clock'
 
 export class RecoveryWindow {
@@ -22,6 +23,13 @@ export class RecoveryWindow {
 
   get open(): boolean {
     return this.timer !== undefined
+  }
+
+  /** A break: the operator's line and the deadline, once (a second break while recovering keeps the first deadline). */
+  begin(err: Error, say: (line: string) => void, expired: (err: Error) => void): void {
+    if (this.open) return
+    say(`the connection broke during post-copy (${err.message}); waiting up to ${this.timeoutMs} ms for the source to reconnect`)
+    this.start(() => expired(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.timeoutMs} ms: ${err.message}`)))
   }
 
   /** Starts the deadline once per break (a second break while recovering keeps the first deadline). */
