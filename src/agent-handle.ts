@@ -15,7 +15,7 @@
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import type { AgentToMain, MainToAgent } from './agent/messages'
-import type { AgentWorkerData } from './agent/worker'
+import type { AgentWorkerData } from './agent/worker-data'
 
 export const AGENT_WORKER = __filename.endsWith('.ts')
   ? join(__dirname, '..', 'dist', 'agent', 'worker.js')

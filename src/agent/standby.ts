@@ -1,0 +1,25 @@
+/**
+ * A standby destination agent (src/agent-handle.ts, src/agent/destination/takeover.ts): it waits for the will the
+ * exit watch writes when the agent ends, then becomes the agent (agent-main.ts, loaded only then). An empty end: the
+ * migration settled or failed, nothing to take over, and this worker ends with it. Messages from the service's
+ * thread wait in the port until then.
+ */
+import { Socket } from 'node:net'
+import { workerData } from 'node:worker_threads'
+import { loadBinding } from '../binding'
+import { parseWill } from './destination/takeover'
+import type { AgentWorkerData } from './worker-data'
+
+const data = workerData as AgentWorkerData
+const binding = loadBinding()
+binding.exitWatchBind?.(data.exitWatch!) // before the uffd and threads it makes on taking over (see exit_watch.cc)
+const sock = new Socket({ fd: binding.exitWatchSucceed!(data.exitWatch!), readable: true, writable: false })
+let text = ''
+sock.setEncoding('utf8')
+sock.on('data', (c: string) => (text += c))
+sock.on('end', () => {
+  sock.destroy()
+  if (!text.trim()) return
+  data.will = parseWill(text.trim())
+  require('./agent-main')
+})
