@@ -1,11 +1,14 @@
 #!/usr/bin/env node
-// npm run bench:takeover — what a crash of the source's migration agent costs when a new agent takes the migration
-// over (src/agent-handle.ts), against the same migration without a crash.
+// npm run bench:takeover — what a crash of a migration agent costs when a new agent takes the migration over
+// (src/agent-handle.ts; the destination's standby: src/agent/destination/takeover.ts), against the same migration
+// without a crash.
 //  A. post-copy, 256 MiB page-store writing 2000 pages/s whose faults block (--blocking), the push held to
 //     64 MiB/s so that the crash (UFFD_MIGRATE_FAULT_INJECT=agent-crash:postcopy, once pages moved after the
 //     hand-off) comes with most pages still at the source: total time, the destination's time without a source
 //     (its `link-back` line: the crash, the old worker's exit, the new agent's start, its dial and RECOVER), fault
-//     p50/p99, every page verified.
+//     p50/p99, every page verified. The same with the destination's agent crashing 200 ms after the service resumed
+//     there (agent-crash:postcopy in the destination's environment): the standby takes over; its time without an
+//     agent is from the JSON log lines' times (agent-crashed → link-back).
 //  B. the crash as the paused service's state arrives, before HANDOFF (agent-crash:paused): how long the service
 //     stood paused before it resumed at the source (from the JSON log lines' times: agent-crashed → migration-failed).
 // Every row is a real migration between two processes (examples/page-store, the CLI) on loopback; memory kept warm
@@ -30,11 +33,16 @@ const mmm = (xs) => {
 const json = { UFFD_MIGRATE_LOG_FORMAT: 'json' }
 const events = (log) => (log ?? '').split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
 
-async function migrate(mode, inject, sendArgs) {
+async function migrate(mode, inject, sendArgs, side = 'source') {
+  const env = (s) => ({ ...json, ...(inject && side === s ? { UFFD_MIGRATE_FAULT_INJECT: inject } : {}) })
   return migrateExample({
     example: 'page-store', sizeMiB: 256, writesPerSec: 2000, mode, client: false, serviceArgs: ['--blocking'], sendArgs,
-    sourceEnv: { ...json, ...(inject ? { UFFD_MIGRATE_FAULT_INJECT: inject } : {}) },
+    sourceEnv: env('source'), destEnv: env('destination'),
   })
+}
+const gapMs = (log, from, to) => {
+  const ev = events(log), a = ev.find((e) => e.event === from), b = ev.find((e) => e.event === to && (!a || Date.parse(e.time) >= Date.parse(a.time)))
+  return a && b ? Date.parse(b.time) - Date.parse(a.time) : NaN
 }
 
 const warmS = prewarm(1.5 * 2 ** 30)
@@ -44,22 +52,25 @@ const results = { A: [], B: [] }
 
 // ---- A: a crash in post-copy -------------------------------------------------------------------------------
 const rowsA = []
-for (const inject of [undefined, 'agent-crash:postcopy']) {
-  const samples = []
+for (const [inject, side] of [[undefined, 'source'], ['agent-crash:postcopy', 'source'], ['agent-crash:postcopy', 'destination']]) {
+  const samples = [], name = inject ? `${side}: ${inject}` : 'none'
   for (let i = 0; i < runs; i++) {
-    say(`A ${inject ?? 'no crash'} run ${i + 1}`)
-    const r = await migrate('postcopy', inject, ['--max-postcopy-bandwidth', '64MiB'])
-    if (!r.ok || !r.report) throw new Error(`A ${inject}: ${r.error ?? r.verify}`)
+    say(`A ${name} run ${i + 1}`)
+    const r = await migrate('postcopy', inject, ['--max-postcopy-bandwidth', '64MiB'], side)
+    if (!r.ok || !r.report) throw new Error(`A ${name}: ${r.error ?? r.verify}`)
     const back = /the source came back after (\d+) ms/.exec(r.destLog ?? '')
+    const tookOver = side === 'source' ? r.report.takeover !== undefined : /"event":"agent-takeover"/.test(r.destLog ?? '')
+    // the gap: the source's crash → its new agent's RECOVER answered; the destination's crash → the source back at the standby
+    const withoutMs = !inject ? 0 : side === 'source' ? (back ? Number(back[1]) : NaN) : gapMs(r.destLog, 'agent-crashed', 'link-back')
     const pc = r.report.postcopy
-    samples.push({ totalMs: r.report.totalMs, withoutSourceMs: back ? Number(back[1]) : inject ? NaN : 0, p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, max: pc.faultLatencyUs.max / 1000, faults: pc.networkFaults, takeover: r.report.takeover ? 1 : 0, verify: r.verify })
+    samples.push({ totalMs: r.report.totalMs, withoutMs, p50: pc.faultLatencyUs.p50, p99: pc.faultLatencyUs.p99, max: pc.faultLatencyUs.max / 1000, faults: pc.networkFaults, takeover: tookOver ? 1 : 0, verify: r.verify })
   }
-  results.A.push({ inject: inject ?? 'none', samples })
+  results.A.push({ inject: name, samples })
   const col = (k) => mmm(samples.map((s) => s[k]))
-  rowsA.push([inject ?? 'none', `${samples.filter((s) => s.takeover).length}/${samples.length}`, col('totalMs'), col('withoutSourceMs'), col('faults'), col('p50'), col('p99'), col('max'), [...new Set(samples.map((s) => s.verify))].join(', ')])
+  rowsA.push([name, `${samples.filter((s) => s.takeover).length}/${samples.length}`, col('totalMs'), col('withoutMs'), col('faults'), col('p50'), col('p99'), col('max'), [...new Set(samples.map((s) => s.verify))].join(', ')])
 }
-console.log('\n## A. The source agent crashes in post-copy (push held to 64 MiB/s)')
-printTable(['crash', 'taken over', 'total ms', 'destination without a source ms', 'network faults', 'fault p50 us', 'fault p99 us', 'longest fault ms', 'verify'], rowsA)
+console.log('\n## A. A migration agent crashes in post-copy (push held to 64 MiB/s)')
+printTable(['crash', 'taken over', 'total ms', 'link without one of its agents ms', 'network faults', 'fault p50 us', 'fault p99 us', 'longest fault ms', 'verify'], rowsA)
 
 // ---- B: a crash with the service paused, before HANDOFF ------------------------------------------------------
 const rowsB = []
@@ -76,6 +87,7 @@ results.B = samplesB
 rowsB.push(['agent-crash:paused', mmm(samplesB.map((s) => s.pausedAfterCrashMs))])
 console.log('\n## B. The source agent crashes as the service paused, before HANDOFF: the service resumes at the source')
 printTable(['crash', 'crash → resumed at the source ms (log times)'], rowsB)
-console.log('\ndestination without a source: its `the source came back after T ms` line (the old agent\'s sockets closed → the new agent\'s RECOVER); ' +
-  'faults that wait meanwhile show in the longest fault. B: the JSON log lines\' times, ms resolution.')
+console.log('\nlink without one of its agents: a source crash, the destination\'s `the source came back after T ms` line (the old agent\'s sockets closed → the new agent\'s RECOVER); ' +
+  'a destination crash, its JSON log lines\' times (agent-crashed → link-back: the standby took over, listened, and the source dialled in again). ' +
+  'Faults that wait meanwhile show in the longest fault. B: the JSON log lines\' times, ms resolution.')
 if (jsonOut) writeFileSync(jsonOut, JSON.stringify(results, null, 2))

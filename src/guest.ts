@@ -84,7 +84,7 @@ export class Guest extends EventEmitter {
     // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
     const exitWatch = init.receiving?.exitWatch
     this.takeFailure = () => exitWatch && init.binding.exitWatchTake?.(exitWatch)
-    this.standbyData = init.receiving
+    this.standbyData = process.env.UFFD_MIGRATE_STANDBY === '0' ? undefined : init.receiving // (0: no standby agent)
     this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err))
     this.sourceAgent = init.sourceAgent
     this.restored = init.received !== undefined

@@ -81,6 +81,8 @@ export interface ExampleRun {
   relay?: (host: string, port: number) => Promise<string>
   /** More environment for the source's service only (e.g. UFFD_MIGRATE_FAULT_INJECT). */
   sourceEnv?: Record<string, string>
+  /** The same for the destination's. */
+  destEnv?: Record<string, string>
 }
 
 export interface ExampleResult {
@@ -123,7 +125,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   ]
   // each host has its own runtime directory (its control sockets), as two machines would: with a shared one the guest
   // that starts second, under the same name, is refused as already running (seen once in CI: the destination first)
-  const destEnv = { ...env, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), 'uffd-migrate-run-')) }
+  const destEnv = { ...env, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), 'uffd-migrate-run-')), ...o.destEnv }
   const dest = o.destNetns
     ? new LineProc('ip', ['netns', 'exec', o.destNetns, process.execPath, ...destCmd], { env: destEnv })
     : new LineProc(process.execPath, destCmd, { env: destEnv })

@@ -273,7 +273,8 @@ export class Postcopy {
     const deadline = this.clock.now() + timeoutMs
     let last = cause
     for (let attempt = 0; this.clock.now() < deadline; attempt++) {
-      if (attempt > 0) await sleep(this.clock, Math.min(1000, 100 * attempt))
+      // 25, 50, 100 ... 1000 ms: a destination agent's standby listens again ~100 ms after the crash (bench:takeover)
+      if (attempt > 0) await sleep(this.clock, Math.min(1000, 25 * 2 ** (attempt - 1)))
       let link: SourceLink | undefined
       try {
         link = await this.host.reconnect()
