@@ -9,7 +9,8 @@
  * agent-crash:paused+takeover crashes the new one too).
  */
 import { afterEach, describe, expect, it } from 'vitest'
-import { freePort } from '../src/cli/proc'
+import { readdirSync, readlinkSync } from 'node:fs'
+import { childrenOf, freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 import { retry } from './helpers/wait'
@@ -107,6 +108,9 @@ describe.skipIf(skip)('a new agent takes over', () => {
     const status = B.cli(['status', '--guest', g, '--json'])
     expect((await status.exited).code, status.stderr).toBe(0)
     expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'settled' })
+    const pid = childrenOf(dst.child.pid!)[0]
+    // settled: the descriptor the crashed agent held, which the standby adopted, is closed (the regions unregistered)
+    expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
   }, 90_000)
 
   it('clients pointed at the source (autocannon, through its forwarder) see no error across the crash in post-copy', async () => {

@@ -292,7 +292,7 @@ function incomingMigration(will?: AgentWill) {
       const w = dest.will()
       exitWatch.arm(w)
       if (w) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
-      if (inject === 'agent-crash:postcopy') setTimeout(() => injectedCrash(inject), 200)
+      if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
     sessionEnded: (err) => {
       log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')

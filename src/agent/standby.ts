@@ -7,6 +7,7 @@
 import { Socket } from 'node:net'
 import { workerData } from 'node:worker_threads'
 import { loadBinding } from '../binding'
+import { logLine } from '../log'
 import { parseWill } from './destination/takeover'
 import type { AgentWorkerData } from './worker-data'
 
@@ -20,6 +21,11 @@ sock.on('data', (c: string) => (text += c))
 sock.on('end', () => {
   sock.destroy()
   if (!text.trim()) return
-  data.will = parseWill(text.trim())
+  try {
+    data.will = parseWill(text.trim())
+  } catch (err) {
+    // a bug: say so (nobody else would; the exit watch's countdown, which the crash started, runs on)
+    return logLine(data.name ?? '?', 'agent-crashed', `the standby agent could not take over: ${(err as Error).message}`, 'error')
+  }
   require('./agent-main')
 })

@@ -44,9 +44,14 @@ export class SessionNotes {
 
 /** The will as the standby reads it (one JSON line from its socket); checked, as anything that crosses a boundary. */
 export function parseWill(line: string): AgentWill {
-  const w = JSON.parse(line) as AgentWill
+  let w: AgentWill | undefined
+  try {
+    w = JSON.parse(line) as AgentWill
+  } catch {
+    // (refused below)
+  }
   const count = (v: unknown) => typeof v === 'number' && Number.isInteger(v) && v >= 0
   const ok = typeof w === 'object' && w !== null && typeof w.session === 'string' && count(w.port) && typeof w.uffd === 'object' && count(w.uffd?.fd) && count(w.uffd?.features) && count(w.recoveryTimeoutMs) && typeof w.limits === 'object'
   if (!ok) throw migrationError(ErrorCode.PROTOCOL, `the crashed agent's will is not one: ${line.slice(0, 200)}`)
-  return w
+  return w!
 }
