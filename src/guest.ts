@@ -23,7 +23,7 @@ import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
 import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
-import { awaitHandoff, followReceiving, handoffState, settlement, waitingGuest } from './receive'
+import { handoffState, receiveHandoff, type Receiving, settlement, waitingGuest } from './receive'
 import { parseAddress } from './agent/address'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
@@ -142,12 +142,13 @@ export class Guest extends EventEmitter {
       token,
       exitWatch: binding.exitWatchCreate?.(),
     }
-    const worker = new Worker(AGENT_WORKER, { workerData })
     const { settled, settle, settleFail } = settlement()
-    const receiving = followReceiving(worker)
+    const receiving: Receiving = { refusals: {}, phase: 'listening', from: undefined }
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
-    const { state } = await awaitHandoff(worker, opts.name, listen).finally(() => waiting?.close())
+    const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
+    const empty = () => regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))
+    const { state, worker } = await receiveHandoff(spawn, empty, receiving, opts.name, listen).finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())

@@ -31,9 +31,9 @@ export interface Receiving {
   from: string | undefined
 }
 
-/** Follows the agent's messages about its sessions (it logs each one). */
-export function followReceiving(worker: Worker): Receiving {
-  const r: Receiving = { refusals: {}, phase: 'listening', from: undefined }
+/** Follows the agent's messages about its sessions (it logs each one); r: what the agents before it counted. */
+export function followReceiving(worker: Worker, r: Receiving = { refusals: {}, phase: 'listening', from: undefined }): Receiving {
+  Object.assign(r, { phase: 'listening', from: undefined })
   worker.on('message', (m: AgentToMain) => {
     if (m.type === 'refused') Object.assign(r.refusals, m.refusals)
     if (m.type === 'incoming') Object.assign(r, { phase: 'precopy', from: m.peer })
@@ -72,6 +72,33 @@ export function waitingGuest(name: string, regions: { name: string; sizeBytes: n
     setBandwidth: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: its bandwidth is set at the source (set-bandwidth there)`, ErrorCode.INVALID_ARG)),
     on: () => undefined,
     off: () => undefined,
+  }
+}
+
+/** Agents a receiver starts before its hand-off: the first, and a new one after each crash (receiveHandoff()). */
+export const MAX_RECEIVER_AGENTS = 4
+
+/**
+ * Waits for the incoming migration's hand-off. An agent that crashes before it (a bug, perhaps one that a peer's
+ * bytes trigger) loses nothing: the service runs on at its source, and only the hand-off commits. So once its worker
+ * is gone (its uffd closed, its threads joined: nothing writes the regions any more) the regions are emptied and a
+ * new agent listens again, up to MAX_RECEIVER_AGENTS in all: a receiver stays up for the next source. An agent that
+ * crashed before it listened (a bug at start) is not tried again.
+ */
+export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string): Promise<{ state: unknown; worker: Worker }> {
+  for (let n = 1; ; n++) {
+    const worker = spawn(n > 1)
+    let listened = false
+    worker.on('message', (m: AgentToMain) => void (m.type === 'listening' && (listened = true)))
+    followReceiving(worker, receiving)
+    try {
+      return { ...(await awaitHandoff(worker, name, listen)), worker }
+    } catch (err) {
+      if ((err as UffdMigrateError).code !== ErrorCode.AGENT || !listened || n >= MAX_RECEIVER_AGENTS) throw err
+      if (worker.threadId !== -1) await new Promise((r) => worker.once('exit', r))
+      empty()
+      logLine(name, 'agent-crashed', `${(err as Error).message}; the regions are emptied and a new agent listens on ${listen} again (${n + 1} of ${MAX_RECEIVER_AGENTS})`, 'warn')
+    }
   }
 }
 

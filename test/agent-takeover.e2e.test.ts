@@ -113,6 +113,28 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
   }, 90_000)
 
+  it("the receiver's agent crashes in pre-copy: the source runs on, the receiver listens again with empty regions, and the next send moves the service", async () => {
+    const { A, B, g, port, http, dst } = await twoHosts('takeover-pre', { dstEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' } })
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    // slow rounds (64 MiB at 32 MiB/s): the crash, 100 ms into the session, comes half-way through round 0
+    const first = await sendAndWait(A, g, port, ['--max-bandwidth', '32MiB'])
+    expect(first.code, first.send.stderr).toBe(1)
+    expect(JSON.parse(first.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_CONNECTION', exitCode: 1, serviceRunsOn: 'source' })
+    expect((await page(srcHttp, 1)).ok).toBe(true) // it serves at the source, as it did
+    await dst.waitLine(/migration agent crashed before the hand-off: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:precopy; the service runs on at the source; the regions are emptied and a new agent listens on 127\.0\.0\.1:\d+ again \(2 of 4\)/, 30_000, 'stderr')
+    await dst.waitLine(/waiting for the incoming migration on/, 30_000, 'stderr') // (its second time)
+    const status = B.cli(['status', '--guest', g, '--json'])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening' })
+    const second = await sendAndWait(A, g, port)
+    expect(second.code, sendFailure(second.send, dst)).toBe(0)
+    // every page as the source had it: nothing of the first session's round 0 was left in the regions
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+  }, 90_000)
+
   it('clients pointed at the source (autocannon, through its forwarder) see no error across the crash in post-copy', async () => {
     const r = await migrateExample({
       example: 'page-store', sizeMiB: 64, mode: 'postcopy', autocannon: true, client: false, serviceArgs: ['--blocking'],

@@ -102,7 +102,7 @@ port.on('message', onMain) // (a standby that took over: the messages that waite
 
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 // (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off;
-// destination: agent-crash:postcopy 200 ms after the service resumed)
+// destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
 const inject = data.takeover ? undefined : injected?.[0]
@@ -260,6 +260,7 @@ function incomingMigration(will?: AgentWill) {
     incoming: (o) => {
       log('incoming', destinationLine({ kind: 'began', peer: o.peer }, regions))
       post({ type: 'incoming', peer: o.peer }) // for status while the guest waits
+      if (inject === 'agent-crash:precopy') setTimeout(() => dest.phase === DestPhase.PRECOPY && injectedCrash(inject), 100)
       return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined
     },
     settled: () => {
