@@ -23,6 +23,8 @@ export const AGENT_WORKER = __filename.endsWith('.ts')
 
 /** New agents one migration may get after crashes (a crash that repeats in the new one is not a fluke). */
 export const MAX_TAKEOVERS = 1
+/** New agents a process may get after crashes while its service runs there (a bug that keeps coming back ends it). */
+export const MAX_AGENT_RESTARTS = 3
 
 export class AgentHandle {
   private worker!: Worker
@@ -30,6 +32,8 @@ export class AgentHandle {
   /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
   private standby: Worker | undefined
   private promoted = 0
+  /** Agents started in place of crashed ones (replace()). */
+  replacements = 0
 
   constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void) {
     this.listen(worker)
@@ -97,12 +101,14 @@ export class AgentHandle {
   }
 
   /**
-   * A new source agent; resolves once the crashed one's worker is gone too (its sockets closed with it, so the
+   * A new agent in place of one that crashed (a source's takeover, or any agent while its service runs here: it starts
+   * as a source agent, which any guest that runs here needs); resolves once the crashed one's worker is gone too (its sockets closed with it, so the
    * destination has seen the link break and waits for the source to come back). The new one loads meanwhile: the old
    * one's teardown (its tracker's end walks the page tables) and the new one's start overlap.
    */
   async replace(data: AgentWorkerData): Promise<void> {
     const crashed = this.exited
+    this.replacements++
     const w = new Worker(AGENT_WORKER, { workerData: { ...data, takeover: true } satisfies AgentWorkerData })
     this.listen(w)
     this.use(w)

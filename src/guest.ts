@@ -30,7 +30,7 @@ import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
-import { AGENT_WORKER, AgentHandle, MAX_TAKEOVERS } from './agent-handle'
+import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS } from './agent-handle'
 import { emitOrExit, exitWhenMoved } from './guest-exit'
 import { logLine } from './log'
 
@@ -96,13 +96,15 @@ export class Guest extends EventEmitter {
 
   /** A bug in the agent: it fails the migration it ran (a destination's, when pages were still to come), never the service. */
   private onAgentCrash(err: Error): void {
-    const run = this.migrating, paused = run?.stoppedAtMs !== undefined
+    const run = this.migrating, paused = run?.stoppedAtMs !== undefined, unsettled = this.restored && !this.isSettledFlag
+    const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     if (run && paused && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
     // a destination's standby took over (it logged it): it hears the open waits and the service's ports again
-    if (!run && this.restored && !this.isSettledFlag && !this.closed && this.agent.promote()) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
+    if (!run && unsettled && !this.closed && this.agent.promote()) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
+    // the service runs here, no migration has it paused: the one that ran (if any) fails, and a new agent takes the place
+    if (!paused && !unsettled && !this.closed && this.agent.replacements < MAX_AGENT_RESTARTS) return this.restartAgent(e)
     // paused, and the new agent crashed too: nobody here can tell whether the service runs at the destination
     const where = run && paused ? `the service stays paused here: it may run on ${run.wire.to} now (ask \`uffd-migrate status\` there) before you restart it` : 'restart the service (it runs on) to move it'
-    const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     this.agentEnded = new UffdMigrateError(`${e.message}; no migration can start from this process now: ${where}`, ErrorCode.AGENT)
     // and the process must not end by itself: its memory may be the only copy of pages the service there lacks
     if (paused) {
@@ -165,11 +167,9 @@ export class Guest extends EventEmitter {
   }
 
   /**
-   * One word for `status`: a migration's phase while one runs (connect,
-   * precopy, handoff, postcopy, recovering); otherwise idle, settling (a
-   * destination receiving its memory), settled, moved (it runs elsewhere
-   * now), cancelled (the last migration was cancelled; the service runs
-   * here), or failed (a migration failed after its hand-off).
+   * One word for `status`: a migration's phase while one runs (connect, precopy, handoff, postcopy, recovering);
+   * otherwise idle, settling (a destination receiving its memory), settled, moved (it runs elsewhere now), cancelled
+   * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
    */
   get phase(): string {
     if (this.failure) return 'failed'
@@ -227,12 +227,10 @@ export class Guest extends EventEmitter {
   }
 
   /**
-   * Cancels the running migration if it has not reached the hand-off (QEMU's
-   * migrate_cancel): the service runs on here (resume() is called if it was
-   * paused), the destination is told and listens again, and migrate()
-   * rejects with ERR_MIGRATION_CANCELLED. Resolves once it is cancelled;
-   * rejects with ERR_MIGRATION_CANCEL_REFUSED after the hand-off (the service
-   * already runs on the destination) or ERR_INVALID_ARG when nothing runs.
+   * Cancels the running migration if it has not reached the hand-off (QEMU's migrate_cancel): the service runs on here
+   * (resume() is called if it was paused), the destination is told and listens again, and migrate() rejects with
+   * ERR_MIGRATION_CANCELLED. Resolves once it is cancelled; rejects with ERR_MIGRATION_CANCEL_REFUSED after the
+   * hand-off (the service already runs on the destination) or ERR_INVALID_ARG when nothing runs.
    */
   cancel(): Promise<void> {
     return this.calls.cancel(this.migrating !== undefined)
@@ -357,6 +355,14 @@ export class Guest extends EventEmitter {
     paused?.()
   }
 
+  /** The agent crashed while the service runs here (no migration, or one before its pause): a new agent for the next. */
+  private restartAgent(e: { code: string; message: string }): void {
+    logLine(this.name, 'agent-crashed', `${e.message}; a new agent takes its place (the service runs on here, and can move again)`, 'warn')
+    if (this.migrating) this.onAgent({ type: 'failed', error: e })
+    else this.lastFailure = e
+    void this.agent.replace(this.sourceAgent).then(() => !this.migrating && this.agent.unref())
+  }
+
   /** The agent crashed with the service paused for a migration: a new one asks the destination what became of it. */
   private async takeOver(run: NonNullable<Guest['migrating']>, err: Error): Promise<void> {
     run.takeovers++
@@ -368,11 +374,9 @@ export class Guest extends EventEmitter {
   }
 
   /**
-   * Hands a listening server of the service to the guest: at a migration its
-   * socket stays open and its clients are held, then relayed to the
-   * destination's service (which serve()s the same way); they see latency,
-   * never a refused connection. Do not close it in pause(). The destination
-   * tells the source on which port it listens once it does.
+   * Hands a listening server of the service to the guest: at a migration its socket stays open and its clients are
+   * held, then relayed to the destination's service (which serve()s the same way); they see latency, never a refused
+   * connection. Do not close it in pause(). The destination tells the source on which port it listens once it does.
    */
   serve(server: Server): void {
     this.forwarder.serve(server)

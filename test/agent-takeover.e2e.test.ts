@@ -113,6 +113,27 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
   }, 90_000)
 
+  it("the source's agent crashes in pre-copy, with the service running: that migration fails, a new agent moves it on the next try", async () => {
+    const { A, g, port, http, dst } = await twoHosts('restart-src')
+    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:precopy'
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    const first = await sendAndWait(A, g, port)
+    expect(first.code, first.send.stderr).toBe(1)
+    expect(JSON.parse(first.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_AGENT', serviceRunsOn: 'source' })
+    expect(src.stderr).toMatch(/migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:precopy; a new agent takes its place \(the service runs on here, and can move again\)/)
+    expect((await page(srcHttp, 1)).ok).toBe(true) // it never stopped serving
+    const status = A.cli(['status', '--guest', g, '--json'])
+    expect((await status.exited).code, status.stderr).toBe(0)
+    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'idle', lastError: { code: 'ERR_AGENT' } })
+    const second = await sendAndWait(A, g, port)
+    expect(second.code, sendFailure(second.send, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+  }, 90_000)
+
   it("the receiver's agent crashes in pre-copy: the source runs on, the receiver listens again with empty regions, and the next send moves the service", async () => {
     const { A, B, g, port, http, dst } = await twoHosts('takeover-pre', { dstEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' } })
     const srcHttp = await freePort()

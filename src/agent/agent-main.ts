@@ -101,7 +101,8 @@ if (!data.will) void warmLinkCode() // idle now; a migration's first connection 
 port.on('message', onMain) // (a standby that took over: the messages that waited for it come now)
 
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
-// (source: agent-crash:paused as the service's paused state arrives, agent-crash:postcopy once pages move after the hand-off;
+// (source: agent-crash:precopy as pre-copy begins, agent-crash:paused as the service's paused state arrives,
+// agent-crash:postcopy once pages move after the hand-off;
 // destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
@@ -193,6 +194,7 @@ function outgoingMigrations() {
           phase = p.phase
           // once a page moved after the hand-off (the destination has HANDOFF then: it asks, or RESUMED started the push)
           if (inject === 'agent-crash:postcopy' && phase === 'postcopy' && p.pagesLeft < (leftAtHandoff ??= p.pagesLeft)) setImmediate(() => injectedCrash(inject))
+          if (inject === 'agent-crash:precopy' && phase === 'precopy') setImmediate(() => injectedCrash(inject))
           post({ type: 'progress', progress: p })
         },
         forwardTo: (host, ports) => {
