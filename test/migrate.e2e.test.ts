@@ -48,9 +48,9 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.pauseCallMs).toBeGreaterThanOrEqual(0)
     expect(rep.pauseCallMs).toBeLessThanOrEqual(rep.downtimeBreakdownMs!.pause)
     // what went after the hand-off is exactly what the destination lacked then: the old copies it dropped
-    // (at the hand-off, or during pre-copy and not sent again)
+    // (at the hand-off, or during pre-copy and not sent again). How many is timing: when the last round's pages fit
+    // in the pause window they all go there and none is missing (seen once with sync-wp on a loaded machine)
     expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.pagesMissingAtHandoff)
-    expect(rep.pagesMissingAtHandoff).toBeGreaterThan(0)
     expect(rep.pagesMissingAtHandoff).toBeLessThanOrEqual(rep.discardedPages)
     // how long the client waited (gap vs downtime) is a timing figure: bench:migrate measures it
     // ('client gap ms'); a loaded CI machine must not turn it into a failure here
