@@ -13,7 +13,7 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
-import { freePort, LineProc } from '../src/cli/proc'
+import { childrenOf, freePort, LineProc, threadsLine } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { getJson } from './helpers/http'
 import { retry } from './helpers/wait'
@@ -129,7 +129,14 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     // the source stopped a while, so that the service's thread stays in its fault until the agent has crashed
     src.kill('SIGSTOP')
     const answer = hit(dstHttp, slots[1])
-    await dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr')
+    // (if the takeover line does not come: whether the service answered without waiting, and where its threads wait;
+    // seen once in CI, not reproduced in 12 runs of the same steps)
+    const pid = childrenOf(dst.child.pid!)[0]
+    const early = await Promise.race([
+      answer.then((r) => `answered before any takeover: ${JSON.stringify(r)}`, (e: Error) => `no answer: ${e.message}`),
+      dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr').then(() => '', (e: Error) => `${e.message}; its threads: ${threadsLine(pid)}`),
+    ])
+    expect(early).toBe('')
     src.kill('SIGCONT') // it finds the link broken and dials in again: the new agent answers
     // each slot was hit once at the source: the answers count on from there, from pages the new agent installed
     expect((await answer).count).toBe(2)
