@@ -8,6 +8,7 @@
 // States: idle -> armed (the hand-off: pages may be missing from now on) -> idle (settled)
 //         armed -> counting (a failure, or the agent ended while armed) -> ends the process after ms
 //         counting -> armed (a standby agent took over from the one that ended: it armed the watch again)
+//         armed -> armed (the same agent adds its will once the service resumed)
 //         any -> taken (the service's thread has the failure, or closes the guest itself): nothing more is done
 //
 // The successor: an agent that arms the watch leaves a will (what a new agent needs to go on: the session, the
@@ -196,8 +197,9 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
 }
 
 // exitWatchArm(id, code, ms, line, will?): from the hand-off on; if the calling thread's environment ends before a
-// disarm, the countdown starts with this line (and a standby gets the will). Called on the agent's thread; also by a
-// standby that took over, which stops the countdown its predecessor's end started.
+// disarm, the countdown starts with this line (and a standby gets the will). Called on the agent's thread (again to
+// add the will once the service resumed); also by a standby that took over, which stops the countdown its
+// predecessor's end started. false once taken.
 Napi::Value Arm(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   CountdownArgs a = countdown_args(info);
@@ -208,7 +210,7 @@ Napi::Value Arm(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> lock(r.mu);
     Watch* w = find(id);
     if (!w) return Unknown(env, id);
-    if (w->state != WatchState::Idle && w->state != WatchState::Counting) return Napi::Boolean::New(env, false);
+    if (w->state == WatchState::Taken) return Napi::Boolean::New(env, false);
     bind_env(env, r, id);
     w->state = WatchState::Armed;
     w->code = a.code;

@@ -150,7 +150,9 @@ export class Guest extends EventEmitter {
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
     const empty = () => regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))
-    const { state, worker } = await receiveHandoff(spawn, empty, receiving, opts.name, listen).finally(() => waiting?.close())
+    const { state, worker } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
+      .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), Promise.reject(err))) // no service started: nothing blocks
+      .finally(() => waiting?.close())
     const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())

@@ -163,7 +163,7 @@ describe('the exit watch (native/exit_watch.cc): a destination whose service thr
     `)
     expect([idle.status, idle.signal]).toEqual([0, null])
     expect(idle.out.trim().split('\n')).toEqual([
-      'false true false', // not armed: nothing to fire; armed once only
+      'false true true', // not armed: nothing to fire; armed again (the same agent adds its will)
       'false', // taken: the service's thread has it
       expect.stringMatching(/^RangeError: no exit watch \d+$/),
       'TypeError: expected line to be a string',

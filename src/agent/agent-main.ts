@@ -103,7 +103,8 @@ port.on('message', onMain) // (a standby that took over: the messages that waite
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 // (source: agent-crash:precopy as pre-copy begins, agent-crash:paused as the service's paused state arrives,
 // agent-crash:postcopy once pages move after the hand-off;
-// destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:postcopy 200 ms after the service resumed)
+// destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:restore as it asks the service's
+// thread to restore the hand-off state, agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
 const inject = data.takeover ? undefined : injected?.[0]
@@ -256,7 +257,13 @@ function incomingMigration(will?: AgentWill) {
   const rehearsed = new MainThreadCall<void>()
   const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     // from the resume on, the service's thread may wait on a page that only this agent can install
-    restore: (state) => restore.ask(...withOwnState({ type: 'restore' as const, state })),
+    // from here the service's thread may run (and wait on a page only an agent can install) before this agent hears
+    // of it: armed now, so that a crash before the resume ends the process rather than leaving it hung
+    restore: (state) => {
+      exitWatch.arm(undefined)
+      if (inject === 'agent-crash:restore') setImmediate(() => injectedCrash(inject))
+      return restore.ask(...withOwnState({ type: 'restore' as const, state }))
+    },
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
@@ -291,7 +298,7 @@ function incomingMigration(will?: AgentWill) {
     milestone: (m) => {
       log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions))
       if (m.kind !== 'resumed') return
-      // from the resume on, the service's thread may wait on a page that only an agent can install
+      // the service runs: a standby can take over from here (the will)
       const w = dest.will()
       exitWatch.arm(w)
       if (w) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
