@@ -301,7 +301,7 @@ function incomingMigration(will?: AgentWill) {
       // the service runs: a standby can take over from here (the will)
       const w = dest.will()
       exitWatch.arm(w)
-      if (w) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
+      if (w && m.pagesLeft > 0) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
     sessionEnded: (err) => {
