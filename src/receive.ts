@@ -88,13 +88,11 @@ export const MAX_RECEIVER_AGENTS = 4
 export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string): Promise<{ state: unknown; worker: Worker }> {
   for (let n = 1; ; n++) {
     const worker = spawn(n > 1)
-    let listened = false
-    worker.on('message', (m: AgentToMain) => void (m.type === 'listening' && (listened = true)))
     followReceiving(worker, receiving)
     try {
       return { ...(await awaitHandoff(worker, name, listen)), worker }
     } catch (err) {
-      if ((err as UffdMigrateError).code !== ErrorCode.AGENT || !listened || n >= MAX_RECEIVER_AGENTS) throw err
+      if ((err as UffdMigrateError).code !== ErrorCode.AGENT || !(err as { listened?: boolean }).listened || n >= MAX_RECEIVER_AGENTS) throw err
       if (worker.threadId !== -1) await new Promise((r) => worker.once('exit', r))
       empty()
       logLine(name, 'agent-crashed', `${(err as Error).message}; the regions are emptied and a new agent listens on ${listen} again (${n + 1} of ${MAX_RECEIVER_AGENTS})`, 'warn')
@@ -104,8 +102,10 @@ export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: (
 
 export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {
   return new Promise((resolve, reject) => {
+    let listened = false
     const onMessage = (m: AgentToMain) => {
       if (m.type === 'listening') {
+        listened = true
         // one line for the operator (and for tests that wait for it)
         logLine(name, 'listening', `waiting for the incoming migration on ${listen} (port ${m.port})`)
       }
@@ -133,6 +133,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
     }
     worker.on('message', onMessage)
     // a bug in the agent before the hand-off: the service never started here (it runs on at the source)
-    worker.once('error', (err) => reject(new UffdMigrateError(`migration agent crashed before the hand-off: ${err.message}; the service runs on at the source`, ErrorCode.AGENT)))
+    // (listened: whether it got that far; receiveHandoff() starts a new agent only for one that did)
+    worker.once('error', (err) => reject(Object.assign(new UffdMigrateError(`migration agent crashed before the hand-off: ${err.message}; the service runs on at the source`, ErrorCode.AGENT), { listened })))
   })
 }

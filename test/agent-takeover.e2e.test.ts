@@ -12,7 +12,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { readdirSync, readlinkSync } from 'node:fs'
 import { childrenOf, freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
+import { host, killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 import { retry } from './helpers/wait'
 import { migrateExample } from '../src/cli/demo'
 
@@ -20,12 +20,26 @@ const skip = kernelSkipReason()
 
 afterEach(killAll)
 
+/** Two hosts (the destination with dstEnv), and the source's page-store running with srcInject (none: ''). */
+async function migrationSetup(name: string, srcInject: string, dstEnv: NodeJS.ProcessEnv = {}) {
+  const hosts = await twoHosts(name, { dstEnv })
+  Object.assign(hosts.A.env, { UFFD_MIGRATE_FAULT_INJECT: srcInject })
+  const srcHttp = await freePort()
+  const src = hosts.A.service(hosts.g, srcHttp)
+  await src.waitLine(/^READY/)
+  return { ...hosts, src, srcHttp }
+}
+
+/** `uffd-migrate status --json` of the guest on that host (it must answer). */
+async function statusOf(on: ReturnType<typeof host>, g: string): Promise<Record<string, unknown>> {
+  const status = on.cli(['status', '--guest', g, '--json'])
+  expect((await status.exited).code, status.stderr).toBe(0)
+  return JSON.parse(status.lines.join('\n')) as Record<string, unknown>
+}
+
 describe.skipIf(skip)('a new agent takes over', () => {
   it('the agent crashes in post-copy: a new one recovers the link, every page arrives, the service moved', async () => {
-    const { A, g, port, http, dst } = await twoHosts('takeover-post')
-    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:postcopy'
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    const { A, g, port, http, dst, src } = await migrationSetup('takeover-post', 'agent-crash:postcopy')
     // a slow push (64 MiB at 16 MiB/s: 4 s) so that the crash comes with most pages still here
     const { code, report, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--max-postcopy-bandwidth', '16MiB'])
     expect(code, sendFailure(send, dst)).toBe(0)
@@ -45,11 +59,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
   }, 90_000)
 
   it('the agent crashes as the service paused, before HANDOFF left: the service resumes here (recovery off or not), and moves on the next try', async () => {
-    const { A, g, port, http, dst } = await twoHosts('takeover-paused')
-    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:paused'
-    const srcHttp = await freePort()
-    const src = A.service(g, srcHttp)
-    await src.waitLine(/^READY/)
+    const { A, g, port, http, dst, src, srcHttp } = await migrationSetup('takeover-paused', 'agent-crash:paused')
     // recovery turned off: the new agent asks all the same (else the service would run nowhere)
     const first = await sendAndWait(A, g, port, ['--recovery-timeout-ms', '0'])
     expect(first.code, first.send.stderr).toBe(1)
@@ -67,18 +77,13 @@ describe.skipIf(skip)('a new agent takes over', () => {
   }, 90_000)
 
   it('the new agent crashes too: the service stays paused, and the error says where it may run', async () => {
-    const { A, g, port, dst } = await twoHosts('takeover-twice')
-    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:paused+takeover'
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    const { A, g, port, dst, src } = await migrationSetup('takeover-twice', 'agent-crash:paused+takeover')
     const { code, send } = await sendAndWait(A, g, port)
     expect(code).toBe(4) // as when the source's process ends in the hand-off: look there before starting it again
     expect(JSON.parse(send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_AGENT', exitCode: 4, serviceRunsOn: 'unknown' })
     const why = /migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:paused\+takeover \(the new agent\); no migration can start from this process now: the service stays paused here: it may run on 127\.0\.0\.1:\d+ now/
     expect(send.stderr).toMatch(why)
-    const status = A.cli(['status', '--guest', g, '--json'])
-    expect((await status.exited).code, status.stderr).toBe(0)
-    const st = JSON.parse(status.lines.join('\n')) as { phase: string; lastError?: { code: string; message: string } }
+    const st = (await statusOf(A, g)) as { phase: string; lastError?: { code: string; message: string } }
     expect(st.phase).toBe('failed')
     expect(st.lastError?.code).toBe('ERR_AGENT')
     expect(st.lastError?.message).toMatch(why)
@@ -88,9 +93,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
   }, 90_000)
 
   it("the destination's agent crashes in post-copy: the standby takes over, the source comes back to it, every page arrives", async () => {
-    const { A, B, g, port, http, dst } = await twoHosts('takeover-dst', { dstEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:postcopy' } })
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
+    const { A, B, g, port, http, dst, src } = await migrationSetup('takeover-dst', '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:postcopy' })
     // a slow push (64 MiB at 16 MiB/s: 4 s): the crash, 200 ms after the service resumed there, comes with most pages still to come
     const { code, report, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--max-postcopy-bandwidth', '16MiB'])
     expect(code, sendFailure(send, dst)).toBe(0)
@@ -105,28 +108,20 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect((await page(http, 1)).ok).toBe(true)
     expect((await src.exited).code).toBe(0) // moved
-    const status = B.cli(['status', '--guest', g, '--json'])
-    expect((await status.exited).code, status.stderr).toBe(0)
-    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'settled' })
+    expect(await statusOf(B, g)).toMatchObject({ phase: 'settled' })
     const pid = childrenOf(dst.child.pid!)[0]
     // settled: the descriptor the crashed agent held, which the standby adopted, is closed (the regions unregistered)
     expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
   }, 90_000)
 
   it("the source's agent crashes in pre-copy, with the service running: that migration fails, a new agent moves it on the next try", async () => {
-    const { A, g, port, http, dst } = await twoHosts('restart-src')
-    A.env.UFFD_MIGRATE_FAULT_INJECT = 'agent-crash:precopy'
-    const srcHttp = await freePort()
-    const src = A.service(g, srcHttp)
-    await src.waitLine(/^READY/)
+    const { A, g, port, http, dst, src, srcHttp } = await migrationSetup('restart-src', 'agent-crash:precopy')
     const first = await sendAndWait(A, g, port)
     expect(first.code, first.send.stderr).toBe(1)
     expect(JSON.parse(first.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_AGENT', serviceRunsOn: 'source' })
     expect(src.stderr).toMatch(/migration agent crashed: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:precopy; a new agent takes its place \(the service runs on here, and can move again\)/)
     expect((await page(srcHttp, 1)).ok).toBe(true) // it never stopped serving
-    const status = A.cli(['status', '--guest', g, '--json'])
-    expect((await status.exited).code, status.stderr).toBe(0)
-    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'idle', lastError: { code: 'ERR_AGENT' } })
+    expect(await statusOf(A, g)).toMatchObject({ phase: 'idle', lastError: { code: 'ERR_AGENT' } })
     const second = await sendAndWait(A, g, port)
     expect(second.code, sendFailure(second.send, dst)).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
@@ -135,10 +130,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
   }, 90_000)
 
   it("the receiver's agent crashes in pre-copy: the source runs on, the receiver listens again with empty regions, and the next send moves the service", async () => {
-    const { A, B, g, port, http, dst } = await twoHosts('takeover-pre', { dstEnv: { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' } })
-    const srcHttp = await freePort()
-    const src = A.service(g, srcHttp)
-    await src.waitLine(/^READY/)
+    const { A, B, g, port, http, dst, src, srcHttp } = await migrationSetup('takeover-pre', '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' })
     // slow rounds (64 MiB at 32 MiB/s): the crash, 100 ms into the session, comes half-way through round 0
     const first = await sendAndWait(A, g, port, ['--max-bandwidth', '32MiB'])
     expect(first.code, first.send.stderr).toBe(1)
@@ -146,9 +138,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect((await page(srcHttp, 1)).ok).toBe(true) // it serves at the source, as it did
     await dst.waitLine(/migration agent crashed before the hand-off: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:precopy; the service runs on at the source; the regions are emptied and a new agent listens on 127\.0\.0\.1:\d+ again \(2 of 4\)/, 30_000, 'stderr')
     await dst.waitLine(/waiting for the incoming migration on/, 30_000, 'stderr') // (its second time)
-    const status = B.cli(['status', '--guest', g, '--json'])
-    expect((await status.exited).code, status.stderr).toBe(0)
-    expect(JSON.parse(status.lines.join('\n'))).toMatchObject({ phase: 'listening' })
+    expect(await statusOf(B, g)).toMatchObject({ phase: 'listening' })
     const second = await sendAndWait(A, g, port)
     expect(second.code, sendFailure(second.send, dst)).toBe(0)
     // every page as the source had it: nothing of the first session's round 0 was left in the regions

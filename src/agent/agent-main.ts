@@ -25,7 +25,6 @@ import { deferredLogLine, type LogEvent, type LogLevel, logLine } from '../log'
 /** The destination's milestones as log events. */
 const MILESTONE_EVENTS = { began: 'incoming', resumed: 'resumed', back: 'link-back', settled: 'settled' } as const satisfies Record<string, LogEvent>
 
-
 const port = parentPort!
 const data = workerData as AgentWorkerData
 const binding = loadBinding()

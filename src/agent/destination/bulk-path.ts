@@ -126,9 +126,12 @@ export class BulkPath {
     this.reader?.thread.resume(true)
   }
 
-  /** A bulk connection that came back after a break (its RECOVER handled): the thread reads it from here. */
-  attach(ch: Channel): void {
-    if (!this.reader) return
+  /**
+   * A bulk connection that came back after a break (its RECOVER handled): the thread reads it from here. An agent that
+   * took over from a crashed one has no thread yet: its first connection starts one, placing the push at once.
+   */
+  attach(ch: Channel, uffd: NativeUffd, placement: Placement): void {
+    if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
     const taken = ch.handOver()
     if (taken) this.reader.thread.attach(taken.fd, taken.head)
     this.adoptCounts(ch)

@@ -303,8 +303,7 @@ export class MigrationDestination implements DestinationHandlers {
     if (settled) return
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
-    if (this.bulkPath.active || !this.bulkPath.start(this.uffd!, this.placement, pair.bulk)) this.bulkPath.attach(pair.bulk)
-    else this.bulkPath.resume() // a takeover's first bulk connection
+    this.bulkPath.attach(pair.bulk, this.uffd!, this.placement)
   }
 
   /** What an agent that takes over from this one needs, once the service runs here and the source may come back. */
