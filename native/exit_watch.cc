@@ -8,6 +8,7 @@
 // States: idle -> armed (the hand-off: pages may be missing from now on) -> idle (settled)
 //         armed -> counting (a failure, or the agent ended while armed) -> ends the process after ms
 //         counting -> armed (a standby agent took over from the one that ended: it armed the watch again)
+//         counting -> idle (a receiver's agent crashed after it asked for the restore, before the service started)
 //         armed -> armed (the same agent adds its will once the service resumed)
 //         any -> taken (the service's thread has the failure, or closes the guest itself): nothing more is done
 //
@@ -242,15 +243,18 @@ Napi::Value Succeed(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sv[1]);
 }
 
-// exitWatchDisarm(id): settled; an armed watch is idle again (its teardown hook then does nothing).
+// exitWatchDisarm(id): settled, or (a receiver) its agent crashed before the service started: an armed or counting
+// watch is idle again (its teardown hook then does nothing; a countdown ends without ending the process).
 Napi::Value Disarm(const Napi::CallbackInfo& info) {
   uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   Watch* w = find(id);
   if (!w) return Unknown(info.Env(), id);
-  if (w->state == WatchState::Armed) w->state = WatchState::Idle;
+  if (w->state == WatchState::Armed || w->state == WatchState::Counting) w->state = WatchState::Idle;
   close_successor(*w);  // nothing to take over now: the standby reads the end of its socket
+  w->will_left = false;
+  r.changed.notify_all();
   return info.Env().Undefined();
 }
 

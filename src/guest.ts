@@ -149,7 +149,7 @@ export class Guest extends EventEmitter {
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
-    const empty = () => regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))
+    const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
     const { state, worker } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
       .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), Promise.reject(err))) // no service started: nothing blocks
       .finally(() => waiting?.close())

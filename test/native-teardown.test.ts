@@ -84,6 +84,13 @@ describe('the exit watch (native/exit_watch.cc): a destination whose service thr
     expect(r.out).not.toContain('watch: agent ended')
   })
 
+  it('disarmed while counting (a receiver whose agent crashed before the service started): the countdown ends, the process goes on', () => {
+    const r = runChild(child(`setTimeout(() => { throw new Error('agent bug') }, 10)`, { blockMs: 0, onError: 'b.exitWatchDisarm(id)' }))
+    expect([r.status, r.signal]).toEqual([0, null])
+    expect(r.out).toContain('main still here')
+    expect(r.out).not.toContain('watch: agent ended')
+  })
+
   it('disarmed (settled) before the agent ends: nothing is ended', () => {
     const r = runChild(child(`b.exitWatchDisarm(id); setTimeout(() => { throw new Error('agent bug') }, 10)`, { blockMs: 600 }))
     expect([r.status, r.signal]).toEqual([0, null])

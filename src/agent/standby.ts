@@ -12,6 +12,9 @@ import { parseWill } from './destination/takeover'
 import type { AgentWorkerData } from './worker-data'
 
 const data = workerData as AgentWorkerData
+// a bug while it waits: it says so (the service's thread ignores a standby's end; agent-main.ts has its own once loaded)
+const crashed = (err: Error) => logLine(data.name ?? '?', 'agent-crashed', `the standby agent crashed: ${err?.stack ?? String(err)}`, 'error')
+process.on('uncaughtExceptionMonitor', crashed)
 const binding = loadBinding()
 binding.exitWatchBind?.(data.exitWatch!) // before the uffd and threads it makes on taking over (see exit_watch.cc)
 const sock = new Socket({ fd: binding.exitWatchSucceed!(data.exitWatch!), readable: true, writable: false })
@@ -27,5 +30,6 @@ sock.on('end', () => {
     // a bug: say so (nobody else would; the exit watch's countdown, which the crash started, runs on)
     return logLine(data.name ?? '?', 'agent-crashed', `the standby agent could not take over: ${(err as Error).message}`, 'error')
   }
+  process.off('uncaughtExceptionMonitor', crashed)
   require('./agent-main')
 })
