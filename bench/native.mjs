@@ -13,7 +13,8 @@
 //      untracked, under wp-async and under sync-wp (the fallback for Linux
 //      5.7-6.6), beside the C sync write-protect round trip (b4_wp.c sync)
 //      and the C handler in the classes and placements uffdm-wp can take
-//      (bench/c/sync_wp_class.c).
+//      (bench/c/sync_wp_class.c), and the C twin of the 10k row (the same
+//      paced guest and tracker steps in C: bench/c/paced_guest.c TRACKER=sync-wp).
 //
 // Each section's C reference (../shared/limits/run SECTION) runs right after
 // our own measurement of it, so that both see the machine in the same state.
@@ -504,11 +505,12 @@ async function main() {
       Atomics.store(ctl, C_STOP, 1)
       while (Atomics.load(ctl, C_STATE) !== 2) Atomics.wait(ctl, C_STATE, 1, 1000)
       const trackerCpuMs = tracker?.cpuMs ?? 0, cpuMoves = tracker?.cpuMoves ?? 0, starved = tracker?.starved ?? 0
+      const collectsMoved = tracker?.collectsMoved ?? 0
       tracker?.close()
       const runMs = res[R_T1] - res[R_T0]
       const nt = res[R_TICKS]
       return {
-        faults: tracker?.faults ?? 0, trackerCpuMs, cpuMoves, starved,
+        faults: tracker?.faults ?? 0, trackerCpuMs, cpuMoves, starved, collectsMoved,
         writes: res[R_WRITES], runMs, units: res[R_UNITS], scans, pages,
         scanMean: scans ? scanMs / scans : 0, scanMax,
         batch: nt ? stats(batchNs.subarray(0, nt)) : null,
@@ -618,6 +620,7 @@ async function main() {
   if (want('trackers')) {
     const kinds = ['wp-async', 'sync-wp']
     let syncLost10k = null // sync-wp's compute lost at 10k pages/s (runs), held against the C floor below
+    let syncPerWrite10k = null // and its extra time per write
     for (const perSec of [10_000, 100_000]) {
       const perTick = perSec / 100
       log(`trackers: paced guest ${perSec / 1000}k pages/s (${perTick} per 10 ms), ${secs} s per phase: untracked, ${kinds.join(', ')}`)
@@ -636,12 +639,13 @@ async function main() {
             out[`${kind}.cpuPerFault`] = t.faults ? (t.trackerCpuMs * 1e3) / t.faults : 0
             out[`${kind}.movesPerSec`] = (t.cpuMoves / t.runMs) * 1e3
             out[`${kind}.starved`] = t.starved
+            out[`${kind}.collectsMoved`] = t.scans ? (100 * t.collectsMoved) / t.scans : 0
             out[`${kind}.scanMean`] = t.scanMean
           }
           return out
         })
       })
-      if (perSec === 10_000) syncLost10k = col(vals, 'sync-wp.lost')
+      if (perSec === 10_000) syncLost10k = col(vals, 'sync-wp.lost'), syncPerWrite10k = col(vals, 'sync-wp.perWrite')
       section(`5. trackers: guest writing ${perSec / 1000}k random pages/s of ${guestLen / MiB} MiB (${perTick} writes per 10 ms tick, compute fills the rest), a collect every 100 ms`)
       const id = (s) => `5.trackers.${perSec / 1000}k.${s}`
       for (const kind of kinds) {
@@ -663,6 +667,8 @@ async function main() {
           add({ metric: `  uffdm-wp moves to the writer's CPU`, unit: '/s', runs: col(vals, `${kind}.movesPerSec`), info: true })
           // SCHED_IDLE keeps the woken writer on its CPU; other work there starves it, and its guard moves it back
           add({ metric: `  uffdm-wp starved in the idle class (guard)`, unit: 'times', runs: col(vals, `${kind}.starved`), info: true })
+          // a collect's re-protect walks thousands of pages: off the writer's CPU, so that its faults do not wait behind it
+          add({ metric: `  collects re-protected off the writer's CPU`, unit: '%', runs: col(vals, `${kind}.collectsMoved`), info: true })
         }
       }
     }
@@ -688,6 +694,19 @@ async function main() {
       const sigbus = refs.get('wp_sigbus.mean'), errnoKernel = refs.get('wp_sigbus.kernel_write_errno')
       add({ metric: 'C, the writer resolves its own fault (SIGBUS mode): mean', unit: 'µs', runs: [sigbus?.median ?? NaN], refId: 'wp_sigbus.mean', info: true,
         note: `not used: read(2) into a protected page then fails (errno ${errnoKernel?.median ?? '?'}${errnoKernel?.median === 14 ? ', EFAULT' : ''}) instead of waiting; x 10k faults/s = ${fmt(((sigbus?.median ?? NaN) * 1e4) / 1e6 * 100)} % of each second` })
+      // the C twin of this section's 10k row: the same paced guest and the same tracker steps in C (bench/c/paced_guest.c
+      // TRACKER=sync-wp), its handler and collector placed as uffdm-wp places them, then pinned apart (the floor)
+      section('5e. C twin of the 10k row: paced guest + sync-wp handler + a collect every 100 ms (bench/c/paced_guest.c), same machine, same warm memory')
+      const twinEnv = { PER_TICK: '100', TRACKER: 'sync-wp', ...(quick ? { MIB: String(guestLen / MiB), SECS: String(secs) } : {}) }
+      for (const [place, label] of [['idle', 'handler SCHED_IDLE following the writer, collect off its CPU (uffdm-wp\'s placement)'], ['pinned', 'writer + handler pinned to one CPU, collector to the other (the floor)']]) {
+        for (const [k, v] of runCBench(join(repoRoot, 'bench', 'c', 'paced_guest.c'), { nruns: NRUNS, env: { ...twinEnv, PLACE: place }, log })) refs.set(k, v)
+        add({ metric: `C twin, ${label}: compute/s lost`, unit: '%', runs: [refs.get(`5e.paced_sync.${place}.compute_lost`)?.median ?? NaN], refId: `5e.paced_sync.${place}.compute_lost`, info: true })
+        add({ metric: `  extra time per dirtying write`, unit: 'µs', runs: [refs.get(`5e.paced_sync.${place}.us_per_write`)?.median ?? NaN], refId: `5e.paced_sync.${place}.us_per_write`, info: true })
+      }
+      if (syncLost10k) {
+        add({ metric: 'sync-wp: compute/s lost at 10k pages/s, against its C twin', unit: '%', runs: syncLost10k, refId: '5e.paced_sync.idle.compute_lost', info: true })
+        add({ metric: '  extra time per dirtying write, against its C twin', unit: 'µs', runs: syncPerWrite10k, refId: '5e.paced_sync.idle.us_per_write', info: true })
+      }
       // the least a sync round trip per first write costs the guest here: the pinned handler's mean, 10k times a second
       const pinned = refs.get('wp_class.pinned.mean')
       if (pinned && syncLost10k) {

@@ -109,7 +109,8 @@ export interface NativeSyncWpTracker {
   present(regionId: number): Uint32Array
   /** cpuMoves: times the thread moved to the CPU of the thread that faulted (followWriter). */
   /** idleClass: the thread runs in SCHED_IDLE now; starved: times its guard moved it back to the normal class. */
-  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number; cpuMoves: number; idleClass: boolean; starved: number }
+  /** collectsMoved: collects whose re-protect ran off the writer's CPU (native/wp_tracker.cc). */
+  readonly stats: { wpFaults: number; missingFaults: number; failures: number; lastErrno: number; cpuMs: number; cpuMoves: number; idleClass: boolean; starved: number; collectsMoved: number }
   /** Joins the thread and ends tracking (closing the userfaultfd drops the protection). */
   close(): void
 }

@@ -1,4 +1,5 @@
 import { Worker } from 'node:worker_threads'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
@@ -246,13 +247,18 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
       const u8 = new Uint8Array(region.buffer)
       for (let p = 0; p < 64; p++) u8[p * ps] = p + 1
       // the move comes after the writer was woken: give the thread a moment
-      for (let i = 0; i < 200 && tracker.stats.cpuMoves === 0; i++) Atomics.wait(pause, 0, 0, 10)
+      for (let i = 0; follow && i < 200 && tracker.stats.cpuMoves === 0; i++) Atomics.wait(pause, 0, 0, 10)
       if (!follow) Atomics.wait(pause, 0, 0, 20)
       expect(tracker.stats.wpFaults + tracker.stats.missingFaults).toBeGreaterThanOrEqual(64)
       // at least once onto the writer's CPU (again if the scheduler moved the writer meanwhile); never without it
       if (follow) expect(tracker.stats.cpuMoves).toBeGreaterThanOrEqual(1)
       else expect(tracker.stats.cpuMoves).toBe(0)
+      const allowedBefore = cpusAllowed()
       expect(expandRuns(tracker.collect(region.id))).toEqual(Array.from({ length: 64 }, (_, p) => p))
+      // the collect's re-protect ran off the writer's CPU (this thread's) where it may run elsewhere, and this
+      // thread's CPU mask is what it was
+      expect(tracker.stats.collectsMoved).toBe(follow && allowedBefore.length > 1 ? 1 : 0)
+      expect(cpusAllowed()).toEqual(allowedBefore)
       expect(u8[63 * ps]).toBe(64)
       tracker.close()
       region.release()
@@ -385,6 +391,15 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     await w.terminate()
   })
 })
+
+/** The CPUs this thread may run on (/proc/thread-self/status), e.g. [0, 1]. */
+function cpusAllowed(): number[] {
+  const list = /^Cpus_allowed_list:\s*(.+)$/m.exec(readFileSync('/proc/thread-self/status', 'utf8'))?.[1] ?? ''
+  return list.split(',').flatMap((part) => {
+    const [lo, hi = lo] = part.split('-').map(Number)
+    return Array.from({ length: hi - lo + 1 }, (_, k) => lo + k)
+  })
+}
 
 function expandRuns(runs: Uint32Array): number[] {
   const out: number[] = []

@@ -165,6 +165,11 @@ export class SyncWpTracker implements DirtyTracker {
     return this.native.stats.starved
   }
 
+  /** Collects whose re-protect ran off the writer's CPU (see native/wp_tracker.cc). */
+  get collectsMoved(): number {
+    return this.native.stats.collectsMoved
+  }
+
   get faults(): number {
     const s = this.native.stats
     return s.wpFaults + s.missingFaults
