@@ -6,7 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <system_error>
+#include <thread>
 
 #include "kernel_compat.h"
 #include "region.h"
@@ -56,6 +61,66 @@ int pagemap_scan(uintptr_t base, size_t first_page, size_t npages, const ScanSpe
     if ((size_t)n < kVec) break;
     if (a.walk_end <= s) return -EIO;
     s = a.walk_end;
+  }
+  return 0;
+}
+
+namespace {
+
+// One split walk: chunks taken in turn by the caller and its helpers. The caller never waits for a helper that has
+// not started (on a VM an idle vCPU may take long to wake): it walks every chunk nobody took, and then waits only for
+// chunks a running helper is walking. Helpers are detached and share this by shared_ptr: one that starts after the
+// caller returned finds nothing left and ends.
+struct SplitScan {
+  uintptr_t base;
+  size_t first_page, npages, chunks;
+  ScanSpec spec;
+  std::vector<std::vector<uint32_t>> runs;  // per chunk
+  std::vector<int> errs;
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  size_t done = 0;
+
+  // Walks chunks until none is left (the caller, then each helper as it starts).
+  void work() {
+    for (size_t k; (k = next.fetch_add(1)) < chunks;) {
+      size_t from = k * npages / chunks, to = (k + 1) * npages / chunks;
+      errs[k] = pagemap_scan(base, first_page + from, to - from, spec, &runs[k]);
+      std::lock_guard<std::mutex> lock(mu);
+      if (++done == chunks) all_done.notify_all();
+    }
+  }
+};
+
+}  // namespace
+
+int pagemap_scan_parallel(uintptr_t base, size_t first_page, size_t npages, const ScanSpec& spec,
+                          std::vector<uint32_t>* out, unsigned threads) {
+  size_t helpers = std::min<size_t>(threads, npages / kMinPagesPerScanThread);
+  if (helpers <= 1) return pagemap_scan(base, first_page, npages, spec, out);
+  helpers -= 1;
+  auto job = std::make_shared<SplitScan>();
+  job->base = base, job->first_page = first_page, job->npages = npages, job->spec = spec;
+  job->chunks = std::max<size_t>(1, npages / kPagesPerScanChunk);
+  job->runs.resize(job->chunks);
+  job->errs.assign(job->chunks, 0);
+  for (size_t h = 0; h < helpers; h++) {
+    try {
+      std::thread([job] { job->work(); }).detach();
+    } catch (const std::system_error&) {
+      break;  // no thread to be had: this one walks it all
+    }
+  }
+  job->work();
+  {
+    std::unique_lock<std::mutex> lock(job->mu);
+    job->all_done.wait(lock, [&] { return job->done == job->chunks; });
+  }
+  for (size_t k = 0; k < job->chunks; k++) {
+    if (job->errs[k]) return job->errs[k];
+    // a run cut at a chunk's edge is joined again (append_run merges touching runs)
+    for (size_t i = 0; i < job->runs[k].size(); i += 2) append_run(out, job->runs[k][i], job->runs[k][i + 1]);
   }
   return 0;
 }

@@ -141,8 +141,10 @@ std::tuple<std::shared_ptr<Mapping>, uint64_t, uint64_t> page_range_args(const N
   return {m, first, count};
 }
 
-// pagemapScan(regionId, firstPage, pageCount, flags, categoryMask, categoryInverted, categoryAnyof, returnMask)
-// -> Uint32Array of [firstPage, pageCount] runs.
+// pagemapScan(regionId, firstPage, pageCount, flags, categoryMask, categoryInverted, categoryAnyof, returnMask,
+//             threads = 1) -> Uint32Array of [firstPage, pageCount] runs. threads > 1: the walk split over that many
+// threads where each gets enough memory (pagemap_scan_parallel()).
+
 Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   auto [m, first, count] = page_range_args(info);
@@ -156,7 +158,8 @@ Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   if (count == 0) return Napi::Uint32Array::New(env, 0);
   thread_local std::vector<uint32_t> runs;
   runs.clear();
-  int r = pagemap_scan(m->addr(), first, count, spec, &runs);
+  unsigned threads = info.Length() > 8 && !info[8].IsUndefined() ? (unsigned)arg_index(info, 8, "threads", 64) : 1;
+  int r = pagemap_scan_parallel(m->addr(), first, count, spec, &runs, threads);
   if (r) throw sys_error(env, r, "ioctl(PAGEMAP_SCAN)");
   auto out = Napi::Uint32Array::New(env, runs.size());
   std::copy(runs.begin(), runs.end(), out.Data());

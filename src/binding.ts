@@ -145,6 +145,8 @@ export interface NativeBinding {
     categoryInverted: number,
     categoryAnyof: number,
     returnMask: number,
+    /** The walk split over up to this many threads (default 1), each with at least 512 MiB: only while the CPUs are otherwise idle (the paused hand-off). */
+    threads?: number,
   ): Uint32Array
   /** Every page of the range write-protected, present or not (a region registered for WP with WP_ASYNC): PAGEMAP_SCAN's exclusive write-protect. */
   pagemapProtectAll(regionId: number, firstPage: number, pageCount: number): void

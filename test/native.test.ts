@@ -327,6 +327,22 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     expect([u8[0], u8[ps], u8[2 * ps], u8[3 * ps], u8[4 * ps]]).toEqual([9, 9, 7, 9, 0])
   })
 
+  it('a scan split over threads returns the runs of one walk, a run across the split joined again', () => {
+    const pages = 1 << 18 // 1 GiB of 4 KiB pages: two parts of 512 MiB
+    const region = Region.create('t', pages * ps)
+    const u8 = new Uint8Array(region.buffer)
+    const mid = pages / 2
+    for (const p of [0, 5, mid - 2, mid - 1, mid, mid + 1, pages - 1]) u8[p * ps] = 1
+    const P = b.constants.PAGE_IS_PRESENT
+    const one = Array.from(b.pagemapScan(region.id, 0, pages, 0, P, 0, 0, P))
+    expect(one).toEqual([0, 1, 5, 1, mid - 2, 4, pages - 1, 1])
+    for (const threads of [2, 4]) expect(Array.from(b.pagemapScan(region.id, 0, pages, 0, P, 0, 0, P, threads))).toEqual(one)
+    // a range that starts inside the region: runs stay relative to the region
+    expect(Array.from(b.pagemapScan(region.id, 3, pages - 3, 0, P, 0, 0, P, 2))).toEqual([5, 1, mid - 2, 4, pages - 1, 1])
+    expect(() => b.pagemapScan(region.id, 0, pages, 0, P, 0, 0, P, 65)).toThrow(/threads/)
+    region.release()
+  })
+
   it('rejects out-of-range and malformed arguments before any syscall', () => {
     const { region, uffd } = missingRegion(b, 4)
     const page = new Uint8Array(ps)

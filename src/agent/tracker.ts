@@ -3,9 +3,13 @@
  * which tracker runs (see tracker-choice.ts for which host gets which).
  * Results are page runs [first, count]*, never one object per page.
  */
+import { availableParallelism } from 'node:os'
 import type { NativeBinding, NativeSyncWpTracker, NativeUffd } from '../binding'
 import { ErrorCode, UffdMigrateError } from '../errors'
 import { chooseTracker, resolveTrackerSetting, syncWpSettings, type TrackerChoice, type TrackerKind, type TrackerSetting } from './tracker-choice'
+
+/** Threads of the hand-off's final scan (peekWritten): the CPUs this process may use, at most 4. */
+const FINAL_SCAN_THREADS = Math.max(1, Math.min(4, availableParallelism()))
 
 export interface TrackedRegion {
   id: number
@@ -108,10 +112,14 @@ export class AsyncWpTracker implements DirtyTracker {
     )
   }
 
-  /** The read-only walk is ~30x cheaper than a re-protecting one (4 GiB, 20k written pages: 2.6 ms against 87 ms), and it runs in the pause window. */
+  /**
+   * The read-only walk is ~30x cheaper than a re-protecting one (4 GiB, 20k written pages: 2.6 ms against 87 ms), and it
+   * runs in the pause window: the one part of it that grows with memory. The service is paused, so the walk is split
+   * over the CPUs (each thread gets 512 MiB or more; C, 4 GiB on 2 vCPUs: 1.4-2.0 ms on one thread, 0.8-0.9 on two).
+   */
   peekWritten(regionId: number, pageCount: number): Uint32Array {
     const W = this.k.PAGE_IS_WRITTEN
-    return this.binding.pagemapScan(regionId, 0, pageCount, 0, W, 0, 0, W)
+    return this.binding.pagemapScan(regionId, 0, pageCount, 0, W, 0, 0, W, FINAL_SCAN_THREADS)
   }
 
   /** Present and not the shared zero page. */
