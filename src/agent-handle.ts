@@ -10,7 +10,9 @@
  *
  * A destination's agent that crashes after the hand-off may leave the service's thread blocked in a fault, unable to
  * start anything: so a standby agent, started once the service runs there, takes over by itself
- * (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only makes it the agent it talks to.
+ * (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only makes it the agent it talks to
+ * (and tells it when the service resumed). A crash before the standby started (from the agent's restore request on,
+ * the exit watch holds the will) starts one then.
  */
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
@@ -26,8 +28,13 @@ export const MAX_TAKEOVERS = 1
 /** New agents a process may get after crashes while its service runs there (a bug that keeps coming back ends it). */
 export const MAX_AGENT_RESTARTS = 3
 
+/** A crash of a destination's agent after it asked for the restore, before the service's Guest (and this) listened to it (src/receive.ts). */
+export const crashBeforeGuest = new WeakMap<Worker, Error>()
+
 export class AgentHandle {
   private worker!: Worker
+  /** The service's resume time as posted to the agent: an agent that takes over hears it again. */
+  private resumed: MainToAgent | undefined
   private exited!: Promise<void>
   /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
   private standby: Worker | undefined
@@ -38,6 +45,8 @@ export class AgentHandle {
   constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void) {
     this.listen(worker)
     this.use(worker)
+    const early = crashBeforeGuest.get(worker)
+    if (early) queueMicrotask(() => this.onCrash(early)) // (once the Guest holds this)
   }
 
   private use(worker: Worker): void {
@@ -52,6 +61,7 @@ export class AgentHandle {
   }
 
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
+    if (m.type === 'resumed') this.resumed = m
     this.worker.postMessage(m, transfer)
   }
 
@@ -83,14 +93,20 @@ export class AgentHandle {
     this.standby = w
   }
 
-  /** The destination's agent crashed: the standby took over (or is taking over); it is the agent from now on. */
-  promote(): boolean {
+  /**
+   * The destination's agent crashed: the standby took over (or is taking over); it is the agent from now on. late: one
+   * not started yet (the agent crashed between its restore request and the resume) starts now: the exit watch keeps the
+   * will for it. It hears the resume time (an agent that took over before the restore's answer came needs it).
+   */
+  promote(late?: AgentWorkerData): boolean {
+    if (!this.standby && late) this.standBy(late)
     const w = this.standby
     if (!w) return false
     this.standby = undefined
     this.promoted++
     this.use(w)
     w.ref()
+    if (this.resumed) w.postMessage(this.resumed)
     return true
   }
 

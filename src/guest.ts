@@ -78,13 +78,13 @@ export class Guest extends EventEmitter {
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; receiving?: AgentWorkerData },
+    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; receiving?: AgentWorkerData; standby?: boolean },
   ) {
     super()
     // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
     const exitWatch = init.receiving?.exitWatch
     this.takeFailure = () => exitWatch && init.binding.exitWatchTake?.(exitWatch)
-    this.standbyData = process.env.UFFD_MIGRATE_STANDBY === '0' ? undefined : init.receiving // (0: no standby agent)
+    this.standbyData = process.env.UFFD_MIGRATE_STANDBY === '0' || !init.standby ? undefined : init.receiving // (0: no standby agent)
     this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err))
     this.sourceAgent = init.sourceAgent
     this.restored = init.received !== undefined
@@ -100,7 +100,7 @@ export class Guest extends EventEmitter {
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
     if (run && paused && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
     // a destination's standby took over (it logged it): it hears the open waits and the service's ports again
-    if (!run && unsettled && !this.closed && this.agent.promote()) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
+    if (!run && unsettled && !this.closed && this.agent.promote(this.standbyData)) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
     // the service runs here, no migration has it paused: the one that ran (if any) fails, and a new agent takes the place
     if (!paused && !unsettled && !this.closed && this.agent.replacements < MAX_AGENT_RESTARTS) return this.restartAgent(e)
     // paused, and the new agent crashed too: nobody here can tell whether the service runs at the destination
@@ -150,15 +150,15 @@ export class Guest extends EventEmitter {
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
     const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
     const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
-    const { state, worker } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
+    const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
       .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), Promise.reject(err))) // no service started: nothing blocks
       .finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData })
+    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData, standby })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
-    // The service resumes when start() returns: tell the agent when that is.
-    queueMicrotask(() => guest.post({ type: 'resumed', atMs: nowMs() }))
+    // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (pages to come)
+    queueMicrotask(() => (guest.post({ type: 'resumed', atMs: nowMs() }), setImmediate(() => guest.standbyData && guest.agent.standBy(guest.standbyData))))
     if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(withoutControl(opts.name))
     return guest
   }
@@ -327,8 +327,6 @@ export class Guest extends EventEmitter {
         // the agent logged it (this thread may be blocked in a fault)
         this.emit('recovering', m.message)
         return
-      case 'standBy':
-        return this.standbyData && this.agent.standBy(this.standbyData)
       case 'settled':
         this.agent.dismiss()
         this.isSettledFlag = true

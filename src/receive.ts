@@ -7,6 +7,7 @@
 import type { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
 import type { AgentToMain, MainToAgent } from './agent/messages'
+import { crashBeforeGuest } from './agent-handle'
 import type { ControlledGuest } from './control'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { rehearseForwarding } from './forward-rehearsal'
@@ -85,7 +86,7 @@ export const MAX_RECEIVER_AGENTS = 4
  * new agent listens again, up to MAX_RECEIVER_AGENTS in all: a receiver stays up for the next source. An agent that
  * crashed before it listened (a bug at start) is not tried again.
  */
-export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string): Promise<{ state: unknown; worker: Worker }> {
+export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string): Promise<Handoff & { worker: Worker }> {
   for (let n = 1; ; n++) {
     const worker = spawn(n > 1)
     followReceiving(worker, receiving)
@@ -100,7 +101,13 @@ export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: (
   }
 }
 
-export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<{ state: unknown }> {
+/** The hand-off's state; standby: start a standby agent once the service runs (the agent's will is armed). */
+export interface Handoff {
+  state: unknown
+  standby: boolean
+}
+
+export function awaitHandoff(worker: Worker, name: string, listen: string): Promise<Handoff> {
   return new Promise((resolve, reject) => {
     let listened = false
     const onMessage = (m: AgentToMain) => {
@@ -123,7 +130,7 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
           return
         }
         worker.off('message', onMessage)
-        resolve({ state })
+        resolve({ state, standby: m.standby })
       }
       if (m.type === 'failed') {
         worker.off('message', onMessage)
@@ -134,6 +141,10 @@ export function awaitHandoff(worker: Worker, name: string, listen: string): Prom
     worker.on('message', onMessage)
     // a bug in the agent before the hand-off: the service never started here (it runs on at the source)
     // (listened: whether it got that far; receiveHandoff() starts a new agent only for one that did)
-    worker.once('error', (err) => reject(Object.assign(new UffdMigrateError(`migration agent crashed before the hand-off: ${err.message}; the service runs on at the source`, ErrorCode.AGENT), { listened })))
+    const onError = (err: Error) => {
+      crashBeforeGuest.set(worker, err) // (after the restore request: a standby may take over, see AgentHandle)
+      reject(Object.assign(new UffdMigrateError(`migration agent crashed before the hand-off: ${err.message}; the service runs on at the source`, ErrorCode.AGENT), { listened }))
+    }
+    worker.once('error', onError)
   })
 }

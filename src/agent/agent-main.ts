@@ -62,6 +62,10 @@ class MainThreadCall<T> {
     })
   }
 
+  get waiting(): boolean {
+    return this.waiters.length > 0
+  }
+
   answer(value: T): void {
     this.waiters.shift()?.resolve(value)
   }
@@ -152,7 +156,8 @@ function onMain(m: MainToAgent): void {
       incoming?.dest.service.free(m.region, m.firstPage, m.pageCount)
       return outgoing.freed(m.region, m.firstPage, m.pageCount)
     case 'resumed':
-      return incoming?.restore.answer(m.atMs)
+      // (an agent that took over before the restore's answer came hears it here)
+      return incoming?.restore.waiting ? incoming.restore.answer(m.atMs) : incoming?.dest.resumed(m.atMs)
     case 'restoreFailed':
       return incoming?.restore.refuse(m.error)
     case 'rehearsed':
@@ -254,14 +259,14 @@ function incomingMigration(will?: AgentWill) {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const rehearsed = new MainThreadCall<void>()
-  const dest = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
-    // from the resume on, the service's thread may wait on a page that only this agent can install
+  const dest: MigrationDestination = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     // from here the service's thread may run (and wait on a page only an agent can install) before this agent hears
-    // of it: armed now, so that a crash before the resume ends the process rather than leaving it hung
-    restore: (state) => {
-      exitWatch.arm(undefined)
+    // of it: armed now with the will (a standby takes over; without one, a crash ends the process, never hangs it)
+    restore: (state: Uint8Array, pagesLeft: number): Promise<number> => {
+      const w: AgentWill | undefined = dest.will()
+      exitWatch.arm(w)
       if (inject === 'agent-crash:restore') setImmediate(() => injectedCrash(inject))
-      return restore.ask(...withOwnState({ type: 'restore' as const, state }))
+      return restore.ask(...withOwnState({ type: 'restore' as const, state, standby: w !== undefined && pagesLeft > 0 }))
     },
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
@@ -297,10 +302,7 @@ function incomingMigration(will?: AgentWill) {
     milestone: (m) => {
       log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions))
       if (m.kind !== 'resumed') return
-      // the service runs: a standby can take over from here (the will)
-      const w = dest.will()
-      exitWatch.arm(w)
-      if (w && m.pagesLeft > 0) post({ type: 'standBy' }) // the source may come back to a new agent if this one crashes
+      exitWatch.arm(dest.will()) // now with the resume time
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
     sessionEnded: (err) => {

@@ -24,7 +24,7 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
     case 'began':
       return `a migration from ${m.peer} began: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
     case 'resumed':
-      return `the service runs here (${m.afterHandoffMs.toFixed(1)} ms after the hand-off arrived); ` +
+      return `the service runs here (${m.afterHandoffMs === undefined ? 'a new agent heard it after the last one crashed' : `${m.afterHandoffMs.toFixed(1)} ms after the hand-off arrived`}); ` +
         (m.pagesLeft ? `${m.pagesLeft} of ${totalPages} pages still to come from ${m.peer} (post-copy)` : 'every page is here')
     case 'back':
       return `the source came back after ${m.brokenMs.toFixed(0)} ms; post-copy goes on (${m.pagesLeft} pages to come)`

@@ -55,11 +55,10 @@ export type AgentToMain =
   /** The destination's service listens on these ports of host: forward clients there. */
   | { type: 'forwardTo'; host: string; ports: (number | null)[] }
   | { type: 'listening'; port: number; atMs: number }
-  | { type: 'restore'; state: Uint8Array }
+  /** standby: the service will run on pages still to come and its source may come back (a will is armed): start a standby agent once it runs. */
+  | { type: 'restore'; state: Uint8Array; standby: boolean }
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }
-  /** Destination: the service runs on pages still to come and the source may come back: start a standby agent. */
-  | { type: 'standBy' }
   | { type: 'recovering'; message: string }
   /** cancel() was not taken (nothing runs, or the hand-off is done): why. */
   | { type: 'cancelRefused'; error: { code: string; message: string } }

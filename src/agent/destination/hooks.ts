@@ -14,13 +14,13 @@ export interface DestinationOptions {
 /** The turns of an incoming migration the operator's log tells (peer: the source's address; its start is `incoming`). */
 export type DestMilestone =
   | { kind: 'began'; peer: string }
-  | { kind: 'resumed'; peer: string; afterHandoffMs: number; pagesLeft: number }
+  | { kind: 'resumed'; peer: string; afterHandoffMs: number | undefined; pagesLeft: number }
   | { kind: 'back'; brokenMs: number; pagesLeft: number }
   | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
 
 export interface DestinationHooks {
-  /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
-  restore(state: Uint8Array): Promise<number>
+  /** The hand-off arrived: resume the service with this state (pagesLeft: pages still to come). Resolves when it runs; rejects when the state cannot be restored. */
+  restore(state: Uint8Array, pagesLeft: number): Promise<number>
   /** Every page is local. */
   settled(): void
   /** These ready() waits of the service are satisfied: their ranges are local. */

@@ -46,14 +46,10 @@ export class MigrationDestination implements DestinationHandlers {
   private readonly ps: number
   private readonly layout: RegionLayout[]
   private uffd: NativeUffd | undefined
-  /** From REGIONS: a silent peer fails a connection after this long (0: never). */
-  private linkTimeoutMs = 0
-  /** This thread's CPU time when the session started (the report's destination CPU). */
-  private cpuAtRegionsMs: number | undefined
-  /** The service's calls (ready, willNeed, serve, free), through the worker. */
-  readonly service: ServiceCalls
-  /** What a successor needs (takeover.ts). */
-  private readonly notes = new SessionNotes()
+  private linkTimeoutMs = 0 // from REGIONS: a silent peer fails a connection after this long (0: never)
+  private cpuAtRegionsMs: number | undefined // this thread's CPU time when the session started (the report's CPU)
+  readonly service: ServiceCalls // the service's calls (ready, willNeed, serve, free), through the worker
+  private readonly notes = new SessionNotes() // what a successor needs (takeover.ts)
 
   constructor(
     private readonly binding: NativeBinding,
@@ -243,17 +239,9 @@ export class MigrationDestination implements DestinationHandlers {
     this.machine.transition(DestPhase.POSTCOPY)
     this.notes.heldFd = this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
     if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
-    this.hooks.restore(state).then(
-      (resumedAtMs) => {
-        // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
-        this.bulkPath.resume()
-        this.notes.postcopy = { nice: peerPostcopyNice(m.postcopyNice), forwarded: m.forward === true }
-        this.hooks.postcopy?.(this.notes.postcopy.nice, this.notes.postcopy.forwarded) // the rest is background work
-        this.recovery.resumedAtMs = resumedAtMs
-        this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, handoffAtMs, discardedAtMs }))
-        this.hooks.milestone?.({ kind: 'resumed', peer: this.link.sessionPeer, afterHandoffMs: resumedAtMs - handoffAtMs, pagesLeft: this.placement.pagesLeft })
-        this.checkSettled()
-      },
+    this.notes.postcopy = { nice: peerPostcopyNice(m.postcopyNice), forwarded: m.forward === true } // (in the will from here)
+    this.hooks.restore(state, this.placement.pagesLeft).then(
+      (resumedAtMs) => this.resumed(resumedAtMs, { handoffAtMs, discardedAtMs }),
       (err: Error) => {
         // The service did not start here: the source may (and does) resume its own.
         const e = migrationError(ErrorCode.HANDOFF, `the destination could not restore the hand-off state (${err.message}); the service did not start there`)
@@ -261,6 +249,19 @@ export class MigrationDestination implements DestinationHandlers {
         this.fail(e)
       },
     )
+  }
+
+  /** The service runs here: the restore's answer, or (handoff undefined) the main thread's word to an agent that took over before it heard. */
+  resumed(resumedAtMs: number, handoff?: { handoffAtMs: number; discardedAtMs: number }): void {
+    if (this.recovery.resumedAtMs !== undefined) return
+    // the push is placed once the service runs (in the pause window it took CPU from the restore; faults never wait for it)
+    this.bulkPath.resume()
+    this.hooks.postcopy?.(this.notes.postcopy.nice, this.notes.postcopy.forwarded) // the rest is background work
+    this.recovery.resumedAtMs = resumedAtMs
+    // (recovering: RECOVER_STATE says it)
+    if (this.phase === DestPhase.POSTCOPY) this.link.bulk?.send(encodeControl(Msg.RESUMED, { resumedAtMs, ...handoff }))
+    this.hooks.milestone?.({ kind: 'resumed', peer: this.link.sessionPeer, afterHandoffMs: handoff && resumedAtMs - handoff.handoffAtMs, pagesLeft: this.placement.pagesLeft })
+    this.checkSettled()
   }
 
   onSync(): void {
@@ -319,7 +320,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.placement.recount()
     this.readFaults(uffd, false, true)
     Object.assign(this.recovery, { timeoutMs: will.recoveryTimeoutMs, resumedAtMs: will.resumedAtMs })
-    this.hooks.postcopy?.(will.postcopyNice, will.forwarded)
+    if (will.resumedAtMs !== undefined) this.hooks.postcopy?.(will.postcopyNice, will.forwarded) // (else at resumed())
     this.link.resume(will.session, will.peer)
     this.machine.transition(DestPhase.RECOVERING)
     for (const r of this.regions) uffd.wake(r.id, 0, r.sizeBytes) // threads blocked in faults the crashed agent read fault again, into this agent's reader

@@ -1,7 +1,8 @@
 /**
  * A destination's agent that crashes after the hand-off (a bug) leaves the service running on pages that only an
  * agent can install: its threads block in faults nobody reads, and the source, finding the link broken, waits to dial
- * in again. A standby agent, started beside it once the service runs here, takes over: the crashed agent's will
+ * in again. A standby agent, started beside it once the service runs here (or, after a crash between the agent's
+ * restore request and the resume, started then: the watch keeps the will for it), takes over: the crashed agent's will
  * (written by the exit watch, native/exit_watch.cc, as its environment ends) names the session, the userfaultfd it
  * held open and the port it listened on; the received maps are shared memory. The new agent adopts the descriptor,
  * wakes the blocked threads (they fault again, into its reader), listens on the same port and waits for the source's
