@@ -266,7 +266,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
   void run() {
     const size_t ps = page_size();
     uffd_msg msgs[64];
-    int stat_fd = -1, stat_tid = 0, on_cpu = -1;
+    int stat_fd = -1, stat_tid = 0;
     double checked_us = 0;
     while (wait_fd(uffd_, POLLIN, stop_fd_)) {
       ssize_t n = read(uffd_, msgs, sizeof msgs);
@@ -300,11 +300,11 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
       if (follow_ && writer > 0 && now_us() - checked_us >= 1000) {
         checked_us = now_us();
         int cpu = thread_last_cpu(writer, &stat_fd, &stat_tid);
-        if (cpu >= 0 && cpu != on_cpu) {
+        if (cpu >= 0 && cpu != writer_cpu_.load()) {
           cpu_set_t set;
           CPU_ZERO(&set);
           CPU_SET(cpu, &set);
-          if (sched_setaffinity(0, sizeof set, &set) == 0) on_cpu = writer_cpu_ = cpu, cpu_moves_++;
+          if (sched_setaffinity(0, sizeof set, &set) == 0) writer_cpu_ = cpu, cpu_moves_++;
           else follow_ = false, writer_cpu_ = -1;  // not allowed there (a cpuset): stay where the scheduler puts it
         }
       }
@@ -445,7 +445,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
   std::atomic<uint64_t> wp_faults_{0}, missing_faults_{0}, failures_{0}, cpu_moves_{0};
   bool follow_ = false;  // written before the thread starts; the thread alone clears it
   std::atomic<int> last_errno_{0};
-  std::atomic<int> writer_cpu_{-1};  // the CPU the fault thread last moved to, the writer's (-1: not following)
+  std::atomic<int> writer_cpu_{-1};  // the CPU this thread follows the writer on (-1: not there yet, or not following)
   std::atomic<uint64_t> collects_moved_{0};
 };
 

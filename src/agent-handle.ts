@@ -39,6 +39,8 @@ export class AgentHandle {
   /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
   private standby: Worker | undefined
   private promoted = 0
+  /** Settled, failed or closed (dismiss()): nothing to take over from now on, no standby starts. */
+  private dismissed = false
   /** Agents started in place of crashed ones (replace()). */
   replacements = 0
 
@@ -85,7 +87,7 @@ export class AgentHandle {
    * may take them before it sees the crash.
    */
   standBy(data: AgentWorkerData): void {
-    if (this.standby || this.promoted >= MAX_TAKEOVERS) return
+    if (this.standby || this.dismissed || this.promoted >= MAX_TAKEOVERS) return
     const w = new Worker(AGENT_WORKER, { workerData: { ...data, standby: true, takeover: true } satisfies AgentWorkerData })
     this.listen(w)
     w.unref()
@@ -112,6 +114,7 @@ export class AgentHandle {
 
   /** Settled or failed: nothing to take over. */
   dismiss(): void {
+    this.dismissed = true
     void this.standby?.terminate()
     this.standby = undefined
   }

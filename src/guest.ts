@@ -158,7 +158,7 @@ export class Guest extends EventEmitter {
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))
     // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (pages to come)
-    queueMicrotask(() => (guest.post({ type: 'resumed', atMs: nowMs() }), setImmediate(() => guest.standbyData && !guest.isSettledFlag && !guest.failure && !guest.closed && guest.agent.standBy(guest.standbyData))))
+    queueMicrotask(() => (guest.post({ type: 'resumed', atMs: nowMs() }), setImmediate(() => guest.standbyData && guest.agent.standBy(guest.standbyData))))
     if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(withoutControl(opts.name))
     return guest
   }
