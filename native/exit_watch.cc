@@ -9,7 +9,7 @@
 //         armed -> counting (a failure, or the agent ended while armed) -> ends the process after ms
 //         counting -> armed (a standby agent took over from the one that ended: it armed the watch again)
 //         counting -> idle (a receiver's agent crashed after it asked for the restore, before the service started)
-//         armed -> armed (the same agent adds its will once the service resumed)
+//         armed -> armed (the same agent arms its will at the restore request, and again with the resume time)
 //         any -> taken (the service's thread has the failure, or closes the guest itself): nothing more is done
 //
 // The successor: an agent that arms the watch leaves a will (what a new agent needs to go on: the session, the
@@ -198,8 +198,8 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
 }
 
 // exitWatchArm(id, code, ms, line, will?): from the hand-off on; if the calling thread's environment ends before a
-// disarm, the countdown starts with this line (and a standby gets the will). Called on the agent's thread (again to
-// add the will once the service resumed); also by a standby that took over, which stops the countdown its
+// disarm, the countdown starts with this line (and a standby gets the will). Called on the agent's thread (with its will at
+// the restore request, again with the resume time); also by a standby that took over, which stops the countdown its
 // predecessor's end started. false once taken.
 Napi::Value Arm(const Napi::CallbackInfo& info) {
   auto env = info.Env();
