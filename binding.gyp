@@ -19,6 +19,7 @@
         "native/thread_binding.cc",
         "native/uffd.cc",
         "native/uffd_binding.cc",
+        "native/uffd_registry.cc",
         "native/wp_tracker.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -15,6 +15,7 @@
 #include "page_maps.h"
 #include "pagemap.h"
 #include "region.h"
+#include "uffd_registry.h"
 
 namespace uffdm {
 
@@ -106,6 +107,18 @@ Napi::Value Discard(const Napi::CallbackInfo& info) {
   check_range(info, *m, off, len);
   if (madvise(m->base + off, len, MADV_DONTNEED)) throw sys_error(info.Env(), -errno, "madvise(MADV_DONTNEED)");
   return info.Env().Undefined();
+}
+
+// discardRegistered(regionId, offset, length) -> pages zero-filled through the userfaultfd that holds the region's
+// registration (a destination in post-copy: the range reads zero now, and a touch never waits for the network), or
+// -1 when none holds it (a plain discard() is right then).
+Napi::Value DiscardRegistered(const Napi::CallbackInfo& info) {
+  auto m = arg_region(info, 0);
+  uint64_t off = arg_index(info, 1, "offset", 1ull << 46), len = arg_index(info, 2, "length", 1ull << 46);
+  check_range(info, *m, off, len);
+  int64_t r = zero_fill_registered(m->id, m->addr() + off, len);
+  if (r < -1) throw sys_error(info.Env(), (int)r, "ioctl(UFFDIO_ZEROPAGE)");
+  return Napi::Number::New(info.Env(), (double)r);
 }
 
 // discardRuns(regionId, runs: Uint32Array of (firstPage, pageCount) pairs) -> system calls made. All runs are
@@ -204,6 +217,7 @@ void init_region_bindings(Napi::Env env, Napi::Object exports) {
   exports.Set("regionOpen", Napi::Function::New(env, RegionOpen));
   exports.Set("regionRelease", Napi::Function::New(env, RegionRelease));
   exports.Set("discard", Napi::Function::New(env, Discard));
+  exports.Set("discardRegistered", Napi::Function::New(env, DiscardRegistered));
   exports.Set("discardRuns", Napi::Function::New(env, DiscardRuns));
   exports.Set("pagemapScan", Napi::Function::New(env, PagemapScan));
   exports.Set("pagemapProtectAll", Napi::Function::New(env, PagemapProtectAll));

@@ -15,6 +15,7 @@
 #include "fault_reader.h"
 #include "pagemap.h"
 #include "uffd.h"
+#include "uffd_registry.h"
 
 namespace uffdm {
 
@@ -99,6 +100,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
       reader_ = nullptr;
     }
     if (fd_ >= 0) {
+      registry_replace(fd_, held_fd_);  // a crashed agent's registrations stay, through the held descriptor
       ::close(fd_);
       fd_ = -1;
     }
@@ -131,6 +133,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     uint64_t ioctls = 0;
     int e = uffd_register(fd_, r.start(), r.len, mode, &ioctls);
     if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_REGISTER)");
+    if (mode == UFFDIO_REGISTER_MODE_MISSING) registry_set(r.m->id, fd_);  // a destination's (a sync-wp source's has WP too)
     return Napi::Number::New(info.Env(), (double)(ioctls & 0xffffffffu));
   }
 
@@ -138,6 +141,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     Range r = range_args(info, 0);
     int e = uffd_unregister(fd_, r.start(), r.len);
     if (e) throw sys_error(info.Env(), e, "ioctl(UFFDIO_UNREGISTER)");
+    if (r.off == 0 && r.len == r.m->size) registry_drop(r.m->id, fd_);
     return info.Env().Undefined();
   }
 
@@ -243,6 +247,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   Napi::Value Close(const Napi::CallbackInfo& info) {
     if (fd_ >= 0) napi_remove_env_cleanup_hook(info.Env(), &Uffd::Cleanup, this);
     Shutdown();
+    registry_replace(held_fd_, -1);
     if (held_fd_ >= 0) ::close(held_fd_);
     held_fd_ = -1;
     return info.Env().Undefined();

@@ -133,6 +133,12 @@ export interface NativeBinding {
   regionOpen(id: number): ArrayBuffer
   regionRelease(buffer: ArrayBuffer): boolean
   discard(regionId: number, offset: number, length: number): void
+  /**
+   * Drops the range and places zero pages there through the userfaultfd that holds the region's missing-page
+   * registration (a destination's, until it settles): it reads zero at once and a touch never faults. Returns the
+   * pages filled, or -1 when no userfaultfd holds the region. Absent in the fake binding.
+   */
+  discardRegistered?(regionId: number, offset: number, length: number): number
   /** MADV_DONTNEED of many (firstPage, pageCount) runs at once (process_madvise where the kernel allows it); returns the system calls made. */
   discardRuns(regionId: number, runs: Uint32Array): number
   /** Runs of [firstPage, pageCount] relative to the region. */

@@ -67,6 +67,15 @@ export class Region {
     return runs.length ? this.binding.discardRuns(this.id, runs) : 0
   }
 
+  /**
+   * discard() and zero pages placed through the userfaultfd that holds this region (a destination's before it
+   * settles): the range reads zero and never faults. The pages filled; -1 when no userfaultfd holds it; undefined
+   * without the native call (the fake binding).
+   */
+  discardRegistered(offset: number, length: number): number | undefined {
+    return this.binding.discardRegistered?.(this.id, offset, length)
+  }
+
   /** madvise(MADV_DONTNEED): the range reads as zeros (or faults, when registered MISSING). */
   discard(offset: number, length: number): void {
     this.binding.discard(this.id, offset, length)

@@ -315,6 +315,30 @@ describe.skipIf(skip)('native addon on the real kernel', () => {
     uffd.close()
   })
 
+  it('discardRegistered: zero pages through the uffd holding the region (no fault, old bytes gone); -1 once none holds it', async () => {
+    const { region, uffd } = missingRegion(b, 8)
+    let faults = 0
+    uffd.startFaults(() => void faults++) // never answered: a fault here would hang the worker's read
+    uffd.copy(region.id, 2 * ps, new Uint8Array(2 * ps).fill(7)) // pages 2 and 3 are here, the rest missing
+    expect(region.discardRegistered(0, 6 * ps)).toBe(6)
+    // (a read in a worker: this thread must not block in a fault it reads itself)
+    expect(await inWorker<number>(region.describe(), `let s = 0; for (let p = 0; p < 6; p++) s += u8[p * ${ps} + 9]; return s`)).toBe(0)
+    expect(faults).toBe(0)
+    expect(uffd.zeropage(region.id, 0, 6 * ps)).toBe(6) // all placed: a late zero fill or push finds them there
+    // close() lets go of the region, a held duplicate (a crashed agent's, kept for the next one) with it
+    uffd.holdRegistrations!()
+    uffd.close()
+    expect(region.discardRegistered(6 * ps, ps)).toBe(-1)
+    // a sync-wp source's registration (missing and write-protect) is never filled from outside its tracker
+    const wp = new b.Uffd(b.constants.UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    const other = Region.create('w', 4 * ps)
+    wp.register(other.id, 0, other.sizeBytes, MISSING | b.constants.UFFDIO_REGISTER_MODE_WP)
+    expect(other.discardRegistered(0, ps)).toBe(-1)
+    wp.close()
+    region.release()
+    other.release()
+  })
+
   it('returns EEXIST as a count of pages already present, and copies the rest', () => {
     const { region, uffd } = missingRegion(b, 8)
     expect(uffd.copy(region.id, 2 * ps, new Uint8Array(ps).fill(7))).toBe(0)

@@ -178,6 +178,33 @@ describe.skipIf(skip)('free and zero pages never travel', () => {
     await source.close()
   })
 
+  it('free() on the destination during post-copy: the range reads zero at once and a touch right after never crosses the network', async () => {
+    const { source, destination, migrate } = await pair(16 * MiB)
+    fill(source.regions.mem.buffer, Array.from({ length: 4096 }, (_, p) => p))
+    const report = migrate({ mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 2_000 } })
+    const dest = await destination
+    const r = dest.regions.mem
+    const u32 = new Uint32Array(r.buffer)
+    await r.ready(64 * PS, 2 * PS) // two pages here already (received), 62 still at the source
+    expect(u32[(64 * PS) / 4]).toBe(65)
+    // a slab freed and reused at once, as an allocator does (the kv-store example): the agent's thread has not run
+    // between free() and these reads; without the zero fill in free() itself they fault and fetch the old bytes
+    r.free(0, 128 * PS)
+    const read = [0, 1, 63, 64, 65, 127].map((p) => u32[(p * PS) / 4] + u32[(p * PS) / 4 + 1000])
+    expect(read).toEqual([0, 0, 0, 0, 0, 0])
+    u32[(5 * PS) / 4] = 7
+    await r.ready(0, 128 * PS)
+    expect(u32[(5 * PS) / 4]).toBe(7) // not overwritten by a late zero fill or a pushed page
+    expect(u32[(200 * PS) / 4]).toBe(201)
+    await dest.settled
+    const rep = await report
+    expect(rep.postcopy.networkFaults).toBe(1) // page 200's only
+    expect(rep.pagesSentTwiceAfterHandoff).toBe(0)
+    expect(u32[(6 * PS) / 4] + u32[(130 * PS) / 4]).toBe(131)
+    await dest.close()
+    await source.close()
+  })
+
   it('zero and never-touched pages are the zero page on the destination before its service runs: no fault, never over the network', async () => {
     const { source, destination, migrate } = await pair(32 * MiB)
     const data = [5, 6, 7, 1000, 5000]
