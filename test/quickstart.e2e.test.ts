@@ -136,7 +136,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       answer.then((r) => `answered before any takeover: ${JSON.stringify(r)}`, (e: Error) => `no answer: ${e.message}`),
       dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr').then(() => '', (e: Error) => `${e.message}; its threads: ${threadsLine(pid)}`),
     ])
-    expect(early).toBe('')
+    expect(early, `the destination said:\n${dst.stderr}\nsend said:\n${send.stderr}`).toBe('')
     src.kill('SIGCONT') // it finds the link broken and dials in again: the new agent answers
     // each slot was hit once at the source: the answers count on from there, from pages the new agent installed
     expect((await answer).count).toBe(2)

@@ -75,6 +75,13 @@ async function main() {
       if (!m) return res.writeHead(404).end()
       const key = m[1]
       try {
+        // the body and the current slab first: while they come other requests run and may lengthen key's probe
+        // chain, so the chain is made local last (a slab the allocator moves to is empty: freed, or never used)
+        const chunks = []
+        if (req.method === 'PUT') {
+          for await (const c of req) chunks.push(c)
+          await local(arena, [store.current * SLAB, SLAB])
+        }
         await localChain(key)
         if (req.method === 'GET') {
           const { slot, found } = store.find(key)
@@ -83,9 +90,6 @@ async function main() {
           return res.writeHead(200, { 'x-version': String(store.version(key)) }).end(store.get(key))
         }
         if (req.method === 'PUT') {
-          const chunks = []
-          for await (const c of req) chunks.push(c)
-          await local(arena, [store.current * SLAB, SLAB])
           store.put(key, Buffer.concat(chunks).toString('latin1'), Number(req.headers['x-version']) || 1)
           return res.writeHead(204).end()
         }
