@@ -11,9 +11,10 @@
 //  D. guest stall: a 512 MiB page-store writing 100k random pages/s from a 0.5 ms loop
 //     (blocking faults), post-copy, each strategy: the longest interval without a loop
 //     iteration on the destination, fault p50/p99 while the push runs, total time.
+//  E. free() on a destination in post-copy: what zero-filling the range costs the service's thread.
 // Every row is one real migration between two processes (examples/, the CLI).
 // Flags: --quick, --runs N (repeat table A and B, min/median/max), --link loopback|netns,
-//        --only A,B,C,D, --d-strategies demand,push,bubble (table D), --json FILE, --b-links loopback,netns (table B's links; default
+//        --only A,B,C,D,E, --d-strategies demand,push,bubble (table D), --json FILE, --b-links loopback,netns (table B's links; default
 //        loopback plus netns when available), --agent-nice 0,10 (table B's agent nice values)
 import { createRequire } from 'node:module'
 import { readFileSync, writeFileSync } from 'node:fs'
@@ -29,7 +30,7 @@ const { createHostPair, netnsUnavailable } = require(`${repoRoot}/dist/testing/n
 
 const quick = flag('quick')
 const runs = Number(opt('runs', quick ? 1 : 3))
-const only = new Set(opt('only', 'A,B,C,D').split(','))
+const only = new Set(opt('only', 'A,B,C,D,E').split(','))
 const link = opt('link', 'loopback')
 const say = (s) => process.stderr.write(`${s}\n`)
 const GiB = 2 ** 30
@@ -285,6 +286,40 @@ try {
     printTable(['strategy', 'longest stall ms', 'fault p50 us', 'fault p99 us', 'reply p99 us', 'push %', 'push p50 us', 'faults', 'settled ms', 'total ms', 'rcvq drops'], rows)
     printTable(['target (bubble, the default)', 'measured', ''], checks)
     console.log('')
+  }
+  // ---- E: free() on a destination in post-copy ------------------------------------------
+  if (only.has('E')) {
+    // the range's missing pages are zero-filled by the service's own thread, through the agent's userfaultfd, before
+    // free() returns (so that a reuse right after neither faults over the network nor reads the old bytes): its cost
+    const { Guest } = require(`${repoRoot}/dist/guest.js`)
+    const { freePort } = require(`${repoRoot}/dist/cli/proc.js`)
+    const sizes = [64 << 10, 2 << 20, 16 << 20, 128 << 20, 512 << 20]
+    const us = sizes.map(() => [])
+    for (let i = 0; i < runs + 1; i++) {
+      say(`E: run ${i + 1}/${runs + 1}${i === 0 ? ' (warm-up, not counted)' : ''}`)
+      const port = await freePort(), token = 'bench-free-token-0123456789abcdef'
+      const destination = Guest.start({ name: `e-d-${port}`, regions: { mem: GiB }, receive: `127.0.0.1:${port}`, token, control: false, exitOnMoved: false })
+      const source = await Guest.start({ name: `e-s-${port}`, regions: { mem: GiB }, token, control: false, exitOnMoved: false, pause: () => ({}) })
+      new Uint8Array(source.regions.mem.buffer).fill(1) // every page holds data: all of them missing at the destination
+      const report = source.migrate({ to: `127.0.0.1:${port}`, mode: 'postcopy', prepaging: { strategy: 'demand', idleFillMs: 600_000 } })
+      report.catch(() => {})
+      const dest = await destination
+      let off = 0
+      sizes.forEach((bytes, k) => {
+        const t = process.hrtime.bigint()
+        dest.regions.mem.free(off, bytes)
+        if (i > 0) us[k].push(Number(process.hrtime.bigint() - t) / 1000)
+        off += bytes
+      })
+      await Promise.all([dest.close(), source.close()])
+      dest.regions.mem.region.release()
+      source.regions.mem.region.release()
+    }
+    console.log(`E. free() on a destination in post-copy: time in the service's thread (pages missing there; ${runs} run(s) after a warm-up)`)
+    printTable(['freed', 'µs min / median / max', 'µs per page (median)'], sizes.map((bytes, k) => {
+      const t = stats(us[k])
+      return [`${bytes >> 10} KiB`, `${fmt(t.min)} / ${fmt(t.median)} / ${fmt(t.max)}`, fmt(t.median / (bytes / 4096))]
+    }))
   }
   const out = opt('json')
   if (out) writeFileSync(out, JSON.stringify(results, null, 2))
