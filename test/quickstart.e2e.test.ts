@@ -128,19 +128,32 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
     expect((await retry(() => hit(dstHttp, 1))).count).toBe(1)
     // the source stopped a while, so that the service's thread stays in its fault until the agent has crashed
     src.kill('SIGSTOP')
-    const answer = hit(dstHttp, slots[1])
-    // (if the takeover line does not come: whether the service answered without waiting, and where its threads wait;
-    // seen once in CI, not reproduced in 12 runs of the same steps)
     const pid = childrenOf(dst.child.pid!)[0]
-    const early = await Promise.race([
-      answer.then((r) => `answered before any takeover: ${JSON.stringify(r)}`, (e: Error) => `no answer: ${e.message}`),
-      dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr').then(() => '', (e: Error) => `${e.message}; its threads: ${threadsLine(pid)}`),
-    ])
+    // A slot whose page is still at the source: the service's thread waits on it. Twice in CI (about one run in 15,
+    // not in 30 runs here, nor did a page ever arrive unasked in 12 runs watched with `status`) the first slot's page
+    // was here already and the service answered at once, with the right count: that is said with both hosts' logs,
+    // and the next slot is taken. (If the takeover line does not come: where the service's threads wait.)
+    let answer: Promise<{ count: number }> | undefined, waited = -1, early = ''
+    const answeredEarly: number[] = []
+    for (const slot of slots.slice(1)) {
+      answer = hit(dstHttp, slot)
+      early = await Promise.race([
+        answer.then((r) => `answered before any takeover: ${JSON.stringify(r)}`, (e: Error) => `no answer: ${e.message}`),
+        dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr').then(() => '', (e: Error) => `${e.message}; its threads: ${threadsLine(pid)}`),
+      ])
+      if (!early.startsWith('answered before any takeover')) {
+        waited = slot
+        break
+      }
+      answeredEarly.push(slot)
+      console.warn(`slot ${slot}: ${early} (its page was here before the source stopped); the destination said:\n${dst.stderr}\nsend said:\n${send.stderr}`)
+    }
     expect(early, `the destination said:\n${dst.stderr}\nsend said:\n${send.stderr}`).toBe('')
+    expect(answeredEarly.length).toBeLessThan(2) // once may be a fluke of the machine; twice in a row is not
     src.kill('SIGCONT') // it finds the link broken and dials in again: the new agent answers
     // each slot was hit once at the source: the answers count on from there, from pages the new agent installed
-    expect((await answer).count).toBe(2)
-    for (const s of [slots[0], slots[2], slots[3]]) expect((await hit(dstHttp, s)).count).toBe(2)
+    expect((await answer!).count).toBe(2)
+    for (const s of slots.filter((x) => x !== waited)) expect((await hit(dstHttp, s)).count).toBe(answeredEarly.includes(s) ? 3 : 2)
     expect((await send.waitExit(60_000)).code, send.stderr).toBe(0)
     expect((await src.waitExit(30_000)).code).toBe(0) // moved
     expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash/)
