@@ -136,7 +136,7 @@ export interface NativeBinding {
   /**
    * Drops the range and places zero pages there through the userfaultfd that holds the region's missing-page
    * registration (a destination's, until it settles): it reads zero at once and a touch never faults. Returns the
-   * pages filled, or -1 when no userfaultfd holds the region. Absent in the fake binding.
+   * pages filled, -1 when no userfaultfd holds the region, or -errno (not thrown). Absent in the fake binding.
    */
   discardRegistered?(regionId: number, offset: number, length: number): number
   /** MADV_DONTNEED of many (firstPage, pageCount) runs at once (process_madvise where the kernel allows it); returns the system calls made. */

@@ -69,8 +69,8 @@ export class Region {
 
   /**
    * discard() and zero pages placed through the userfaultfd that holds this region (a destination's before it
-   * settles): the range reads zero and never faults. The pages filled; -1 when no userfaultfd holds it; undefined
-   * without the native call (the fake binding).
+   * settles): the range reads zero and never faults. The pages filled; -1 when no userfaultfd holds it; -errno when a
+   * call failed (the range is dropped, missing pages fault as after discard()); undefined without the native call (the fake binding).
    */
   discardRegistered(offset: number, length: number): number | undefined {
     return this.binding.discardRegistered?.(this.id, offset, length)
