@@ -9,10 +9,10 @@
  * arrived, the service resumes here). QEMU and CRIU lose the guest when their source process dies in post-copy.
  *
  * A destination's agent that crashes after the hand-off may leave the service's thread blocked in a fault, unable to
- * start anything: so a standby agent, started once the service runs there, takes over by itself
- * (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only makes it the agent it talks to
- * (and tells it when the service resumed). A crash before the standby started (from the agent's restore request on,
- * the exit watch holds the will) starts one then.
+ * start anything: so a standby agent, started while the pre-copy runs (src/early-standby.ts; else once the service
+ * runs there), takes over by itself (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only
+ * makes it the agent it talks to (and tells it when the service resumed). A crash before any standby started (from the
+ * agent's restore request on, the exit watch holds the will) starts one then.
  */
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
@@ -28,6 +28,12 @@ export const MAX_TAKEOVERS = 1
 /** New agents a process may get after crashes while its service runs there (a bug that keeps coming back ends it). */
 export const MAX_AGENT_RESTARTS = 3
 
+/** A standby started before the Guest (src/early-standby.ts); it waits for the will from go() on. */
+export interface StartedStandby {
+  worker: Worker
+  go(): void
+}
+
 /** A crash of a destination's agent after it asked for the restore, before the service's Guest (and this) listened to it (src/receive.ts). */
 export const crashBeforeGuest = new WeakMap<Worker, Error>()
 
@@ -38,15 +44,18 @@ export class AgentHandle {
   private exited!: Promise<void>
   /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
   private standby: Worker | undefined
+  /** An early standby's go(): called when the service resumes, or at a crash (promote()). */
+  private standbyGo: (() => void) | undefined
   private promoted = 0
   /** Settled, failed or closed (dismiss()): nothing to take over from now on, no standby starts. */
   private dismissed = false
   /** Agents started in place of crashed ones (replace()). */
   replacements = 0
 
-  constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void) {
+  constructor(worker: Worker, private readonly onMessage: (m: AgentToMain) => void, private readonly onCrash: (err: Error) => void, standby?: StartedStandby) {
     this.listen(worker)
     this.use(worker)
+    if (standby) this.adopt(standby)
     const early = crashBeforeGuest.get(worker)
     if (early) queueMicrotask(() => this.onCrash(early)) // (once the Guest holds this)
   }
@@ -63,7 +72,7 @@ export class AgentHandle {
   }
 
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
-    if (m.type === 'resumed') this.resumed = m
+    if (m.type === 'resumed') (this.resumed = m), this.standbyGo?.()
     this.worker.postMessage(m, transfer)
   }
 
@@ -95,6 +104,15 @@ export class AgentHandle {
     this.standby = w
   }
 
+  /** The standby started during the pre-copy: this handle's from now on; it waits for the will once the service resumes (post()). */
+  private adopt(s: StartedStandby): void {
+    this.listen(s.worker)
+    s.worker.unref()
+    s.worker.once('exit', () => this.standby === s.worker && (this.standby = undefined))
+    this.standby = s.worker
+    this.standbyGo = s.go
+  }
+
   /**
    * The destination's agent crashed: the standby took over (or is taking over); it is the agent from now on. late: one
    * not started yet (the agent crashed between its restore request and the resume) starts now: the exit watch keeps the
@@ -104,7 +122,9 @@ export class AgentHandle {
     if (!this.standby && late) this.standBy(late)
     const w = this.standby
     if (!w) return false
+    this.standbyGo?.() // (an early one waits for the will from now on: the watch keeps it until then)
     this.standby = undefined
+    this.standbyGo = undefined
     this.promoted++
     this.use(w)
     w.ref()

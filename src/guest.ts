@@ -30,7 +30,8 @@ import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
-import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS } from './agent-handle'
+import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS, type StartedStandby } from './agent-handle'
+import { EarlyStandby } from './early-standby'
 import { emitOrExit, exitWhenMoved } from './guest-exit'
 import { logLine } from './log'
 
@@ -78,14 +79,14 @@ export class Guest extends EventEmitter {
   private constructor(
     readonly name: string,
     private readonly opts: GuestOptions,
-    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; receiving?: AgentWorkerData; standby?: boolean },
+    init: { worker: Worker; sourceAgent: AgentWorkerData; binding: NativeBinding; regions: Region[]; received?: PageBitmap[]; state?: unknown; settled: Promise<void>; receiving?: AgentWorkerData; standby?: boolean; early?: StartedStandby },
   ) {
     super()
     // destination: this thread takes a failure past the hand-off (or closes) before the exit watch ends the process
     const exitWatch = init.receiving?.exitWatch
     this.takeFailure = () => exitWatch && init.binding.exitWatchTake?.(exitWatch)
     this.standbyData = process.env.UFFD_MIGRATE_STANDBY === '0' || !init.standby ? undefined : init.receiving // (0: no standby agent)
-    this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err))
+    this.agent = new AgentHandle(init.worker, (m) => this.onAgent(m), (err) => this.onAgentCrash(err), init.early)
     this.sourceAgent = init.sourceAgent
     this.restored = init.received !== undefined
     this.state = init.state
@@ -148,12 +149,13 @@ export class Guest extends EventEmitter {
     const receiving: Receiving = { refusals: {}, phase: 'listening', from: undefined }
     // status answers while the guest waits: phase 'listening', refused connections
     const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
+    const early = new EarlyStandby(process.env.UFFD_MIGRATE_STANDBY === '0' || workerData.exitWatch === undefined ? undefined : workerData)
     const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
-    const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
-    const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
-      .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), Promise.reject(err))) // no service started: nothing blocks
+    const empty = () => (early.stop(), binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
+    const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen, (began) => (began ? early.start() : early.stop()))
+      .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
       .finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData, standby })
+    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData, standby, early: early.take(standby) })
     guest.refusals = receiving.refusals
     guest.once('settled', () => settle())
     guest.once('failed', (e: Error) => settleFail(e))

@@ -10,13 +10,15 @@
  */
 import { afterEach, describe, expect, it } from 'vitest'
 import { readdirSync, readlinkSync } from 'node:fs'
+import { join } from 'node:path'
 import { childrenOf, freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { host, killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
+import { cli, host, killAll, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 import { retry } from './helpers/wait'
 import { migrateExample } from '../src/cli/demo'
 
 const skip = kernelSkipReason()
+const touchAtResume = join(__dirname, 'fixtures', 'touch-at-resume.cjs')
 
 afterEach(killAll)
 
@@ -112,6 +114,27 @@ describe.skipIf(skip)('a new agent takes over', () => {
     const pid = childrenOf(dst.child.pid!)[0]
     // settled: the descriptor the crashed agent held, which the standby adopted, is closed (the regions unregistered)
     expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
+  }, 90_000)
+
+  it("the destination's agent crashes while the service's thread blocked in a fault as it resumed, before it could start anything: the standby started during the pre-copy takes over", async () => {
+    // the fixture reads a page still at the source synchronously at its resume; the source answers no page request
+    // for 3 s (demand-stall); the destination's agent crashes once the service's thread waits in that fault
+    const A = host('a'), B = host('b')
+    const g = `touch-${process.pid}`, port = await freePort()
+    Object.assign(A.env, { GUEST_NAME: g, UFFD_MIGRATE_FAULT_INJECT: 'demand-stall' })
+    Object.assign(B.env, { GUEST_NAME: g, CONTROL: '0', UFFD_MIGRATE_FAULT_INJECT: 'agent-crash' })
+    const src = A.run([touchAtResume])
+    await src.waitLine(/^READY/)
+    const dst = B.run([cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, touchAtResume])
+    await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+    const { code, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000'])
+    expect(code, sendFailure(send, dst)).toBe(0)
+    expect((await dst.waitLine(/^READ (\d+)$/, 30_000))[1]).toBe('7')
+    await dst.waitLine(/^SETTLED$/, 30_000)
+    expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash/)
+    expect(dst.stderr).toMatch(/a new migration agent takes over after the last one crashed: 1 page\(s\) still to come/)
+    expect(dst.stderr).not.toMatch(/exiting|ending the process/)
+    expect((await src.exited).code).toBe(0) // moved
   }, 90_000)
 
   it("the source's agent crashes in pre-copy, with the service running: that migration fails, a new agent moves it on the next try", async () => {

@@ -16,20 +16,30 @@ const data = workerData as AgentWorkerData
 const crashed = (err: Error) => logLine(data.name ?? '?', 'agent-crashed', `the standby agent crashed: ${err?.stack ?? String(err)}`, 'error')
 process.on('uncaughtExceptionMonitor', crashed)
 const binding = loadBinding()
-binding.exitWatchBind?.(data.exitWatch!) // before the uffd and threads it makes on taking over (see exit_watch.cc)
-const sock = new Socket({ fd: binding.exitWatchSucceed!(data.exitWatch!), readable: true, writable: false })
-let text = ''
-sock.setEncoding('utf8')
-sock.on('data', (c: string) => (text += c))
-sock.on('end', () => {
-  sock.destroy()
-  if (!text.trim()) return
-  try {
-    data.will = parseWill(text.trim())
-  } catch (err) {
-    // a bug: say so (nobody else would; the exit watch's countdown, which the crash started, runs on)
-    return logLine(data.name ?? '?', 'agent-crashed', `the standby agent could not take over: ${(err as Error).message}`, 'error')
-  }
-  process.off('uncaughtExceptionMonitor', crashed)
-  require('./agent-main')
-})
+// started early: not before the service's thread says so (a will left meanwhile waits in the watch for this one)
+const go = data.standbyGo ? new Int32Array(data.standbyGo) : undefined
+const waited = go && (Atomics as unknown as { waitAsync(a: Int32Array, i: number, v: number): { async: boolean; value: Promise<string> } }).waitAsync(go, 0, 0)
+if (waited && waited.async) {
+  const alive = setInterval(() => {}, 2 ** 30) // (a pending waitAsync alone does not keep this thread's loop running)
+  void waited.value.then(() => (clearInterval(alive), waitForWill()))
+} else waitForWill()
+
+function waitForWill(): void {
+  binding.exitWatchBind?.(data.exitWatch!) // before the uffd and threads it makes on taking over (see exit_watch.cc)
+  const sock = new Socket({ fd: binding.exitWatchSucceed!(data.exitWatch!), readable: true, writable: false })
+  let text = ''
+  sock.setEncoding('utf8')
+  sock.on('data', (c: string) => (text += c))
+  sock.on('end', () => {
+    sock.destroy()
+    if (!text.trim()) return
+    try {
+      data.will = parseWill(text.trim())
+    } catch (err) {
+      // a bug: say so (nobody else would; the exit watch's countdown, which the crash started, runs on)
+      return logLine(data.name ?? '?', 'agent-crashed', `the standby agent could not take over: ${(err as Error).message}`, 'error')
+    }
+    process.off('uncaughtExceptionMonitor', crashed)
+    require('./agent-main')
+  })
+}

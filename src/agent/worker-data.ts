@@ -25,6 +25,12 @@ export interface AgentWorkerData {
   takeover?: boolean
   /** Destination: idle until the agent's end hands it the agent's will (src/agent/destination/takeover.ts). */
   standby?: boolean
+  /**
+   * A standby started early (src/early-standby.ts): it waits for the will only once the service's thread sets this
+   * flag (Int32 0 → 1: the service resumes here, or the agent crashed after asking for the restore). Before that, a
+   * crash leaves the hand-off to the service's thread, which has not restored anything yet.
+   */
+  standbyGo?: SharedArrayBuffer
   /** A standby that took over: the crashed agent's will (set by standby.ts). */
   will?: AgentWill
 }

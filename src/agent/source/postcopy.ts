@@ -37,6 +37,12 @@ const BATCH_PAGES = 256
  */
 const SETTLED_GRACE_MS = 300
 
+/**
+ * A test hook (UFFD_MIGRATE_FAULT_INJECT=demand-stall): the first demand connection after the hand-off is served only
+ * this much later, so that the destination's service waits in a fault that long (test/agent-takeover.e2e.test.ts).
+ */
+let demandStallMs = process.env.UFFD_MIGRATE_FAULT_INJECT === 'demand-stall' ? 3_000 : 0
+
 /** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()). */
 const TAKEOVER_ASK_MS = 10_000
 
@@ -100,11 +106,15 @@ export class Postcopy {
     const taken = demand.handOver()
     if (!taken) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'the demand connection has no descriptor'))
     this.nativeDemand = true
-    this.sender.serveDemand(taken.fd, taken.head, {
+    const serve = () => this.sender.serveDemand(taken.fd, taken.head, {
       onFault: (region, page) => this.policy?.onFault(region, page),
       onSent: (pages) => (this.demand += pages),
       onClosed: (errno, protocol) => demand.fail(nativeLinkError(errno, protocol)),
     })
+    if (!demandStallMs) return serve()
+    const generation = this.generation
+    this.clock.setTimeout(() => generation === this.generation && serve(), demandStallMs) // (after a break: the link's own)
+    demandStallMs = 0
   }
 
   // ---- messages (named in machine.ts) --------------------------------------------
