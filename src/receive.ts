@@ -33,12 +33,12 @@ export interface Receiving {
 }
 
 /** Follows the agent's messages about its sessions (it logs each one); r: what the agents before it counted. */
-export function followReceiving(worker: Worker, r: Receiving = { refusals: {}, phase: 'listening', from: undefined }, onSession?: (began: boolean) => void): Receiving {
+export function followReceiving(worker: Worker, r: Receiving = { refusals: {}, phase: 'listening', from: undefined }): Receiving {
   Object.assign(r, { phase: 'listening', from: undefined })
   worker.on('message', (m: AgentToMain) => {
     if (m.type === 'refused') Object.assign(r.refusals, m.refusals)
-    if (m.type === 'incoming') (Object.assign(r, { phase: 'precopy', from: m.peer }), onSession?.(true))
-    if (m.type === 'sessionEnded') (Object.assign(r, { phase: 'listening', from: undefined }), onSession?.(false))
+    if (m.type === 'incoming') Object.assign(r, { phase: 'precopy', from: m.peer })
+    if (m.type === 'sessionEnded') Object.assign(r, { phase: 'listening', from: undefined })
   })
   return r
 }
@@ -86,10 +86,10 @@ export const MAX_RECEIVER_AGENTS = 4
  * new agent listens again, up to MAX_RECEIVER_AGENTS in all: a receiver stays up for the next source. An agent that
  * crashed before it listened (a bug at start) is not tried again.
  */
-export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string, onSession?: (began: boolean) => void): Promise<Handoff & { worker: Worker }> {
+export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: () => void, receiving: Receiving, name: string, listen: string): Promise<Handoff & { worker: Worker }> {
   for (let n = 1; ; n++) {
     const worker = spawn(n > 1)
-    followReceiving(worker, receiving, onSession)
+    followReceiving(worker, receiving)
     try {
       return { ...(await awaitHandoff(worker, name, listen)), worker }
     } catch (err) {
