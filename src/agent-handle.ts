@@ -9,8 +9,8 @@
  * arrived, the service resumes here). QEMU and CRIU lose the guest when their source process dies in post-copy.
  *
  * A destination's agent that crashes after the hand-off may leave the service's thread blocked in a fault, unable to
- * start anything: so a standby agent, started while the pre-copy runs (src/early-standby.ts; else once the service
- * runs there), takes over by itself (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only
+ * start anything: so a standby agent, started with the receiver (src/early-standby.ts; else once the service runs
+ * there), takes over by itself (src/agent/destination/takeover.ts), and this thread, when it sees the crash, only
  * makes it the agent it talks to (and tells it when the service resumed). A crash before any standby started (from the
  * agent's restore request on, the exit watch holds the will) starts one then.
  */
@@ -104,7 +104,7 @@ export class AgentHandle {
     this.standby = w
   }
 
-  /** The standby started during the pre-copy: this handle's from now on; it waits for the will once the service resumes (post()). */
+  /** The standby started with the receiver: this handle's from now on; it waits for the will once the service resumes (post()). */
   private adopt(s: StartedStandby): void {
     this.listen(s.worker)
     s.worker.unref()
