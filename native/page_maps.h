@@ -171,38 +171,14 @@ inline bool install_fault_injected() {
 // are not marked received; JS fails the migration (a service thread blocked on them would never be woken).
 constexpr int kEvInstallFailed = 12;
 
-// UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads, through
-// EEXIST (a page placed meanwhile, by another thread: kept, its waiters woken), EAGAIN (the address space changing, or a partial
-// copy: retried) and ENOMEM (memory short for a moment: retried for ~200 ms, unless `stopping` turns true: a
-// thread being closed is joined on the JS thread, which must not wait that long). 0 when every page is in; else
-// the -errno that stopped it, and the caller must not mark the pages received.
+// UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src == nullptr) of [dst, dst+len), waking the faulting threads; a page
+// placed meanwhile is kept, ENOMEM waited out (uffd_fill()). 0 when every page is in; else the -errno that stopped
+// it, and the caller must not mark the pages received.
 inline int install_pages(int uffd, uintptr_t dst, const uint8_t* src, size_t len, const std::atomic<bool>* stopping = nullptr) {
-  const size_t ps = page_size();
-  size_t done = 0;
-  int again = 0, short_of_memory = 0;
-  while (done < len) {
-    int64_t progressed = 0;
-    int e = install_fault_injected() ? -ENOMEM
-            : src ? uffd_copy(uffd, dst + done, src + done, len - done, true, &progressed)
-                  : uffd_zeropage(uffd, dst + done, len - done, true, &progressed);
-    if (e == 0) return 0;
-    if (progressed > 0) {
-      done += (size_t)progressed;
-      again = 0;
-    }
-    if (e == -EEXIST) {
-      // already in (placed by another thread, which woke its waiters): wake anyway, a fault may have come after
-      if (progressed <= 0) uffd_wake(uffd, dst + done, ps), done += ps;
-    } else if (e == -EAGAIN) {
-      if (progressed <= 0 && ++again > 1000) return e;
-    } else if (e == -ENOMEM) {
-      if (++short_of_memory > 200 || (stopping && stopping->load(std::memory_order_relaxed))) return e;
-      usleep(1000);
-    } else {
-      return e;
-    }
-  }
-  return 0;
+  if (install_fault_injected()) return -ENOMEM;
+  UffdFill f;
+  f.src = src, f.wait_for_memory = true, f.stopping = stopping;
+  return uffd_fill(uffd, dst, len, &f);
 }
 
 }  // namespace uffdm

@@ -5,6 +5,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "region.h"
+
 namespace uffdm {
 
 static int xioctl(int fd, unsigned long req, void* arg) {
@@ -86,6 +88,36 @@ int uffd_zeropage(int fd, uintptr_t dst, size_t len, bool wake, int64_t* zeroed)
   int r = xioctl(fd, UFFDIO_ZEROPAGE, &z);
   *zeroed = z.zeropage;
   return r;
+}
+
+int uffd_fill(int fd, uintptr_t dst, size_t len, UffdFill* f) {
+  const size_t ps = page_size();
+  size_t done = 0;
+  int again = 0, short_of_memory = 0;
+  while (done < len) {
+    int64_t progressed = 0;
+    int e = f->src ? uffd_copy(fd, dst + done, f->src + done, len - done, f->wake, &progressed)
+                   : uffd_zeropage(fd, dst + done, len - done, f->wake, &progressed);
+    if (progressed > 0) {
+      done += (size_t)progressed, f->placed_bytes += progressed;
+      again = 0;
+    }
+    if (e == 0) break;
+    if (e == -EEXIST) {
+      if (progressed > 0) continue;  // the page it stopped at is looked at again alone
+      if (f->wake) uffd_wake(fd, dst + done, ps);
+      if (f->on_existing) f->on_existing(f->ctx, dst + done);
+      done += ps;
+    } else if (e == -EAGAIN) {
+      if (progressed <= 0 && ++again > 1000) return e;
+    } else if (e == -ENOMEM && f->wait_for_memory) {
+      if (++short_of_memory > 200 || (f->stopping && f->stopping->load(std::memory_order_relaxed))) return e;
+      usleep(1000);
+    } else {
+      return e;
+    }
+  }
+  return 0;
 }
 
 int uffd_wake(int fd, uintptr_t start, size_t len) {

@@ -21,8 +21,6 @@ namespace uffdm {
 
 namespace {
 
-constexpr int kMaxAgainRetries = 1000;
-
 class Uffd : public Napi::ObjectWrap<Uffd> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -145,28 +143,15 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     return info.Env().Undefined();
   }
 
-  // Runs a mfill-style ioctl over [start, start+len) page by page through
-  // EEXIST and EAGAIN; returns the number of pages that were already there.
-  template <typename Op>
-  uint32_t fill(Napi::Env env, const char* call, uint64_t len, Op op) {
-    const uint64_t ps = page_size();
-    uint64_t done = 0;
+  // uffd_fill() of [start, start+len) (src == nullptr: zero pages); returns the number of pages that were
+  // already there, throws for any other error.
+  uint32_t fill(Napi::Env env, const char* call, uintptr_t start, const uint8_t* src, uint64_t len, bool wake) {
+    UffdFill f;
     uint32_t existing = 0;
-    int again = 0;
-    while (done < len) {
-      int64_t progressed = 0;
-      int e = op(done, len - done, &progressed);
-      if (e == 0) break;
-      if (progressed > 0) done += (uint64_t)progressed;
-      if (e == -EEXIST && progressed <= 0) {
-        existing++;
-        done += ps;
-      } else if (e == -EAGAIN) {
-        if (progressed <= 0 && ++again > kMaxAgainRetries) throw sys_error(env, e, call);
-      } else if (e != -EEXIST) {
-        throw sys_error(env, e, call);
-      }
-    }
+    f.src = src, f.wake = wake, f.ctx = &existing;
+    f.on_existing = [](void* ctx, uintptr_t) { ++*(uint32_t*)ctx; };
+    int e = uffd_fill(fd_, start, len, &f);
+    if (e) throw sys_error(env, e, call);
     return existing;
   }
 
@@ -182,9 +167,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     uint64_t len = src.ByteLength();
     check_range(info, *m, off, len);
     bool wake = arg_bool(info, 3, "wake", true);
-    uint32_t existing = fill(env, "ioctl(UFFDIO_COPY)", len, [&](uint64_t done, uint64_t rest, int64_t* p) {
-      return uffd_copy(fd_, m->addr() + off + done, data + done, rest, wake, p);
-    });
+    uint32_t existing = fill(env, "ioctl(UFFDIO_COPY)", m->addr() + off, data, len, wake);
     return Napi::Number::New(env, existing);
   }
 
@@ -192,9 +175,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
   Napi::Value Zeropage(const Napi::CallbackInfo& info) {
     Range r = range_args(info, 0);
     bool wake = arg_bool(info, 3, "wake", true);
-    uint32_t existing = fill(info.Env(), "ioctl(UFFDIO_ZEROPAGE)", r.len, [&](uint64_t done, uint64_t rest, int64_t* p) {
-      return uffd_zeropage(fd_, r.start() + done, rest, wake, p);
-    });
+    uint32_t existing = fill(info.Env(), "ioctl(UFFDIO_ZEROPAGE)", r.start(), nullptr, r.len, wake);
     return Napi::Number::New(info.Env(), existing);
   }
 

@@ -47,31 +47,28 @@ int64_t zero_fill_registered(uint32_t region_id, uintptr_t addr, size_t len) {
   auto it = g_holder.find(region_id);
   if (it == g_holder.end()) return -1;
   const int fd = it->second;
-  const size_t ps = page_size();
-  int64_t filled = 0;
+  // a page another thread placed between the drop and the fill (EEXIST) is noted and dropped in the next round
+  struct Redo {
+    uintptr_t first = 0, end = 0;
+  } redo;
+  int64_t filled_bytes = 0;
   for (int round = 0; round < kRefills && len > 0; round++) {
     if (madvise((void*)addr, len, MADV_DONTNEED)) return -errno;
-    // ZEROPAGE stops at a page that is there (EEXIST: placed by another thread since the drop): step over it and
-    // drop it in the next round; EAGAIN (the address space changing): go on from where the kernel stopped
-    uintptr_t redo_first = 0, redo_end = 0, done = 0;
-    int again = 0;
-    while (done < len) {
-      int64_t zeroed = 0;
-      int e = uffd_zeropage(fd, addr + done, len - done, true, &zeroed);
-      if (zeroed > 0) filled += zeroed / (int64_t)ps, done += (uintptr_t)zeroed;
-      if (e == 0) break;
-      if (e == -EEXIST && zeroed <= 0) {
-        if (!redo_end) redo_first = addr + done;
-        redo_end = addr + done + ps;
-        done += ps;
-      } else if (e != -EAGAIN || (zeroed <= 0 && ++again > 1000)) {
-        return e;
-      }
-    }
-    if (!redo_end) return filled;
-    addr = redo_first, len = redo_end - redo_first;
+    UffdFill f;
+    f.ctx = &redo;
+    f.on_existing = [](void* ctx, uintptr_t page) {
+      Redo* r = (Redo*)ctx;
+      if (!r->end) r->first = page;
+      r->end = page + page_size();
+    };
+    int e = uffd_fill(fd, addr, len, &f);
+    filled_bytes += f.placed_bytes;
+    if (e) return e;
+    if (!redo.end) break;
+    addr = redo.first, len = redo.end - redo.first;
+    redo = Redo{};
   }
-  return filled;
+  return filled_bytes / (int64_t)page_size();
 }
 
 }  // namespace uffdm

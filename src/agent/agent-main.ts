@@ -109,6 +109,7 @@ port.on('message', onMain) // (a standby that took over: the messages that waite
 // destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:restore as it asks the service's
 // thread to restore the hand-off state, agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
+// (and, no crash: 'demand-stall' on a source serves the first demand connection after the hand-off 3 s late)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
 const inject = data.takeover ? undefined : injected?.[0]
 if (data.takeover && injected?.[1] === 'takeover') setImmediate(() => injectedCrash(`${injected.join('+')} (the new agent)`))
@@ -153,7 +154,7 @@ function onMain(m: MainToAgent): void {
     case 'pauseFailed':
       return outgoing.pause.refuse(m.error)
     case 'free':
-      incoming?.dest.service.free(m.region, m.firstPage, m.pageCount)
+      incoming?.dest.service.free(m.region, m.firstPage, m.pageCount, m.filled === true)
       return outgoing.freed(m.region, m.firstPage, m.pageCount)
     case 'resumed':
       // (an agent that took over before the restore's answer came hears it here)
@@ -186,7 +187,7 @@ function outgoingMigrations() {
         post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
       }
-      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
+      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker, demandStallMs: inject === 'demand-stall' ? 3_000 : 0 }
       let phase = '', leftAtHandoff: number | undefined
       if (crash) log('agent-takeover', sourceLine.takeover(wire.to, crash.phase), 'warn')
       else log('migration-began', sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))

@@ -21,7 +21,8 @@ export type MainToAgent =
   /** stoppedAtMs / postedAtMs: when the main thread began pause() / posted its encoded state (nowMs(), monotonic: the same clock in every thread). */
   | { type: 'paused'; state: Uint8Array; stoppedAtMs: number; postedAtMs?: number }
   | { type: 'pauseFailed'; error: { code: string; message: string } }
-  | { type: 'free'; region: number; firstPage: number; pageCount: number }
+  /** filled: the service's thread already zero-filled the range through the agent's userfaultfd (GuestRegion.free). */
+  | { type: 'free'; region: number; firstPage: number; pageCount: number; filled?: boolean }
   | { type: 'resumed'; atMs: number }
   | { type: 'willNeed'; region: number; firstPage: number; pageCount: number }
   | { type: 'restoreFailed'; error: { code: string; message: string } }

@@ -143,9 +143,9 @@ export class Placement {
     }
   }
 
-  /** The service freed these missing pages during post-copy: zero-filled here. */
-  freeLocally(region: number, first: number, count: number): void {
-    this.uffd!.zeropage(this.regions[region].id, first * this.ps, count * this.ps)
+  /** The service freed these missing pages during post-copy: zero-filled here, unless its thread `filled` them already. */
+  freeLocally(region: number, first: number, count: number, filled = false): void {
+    if (!filled) this.uffd!.zeropage(this.regions[region].id, first * this.ps, count * this.ps)
     this.freedHere[region].setRange(first, count)
     this.arrived(region, first, count)
   }

@@ -157,11 +157,11 @@ export class Requests {
 
   /**
    * The service freed a range during post-copy: pages not here yet are
-   * zero-filled locally and the source is told not to push them.
+   * zero-filled locally (unless the service's thread `filled` them already) and the source is told not to push them.
    */
-  free(region: number, first: number, count: number): void {
+  free(region: number, first: number, count: number, filled = false): void {
     const runs = this.missingRuns(region, first, count)
-    for (let k = 0; k < runs.length; k += 2) this.placement.freeLocally(region, runs[k], runs[k + 1])
+    for (let k = 0; k < runs.length; k += 2) this.placement.freeLocally(region, runs[k], runs[k + 1], filled)
     if (runs.length) this.sink.freed(region, runs)
   }
 

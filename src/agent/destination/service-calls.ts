@@ -45,9 +45,9 @@ export class ServiceCalls {
     return this.d.phase === DestPhase.POSTCOPY
   }
 
-  /** free() during post-copy: missing pages are zero-filled here and never pushed. */
-  free(region: number, first: number, count: number): void {
+  /** free() during post-copy: missing pages are zero-filled here (unless `filled` already) and never pushed. */
+  free(region: number, first: number, count: number, filled = false): void {
     if (this.d.phase !== DestPhase.POSTCOPY || !this.d.hasUffd) return
-    this.d.requests.free(region, first, count)
+    this.d.requests.free(region, first, count, filled)
   }
 }

@@ -45,6 +45,8 @@ export interface SourceOptions {
   forwardWaitMs?: number
   /** From the hand-off, the agents' threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
   postcopyNice: number
+  /** A test hook (UFFD_MIGRATE_FAULT_INJECT=demand-stall, set by agent-main): the first demand connection after the hand-off is served this much later. */
+  demandStallMs?: number
   /** Which dirty-page tracker (default: auto, the best this kernel offers). */
   tracker?: TrackerOption
   /** Opens a connection (default TCP; the pure tier dials in memory). */

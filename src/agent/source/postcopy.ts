@@ -37,12 +37,6 @@ const BATCH_PAGES = 256
  */
 const SETTLED_GRACE_MS = 300
 
-/**
- * A test hook (UFFD_MIGRATE_FAULT_INJECT=demand-stall): the first demand connection after the hand-off is served only
- * this much later, so that the destination's service waits in a fault that long (test/agent-takeover.e2e.test.ts).
- */
-let demandStallMs = process.env.UFFD_MIGRATE_FAULT_INJECT === 'demand-stall' ? 3_000 : 0
-
 /** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()). */
 const TAKEOVER_ASK_MS = 10_000
 
@@ -71,6 +65,8 @@ export class Postcopy {
   recoverClock: { offsetMs: number; rttMs: number } | undefined
   /** From RESUMED (destination clock): when HANDOFF arrived and when its discard list was applied. */
   destHandoff: { handoffAtMs: number; discardedAtMs: number } | undefined
+  /** SourceOptions.demandStallMs, until the first demand connection took it. */
+  private demandStallMs: number
   /** Bumped when a link breaks: work started on the old link stops. */
   private generation = 0
   /**
@@ -88,9 +84,10 @@ export class Postcopy {
     private readonly sender: Sender,
     private readonly layout: RegionLayout[],
     private readonly clock: Clock,
-    private readonly opts: { prepaging: PrepagingOptions; pushLog: boolean; recoveryTimeoutMs: number },
+    private readonly opts: { prepaging: PrepagingOptions; pushLog: boolean; recoveryTimeoutMs: number; demandStallMs?: number },
     private readonly host: PostcopyHost,
   ) {
+    this.demandStallMs = opts.demandStallMs ?? 0
     this.resumedAt = new Promise((resolve) => (this.resumedResolve = resolve))
     this.settled = new Promise((resolve, reject) => (this.settledWaiter = { resolve, reject }))
     this.settled.catch(() => {}) // observed by run(); a failure may come before anyone waits
@@ -111,10 +108,11 @@ export class Postcopy {
       onSent: (pages) => (this.demand += pages),
       onClosed: (errno, protocol) => demand.fail(nativeLinkError(errno, protocol)),
     })
-    if (!demandStallMs) return serve()
+    // the test hook: the destination's service waits in a fault that long (test/agent-takeover.e2e.test.ts)
+    if (!this.demandStallMs) return serve()
     const generation = this.generation
-    this.clock.setTimeout(() => generation === this.generation && serve(), demandStallMs) // (after a break: the link's own)
-    demandStallMs = 0
+    this.clock.setTimeout(() => generation === this.generation && serve(), this.demandStallMs) // (after a break: the link's own)
+    this.demandStallMs = 0
   }
 
   // ---- messages (named in machine.ts) --------------------------------------------
