@@ -312,8 +312,7 @@ function incomingMigration(will?: AgentWill) {
     },
   })
   if (will) {
-    const pagesLeft = regions.reduce((n, r, i) => n + r.pageCount - dest.received[i].count(), 0)
-    log('agent-takeover', destinationTrouble.takeover(will, pagesLeft), 'warn')
+    log('agent-takeover', destinationTrouble.takeover(will, dest.pagesLeft), 'warn')
     dest.takeOver(will, data.listen!)
     exitWatch.arm(dest.will()) // the countdown the crash started stops
   } else {

@@ -115,6 +115,10 @@ export class MigrationDestination implements DestinationHandlers {
     return this.machine.phase
   }
 
+  get pagesLeft(): number {
+    return this.placement.pagesLeft
+  }
+
   get received(): PageBitmap[] { // shared with the service's thread: isLocal() reads it
     return this.placement.received
   }
@@ -222,10 +226,7 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   onRanges(f: Frame): void {
-    const m = decodeRuns(f.type, f.payload, this.layout)
-    if (m.kind === RangeKind.STALE && this.phase === DestPhase.PRECOPY) return this.placement.drop(m.region, m.runs)
-    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `expected range kind zero or free${this.phase === DestPhase.PRECOPY ? ' or stale' : ''}, got ${m.kind}`)
-    this.placement.zeroRuns(m.region, m.runs, this.phase !== DestPhase.PRECOPY)
+    this.placement.ranges(decodeRuns(f.type, f.payload, this.layout), this.phase !== DestPhase.PRECOPY)
   }
 
   /** Applies the discard list, then resumes the service. */
@@ -317,7 +318,6 @@ export class MigrationDestination implements DestinationHandlers {
     this.applyLimits(will.limits)
     const uffd = (this.uffd = new this.binding.Uffd(will.uffd.features, will.uffd.fd, will.uffd.ioctls))
     Object.assign(this.notes, { heldFd: uffd.holdRegistrations?.(), postcopy: { nice: will.postcopyNice, forwarded: will.forwarded } })
-    this.placement.recount()
     this.readFaults(uffd, false, true)
     Object.assign(this.recovery, { timeoutMs: will.recoveryTimeoutMs, resumedAtMs: will.resumedAtMs })
     if (will.resumedAtMs !== undefined) this.hooks.postcopy?.(will.postcopyNice, will.forwarded) // (else at resumed())

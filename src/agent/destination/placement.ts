@@ -9,7 +9,7 @@
 import type { NativeUffd } from '../../binding'
 import { PageBitmap } from '../../bitmap'
 import { ErrorCode, migrationError } from '../../errors'
-import type { PagesMsg, RegionLayout } from '../../protocol/messages'
+import { type PagesMsg, RangeKind, type RegionLayout, type RunsMsg } from '../../protocol/messages'
 import type { Region } from '../../region'
 
 export class Placement {
@@ -40,6 +40,7 @@ export class Placement {
     private readonly onArrived: (region: number, first: number, count: number) => void,
   ) {
     this.totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
+    this.receivedCount = received.reduce((n, m) => n + m.count(), 0) // an agent that took over: the crashed one's maps
     this.knownZero = regions.map((r) => new PageBitmap(r.pageCount))
     this.freedHere = regions.map((r) => new PageBitmap(r.pageCount))
   }
@@ -66,11 +67,6 @@ export class Placement {
   attach(uffd: NativeUffd | undefined, lazyZero = false): void {
     this.uffd = uffd
     this.lazy = lazyZero
-  }
-
-  /** A new agent took over after a crash: what the received maps (shared; the old agent's) hold already. */
-  recount(): void {
-    this.receivedCount = this.received.reduce((n, m) => n + m.count(), 0)
   }
 
   private markReceived(region: number, first: number, count: number): void {
@@ -121,8 +117,15 @@ export class Placement {
     this.markReceived(m.region, m.firstPage, m.pageCount)
   }
 
+  /** RANGES: zero and free pages read as zero; before the hand-off, stale pages are dropped (they are sent again). */
+  ranges(m: RunsMsg, postcopy: boolean): void {
+    if (m.kind === RangeKind.STALE && !postcopy) return this.drop(m.region, m.runs)
+    if (m.kind !== RangeKind.ZERO && m.kind !== RangeKind.FREE) throw migrationError(ErrorCode.PROTOCOL, `expected range kind zero or free${postcopy ? '' : ' or stale'}, got ${m.kind}`)
+    this.zeroRuns(m.region, m.runs, postcopy)
+  }
+
   /** Zero and free ranges alike: pages without payload that read as zero. */
-  zeroRuns(region: number, runs: Uint32Array, postcopy: boolean): void {
+  private zeroRuns(region: number, runs: Uint32Array, postcopy: boolean): void {
     const r = this.regions[region]
     for (let k = 0; k < runs.length; k += 2) {
       const first = runs[k], count = runs[k + 1]

@@ -46,7 +46,7 @@ export class NativeBulkSend implements FrameWriter {
   private idleWaiters: { seq: number; resolve: () => void }[] = []
   private closed = false
 
-  constructor(binding: NativeBinding, fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], private readonly hooks: WriterHooks) {
+  constructor(binding: NativeBinding, fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], hooks: WriterHooks) {
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (ev, a, b, c, d) => {
       const kind = ev as number
       if (kind === WriterEv.DONE) {
