@@ -29,16 +29,10 @@ export class RecoveryWindow {
   begin(err: Error, say: (line: string) => void, expired: (err: Error) => void): void {
     if (this.open) return
     say(`the connection broke during post-copy (${err.message}); waiting up to ${this.timeoutMs} ms for the source to reconnect`)
-    this.start(() => expired(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.timeoutMs} ms: ${err.message}`)))
-  }
-
-  /** Starts the deadline once per break (a second break while recovering keeps the first deadline). */
-  start(onExpired: () => void): void {
-    if (this.timer !== undefined) return
     this.brokenAtMs = this.clock.now()
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined
-      onExpired()
+      expired(migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy and the source did not reconnect within ${this.timeoutMs} ms: ${err.message}`))
     }, this.timeoutMs)
   }
 
