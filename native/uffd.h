@@ -1,5 +1,7 @@
-// One small function per userfaultfd ioctl. Each returns 0 (or a count) on
-// success and -errno on failure; policy lives in TypeScript.
+// One small function per userfaultfd ioctl, and uffd_fill(), the one walk of
+// a range through COPY/ZEROPAGE's partial progress that every placer uses.
+// Each returns 0 (or a count) on success and -errno on failure; policy lives
+// in TypeScript.
 #pragma once
 #include <cstddef>
 #include <atomic>
