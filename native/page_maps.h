@@ -156,7 +156,7 @@ inline int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size
 }
 
 // Testing the failure path (CRIU's CRIU_FAULT in spirit): UFFD_MIGRATE_FAULT_INJECT=install:N makes the Nth
-// install of this process, and every one after it, fail with ENOMEM (after the retries below), as a destination
+// install of this process (a run of pages), and every one after it, fail with ENOMEM at once, as a destination
 // whose memory cgroup is full would. Read once.
 inline bool install_fault_injected() {
   static const long nth = [] {
