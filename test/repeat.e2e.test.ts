@@ -48,7 +48,15 @@ describe.skipIf(skip)('a source tried again and again', () => {
       await pollUntil(() => holdings(p).fds === want.fds && holdings(p).threads.length === want.threads.length, 10_000, 100)
       return holdings(p)
     }
-    await new Promise((r) => setTimeout(r, 500))
+    // measured once both hold still for a second: an ended session's sockets are ended, then destroyed 1 s later
+    // (Channel.fail(): its last words go out), so under ASan on a busy machine a count taken 500 ms after the cancel
+    // still held the receiver's three
+    let last = '', since = Date.now()
+    await pollUntil(() => {
+      const now = JSON.stringify([holdings(pid), holdings(dstPid)])
+      if (now !== last) (last = now), (since = Date.now())
+      return Date.now() - since >= 1_000
+    }, 10_000, 100)
     const base = holdings(pid), dstBase = holdings(dstPid)
     for (const attempt of [cancelOnce, unreachable, cancelOnce, unreachable]) {
       await attempt()
