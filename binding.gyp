@@ -7,6 +7,8 @@
         "native/bulk.cc",
         "native/bulk_writer.cc",
         "native/demand.cc",
+        "native/demand_client.cc",
+        "native/demand_server.cc",
         "native/discard.cc",
         "native/errors.cc",
         "native/exit_watch.cc",

@@ -27,7 +27,7 @@
 
 namespace uffdm {
 
-// One event for JS: five numbers (kind, a, b, c, d); the kinds are in demand.cc.
+// One event for JS: five numbers (kind, a, b, c, d); the kinds are in demand_wire.h.
 struct DemandEvent {
   double kind, a, b, c, d;
 };

@@ -226,7 +226,7 @@ class SyncWpTracker : public Napi::ObjectWrap<SyncWpTracker> {
     const bool following = follow_;  // read before the thread starts: from then on the thread alone may clear it
     thread_ = start_thread(
         [this] {
-          run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc)
+          run_at_service_nice();  // the service's threads wait on this one (before the name: see demand.cc, DemandThread::start)
           fault_tid_ = (pid_t)syscall(SYS_gettid);
           pthread_setname_np(pthread_self(), "uffdm-wp");
         },

@@ -81,7 +81,7 @@ export interface SocketBuffers {
   receiveBytes: number
 }
 
-/** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand.cc). */
+/** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand_server.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
   close(): Float64Array

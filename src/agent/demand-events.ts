@@ -1,5 +1,5 @@
 /**
- * The native demand path's events (native/demand.cc): the threads that
+ * The native demand path's events (native/demand_wire.h): the threads that
  * answer and install page requests report to the agent in batches of
  * five-number records (kind, a, b, c, d). The path is used when both sides'
  * addons have it and the connections are TCP; UFFD_MIGRATE_DEMAND=js keeps

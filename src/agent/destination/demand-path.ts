@@ -1,7 +1,7 @@
 /**
  * The destination's native demand path: a thread of the addon reads the
  * uffd's faults, asks the source on the demand connection and installs the
- * replies (native/demand.cc), so that a fault never waits for this event
+ * replies (native/demand_client.cc), so that a fault never waits for this event
  * loop, which is busy installing the push. Here its event batches become the
  * destination's bookkeeping (received count, ready() waits, latency, stats),
  * and a broken connection becomes the destination's one broken-link rule.
