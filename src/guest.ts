@@ -22,16 +22,14 @@ import { ControlServer, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
-import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, resolveToken, validateMigrateOptions } from './options'
-import { handoffState, receiveHandoff, type Receiving, settlement, waitingGuest } from './receive'
-import { parseAddress } from './agent/address'
+import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, validateMigrateOptions } from './options'
+import { handoffState, receiveGuest } from './receive'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
 import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
 import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS, type StartedStandby } from './agent-handle'
-import { EarlyStandby } from './early-standby'
 import { emitOrExit, exitWhenMoved } from './guest-exit'
 import { logLine } from './log'
 
@@ -134,31 +132,11 @@ export class Guest extends EventEmitter {
   }
 
   private static async startReceiving(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, sourceAgent: AgentWorkerData): Promise<Guest> {
-    parseAddress(listen, '0.0.0.0')
-    const token = resolveToken(opts.token)
-    const received = regions.map((r) => PageBitmap.shared(r.pageCount))
-    const workerData: AgentWorkerData = {
-      ...sourceAgent,
-      role: 'destination',
-      received: received.map((b) => b.buffer as SharedArrayBuffer),
-      listen,
-      token,
-      exitWatch: binding.exitWatchCreate?.(),
-    }
-    const { settled, settle, settleFail } = settlement()
-    const receiving: Receiving = { refusals: {}, phase: 'listening', from: undefined }
-    // status answers while the guest waits: phase 'listening', refused connections
-    const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
-    const early = new EarlyStandby(process.env.UFFD_MIGRATE_STANDBY === '0' || workerData.exitWatch === undefined ? undefined : workerData).start()
-    const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
-    const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
-    const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
-      .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
-      .finally(() => waiting?.close())
-    const guest = new Guest(opts.name, opts, { worker, sourceAgent, binding, regions, received, state, settled, receiving: workerData, standby, early: early.take(standby) })
-    guest.refusals = receiving.refusals
-    guest.once('settled', () => settle())
-    guest.once('failed', (e: Error) => settleFail(e))
+    const r = await receiveGuest(opts, binding, regions, listen, sourceAgent)
+    const guest = new Guest(opts.name, opts, { worker: r.worker, sourceAgent, binding, regions, received: r.received, state: r.state, settled: r.settled, receiving: r.workerData, standby: r.standby, early: r.early })
+    guest.refusals = r.refusals
+    guest.once('settled', () => r.settle())
+    guest.once('failed', (e: Error) => r.settleFail(e))
     // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (pages to come)
     queueMicrotask(() => (guest.post({ type: 'resumed', atMs: nowMs() }), setImmediate(() => guest.standbyData && guest.agent.standBy(guest.standbyData))))
     if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(withoutControl(opts.name))

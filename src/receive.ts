@@ -1,17 +1,25 @@
 /**
- * The hand-off state's codec, and receive mode in the service's main thread:
- * waits for the incoming migration's hand-off and decodes the state pause()
- * returned on the source. Sessions that end before the hand-off (the agent logs each on stderr)
+ * The hand-off state's codec, and receive mode in the service's main thread
+ * up to the hand-off (receiveGuest(), which Guest.start() awaits): waits for
+ * the incoming migration's hand-off and decodes the state pause() returned on
+ * the source. Sessions that end before the hand-off (the agent logs each on stderr)
  * leave the guest waiting (only the hand-off commits).
  */
-import type { Worker } from 'node:worker_threads'
+import { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
 import type { AgentToMain, MainToAgent } from './agent/messages'
-import { crashBeforeGuest } from './agent-handle'
-import type { ControlledGuest } from './control'
+import { parseAddress } from './agent/address'
+import type { AgentWorkerData } from './agent/worker-data'
+import { AGENT_WORKER, crashBeforeGuest, type StartedStandby } from './agent-handle'
+import type { NativeBinding } from './binding'
+import { PageBitmap } from './bitmap'
+import { type ControlledGuest, ControlServer, withoutControl } from './control'
+import { EarlyStandby } from './early-standby'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { rehearseForwarding } from './forward-rehearsal'
 import { logLine } from './log'
+import { type GuestOptions, resolveToken } from './options'
+import type { Region } from './region'
 
 const packr = new Packr({ useRecords: false })
 
@@ -99,6 +107,47 @@ export async function receiveHandoff(spawn: (again: boolean) => Worker, empty: (
       logLine(name, 'agent-crashed', `${(err as Error).message}; the regions are emptied and a new agent listens on ${listen} again (${n + 1} of ${MAX_RECEIVER_AGENTS})`, 'warn')
     }
   }
+}
+
+/** A destination's guest as its hand-off arrived: what Guest's constructor takes, and its settlement. */
+export interface ReceivedGuest extends Handoff {
+  worker: Worker
+  workerData: AgentWorkerData
+  received: PageBitmap[]
+  settled: Promise<void>
+  settle: () => void
+  settleFail: (e: Error) => void
+  early: StartedStandby | undefined
+  refusals: Record<string, number>
+}
+
+/**
+ * Receive mode up to the hand-off: the regions' received maps (shared with the agent), a control socket that answers
+ * status meanwhile, the early standby, and the receiver agents (receiveHandoff()). A failure before the hand-off
+ * leaves nothing running: no service started, so nothing blocks in a fault.
+ */
+export async function receiveGuest(opts: GuestOptions, binding: NativeBinding, regions: Region[], listen: string, sourceAgent: AgentWorkerData): Promise<ReceivedGuest> {
+  parseAddress(listen, '0.0.0.0')
+  const token = resolveToken(opts.token)
+  const received = regions.map((r) => PageBitmap.shared(r.pageCount))
+  const workerData: AgentWorkerData = {
+    ...sourceAgent,
+    role: 'destination',
+    received: received.map((b) => b.buffer as SharedArrayBuffer),
+    listen,
+    token,
+    exitWatch: binding.exitWatchCreate?.(),
+  }
+  const receiving: Receiving = { refusals: {}, phase: 'listening', from: undefined }
+  // status answers while the guest waits: phase 'listening', refused connections
+  const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
+  const early = new EarlyStandby(process.env.UFFD_MIGRATE_STANDBY === '0' || workerData.exitWatch === undefined ? undefined : workerData).start()
+  const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
+  const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
+  const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
+    .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
+    .finally(() => waiting?.close())
+  return { state, standby, worker, workerData, received, ...settlement(), early: early.take(standby), refusals: receiving.refusals }
 }
 
 /** The hand-off's state; standby: start a standby agent once the service runs (the agent's will is armed). */
