@@ -28,10 +28,15 @@ export const MAX_TAKEOVERS = 1
 /** New agents a process may get after crashes while its service runs there (a bug that keeps coming back ends it). */
 export const MAX_AGENT_RESTARTS = 3
 
-/** A standby started before the Guest (src/early-standby.ts); it waits for the will from go() on. */
+/** A standby agent; one started before the Guest (src/early-standby.ts) waits for the will from go() on. */
 export interface StartedStandby {
   worker: Worker
-  go(): void
+  go?(): void
+}
+
+/** A standby agent's worker, idle until the agent's end hands it the will (go: the flag it waits for first, if any). */
+export function standbyWorker(data: AgentWorkerData, go?: SharedArrayBuffer): Worker {
+  return new Worker(AGENT_WORKER, { workerData: { ...data, standby: true, takeover: true, ...(go ? { standbyGo: go } : {}) } satisfies AgentWorkerData })
 }
 
 /** A crash of a destination's agent after it asked for the restore, before the service's Guest (and this) listened to it (src/receive.ts). */
@@ -43,9 +48,7 @@ export class AgentHandle {
   private resumed: MainToAgent | undefined
   private exited!: Promise<void>
   /** Destination: the agent that takes over if this one crashes (standBy()), and how many did. */
-  private standby: Worker | undefined
-  /** An early standby's go(): called when the service resumes, or at a crash (promote()). */
-  private standbyGo: (() => void) | undefined
+  private standby: StartedStandby | undefined
   private promoted = 0
   /** Settled, failed or closed (dismiss()): nothing to take over from now on, no standby starts. */
   private dismissed = false
@@ -72,7 +75,7 @@ export class AgentHandle {
   }
 
   post(m: MainToAgent, transfer: ArrayBuffer[] = []): void {
-    if (m.type === 'resumed') (this.resumed = m), this.standbyGo?.()
+    if (m.type === 'resumed') (this.resumed = m), this.standby?.go?.()
     this.worker.postMessage(m, transfer)
   }
 
@@ -97,20 +100,15 @@ export class AgentHandle {
    */
   standBy(data: AgentWorkerData): void {
     if (this.standby || this.dismissed || this.promoted >= MAX_TAKEOVERS) return
-    const w = new Worker(AGENT_WORKER, { workerData: { ...data, standby: true, takeover: true } satisfies AgentWorkerData })
-    this.listen(w)
-    w.unref()
-    w.once('exit', () => this.standby === w && (this.standby = undefined))
-    this.standby = w
+    this.adopt({ worker: standbyWorker(data) })
   }
 
-  /** The standby started with the receiver: this handle's from now on; it waits for the will once the service resumes (post()). */
+  /** A standby is this handle's from now on (one started with the receiver waits for the will once the service resumes: post()). */
   private adopt(s: StartedStandby): void {
     this.listen(s.worker)
     s.worker.unref()
-    s.worker.once('exit', () => this.standby === s.worker && (this.standby = undefined))
-    this.standby = s.worker
-    this.standbyGo = s.go
+    s.worker.once('exit', () => this.standby === s && (this.standby = undefined))
+    this.standby = s
   }
 
   /**
@@ -120,11 +118,11 @@ export class AgentHandle {
    */
   promote(late?: AgentWorkerData): boolean {
     if (!this.standby && late) this.standBy(late)
-    const w = this.standby
-    if (!w) return false
-    this.standbyGo?.() // (an early one waits for the will from now on: the watch keeps it until then)
+    const s = this.standby
+    if (!s) return false
+    s.go?.() // (an early one waits for the will from now on: the watch keeps it until then)
+    const w = s.worker
     this.standby = undefined
-    this.standbyGo = undefined
     this.promoted++
     this.use(w)
     w.ref()
@@ -135,7 +133,7 @@ export class AgentHandle {
   /** Settled or failed: nothing to take over. */
   dismiss(): void {
     this.dismissed = true
-    void this.standby?.terminate()
+    void this.standby?.worker.terminate()
     this.standby = undefined
   }
 

@@ -9,9 +9,8 @@
  * It waits for the agent's will only from its go() on (the service resumes here, or the agent crashed after asking
  * for the restore): a crash before that is the service's thread's to handle (the hand-off did not happen here).
  */
-import { Worker } from 'node:worker_threads'
 import type { AgentWorkerData } from './agent/worker-data'
-import { AGENT_WORKER, type StartedStandby } from './agent-handle'
+import { type StartedStandby, standbyWorker } from './agent-handle'
 
 export class EarlyStandby {
   private current: StartedStandby | undefined
@@ -22,9 +21,9 @@ export class EarlyStandby {
   /** The receiver starts: one standby waits from now on, across the sessions that end before the hand-off. */
   start(): this {
     if (!this.data || this.current) return this
-    const flag = new SharedArrayBuffer(4)
-    const worker = new Worker(AGENT_WORKER, { workerData: { ...this.data, standby: true, takeover: true, standbyGo: flag } satisfies AgentWorkerData })
-    const started: StartedStandby = { worker, go: () => (Atomics.store(new Int32Array(flag), 0, 1), Atomics.notify(new Int32Array(flag), 0)) }
+    const flag = new SharedArrayBuffer(4), word = new Int32Array(flag)
+    const worker = standbyWorker(this.data, flag)
+    const started: StartedStandby = { worker, go: () => (Atomics.store(word, 0, 1), Atomics.notify(word, 0)) }
     worker.on('error', () => {}) // it logged it (standby.ts); the guest's handle watches the one it adopts
     worker.once('exit', () => this.current === started && (this.current = undefined))
     worker.unref()
