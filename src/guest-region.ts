@@ -82,18 +82,14 @@ export class GuestRegion {
     const first = Math.ceil(offset / ps)
     const end = Math.floor((offset + length) / ps)
     if (end <= first) return
-    if (this.receivedMap && !this.guest.isSettledFlag) {
-      // destination in post-copy: zero-filled here and now through the agent's userfaultfd, so that a touch right
-      // after (an allocator reusing the range) neither faults over the network nor reads the old bytes; the agent
-      // marks the pages and tells the source not to push them (-errno: not filled, the agent fills what is missing).
-      // -1: the agent let go of the region (it settled)
-      const filled = this.region.discardRegistered(first * ps, (end - first) * ps)
-      if (filled === -1) this.region.discard(first * ps, (end - first) * ps)
-      this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first, filled: filled !== undefined && filled >= 0 })
-      return
-    }
-    this.region.discard(first * ps, (end - first) * ps)
-    this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first })
+    // a destination in post-copy zero-fills the range here and now through the agent's userfaultfd, so that a touch
+    // right after (an allocator reusing the range) neither faults over the network nor reads the old bytes. -1: no
+    // userfaultfd holds the region (not receiving, or settled): a plain discard reads zero. -errno: the range is
+    // dropped, not filled: the agent fills what is missing. Either way the agent marks the pages (a destination's
+    // tells the source not to push them)
+    const filled = this.receivedMap && !this.guest.isSettledFlag ? this.region.discardRegistered(first * ps, (end - first) * ps) : -1
+    if (filled === -1) this.region.discard(first * ps, (end - first) * ps)
+    this.guest.post({ type: 'free', region: this.index, firstPage: first, pageCount: end - first, filled: filled !== undefined && filled >= 0 })
   }
 }
 
