@@ -116,7 +116,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect(readdirSync(`/proc/${pid}/fd`).map((f) => readlinkSync(`/proc/${pid}/fd/${f}`)).filter((t) => t.includes('userfaultfd'))).toEqual([])
   }, 90_000)
 
-  it("the destination's agent crashes while the service's thread blocked in a fault as it resumed, before it could start anything: the standby started during the pre-copy takes over", async () => {
+  it("the destination's agent crashes while the service's thread blocked in a fault as it resumed, before it could start anything: the standby started with the receiver takes over", async () => {
     // the fixture reads a page still at the source synchronously at its resume; the source answers no page request
     // for 3 s (demand-stall); the destination's agent crashes once the service's thread waits in that fault
     const A = host('a'), B = host('b')
