@@ -1,0 +1,216 @@
+#!/usr/bin/env node
+// The same service moved again and again: the page-store example between two "hosts" on this machine (each its own
+// runtime directory, as two machines would have), through the CLI, cycling the modes, with every Nth hop tried first
+// and cancelled in its round 0 (the service runs on; the receiver waits for the next try). A checking client follows
+// the service from home to home the whole time: every answer is checked against its page's version, and versions
+// never go back, across every hop. After each hop the new home verifies every page, the old process has ended with 0,
+// and the new home's migration threads are gone.
+//
+//   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
+//                         [--hop-timeout-ms 120000] [--no-serve] [--json FILE]
+// By default the service serve()s its HTTP server: its clients are held through each hand-off and relayed by the old
+// home until they move on, so a refused or reset request fails the soak too. --no-serve: the service closes its
+// server in pause() and the client retries at the new home (those refusals are counted, not failures).
+// Each hop's line splits its time: the receiver listening, send's exit, the new home's VERIFY, and the old home's
+// exit; a service that serve()s lives on as a forwarder while the client's idle keep-alive connections to it stay
+// open (the new home's server closes them after its keepAliveTimeout, 5 s in Node), then for forwardIdleMs (2 s).
+// The environment passes through: UFFD_MIGRATE_TRACKER=sync-wp soaks the fallback tracker.
+// Prints one line per hop, then a table; exit 0 when every hop moved and checked, 1 on the first failure (with what
+// both hosts said). Run `npm run build:ts` first (uses dist/).
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { fileURLToPath } from 'node:url'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
+const require = createRequire(import.meta.url)
+const { LineProc, freePort, childrenOf, threadsOf } = require(join(root, 'dist', 'cli', 'proc.js'))
+const { get } = require(join(root, 'examples', 'page-store', 'client.js'))
+const { clientLoops } = require(join(root, 'examples', 'client-loops.js'))
+
+const { values: a } = parseArgs({
+  options: {
+    hops: { type: 'string', default: '30' },
+    mib: { type: 'string', default: '64' },
+    writes: { type: 'string', default: '2000' },
+    modes: { type: 'string', default: 'hybrid,postcopy,precopy' },
+    'cancel-every': { type: 'string', default: '5' },
+    'hop-timeout-ms': { type: 'string', default: '120000' },
+    'no-serve': { type: 'boolean', default: false },
+    json: { type: 'string' },
+  },
+})
+const hops = Number(a.hops), mib = Number(a.mib), cancelEvery = Number(a['cancel-every']), hopTimeoutMs = Number(a['hop-timeout-ms'])
+const modes = a.modes.split(',')
+for (const m of modes) if (!['hybrid', 'postcopy', 'precopy'].includes(m)) usage(`bad --modes: ${m}`)
+if (!(hops >= 1) || !(mib >= 1) || !(cancelEvery >= 0) || !(hopTimeoutMs > 0)) usage('--hops, --mib and --hop-timeout-ms must be positive, --cancel-every 0 or more')
+function usage(msg) {
+  process.stderr.write(`soak: ${msg}\n`)
+  process.exit(2)
+}
+
+const cli = join(root, 'bin', 'uffd-migrate.js')
+const server = join(root, 'examples', 'page-store', 'server.js')
+const guest = `soak-${process.pid}`
+const pageCount = (mib * 1024 * 1024) / 4096
+const token = randomBytes(24).toString('hex')
+const say = (s) => process.stderr.write(`${s}\n`)
+const procs = []
+const hostEnv = (name) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `soak-${name}-`)) })
+const hosts = [{ name: 'a', env: hostEnv('a') }, { name: 'b', env: hostEnv('b') }]
+const start = (env, args) => {
+  const p = new LineProc(process.execPath, args, { env })
+  procs.push(p)
+  return p
+}
+const serve = !a['no-serve']
+const serviceArgs = (http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), ...(serve ? ['--serve'] : [])]
+
+// ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
+let home = 0 // the HTTP port the service answers on now (0: none known)
+const seen = new Uint32Array(pageCount) // the highest version seen per page
+const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [] }
+let lastOk = performance.now()
+function startClient() {
+  let seed = 12345
+  return clientLoops({
+    concurrency: 4, stats,
+    async loop(_j, { agent, running }) {
+      while (running()) {
+        const port = home
+        if (!port) {
+          await new Promise((r) => setTimeout(r, 2))
+          continue
+        }
+        seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
+        const page = seed % pageCount
+        stats.requests++
+        try {
+          const r = await get('127.0.0.1', port, page, agent)
+          const now = performance.now()
+          stats.maxGapMs = Math.max(stats.maxGapMs, now - lastOk)
+          lastOk = now
+          if (!r.ok || r.page !== page || r.version < seen[page]) {
+            stats.wrong++
+            if (stats.wrongSamples.length < 5) stats.wrongSamples.push({ page, prev: seen[page], got: r })
+          } else {
+            stats.ok++
+            seen[page] = r.version
+          }
+        } catch {
+          stats.errors++ // (--no-serve: paused for the hand-off, its server closed)
+          await new Promise((r) => setTimeout(r, 2))
+        }
+      }
+    },
+  })
+}
+
+// ---- one hop ----
+const migrationThreads = (p) => threadsOf(childrenOf(p.child.pid)[0] ?? p.child.pid).map((t) => t.name).filter((n) => n.startsWith('uffdm-'))
+async function waitFor(what, ms, cond) {
+  const until = Date.now() + ms
+  while (!cond()) {
+    if (Date.now() > until) throw new Error(`${what} within ${ms} ms`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
+}
+function fail(msg, ...ps) {
+  const tail = ps.map((p) => `--- ${p.child.spawnargs.slice(1, 4).join(' ')} (exit ${p.child.exitCode ?? p.child.signalCode ?? 'running'})\n${p.stderr.slice(-2500)}`)
+  throw new Error(`${msg}\n${tail.join('\n')}`)
+}
+
+async function hop(n, from, to, current) {
+  const mode = modes[n % modes.length]
+  const port = await freePort(), http = await freePort()
+  const t0 = performance.now()
+  const dst = start(to.env, [cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, ...serviceArgs(http)])
+  await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+  const steps = { listen: performance.now() - t0 } // ms from the receiver's start to each step
+  const step = (name) => (steps[name] = performance.now() - t0)
+  const errorsBefore = stats.errors, gapBefore = stats.maxGapMs
+  stats.maxGapMs = 0
+  const row = { hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false }
+  if (cancelEvery > 0 && (n + 1) % cancelEvery === 0) {
+    // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
+    // receiver keeps waiting
+    const send = start(from.env, [cli, 'send', '--guest', guest, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--max-bandwidth', '4MiB'])
+    await send.waitLine(/precopy round 0/, 30_000, 'stderr')
+    const c = start(from.env, [cli, 'cancel', '--guest', guest])
+    if ((await c.exited).code !== 0) fail(`hop ${n + 1}: cancel exited ${c.exitCode}`, c, send)
+    const code = (await send.exited).code
+    if (code !== 3) fail(`hop ${n + 1}: the cancelled send exited ${code}, not 3`, send, dst)
+    await dst.waitLine(/a migration ended before the hand-off .*; listening for the next source/, 30_000, 'stderr')
+    if (current.exitCode !== null) fail(`hop ${n + 1}: the service ended after a cancel`, current, send)
+    row.cancelled = true
+  }
+  const send = start(from.env, [cli, 'send', '--guest', guest, '--to', `127.0.0.1:${port}`, '--mode', mode, '--json'])
+  const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
+  if (sent.code !== 0) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
+  step('sent')
+  const report = JSON.parse(send.lines.join('\n'))
+  await dst.waitLine(/^RESTORED$/, 30_000)
+  home = http
+  const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
+  if (verify !== `ok pages=${pageCount}`) fail(`hop ${n + 1}: VERIFY ${verify}`, dst, current)
+  step('verified')
+  const old = await current.waitExit(30_000).catch((err) => fail(`hop ${n + 1}: the old home did not end: ${err.message}`, current))
+  if (old.code !== 0) fail(`hop ${n + 1}: the old home exited ${old.code}`, current)
+  step('oldGone')
+  await waitFor(`hop ${n + 1}: the new home's migration threads did not end`, 10_000, () => migrationThreads(dst).length === 0).catch((err) => fail(err.message, dst))
+  if (stats.wrong > 0) fail(`hop ${n + 1}: ${stats.wrong} wrong answer(s): ${JSON.stringify(stats.wrongSamples)}`, dst)
+  if (serve && stats.errors > 0) fail(`hop ${n + 1}: the client saw ${stats.errors} refused or reset request(s) of a service that serve()s`, dst, current)
+  Object.assign(row, {
+    totalMs: report.totalMs, downtimeMs: report.downtimeMs, rounds: report.rounds?.length ?? 0,
+    sentTwice: report.pagesSentTwiceAfterHandoff ?? 0, refused: stats.errors - errorsBefore, maxGapMs: stats.maxGapMs,
+    hopMs: performance.now() - t0, steps,
+  })
+  stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
+  if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
+  return { row, dst }
+}
+
+// ---- the run ----
+const rows = []
+let current
+let client
+let exit = 0
+try {
+  const firstHttp = await freePort()
+  current = start(hosts[0].env, serviceArgs(firstHttp))
+  await current.waitLine(/^READY/)
+  await current.waitLine(/^HTTP /)
+  home = firstHttp
+  client = startClient()
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), every ${cancelEvery || 'no'}th hop cancelled once first; a checking client follows it${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  for (let n = 0; n < hops; n++) {
+    const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
+    const { row, dst } = await hop(n, from, to, current)
+    rows.push(row)
+    current = dst
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+  }
+} catch (err) {
+  say(`soak: FAILED: ${err.message}`)
+  exit = 1
+} finally {
+  const c = await client?.stop()
+  for (const p of procs) p.kill()
+  const q = (xs, f) => {
+    const s = xs.map(f).sort((x, y) => x - y)
+    return s.length ? `${s[0].toFixed(1)} / ${s[Math.floor(s.length / 2)].toFixed(1)} / ${s[s.length - 1].toFixed(1)}` : '-'
+  }
+  const out = ['', '| mode | hops | after a cancel | total ms (min / median / max) | downtime ms (min / median / max) | client gap ms (min / median / max) |', '|---|---|---|---|---|---|']
+  for (const m of modes) {
+    const r = rows.filter((x) => x.mode === m)
+    out.push(`| ${m} | ${r.length} | ${r.filter((x) => x.cancelled).length} | ${q(r, (x) => x.totalMs)} | ${q(r, (x) => x.downtimeMs)} | ${q(r, (x) => x.maxGapMs)} |`)
+  }
+  out.push('', `${rows.length} of ${hops} hops moved and verified; client: ${c?.requests ?? 0} requests, ${c?.ok ?? 0} checked good, ${c?.wrong ?? 0} wrong, ${c?.errors ?? 0} refused or reset${serve ? '' : ' (--no-serve: the service closes its server in pause())'}`)
+  process.stdout.write(out.join('\n') + '\n')
+  if (a.json) writeFileSync(a.json, JSON.stringify({ hops, mib, writes: Number(a.writes), rows, client: c }, null, 2))
+  if (!exit && (rows.length !== hops || (c?.wrong ?? 0) > 0 || (serve && (c?.errors ?? 0) > 0))) exit = 1
+  process.exit(exit)
+}
