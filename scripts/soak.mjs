@@ -7,7 +7,9 @@
 // and the new home's migration threads are gone.
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
-//                         [--hop-timeout-ms 120000] [--no-serve] [--json FILE]
+//                         [--hop-timeout-ms 120000] [--no-serve] [--netns [--rate-mbit N]] [--json FILE]
+// --netns (root): host b is a network namespace joined to this one by a veth pair (tbf-shaped to N Mbit/s with
+// --rate-mbit), so every hop crosses a real link; the client runs here and reaches both hosts' addresses.
 // By default the service serve()s its HTTP server: its clients are held through each hand-off and relayed by the old
 // home until they move on, so a refused or reset request fails the soak too. --no-serve: the service closes its
 // server in pause() and the client retries at the new home (those refusals are counted, not failures).
@@ -28,6 +30,7 @@ import { fileURLToPath } from 'node:url'
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const require = createRequire(import.meta.url)
 const { LineProc, freePort, childrenOf, threadsOf } = require(join(root, 'dist', 'cli', 'proc.js'))
+const { createHostPair, netnsUnavailable } = require(join(root, 'dist', 'testing', 'netns.js'))
 const { get } = require(join(root, 'examples', 'page-store', 'client.js'))
 const { clientLoops } = require(join(root, 'examples', 'client-loops.js'))
 
@@ -40,6 +43,8 @@ const { values: a } = parseArgs({
     'cancel-every': { type: 'string', default: '5' },
     'hop-timeout-ms': { type: 'string', default: '120000' },
     'no-serve': { type: 'boolean', default: false },
+    netns: { type: 'boolean', default: false },
+    'rate-mbit': { type: 'string' },
     json: { type: 'string' },
   },
 })
@@ -60,17 +65,26 @@ const token = randomBytes(24).toString('hex')
 const say = (s) => process.stderr.write(`${s}\n`)
 const procs = []
 const hostEnv = (name) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `soak-${name}-`)) })
-const hosts = [{ name: 'a', env: hostEnv('a') }, { name: 'b', env: hostEnv('b') }]
-const start = (env, args) => {
-  const p = new LineProc(process.execPath, args, { env })
+if (a.netns && netnsUnavailable()) usage(`--netns: ${netnsUnavailable()}`)
+if (a['rate-mbit'] !== undefined && !(Number(a['rate-mbit']) > 0 && a.netns)) usage('--rate-mbit needs --netns and a positive rate')
+const pair = a.netns ? createHostPair(120 + (process.pid % 30)) : undefined
+if (pair && a['rate-mbit']) pair.shape(Number(a['rate-mbit']))
+// each host: its runtime directory, its address, and how a command runs there
+const hosts = [
+  { name: 'a', env: hostEnv('a'), ip: pair?.hostIp ?? '127.0.0.1', prefix: [] },
+  { name: 'b', env: hostEnv('b'), ip: pair?.nsIp ?? '127.0.0.1', prefix: pair ? ['ip', 'netns', 'exec', pair.ns] : [] },
+]
+const start = (host, args) => {
+  const [cmd, ...rest] = [...host.prefix, process.execPath, ...args]
+  const p = new LineProc(cmd, rest, { env: host.env })
   procs.push(p)
   return p
 }
 const serve = !a['no-serve']
-const serviceArgs = (http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), ...(serve ? ['--serve'] : [])]
+const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), '--http-host', host.ip, ...(serve ? ['--serve'] : [])]
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
-let home = 0 // the HTTP port the service answers on now (0: none known)
+let home // the address the service answers on now: [host, port]
 const seen = new Uint32Array(pageCount) // the highest version seen per page
 const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [] }
 let lastOk = performance.now()
@@ -80,7 +94,7 @@ function startClient() {
     concurrency: 4, stats,
     async loop(_j, { agent, running }) {
       while (running()) {
-        const port = home
+        const [ip, port] = home ?? []
         if (!port) {
           await new Promise((r) => setTimeout(r, 2))
           continue
@@ -89,7 +103,7 @@ function startClient() {
         const page = seed % pageCount
         stats.requests++
         try {
-          const r = await get('127.0.0.1', port, page, agent)
+          const r = await get(ip, port, page, agent)
           const now = performance.now()
           stats.maxGapMs = Math.max(stats.maxGapMs, now - lastOk)
           lastOk = now
@@ -127,7 +141,7 @@ async function hop(n, from, to, current) {
   const mode = modes[n % modes.length]
   const port = await freePort(), http = await freePort()
   const t0 = performance.now()
-  const dst = start(to.env, [cli, 'receive', '--listen', `127.0.0.1:${port}`, '--', process.execPath, ...serviceArgs(http)])
+  const dst = start(to, [cli, 'receive', '--listen', `${to.ip}:${port}`, '--', process.execPath, ...serviceArgs(to, http)])
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const steps = { listen: performance.now() - t0 } // ms from the receiver's start to each step
   const step = (name) => (steps[name] = performance.now() - t0)
@@ -137,9 +151,9 @@ async function hop(n, from, to, current) {
   if (cancelEvery > 0 && (n + 1) % cancelEvery === 0) {
     // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
     // receiver keeps waiting
-    const send = start(from.env, [cli, 'send', '--guest', guest, '--to', `127.0.0.1:${port}`, '--mode', 'hybrid', '--max-bandwidth', '4MiB'])
+    const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', 'hybrid', '--max-bandwidth', '4MiB'])
     await send.waitLine(/precopy round 0/, 30_000, 'stderr')
-    const c = start(from.env, [cli, 'cancel', '--guest', guest])
+    const c = start(from, [cli, 'cancel', '--guest', guest])
     if ((await c.exited).code !== 0) fail(`hop ${n + 1}: cancel exited ${c.exitCode}`, c, send)
     const code = (await send.exited).code
     if (code !== 3) fail(`hop ${n + 1}: the cancelled send exited ${code}, not 3`, send, dst)
@@ -147,13 +161,13 @@ async function hop(n, from, to, current) {
     if (current.exitCode !== null) fail(`hop ${n + 1}: the service ended after a cancel`, current, send)
     row.cancelled = true
   }
-  const send = start(from.env, [cli, 'send', '--guest', guest, '--to', `127.0.0.1:${port}`, '--mode', mode, '--json'])
+  const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', mode, '--json'])
   const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
   if (sent.code !== 0) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
   step('sent')
   const report = JSON.parse(send.lines.join('\n'))
   await dst.waitLine(/^RESTORED$/, 30_000)
-  home = http
+  home = [to.ip, http]
   const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
   if (verify !== `ok pages=${pageCount}`) fail(`hop ${n + 1}: VERIFY ${verify}`, dst, current)
   step('verified')
@@ -180,12 +194,12 @@ let client
 let exit = 0
 try {
   const firstHttp = await freePort()
-  current = start(hosts[0].env, serviceArgs(firstHttp))
+  current = start(hosts[0], serviceArgs(hosts[0], firstHttp))
   await current.waitLine(/^READY/)
   await current.waitLine(/^HTTP /)
-  home = firstHttp
+  home = [hosts[0].ip, firstHttp]
   client = startClient()
-  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), every ${cancelEvery || 'no'}th hop cancelled once first; a checking client follows it${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), every ${cancelEvery || 'no'}th hop cancelled once first; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
   for (let n = 0; n < hops; n++) {
     const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
     const { row, dst } = await hop(n, from, to, current)
@@ -199,6 +213,7 @@ try {
 } finally {
   const c = await client?.stop()
   for (const p of procs) p.kill()
+  pair?.cleanup()
   const q = (xs, f) => {
     const s = xs.map(f).sort((x, y) => x - y)
     return s.length ? `${s[0].toFixed(1)} / ${s[Math.floor(s.length / 2)].toFixed(1)} / ${s[s.length - 1].toFixed(1)}` : '-'
