@@ -7,7 +7,10 @@
 // and the new home's migration threads are gone.
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
-//                         [--hop-timeout-ms 120000] [--no-serve] [--netns [--rate-mbit N]] [--json FILE]
+//                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]] [--json FILE]
+// --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
+// (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
+// checked at the end.
 // --netns (root): host b is a network namespace joined to this one by a veth pair (tbf-shaped to N Mbit/s with
 // --rate-mbit), so every hop crosses a real link; the client runs here and reaches both hosts' addresses.
 // By default the service serve()s its HTTP server: its clients are held through each hand-off and relayed by the old
@@ -44,6 +47,7 @@ const { values: a } = parseArgs({
     'hop-timeout-ms': { type: 'string', default: '120000' },
     'no-serve': { type: 'boolean', default: false },
     netns: { type: 'boolean', default: false },
+    'back-at-once': { type: 'boolean', default: false },
     'rate-mbit': { type: 'string' },
     json: { type: 'string' },
   },
@@ -171,9 +175,8 @@ async function hop(n, from, to, current) {
   const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
   if (verify !== `ok pages=${pageCount}`) fail(`hop ${n + 1}: VERIFY ${verify}`, dst, current)
   step('verified')
-  const old = await current.waitExit(30_000).catch((err) => fail(`hop ${n + 1}: the old home did not end: ${err.message}`, current))
-  if (old.code !== 0) fail(`hop ${n + 1}: the old home exited ${old.code}`, current)
-  step('oldGone')
+  if (a['back-at-once']) lingering.push({ hop: n + 1, p: current })
+  else await oldHomeEnded(n + 1, current).then(() => step('oldGone'))
   await waitFor(`hop ${n + 1}: the new home's migration threads did not end`, 10_000, () => migrationThreads(dst).length === 0).catch((err) => fail(err.message, dst))
   if (stats.wrong > 0) fail(`hop ${n + 1}: ${stats.wrong} wrong answer(s): ${JSON.stringify(stats.wrongSamples)}`, dst)
   if (serve && stats.errors > 0) fail(`hop ${n + 1}: the client saw ${stats.errors} refused or reset request(s) of a service that serve()s`, dst, current)
@@ -187,8 +190,15 @@ async function hop(n, from, to, current) {
   return { row, dst }
 }
 
+/** An old home ends with 0 once its clients moved on (a forwarder lives while they use it). */
+async function oldHomeEnded(hop, p) {
+  const old = await p.waitExit(30_000).catch((err) => fail(`hop ${hop}: the old home did not end: ${err.message}`, p))
+  if (old.code !== 0) fail(`hop ${hop}: the old home exited ${old.code}`, p)
+}
+
 // ---- the run ----
 const rows = []
+const lingering = [] // --back-at-once: old homes not waited for yet
 let current
 let client
 let exit = 0
@@ -207,6 +217,7 @@ try {
     current = dst
     say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
+  for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {
   say(`soak: FAILED: ${err.message}`)
   exit = 1
