@@ -34,7 +34,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const require = createRequire(import.meta.url)
 const { LineProc, freePort, childrenOf, threadsOf } = require(join(root, 'dist', 'cli', 'proc.js'))
 const { createHostPair, netnsUnavailable } = require(join(root, 'dist', 'testing', 'netns.js'))
-const { get } = require(join(root, 'examples', 'page-store', 'client.js'))
+const { checker } = require(join(root, 'examples', 'page-store', 'client.js'))
 const { clientLoops } = require(join(root, 'examples', 'client-loops.js'))
 
 const { values: a } = parseArgs({
@@ -89,39 +89,18 @@ const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mi
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
 let home // the address the service answers on now: [host, port]
-const seen = new Uint32Array(pageCount) // the highest version seen per page
 const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [] }
-let lastOk = performance.now()
 function startClient() {
+  const check = checker(stats)
   let seed = 12345
   return clientLoops({
     concurrency: 4, stats,
     async loop(_j, { agent, running }) {
       while (running()) {
         const [ip, port] = home ?? []
-        if (!port) {
-          await new Promise((r) => setTimeout(r, 2))
-          continue
-        }
         seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0
-        const page = seed % pageCount
-        stats.requests++
-        try {
-          const r = await get(ip, port, page, agent)
-          const now = performance.now()
-          stats.maxGapMs = Math.max(stats.maxGapMs, now - lastOk)
-          lastOk = now
-          if (!r.ok || r.page !== page || r.version < seen[page]) {
-            stats.wrong++
-            if (stats.wrongSamples.length < 5) stats.wrongSamples.push({ page, prev: seen[page], got: r })
-          } else {
-            stats.ok++
-            seen[page] = r.version
-          }
-        } catch {
-          stats.errors++ // (--no-serve: paused for the hand-off, its server closed)
-          await new Promise((r) => setTimeout(r, 2))
-        }
+        // (a failure: --no-serve, paused for the hand-off with its server closed)
+        if (!port || !(await check(ip, port, seed % pageCount, agent))) await new Promise((r) => setTimeout(r, 2))
       }
     },
   })

@@ -27,6 +27,24 @@ export type ControlRequest =
   | { cmd: 'setBandwidth'; limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'> }
   | { cmd: 'release' }
 
+/** What a forwarder does now: open relayed connections and proxied requests (each keeps the process), those held
+ * since pause(), totals so far (bytes: of those that ended), ms since the last one ended. */
+export interface ForwardingStatus {
+  open: number
+  held: number
+  connections: number
+  requests: number
+  bytes: number
+  idleMs: number
+}
+
+/** A guest that moved away: where to, what its forwarder does, and after how long without clients it exits (undefined: the service keeps the process). */
+export interface MovedStatus {
+  to: string
+  forwarding?: ForwardingStatus
+  exitsAfterIdleMs?: number
+}
+
 /** What the control socket needs of a guest (Guest has it; no import of guest.ts). */
 export interface ControlledGuest {
   readonly name: string
@@ -41,6 +59,7 @@ export interface ControlledGuest {
   readonly regions: Record<string, { name: string; sizeBytes: number; pagesLeft?: number }>
   /** The dirty-page tracker a migration from here gets, and why. */
   readonly tracker?: string
+  readonly moved?: MovedStatus
   migrate(options: MigrateOptions): Promise<MigrationReport>
   cancel(): Promise<void>
   setBandwidth(limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Promise<unknown>
@@ -174,7 +193,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
       return void s.end()
     }
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

@@ -25,6 +25,7 @@ import { readFileSync } from 'node:fs'
 import { request as httpRequest, Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { connect, type Server, type Socket } from 'node:net'
 import { loadBinding, type NativeRelay } from './binding'
+import type { ForwardingStatus } from './control'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { socketFd, takeSocket } from './socket-fd'
 
@@ -81,6 +82,11 @@ export class Forwarder {
   /** Requests held since pause(), not forwarded yet. */
   get heldCount(): number {
     return this.heldRequests.length
+  }
+
+  status(): ForwardingStatus {
+    const { connections, requests, bytes } = this.counts
+    return { open: this.active, held: this.heldRequests.length + this.heldSockets.length, connections, requests, bytes, idleMs: Date.now() - this.lastUseMs }
   }
 
   /** Idle: nothing in flight and nothing new for ms. */

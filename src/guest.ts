@@ -18,7 +18,7 @@ import type { AgentWorkerData } from './agent/worker-data'
 import type { MigrationReport } from './agent/report'
 import type { Progress } from './agent/source/index'
 import type { Server } from 'node:net'
-import { ControlServer, withoutControl } from './control'
+import { ControlServer, type MovedStatus, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
@@ -58,6 +58,8 @@ export class Guest extends EventEmitter {
   private readonly calls = new MigrationCalls((m) => this.post(m))
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
+  /** Moved, and this process ends once its forwarded clients were idle this long (undefined: the service keeps it). */
+  private exitsAfterIdleMs: number | undefined
   private readonly forwarder = new Forwarder()
   /** The forwarding path's rehearsal of this migration (src/forward-rehearsal.ts), over before the service pauses. */
   private rehearsal: Promise<unknown> | undefined
@@ -153,6 +155,12 @@ export class Guest extends EventEmitter {
    * otherwise idle, settling (a destination receiving its memory), settled, moved (it runs elsewhere now), cancelled
    * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
    */
+  /** For `status`: where it moved, and what keeps this process meanwhile. */
+  get moved(): MovedStatus | undefined {
+    if (!this.movedTo) return undefined
+    return { to: this.movedTo, forwarding: this.forwarder.serving ? this.forwarder.status() : undefined, exitsAfterIdleMs: this.exitsAfterIdleMs }
+  }
+
   get phase(): string {
     if (this.failure) return 'failed'
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
@@ -265,7 +273,8 @@ export class Guest extends EventEmitter {
         done?.resolve(m.report)
         if (this.opts.exitOnMoved !== false && !kept) {
           // the destination runs the service now; when this one serves, relay its clients until they moved too
-          exitWhenMoved(this, m.report.to, this.forwarder, this.opts.forwardIdleMs ?? 2000)
+          this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
+          exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)
         }
         return
       }

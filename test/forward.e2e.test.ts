@@ -53,6 +53,18 @@ describe.skipIf(skip)('clients across a migration, pointed at the source only', 
       const send = new LineProc(process.execPath, [cli, 'send', '--guest', guest, '--to', `127.0.0.1:${migPort}`, '--mode', mode, '--json'], { env: envA })
       procs.push(send)
       expect((await send.exited).code, send.stderr).toBe(0)
+      // autocannon still runs (5 s): the source's process stays as its forwarder, and status says so and why
+      const status = new LineProc(process.execPath, [cli, 'status', '--guest', guest], { env: envA })
+      procs.push(status)
+      expect((await status.exited).code, status.stderr).toBe(0)
+      const said = status.lines.join('\n')
+      expect(said).toMatch(/: moved; regions counts=67108864\n/)
+      expect(said).toContain(`  moved to 127.0.0.1:${migPort}: the service runs there now\n`)
+      const open = /forwarding this address's clients there: (\d+) open connection\(s\)(?: and \d+ held)?; so far (\d+) connection\(s\) relayed and (\d+) request\(s\) proxied, /.exec(said)
+      expect(open, said).not.toBeNull()
+      expect(Number(open![1])).toBeGreaterThan(0) // autocannon's connections, relayed
+      expect(Number(open![2]) + Number(open![3])).toBeGreaterThanOrEqual(Number(open![1]))
+      expect(said).toMatch(/this process exits once no client connection is open and none came for 2000 ms \(clients use it now\)$/m)
       const result = await load
       expect(result.errors).toBe(0)
       expect(result.timeouts).toBe(0)

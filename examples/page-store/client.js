@@ -26,15 +26,44 @@ function get(host, port, page, agent) {
 }
 
 /**
+ * A checker of answers: check(host, port, page, agent) reads the page and checks the answer (the page matches its
+ * version, versions never go back), counting into stats; false when the request failed.
+ */
+function checker(stats) {
+  const seen = new Map() // page -> highest version seen
+  let lastOk = performance.now()
+  return async function check(host, port, page, agent) {
+    stats.requests++
+    try {
+      const r = await get(host, port, page, agent)
+      const now = performance.now()
+      stats.maxGapMs = Math.max(stats.maxGapMs, now - lastOk)
+      lastOk = now
+      const prev = seen.get(page) ?? 0
+      if (!r.ok || r.version < prev || r.page !== page) {
+        stats.wrong++
+        if (stats.wrongSamples.length < 5) stats.wrongSamples.push({ page, prev, got: r })
+      } else {
+        stats.ok++
+        seen.set(page, r.version)
+      }
+      return true
+    } catch {
+      stats.errors++
+      return false
+    }
+  }
+}
+
+/**
  * hammer({ targets: () => [[host, port] of the source, [host, port] of the destination], pageCount })
  *   -> { stats, stop(): Promise<stats> }
  * targets() is read on every request: the destination may appear later.
  */
 function hammer({ targets, pageCount, concurrency = 4 }) {
   const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, switchedAt: 0, wrongSamples: [] }
-  const seen = new Map() // page -> highest version seen
+  const check = checker(stats)
   let target = 0
-  let lastOk = performance.now()
   let seed = 12345
   async function loop(j, { agent, running }) {
     while (running()) {
@@ -46,22 +75,7 @@ function hammer({ targets, pageCount, concurrency = 4 }) {
         await new Promise((r) => setTimeout(r, 2))
         continue
       }
-      stats.requests++
-      try {
-        const r = await get(host, port, page, agent)
-        const now = performance.now()
-        stats.maxGapMs = Math.max(stats.maxGapMs, now - lastOk)
-        lastOk = now
-        const prev = seen.get(page) ?? 0
-        if (!r.ok || r.version < prev || r.page !== page) {
-          stats.wrong++
-          if (stats.wrongSamples.length < 5) stats.wrongSamples.push({ page, prev, got: r })
-        } else {
-          stats.ok++
-          seen.set(page, r.version)
-        }
-      } catch {
-        stats.errors++
+      if (!(await check(host, port, page, agent))) {
         // the source stopped answering: the service moved on
         if (target === 0 && list[1]) {
           target = 1
@@ -74,4 +88,4 @@ function hammer({ targets, pageCount, concurrency = 4 }) {
   return clientLoops({ concurrency, stats, loop })
 }
 
-module.exports = { hammer, get }
+module.exports = { hammer, checker, get }

@@ -1,7 +1,23 @@
 /** Human-readable progress line and report table. */
 import type { MigrationReport } from '../agent/report'
 import type { Progress } from '../agent/source/index'
+import type { MovedStatus } from '../control'
 import { bytes, limitsText } from '../units'
+
+/** `status` lines of a guest that moved away: where to, and what keeps its process here meanwhile. */
+export function movedLines(m: MovedStatus): string[] {
+  const f = m.forwarding
+  const lines = [`moved to ${m.to}: the service runs there now`]
+  if (f) lines.push(`forwarding this address's clients there: ${f.open} open connection(s)${f.held ? ` and ${f.held} held` : ''}; so far ${f.connections} connection(s) relayed and ${f.requests} request(s) proxied, ${bytes(f.bytes)} through those that ended`)
+  if (m.exitsAfterIdleMs === undefined) lines.push(`this process runs on: the service keeps it (a 'moved' listener, or exitOnMoved false)`)
+  else if (f) lines.push(`this process exits once no client connection is open and none came for ${m.exitsAfterIdleMs} ms (${f.open || f.held ? 'clients use it now' : `idle for ${f.idleMs} ms`})`)
+  return lines
+}
+
+/** The same in a few words, for `list`. */
+export function movedSummary(m: MovedStatus): string {
+  return `to ${m.to}${m.forwarding ? `, forwarding ${m.forwarding.open} connection(s)` : ''}`
+}
 
 export function progressLine(p: Progress): string {
   // rounded down: a page left is never 100.0% local

@@ -6,12 +6,12 @@ import { spawn, spawnSync } from 'node:child_process'
 import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
-import { controlDir, controlRequest, controlSocketPath, type ControlRequest, listGuests } from '../control'
+import { controlDir, controlRequest, controlSocketPath, type ControlRequest, listGuests, type MovedStatus } from '../control'
 import { MIGRATION_MODES, readTokenFile, resolveAgentNice, validateBandwidth } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { resolvePostcopyNice } from '../agent/yielding'
 import { ErrorCode } from '../errors'
-import { formatReport, progressLine, ProgressPrinter } from './format'
+import { formatReport, movedLines, movedSummary, progressLine, ProgressPrinter } from './format'
 import type { Progress } from '../agent/source/index'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
@@ -288,7 +288,7 @@ program
       const st = g.status ?? {}
       const size = ((st.regions ?? []) as { sizeBytes: number }[]).reduce((n, r) => n + r.sizeBytes, 0)
       const what = g.state === 'stale' ? 'stale: no process (its next Guest.start replaces it)' : g.state === 'busy' ? 'no answer within 2 s (its thread is busy or blocked)' : String(st.phase)
-      const detail = st.progress && MIGRATING_PHASES.has(st.phase as string) ? progressLine(st.progress as Progress) : st.lastError ? `last: ${(st.lastError as { message: string }).message}` : ''
+      const detail = st.progress && MIGRATING_PHASES.has(st.phase as string) ? progressLine(st.progress as Progress) : st.moved ? movedSummary(st.moved as MovedStatus) : st.lastError ? `last: ${(st.lastError as { message: string }).message}` : ''
       return [g.name, st.pid === undefined ? '-' : String(st.pid), what, size ? bytes(size) : '-', detail]
     })
     const widths = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => r[i].length), ['NAME', 'PID', 'PHASE', 'MEMORY'][i].length))
@@ -308,6 +308,7 @@ program
         const regions = list.map((r) => `${r.name}=${r.sizeBytes}`).join(', ')
         process.stdout.write(`guest ${m.name} (pid ${m.pid}): ${m.phase}${m.restored ? ', restored' : ''}; regions ${regions}\n`)
         if (m.from) process.stdout.write(`  incoming migration from ${m.from} (before its hand-off: the service runs there)\n`)
+        if (m.moved) for (const line of movedLines(m.moved as MovedStatus)) process.stdout.write(`  ${line}\n`)
         // a destination still receiving its memory (post-copy)
         const left = list.reduce((n, r) => n + (r.pagesLeft ?? 0), 0)
         if (left) process.stdout.write(`  ${left} page(s) still to come here from the source (post-copy)\n`)

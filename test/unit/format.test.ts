@@ -1,6 +1,6 @@
 /** The CLI's progress line and report lines (src/cli/format.ts). */
 import { describe, expect, it } from 'vitest'
-import { formatReport, progressLine } from '../../src/cli/format'
+import { formatReport, movedLines, movedSummary, progressLine } from '../../src/cli/format'
 import type { MigrationReport } from '../../src/agent/report'
 import { SourcePhase } from '../../src/agent/source/machine'
 
@@ -43,5 +43,25 @@ describe('report', () => {
       "  agent takeover     the migration agent crashed in phase postcopy (boom); a new one took the migration over (the rounds and the pause window's figures went with the old one)",
     ])
     expect(formatReport(report)).not.toMatch(/agent takeover/)
+  })
+})
+
+describe('a guest that moved away (status and list)', () => {
+  const forwarding = { open: 3, held: 0, connections: 5, requests: 2, bytes: 3 << 20, idleMs: 40 }
+
+  it('where it moved, what its forwarder does, and when this process exits', () => {
+    expect(movedLines({ to: 'b:7070', forwarding, exitsAfterIdleMs: 2000 })).toEqual([
+      'moved to b:7070: the service runs there now',
+      "forwarding this address's clients there: 3 open connection(s); so far 5 connection(s) relayed and 2 request(s) proxied, 3.0 MiB through those that ended",
+      'this process exits once no client connection is open and none came for 2000 ms (clients use it now)',
+    ])
+    expect(movedLines({ to: 'b:7070', forwarding: { ...forwarding, open: 0, held: 1 }, exitsAfterIdleMs: 2000 })[1]).toContain('0 open connection(s) and 1 held;')
+    expect(movedLines({ to: 'b:7070', forwarding: { ...forwarding, open: 0 }, exitsAfterIdleMs: 2000 })[2]).toMatch(/ \(idle for 40 ms\)$/)
+  })
+
+  it("a process the service keeps says so; one that does not serve() has no forwarder line", () => {
+    expect(movedLines({ to: 'b:7070' })).toEqual(['moved to b:7070: the service runs there now', "this process runs on: the service keeps it (a 'moved' listener, or exitOnMoved false)"])
+    expect(movedSummary({ to: 'b:7070', forwarding, exitsAfterIdleMs: 2000 })).toBe('to b:7070, forwarding 3 connection(s)')
+    expect(movedSummary({ to: 'b:7070' })).toBe('to b:7070')
   })
 })
