@@ -7,7 +7,12 @@
 // and the new home's migration threads are gone.
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
-//                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]] [--json FILE]
+//                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
+//                         [--inject LIST] [--json FILE]
+// --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
+// injection), e.g. agent-crash:postcopy,agent-crash:paused,agent-crash:restore,none: its agent crashes (a bug) as a
+// destination, and later as that process's next source. Every hop must still end with the service on one host: moved
+// (a new agent took over), or resumed at its source, which then is tried again (the row counts it), never on none.
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -48,6 +53,7 @@ const { values: a } = parseArgs({
     'no-serve': { type: 'boolean', default: false },
     netns: { type: 'boolean', default: false },
     'back-at-once': { type: 'boolean', default: false },
+    inject: { type: 'string' },
     'rate-mbit': { type: 'string' },
     json: { type: 'string' },
   },
@@ -78,13 +84,14 @@ const hosts = [
   { name: 'a', env: hostEnv('a'), ip: pair?.hostIp ?? '127.0.0.1', prefix: [] },
   { name: 'b', env: hostEnv('b'), ip: pair?.nsIp ?? '127.0.0.1', prefix: pair ? ['ip', 'netns', 'exec', pair.ns] : [] },
 ]
-const start = (host, args) => {
+const start = (host, args, env = {}) => {
   const [cmd, ...rest] = [...host.prefix, process.execPath, ...args]
-  const p = new LineProc(cmd, rest, { env: host.env })
+  const p = new LineProc(cmd, rest, { env: { ...host.env, ...env } })
   procs.push(p)
   return p
 }
 const serve = !a['no-serve']
+const injections = a.inject ? a.inject.split(',') : ['none']
 const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), '--http-host', host.ip, ...(serve ? ['--serve'] : [])]
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
@@ -124,13 +131,15 @@ async function hop(n, from, to, current) {
   const mode = modes[n % modes.length]
   const port = await freePort(), http = await freePort()
   const t0 = performance.now()
-  const dst = start(to, [cli, 'receive', '--listen', `${to.ip}:${port}`, '--', process.execPath, ...serviceArgs(to, http)])
+  const injection = injections[n % injections.length]
+  const inject = injection !== 'none' ? { UFFD_MIGRATE_FAULT_INJECT: injection } : {}
+  const dst = start(to, [cli, 'receive', '--listen', `${to.ip}:${port}`, '--', process.execPath, ...serviceArgs(to, http)], inject)
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const steps = { listen: performance.now() - t0 } // ms from the receiver's start to each step
   const step = (name) => (steps[name] = performance.now() - t0)
   const errorsBefore = stats.errors, gapBefore = stats.maxGapMs
   stats.maxGapMs = 0
-  const row = { hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false }
+  const row = { hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false, injection, resumedAtSource: 0 }
   if (cancelEvery > 0 && (n + 1) % cancelEvery === 0) {
     // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
     // receiver keeps waiting
@@ -144,9 +153,19 @@ async function hop(n, from, to, current) {
     if (current.exitCode !== null) fail(`hop ${n + 1}: the service ended after a cancel`, current, send)
     row.cancelled = true
   }
-  const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', mode, '--json'])
-  const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
-  if (sent.code !== 0) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
+  let send
+  for (;;) {
+    const mark = dst.mark('stderr')
+    send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', mode, '--json'])
+    const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
+    if (sent.code === 0) break
+    // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
+    const said = sent.code === 1 ? JSON.parse(send.lines.join('\n') || '{}') : {}
+    if (said.serviceRunsOn !== 'source' || row.resumedAtSource >= 3 || current.exitCode !== null) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
+    row.resumedAtSource++
+    say(`hop ${n + 1}: the service resumed at its source (${said.code}: ${said.message}); trying again`)
+    await dst.waitLine(/listening for the next source|a new agent listens on .* again/, 30_000, 'stderr', mark)
+  }
   step('sent')
   const report = JSON.parse(send.lines.join('\n'))
   await dst.waitLine(/^RESTORED$/, 30_000)
@@ -194,7 +213,7 @@ try {
     const { row, dst } = await hop(n, from, to, current)
     rows.push(row)
     current = dst
-    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {

@@ -139,7 +139,7 @@ export class Guest extends EventEmitter {
     guest.refusals = r.refusals
     guest.once('settled', () => r.settle())
     guest.once('failed', (e: Error) => r.settleFail(e))
-    // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (pages to come)
+    // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (until settled)
     queueMicrotask(() => (guest.post({ type: 'resumed', atMs: nowMs() }), setImmediate(() => guest.standbyData && guest.agent.standBy(guest.standbyData))))
     if (opts.control !== false) guest.control = await ControlServer.start(guest).catch(withoutControl(opts.name))
     return guest

@@ -137,6 +137,34 @@ describe.skipIf(skip)('a new agent takes over', () => {
     expect((await src.exited).code).toBe(0) // moved
   }, 90_000)
 
+  it("the destination's agent crashes as it asks for the restore with every page already there (pre-copy): a standby takes over and it settles, or the service resumes at the source: one host, never none or two", async () => {
+    // found by `npm run soak` with this injection: with no page left at the hand-off no standby was armed, so the
+    // service failed there (exit 4) while the source, handed off, gave up after its recovery timeout: on neither host
+    for (let attempt = 1; attempt <= 4; attempt++) {
+      const { A, B, g, port, http, dst, src, srcHttp } = await migrationSetup(`restore-full-${attempt}`, '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:restore' })
+      const { code, send } = await sendAndWait(A, g, port, ['--mode', 'precopy', '--recovery-timeout-ms', '20000'])
+      expect(dst.stderr).toMatch(/the migration agent crashed: Error: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:restore/)
+      if (code === 1) {
+        // the crash came before this thread took the restore: nothing started there, the service runs on here
+        expect(send.stderr).toMatch(/the service resumed on the source\) \[ERR_MIGRATION_NO_SESSION\]/)
+        expect((await page(srcHttp, 1)).ok).toBe(true)
+        expect(dst.child.exitCode).toBeNull() // the receiver listens again
+        killAll()
+        continue
+      }
+      // the restore came first: the service runs there; the standby took over, the source came back to it, settled
+      expect(code, sendFailure(send, dst)).toBe(0)
+      expect(dst.stderr).toMatch(/a new migration agent takes over after the last one crashed: 0 page\(s\) still to come/)
+      expect(dst.stderr).not.toMatch(/exiting|ending the process/)
+      expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+      expect((await page(http, 1)).ok).toBe(true)
+      expect((await src.exited).code).toBe(0) // moved
+      expect(await statusOf(B, g)).toMatchObject({ phase: 'settled' })
+      return
+    }
+    throw new Error('the crash came before the restore in 4 attempts out of 4: the takeover branch was not reached')
+  }, 240_000)
+
   it("the source's agent crashes in pre-copy, with the service running: that migration fails, a new agent moves it on the next try", async () => {
     const { A, g, port, http, dst, src, srcHttp } = await migrationSetup('restart-src', 'agent-crash:precopy')
     const first = await sendAndWait(A, g, port)

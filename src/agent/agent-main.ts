@@ -262,12 +262,14 @@ function incomingMigration(will?: AgentWill) {
   const rehearsed = new MainThreadCall<void>()
   const dest: MigrationDestination = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
     // from here the service's thread may run (and wait on a page only an agent can install) before this agent hears
-    // of it: armed now with the will (a standby takes over; without one, a crash ends the process, never hangs it)
-    restore: (state: Uint8Array, pagesLeft: number): Promise<number> => {
+    // of it: armed now with the will (a standby takes over; without one, a crash ends the process, never hangs it).
+    // Also with no page left: the settlement with the source is still to come, and without an agent for it the
+    // service would fail here while the source, handed off, gives up on it (found by `npm run soak`)
+    restore: (state: Uint8Array): Promise<number> => {
       const w: AgentWill | undefined = dest.will()
       exitWatch.arm(w)
       if (inject === 'agent-crash:restore') setImmediate(() => injectedCrash(inject))
-      return restore.ask(...withOwnState({ type: 'restore' as const, state, standby: w !== undefined && pagesLeft > 0 }))
+      return restore.ask(...withOwnState({ type: 'restore' as const, state, standby: w !== undefined }))
     },
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),

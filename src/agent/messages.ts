@@ -56,7 +56,7 @@ export type AgentToMain =
   /** The destination's service listens on these ports of host: forward clients there. */
   | { type: 'forwardTo'; host: string; ports: (number | null)[] }
   | { type: 'listening'; port: number; atMs: number }
-  /** standby: the service will run on pages still to come and its source may come back (a will is armed): start a standby agent once it runs. */
+  /** standby: a will is armed (the source may come back: pages still to come, or only the settlement): start a standby agent once the service runs. */
   | { type: 'restore'; state: Uint8Array; standby: boolean }
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }

@@ -19,8 +19,8 @@ export type DestMilestone =
   | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
 
 export interface DestinationHooks {
-  /** The hand-off arrived: resume the service with this state (pagesLeft: pages still to come). Resolves when it runs; rejects when the state cannot be restored. */
-  restore(state: Uint8Array, pagesLeft: number): Promise<number>
+  /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
+  restore(state: Uint8Array): Promise<number>
   /** Every page is local. */
   settled(): void
   /** These ready() waits of the service are satisfied: their ranges are local. */

@@ -111,9 +111,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.linkTimeoutMs = 0
   }
 
-  get phase(): DestPhase {
-    return this.machine.phase
-  }
+  get phase(): DestPhase { return this.machine.phase }
 
   get pagesLeft(): number {
     return this.placement.pagesLeft
@@ -241,7 +239,7 @@ export class MigrationDestination implements DestinationHandlers {
     this.notes.heldFd = this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
     if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
     this.notes.postcopy = { nice: peerPostcopyNice(m.postcopyNice), forwarded: m.forward === true } // (in the will from here)
-    this.hooks.restore(state, this.placement.pagesLeft).then(
+    this.hooks.restore(state).then(
       (resumedAtMs) => this.resumed(resumedAtMs, { handoffAtMs, discardedAtMs }),
       (err: Error) => {
         // The service did not start here: the source may (and does) resume its own.
@@ -306,6 +304,7 @@ export class MigrationDestination implements DestinationHandlers {
     // requests that were open (their replies may be lost): blocked threads wait on them
     this.requests.askAgain()
     this.bulkPath.attach(pair.bulk, this.uffd!, this.placement)
+    this.checkSettled() // every page may be here already: nothing more will arrive to settle it (a takeover after the last)
   }
 
   /** What an agent that takes over from this one needs, once the service runs here and the source may come back. */
