@@ -123,6 +123,7 @@ void hand_over(Watch& w) {
     p += n;
     left -= (size_t)n;
   }
+  if (left == 0) w.will.clear();  // the standby owns what it holds now (a disarm must not hand it out again)
   close_successor(w);
 }
 
@@ -243,19 +244,25 @@ Napi::Value Succeed(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sv[1]);
 }
 
-// exitWatchDisarm(id): settled, or (a receiver) its agent crashed before the service started: an armed or counting
-// watch is idle again (its teardown hook then does nothing; a countdown ends without ending the process).
+// exitWatchDisarm(id) -> the will it held, or undefined: settled, or (a receiver) its agent crashed before the
+// service started: an armed or counting watch is idle again (its teardown hook then does nothing; a countdown ends
+// without ending the process). Nobody takes the will over now: what it holds open (the crashed agent's userfaultfd,
+// which keeps the regions registered) is the caller's to close.
 Napi::Value Disarm(const Napi::CallbackInfo& info) {
   uint32_t id = (uint32_t)arg_index(info, 0, "id", UINT32_MAX);
   Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  Watch* w = find(id);
-  if (!w) return Unknown(info.Env(), id);
-  if (w->state == WatchState::Armed || w->state == WatchState::Counting) w->state = WatchState::Idle;
-  close_successor(*w);  // nothing to take over now: the standby reads the end of its socket
-  w->will_left = false;
+  std::string will;
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    Watch* w = find(id);
+    if (!w) return Unknown(info.Env(), id);
+    if (w->state == WatchState::Armed || w->state == WatchState::Counting) w->state = WatchState::Idle;
+    close_successor(*w);  // nothing to take over now: the standby reads the end of its socket
+    w->will_left = false;
+    will.swap(w->will);
+  }
   r.changed.notify_all();
-  return info.Env().Undefined();
+  return will.empty() ? info.Env().Undefined() : Napi::String::New(info.Env(), will);
 }
 
 // exitWatchFire(id, code, ms, line): a failure the service's thread must take within ms, or the process ends with

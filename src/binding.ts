@@ -185,7 +185,8 @@ export interface NativeBinding {
   exitWatchArm?(id: number, code: number, ms: number, line: string, will?: string): boolean
   /** A standby's end of a socket pair: the armed agent's will arrives there (one line) when that agent ends. */
   exitWatchSucceed?(id: number): number
-  exitWatchDisarm?(id: number): void
+  /** Settled, or a receiver's agent crashed before the service started: idle again; returns the will it held (its held userfaultfd is the caller's to close now). */
+  exitWatchDisarm?(id: number): string | undefined
   exitWatchFire?(id: number, code: number, ms: number, line: string): boolean
   exitWatchTake?(id: number): void
   /** CPU time (user + system) of the calling thread, ms (absent in the fake binding). */

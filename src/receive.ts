@@ -9,6 +9,7 @@ import { Worker } from 'node:worker_threads'
 import { Packr } from 'msgpackr'
 import type { AgentToMain, MainToAgent } from './agent/messages'
 import { parseAddress } from './agent/address'
+import type { AgentWill } from './agent/destination/takeover'
 import type { AgentWorkerData } from './agent/worker-data'
 import { AGENT_WORKER, crashBeforeGuest, type StartedStandby } from './agent-handle'
 import type { NativeBinding } from './binding'
@@ -143,11 +144,20 @@ export async function receiveGuest(opts: GuestOptions, binding: NativeBinding, r
   const waiting = opts.control !== false ? await ControlServer.start(waitingGuest(opts.name, regions, receiving)).catch(withoutControl(opts.name)) : undefined
   const early = new EarlyStandby(process.env.UFFD_MIGRATE_STANDBY === '0' || workerData.exitWatch === undefined ? undefined : workerData).start()
   const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
-  const empty = () => (binding.exitWatchDisarm?.(workerData.exitWatch!), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0)))) // (the watch: armed once a crashed agent asked for the restore)
+  // (the watch: armed once a crashed agent asked for the restore; its will's userfaultfd would keep the regions
+  // registered, and the next agent's UFFDIO_REGISTER would fail with EBUSY: found by `npm run soak -- --inject`)
+  const empty = () => (releaseWill(binding, binding.exitWatchDisarm?.(workerData.exitWatch!)), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0))))
   const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
     .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
     .finally(() => waiting?.close())
   return { state, standby, worker, workerData, received, ...settlement(), early: early.take(standby), refusals: receiving.refusals }
+}
+
+/** A crashed receiver agent's will that nobody takes over: the userfaultfd it held is closed (its registrations end). */
+function releaseWill(binding: NativeBinding, will: string | undefined): void {
+  if (!will) return
+  const { uffd } = JSON.parse(will) as AgentWill
+  new binding.Uffd(uffd.features, uffd.fd, uffd.ioctls).close()
 }
 
 /** The hand-off's state; standby: start a standby agent once the service runs (the agent's will is armed). */

@@ -90,7 +90,7 @@ async function postcopyWithPagesLeft(name: string, dstEnv: NodeJS.ProcessEnv = {
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const send = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--recovery-timeout-ms', String(recoveryTimeoutMs)], 0)
   await dst.waitLine(handedOff, 30_000, 'stderr')
-  return { hosts, run, src, dst, send, dstHttp, slots }
+  return { hosts, run, src, dst, send, dstHttp, slots, migPort }
 }
 
 describe.skipIf(skip)('the quick start service when its source dies in post-copy', () => {
@@ -168,7 +168,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
 
   it('its migration agent crashes as it asks for the restore, before a standby exists: one starts then and takes over (or the service resumes at the source): one host, never none or two', async () => {
     const name = `qsr-${process.pid}`
-    const { src, dst, send, dstHttp, slots, hosts, run } = await postcopyWithPagesLeft(name, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:restore' }, 1500, /injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:restore/)
+    const { src, dst, send, dstHttp, slots, hosts, run, migPort } = await postcopyWithPagesLeft(name, { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:restore' }, 1500, /injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:restore/)
     const first = await Promise.race([
       dst.waitLine(/a new migration agent takes over/, 30_000, 'stderr').then(() => 'takeover', () => 'no takeover line'),
       send.waitExit(30_000).then((r) => `send exited ${r.code}`),
@@ -180,6 +180,10 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       expect(dst.stderr).toMatch(/a new agent listens on 127\.0\.0\.1:\d+ again \(2 of 4\)/)
       await new Promise((r) => setTimeout(r, 4000)) // past the watch's 3 s
       expect(dst.child.exitCode, dst.stderr).toBeNull()
+      // and its new agent takes the next migration: the crashed one's userfaultfd (kept for a standby) is closed
+      const again = run(hosts[0], [cli, 'send', '--guest', name, '--to', `127.0.0.1:${migPort}`], 0)
+      expect((await again.waitExit(30_000)).code, `${again.stderr}\n${dst.stderr}`).toBe(0)
+      expect((await src.waitExit(30_000)).code).toBe(0) // moved
       return
     }
     // the restore came first: the service runs here; a standby started after the crash took the will the exit watch
