@@ -170,6 +170,22 @@ describe.skipIf(skip)('a new agent takes over', () => {
     }
   }, 240_000)
 
+  it("the destination's agent crashes with its will armed, before it asks for the restore: the service resumes at the source, and the receiver's new agent takes the next migration", async () => {
+    // the crashed agent's userfaultfd, kept for a standby that never came, once kept the regions registered: the
+    // next agent's UFFDIO_REGISTER failed with EBUSY and the receiver refused every source after it (found by the soak)
+    const { A, g, port, http, dst, src, srcHttp } = await migrationSetup('armed', '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:armed' })
+    const first = await sendAndWait(A, g, port, ['--mode', 'precopy'])
+    expect(first.code, sendFailure(first.send, dst)).toBe(1)
+    expect(first.send.stderr).toMatch(/the service resumed on the source\) \[ERR_MIGRATION_NO_SESSION\]/)
+    expect(dst.stderr).toMatch(/migration agent crashed before the hand-off: injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:armed; .*a new agent listens on 127\.0\.0\.1:\d+ again \(2 of 4\)/)
+    expect((await page(srcHttp, 1)).ok).toBe(true) // it runs on at the source
+    const second = await sendAndWait(A, g, port, ['--mode', 'precopy'])
+    expect(second.code, sendFailure(second.send, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+  }, 90_000)
+
   it("the source's agent crashes in pre-copy, with the service running: that migration fails, a new agent moves it on the next try", async () => {
     const { A, g, port, http, dst, src, srcHttp } = await migrationSetup('restart-src', 'agent-crash:precopy')
     const first = await sendAndWait(A, g, port)

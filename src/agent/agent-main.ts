@@ -107,7 +107,8 @@ port.on('message', onMain) // (a standby that took over: the messages that waite
 // (source: agent-crash:precopy as pre-copy begins, agent-crash:paused as the service's paused state arrives,
 // agent-crash:postcopy once pages move after the hand-off;
 // destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:restore as it asks the service's
-// thread to restore the hand-off state, agent-crash:postcopy 200 ms after the service resumed)
+// thread to restore the hand-off state, agent-crash:armed just before that (its will armed, the service never
+// asked), agent-crash:postcopy 200 ms after the service resumed)
 // (and 'agent-crash:paused+takeover': the agent that takes over throws too, as it starts)
 // (and, no crash: 'demand-stall' on a source serves the first demand connection after the hand-off 3 s late)
 const injected = process.env.UFFD_MIGRATE_FAULT_INJECT?.split('+')
@@ -269,6 +270,7 @@ function incomingMigration(will?: AgentWill) {
       const w: AgentWill | undefined = dest.will()
       exitWatch.arm(w)
       if (inject === 'agent-crash:restore') setImmediate(() => injectedCrash(inject))
+      if (inject === 'agent-crash:armed') return setImmediate(() => injectedCrash(inject)), new Promise<number>(() => {}) // (never asks)
       return restore.ask(...withOwnState({ type: 'restore' as const, state, standby: w !== undefined }))
     },
     pollService: pollMain,

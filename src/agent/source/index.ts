@@ -275,7 +275,9 @@ export class MigrationSource implements SourceHandlers {
       throw await this.failed(err as Error, paused, pausing)
     } finally {
       clearInterval(this.progressTimer as NodeJS.Timeout)
-      this.tracking.close(this.committed)
+      // a hand-off the destination never got (or refused): the service runs here again, and its next migration
+      // registers the regions anew (a tracker kept for the exit made that fail with EBUSY: found by the soak)
+      this.tracking.close(this.committed && !this.handoffRefused)
     }
   }
 

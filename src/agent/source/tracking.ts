@@ -40,7 +40,7 @@ export class Tracking {
     return this.choice && { ...this.choice, faults: t?.faults, starved: t?.starved }
   }
 
-  /** Tracking ends: at once before the hand-off (committed false), at the agent's exit after it. */
+  /** Tracking ends: at once before the hand-off (committed false, also a hand-off that never arrived), at the agent's exit after it. */
   close(committed: boolean): void {
     const t = this.current
     this.current = undefined
