@@ -150,17 +150,17 @@ export class Guest extends EventEmitter {
     if (!this.closed) this.agent.post(m, transfer)
   }
 
-  /**
-   * One word for `status`: a migration's phase while one runs (connect, precopy, handoff, postcopy, recovering);
-   * otherwise idle, settling (a destination receiving its memory), settled, moved (it runs elsewhere now), cancelled
-   * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
-   */
   /** For `status`: where it moved, and what keeps this process meanwhile. */
   get moved(): MovedStatus | undefined {
     if (!this.movedTo) return undefined
     return { to: this.movedTo, forwarding: this.forwarder.serving ? this.forwarder.status() : undefined, exitsAfterIdleMs: this.exitsAfterIdleMs }
   }
 
+  /**
+   * One word for `status`: a migration's phase while one runs (connect, precopy, handoff, postcopy, recovering);
+   * otherwise idle, settling (a destination receiving its memory), settled, moved (it runs elsewhere now), cancelled
+   * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
+   */
   get phase(): string {
     if (this.failure) return 'failed'
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'

@@ -146,7 +146,7 @@ export async function receiveGuest(opts: GuestOptions, binding: NativeBinding, r
   const spawn = (again: boolean) => new Worker(AGENT_WORKER, { workerData: again ? { ...workerData, takeover: true } : workerData })
   // (the watch: armed once a crashed agent asked for the restore; its will's userfaultfd would keep the regions
   // registered, and the next agent's UFFDIO_REGISTER would fail with EBUSY: found by `npm run soak -- --inject`)
-  const empty = () => (releaseWill(binding, binding.exitWatchDisarm?.(workerData.exitWatch!)), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0))))
+  const empty = () => (releaseWill(binding, binding.exitWatchDisarm?.(workerData.exitWatch!), opts.name), regions.forEach((r, i) => (r.discard(0, r.sizeBytes), received[i].words.fill(0))))
   const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
     .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
     .finally(() => waiting?.close())
@@ -154,10 +154,15 @@ export async function receiveGuest(opts: GuestOptions, binding: NativeBinding, r
 }
 
 /** A crashed receiver agent's will that nobody takes over: the userfaultfd it held is closed (its registrations end). */
-function releaseWill(binding: NativeBinding, will: string | undefined): void {
+function releaseWill(binding: NativeBinding, will: string | undefined, name: string): void {
   if (!will) return
   const { uffd } = JSON.parse(will) as AgentWill
-  new binding.Uffd(uffd.features, uffd.fd, uffd.ioctls).close()
+  try {
+    new binding.Uffd(uffd.features, uffd.fd, uffd.ioctls).close()
+  } catch (err) {
+    // (not open any more: nothing holds the regions; if something still did, the next session's register says so)
+    logLine(name, 'agent-crashed', `the crashed agent's userfaultfd could not be closed: ${(err as Error).message}`, 'warn')
+  }
 }
 
 /** The hand-off's state; standby: start a standby agent once the service runs (the agent's will is armed). */
