@@ -42,22 +42,28 @@ const { createHostPair, netnsUnavailable } = require(join(root, 'dist', 'testing
 const { checker } = require(join(root, 'examples', 'page-store', 'client.js'))
 const { clientLoops } = require(join(root, 'examples', 'client-loops.js'))
 
-const { values: a } = parseArgs({
-  options: {
-    hops: { type: 'string', default: '30' },
-    mib: { type: 'string', default: '64' },
-    writes: { type: 'string', default: '2000' },
-    modes: { type: 'string', default: 'hybrid,postcopy,precopy' },
-    'cancel-every': { type: 'string', default: '5' },
-    'hop-timeout-ms': { type: 'string', default: '120000' },
-    'no-serve': { type: 'boolean', default: false },
-    netns: { type: 'boolean', default: false },
-    'back-at-once': { type: 'boolean', default: false },
-    inject: { type: 'string' },
-    'rate-mbit': { type: 'string' },
-    json: { type: 'string' },
-  },
-})
+const OPTIONS = {
+  hops: { type: 'string', default: '30' },
+  mib: { type: 'string', default: '64' },
+  writes: { type: 'string', default: '2000' },
+  modes: { type: 'string', default: 'hybrid,postcopy,precopy' },
+  'cancel-every': { type: 'string', default: '5' },
+  'hop-timeout-ms': { type: 'string', default: '120000' },
+  'no-serve': { type: 'boolean', default: false },
+  netns: { type: 'boolean', default: false },
+  'back-at-once': { type: 'boolean', default: false },
+  inject: { type: 'string' },
+  'rate-mbit': { type: 'string' },
+  json: { type: 'string' },
+}
+const parsed = (() => {
+  try {
+    return parseArgs({ options: OPTIONS })
+  } catch (err) {
+    return usage(err.message) // an unknown option: one line, exit 2
+  }
+})()
+const a = parsed.values
 const hops = Number(a.hops), mib = Number(a.mib), cancelEvery = Number(a['cancel-every']), hopTimeoutMs = Number(a['hop-timeout-ms'])
 const modes = a.modes.split(',')
 for (const m of modes) if (!['hybrid', 'postcopy', 'precopy'].includes(m)) usage(`bad --modes: ${m}`)
@@ -212,7 +218,7 @@ try {
   await current.waitLine(/^HTTP /)
   home = [hosts[0].ip, firstHttp]
   client = startClient()
-  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), every ${cancelEvery || 'no'}th hop cancelled once first; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${chaos ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
   for (let n = 0; n < hops; n++) {
     const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
     const { row, dst } = await hop(n, from, to, current)
