@@ -8,7 +8,9 @@
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
-//                         [--inject LIST] [--json FILE]
+//                         [--inject LIST] [--blocking] [--json FILE]
+// --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
+// with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
 // injection), e.g. agent-crash:postcopy,agent-crash:paused,agent-crash:restore,none: its agent crashes (a bug) as a
 // destination, and later as that process's next source. Every hop must still end with the service on one host: moved
@@ -55,6 +57,7 @@ const OPTIONS = {
   inject: { type: 'string' },
   'rate-mbit': { type: 'string' },
   json: { type: 'string' },
+  blocking: { type: 'boolean', default: false },
 }
 const parsed = (() => {
   try {
@@ -99,7 +102,7 @@ const start = (host, args, env = {}) => {
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
 const chaos = injections.some((x) => x !== 'none')
-const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), '--http-host', host.ip, ...(serve ? ['--serve'] : [])]
+const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), '--http-host', host.ip, ...(serve ? ['--serve'] : []), ...(a.blocking ? ['--blocking'] : [])]
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
 let home // the address the service answers on now: [host, port]
@@ -144,7 +147,7 @@ async function hop(n, from, to, current) {
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const steps = { listen: performance.now() - t0 } // ms from the receiver's start to each step
   const step = (name) => (steps[name] = performance.now() - t0)
-  const errorsBefore = stats.errors, gapBefore = stats.maxGapMs
+  const errorsBefore = stats.errors, gapBefore = stats.maxGapMs, sourceLogAt = current.stderr.length
   stats.maxGapMs = 0
   const row = { hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false, injection, resumedAtSource: 0 }
   if (cancelEvery > 0 && (n + 1) % cancelEvery === 0) {
@@ -193,6 +196,8 @@ async function hop(n, from, to, current) {
     totalMs: report.totalMs, downtimeMs: report.downtimeMs, rounds: report.rounds?.length ?? 0,
     sentTwice: report.pagesSentTwiceAfterHandoff ?? 0, refused: stats.errors - errorsBefore, maxGapMs: stats.maxGapMs,
     hopMs: performance.now() - t0, steps,
+    // agents that crashed and were taken over in this hop, on the destination and on the source (the injections)
+    takeovers: (dst.stderr.match(/a new migration agent takes over/g) ?? []).length + (current.stderr.slice(sourceLogAt).match(/a new migration agent takes over/g) ?? []).length,
   })
   stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
   if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
@@ -224,7 +229,7 @@ try {
     const { row, dst } = await hop(n, from, to, current)
     rows.push(row)
     current = dst
-    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {
