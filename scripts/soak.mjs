@@ -158,13 +158,12 @@ async function hop(n, from, to, current) {
     await send.waitLine(/precopy round 0/, 30_000, 'stderr')
     const c = start(from, [cli, 'cancel', '--guest', guest])
     const [cancelled, code] = [(await c.exited).code, (await send.exited).code]
-    const said = code === 1 ? JSON.parse(send.lines.join('\n') || '{}') : {}
     if (cancelled === 0 && code === 3) row.cancelled = true
     // (an injected crash that ended the try before the cancel came, the receiver's or its source's (the last hop's
     // receiver): the service runs on at its home all the same)
-    else if (chaos && code === 1 && said.serviceRunsOn === 'source') row.resumedAtSource++
+    else if (chaos && leftAtSource(send, code)) row.resumedAtSource++
     else fail(`hop ${n + 1}: cancel exited ${cancelled}, the cancelled send ${code} (not 0 and 3)`, c, send, dst)
-    await dst.waitLine(/a migration ended before the hand-off .*; listening for the next source|a new agent listens on .* again/, 30_000, 'stderr', mark)
+    await listensAgain(dst, mark)
     if (current.exitCode !== null) fail(`hop ${n + 1}: the service ended after a cancel`, current, send)
   }
   let send
@@ -174,11 +173,11 @@ async function hop(n, from, to, current) {
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
-    const said = sent.code === 1 ? JSON.parse(send.lines.join('\n') || '{}') : {}
-    if (!chaos || said.serviceRunsOn !== 'source' || row.resumedAtSource >= 3 || current.exitCode !== null) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
+    const said = leftAtSource(send, sent.code)
+    if (!chaos || !said || row.resumedAtSource >= 3 || current.exitCode !== null) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
     row.resumedAtSource++
     say(`hop ${n + 1}: the service resumed at its source (${said.code}: ${said.message}); trying again`)
-    await dst.waitLine(/listening for the next source|a new agent listens on .* again/, 30_000, 'stderr', mark)
+    await listensAgain(dst, mark)
   }
   step('sent')
   const report = JSON.parse(send.lines.join('\n'))
@@ -197,12 +196,21 @@ async function hop(n, from, to, current) {
     sentTwice: report.pagesSentTwiceAfterHandoff ?? 0, refused: stats.errors - errorsBefore, maxGapMs: stats.maxGapMs,
     hopMs: performance.now() - t0, steps,
     // agents that crashed and were taken over in this hop, on the destination and on the source (the injections)
-    takeovers: (dst.stderr.match(/a new migration agent takes over/g) ?? []).length + (current.stderr.slice(sourceLogAt).match(/a new migration agent takes over/g) ?? []).length,
+    takeovers: [dst.stderr, current.stderr.slice(sourceLogAt)].reduce((k, log) => k + (log.match(/a new migration agent takes over/g) ?? []).length, 0),
   })
   stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
   if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
   return { row, dst }
 }
+
+/** send's --json answer when it exited 1 with the service running on at its source, else undefined. */
+function leftAtSource(send, code) {
+  const said = code === 1 ? JSON.parse(send.lines.join('\n') || '{}') : {}
+  return said.serviceRunsOn === 'source' ? said : undefined
+}
+
+/** The receiver (lines of its log from mark on) ended that session and waits for the next source. */
+const listensAgain = (dst, mark) => dst.waitLine(/listening for the next source|a new agent listens on .* again/, 30_000, 'stderr', mark)
 
 /** An old home ends with 0 once its clients moved on (a forwarder lives while they use it). */
 async function oldHomeEnded(hop, p) {

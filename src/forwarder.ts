@@ -91,7 +91,8 @@ export class Forwarder {
 
   /** Idle: nothing in flight and nothing new for ms. */
   idleFor(ms: number): boolean {
-    return this.active === 0 && this.heldRequests.length === 0 && this.heldSockets.length === 0 && Date.now() - this.lastUseMs >= ms
+    const s = this.status()
+    return s.open === 0 && s.held === 0 && s.idleMs >= ms
   }
 
   serve(server: Server): number {

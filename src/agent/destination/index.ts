@@ -161,9 +161,10 @@ export class MigrationDestination implements DestinationHandlers {
 
   private onChannelClosed(err: Error, ch: Channel): void {
     if (this.phase === DestPhase.SETTLED && ch === this.link.bulk && (err as UffdMigrateError).cause === undefined) {
-      // the source hung up cleanly after the report: nobody dials in again, so the bulk thread and the sockets go
+      // the source hung up after the report: thread and sockets go, the listener stays for the recovery window (a source
+      // agent that crashed as the report came looks the same, and its successor dials in to hear it: onRecover)
       this.bulkPath.close()
-      return this.link.close()
+      return this.link.drop(err)
     }
     if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
     if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke
