@@ -8,13 +8,20 @@
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
-//                         [--inject LIST] [--blocking] [--json FILE]
+//                         [--inject LIST] [--link-faults LIST] [--blocking] [--json FILE]
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
 // with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
 // injection), e.g. agent-crash:postcopy,agent-crash:paused,agent-crash:restore,none: its agent crashes (a bug) as a
 // destination, and later as that process's next source. Every hop must still end with the service on one host: moved
 // (a new agent took over), or resumed at its source, which then is tried again (the row counts it), never on none.
+// --link-faults LIST: each hop's send goes through a relay on this machine that breaks the link once, the next of
+// these in turn: `reset` (every connection reset both ways), `one-sided` (reset towards the source only; the
+// destination's ends stay open and silent), `silent:MS` (nothing passes for MS ms, then the link is back), each at a
+// random point of the hop's bytes, or `KIND@FRAME` when that frame passes (delivered just before the break) and
+// `KIND@FRAME-lost` (lost with it): e.g. reset@HANDOFF-lost, reset@HANDOFF, silent:4000@SETTLED-lost, `none`. The
+// sends get --link-timeout-ms 3000, so a silence longer than that is noticed. The same rule as --inject: the service
+// ends each hop on one host, moved (after a recovery) or resumed at its source and tried again, never on none.
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -43,6 +50,9 @@ const { LineProc, freePort, childrenOf, threadsOf } = require(join(root, 'dist',
 const { createHostPair, netnsUnavailable } = require(join(root, 'dist', 'testing', 'netns.js'))
 const { checker } = require(join(root, 'examples', 'page-store', 'client.js'))
 const { clientLoops } = require(join(root, 'examples', 'client-loops.js'))
+const { Relay } = require(join(root, 'dist', 'testing', 'relay.js'))
+const { MSG_NAMES } = require(join(root, 'dist', 'protocol', 'messages.js'))
+const Msg = Object.fromEntries(Object.entries(MSG_NAMES).map(([type, name]) => [name, Number(type)]))
 
 const OPTIONS = {
   hops: { type: 'string', default: '30' },
@@ -55,6 +65,7 @@ const OPTIONS = {
   netns: { type: 'boolean', default: false },
   'back-at-once': { type: 'boolean', default: false },
   inject: { type: 'string' },
+  'link-faults': { type: 'string' },
   'rate-mbit': { type: 'string' },
   json: { type: 'string' },
   blocking: { type: 'boolean', default: false },
@@ -101,7 +112,23 @@ const start = (host, args, env = {}) => {
 }
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
-const chaos = injections.some((x) => x !== 'none')
+const linkFaults = (a['link-faults'] ?? 'none').split(',').map(linkFault)
+const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none')
+/** One --link-faults entry: what the break is and when it comes. */
+function linkFault(text) {
+  const m = /^(none|reset|one-sided|silent:(\d+))(?:@([A-Z_]+)(-lost)?)?$/.exec(text)
+  if (!m || (m[3] && Msg[m[3]] === undefined) || (m[1] === 'none' && m[3])) usage(`bad --link-faults entry: ${text} (reset, one-sided or silent:MS, optionally @FRAME or @FRAME-lost, or none)`)
+  return { text, kind: m[2] ? 'silent' : m[1], silentMs: Number(m[2] ?? 0), frame: m[3] && { type: Msg[m[3]], lose: m[4] !== undefined } }
+}
+/** A relay for one hop's sends that breaks the link once, as `fault` says (a random point: within the hop's bytes). */
+function relayFor(fault, seed) {
+  const at = fault.frame ? Infinity : Math.floor(((seed % 1000) / 1000) * 1.1 * mib * 1024 * 1024)
+  const r = new Relay(fault.kind === 'none' ? Infinity : at)
+  r.oneSided = fault.kind === 'one-sided'
+  r.silentMs = fault.silentMs
+  if (fault.frame && fault.kind !== 'none') r.onFrame = { ...fault.frame, toDestination: undefined }
+  return r
+}
 const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mib), '--writes', a.writes, '--http', String(http), '--http-host', host.ip, ...(serve ? ['--serve'] : []), ...(a.blocking ? ['--blocking'] : [])]
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
@@ -166,10 +193,15 @@ async function hop(n, from, to, current) {
     await listensAgain(dst, mark)
     if (current.exitCode !== null) fail(`hop ${n + 1}: the service ended after a cancel`, current, send)
   }
+  // (--link-faults: this hop's tries go through a relay that breaks the link once)
+  const fault = linkFaults[n % linkFaults.length]
+  const relay = a['link-faults'] ? relayFor(fault, Math.imul(n + 1, 2654435761) >>> 0) : undefined
+  const target = relay ? await relay.start(to.ip, port, pair?.hostIp ?? '127.0.0.1') : `${to.ip}:${port}`
+  row.linkFault = fault.text
   let send
   for (;;) {
     const mark = dst.mark('stderr')
-    send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', mode, '--json'])
+    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--mode', mode, '--json', ...(relay ? ['--link-timeout-ms', '3000'] : [])])
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
@@ -180,12 +212,15 @@ async function hop(n, from, to, current) {
     await listensAgain(dst, mark)
   }
   step('sent')
+  relay?.close()
   const report = JSON.parse(send.lines.join('\n'))
+  row.linkBroke = relay ? relay.cuts > 0 : false
   await dst.waitLine(/^RESTORED$/, 30_000)
   home = [to.ip, http]
   const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
   if (verify !== `ok pages=${pageCount}`) fail(`hop ${n + 1}: VERIFY ${verify}`, dst, current)
   step('verified')
+  if (process.env.SOAK_VERBOSE) say(`--- receiver:\n${dst.stderr.split('\n').filter((l) => !/ sent [0-9.]+ [KMG]i?B /.test(l)).join('\n')}\n--- send:\n${send.stderr.split('\n').filter((l) => !/ sent [0-9.]+ [KMG]i?B /.test(l)).join('\n')}`)
   if (a['back-at-once']) lingering.push({ hop: n + 1, p: current })
   else await oldHomeEnded(n + 1, current).then(() => step('oldGone'))
   await waitFor(`hop ${n + 1}: the new home's migration threads did not end`, 10_000, () => migrationThreads(dst).length === 0).catch((err) => fail(err.message, dst))
@@ -194,7 +229,7 @@ async function hop(n, from, to, current) {
   Object.assign(row, {
     totalMs: report.totalMs, downtimeMs: report.downtimeMs, rounds: report.rounds?.length ?? 0,
     sentTwice: report.pagesSentTwiceAfterHandoff ?? 0, refused: stats.errors - errorsBefore, maxGapMs: stats.maxGapMs,
-    hopMs: performance.now() - t0, steps,
+    hopMs: performance.now() - t0, steps, recoveries: report.postcopy?.recoveries ?? 0,
     // agents that crashed and were taken over in this hop, on the destination and on the source (the injections)
     takeovers: [dst.stderr, current.stderr.slice(sourceLogAt)].reduce((k, log) => k + (log.match(/a new migration agent takes over/g) ?? []).length, 0),
   })
@@ -231,13 +266,13 @@ try {
   await current.waitLine(/^HTTP /)
   home = [hosts[0].ip, firstHttp]
   client = startClient()
-  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${chaos ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${injections.some((x) => x !== 'none') ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}${a['link-faults'] ? `; the link breaks in turn: ${a['link-faults']}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
   for (let n = 0; n < hops; n++) {
     const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
     const { row, dst } = await hop(n, from, to, current)
     rows.push(row)
     current = dst
-    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {

@@ -9,7 +9,7 @@ import { controlRequest } from '../src/control'
 import { freePort, type LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { exitedWithin, type Host, killAll, listening, page, ready, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
-import { Relay } from './helpers/relay'
+import { Relay } from '../src/testing/relay'
 
 const skip = kernelSkipReason()
 const relays: Relay[] = []

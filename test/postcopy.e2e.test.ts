@@ -10,7 +10,7 @@ import { Guest } from '../src/guest'
 import type { MigrateOptions } from '../src/guest'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { Relay } from './helpers/relay'
+import { Relay } from '../src/testing/relay'
 
 const skip = kernelSkipReason()
 const TOKEN = 'postcopy-tests-token-0123456789'

@@ -9,7 +9,9 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest'
 import { migrateExample } from '../src/cli/demo'
 import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
 import { kernelSkipReason } from './helpers/gate'
-import { Relay } from './helpers/relay'
+import { freePort } from '../src/cli/proc'
+import { killAll, page, sendFailure, twoHosts } from './helpers/hosts'
+import { Relay } from '../src/testing/relay'
 
 const skip = kernelSkipReason()
 const MiB = 1 << 20
@@ -67,6 +69,31 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(r.verify).toBe('ok pages=131072')
     expect(r.report!.postcopy.recoveries).toBe(1)
   }, 60_000)
+
+  it('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
+    // the destination still trusts its pre-copy connections when the source's new ones come: it refused them as BUSY
+    // (the source exited 4, its service on neither host) until it ended the old ones for the source that came back
+    const { A, g, port, http, dst } = await twoHosts('handoff-lost')
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    relay = new Relay(Infinity)
+    relay.oneSided = true
+    relay.onFrame = { type: 24 /* HANDOFF */, toDestination: true, lose: true }
+    const to = await relay.start('127.0.0.1', port)
+    const send = A.cli(['send', '--guest', g, '--to', to, '--mode', 'precopy', '--json'])
+    expect((await send.exited).code, send.stderr).toBe(1)
+    expect(relay.cuts).toBe(1)
+    expect(JSON.parse(send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_NO_SESSION', serviceRunsOn: 'source' })
+    expect(dst.stderr).toMatch(/a migration ended before the hand-off \(the source dialled in again with this session: its old connections are dead\)/)
+    expect((await page(srcHttp, 1)).ok).toBe(true) // it serves at the source again
+    const again = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--json'])
+    expect((await again.exited).code, sendFailure(again, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+    killAll()
+  }, 90_000)
 
   it('fails with a clear error when the link stays down past the recovery timeout', async () => {
     relay = new Relay(64 * MiB, true)

@@ -126,9 +126,10 @@ export class Acceptor {
       if (this.streams.length >= this.streamsAllowed) throw migrationError(ErrorCode.PROTOCOL, `more extra bulk streams than the ${this.streamsAllowed} granted`)
       return false
     }
-    if (phase === DestPhase.POSTCOPY && info.session === this.session) this.supersede()
-    const rejoin = (this.host.phase === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
-    if (!rejoin && phase !== DestPhase.LISTENING) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+    if ((phase === DestPhase.POSTCOPY || phase === DestPhase.PRECOPY) && info.session === this.session) this.supersede()
+    const now = this.host.phase // superseded: recovering after the hand-off, or listening again before it
+    const rejoin = (now === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
+    if (!rejoin && now !== DestPhase.LISTENING) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
     if (this.session && info.session !== this.session) {
       // the slot's holder has not sent its region table yet: it lapses by itself at the deadline
       const err = migrationError(ErrorCode.BUSY, 'another source is connecting to this destination; its slot lapses unless it starts within the handshake deadline')
@@ -142,10 +143,13 @@ export class Acceptor {
   }
 
   /**
-   * The session's source dialled in again after the hand-off: it gave up on its connections, though from here they
-   * look alive (a reset that reached one host only, a partition it noticed first). They are broken: failing one makes
-   * the destination recover (its close listener), and this connection rejoins. Refused as BUSY, the source's recovery
-   * ended at once while this side waited for a stuck-source timeout. (QEMU needs migrate-pause on the destination.)
+   * The session's source dialled in again: it gave up on its connections, though from here they look alive (a reset
+   * that reached one host only, a partition it noticed first). It dials in again only after it sent HANDOFF, so they are
+   * broken: failing one makes the destination recover (its close listener), and this connection rejoins; or, when
+   * HANDOFF never arrived here (pre-copy), ends the session first, so that this connection hears NO_SESSION and the
+   * source resumes its service, and a HANDOFF still in flight on the old connections can no longer start it here.
+   * Refused as BUSY, the source's recovery ended at once and the service ran on neither host. (QEMU needs
+   * migrate-pause on the destination.)
    */
   private supersede(): void {
     ;(this.urgent ?? this.bulk)?.fail(migrationError(ErrorCode.CONNECTION, 'the source dialled in again with this session: its old connections are dead'))

@@ -1,0 +1,216 @@
+/**
+ * A TCP relay between a source and a destination that breaks the link once, on cue (tests and the soak):
+ * - a reset: every open connection reset at once, both ways (a failing switch, a restarted firewall), or towards the
+ *   source only (`oneSided`: the destination's side of each connection stays open and silent, as after a reset that
+ *   reached one host, or a partition the source noticed first);
+ * - a silence (`silentMs`): nothing forwarded either way and no new connection through for that long, then the link
+ *   is back as it was (a partition that heals; whatever timed out meanwhile dials again).
+ * The cue: so many bytes towards the destination, or a frame of a given type (`u32 length | u8 type | payload`
+ * from each connection's first byte) going either way, lost with the link or delivered just before it breaks.
+ */
+import { connect, createServer, type Server, type Socket } from 'node:net'
+
+/** Break the link when a frame of this type passes: `toDestination` or back (undefined: either way); `lose`: before it (it never arrives). */
+export interface FrameCue {
+  type: number
+  toDestination?: boolean
+  lose: boolean
+}
+
+/** Forwards to host:port; breaks the link once, when `cutAfterBytes` went towards the destination (or on `onFrame`). */
+export class Relay {
+  private server: Server | undefined
+  private readonly open = new Set<Socket>()
+  private readonly clients = new WeakSet<Socket>()
+  private silentUntilMs = 0
+  private readonly waiting: (() => void)[] = [] // what waits for a silence to end
+  bytesToDestination = 0
+  cuts = 0
+  connections = 0
+  /** Where the break came: bytes towards the destination by then. */
+  cutAtBytes: number | undefined
+
+  /**
+   * cutAfterBytes: break once that much went towards the destination;
+   * cutOnType: or when a frame of this type comes back from the destination (that frame is lost with the link).
+   */
+  constructor(private readonly cutAfterBytes: number, private readonly refuseAfterCut = false, cutOnType?: number) {
+    if (cutOnType !== undefined) this.onFrame = { type: cutOnType, toDestination: false, lose: true }
+  }
+
+  /** The break resets the source's side only; the destination's stays open, nothing more forwarded either way. */
+  oneSided = false
+
+  /** The break is a silence of this long instead of a reset (0: a reset). */
+  silentMs = 0
+
+  /** Break on this frame (and not on a byte count unless cutAfterBytes is finite too). */
+  onFrame: FrameCue | undefined
+
+  /** Towards the destination at most this many bytes per second (0: as fast as it goes). */
+  rateBytesPerSec = 0
+
+  /** A relay that never cuts and carries at most bytesPerSec towards the destination: a slow link, so that rounds last. */
+  static slow(bytesPerSec: number): Relay {
+    const r = new Relay(Infinity)
+    r.rateBytesPerSec = bytesPerSec
+    return r
+  }
+
+  /** Listens on listenHost (an ephemeral port) for the source; its address as host:port. */
+  async start(host: string, port: number, listenHost = '127.0.0.1'): Promise<string> {
+    // the destination may not listen yet (the source would retry a refused
+    // connection, but the relay accepts it and would then drop it)
+    for (const end = Date.now() + 5000; !(await canConnect(host, port)) && Date.now() < end; ) await sleep(50)
+    this.server = createServer((client) => {
+      if (this.refuseAfterCut && this.cuts > 0) return client.destroy()
+      this.connections++
+      this.clients.add(client)
+      this.open.add(client)
+      client.on('close', () => this.open.delete(client))
+      client.on('error', () => {})
+      client.pause()
+      // a silent link: the connection waits as an unanswered SYN would
+      this.afterSilence(() => !client.destroyed && this.forward(client, connect(port, host)))
+    })
+    return new Promise((resolve) => this.server!.listen(0, listenHost, () => resolve(`${listenHost}:${(this.server!.address() as { port: number }).port}`)))
+  }
+
+  private forward(client: Socket, upstream: Socket): void {
+    this.open.add(upstream)
+    upstream.on('close', () => this.open.delete(upstream))
+    upstream.on('error', () => {})
+    const toDest = new FrameWatch(), back = new FrameWatch()
+    client.on('data', (chunk: Buffer) => {
+      const at = this.cueIn(toDest, chunk, true)
+      if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
+      upstream.write(chunk)
+      this.bytesToDestination += chunk.length
+      if (this.rateBytesPerSec > 0) {
+        client.pause()
+        setTimeout(() => client.resume(), (chunk.length / this.rateBytesPerSec) * 1000)
+      }
+      if (this.cuts === 0 && this.bytesToDestination >= this.cutAfterBytes) this.cut()
+    })
+    upstream.on('data', (chunk: Buffer) => {
+      const at = this.cueIn(back, chunk, false)
+      if (at !== undefined) return this.cutAt(client, chunk, at, false)
+      client.write(chunk)
+    })
+    client.on('close', () => (this.oneSided && this.cuts > 0 ? upstream.pause() : upstream.destroy()))
+    upstream.on('close', () => client.destroy())
+    client.resume()
+  }
+
+  /** Where in this chunk the link breaks for the frame cue (the bytes before it pass), or undefined. */
+  private cueIn(watch: FrameWatch, chunk: Buffer, toDestination: boolean): number | undefined {
+    const cue = this.onFrame
+    if (!cue || this.cuts > 0 || (cue.toDestination !== undefined && cue.toDestination !== toDestination)) return undefined
+    return watch.find(chunk, cue.type, cue.lose)
+  }
+
+  /**
+   * The frame cue met in this chunk, `at` bytes in, on its way out through `to`: the bytes before it pass, then the
+   * link breaks. A silence delivers the rest once it ends (TCP loses nothing on a connection that lives); a reset loses
+   * it, and comes once what passed had time to leave this host (a reset discards what the kernel has not sent yet).
+   */
+  private cutAt(to: Socket, chunk: Buffer, at: number, toDestination: boolean): void {
+    const passed = chunk.subarray(0, at), rest = chunk.subarray(at)
+    if (toDestination) this.bytesToDestination += passed.length
+    if (this.silentMs > 0) {
+      to.write(passed)
+      this.cut()
+      return this.afterSilence(() => void (!to.destroyed && to.write(rest)))
+    }
+    for (const s of this.open) s.pause()
+    this.cuts++ // nothing else cuts meanwhile
+    this.cutAtBytes = this.bytesToDestination
+    to.write(passed, () => setTimeout(() => this.reset(), passed.length > 0 ? 100 : 0))
+  }
+
+  /** The break: every connection reset at once, both ways (oneSided: the source's side only), or a silence. */
+  private cut(): void {
+    if (this.cuts > 0) return
+    this.cuts++
+    this.cutAtBytes = this.bytesToDestination
+    if (this.silentMs > 0) return this.silence()
+    this.reset()
+  }
+
+  private reset(): void {
+    for (const s of this.open) if (!this.oneSided || this.clients.has(s)) s.resetAndDestroy()
+  }
+
+  private silence(): void {
+    this.silentUntilMs = Date.now() + this.silentMs
+    for (const s of this.open) s.pause()
+    setTimeout(() => {
+      this.silentUntilMs = 0
+      for (const go of this.waiting.splice(0)) go() // (before the sockets read again: what was held goes first)
+      for (const s of this.open) s.resume()
+    }, this.silentMs).unref()
+  }
+
+  private afterSilence(go: () => void): void {
+    if (Date.now() < this.silentUntilMs) this.waiting.push(go)
+    else go()
+  }
+
+  close(): void {
+    this.server?.close()
+    for (const s of this.open) s.destroy()
+  }
+}
+
+/** Follows one direction's frames across chunks: `u32 length (type + payload) | u8 type | payload`. */
+class FrameWatch {
+  private skip = 0 // bytes of the current frame still to pass
+  private head = Buffer.alloc(0) // a frame's first bytes, split across chunks
+  private headAt = 0 // where in the chunk that split header began (negative: in an earlier chunk)
+  private pendingEnd = -1 // a cued frame delivered whole: bytes of it still to pass before the break
+
+  /** Offset in chunk where the break goes: before a frame of `type` (lose) or just after it, or undefined. */
+  find(chunk: Buffer, type: number, lose: boolean): number | undefined {
+    if (this.pendingEnd >= 0) {
+      if (chunk.length >= this.pendingEnd) return this.pendingEnd
+      this.pendingEnd -= chunk.length
+      return undefined
+    }
+    let i = 0
+    while (i < chunk.length) {
+      if (this.skip > 0) {
+        const k = Math.min(this.skip, chunk.length - i)
+        this.skip -= k
+        i += k
+        continue
+      }
+      if (this.head.length === 0) this.headAt = i
+      const need = 5 - this.head.length
+      this.head = Buffer.concat([this.head, chunk.subarray(i, i + need)])
+      i += Math.min(need, chunk.length - i)
+      if (this.head.length < 5) break
+      const len = this.head.readUInt32BE(0), frameType = this.head[4]
+      this.head = Buffer.alloc(0)
+      if (frameType === type) {
+        if (lose) return Math.max(0, this.headAt)
+        const end = i + len - 1
+        if (end <= chunk.length) return end
+        this.pendingEnd = end - chunk.length
+        return undefined
+      }
+      this.skip = len - 1
+    }
+    this.headAt -= chunk.length
+    return undefined
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+function canConnect(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, host)
+    s.once('connect', () => (s.destroy(), resolve(true)))
+    s.once('error', () => resolve(false))
+  })
+}
