@@ -40,6 +40,20 @@ async function statusOf(on: ReturnType<typeof host>, g: string): Promise<Record<
 }
 
 describe.skipIf(skip)('a new agent takes over', () => {
+  it('the agent crashes once SETTLED came, before its report: the new one dials in, the settled destination still listens and tells it again', async () => {
+    // the crashed agent's connections closed cleanly after SETTLED, as a source that hung up after the report: the
+    // destination closed its listener then, and the new agent met ECONNREFUSED until send exited 4 (found by the soak)
+    const { A, g, port, http, dst, src } = await migrationSetup('takeover-settled', 'agent-crash:settled')
+    const { code, report, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
+    expect(code, sendFailure(send, dst)).toBe(0)
+    expect(report!.takeover).toMatchObject({ message: 'injected by UFFD_MIGRATE_FAULT_INJECT=agent-crash:settled' })
+    expect(src.stderr).toMatch(/a new migration agent takes over the migration to 127\.0\.0\.1:\d+/)
+    expect(dst.stderr).not.toMatch(/the source came back after/) // (settled: nothing to go on with, only the report again)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+  }, 90_000)
+
   it('the agent crashes in post-copy: a new one recovers the link, every page arrives, the service moved', async () => {
     const { A, g, port, http, dst, src } = await migrationSetup('takeover-post', 'agent-crash:postcopy')
     // a slow push (64 MiB at 16 MiB/s: 4 s) so that the crash comes with most pages still here

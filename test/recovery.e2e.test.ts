@@ -10,7 +10,8 @@ import { migrateExample } from '../src/cli/demo'
 import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
 import { kernelSkipReason } from './helpers/gate'
 import { freePort } from '../src/cli/proc'
-import { killAll, page, sendFailure, twoHosts } from './helpers/hosts'
+import { killAll, page, sendFailure, serviceThreads, twoHosts } from './helpers/hosts'
+import { pollUntil } from './helpers/wait'
 import { Relay } from '../src/testing/relay'
 
 const skip = kernelSkipReason()
@@ -92,6 +93,45 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect((await page(http, 1)).ok).toBe(true)
     expect((await src.exited).code).toBe(0) // moved
+    killAll()
+  }, 90_000)
+
+  it('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
+    // before: the source waited out forwardWaitMs (10 s) and then had nowhere to relay the clients it held (they got
+    // errors), and the destination's bulk reader lived on after a reset in SETTLED
+    const { A, g, port, http, dst } = await twoHosts('service-lost', { receiveArgs: ['--serve'] })
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp, ['--serve'])
+    await src.waitLine(/^READY/)
+    relay = new Relay(Infinity)
+    relay.onFrame = { type: 38 /* SERVICE */, toDestination: false, lose: true }
+    const to = await relay.start('127.0.0.1', port)
+    const send = A.cli(['send', '--guest', g, '--to', to, '--mode', 'precopy', '--json'])
+    expect((await send.exited).code, sendFailure(send, dst)).toBe(0)
+    expect(relay.cuts).toBe(1)
+    expect(relay.connections).toBe(6) // urgent, bulk, demand; then the same three to hear the ports
+    expect(JSON.parse(send.lines.join('\n')).totalMs).toBeLessThan(10_000) // (not forwardWaitMs)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    const viaOldHome = await page(srcHttp, 1) // the source's forwarder relays to the new home
+    expect(viaOldHome.ok).toBe(true)
+    expect((await page(http, 1)).ok).toBe(true)
+    expect(await pollUntil(() => serviceThreads(dst).every((t) => !t.startsWith('uffdm-')), 10_000), serviceThreads(dst).join()).toBe(true)
+    killAll()
+  }, 90_000)
+
+  it('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
+    // before: a reset (rather than the source's clean close) in SETTLED left the destination's bulk reader running
+    const { A, g, port, dst } = await twoHosts('settled-reset')
+    const src = A.service(g, await freePort())
+    await src.waitLine(/^READY/)
+    relay = new Relay(Infinity)
+    relay.onFrame = { type: 34 /* SETTLED */, toDestination: false, lose: false }
+    relay.resetDelayMs = 0 // the destination's side resets before the source, which has the report, hangs up
+    const send = A.cli(['send', '--guest', g, '--to', await relay.start('127.0.0.1', port), '--mode', 'postcopy', '--json'])
+    expect((await send.exited).code, sendFailure(send, dst)).toBe(0)
+    expect(relay.cuts).toBe(1)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect(await pollUntil(() => serviceThreads(dst).every((t) => !t.startsWith('uffdm-')), 10_000), serviceThreads(dst).join()).toBe(true)
     killAll()
   }, 90_000)
 

@@ -105,7 +105,7 @@ port.on('message', onMain) // (a standby that took over: the messages that waite
 
 // testing (as install:N in native/page_maps.h): such a bug once the service's thread waits in a fault, or at once
 // (source: agent-crash:precopy as pre-copy begins, agent-crash:paused as the service's paused state arrives,
-// agent-crash:postcopy once pages move after the hand-off;
+// agent-crash:postcopy once pages move after the hand-off, agent-crash:settled once SETTLED came, before the report;
 // destination: agent-crash:precopy 100 ms into a session's pre-copy, agent-crash:restore as it asks the service's
 // thread to restore the hand-off state, agent-crash:armed just before that (its will armed, the service never
 // asked), agent-crash:postcopy 200 ms after the service resumed)
@@ -219,6 +219,8 @@ function outgoingMigrations() {
       yielding.begin()
       ;(crash ? s.takeOver(crash) : s.run()).then(
         (report) => {
+          // (an uncaught rejection: the agent ends with its link closed after SETTLED, the report not yet told)
+          if (inject === 'agent-crash:settled') injectedCrash(inject)
           stopYielding()
           log('moved', sourceLine.moved(wire.to, report))
           post({ type: 'report', report })

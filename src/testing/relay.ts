@@ -44,6 +44,9 @@ export class Relay {
   /** The break is a silence of this long instead of a reset (0: a reset). */
   silentMs = 0
 
+  /** A reset on a frame cue comes this long after the bytes before it left (0: at once; it may then lose them too). */
+  resetDelayMs = 100
+
   /** Break on this frame (and not on a byte count unless cutAfterBytes is finite too). */
   onFrame: FrameCue | undefined
 
@@ -125,7 +128,7 @@ export class Relay {
     for (const s of this.open) s.pause()
     this.cuts++ // nothing else cuts meanwhile
     this.cutAtBytes = this.bytesToDestination
-    to.write(passed, () => setTimeout(() => this.reset(), passed.length > 0 ? 100 : 0))
+    to.write(passed, () => setTimeout(() => this.reset(), passed.length > 0 ? this.resetDelayMs : 0))
   }
 
   /** The break: every connection reset at once, both ways (oneSided: the source's side only), or a silence. */

@@ -160,9 +160,9 @@ export class MigrationDestination implements DestinationHandlers {
   }
 
   private onChannelClosed(err: Error, ch: Channel): void {
-    if (this.phase === DestPhase.SETTLED && ch === this.link.bulk && (err as UffdMigrateError).cause === undefined) {
-      // the source hung up after the report: thread and sockets go, the listener stays for the recovery window (a source
-      // agent that crashed as the report came looks the same, and its successor dials in to hear it: onRecover)
+    if (this.phase === DestPhase.SETTLED && (ch === this.link.bulk || ch === this.link.urgent)) {
+      // the source hung up after the report, or the link broke as it left: thread and sockets go, the listener stays for
+      // the recovery window (the source, or its crashed agent's successor, dials in to hear it again: onRecover)
       this.bulkPath.close()
       return this.link.drop(err)
     }

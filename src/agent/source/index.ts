@@ -339,7 +339,9 @@ export class MigrationSource implements SourceHandlers {
 
   /** Settled: the forwarder needs the destination service's ports; its service may start listening after it settled. */
   private async portsOfService(): Promise<void> {
-    if (this.opts.forward) await this.servicePorts.wait(this.opts.forwardWaitMs ?? 10_000)
+    if (!this.opts.forward) return
+    const { urgent, bulk } = this.link, broke = new Promise<void>((r) => (urgent.onClose(() => r()), bulk.onClose(() => r())))
+    await this.servicePorts.wait(this.opts.forwardWaitMs ?? 10_000, broke, () => SourceLink.open(this.binding, this.linkOptions, this.session))
   }
 
   /** Routes the urgent and bulk connections' frames through the message table; the promise rejects when any connection breaks. */
