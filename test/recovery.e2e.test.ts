@@ -21,6 +21,25 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
   let relay: Relay | undefined
   afterEach(() => relay?.close())
 
+  /** Two hosts, the page-store running on A, and this relay towards B's receiver (`to`: its address). */
+  async function relayed(name: string, r: Relay, serve = false) {
+    const { A, g, port, http, dst } = await twoHosts(name, serve ? { receiveArgs: ['--serve'] } : {})
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp, serve ? ['--serve'] : [])
+    await src.waitLine(/^READY/)
+    relay = r
+    return { A, g, port, http, dst, src, srcHttp, to: await r.start('127.0.0.1', port) }
+  }
+
+  /** The next send, straight to the receiver, moves the service: every page verified there, the old home exits 0. */
+  async function movesOnNextSend({ A, g, port, http, dst, src }: Awaited<ReturnType<typeof relayed>>) {
+    const again = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--json'])
+    expect((await again.exited).code, sendFailure(again, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    expect((await page(http, 1)).ok).toBe(true)
+    expect((await src.exited).code).toBe(0) // moved
+  }
+
   it('reconnects, re-asks the faults that were waiting, and every page arrives as the source has it', async () => {
     // 512 MiB of data; the cut comes 64 MiB into post-copy, while the service
     // is still faulting on its random 64 MiB working set
@@ -74,42 +93,41 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
   it('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
     // the destination still trusts its pre-copy connections when the source's new ones come: it refused them as BUSY
     // (the source exited 4, its service on neither host) until it ended the old ones for the source that came back
-    const { A, g, port, http, dst } = await twoHosts('handoff-lost')
-    const srcHttp = await freePort()
-    const src = A.service(g, srcHttp)
-    await src.waitLine(/^READY/)
-    relay = new Relay(Infinity)
-    relay.oneSided = true
-    relay.onFrame = { type: 24 /* HANDOFF */, toDestination: true, lose: true }
-    const to = await relay.start('127.0.0.1', port)
-    const send = A.cli(['send', '--guest', g, '--to', to, '--mode', 'precopy', '--json'])
+    const r = Object.assign(new Relay(Infinity), { oneSided: true, onFrame: { type: 24 /* HANDOFF */, toDestination: true, lose: true } })
+    const h = await relayed('handoff-lost', r)
+    const send = h.A.cli(['send', '--guest', h.g, '--to', h.to, '--mode', 'precopy', '--json'])
     expect((await send.exited).code, send.stderr).toBe(1)
-    expect(relay.cuts).toBe(1)
+    expect(r.cuts).toBe(1)
     expect(JSON.parse(send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_NO_SESSION', serviceRunsOn: 'source' })
-    expect(dst.stderr).toMatch(/a migration ended before the hand-off \(the source dialled in again with this session: its old connections are dead\)/)
-    expect((await page(srcHttp, 1)).ok).toBe(true) // it serves at the source again
-    const again = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--json'])
-    expect((await again.exited).code, sendFailure(again, dst)).toBe(0)
-    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
-    expect((await page(http, 1)).ok).toBe(true)
-    expect((await src.exited).code).toBe(0) // moved
+    expect(h.dst.stderr).toMatch(/a migration ended before the hand-off \(the source dialled in again with this session: its old connections are dead\)/)
+    expect((await page(h.srcHttp, 1)).ok).toBe(true) // it serves at the source again
+    await movesOnNextSend(h)
+    killAll()
+  }, 90_000)
+
+  it('a reset in pre-copy that reached the source only: its next send waits for the destination to drop the quiet session, then moves the service', async () => {
+    // before: the next send met ERR_MIGRATION_BUSY until the destination's stuck-source timeout, and exited 1
+    const h = await relayed('quiet-session', Object.assign(new Relay(8 * MiB), { oneSided: true }))
+    const first = h.A.cli(['send', '--guest', h.g, '--to', h.to, '--link-timeout-ms', '3000', '--json'])
+    expect((await first.exited).code, first.stderr).toBe(1)
+    expect(JSON.parse(first.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_CONNECTION', serviceRunsOn: 'source' })
+    expect((await page(h.srcHttp, 1)).ok).toBe(true)
+    await new Promise((r) => setTimeout(r, 1000)) // an operator's (or a script's) retry, a second later
+    // it waits for the old session to go (3 s after its last byte); before, it met ERR_MIGRATION_BUSY and exited 1
+    await movesOnNextSend(h)
+    expect(h.dst.stderr).toMatch(/a migration ended before the hand-off \(the source looks stuck: nothing arrived from the source for \d+ ms \(linkTimeoutMs 3000\)/)
     killAll()
   }, 90_000)
 
   it('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
     // before: the source waited out forwardWaitMs (10 s) and then had nowhere to relay the clients it held (they got
     // errors), and the destination's bulk reader lived on after a reset in SETTLED
-    const { A, g, port, http, dst } = await twoHosts('service-lost', { receiveArgs: ['--serve'] })
-    const srcHttp = await freePort()
-    const src = A.service(g, srcHttp, ['--serve'])
-    await src.waitLine(/^READY/)
-    relay = new Relay(Infinity)
-    relay.onFrame = { type: 38 /* SERVICE */, toDestination: false, lose: true }
-    const to = await relay.start('127.0.0.1', port)
+    const r = Object.assign(new Relay(Infinity), { onFrame: { type: 38 /* SERVICE */, toDestination: false, lose: true } })
+    const { A, g, http, dst, srcHttp, to } = await relayed('service-lost', r, true)
     const send = A.cli(['send', '--guest', g, '--to', to, '--mode', 'precopy', '--json'])
     expect((await send.exited).code, sendFailure(send, dst)).toBe(0)
-    expect(relay.cuts).toBe(1)
-    expect(relay.connections).toBe(6) // urgent, bulk, demand; then the same three to hear the ports
+    expect(r.cuts).toBe(1)
+    expect(r.connections).toBe(6) // urgent, bulk, demand; then the same three to hear the ports
     expect(JSON.parse(send.lines.join('\n')).totalMs).toBeLessThan(10_000) // (not forwardWaitMs)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     const viaOldHome = await page(srcHttp, 1) // the source's forwarder relays to the new home
@@ -121,15 +139,12 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
 
   it('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
     // before: a reset (rather than the source's clean close) in SETTLED left the destination's bulk reader running
-    const { A, g, port, dst } = await twoHosts('settled-reset')
-    const src = A.service(g, await freePort())
-    await src.waitLine(/^READY/)
-    relay = new Relay(Infinity)
-    relay.onFrame = { type: 34 /* SETTLED */, toDestination: false, lose: false }
-    relay.resetDelayMs = 0 // the destination's side resets before the source, which has the report, hangs up
-    const send = A.cli(['send', '--guest', g, '--to', await relay.start('127.0.0.1', port), '--mode', 'postcopy', '--json'])
+    // (resetDelayMs 0: the destination's side resets before the source, which has the report, hangs up)
+    const r = Object.assign(new Relay(Infinity), { onFrame: { type: 34 /* SETTLED */, toDestination: false, lose: false }, resetDelayMs: 0 })
+    const { A, g, dst, to } = await relayed('settled-reset', r)
+    const send = A.cli(['send', '--guest', g, '--to', to, '--mode', 'postcopy', '--json'])
     expect((await send.exited).code, sendFailure(send, dst)).toBe(0)
-    expect(relay.cuts).toBe(1)
+    expect(r.cuts).toBe(1)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect(await pollUntil(() => serviceThreads(dst).every((t) => !t.startsWith('uffdm-')), 10_000), serviceThreads(dst).join()).toBe(true)
     killAll()

@@ -5,7 +5,7 @@
  * tier hands it in-memory transports through accept().
  */
 import { createServer, type Server } from 'node:net'
-import { ErrorCode, migrationError } from '../../errors'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
 import { type ChannelRole, type HelloInfo, serverHandshake } from '../../protocol/handshake'
 import { parseAddress } from '../address'
@@ -20,6 +20,8 @@ export interface AcceptorHost {
   refused(message: string): void
   /** The session holding the slot did not send its region table in time: end it. */
   expired(err: Error): void
+  /** A session in pre-copy whose source went quiet (it may be gone): in how many ms the watchdog drops it, else undefined. */
+  quietSessionEndsInMs?(): number | undefined
 }
 
 export interface AcceptorLimits {
@@ -28,6 +30,9 @@ export interface AcceptorLimits {
   /** Connections still in their handshake at one time; beyond it new ones are closed at once. */
   maxUnauthenticated: number
 }
+
+/** After a quiet session's drop time, the new source waits this much more (the watchdog's tick, and the end of the session). */
+const QUIET_RETRY_MARGIN_MS = 300
 
 export const DEFAULT_ACCEPTOR_LIMITS: AcceptorLimits = { handshakeTimeoutMs: 5000, maxUnauthenticated: 16 }
 
@@ -129,7 +134,7 @@ export class Acceptor {
     if ((phase === DestPhase.POSTCOPY || phase === DestPhase.PRECOPY) && info.session === this.session) this.supersede()
     const now = this.host.phase // superseded: recovering after the hand-off, or listening again before it
     const rejoin = (now === DestPhase.RECOVERING || phase === DestPhase.SETTLED) && info.session === this.session
-    if (!rejoin && now !== DestPhase.LISTENING) throw migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+    if (!rejoin && now !== DestPhase.LISTENING) throw this.busy()
     if (this.session && info.session !== this.session) {
       // the slot's holder has not sent its region table yet: it lapses by itself at the deadline
       const err = migrationError(ErrorCode.BUSY, 'another source is connecting to this destination; its slot lapses unless it starts within the handshake deadline')
@@ -153,6 +158,20 @@ export class Acceptor {
    */
   private supersede(): void {
     ;(this.urgent ?? this.bulk)?.fail(migrationError(ErrorCode.CONNECTION, 'the source dialled in again with this session: its old connections are dead'))
+  }
+
+  /**
+   * Another session has this destination. When its source went quiet in pre-copy (a reset that reached that source
+   * only: it gave up, its service runs on, and it may already be trying again), the new one is told when the watchdog
+   * drops the old session, and its SourceLink.open() tries again then; before, it failed at once with BUSY.
+   */
+  private busy(): UffdMigrateError {
+    const err = migrationError(ErrorCode.BUSY, 'a migration is already in progress on this destination')
+    const endsInMs = this.host.phase === DestPhase.PRECOPY ? this.host.quietSessionEndsInMs?.() : undefined
+    if (endsInMs === undefined) return err
+    err.message += `; its source has sent nothing for a while and is dropped as stuck in ${Math.ceil(endsInMs)} ms: try again then`
+    err.retryAfterMs = Math.ceil(endsInMs) + QUIET_RETRY_MARGIN_MS
+    return err
   }
 
   private refuse(peer: string, err: Error): void {

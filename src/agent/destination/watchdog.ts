@@ -35,6 +35,9 @@ export interface StuckLimits {
 
 export const DEFAULT_REQUEST_TIMEOUT_MS = 5000
 
+/** Quiet this long, a pre-copy session's source may be gone (quietEndsInMs). */
+const QUIET_MS = 500
+
 export class Watchdog {
   private timer: TimerHandle | undefined
   private limits: StuckLimits = { requestTimeoutMs: 0, linkTimeoutMs: 0 }
@@ -52,7 +55,8 @@ export class Watchdog {
     this.limits = limits
     const on = [limits.requestTimeoutMs, limits.linkTimeoutMs].filter((t) => t > 0)
     if (!on.length) return
-    const everyMs = Math.max(50, Math.min(1000, Math.min(...on) / 5))
+    // (10 a second at most: quietEndsInMs() reads when a connection last moved to within a tick)
+    const everyMs = Math.max(50, Math.min(100, Math.min(...on) / 5))
     const tick = () => {
       this.timer = this.clock.setTimeout(tick, everyMs)
       this.check()
@@ -96,6 +100,23 @@ export class Watchdog {
     if (linkTimeoutMs > 0 && needsSource && lastProgressMs > -Infinity && now - lastProgressMs > linkTimeoutMs) {
       this.stuck(`nothing arrived from the source for ${Math.round(now - lastProgressMs)} ms (linkTimeoutMs ${linkTimeoutMs})`)
     }
+  }
+
+  /**
+   * A pre-copy session with no byte on any connection for half a second or more (a live source streams pages; a
+   * source pausing its service sends KEEPALIVE every linkTimeoutMs / 4, and a new source told to wait only waits):
+   * in how many ms the link rule drops it; undefined otherwise.
+   */
+  quietEndsInMs(): number | undefined {
+    const { linkTimeoutMs } = this.limits, now = this.clock.now()
+    if (linkTimeoutMs <= 0 || this.host.phase() !== DestPhase.PRECOPY) return undefined
+    let lastMs = -Infinity
+    for (const ch of this.host.channels()) {
+      const s = this.seen.get(ch)
+      lastMs = Math.max(lastMs, !s || s.bytes !== ch.bytesRead ? now : s.atMs)
+    }
+    const quietMs = now - lastMs
+    return lastMs > -Infinity && quietMs >= QUIET_MS ? Math.max(0, linkTimeoutMs - quietMs) : undefined
   }
 
   private stuck(why: string): void {
