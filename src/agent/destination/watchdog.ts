@@ -55,7 +55,7 @@ export class Watchdog {
     this.limits = limits
     const on = [limits.requestTimeoutMs, limits.linkTimeoutMs].filter((t) => t > 0)
     if (!on.length) return
-    // (10 a second at most: quietEndsInMs() reads when a connection last moved to within a tick)
+    // (at least 10 a second: quietEndsInMs() reads when a connection last moved to within a tick)
     const everyMs = Math.max(50, Math.min(100, Math.min(...on) / 5))
     const tick = () => {
       this.timer = this.clock.setTimeout(tick, everyMs)
