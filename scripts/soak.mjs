@@ -22,6 +22,7 @@
 // `KIND@FRAME-lost` (lost with it): e.g. reset@HANDOFF-lost, reset@HANDOFF, silent:4000@SETTLED-lost, `none`. The
 // sends get --link-timeout-ms 3000, so a silence longer than that is noticed. The same rule as --inject: the service
 // ends each hop on one host, moved (after a recovery) or resumed at its source and tried again, never on none.
+// (--service-host: the old home's forwarder reaches the new home's service at its own address, not the relay's.)
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -201,7 +202,7 @@ async function hop(n, from, to, current) {
   let send
   for (;;) {
     const mark = dst.mark('stderr')
-    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--mode', mode, '--json', ...(relay ? ['--link-timeout-ms', '3000'] : [])])
+    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--mode', mode, '--json', ...(relay ? ['--link-timeout-ms', '3000', '--service-host', to.ip] : [])])
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)

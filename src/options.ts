@@ -99,6 +99,12 @@ export interface MigrateOptions {
    * maxRounds. Limits nothing.
    */
   switchoverBandwidth?: number
+  /**
+   * Where this host's forwarder reaches the service at the destination, for the clients it relays there (guest.serve();
+   * default: the host of `to`). Set it when the migration goes over another network than the service's, or through
+   * a proxy: the ports still come from the destination (SERVICE).
+   */
+  serviceHost?: string
   token?: string
 }
 
@@ -123,6 +129,9 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   if (!Number.isInteger(streams) || streams < 1 || streams > 8) throw bad(`expected streams in 1..8, got ${streams}`)
   const [maxBandwidth, maxPostcopyBandwidth] = [validateBandwidth(o.maxBandwidth, 'maxBandwidth'), validateBandwidth(o.maxPostcopyBandwidth, 'maxPostcopyBandwidth')]
   const switchoverBandwidth = validateBandwidth(o.switchoverBandwidth, 'switchoverBandwidth', 'the measured rate')
+  if (o.serviceHost !== undefined && !(typeof o.serviceHost === 'string' && /^[A-Za-z0-9._:-]{1,253}$/.test(o.serviceHost) && !/^[^:]*:\d+$/.test(o.serviceHost))) {
+    throw bad(`expected serviceHost to be a host name or an IP address (no port: the destination says its service's ports), got ${JSON.stringify(o.serviceHost)}`)
+  }
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
   return {
@@ -141,6 +150,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     ...(maxBandwidth ? { maxBandwidth } : {}),
     ...(maxPostcopyBandwidth ? { maxPostcopyBandwidth } : {}),
     ...(switchoverBandwidth ? { switchoverBandwidth } : {}),
+    ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
     token: resolveToken(o.token ?? guestToken),
   }
 }

@@ -16,6 +16,7 @@ import { freePort, LineProc } from '../src/cli/proc'
 import { createHostPair, netnsUnavailable } from '../src/testing/netns'
 import { kernelSkipReason } from './helpers/gate'
 import { getJson } from './helpers/http'
+import { killAll, page, sendFailure, twoHosts } from './helpers/hosts'
 
 const skip = kernelSkipReason()
 const root = join(__dirname, '..')
@@ -132,4 +133,23 @@ describe.skipIf(skip || noNetns)('an address moved for good by --on-moved', () =
       }
     }
   }, 60_000)
+})
+
+describe.skipIf(skip)('the service on another network than the migration', () => {
+  it('send --service-host: the old home relays its clients to the service where it listens, not to the migration address', async () => {
+    // the receiver takes the migration on 127.0.0.1; the service there listens on 127.0.0.2 only (a migration network
+    // apart from the service's): without --service-host the forwarder dialled 127.0.0.1 and its clients were refused
+    const { A, g, port, http, dst } = await twoHosts('svc-host', { receiveArgs: ['--serve', '--http-host', '127.0.0.2'] })
+    const srcHttp = await freePort()
+    const src = A.service(g, srcHttp, ['--serve'])
+    await src.waitLine(/^READY/)
+    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--service-host', '127.0.0.2', '--json'])
+    expect((await send.exited).code, sendFailure(send, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    const there = await getJson<{ ok: boolean; version: number }>(http, '/page/1', '127.0.0.2')
+    const viaOldHome = await page(srcHttp, 1)
+    expect([there.ok, viaOldHome.ok]).toEqual([true, true])
+    expect(viaOldHome.version).toBeGreaterThanOrEqual(there.version)
+    killAll()
+  }, 90_000)
 })

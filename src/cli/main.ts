@@ -155,8 +155,9 @@ program
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
   .option('--quiet', 'no progress lines on stderr')
+  .option('--service-host <host>', "where this host's forwarder reaches the service at the destination (default: the host of --to; for a migration network apart from the service's, or a proxy)")
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string }) => {
+  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -192,6 +193,7 @@ program
             ? { prepaging: { ...(o.prepaging ? { strategy: o.prepaging as never } : {}), ...(o.pivots ? { pivots: o.pivots } : {}), ...(o.idleFillMs !== undefined ? { idleFillMs: o.idleFillMs } : {}) } }
             : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
+          ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
         },
       }, (m) => {
         if (m.type === 'progress') {

@@ -43,6 +43,8 @@ export interface SourceOptions {
   /** A served server is HTTP: the destination rehearses Node's HTTP server path before it answers REGIONS (src/forward-rehearsal.ts). */
   servesHttp?: boolean
   forwardWaitMs?: number
+  /** Where the forwarder reaches the destination's service (default: the host of `to`). */
+  serviceHost?: string
   /** From the hand-off, the agents' threads on both hosts run at this nice value (src/agent/yielding.ts; 0: no change). */
   postcopyNice: number
   /** A test hook (UFFD_MIGRATE_FAULT_INJECT=demand-stall, set by agent-main): the first demand connection after the hand-off is served this much later. */
