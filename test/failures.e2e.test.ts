@@ -109,6 +109,24 @@ describe.skipIf(skip)('migration failures', () => {
     expect(again.code).toBe('ERR_MIGRATION_CONNECT')
   })
 
+  it('says clearly when the address accepts connections and never answers (a stopped receiver): within linkTimeoutMs, not never', async () => {
+    const { guest, unharmed } = await sourceWithData()
+    guests.push(guest)
+    const held: Socket[] = []
+    const silent = createServer((s) => void held.push(s)) // the kernel accepts; nobody answers
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', r))
+    try {
+      const to = `127.0.0.1:${(silent.address() as { port: number }).port}`
+      const err = await guest.migrate({ to, linkTimeoutMs: 1000 }).catch((e) => e)
+      expect(err.code).toBe('ERR_MIGRATION_CONNECT')
+      expect(err.message).toMatch(/accepted the urgent connection but did not complete the handshake within 1000 ms \(linkTimeoutMs\): a stopped or overloaded receiver/)
+      expect(unharmed()).toBe(true)
+    } finally {
+      for (const s of held) s.destroy()
+      silent.close()
+    }
+  })
+
   it('refuses a peer that speaks another protocol version before anything moves', async () => {
     // a fake destination that answers HELLO with version 99
     const server = createServer((s) => {

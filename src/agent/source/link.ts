@@ -91,13 +91,20 @@ export class SourceLink {
   private static async openOnce(binding: NativeBinding, opts: LinkOptions, session: string): Promise<SourceLink> {
     const { host, port } = parseAddress(opts.to)
     const dial = opts.dial ?? dialTcp
+    const clock = opts.clock ?? systemClock
     const open = async (role: 'urgent' | 'bulk' | 'demand' | 'stream') => {
       const ch = new Channel(await dial(host, port, opts.connectTimeoutMs), role)
+      // an address that accepts and never answers (a stopped receiver, a proxy with nothing behind it) is a peer that
+      // stopped answering: without a deadline send (or a recovery, past its own) waited for ever
+      const deadline = opts.linkTimeoutMs > 0 ? clock.setTimeout(() => ch.fail(migrationError(ErrorCode.CONNECT,
+        `${opts.to} accepted the ${role} connection but did not complete the handshake within ${opts.linkTimeoutMs} ms (linkTimeoutMs): a stopped or overloaded receiver, or a proxy with nothing behind it`)), opts.linkTimeoutMs) : undefined
       try {
         await clientHandshake(ch, opts.token, { role, session })
       } catch (err) {
         ch.close()
         throw err
+      } finally {
+        if (deadline !== undefined) clock.clearTimeout(deadline)
       }
       return ch
     }
@@ -126,7 +133,7 @@ export class SourceLink {
       ch.stallTimeoutMs = opts.linkTimeoutMs
       return ch
     }
-    const link = new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream, opts.clock ?? systemClock, { setter: binding.setSocketPacing, bandwidth: opts.bandwidth })
+    const link = new SourceLink(urgent, bulk, demand, opts.linkTimeoutMs, shrink, dialStream, clock, { setter: binding.setSocketPacing, bandwidth: opts.bandwidth })
     link.pace()
     return link
   }
