@@ -80,6 +80,9 @@ export class Relay {
   }
 
   private forward(client: Socket, upstream: Socket): void {
+    // as the endpoints do: Nagle's wait for a delayed ACK added ~40 ms to a hand-off's small frames
+    client.setNoDelay(true)
+    upstream.setNoDelay(true)
     this.open.add(upstream)
     upstream.on('close', () => this.open.delete(upstream))
     upstream.on('error', () => {})
