@@ -8,7 +8,7 @@
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
-//                         [--inject LIST] [--link-faults LIST] [--blocking] [--json FILE]
+//                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--blocking] [--json FILE]
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
 // with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
@@ -23,6 +23,10 @@
 // sends get --link-timeout-ms 3000, so a silence longer than that is noticed. The same rule as --inject: the service
 // ends each hop on one host, moved (after a recovery) or resumed at its source and tried again, never on none.
 // (--service-host: the old home's forwarder reaches the new home's service at its own address, not the relay's.)
+// --link-down MS (with --netns): the migration crosses a second veth link of its own (a migration network apart from
+// the service's, so the client is not cut off), and each hop's first try takes that link down (no carrier: packets
+// vanish, nobody is told) for MS ms, at a random moment in its first 400 ms (the CLI starts, then pages move: a larger --mib moves them longer): the kernel's TCP_USER_TIMEOUT and
+// keepalives, connects that fail while it is down, recovery after the hand-off; --link-timeout-ms 3000.
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -68,6 +72,7 @@ const OPTIONS = {
   inject: { type: 'string' },
   'link-faults': { type: 'string' },
   'rate-mbit': { type: 'string' },
+  'link-down': { type: 'string' },
   json: { type: 'string' },
   blocking: { type: 'boolean', default: false },
 }
@@ -98,12 +103,14 @@ const procs = []
 const hostEnv = (name) => ({ ...process.env, UFFD_MIGRATE_TOKEN: token, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `soak-${name}-`)) })
 if (a.netns && netnsUnavailable()) usage(`--netns: ${netnsUnavailable()}`)
 if (a['rate-mbit'] !== undefined && !(Number(a['rate-mbit']) > 0 && a.netns)) usage('--rate-mbit needs --netns and a positive rate')
-const pair = a.netns ? createHostPair(120 + (process.pid % 30)) : undefined
+const downMs = Number(a['link-down'] ?? 0)
+if (a['link-down'] !== undefined && !(downMs > 0 && a.netns && !a['link-faults'])) usage('--link-down needs --netns, a positive MS, and no --link-faults')
+const pair = a.netns ? createHostPair(120 + (process.pid % 30), { migrationLink: downMs > 0 }) : undefined
 if (pair && a['rate-mbit']) pair.shape(Number(a['rate-mbit']))
 // each host: its runtime directory, its address, and how a command runs there
 const hosts = [
-  { name: 'a', env: hostEnv('a'), ip: pair?.hostIp ?? '127.0.0.1', prefix: [] },
-  { name: 'b', env: hostEnv('b'), ip: pair?.nsIp ?? '127.0.0.1', prefix: pair ? ['ip', 'netns', 'exec', pair.ns] : [] },
+  { name: 'a', env: hostEnv('a'), ip: pair?.hostIp ?? '127.0.0.1', migIp: pair?.migration?.hostIp ?? pair?.hostIp ?? '127.0.0.1', prefix: [] },
+  { name: 'b', env: hostEnv('b'), ip: pair?.nsIp ?? '127.0.0.1', migIp: pair?.migration?.nsIp ?? pair?.nsIp ?? '127.0.0.1', prefix: pair ? ['ip', 'netns', 'exec', pair.ns] : [] },
 ]
 const start = (host, args, env = {}) => {
   const [cmd, ...rest] = [...host.prefix, process.execPath, ...args]
@@ -114,7 +121,7 @@ const start = (host, args, env = {}) => {
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
 const linkFaults = (a['link-faults'] ?? 'none').split(',').map(linkFault)
-const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none')
+const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none') || downMs > 0
 /** One --link-faults entry: what the break is and when it comes. */
 function linkFault(text) {
   const m = /^(none|reset|one-sided|silent:(\d+))(?:@([A-Z_]+)(-lost)?)?$/.exec(text)
@@ -171,7 +178,7 @@ async function hop(n, from, to, current) {
   const t0 = performance.now()
   const injection = injections[n % injections.length]
   const inject = injection !== 'none' ? { UFFD_MIGRATE_FAULT_INJECT: injection } : {}
-  const dst = start(to, [cli, 'receive', '--listen', `${to.ip}:${port}`, '--', process.execPath, ...serviceArgs(to, http)], inject)
+  const dst = start(to, [cli, 'receive', '--listen', `${to.migIp}:${port}`, '--', process.execPath, ...serviceArgs(to, http)], inject)
   await dst.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
   const steps = { listen: performance.now() - t0 } // ms from the receiver's start to each step
   const step = (name) => (steps[name] = performance.now() - t0)
@@ -182,7 +189,7 @@ async function hop(n, from, to, current) {
     // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
     // receiver keeps waiting
     const mark = dst.mark('stderr')
-    const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.ip}:${port}`, '--mode', 'hybrid', '--max-bandwidth', '4MiB', '--json'])
+    const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.migIp}:${port}`, '--service-host', to.ip, '--mode', 'hybrid', '--max-bandwidth', '4MiB', '--json'])
     await send.waitLine(/precopy round 0/, 30_000, 'stderr')
     const c = start(from, [cli, 'cancel', '--guest', guest])
     const [cancelled, code] = [(await c.exited).code, (await send.exited).code]
@@ -197,12 +204,14 @@ async function hop(n, from, to, current) {
   // (--link-faults: this hop's tries go through a relay that breaks the link once)
   const fault = linkFaults[n % linkFaults.length]
   const relay = a['link-faults'] ? relayFor(fault, Math.imul(n + 1, 2654435761) >>> 0) : undefined
-  const target = relay ? await relay.start(to.ip, port, pair?.hostIp ?? '127.0.0.1') : `${to.ip}:${port}`
-  row.linkFault = fault.text
+  const target = relay ? await relay.start(to.ip, port, pair?.hostIp ?? '127.0.0.1') : `${to.migIp}:${port}`
+  row.linkFault = downMs ? `down:${downMs}` : fault.text
   let send
-  for (;;) {
+  for (let tries = 0; ; tries++) {
     const mark = dst.mark('stderr')
-    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--mode', mode, '--json', ...(relay ? ['--link-timeout-ms', '3000', '--service-host', to.ip] : [])])
+    const faulty = relay || downMs ? ['--link-timeout-ms', '3000'] : []
+    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--service-host', to.ip, '--mode', mode, '--json', ...faulty])
+    if (downMs && tries === 0) linkDown(row, Math.imul(n + 1, 2654435761) >>> 0)
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
@@ -210,12 +219,15 @@ async function hop(n, from, to, current) {
     if (!chaos || !said || row.resumedAtSource >= 3 || current.exitCode !== null) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
     row.resumedAtSource++
     say(`hop ${n + 1}: the service resumed at its source (${said.code}: ${said.message}); trying again`)
+    await row.linkBack // (--link-down: once the link is back)
     await listensAgain(dst, mark)
   }
   step('sent')
   relay?.close()
+  await row.linkBack
+  delete row.linkBack
   const report = JSON.parse(send.lines.join('\n'))
-  row.linkBroke = relay ? relay.cuts > 0 : false
+  row.linkBroke = relay ? relay.cuts > 0 : row.linkBroke === true
   await dst.waitLine(/^RESTORED$/, 30_000)
   home = [to.ip, http]
   const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
@@ -237,6 +249,15 @@ async function hop(n, from, to, current) {
   stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
   if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
   return { row, dst }
+}
+
+/** --link-down: the migration link goes down at a random moment of the try's first 400 ms, for downMs (row.linkBack: up again). */
+function linkDown(row, seed) {
+  row.linkBroke = true
+  row.linkBack = new Promise((resolve) => setTimeout(() => {
+    pair.migration.setLinkUp(false)
+    setTimeout(() => resolve(pair.migration.setLinkUp(true)), downMs)
+  }, seed % 400))
 }
 
 /** send's --json answer when it exited 1 with the service running on at its source, else undefined. */
@@ -272,7 +293,7 @@ try {
   await current.waitLine(/^HTTP /)
   home = [hosts[0].ip, firstHttp]
   client = startClient()
-  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${injections.some((x) => x !== 'none') ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}${a['link-faults'] ? `; the link breaks in turn: ${a['link-faults']}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${injections.some((x) => x !== 'none') ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}${a['link-faults'] ? `; the link breaks in turn: ${a['link-faults']}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${downMs ? `; the migration crosses its own link (${pair.migration.nsIp}), down for ${downMs} ms in each hop's first try` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
   for (let n = 0; n < hops; n++) {
     const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
     const { row, dst } = await hop(n, from, to, current)

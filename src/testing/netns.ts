@@ -18,12 +18,21 @@ export interface HostPair {
   shape(rateMbit: number): void
   /** Take the link down (no carrier: packets vanish, nobody gets a reset) or bring it back. */
   setLinkUp(up: boolean): void
+  /** With `migrationLink`: a second link between the same two hosts (a migration network apart from the service's). */
+  migration?: MigrationLink
   cleanup(): void
+}
+
+/** A second veth pair between the hosts, its own subnet, that can go down alone. */
+export interface MigrationLink {
+  hostIp: string
+  nsIp: string
+  setLinkUp(up: boolean): void
 }
 
 const ip = (...args: string[]) => execFileSync('ip', args, { stdio: 'pipe' })
 
-export function createHostPair(index = process.pid % 200): HostPair {
+export function createHostPair(index = process.pid % 200, o: { migrationLink?: boolean } = {}): HostPair {
   const ns = `uffdm${index}`
   const a = `uffdm${index}a`
   const b = `uffdm${index}b`
@@ -42,8 +51,9 @@ export function createHostPair(index = process.pid % 200): HostPair {
   ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', b)
   ip('netns', 'exec', ns, 'ip', 'link', 'set', b, 'up')
   ip('netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
+  const migration = o.migrationLink ? migrationLink(ns, index) : undefined
   return {
-    ns, hostIp, nsIp, hostDev: a, nsDev: b,
+    ns, hostIp, nsIp, hostDev: a, nsDev: b, ...(migration ? { migration } : {}),
     shape(rateMbit: number) {
       const tbf = ['qdisc', 'replace', 'dev']
       const args = ['root', 'tbf', 'rate', `${rateMbit}mbit`, 'burst', '256kb', 'latency', '20ms']
@@ -66,6 +76,17 @@ export function createHostPair(index = process.pid % 200): HostPair {
       }
     },
   }
+}
+
+function migrationLink(ns: string, index: number): MigrationLink {
+  const [m, n, hostIp, nsIp] = [`uffdm${index}m`, `uffdm${index}n`, `10.232.${index}.1`, `10.232.${index}.2`]
+  ip('link', 'add', m, 'type', 'veth', 'peer', 'name', n)
+  ip('link', 'set', n, 'netns', ns)
+  ip('addr', 'add', `${hostIp}/24`, 'dev', m)
+  ip('link', 'set', m, 'up')
+  ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', n)
+  ip('netns', 'exec', ns, 'ip', 'link', 'set', n, 'up')
+  return { hostIp, nsIp, setLinkUp: (up) => void ip('link', 'set', m, up ? 'up' : 'down') } // (goes with the namespace)
 }
 
 /** Why namespace hosts cannot be made here, or undefined. */
