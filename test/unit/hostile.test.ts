@@ -144,6 +144,52 @@ describe('the slot of a session', () => {
   })
 })
 
+describe('a pre-copy session that another connection asks for', () => {
+  /** A connection of `session` tries to join: undefined, or the error it was refused with. */
+  const join = async (d: Driven, session: string) => {
+    const [a, b] = MemoryTransport.pair()
+    void d.dest.accept(b, 'peer:3')
+    const ch = new Channel(a, 'urgent')
+    return { ch, err: await clientHandshake(ch, TOKEN, { role: 'urgent', session }).then(() => undefined, (e: UffdMigrateError) => e) }
+  }
+
+  it('another source hears BUSY; with retryAfterMs (when the watchdog drops it) once the session went quiet, not while its source streams', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })
+    await keepAlive(d, clock, 1000) // alive: a byte within the last tick
+    d.urgent.send(encodeControl(Msg.KEEPALIVE, {}))
+    await turns()
+    const live = (await join(d, 'another')).err
+    expect(live).toMatchObject({ code: 'ERR_MIGRATION_BUSY', message: 'peer reported: a migration is already in progress on this destination' })
+    expect(live?.retryAfterMs).toBeUndefined()
+    await advance(clock, 1000) // quiet for a second (a reset that reached its source only)
+    const quiet = (await join(d, 'another')).err
+    expect(quiet?.code).toBe('ERR_MIGRATION_BUSY')
+    expect(quiet?.message).toMatch(/its source has sent nothing for a while and is dropped as stuck in \d+ ms: try again then/)
+    expect(quiet?.retryAfterMs).toBeGreaterThanOrEqual(3000 + 300 - 100) // 4000 - ~1000 quiet + the margin, to a tick
+    expect(quiet?.retryAfterMs).toBeLessThanOrEqual(3000 + 300 + 100)
+    await advance(clock, quiet!.retryAfterMs!)
+    expect(d.dest.phase).toBe(DestPhase.LISTENING)
+    expect(d.events).toContain('ended: ERR_MIGRATION_CONNECTION')
+    expect((await join(d, 'another')).err).toBeUndefined() // the next source gets in
+  })
+
+  it('its own session dialling in again (HANDOFF lost with a reset it alone saw): the session ends, and RECOVER hears NO_SESSION', async () => {
+    const clock = new FakeClock()
+    const d = await drive(DestPhase.PRECOPY, { clock, regions: { linkTimeoutMs: 4000 } })
+    const links: MemoryTransport[] = []
+    const urgent = await open(d.dest, 'urgent', 'raw-session', links) // admitted: the old connections failed
+    expect(d.events).toContain('ended: ERR_MIGRATION_CONNECTION')
+    expect(d.dest.phase).toBe(DestPhase.LISTENING)
+    const bulk = await open(d.dest, 'bulk', 'raw-session', links)
+    expect([urgent.failed, bulk.failed]).toEqual([undefined, undefined])
+    bulk.send(encodeControl(Msg.RECOVER, {}))
+    const answer = await bulk.nextFrame()
+    expect(answer.type).toBe(Msg.ERROR)
+    expect(peerError(answer.payload)).toMatchObject({ code: 'ERR_MIGRATION_NO_SESSION' })
+  })
+})
+
 describe('a stuck source', () => {
   it('post-copy: a page request unanswered for requestTimeoutMs is a broken link, and the destination recovers', async () => {
     const clock = new FakeClock()
