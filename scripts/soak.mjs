@@ -38,7 +38,8 @@
 // Each hop's line splits its time: the receiver listening, send's exit, the new home's VERIFY, and the old home's
 // exit; a service that serve()s lives on as a forwarder while the client's idle keep-alive connections to it stay
 // open (the new home's server closes them after its keepAliveTimeout, 5 s in Node), then for forwardIdleMs (2 s).
-// The environment passes through: UFFD_MIGRATE_TRACKER=sync-wp soaks the fallback tracker.
+// The environment passes through: UFFD_MIGRATE_TRACKER=sync-wp soaks the fallback tracker. SOAK_VERBOSE=1 also prints
+// each hop's receiver log and send's stderr (progress lines left out) once the new home verified.
 // Prints one line per hop, then a table; exit 0 when every hop moved and checked, 1 on the first failure (with what
 // both hosts said). Run `npm run build:ts` first (uses dist/).
 import { randomBytes } from 'node:crypto'
