@@ -20,7 +20,7 @@ function fill(src: FakeBinding, regions: Region[]): void {
 const SESSION = 'a1b2c3d4e5f6a1b2c3d4e5f6'
 
 /** The first source: dials refused once it "crashed" (its link cut at the chosen frame). */
-function crashingSource(pair: Pair, crashOn: (from: 'source' | 'destination', type: number) => boolean) {
+function crashingSource(pair: Pair, crashOn: (from: 'source' | 'destination', type: number) => boolean, recoveryTimeoutMs = 500) {
   let crashed = false
   pair.onFrame = (from, type) => {
     if (crashed || !crashOn(from, type)) return undefined
@@ -30,8 +30,8 @@ function crashingSource(pair: Pair, crashOn: (from: 'source' | 'destination', ty
   const base = sourceOptions(pair, 'postcopy').dial!
   const started = startSource(pair, {
     mode: 'postcopy',
-    // (its own recovery gives up after 500 ms: the destination, told so in HANDOFF, waits as long for the new agent)
-    extra: { session: SESSION, recoveryTimeoutMs: 500, prepaging: { strategy: 'push' }, dial: async (...a) => {
+    // (its own recovery gives up after recoveryTimeoutMs: the destination, told so in HANDOFF, waits as long for the new agent)
+    extra: { session: SESSION, recoveryTimeoutMs, prepaging: { strategy: 'push' }, dial: async (...a) => {
       if (crashed) throw Object.assign(new Error('this agent is gone'), { code: 'ERR_MIGRATION_CONNECT' })
       return base(...a)
     } },
@@ -39,8 +39,8 @@ function crashingSource(pair: Pair, crashOn: (from: 'source' | 'destination', ty
   return { ...started, crashed: () => crashed }
 }
 
-function newAgent(pair: Pair): MigrationSource {
-  return new MigrationSource(pair.src, pair.srcRegions, sourceOptions(pair, 'postcopy', { session: SESSION, prepaging: { strategy: 'push' } }), {
+function newAgent(pair: Pair, linkTimeoutMs = 0): MigrationSource {
+  return new MigrationSource(pair.src, pair.srcRegions, sourceOptions(pair, 'postcopy', { session: SESSION, prepaging: { strategy: 'push' }, linkTimeoutMs }), {
     pause: async () => ({ state: new Uint8Array() }),
     resume: () => pair.resumedOnSource++,
     progress: () => {},
@@ -83,5 +83,23 @@ describe('a new agent takes the migration over', () => {
       code: 'ERR_MIGRATION_NO_SESSION', message: expect.stringMatching(/\(the service resumed on the source\)$/),
     })
     expect(pair.resumedOnSource).toBe(1)
+  })
+
+  it('RECOVER unanswered (a destination stopped after the handshake): the new agent gives up on that link after linkTimeoutMs and dials again', async () => {
+    const pair = makePair([100], fill)
+    // (the destination waits 2.5 s for a source: longer than the new agent's wait for an answer)
+    const first = crashingSource(pair, (from, type) => pair.events.includes('restore') && from === 'source' && type === Msg.PAGES, 2500)
+    await pair.restored
+    while (!first.crashed()) await new Promise((r) => setTimeout(r, 1))
+    let recovers = 0
+    pair.onFrame = (from, type) => (from === 'source' && type === Msg.RECOVER && ++recovers === 1 ? 'drop' : undefined)
+    const t0 = Date.now()
+    const rep = await newAgent(pair, 1000).takeOver({ phase: 'postcopy', message: 'boom', startedAtMs: 0 })
+    expect(recovers).toBe(2) // before: it waited for RECOVER_STATE for ever on the first link
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(900)
+    await pair.settled
+    expect(rep.pagesSentTwiceAfterHandoff).toBe(0)
+    expect(sameBytes(pair)).toBeUndefined()
+    await first.report.catch(() => {})
   })
 })

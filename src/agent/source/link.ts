@@ -231,12 +231,21 @@ export class SourceLink {
   }
 }
 
-/** The next frame on ch, which must be `type` (an ERROR is raised as the peer's error). */
-export async function reply(ch: Channel, type: Msg): Promise<Frame> {
-  const f = await ch.nextFrame()
-  if (f.type === Msg.ERROR) throw peerError(f.payload)
-  if (f.type !== type) throw migrationError(ErrorCode.PROTOCOL, `expected ${msgName(type)}, got message ${msgName(f.type)}`)
-  return f
+/**
+ * The next frame on ch, which must be `type` (an ERROR is raised as the peer's error). deadlineMs (0: none): an answer
+ * the peer gives at once; none within it fails the connection as a broken link (a peer stopped after its handshake).
+ */
+export async function reply(ch: Channel, type: Msg, deadlineMs = 0, clock: Clock = systemClock): Promise<Frame> {
+  const deadline = deadlineMs > 0 ? clock.setTimeout(() => ch.fail(migrationError(ErrorCode.CONNECTION,
+    `the destination did not answer with ${msgName(type)} within ${deadlineMs} ms (linkTimeoutMs): it looks stopped or wedged; treated as a broken link`)), deadlineMs) : undefined
+  try {
+    const f = await ch.nextFrame()
+    if (f.type === Msg.ERROR) throw peerError(f.payload)
+    if (f.type !== type) throw migrationError(ErrorCode.PROTOCOL, `expected ${msgName(type)}, got message ${msgName(f.type)}`)
+    return f
+  } finally {
+    if (deadline !== undefined) clock.clearTimeout(deadline)
+  }
 }
 
 /** Connects, retrying refused connections until timeoutMs (the destination may still be starting). */

@@ -84,7 +84,7 @@ export class Postcopy {
     private readonly sender: Sender,
     private readonly layout: RegionLayout[],
     private readonly clock: Clock,
-    private readonly opts: { prepaging: PrepagingOptions; pushLog: boolean; recoveryTimeoutMs: number; demandStallMs?: number },
+    private readonly opts: { prepaging: PrepagingOptions; pushLog: boolean; recoveryTimeoutMs: number; linkTimeoutMs: number; demandStallMs?: number },
     private readonly host: PostcopyHost,
   ) {
     this.demandStallMs = opts.demandStallMs ?? 0
@@ -288,7 +288,7 @@ export class Postcopy {
         link = await this.host.reconnect()
         link.bulk.send(encodeControl(Msg.RECOVER, {}))
         const askedAt = this.clock.now()
-        const f = await reply(link.bulk, Msg.RECOVER_STATE)
+        const f = await reply(link.bulk, Msg.RECOVER_STATE, this.opts.linkTimeoutMs, this.clock) // (past it: dialled again)
         const m = decodeControl(f.type, f.payload)
         // one clock sample (the takeover's report has no other): the destination's clock when it answered
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }

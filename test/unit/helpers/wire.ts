@@ -42,25 +42,28 @@ export interface Pair {
   progress: Progress[]
   /**
    * Sees the type of every frame as one side starts writing it; 'cut'
-   * breaks that link before the frame leaves (a reset: in-flight bytes are lost).
+   * breaks that link before the frame leaves (a reset: in-flight bytes are lost);
+   * 'drop' loses that frame alone (a peer that stops reading after it).
    */
-  onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | undefined
+  onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | 'drop' | undefined
 }
 
 /** Calls onType with each frame's type as a writer starts it (frame headers are written in one piece). */
-function watchFrames(t: MemoryTransport, onType: (type: number) => boolean): void {
+function watchFrames(t: MemoryTransport, onType: (type: number) => 'cut' | 'drop' | undefined): void {
   const write = t.write.bind(t)
-  let left = 0
+  let left = 0, dropping = false
   t.write = (chunk: Buffer) => {
     if (left === 0 && chunk.length >= 5) {
       left = chunk.readUInt32BE(0) + 4
-      if (onType(chunk[4])) {
+      const what = onType(chunk[4])
+      if (what === 'cut') {
         t.cut()
         return false
       }
+      dropping = what === 'drop' // (the frame never arrives; the connection lives: a peer that stopped reading it)
     }
     left -= chunk.length
-    return write(chunk)
+    return dropping ? true : write(chunk)
   }
 }
 
@@ -117,8 +120,8 @@ export function sourceOptions(pair: Pair, mode: MigrationMode, extra: Partial<So
       if (pair.refuseDials) throw Object.assign(new Error('refused'), { code: 'ERR_MIGRATION_CONNECT' })
       const [a, b] = MemoryTransport.pair(256 * 1024)
       pair.links.push(a)
-      watchFrames(a, (type) => pair.onFrame?.('source', type) === 'cut')
-      watchFrames(b, (type) => pair.onFrame?.('destination', type) === 'cut')
+      watchFrames(a, (type) => pair.onFrame?.('source', type))
+      watchFrames(b, (type) => pair.onFrame?.('destination', type))
       void pair.dest.accept(b)
       return a
     },
