@@ -44,12 +44,7 @@ export function createHostPair(index = process.pid % 200, o: { migrationLink?: b
     // not there: fine
   }
   ip('netns', 'add', ns)
-  ip('link', 'add', a, 'type', 'veth', 'peer', 'name', b)
-  ip('link', 'set', b, 'netns', ns)
-  ip('addr', 'add', `${hostIp}/24`, 'dev', a)
-  ip('link', 'set', a, 'up')
-  ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', b)
-  ip('netns', 'exec', ns, 'ip', 'link', 'set', b, 'up')
+  veth(ns, a, b, hostIp, nsIp)
   ip('netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
   const migration = o.migrationLink ? migrationLink(ns, index) : undefined
   return {
@@ -78,14 +73,19 @@ export function createHostPair(index = process.pid % 200, o: { migrationLink?: b
   }
 }
 
+/** A veth pair: hostDev here with hostIp, nsDev in the namespace with nsIp, both up. */
+function veth(ns: string, hostDev: string, nsDev: string, hostIp: string, nsIp: string): void {
+  ip('link', 'add', hostDev, 'type', 'veth', 'peer', 'name', nsDev)
+  ip('link', 'set', nsDev, 'netns', ns)
+  ip('addr', 'add', `${hostIp}/24`, 'dev', hostDev)
+  ip('link', 'set', hostDev, 'up')
+  ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', nsDev)
+  ip('netns', 'exec', ns, 'ip', 'link', 'set', nsDev, 'up')
+}
+
 function migrationLink(ns: string, index: number): MigrationLink {
   const [m, n, hostIp, nsIp] = [`uffdm${index}m`, `uffdm${index}n`, `10.232.${index}.1`, `10.232.${index}.2`]
-  ip('link', 'add', m, 'type', 'veth', 'peer', 'name', n)
-  ip('link', 'set', n, 'netns', ns)
-  ip('addr', 'add', `${hostIp}/24`, 'dev', m)
-  ip('link', 'set', m, 'up')
-  ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', n)
-  ip('netns', 'exec', ns, 'ip', 'link', 'set', n, 'up')
+  veth(ns, m, n, hostIp, nsIp)
   return { hostIp, nsIp, setLinkUp: (up) => void ip('link', 'set', m, up ? 'up' : 'down') } // (goes with the namespace)
 }
 
