@@ -129,18 +129,21 @@ export class Relay {
       return this.afterSilence(() => void (!to.destroyed && to.write(rest)))
     }
     for (const s of this.open) s.pause()
-    this.cuts++ // nothing else cuts meanwhile
-    this.cutAtBytes = this.bytesToDestination
+    this.markCut() // nothing else cuts meanwhile
     to.write(passed, () => setTimeout(() => this.reset(), passed.length > 0 ? this.resetDelayMs : 0))
   }
 
   /** The break: every connection reset at once, both ways (oneSided: the source's side only), or a silence. */
   private cut(): void {
     if (this.cuts > 0) return
-    this.cuts++
-    this.cutAtBytes = this.bytesToDestination
+    this.markCut()
     if (this.silentMs > 0) return this.silence()
     this.reset()
+  }
+
+  private markCut(): void {
+    this.cuts++
+    this.cutAtBytes = this.bytesToDestination
   }
 
   private reset(): void {

@@ -74,7 +74,7 @@ export class MigrationSource implements SourceHandlers {
   ) {
     this.clock = opts.clock ?? systemClock
     this.session = opts.session ?? randomBytes(12).toString('hex')
-    this.servicePorts = new ServicePorts(opts.serviceHost ?? parseAddress(opts.to).host, hooks.forwardTo)
+    this.servicePorts = new ServicePorts(opts.serviceHost ?? parseAddress(opts.to).host, hooks.forwardTo, this.clock, opts.linkTimeoutMs)
     this.cancelled = new Promise<never>((_, reject) => (this.cancelWith = reject))
     this.cancelled.catch(() => {})
     this.layout = regions.map((r) => ({ pageCount: r.pageCount }))

@@ -248,6 +248,17 @@ export async function reply(ch: Channel, type: Msg, deadlineMs = 0, clock: Clock
   }
 }
 
+/**
+ * A recovery's question on a fresh link: RECOVER on its bulk connection, RECOVER_STATE back within deadlineMs (past it
+ * the link counts as broken: a destination stopped after its handshake). askedAtMs: this clock when it asked.
+ */
+export async function askRecoverState(bulk: Channel, deadlineMs: number, clock: Clock): Promise<{ state: Record<string, unknown>; askedAtMs: number }> {
+  bulk.send(encodeControl(Msg.RECOVER, {}))
+  const askedAtMs = clock.now()
+  const f = await reply(bulk, Msg.RECOVER_STATE, deadlineMs, clock)
+  return { state: decodeControl(f.type, f.payload), askedAtMs }
+}
+
 /** Connects, retrying refused connections until timeoutMs (the destination may still be starting). */
 export async function dialTcp(host: string, port: number, timeoutMs: number): Promise<Socket> {
   const deadline = Date.now() + timeoutMs

@@ -18,7 +18,7 @@ import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
-import { reply, type SourceLink } from './link'
+import { askRecoverState, type SourceLink } from './link'
 
 /**
  * Pages the push policy picks per turn of the push loop (1 MiB): page
@@ -286,10 +286,7 @@ export class Postcopy {
       let link: SourceLink | undefined
       try {
         link = await this.host.reconnect()
-        link.bulk.send(encodeControl(Msg.RECOVER, {}))
-        const askedAt = this.clock.now()
-        const f = await reply(link.bulk, Msg.RECOVER_STATE, this.opts.linkTimeoutMs, this.clock) // (past it: dialled again)
-        const m = decodeControl(f.type, f.payload)
+        const { state: m, askedAtMs: askedAt } = await askRecoverState(link.bulk, this.opts.linkTimeoutMs, this.clock) // (past it: dialled again)
         // one clock sample (the takeover's report has no other): the destination's clock when it answered
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
         if (typeof m.resumedAtMs === 'number') this.resumedResolve(m.resumedAtMs)

@@ -5,17 +5,26 @@
  */
 import { migrationError, ErrorCode } from '../../errors'
 import type { Frame } from '../../protocol/frames'
-import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
+import { decodeControl, field, Msg } from '../../protocol/messages'
 import type { Channel } from '../../protocol/channel'
-import { reply } from './link'
+import { type Clock, sleep, systemClock, type TimerHandle } from '../clock'
+import { askRecoverState, reply } from './link'
 
 export class ServicePorts {
   private known = false
   private announce!: () => void
   private readonly announced = new Promise<void>((r) => (this.announce = r))
 
-  /** forwardTo: the forwarder's hook (the destination's host, a port or null per served server). */
-  constructor(private readonly host: string, private readonly forwardTo: ((host: string, ports: (number | null)[]) => void) | undefined) {}
+  /**
+   * forwardTo: the forwarder's hook (the destination's host, a port or null per served server).
+   * linkTimeoutMs: how long a redial waits for RECOVER_STATE before it counts as broken (0: the wait's own end only).
+   */
+  constructor(
+    private readonly host: string,
+    private readonly forwardTo: ((host: string, ports: (number | null)[]) => void) | undefined,
+    private readonly clock: Clock = systemClock,
+    private readonly linkTimeoutMs = 0,
+  ) {}
 
   onService(f: Frame): void {
     const m = decodeControl(f.type, f.payload)
@@ -36,21 +45,28 @@ export class ServicePorts {
    * Before, the forwarder waited out `ms` and then had nowhere to send the clients it held.
    */
   async wait(ms: number, broke?: Promise<void>, redial?: () => Promise<{ bulk: Channel; close(): void }>): Promise<void> {
-    const deadline = Date.now() + ms
-    const late = new Promise<false>((r) => setTimeout(() => r(false), ms).unref())
-    for (let link = broke; !this.known && link; ) {
-      if (!(await Promise.race([this.announced.then(() => false), late, link.then(() => true)])) || !redial) return
-      const again = await redial().catch(() => undefined)
-      try {
-        again?.bulk.send(encodeControl(Msg.RECOVER, {}))
-        if (again) await Promise.race([reply(again.bulk, Msg.RECOVER_STATE).then(() => reply(again.bulk, Msg.SERVICE)).then((f) => this.onService(f)), late])
-      } catch {
-        // the destination went (or refused): try again while there is time
-      } finally {
-        again?.close()
+    const deadline = this.clock.now() + ms
+    let timer: TimerHandle
+    const late = new Promise<false>((r) => (timer = this.clock.setTimeout(() => r(false), ms)))
+    try {
+      for (let link = broke; !this.known && link; ) {
+        if (!(await Promise.race([this.announced.then(() => false), late, link.then(() => true)])) || !redial) return
+        const again = await redial().catch(() => undefined)
+        try {
+          const service = again && askRecoverState(again.bulk, this.linkTimeoutMs, this.clock).then(() => reply(again.bulk, Msg.SERVICE)).then((f) => this.onService(f))
+          service?.catch(() => {}) // late may win the race: its failure after that is nobody's
+          if (service) await Promise.race([service, late])
+        } catch {
+          // the destination went (or refused, or did not answer): try again while there is time
+        } finally {
+          again?.close()
+        }
+        link = !this.known && this.clock.now() < deadline ? sleep(this.clock, 100) : undefined
       }
-      link = Date.now() < deadline ? new Promise((r) => setTimeout(r, 100).unref()) : undefined
+      if (!this.known) await Promise.race([this.announced, late])
+    } finally {
+      // the wait may end long before `ms`: its timer must not hold the agent's loop open
+      this.clock.clearTimeout(timer!)
     }
-    if (!this.known) await Promise.race([this.announced, late])
   }
 }
