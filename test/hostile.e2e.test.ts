@@ -10,7 +10,7 @@ import { connect, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { Channel } from '../src/protocol/channel'
 import { clientHandshake } from '../src/protocol/handshake'
-import { freePort } from '../src/cli/proc'
+import { freePort, type LineProc } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
 import { killAll, page, ready, sendAndWait, sendFailure, TOKEN, twoHosts } from './helpers/hosts'
 
@@ -122,23 +122,46 @@ describe.skipIf(skip)('a receiver under hostile peers', () => {
   }, 120_000)
 })
 
-describe.skipIf(skip)('a source stopped in post-copy', () => {
-  it('SIGSTOP beyond requestTimeoutMs: the destination recovers; after SIGCONT the migration settles with every byte verified', async () => {
-    const { A, g, port, http, dst } = await twoHosts('stop', { receiveArgs: ['--blocking'] })
-    const src = A.service(g, await freePort())
-    await ready(src)
-    // demand-only: pages stay missing (the service faults on them) until the source answers
-    const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', '--request-timeout-ms', '1000', '--json'])
-    await dst.waitLine(/^RESTORED/, 30_000)
-    src.kill('SIGSTOP', false)
-    await dst.waitLine(/the source looks stuck: a page request has been unanswered for \d+ ms \(requestTimeoutMs 1000\)/, 30_000, 'stderr')
-    src.kill('SIGCONT', false)
-    const { code } = await send.exited
-    expect(code, send.stderr).toBe(0)
-    const report = JSON.parse(send.lines.join('\n'))
-    expect(report.postcopy.recoveries).toBeGreaterThanOrEqual(1)
-    expect(report.pagesSentTwiceAfterHandoff).toBe(0)
-    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
-    expect((await page(http, 1)).ok).toBe(true)
+/**
+ * The page-store moved in post-copy, demand only (pages stay missing, and the link quiet but for KEEPALIVE, until the
+ * destination's service faults); `stall` stops a peer once the service runs at the destination and lets it go again.
+ * The migration must then settle after a recovery, with every byte verified.
+ */
+async function stalledPostcopy(name: string, sendArgs: string[], stall: (p: { src: LineProc; dst: LineProc }) => Promise<void>): Promise<void> {
+  const { A, g, port, http, dst } = await twoHosts(name, { receiveArgs: ['--blocking'] })
+  const src = A.service(g, await freePort())
+  await ready(src)
+  const send = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--mode', 'postcopy', '--prepaging', 'demand', '--idle-fill-ms', '600000', ...sendArgs, '--json'])
+  await dst.waitLine(/^RESTORED/, 30_000)
+  await stall({ src, dst })
+  const { code } = await send.exited
+  expect(code, send.stderr).toBe(0)
+  const report = JSON.parse(send.lines.join('\n'))
+  expect(report.postcopy.recoveries).toBeGreaterThanOrEqual(1)
+  expect(report.pagesSentTwiceAfterHandoff).toBe(0)
+  expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  expect((await page(http, 1)).ok).toBe(true)
+}
+
+describe.skipIf(skip)('a peer stopped in post-copy', () => {
+  it('the source, SIGSTOP beyond requestTimeoutMs: the destination recovers; after SIGCONT the migration settles with every byte verified', async () => {
+    await stalledPostcopy('stop', ['--request-timeout-ms', '1000'], async ({ src, dst }) => {
+      src.kill('SIGSTOP', false)
+      await dst.waitLine(/the source looks stuck: a page request has been unanswered for \d+ ms \(requestTimeoutMs 1000\)/, 30_000, 'stderr')
+      src.kill('SIGCONT', false)
+    })
+  }, 120_000)
+
+  it('the destination, SIGSTOP beyond linkTimeoutMs: the source takes it for stuck, says so, and dials back; after SIGCONT the migration settles with every byte verified', async () => {
+    await stalledPostcopy('dstop', ['--link-timeout-ms', '2000'], async ({ src, dst }) => {
+      const service = childPid(dst.child.pid!) // the destination's agent is a thread of its service's process
+      process.kill(service, 'SIGSTOP')
+      try {
+        // before: the source waited for ever, without a line (the kernel of a stopped process still answers TCP)
+        await src.waitLine(/broke after the hand-off \(the destination looks stuck: nothing arrived from it for \d+ ms \(linkTimeoutMs 2000; a live destination sends KEEPALIVE\)/, 30_000, 'stderr')
+      } finally {
+        process.kill(service, 'SIGCONT')
+      }
+    })
   }, 120_000)
 })

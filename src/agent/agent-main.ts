@@ -196,7 +196,7 @@ function outgoingMigrations() {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
         progress: (p) => {
-          const line = p.phase !== phase ? sourceLine.phase(wire.to, phase, p.phase, wire.recoveryTimeoutMs) : undefined
+          const line = p.phase !== phase ? sourceLine.phase(wire.to, phase, p.phase, wire.recoveryTimeoutMs, p.brokenBy) : undefined
           if (line) log(...line)
           phase = p.phase
           // once a page moved after the hand-off (the destination has HANDOFF then: it asks, or RESUMED started the push)

@@ -46,9 +46,9 @@ export const sourceLine = {
   /** The operator changed the limits of the running migration (set-bandwidth). */
   limits: (to: string, l: BandwidthLimits) => `the migration to ${to} now runs with bandwidth limits: ${limitsText(l)}`,
   /** A phase change worth a line (from the hand-off on): its event and words, or undefined. */
-  phase(to: string, from: string, phase: string, recoveryTimeoutMs: number): [LogEvent, string, LogLevel] | undefined {
+  phase(to: string, from: string, phase: string, recoveryTimeoutMs: number, brokenBy?: string): [LogEvent, string, LogLevel] | undefined {
     if (phase === 'postcopy' && from === 'handoff') return ['handed-off', `handed off to ${to}: the service runs there now; this process keeps its memory until every page is there`, 'info']
-    if (phase === 'recovering') return ['link-broken', `the link to ${to} broke after the hand-off; dialling it again for up to ${recoveryTimeoutMs} ms`, 'warn']
+    if (phase === 'recovering') return ['link-broken', `the link to ${to} broke after the hand-off${brokenBy ? ` (${brokenBy})` : ''}; dialling it again for up to ${recoveryTimeoutMs} ms`, 'warn']
     if (phase === 'postcopy' && from === 'recovering') return ['link-back', `the link to ${to} is back; post-copy goes on`, 'info']
     return undefined
   },

@@ -24,7 +24,8 @@ export function progressLine(p: Progress): string {
   const done = p.totalPages ? Math.floor((1 - p.pagesLeft / p.totalPages) * 1000) / 10 : 0
   const round = p.phase === 'precopy' ? ` round ${p.round}${p.tracker ? ` (${p.tracker})` : ''}` : ''
   const limit = p.limitBytesPerSec ? ` (limit ${bytes(p.limitBytesPerSec)}/s)` : ''
-  return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s${limit}  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)`
+  const why = p.brokenBy ? `  (${p.brokenBy})` : ''
+  return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s${limit}  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)${why}`
 }
 
 export function formatReport(r: MigrationReport): string {

@@ -9,7 +9,7 @@ import { ErrorCode, migrationError } from '../errors'
 import { frameHeader } from './frames'
 
 export const PROTOCOL_NAME = 'uffd-migrate'
-export const PROTOCOL_VERSION = 4
+export const PROTOCOL_VERSION = 5
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256
@@ -72,7 +72,7 @@ export const enum Msg {
   RECOVER = 36, // bulk, source -> destination: both connections are back after a break in post-copy
   RECOVER_STATE = 37, // bulk, destination -> source: what the destination holds now
   SERVICE = 38, // bulk, destination -> source: the ports its service listens on (the source's forwarder relays there)
-  KEEPALIVE = 39, // urgent, source -> destination: the source is alive (a quiet link is not a stuck peer)
+  KEEPALIVE = 39, // urgent, both ways: this side is alive (a quiet link is not a stuck peer); the destination's since version 5
   SYNC = 40, // bulk, both ways in pre-copy: answered once everything sent before it on bulk was applied
   BATCH = 41, // bulk, source -> destination (REGIONS_OK said batch): u32 bytes of frames written with it, follow at once
 }

@@ -14,6 +14,8 @@ describe('progress line', () => {
 
   it("the phase's bandwidth limit beside the rate", () => {
     expect(progressLine({ ...base, limitBytesPerSec: 64 * 2 ** 20 })).toBe('precopy round 2 (wp-async)  sent 3.0 GiB  64.0 MiB/s (limit 64.0 MiB/s)  pages left 1 (99.9% local)')
+    expect(progressLine({ ...base, phase: SourcePhase.RECOVERING, brokenBy: 'the destination looks stuck: nothing arrived from it for 2000 ms' }))
+      .toBe('recovering  sent 3.0 GiB  64.0 MiB/s  pages left 1 (99.9% local)  (the destination looks stuck: nothing arrived from it for 2000 ms)')
   })
 })
 

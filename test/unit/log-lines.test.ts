@@ -36,6 +36,9 @@ describe('source lines', () => {
     expect(at('handoff', 'postcopy')?.[1]).toMatch(/^handed off to h:7070: the service runs there now/)
     expect(at('postcopy', 'recovering')).toEqual(['link-broken', 'the link to h:7070 broke after the hand-off; dialling it again for up to 60000 ms', 'warn'])
     expect(at('recovering', 'postcopy')).toEqual(['link-back', 'the link to h:7070 is back; post-copy goes on', 'info'])
+    // with its cause, when the source knows it (a stuck destination is not a reset)
+    expect(sourceLine.phase('h:7070', 'postcopy', 'recovering', 60000, 'the destination looks stuck: nothing arrived from it for 2000 ms')?.[1])
+      .toBe('the link to h:7070 broke after the hand-off (the destination looks stuck: nothing arrived from it for 2000 ms); dialling it again for up to 60000 ms')
   })
 
   it('the start names the bandwidth limits when there are any, and a change of them gets a line', () => {

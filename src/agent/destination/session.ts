@@ -80,6 +80,10 @@ export abstract class DestinationSession {
         if (this.phase === DestPhase.PRECOPY) for (const ch of this.link.channels) ch.sendError(err)
         this.linkBroke(err)
       },
+      keepalive: () => {
+        const urgent = this.link.urgent
+        if (urgent && !urgent.failed && !urgent.needsDrain) urgent.send(encodeControl(Msg.KEEPALIVE, {}))
+      },
     })
     const self = this // (getters: the session's parts change under the calls)
     this.service = new ServiceCalls({ get phase() { return self.phase }, get requests() { return self.requests }, get urgent() { return self.link.urgent }, get bulk() { return self.link.bulk }, get hasUffd() { return self.uffd !== undefined }, ready: (ids) => this.hooks.ready(ids) })

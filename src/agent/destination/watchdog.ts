@@ -11,6 +11,9 @@
  * - a connection left half-way through a frame for linkTimeoutMs.
  * Any of them is a broken link: post-copy enters recovery as for a reset,
  * pre-copy ends the session (the source's service runs on).
+ * The same contract the other way: while the session runs, this side sends
+ * KEEPALIVE every linkTimeoutMs / 4, so that the source can take a quiet
+ * destination for a stuck one (src/agent/source/peer-watch.ts).
  */
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
@@ -26,6 +29,8 @@ export interface WatchdogHost {
   /** Every page is local. */
   complete(): boolean
   broken(err: Error): void
+  /** Sends KEEPALIVE to the source (on urgent, where it has room). */
+  keepalive(): void
 }
 
 export interface StuckLimits {
@@ -43,6 +48,7 @@ export class Watchdog {
   private limits: StuckLimits = { requestTimeoutMs: 0, linkTimeoutMs: 0 }
   /** Per connection: bytes read at the last change and when that was. */
   private readonly seen = new Map<Channel, { bytes: number; atMs: number }>()
+  private keptAliveAtMs = -Infinity
 
   constructor(
     private readonly clock: Clock,
@@ -59,6 +65,7 @@ export class Watchdog {
     const everyMs = Math.max(50, Math.min(100, Math.min(...on) / 5))
     const tick = () => {
       this.timer = this.clock.setTimeout(tick, everyMs)
+      this.keepSourceInformed()
       this.check()
     }
     this.timer = this.clock.setTimeout(tick, everyMs)
@@ -73,6 +80,14 @@ export class Watchdog {
   /** A new pair after recovery: progress is measured from now. */
   reset(): void {
     this.seen.clear()
+  }
+
+  /** KEEPALIVE every linkTimeoutMs / 4 while the session needs the link (pre-copy, post-copy). */
+  private keepSourceInformed(): void {
+    const { linkTimeoutMs } = this.limits, phase = this.host.phase(), now = this.clock.now()
+    if (linkTimeoutMs <= 0 || (phase !== DestPhase.PRECOPY && phase !== DestPhase.POSTCOPY) || now - this.keptAliveAtMs < linkTimeoutMs / 4) return
+    this.keptAliveAtMs = now
+    this.host.keepalive()
   }
 
   check(): void {

@@ -88,6 +88,8 @@ export interface Progress {
   totalPages: number
   /** The dirty-page tracker of this migration (once pre-copy began). */
   tracker?: TrackerKind
+  /** Recovering: why the link counts as broken (a reset, a stuck destination ...). */
+  brokenBy?: string
   /** The bandwidth limit of this phase's bulk transfer, bytes a second (absent: none). */
   limitBytesPerSec?: number
 }

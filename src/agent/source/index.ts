@@ -210,6 +210,7 @@ export class MigrationSource implements SourceHandlers {
         ...(this.opts.servesHttp ? { servesHttp: true } : {}),
         mode: this.opts.mode,
       }))
+      this.link.watchPeer() // the destination sends KEEPALIVE from REGIONS on (REGIONS_OK may wait for its service)
       await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))
       const failed = this.guard(this.attachLink())
@@ -391,6 +392,7 @@ export class MigrationSource implements SourceHandlers {
       pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
       totalPages: this.totalPages,
       ...(this.tracking.kind ? { tracker: this.tracking.kind } : {}),
+      ...(this.phase === SourcePhase.RECOVERING ? { brokenBy: this.postcopy.brokenBy } : {}),
       ...(this.bandwidth.bytesPerSec ? { limitBytesPerSec: this.bandwidth.bytesPerSec } : {}),
     })
   }

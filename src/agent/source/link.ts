@@ -17,6 +17,7 @@ import { type Bandwidth, perConnection } from './bandwidth'
 import { type Clock, sleep, systemClock } from '../clock'
 import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
+import { PeerWatch } from './peer-watch'
 
 /** Opens one connection to host:port (TCP in production). */
 export type Dialer = (host: string, port: number, timeoutMs: number) => Promise<Transport>
@@ -43,6 +44,8 @@ export class SourceLink {
   /** Page requests of faults and their replies, between two native threads (absent: they go on urgent, in JS). */
   readonly demand: Channel | undefined
   private keepalive: NodeJS.Timeout | undefined
+  /** Nothing read from the destination for linkTimeoutMs: it is stuck (watchPeer()). */
+  private readonly watch: PeerWatch
 
   /** Extra bulk streams (pre-copy only; openStreams()), closed at the hand-off. */
   streams: Channel[] = []
@@ -69,6 +72,23 @@ export class SourceLink {
       this.keepalive.unref()
       urgent.onClose(() => clearInterval(this.keepalive))
     }
+    this.watch = new PeerWatch(clock, linkTimeoutMs, () => urgent.bytesRead + bulk.bytesRead + (demand?.bytesRead ?? 0), (err) => {
+      for (const ch of [urgent, bulk, demand]) ch?.fail(err)
+    })
+    urgent.onClose(() => this.watch.stop())
+  }
+
+  /**
+   * From REGIONS (or a recovery's RECOVER_STATE) until SETTLED: the destination sends KEEPALIVE meanwhile, so a link
+   * quiet for linkTimeoutMs fails as broken (src/agent/source/peer-watch.ts).
+   */
+  watchPeer(): void {
+    this.watch.start()
+  }
+
+  /** Settled: a settled destination is quiet. */
+  unwatchPeer(): void {
+    this.watch.stop()
   }
 
   /**
@@ -183,6 +203,7 @@ export class SourceLink {
   }
 
   close(): void {
+    this.watch.stop()
     this.closeData()
     this.urgent.close()
   }
@@ -202,6 +223,7 @@ export class SourceLink {
    * listening again, and a `send` run right after it is not refused as busy.
    */
   async closeAfterPeer(waitMs: number): Promise<void> {
+    this.watch.stop()
     this.closeData()
     if (!this.urgent.failed) {
       await new Promise<void>((resolve) => {
@@ -239,7 +261,9 @@ export async function reply(ch: Channel, type: Msg, deadlineMs = 0, clock: Clock
   const deadline = deadlineMs > 0 ? clock.setTimeout(() => ch.fail(migrationError(ErrorCode.CONNECTION,
     `the destination did not answer with ${msgName(type)} within ${deadlineMs} ms (linkTimeoutMs): it looks stopped or wedged; treated as a broken link`)), deadlineMs) : undefined
   try {
-    const f = await ch.nextFrame()
+    let f = await ch.nextFrame()
+    // the destination's KEEPALIVE (urgent, from REGIONS on) may come before the answer: it is never one
+    while (f.type === Msg.KEEPALIVE) f = await ch.nextFrame()
     if (f.type === Msg.ERROR) throw peerError(f.payload)
     if (f.type !== type) throw migrationError(ErrorCode.PROTOCOL, `expected ${msgName(type)}, got message ${msgName(f.type)}`)
     return f

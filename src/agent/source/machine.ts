@@ -64,5 +64,6 @@ export const SOURCE_MESSAGES: MessageTable<SourcePhase, SourceHandlers> = {
   [Msg.FREED]: { on: { bulk: [POSTCOPY] }, handle: (s, f) => s.postcopy.onFreed(f), note: 'never push these pages' },
   [Msg.SETTLED]: { on: { bulk: [POSTCOPY] }, handle: (s, f) => s.postcopy.onSettled(f), note: 'the destination has every page: its report; → settled' },
   [Msg.SERVICE]: { on: { bulk: [POSTCOPY, SETTLED] }, handle: (s, f) => s.onService(f), note: 'the destination service\'s ports: the forwarder relays clients there' },
+  [Msg.KEEPALIVE]: { on: { urgent: ALL }, handle: () => {}, note: 'the destination is alive (a quiet link is a stuck destination)' },
   [Msg.ERROR]: { on: { bulk: ALL, urgent: ALL }, handle: (s, f) => s.onPeerError(f), note: 'the destination gave up' },
 }

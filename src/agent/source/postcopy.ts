@@ -141,6 +141,7 @@ export class Postcopy {
   }
 
   onSettled(f: Frame): void {
+    this.host.link.unwatchPeer() // a settled destination is quiet
     this.settledStats = decodeControl(f.type, f.payload)
     this.settledWaiter.resolve(this.settledStats)
   }
@@ -266,12 +267,16 @@ export class Postcopy {
     return this.run(back.failed)
   }
 
+  /** Why the link last broke after the hand-off (progress and the log say it while recovering). */
+  brokenBy = ''
+
   /** The link broke: drop it and dial back. */
   private recover(cause: Error): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     this.generation++ // the push loop and the replies of the broken link stop
     this.sender.stopDemand()
     this.host.link.close()
     this.recoveries++
+    this.brokenBy = cause.message
     this.host.recovering()
     return this.dialBack(cause, this.opts.recoveryTimeoutMs)
   }
@@ -291,7 +296,10 @@ export class Postcopy {
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
         if (typeof m.resumedAtMs === 'number') this.resumedResolve(m.resumedAtMs)
         const settled = typeof m.settled === 'object' && m.settled !== null ? (m.settled as Record<string, unknown>) : undefined
-        if (!settled) this.applyRecoverState(m)
+        if (!settled) {
+          this.applyRecoverState(m)
+          link.watchPeer()
+        }
         return { failed: this.host.resumeLink(), settled }
       } catch (err) {
         last = err as Error
