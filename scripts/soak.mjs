@@ -8,7 +8,7 @@
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
-//                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--blocking] [--json FILE]
+//                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--json FILE]
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
 // with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
@@ -27,6 +27,13 @@
 // the service's, so the client is not cut off), and each hop's first try takes that link down (no carrier: packets
 // vanish, nobody is told) for MS ms, at a random moment in its first 400 ms (the CLI starts, then pages move: a larger --mib moves them longer): the kernel's TCP_USER_TIMEOUT and
 // keepalives, connects that fail while it is down, recovery after the hand-off; --link-timeout-ms 3000.
+// --stop LIST: each hop's first try stops a process (SIGSTOP, as a paused VM, a swap storm or a debugger would) at a
+// random moment of its first 600 ms, for MS ms, then lets it go (SIGCONT), the next of these in turn: `dest:MS` (the
+// receiving service's process, its agent with it), `source:MS` (the service's current home, its agent with it),
+// `none`; with --link-timeout-ms 3000, so a longer stop is taken for a stuck peer. The same rule as --inject. Keep a
+// stop of a process that has clients under 5 s: any Node HTTP server stopped for longer than its keepAliveTimeout
+// (5 s) resets its keep-alive clients when it runs again (its timers run before it reads their requests; a plain
+// server and client show it, no migration needed), and the client counts those resets.
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -74,6 +81,7 @@ const OPTIONS = {
   'link-faults': { type: 'string' },
   'rate-mbit': { type: 'string' },
   'link-down': { type: 'string' },
+  stop: { type: 'string' },
   json: { type: 'string' },
   blocking: { type: 'boolean', default: false },
 }
@@ -122,7 +130,14 @@ const start = (host, args, env = {}) => {
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
 const linkFaults = (a['link-faults'] ?? 'none').split(',').map(linkFault)
-const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none') || downMs > 0
+const stops = (a.stop ?? 'none').split(',').map(stopEntry)
+const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none') || downMs > 0 || stops.some((x) => x.who)
+/** One --stop entry: whose process stops, for how long. */
+function stopEntry(text) {
+  const m = /^(?:none|(dest|source):(\d+))$/.exec(text)
+  if (!m || (m[1] && !(Number(m[2]) > 0))) usage(`bad --stop entry: ${text} (dest:MS, source:MS or none)`)
+  return { text, who: m[1], ms: Number(m[2] ?? 0) }
+}
 /** One --link-faults entry: what the break is and when it comes. */
 function linkFault(text) {
   const m = /^(none|reset|one-sided|silent:(\d+))(?:@([A-Z_]+)(-lost)?)?$/.exec(text)
@@ -142,7 +157,7 @@ const serviceArgs = (host, http) => [server, '--name', guest, '--mib', String(mi
 
 // ---- the client: follows the service's current home; wrong answers fail the soak, refused ones are counted ----
 let home // the address the service answers on now: [host, port]
-const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [] }
+const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, wrongSamples: [], errorSamples: [] }
 function startClient() {
   const check = checker(stats)
   let seed = 12345
@@ -207,12 +222,15 @@ async function hop(n, from, to, current) {
   const relay = a['link-faults'] ? relayFor(fault, Math.imul(n + 1, 2654435761) >>> 0) : undefined
   const target = relay ? await relay.start(to.ip, port, pair?.hostIp ?? '127.0.0.1') : `${to.migIp}:${port}`
   row.linkFault = downMs ? `down:${downMs}` : fault.text
+  const stop = stops[n % stops.length]
+  row.stop = stop.text
   let send
   for (let tries = 0; ; tries++) {
     const mark = dst.mark('stderr')
-    const faulty = relay || downMs ? ['--link-timeout-ms', '3000'] : []
+    const faulty = relay || downMs || stop.who ? ['--link-timeout-ms', '3000'] : []
     send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--service-host', to.ip, '--mode', mode, '--json', ...faulty])
     if (downMs && tries === 0) linkDown(row, Math.imul(n + 1, 2654435761) >>> 0)
+    if (stop.who && tries === 0) stopFor(row, stop, stop.who === 'dest' ? dst : current, Math.imul(n + 1, 2654435761) >>> 0)
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
@@ -221,12 +239,15 @@ async function hop(n, from, to, current) {
     row.resumedAtSource++
     say(`hop ${n + 1}: the service resumed at its source (${said.code}: ${said.message}); trying again`)
     await row.linkBack // (--link-down: once the link is back)
+    await row.going // (--stop: once the stopped process runs again)
     await listensAgain(dst, mark)
   }
   step('sent')
   relay?.close()
   await row.linkBack
+  await row.going
   delete row.linkBack
+  delete row.going
   const report = JSON.parse(send.lines.join('\n'))
   row.linkBroke = relay ? relay.cuts > 0 : row.linkBroke === true
   await dst.waitLine(/^RESTORED$/, 30_000)
@@ -239,7 +260,7 @@ async function hop(n, from, to, current) {
   else await oldHomeEnded(n + 1, current).then(() => step('oldGone'))
   await waitFor(`hop ${n + 1}: the new home's migration threads did not end`, 10_000, () => migrationThreads(dst).length === 0).catch((err) => fail(err.message, dst))
   if (stats.wrong > 0) fail(`hop ${n + 1}: ${stats.wrong} wrong answer(s): ${JSON.stringify(stats.wrongSamples)}`, dst)
-  if (serve && stats.errors > 0) fail(`hop ${n + 1}: the client saw ${stats.errors} refused or reset request(s) of a service that serve()s`, dst, current)
+  if (serve && stats.errors > 0) fail(`hop ${n + 1}: the client saw ${stats.errors} refused or reset request(s) of a service that serve()s: ${JSON.stringify(stats.errorSamples)} (this hop began at ${Math.round(t0 - clientT0)} ms)`, dst, current)
   Object.assign(row, {
     totalMs: report.totalMs, downtimeMs: report.downtimeMs, rounds: report.rounds?.length ?? 0,
     sentTwice: report.pagesSentTwiceAfterHandoff ?? 0, refused: stats.errors - errorsBefore, maxGapMs: stats.maxGapMs,
@@ -259,6 +280,15 @@ function linkDown(row, seed) {
     pair.migration.setLinkUp(false)
     setTimeout(() => resolve(pair.migration.setLinkUp(true)), downMs)
   }, seed % 400))
+}
+
+/** --stop: p's service process (a receiver's child, or the first home itself) stops at a random moment of the try's first 600 ms, for stop.ms (row.going: runs again). */
+function stopFor(row, stop, p, seed) {
+  row.going = new Promise((resolve) => setTimeout(() => {
+    const pid = childrenOf(p.child.pid)[0] ?? p.child.pid
+    process.kill(pid, 'SIGSTOP')
+    setTimeout(() => resolve(process.kill(pid, 'SIGCONT')), stop.ms)
+  }, seed % 600))
 }
 
 /** send's --json answer when it exited 1 with the service running on at its source, else undefined. */
@@ -285,7 +315,7 @@ async function oldHomeEnded(hop, p) {
 const rows = []
 const lingering = [] // --back-at-once: old homes not waited for yet
 let current
-let client
+let client, clientT0 = 0
 let exit = 0
 try {
   const firstHttp = await freePort()
@@ -293,14 +323,15 @@ try {
   await current.waitLine(/^READY/)
   await current.waitLine(/^HTTP /)
   home = [hosts[0].ip, firstHttp]
+  clientT0 = performance.now()
   client = startClient()
-  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${injections.some((x) => x !== 'none') ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}${a['link-faults'] ? `; the link breaks in turn: ${a['link-faults']}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${downMs ? `; the migration crosses its own link (${pair.migration.nsIp}), down for ${downMs} ms in each hop's first try` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
+  say(`soak: guest ${guest}, ${mib} MiB, ${a.writes} page writes/s, ${hops} hops (${modes.join(', ')}), ${cancelEvery ? `1 hop in ${cancelEvery} cancelled once first` : 'no hop cancelled'}${injections.some((x) => x !== 'none') ? `; receivers' agents crash in turn: ${injections.join(', ')}` : ''}${a['link-faults'] ? `; the link breaks in turn: ${a['link-faults']}` : ''}${a.stop ? `; a process stops in turn: ${a.stop}` : ''}; a checking client follows it${pair ? `; host b in namespace ${pair.ns} (${pair.nsIp})${a['rate-mbit'] ? `, the link shaped to ${a['rate-mbit']} Mbit/s` : ''}` : ''}${downMs ? `; the migration crosses its own link (${pair.migration.nsIp}), down for ${downMs} ms in each hop's first try` : ''}${serve ? ' (the service serve()s: no request may fail)' : ''}`)
   for (let n = 0; n < hops; n++) {
     const [from, to] = n % 2 === 0 ? hosts : [hosts[1], hosts[0]]
     const { row, dst } = await hop(n, from, to, current)
     rows.push(row)
     current = dst
-    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}${row.stop !== 'none' ? ` (stopped: ${row.stop}${row.recoveries ? `, ${row.recoveries} recovery` : ''})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {

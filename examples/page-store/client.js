@@ -31,7 +31,8 @@ function get(host, port, page, agent) {
  */
 function checker(stats) {
   const seen = new Map() // page -> highest version seen
-  let lastOk = performance.now()
+  const startedAt = performance.now()
+  let lastOk = startedAt
   return async function check(host, port, page, agent) {
     stats.requests++
     try {
@@ -48,8 +49,10 @@ function checker(stats) {
         seen.set(page, r.version)
       }
       return true
-    } catch {
+    } catch (err) {
       stats.errors++
+      // what failed, and when (ms since the checker began): a few, for the report of a run that must have none
+      if (stats.errorSamples && stats.errorSamples.length < 5) stats.errorSamples.push({ host, port, atMs: Math.round(performance.now() - startedAt), error: err.code ?? err.message })
       return false
     }
   }
@@ -61,7 +64,7 @@ function checker(stats) {
  * targets() is read on every request: the destination may appear later.
  */
 function hammer({ targets, pageCount, concurrency = 4 }) {
-  const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, switchedAt: 0, wrongSamples: [] }
+  const stats = { requests: 0, ok: 0, wrong: 0, errors: 0, maxGapMs: 0, switchedAt: 0, wrongSamples: [], errorSamples: [] }
   const check = checker(stats)
   let target = 0
   let seed = 12345
