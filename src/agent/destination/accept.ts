@@ -9,7 +9,7 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
 import { type ChannelRole, type HelloInfo, serverHandshake } from '../../protocol/handshake'
 import { parseAddress } from '../address'
-import type { Clock, TimerHandle } from '../clock'
+import { type Clock, deadline } from '../clock'
 import { DestPhase } from './machine'
 
 export interface AcceptorHost {
@@ -41,7 +41,8 @@ export class Acceptor {
   private session: string | undefined
   /** When the session's slot lapses unless it has sent REGIONS by then. */
   private slotDeadlineMs = 0
-  private slotTimer: TimerHandle | undefined
+  /** Cancels the slot's deadline. */
+  private slotTimer: (() => void) | undefined
   /** Connections in their handshake now, oldest first (the peer's address for the log). */
   private readonly unauthenticated = new Map<Channel, string>()
   /** Refused connections by error code (status shows them). */
@@ -89,13 +90,13 @@ export class Acceptor {
       oldest.destroy()
     }
     this.unauthenticated.set(ch, peer)
-    const deadline = this.clock.setTimeout(() => {
+    const cancel = deadline(this.clock, this.limits.handshakeTimeoutMs, () => {
       ch.fail(migrationError(ErrorCode.TIMEOUT, `did not authenticate within ${this.limits.handshakeTimeoutMs} ms`))
       ch.destroy()
-    }, this.limits.handshakeTimeoutMs)
+    })
     const authenticated = () => {
       this.unauthenticated.delete(ch)
-      this.clock.clearTimeout(deadline)
+      cancel()
     }
     try {
       let rejoin = false
@@ -189,13 +190,13 @@ export class Acceptor {
   /** A session takes the slot: it must send REGIONS (leave LISTENING) within the handshake deadline. */
   private takeSlot(session: string): void {
     this.slotDeadlineMs = this.clock.now() + this.limits.handshakeTimeoutMs
-    this.slotTimer = this.clock.setTimeout(() => {
+    this.slotTimer = deadline(this.clock, this.limits.handshakeTimeoutMs, () => {
       this.slotTimer = undefined
       if (this.session !== session || this.host.phase !== DestPhase.LISTENING) return
       const err = migrationError(ErrorCode.TIMEOUT, `session ${session} authenticated but did not send its region table within ${this.limits.handshakeTimeoutMs} ms; its slot is free again`)
       this.count(err)
       this.host.expired(err)
-    }, this.limits.handshakeTimeoutMs)
+    })
   }
 
   /** The session's connections now. */
@@ -237,7 +238,7 @@ export class Acceptor {
   /** The session ended before the hand-off: the next source may bring another. */
   forgetSession(): void {
     this.session = undefined
-    if (this.slotTimer !== undefined) this.clock.clearTimeout(this.slotTimer)
+    this.slotTimer?.()
     this.slotTimer = undefined
   }
 

@@ -17,7 +17,7 @@
  */
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
-import type { Clock, TimerHandle } from '../clock'
+import { type Clock, LATE_MS, type TimerHandle } from '../clock'
 import { DestPhase } from './machine'
 
 export interface WatchdogHost {
@@ -63,9 +63,15 @@ export class Watchdog {
     if (!on.length) return
     // (at least 10 a second: quietEndsInMs() reads when a connection last moved to within a tick)
     const everyMs = Math.max(50, Math.min(100, Math.min(...on) / 5))
+    let tickedAtMs = this.clock.now()
     const tick = () => {
       this.timer = this.clock.setTimeout(tick, everyMs)
+      const now = this.clock.now(), late = now - tickedAtMs > everyMs + LATE_MS
+      tickedAtMs = now
       this.keepSourceInformed()
+      // late: this process did not run (stopped, its loop blocked), and what the source sent meanwhile (answers,
+      // KEEPALIVE) is read only after the timers: this tick does not judge, and the quiet counts from now
+      if (late) return this.seen.clear()
       this.check()
     }
     this.timer = this.clock.setTimeout(tick, everyMs)

@@ -14,7 +14,7 @@ import { decodeControl, encodeControl, field, Msg } from '../../protocol/message
 import { parseAddress } from '../address'
 import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
 import { type Bandwidth, perConnection } from './bandwidth'
-import { type Clock, sleep, systemClock } from '../clock'
+import { type Clock, deadline, sleep, systemClock } from '../clock'
 import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
 import { PeerWatch } from './peer-watch'
@@ -116,15 +116,15 @@ export class SourceLink {
       const ch = new Channel(await dial(host, port, opts.connectTimeoutMs), role)
       // an address that accepts and never answers (a stopped receiver, a proxy with nothing behind it) is a peer that
       // stopped answering: without a deadline send (or a recovery, past its own) waited for ever
-      const deadline = opts.linkTimeoutMs > 0 ? clock.setTimeout(() => ch.fail(migrationError(ErrorCode.CONNECT,
-        `${opts.to} accepted the ${role} connection but did not complete the handshake within ${opts.linkTimeoutMs} ms (linkTimeoutMs): a stopped or overloaded receiver, or a proxy with nothing behind it`)), opts.linkTimeoutMs) : undefined
+      const cancel = opts.linkTimeoutMs > 0 ? deadline(clock, opts.linkTimeoutMs, () => ch.fail(migrationError(ErrorCode.CONNECT,
+        `${opts.to} accepted the ${role} connection but did not complete the handshake within ${opts.linkTimeoutMs} ms (linkTimeoutMs): a stopped or overloaded receiver, or a proxy with nothing behind it`))) : undefined
       try {
         await clientHandshake(ch, opts.token, { role, session })
       } catch (err) {
         ch.close()
         throw err
       } finally {
-        if (deadline !== undefined) clock.clearTimeout(deadline)
+        cancel?.()
       }
       return ch
     }
@@ -258,8 +258,8 @@ export class SourceLink {
  * the peer gives at once; none within it fails the connection as a broken link (a peer stopped after its handshake).
  */
 export async function reply(ch: Channel, type: Msg, deadlineMs = 0, clock: Clock = systemClock): Promise<Frame> {
-  const deadline = deadlineMs > 0 ? clock.setTimeout(() => ch.fail(migrationError(ErrorCode.CONNECTION,
-    `the destination did not answer with ${msgName(type)} within ${deadlineMs} ms (linkTimeoutMs): it looks stopped or wedged; treated as a broken link`)), deadlineMs) : undefined
+  const cancel = deadlineMs > 0 ? deadline(clock, deadlineMs, () => ch.fail(migrationError(ErrorCode.CONNECTION,
+    `the destination did not answer with ${msgName(type)} within ${deadlineMs} ms (linkTimeoutMs): it looks stopped or wedged; treated as a broken link`))) : undefined
   try {
     let f = await ch.nextFrame()
     // the destination's KEEPALIVE (urgent, from REGIONS on) may come before the answer: it is never one
@@ -268,7 +268,7 @@ export async function reply(ch: Channel, type: Msg, deadlineMs = 0, clock: Clock
     if (f.type !== type) throw migrationError(ErrorCode.PROTOCOL, `expected ${msgName(type)}, got message ${msgName(f.type)}`)
     return f
   } finally {
-    if (deadline !== undefined) clock.clearTimeout(deadline)
+    cancel?.()
   }
 }
 
