@@ -5,6 +5,7 @@
  * net.Socket (a TCP socket in production, an in-memory pair in the pure tier).
  * The protocol logic stays in the engines; this only moves frames.
  */
+import { deadline, realTimers } from '../deadline'
 import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
 import { socketFd, takeSocket } from '../socket-fd'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
@@ -309,13 +310,14 @@ export class Channel {
   /** written, unless the peer stops reading for stallTimeoutMs (then the connection fails) or it fails anyway. */
   private waitWritten(written: Promise<void>): Promise<void> {
     return new Promise((resolve) => {
+      // (a deadline: after this process was stopped, the drain that came meanwhile is seen before it judges)
       const stalled = this.stallTimeoutMs > 0
-        ? setTimeout(() => {
+        ? deadline(realTimers, this.stallTimeoutMs, () => {
           this.fail(migrationError(ErrorCode.CONNECTION, `${this.name} connection stalled: the peer has not read for ${this.stallTimeoutMs} ms (stopped or wedged); treated as a broken link`))
-        }, this.stallTimeoutMs)
+        })
         : undefined
       const done = () => {
-        clearTimeout(stalled)
+        stalled?.()
         this.closeListeners = this.closeListeners.filter((l) => l !== done)
         resolve()
       }

@@ -2,7 +2,7 @@
 // arrived meanwhile is read. A deadline, or a stuck-peer check, that judged then took a peer that answered in time
 // for a late one (seen: `npm run soak -- --stop source:4000` failed a handshake whose answer sat unread).
 import { describe, expect, it } from 'vitest'
-import { deadline, LATE_MS } from '../../src/agent/clock'
+import { deadline, LATE_MS } from '../../src/deadline'
 import { DestPhase } from '../../src/agent/destination/machine'
 import { Watchdog } from '../../src/agent/destination/watchdog'
 import type { Channel } from '../../src/protocol/channel'

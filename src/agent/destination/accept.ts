@@ -9,7 +9,8 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import { Channel, type Transport } from '../../protocol/channel'
 import { type ChannelRole, type HelloInfo, serverHandshake } from '../../protocol/handshake'
 import { parseAddress } from '../address'
-import { type Clock, deadline } from '../clock'
+import type { Clock } from '../clock'
+import { deadline } from '../../deadline'
 import { DestPhase } from './machine'
 
 export interface AcceptorHost {

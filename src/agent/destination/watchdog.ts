@@ -17,7 +17,8 @@
  */
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
-import { type Clock, LATE_MS, type TimerHandle } from '../clock'
+import type { Clock, TimerHandle } from '../clock'
+import { LATE_MS } from '../../deadline'
 import { DestPhase } from './machine'
 
 export interface WatchdogHost {

@@ -1,0 +1,46 @@
+/**
+ * Deadlines that count only the time this process ran. A timer that comes due while the process cannot run
+ * (SIGSTOP, a frozen VM, a loop blocked) runs before the I/O that arrived meanwhile is read, so a peer that answered
+ * in time looked late (seen: `npm run soak -- --stop source:4000` failed a handshake whose answer sat unread).
+ * Used by the engines (with their injected clock) and by the channel (real timers).
+ */
+import { nowMs } from './stats'
+
+/** The part of a clock a deadline needs (src/agent/clock.ts's Clock is one). */
+export interface TimerClock {
+  now(): number
+  setTimeout(fn: () => void, ms: number): unknown
+  clearTimeout(handle: unknown): void
+}
+
+export const realTimers: TimerClock = {
+  now: nowMs,
+  setTimeout: (fn, ms) => setTimeout(fn, ms),
+  clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
+}
+
+/** A timer this much past its time says that the process did not run meanwhile (stopped, or its loop blocked). */
+export const LATE_MS = 500
+
+/**
+ * `expired` runs once ms of this process's running time passed, unless cancelled first (the returned function): a
+ * late timer gives the time it lost back instead of expiring. A deadline alone does not keep the loop alive.
+ */
+export function deadline(clock: TimerClock, ms: number, expired: () => void): () => void {
+  let timer: unknown
+  const arm = (waitMs: number) => {
+    const dueAtMs = clock.now() + waitMs
+    timer = clock.setTimeout(() => {
+      const lateMs = clock.now() - dueAtMs
+      if (lateMs > LATE_MS) return arm(lateMs)
+      timer = undefined
+      expired()
+    }, waitMs)
+    ;(timer as { unref?: () => void }).unref?.()
+  }
+  arm(ms)
+  return () => {
+    if (timer !== undefined) clock.clearTimeout(timer)
+    timer = undefined
+  }
+}
