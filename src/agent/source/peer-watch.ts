@@ -8,6 +8,7 @@
  */
 import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Clock, TimerHandle } from '../clock'
+import { LATE_MS } from '../../deadline'
 
 export class PeerWatch {
   private timer: TimerHandle | undefined
@@ -29,8 +30,9 @@ export class PeerWatch {
     let bytes = this.bytesRead(), sinceMs = this.clock.now(), tickedAtMs = sinceMs
     const tick = () => {
       const now = this.clock.now()
-      // A late tick means this loop was busy (bytes may wait in the kernel, unread): the quiet counts from now
-      if (this.bytesRead() !== bytes || now - tickedAtMs > 2 * everyMs) {
+      // A late tick means this process did not run (stopped, its loop busy): bytes may wait in the kernel, unread, so
+      // the quiet counts from now (the same rule as the destination's watchdog and deadline())
+      if (this.bytesRead() !== bytes || now - tickedAtMs > everyMs + LATE_MS) {
         bytes = this.bytesRead()
         sinceMs = now
       } else if (now - sinceMs >= this.linkTimeoutMs) {
