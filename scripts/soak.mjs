@@ -200,7 +200,7 @@ async function hop(n, from, to, current) {
   const step = (name) => (steps[name] = performance.now() - t0)
   const errorsBefore = stats.errors, gapBefore = stats.maxGapMs, sourceLogAt = current.stderr.length
   stats.maxGapMs = 0
-  const row = { hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false, injection, resumedAtSource: 0 }
+  const row = { undone: [], hop: n + 1, route: `${from.name}→${to.name}`, mode, cancelled: false, injection, resumedAtSource: 0 }
   if (cancelEvery > 0 && (n + 1) % cancelEvery === 0) {
     // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
     // receiver keeps waiting
@@ -229,8 +229,9 @@ async function hop(n, from, to, current) {
     const mark = dst.mark('stderr')
     const faulty = relay || downMs || stop.who ? ['--link-timeout-ms', '3000'] : []
     send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--service-host', to.ip, '--mode', mode, '--json', ...faulty])
-    if (downMs && tries === 0) linkDown(row, Math.imul(n + 1, 2654435761) >>> 0)
-    if (stop.who && tries === 0) stopFor(row, stop, stop.who === 'dest' ? dst : current, Math.imul(n + 1, 2654435761) >>> 0)
+    const seed = Math.imul(n + 1, 2654435761) >>> 0
+    if (downMs && tries === 0) linkDown(row, seed)
+    if (stop.who && tries === 0) stopFor(row, stop, stop.who === 'dest' ? dst : current, seed)
     const sent = await send.waitExit(hopTimeoutMs).catch((err) => fail(`hop ${n + 1}: ${err.message}`, send, current, dst))
     if (sent.code === 0) break
     // an injected crash may end a try before the hand-off: the service runs on at its source (never on neither host)
@@ -238,16 +239,13 @@ async function hop(n, from, to, current) {
     if (!chaos || !said || row.resumedAtSource >= 3 || current.exitCode !== null) fail(`hop ${n + 1}: send exited ${sent.code}`, send, current, dst)
     row.resumedAtSource++
     say(`hop ${n + 1}: the service resumed at its source (${said.code}: ${said.message}); trying again`)
-    await row.linkBack // (--link-down: once the link is back)
-    await row.going // (--stop: once the stopped process runs again)
+    await Promise.all(row.undone) // (--link-down, --stop: once the link is back, the process runs again)
     await listensAgain(dst, mark)
   }
   step('sent')
   relay?.close()
-  await row.linkBack
-  await row.going
-  delete row.linkBack
-  delete row.going
+  await Promise.all(row.undone)
+  delete row.undone
   const report = JSON.parse(send.lines.join('\n'))
   row.linkBroke = relay ? relay.cuts > 0 : row.linkBroke === true
   await dst.waitLine(/^RESTORED$/, 30_000)
@@ -273,22 +271,27 @@ async function hop(n, from, to, current) {
   return { row, dst }
 }
 
-/** --link-down: the migration link goes down at a random moment of the try's first 400 ms, for downMs (row.linkBack: up again). */
-function linkDown(row, seed) {
-  row.linkBroke = true
-  row.linkBack = new Promise((resolve) => setTimeout(() => {
-    pair.migration.setLinkUp(false)
-    setTimeout(() => resolve(pair.migration.setLinkUp(true)), downMs)
-  }, seed % 400))
+/** A fault at a random moment (seed) of the try's first windowMs: doIt(), then ms later undo(what doIt() gave); row.undone waits for the undo. */
+function disrupt(row, seed, windowMs, ms, doIt, undo) {
+  row.undone.push(new Promise((resolve) => setTimeout(() => {
+    const done = doIt()
+    setTimeout(() => resolve(undo(done)), ms)
+  }, seed % windowMs)))
 }
 
-/** --stop: p's service process (a receiver's child, or the first home itself) stops at a random moment of the try's first 600 ms, for stop.ms (row.going: runs again). */
+/** --link-down: the migration link goes down in the try's first 400 ms, for downMs. */
+function linkDown(row, seed) {
+  row.linkBroke = true
+  disrupt(row, seed, 400, downMs, () => pair.migration.setLinkUp(false), () => pair.migration.setLinkUp(true))
+}
+
+/** --stop: p's service process (a receiver's child, or the first home itself) stops in the try's first 600 ms, for stop.ms. */
 function stopFor(row, stop, p, seed) {
-  row.going = new Promise((resolve) => setTimeout(() => {
+  disrupt(row, seed, 600, stop.ms, () => {
     const pid = childrenOf(p.child.pid)[0] ?? p.child.pid
     process.kill(pid, 'SIGSTOP')
-    setTimeout(() => resolve(process.kill(pid, 'SIGCONT')), stop.ms)
-  }, seed % 600))
+    return pid
+  }, (pid) => process.kill(pid, 'SIGCONT'))
 }
 
 /** send's --json answer when it exited 1 with the service running on at its source, else undefined. */

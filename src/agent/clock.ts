@@ -2,7 +2,7 @@
  * Time as the engines see it: injected so that the pure test tier can run
  * the bulk gate's rules and the recovery deadline on a fake clock.
  */
-import { nowMs } from '../stats'
+import { realTimers } from '../deadline'
 
 export type TimerHandle = unknown
 
@@ -16,9 +16,7 @@ export interface Clock {
 }
 
 export const systemClock: Clock = {
-  now: nowMs,
-  setTimeout: (fn, ms) => setTimeout(fn, ms),
-  clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
+  ...realTimers,
   setImmediate: (fn) => void setImmediate(fn),
 }
 

@@ -17,8 +17,8 @@
  */
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
-import type { Clock, TimerHandle } from '../clock'
-import { LATE_MS } from '../../deadline'
+import type { Clock } from '../clock'
+import { ticks } from '../../deadline'
 import { DestPhase } from './machine'
 
 export interface WatchdogHost {
@@ -45,7 +45,7 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 5000
 const QUIET_MS = 500
 
 export class Watchdog {
-  private timer: TimerHandle | undefined
+  private stopTicks: (() => void) | undefined
   private limits: StuckLimits = { requestTimeoutMs: 0, linkTimeoutMs: 0 }
   /** Per connection: bytes read at the last change and when that was. */
   private readonly seen = new Map<Channel, { bytes: number; atMs: number }>()
@@ -64,23 +64,17 @@ export class Watchdog {
     if (!on.length) return
     // (at least 10 a second: quietEndsInMs() reads when a connection last moved to within a tick)
     const everyMs = Math.max(50, Math.min(100, Math.min(...on) / 5))
-    let tickedAtMs = this.clock.now()
-    const tick = () => {
-      this.timer = this.clock.setTimeout(tick, everyMs)
-      const now = this.clock.now(), late = now - tickedAtMs > everyMs + LATE_MS
-      tickedAtMs = now
+    this.stopTicks = ticks(this.clock, everyMs, (late) => {
       this.keepSourceInformed()
-      // late: this process did not run (stopped, its loop blocked), and what the source sent meanwhile (answers,
-      // KEEPALIVE) is read only after the timers: this tick does not judge, and the quiet counts from now
+      // late: what the source sent meanwhile (answers, KEEPALIVE) is not read yet: no judging, the quiet counts from now
       if (late) return this.seen.clear()
       this.check()
-    }
-    this.timer = this.clock.setTimeout(tick, everyMs)
+    })
   }
 
   stop(): void {
-    if (this.timer !== undefined) this.clock.clearTimeout(this.timer)
-    this.timer = undefined
+    this.stopTicks?.()
+    this.stopTicks = undefined
     this.seen.clear()
   }
 

@@ -7,11 +7,11 @@
  * the hand-off the service runs on here; after it, post-copy dials back).
  */
 import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
-import type { Clock, TimerHandle } from '../clock'
-import { LATE_MS } from '../../deadline'
+import type { Clock } from '../clock'
+import { ticks } from '../../deadline'
 
 export class PeerWatch {
-  private timer: TimerHandle | undefined
+  private stopTicks: (() => void) | undefined
 
   /**
    * bytesRead: everything read from the destination so far (any connection); stuck: called once, with a CONNECTION
@@ -25,36 +25,26 @@ export class PeerWatch {
   ) {}
 
   start(): void {
-    if (this.linkTimeoutMs <= 0 || this.timer !== undefined) return
-    const everyMs = Math.max(50, Math.min(1000, this.linkTimeoutMs / 5))
-    let bytes = this.bytesRead(), sinceMs = this.clock.now(), tickedAtMs = sinceMs
-    const tick = () => {
+    if (this.linkTimeoutMs <= 0 || this.stopTicks) return
+    let bytes = this.bytesRead(), sinceMs = this.clock.now()
+    this.stopTicks = ticks(this.clock, Math.max(50, Math.min(1000, this.linkTimeoutMs / 5)), (late) => {
       const now = this.clock.now()
-      // A late tick means this process did not run (stopped, its loop busy): bytes may wait in the kernel, unread, so
-      // the quiet counts from now (the same rule as the destination's watchdog and deadline())
-      if (this.bytesRead() !== bytes || now - tickedAtMs > everyMs + LATE_MS) {
+      // late: bytes may wait in the kernel, unread, so the quiet counts from now
+      if (late || this.bytesRead() !== bytes) {
         bytes = this.bytesRead()
         sinceMs = now
       } else if (now - sinceMs >= this.linkTimeoutMs) {
-        this.timer = undefined
-        return this.stuck(migrationError(ErrorCode.CONNECTION,
+        this.stop()
+        this.stuck(migrationError(ErrorCode.CONNECTION,
           `the destination looks stuck: nothing arrived from it for ${Math.round(now - sinceMs)} ms (linkTimeoutMs ${this.linkTimeoutMs}; ` +
           'a live destination sends KEEPALIVE): a stopped or wedged receiver; treated as a broken link'))
       }
-      tickedAtMs = now
-      this.arm(tick, everyMs)
-    }
-    this.arm(tick, everyMs)
+    })
   }
 
   /** Settled (a settled destination is quiet), failed, or the link closed. */
   stop(): void {
-    if (this.timer !== undefined) this.clock.clearTimeout(this.timer)
-    this.timer = undefined
-  }
-
-  private arm(tick: () => void, ms: number): void {
-    this.timer = this.clock.setTimeout(tick, ms)
-    ;(this.timer as { unref?: () => void }).unref?.() // the watch alone does not keep the agent's loop alive
+    this.stopTicks?.()
+    this.stopTicks = undefined
   }
 }
