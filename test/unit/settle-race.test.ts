@@ -5,12 +5,15 @@
  * Seen in CI as a `send` that never returned (the report was dropped).
  * And a destination that ends right after it settled closes every connection
  * at once: the source may learn of a closed one before SETTLED arrives on bulk.
+ * So may one that gave up after the hand-off (pages it could not place): its
+ * ERROR, not a recovery, is the source's answer.
  */
 import { describe, expect, it } from 'vitest'
+import { installFailedError } from '../../src/agent/demand-events'
 import { Msg } from '../../src/protocol/messages'
 import { makePair, pageBytes, sameBytes, startSource } from './helpers/wire'
 
-describe('a destination that lacks nothing at the hand-off', () => {
+describe("the destination's last words: SETTLED or ERROR, whichever connection ends first", () => {
   it('settles at once, and the source takes its report even when SETTLED overtakes the HANDOFF drain', async () => {
     const pair = makePair([64], (src, regions) => {
       for (let p = 0; p < 64; p += 2) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
@@ -59,5 +62,37 @@ describe('a destination that lacks nothing at the hand-off', () => {
     expect(rep.postcopy.recoveries).toBe(0)
     expect(rep.postcopy.pagesLocalAtDestination).toBe(64)
     expect(sameBytes(pair)).toBeUndefined()
+  }, 10_000)
+
+  it('gives up after the hand-off: the source takes the ERROR arriving on bulk after another connection closed, and does not dial back', async () => {
+    const pair = makePair([64], (src, regions) => {
+      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    let full = false, raced = false
+    pair.onFrame = (from, type) => {
+      // the service runs there: from now on the destination cannot place a page (its memory cgroup is full)
+      if (from === 'destination' && type === Msg.RESUMED && !full) {
+        full = true
+        pair.dst.install = (_id, offset, length) => {
+          throw installFailedError(12, 0, offset / 4096, length / 4096)
+        }
+      }
+      if (from !== 'destination' || type !== Msg.ERROR || raced) return undefined
+      // its first ERROR is being written on bulk; its urgent connection closes before the source reads it
+      raced = true
+      const [urgent, bulk] = pair.links.slice(-2)
+      bulk.pause()
+      urgent.peer.destroy()
+      setTimeout(() => bulk.resume(), 20)
+      return undefined
+    }
+    const { source, report } = startSource(pair, { mode: 'postcopy', extra: { recoveryTimeoutMs: 5000 } })
+    const err = await report.then(() => undefined, (e: Error) => e)
+    expect(raced).toBe(true)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
+    expect(err!.message).toMatch(/could not place \d+ page\(s\) of region 0 from page \d+: ENOMEM/)
+    expect(pair.links.length).toBe(2) // urgent and bulk of the one link: never dialled again
+    expect(source.phase).toBe('failed')
+    expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
   }, 10_000)
 })

@@ -28,12 +28,13 @@ import { askRecoverState, type SourceLink } from './link'
 const BATCH_PAGES = 256
 
 /**
- * A connection broke: how long the bulk connection is still read for a SETTLED already on its way before
- * recovering. A destination that settled and then ended (its service may exit or move on right after a migration)
- * closes all its connections at once, and the one that tells this side first need not be bulk, which carries
- * SETTLED: recovering at once dropped it, and the source then dialled a host that was gone until its recovery timeout
- * (seen on a loaded 2-vCPU machine: the migration complete there, `send` still recovering 45 s later). A link
- * that really broke costs recovery this long at most, less when bulk ends sooner.
+ * A connection broke: how long urgent and bulk are still read for the destination's last words before recovering:
+ * SETTLED (on bulk), or an ERROR of its own (on both; e.g. pages it could not place). A destination that settled or
+ * failed closes all its connections at once, and the one that tells this side first need not carry them (the demand
+ * connection, read by a native thread, often does): recovering at once dropped them, and the source then dialled a
+ * host that was gone or had given up until its recovery timeout (seen on a loaded 2-vCPU machine: the migration
+ * complete there, `send` still recovering 45 s later; and in CI a destination that could not place pages). A link
+ * that really broke costs recovery this long at most, less when both connections end sooner.
  */
 const SETTLED_GRACE_MS = 300
 
@@ -166,8 +167,9 @@ export class Postcopy {
       } catch (err) {
         const code = (err as UffdMigrateError).code
         if (this.host.failure || code !== ErrorCode.CONNECTION) throw err
-        const settled = await this.settledOnBulk()
+        const settled = await this.lastWords()
         if (settled) return [await this.resumedAt, settled]
+        if (this.host.failure) throw this.host.failure // the destination said why it gave up: nothing to recover
         if (this.opts.recoveryTimeoutMs <= 0) throw err
         const back = await this.recover(err as Error)
         if (back.settled) return [await this.resumedAt, back.settled] // it settled as the link broke
@@ -176,13 +178,14 @@ export class Postcopy {
     }
   }
 
-  /** The SETTLED report if it arrives on bulk before bulk ends, within SETTLED_GRACE_MS (see there). */
-  private async settledOnBulk(): Promise<Record<string, unknown> | undefined> {
-    const bulk = this.host.link.bulk
-    if (!this.settledStats && !bulk.failed) {
+  /** The SETTLED report if it arrives before urgent and bulk have both ended, within SETTLED_GRACE_MS (see there); an ERROR meanwhile is the host's failure. */
+  private async lastWords(): Promise<Record<string, unknown> | undefined> {
+    const { bulk, urgent } = this.host.link
+    const open = [bulk, urgent].filter((ch) => !ch.failed)
+    if (!this.settledStats && !this.host.failure && open.length) {
       await Promise.race([
         this.settled.catch(() => {}),
-        new Promise<void>((resolve) => bulk.onClose(() => resolve())),
+        Promise.all(open.map((ch) => new Promise<void>((resolve) => ch.onClose(() => resolve())))),
         sleep(this.clock, SETTLED_GRACE_MS),
       ])
     }
