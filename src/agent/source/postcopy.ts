@@ -14,6 +14,7 @@ import type { Frame } from '../../protocol/frames'
 import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
 import { nativeLinkError } from '../demand-events'
+import { deadline } from '../../deadline'
 import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
@@ -183,11 +184,13 @@ export class Postcopy {
     const { bulk, urgent } = this.host.link
     const open = [bulk, urgent].filter((ch) => !ch.failed)
     if (!this.settledStats && !this.host.failure && open.length) {
+      let cancel = () => {}
       await Promise.race([
         this.settled.catch(() => {}),
         Promise.all(open.map((ch) => new Promise<void>((resolve) => ch.onClose(() => resolve())))),
-        sleep(this.clock, SETTLED_GRACE_MS),
+        new Promise<void>((resolve) => (cancel = deadline(this.clock, SETTLED_GRACE_MS, resolve))), // (late: what arrived meanwhile is read first)
       ])
+      cancel()
     }
     return this.settledStats
   }
