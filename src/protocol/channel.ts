@@ -120,6 +120,9 @@ export class Channel {
     for (const f of q) this.safeDispatch(f)
   }
 
+  /** The peer's last ERROR, whoever took it (a waiter, the handler): its reason outlives a reader that was given up. */
+  peerErrorFrame: Frame | undefined
+
   onClose(listener: (err: Error) => void): void {
     if (this.failure) listener(this.failure)
     else this.closeListeners.push(listener)
@@ -136,6 +139,7 @@ export class Channel {
 
   private dispatch(f: Frame): void {
     if (this.failure) return
+    if (f.type === Msg.ERROR) this.peerErrorFrame = f
     const w = this.waiters.shift()
     if (w) w.resolve(f)
     else if (this.handler) this.safeDispatch(f)

@@ -95,4 +95,30 @@ describe("the destination's last words: SETTLED or ERROR, whichever connection e
     expect(source.phase).toBe('failed')
     expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
   }, 10_000)
+
+  it('gives up before the hand-off: the source reports the ERROR arriving on bulk after urgent closed (not "urgent connection closed")', async () => {
+    const pair = makePair([64], (src, regions) => {
+      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    pair.dst.install = (_id, offset, length) => {
+      throw installFailedError(12, 0, offset / 4096, length / 4096)
+    }
+    let raced = false
+    pair.onFrame = (from, type) => {
+      if (from !== 'destination' || type !== Msg.ERROR || raced) return undefined
+      // its ERROR is being written on bulk; its urgent connection ends at once, bulk's bytes reach the source 20 ms later
+      raced = true
+      const bulk = pair.links[pair.links.length - 1]
+      bulk.pause()
+      setTimeout(() => bulk.resume(), 20)
+      return undefined
+    }
+    const { source, report } = startSource(pair, { mode: 'precopy' })
+    const err = await report.then(() => undefined, (e: Error) => e)
+    expect(raced).toBe(true)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
+    expect(err!.message).toMatch(/could not place \d+ page\(s\) of region 0 from page \d+: ENOMEM/)
+    expect(source.phase).toBe('failed')
+    expect(pair.resumedOnSource).toBe(0) // never paused: the service ran on here throughout
+  }, 10_000)
 })

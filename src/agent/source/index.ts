@@ -25,7 +25,7 @@ import { StateMachine } from '../state-machine'
 import { Bandwidth, type BandwidthLimits } from './bandwidth'
 import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
-import { reply, SourceLink } from './link'
+import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
@@ -147,10 +147,7 @@ export class MigrationSource implements SourceHandlers {
     if (this.machine.is(SourcePhase.FAILED, SourcePhase.SETTLED)) return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the migration already ended (${this.phase})`)
     const err = migrationError(ErrorCode.CANCELLED, `migration to ${this.opts.to} cancelled in phase ${this.phase}${this.phase === SourcePhase.PRECOPY ? ` (round ${this.round})` : ''}, before the hand-off: the service runs on here`)
     this.failure ??= err
-    if (this.current) {
-      this.current.bulk.sendError(err)
-      this.current.urgent.sendError(err)
-    }
+    for (const ch of this.current ? [this.current.bulk, this.current.urgent] : []) ch.sendError(err)
     this.cancelWith(err)
     return undefined
   }
@@ -316,7 +313,9 @@ export class MigrationSource implements SourceHandlers {
 
   /** The migration failed: the service resumes here unless it may run on the destination; returns err, told so. */
   private async failed(err: Error, paused: boolean, pausing: Promise<PausedService> | undefined): Promise<Error> {
-    this.failure ??= err
+    // (the service runs here: the destination's reason, if on its way, is worth a wait; see lastWords())
+    if (!paused && !this.failure && (err as UffdMigrateError).code === ErrorCode.CONNECTION) err = (await this.current?.lastWords(LAST_WORDS_MS)) ?? err
+    err = this.failure ??= err
     this.sender.stopDemand()
     const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
     if (!cancelled) this.current?.close()

@@ -239,6 +239,31 @@ export class SourceLink {
     this.urgent.close()
   }
 
+  /**
+   * After a connection broke: waits until urgent and bulk have both ended, or graceMs of this process's running time,
+   * and resolves with the destination's ERROR if one was read on them (its reason), else undefined. A destination that
+   * settles or gives up closes every connection at once, and the one that tells this side first need not carry its
+   * last words (the demand connection, read by a native thread, often does).
+   */
+  async lastWords(graceMs: number): Promise<UffdMigrateError | undefined> {
+    const open = [this.urgent, this.bulk].filter((ch) => !ch.failed)
+    if (open.length) {
+      await new Promise<void>((resolve) => {
+        const cancel = deadline(this.clock, graceMs, resolve) // (late: what arrived meanwhile is read first)
+        void Promise.all(open.map((ch) => new Promise<void>((ended) => ch.onClose(() => ended())))).then(() => {
+          cancel()
+          resolve()
+        })
+      })
+    }
+    const said = this.urgent.peerErrorFrame ?? this.bulk.peerErrorFrame
+    try {
+      return said && peerError(said.payload)
+    } catch {
+      return undefined // (malformed: the broken link stands)
+    }
+  }
+
   /** Destination clock minus ours, from the exchange with the smallest round trip. */
   async syncClock(clock: Clock): Promise<{ offsetMs: number; rttMs: number }> {
     let best = { offsetMs: 0, rttMs: Infinity }
@@ -253,6 +278,14 @@ export class SourceLink {
     return best
   }
 }
+
+/**
+ * How long SourceLink.lastWords() waits at most. Taking a connection's end for a broken link at once dropped the
+ * destination's SETTLED on its way (the source then dialled a host that was gone until its recovery timeout: seen on a
+ * loaded 2-vCPU machine, the migration complete there and `send` still recovering 45 s later), and its ERROR (seen in
+ * CI: a destination that could not place pages, dialled for 60 s). A link that really broke costs this long at most.
+ */
+export const LAST_WORDS_MS = 300
 
 /**
  * The next frame on ch, which must be `type` (an ERROR is raised as the peer's error). deadlineMs (0: none): an answer

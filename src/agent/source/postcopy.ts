@@ -14,12 +14,11 @@ import type { Frame } from '../../protocol/frames'
 import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
 import { nativeLinkError } from '../demand-events'
-import { deadline } from '../../deadline'
 import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
-import { askRecoverState, type SourceLink } from './link'
+import { askRecoverState, LAST_WORDS_MS, type SourceLink } from './link'
 
 /**
  * Pages the push policy picks per turn of the push loop (1 MiB): page
@@ -27,17 +26,6 @@ import { askRecoverState, type SourceLink } from './link'
  * small frames, whose per-frame costs on both sides slowed the push.
  */
 const BATCH_PAGES = 256
-
-/**
- * A connection broke: how long urgent and bulk are still read for the destination's last words before recovering:
- * SETTLED (on bulk), or an ERROR of its own (on both; e.g. pages it could not place). A destination that settled or
- * failed closes all its connections at once, and the one that tells this side first need not carry them (the demand
- * connection, read by a native thread, often does): recovering at once dropped them, and the source then dialled a
- * host that was gone or had given up until its recovery timeout (seen on a loaded 2-vCPU machine: the migration
- * complete there, `send` still recovering 45 s later; and in CI a destination that could not place pages). A link
- * that really broke costs recovery this long at most, less when both connections end sooner.
- */
-const SETTLED_GRACE_MS = 300
 
 /** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()). */
 const TAKEOVER_ASK_MS = 10_000
@@ -179,19 +167,11 @@ export class Postcopy {
     }
   }
 
-  /** The SETTLED report if it arrives before urgent and bulk have both ended, within SETTLED_GRACE_MS (see there); an ERROR meanwhile is the host's failure. */
+  /** The SETTLED report if it arrives within the link's last words; an ERROR read meanwhile is thrown (nothing to recover). */
   private async lastWords(): Promise<Record<string, unknown> | undefined> {
-    const { bulk, urgent } = this.host.link
-    const open = [bulk, urgent].filter((ch) => !ch.failed)
-    if (!this.settledStats && !this.host.failure && open.length) {
-      let cancel = () => {}
-      await Promise.race([
-        this.settled.catch(() => {}),
-        Promise.all(open.map((ch) => new Promise<void>((resolve) => ch.onClose(() => resolve())))),
-        new Promise<void>((resolve) => (cancel = deadline(this.clock, SETTLED_GRACE_MS, resolve))), // (late: what arrived meanwhile is read first)
-      ])
-      cancel()
-    }
+    if (this.settledStats || this.host.failure) return this.settledStats
+    const said = await Promise.race([this.settled.then(() => undefined, () => undefined), this.host.link.lastWords(LAST_WORDS_MS)])
+    if (!this.settledStats && said) throw said
     return this.settledStats
   }
 
