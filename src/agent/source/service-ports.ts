@@ -7,7 +7,8 @@ import { migrationError, ErrorCode } from '../../errors'
 import type { Frame } from '../../protocol/frames'
 import { decodeControl, field, Msg } from '../../protocol/messages'
 import type { Channel } from '../../protocol/channel'
-import { type Clock, sleep, systemClock, type TimerHandle } from '../clock'
+import { type Clock, sleep, systemClock } from '../clock'
+import { deadline } from '../../deadline'
 import { askRecoverState, reply } from './link'
 
 export class ServicePorts {
@@ -45,9 +46,14 @@ export class ServicePorts {
    * Before, the forwarder waited out `ms` and then had nowhere to send the clients it held.
    */
   async wait(ms: number, broke?: Promise<void>, redial?: () => Promise<{ bulk: Channel; close(): void }>): Promise<void> {
-    const deadline = this.clock.now() + ms
-    let timer: TimerHandle
-    const late = new Promise<false>((r) => (timer = this.clock.setTimeout(() => r(false), ms)))
+    let expired = false, cancel!: () => void
+    // (a deadline: after a stop, what arrived meanwhile is read before it ends the wait)
+    const late = new Promise<false>((r) => {
+      cancel = deadline(this.clock, ms, () => {
+        expired = true
+        r(false)
+      })
+    })
     try {
       for (let link = broke; !this.known && link; ) {
         if (!(await Promise.race([this.announced.then(() => false), late, link.then(() => true)])) || !redial) return
@@ -61,12 +67,11 @@ export class ServicePorts {
         } finally {
           again?.close()
         }
-        link = !this.known && this.clock.now() < deadline ? sleep(this.clock, 100) : undefined
+        link = !this.known && !expired ? sleep(this.clock, 100) : undefined
       }
       if (!this.known) await Promise.race([this.announced, late])
     } finally {
-      // the wait may end long before `ms`: its timer must not hold the agent's loop open
-      this.clock.clearTimeout(timer!)
+      cancel() // the wait may end long before `ms`
     }
   }
 }
