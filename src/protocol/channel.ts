@@ -334,8 +334,12 @@ export class Channel {
     const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
     const retryAfterMs = (err as UffdMigrateError).retryAfterMs
     const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) }
-    if (!this.failure && !this.socket.destroyed) this.send(Buffer.concat(encodeControl(Msg.ERROR, body)))
+    if (this.failure || this.socket.destroyed || this.errorSent) return
+    this.errorSent = true // one reason per connection: the first (a later one only says that it ended)
+    this.send(Buffer.concat(encodeControl(Msg.ERROR, body)))
   }
+
+  private errorSent = false
 
   get failed(): Error | undefined {
     return this.failure

@@ -121,4 +121,20 @@ describe("the destination's last words: SETTLED or ERROR, whichever connection e
     expect(source.phase).toBe('failed')
     expect(pair.resumedOnSource).toBe(0) // never paused: the service ran on here throughout
   }, 10_000)
+
+  it('gives up before the hand-off, its ERROR on bulk lost (bulk full of unread pages ends in a reset): urgent carries the reason too', async () => {
+    const pair = makePair([64], (src, regions) => {
+      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    pair.dst.install = (_id, offset, length) => {
+      throw installFailedError(12, 0, offset / 4096, length / 4096)
+    }
+    let errors = 0
+    pair.onFrame = (from, type) => (from === 'destination' && type === Msg.ERROR && ++errors === 1 ? 'drop' : undefined)
+    const { report } = startSource(pair, { mode: 'precopy' })
+    const err = await report.then(() => undefined, (e: Error) => e)
+    expect(errors).toBe(2) // bulk's (lost), then urgent's; never two on one connection
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
+    expect(err!.message).toMatch(/could not place \d+ page\(s\) of region 0 from page \d+: ENOMEM/)
+  }, 10_000)
 })

@@ -221,13 +221,14 @@ export abstract class DestinationSession {
 
   protected fail(err: Error): void {
     if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
+    // a failure of this side's own (pages it could not place): the source hears why on every connection before the
+    // link goes (bulk, full of pages this side will not read, may reach it as a reset)
+    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) for (const ch of this.link.channels) ch.sendError(err)
     if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
     this.watchdog.stop()
     this.bulkPath.close()
     this.machine.transition(DestPhase.FAILED)
-    // a failure of this side's own (pages it could not place): the source hears why before the link goes
-    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) for (const ch of this.link.channels) ch.sendError(err)
     this.link.drop(err)
     this.link.stopListening()
     this.hooks.failed(err)
