@@ -10,6 +10,8 @@ export class UffdMigrateError extends Error {
   syscall?: string
   /** ERR_MIGRATION_BUSY from a destination whose slot frees by itself: try again after this long. */
   retryAfterMs?: number
+  /** The peer's ERROR, raised here: never told back to it (Channel.sendError). */
+  fromPeer?: boolean
 
   constructor(message: string, code: string = ErrorCode.GENERIC, options?: { cause?: unknown }) {
     super(message, options)

@@ -334,7 +334,7 @@ export class Channel {
     const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
     const retryAfterMs = (err as UffdMigrateError).retryAfterMs
     const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) }
-    if (this.failure || this.socket.destroyed || this.errorSent) return
+    if (this.failure || this.socket.destroyed || this.errorSent || (err as UffdMigrateError).fromPeer) return
     this.errorSent = true // one reason per connection: the first (a later one only says that it ended)
     this.send(Buffer.concat(encodeControl(Msg.ERROR, body)))
   }

@@ -49,6 +49,7 @@ export function peerError(payload: Buffer): UffdMigrateError {
   const code = typeof m.code === 'string' ? m.code : ErrorCode.PROTOCOL
   const message = typeof m.message === 'string' ? m.message : 'no message'
   const err = new UffdMigrateError(`peer reported: ${message}`, code)
+  err.fromPeer = true
   if (typeof m.retryAfterMs === 'number' && m.retryAfterMs >= 0) err.retryAfterMs = Math.min(m.retryAfterMs, 60_000)
   return err
 }
@@ -117,7 +118,7 @@ export async function serverHandshake(ch: Channel, token: Buffer, admit: (info: 
     ch.send(encodeControl(Msg.READY, {}))
     return info
   } catch (err) {
-    if (err instanceof UffdMigrateError && !err.message.startsWith('peer reported')) ch.sendError(err)
+    if (err instanceof UffdMigrateError) ch.sendError(err) // (not the peer's own: sendError skips it)
     throw err
   }
 }

@@ -147,7 +147,7 @@ export class MigrationSource implements SourceHandlers {
     if (this.machine.is(SourcePhase.FAILED, SourcePhase.SETTLED)) return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the migration already ended (${this.phase})`)
     const err = migrationError(ErrorCode.CANCELLED, `migration to ${this.opts.to} cancelled in phase ${this.phase}${this.phase === SourcePhase.PRECOPY ? ` (round ${this.round})` : ''}, before the hand-off: the service runs on here`)
     this.failure ??= err
-    for (const ch of this.current ? [this.current.bulk, this.current.urgent] : []) ch.sendError(err)
+    this.current?.tell(err)
     this.cancelWith(err)
     return undefined
   }
@@ -318,10 +318,11 @@ export class MigrationSource implements SourceHandlers {
     err = this.failure ??= err
     this.sender.stopDemand()
     const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
+    // this side's own failure (the service's pause, a tracker, a bug): the destination hears why (after the hand-off it fails at once, no recovery to wait for)
+    if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err)
     if (!cancelled) this.current?.close()
     if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
-    // Once HANDOFF is on the wire the destination may already run the
-    // service: resuming here too would run it twice, unless it said it did not.
+    // HANDOFF on the wire: the destination may run the service already; resuming here too would run it twice, unless it said it did not
     if (paused && (!this.committed || this.handoffRefused)) {
       // a cancel while pause() runs: let it finish first, so that resume() comes after it
       if (pausing) await pausing.catch(() => {})

@@ -239,6 +239,12 @@ export class SourceLink {
     this.urgent.close()
   }
 
+  /** Tells the destination why this side ends the migration (a cancel, its own failure), on urgent and bulk. */
+  tell(err: Error): void {
+    this.bulk.sendError(err)
+    this.urgent.sendError(err)
+  }
+
   /**
    * After a connection broke: waits until urgent and bulk have both ended, or graceMs of this process's running time,
    * and resolves with the destination's ERROR if one was read on them (its reason), else undefined. A destination that

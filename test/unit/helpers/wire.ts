@@ -99,6 +99,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
       failedResolve(err)
     },
     recovering: () => pair.events.push('recovering'),
+    sessionEnded: (err) => pair.events.push(`ended:${(err as { code?: string }).code}:${err.message}`),
   })
   return pair
 }
@@ -136,6 +137,8 @@ export interface RunOptions {
   state?: Uint8Array
   extra?: Partial<SourceOptions>
   freed?: () => number[]
+  /** The service's pause fails with this (the engine gets it coded, as from src/guest.ts). */
+  pauseFails?: Error
 }
 
 export function startSource(pair: Pair, o: RunOptions): { source: MigrationSource; report: Promise<MigrationReport> } {
@@ -149,6 +152,7 @@ export function startSource(pair: Pair, o: RunOptions): { source: MigrationSourc
   const source = new MigrationSource(pair.src, pair.srcRegions, sourceOptions(pair, o.mode, o.extra), {
     pause: async () => {
       writing = false
+      if (o.pauseFails) throw o.pauseFails
       return { state: o.state ?? new Uint8Array([1, 2, 3]) }
     },
     resume: () => {
