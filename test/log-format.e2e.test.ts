@@ -40,4 +40,26 @@ describe.skipIf(skip)('JSON log lines', () => {
     expect(s[2].msg).toMatch(/^moved to 127\.0\.0\.1:\d+: settled there; downtime [\d.]+ ms, total \d+ ms$/)
     expect(d[0].pid).not.toBe(s[0].pid)
   }, 60_000)
+
+  it('a destination that cannot place pages (UFFD_MIGRATE_FAULT_INJECT=install:3): each side logs the destination\'s reason, and the service runs on at its source', async () => {
+    const A = host('a'), B = host('b')
+    A.env.UFFD_MIGRATE_LOG_FORMAT = B.env.UFFD_MIGRATE_LOG_FORMAT = 'json'
+    B.env.UFFD_MIGRATE_FAULT_INJECT = 'install:3'
+    const g = `jsonlog-nomem-${process.pid}`, port = await freePort(), http = await freePort(), srcHttp = await freePort()
+    const dst = B.receive(g, port, http)
+    await listening(dst)
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    const { code, send } = await sendAndWait(A, g, port, ['--mode', 'precopy'])
+    expect(code, sendFailure(send, dst)).toBe(1)
+    const reason = /the destination could not place \d+ page\(s\) of region 0 from page \d+: ENOMEM: the destination is out of memory/
+    expect(send.stderr).toMatch(reason) // (not "urgent connection closed by the peer": whichever connection ends first)
+    const s = lines(src.stderr), d = lines(dst.stderr)
+    expect(s.map((l) => l.event)).toEqual(['migration-began', 'migration-failed'])
+    expect(s[1].msg).toMatch(reason)
+    expect(s[1].msg).toMatch(/\[ERR_MIGRATION_ABORTED\]/)
+    expect(d.map((l) => l.event)).toEqual(['listening', 'incoming', 'session-ended'])
+    expect(d[2].msg).toMatch(reason)
+    expect((await page(srcHttp, 1)).ok).toBe(true) // the service runs on here
+  }, 60_000)
 })
