@@ -15,6 +15,7 @@ import { NativeThread } from '../native-thread'
 import type { Placement } from './placement'
 import type { Requests } from './requests'
 import { type Clock, systemClock } from '../clock'
+import { deadline } from '../../deadline'
 
 /**
  * A clean end of the demand connection is the source hanging up; why (an ERROR such as a cancel) comes on urgent or
@@ -101,7 +102,7 @@ export class DemandPath {
   private hungUp(err: Error, clean: boolean): void {
     if (!clean) return this.broken(err)
     const gen = this.generation, client = this.client
-    this.clock.setTimeout(() => gen === this.generation && client === this.client && this.broken(err), DEMAND_HANGUP_GRACE_MS)
+    deadline(this.clock, DEMAND_HANGUP_GRACE_MS, () => gen === this.generation && client === this.client && this.broken(err)) // (late: what arrived is read first)
   }
 
   /** The link broke: faults are recorded and asked for again on the next demand connection. */

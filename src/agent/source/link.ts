@@ -15,7 +15,7 @@ import { parseAddress } from '../address'
 import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
 import { type Bandwidth, perConnection } from './bandwidth'
 import { type Clock, sleep, systemClock } from '../clock'
-import { deadline } from '../../deadline'
+import { deadline, realTimers } from '../../deadline'
 import { nativeDemandAvailable } from '../demand-events'
 import { msgName } from '../message-table'
 import { PeerWatch } from './peer-watch'
@@ -340,16 +340,17 @@ export async function dialTcp(host: string, port: number, timeoutMs: number): Pr
 function dialOnce(host: string, port: number, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = connect({ host, port })
-    const timer = setTimeout(() => {
+    // (a deadline: after a stop, a connection that completed meanwhile is seen before it judges)
+    const cancel = deadline(realTimers, timeoutMs, () => {
       s.destroy()
       reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port} within ${timeoutMs} ms: is \`uffd-migrate receive\` listening there?`))
-    }, timeoutMs)
+    })
     s.once('connect', () => {
-      clearTimeout(timer)
+      cancel()
       resolve(s)
     })
     s.once('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer)
+      cancel()
       reject(migrationError(ErrorCode.CONNECT, `could not connect to ${host}:${port}: ${err.code ?? err.message}; is \`uffd-migrate receive --listen ${host}:${port}\` running on the destination?`, err))
     })
   })
