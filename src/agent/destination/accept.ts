@@ -205,6 +205,11 @@ export class Acceptor {
     return [this.urgent, this.bulk].filter((c): c is Channel => c !== undefined)
   }
 
+  /** Tells the source why this side ends the session, on urgent and bulk (SourceLink.tell() is the other way). */
+  tell(err: Error): void {
+    for (const ch of this.channels) ch.sendError(err)
+  }
+
   /** Both connections of the session, when both are here. */
   get pair(): { urgent: Channel; bulk: Channel } | undefined {
     return this.urgent && this.bulk ? { urgent: this.urgent, bulk: this.bulk } : undefined

@@ -65,7 +65,7 @@ export abstract class DestinationSession {
       adopt: (ch, role) => this.adopt(ch, role),
       refused: (m) => this.hooks.refused?.(m, this.link.refusals),
       expired: (err) => {
-        for (const ch of this.link.channels) ch.sendError(err)
+        this.link.tell(err)
         this.endSession(err)
       },
       quietSessionEndsInMs: () => this.watchdog.quietEndsInMs(),
@@ -77,7 +77,7 @@ export abstract class DestinationSession {
       oldestRequestSinceMs: () => Math.min(this.requests.oldestRequestSinceMs() ?? Infinity, this.demand.oldestOpenMs(this.clock.now()) ?? Infinity),
       // a stuck source is a broken link: after the hand-off it must find it closed and come back (no ERROR then)
       broken: (err) => {
-        if (this.phase === DestPhase.PRECOPY) for (const ch of this.link.channels) ch.sendError(err)
+        if (this.phase === DestPhase.PRECOPY) this.link.tell(err)
         this.linkBroke(err)
       },
       keepalive: () => {
@@ -223,7 +223,7 @@ export abstract class DestinationSession {
     if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
     // a failure of this side's own (pages it could not place): the source hears why on every connection before the
     // link goes (bulk, full of pages this side will not read, may reach it as a reset)
-    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) for (const ch of this.link.channels) ch.sendError(err)
+    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) this.link.tell(err)
     if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
     this.watchdog.stop()

@@ -226,16 +226,7 @@ export class SourceLink {
   async closeAfterPeer(waitMs: number): Promise<void> {
     this.watch.stop()
     this.closeData()
-    if (!this.urgent.failed) {
-      await new Promise<void>((resolve) => {
-        const timer = this.clock.setTimeout(resolve, waitMs)
-        ;(timer as { unref?: () => void }).unref?.() // the wait alone does not keep the process alive
-        this.urgent.onClose(() => {
-          this.clock.clearTimeout(timer)
-          resolve()
-        })
-      })
-    }
+    await this.untilEnded([this.urgent], waitMs)
     this.urgent.close()
   }
 
@@ -252,22 +243,29 @@ export class SourceLink {
    * last words (the demand connection, read by a native thread, often does).
    */
   async lastWords(graceMs: number): Promise<UffdMigrateError | undefined> {
-    const open = [this.urgent, this.bulk].filter((ch) => !ch.failed)
-    if (open.length) {
-      await new Promise<void>((resolve) => {
-        const cancel = deadline(this.clock, graceMs, resolve) // (late: what arrived meanwhile is read first)
-        void Promise.all(open.map((ch) => new Promise<void>((ended) => ch.onClose(() => ended())))).then(() => {
-          cancel()
-          resolve()
-        })
-      })
-    }
+    await this.untilEnded([this.urgent, this.bulk], graceMs)
     const said = this.urgent.peerErrorFrame ?? this.bulk.peerErrorFrame
     try {
       return said && peerError(said.payload)
     } catch {
       return undefined // (malformed: the broken link stands)
     }
+  }
+
+  /**
+   * Until each of these connections has ended (the peer hung up, or it failed), at most ms of this process's running
+   * time (a deadline: after a stop, what arrived meanwhile is read first). The wait alone keeps no process alive.
+   */
+  private untilEnded(channels: Channel[], ms: number): Promise<void> {
+    const open = channels.filter((ch) => !ch.failed)
+    if (open.length === 0) return Promise.resolve()
+    return new Promise<void>((resolve) => {
+      const cancel = deadline(this.clock, ms, resolve)
+      void Promise.all(open.map((ch) => new Promise<void>((ended) => ch.onClose(() => ended())))).then(() => {
+        cancel()
+        resolve()
+      })
+    })
   }
 
   /** Destination clock minus ours, from the exchange with the smallest round trip. */

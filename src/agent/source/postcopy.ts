@@ -158,7 +158,6 @@ export class Postcopy {
         if (this.host.failure || code !== ErrorCode.CONNECTION) throw err
         const settled = await this.lastWords()
         if (settled) return [await this.resumedAt, settled]
-        if (this.host.failure) throw this.host.failure // the destination said why it gave up: nothing to recover
         if (this.opts.recoveryTimeoutMs <= 0) throw err
         const back = await this.recover(err as Error)
         if (back.settled) return [await this.resumedAt, back.settled] // it settled as the link broke
@@ -167,10 +166,13 @@ export class Postcopy {
     }
   }
 
-  /** The SETTLED report if it arrives within the link's last words; an ERROR read meanwhile is thrown (nothing to recover). */
+  /**
+   * The SETTLED report if it arrives within the link's last words; the destination's ERROR read meanwhile (handled:
+   * `settled` rejects with it; or taken by a reader that was given up: the link keeps it) is thrown, nothing to recover.
+   */
   private async lastWords(): Promise<Record<string, unknown> | undefined> {
-    if (this.settledStats || this.host.failure) return this.settledStats
-    const said = await Promise.race([this.settled.then(() => undefined, () => undefined), this.host.link.lastWords(LAST_WORDS_MS)])
+    if (this.settledStats) return this.settledStats
+    const said = await Promise.race([this.settled.then(() => undefined, (err: Error) => err), this.host.link.lastWords(LAST_WORDS_MS)])
     if (!this.settledStats && said) throw said
     return this.settledStats
   }
