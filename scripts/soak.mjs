@@ -8,7 +8,10 @@
 //
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
-//                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--json FILE]
+//                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--streams N]
+//                         [--json FILE]
+// --streams N: every send asks for N bulk connections (pre-copy pages over parallel streams; the faults above then
+// also break the extra streams, and a cancel closes them).
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
 // with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
@@ -84,6 +87,7 @@ const OPTIONS = {
   stop: { type: 'string' },
   json: { type: 'string' },
   blocking: { type: 'boolean', default: false },
+  streams: { type: 'string', default: '1' },
 }
 const parsed = (() => {
   try {
@@ -97,6 +101,9 @@ const hops = Number(a.hops), mib = Number(a.mib), cancelEvery = Number(a['cancel
 const modes = a.modes.split(',')
 for (const m of modes) if (!['hybrid', 'postcopy', 'precopy'].includes(m)) usage(`bad --modes: ${m}`)
 if (!(hops >= 1) || !(mib >= 1) || !(cancelEvery >= 0) || !(hopTimeoutMs > 0)) usage('--hops, --mib and --hop-timeout-ms must be positive, --cancel-every 0 or more')
+const streams = Number(a.streams)
+if (!(Number.isInteger(streams) && streams >= 1 && streams <= 8)) usage('--streams must be 1 to 8')
+const streamArgs = streams > 1 ? ['--streams', String(streams)] : []
 function usage(msg) {
   process.stderr.write(`soak: ${msg}\n`)
   process.exit(2)
@@ -205,7 +212,7 @@ async function hop(n, from, to, current) {
     // tried first (with pre-copy rounds, slowed down) and cancelled in round 0: the service runs on at its home, the
     // receiver keeps waiting
     const mark = dst.mark('stderr')
-    const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.migIp}:${port}`, '--service-host', to.ip, '--mode', 'hybrid', '--max-bandwidth', '4MiB', '--json'])
+    const send = start(from, [cli, 'send', '--guest', guest, '--to', `${to.migIp}:${port}`, '--service-host', to.ip, '--mode', 'hybrid', '--max-bandwidth', '4MiB', '--json', ...streamArgs])
     await send.waitLine(/precopy round 0/, 30_000, 'stderr')
     const c = start(from, [cli, 'cancel', '--guest', guest])
     const [cancelled, code] = [(await c.exited).code, (await send.exited).code]
@@ -228,7 +235,7 @@ async function hop(n, from, to, current) {
   for (let tries = 0; ; tries++) {
     const mark = dst.mark('stderr')
     const faulty = relay || downMs || stop.who ? ['--link-timeout-ms', '3000'] : []
-    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--service-host', to.ip, '--mode', mode, '--json', ...faulty])
+    send = start(from, [cli, 'send', '--guest', guest, '--to', target, '--service-host', to.ip, '--mode', mode, '--json', ...faulty, ...streamArgs])
     const seed = Math.imul(n + 1, 2654435761) >>> 0
     if (downMs && tries === 0) linkDown(row, seed)
     if (stop.who && tries === 0) stopFor(row, stop, stop.who === 'dest' ? dst : current, seed)

@@ -78,3 +78,19 @@ export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode]
 export function migrationError(code: ErrorCodeValue, message: string, cause?: unknown): UffdMigrateError {
   return new UffdMigrateError(message, code, cause === undefined ? undefined : { cause })
 }
+
+/**
+ * What a socket error on a migration connection means, for the operator at 3 a.m. (the errno alone says little):
+ * ' (...)' to append to the message, or '' for an errno without a known meaning.
+ */
+export function linkErrnoMeaning(code: string | undefined): string {
+  const meaning = code ? LINK_ERRNO_MEANING[code] : undefined
+  return meaning ? ` (${meaning})` : ''
+}
+const LINK_ERRNO_MEANING: Record<string, string> = {
+  ETIMEDOUT: "the peer's host acknowledged nothing for the link timeout (linkTimeoutMs): the link or that host is down",
+  ECONNRESET: "reset by the peer's host or by something on the way (a firewall, a NAT or load balancer, a restarted router)",
+  EPIPE: 'the peer closed the connection while data was still going out',
+  EHOSTUNREACH: "no route to the peer's host any more (its address or a route went away)",
+  ENETUNREACH: "no route to the peer's network any more",
+}

@@ -7,7 +7,7 @@
  */
 import { constants as osConstants } from 'node:os'
 import type { NativeBinding } from '../binding'
-import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
+import { ErrorCode, linkErrnoMeaning, migrationError, type UffdMigrateError } from '../errors'
 
 export const enum DemandEv {
   FAULT = 1, // source: (region, first page of a requested run)
@@ -47,7 +47,7 @@ export function nativeLinkError(errno: number, protocol: number, connection = 'd
   // a reset or a timeout, as a socket error would say it (the cause tells a broken link from a peer that hung up)
   const name = errnoName(errno)
   const cause = Object.assign(new Error(`read ${name}`), { code: name, errno })
-  return migrationError(ErrorCode.CONNECTION, `${connection} connection failed: read ${name}`, cause)
+  return migrationError(ErrorCode.CONNECTION, `${connection} connection failed: read ${name}${linkErrnoMeaning(name)}`, cause)
 }
 
 /**

@@ -6,7 +6,7 @@
  * The protocol logic stays in the engines; this only moves frames.
  */
 import { deadline, realTimers } from '../deadline'
-import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
+import { ErrorCode, linkErrnoMeaning, migrationError, UffdMigrateError } from '../errors'
 import { socketFd, takeSocket } from '../socket-fd'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
@@ -87,7 +87,8 @@ export class Channel {
         this.fail(err as Error)
       }
     })
-    socket.on('error', (err) => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection failed: ${err.message}`, err)))
+    socket.on('error', (err: NodeJS.ErrnoException) =>
+      this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection failed: ${err.message}${linkErrnoMeaning(err.code)}`, err)))
     socket.on('close', () => this.fail(migrationError(ErrorCode.CONNECTION, `${name} connection closed by the peer`)))
   }
 

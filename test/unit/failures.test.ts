@@ -43,6 +43,22 @@ describe('engine failures', () => {
     expect(pair.resumedOnSource).toBe(0)
   })
 
+  it('a reset before the hand-off fails the source with what the errno means, and the service runs on', async () => {
+    const pair = makePair([64], fill)
+    let cut = false
+    pair.onFrame = (from, type) => {
+      if (cut || from !== 'source' || type !== Msg.PAGES) return undefined
+      cut = true
+      return 'cut'
+    }
+    const { report } = startSource(pair, { mode: 'hybrid' })
+    const err = await report.then(() => undefined, (e) => e)
+    expect(err?.code).toBe(ErrorCode.CONNECTION)
+    // the errno, and what it means for the operator
+    expect(err.message).toMatch(/connection failed: read ECONNRESET \(reset by the peer's host or by something on the way/)
+    expect(pair.events).not.toContain('restore') // the service never left the source
+  })
+
   it('a message outside its phase ends the migration with ERR_MIGRATION_PROTOCOL on the source, and the service runs on', async () => {
     const pair = makePair([64], fill)
     let injected = false
