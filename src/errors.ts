@@ -89,7 +89,7 @@ export function linkErrnoMeaning(code: string | undefined): string {
 }
 const LINK_ERRNO_MEANING: Record<string, string> = {
   ETIMEDOUT: "the peer's host acknowledged nothing for the link timeout (linkTimeoutMs): the link or that host is down",
-  ECONNRESET: "reset by the peer's host or by something on the way (a firewall, a NAT or load balancer, a restarted router)",
+  ECONNRESET: "reset by the peer's host, or by a firewall, NAT, load balancer or router on the way",
   EPIPE: 'the peer closed the connection while data was still going out',
   EHOSTUNREACH: "no route to the peer's host any more (its address or a route went away)",
   ENETUNREACH: "no route to the peer's network any more",

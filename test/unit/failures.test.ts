@@ -55,7 +55,7 @@ describe('engine failures', () => {
     const err = await report.then(() => undefined, (e) => e)
     expect(err?.code).toBe(ErrorCode.CONNECTION)
     // the errno, and what it means for the operator
-    expect(err.message).toMatch(/connection failed: read ECONNRESET \(reset by the peer's host or by something on the way/)
+    expect(err.message).toMatch(/connection failed: read ECONNRESET \(reset by the peer's host, or by a firewall/)
     expect(pair.events).not.toContain('restore') // the service never left the source
   })
 

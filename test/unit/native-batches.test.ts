@@ -136,6 +136,6 @@ describe('a hang-up of the demand connection', () => {
   it('a reset breaks it at once', () => {
     const { broken, hangUp } = demandPath()
     hangUp(104) // ECONNRESET
-    expect(broken).toEqual([`ERR_MIGRATION_CONNECTION: demand connection failed: read ECONNRESET (reset by the peer's host or by something on the way (a firewall, a NAT or load balancer, a restarted router))`])
+    expect(broken).toEqual([`ERR_MIGRATION_CONNECTION: demand connection failed: read ECONNRESET (reset by the peer's host, or by a firewall, NAT, load balancer or router on the way)`])
   })
 })
