@@ -56,6 +56,8 @@ export interface ControlledGuest {
   readonly refusals?: Record<string, number>
   /** receive mode, while a source's session runs before the hand-off: its address. */
   readonly from?: string
+  /** The id of the migration running, or of the last one (from here, or the one that brought the service here). */
+  readonly migration?: string
   readonly regions: Record<string, { name: string; sizeBytes: number; pagesLeft?: number }>
   /** The dirty-page tracker a migration from here gets, and why. */
   readonly tracker?: string
@@ -193,7 +195,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
       return void s.end()
     }
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, migration: guest.migration, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {
@@ -208,7 +210,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
         },
         (err: UffdMigrateError & { afterHandoff?: boolean; runsOn?: 'unknown' }) => {
           guest.off('progress', onProgress)
-          send({ type: 'error', code: err.code, message: err.message, ...(err.afterHandoff ? { afterHandoff: true } : {}), ...(err.runsOn ? { runsOn: err.runsOn } : {}) })
+          send({ type: 'error', code: err.code, message: err.message, ...(guest.migration ? { migration: guest.migration } : {}), ...(err.afterHandoff ? { afterHandoff: true } : {}), ...(err.runsOn ? { runsOn: err.runsOn } : {}) })
           s.end()
         },
       )

@@ -11,6 +11,8 @@ import { logLine } from './log'
 
 interface EndingGuest extends EventEmitter {
   readonly name: string
+  /** The migration that ended it (its id, for the log line). */
+  readonly migration?: string
   close(): Promise<void>
 }
 
@@ -22,7 +24,7 @@ export function exitWhenMoved(guest: EndingGuest, to: string, forwarder: Forward
     if (!forwarder.idleFor(idleMs)) return
     clearInterval(timer)
     const c = forwarder.counts
-    logLine(guest.name, 'forwarded-exit', `moved to ${to}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting`)
+    logLine(guest.name, 'forwarded-exit', `moved to ${to}; forwarded ${c.connections} connection(s) and ${c.requests} request(s), ${c.bytes} bytes in ${forwarder.cpuMs.toFixed(1)} ms of CPU (${c.spliced} spliced natively), idle for ${idleMs} ms: exiting`, 'info', guest.migration)
     exit()
   }, 100)
 }
@@ -37,7 +39,7 @@ export function emitOrExit(guest: EndingGuest, exitOnMoved: boolean, event: 'mov
   const handled = guest.listenerCount(event) > ownListeners // before the emit, which removes once() listeners
   guest.emit(event, err)
   if (!exitOnMoved || handled) return
-  logLine(guest.name, 'exiting', `exiting with code ${EXIT_MOVE_FAILED}: ${why}`, 'error')
+  logLine(guest.name, 'exiting', `exiting with code ${EXIT_MOVE_FAILED}: ${why}`, 'error', guest.migration)
   process.exitCode = EXIT_MOVE_FAILED // holds even if the loop runs dry before the timer
   const hard = event === 'failed' ? loadBinding().exitProcess : undefined
   setTimeout(() => (hard ? hard(EXIT_MOVE_FAILED) : void guest.close().then(() => process.exit(EXIT_MOVE_FAILED))), 50)

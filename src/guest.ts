@@ -75,6 +75,8 @@ export class Guest extends EventEmitter {
   private readonly takeFailure: () => void
   /** receive mode: connections refused so far, by error code (status shows them). */
   refusals: Record<string, number> | undefined
+  /** The id of the migration running from here, or of the last one (from here, or the one that brought it here): status. */
+  migration: string | undefined
 
   private constructor(
     readonly name: string,
@@ -114,7 +116,7 @@ export class Guest extends EventEmitter {
     }
     if (this.migrating || (this.restored && !this.isSettledFlag)) return this.onAgent({ type: 'failed', error: e })
     this.lastFailure = e
-    logLine(this.name, 'agent-crashed', this.agentEnded.message, 'error')
+    logLine(this.name, 'agent-crashed', this.agentEnded.message, 'error', this.migration)
   }
 
   static async start(opts: GuestOptions): Promise<Guest> {
@@ -137,6 +139,7 @@ export class Guest extends EventEmitter {
     const r = await receiveGuest(opts, binding, regions, listen, sourceAgent)
     const guest = new Guest(opts.name, opts, { worker: r.worker, sourceAgent, binding, regions, received: r.received, state: r.state, settled: r.settled, receiving: r.workerData, standby: r.standby, early: r.early })
     guest.refusals = r.refusals
+    guest.migration = r.migration
     guest.once('settled', () => r.settle())
     guest.once('failed', (e: Error) => r.settleFail(e))
     // The service resumes when start() returns: tell the agent when that is; then a standby agent starts (until settled)
@@ -210,6 +213,7 @@ export class Guest extends EventEmitter {
     this.rehearsal = this.forwarder.prepare() ? rehearseForwarding() : undefined
     return new Promise((resolve, reject) => {
       this.migrating = { resolve, reject, wire, startedAtMs: nowMs(), takeovers: 0 }
+      this.migration = wire.session
       this.lastFailure = undefined
       this.agent.ref()
       this.post({ type: 'migrate', options: wire })
@@ -296,7 +300,7 @@ export class Guest extends EventEmitter {
         this.failure = err
         this.waitBatch.endAll(err)
         // the agent logged the failure, unless it was the agent that crashed
-        if (err.code === ErrorCode.AGENT) logLine(this.name, 'agent-crashed', err.message, 'error')
+        if (err.code === ErrorCode.AGENT) logLine(this.name, 'agent-crashed', err.message, 'error', this.migration)
         // 1: guest.settled's own listener
         return emitOrExit(this, this.opts.exitOnMoved !== false, 'failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
@@ -346,7 +350,7 @@ export class Guest extends EventEmitter {
 
   /** The agent crashed while the service runs here (no migration, or one before its pause): a new agent for the next. */
   private restartAgent(e: { code: string; message: string }): void {
-    logLine(this.name, 'agent-crashed', `${e.message}; a new agent takes its place (the service runs on here, and can move again)`, 'warn')
+    logLine(this.name, 'agent-crashed', `${e.message}; a new agent takes its place (the service runs on here, and can move again)`, 'warn', this.migration)
     if (this.migrating) this.onAgent({ type: 'failed', error: e })
     else this.lastFailure = e
     void this.agent.replace(this.sourceAgent).then(() => !this.migrating && this.agent.unref())
@@ -355,7 +359,7 @@ export class Guest extends EventEmitter {
   /** The agent crashed with the service paused for a migration: a new one asks the destination what became of it. */
   private async takeOver(run: NonNullable<Guest['migrating']>, err: Error): Promise<void> {
     run.takeovers++
-    logLine(this.name, 'agent-crashed', `migration agent crashed: ${err.message}; the service stays paused while a new agent asks ${run.wire.to} whether the hand-off arrived`, 'error')
+    logLine(this.name, 'agent-crashed', `migration agent crashed: ${err.message}; the service stays paused while a new agent asks ${run.wire.to} whether the hand-off arrived`, 'error', this.migration)
     await run.pausing // its answer went to the crashed agent; the new one must not resume the service before it returned
     await this.agent.replace(this.sourceAgent)
     const crash = { phase: this.lastProgress?.phase ?? 'handoff', message: err.message, startedAtMs: run.startedAtMs, stoppedAtMs: run.stoppedAtMs }

@@ -4,8 +4,9 @@
  * through the service's thread, which may be blocked in a fault just when a line matters.
  *
  * Text by default (`uffd-migrate: guest 'NAME': ...`). With UFFD_MIGRATE_LOG_FORMAT=json each line is one JSON
- * object for a log pipeline: {time, level, guest, pid, event, msg}; `event` is a stable name to alert on (the
- * README's Troubleshooting lists them), `msg` the text line's words.
+ * object for a log pipeline: {time, level, guest, pid, migration, event, msg}; `event` is a stable name to alert on
+ * (the README's Troubleshooting lists them), `msg` the text line's words, `migration` the id both hosts log for one
+ * migration (its session: on the lines about it; a try sent again is another migration).
  */
 import fs from 'node:fs'
 
@@ -28,23 +29,23 @@ export function logFormat(env: NodeJS.ProcessEnv = process.env): LogFormat {
 }
 
 /** One line, newline included. `at` null: no time (a line composed now and written later, by a native thread). */
-export function formatLog(format: LogFormat, guest: string, event: LogEvent, msg: string, level: LogLevel, at: Date | null = new Date(), pid = process.pid): string {
+export function formatLog(format: LogFormat, guest: string, event: LogEvent, msg: string, level: LogLevel, at: Date | null = new Date(), pid = process.pid, migration?: string): string {
   if (format === 'text') return `uffd-migrate: guest '${guest}': ${msg}\n`
-  return `${JSON.stringify({ ...(at ? { time: at.toISOString() } : {}), level, guest, pid, event, msg })}\n`
+  return `${JSON.stringify({ ...(at ? { time: at.toISOString() } : {}), level, guest, pid, ...(migration ? { migration } : {}), event, msg })}\n`
 }
 
 const format = logFormat()
 
-/** Writes one line to stderr now (stderr closed: nobody to tell). */
-export function logLine(guest: string, event: LogEvent, msg: string, level: LogLevel = 'info'): void {
+/** Writes one line to stderr now (stderr closed: nobody to tell); migration: the id of the migration it is about. */
+export function logLine(guest: string, event: LogEvent, msg: string, level: LogLevel = 'info', migration?: string): void {
   try {
-    fs.writeSync(2, formatLog(format, guest, event, msg, level))
+    fs.writeSync(2, formatLog(format, guest, event, msg, level, new Date(), process.pid, migration))
   } catch {
     // stderr closed
   }
 }
 
 /** The line a native thread writes later, as it ends the process (no time: it is composed now). */
-export function deferredLogLine(guest: string, event: LogEvent, msg: string, level: LogLevel): string {
-  return formatLog(format, guest, event, msg, level, null)
+export function deferredLogLine(guest: string, event: LogEvent, msg: string, level: LogLevel, migration?: string): string {
+  return formatLog(format, guest, event, msg, level, null, process.pid, migration)
 }

@@ -39,6 +39,8 @@ export interface Receiving {
   /** `listening`, or `precopy` while a source's session runs, from `from`. */
   phase: string
   from: string | undefined
+  /** The id of the session running (status; the hand-off's once it arrived). */
+  migration?: string
 }
 
 /** Follows the agent's messages about its sessions (it logs each one); r: what the agents before it counted. */
@@ -46,8 +48,8 @@ export function followReceiving(worker: Worker, r: Receiving = { refusals: {}, p
   Object.assign(r, { phase: 'listening', from: undefined })
   worker.on('message', (m: AgentToMain) => {
     if (m.type === 'refused') Object.assign(r.refusals, m.refusals)
-    if (m.type === 'incoming') Object.assign(r, { phase: 'precopy', from: m.peer })
-    if (m.type === 'sessionEnded') Object.assign(r, { phase: 'listening', from: undefined })
+    if (m.type === 'incoming') Object.assign(r, { phase: 'precopy', from: m.peer, migration: m.migration })
+    if (m.type === 'sessionEnded') Object.assign(r, { phase: 'listening', from: undefined, migration: undefined })
   })
   return r
 }
@@ -70,6 +72,9 @@ export function waitingGuest(name: string, regions: { name: string; sizeBytes: n
     },
     get from() {
       return session.from
+    },
+    get migration() {
+      return session.migration
     },
     restored: false,
     progress: undefined,
@@ -120,6 +125,8 @@ export interface ReceivedGuest extends Handoff {
   settleFail: (e: Error) => void
   early: StartedStandby | undefined
   refusals: Record<string, number>
+  /** The id of the migration whose hand-off arrived. */
+  migration: string | undefined
 }
 
 /**
@@ -150,7 +157,7 @@ export async function receiveGuest(opts: GuestOptions, binding: NativeBinding, r
   const { state, worker, standby } = await receiveHandoff(spawn, empty, receiving, opts.name, listen)
     .catch((err) => (binding.exitWatchTake?.(workerData.exitWatch!), early.stop(), Promise.reject(err))) // no service started: nothing blocks
     .finally(() => waiting?.close())
-  return { state, standby, worker, workerData, received, ...settlement(), early: early.take(standby), refusals: receiving.refusals }
+  return { state, standby, worker, workerData, received, ...settlement(), early: early.take(standby), refusals: receiving.refusals, migration: receiving.migration }
 }
 
 /** A crashed receiver agent's will that nobody takes over: the userfaultfd it held is closed (its registrations end). */

@@ -64,7 +64,7 @@ describe.skipIf(skip)('bandwidth limits', () => {
     // rounds 0 and 1, then the stop-and-copy in the pause window
     expect(r.rounds.map((x) => x.round), JSON.stringify(r.rounds)).toEqual([0, 1, 2])
     expect(r.bandwidthLimits).toEqual({ precopyBytesPerSec: 16 * MiB, postcopyBytesPerSec: 0 })
-    expect(src.stderr).toMatch(/began \(mode precopy; bandwidth limits: pre-copy 16\.0 MiB\/s, post-copy push no limit; pre-copy converges against a switchover bandwidth of 1\.0 GiB\/s\)/)
+    expect(src.stderr).toMatch(/began \(migration [0-9a-f]{24}, mode precopy; bandwidth limits: pre-copy 16\.0 MiB\/s, post-copy push no limit; pre-copy converges against a switchover bandwidth of 1\.0 GiB\/s\)/)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=8192')
   }, 90_000)
 
@@ -86,7 +86,7 @@ describe.skipIf(skip)('bandwidth limits', () => {
     expect(set.lines[0]).toBe(`bandwidth of guest '${g}': pre-copy no limit, post-copy push 200.0 MiB/s`)
     // the operator's log on the source says it too
     await src.waitLine(/the migration to 127\.0\.0\.1:\d+ now runs with bandwidth limits: pre-copy no limit, post-copy push 200\.0 MiB\/s/, 10_000, 'stderr')
-    expect(src.stderr).toMatch(/a migration to 127\.0\.0\.1:\d+ began \(mode hybrid; bandwidth limits: pre-copy 1\.0 MiB\/s, post-copy push no limit\)/)
+    expect(src.stderr).toMatch(/a migration to 127\.0\.0\.1:\d+ began \(migration [0-9a-f]{24}, mode hybrid; bandwidth limits: pre-copy 1\.0 MiB\/s, post-copy push no limit\)/)
     const { code } = await send.exited
     expect(code, sendFailure(send, dst)).toBe(0)
     const r = JSON.parse(send.lines.join('\n')) as MigrationReport

@@ -63,9 +63,13 @@ describe.skipIf(skip)('kill -9 of the source', () => {
       const send = A.cli(['send', '--guest', g, '--to', await link.start('127.0.0.1', port), ...LONG_PRECOPY])
       await untilRound(A, g, round)
       // the destination's status meanwhile: pre-copy, and from where (the session began before round 0)
-      let waiting: { phase?: string; from?: string } = {}
+      let waiting: { phase?: string; from?: string; migration?: string } = {}, sending: { migration?: string } = {}
       await controlRequest(join(B.env.XDG_RUNTIME_DIR, 'uffd-migrate', `${g}.sock`), { cmd: 'status' }, (m) => (waiting = m))
       expect(waiting).toMatchObject({ phase: 'precopy', from: expect.stringMatching(/^127\.0\.0\.1:\d+$/) })
+      // both hosts name the migration by one id
+      await controlRequest(join(A.env.XDG_RUNTIME_DIR, 'uffd-migrate', `${g}.sock`), { cmd: 'status' }, (m) => (sending = m))
+      expect(waiting.migration).toMatch(/^[0-9a-f]{24}$/)
+      expect(sending.migration).toBe(waiting.migration)
       src.kill('SIGKILL')
       expect((await exitedWithin(send, 30_000, [dst])).code).toBe(1)
       expect(send.stderr).toMatch(/ended during precopy, before the hand-off: the service ended with it; the destination listens again/)

@@ -11,7 +11,7 @@ const skip = kernelSkipReason()
 
 afterEach(killAll)
 
-interface Line { time: string; level: string; guest: string; pid: number; event: string; msg: string }
+interface Line { time: string; level: string; guest: string; pid: number; migration?: string; event: string; msg: string }
 const lines = (stderr: string) => stderr.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Line)
 
 describe.skipIf(skip)('JSON log lines', () => {
@@ -23,7 +23,7 @@ describe.skipIf(skip)('JSON log lines', () => {
     await listening(dst)
     const src = A.service(g, await freePort())
     await src.waitLine(/^READY/)
-    const { code, send } = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
+    const { code, send, report } = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
     expect(code, sendFailure(send, dst)).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
     expect((await page(http, 1)).ok).toBe(true)
@@ -39,6 +39,15 @@ describe.skipIf(skip)('JSON log lines', () => {
     }
     expect(s[2].msg).toMatch(/^moved to 127\.0\.0\.1:\d+: settled there; downtime [\d.]+ ms, total \d+ ms$/)
     expect(d[0].pid).not.toBe(s[0].pid)
+    // one migration id on both hosts' lines about it (not on the receiver's 'listening', before any source came), in the
+    // text of the began lines, and in the report
+    const id = s[0].migration
+    expect(id).toMatch(/^[0-9a-f]{24}$/)
+    expect([...s, ...d.slice(1)].map((l) => l.migration)).toEqual(Array(s.length + d.length - 1).fill(id))
+    expect(d[0].migration).toBeUndefined()
+    expect(s[0].msg).toContain(`(migration ${id}, mode postcopy)`)
+    expect(d[1].msg).toContain(`began (migration ${id})`)
+    expect(report?.migration).toBe(id)
   }, 60_000)
 
   it('a destination that cannot place pages (UFFD_MIGRATE_FAULT_INJECT=install:3): each side logs the destination\'s reason, and the service runs on at its source', async () => {
@@ -60,6 +69,9 @@ describe.skipIf(skip)('JSON log lines', () => {
     expect(s[1].msg).toMatch(/\[ERR_MIGRATION_ABORTED\]/)
     expect(d.map((l) => l.event)).toEqual(['listening', 'incoming', 'session-ended'])
     expect(d[2].msg).toMatch(reason)
+    // the same migration's lines, both hosts, and send's answer
+    expect([...s, ...d.slice(1)].map((l) => l.migration)).toEqual(Array(s.length + d.length - 1).fill(JSON.parse(send.lines.join('\n')).migration))
+    expect(s[0].migration).toMatch(/^[0-9a-f]{24}$/)
     expect((await page(srcHttp, 1)).ok).toBe(true) // the service runs on here
   }, 60_000)
 })

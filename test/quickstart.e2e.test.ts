@@ -48,14 +48,14 @@ describe.skipIf(skip)('the README quick start', () => {
         await next.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
         const send = run(hosts[from], [cli, 'send', '--guest', `qs-${process.pid}`, '--to', `127.0.0.1:${migPort}`], 0)
         expect((await send.waitExit(30_000)).code, send.stderr).toBe(0)
-        expect(send.lines.join('\n')).toMatch(/^migration to 127\.0\.0\.1:\d+, mode hybrid/)
+        expect(send.lines.join('\n')).toMatch(/^migration [0-9a-f]{24} to 127\.0\.0\.1:\d+, mode hybrid/)
         expect((await current.waitExit(30_000)).code, current.stderr).toBe(0)
         // the operator's lines on each host (the service's stderr)
         const addr = `127\\.0\\.0\\.1:${migPort}`
-        expect(current.stderr).toMatch(new RegExp(`a migration to ${addr} began \\(mode hybrid\\)`))
+        expect(current.stderr).toMatch(new RegExp(`a migration to ${addr} began \\(migration [0-9a-f]{24}, mode hybrid\\)`))
         expect(current.stderr).toMatch(new RegExp(`handed off to ${addr}: the service runs there now`))
         expect(current.stderr).toMatch(new RegExp(`moved to ${addr}: settled there; downtime [\\d.]+ ms`))
-        expect(next.stderr).toMatch(/a migration from 127\.0\.0\.1:\d+ began: 64\.0 MiB in 1 region\(s\)/)
+        expect(next.stderr).toMatch(/a migration from 127\.0\.0\.1:\d+ began \(migration [0-9a-f]{24}\): 64\.0 MiB in 1 region\(s\)/)
         expect(next.stderr).toMatch(/the service runs here \([\d.]+ ms after the hand-off arrived\)/)
         expect(next.stderr).toMatch(/settled: every page is here, \d+ ms after the service resumed/)
         current = next
@@ -102,6 +102,10 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       const status = run(hosts[1], [cli, 'status', '--guest', name], 0)
       expect((await status.waitExit(10_000)).code, status.stderr).toBe(0)
       expect(status.lines.join('\n')).toMatch(/^guest .*: settling, restored; regions counts=67108864\n {2}4 page\(s\) still to come here from the source \(post-copy\)/)
+      // the id of the migration still running, as both hosts' logs name it
+      const id = /a migration from .* began \(migration ([0-9a-f]{24})\)/.exec(dst.stderr)?.[1]
+      expect(status.lines).toContain(`  migration id ${id} (running)`)
+      expect(src.stderr).toContain(`(migration ${id}, mode postcopy`)
       src.kill('SIGKILL')
       expect((await send.waitExit(30_000)).code, send.stderr).toBe(4)
       // the service answers from the pages it has; a request for a slot whose page is still at the dead source

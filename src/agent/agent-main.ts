@@ -41,8 +41,10 @@ const stopYielding = () => {
 }
 const { bulkBufferBytes, pushUnsentBytes } = data.sockets
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
-/** One line on stderr for the operator, written by this thread (src/log.ts). */
-const log = (event: LogEvent, line: string, level: LogLevel = 'info') => logLine(data.name ?? '?', event, line, level)
+/** The migration this agent runs, either side (its session: both hosts log it), for its lines; one at a time. */
+let migrationId: string | undefined
+/** One line on stderr for the operator, written by this thread (src/log.ts), about the migration running. */
+const log = (event: LogEvent, line: string, level: LogLevel = 'info') => logLine(data.name ?? '?', event, line, level, migrationId)
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
@@ -85,7 +87,7 @@ process.on('uncaughtExceptionMonitor', (err) => log('agent-crashed', agentTroubl
  * native thread: it also counts down when this thread ends (a bug in the agent) before every page arrived.
  */
 const FAILED_ANSWER_MS = 3000
-const notTaken = (what: string) => deferredLogLine(data.name ?? '?', 'exiting', destinationTrouble.notTaken(what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED), 'error')
+const notTaken = (what: string) => deferredLogLine(data.name ?? '?', 'exiting', destinationTrouble.notTaken(what, FAILED_ANSWER_MS, EXIT_MOVE_FAILED), 'error', migrationId)
 const exitWatch = {
   arm: (will: AgentWill | undefined) => data.exitWatch && binding.exitWatchArm?.(data.exitWatch, EXIT_MOVE_FAILED, FAILED_ANSWER_MS, notTaken('the migration agent ended before every page arrived'), will ? JSON.stringify(will) : undefined),
   disarm: () => data.exitWatch && binding.exitWatchDisarm?.(data.exitWatch),
@@ -190,8 +192,9 @@ function outgoingMigrations() {
       }
       const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker, demandStallMs: inject === 'demand-stall' ? 3_000 : 0 }
       let phase = '', leftAtHandoff: number | undefined
+      migrationId = wire.session
       if (crash) log('agent-takeover', sourceLine.takeover(wire.to, crash.phase), 'warn')
-      else log('migration-began', sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth))
+      else log('migration-began', sourceLine.began(wire.to, wire.mode, { precopyBytesPerSec: wire.maxBandwidth ?? 0, postcopyBytesPerSec: wire.maxPostcopyBandwidth ?? 0 }, wire.switchoverBandwidth, wire.session))
       const s = new MigrationSource(binding, regions, opts, {
         pause: () => pause.ask({ type: 'pause' }),
         resume: () => post({ type: 'resume' }),
@@ -278,8 +281,9 @@ function incomingMigration(will?: AgentWill) {
     pollService: pollMain,
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
-      log('incoming', destinationLine({ kind: 'began', peer: o.peer }, regions))
-      post({ type: 'incoming', peer: o.peer }) // for status while the guest waits
+      migrationId = o.session
+      log('incoming', destinationLine({ kind: 'began', peer: o.peer, migration: o.session }, regions))
+      post({ type: 'incoming', peer: o.peer, migration: o.session }) // for status while the guest waits
       if (inject === 'agent-crash:precopy') setTimeout(() => dest.phase === DestPhase.PRECOPY && injectedCrash(inject), 100)
       return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined
     },
@@ -303,7 +307,7 @@ function incomingMigration(will?: AgentWill) {
       post({ type: 'recovering', message })
     },
     refused: (message, refusals) => {
-      log('refused', message, 'warn')
+      logLine(data.name ?? '?', 'refused', message, 'warn') // (another peer's connection: not the migration running)
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
     milestone: (m) => {
@@ -314,10 +318,12 @@ function incomingMigration(will?: AgentWill) {
     },
     sessionEnded: (err) => {
       log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
+      migrationId = undefined
       post({ type: 'sessionEnded' })
     },
   })
   if (will) {
+    migrationId = will.session
     log('agent-takeover', destinationTrouble.takeover(will, dest.pagesLeft), 'warn')
     dest.takeOver(will, data.listen!)
     exitWatch.arm(dest.will()) // the countdown the crash started stops

@@ -22,7 +22,7 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
   const totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
   switch (m.kind) {
     case 'began':
-      return `a migration from ${m.peer} began: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
+      return `a migration from ${m.peer} began${m.migration ? ` (migration ${m.migration})` : ''}: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
     case 'resumed':
       return `the service runs here (${m.afterHandoffMs === undefined ? 'a new agent heard it after the last one crashed' : `${m.afterHandoffMs.toFixed(1)} ms after the hand-off arrived`}); ` +
         (m.pagesLeft ? `${m.pagesLeft} of ${totalPages} pages still to come from ${m.peer} (post-copy)` : 'every page is here')
@@ -37,8 +37,8 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
 /** The source's turns: a migration to `to` began, changed phase, moved or failed. */
 
 export const sourceLine = {
-  began: (to: string, mode: string, limits?: BandwidthLimits, switchoverBytesPerSec?: number) =>
-    `a migration to ${to} began (mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''}` +
+  began: (to: string, mode: string, limits?: BandwidthLimits, switchoverBytesPerSec?: number, migration?: string) =>
+    `a migration to ${to} began (${migration ? `migration ${migration}, ` : ''}mode ${mode}${limits && (limits.precopyBytesPerSec || limits.postcopyBytesPerSec) ? `; bandwidth limits: ${limitsText(limits)}` : ''}` +
     `${switchoverBytesPerSec ? `; pre-copy converges against a switchover bandwidth of ${perSecond(switchoverBytesPerSec)}` : ''})`,
   /** A new agent after the one that ran the migration crashed with the service paused (src/agent-handle.ts). */
   takeover: (to: string, phase: string) =>

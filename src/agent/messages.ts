@@ -47,8 +47,8 @@ export type AgentToMain =
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown' } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded' }
-  /** receive mode: a source's session began (its region table matched): pre-copy from `peer`. */
-  | { type: 'incoming'; peer: string }
+  /** receive mode: a source's session began (its region table matched): pre-copy from `peer`; migration: its id. */
+  | { type: 'incoming'; peer: string; migration: string }
   /** receive mode: a migration of a service serving HTTP began: the main thread rehearses that path, then answers 'rehearsed'. */
   | { type: 'rehearse' }
   /** receive mode: a connection was refused (the agent logged the line); refusals: counts by code so far. */

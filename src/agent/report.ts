@@ -21,6 +21,8 @@ export interface RoundReport {
 export interface MigrationReport {
   mode: MigrationMode
   to: string
+  /** The migration's id: both hosts' log lines about it carry it (JSON `migration`), and `status` shows it. */
+  migration: string
   regions: { name: string; sizeBytes: number }[]
   pageSize: number
   rounds: RoundReport[]

@@ -31,7 +31,7 @@ export function progressLine(p: Progress): string {
 export function formatReport(r: MigrationReport): string {
   const ms = (v: number) => `${v.toFixed(1)} ms`
   const lines: string[] = []
-  lines.push(`migration to ${r.to}, mode ${r.mode}: ${r.regions.map((g) => `${g.name} ${bytes(g.sizeBytes)}`).join(', ')}`)
+  lines.push(`migration ${r.migration} to ${r.to}, mode ${r.mode}: ${r.regions.map((g) => `${g.name} ${bytes(g.sizeBytes)}`).join(', ')}`)
   lines.push(`  total time         ${ms(r.totalMs)}`)
   lines.push(`  downtime           ${ms(r.downtimeMs)}   (stopped on the source -> resumed on the destination; clock offset ${r.clockOffsetMs.toFixed(2)} ms, rtt ${r.clockRttMs.toFixed(2)} ms)`)
   lines.push(`  pause wait         ${ms(r.pauseWaitMs)}   (before the downtime: the service's event loop getting to the pause request; it still served)`)

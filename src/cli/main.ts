@@ -161,7 +161,7 @@ program
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
-    let error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown' } | undefined
+    let error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown'; migration?: string } | undefined
     // Ctrl-C / SIGTERM: cancel (before the hand-off); a second one leaves at once, the migration goes on
     let signals = 0
     const onSignal = (sig: NodeJS.Signals) => {
@@ -209,11 +209,11 @@ program
     progress.clear()
     /** A failure on stderr, and with --json on stdout too, saying where the service runs now (for scripts). */
     function failed(code: string, message: string, exit: number, runsOn: 'source' | 'destination' | 'none' | 'unknown'): never {
-      if (o.json) process.stdout.write(JSON.stringify({ outcome: 'failed', code, message, exitCode: exit, serviceRunsOn: runsOn }, null, 2) + '\n')
+      if (o.json) process.stdout.write(JSON.stringify({ outcome: 'failed', code, message, exitCode: exit, serviceRunsOn: runsOn, ...(error?.migration ? { migration: error.migration } : {}) }, null, 2) + '\n')
       return fail(code, message, exit)
     }
     if (error?.code === ErrorCode.CANCELLED) {
-      process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message, exitCode: SEND_EXIT.CANCELLED, serviceRunsOn: 'source' }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
+      process.stdout.write(o.json ? JSON.stringify({ outcome: 'cancelled', code: error.code, message: error.message, exitCode: SEND_EXIT.CANCELLED, serviceRunsOn: 'source', ...(error.migration ? { migration: error.migration } : {}) }, null, 2) + '\n' : `cancelled: ${error.message}\n`)
       process.exit(SEND_EXIT.CANCELLED)
     }
     // (exit 4 too when nobody can tell: so that nobody starts the service here again before looking there)
@@ -321,6 +321,8 @@ program
         if (m.tracker) process.stdout.write(`  tracker ${m.tracker}\n`)
         const refusals = Object.entries((m.refusals ?? {}) as Record<string, number>)
         if (refusals.length) process.stdout.write(`  refused connections: ${refusals.map(([c, n]) => `${c} ${n}`).join(', ')}\n`)
+        // (the id both hosts' log lines about it carry)
+        if (m.migration) process.stdout.write(`  migration id ${m.migration} (${MIGRATING_PHASES.has(m.phase as string) || m.phase === 'settling' || m.from ? 'running' : 'the last one'})\n`)
       }, STATUS_WAIT_MS)
     } catch (err) {
       fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)

@@ -9,6 +9,7 @@ const regions = [{ sizeBytes: 64 << 20, pageCount: 16384 }, { sizeBytes: 1 << 20
 describe('destination lines', () => {
   it('name the source, the sizes and the pages still to come', () => {
     expect(destinationLine({ kind: 'began', peer: '10.0.0.1:40000' }, regions)).toBe('a migration from 10.0.0.1:40000 began: 65.0 MiB in 2 region(s)')
+    expect(destinationLine({ kind: 'began', peer: '10.0.0.1:40000', migration: '0a1b2c' }, regions)).toBe('a migration from 10.0.0.1:40000 began (migration 0a1b2c): 65.0 MiB in 2 region(s)')
     expect(destinationLine({ kind: 'resumed', peer: '10.0.0.1:40000', afterHandoffMs: 2.25, pagesLeft: 5 }, regions)).toBe(
       'the service runs here (2.3 ms after the hand-off arrived); 5 of 16640 pages still to come from 10.0.0.1:40000 (post-copy)',
     )
@@ -43,6 +44,7 @@ describe('source lines', () => {
 
   it('the start names the bandwidth limits when there are any, and a change of them gets a line', () => {
     expect(sourceLine.began('h:7070', 'hybrid')).toBe('a migration to h:7070 began (mode hybrid)')
+    expect(sourceLine.began('h:7070', 'hybrid', undefined, undefined, '0a1b2c')).toBe('a migration to h:7070 began (migration 0a1b2c, mode hybrid)')
     expect(sourceLine.began('h:7070', 'hybrid', { precopyBytesPerSec: 0, postcopyBytesPerSec: 0 })).toBe('a migration to h:7070 began (mode hybrid)')
     expect(sourceLine.began('h:7070', 'precopy', { precopyBytesPerSec: 64 << 20, postcopyBytesPerSec: 0 })).toBe(
       'a migration to h:7070 began (mode precopy; bandwidth limits: pre-copy 64.0 MiB/s, post-copy push no limit)',

@@ -19,6 +19,14 @@ describe('log lines', () => {
     expect(JSON.parse(formatLog('json', 'shop', 'exiting', 'x', 'error', null, 42))).toEqual({ level: 'error', guest: 'shop', pid: 42, event: 'exiting', msg: 'x' })
   })
 
+  it('json: a line about a migration carries its id (both hosts log the same one); text lines do not change', () => {
+    const id = '0123456789abcdef01234567'
+    expect(JSON.parse(formatLog('json', 'shop', 'resumed', 'the service runs here', 'info', at, 42, id))).toEqual({
+      time: '2026-11-27T23:40:00.123Z', level: 'info', guest: 'shop', pid: 42, migration: id, event: 'resumed', msg: 'the service runs here',
+    })
+    expect(formatLog('text', 'shop', 'resumed', 'the service runs here', 'info', at, 42, id)).toBe("uffd-migrate: guest 'shop': the service runs here\n")
+  })
+
   it('UFFD_MIGRATE_LOG_FORMAT=json turns it on; anything else is text', () => {
     expect(logFormat({ UFFD_MIGRATE_LOG_FORMAT: 'json' })).toBe('json')
     expect(logFormat({})).toBe('text')

@@ -13,7 +13,7 @@ export interface DestinationOptions {
 
 /** The turns of an incoming migration the operator's log tells (peer: the source's address; its start is `incoming`). */
 export type DestMilestone =
-  | { kind: 'began'; peer: string }
+  | { kind: 'began'; peer: string; migration?: string }
   | { kind: 'resumed'; peer: string; afterHandoffMs: number | undefined; pagesLeft: number }
   | { kind: 'back'; brokenMs: number; pagesLeft: number }
   | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
@@ -36,9 +36,9 @@ export interface DestinationHooks {
   sessionEnded?(err: Error): void
   /**
    * A migration began (its region table matched); peer: the source's address; servesHttp: the source's service serves
-   * HTTP. A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
+   * HTTP; session: the migration's id (its source chose it; both hosts log it). A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
    */
-  incoming?(o: { peer: string; servesHttp: boolean }): Promise<void> | undefined
+  incoming?(o: { peer: string; servesHttp: boolean; session: string }): Promise<void> | undefined
   /** The service runs here: the agent's thread yields from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */
   postcopy?(nice: number, forwarded: boolean): void
   /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */

@@ -53,7 +53,7 @@ export class MigrationDestination extends DestinationSession implements Destinat
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
     const bulk = this.link.bulk!, ok = () => bulk.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
-    const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp })
+    const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp, session: this.link.sessionId! })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
     else ok()
   }

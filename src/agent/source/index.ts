@@ -262,7 +262,7 @@ export class MigrationSource implements SourceHandlers {
       this.machine.transition(SourcePhase.SETTLED)
       await this.portsOfService()
       const report = buildReport({
-        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop, convergenceRate: pre.rate,
+        mode: this.opts.mode, to: this.opts.to, migration: this.session, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop, convergenceRate: pre.rate,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + this.tracking.cpuMs,
         discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.tracking.report(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
@@ -298,7 +298,7 @@ export class MigrationSource implements SourceHandlers {
       await this.portsOfService()
       const stoppedAt = crash.stoppedAtMs ?? postStart
       const report = buildReport({
-        mode: this.opts.mode, to: this.opts.to, regions: this.regions, pageSize: this.binding.pageSize, rounds: [], precopyStop: 'unknown (agent restarted)',
+        mode: this.opts.mode, to: this.opts.to, migration: this.session, regions: this.regions, pageSize: this.binding.pageSize, rounds: [], precopyStop: 'unknown (agent restarted)',
         t0: crash.startedAtMs, pauseAt: stoppedAt, stoppedAt, marks: {}, postStart, settledAt: this.clock.now(), resumedAtDest, clock: this.postcopy.recoverClock ?? { offsetMs: 0, rttMs: 0 },
         bytesOnWire: this.link.bytesWritten + this.link.bytesRead, sourceCpuMs: undefined, discarded: 0, missingAtHandoff: 0, stats, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })

@@ -7,6 +7,7 @@ import type { Sender } from './sender'
 export interface ReportInputs {
   mode: MigrationMode
   to: string
+  migration: string
   regions: Region[]
   pageSize: number
   rounds: RoundReport[]
@@ -48,6 +49,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
   return {
     mode: x.mode,
     to: x.to,
+    migration: x.migration,
     regions: x.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
     pageSize: x.pageSize,
     rounds: x.rounds,
