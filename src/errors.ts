@@ -42,6 +42,8 @@ export const ErrorCode = {
   CONNECTION: 'ERR_MIGRATION_CONNECTION',
   /** Migration aborted (by the user or after a failure). */
   ABORTED: 'ERR_MIGRATION_ABORTED',
+  /** The destination cannot hold the guest: its resident size and a margin exceed the memory the destination can still allocate (MemAvailable, memory cgroup limits). */
+  MEMORY: 'ERR_MIGRATION_MEMORY',
   /** A migration is already running. */
   BUSY: 'ERR_MIGRATION_BUSY',
   /** The migration was cancelled before the hand-off (guest.cancel(), `uffd-migrate cancel`, Ctrl-C of `send`); the service runs on at the source. */

@@ -21,6 +21,7 @@ import type { AgentWorkerData } from './worker-data'
 import type { BandwidthLimits } from './source/bandwidth'
 import { Yielding } from './yielding'
 import { deferredLogLine, type LogEvent, type LogLevel, logLine } from '../log'
+import { memoryHeadroom } from '../memory-headroom'
 
 /** The destination's milestones as log events. */
 const MILESTONE_EVENTS = { began: 'incoming', resumed: 'resumed', back: 'link-back', settled: 'settled' } as const satisfies Record<string, LogEvent>
@@ -266,7 +267,11 @@ function incomingMigration(will?: AgentWill) {
   const received = data.received!.map((sab, i) => new PageBitmap(regions[i].pageCount, sab))
   const restore = new MainThreadCall<number>()
   const rehearsed = new MainThreadCall<void>()
-  const dest: MigrationDestination = new MigrationDestination(binding, regions, received, { token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes }, {
+  const dest: MigrationDestination = new MigrationDestination(binding, regions, received, {
+    token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes,
+    // (UFFD_MIGRATE_MEMORY_CHECK=0: the operator knows better, e.g. memory the kernel will free that it cannot see)
+    memoryHeadroom: process.env.UFFD_MIGRATE_MEMORY_CHECK === '0' ? undefined : () => memoryHeadroom(),
+  }, {
     // from here the service's thread may run (and wait on a page only an agent can install) before this agent hears
     // of it: armed now with the will (a standby takes over; without one, a crash ends the process, never hangs it).
     // Also with no page left: the settlement with the source is still to come, and without an agent for it the

@@ -58,6 +58,14 @@ export function describeTracker(binding: NativeBinding, option?: string): string
   }
 }
 
+/** Runs of pages present and not the shared zero page: one read-only PAGEMAP_SCAN walk (Linux 6.7+; throws before). */
+export function presentRuns(binding: NativeBinding, regionId: number, pageCount: number): Uint32Array {
+  // PAGE_IS_SWAPPED is not asked for: with WP_UNPOPULATED the kernel's
+  // write-protect markers on never-touched pages report as swapped too.
+  const P = binding.constants.PAGE_IS_PRESENT, Z = binding.constants.PAGE_IS_PFNZERO
+  return binding.pagemapScan(regionId, 0, pageCount, 0, P | Z, Z, 0, P)
+}
+
 export function openTracker(binding: NativeBinding, regions: TrackedRegion[], kind: TrackerKind): DirtyTracker {
   return kind === 'sync-wp' ? new SyncWpTracker(binding, regions) : new AsyncWpTracker(binding, regions)
 }
@@ -122,12 +130,8 @@ export class AsyncWpTracker implements DirtyTracker {
     return this.binding.pagemapScan(regionId, 0, pageCount, 0, W, 0, 0, W, FINAL_SCAN_THREADS)
   }
 
-  /** Present and not the shared zero page. */
   presentRuns(regionId: number, pageCount: number): Uint32Array {
-    // PAGE_IS_SWAPPED is not asked for: with WP_UNPOPULATED the kernel's
-    // write-protect markers on never-touched pages report as swapped too.
-    const P = this.k.PAGE_IS_PRESENT, Z = this.k.PAGE_IS_PFNZERO
-    return this.binding.pagemapScan(regionId, 0, pageCount, 0, P | Z, Z, 0, P)
+    return presentRuns(this.binding, regionId, pageCount)
   }
 
   close(): void {

@@ -37,6 +37,9 @@ export function host(name: string) {
     /** The same, under a shell that sets the open-file limit first (`ulimit -n`). */
     receiveWithFileLimit: (limit: number, guest: string, port: number, http: number) =>
       run(['-c', `ulimit -n ${limit} && exec "$0" "$@"`, process.execPath, ...receiveArgs(guest, port, http, [])], '/bin/bash'),
+    /** The same, in the cgroup whose cgroup.procs file this is (its service is born there). */
+    receiveInCgroup: (procs: string, guest: string, port: number, http: number) =>
+      run(['-c', 'echo $$ > "$1" && shift && exec "$@"', 'cgroup', procs, process.execPath, ...receiveArgs(guest, port, http, [])], '/bin/bash'),
     cli: (args: string[]) => run([cli, ...args]),
     /** Any command, killed with the rest. */
     run,

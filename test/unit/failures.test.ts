@@ -59,6 +59,25 @@ describe('engine failures', () => {
     expect(pair.events).not.toContain('restore') // the service never left the source
   })
 
+  it('a destination that cannot hold the guest refuses it at REGIONS, before any page moves; it takes the guest once there is room', async () => {
+    const pair = makePair([64], fill) // 32 pages written: 128 KiB resident
+    let pagesSent = 0
+    pair.onFrame = (from, type) => void (from === 'source' && type === Msg.PAGES && pagesSent++)
+    pair.headroom = { bytes: (64 << 20) + (64 << 10), limitedBy: 'the memory cgroup /svc (memory.max 80.0 MiB)' }
+    const refused = await startSource(pair, { mode: 'postcopy' }).report.then(() => undefined, (e) => e)
+    expect(refused?.code).toBe(ErrorCode.MEMORY)
+    expect(refused.message).toMatch(/the destination cannot hold this guest: it has 128\.0 KiB resident at the source and 64\.1 MiB can still be allocated here, limited by the memory cgroup \/svc \(memory\.max 80\.0 MiB\) \(64\.0 MiB are kept/)
+    expect(pagesSent).toBe(0)
+    expect(pair.events).not.toContain('restore') // the service never left the source
+    expect(pair.events.some((e) => e.startsWith('ended:ERR_MIGRATION_MEMORY:'))).toBe(true) // and the destination listens again
+    // 128 KiB more than the margin: it fits
+    pair.headroom = { bytes: (64 << 20) + (128 << 10), limitedBy: 'the memory cgroup /svc' }
+    const { report } = startSource(pair, { mode: 'postcopy' })
+    await pair.restored
+    await expect(report).resolves.toMatchObject({ mode: 'postcopy' })
+    expect(pagesSent).toBeGreaterThan(0)
+  })
+
   it('a message outside its phase ends the migration with ERR_MIGRATION_PROTOCOL on the source, and the service runs on', async () => {
     const pair = makePair([64], fill)
     let injected = false

@@ -1,4 +1,5 @@
 /** What the destination is given: its options and the hooks by which it reaches the service (through the worker). */
+import type { Headroom } from '../../memory-headroom'
 import type { Clock } from '../clock'
 import type { AcceptorLimits } from './accept'
 
@@ -9,6 +10,8 @@ export interface DestinationOptions {
   clock?: Clock
   /** Handshake deadline and the cap on unauthenticated connections (defaults: 5 s, 16). */
   limits?: Partial<AcceptorLimits>
+  /** What this process can still allocate (src/memory-headroom.ts), checked against the source's resident size at REGIONS; absent: no check. */
+  memoryHeadroom?: () => Headroom | undefined
 }
 
 /** The turns of an incoming migration the operator's log tells (peer: the source's address; its start is `incoming`). */

@@ -13,6 +13,7 @@ import { postcopyBulkSocket } from '../bulk-socket'
 import { route } from '../message-table'
 import { peerPostcopyNice } from '../yielding'
 import { DEST_MESSAGES, DestPhase, type DestinationHandlers } from './machine'
+import { refuseUnlessRoom } from '../../memory-headroom'
 import { acceptRegionTable } from './region-table'
 import { DestinationSession } from './session'
 import type { AgentWill } from './takeover'
@@ -43,6 +44,8 @@ export class MigrationDestination extends DestinationSession implements Destinat
 
   onRegions(f: Frame): void {
     const limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
+    // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
+    if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, this.opts.memoryHeadroom?.())
     this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
     // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us
     this.uffd = new this.binding.Uffd(0)

@@ -15,7 +15,7 @@ import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import { peerError } from '../../protocol/handshake'
-import { decodeControl, encodeControl, Msg, type RegionLayout } from '../../protocol/messages'
+import { decodeControl, Msg, type RegionLayout } from '../../protocol/messages'
 import { parseAddress } from '../address'
 import type { Region } from '../../region'
 import { type Clock, systemClock } from '../clock'
@@ -29,6 +29,7 @@ import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
+import { regionsMessage } from './region-table'
 import { buildReport, type ReportInputs } from './report'
 import { Sender } from './sender'
 import { ServicePorts } from './service-ports'
@@ -198,15 +199,7 @@ export class MigrationSource implements SourceHandlers {
       opening.then((l) => (this.failure ? l.close() : undefined), () => {})
       this.current = this.writeNatively(await this.guard(opening))
       const bulk = this.link.bulk
-      bulk.send(encodeControl(Msg.REGIONS, {
-        linkTimeoutMs: this.opts.linkTimeoutMs,
-        ...(this.opts.requestTimeoutMs !== undefined ? { requestTimeoutMs: this.opts.requestTimeoutMs } : {}),
-        pageSize: this.binding.pageSize,
-        regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
-        ...(this.opts.streams! > 1 && bulk.frameWriter ? { streams: this.opts.streams } : {}),
-        ...(this.opts.servesHttp ? { servesHttp: true } : {}),
-        mode: this.opts.mode,
-      }))
+      bulk.send(regionsMessage(this.binding, this.regions, this.opts, bulk.frameWriter !== undefined))
       this.link.watchPeer() // the destination sends KEEPALIVE from REGIONS on (REGIONS_OK may wait for its service)
       await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))

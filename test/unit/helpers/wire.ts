@@ -5,6 +5,7 @@
  * and reads them on the destination after the hand-off. No addon, no socket,
  * no kernel.
  */
+import type { Headroom } from '../../../src/memory-headroom'
 import { PageBitmap } from '../../../src/bitmap'
 import { nowMs } from '../../../src/stats'
 import { MigrationDestination } from '../../../src/agent/destination/index'
@@ -46,6 +47,8 @@ export interface Pair {
    * 'drop' loses that frame alone (a peer that stops reading after it).
    */
   onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | 'drop' | undefined
+  /** What the destination can still allocate, as src/memory-headroom.ts would find it (undefined: no check). */
+  headroom?: Headroom
 }
 
 /** Calls onType with each frame's type as a writer starts it (frame headers are written in one piece). */
@@ -82,7 +85,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     settled: new Promise<void>((r) => (settledResolve = r)),
     destFailed: new Promise<Error>((r) => (failedResolve = r)),
   } as Pair
-  pair.dest = new MigrationDestination(dst, dstRegions, received, { token: TOKEN, bulkBufferBytes: 0 }, {
+  pair.dest = new MigrationDestination(dst, dstRegions, received, { token: TOKEN, bulkBufferBytes: 0, memoryHeadroom: () => pair.headroom }, {
     restore: async (state) => {
       pair.events.push('restore')
       if (pair.failRestore) throw new Error('cannot decode')

@@ -1,0 +1,43 @@
+/**
+ * A destination that cannot hold the guest refuses it before any page moves (src/memory-headroom.ts): a real memory
+ * cgroup limits the receiver, real processes, the CLI. Without the check the migration would fill the cgroup: fail
+ * half-way (ENOMEM placing pages) or, in post-copy, after the hand-off, with the service lost.
+ */
+import { afterAll, afterEach, describe, expect, it } from 'vitest'
+import { freePort } from '../src/cli/proc'
+import { kernelSkipReason } from './helpers/gate'
+import { host, killAll, listening, page, sendAndWait, sendFailure } from './helpers/hosts'
+import { makeMemCg } from './helpers/memcg'
+
+const MiB = 1 << 20
+const cg = makeMemCg(`uffdm-e2e-${process.pid}-${process.env.UFFD_MIGRATE_TRACKER ?? 'auto'}`)
+const skip = kernelSkipReason() ?? (typeof cg === 'string' ? cg : undefined)
+if (typeof cg === 'string') console.warn(`\n*** SKIPPING the memory check e2e test: ${cg}\n`)
+
+afterEach(killAll)
+afterAll(() => typeof cg !== 'string' && cg.remove())
+
+describe.skipIf(skip)('the destination\'s memory check', () => {
+  it('a receiver whose memory cgroup cannot hold the guest refuses it at once (post-copy: nothing handed off), and takes it once the limit is raised', async () => {
+    if (typeof cg === 'string') return
+    const A = host('a'), B = host('b')
+    const g = `memcheck-${process.pid}`, port = await freePort(), http = await freePort(), srcHttp = await freePort()
+    const dst = B.receiveInCgroup(cg.procs, g, port, http)
+    await listening(dst)
+    // room for 32 MiB more; the page-store's 64 MiB guest holds 56 MiB (and the check keeps 64 MiB for the service)
+    cg.setLimit(cg.usage() + 32 * MiB)
+    const src = A.service(g, srcHttp)
+    await src.waitLine(/^READY/)
+    const refused = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
+    expect(refused.code, sendFailure(refused.send, dst)).toBe(1)
+    expect(refused.send.stderr).toMatch(/the destination cannot hold this guest: it has 5\d\.\d MiB resident at the source and \d+\.\d MiB can still be allocated here, limited by the memory cgroup \/uffdm-e2e-[\w-]+ \(memory\.(max|limit_in_bytes) [\d.]+ MiB\).*\[ERR_MIGRATION_MEMORY\]/)
+    expect(JSON.parse(refused.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', code: 'ERR_MIGRATION_MEMORY', serviceRunsOn: 'source' })
+    await dst.waitLine(/a migration ended before the hand-off \(the destination cannot hold this guest.*\[ERR_MIGRATION_MEMORY\]; listening for the next source/, 10_000, 'stderr')
+    expect((await page(srcHttp, 1)).ok).toBe(true) // the service runs on at its source
+    expect(src.stderr).not.toMatch(/handed off/)
+    cg.setLimit('none')
+    const moved = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
+    expect(moved.code, sendFailure(moved.send, dst)).toBe(0)
+    expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+  }, 90_000)
+})
