@@ -7,6 +7,7 @@ import { connect, createServer, type Server, type Socket } from 'node:net'
 import { join } from 'node:path'
 import type { Progress } from './agent/source/index'
 import type { MigrationReport } from './agent/report'
+import type { PreflightReport } from './agent/source/preflight'
 import type { MigrateOptions } from './options'
 import { ErrorCode, UffdMigrateError } from './errors'
 import { logLine } from './log'
@@ -23,6 +24,7 @@ export function controlSocketPath(name: string): string {
 export type ControlRequest =
   | { cmd: 'status' }
   | { cmd: 'migrate'; options: MigrateOptions }
+  | { cmd: 'preflight'; options: MigrateOptions }
   | { cmd: 'cancel' }
   | { cmd: 'setBandwidth'; limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'> }
   | { cmd: 'release' }
@@ -63,6 +65,7 @@ export interface ControlledGuest {
   readonly tracker?: string
   readonly moved?: MovedStatus
   migrate(options: MigrateOptions): Promise<MigrationReport>
+  preflight(options: MigrateOptions): Promise<PreflightReport>
   cancel(): Promise<void>
   setBandwidth(limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Promise<unknown>
   on(event: 'progress', listener: (p: Progress) => void): unknown
@@ -214,6 +217,13 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
           s.end()
         },
       )
+      return
+    }
+    if (req.cmd === 'preflight') {
+      guest.preflight(req.options).then(
+        (report) => send({ type: 'preflight', report }),
+        (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message }),
+      ).finally(() => s.end())
       return
     }
     if (req.cmd === 'cancel') {

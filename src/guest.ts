@@ -13,9 +13,10 @@ import { ErrorCode, EXIT_MOVE_FAILED, UffdMigrateError } from './errors'
 import { Region } from './region'
 import { nowMs } from './stats'
 import { randomBytes } from 'node:crypto'
-import { type AgentToMain, type MainToAgent, type WireSourceOptions, withOwnState } from './agent/messages'
+import { type AgentToMain, type MainToAgent, type WireSourceOptions } from './agent/messages'
 import type { AgentWorkerData } from './agent/worker-data'
 import type { MigrationReport } from './agent/report'
+import type { PreflightReport } from './agent/source/preflight'
 import type { Progress } from './agent/source/index'
 import type { Server } from 'node:net'
 import { ControlServer, type MovedStatus, withoutControl } from './control'
@@ -23,7 +24,7 @@ import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
 import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, validateMigrateOptions } from './options'
-import { handoffState, receiveGuest } from './receive'
+import { receiveGuest } from './receive'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
 import { WaitBatch } from './wait-batch'
@@ -31,6 +32,7 @@ import { MigrationCalls } from './migration-calls'
 import type { BandwidthLimits } from './agent/source/bandwidth'
 import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS, type StartedStandby } from './agent-handle'
 import { emitOrExit, exitWhenMoved } from './guest-exit'
+import { pauseService } from './service-pause'
 import { logLine } from './log'
 
 export { GuestRegion } from './guest-region'
@@ -55,7 +57,7 @@ export class Guest extends EventEmitter {
   private readonly list: GuestRegion[]
   /** The running migration; stoppedAtMs and pausing: the service is paused for it (the agent asked). */
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void; wire: WireSourceOptions; startedAtMs: number; stoppedAtMs?: number; pausing?: Promise<void>; takeovers: number } | undefined
-  private readonly calls = new MigrationCalls((m) => this.post(m))
+  private readonly calls = new MigrationCalls((m) => this.post(m), (held) => (held ? this.agent.ref() : !this.migrating && this.agent.unref()))
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   /** Moved, and this process ends once its forwarded clients were idle this long (undefined: the service keeps it). */
@@ -101,6 +103,7 @@ export class Guest extends EventEmitter {
   private onAgentCrash(err: Error): void {
     const run = this.migrating, paused = run?.stoppedAtMs !== undefined, unsettled = this.restored && !this.isSettledFlag
     const e = { code: ErrorCode.AGENT, message: `migration agent crashed: ${err.message}` }
+    this.calls.agentLost(new UffdMigrateError(e.message, e.code))
     if (run && paused && run.takeovers < MAX_TAKEOVERS && !this.closed) return void this.takeOver(run, err)
     // a destination's standby took over (it logged it): it hears the open waits and the service's ports again
     if (!run && unsettled && !this.closed && this.agent.promote(this.standbyData)) return void (this.waitBatch.resend(), this.forwarder.serving && this.post({ type: 'serving', ports: this.forwarder.ports() }))
@@ -197,16 +200,30 @@ export class Guest extends EventEmitter {
     regionOf(this.regions, region).free(offset, length)
   }
 
+  /** The options as the agent takes them, for a migration with a fresh id; throws a bad option, or why none can start now. */
+  private wireOptions(options: MigrateOptions): WireSourceOptions {
+    if (this.agentEnded || this.closed) throw this.agentEnded ?? new UffdMigrateError(`guest '${this.name}' is closed (guest.close()): start a new one to migrate`, ErrorCode.INVALID_ARG)
+    if (this.migrating) throw new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY)
+    if (this.movedTo) throw new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY)
+    const settling = 'this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves'
+    if (this.restored && !this.isSettledFlag) throw new UffdMigrateError(settling, ErrorCode.BUSY)
+    return { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp, session: randomBytes(12).toString('hex') }
+  }
+
+  /**
+   * Would a migration with these options start now (`send --dry-run`)? The destination is reached and authenticated,
+   * checks the region table and whether it can hold this guest, and nothing moves: resolves with what both sides
+   * found, or rejects with the error that migration would have met. The service is never paused.
+   */
+  preflight(options: MigrateOptions): Promise<PreflightReport> {
+    return this.calls.preflight(() => this.wireOptions(options))
+  }
+
   /** Moves this service to the destination; resolves with the report once it settled there. */
   migrate(options: MigrateOptions): Promise<MigrationReport> {
-    if (this.agentEnded || this.closed) return Promise.reject(this.agentEnded ?? new UffdMigrateError(`guest '${this.name}' is closed (guest.close()): start a new one to migrate`, ErrorCode.INVALID_ARG))
-    if (this.migrating) return Promise.reject(new UffdMigrateError('a migration is already running for this guest', ErrorCode.BUSY))
-    if (this.movedTo) return Promise.reject(new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY))
-    const settling = 'this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves'
-    if (this.restored && !this.isSettledFlag) return Promise.reject(new UffdMigrateError(settling, ErrorCode.BUSY))
     let wire: WireSourceOptions
     try {
-      wire = { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp, session: randomBytes(12).toString('hex') }
+      wire = this.wireOptions(options)
     } catch (err) {
       return Promise.reject(err)
     }
@@ -250,10 +267,10 @@ export class Guest extends EventEmitter {
   }
 
   private onAgent(m: AgentToMain): void {
+    if (this.calls.take(m)) return // answers to cancel, set-bandwidth, preflight
     switch (m.type) {
       case 'pause':
-        void this.runPause()
-        return
+        return void pauseService(this.migrating, { rehearsal: this.rehearsal, holdClients: () => this.forwarder.hold(), pause: this.opts.pause, post: (m, t) => this.post(m, t) })
       case 'resume':
         if (this.migrating) this.migrating.stoppedAtMs = undefined
         this.opts.resume?.()
@@ -304,12 +321,6 @@ export class Guest extends EventEmitter {
         // 1: guest.settled's own listener
         return emitOrExit(this, this.opts.exitOnMoved !== false, 'failed', err, 1, 'the service cannot go on here without the pages that did not arrive')
       }
-      case 'cancelRefused':
-        return this.calls.cancelRefused(new UffdMigrateError(m.error.message, m.error.code))
-      case 'bandwidthSet':
-        return this.calls.bandwidthSet(m.limits)
-      case 'bandwidthRefused':
-        return this.calls.bandwidthRefused(new UffdMigrateError(m.error.message, m.error.code))
       case 'sessionEnded':
         // receive mode: only the hand-off commits; this guest waits for the next source (the agent logged why)
         return
@@ -328,24 +339,6 @@ export class Guest extends EventEmitter {
         this.emit('settled')
         return
     }
-  }
-
-  private async runPause(): Promise<void> {
-    const run = this.migrating
-    let paused!: () => void
-    if (run) run.pausing = new Promise((r) => (paused = r))
-    try {
-      await this.rehearsal // it runs on this thread: over before the pause window, not in it (the service serves meanwhile)
-      // the service stops here (the downtime counts from now); clients wait (held, not refused) until it runs again
-      const stoppedAtMs = nowMs()
-      if (run) run.stoppedAtMs = stoppedAtMs
-      this.forwarder.hold()
-      const state = this.opts.pause ? await this.opts.pause() : undefined
-      this.post(...withOwnState({ type: 'paused' as const, state: handoffState.encode(state), stoppedAtMs, postedAtMs: nowMs() }))
-    } catch (err) {
-      this.post({ type: 'pauseFailed', error: { code: ErrorCode.PAUSE, message: `pause() failed: ${(err as Error).message}` } })
-    }
-    paused?.()
   }
 
   /** The agent crashed while the service runs here (no migration, or one before its pause): a new agent for the next. */

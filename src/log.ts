@@ -14,6 +14,8 @@ import fs from 'node:fs'
 export const LOG_EVENTS = [
   // the destination
   'listening', 'incoming', 'resumed', 'settled', 'refused', 'session-ended', 'handoff-refused',
+  // either side: a preflight (send --dry-run) passed or, at the source, failed
+  'preflight',
   // the source
   'migration-began', 'bandwidth-changed', 'handed-off', 'moved', 'migration-cancelled', 'agent-takeover', 'forwarded-exit',
   // either side

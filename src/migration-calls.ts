@@ -1,11 +1,12 @@
 /**
  * What the service's thread asks of the migration running from it (cancel,
- * set-bandwidth): each asked of the agent with one message and answered by
- * one, or by the migration's own end. Callers that ask again before an
- * answer share it.
+ * set-bandwidth), and of one that would (preflight): each asked of the agent
+ * with one message and answered by one, or by the migration's own end.
+ * Callers that cancel again before an answer share it.
  */
 import type { BandwidthLimits } from './agent/source/bandwidth'
-import type { MainToAgent } from './agent/messages'
+import type { AgentToMain, MainToAgent, WireSourceOptions } from './agent/messages'
+import type { PreflightReport } from './agent/source/preflight'
 import { ErrorCode, UffdMigrateError } from './errors'
 
 interface Pending<T> {
@@ -17,8 +18,26 @@ export class MigrationCalls {
   private cancelling: Pending<void> | undefined
   /** Oldest first: the agent answers set-bandwidth calls in order. */
   private readonly limiting: Pending<BandwidthLimits>[] = []
+  /** Oldest first too: preflights are answered in order. */
+  private readonly checking: Pending<PreflightReport>[] = []
 
-  constructor(private readonly post: (m: MainToAgent) => void) {}
+  /** hold: true while a preflight waits for its answer (the agent's worker then keeps the process), false after. */
+  constructor(private readonly post: (m: MainToAgent) => void, private readonly hold: (held: boolean) => void = () => {}) {}
+
+  /** Takes the agent's answer to one of these calls (true), or leaves the message to the guest (false). */
+  take(m: AgentToMain): boolean {
+    const err = 'error' in m ? new UffdMigrateError(m.error.message, m.error.code) : undefined
+    if (m.type === 'cancelRefused') this.cancelRefused(err!)
+    else if (m.type === 'bandwidthSet') this.limiting.shift()?.resolve(m.limits)
+    else if (m.type === 'bandwidthRefused') this.limiting.shift()?.reject(err!)
+    else if (m.type === 'preflightDone' || m.type === 'preflightFailed') {
+      const p = this.checking.shift()
+      if (m.type === 'preflightDone') p?.resolve(m.report)
+      else p?.reject(err!)
+      if (p && !this.checking.length) this.hold(false)
+    } else return false
+    return true
+  }
 
   /** See Guest.cancel(). running: a migration from here runs. */
   cancel(running: boolean): Promise<void> {
@@ -39,17 +58,31 @@ export class MigrationCalls {
     })
   }
 
-  cancelRefused(err: Error): void {
+  /** See Guest.preflight(). options: checked already. */
+  /** wire: the options as the agent takes them, or it throws why no migration would start. */
+  preflight(wire: () => WireSourceOptions): Promise<PreflightReport> {
+    let options: WireSourceOptions
+    try {
+      options = wire()
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return new Promise((resolve, reject) => {
+      if (!this.checking.length) this.hold(true)
+      this.checking.push({ resolve, reject })
+      this.post({ type: 'preflight', options })
+    })
+  }
+
+  /** The agent crashed: a preflight it had not answered will not be (a migration's end is told on its own). */
+  agentLost(err: Error): void {
+    for (const p of this.checking.splice(0)) p.reject(err)
+    this.hold(false)
+  }
+
+  private cancelRefused(err: Error): void {
     this.cancelling?.reject(err)
     this.cancelling = undefined
-  }
-
-  bandwidthSet(limits: BandwidthLimits): void {
-    this.limiting.shift()?.resolve(limits)
-  }
-
-  bandwidthRefused(err: Error): void {
-    this.limiting.shift()?.reject(err)
   }
 
   /** The migration ended: the service moved to `to`. */

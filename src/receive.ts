@@ -82,6 +82,7 @@ export function waitingGuest(name: string, regions: { name: string; sizeBytes: n
     refusals: session.refusals,
     regions: Object.fromEntries(regions.map((r) => [r.name, { name: r.name, sizeBytes: r.sizeBytes }])),
     migrate: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: nothing runs here to send yet`, ErrorCode.BUSY)),
+    preflight: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: nothing runs here to send yet`, ErrorCode.BUSY)),
     cancel: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: no migration from here to cancel`, ErrorCode.INVALID_ARG)),
     // the limits of an incoming migration are its source's: set-bandwidth there
     setBandwidth: () => Promise.reject(new UffdMigrateError(`guest '${name}' waits for its incoming migration: its bandwidth is set at the source (set-bandwidth there)`, ErrorCode.INVALID_ARG)),

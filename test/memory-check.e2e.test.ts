@@ -28,6 +28,12 @@ describe.skipIf(skip)('the destination\'s memory check', () => {
     cg.setLimit(cg.usage() + 32 * MiB)
     const src = A.service(g, srcHttp)
     await src.waitLine(/^READY/)
+    // send --dry-run says so first, and moves nothing
+    const dry = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--dry-run'])
+    expect(dry.code, sendFailure(dry.send, dst)).toBe(1)
+    expect(JSON.parse(dry.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', dryRun: true, code: 'ERR_MIGRATION_MEMORY', serviceRunsOn: 'source' })
+    expect(dry.send.stderr).toMatch(/dry run: peer reported: the destination cannot hold this guest/)
+    await dst.waitLine(/a migration ended before the hand-off \(the destination cannot hold this guest/, 10_000, 'stderr')
     const refused = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
     expect(refused.code, sendFailure(refused.send, dst)).toBe(1)
     expect(refused.send.stderr).toMatch(/the destination cannot hold this guest: it has 5\d\.\d MiB resident at the source and \d+\.\d MiB can still be allocated here, limited by the memory cgroup \/uffdm-e2e-[\w-]+ \(memory\.(max|limit_in_bytes) [\d.]+ MiB\).*\[ERR_MIGRATION_MEMORY\]/)
@@ -36,6 +42,15 @@ describe.skipIf(skip)('the destination\'s memory check', () => {
     expect((await page(srcHttp, 1)).ok).toBe(true) // the service runs on at its source
     expect(src.stderr).not.toMatch(/handed off/)
     cg.setLimit('none')
+    // now the dry run passes: what both sides found, on stdout; the receiver logs it with the same id, and listens on
+    const passed = A.cli(['send', '--guest', g, '--to', `127.0.0.1:${port}`, '--dry-run'])
+    expect((await passed.exited).code, sendFailure(passed, dst)).toBe(0)
+    const out = passed.lines.join('\n')
+    expect(out).toMatch(/^dry run: a hybrid migration to 127\.0\.0\.1:\d+ would start now; nothing moved, the service runs on here/)
+    expect(out).toMatch(/memory +5\d\.\d MiB resident here; [\d.]+ [MG]iB can be allocated there \(limited by the host's available memory \(MemAvailable\)\)/)
+    const id = /migration id +([0-9a-f]{24})/.exec(out)?.[1]
+    await dst.waitLine(new RegExp(`a preflight check from 127\\.0\\.0\\.1:\\d+ passed \\(migration ${id}\\): the region table matches; 5\\d\\.\\d MiB resident at the source`), 10_000, 'stderr')
+    expect(src.stderr).toContain(`a preflight check to 127.0.0.1:${port} passed (migration ${id})`)
     const moved = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
     expect(moved.code, sendFailure(moved.send, dst)).toBe(0)
     expect((await dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')

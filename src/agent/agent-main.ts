@@ -14,6 +14,7 @@ import { nowMs } from '../stats'
 import { DestPhase, MigrationDestination } from './destination/index'
 import { type AgentToMain, type MainToAgent, type TakeoverCause, type WireSourceOptions, withOwnState } from './messages'
 import { MigrationSource, type PausedService, type SourceOptions } from './source/index'
+import { preflight } from './source/preflight'
 import { agentTrouble, destinationLine, destinationTrouble, sourceLine } from './log-lines'
 import { warmLinkCode } from './warm-up'
 import type { AgentWill } from './destination/takeover'
@@ -24,7 +25,7 @@ import { deferredLogLine, type LogEvent, type LogLevel, logLine } from '../log'
 import { memoryHeadroom } from '../memory-headroom'
 
 /** The destination's milestones as log events. */
-const MILESTONE_EVENTS = { began: 'incoming', resumed: 'resumed', back: 'link-back', settled: 'settled' } as const satisfies Record<string, LogEvent>
+const MILESTONE_EVENTS = { began: 'incoming', resumed: 'resumed', back: 'link-back', settled: 'settled', preflight: 'preflight' } as const satisfies Record<string, LogEvent>
 
 const port = parentPort!
 const data = workerData as AgentWorkerData
@@ -148,6 +149,12 @@ function onMain(m: MainToAgent): void {
       return outgoing.start(m.options)
     case 'takeOver':
       return outgoing.start(m.options, m.crash)
+    case 'preflight':
+      if (incoming && incoming.phase !== DestPhase.SETTLED) {
+        post({ type: 'preflightFailed', error: { code: ErrorCode.BUSY, message: 'this guest is still settling (receiving its memory); it can move on once guest.settled resolves' } })
+        return
+      }
+      return outgoing.preflight(m.options)
     case 'cancel':
       return outgoing.cancel()
     case 'setBandwidth':
@@ -239,6 +246,19 @@ function outgoingMigrations() {
         },
       )
     },
+    /** A preflight: what a migration with these options would meet before its first page (it runs beside nothing else). */
+    preflight(wire: WireSourceOptions): void {
+      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
+      const line = (event: LogEvent, text: string, level: LogLevel) => logLine(data.name ?? '?', event, text, level, wire.session)
+      preflight(binding, regions, { ...opts, session: wire.session! }).then(
+        (report) => (line('preflight', sourceLine.preflight(wire.to, report), 'info'), post({ type: 'preflightDone', report })),
+        (err) => {
+          const e = errorOut(err)
+          line('preflight', sourceLine.preflightFailed(wire.to, e), 'warn')
+          post({ type: 'preflightFailed', error: e })
+        },
+      )
+    },
     cancel(): void {
       if (!source) {
         post({ type: 'cancelRefused', error: { code: ErrorCode.INVALID_ARG, message: 'no migration is running for this guest: nothing to cancel' } })
@@ -321,6 +341,7 @@ function incomingMigration(will?: AgentWill) {
       exitWatch.arm(dest.will()) // now with the resume time
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
+    preflight: (o) => logLine(data.name ?? '?', MILESTONE_EVENTS.preflight, destinationLine({ kind: 'preflight', peer: o.peer, migration: o.session, residentBytes: o.residentBytes, room: o.room }, regions), 'info', o.session),
     sessionEnded: (err) => {
       log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       migrationId = undefined

@@ -9,6 +9,7 @@ import { bytes, limitsText, perSecond } from '../units'
 import type { DestMilestone } from './destination/hooks'
 import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
+import type { PreflightReport } from './source/preflight'
 import type { LogEvent, LogLevel } from '../log'
 
 /** The guest's regions, as the lines count them. */
@@ -28,6 +29,10 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
         (m.pagesLeft ? `${m.pagesLeft} of ${totalPages} pages still to come from ${m.peer} (post-copy)` : 'every page is here')
     case 'back':
       return `the source came back after ${m.brokenMs.toFixed(0)} ms; post-copy goes on (${m.pagesLeft} pages to come)`
+    case 'preflight':
+      return `a preflight check from ${m.peer} passed (migration ${m.migration}): the region table matches` +
+        (m.residentBytes !== undefined && m.room ? `; ${bytes(m.residentBytes)} resident at the source, ${bytes(m.room.bytes)} can be allocated here (limited by ${m.room.limitedBy})` : '') +
+        '; nothing moved, listening for the next source'
     case 'settled':
       return `settled: every page is here, ${m.afterResumeMs.toFixed(0)} ms after the service resumed ` +
         `(${m.networkFaults} fault(s) fetched over the network${m.networkFaults ? `, p99 ${m.p99Us.toFixed(0)} us` : ''}); the guest can move on`
@@ -52,6 +57,11 @@ export const sourceLine = {
     if (phase === 'postcopy' && from === 'recovering') return ['link-back', `the link to ${to} is back; post-copy goes on`, 'info']
     return undefined
   },
+  /** A preflight (send --dry-run): a migration would start now, or what it would meet. */
+  preflight: (to: string, r: PreflightReport) =>
+    `a preflight check to ${to} passed (migration ${r.migration}): a migration would start now` +
+    (r.residentBytes !== undefined && r.destination.headroomBytes !== undefined ? ` (${bytes(r.residentBytes)} resident here, ${bytes(r.destination.headroomBytes)} can be allocated there)` : '') + '; nothing moved',
+  preflightFailed: (to: string, e: { code: string; message: string }) => `a preflight check to ${to} failed: ${e.message} [${e.code}]; nothing moved`,
   moved: (to: string, r: MigrationReport) => `moved to ${to}: settled there; downtime ${r.downtimeMs.toFixed(1)} ms, total ${r.totalMs.toFixed(0)} ms`,
   // (a cancel's message says where the service runs already)
   failed: (to: string, e: { code: string; message: string; afterHandoff?: boolean }) =>

@@ -1,4 +1,5 @@
 /** Messages between the service's main thread (guest.ts) and the agent's worker. */
+import type { PreflightReport } from './source/preflight'
 import type { SourceOptions, Progress } from './source/index'
 import type { MigrationReport } from './report'
 import type { BandwidthLimits } from './source/bandwidth'
@@ -16,6 +17,8 @@ export type WireSourceOptions = Omit<SourceOptions, 'token' | 'bulkBufferBytes' 
 
 export type MainToAgent =
   | { type: 'migrate'; options: WireSourceOptions }
+  /** Would a migration with these options start now? Nothing moves (src/agent/source/preflight.ts). */
+  | { type: 'preflight'; options: WireSourceOptions }
   /** A new agent takes over the migration whose agent crashed with the service paused (MigrationSource.takeOver()). */
   | { type: 'takeOver'; options: WireSourceOptions; crash: TakeoverCause }
   /** stoppedAtMs / postedAtMs: when the main thread began pause() / posted its encoded state (nowMs(), monotonic: the same clock in every thread). */
@@ -39,6 +42,9 @@ export type MainToAgent =
 
 export type AgentToMain =
   | { type: 'pause' }
+  /** The answers to 'preflight', in order. */
+  | { type: 'preflightDone'; report: PreflightReport }
+  | { type: 'preflightFailed'; error: { code: string; message: string } }
   | { type: 'resume' }
   | { type: 'progress'; progress: Progress }
   | { type: 'report'; report: MigrationReport }

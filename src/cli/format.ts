@@ -1,5 +1,6 @@
 /** Human-readable progress line and report table. */
 import type { MigrationReport } from '../agent/report'
+import type { PreflightReport } from '../agent/source/preflight'
 import type { Progress } from '../agent/source/index'
 import type { MovedStatus } from '../control'
 import { bytes, limitsText } from '../units'
@@ -26,6 +27,21 @@ export function progressLine(p: Progress): string {
   const limit = p.limitBytesPerSec ? ` (limit ${bytes(p.limitBytesPerSec)}/s)` : ''
   const why = p.brokenBy ? `  (${p.brokenBy})` : ''
   return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s${limit}  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)${why}`
+}
+
+/** send --dry-run's answer: what both sides found, one line each. */
+export function formatPreflight(r: PreflightReport): string {
+  const d = r.destination
+  return [
+    `dry run: a ${r.mode} migration to ${r.to} would start now; nothing moved, the service runs on here`,
+    `  connections        authenticated in ${r.connectMs.toFixed(1)} ms (the destination answered in ${r.totalMs.toFixed(1)} ms in all)`,
+    `  region table       matches: ${r.regions.map((g) => `${g.name} ${bytes(g.sizeBytes)}`).join(', ')}`,
+    `  memory             ${r.residentBytes !== undefined ? `${bytes(r.residentBytes)} resident here` : 'not counted here (a kernel without PAGEMAP_SCAN)'}; ` +
+      (d.headroomBytes !== undefined ? `${bytes(d.headroomBytes)} can be allocated there (limited by ${d.limitedBy})` : 'the destination does not check (UFFD_MIGRATE_MEMORY_CHECK=0)'),
+    `  tracker            ${r.tracker.kind}: ${r.tracker.reason}`,
+    `  streams            ${d.streams} bulk connection(s) granted`,
+    `  migration id       ${r.migration} (the destination logged its preflight line with it)`,
+  ].join('\n')
 }
 
 export function formatReport(r: MigrationReport): string {

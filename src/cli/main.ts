@@ -7,14 +7,15 @@ import { constants as osConstants } from 'node:os'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { formatDoctor, runDoctor } from '../doctor'
 import { controlDir, controlRequest, controlSocketPath, type ControlRequest, listGuests, type MovedStatus } from '../control'
-import { MIGRATION_MODES, readTokenFile, resolveAgentNice, validateBandwidth } from '../options'
+import { type MigrateOptions, MIGRATION_MODES, readTokenFile, resolveAgentNice, validateBandwidth } from '../options'
 import { PREPAGING_STRATEGIES } from '../agent/prepaging'
 import { resolvePostcopyNice } from '../agent/yielding'
 import { ErrorCode } from '../errors'
-import { formatReport, movedLines, movedSummary, progressLine, ProgressPrinter } from './format'
+import { formatPreflight, formatReport, movedLines, movedSummary, progressLine, ProgressPrinter } from './format'
 import type { Progress } from '../agent/source/index'
 import { parseAddress } from '../agent/address'
 import type { MigrationReport } from '../agent/report'
+import type { PreflightReport } from '../agent/source/preflight'
 import { SourcePhase } from '../agent/source/machine'
 import type { BandwidthLimits } from '../agent/source/bandwidth'
 import { bytes, limitsText, parseRate } from '../units'
@@ -115,6 +116,24 @@ function control(name: string, req: ControlRequest, onLine: (m: Record<string, u
   })
 }
 
+/** send --dry-run: a preflight (guest.preflight()); what both sides found, exit 0; or what the migration would meet, exit 1. */
+async function dryRun(guest: string, options: MigrateOptions, json: boolean): Promise<never> {
+  let answer: Record<string, unknown> | undefined
+  try {
+    await control(guest, { cmd: 'preflight', options }, (m) => (answer = m))
+  } catch (err) {
+    fail((err as { code?: string }).code ?? ErrorCode.NO_GUEST, (err as Error).message)
+  }
+  if (answer?.type !== 'preflight') {
+    const code = String(answer?.code ?? ErrorCode.GENERIC), message = String(answer?.message ?? 'no answer from the guest')
+    if (json) process.stdout.write(JSON.stringify({ outcome: 'failed', dryRun: true, code, message, exitCode: SEND_EXIT.FAILED, serviceRunsOn: 'source' }, null, 2) + '\n')
+    fail(code, `dry run: ${message}`)
+  }
+  const report = answer.report as PreflightReport
+  process.stdout.write((json ? JSON.stringify({ outcome: 'ok', dryRun: true, ...report }, null, 2) : formatPreflight(report)) + '\n')
+  process.exit(0)
+}
+
 /** How long `status` waits for a guest's answer: one whose main thread is blocked must not hang the operator's shell. */
 const STATUS_WAIT_MS = 5000
 
@@ -157,7 +176,8 @@ program
   .option('--quiet', 'no progress lines on stderr')
   .option('--service-host <host>', "where this host's forwarder reaches the service at the destination (default: the host of --to; for a migration network apart from the service's, or a proxy)")
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
-  .action(async (o: { guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string }) => {
+  .option('--dry-run', 'check that the migration would start now (destination reached and authenticated, region table, its memory) and move nothing: exit 0 or 1')
+  .action(async (o: { dryRun?: boolean; guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -176,12 +196,7 @@ program
         if (m.type === 'error') process.stderr.write(`uffd-migrate: ${m.message} [${m.code}]\n`)
       }).catch((err) => process.stderr.write(`uffd-migrate: could not cancel: ${(err as Error).message}\n`))
     }
-    process.on('SIGINT', onSignal)
-    process.on('SIGTERM', onSignal)
-    try {
-      await control(o.guest, {
-        cmd: 'migrate',
-        options: {
+    const options: MigrateOptions = {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
           recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
           ...(o.streams !== undefined ? { streams: o.streams } : {}),
@@ -194,8 +209,12 @@ program
             : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
           ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
-        },
-      }, (m) => {
+    }
+    if (o.dryRun) return dryRun(o.guest, options, !!o.json)
+    process.on('SIGINT', onSignal)
+    process.on('SIGTERM', onSignal)
+    try {
+      await control(o.guest, { cmd: 'migrate', options }, (m) => {
         if (m.type === 'progress') {
           progress.update(m.progress as Progress)
           lastPhase = (m.progress as Progress).phase

@@ -9,7 +9,7 @@ import { ErrorCode, migrationError } from '../errors'
 import { frameHeader } from './frames'
 
 export const PROTOCOL_NAME = 'uffd-migrate'
-export const PROTOCOL_VERSION = 5
+export const PROTOCOL_VERSION = 6
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256
@@ -57,6 +57,7 @@ export const enum Msg {
   REGIONS = 10,
   REGIONS_OK = 11,
   CLOCK = 12, // urgent, both ways
+  PREFLIGHT_OK = 13, // bulk, destination -> source: a preflight's REGIONS passed every check; the session ends (version 6)
   PAGES = 20, // bulk (rounds, push) and urgent (replies)
   RANGES = 21, // pages without payload: zero / free
   ROUND_END = 22,
@@ -78,7 +79,7 @@ export const enum Msg {
 }
 
 export const MSG_NAMES: Record<number, string> = {
-  1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 20: 'PAGES',
+  1: 'HELLO', 2: 'AUTH', 3: 'READY', 4: 'ERROR', 10: 'REGIONS', 11: 'REGIONS_OK', 12: 'CLOCK', 13: 'PREFLIGHT_OK', 20: 'PAGES',
   21: 'RANGES', 22: 'ROUND_END', 23: 'PRECOPY_END', 24: 'HANDOFF', 25: 'RESUMED', 30: 'PAGE_REQUEST',
   31: 'WILL_NEED', 32: 'FREED', 33: 'PUSH_END', 34: 'SETTLED', 35: 'REQUEST_DONE', 36: 'RECOVER', 37: 'RECOVER_STATE', 38: 'SERVICE', 39: 'KEEPALIVE', 40: 'SYNC', 41: 'BATCH',
 }

@@ -85,8 +85,9 @@ describe('calls on the running migration', () => {
     const second = calls.setBandwidth(true, { postcopyBytesPerSec: 0 })
     const third = calls.setBandwidth(true, { postcopyBytesPerSec: MiB })
     expect(posted.map((m) => m.type)).toEqual(['setBandwidth', 'setBandwidth', 'setBandwidth'])
-    calls.bandwidthSet({ precopyBytesPerSec: MiB, postcopyBytesPerSec: 0 })
-    calls.bandwidthRefused(new Error('no migration is running for this guest'))
+    expect(calls.take({ type: 'bandwidthSet', limits: { precopyBytesPerSec: MiB, postcopyBytesPerSec: 0 } })).toBe(true)
+    expect(calls.take({ type: 'bandwidthRefused', error: { code: 'ERR_INVALID_ARG', message: 'no migration is running for this guest' } })).toBe(true)
+    expect(calls.take({ type: 'resume' })).toBe(false) // not an answer to a call: the guest's
     calls.moved('b:1')
     await expect(first).resolves.toEqual({ precopyBytesPerSec: MiB, postcopyBytesPerSec: 0 })
     await expect(second).rejects.toThrow('no migration is running')
@@ -103,5 +104,27 @@ describe('calls on the running migration', () => {
     const c = calls.cancel(true)
     calls.moved('b:1')
     await expect(c).rejects.toMatchObject({ code: 'ERR_MIGRATION_CANCEL_REFUSED', message: 'cannot cancel: the migration to b:1 is complete' })
+  })
+
+  it('preflight: answered in order, the agent held meanwhile; a bad option or a guest that cannot migrate is refused at once; an agent crash answers the rest', async () => {
+    const posted: MainToAgent[] = [], held: boolean[] = []
+    const calls = new MigrationCalls((m) => posted.push(m), (h) => held.push(h))
+    const wire = { to: 'b:1', session: 's1' } as never
+    await expect(calls.preflight(() => { throw Object.assign(new Error('this guest moved to b:1'), { code: 'ERR_MIGRATION_BUSY' }) })).rejects.toMatchObject({ code: 'ERR_MIGRATION_BUSY' })
+    expect(posted).toEqual([])
+    const a = calls.preflight(() => wire), b = calls.preflight(() => wire)
+    expect(posted.map((m) => m.type)).toEqual(['preflight', 'preflight'])
+    expect(held).toEqual([true])
+    const report = { to: 'b:1', migration: 's1' } as never
+    expect(calls.take({ type: 'preflightDone', report })).toBe(true)
+    expect(held).toEqual([true]) // b still waits
+    expect(calls.take({ type: 'preflightFailed', error: { code: 'ERR_MIGRATION_MEMORY', message: 'cannot hold' } })).toBe(true)
+    expect(held).toEqual([true, false])
+    await expect(a).resolves.toBe(report)
+    await expect(b).rejects.toMatchObject({ code: 'ERR_MIGRATION_MEMORY', message: 'cannot hold' })
+    const c = calls.preflight(() => wire)
+    calls.agentLost(Object.assign(new Error('migration agent crashed: x'), { code: 'ERR_AGENT' }))
+    await expect(c).rejects.toMatchObject({ code: 'ERR_AGENT' })
+    expect(held).toEqual([true, false, true, false])
   })
 })

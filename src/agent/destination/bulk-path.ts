@@ -54,14 +54,19 @@ export class BulkPath {
     return this.reader !== undefined
   }
 
+  /** start() would run the native reader (built in, and nobody asked for the JS path). */
+  get readerWouldRun(): boolean {
+    return nativeBulkAvailable(this.binding)
+  }
+
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
   get cpuMs(): number {
     return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0)
   }
 
-  /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader. */
-  streamsFor(wanted: unknown): number {
-    if (!this.active || typeof wanted !== 'number' || !Number.isInteger(wanted) || wanted < 2) return 0
+  /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader (a preflight asks before it starts). */
+  streamsFor(wanted: unknown, withReader = this.active): number {
+    if (!withReader || typeof wanted !== 'number' || !Number.isInteger(wanted) || wanted < 2) return 0
     return Math.min(wanted - 1, MAX_EXTRA_STREAMS)
   }
 
@@ -92,7 +97,7 @@ export class BulkPath {
 
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
   start(uffd: NativeUffd, placement: Placement, ch: Channel): boolean {
-    if (!nativeBulkAvailable(this.binding)) return false
+    if (!this.readerWouldRun) return false
     const taken = ch.handOver()
     if (!taken) return false
     this.ch = ch

@@ -20,6 +20,8 @@ export type DestMilestone =
   | { kind: 'resumed'; peer: string; afterHandoffMs: number | undefined; pagesLeft: number }
   | { kind: 'back'; brokenMs: number; pagesLeft: number }
   | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
+  /** A preflight passed here (send --dry-run): nothing moved. */
+  | { kind: 'preflight'; peer: string; migration: string; residentBytes: number | undefined; room: Headroom | undefined }
 
 export interface DestinationHooks {
   /** The hand-off arrived: resume the service with this state. Resolves when it runs; rejects when the state cannot be restored. */
@@ -42,6 +44,8 @@ export interface DestinationHooks {
    * HTTP; session: the migration's id (its source chose it; both hosts log it). A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
    */
   incoming?(o: { peer: string; servesHttp: boolean; session: string }): Promise<void> | undefined
+  /** A preflight passed every check (REGIONS, memory) and was answered; the session ended, nothing moved. */
+  preflight?(o: { peer: string; session: string; residentBytes: number | undefined; room: Headroom | undefined }): void
   /** The service runs here: the agent's thread yields from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */
   postcopy?(nice: number, forwarded: boolean): void
   /** Takes the service's pending calls now (between pushed frames), instead of after the loop's turn. */

@@ -13,7 +13,7 @@ import { postcopyBulkSocket } from '../bulk-socket'
 import { route } from '../message-table'
 import { peerPostcopyNice } from '../yielding'
 import { DEST_MESSAGES, DestPhase, type DestinationHandlers } from './machine'
-import { refuseUnlessRoom } from '../../memory-headroom'
+import { type Headroom, refuseUnlessRoom } from '../../memory-headroom'
 import { acceptRegionTable } from './region-table'
 import { DestinationSession } from './session'
 import type { AgentWill } from './takeover'
@@ -45,7 +45,9 @@ export class MigrationDestination extends DestinationSession implements Destinat
   onRegions(f: Frame): void {
     const limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
     // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
-    if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, this.opts.memoryHeadroom?.())
+    const room = this.opts.memoryHeadroom?.()
+    if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, room)
+    if (limits.preflight) return this.answerPreflight(limits.residentBytes, room, limits.streams)
     this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
     // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us
     this.uffd = new this.binding.Uffd(0)
@@ -59,6 +61,17 @@ export class MigrationDestination extends DestinationSession implements Destinat
     const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp, session: this.link.sessionId! })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
     else ok()
+  }
+
+  /**
+   * A preflight (send --dry-run): every check of REGIONS passed. The answer says what this side found, and the session
+   * ends quietly (its connections end after the answer left; nothing was registered or placed).
+   */
+  private answerPreflight(residentBytes: number | undefined, room: Headroom | undefined, streams: unknown): void {
+    const session = this.link.sessionId!, peer = this.link.sessionPeer
+    this.link.bulk!.send(encodeControl(Msg.PREFLIGHT_OK, { ...(room ? { headroomBytes: room.bytes, limitedBy: room.limitedBy } : {}), streams: this.bulkPath.streamsFor(streams, this.bulkPath.readerWouldRun) + 1 }))
+    this.hooks.preflight?.({ peer, session, residentBytes, room })
+    this.endSession(migrationError(ErrorCode.ABORTED, 'the preflight check is done'), true)
   }
 
   onClock(f: Frame): void {

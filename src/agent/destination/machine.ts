@@ -50,7 +50,7 @@ export interface DestinationHandlers {
 
 /** Messages the destination accepts after a connection's handshake. */
 export const DEST_MESSAGES: MessageTable<DestPhase, DestinationHandlers> = {
-  [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy' },
+  [Msg.REGIONS]: { on: { bulk: [LISTENING] }, handle: (d, f) => d.onRegions(f), note: 'region table; → precopy (a preflight\'s: PREFLIGHT_OK, the session ends)' },
   [Msg.CLOCK]: { on: { urgent: [LISTENING, PRECOPY] }, handle: (d, f) => d.onClock(f), note: 'answered with the local clock' },
   [Msg.PAGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onPages(f), note: 'placed; urgent only after the hand-off; after it a page already held is ignored' },
   [Msg.RANGES]: { on: { bulk: [PRECOPY, POSTCOPY, SETTLED], urgent: [POSTCOPY, SETTLED] }, handle: (d, f) => d.onRanges(f), note: 'zero/free pages placed; urgent only after the hand-off; after it a page already held is ignored' },

@@ -13,8 +13,9 @@ import { DEFAULT_REQUEST_TIMEOUT_MS, type StuckLimits } from './watchdog'
  * The table's limits, and the bulk streams the source asks for (bulk included; 1 when absent). precopyOnly: the
  * source's mode is pre-copy (every page arrives before the hand-off); absent or another mode: false. residentBytes:
  * what the source holds in its regions (undefined: it could not count them cheaply, a kernel without PAGEMAP_SCAN).
+ * preflight: the source only asks whether a migration would start (send --dry-run).
  */
-export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: number): StuckLimits & { streams: unknown; servesHttp: boolean; precopyOnly: boolean; residentBytes: number | undefined } {
+export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: number): StuckLimits & { streams: unknown; servesHttp: boolean; precopyOnly: boolean; residentBytes: number | undefined; preflight: boolean } {
   const m = decodeControl(f.type, f.payload)
   const pageSize = uint(m, 'pageSize', 'REGIONS', 1 << 30)
   const list = field<unknown[]>(m, 'regions', 'array', 'REGIONS')
@@ -33,5 +34,6 @@ export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: num
   }
   const ms = (v: unknown, min: number, fallback: number) => (typeof v === 'number' && v >= min ? Math.min(v, 3600_000) : fallback)
   return { linkTimeoutMs: ms(m.linkTimeoutMs, 1000, 0), requestTimeoutMs: ms(m.requestTimeoutMs, 100, DEFAULT_REQUEST_TIMEOUT_MS), streams: m.streams, servesHttp: m.servesHttp === true, precopyOnly: m.mode === 'precopy',
-    residentBytes: m.residentBytes === undefined ? undefined : Math.min(uint(m, 'residentBytes', 'REGIONS'), ours.reduce((n, r) => n + r.sizeBytes, 0)) }
+    residentBytes: m.residentBytes === undefined ? undefined : Math.min(uint(m, 'residentBytes', 'REGIONS'), ours.reduce((n, r) => n + r.sizeBytes, 0)),
+    preflight: m.preflight === true }
 }

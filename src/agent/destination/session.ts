@@ -234,8 +234,11 @@ export abstract class DestinationSession {
     this.hooks.failed(err)
   }
 
-  /** Only the hand-off commits: a session that ends before it leaves the guest as it was (regions empty, nothing registered), listening. */
-  private endSession(err: Error): void {
+  /**
+   * Only the hand-off commits: a session that ends before it leaves the guest as it was (regions empty, nothing
+   * registered), listening. quiet: a preflight that was answered (its hook told it), not a session that failed.
+   */
+  protected endSession(err: Error, quiet = false): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
     this.watchdog.stop()
     this.bulkPath.close()
@@ -247,7 +250,7 @@ export abstract class DestinationSession {
     this.gate.reset()
     this.newSession(this.placement.received)
     if (this.phase !== DestPhase.LISTENING) this.machine.transition(DestPhase.LISTENING)
-    if (hadSession) this.hooks.sessionEnded?.(err)
+    if (hadSession && !quiet) this.hooks.sessionEnded?.(err)
   }
 
   close(): void {

@@ -29,7 +29,7 @@ import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
 import { Postcopy } from './postcopy'
 import { runPrecopy } from './precopy'
-import { regionsMessage } from './region-table'
+import { regionsMessage, residentBytes } from './region-table'
 import { buildReport, type ReportInputs } from './report'
 import { Sender } from './sender'
 import { ServicePorts } from './service-ports'
@@ -199,7 +199,7 @@ export class MigrationSource implements SourceHandlers {
       opening.then((l) => (this.failure ? l.close() : undefined), () => {})
       this.current = this.writeNatively(await this.guard(opening))
       const bulk = this.link.bulk
-      bulk.send(regionsMessage(this.binding, this.regions, this.opts, bulk.frameWriter !== undefined))
+      bulk.send(regionsMessage(this.binding, this.regions, this.opts, { nativeWriter: bulk.frameWriter !== undefined, resident: residentBytes(this.binding, this.regions) }))
       this.link.watchPeer() // the destination sends KEEPALIVE from REGIONS on (REGIONS_OK may wait for its service)
       await this.onRegionsOk(await this.guard(reply(bulk, Msg.REGIONS_OK)))
       const clock = await this.guard(this.link.syncClock(this.clock))

@@ -55,6 +55,7 @@ export interface SourceHandlers {
 /** Messages the source accepts after a connection's handshake. */
 export const SOURCE_MESSAGES: MessageTable<SourcePhase, SourceHandlers> = {
   [Msg.REGIONS_OK]: { on: { bulk: [CONNECT] }, note: 'awaited reply to REGIONS' },
+  [Msg.PREFLIGHT_OK]: { on: { bulk: [CONNECT] }, note: 'awaited reply to a preflight\'s REGIONS (preflight.ts): nothing moves' },
   [Msg.CLOCK]: { on: { urgent: [CONNECT] }, note: 'awaited reply: a clock sample' },
   [Msg.SYNC]: { on: { bulk: [PRECOPY] }, note: 'awaited reply: the destination applied what came before' },
   [Msg.RECOVER_STATE]: { on: { bulk: [RECOVERING] }, note: 'awaited reply to RECOVER; → postcopy' },

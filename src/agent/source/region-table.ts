@@ -9,8 +9,9 @@ import type { Region } from '../../region'
 import { presentRuns } from '../tracker'
 import type { SourceOptions } from './hooks'
 
-export function regionsMessage(binding: NativeBinding, regions: Region[], opts: SourceOptions, nativeWriter: boolean): Buffer[] {
-  const resident = residentBytes(binding, regions)
+/** nativeWriter: this side would write bulk natively (only then are streams asked for); resident: residentBytes(). */
+export function regionsMessage(binding: NativeBinding, regions: Region[], opts: SourceOptions, x: { nativeWriter: boolean; resident: number | undefined; preflight?: boolean }): Buffer[] {
+  const { nativeWriter, resident, preflight } = x
   return encodeControl(Msg.REGIONS, {
     linkTimeoutMs: opts.linkTimeoutMs,
     ...(opts.requestTimeoutMs !== undefined ? { requestTimeoutMs: opts.requestTimeoutMs } : {}),
@@ -20,6 +21,7 @@ export function regionsMessage(binding: NativeBinding, regions: Region[], opts: 
     ...(opts.servesHttp ? { servesHttp: true } : {}),
     mode: opts.mode,
     ...(resident !== undefined ? { residentBytes: resident } : {}),
+    ...(preflight ? { preflight: true } : {}),
   })
 }
 

@@ -103,6 +103,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     },
     recovering: () => pair.events.push('recovering'),
     sessionEnded: (err) => pair.events.push(`ended:${(err as { code?: string }).code}:${err.message}`),
+    preflight: (o) => pair.events.push(`preflight:${o.session}`),
   })
   return pair
 }
