@@ -46,6 +46,11 @@ describe.skipIf(skip)('the README quick start', () => {
         const [migPort, httpPort] = [await freePort(), await freePort()]
         const next = run(hosts[to], [cli, 'receive', '--listen', `127.0.0.1:${migPort}`, '--', process.execPath, server], httpPort)
         await next.waitLine(/waiting for the incoming migration/, 30_000, 'stderr')
+        // the README's dry run first: it would start, and nothing moved (the service still answers here)
+        const dry = run(hosts[from], [cli, 'send', '--guest', `qs-${process.pid}`, '--to', `127.0.0.1:${migPort}`, '--dry-run'], 0)
+        expect((await dry.waitExit(30_000)).code, dry.stderr).toBe(0)
+        expect(dry.lines[0]).toMatch(/^dry run: a hybrid migration to 127\.0\.0\.1:\d+ would start now; nothing moved/)
+        expect(current.exitCode).toBeNull()
         const send = run(hosts[from], [cli, 'send', '--guest', `qs-${process.pid}`, '--to', `127.0.0.1:${migPort}`], 0)
         expect((await send.waitExit(30_000)).code, send.stderr).toBe(0)
         expect(send.lines.join('\n')).toMatch(/^migration [0-9a-f]{24} to 127\.0\.0\.1:\d+, mode hybrid/)
