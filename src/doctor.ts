@@ -8,6 +8,7 @@ import { release } from 'node:os'
 import { loadBinding } from './binding'
 import { chooseTracker, resolveTrackerSetting, syncWpCost, type TrackerKind } from './agent/tracker-choice'
 import { PRECOPY_BULK_SOCKET_BUFFER_BYTES } from './protocol/messages'
+import { headroomCheck, memoryHeadroom } from './memory-headroom'
 
 export interface FeatureCheck {
   name: string
@@ -152,6 +153,8 @@ export function runDoctor(): DoctorReport {
     rmemMax: Number(readSysctl('/proc/sys/net/core/rmem_max')), wmemMax: Number(readSysctl('/proc/sys/net/core/wmem_max')), netAdmin: hasNetAdmin(),
   })
   add('socket buffers', buffers.available, buffers.detail, false)
+  const memory = headroomCheck(memoryHeadroom())
+  add('memory', memory.available, memory.detail, false)
   add('tracker', tracker !== undefined, tracker ? `${tracker.kind}: ${tracker.reason}; costs ${tracker.cost}` : trackerError)
   return finish()
 

@@ -82,6 +82,17 @@ function memoryCgroupDirs(read: ReadText): { path: string; name: string }[] {
   return dirs
 }
 
+/** The doctor's memory line: what a receiver here would take (available false: it cannot tell, or the check is off). */
+export function headroomCheck(room: Headroom | undefined, env: NodeJS.ProcessEnv = process.env): { available: boolean; detail: string } {
+  if (env.UFFD_MIGRATE_MEMORY_CHECK === '0') return { available: false, detail: 'the receiver\'s memory check is off (UFFD_MIGRATE_MEMORY_CHECK=0): a guest that does not fit fails as it fills memory' }
+  if (!room) return { available: false, detail: 'cannot tell what this host can still allocate (/proc/meminfo unreadable): a receiver here does not check' }
+  return {
+    available: true,
+    detail: `${bytes(room.bytes)} can be allocated here, limited by ${room.limitedBy}: a receiver here takes a guest holding up to ` +
+      `${bytes(Math.max(0, room.bytes - MEMORY_MARGIN_BYTES))} and refuses a larger one before any page moves (ERR_MIGRATION_MEMORY)`,
+  }
+}
+
 /** ERR_MIGRATION_MEMORY when a guest of residentBytes, with the margin, would not fit in the headroom. */
 export function refuseUnlessRoom(residentBytes: number, room: Headroom | undefined): void {
   if (!room || residentBytes + MEMORY_MARGIN_BYTES <= room.bytes) return

@@ -342,7 +342,9 @@ function incomingMigration(will?: AgentWill) {
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
     preflight: (o) => logLine(data.name ?? '?', MILESTONE_EVENTS.preflight, destinationLine({ kind: 'preflight', peer: o.peer, migration: o.session, residentBytes: o.residentBytes, room: o.room }, regions), 'info', o.session),
-    sessionEnded: (err) => {
+    sessionEnded: (err, session) => {
+      // (also a session that ended before it began, at its region table: the source logged the same id)
+      migrationId ??= session
       log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       migrationId = undefined
       post({ type: 'sessionEnded' })

@@ -1,6 +1,6 @@
 /** What a destination can still allocate (src/memory-headroom.ts), from the files the kernel shows, for each layout. */
 import { describe, expect, it } from 'vitest'
-import { memoryHeadroom, refuseUnlessRoom, MEMORY_MARGIN_BYTES } from '../../src/memory-headroom'
+import { headroomCheck, memoryHeadroom, refuseUnlessRoom, MEMORY_MARGIN_BYTES } from '../../src/memory-headroom'
 
 const MiB = 1 << 20
 const files = (f: Record<string, string>) => (path: string) => f[path]
@@ -55,6 +55,16 @@ describe('memory headroom', () => {
   it('nothing readable: no figure, and no check', () => {
     expect(memoryHeadroom(() => undefined)).toBeUndefined()
     expect(() => refuseUnlessRoom(10 * 1024 * MiB, undefined)).not.toThrow()
+  })
+
+  it("the doctor's line: what a receiver here takes, or why it cannot tell", () => {
+    const room = { bytes: 1024 * MiB, limitedBy: 'the memory cgroup /svc (memory.max 2.0 GiB)' }
+    expect(headroomCheck(room, {})).toEqual({
+      available: true,
+      detail: '1.0 GiB can be allocated here, limited by the memory cgroup /svc (memory.max 2.0 GiB): a receiver here takes a guest holding up to 960.0 MiB and refuses a larger one before any page moves (ERR_MIGRATION_MEMORY)',
+    })
+    expect(headroomCheck(room, { UFFD_MIGRATE_MEMORY_CHECK: '0' })).toMatchObject({ available: false, detail: expect.stringMatching(/check is off/) })
+    expect(headroomCheck(undefined, {})).toMatchObject({ available: false, detail: expect.stringMatching(/cannot tell/) })
   })
 
   it('the guest fits with the margin kept, or the error says what limits it and what to do', () => {

@@ -43,6 +43,7 @@ describe('preflight', () => {
     const err = await preflight(pair.src, pair.srcRegions, { ...sourceOptions(pair, 'postcopy'), session: 'abad1dea' }).catch((e) => e)
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_MEMORY', message: expect.stringMatching(/peer reported: the destination cannot hold this guest: it has 128\.0 KiB resident/) })
     expect(pair.events).toEqual([expect.stringMatching(/^ended:ERR_MIGRATION_MEMORY:/)])
+    expect(pair.endedSessions).toEqual(['abad1dea']) // its line names the migration the source named (before any 'incoming')
     pair.headroom = undefined
     await expect(preflight(pair.src, pair.srcRegions, { ...sourceOptions(pair, 'postcopy'), session: 'a11600d' })).resolves.toMatchObject({ destination: { streams: 1 } })
   })

@@ -38,7 +38,7 @@ export interface DestinationHooks {
   /** A turn of the session, for the operator's log (src/agent/log-lines.ts). */
   milestone?(m: DestMilestone): void
   /** A session ended before the hand-off; the guest listens for the next source. */
-  sessionEnded?(err: Error): void
+  sessionEnded?(err: Error, session: string | undefined): void
   /**
    * A migration began (its region table matched); peer: the source's address; servesHttp: the source's service serves
    * HTTP; session: the migration's id (its source chose it; both hosts log it). A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).

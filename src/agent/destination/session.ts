@@ -240,6 +240,7 @@ export abstract class DestinationSession {
    */
   protected endSession(err: Error, quiet = false): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
+    const session = this.link.sessionId
     this.watchdog.stop()
     this.bulkPath.close()
     this.link.drop(err)
@@ -250,7 +251,7 @@ export abstract class DestinationSession {
     this.gate.reset()
     this.newSession(this.placement.received)
     if (this.phase !== DestPhase.LISTENING) this.machine.transition(DestPhase.LISTENING)
-    if (hadSession && !quiet) this.hooks.sessionEnded?.(err)
+    if (hadSession && !quiet) this.hooks.sessionEnded?.(err, session)
   }
 
   close(): void {
