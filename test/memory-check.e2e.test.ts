@@ -33,7 +33,7 @@ describe.skipIf(skip)('the destination\'s memory check', () => {
     expect(dry.code, sendFailure(dry.send, dst)).toBe(1)
     expect(JSON.parse(dry.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', dryRun: true, code: 'ERR_MIGRATION_MEMORY', serviceRunsOn: 'source' })
     expect(dry.send.stderr).toMatch(/dry run: peer reported: the destination cannot hold this guest/)
-    await dst.waitLine(/a migration ended before the hand-off \(the destination cannot hold this guest/, 10_000, 'stderr')
+    await dst.waitLine(/a preflight check failed here: the destination cannot hold this guest.*\[ERR_MIGRATION_MEMORY\]; nothing moved, listening for the next source/, 10_000, 'stderr')
     const refused = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
     expect(refused.code, sendFailure(refused.send, dst)).toBe(1)
     expect(refused.send.stderr).toMatch(/the destination cannot hold this guest: it has 5\d\.\d MiB resident at the source and \d+\.\d MiB can still be allocated here, limited by the memory cgroup \/uffdm-e2e-[\w-]+ \(memory\.(max|limit_in_bytes) [\d.]+ MiB\).*\[ERR_MIGRATION_MEMORY\]/)

@@ -345,7 +345,8 @@ function incomingMigration(will?: AgentWill) {
     sessionEnded: (err, session) => {
       // (also a session that ended before it began, at its region table: the source logged the same id)
       migrationId ??= session
-      log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
+      if ((err as { preflight?: boolean }).preflight) log('preflight', destinationTrouble.preflightFailed(err as UffdMigrateError), 'warn')
+      else log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       migrationId = undefined
       post({ type: 'sessionEnded' })
     },

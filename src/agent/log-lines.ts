@@ -77,6 +77,9 @@ export const destinationTrouble = {
       // a state that could not be restored: the service never started here and runs on at the source
       ? `the migration ended at the hand-off: ${e.message} [${e.code}]; the service runs on at the source`
       : `the migration failed after the hand-off: ${e.message} [${e.code}]; the pages that had not arrived cannot come now`,
+  /** A preflight (send --dry-run) that failed a check here: nothing was to move. */
+  preflightFailed: (e: { code?: string; message: string }) =>
+    `a preflight check failed here: ${e.message} [${e.code ?? ErrorCode.GENERIC}]; nothing moved, listening for the next source`,
   sessionEnded: (e: { code?: string; message: string }) =>
     `a migration ended before the hand-off (${e.message}) [${e.code ?? ErrorCode.GENERIC}]; listening for the next source`,
   takeover: (w: { peer: string; port: number }, pagesLeft: number) =>

@@ -88,3 +88,12 @@ describe('trouble lines', () => {
     expect(agentTrouble.crashed('a string')).toBe('the migration agent crashed: a string')
   })
 })
+
+describe('preflight lines', () => {
+  it('a preflight that failed a check on the destination says so, and that nothing moved', () => {
+    expect(destinationTrouble.preflightFailed({ code: 'ERR_MIGRATION_MEMORY', message: 'the destination cannot hold this guest' })).toBe(
+      'a preflight check failed here: the destination cannot hold this guest [ERR_MIGRATION_MEMORY]; nothing moved, listening for the next source',
+    )
+  })
+})
+

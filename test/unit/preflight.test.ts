@@ -44,6 +44,10 @@ describe('preflight', () => {
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_MEMORY', message: expect.stringMatching(/peer reported: the destination cannot hold this guest: it has 128\.0 KiB resident/) })
     expect(pair.events).toEqual([expect.stringMatching(/^ended:ERR_MIGRATION_MEMORY:/)])
     expect(pair.endedSessions).toEqual(['abad1dea']) // its line names the migration the source named (before any 'incoming')
+    expect(pair.endedErrors[0]).toMatchObject({ preflight: true }) // logged as a preflight that failed, not a session
+    // a real migration refused the same way is a session that ended
+    await expect(startSource(pair, { mode: 'postcopy' }).report).rejects.toMatchObject({ code: 'ERR_MIGRATION_MEMORY' })
+    expect(pair.endedErrors[1]).not.toHaveProperty('preflight')
     pair.headroom = undefined
     await expect(preflight(pair.src, pair.srcRegions, { ...sourceOptions(pair, 'postcopy'), session: 'a11600d' })).resolves.toMatchObject({ destination: { streams: 1 } })
   })

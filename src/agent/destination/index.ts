@@ -14,7 +14,7 @@ import { route } from '../message-table'
 import { peerPostcopyNice } from '../yielding'
 import { DEST_MESSAGES, DestPhase, type DestinationHandlers } from './machine'
 import { type Headroom, refuseUnlessRoom } from '../../memory-headroom'
-import { acceptRegionTable } from './region-table'
+import { acceptRegionTable, isPreflight } from './region-table'
 import { DestinationSession } from './session'
 import type { AgentWill } from './takeover'
 
@@ -43,10 +43,16 @@ export class MigrationDestination extends DestinationSession implements Destinat
   // ---- message handlers (named in machine.ts) -------------------------------
 
   onRegions(f: Frame): void {
-    const limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
-    // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
-    const room = this.opts.memoryHeadroom?.()
-    if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, room)
+    let limits: ReturnType<typeof acceptRegionTable>, room: Headroom | undefined
+    try {
+      limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
+      // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
+      room = this.opts.memoryHeadroom?.()
+      if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, room)
+    } catch (err) {
+      // a preflight that failed a check is logged as one (sessionEnded: nothing was to move)
+      throw isPreflight(f) ? Object.assign(err as Error, { preflight: true }) : err
+    }
     if (limits.preflight) return this.answerPreflight(limits.residentBytes, room, limits.streams)
     this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
     // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us

@@ -37,3 +37,12 @@ export function acceptRegionTable(f: Frame, regions: Region[], pageSizeHere: num
     residentBytes: m.residentBytes === undefined ? undefined : Math.min(uint(m, 'residentBytes', 'REGIONS'), ours.reduce((n, r) => n + r.sizeBytes, 0)),
     preflight: m.preflight === true }
 }
+
+/** REGIONS of a preflight (send --dry-run), whatever else it holds (false for one that does not decode). */
+export function isPreflight(f: Frame): boolean {
+  try {
+    return decodeControl(f.type, f.payload).preflight === true
+  } catch {
+    return false
+  }
+}

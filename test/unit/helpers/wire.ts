@@ -49,6 +49,8 @@ export interface Pair {
   onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | 'drop' | undefined
   /** The session id of each session the destination ended before its hand-off (sessionEnded), in order. */
   endedSessions: (string | undefined)[]
+  /** And why, as the destination's hook got it. */
+  endedErrors: Error[]
   /** What the destination can still allocate, as src/memory-headroom.ts would find it (undefined: no check). */
   headroom?: Headroom
 }
@@ -81,7 +83,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
   const received = dstRegions.map((r) => new PageBitmap(r.pageCount))
   let restoredResolve!: (s: Uint8Array) => void, settledResolve!: () => void, failedResolve!: (e: Error) => void
   const pair = {
-    src, dst, srcRegions, dstRegions, received, links: [] as MemoryTransport[], events: [] as string[], endedSessions: [], resumedOnSource: 0,
+    src, dst, srcRegions, dstRegions, received, links: [] as MemoryTransport[], events: [] as string[], endedSessions: [], endedErrors: [], resumedOnSource: 0,
     failRestore: false, refuseDials: false, progress: [] as Progress[],
     restored: new Promise<Uint8Array>((r) => (restoredResolve = r)),
     settled: new Promise<void>((r) => (settledResolve = r)),
@@ -107,6 +109,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     sessionEnded: (err, session) => {
       pair.events.push(`ended:${(err as { code?: string }).code}:${err.message}`)
       pair.endedSessions.push(session)
+      pair.endedErrors.push(err)
     },
     preflight: (o) => pair.events.push(`preflight:${o.session}`),
   })
