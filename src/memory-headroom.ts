@@ -58,19 +58,14 @@ export function memoryHeadroom(read: ReadText = readText): Headroom | undefined 
  * memory controller's, at the mount points /proc/self/mountinfo names (a container sees its own root there).
  */
 function memoryCgroupDirs(read: ReadText): { path: string; name: string }[] {
-  const mounts = (read('/proc/self/mountinfo') ?? '').split('\n').map((l) => {
-    const [pre, post] = l.split(' - ')
-    const f = pre?.split(' ') ?? [], g = post?.split(' ') ?? []
-    return { root: f[3], point: f[4], type: g[0], options: g[2] ?? '' }
-  })
+  const mounts = cgroupMounts(read)
   const dirs: { path: string; name: string }[] = []
   for (const line of (read('/proc/self/cgroup') ?? '').split('\n')) {
     const [id, controllers, path] = [line.slice(0, line.indexOf(':')), line.slice(line.indexOf(':') + 1, line.lastIndexOf(':')), line.slice(line.lastIndexOf(':') + 1)]
     if (!path) continue
     const v2 = id === '0' && controllers === ''
-    const mount = mounts.find((m) => (v2 ? m.type === 'cgroup2' : m.type === 'cgroup' && m.options.split(',').includes('memory')))
-    if (!v2 && !controllers.split(',').includes('memory')) continue
-    if (!mount?.point || !mount.root) continue
+    const mount = mounts.find((m) => (v2 ? m.type === 'cgroup2' : m.type === 'cgroup' && m.options.includes('memory')))
+    if (!mount || (!v2 && !controllers.split(',').includes('memory'))) continue
     // the cgroup's path is as the root cgroup namespace sees it; the mount shows mount.root of it
     const rel = posix.relative(mount.root, path)
     if (rel.startsWith('..')) continue
@@ -91,6 +86,15 @@ export function headroomCheck(room: Headroom | undefined, env: NodeJS.ProcessEnv
     detail: `${bytes(room.bytes)} can be allocated here, limited by ${room.limitedBy}: a receiver here takes a guest holding up to ` +
       `${bytes(Math.max(0, room.bytes - MEMORY_MARGIN_BYTES))} and refuses a larger one before any page moves (ERR_MIGRATION_MEMORY)`,
   }
+}
+
+/** The cgroup hierarchies mounted here: v2 (`cgroup2`) and v1 (`cgroup`, options naming its controllers, e.g. memory). */
+export function cgroupMounts(read: ReadText = readText): { root: string; point: string; type: string; options: string[] }[] {
+  return (read('/proc/self/mountinfo') ?? '').split('\n').flatMap((l) => {
+    const [pre, post] = l.split(' - ')
+    const f = pre?.split(' ') ?? [], g = post?.split(' ') ?? []
+    return (g[0] === 'cgroup' || g[0] === 'cgroup2') && f[3] && f[4] ? [{ root: f[3], point: f[4], type: g[0], options: (g[2] ?? '').split(',') }] : []
+  })
 }
 
 /** ERR_MIGRATION_MEMORY when a guest of residentBytes, with the margin, would not fit in the headroom. */

@@ -58,8 +58,7 @@ export class MigrationCalls {
     })
   }
 
-  /** See Guest.preflight(). options: checked already. */
-  /** wire: the options as the agent takes them, or it throws why no migration would start. */
+  /** See Guest.preflight(). wire: the options as the agent takes them, or it throws why no migration would start. */
   preflight(wire: () => WireSourceOptions): Promise<PreflightReport> {
     let options: WireSourceOptions
     try {

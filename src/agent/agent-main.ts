@@ -45,8 +45,14 @@ const { bulkBufferBytes, pushUnsentBytes } = data.sockets
 const post = (m: AgentToMain, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer)
 /** The migration this agent runs, either side (its session: both hosts log it), for its lines; one at a time. */
 let migrationId: string | undefined
-/** One line on stderr for the operator, written by this thread (src/log.ts), about the migration running. */
-const log = (event: LogEvent, line: string, level: LogLevel = 'info') => logLine(data.name ?? '?', event, line, level, migrationId)
+/** One line on stderr for the operator, written by this thread (src/log.ts), about migration `about` (none: another peer's). */
+const logAbout = (about: string | undefined) => (event: LogEvent, line: string, level: LogLevel = 'info') => logLine(data.name ?? '?', event, line, level, about)
+/** The same, about the migration running. */
+const log = (event: LogEvent, line: string, level: LogLevel = 'info') => logAbout(migrationId)(event, line, level)
+/** A guest still receiving its memory cannot move on (a migration, a preflight): why, or undefined. */
+const stillSettling = () => incoming && incoming.phase !== DestPhase.SETTLED
+  ? { code: ErrorCode.BUSY, message: 'this guest is still settling (receiving its memory); migrate it again once guest.settled resolves' }
+  : undefined
 const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
@@ -141,20 +147,16 @@ function pollMain(): void {
 
 function onMain(m: MainToAgent): void {
   switch (m.type) {
-    case 'migrate':
-      if (incoming && incoming.phase !== DestPhase.SETTLED) {
-        post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'this guest is still settling (receiving its memory); migrate it again once guest.settled resolves' } })
-        return
-      }
-      return outgoing.start(m.options)
+    case 'migrate': {
+      const settling = stillSettling()
+      return settling ? post({ type: 'failed', error: settling }) : outgoing.start(m.options)
+    }
     case 'takeOver':
       return outgoing.start(m.options, m.crash)
-    case 'preflight':
-      if (incoming && incoming.phase !== DestPhase.SETTLED) {
-        post({ type: 'preflightFailed', error: { code: ErrorCode.BUSY, message: 'this guest is still settling (receiving its memory); it can move on once guest.settled resolves' } })
-        return
-      }
-      return outgoing.preflight(m.options)
+    case 'preflight': {
+      const settling = stillSettling()
+      return settling ? post({ type: 'preflightFailed', error: settling }) : outgoing.preflight(m.options)
+    }
     case 'cancel':
       return outgoing.cancel()
     case 'setBandwidth':
@@ -186,6 +188,11 @@ function onMain(m: MainToAgent): void {
   }
 }
 
+/** What the source takes, from the main thread's options and this agent's settings. */
+function sourceOptions(wire: WireSourceOptions): SourceOptions {
+  return { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker, demandStallMs: inject === 'demand-stall' ? 3_000 : 0 }
+}
+
 function outgoingMigrations() {
   const pause = new MainThreadCall<PausedService>()
   let freed: number[] = []
@@ -198,7 +205,7 @@ function outgoingMigrations() {
         post({ type: 'failed', error: { code: ErrorCode.BUSY, message: 'a migration is already running for this guest' } })
         return
       }
-      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker, demandStallMs: inject === 'demand-stall' ? 3_000 : 0 }
+      const opts = sourceOptions(wire)
       let phase = '', leftAtHandoff: number | undefined
       migrationId = wire.session
       if (crash) log('agent-takeover', sourceLine.takeover(wire.to, crash.phase), 'warn')
@@ -248,9 +255,8 @@ function outgoingMigrations() {
     },
     /** A preflight: what a migration with these options would meet before its first page (it runs beside nothing else). */
     preflight(wire: WireSourceOptions): void {
-      const opts: SourceOptions = { ...wire, token: Buffer.from(wire.token, 'utf8'), bulkBufferBytes, pushUnsentBytes, tracker: data.tracker }
-      const line = (event: LogEvent, text: string, level: LogLevel) => logLine(data.name ?? '?', event, text, level, wire.session)
-      preflight(binding, regions, { ...opts, session: wire.session! }).then(
+      const line = logAbout(wire.session)
+      preflight(binding, regions, { ...sourceOptions(wire), session: wire.session! }).then(
         (report) => (line('preflight', sourceLine.preflight(wire.to, report), 'info'), post({ type: 'preflightDone', report })),
         (err) => {
           const e = errorOut(err)
@@ -332,7 +338,7 @@ function incomingMigration(will?: AgentWill) {
       post({ type: 'recovering', message })
     },
     refused: (message, refusals) => {
-      logLine(data.name ?? '?', 'refused', message, 'warn') // (another peer's connection: not the migration running)
+      logAbout(undefined)('refused', message, 'warn') // (another peer's connection: not the migration running)
       post({ type: 'refused', message, refusals: { ...refusals } })
     },
     milestone: (m) => {
@@ -341,11 +347,11 @@ function incomingMigration(will?: AgentWill) {
       exitWatch.arm(dest.will()) // now with the resume time
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)
     },
-    preflight: (o) => logLine(data.name ?? '?', MILESTONE_EVENTS.preflight, destinationLine({ kind: 'preflight', peer: o.peer, migration: o.session, residentBytes: o.residentBytes, room: o.room }, regions), 'info', o.session),
+    preflight: (o) => logAbout(o.session)(MILESTONE_EVENTS.preflight, destinationLine({ kind: 'preflight', peer: o.peer, migration: o.session, residentBytes: o.residentBytes, room: o.room }, regions)),
     sessionEnded: (err, session) => {
       // (also a session that ended before it began, at its region table: the source logged the same id)
-      migrationId ??= session
-      if ((err as { preflight?: boolean }).preflight) log('preflight', destinationTrouble.preflightFailed(err as UffdMigrateError), 'warn')
+      migrationId ??= session.id
+      if (session.preflight) log('preflight', destinationTrouble.preflightFailed(err as UffdMigrateError), 'warn')
       else log('session-ended', destinationTrouble.sessionEnded(err as UffdMigrateError), 'warn')
       migrationId = undefined
       post({ type: 'sessionEnded' })

@@ -4,6 +4,7 @@
  */
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { cgroupMounts } from '../../src/memory-headroom'
 
 export interface MemCg {
   dir: string
@@ -19,12 +20,9 @@ export interface MemCg {
 
 export function makeMemCg(name: string): MemCg | string {
   if (process.getuid?.() !== 0) return 'not root: cannot create a memory cgroup'
-  const mounts = readFileSync('/proc/self/mountinfo', 'utf8').split('\n').map((l) => {
-    const [pre, post] = l.split(' - ')
-    return { point: pre?.split(' ')[4], type: post?.split(' ')[0], options: post?.split(' ')[2] ?? '' }
-  })
-  const v1 = mounts.find((m) => m.type === 'cgroup' && m.options.split(',').includes('memory'))
-  const v2 = mounts.find((m) => m.type === 'cgroup2' && m.point && readable(join(m.point, 'cgroup.subtree_control')).includes('memory'))
+  const mounts = cgroupMounts()
+  const v1 = mounts.find((m) => m.type === 'cgroup' && m.options.includes('memory'))
+  const v2 = mounts.find((m) => m.type === 'cgroup2' && readable(join(m.point, 'cgroup.subtree_control')).includes('memory'))
   const base = v1?.point ?? v2?.point
   if (!base) return 'no memory cgroup controller here (neither cgroup v1 memory nor cgroup v2 with memory in subtree_control)'
   const dir = join(base, name)

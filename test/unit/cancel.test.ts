@@ -8,7 +8,7 @@ import { ErrorCode } from '../../src/errors'
 import { Msg } from '../../src/protocol/messages'
 import type { FakeBinding } from '../../src/testing/fake-binding'
 import type { Region } from '../../src/region'
-import { makePair, pageBytes, sameBytes, startSource, touchAll } from './helpers/wire'
+import { cutOnFirst, makePair, pageBytes, sameBytes, startSource, touchAll } from './helpers/wire'
 import type { Pair } from './helpers/wire'
 
 const fill = (src: FakeBinding, regions: Region[]) =>
@@ -132,15 +132,10 @@ describe('cancel before the hand-off', () => {
 
   it('a reset that loses HANDOFF in flight: the destination listens again and the source runs its service on', async () => {
     const pair = makePair([64], fill)
-    let cut = false
-    pair.onFrame = (from, type) => {
-      if (cut || from !== 'source' || type !== Msg.HANDOFF) return undefined
-      cut = true
-      return 'cut'
-    }
+    const link = cutOnFirst(pair, 'source', Msg.HANDOFF)
     const { report } = startSource(pair, { mode: 'hybrid' })
     const err = await report.then(() => undefined, (e) => e)
-    expect(cut).toBe(true)
+    expect(link.cut).toBe(true)
     expect(err?.code, err?.message).toBe(ErrorCode.NO_SESSION)
     expect(err.message).toMatch(/hand-off never arrived.*\(the service resumed on the source\)/)
     expect(pair.resumedOnSource).toBe(1)

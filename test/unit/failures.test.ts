@@ -4,7 +4,7 @@ import { ErrorCode } from '../../src/errors'
 import { encodeRuns, Msg, RangeKind } from '../../src/protocol/messages'
 import type { FakeBinding } from '../../src/testing/fake-binding'
 import type { Region } from '../../src/region'
-import { makePair, pageBytes, startSource } from './helpers/wire'
+import { cutOnFirst, makePair, pageBytes, startSource } from './helpers/wire'
 
 const fill = (src: FakeBinding, regions: Region[]) =>
   regions.forEach((r, i) => {
@@ -45,14 +45,10 @@ describe('engine failures', () => {
 
   it('a reset before the hand-off fails the source with what the errno means, and the service runs on', async () => {
     const pair = makePair([64], fill)
-    let cut = false
-    pair.onFrame = (from, type) => {
-      if (cut || from !== 'source' || type !== Msg.PAGES) return undefined
-      cut = true
-      return 'cut'
-    }
+    const link = cutOnFirst(pair, 'source', Msg.PAGES)
     const { report } = startSource(pair, { mode: 'hybrid' })
     const err = await report.then(() => undefined, (e) => e)
+    expect(link.cut).toBe(true)
     expect(err?.code).toBe(ErrorCode.CONNECTION)
     // the errno, and what it means for the operator
     expect(err.message).toMatch(/connection failed: read ECONNRESET \(reset by the peer's host, or by a firewall/)

@@ -43,11 +43,11 @@ describe('preflight', () => {
     const err = await preflight(pair.src, pair.srcRegions, { ...sourceOptions(pair, 'postcopy'), session: 'abad1dea' }).catch((e) => e)
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_MEMORY', message: expect.stringMatching(/peer reported: the destination cannot hold this guest: it has 128\.0 KiB resident/) })
     expect(pair.events).toEqual([expect.stringMatching(/^ended:ERR_MIGRATION_MEMORY:/)])
-    expect(pair.endedSessions).toEqual(['abad1dea']) // its line names the migration the source named (before any 'incoming')
-    expect(pair.endedErrors[0]).toMatchObject({ preflight: true }) // logged as a preflight that failed, not a session
+    // its line names the migration the source named (before any 'incoming'), as a preflight that failed, not a session
+    expect(pair.endedSessions).toEqual([{ id: 'abad1dea', preflight: true }])
     // a real migration refused the same way is a session that ended
     await expect(startSource(pair, { mode: 'postcopy' }).report).rejects.toMatchObject({ code: 'ERR_MIGRATION_MEMORY' })
-    expect(pair.endedErrors[1]).not.toHaveProperty('preflight')
+    expect(pair.endedSessions[1]).toMatchObject({ preflight: false })
     pair.headroom = undefined
     await expect(preflight(pair.src, pair.srcRegions, { ...sourceOptions(pair, 'postcopy'), session: 'a11600d' })).resolves.toMatchObject({ destination: { streams: 1 } })
   })

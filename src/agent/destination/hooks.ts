@@ -37,8 +37,8 @@ export interface DestinationHooks {
   refused?(message: string, refusals: Record<string, number>): void
   /** A turn of the session, for the operator's log (src/agent/log-lines.ts). */
   milestone?(m: DestMilestone): void
-  /** A session ended before the hand-off; the guest listens for the next source. */
-  sessionEnded?(err: Error, session: string | undefined): void
+  /** A session ended before the hand-off (id: its migration id; preflight: it asked only that), the guest listens for the next source. */
+  sessionEnded?(err: Error, session: { id: string | undefined; preflight: boolean }): void
   /**
    * A migration began (its region table matched); peer: the source's address; servesHttp: the source's service serves
    * HTTP; session: the migration's id (its source chose it; both hosts log it). A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).

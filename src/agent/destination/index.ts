@@ -43,16 +43,11 @@ export class MigrationDestination extends DestinationSession implements Destinat
   // ---- message handlers (named in machine.ts) -------------------------------
 
   onRegions(f: Frame): void {
-    let limits: ReturnType<typeof acceptRegionTable>, room: Headroom | undefined
-    try {
-      limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
-      // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
-      room = this.opts.memoryHeadroom?.()
-      if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, room)
-    } catch (err) {
-      // a preflight that failed a check is logged as one (sessionEnded: nothing was to move)
-      throw isPreflight(f) ? Object.assign(err as Error, { preflight: true }) : err
-    }
+    this.preflightAsked = isPreflight(f) // (before its checks: one that fails them is a preflight that failed)
+    const limits = this.applyLimits(acceptRegionTable(f, this.regions, this.ps))
+    // before anything is placed: a guest that cannot fit fails now, not half-way or after the hand-off
+    const room = this.opts.memoryHeadroom?.()
+    if (limits.residentBytes !== undefined) refuseUnlessRoom(limits.residentBytes, room)
     if (limits.preflight) return this.answerPreflight(limits.residentBytes, room, limits.streams)
     this.cpuAtRegionsMs = this.binding.threadCpuMs?.()
     // Registered from the start: pre-copy pages go in with UFFDIO_COPY, then every missing page faults to us

@@ -44,6 +44,8 @@ export abstract class DestinationSession {
   protected uffd: NativeUffd | undefined
   private linkTimeoutMs = 0 // from REGIONS: a silent peer fails a connection after this long (0: never)
   protected cpuAtRegionsMs: number | undefined // this thread's CPU time when the session started (the report's CPU)
+  /** The session's REGIONS asked for a preflight only (send --dry-run): its end is told as one (sessionEnded). */
+  protected preflightAsked = false
   readonly service: ServiceCalls // the service's calls (ready, willNeed, serve, free), through the worker
   protected readonly notes = new SessionNotes() // what a successor needs (takeover.ts)
 
@@ -240,7 +242,8 @@ export abstract class DestinationSession {
    */
   protected endSession(err: Error, quiet = false): void {
     const hadSession = this.phase === DestPhase.PRECOPY || this.link.urgent !== undefined || this.link.bulk !== undefined
-    const session = this.link.sessionId
+    const ended = { id: this.link.sessionId, preflight: this.preflightAsked }
+    this.preflightAsked = false
     this.watchdog.stop()
     this.bulkPath.close()
     this.link.drop(err)
@@ -251,7 +254,7 @@ export abstract class DestinationSession {
     this.gate.reset()
     this.newSession(this.placement.received)
     if (this.phase !== DestPhase.LISTENING) this.machine.transition(DestPhase.LISTENING)
-    if (hadSession && !quiet) this.hooks.sessionEnded?.(err, session)
+    if (hadSession && !quiet) this.hooks.sessionEnded?.(err, ended)
   }
 
   close(): void {

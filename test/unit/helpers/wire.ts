@@ -47,10 +47,8 @@ export interface Pair {
    * 'drop' loses that frame alone (a peer that stops reading after it).
    */
   onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | 'drop' | undefined
-  /** The session id of each session the destination ended before its hand-off (sessionEnded), in order. */
-  endedSessions: (string | undefined)[]
-  /** And why, as the destination's hook got it. */
-  endedErrors: Error[]
+  /** Each session the destination ended before its hand-off (sessionEnded): its id, and whether it was a preflight. */
+  endedSessions: { id: string | undefined; preflight: boolean }[]
   /** What the destination can still allocate, as src/memory-headroom.ts would find it (undefined: no check). */
   headroom?: Headroom
 }
@@ -74,6 +72,17 @@ function watchFrames(t: MemoryTransport, onType: (type: number) => 'cut' | 'drop
   }
 }
 
+/** The link is cut (a reset) as the first frame of this type leaves `from`; `cut` says whether that happened. */
+export function cutOnFirst(pair: Pair, from: 'source' | 'destination', type: number): { readonly cut: boolean } {
+  const state = { cut: false }
+  pair.onFrame = (f, t) => {
+    if (state.cut || f !== from || t !== type) return undefined
+    state.cut = true
+    return 'cut'
+  }
+  return state
+}
+
 /** Two hosts with the same region table; `fill` writes the source's initial content. */
 export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions: Region[]) => void): Pair {
   const src = new FakeBinding(PS), dst = new FakeBinding(PS)
@@ -83,7 +92,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
   const received = dstRegions.map((r) => new PageBitmap(r.pageCount))
   let restoredResolve!: (s: Uint8Array) => void, settledResolve!: () => void, failedResolve!: (e: Error) => void
   const pair = {
-    src, dst, srcRegions, dstRegions, received, links: [] as MemoryTransport[], events: [] as string[], endedSessions: [], endedErrors: [], resumedOnSource: 0,
+    src, dst, srcRegions, dstRegions, received, links: [] as MemoryTransport[], events: [] as string[], endedSessions: [], resumedOnSource: 0,
     failRestore: false, refuseDials: false, progress: [] as Progress[],
     restored: new Promise<Uint8Array>((r) => (restoredResolve = r)),
     settled: new Promise<void>((r) => (settledResolve = r)),
@@ -109,7 +118,6 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     sessionEnded: (err, session) => {
       pair.events.push(`ended:${(err as { code?: string }).code}:${err.message}`)
       pair.endedSessions.push(session)
-      pair.endedErrors.push(err)
     },
     preflight: (o) => pair.events.push(`preflight:${o.session}`),
   })
