@@ -23,7 +23,7 @@ import { ControlServer, type MovedStatus, withoutControl } from './control'
 import { Forwarder } from './forwarder'
 import { rehearseForwarding } from './forward-rehearsal'
 import { GuestRegion, regionOf } from './guest-region'
-import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveSocketTuning, validateMigrateOptions } from './options'
+import { bandwidthLimits, guestRegions, type GuestOptions, type MigrateOptions, resolveAgentNice, resolveEncrypt, resolveSocketTuning, validateMigrateOptions } from './options'
 import { receiveGuest } from './receive'
 import { describeTracker } from './agent/tracker'
 import { resolveTrackerSetting } from './agent/tracker-choice'
@@ -128,7 +128,8 @@ export class Guest extends EventEmitter {
     const binding = loadBinding()
     const regions = entries.map(([name, bytes]) => Region.create(name, bytes, binding))
     const receive = opts.receive ?? process.env.UFFD_MIGRATE_RECEIVE
-    const sourceAgent: AgentWorkerData = { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker, sockets }
+    const encrypt = resolveEncrypt(opts.encrypt) // (receiving: the destination insists on sealed connections)
+    const sourceAgent: AgentWorkerData = { role: 'source', regions: regions.map((r) => r.describe()), agentNice, name: opts.name, tracker, sockets, encrypt }
     if (receive) return Guest.startReceiving(opts, binding, regions, receive, sourceAgent)
     const worker = new Worker(AGENT_WORKER, { workerData: sourceAgent })
     worker.unref()
@@ -207,7 +208,7 @@ export class Guest extends EventEmitter {
     if (this.movedTo) throw new UffdMigrateError(`this guest moved to ${this.movedTo} and no longer runs here: migrate it from there`, ErrorCode.BUSY)
     const settling = 'this guest is still settling (receiving its memory from the previous host); migrate it again once guest.settled resolves'
     if (this.restored && !this.isSettledFlag) throw new UffdMigrateError(settling, ErrorCode.BUSY)
-    return { ...validateMigrateOptions(options, this.opts.token), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp, session: randomBytes(12).toString('hex') }
+    return { ...validateMigrateOptions(options, this.opts.token, this.opts.encrypt), forward: this.forwarder.serving, servesHttp: this.forwarder.servesHttp, session: randomBytes(12).toString('hex') }
   }
 
   /**

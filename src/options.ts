@@ -26,6 +26,11 @@ export interface GuestOptions {
   resume?: () => void
   /** Shared token for the migration; default: $UFFD_MIGRATE_TOKEN or the file $UFFD_MIGRATE_TOKEN_FILE. */
   token?: string
+  /**
+   * Encrypt migrations (AES-256-GCM over an X25519 exchange bound to the token): receiving, this guest insists on it
+   * whatever the source asks; sending, the default of migrate()'s `encrypt`. Default $UFFD_MIGRATE_ENCRYPT (1 or 0), else false.
+   */
+  encrypt?: boolean
   /** Receive mode: listen here for the incoming migration; default: $UFFD_MIGRATE_RECEIVE. */
   receive?: string
   /** Listen on the control socket for `uffd-migrate send/status` (default true). */
@@ -106,12 +111,18 @@ export interface MigrateOptions {
    */
   serviceHost?: string
   token?: string
+  /**
+   * Seal every connection of the migration: page contents and state are secret and tamper-evident on the way
+   * (default: the guest's `encrypt`). The destination may insist on it anyway. The pages then go through the agents'
+   * loops, not the native threads: slower, see the README's "Encrypted migrations".
+   */
+  encrypt?: boolean
 }
 
 /** Bulk streams by default (measured: see the README's "Parallel streams"). */
 export const DEFAULT_STREAMS = 1
 
-export function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefined): WireSourceOptions {
+export function validateMigrateOptions(o: MigrateOptions, guestToken: string | undefined, guestEncrypt?: boolean): WireSourceOptions {
   const bad = (what: string) => new UffdMigrateError(what, ErrorCode.INVALID_ARG)
   if (!o || typeof o.to !== 'string') throw bad(`expected options.to to be a host:port string, got ${JSON.stringify(o?.to)}`)
   parseAddress(o.to)
@@ -152,6 +163,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     ...(switchoverBandwidth ? { switchoverBandwidth } : {}),
     ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
     token: resolveToken(o.token ?? guestToken),
+    encrypt: resolveEncrypt(o.encrypt ?? guestEncrypt, 'options.encrypt'),
   }
 }
 
@@ -205,6 +217,18 @@ export function resolveSocketTuning(env: NodeJS.ProcessEnv = process.env): Socke
 }
 
 /** The shared token: explicit, $UFFD_MIGRATE_TOKEN, or the file $UFFD_MIGRATE_TOKEN_FILE. */
+/** Whether migrations are sealed: an explicit boolean, else $UFFD_MIGRATE_ENCRYPT ('1' or '0'), else false. */
+export function resolveEncrypt(explicit: unknown, name = 'options.encrypt', env: NodeJS.ProcessEnv = process.env): boolean {
+  if (explicit !== undefined) {
+    if (typeof explicit !== 'boolean') throw new UffdMigrateError(`expected ${name} to be true or false, got ${JSON.stringify(explicit)}`, ErrorCode.INVALID_ARG)
+    return explicit
+  }
+  const v = env.UFFD_MIGRATE_ENCRYPT
+  if (v === undefined || v === '' || v === '0') return false
+  if (v === '1') return true
+  throw new UffdMigrateError(`expected UFFD_MIGRATE_ENCRYPT to be 1 or 0, got ${JSON.stringify(v)}`, ErrorCode.INVALID_ARG)
+}
+
 export function resolveToken(explicit?: string): string {
   const token =
     explicit ??

@@ -294,7 +294,7 @@ function incomingMigration(will?: AgentWill) {
   const restore = new MainThreadCall<number>()
   const rehearsed = new MainThreadCall<void>()
   const dest: MigrationDestination = new MigrationDestination(binding, regions, received, {
-    token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes,
+    token: Buffer.from(data.token!, 'utf8'), bulkBufferBytes, encrypt: data.encrypt,
     // (UFFD_MIGRATE_MEMORY_CHECK=0: the operator knows better, e.g. memory the kernel will free that it cannot see)
     memoryHeadroom: process.env.UFFD_MIGRATE_MEMORY_CHECK === '0' ? undefined : () => memoryHeadroom(),
   }, {
@@ -313,7 +313,7 @@ function incomingMigration(will?: AgentWill) {
     postcopy: (nice, forwarded) => yielding.enterWhen(forwarded, nice),
     incoming: (o) => {
       migrationId = o.session
-      log('incoming', destinationLine({ kind: 'began', peer: o.peer, migration: o.session }, regions))
+      log('incoming', destinationLine({ kind: 'began', peer: o.peer, migration: o.session, encrypted: o.encrypted }, regions))
       post({ type: 'incoming', peer: o.peer, migration: o.session }) // for status while the guest waits
       if (inject === 'agent-crash:precopy') setTimeout(() => dest.phase === DestPhase.PRECOPY && injectedCrash(inject), 100)
       return o.servesHttp ? rehearsed.ask({ type: 'rehearse' }) : undefined

@@ -23,7 +23,7 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
   const totalPages = regions.reduce((n, r) => n + r.pageCount, 0)
   switch (m.kind) {
     case 'began':
-      return `a migration from ${m.peer} began${m.migration ? ` (migration ${m.migration})` : ''}: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
+      return `a migration from ${m.peer} began${m.migration ? ` (migration ${m.migration}${m.encrypted ? ', encrypted' : ''})` : ''}: ${bytes(regions.reduce((n, r) => n + r.sizeBytes, 0))} in ${regions.length} region(s)`
     case 'resumed':
       return `the service runs here (${m.afterHandoffMs === undefined ? 'a new agent heard it after the last one crashed' : `${m.afterHandoffMs.toFixed(1)} ms after the hand-off arrived`}); ` +
         (m.pagesLeft ? `${m.pagesLeft} of ${totalPages} pages still to come from ${m.peer} (post-copy)` : 'every page is here')

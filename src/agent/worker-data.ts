@@ -11,6 +11,8 @@ export interface AgentWorkerData {
   received?: SharedArrayBuffer[]
   listen?: string
   token?: string
+  /** Destination: insist on sealed connections (GuestOptions.encrypt). */
+  encrypt?: boolean
   /** nice value of the agent's threads (0: as the service) */
   agentNice: number
   /** The guest's name, for the operator's log lines. */

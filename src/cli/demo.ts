@@ -81,6 +81,8 @@ export interface ExampleRun {
   relay?: (host: string, port: number) => Promise<string>
   /** More environment for the source's service only (e.g. UFFD_MIGRATE_FAULT_INJECT). */
   sourceEnv?: Record<string, string>
+  /** Extra arguments for `uffd-migrate receive` (e.g. --encrypt). */
+  receiveArgs?: string[]
   /** The same for the destination's. */
   destEnv?: Record<string, string>
 }
@@ -118,7 +120,7 @@ export async function migrateExample(o: ExampleRun): Promise<ExampleResult> {
   const server = join(root, 'examples', o.example ?? 'page-store', 'server.js')
   const common = ['--name', name, ...example.args(o), ...(o.serviceArgs ?? []), ...(o.autocannon ? ['--serve'] : [])]
   const destCmd = [
-    cli, 'receive', '--listen', `${destHost}:${migPort}`, '--', process.execPath, server, ...common, '--http', String(dstHttp),
+    cli, 'receive', '--listen', `${destHost}:${migPort}`, ...(o.receiveArgs ?? []), '--', process.execPath, server, ...common, '--http', String(dstHttp),
     ...(destHost !== '127.0.0.1' ? ['--http-host', destHost] : []), '--exit-after-verify',
     // the pinned client stops when send returns; the verify (which blocks the service) comes after it
     ...(o.autocannon ? ['--verify-delay-ms', '1500'] : []),

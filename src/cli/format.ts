@@ -40,6 +40,7 @@ export function formatPreflight(r: PreflightReport): string {
       (d.headroomBytes !== undefined ? `${bytes(d.headroomBytes)} can be allocated there (limited by ${d.limitedBy})` : 'the destination does not check (UFFD_MIGRATE_MEMORY_CHECK=0)'),
     `  tracker            ${r.tracker.kind}: ${r.tracker.reason}`,
     `  streams            ${d.streams} bulk connection(s) granted`,
+    `  encryption         ${r.encrypted ? 'on: every connection sealed (AES-256-GCM); pages go through the agents\' loops' : 'off (the link is authenticated, not encrypted: --encrypt)'}`,
     `  migration id       ${r.migration} (the destination logged its preflight line with it)`,
   ].join('\n')
 }
@@ -57,6 +58,7 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  bytes on the wire  ${bytes(r.bytesOnWire)}`)
   lines.push(`  pages sent         data ${r.pages.data}, zero ${r.pages.zero}, free ${r.pages.free}; resent ${r.pagesResent}; twice after hand-off ${r.pagesSentTwiceAfterHandoff}`)
   if (r.streams && r.streams > 1) lines.push(`  streams            ${r.streams} bulk connections in the pre-copy rounds`)
+  if (r.encrypted) lines.push('  encryption         every connection sealed (AES-256-GCM over X25519)')
   if (r.takeover) {
     lines.push(`  agent takeover     the migration agent crashed in phase ${r.takeover.crashedInPhase} (${r.takeover.message}); a new one took the migration over (the rounds and the pause window's figures went with the old one)`)
   }

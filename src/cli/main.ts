@@ -93,9 +93,11 @@ program
   .requiredOption('--listen <addr>', 'address to listen on, e.g. 0.0.0.0:7070', address)
   .option('--token-file <file>', 'file holding the shared token (default: $UFFD_MIGRATE_TOKEN)')
   .option('--agent-nice <n>', "nice value 0-19 of the service's migration agent (sets $UFFD_MIGRATE_AGENT_NICE)", agentNice)
+  .option('--encrypt', 'take only encrypted migrations: every connection sealed, whatever the source asks (sets $UFFD_MIGRATE_ENCRYPT=1, so the service\'s own migrations onwards are encrypted too)')
   .argument('<cmd...>', 'the service command, after --')
-  .action((cmd: string[], o: { listen: string; tokenFile?: string; agentNice?: number }) => {
+  .action((cmd: string[], o: { listen: string; tokenFile?: string; agentNice?: number; encrypt?: boolean }) => {
     const env: NodeJS.ProcessEnv = { ...process.env, UFFD_MIGRATE_RECEIVE: o.listen }
+    if (o.encrypt) env.UFFD_MIGRATE_ENCRYPT = '1'
     if (o.agentNice !== undefined) env.UFFD_MIGRATE_AGENT_NICE = String(o.agentNice)
     if (o.tokenFile) env.UFFD_MIGRATE_TOKEN = readTokenFile(o.tokenFile)
     if (!env.UFFD_MIGRATE_TOKEN && !env.UFFD_MIGRATE_TOKEN_FILE) fail(ErrorCode.AUTH, 'no token: pass --token-file FILE or set UFFD_MIGRATE_TOKEN (the same on both hosts)')
@@ -176,8 +178,9 @@ program
   .option('--quiet', 'no progress lines on stderr')
   .option('--service-host <host>', "where this host's forwarder reaches the service at the destination (default: the host of --to; for a migration network apart from the service's, or a proxy)")
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
+  .option('--encrypt', 'seal every connection (AES-256-GCM over X25519, keys bound to the token): page contents and state secret and tamper-evident on the way; slower (the pages go through the agents\' loops). Default: the guest\'s $UFFD_MIGRATE_ENCRYPT')
   .option('--dry-run', 'check that the migration would start now (destination reached and authenticated, region table, its memory) and move nothing: exit 0 or 1')
-  .action(async (o: { dryRun?: boolean; guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string }) => {
+  .action(async (o: { dryRun?: boolean; guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string; encrypt?: boolean }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -209,6 +212,7 @@ program
             : {}),
           ...(o.tokenFile ? { token: readTokenFile(o.tokenFile) } : {}),
           ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
+          ...(o.encrypt ? { encrypt: true } : {}),
     }
     if (o.dryRun) return dryRun(o.guest, options, !!o.json)
     process.on('SIGINT', onSignal)

@@ -10,6 +10,7 @@ import { ErrorCode, linkErrnoMeaning, migrationError, UffdMigrateError } from '.
 import { socketFd, takeSocket } from '../socket-fd'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
+import { type DirectionKey, Opener, Sealer } from './records'
 
 /** The part of net.Socket a Channel uses. */
 export interface Transport {
@@ -64,6 +65,9 @@ export class Channel {
   private bytesWrittenHere = 0
   /** Writes go through this instead of the socket (useWriter()). */
   private writer: FrameWriter | undefined
+  /** An encrypted connection (secure()): what is written is sealed, what is read opened, before the framing. */
+  private sealer: Sealer | undefined
+  private opener: Opener | undefined
   /**
    * A write that cannot drain for this long means the peer stopped reading
    * (stopped, wedged): the connection fails as broken (0: wait forever).
@@ -82,7 +86,8 @@ export class Channel {
       if (this.failure || this.handedOver) return
       this.bytesReadHere += chunk.length
       try {
-        this.decoder.feed(chunk)
+        if (this.opener) this.opener.feed(chunk)
+        else this.decoder.feed(chunk)
       } catch (err) {
         this.fail(err as Error)
       }
@@ -109,7 +114,24 @@ export class Channel {
 
   /** Part of a frame has arrived and the rest has not. */
   get midFrame(): boolean {
-    return this.decoder.midFrame
+    return this.decoder.midFrame || (this.opener?.midRecord ?? false)
+  }
+
+  /**
+   * Everything from now on is sealed with `send` and opened with `receive`
+   * (records.ts): called by the handshake where each side's plaintext ends.
+   * Native threads cannot take such a connection over: handOver() and
+   * useWriter() refuse, and the session uses the agents' JS paths.
+   */
+  secure(keys: { send: DirectionKey; receive: DirectionKey }, role = this.name): void {
+    if (this.decoder.midFrame || this.queued.length) throw migrationError(ErrorCode.PROTOCOL, `${role} connection: the peer sent more than its handshake before the encrypted part began`)
+    this.sealer = new Sealer(keys.send)
+    this.opener = new Opener(keys.receive, (plain) => this.decoder.feed(plain), role)
+  }
+
+  /** The connection is encrypted (secure()). */
+  get sealed(): boolean {
+    return this.sealer !== undefined
   }
 
   /** Frames go to `handler` from now on (after the handshake). */
@@ -195,6 +217,7 @@ export class Channel {
       this.writer.write(Buffer.isBuffer(parts) ? parts : Buffer.concat(parts))
       return !this.writer.needsDrain
     }
+    if (this.sealer) parts = this.sealer.seal(Buffer.isBuffer(parts) ? [parts] : parts)
     if (Buffer.isBuffer(parts)) {
       this.bytesWrittenHere += parts.length
       return this.socket.write(parts)
@@ -217,7 +240,7 @@ export class Channel {
    */
   useWriter(make: (fd: number) => FrameWriter): FrameWriter | undefined {
     const fd = this.fd
-    if (fd === undefined || this.failure || this.writer || (this.socket as { writableLength?: number }).writableLength) return undefined
+    if (fd === undefined || this.failure || this.writer || this.sealer || (this.socket as { writableLength?: number }).writableLength) return undefined
     this.writer = make(fd)
     return this.writer
   }
@@ -278,7 +301,7 @@ export class Channel {
    * thread starts with it). undefined when the transport has no descriptor.
    */
   handOver(): { fd: number; head: Buffer } | undefined {
-    if (this.failure || this.fd === undefined) return undefined
+    if (this.failure || this.fd === undefined || this.opener) return undefined
     this.handedOver = true // the chunk takeSocket() reads emits 'data': it is in head, not decoded
     const taken = takeSocket(this.socket)!
     // in the order they came off the wire: frames queued here, a partial frame, what Node had not delivered

@@ -9,7 +9,7 @@ import { ErrorCode, migrationError } from '../errors'
 import { frameHeader } from './frames'
 
 export const PROTOCOL_NAME = 'uffd-migrate'
-export const PROTOCOL_VERSION = 6
+export const PROTOCOL_VERSION = 7
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256

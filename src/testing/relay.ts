@@ -53,6 +53,12 @@ export class Relay {
   /** Towards the destination at most this many bytes per second (0: as fast as it goes). */
   rateBytesPerSec = 0
 
+  /** Sees every chunk it forwards, as it goes (a wiretap: what someone on the path reads). */
+  tap: ((chunk: Buffer, toDestination: boolean) => void) | undefined
+
+  /** Flips one bit of the byte at this offset of the bytes towards the destination (all connections counted), once: someone on the path changing data. */
+  corruptAtByte = Infinity
+
   /** A relay that never cuts and carries at most bytesPerSec towards the destination: a slow link, so that rounds last. */
   static slow(bytesPerSec: number): Relay {
     const r = new Relay(Infinity)
@@ -90,6 +96,9 @@ export class Relay {
     client.on('data', (chunk: Buffer) => {
       const at = this.cueIn(toDest, chunk, true)
       if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
+      const flip = this.corruptAtByte - this.bytesToDestination
+      if (flip >= 0 && flip < chunk.length) (chunk = Buffer.from(chunk))[flip] ^= 0x10
+      this.tap?.(chunk, true)
       upstream.write(chunk)
       this.bytesToDestination += chunk.length
       if (this.rateBytesPerSec > 0) {
@@ -101,6 +110,7 @@ export class Relay {
     upstream.on('data', (chunk: Buffer) => {
       const at = this.cueIn(back, chunk, false)
       if (at !== undefined) return this.cutAt(client, chunk, at, false)
+      this.tap?.(chunk, false)
       client.write(chunk)
     })
     client.on('close', () => (this.oneSided && this.cuts > 0 ? upstream.pause() : upstream.destroy()))

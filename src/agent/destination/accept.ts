@@ -63,6 +63,8 @@ export class Acceptor {
     private readonly host: AcceptorHost,
     private readonly clock: Clock,
     private readonly limits: AcceptorLimits = DEFAULT_ACCEPTOR_LIMITS,
+    /** Insist on sealed connections. */
+    private readonly encrypt = false,
   ) {}
 
   /** Starts listening; resolves with the bound port. */
@@ -104,7 +106,7 @@ export class Acceptor {
       const info = await serverHandshake(ch, this.token, (hello) => {
         authenticated()
         rejoin = this.admit(hello)
-      })
+      }, this.encrypt)
       if (info.role === 'stream') {
         this.streams.push(ch)
         return this.host.adopt(ch, info.role)

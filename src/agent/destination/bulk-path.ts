@@ -54,9 +54,9 @@ export class BulkPath {
     return this.reader !== undefined
   }
 
-  /** start() would run the native reader (built in, and nobody asked for the JS path). */
-  get readerWouldRun(): boolean {
-    return nativeBulkAvailable(this.binding)
+  /** start() would run the native reader on ch (built in, nobody asked for the JS path, and ch is not sealed: its bytes are opened in JS). */
+  readerWouldRun(ch: Channel): boolean {
+    return nativeBulkAvailable(this.binding) && !ch.sealed
   }
 
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
@@ -97,7 +97,7 @@ export class BulkPath {
 
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
   start(uffd: NativeUffd, placement: Placement, ch: Channel): boolean {
-    if (!this.readerWouldRun) return false
+    if (!this.readerWouldRun(ch)) return false
     const taken = ch.handOver()
     if (!taken) return false
     this.ch = ch

@@ -10,13 +10,15 @@ export interface DestinationOptions {
   clock?: Clock
   /** Handshake deadline and the cap on unauthenticated connections (defaults: 5 s, 16). */
   limits?: Partial<AcceptorLimits>
+  /** Insist on sealed connections (AES-256-GCM, src/protocol/records.ts), whatever the source asks. */
+  encrypt?: boolean
   /** What this process can still allocate (src/memory-headroom.ts), checked against the source's resident size at REGIONS; absent: no check. */
   memoryHeadroom?: () => Headroom | undefined
 }
 
 /** The turns of an incoming migration the operator's log tells (peer: the source's address; its start is `incoming`). */
 export type DestMilestone =
-  | { kind: 'began'; peer: string; migration?: string }
+  | { kind: 'began'; peer: string; migration?: string; encrypted?: boolean }
   | { kind: 'resumed'; peer: string; afterHandoffMs: number | undefined; pagesLeft: number }
   | { kind: 'back'; brokenMs: number; pagesLeft: number }
   | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
@@ -43,7 +45,7 @@ export interface DestinationHooks {
    * A migration began (its region table matched); peer: the source's address; servesHttp: the source's service serves
    * HTTP; session: the migration's id (its source chose it; both hosts log it). A promise: the service's thread prepares (src/forward-rehearsal.ts), REGIONS_OK waits for it (not the pause window).
    */
-  incoming?(o: { peer: string; servesHttp: boolean; session: string }): Promise<void> | undefined
+  incoming?(o: { peer: string; servesHttp: boolean; session: string; encrypted: boolean }): Promise<void> | undefined
   /** A preflight passed every check (REGIONS, memory) and was answered; the session ended, nothing moved. */
   preflight?(o: { peer: string; session: string; residentBytes: number | undefined; room: Headroom | undefined }): void
   /** The service runs here: the agent's thread yields from now on, at this nice value (src/agent/yielding.ts); forwarded: the source forwards the service's clients here. */

@@ -59,7 +59,7 @@ export class MigrationDestination extends DestinationSession implements Destinat
     this.link.streamsAllowed = this.bulkPath.streamsFor(limits.streams)
     this.machine.transition(DestPhase.PRECOPY)
     const bulk = this.link.bulk!, ok = () => bulk.send(encodeControl(Msg.REGIONS_OK, { streams: this.link.streamsAllowed + 1, batch: true }))
-    const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp, session: this.link.sessionId! })
+    const preparing = this.hooks.incoming?.({ peer: this.link.sessionPeer, servesHttp: limits.servesHttp, session: this.link.sessionId!, encrypted: this.link.bulk!.sealed })
     if (preparing) void preparing.then(() => bulk === this.link.bulk && this.phase === DestPhase.PRECOPY && ok())
     else ok()
   }
@@ -70,7 +70,7 @@ export class MigrationDestination extends DestinationSession implements Destinat
    */
   private answerPreflight(residentBytes: number | undefined, room: Headroom | undefined, streams: unknown): void {
     const session = this.link.sessionId!, peer = this.link.sessionPeer
-    this.link.bulk!.send(encodeControl(Msg.PREFLIGHT_OK, { ...(room ? { headroomBytes: room.bytes, limitedBy: room.limitedBy } : {}), streams: this.bulkPath.streamsFor(streams, this.bulkPath.readerWouldRun) + 1 }))
+    this.link.bulk!.send(encodeControl(Msg.PREFLIGHT_OK, { ...(room ? { headroomBytes: room.bytes, limitedBy: room.limitedBy } : {}), streams: this.bulkPath.streamsFor(streams, this.bulkPath.readerWouldRun(this.link.bulk!)) + 1 }))
     this.hooks.preflight?.({ peer, session, residentBytes, room })
     this.endSession(migrationError(ErrorCode.ABORTED, 'the preflight check is done'), true)
   }

@@ -6,6 +6,7 @@
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
 import { ErrorCode, type UffdMigrateError } from '../../errors'
+import { isIntegrityFailure } from '../../protocol/records'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { ChannelRole } from '../../protocol/handshake'
@@ -71,7 +72,7 @@ export abstract class DestinationSession {
         this.endSession(err)
       },
       quietSessionEndsInMs: () => this.watchdog.quietEndsInMs(),
-    }, this.clock, { ...DEFAULT_ACCEPTOR_LIMITS, ...opts.limits })
+    }, this.clock, { ...DEFAULT_ACCEPTOR_LIMITS, ...opts.limits }, opts.encrypt ?? false)
     this.watchdog = new Watchdog(this.clock, {
       phase: () => machine.phase,
       complete: () => this.placement.complete,
@@ -152,6 +153,9 @@ export abstract class DestinationSession {
     }
     if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
     if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke
+    // before the hand-off the source hears why on the other connection (it would only see a reset); after it, the
+    // link is recovered on fresh keys, and an ERROR would end the migration instead
+    if (this.phase === DestPhase.PRECOPY && isIntegrityFailure(err)) this.link.tell(err)
     this.linkBroke(err)
   }
 

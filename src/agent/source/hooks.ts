@@ -51,6 +51,8 @@ export interface SourceOptions {
   demandStallMs?: number
   /** Which dirty-page tracker (default: auto, the best this kernel offers). */
   tracker?: TrackerOption
+  /** Seal every connection (AES-256-GCM, src/protocol/records.ts); the destination may insist on it too. */
+  encrypt?: boolean
   /** Opens a connection (default TCP; the pure tier dials in memory). */
   dial?: Dialer
   clock?: Clock

@@ -258,7 +258,7 @@ export class MigrationSource implements SourceHandlers {
         mode: this.opts.mode, to: this.opts.to, migration: this.session, regions: this.regions, pageSize: this.binding.pageSize, rounds, precopyStop: pre.stop, convergenceRate: pre.rate,
         t0, pauseAt, stoppedAt, marks, postStart, settledAt: this.clock.now(), resumedAtDest, clock, bytesOnWire: this.link.bytesWritten + this.link.bytesRead,
         sourceCpuMs: cpuAtStartMs === undefined ? undefined : this.binding.threadCpuMs!() - cpuAtStartMs + this.sender.nativeCpuMs + this.tracking.cpuMs,
-        discarded, missingAtHandoff, stats, streams: this.streamsUsed, tracker: this.tracking.report(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
+        discarded, missingAtHandoff, stats, streams: this.streamsUsed, encrypted: this.link.encrypted, tracker: this.tracking.report(), bandwidthLimits: this.bandwidth.limited ? this.bandwidth.current : undefined, sender: this.sender, postcopy: this.postcopy, pushLog: this.opts.pushLog,
       })
       this.link.close()
       return report

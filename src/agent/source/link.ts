@@ -30,6 +30,8 @@ export interface LinkOptions {
   linkTimeoutMs: number
   bulkBufferBytes: number
   pushUnsentBytes?: number
+  /** Ask for sealed connections (the destination may insist anyway: `encrypted` says what was agreed). */
+  encrypt?: boolean
   /** The operator's limits (bandwidth.ts), shared by every link of the migration. */
   bandwidth?: Bandwidth
   dial?: Dialer
@@ -120,7 +122,7 @@ export class SourceLink {
       const cancel = opts.linkTimeoutMs > 0 ? deadline(clock, opts.linkTimeoutMs, () => ch.fail(migrationError(ErrorCode.CONNECT,
         `${opts.to} accepted the ${role} connection but did not complete the handshake within ${opts.linkTimeoutMs} ms (linkTimeoutMs): a stopped or overloaded receiver, or a proxy with nothing behind it`))) : undefined
       try {
-        await clientHandshake(ch, opts.token, { role, session })
+        await clientHandshake(ch, opts.token, { role, session }, opts.encrypt)
       } catch (err) {
         ch.close()
         throw err
@@ -133,8 +135,8 @@ export class SourceLink {
     let bulk: Channel, demand: Channel | undefined
     try {
       bulk = await open('bulk')
-      // TCP only: the native threads take the connection's descriptor over
-      if (nativeDemandAvailable(binding) && !opts.dial) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
+      // TCP only: the native threads take the connection's descriptor over (not a sealed one: its bytes are opened in JS)
+      if (nativeDemandAvailable(binding) && !opts.dial && !urgent.sealed) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
     } catch (err) {
       urgent.close()
       throw err
@@ -190,6 +192,11 @@ export class SourceLink {
       this.closedStreamBytes += s.bytesWritten
       s.close()
     }
+  }
+
+  /** The connections are sealed (either side asked): the session's pages go through the agents' loops, no native thread. */
+  get encrypted(): boolean {
+    return this.urgent.sealed
   }
 
   get bytesWritten(): number {

@@ -30,6 +30,8 @@ export interface PreflightReport {
   residentBytes?: number
   /** The dirty-page tracker a migration from here gets, and why. */
   tracker: TrackerChoice
+  /** The connections would be sealed (this side or the destination asked). */
+  encrypted: boolean
   destination: {
     /** What it can still allocate, and what limits it (absent: its memory check is off). */
     headroomBytes?: number
@@ -46,13 +48,14 @@ export async function preflight(binding: NativeBinding, regions: Region[], opts:
   const connectMs = clock.now() - t0
   try {
     const resident = residentBytes(binding, regions)
-    link.bulk.send(regionsMessage(binding, regions, opts, { nativeWriter: nativeWriterAvailable(binding), resident, preflight: true }))
+    link.bulk.send(regionsMessage(binding, regions, opts, { nativeWriter: nativeWriterAvailable(binding) && !link.encrypted, resident, preflight: true }))
     const m = decodeControl(Msg.PREFLIGHT_OK, (await reply(link.bulk, Msg.PREFLIGHT_OK, opts.linkTimeoutMs, clock)).payload)
     return {
       to: opts.to, migration: opts.session, mode: opts.mode, connectMs, totalMs: clock.now() - t0,
       regions: regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })),
       ...(resident !== undefined ? { residentBytes: resident } : {}),
       tracker,
+      encrypted: link.encrypted,
       destination: {
         ...(typeof m.headroomBytes === 'number' ? { headroomBytes: m.headroomBytes } : {}),
         ...(typeof m.limitedBy === 'string' ? { limitedBy: m.limitedBy } : {}),

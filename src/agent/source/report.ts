@@ -38,6 +38,8 @@ export interface ReportInputs {
   /** The dirty-page tracker, why it was chosen, and the write faults it resolved (sync-wp). */
   tracker?: MigrationReport['tracker']
   streams?: number
+  /** The connections were sealed. */
+  encrypted?: boolean
   bandwidthLimits?: MigrationReport['bandwidthLimits']
 }
 
@@ -72,6 +74,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
     pagesMissingAtHandoff: x.missingAtHandoff,
     ...(x.tracker ? { tracker: x.tracker } : {}),
     ...(x.streams ? { streams: x.streams } : {}),
+    encrypted: x.encrypted ?? false,
     ...(x.bandwidthLimits ? { bandwidthLimits: x.bandwidthLimits } : {}),
     ...(x.stats.bulkReceive === 'native' || x.stats.bulkReceive === 'js' ? { bulkReceive: x.stats.bulkReceive } : {}),
     ...(x.sourceCpuMs !== undefined && typeof x.stats.cpuMs === 'number' ? { cpuMs: { source: x.sourceCpuMs, destination: x.stats.cpuMs } } : {}),

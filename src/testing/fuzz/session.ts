@@ -17,7 +17,7 @@ import { MigrationDestination } from '../../agent/destination/index'
 import { DestPhase } from '../../agent/destination/machine'
 import type { UffdMigrateError } from '../../errors'
 import { Channel } from '../../protocol/channel'
-import { handshakeProof, peerError } from '../../protocol/handshake'
+import { ephemeralKey, handshakeProof, type KeyExchange, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
@@ -26,6 +26,13 @@ import { type Mutation, mutate, type ScriptFrame } from './mutate'
 
 export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
 const LAYOUT = [16, 8]
+/** The fuzzer's X25519 public key: its sessions stay in plaintext (the destination does not ask to encrypt), so no secret is ever derived from it. */
+const FUZZ_KEY = ephemeralKey().publicKey
+
+/** What the proofs cover when neither side asked to encrypt (the destination's HELLO gave its key). */
+function plaintextExchange(serverHello: Record<string, unknown>): KeyExchange {
+  return { clientKey: FUZZ_KEY, serverKey: serverHello.key as Uint8Array, clientEncrypt: false, serverEncrypt: serverHello.encrypt === true }
+}
 
 export interface SessionResult {
   /** Frames written, valid ones included. */
@@ -168,11 +175,12 @@ export class FuzzSession {
       void this.dest.accept(b, 'fuzzer')
       const ch = new Channel(a, role)
       const nonce = Buffer.alloc(32, 7)
-      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce })))
+      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY })))
       const hello = await this.next(ch)
       if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
-      const peerNonce = decodeControl(hello.type, hello.payload).nonce as Uint8Array
-      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce) })))
+      const reply = decodeControl(hello.type, hello.payload)
+      const peerNonce = reply.nonce as Uint8Array
+      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, plaintextExchange(reply)) })))
       const ready = await this.next(ch)
       if (ready.type !== Msg.READY) throw new Error(`fuzzer: expected READY, got ${ready.type === Msg.ERROR ? peerError(ready.payload).message : ready.type}`)
       ch.authenticated()
@@ -297,7 +305,7 @@ export class FuzzSession {
     const ch = new Channel(a, 'urgent')
     const nonce = Buffer.alloc(32, 9)
     const info = { role: 'urgent' as const, session: `hs-${++this.sessionSeq}` }
-    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce })) }
+    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce, key: FUZZ_KEY })) }
     const mutateAuth = this.rand() < 0.5
     if (!mutateAuth) {
       const m = mutate(hello, kind, this.rand, LAYOUT)
@@ -308,8 +316,8 @@ export class FuzzSession {
       this.frames++
       const reply = await this.next(ch).catch(() => undefined)
       if (reply?.type === Msg.HELLO) {
-        const peerNonce = decodeControl(reply.type, reply.payload).nonce as Uint8Array
-        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, peerNonce, nonce) })) }
+        const said = decodeControl(reply.type, reply.payload)
+        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, said.nonce as Uint8Array, nonce, plaintextExchange(said)) })) }
         const m = mutate(auth, kind, this.rand, LAYOUT)
         for (const w of m.writes) this.write(a, w)
         this.frames += m.frames

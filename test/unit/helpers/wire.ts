@@ -84,7 +84,7 @@ export function cutOnFirst(pair: Pair, from: 'source' | 'destination', type: num
 }
 
 /** Two hosts with the same region table; `fill` writes the source's initial content. */
-export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions: Region[]) => void): Pair {
+export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions: Region[]) => void, destOptions: { encrypt?: boolean } = {}): Pair {
   const src = new FakeBinding(PS), dst = new FakeBinding(PS)
   const srcRegions = pageCounts.map((n, i) => Region.create(`r${i}`, n * PS, src))
   const dstRegions = pageCounts.map((n, i) => Region.create(`r${i}`, n * PS, dst))
@@ -98,7 +98,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     settled: new Promise<void>((r) => (settledResolve = r)),
     destFailed: new Promise<Error>((r) => (failedResolve = r)),
   } as Pair
-  pair.dest = new MigrationDestination(dst, dstRegions, received, { token: TOKEN, bulkBufferBytes: 0, memoryHeadroom: () => pair.headroom }, {
+  pair.dest = new MigrationDestination(dst, dstRegions, received, { token: TOKEN, bulkBufferBytes: 0, memoryHeadroom: () => pair.headroom, ...destOptions }, {
     restore: async (state) => {
       pair.events.push('restore')
       if (pair.failRestore) throw new Error('cannot decode')
