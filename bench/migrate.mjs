@@ -23,6 +23,8 @@
 //                'downtime against memory size' table takes medians
 //   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
 //                default: the one this kernel gives, 'auto')
+//   --security plain,encrypted  each case once per link security: 'encrypted' sends with --encrypt (every connection
+//                sealed, the pages through the agents' loops); the mode column then says '(encrypted)'. Default: plain
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
 // Uses dist/ (`npx tsc -p tsconfig.json` first; `npm run bench:migrate` does it).
 // Each migration runs in a child process of its own (`--case JSON`), in its
@@ -70,6 +72,7 @@ function parseArgs(argv) {
       case '--loads': a.loads = val().split(',').map(Number); break
       case '--modes': a.modes = val().split(','); break
       case '--trackers': a.trackers = val().split(','); break
+      case '--security': a.security = val().split(','); break
       case '--json': a.json = val(); break
       case '--case': a.case = val(); break
       case '-h': case '--help':
@@ -86,6 +89,8 @@ function parseArgs(argv) {
   a.loads ??= a.quick ? [0, 10_000] : [0, 10_000, 100_000]
   a.modes ??= ['precopy', 'postcopy', 'hybrid']
   a.trackers ??= ['auto']
+  a.security ??= ['plain']
+  for (const x of a.security) if (!['plain', 'encrypted'].includes(x)) throw new Error(`bad --security: ${x} (plain, encrypted)`)
   a.repeat ??= 1
   if (!(Number.isInteger(a.repeat) && a.repeat >= 1)) throw new Error(`bad --repeat: ${a.repeat} (a whole number >= 1)`)
   for (const t of a.trackers) if (!['auto', 'wp-async', 'sync-wp'].includes(t)) throw new Error(`bad --trackers: ${t} (auto, wp-async, sync-wp)`)
@@ -139,6 +144,11 @@ function installProbe() {
       silentAtEndMs: dst ? undefined : end - src.last,
     }
   }
+}
+
+/** The mode column: the mode, and '(encrypted)' for a case sent with --encrypt. */
+function modeLabel(c) {
+  return c.security === 'encrypted' ? `${c.mode} (encrypted)` : c.mode
 }
 
 async function runCaseChild(json) {
@@ -268,7 +278,7 @@ function printGrowth(cases, refs, out) {
   for (const c of cases) {
     const rep = c.result?.report
     if (c.skipped || !c.result?.ok || !(rep?.downtimeMs > 0)) continue
-    const key = `${c.link}, ${loadLabel(c.writesPerSec)}, ${c.mode}${c.tracker && c.tracker !== 'auto' ? `, ${c.tracker}` : ''}`
+    const key = `${c.link}, ${loadLabel(c.writesPerSec)}, ${modeLabel(c)}${c.tracker && c.tracker !== 'auto' ? `, ${c.tracker}` : ''}`
     if (!groups.has(key)) groups.set(key, [])
     groups.get(key).push(c)
   }
@@ -432,7 +442,9 @@ async function main() {
       for (const link of args.links) {
         for (const sizeMiB of args.sizes) {
           for (const writesPerSec of args.loads) {
-            for (const mode of args.modes) for (const tracker of args.trackers) plan.push({ link, sizeMiB, writesPerSec, mode, tracker })
+            for (const mode of args.modes) {
+              for (const tracker of args.trackers) for (const security of args.security) plan.push({ link, sizeMiB, writesPerSec, mode, tracker, security })
+            }
           }
         }
       }
@@ -444,9 +456,9 @@ async function main() {
         cases.push({ ...c, skipped: netnsSkip ?? 'namespace unavailable' })
         continue
       }
-      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, tracker: c.tracker === 'auto' ? undefined : c.tracker, autocannon: args.pinned, autocannonRate: args.pinnedRate, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])] }
+      const opts = { sizeMiB: c.sizeMiB, mode: c.mode, writesPerSec: c.writesPerSec, tracker: c.tracker === 'auto' ? undefined : c.tracker, autocannon: args.pinned, autocannonRate: args.pinnedRate, serviceArgs: [...(args.blocking ? ['--blocking'] : []), ...(args.tinyState ? ['--versions-in-region'] : [])], sendArgs: c.security === 'encrypted' ? ['--encrypt'] : [] }
       if (c.link === 'netns') Object.assign(opts, { destNetns: pair.ns, destHost: pair.nsIp })
-      say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${c.mode} tracker ${c.tracker} ...`)
+      say(`[${n}/${plan.length}] ${c.link} ${sizeLabel(c.sizeMiB)} ${loadLabel(c.writesPerSec)} ${modeLabel(c)} tracker ${c.tracker} ...`)
       const r = await runCase(opts, caseTimeoutMs(c))
       const rep = r.result.report
       say(`[${n}/${plan.length}]   ${r.result.ok ? 'ok' : 'FAILED'} in ${(r.wallMs / 1000).toFixed(1)} s` +
@@ -498,7 +510,7 @@ async function main() {
         : `netns, veth + tbf 1 Gbit/s — 'vs link' = effective MiB/s ÷ raw Node TCP over the shaped link (${tcp.netns?.mibPerSec ? `${fmt(tcp.netns.mibPerSec)} MiB/s` : 'unavailable'})`)
     }
     const rep0 = c.result?.report
-    const base = [c.link, sizeLabel(c.sizeMiB), loadLabel(c.writesPerSec), c.mode,
+    const base = [c.link, sizeLabel(c.sizeMiB), loadLabel(c.writesPerSec), modeLabel(c),
       rep0?.tracker ? `${rep0.tracker.kind}${rep0.tracker.faults !== undefined ? ` (${rep0.tracker.faults} faults)` : ''}` : c.tracker]
     if (c.skipped) {
       rows.push([...base, 'skip', ...Array(header.length - 7).fill(''), c.skipped])
