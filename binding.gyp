@@ -17,6 +17,7 @@
         "native/region.cc",
         "native/region_binding.cc",
         "native/relay.cc",
+        "native/seal_relay.cc",
         "native/socket_binding.cc",
         "native/thread_binding.cc",
         "native/uffd.cc",

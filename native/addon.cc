@@ -26,6 +26,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   init_bulk_bindings(env, exports);
   init_bulk_writer_bindings(env, exports);
   init_wp_tracker_bindings(env, exports);
+  init_seal_relay_bindings(env, exports);
   return exports;
 }
 

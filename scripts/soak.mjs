@@ -9,7 +9,9 @@
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
 //                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--streams N]
-//                         [--json FILE]
+//                         [--encrypt] [--json FILE]
+// --encrypt: every send seals its connections (send --encrypt). Link faults cued on a frame (KIND@FRAME) cannot see
+// frames inside sealed records and never fire: use uncued ones (a random byte of the hop).
 // --streams N: every send asks for N bulk connections (pre-copy pages over parallel streams; the faults above then
 // also break the extra streams, and a cancel closes them).
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
@@ -88,6 +90,7 @@ const OPTIONS = {
   json: { type: 'string' },
   blocking: { type: 'boolean', default: false },
   streams: { type: 'string', default: '1' },
+  encrypt: { type: 'boolean', default: false },
 }
 const parsed = (() => {
   try {
@@ -103,7 +106,7 @@ for (const m of modes) if (!['hybrid', 'postcopy', 'precopy'].includes(m)) usage
 if (!(hops >= 1) || !(mib >= 1) || !(cancelEvery >= 0) || !(hopTimeoutMs > 0)) usage('--hops, --mib and --hop-timeout-ms must be positive, --cancel-every 0 or more')
 const streams = Number(a.streams)
 if (!(Number.isInteger(streams) && streams >= 1 && streams <= 8)) usage('--streams must be 1 to 8')
-const streamArgs = streams > 1 ? ['--streams', String(streams)] : []
+const streamArgs = [...(streams > 1 ? ['--streams', String(streams)] : []), ...(a.encrypt ? ['--encrypt'] : [])]
 function usage(msg) {
   process.stderr.write(`soak: ${msg}\n`)
   process.exit(2)

@@ -75,6 +75,23 @@ export interface NativeBulkWriter {
   close(): Float64Array
 }
 
+/**
+ * One direction of a sealed connection on its own thread (native/seal_relay.cc), between the TCP socket and a
+ * socketpair whose other end (innerFd) a bulk thread takes as its connection: 'open' turns records into plaintext,
+ * 'seal' plaintext into records (src/protocol/records.ts's format and keys).
+ */
+export interface NativeSealRelay {
+  readonly innerFd: number
+  /** The bulk thread dup()ed innerFd: this object's copy goes (so that its end can reach end of stream). */
+  releaseInner(): void
+  /** The caller owns innerFd from now on (tests). */
+  takeInner(): number
+  readonly cpuMs: number
+  /** Bytes read from its input so far. */
+  readonly bytesIn: number
+  close(): Float64Array
+}
+
 /** A socket's kernel buffers as granted (bytes; 0: left to the kernel's autotuning). */
 export interface SocketBuffers {
   sendBytes: number
@@ -202,6 +219,10 @@ export interface NativeBinding {
   ) => NativeBulkReader
   BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
+  SealRelay?: new (
+    mode: 'seal' | 'open', fd: number, key: Uint8Array, iv: Uint8Array, seq: number, bytesUnderKey: number, rekeyBytes: number,
+    head: Uint8Array, onEvents: (ev: Float64Array) => void,
+  ) => NativeSealRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
   SyncWpTracker?: new (regionIds: number[], followWriter?: boolean, idleClass?: boolean) => NativeSyncWpTracker

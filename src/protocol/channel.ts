@@ -10,43 +10,10 @@ import { ErrorCode, linkErrnoMeaning, migrationError, UffdMigrateError } from '.
 import { socketFd, takeSocket } from '../socket-fd'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
 import { encodeControl, MAX_CONTROL_BYTES, MAX_HANDSHAKE_FRAME_BYTES, Msg } from './messages'
-import { type DirectionKey, Opener, Sealer } from './records'
+import { type DirectionKey, Opener, type SealState, Sealer } from './records'
+import type { FrameWriter, Transport } from './transport'
 
-/** The part of net.Socket a Channel uses. */
-export interface Transport {
-  write(chunk: Buffer): boolean
-  cork(): void
-  uncork(): void
-  end(): void
-  destroy(): void
-  pause(): void
-  resume(): void
-  isPaused(): boolean
-  setNoDelay?(noDelay: boolean): void
-  readonly destroyed: boolean
-  readonly writableNeedDrain: boolean
-  on(event: 'data', fn: (chunk: Buffer) => void): unknown
-  on(event: 'error', fn: (err: Error) => void): unknown
-  on(event: 'close' | 'drain', fn: () => void): unknown
-  off(event: 'close' | 'drain', fn: () => void): unknown
-}
-
-/**
- * Something that writes this connection's frames instead of the socket (the
- * source's native bulk writer): frames keep the order they were given in.
- */
-export interface FrameWriter {
-  /** Queues a whole frame. */
-  write(frame: Buffer): void
-  /** Bytes it wrote so far. */
-  readonly bytesWritten: number
-  /** It holds enough queued work that the caller should wait for drained(). */
-  readonly needsDrain: boolean
-  /** Resolves when everything queued so far is written (or the writer failed). */
-  drained(): Promise<void>
-  /** Stops at once; what is queued is dropped (the connection is failing). */
-  close(): void
-}
+export type { FrameWriter, Transport } from './transport'
 
 export class Channel {
   private readonly decoder: FrameDecoder
@@ -120,8 +87,9 @@ export class Channel {
   /**
    * Everything from now on is sealed with `send` and opened with `receive`
    * (records.ts): called by the handshake where each side's plaintext ends.
-   * Native threads cannot take such a connection over: handOver() and
-   * useWriter() refuse, and the session uses the agents' JS paths.
+   * A native thread takes such a connection over only through a seal relay
+   * (native/seal_relay.cc): handOver() refuses, handOverSealed() and
+   * useWriter() give it where each direction stands.
    */
   secure(keys: { send: DirectionKey; receive: DirectionKey }, role = this.name): void {
     if (this.decoder.midFrame || this.queued.length) throw migrationError(ErrorCode.PROTOCOL, `${role} connection: the peer sent more than its handshake before the encrypted part began`)
@@ -236,12 +204,13 @@ export class Channel {
    * From now on every frame goes through make(fd)'s writer (a native thread
    * that writes the descriptor); the socket is still read here. Refused
    * (undefined) while the socket has unwritten bytes (they would come after the
-   * writer's) or has no descriptor.
+   * writer's) or has no descriptor. A sealed connection hands its sending
+   * direction over with it (seal): the writer must seal from there on.
    */
-  useWriter(make: (fd: number) => FrameWriter): FrameWriter | undefined {
+  useWriter(make: (fd: number, seal: SealState | undefined) => FrameWriter): FrameWriter | undefined {
     const fd = this.fd
-    if (fd === undefined || this.failure || this.writer || this.sealer || (this.socket as { writableLength?: number }).writableLength) return undefined
-    this.writer = make(fd)
+    if (fd === undefined || this.failure || this.writer || (this.socket as { writableLength?: number }).writableLength) return undefined
+    this.writer = make(fd, this.sealer?.handOff())
     return this.writer
   }
 
@@ -294,21 +263,39 @@ export class Channel {
   }
 
   /**
-   * Hands the connection's descriptor to a native thread (the demand path,
-   * which dup()s it): this side reads and writes nothing more on it, and a
-   * later fail() or close() only closes this side's descriptor. head: what
-   * this side had read and not handled yet, as it came off the wire (the
-   * thread starts with it). undefined when the transport has no descriptor.
+   * Hands the connection's descriptor to a native thread (the demand path and the bulk reader, which dup() it):
+   * this side reads nothing more on it, and a later fail() or close() only closes this side's descriptor. head: what
+   * this side had read and not handled yet, as it came off the wire (the thread starts with it). undefined when the
+   * transport has no descriptor, or the connection is sealed (handOverSealed()).
    */
   handOver(): { fd: number; head: Buffer } | undefined {
-    if (this.failure || this.fd === undefined || this.opener) return undefined
-    this.handedOver = true // the chunk takeSocket() reads emits 'data': it is in head, not decoded
+    if (this.opener) return undefined
+    const t = this.takeOver()
+    return t && { fd: t.fd, head: Buffer.concat([t.plain, t.unread]) }
+  }
+
+  /**
+   * handOver() of a sealed connection's receiving direction (to a seal relay): cipherHead, the sealed bytes read
+   * and not opened (a record begun, what Node had not delivered), goes to the relay with `state`; plainHead, the
+   * frames opened and not handled, to the thread behind it. This side still writes (sealed) on the socket.
+   */
+  handOverSealed(): { fd: number; cipherHead: Buffer; plainHead: Buffer; state: SealState } | undefined {
+    const t = this.opener && this.takeOver()
+    if (!t) return undefined
+    const { state, partial } = this.opener!.handOff()
+    return { fd: t.fd, cipherHead: Buffer.concat([partial, t.unread]), plainHead: t.plain, state }
+  }
+
+  /** Stops reading here: the frames queued and a partial one (plain), and what Node had read and not delivered. */
+  private takeOver(): { fd: number; plain: Buffer; unread: Buffer } | undefined {
+    if (this.failure || this.fd === undefined) return undefined
+    this.handedOver = true // the chunk takeSocket() reads emits 'data': it is in `unread`, not decoded
     const taken = takeSocket(this.socket)!
     // in the order they came off the wire: frames queued here, a partial frame, what Node had not delivered
-    const parts: Buffer[] = this.queued.map((f) => Buffer.concat([frameHeader(f.type, f.payload.length), f.payload]))
+    const plain: Buffer[] = this.queued.map((f) => Buffer.concat([frameHeader(f.type, f.payload.length), f.payload]))
     this.queued = []
-    parts.push(this.decoder.drainRaw(), taken.head)
-    return { fd: taken.fd, head: Buffer.concat(parts) }
+    plain.push(this.decoder.drainRaw())
+    return { fd: taken.fd, plain: Buffer.concat(plain), unread: taken.head }
   }
 
   private get fd(): number | undefined {

@@ -24,6 +24,16 @@ export interface DirectionKey {
   iv: Buffer
 }
 
+/** Where one direction stands, for the native thread that takes it over (native/seal_relay.cc). */
+export interface SealState {
+  key: Buffer
+  iv: Buffer
+  /** The next record's sequence number. */
+  seq: number
+  bytesUnderKey: number
+  rekeyBytes: number
+}
+
 /** One direction's key, sequence number and rotation, kept in step on both ends. */
 class Direction {
   private key: Buffer
@@ -41,6 +51,7 @@ class Direction {
 
   /** The next record's nonce: IV XOR the 64-bit sequence number (its last 8 bytes). */
   nextNonce(): Buffer {
+    if (this.spent) throw new Error('this direction was handed to a native thread')
     const n = Buffer.from(this.iv)
     const hi = Math.floor(this.seq / 2 ** 32), lo = this.seq % 2 ** 32
     n.writeUInt32BE((n.readUInt32BE(4) ^ hi) >>> 0, 4)
@@ -52,6 +63,14 @@ class Direction {
   get current(): Buffer {
     return this.key
   }
+
+  /** Where it stands; it is not used again (a native thread goes on from there). */
+  handOff(): SealState {
+    this.spent = true
+    return { key: Buffer.from(this.key), iv: Buffer.from(this.iv), seq: this.seq, bytesUnderKey: this.bytesUnderKey, rekeyBytes: this.rekeyBytes }
+  }
+
+  spent = false
 
   /** A record of `bytes` went through: past the limit, both ends derive the next key at the same record. */
   count(bytes: number): void {
@@ -67,12 +86,29 @@ export function isIntegrityFailure(err: Error): boolean {
   return (err as { integrity?: boolean }).integrity === true
 }
 
+/** A record on `connection` failed its tag (here, or in the native thread that opens it). */
+export function integrityError(connection: string): Error {
+  // a broken link, not a protocol error: after the hand-off the source dials again, on fresh keys
+  return Object.assign(migrationError(ErrorCode.CONNECTION,
+    `a record on the encrypted ${connection} connection failed its integrity check: its bytes were changed, dropped or replayed between the hosts (a faulty middlebox, or an attacker on the path); nothing of it was used`), { integrity: true })
+}
+
+/** Something other than a sealed record, or one longer than allowed, where a record was due. */
+export function notARecordError(connection: string, what: string): Error {
+  return migrationError(ErrorCode.PROTOCOL, `expected a sealed record on the encrypted ${connection} connection, got ${what}`)
+}
+
 /** Seals what one side writes. */
 export class Sealer {
   private readonly dir: Direction
 
   constructor(k: DirectionKey, rekeyBytes = REKEY_BYTES) {
     this.dir = new Direction(k, rekeyBytes)
+  }
+
+  /** Where this direction stands, for the native thread that seals from now on; seal() is not called again. */
+  handOff(): SealState {
+    return this.dir.handOff()
   }
 
   /** parts (one frame, or several) as sealed records, in order; each holds at most MAX_RECORD_PLAINTEXT. */
@@ -132,8 +168,13 @@ export class Opener {
     return this.records.midFrame
   }
 
+  /** Where this direction stands and the bytes of a record begun, for the native thread that opens from now on. */
+  handOff(): { state: SealState; partial: Buffer } {
+    return { state: this.dir.handOff(), partial: this.records.drainRaw() }
+  }
+
   private open(f: Frame): void {
-    if (f.type !== SEALED) throw migrationError(ErrorCode.PROTOCOL, `expected a sealed record on the encrypted ${this.connection} connection, got a frame of type ${f.type}`)
+    if (f.type !== SEALED) throw notARecordError(this.connection, `a frame of type ${f.type}`)
     if (f.payload.length <= TAG_BYTES) throw migrationError(ErrorCode.PROTOCOL, `a sealed record of ${f.payload.length} bytes on the ${this.connection} connection: shorter than its tag`)
     const body = f.payload.length - TAG_BYTES
     const decipher = createDecipheriv('aes-256-gcm', this.dir.current, this.dir.nextNonce())
@@ -143,9 +184,7 @@ export class Opener {
     try {
       decipher.final()
     } catch {
-      // a broken link, not a protocol error: after the hand-off the source dials again, on fresh keys
-      throw Object.assign(migrationError(ErrorCode.CONNECTION,
-        `a record on the encrypted ${this.connection} connection failed its integrity check: its bytes were changed, dropped or replayed between the hosts (a faulty middlebox, or an attacker on the path); nothing of it was used`), { integrity: true })
+      throw integrityError(this.connection)
     }
     this.dir.count(body)
     this.plaintext(out)

@@ -6,6 +6,8 @@
  * order, for the message table; after HANDOFF the thread waits until the
  * discard list is applied (resume()). Without it (no addon support, or
  * UFFD_MIGRATE_BULK=js) the Channel's frames go through placement.ts.
+ * A sealed connection (an encrypted migration) reaches the thread through a
+ * seal relay (src/agent/seal-relay.ts) that opens its records beside it.
  *
  * Extra bulk streams (the source's `streams` option, pre-copy only) get a
  * thread each, placing whatever arrives on them: the source sends every
@@ -22,6 +24,7 @@ import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
+import { nativeSealAvailable, SealRelay } from '../seal-relay'
 import type { Placement } from './placement'
 
 export interface BulkPathHooks {
@@ -43,6 +46,9 @@ export class BulkPath {
   private started: { uffd: NativeUffd; placement: Placement } | undefined
   /** CPU time of extra streams' threads that ended. */
   private streamsCpuMs = 0
+  /** Seal relays opening the records of the connections the thread read (the last one is live). */
+  private relays: SealRelay[] = []
+  private relaysCpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -54,18 +60,19 @@ export class BulkPath {
     return this.reader !== undefined
   }
 
-  /** start() would run the native reader on ch (built in, nobody asked for the JS path, and ch is not sealed: its bytes are opened in JS). */
+  /** start() would run the native reader on ch (built in, nobody asked for the JS path; sealed: through a seal relay). */
   readerWouldRun(ch: Channel): boolean {
-    return nativeBulkAvailable(this.binding) && !ch.sealed
+    return nativeBulkAvailable(this.binding) && (!ch.sealed || nativeSealAvailable(this.binding))
   }
 
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
   get cpuMs(): number {
-    return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0)
+    return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0) +
+      this.relaysCpuMs + this.relays.reduce((n, r) => n + r.cpuMs, 0)
   }
 
   /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader (a preflight asks before it starts). */
-  streamsFor(wanted: unknown, withReader = this.active): number {
+  streamsFor(wanted: unknown, withReader = this.active && !this.ch?.sealed): number {
     if (!withReader || typeof wanted !== 'number' || !Number.isInteger(wanted) || wanted < 2) return 0
     return Math.min(wanted - 1, MAX_EXTRA_STREAMS)
   }
@@ -98,7 +105,7 @@ export class BulkPath {
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
   start(uffd: NativeUffd, placement: Placement, ch: Channel): boolean {
     if (!this.readerWouldRun(ch)) return false
-    const taken = ch.handOver()
+    const taken = this.take(ch)
     if (!taken) return false
     this.ch = ch
     const words = (maps: { words: Uint32Array }[]) => maps.map((m) => m.words)
@@ -119,6 +126,7 @@ export class BulkPath {
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
       taken.fd, taken.head, onEvents, placement.lazyZero,
     )
+    taken.relay?.release()
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
     this.started = { uffd, placement }
     this.streamsCpuMs = 0 // a new session's
@@ -137,9 +145,24 @@ export class BulkPath {
    */
   attach(ch: Channel, uffd: NativeUffd, placement: Placement): void {
     if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
-    const taken = ch.handOver()
+    const taken = this.take(ch)
     if (taken) this.reader.thread.attach(taken.fd, taken.head)
+    taken?.relay?.release()
     this.adoptCounts(ch)
+  }
+
+  /** ch's descriptor for the thread, and the bytes it starts with: the socket itself, or a seal relay's end. */
+  private take(ch: Channel): { fd: number; head: Buffer; relay?: SealRelay } | undefined {
+    if (!ch.sealed) return ch.handOver()
+    const t = ch.handOverSealed()
+    if (!t) return undefined
+    const relay: SealRelay = new SealRelay(this.binding, 'open', t.fd, t.state, t.cipherHead, {
+      // the relay that reads the thread's connection failed: the link broke (a record failed: it says so)
+      onClosed: (err) => this.relays.at(-1) === relay && this.reader && this.broke(err),
+      onCpu: (ms) => (this.relaysCpuMs += ms),
+    }, 'bulk')
+    this.relays.push(relay)
+    return { fd: relay.innerFd, head: t.plainHead, relay }
   }
 
   /** The stuck-source watchdog sees the bytes the thread reads from now on as this connection's. */
@@ -170,6 +193,7 @@ export class BulkPath {
     this.reader = undefined
     if (reader) this.endedCpuMs = reader.thread.cpuMs
     reader?.close()
+    for (const r of this.relays.splice(0)) r.close()
     this.started = undefined
   }
 }

@@ -11,6 +11,7 @@ import type { NativeBinding, NativeBulkWriter } from '../../binding'
 import type { FrameWriter } from '../../protocol/channel'
 import { DemandEv, eachDemandEvent } from '../demand-events'
 import { NativeThread } from '../native-thread'
+import type { SealRelay } from '../seal-relay'
 
 /** Queued bytes above which senders wait (the kernel's socket buffer holds 4 MiB more before the hand-off). */
 const HIGH_WATER_BYTES = 16 << 20
@@ -92,7 +93,15 @@ export class NativeBulkSend implements FrameWriter {
 
   /** CPU time so far while it runs (the thread's own figure arrives through onCpu when it ends). */
   get cpuMs(): number {
-    return this.closed ? 0 : this.writer.cpuMs
+    return this.closed ? 0 : this.writer.cpuMs + (this.relay?.cpuMs ?? 0)
+  }
+
+  /** The seal relay this writer writes into (a sealed connection): it closes with the writer. */
+  private relay: SealRelay | undefined
+
+  through(relay: SealRelay): this {
+    this.relay = relay
+    return this
   }
 
   drained(): Promise<void> {
@@ -106,6 +115,7 @@ export class NativeBulkSend implements FrameWriter {
     if (this.closed) return
     this.finalBytes = this.writer.bytesWritten
     this.thread.close() // events still queued are handled now (counts, CPU)
+    this.relay?.close()
     this.closed = true
     for (const resolve of this.batches.values()) resolve({ data: 0, zero: 0 })
     this.batches.clear()

@@ -15,6 +15,7 @@ import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, Range
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
+import { nativeSealAvailable, SealRelay } from '../seal-relay'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
@@ -180,8 +181,9 @@ export class Sender {
   }
 
   private attachWriter(ch: Channel): NativeBulkSend | undefined {
-    if (!nativeWriterAvailable(this.binding)) return undefined
-    const writer = ch.useWriter((fd) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
+    if (!nativeWriterAvailable(this.binding) || (ch.sealed && !nativeSealAvailable(this.binding))) return undefined
+    const onCpu = (ms: number) => (this.endedCpuMs += ms)
+    const send = (fd: number) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
       onDone: (data, zero, resent) => {
         this.counts.data += data
         this.counts.zero += zero
@@ -189,8 +191,16 @@ export class Sender {
       },
       onSent: (_region, _first, count) => (this.pagesLeft -= count),
       onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
-      onCpu: (ms) => (this.endedCpuMs += ms),
-    }))
+      onCpu,
+    })
+    const writer = ch.useWriter((fd, seal) => {
+      if (!seal) return send(fd)
+      // a sealed connection: the writer writes plaintext into a seal relay, which seals it onto the socket
+      const relay = new SealRelay(this.binding, 'seal', fd, seal, new Uint8Array(0), { onClosed: (err) => ch.fail(err), onCpu }, ch.name)
+      const w = send(relay.innerFd)
+      relay.release()
+      return w.through(relay)
+    })
     if (!(writer instanceof NativeBulkSend)) return undefined
     if (this.announce) writer.announceBatches()
     return writer
