@@ -193,7 +193,10 @@ class SealRelayThread : public DemandThread {
   EVP_CIPHER_CTX* ctx_ = nullptr;
 };
 
-// new SealRelay(mode: 'seal' | 'open', socketFd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents)
+// new SealRelay(mode: 'seal' | 'open', socketFd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents, pairFd?)
+//   pairFd: use (a dup of) this end of another relay's socketpair (its outerFd) instead of a pair of its own: the two
+//   directions of one connection (the demand connection) on two threads, so that neither direction's writes can
+//   hold up the other's.
 //   innerFd: the socketpair's end the bulk thread takes (it dup()s it); releaseInner() once it did (takeInner(): the
 //   caller owns it instead).
 //   close() -> events left; cpuMs; bytesIn (read from its input so far).
@@ -205,6 +208,7 @@ class SealRelay : public ThreadWrap<SealRelay> {
         InstanceMethod("releaseInner", &SealRelay::ReleaseInner),
         InstanceMethod("takeInner", &SealRelay::TakeInner),
         InstanceAccessor("innerFd", &SealRelay::InnerFd, nullptr),
+        InstanceAccessor("outerFd", &SealRelay::OuterFd, nullptr),
         InstanceAccessor("cpuMs", &SealRelay::CpuMs, nullptr),
         InstanceAccessor("bytesIn", &SealRelay::BytesIn, nullptr),
     });
@@ -224,9 +228,14 @@ class SealRelay : public ThreadWrap<SealRelay> {
     dir.seq = (uint64_t)info[4].As<Napi::Number>().DoubleValue();
     dir.under_key = (uint64_t)info[5].As<Napi::Number>().DoubleValue();
     dir.rekey_bytes = (uint64_t)info[6].As<Napi::Number>().DoubleValue();
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) throw sys_error(env, -errno, "socketpair");
+    int sv[2] = {-1, -1};
+    if (info.Length() > 9 && info[9].IsNumber()) {
+      sv[0] = dup_socket(env, info[9]);
+    } else if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) {
+      throw sys_error(env, -errno, "socketpair");
+    }
     for (int fd : sv) {
+      if (fd < 0) continue;
       int b = kPairBufferBytes;
       // (as large as the process may have; the kernel's default still works, in smaller steps)
       if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &b, sizeof b)) (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &b, sizeof b);
@@ -236,10 +245,12 @@ class SealRelay : public ThreadWrap<SealRelay> {
     try {
       tcp = dup_socket(env, info[1]);
     } catch (...) {
-      close(sv[0]), close(sv[1]);
+      close(sv[0]);
+      if (sv[1] >= 0) close(sv[1]);
       throw;
     }
     inner_ = sv[1];
+    outer_ = sv[0];
     auto* t = new SealRelayThread(env, info[8].As<Napi::Function>(), mode == "seal", tcp, sv[0], dir, bytes_arg(info, 7));
     relay_ = t;
     thread_.reset(t);
@@ -250,6 +261,8 @@ class SealRelay : public ThreadWrap<SealRelay> {
 
  private:
   Napi::Value InnerFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), inner_); }
+  // The thread's own end of the pair (for the relay of the other direction, which dup()s it); -1 once closed.
+  Napi::Value OuterFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? outer_ : -1); }
   Napi::Value ReleaseInner(const Napi::CallbackInfo& info) {
     if (inner_ >= 0) close(inner_);
     inner_ = -1;
@@ -264,7 +277,7 @@ class SealRelay : public ThreadWrap<SealRelay> {
   Napi::Value BytesIn(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), thread_ ? (double)relay_->bytes_in_.load() : 0);
   }
-  int inner_ = -1;
+  int inner_ = -1, outer_ = -1;
   SealRelayThread* relay_ = nullptr;
 };
 

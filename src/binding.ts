@@ -82,6 +82,8 @@ export interface NativeBulkWriter {
  */
 export interface NativeSealRelay {
   readonly innerFd: number
+  /** The thread's own end of the pair, for the relay of the other direction of the same connection (pairFd). */
+  readonly outerFd: number
   /** The bulk thread dup()ed innerFd: this object's copy goes (so that its end can reach end of stream). */
   releaseInner(): void
   /** The caller owns innerFd from now on (tests). */
@@ -221,7 +223,7 @@ export interface NativeBinding {
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   SealRelay?: new (
     mode: 'seal' | 'open', fd: number, key: Uint8Array, iv: Uint8Array, seq: number, bytesUnderKey: number, rekeyBytes: number,
-    head: Uint8Array, onEvents: (ev: Float64Array) => void,
+    head: Uint8Array, onEvents: (ev: Float64Array) => void, pairFd?: number,
   ) => NativeSealRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */

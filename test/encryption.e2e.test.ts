@@ -49,11 +49,23 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
     const rep = r.report!
     expect(rep.encrypted).toBe(true)
     expect(rep.bulkReceive).toBe(path)
-    // page requests of a sealed session go on the urgent connection, through the agents' loops
-    expect(rep.postcopy.demandPath).toBe('js')
+    // native: the demand connection is sealed by relays too; js: page requests go on urgent, through the agents' loops
+    expect(rep.postcopy.demandPath).toBe(path)
     expect(tap.seen.bytes).toBeGreaterThan(56 * MiB)
     expect(tap.seen.longestZeroRun).toBeLessThan(64)
     expect(r.destLog).toMatch(/a migration from \S+ began \(migration [0-9a-f]+, encrypted\)/)
+  })
+
+  it('postcopy with a service that blocks in faults: each fault goes through the sealed demand connection, timed', async () => {
+    const r = await migrateExample({ sizeMiB: 64, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'], sendArgs: ['--encrypt'], sendTimeoutMs: 45_000 })
+    expect(r.error).toBeUndefined()
+    expect(r.ok).toBe(true)
+    const pc = r.report!.postcopy
+    expect(r.report!.encrypted).toBe(true)
+    expect(pc.demandPath).toBe('native')
+    expect(pc.networkFaults).toBeGreaterThan(0)
+    expect(pc.faultLatencyUs.count).toBe(pc.networkFaults)
+    expect(pc.demandPages).toBeGreaterThan(0)
   })
 
   it('postcopy to a receiver that insists (receive --encrypt), the source not asking: sealed all the same', async () => {

@@ -279,11 +279,12 @@ export class Channel {
    * and not opened (a record begun, what Node had not delivered), goes to the relay with `state`; plainHead, the
    * frames opened and not handled, to the thread behind it. This side still writes (sealed) on the socket.
    */
-  handOverSealed(): { fd: number; cipherHead: Buffer; plainHead: Buffer; state: SealState } | undefined {
+  handOverSealed(both = false): { fd: number; cipherHead: Buffer; plainHead: Buffer; state: SealState; sendState?: SealState } | undefined {
     const t = this.opener && this.takeOver()
     if (!t) return undefined
     const { state, partial } = this.opener!.handOff()
-    return { fd: t.fd, cipherHead: Buffer.concat([partial, t.unread]), plainHead: t.plain, state }
+    // both: the sending direction too (the demand connection, written by its thread from now on)
+    return { fd: t.fd, cipherHead: Buffer.concat([partial, t.unread]), plainHead: t.plain, state, ...(both ? { sendState: this.sealer!.handOff() } : {}) }
   }
 
   /** Stops reading here: the frames queued and a partial one (plain), and what Node had read and not delivered. */

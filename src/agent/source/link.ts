@@ -17,6 +17,7 @@ import { type Bandwidth, perConnection } from './bandwidth'
 import { type Clock, sleep, systemClock } from '../clock'
 import { deadline, realTimers } from '../../deadline'
 import { nativeDemandAvailable } from '../demand-events'
+import { nativeSealAvailable } from '../seal-relay'
 import { msgName } from '../message-table'
 import { PeerWatch } from './peer-watch'
 
@@ -135,8 +136,8 @@ export class SourceLink {
     let bulk: Channel, demand: Channel | undefined
     try {
       bulk = await open('bulk')
-      // TCP only: the native threads take the connection's descriptor over (not a sealed one: its bytes are opened in JS)
-      if (nativeDemandAvailable(binding) && !opts.dial && !urgent.sealed) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
+      // TCP only: the native threads take the connection's descriptor over (a sealed one through seal relays)
+      if (nativeDemandAvailable(binding) && !opts.dial && (!urgent.sealed || nativeSealAvailable(binding))) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
     } catch (err) {
       urgent.close()
       throw err

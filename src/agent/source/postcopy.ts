@@ -90,10 +90,10 @@ export class Postcopy {
     const demand = this.host.link.demand
     if (!demand) return
     // after a recovery the destination's thread asks again at once: requests may wait in this side's buffers
-    const taken = demand.handOver()
+    const taken = this.sender.takeDemand(demand)
     if (!taken) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'the demand connection has no descriptor'))
     this.nativeDemand = true
-    const serve = () => this.sender.serveDemand(taken.fd, taken.head, {
+    const serve = () => this.sender.serveDemand(taken, {
       onFault: (region, page) => this.policy?.onFault(region, page),
       onSent: (pages) => (this.demand += pages),
       onClosed: (errno, protocol) => demand.fail(nativeLinkError(errno, protocol)),

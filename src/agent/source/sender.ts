@@ -15,7 +15,7 @@ import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, Range
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable, SealRelay } from '../seal-relay'
+import { nativeSealAvailable, type SealedDuplex, type Taken, takeDuplex, writeThroughSeal } from '../seal-relay'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
@@ -184,23 +184,12 @@ export class Sender {
     if (!nativeWriterAvailable(this.binding) || (ch.sealed && !nativeSealAvailable(this.binding))) return undefined
     const onCpu = (ms: number) => (this.endedCpuMs += ms)
     const send = (fd: number) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
-      onDone: (data, zero, resent) => {
-        this.counts.data += data
-        this.counts.zero += zero
-        this.counts.resent += resent
-      },
+      onDone: (data, zero, resent) => void ((this.counts.data += data), (this.counts.zero += zero), (this.counts.resent += resent)),
       onSent: (_region, _first, count) => (this.pagesLeft -= count),
       onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
       onCpu,
     })
-    const writer = ch.useWriter((fd, seal) => {
-      if (!seal) return send(fd)
-      // a sealed connection: the writer writes plaintext into a seal relay, which seals it onto the socket
-      const relay = new SealRelay(this.binding, 'seal', fd, seal, new Uint8Array(0), { onClosed: (err) => ch.fail(err), onCpu }, ch.name)
-      const w = send(relay.innerFd)
-      relay.release()
-      return w.through(relay)
-    })
+    const writer = ch.useWriter((fd, seal) => seal ? writeThroughSeal(this.binding, fd, seal, send, { onClosed: (err) => ch.fail(err), onCpu }, ch.name) : send(fd))
     if (!(writer instanceof NativeBulkSend)) return undefined
     if (this.announce) writer.announceBatches()
     return writer
@@ -236,8 +225,14 @@ export class Sender {
    * page requests from region memory and the pending map. onFault: the first
    * page of each requested run (the push policy's pivots); onSent: pages it sent.
    */
-  serveDemand(fd: number, head: Buffer, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
+  /** The demand connection's descriptor for the thread: the socket itself, or (sealed) a pair of seal relays' end. */
+  takeDemand(ch: Channel): Taken | undefined {
+    return takeDuplex(this.binding, ch, { onClosed: (err) => ch.fail(err), onCpu: (ms) => (this.endedCpuMs += ms) }, 'demand')
+  }
+
+  serveDemand(taken: Taken, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
     this.stopDemand()
+    const { fd, head } = taken
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c) => {
       if (kind === DemandEv.FAULT) hooks.onFault(a, b)
       else if (kind === DemandEv.SENT) {
@@ -249,13 +244,20 @@ export class Sender {
       else if (kind === DemandEv.CPU) this.endedCpuMs += a
     })
     this.demandServer = new NativeThread(new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head), onEvents)
+    taken.through?.release()
+    this.demandRelays = taken.through
   }
+
+  /** The seal relays of a sealed demand connection: they stop with its thread. */
+  private demandRelays: SealedDuplex | undefined
 
   /** Stops the demand thread; what it did since its last batch is counted now. */
   stopDemand(): void {
     const server = this.demandServer
     this.demandServer = undefined
     server?.close()
+    this.demandRelays?.close()
+    this.demandRelays = undefined
   }
 
   /** The destination freed these runs after the hand-off: never send them. */
