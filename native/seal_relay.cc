@@ -76,12 +76,12 @@ struct Direction {
 
 class SealRelayThread : public DemandThread {
  public:
-  SealRelayThread(Napi::Env env, Napi::Function cb, bool seal, int tcp, int pair, const Direction& dir, std::vector<uint8_t> head)
+  SealRelayThread(Napi::Env env, Napi::Function cb, bool seal, int tcp, int pair, const Direction& dir, std::vector<uint8_t> head, bool urgent)
       : DemandThread(env, cb, "uffd-migrate:seal-relay", seal ? "uffdm-seal-tx" : "uffdm-seal-rx"), seal_(seal), tcp_(tcp),
         pair_(pair), dir_(dir), in_(std::move(head)) {
     ctx_ = EVP_CIPHER_CTX_new();
     if (!ctx_) throw Napi::Error::New(env, "EVP_CIPHER_CTX_new failed");
-    urgent_ = false;  // bulk work: at agentNice, like the threads it serves
+    urgent_ = urgent;  // the demand connection's: at the service's nice, like its thread; bulk work at agentNice
     start();
   }
   ~SealRelayThread() override {
@@ -193,10 +193,11 @@ class SealRelayThread : public DemandThread {
   EVP_CIPHER_CTX* ctx_ = nullptr;
 };
 
-// new SealRelay(mode: 'seal' | 'open', socketFd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents, pairFd?)
+// new SealRelay(mode: 'seal' | 'open', socketFd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents, pairFd?, urgent?)
 //   pairFd: use (a dup of) this end of another relay's socketpair (its outerFd) instead of a pair of its own: the two
 //   directions of one connection (the demand connection) on two threads, so that neither direction's writes can
-//   hold up the other's.
+//   hold up the other's. urgent: a blocked service thread waits on it (the demand connection): it runs at the
+//   service's nice value, as the demand threads do.
 //   innerFd: the socketpair's end the bulk thread takes (it dup()s it); releaseInner() once it did (takeInner(): the
 //   caller owns it instead).
 //   close() -> events left; cpuMs; bytesIn (read from its input so far).
@@ -251,7 +252,8 @@ class SealRelay : public ThreadWrap<SealRelay> {
     }
     inner_ = sv[1];
     outer_ = sv[0];
-    auto* t = new SealRelayThread(env, info[8].As<Napi::Function>(), mode == "seal", tcp, sv[0], dir, bytes_arg(info, 7));
+    bool urgent = info.Length() > 10 && info[10].IsBoolean() && info[10].As<Napi::Boolean>().Value();
+    auto* t = new SealRelayThread(env, info[8].As<Napi::Function>(), mode == "seal", tcp, sv[0], dir, bytes_arg(info, 7), urgent);
     relay_ = t;
     thread_.reset(t);
   }

@@ -223,7 +223,7 @@ export interface NativeBinding {
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
   SealRelay?: new (
     mode: 'seal' | 'open', fd: number, key: Uint8Array, iv: Uint8Array, seq: number, bytesUnderKey: number, rekeyBytes: number,
-    head: Uint8Array, onEvents: (ev: Float64Array) => void, pairFd?: number,
+    head: Uint8Array, onEvents: (ev: Float64Array) => void, pairFd?: number, urgent?: boolean,
   ) => NativeSealRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */

@@ -34,11 +34,13 @@ export class SealRelay {
     binding: NativeBinding, mode: 'seal' | 'open', fd: number, state: SealState, head: Uint8Array, hooks: { onClosed(err: Error): void; onCpu(ms: number): void },
     connection: string, pairFd?: number,
   ) {
+    // the demand connection's relays: a service thread blocked in a fault waits on them (the service's nice value)
+    const urgent = connection === 'demand'
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b) => {
       if (kind === DemandEv.CLOSED) hooks.onClosed(sealRelayError(a, b, connection))
       else if (kind === DemandEv.CPU) hooks.onCpu(a)
     })
-    this.relay = new binding.SealRelay!(mode, fd, state.key, state.iv, state.seq, state.bytesUnderKey, state.rekeyBytes, head, onEvents, pairFd)
+    this.relay = new binding.SealRelay!(mode, fd, state.key, state.iv, state.seq, state.bytesUnderKey, state.rekeyBytes, head, onEvents, pairFd, urgent)
     this.thread = new NativeThread(this.relay, onEvents)
   }
 
