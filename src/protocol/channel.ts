@@ -79,6 +79,17 @@ export class Channel {
     this.decoder.maxFrameBytes = MAX_CONTROL_BYTES
   }
 
+  /**
+   * The handshake's last frame from the peer is due (the source, waiting for READY): the frames after it may be as
+   * large as any control message, also in the chunk that carries it (a destination's demand thread asks again at
+   * once after a recovery: its requests came in READY's chunk, and were taken for an oversized handshake frame).
+   */
+  authenticatedAfter(type: number): void {
+    this.liftLimitOn = type
+  }
+
+  private liftLimitOn: number | undefined
+
   /** Part of a frame has arrived and the rest has not. */
   get midFrame(): boolean {
     return this.decoder.midFrame || (this.opener?.midRecord ?? false)
@@ -131,6 +142,10 @@ export class Channel {
   private dispatch(f: Frame): void {
     if (this.failure) return
     if (f.type === Msg.ERROR) this.peerErrorFrame = f
+    if (f.type === this.liftLimitOn) {
+      this.liftLimitOn = undefined
+      this.authenticated()
+    }
     const w = this.waiters.shift()
     if (w) w.resolve(f)
     else if (this.handler) this.safeDispatch(f)

@@ -141,6 +141,7 @@ export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInf
   ch.send(encodeControl(Msg.AUTH, { proof: handshakeProof(token, 'client', info, peerNonce, nonce, kx) }))
   // the destination answers AUTH sealed: READY, or its refusal (busy)
   if (keys) ch.secure({ send: keys.toServer, receive: keys.toClient })
+  ch.authenticatedAfter(Msg.READY)
   const ready = await ch.nextFrame()
   if (ready.type === Msg.ERROR) throw peerError(ready.payload)
   if (ready.type !== Msg.READY) throw migrationError(ErrorCode.PROTOCOL, `expected READY, got message type ${ready.type}`)

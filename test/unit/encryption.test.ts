@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto'
 import { ErrorCode, migrationError } from '../../src/errors'
 import { Channel } from '../../src/protocol/channel'
 import { clientHandshake, serverHandshake } from '../../src/protocol/handshake'
-import { decodeControl, encodeControl, Msg } from '../../src/protocol/messages'
+import { decodeControl, encodeControl, encodeRuns, Msg } from '../../src/protocol/messages'
 import { MAX_RECORD_PLAINTEXT, Opener, Sealer, SEALED, TAG_BYTES } from '../../src/protocol/records'
 import { MemoryTransport } from '../../src/testing/memory-transport'
 import type { FakeBinding } from '../../src/testing/fake-binding'
@@ -96,6 +96,10 @@ describe('sealed records', () => {
   })
 })
 
+async function pollUntilHeld(held: () => Buffer[] | undefined): Promise<void> {
+  for (let i = 0; i < 200 && !held()?.length; i++) await new Promise((r) => setTimeout(r, 5))
+}
+
 /** A connected pair of channels: the source's end and the destination's. */
 function channels(): { client: Channel; server: Channel; wire: { toServer: Buffer[]; toClient: Buffer[] }; a: MemoryTransport } {
   const [a, b] = MemoryTransport.pair()
@@ -126,6 +130,35 @@ describe('the handshake agrees on encryption', () => {
       expect(Buffer.concat(c.wire.toServer).includes(page.subarray(0, 16))).toBe(!(client || server))
       // a sealed connection is never handed to a native thread (its bytes are opened here)
       expect(c.client.useWriter(() => { throw new Error('no writer on a sealed connection') })).toBeUndefined()
+    })
+  }
+
+  // found in CI: after a recovery the destination's demand thread asks for the faults that wait at once, and its
+  // requests (6 KiB) came in the chunk that carried READY; the source took them for an oversized handshake frame
+  for (const sealed of [false, true]) {
+    it(`a frame larger than any handshake message in READY's chunk is read (${sealed ? 'sealed' : 'plaintext'})`, async () => {
+      const c = channels()
+      const server = c.server as unknown as { socket: MemoryTransport }
+      const t = server.socket, write = t.write.bind(t)
+      let held: Buffer[] | undefined
+      t.write = (chunk: Buffer) => (held ? (held.push(Buffer.from(chunk)), true) : write(chunk))
+      const big = encodeRuns(Msg.PAGE_REQUEST, 1, 0, Array.from({ length: 1500 }, (_, i) => [i * 2, 1]).flat())
+      expect(big.length).toBeGreaterThan(4096 + 5)
+      const handshakes = Promise.all([
+        serverHandshake(c.server, TOKEN, () => void (held = []), sealed), // from READY on, what the server writes is held back
+        clientHandshake(c.client, TOKEN, { role: 'demand', session: 's4' }),
+      ])
+      await new Promise((r) => setImmediate(r))
+      await new Promise((r) => setImmediate(r))
+      await pollUntilHeld(() => held)
+      c.server.send(big)
+      const all = Buffer.concat(held!)
+      held = undefined
+      write(all) // READY and the request: one chunk
+      await handshakes
+      const got = new Promise<number>((resolve, reject) => (c.client.onFrame((f) => resolve(f.payload.length + 5)), c.client.onClose(reject)))
+      expect(await got).toBe(big.length)
+      expect(c.client.failed).toBeUndefined()
     })
   }
 
