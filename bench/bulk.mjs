@@ -16,6 +16,7 @@
 // misses is the layout's cost, not the engine's.
 // Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000),
 //        --streams 1,2,4 (native path: parallel bulk streams, send --streams; default 1),
+//        --paths sealed: the native path of an encrypted migration (send --encrypt: the seal relays), with --streams too,
 //        --layouts sparse,dense (default both), --json FILE
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'
@@ -75,7 +76,7 @@ try {
   }
   const results = []
   for (const link of links) {
-    for (const layout of layouts) for (const [path, streams] of paths.flatMap((p) => (p === 'native' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
+    for (const layout of layouts) for (const [path, streams] of paths.flatMap((p) => (p !== 'js' ? streamCounts.map((n) => [p, n]) : [[p, 1]]))) {
       const samples = []
       for (let i = 0; i < runs; i++) {
         say(`${link} ${layout} ${path} streams ${streams} run ${i + 1}/${runs}`)
@@ -83,7 +84,7 @@ try {
         let r
         try {
           r = await migrateExample({
-            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false, sendArgs: ['--streams', String(streams)], serviceArgs: ['--fill-every', LAYOUTS[layout]],
+            sizeMiB: mib, mode: 'precopy', writesPerSec: 0, client: false, sendArgs: ['--streams', String(streams), ...(path === 'sealed' ? ['--encrypt'] : [])], serviceArgs: ['--fill-every', LAYOUTS[layout]],
             ...(link === 'netns' ? { destNetns: pair.ns, destHost: pair.nsIp } : {}),
           })
         } finally {
@@ -94,7 +95,7 @@ try {
           say(`   failed: ${r.error ?? r.verify}`)
           continue
         }
-        if (rep.bulkReceive !== path) say(`   note: the destination placed pages with the ${rep.bulkReceive} path`)
+        if (rep.bulkReceive !== (path === 'sealed' ? 'native' : path)) say(`   note: the destination placed pages with the ${rep.bulkReceive} path`)
         if ((rep.streams ?? 1) !== streams) say(`   note: ${rep.streams ?? 1} stream(s) granted of ${streams}`)
         const r0 = rep.rounds[0]
         const dataGiB = (rep.pages.data * rep.pageSize) / GiB

@@ -56,6 +56,20 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
     expect(r.destLog).toMatch(/a migration from \S+ began \(migration [0-9a-f]+, encrypted\)/)
   })
 
+  it('hybrid over 3 parallel bulk streams, each sealed by relays of its own: every page verified, nothing readable on the wire', async () => {
+    const tap = wiretap()
+    relay = tap.relay
+    const r = await migrateExample({ sizeMiB: 128, mode: 'hybrid', writesPerSec: 10_000, sendArgs: ['--encrypt', '--streams', '3'], relay: (h, p) => tap.relay.start(h, p), sendTimeoutMs: 45_000 })
+    expect(r.error).toBeUndefined()
+    expect(r.verify).toBe('ok pages=32768')
+    expect(r.ok).toBe(true)
+    expect(r.report!.encrypted).toBe(true)
+    expect(r.report!.streams).toBe(3)
+    expect(r.report!.pagesSentTwiceAfterHandoff).toBe(0)
+    expect(tap.relay.connections).toBe(5) // urgent, bulk, demand and two extra streams
+    expect(tap.seen.longestZeroRun).toBeLessThan(64)
+  })
+
   it('postcopy with a service that blocks in faults: each fault goes through the sealed demand connection, timed', async () => {
     const r = await migrateExample({ sizeMiB: 64, mode: 'postcopy', writesPerSec: 10_000, serviceArgs: ['--blocking'], sendArgs: ['--encrypt'], sendTimeoutMs: 45_000 })
     expect(r.error).toBeUndefined()

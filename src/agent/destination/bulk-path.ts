@@ -72,7 +72,7 @@ export class BulkPath {
   }
 
   /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader (a preflight asks before it starts). */
-  streamsFor(wanted: unknown, withReader = this.active && !this.ch?.sealed): number {
+  streamsFor(wanted: unknown, withReader = this.active): number {
     if (!withReader || typeof wanted !== 'number' || !Number.isInteger(wanted) || wanted < 2) return 0
     return Math.min(wanted - 1, MAX_EXTRA_STREAMS)
   }
