@@ -60,7 +60,7 @@ describe.skipIf(skip)('the README quick start', () => {
         expect(current.stderr).toMatch(new RegExp(`a migration to ${addr} began \\(migration [0-9a-f]{24}, mode hybrid\\)`))
         expect(current.stderr).toMatch(new RegExp(`handed off to ${addr}: the service runs there now`))
         expect(current.stderr).toMatch(new RegExp(`moved to ${addr}: settled there; downtime [\\d.]+ ms`))
-        expect(next.stderr).toMatch(/a migration from 127\.0\.0\.1:\d+ began \(migration [0-9a-f]{24}\): 64\.0 MiB in 1 region\(s\)/)
+        expect(next.stderr).toMatch(/a migration from 127\.0\.0\.1:\d+ began \(migration [0-9a-f]{24}(, encrypted)?\): 64\.0 MiB in 1 region\(s\)/) // (encrypted: UFFD_MIGRATE_ENCRYPT=1)
         expect(next.stderr).toMatch(/the service runs here \([\d.]+ ms after the hand-off arrived\)/)
         expect(next.stderr).toMatch(/settled: every page is here, \d+ ms after the service resumed/)
         current = next
@@ -108,7 +108,7 @@ describe.skipIf(skip)('the quick start service when its source dies in post-copy
       expect((await status.waitExit(10_000)).code, status.stderr).toBe(0)
       expect(status.lines.join('\n')).toMatch(/^guest .*: settling, restored; regions counts=67108864\n {2}4 page\(s\) still to come here from the source \(post-copy\)/)
       // the id of the migration still running, as both hosts' logs name it
-      const id = /a migration from .* began \(migration ([0-9a-f]{24})\)/.exec(dst.stderr)?.[1]
+      const id = /a migration from .* began \(migration ([0-9a-f]{24})(, encrypted)?\)/.exec(dst.stderr)?.[1]
       expect(status.lines).toContain(`  migration id ${id} (running)`)
       expect(src.stderr).toContain(`(migration ${id}, mode postcopy`)
       src.kill('SIGKILL')

@@ -8,7 +8,7 @@
 import { afterAll, afterEach, describe, expect, it } from 'vitest'
 import { migrateExample } from '../src/cli/demo'
 import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
-import { kernelSkipReason } from './helpers/gate'
+import { frameCueSkipReason, kernelSkipReason } from './helpers/gate'
 import { freePort } from '../src/cli/proc'
 import { killAll, page, sendFailure, serviceThreads, twoHosts } from './helpers/hosts'
 import { pollUntil } from './helpers/wait'
@@ -60,7 +60,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(result).toMatchObject({ touched: 16384, bad: 0 })
   }, 60_000)
 
-  it('learns the report when the link breaks just as the destination settles (SETTLED lost)', async () => {
+  it.skipIf(frameCueSkipReason())('learns the report when the link breaks just as the destination settles (SETTLED lost)', async () => {
     relay = new Relay(Infinity, false, 34 /* SETTLED */)
     const r = await migrateExample({
       example: 'scan-service', sizeMiB: 64, mode: 'postcopy',
@@ -90,7 +90,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(r.report!.postcopy.recoveries).toBe(1)
   }, 60_000)
 
-  it('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
+  it.skipIf(frameCueSkipReason())('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
     // the destination still trusts its pre-copy connections when the source's new ones come: it refused them as BUSY
     // (the source exited 4, its service on neither host) until it ended the old ones for the source that came back
     const r = Object.assign(new Relay(Infinity), { oneSided: true, onFrame: { type: 24 /* HANDOFF */, toDestination: true, lose: true } })
@@ -119,7 +119,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     killAll()
   }, 90_000)
 
-  it('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
+  it.skipIf(frameCueSkipReason())('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
     // before: the source waited out forwardWaitMs (10 s) and then had nowhere to relay the clients it held (they got
     // errors), and the destination's bulk reader lived on after a reset in SETTLED
     const r = Object.assign(new Relay(Infinity), { onFrame: { type: 38 /* SERVICE */, toDestination: false, lose: true } })
@@ -137,7 +137,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     killAll()
   }, 90_000)
 
-  it('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
+  it.skipIf(frameCueSkipReason())('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
     // before: a reset (rather than the source's clean close) in SETTLED left the destination's bulk reader running
     // (resetDelayMs 0: the destination's side resets before the source, which has the report, hangs up)
     const r = Object.assign(new Relay(Infinity), { onFrame: { type: 34 /* SETTLED */, toDestination: false, lose: false }, resetDelayMs: 0 })
