@@ -222,7 +222,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
     if (req.cmd === 'preflight') {
       guest.preflight(req.options).then(
         (report) => send({ type: 'preflight', report }),
-        (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message }),
+        (err: UffdMigrateError) => send({ type: 'error', code: err.code, message: err.message, ...(err.migration ? { migration: err.migration } : {}) }),
       ).finally(() => s.end())
       return
     }

@@ -68,7 +68,8 @@ export class MigrationCalls {
     }
     return new Promise((resolve, reject) => {
       if (!this.checking.length) this.hold(true)
-      this.checking.push({ resolve, reject })
+      // a failure carries the id the destination logged it under (the CLI's dry-run JSON names it)
+      this.checking.push({ resolve, reject: (err) => reject(Object.assign(err, { migration: options.session })) })
       this.post({ type: 'preflight', options })
     })
   }

@@ -31,8 +31,12 @@ describe.skipIf(skip)('the destination\'s memory check', () => {
     // send --dry-run says so first, and moves nothing
     const dry = await sendAndWait(A, g, port, ['--mode', 'postcopy', '--dry-run'])
     expect(dry.code, sendFailure(dry.send, dst)).toBe(1)
-    expect(JSON.parse(dry.send.lines.join('\n'))).toMatchObject({ outcome: 'failed', dryRun: true, code: 'ERR_MIGRATION_MEMORY', serviceRunsOn: 'source' })
+    const dryJson = JSON.parse(dry.send.lines.join('\n'))
+    expect(dryJson).toMatchObject({ outcome: 'failed', dryRun: true, code: 'ERR_MIGRATION_MEMORY', serviceRunsOn: 'source' })
+    // the id the destination logged its failed check under
+    expect(dryJson.migration).toMatch(/^[0-9a-f]{24}$/)
     expect(dry.send.stderr).toMatch(/dry run: peer reported: the destination cannot hold this guest/)
+    expect(dry.send.stderr).toContain(`(migration ${dryJson.migration}: the destination's log names it`)
     await dst.waitLine(/a preflight check failed here: the destination cannot hold this guest.*\[ERR_MIGRATION_MEMORY\]; nothing moved, listening for the next source/, 10_000, 'stderr')
     const refused = await sendAndWait(A, g, port, ['--mode', 'postcopy'])
     expect(refused.code, sendFailure(refused.send, dst)).toBe(1)

@@ -128,8 +128,9 @@ async function dryRun(guest: string, options: MigrateOptions, json: boolean): Pr
   }
   if (answer?.type !== 'preflight') {
     const code = String(answer?.code ?? ErrorCode.GENERIC), message = String(answer?.message ?? 'no answer from the guest')
-    if (json) process.stdout.write(JSON.stringify({ outcome: 'failed', dryRun: true, code, message, exitCode: SEND_EXIT.FAILED, serviceRunsOn: 'source' }, null, 2) + '\n')
-    fail(code, `dry run: ${message}`)
+    const migration = typeof answer?.migration === 'string' ? answer.migration : undefined
+    if (json) process.stdout.write(JSON.stringify({ outcome: 'failed', dryRun: true, code, message, exitCode: SEND_EXIT.FAILED, serviceRunsOn: 'source', ...(migration ? { migration } : {}) }, null, 2) + '\n')
+    fail(code, `dry run: ${message}${migration ? ` (migration ${migration}: the destination's log names it if the check got there)` : ''}`)
   }
   const report = answer.report as PreflightReport
   process.stdout.write((json ? JSON.stringify({ outcome: 'ok', dryRun: true, ...report }, null, 2) : formatPreflight(report)) + '\n')
