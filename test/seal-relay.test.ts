@@ -5,6 +5,7 @@ import { Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
+import { runDoctor } from '../src/doctor'
 import { encodeControl, Msg } from '../src/protocol/messages'
 import { Opener, Sealer } from '../src/protocol/records'
 import { socketFd, takeSocket } from '../src/socket-fd'
@@ -78,6 +79,12 @@ describe.skipIf(skip)('seal relay', () => {
     relay.close()
     inner.destroy()
     close()
+  })
+
+  it("is what the doctor's encryption line reports", () => {
+    const line = runDoctor().features.find((f) => f.name === 'encryption')
+    expect(line?.available).toBe(true)
+    expect(line?.detail).toMatch(/AES-256-GCM over X25519\), native threads moving the pages/)
   })
 
   for (const [what, kind] of [['a changed byte', 2], ['a plaintext frame', 1]] as const) {
