@@ -80,9 +80,8 @@ export class Channel {
   }
 
   /**
-   * The handshake's last frame from the peer is due (the source, waiting for READY): the frames after it may be as
-   * large as any control message, also in the chunk that carries it (a destination's demand thread asks again at
-   * once after a recovery: its requests came in READY's chunk, and were taken for an oversized handshake frame).
+   * The peer's last handshake frame is due (the source awaits READY): frames after it may be as large as any control
+   * message, also in its chunk (after a recovery the destination's demand thread asks again at once, in READY's chunk).
    */
   authenticatedAfter(type: number): void {
     this.liftLimitOn = type
@@ -200,6 +199,7 @@ export class Channel {
       this.writer.write(Buffer.isBuffer(parts) ? parts : Buffer.concat(parts))
       return !this.writer.needsDrain
     }
+    if (this.sealer?.handedOff) return false // (its thread writes: nothing more from here, as after handOver())
     if (this.sealer) parts = this.sealer.seal(Buffer.isBuffer(parts) ? [parts] : parts)
     if (Buffer.isBuffer(parts)) {
       this.bytesWrittenHere += parts.length

@@ -111,6 +111,11 @@ export class Sealer {
     return this.dir.handOff()
   }
 
+  /** A native thread seals this direction now. */
+  get handedOff(): boolean {
+    return this.dir.spent
+  }
+
   /** parts (one frame, or several) as sealed records, in order; each holds at most MAX_RECORD_PLAINTEXT. */
   seal(parts: Buffer[]): Buffer[] {
     const out: Buffer[] = []
