@@ -42,11 +42,10 @@ constexpr size_t kRecordMax = kHeader + kMaxPlain + kTag;
 constexpr int kPairBufferBytes = 256 << 10;
 
 enum : int {
-  kEvClosed = 7,  // (errno, kind: 0 end of stream or error, 1 not a sealed record or too long, 2 a tag failed)
+  kEvClosed = 7,  // (errno, kind)
 };
-
-inline void put_u32(uint8_t* p, uint32_t v) { p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v; }
-inline uint32_t get_u32(const uint8_t* p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+// CLOSED's kind, as src/agent/seal-relay.ts reads it
+enum : int { kEnded = 0, kNotARecord = 1, kTagFailed = 2 };
 
 // One direction's key and nonces, kept in step with records.ts's Direction.
 struct Direction {
@@ -98,11 +97,17 @@ class SealRelayThread : public DemandThread {
 
  private:
   void run() override {
-    size_t have = in_.size();
+    size_t have = in_.size(), begin = 0;  // unhandled bytes: [begin, have)
     in_.resize(std::max<size_t>(2 * kRecordMax, have));
     out_.resize(kRecordMax);
     const int from = seal_ ? pair_ : tcp_;
     for (bool first = true;; first = false) {
+      // a record begun stays where it is until the buffer cannot take a whole one after it (one move per record at most)
+      if (in_.size() - have < kRecordMax && begin > 0) {
+        memmove(in_.data(), in_.data() + begin, have - begin);
+        have -= begin;
+        begin = 0;
+      }
       if (!(first && have > 0)) {
         if (!wait_fd(from, POLLIN, stop_fd_, flush_timeout_ms(-1))) return;
         ssize_t n = read(from, in_.data() + have, in_.size() - have);
@@ -117,11 +122,9 @@ class SealRelayThread : public DemandThread {
         have += (size_t)n;
         bytes_in_.fetch_add((uint64_t)n, std::memory_order_relaxed);
       }
-      size_t off = 0;
-      bool ok = seal_ ? seal_all(in_.data(), have, &off) : open_all(in_.data(), have, &off);
+      bool ok = seal_ ? seal_all(in_.data(), have, &begin) : open_all(in_.data(), have, &begin);
       if (!ok) return;
-      memmove(in_.data(), in_.data() + off, have - off);
-      have -= off;
+      if (begin == have) begin = have = 0;
     }
   }
 
@@ -140,11 +143,11 @@ class SealRelayThread : public DemandThread {
                 EVP_EncryptUpdate(ctx_, rec + kHeader, &len, p + *off, (int)n) == 1 &&
                 EVP_EncryptFinal_ex(ctx_, rec + kHeader + n, &len) == 1 &&
                 EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kTag, rec + kHeader + n) == 1;
-      if (!ok) return failed(EIO, 0), false;
+      if (!ok) return failed(EIO, kEnded), false;
       dir_.count(n);
       iovec iov{rec, kHeader + n + kTag};
       int err = 0;
-      if (!write_all(tcp_, stop_fd_, &iov, 1, &err)) return err != ECANCELED && (failed(err, 0), true), false;
+      if (!write_all(tcp_, stop_fd_, &iov, 1, &err)) return err != ECANCELED && (failed(err, kEnded), true), false;
       *off += n;
     }
     return true;
@@ -155,7 +158,7 @@ class SealRelayThread : public DemandThread {
     while (have - *off >= kHeader) {
       uint8_t* rec = p + *off;
       uint32_t len = get_u32(rec);
-      if (rec[4] != kSealed || len < 1 + kTag + 1 || len > 1 + kMaxPlain + kTag) return failed(EPROTO, 1), false;
+      if (rec[4] != kSealed || len < 1 + kTag + 1 || len > 1 + kMaxPlain + kTag) return failed(EPROTO, kNotARecord), false;
       if (have - *off < 4 + (size_t)len) break;
       size_t n = len - 1 - kTag;
       uint8_t nonce[12];
@@ -166,7 +169,7 @@ class SealRelayThread : public DemandThread {
                 EVP_DecryptUpdate(ctx_, out_.data(), &outl, rec + kHeader, (int)n) == 1 &&
                 EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kTag, rec + kHeader + n) == 1 &&
                 EVP_DecryptFinal_ex(ctx_, out_.data() + n, &outl) == 1;
-      if (!ok) return failed(EBADMSG, 2), false;  // nothing of it leaves this thread
+      if (!ok) return failed(EBADMSG, kTagFailed), false;  // nothing of it leaves this thread
       dir_.count(n);
       iovec iov{out_.data(), n};
       int err = 0;
@@ -181,7 +184,7 @@ class SealRelayThread : public DemandThread {
   // frame before it; an error is JS's to report. The plaintext end ending (the writer closed) needs no word.
   void ended(int err) {
     if (!seal_ && err == 0) return (void)shutdown(pair_, SHUT_WR);
-    if (!seal_) failed(err, 0);
+    if (!seal_) failed(err, kEnded);
   }
 
   void failed(int err, int kind) {

@@ -17,10 +17,17 @@ export function nativeSealAvailable(binding: NativeBinding): boolean {
   return binding.SealRelay !== undefined && process.env.UFFD_MIGRATE_SEAL !== 'js'
 }
 
+/** The kinds of the relay's CLOSED event (native/seal_relay.cc). */
+const enum RelayEnd {
+  ENDED = 0, // the socket's end or error (errno)
+  NOT_A_RECORD = 1,
+  TAG_FAILED = 2,
+}
+
 /** What the relay's CLOSED event (errno, kind) means, as the connection's error. */
 export function sealRelayError(errno: number, kind: number, connection: string): Error {
-  if (kind === 2) return integrityError(connection)
-  if (kind === 1) return notARecordError(connection, 'bytes that are not one (or a record over 256 KiB)')
+  if (kind === RelayEnd.TAG_FAILED) return integrityError(connection)
+  if (kind === RelayEnd.NOT_A_RECORD) return notARecordError(connection, 'bytes that are not one (or a record over 256 KiB)')
   return nativeLinkError(errno, 0, connection)
 }
 

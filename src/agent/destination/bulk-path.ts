@@ -46,8 +46,8 @@ export class BulkPath {
   private started: { uffd: NativeUffd; placement: Placement } | undefined
   /** CPU time of extra streams' threads that ended. */
   private streamsCpuMs = 0
-  /** Seal relays opening the records of the connections the thread read (the last one is live). */
-  private relays: SealRelay[] = []
+  /** The seal relay opening the records of the connection the thread reads (sealed). */
+  private relay: SealRelay | undefined
   private relaysCpuMs = 0
 
   constructor(
@@ -68,7 +68,7 @@ export class BulkPath {
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
   get cpuMs(): number {
     return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0) +
-      this.relaysCpuMs + this.relays.reduce((n, r) => n + r.cpuMs, 0)
+      this.relaysCpuMs + (this.relay?.cpuMs ?? 0)
   }
 
   /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader (a preflight asks before it starts). */
@@ -156,12 +156,13 @@ export class BulkPath {
     if (!ch.sealed) return ch.handOver()
     const t = ch.handOverSealed()
     if (!t) return undefined
+    this.relay?.close() // the last connection's: it broke
     const relay: SealRelay = new SealRelay(this.binding, 'open', t.fd, t.state, t.cipherHead, {
       // the relay that reads the thread's connection failed: the link broke (a record failed: it says so)
-      onClosed: (err) => this.relays.at(-1) === relay && this.reader && this.broke(err),
+      onClosed: (err) => this.relay === relay && this.reader && this.broke(err),
       onCpu: (ms) => (this.relaysCpuMs += ms),
     }, 'bulk')
-    this.relays.push(relay)
+    this.relay = relay
     return { fd: relay.innerFd, head: t.plainHead, relay }
   }
 
@@ -193,7 +194,8 @@ export class BulkPath {
     this.reader = undefined
     if (reader) this.endedCpuMs = reader.thread.cpuMs
     reader?.close()
-    for (const r of this.relays.splice(0)) r.close()
+    this.relay?.close()
+    this.relay = undefined
     this.started = undefined
   }
 }
