@@ -16,6 +16,7 @@
         "native/pagemap.cc",
         "native/region.cc",
         "native/region_binding.cc",
+        "native/records.cc",
         "native/relay.cc",
         "native/seal_relay.cc",
         "native/socket_binding.cc",

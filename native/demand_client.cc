@@ -15,6 +15,7 @@
 #include "args.h"
 #include "demand_wire.h"
 #include "errors.h"
+#include "records.h"
 #include "uffd.h"
 
 namespace uffdm {
@@ -44,13 +45,15 @@ class DemandClientThread : public DemandThread {
     free(staging_);
   }
 
-  // A (new) connection to the source: the thread takes it over and asks again for every open fault.
-  // -1: none (the link broke; faults are recorded and asked for on the next one).
-  void attach(int fd) {
+  // A (new) connection to the source: the thread takes it over and asks again for every open fault. link: plain,
+  // or sealed on this thread (an encrypted migration). -1: none (the link broke; faults are recorded and asked for
+  // on the next one).
+  void attach(int fd, std::unique_ptr<records::Link> link) {
     {
       std::lock_guard<std::mutex> lock(attach_mu_);
       if (next_fd_ >= 0) close(next_fd_);
       next_fd_ = fd;
+      next_link_ = std::move(link);
       attach_pending_ = true;
     }
     uint64_t one = 1;
@@ -75,7 +78,8 @@ class DemandClientThread : public DemandThread {
     std::vector<std::vector<uint32_t>> ask(regions_.size());
     while (!stopping_) {
       pollfd p[4] = {{uffd_, POLLIN, 0}, {fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      int r = poll(p, 4, flush_timeout_ms(open_.empty() ? -1 : 1));
+      // (plaintext a sealed link opened already is read without waiting for the socket)
+      int r = poll(p, 4, link_->pending() ? 0 : flush_timeout_ms(open_.empty() ? -1 : 1));
       if (r < 0 && errno != EINTR) return;
       if (p[2].revents) break;
       if (p[3].revents) take_new_link(ask);
@@ -84,7 +88,7 @@ class DemandClientThread : public DemandThread {
         if (!ask[i].empty()) send_request((uint32_t)i, ask[i]);
         ask[i].clear();
       }
-      if (fd_ >= 0 && p[1].revents) read_replies();
+      if (fd_ >= 0 && (p[1].revents || link_->pending())) read_replies();
       expire_open();
       flush();
     }
@@ -113,6 +117,7 @@ class DemandClientThread : public DemandThread {
     drop_link();
     fd_ = next_fd_;
     next_fd_ = -1;
+    link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
     fr_ = FrameReader();
     if (fd_ < 0) return;
     // the replies to what was asked on the old link may be lost: ask again
@@ -188,7 +193,7 @@ class DemandClientThread : public DemandThread {
       for (size_t j = 0; j < n; j++) put_u32(&f[10 + j * 8], runs[i + 2 * j]), put_u32(&f[14 + j * 8], runs[i + 2 * j + 1]);
       iovec iov = {f.data(), f.size()};
       int err = 0;
-      if (!write_all(fd_, stop_fd_, &iov, 1, &err) && err != ECANCELED) link_broke(err, false);
+      if (!link_->write_all(fd_, stop_fd_, &iov, 1, &err) && err != ECANCELED) link_broke(err, records::kEnded);
     }
   }
 
@@ -199,8 +204,8 @@ class DemandClientThread : public DemandThread {
     bool drained = false;
     auto fill = [&](std::initializer_list<ReadPart> parts, bool with_next) {
       if (std::all_of(parts.begin(), parts.end(), [](const ReadPart& p) { return *p.have >= p.need; })) return true;
-      int r = read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? fr.next : nullptr, &fr.next_have, 5);
-      if (r < 0) link_broke(r == -EPIPE ? 0 : -r, false);
+      int r = link_->read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? fr.next : nullptr, &fr.next_have, 5);
+      if (r < 0) link_broke(r == -EPIPE ? 0 : -r, r == -EBADMSG ? link_->end() : records::kEnded);
       drained = r == 2;
       return r > 0;
     };
@@ -210,7 +215,7 @@ class DemandClientThread : public DemandThread {
         // with five bytes more: the next reply's start, or more of this one's pages
         if (!fill({{fr.hdr, &fr.hdr_have, 17}, {staging_, &fr.body_have, ps}}, true)) return;
         uint32_t len = get_u32(fr.hdr);
-        if (fr.hdr[4] != kMsgPages || len < 13 + ps || len > 13 + kFramePages * ps) return link_broke(EPROTO, true);
+        if (fr.hdr[4] != kMsgPages || len < 13 + ps || len > 13 + kFramePages * ps) return link_broke(EPROTO, records::kMalformed);
         fr.body_need = len - 13, fr.sized = true;
         if (fr.body_need > ps) {
           memcpy(staging_ + ps, fr.next, fr.next_have);
@@ -221,7 +226,7 @@ class DemandClientThread : public DemandThread {
       uint32_t len = get_u32(fr.hdr), region = get_u32(fr.hdr + 5), first = get_u32(fr.hdr + 9), count = get_u32(fr.hdr + 13);
       if (region >= regions_.size() || count == 0 || count > kFramePages || len != 13 + count * ps ||
           first >= regions_[region].pages || count > regions_[region].pages - first)
-        return link_broke(EPROTO, true);
+        return link_broke(EPROTO, records::kMalformed);
       install(region, first, count);
       // what came along begins the next reply (five bytes at most: never past its first page)
       memcpy(fr.hdr, fr.next, fr.next_have);
@@ -279,10 +284,11 @@ class DemandClientThread : public DemandThread {
     oldest_open_us_ = oldest;
   }
 
-  // The connection failed: faults go on being read and recorded, and are asked for again on the next link.
-  void link_broke(int err, bool protocol) {
+  // The connection failed (how: records.h's kEnded, kMalformed, ...): faults go on being read and recorded, and are
+  // asked for again on the next link.
+  void link_broke(int err, int how) {
     drop_link();
-    emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
+    emit({kEvClosed, (double)err, (double)how, 0, 0});
     flush(true);
   }
 
@@ -292,7 +298,9 @@ class DemandClientThread : public DemandThread {
   int kick_fd_ = -1;
   std::mutex attach_mu_;
   int next_fd_ = -1;
+  std::unique_ptr<records::Link> next_link_;  // under attach_mu_
   bool attach_pending_ = false;
+  std::unique_ptr<records::Link> link_ = std::make_unique<records::Link>();
   FrameReader fr_;
   std::vector<RegionView> regions_;
   std::vector<std::vector<uint32_t>> asked_;
@@ -313,7 +321,8 @@ class DemandClientThread : public DemandThread {
   uint8_t* staging_ = nullptr;
 };
 
-// new DemandClient(uffdFd, regionIds, receivedBitmaps, onEvents); attach(socketFd | -1); oldestOpenUs.
+// new DemandClient(uffdFd, regionIds, receivedBitmaps, onEvents); attach(socketFd | -1, seal?); oldestOpenUs.
+//   seal: { send, recv, cipherHead } (Channel.handOverSealed(true)): the thread seals and opens the connection itself.
 class DemandClient : public ThreadWrap<DemandClient> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -338,8 +347,9 @@ class DemandClient : public ThreadWrap<DemandClient> {
     auto env = info.Env();
     if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this demand path is closed");
     int fd = -1;
+    auto link = records::link_arg(env, info.Length() > 1 ? info[1] : env.Undefined());
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
-    client()->attach(fd);
+    client()->attach(fd, std::move(link));
     return env.Undefined();
   }
   // ask(regionIndex, pages: Uint32Array): pages ready() awaits, asked for on the demand connection

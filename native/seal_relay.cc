@@ -17,7 +17,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -28,62 +27,31 @@
 #include "demand.h"
 #include "errors.h"
 #include "page_maps.h"
+#include "records.h"
 
 namespace uffdm {
 
 namespace {
 
-constexpr uint8_t kSealed = 0xe0;
-constexpr size_t kHeader = 5, kTag = 16, kMaxPlain = 256 << 10;  // records.ts: SEALED, TAG_BYTES, MAX_RECORD_PLAINTEXT
-constexpr size_t kRecordMax = kHeader + kMaxPlain + kTag;
+using namespace records;
+
 // What the socketpair holds each way. Measured: 4 MiB let the last pre-copy round's tail queue there, ahead of the
 // hand-off on a slow link (1 Gbit/s: downtime 11.5-18.2 ms against 5.8-7.8 plaintext; 256 KiB: 6.4-10.3), for a
 // bulk rate within noise of this one's (dense 1 GiB round 0, medians: 1040 against 939-996 MiB/s; 1 MiB: 991, downtime 9.9-13.2).
 constexpr int kPairBufferBytes = 256 << 10;
 
 enum : int {
-  kEvClosed = 7,  // (errno, kind)
-};
-// CLOSED's kind, as src/agent/seal-relay.ts reads it
-enum : int { kEnded = 0, kNotARecord = 1, kTagFailed = 2 };
-
-// One direction's key and nonces, kept in step with records.ts's Direction.
-struct Direction {
-  uint8_t key[32], iv[12];
-  uint64_t seq = 0;
-  uint64_t under_key = 0, rekey_bytes = 0;
-
-  void nonce(uint8_t out[12]) {
-    memcpy(out, iv, 12);
-    for (int i = 0; i < 8; i++) out[4 + i] ^= (uint8_t)(seq >> (56 - 8 * i));
-    seq++;
-  }
-  // HKDF-SHA256(ikm = key, salt = "", info = "uffd-migrate/rekey", 32): an empty HMAC key is HashLen zeros (RFC 5869).
-  void count(size_t bytes) {
-    under_key += bytes;
-    if (under_key < rekey_bytes) return;
-    uint8_t prk[32], okm[32];
-    unsigned len = 0;
-    static const uint8_t zero = 0;
-    HMAC(EVP_sha256(), &zero, 0, key, 32, prk, &len);
-    static const char info[] = "uffd-migrate/rekey";
-    uint8_t msg[sizeof info];  // info || 0x01
-    memcpy(msg, info, sizeof info - 1);
-    msg[sizeof info - 1] = 1;
-    HMAC(EVP_sha256(), prk, 32, msg, sizeof msg, okm, &len);
-    memcpy(key, okm, 32);
-    under_key = 0;
-  }
+  kEvClosed = 7,  // (errno, how: records.h's kEnded, kNotARecord, kTagFailed)
 };
 
 class SealRelayThread : public DemandThread {
  public:
-  SealRelayThread(Napi::Env env, Napi::Function cb, bool seal, int tcp, int pair, const Direction& dir, std::vector<uint8_t> head, bool urgent)
+  SealRelayThread(Napi::Env env, Napi::Function cb, bool seal, int tcp, int pair, const Direction& dir, std::vector<uint8_t> head)
       : DemandThread(env, cb, "uffd-migrate:seal-relay", seal ? "uffdm-seal-tx" : "uffdm-seal-rx"), seal_(seal), tcp_(tcp),
         pair_(pair), dir_(dir), in_(std::move(head)) {
     ctx_ = EVP_CIPHER_CTX_new();
     if (!ctx_) throw Napi::Error::New(env, "EVP_CIPHER_CTX_new failed");
-    urgent_ = urgent;  // the demand connection's: at the service's nice, like its thread; bulk work at agentNice
+    urgent_ = false;  // bulk work: at the agent's nice value (agentNice)
     start();
   }
   ~SealRelayThread() override {
@@ -132,20 +100,10 @@ class SealRelayThread : public DemandThread {
   bool seal_all(const uint8_t* p, size_t have, size_t* off) {
     while (*off < have) {
       size_t n = std::min(have - *off, kMaxPlain);
-      uint8_t nonce[12];
-      dir_.nonce(nonce);
-      uint8_t* rec = out_.data();
-      put_u32(rec, (uint32_t)(1 + n + kTag));
-      rec[4] = kSealed;
-      int len = 0;
-      bool ok = EVP_EncryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, dir_.key, nonce) == 1 &&
-                EVP_EncryptUpdate(ctx_, nullptr, &len, rec, kHeader) == 1 &&
-                EVP_EncryptUpdate(ctx_, rec + kHeader, &len, p + *off, (int)n) == 1 &&
-                EVP_EncryptFinal_ex(ctx_, rec + kHeader + n, &len) == 1 &&
-                EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kTag, rec + kHeader + n) == 1;
-      if (!ok) return failed(EIO, kEnded), false;
-      dir_.count(n);
-      iovec iov{rec, kHeader + n + kTag};
+      iovec plain{(void*)(p + *off), n};
+      size_t len = seal(ctx_, dir_, &plain, 1, n, out_.data());
+      if (len == 0) return failed(EIO, kEnded), false;
+      iovec iov{out_.data(), len};
       int err = 0;
       if (!write_all(tcp_, stop_fd_, &iov, 1, &err)) return err != ECANCELED && (failed(err, kEnded), true), false;
       *off += n;
@@ -155,29 +113,18 @@ class SealRelayThread : public DemandThread {
 
   // Every whole record: its tag checked, then its plaintext into the pair; a partial one waits for its rest.
   bool open_all(uint8_t* p, size_t have, size_t* off) {
-    while (have - *off >= kHeader) {
-      uint8_t* rec = p + *off;
-      uint32_t len = get_u32(rec);
-      if (rec[4] != kSealed || len < 1 + kTag + 1 || len > 1 + kMaxPlain + kTag) return failed(EPROTO, kNotARecord), false;
-      if (have - *off < 4 + (size_t)len) break;
-      size_t n = len - 1 - kTag;
-      uint8_t nonce[12];
-      dir_.nonce(nonce);
-      int outl = 0;
-      bool ok = EVP_DecryptInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, dir_.key, nonce) == 1 &&
-                EVP_DecryptUpdate(ctx_, nullptr, &outl, rec, kHeader) == 1 &&
-                EVP_DecryptUpdate(ctx_, out_.data(), &outl, rec + kHeader, (int)n) == 1 &&
-                EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kTag, rec + kHeader + n) == 1 &&
-                EVP_DecryptFinal_ex(ctx_, out_.data() + n, &outl) == 1;
-      if (!ok) return failed(EBADMSG, kTagFailed), false;  // nothing of it leaves this thread
-      dir_.count(n);
-      iovec iov{out_.data(), n};
+    for (;;) {
+      long len = record_length(p + *off, have - *off);
+      if (len < 0) return failed(EPROTO, kNotARecord), false;
+      if (len == 0) return true;
+      long n = open(ctx_, dir_, p + *off, (size_t)len, out_.data());
+      if (n < 0) return failed(EBADMSG, kTagFailed), false;  // nothing of it leaves this thread
+      iovec iov{out_.data(), (size_t)n};
       int err = 0;
       // the reader closed its end (the connection is being torn down): nothing to tell
       if (!write_all(pair_, stop_fd_, &iov, 1, &err)) return false;
-      *off += 4 + len;
+      *off += (size_t)len;
     }
-    return true;
   }
 
   // The side this thread reads ended: the socket's end of stream reaches the reader through the pair after every
@@ -199,11 +146,7 @@ class SealRelayThread : public DemandThread {
   EVP_CIPHER_CTX* ctx_ = nullptr;
 };
 
-// new SealRelay(mode: 'seal' | 'open', socketFd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents, pairFd?, urgent?)
-//   pairFd: use (a dup of) this end of another relay's socketpair (its outerFd) instead of a pair of its own: the two
-//   directions of one connection (the demand connection) on two threads, so that neither direction's writes can
-//   hold up the other's. urgent: a blocked service thread waits on it (the demand connection): it runs at the
-//   service's nice value, as the demand threads do.
+// new SealRelay(mode: 'seal' | 'open', socketFd, state: SealState, head, onEvents)
 //   innerFd: the socketpair's end the bulk thread takes (it dup()s it); releaseInner() once it did (takeInner(): the
 //   caller owns it instead).
 //   close() -> events left; cpuMs; bytesIn (read from its input so far).
@@ -215,34 +158,19 @@ class SealRelay : public ThreadWrap<SealRelay> {
         InstanceMethod("releaseInner", &SealRelay::ReleaseInner),
         InstanceMethod("takeInner", &SealRelay::TakeInner),
         InstanceAccessor("innerFd", &SealRelay::InnerFd, nullptr),
-        InstanceAccessor("outerFd", &SealRelay::OuterFd, nullptr),
         InstanceAccessor("cpuMs", &SealRelay::CpuMs, nullptr),
         InstanceAccessor("bytesIn", &SealRelay::BytesIn, nullptr),
     });
   }
   explicit SealRelay(const Napi::CallbackInfo& info) : ThreadWrap<SealRelay>(info) {
     auto env = info.Env();
-    if (info.Length() < 9 || !info[0].IsString() || !info[2].IsTypedArray() || !info[3].IsTypedArray() || !info[4].IsNumber() ||
-        !info[5].IsNumber() || !info[6].IsNumber() || !info[8].IsFunction()) {
-      throw Napi::TypeError::New(env, "expected (mode, fd, key, iv, seq, bytesUnderKey, rekeyBytes, head, onEvents)");
-    }
+    if (info.Length() < 5 || !info[0].IsString() || !info[4].IsFunction()) throw Napi::TypeError::New(env, "expected (mode, fd, state, head, onEvents)");
     std::string mode = info[0].As<Napi::String>();
     if (mode != "seal" && mode != "open") throw Napi::TypeError::New(env, "expected mode 'seal' or 'open'");
-    auto key = info[2].As<Napi::Uint8Array>(), iv = info[3].As<Napi::Uint8Array>();
-    if (key.ByteLength() != 32 || iv.ByteLength() != 12) throw Napi::TypeError::New(env, "expected a 32-byte key and a 12-byte IV");
-    Direction dir;
-    memcpy(dir.key, key.Data(), 32), memcpy(dir.iv, iv.Data(), 12);
-    dir.seq = (uint64_t)info[4].As<Napi::Number>().DoubleValue();
-    dir.under_key = (uint64_t)info[5].As<Napi::Number>().DoubleValue();
-    dir.rekey_bytes = (uint64_t)info[6].As<Napi::Number>().DoubleValue();
+    Direction dir = direction_arg(env, info[2]);
     int sv[2] = {-1, -1};
-    if (info.Length() > 9 && info[9].IsNumber()) {
-      sv[0] = dup_socket(env, info[9]);
-    } else if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) {
-      throw sys_error(env, -errno, "socketpair");
-    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) throw sys_error(env, -errno, "socketpair");
     for (int fd : sv) {
-      if (fd < 0) continue;
       int b = kPairBufferBytes;
       // (as large as the process may have; the kernel's default still works, in smaller steps)
       if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &b, sizeof b)) (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &b, sizeof b);
@@ -252,14 +180,11 @@ class SealRelay : public ThreadWrap<SealRelay> {
     try {
       tcp = dup_socket(env, info[1]);
     } catch (...) {
-      close(sv[0]);
-      if (sv[1] >= 0) close(sv[1]);
+      close(sv[0]), close(sv[1]);
       throw;
     }
     inner_ = sv[1];
-    outer_ = sv[0];
-    bool urgent = info.Length() > 10 && info[10].IsBoolean() && info[10].As<Napi::Boolean>().Value();
-    auto* t = new SealRelayThread(env, info[8].As<Napi::Function>(), mode == "seal", tcp, sv[0], dir, bytes_arg(info, 7), urgent);
+    auto* t = new SealRelayThread(env, info[4].As<Napi::Function>(), mode == "seal", tcp, sv[0], dir, bytes_arg(info, 3));
     relay_ = t;
     thread_.reset(t);
   }
@@ -269,8 +194,6 @@ class SealRelay : public ThreadWrap<SealRelay> {
 
  private:
   Napi::Value InnerFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), inner_); }
-  // The thread's own end of the pair (for the relay of the other direction, which dup()s it); -1 once closed.
-  Napi::Value OuterFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), thread_ ? outer_ : -1); }
   Napi::Value ReleaseInner(const Napi::CallbackInfo& info) {
     if (inner_ >= 0) close(inner_);
     inner_ = -1;
@@ -285,7 +208,7 @@ class SealRelay : public ThreadWrap<SealRelay> {
   Napi::Value BytesIn(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), thread_ ? (double)relay_->bytes_in_.load() : 0);
   }
-  int inner_ = -1, outer_ = -1;
+  int inner_ = -1;
   SealRelayThread* relay_ = nullptr;
 };
 

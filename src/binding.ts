@@ -5,6 +5,7 @@
  */
 import { join } from 'node:path'
 import { UffdMigrateError, ErrorCode } from './errors'
+import type { SealState } from './protocol/records'
 
 export interface NativeUffd {
   readonly features: number
@@ -82,8 +83,6 @@ export interface NativeBulkWriter {
  */
 export interface NativeSealRelay {
   readonly innerFd: number
-  /** The thread's own end of the pair, for the relay of the other direction of the same connection (pairFd). */
-  readonly outerFd: number
   /** The bulk thread dup()ed innerFd: this object's copy goes (so that its end can reach end of stream). */
   releaseInner(): void
   /** The caller owns innerFd from now on (tests). */
@@ -100,6 +99,13 @@ export interface SocketBuffers {
   receiveBytes: number
 }
 
+/** A sealed connection handed to the native thread that both reads and writes it (the demand connection): both directions' states, and the sealed bytes read and not opened. */
+export interface NativeLinkSeal {
+  send: SealState
+  recv: SealState
+  cipherHead: Uint8Array
+}
+
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand_server.cc). */
 export interface NativeDemandServer {
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
@@ -108,8 +114,11 @@ export interface NativeDemandServer {
 
 /** Destination: reads the uffd's faults, asks for them and installs the replies on its own thread. */
 export interface NativeDemandClient {
-  /** A (new) demand connection, or -1 (the link broke: faults are recorded and asked for on the next one). */
-  attach(fd: number): void
+  /**
+   * A (new) demand connection, or -1 (the link broke: faults are recorded and asked for on the next one). seal: the
+   * thread seals and opens it itself (an encrypted migration).
+   */
+  attach(fd: number, seal?: NativeLinkSeal): void
   /** Pages ready() awaits (region index): asked for on the demand connection, installed by the thread. */
   ask(region: number, pages: Uint32Array): void
   /** How long the oldest open fault has waited (0: none). */
@@ -214,17 +223,14 @@ export interface NativeBinding {
   Uffd: new (features: number, adoptFd?: number, ioctls?: number) => NativeUffd
   probe(): ProbeResult
   /** The native demand path (absent in the fake binding: faults stay in JS there). pending/received: page bitmaps' words. */
-  DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array) => NativeDemandServer
+  DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array, seal?: NativeLinkSeal) => NativeDemandServer
   BulkReader?: new (
     uffdFd: number, regionIds: number[], received: Uint32Array[], knownZero: Uint32Array[], freedHere: Uint32Array[],
     fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void, lazyZero?: boolean,
   ) => NativeBulkReader
   BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
-  SealRelay?: new (
-    mode: 'seal' | 'open', fd: number, key: Uint8Array, iv: Uint8Array, seq: number, bytesUnderKey: number, rekeyBytes: number,
-    head: Uint8Array, onEvents: (ev: Float64Array) => void, pairFd?: number, urgent?: boolean,
-  ) => NativeSealRelay
+  SealRelay?: new (mode: 'seal' | 'open', fd: number, state: SealState, head: Uint8Array, onEvents: (ev: Float64Array) => void) => NativeSealRelay
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
   SyncWpTracker?: new (regionIds: number[], followWriter?: boolean, idleClass?: boolean) => NativeSyncWpTracker

@@ -16,6 +16,8 @@ import { pollUntil } from './helpers/wait'
 const skip = kernelSkipReason()
 const KEY = { key: randomBytes(32), iv: randomBytes(12) }
 const REKEY = 64 << 10
+/** The state JS hands over: seq records and bytesUnderKey bytes sealed under the key already. */
+const handedOver = (seq: number, bytesUnderKey: number) => ({ ...KEY, seq, bytesUnderKey, rekeyBytes: REKEY })
 
 /** Everything that arrives on socket, as one buffer once `bytes` came. */
 function collect(socket: Socket, bytes: number): Promise<Buffer> {
@@ -36,7 +38,7 @@ describe.skipIf(skip)('seal relay', () => {
     const { client, server, close } = await tcpPair()
     const events: number[] = []
     const taken = takeSocket(server)!
-    const relay = new b.SealRelay!('open', taken.fd, KEY.key, KEY.iv, 0, 0, REKEY, taken.head, (ev) => events.push(...ev))
+    const relay = new b.SealRelay!('open', taken.fd, handedOver(0, 0), taken.head, (ev) => events.push(...ev))
     const inner = new Socket({ fd: relay.takeInner(), readable: true, writable: true })
     const frames = plaintext(), total = frames.reduce((n, f) => n + f.length, 0)
     const out = collect(inner, total)
@@ -55,7 +57,7 @@ describe.skipIf(skip)('seal relay', () => {
 
   it('seals what arrives in plaintext, records JS opens with the same key schedule', async () => {
     const { client, server, close } = await tcpPair()
-    const relay = new b.SealRelay!('seal', socketFd(server)!, KEY.key, KEY.iv, 5, 1000, REKEY, new Uint8Array(0), () => {})
+    const relay = new b.SealRelay!('seal', socketFd(server)!, handedOver(5, 1000), new Uint8Array(0), () => {})
     const inner = new Socket({ fd: relay.takeInner(), readable: true, writable: true })
     // the state JS hands over mid-stream: 5 records and 1000 bytes under the key already
     const opened: Buffer[] = []
@@ -87,19 +89,19 @@ describe.skipIf(skip)('seal relay', () => {
     expect(line?.detail).toMatch(/AES-256-GCM over X25519\), native threads moving the pages/)
   })
 
-  for (const [what, kind] of [['a changed byte', 2], ['a plaintext frame', 1]] as const) {
-    it(`stops at ${what}: nothing of it reaches the reader, JS hears why (kind ${kind})`, async () => {
+  for (const [what, kind] of [['a changed byte', 3], ['a plaintext frame', 2]] as const) {
+    it(`stops at ${what}: nothing of it reaches the reader, JS hears why (LinkEnd ${kind})`, async () => {
       const { client, server, close } = await tcpPair()
       const events: number[] = []
       const taken = takeSocket(server)!
-      const relay = new b.SealRelay!('open', taken.fd, KEY.key, KEY.iv, 0, 0, REKEY, taken.head, (ev) => events.push(...ev))
+      const relay = new b.SealRelay!('open', taken.fd, handedOver(0, 0), taken.head, (ev) => events.push(...ev))
       const inner = new Socket({ fd: relay.takeInner(), readable: true, writable: true })
       const got: Buffer[] = []
       inner.on('data', (c: Buffer) => got.push(c))
       const sealer = new Sealer(KEY, REKEY)
       const good = Buffer.concat(sealer.seal([Buffer.from('first record')]))
-      const second = kind === 2 ? Buffer.concat(sealer.seal([Buffer.from('second record')])) : Buffer.concat(encodeControl(Msg.READY, {}))
-      if (kind === 2) second[10] ^= 1
+      const second = kind === 3 ? Buffer.concat(sealer.seal([Buffer.from('second record')])) : Buffer.concat(encodeControl(Msg.READY, {}))
+      if (kind === 3) second[10] ^= 1
       client.write(Buffer.concat([good, second, Buffer.concat(sealer.seal([Buffer.from('third')]))]))
       await pollUntil(() => events.some((_, i) => i % 5 === 0 && events[i] === 7), 5000)
       const at = events.findIndex((_, i) => i % 5 === 0 && events[i] === 7)

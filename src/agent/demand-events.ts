@@ -8,6 +8,7 @@
 import { constants as osConstants } from 'node:os'
 import type { NativeBinding } from '../binding'
 import { ErrorCode, linkErrnoMeaning, migrationError, type UffdMigrateError } from '../errors'
+import { integrityError, notARecordError } from '../protocol/records'
 
 export const enum DemandEv {
   FAULT = 1, // source: (region, first page of a requested run)
@@ -16,12 +17,20 @@ export const enum DemandEv {
   LATENCY = 4, // destination: (fault to install, us; 1 = the push installed it, 0 = the thread's reply)
   ZERO_FAULT = 5, // destination: (region, page) local known-zero page, zero-filled
   NET_FAULT = 6, // destination: (region, page) asked of the source
-  CLOSED = 7, // either: (errno, 1 = protocol violation); 0 = end of stream
+  CLOSED = 7, // either: (errno, how: LinkEnd); errno 0 = end of stream
   CPU = 8, // either, as the thread ends: its CPU time, ms
   FRAME = 9, // bulk reader: (index in the batch's frames, type): a frame for the message table, in order
   RECEIVED = 10, // bulk reader, pre-copy: (change of the received count)
   TWICE = 11, // bulk reader, post-copy: (pages that arrived again, already held)
   INSTALL_FAILED = 12, // either destination thread: (errno, region, first page, pages) could not be placed
+}
+
+/** How a native thread's connection ended: CLOSED's second number (native/records.h). */
+export const enum LinkEnd {
+  ENDED = 0, // the socket's end or error (errno)
+  MALFORMED = 1, // a frame that breaks the protocol
+  NOT_A_RECORD = 2, // sealed: bytes that are not a record
+  TAG_FAILED = 3, // sealed: a record whose tag failed (changed, dropped, replayed, reordered on the way)
 }
 
 const NUMBERS = 5
@@ -40,9 +49,15 @@ export function nativeDemandAvailable(binding: NativeBinding): boolean {
   return binding.DemandServer !== undefined && binding.DemandClient !== undefined && process.env.UFFD_MIGRATE_DEMAND !== 'js'
 }
 
-/** The error a native thread's CLOSED event (demand or bulk connection) stands for: a broken link (recovered in post-copy) or a peer that broke the protocol. */
-export function nativeLinkError(errno: number, protocol: number, connection = 'demand'): UffdMigrateError {
-  if (protocol) return migrationError(ErrorCode.PROTOCOL, `the peer sent a malformed frame on the ${connection} connection`)
+/**
+ * The error a native thread's CLOSED event (demand or bulk connection, seal relay) stands for: a broken link
+ * (recovered in post-copy), a record whose integrity check failed (a broken link as well), or a peer that broke the
+ * protocol.
+ */
+export function nativeLinkError(errno: number, how: number, connection = 'demand'): UffdMigrateError {
+  if (how === LinkEnd.TAG_FAILED) return integrityError(connection)
+  if (how === LinkEnd.NOT_A_RECORD) return notARecordError(connection, 'bytes that are not one (or a record over 256 KiB)')
+  if (how === LinkEnd.MALFORMED) return migrationError(ErrorCode.PROTOCOL, `the peer sent a malformed frame on the ${connection} connection`)
   if (errno === 0) return migrationError(ErrorCode.CONNECTION, `${connection} connection closed by the peer`) // a clean end: no cause
   // a reset or a timeout, as a socket error would say it (the cause tells a broken link from a peer that hung up)
   const name = errnoName(errno)

@@ -9,7 +9,7 @@
  * Keys rotate every REKEY_BYTES of plaintext, well inside AES-GCM's limits.
  */
 import { createCipheriv, createDecipheriv, hkdfSync } from 'node:crypto'
-import { ErrorCode, migrationError } from '../errors'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
 import { type Frame, FrameDecoder, frameHeader } from './frames'
 
 export const SEALED = 0xe0
@@ -87,14 +87,14 @@ export function isIntegrityFailure(err: Error): boolean {
 }
 
 /** A record on `connection` failed its tag (here, or in the native thread that opens it). */
-export function integrityError(connection: string): Error {
+export function integrityError(connection: string): UffdMigrateError {
   // a broken link, not a protocol error: after the hand-off the source dials again, on fresh keys
   return Object.assign(migrationError(ErrorCode.CONNECTION,
     `a record on the encrypted ${connection} connection failed its integrity check: its bytes were changed, dropped or replayed between the hosts (a faulty middlebox, or an attacker on the path); nothing of it was used`), { integrity: true })
 }
 
 /** Something other than a sealed record, or one longer than allowed, where a record was due. */
-export function notARecordError(connection: string, what: string): Error {
+export function notARecordError(connection: string, what: string): UffdMigrateError {
   return migrationError(ErrorCode.PROTOCOL, `expected a sealed record on the encrypted ${connection} connection, got ${what}`)
 }
 

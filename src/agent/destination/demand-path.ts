@@ -12,7 +12,8 @@ import type { Channel } from '../../protocol/channel'
 import type { Region } from '../../region'
 import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { type SealedDuplex, takeDuplex } from '../seal-relay'
+import { takeDuplex } from '../seal-relay'
+import type { NativeLinkSeal } from '../../binding'
 import type { Placement } from './placement'
 import type { Requests } from './requests'
 import { type Clock, systemClock } from '../clock'
@@ -27,10 +28,9 @@ export const DEMAND_HANGUP_GRACE_MS = 300
 
 export class DemandPath {
   private client: NativeThread<NativeDemandClient> | undefined
-  /** The session's demand connection arrived before REGIONS: its descriptor, for start(). */
+  /** The session's demand connection arrived before REGIONS: its descriptor (and, sealed, its states), for start(). */
   private fd: number | undefined
-  /** The seal relays of a sealed demand connection (an encrypted migration); their end is `fd` until the thread took it. */
-  private relays: SealedDuplex | undefined
+  private seal: NativeLinkSeal | undefined
   /** CPU time of the native thread, once it has ended. */
   cpuMs = 0
 
@@ -52,28 +52,16 @@ export class DemandPath {
   adopt(ch: Channel): void {
     // the source sends nothing on it before this side asks: bytes already here are a protocol error
     const gen = this.generation + 1
-    const taken = this.binding.DemandClient
-      ? takeDuplex(this.binding, ch, { onClosed: (err) => gen === this.generation && this.broken(err), onCpu: (ms) => (this.cpuMs += ms) }, 'demand')
-      : undefined
+    const taken = this.binding.DemandClient ? takeDuplex(ch) : undefined
     const fd = taken && taken.head.length === 0 ? taken.fd : undefined
     if (fd === undefined) {
-      taken?.through?.close()
       const err = migrationError(ErrorCode.PROTOCOL, 'this destination cannot take a demand connection here (no native demand path, or bytes arrived before any request)')
       ch.sendError(err)
       return ch.fail(err)
     }
     this.generation = gen
-    this.closeRelays()
-    this.relays = taken!.through
-    if (this.client) {
-      this.client.thread.attach(fd)
-      this.relays?.release()
-    } else this.fd = fd
-  }
-
-  private closeRelays(): void {
-    this.relays?.close()
-    this.relays = undefined
+    if (this.client) this.client.thread.attach(fd, taken!.seal)
+    else this.fd = fd, this.seal = taken!.seal
   }
 
   /**
@@ -102,9 +90,9 @@ export class DemandPath {
       })
     }
     this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)
-    if (this.fd !== undefined) this.client.thread.attach(this.fd)
-    this.relays?.release()
+    if (this.fd !== undefined) this.client.thread.attach(this.fd, this.seal)
     this.fd = undefined
+    this.seal = undefined
     return true
   }
 
@@ -126,7 +114,6 @@ export class DemandPath {
   detach(): void {
     this.generation++
     this.client?.thread.attach(-1)
-    this.closeRelays()
   }
 
   /** When the oldest fault open on the native path was raised (undefined: none), on `nowMs`'s clock. */
@@ -141,7 +128,7 @@ export class DemandPath {
     this.generation++
     this.client = undefined
     this.fd = undefined
+    this.seal = undefined
     client?.close()
-    this.closeRelays()
   }
 }

@@ -15,7 +15,7 @@ import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, Range
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable, type SealedDuplex, type Taken, takeDuplex, writeThroughSeal } from '../seal-relay'
+import { nativeSealAvailable, type Taken, takeDuplex, writeThroughSeal } from '../seal-relay'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
@@ -225,14 +225,14 @@ export class Sender {
    * page requests from region memory and the pending map. onFault: the first
    * page of each requested run (the push policy's pivots); onSent: pages it sent.
    */
-  /** The demand connection's descriptor for the thread: the socket itself, or (sealed) a pair of seal relays' end. */
+  /** The demand connection's descriptor for the thread (and, sealed, the states it seals and opens it with). */
   takeDemand(ch: Channel): Taken | undefined {
-    return takeDuplex(this.binding, ch, { onClosed: (err) => ch.fail(err), onCpu: (ms) => (this.endedCpuMs += ms) }, 'demand')
+    return takeDuplex(ch)
   }
 
   serveDemand(taken: Taken, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
     this.stopDemand()
-    const { fd, head } = taken
+    const { fd, head, seal } = taken
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (kind, a, b, c) => {
       if (kind === DemandEv.FAULT) hooks.onFault(a, b)
       else if (kind === DemandEv.SENT) {
@@ -243,21 +243,14 @@ export class Sender {
       } else if (kind === DemandEv.CLOSED) hooks.onClosed(a, b)
       else if (kind === DemandEv.CPU) this.endedCpuMs += a
     })
-    this.demandServer = new NativeThread(new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head), onEvents)
-    taken.through?.release()
-    this.demandRelays = taken.through
+    this.demandServer = new NativeThread(new this.binding.DemandServer!(fd, this.regions.map((r) => r.id), this.pending.map((m) => m.words), onEvents, head, seal), onEvents)
   }
-
-  /** The seal relays of a sealed demand connection: they stop with its thread. */
-  private demandRelays: SealedDuplex | undefined
 
   /** Stops the demand thread; what it did since its last batch is counted now. */
   stopDemand(): void {
     const server = this.demandServer
     this.demandServer = undefined
     server?.close()
-    this.demandRelays?.close()
-    this.demandRelays = undefined
   }
 
   /** The destination freed these runs after the hand-off: never send them. */
