@@ -24,7 +24,7 @@
 //   --trackers wp-async,sync-wp  each case once per dirty-page tracker (UFFD_MIGRATE_TRACKER in both services;
 //                default: the one this kernel gives, 'auto')
 //   --security plain,encrypted  each case once per link security: 'encrypted' sends with --encrypt (every connection
-//                sealed, the pages through the agents' loops); the mode column then says '(encrypted)'. Default: plain
+//                sealed; UFFD_MIGRATE_SEAL=js: in the agents' loops); the mode column then says '(encrypted)'. Default: plain
 //   NRUNS     runs per C reference figure (default 1 here, to keep the run near 20 min; 3 for min/median/max)
 // Uses dist/ (`npx tsc -p tsconfig.json` first; `npm run bench:migrate` does it).
 // Each migration runs in a child process of its own (`--case JSON`), in its

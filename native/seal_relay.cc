@@ -7,8 +7,9 @@
 //  - 'seal' (source): plaintext from the socketpair -> records onto the socket.
 // The record format and the key schedule are src/protocol/records.ts's (JS
 // seals and opens the same connection until it hands a direction over here,
-// with its key, IV, sequence number and bytes under the key). AES-256-GCM
-// through OpenSSL's EVP, the library Node itself links and exports.
+// with its key, IV, sequence number and bytes under the key; records.h). The
+// demand connection has no relay: its threads seal and open it themselves, a
+// fault's round trip is too short to cross two more threads each way.
 //
 // Ends: the socket's end of stream becomes the socketpair's (shutdown), so the
 // reader reads every frame before it; a socket error or a record that fails
