@@ -18,7 +18,6 @@
         "native/region_binding.cc",
         "native/records.cc",
         "native/relay.cc",
-        "native/seal_relay.cc",
         "native/socket_binding.cc",
         "native/thread_binding.cc",
         "native/uffd.cc",

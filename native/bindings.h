@@ -13,5 +13,4 @@ void init_relay_bindings(Napi::Env env, Napi::Object exports);
 void init_bulk_bindings(Napi::Env env, Napi::Object exports);
 void init_bulk_writer_bindings(Napi::Env env, Napi::Object exports);
 void init_wp_tracker_bindings(Napi::Env env, Napi::Object exports);
-void init_seal_relay_bindings(Napi::Env env, Napi::Object exports);
 }  // namespace uffdm

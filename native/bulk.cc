@@ -26,6 +26,7 @@
 #include "bindings.h"
 #include "demand.h"
 #include "errors.h"
+#include "records.h"
 #include "uffd.h"
 
 namespace uffdm {
@@ -39,7 +40,7 @@ constexpr uint8_t kRangeZero = 0, kRangeFree = 1, kRangeStale = 2;
 
 enum : int {
   kEvArrived = 3,   // post-copy: (region, first, count, pages newly marked received)
-  kEvClosed = 7,    // (errno, 1 = protocol violation; 0 = end of stream)
+  kEvClosed = 7,    // (errno, how: records.h's kEnded, kMalformed, kNotARecord, kTagFailed); errno 0 = end of stream
   kEvCpu = 8,       // as the thread ends: its CPU time, ms
   kEvReceived = 10, // pre-copy: (change of the received count: + placed, - dropped)
   kEvTwice = 11,    // post-copy: (pages that arrived again, already held)
@@ -48,9 +49,11 @@ enum : int {
 class BulkReaderThread : public DemandThread {
  public:
   BulkReaderThread(Napi::Env env, Napi::Function cb, int uffd, std::vector<RegionView> regions, std::vector<uint32_t*> zero,
-                   std::vector<uint32_t*> freed, int fd, std::vector<uint8_t> head, bool lazy_zero)
+                   std::vector<uint32_t*> freed, int fd, std::vector<uint8_t> head, bool lazy_zero, std::unique_ptr<records::Link> link)
       : DemandThread(env, cb, "uffd-migrate:bulk", "uffdm-bulk-rx"), uffd_(uffd), regions_(std::move(regions)),
-        zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)), lazy_zero_(lazy_zero) {
+        zero_(std::move(zero)), freed_(std::move(freed)), fd_(fd), head_(std::move(head)), lazy_zero_(lazy_zero),
+        link_(std::move(link)) {
+    link_->count_sealed_bytes(&sealed_read_);
     kick_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (kick_fd_ < 0) throw sys_error(env, -errno, "eventfd");
     urgent_ = false;  // bulk work: at agentNice, like the agent's loop it replaces
@@ -79,13 +82,15 @@ class BulkReaderThread : public DemandThread {
     kick();
   }
 
-  // A new bulk connection (after a recovery) with the bytes JS had read from it; -1: none (the link broke).
-  void attach(int fd, std::vector<uint8_t> head) {
+  // A new bulk connection (after a recovery) with the bytes JS had read from it (and, sealed, how this thread opens
+  // it); -1: none (the link broke).
+  void attach(int fd, std::vector<uint8_t> head, std::unique_ptr<records::Link> link) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (next_fd_ >= 0) close(next_fd_);
       next_fd_ = fd;
       next_head_ = std::move(head);
+      next_link_ = std::move(link);
       attach_pending_ = true;
     }
     kick();
@@ -101,9 +106,10 @@ class BulkReaderThread : public DemandThread {
     while (!stopping_) {
       bool reading = fd_ >= 0 && !paused_;
       pollfd p[3] = {{reading ? fd_ : -1, POLLIN, 0}, {stop_fd_, POLLIN, 0}, {kick_fd_, POLLIN, 0}};
-      // whole frames already buffered (bytes JS handed over, or read along before a pause) go first
+      // whole frames already buffered (bytes JS handed over, or read along before a pause) go first, and so does
+      // plaintext a sealed link opened already
       if (reading) want_lowat();
-      bool polled = !(reading && frame_buffered());
+      bool polled = !(reading && (frame_buffered() || link_->pending()));
       int timeout = flush_timeout_ms(-1);
       if (reading && batch_wait_) timeout = timeout < 0 ? kBatchWaitMs : std::min(timeout, kBatchWaitMs);
       // zero pages still to install: only a look at the socket, and they go in while nothing is there to read
@@ -142,6 +148,8 @@ class BulkReaderThread : public DemandThread {
       size_t batch = promise_end_ > read ? (size_t)(promise_end_ - read) : 0;
       if (!direct_) batch = std::min(batch, buf_.size() - (buf_len_ - buf_pos_));
       want = std::max<size_t>(1, std::min(std::max(frame, batch), kLowatBytes));
+      // sealed: the socket's bytes those need (a record begun needs its rest first, whatever it holds)
+      want = std::min(link_->socket_bytes_for(want), kLowatBytes);
       // a frame's rest must come before anything can go on; a batch's frames could be placed as they come, so
       // its promise is waited on for kBatchWaitMs at most (a slow link, or a source that announced too much)
       batch_wait_ = batch > frame && want > 1;
@@ -168,6 +176,8 @@ class BulkReaderThread : public DemandThread {
       if (fd_ >= 0) close(fd_);
       fd_ = next_fd_;
       next_fd_ = -1;
+      link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
+      link_->count_sealed_bytes(&sealed_read_);
       lowat_ = 1;
       promise_end_ = 0;
       stats_fd_.store(fd_);
@@ -206,8 +216,8 @@ class BulkReaderThread : public DemandThread {
         uint8_t* dst = type_ == kMsgPages ? staging_ : body_.data();
         const ReadPart parts[2] = {{hdr_, &hdr_have_, hdr_need_}, {dst, &body_have_, body_need_}};
         buf_pos_ = buf_len_ = 0;
-        int r = read_parts(fd_, parts, 2, buf_.data(), &buf_len_, 5, &bytes_read_);
-        if (r < 0) return link_broke(r == -EPIPE ? 0 : -r, false);
+        int r = link_->read_parts(fd_, parts, 2, buf_.data(), &buf_len_, 5, &bytes_read_);
+        if (r < 0) return link_broke(r == -EPIPE ? 0 : -r, r == -EBADMSG ? link_->end() : records::kEnded);
         if (r == 0) return;
         direct_ = false;
         last_large_ = true;
@@ -219,7 +229,7 @@ class BulkReaderThread : public DemandThread {
       if (avail >= 5) {
         const uint8_t* f = &buf_[buf_pos_];
         len_ = get_u32(f), type_ = f[4];
-        if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, true);
+        if (len_ < 1 || len_ > kMaxControlBytes + 1) return link_broke(EPROTO, records::kMalformed);
         if (type_ == kMsgPages && (len_ < 13 || len_ > 13 + kMaxPagesPerFrame * ps)) return reject(std::vector<uint8_t>());
         if (type_ == kMsgBatch && len_ != 5) return reject(std::vector<uint8_t>());  // JS names the error
         size_t total = 4 + (size_t)len_, hdr = type_ == kMsgPages ? 17 : 5;
@@ -253,16 +263,17 @@ class BulkReaderThread : public DemandThread {
       // into staging, not read ahead here and copied there
       size_t ahead = last_large_ ? 17 : kReadAheadBytes;
       size_t want = std::min(buf_.size() - buf_len_, std::max(ahead, avail >= 5 ? 4 + (size_t)len_ - avail : 5));
-      ssize_t n = read(fd_, &buf_[buf_len_], want);
-      if (n == 0) return link_broke(0, false);
+      ssize_t n = link_->read(fd_, &buf_[buf_len_], want);
+      if (n == 0) return link_broke(0, records::kEnded);
       if (n < 0) {
         if (errno == EINTR) continue;
-        if (errno != EAGAIN) link_broke(errno, false);
+        if (errno != EAGAIN) link_broke(errno, errno == EBADMSG ? link_->end() : records::kEnded);
         return;
       }
       bytes_read_ += (uint64_t)n;
       buf_len_ += (size_t)n;
-      drained = (size_t)n < want;
+      // (sealed: fewer bytes than asked may only mean the plaintext opened so far ran out)
+      drained = (size_t)n < want && !link_->pending();
     }
   }
 
@@ -452,11 +463,12 @@ class BulkReaderThread : public DemandThread {
     return true;
   }
 
-  void link_broke(int err, bool protocol) {
+  // how: records.h's kEnded, kMalformed, ...
+  void link_broke(int err, int how) {
     stats_fd_.store(-1);
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
-    emit({kEvClosed, (double)err, protocol ? 1.0 : 0.0, 0, 0});
+    emit({kEvClosed, (double)err, (double)how, 0, 0});
     flush(true);
   }
 
@@ -468,6 +480,7 @@ class BulkReaderThread : public DemandThread {
   bool postcopy_ = false, paused_ = false;
   // Pre-copy only (REGIONS.mode): known-zero pages are not installed before the hand-off (placement.ts, lazyZero).
   const bool lazy_zero_;
+  std::unique_ptr<records::Link> link_;  // plain, or sealed: this thread opens the records (an encrypted migration)
   // Otherwise: zero runs (region, first, count) marked known-zero and received, their zero pages not installed yet.
   std::vector<std::array<uint32_t, 3>> deferred_zero_;
   size_t deferred_next_ = 0;
@@ -476,6 +489,7 @@ class BulkReaderThread : public DemandThread {
   bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
   int next_fd_ = -1;
   std::vector<uint8_t> next_head_;
+  std::unique_ptr<records::Link> next_link_;
   // bytes read ahead: frames at [buf_pos_, buf_len_)
   static constexpr size_t kDirectBytes = 64 << 10;     // larger frames are read straight into the staging buffer
   // A read while frames are small: as large as the sender's gathered writes (kGatherBytes, 1 MiB), so that one
@@ -504,21 +518,24 @@ class BulkReaderThread : public DemandThread {
   uint8_t* staging_ = nullptr;
 
  public:
-  std::atomic<uint64_t> bytes_read_{0};  // from the socket, all connections
+  std::atomic<uint64_t> bytes_read_{0};  // from the socket, all connections (sealed: the plaintext opened)
+  std::atomic<uint64_t> sealed_read_{0};  // sealed: the ciphertext read from the socket
   std::atomic<int> stats_fd_{-1};          // fd_, for progress() on the JS thread
 
   // The watchdog's progress: bytes read, and bytes waiting in the socket (a low-water mark holds a frame's
   // bytes there until the whole frame is in). Not exact while the thread reads (two loads, not one), nor if the
-  // descriptor was closed and its number reused in between: the watchdog only asks whether it changed.
+  // descriptor was closed and its number reused in between: the watchdog only asks whether it changed. Sealed,
+  // it counts both the ciphertext read and the plaintext opened (a record's bytes count as they arrive).
   uint64_t progress() const {
     int queued = 0, fd = stats_fd_.load();
     if (fd < 0 || ioctl(fd, FIONREAD, &queued) < 0) queued = 0;
-    return bytes_read_.load() + (uint64_t)queued;
+    return bytes_read_.load() + sealed_read_.load() + (uint64_t)queued;
   }
 };
 
-// new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames), lazyZero = false);
-// resume(postcopy); attach(fd | -1, head); close() -> events left.
+// new BulkReader(uffdFd, regionIds, received, knownZero, freedHere, socketFd, head, onEvents(events, frames), lazyZero = false,
+//               seal?); resume(postcopy); attach(fd | -1, head, seal?); close() -> events left.
+//   seal: { recv, cipherHead } (an encrypted migration): the thread opens the records itself (native/records.h).
 class BulkReader : public ThreadWrap<BulkReader> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -538,10 +555,12 @@ class BulkReader : public ThreadWrap<BulkReader> {
     auto zero = bitmap_words(info, 3, views, &keep_);
     auto freed = bitmap_words(info, 4, views, &keep_);
     auto head = bytes_arg(info, 6);
+    bool lazy_zero = arg_bool(info, 8, "lazyZero", false);
+    auto link = records::link_arg(env, info.Length() > 9 ? info[9] : env.Undefined());
     int fd = dup_socket(env, info[5]);
     thread_ = std::make_unique<BulkReaderThread>(env, info[7].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
                                                  std::move(views), std::move(zero), std::move(freed), fd, std::move(head),
-                                                 arg_bool(info, 8, "lazyZero", false));
+                                                 lazy_zero, std::move(link));
   }
 
  private:
@@ -555,8 +574,9 @@ class BulkReader : public ThreadWrap<BulkReader> {
     auto env = info.Env();
     if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this bulk reader is closed");
     int fd = -1;
+    auto link = records::link_arg(env, info.Length() > 2 ? info[2] : env.Undefined());
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
-    reader()->attach(fd, bytes_arg(info, 1));
+    reader()->attach(fd, bytes_arg(info, 1), std::move(link));
     return env.Undefined();
   }
 };

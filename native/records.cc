@@ -85,23 +85,26 @@ Link::~Link() {
   if (ctx_) EVP_CIPHER_CTX_free(ctx_);
 }
 
-bool Link::seal(const Direction& send, const Direction& recv, std::vector<uint8_t> cipher_head) {
+bool Link::seal(const Direction* send, const Direction* recv, std::vector<uint8_t> cipher_head) {
   ctx_ = EVP_CIPHER_CTX_new();
   if (!ctx_) return false;
-  send_ = send, recv_ = recv;
-  in_end_ = cipher_head.size();
-  in_ = std::move(cipher_head);
-  in_.resize(std::max(2 * kRecordMax, in_end_));
-  plain_.resize(2 * kMaxPlain);
+  if ((seal_send_ = send != nullptr)) send_ = *send;
+  if ((open_recv_ = recv != nullptr)) {
+    recv_ = *recv;
+    in_end_ = cipher_head.size();
+    in_ = std::move(cipher_head);
+    in_.resize(std::max(2 * kRecordMax, in_end_));
+    plain_.resize(2 * kMaxPlain);
+  }
   return true;
 }
 
 bool Link::pending() const {
-  return plain_begin_ < plain_end_ || (ctx_ && record_length(in_.data() + in_begin_, in_end_ - in_begin_) != 0);
+  return plain_begin_ < plain_end_ || end_ != kEnded || (open_recv_ && record_length(in_.data() + in_begin_, in_end_ - in_begin_) != 0);
 }
 
 bool Link::write_all(int fd, int stop_fd, iovec* iov, int iovcnt, int* err) {
-  if (!ctx_) return uffdm::write_all(fd, stop_fd, iov, iovcnt, err);
+  if (!seal_send_) return uffdm::write_all(fd, stop_fd, iov, iovcnt, err);
   size_t total = 0;
   for (int i = 0; i < iovcnt; i++) total += iov[i].iov_len;
   // every record of this write, then one write: a reply of 64 pages and its header is two records
@@ -124,19 +127,36 @@ bool Link::write_all(int fd, int stop_fd, iovec* iov, int iovcnt, int* err) {
   return uffdm::write_all(fd, stop_fd, &out, 1, err);
 }
 
-int Link::fill(int fd) {
+int Link::fill(int fd, uint8_t* direct, size_t room, size_t* opened_direct) {
   plain_begin_ = plain_end_ = 0;
+  if (end_ != kEnded) return -EBADMSG;
+  // a record that fails ends the stream after the good ones before it (as a relay passes those on first)
+  auto failed = [&](int how) {
+    end_ = how;
+    return plain_end_ > 0 || (opened_direct && *opened_direct > 0) ? 1 : -EBADMSG;
+  };
   for (;;) {
     for (;;) {
       long len = record_length(in_.data() + in_begin_, in_end_ - in_begin_);
-      if (len < 0) return end_ = kNotARecord, -EBADMSG;
-      if (len == 0 || plain_.size() - plain_end_ < (size_t)len - kHeader - kTag) break;
-      long n = records::open(ctx_, recv_, in_.data() + in_begin_, (size_t)len, plain_.data() + plain_end_);
-      if (n < 0) return end_ = kTagFailed, -EBADMSG;  // nothing of it is used
-      plain_end_ += (size_t)n, in_begin_ += (size_t)len;
+      if (len < 0) return failed(kNotARecord);
+      if (len == 0) break;
+      const size_t n = (size_t)len - kHeader - kTag;
+      uint8_t* to;
+      if (direct && plain_end_ == 0 && n <= room - *opened_direct) {
+        to = direct + *opened_direct;  // the caller's buffer: no copy through plain_
+      } else if (plain_.size() - plain_end_ >= n) {
+        to = plain_.data() + plain_end_;
+      } else {
+        break;
+      }
+      long got = records::open(ctx_, recv_, in_.data() + in_begin_, (size_t)len, to);
+      if (got < 0) return failed(kTagFailed);  // nothing of it is used
+      if (to == plain_.data() + plain_end_) plain_end_ += n;
+      else *opened_direct += n;
+      in_begin_ += (size_t)len;
     }
     if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
-    if (plain_end_ > 0) return 1;
+    if (plain_end_ > 0 || (opened_direct && *opened_direct > 0)) return 1;
     if (in_begin_ > 0) {  // a record begun: to the front, so that the buffer takes all of it
       memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
       in_end_ -= in_begin_, in_begin_ = 0;
@@ -151,6 +171,7 @@ int Link::fill(int fd) {
     }
     in_end_ += (size_t)r;
     drained_ = (size_t)r < asked;
+    if (sealed_counter_) *sealed_counter_ += (uint64_t)r;
   }
 }
 
@@ -162,31 +183,54 @@ size_t Link::take(uint8_t* dst, size_t n) {
 }
 
 ssize_t Link::read(int fd, uint8_t* dst, size_t n) {
-  if (!ctx_) return ::read(fd, dst, n);
+  if (!open_recv_) return ::read(fd, dst, n);
+  size_t direct = 0;
   if (plain_begin_ == plain_end_) {
-    int r = fill(fd);
+    int r = fill(fd, dst, n, &direct);
     if (r == -EPIPE) return 0;
     if (r <= 0) return errno = r == 0 ? EAGAIN : -r, -1;
   }
-  return (ssize_t)take(dst, n);
+  return (ssize_t)(direct + take(dst + direct, n - direct));
 }
 
-int Link::read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need) {
-  if (!ctx_) return uffdm::read_parts(fd, parts, n, extra, extra_have, extra_need);
+int Link::read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
+                     std::atomic<uint64_t>* counter) {
+  if (!open_recv_) return uffdm::read_parts(fd, parts, n, extra, extra_have, extra_need, counter);
   for (;;) {
     bool complete = true;
     for (int i = 0; i < n && complete; i++) {
-      *parts[i].have += take(parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have);
+      size_t k = take(parts[i].dst + *parts[i].have, parts[i].need - *parts[i].have);
+      *parts[i].have += k;
+      if (counter) *counter += k;
       complete = *parts[i].have == parts[i].need;
     }
     if (complete) {
-      if (extra && *extra_have < extra_need) *extra_have += take(extra + *extra_have, extra_need - *extra_have);
+      if (extra && *extra_have < extra_need) {
+        size_t k = take(extra + *extra_have, extra_need - *extra_have);
+        *extra_have += k;
+        if (counter) *counter += k;
+      }
       // drained: nothing left here and the socket had no more: the caller polls before reading again
       return drained_ && !pending() ? 2 : 1;
     }
-    int r = fill(fd);
+    // the parts' first one not complete: whole records that fit in its rest are opened straight into it
+    const ReadPart* part = parts;
+    while (*part->have == part->need) part++;
+    size_t direct = 0;
+    int r = fill(fd, part->dst + *part->have, part->need - *part->have, &direct);
+    *part->have += direct;
+    if (counter) *counter += direct;
     if (r <= 0) return r;
   }
+}
+
+size_t Link::socket_bytes_for(size_t plain) const {
+  if (!open_recv_) return plain;
+  size_t have = in_end_ - in_begin_;
+  if (have < kHeader) return plain > have ? plain - have : 1;  // (at least the plaintext's bytes, less what is here)
+  size_t len = 4 + (size_t)get_u32(in_.data() + in_begin_), rest = len > have ? len - have : 0;
+  size_t inside = len - kHeader - kTag;  // the record's plaintext
+  return std::max<size_t>(1, rest + (plain > inside ? plain - inside : 0));
 }
 
 // ---- from JS ---------------------------------------------------------------------------
@@ -210,7 +254,7 @@ Direction direction_arg(Napi::Env env, const Napi::Value& v) {
 std::unique_ptr<Link> link_arg(Napi::Env env, const Napi::Value& v) {
   auto link = std::make_unique<Link>();
   if (v.IsUndefined() || v.IsNull()) return link;
-  if (!v.IsObject()) throw Napi::TypeError::New(env, "expected the connection's seal { send, recv, cipherHead }");
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "expected the connection's seal { send?, recv?, cipherHead? }");
   auto o = v.As<Napi::Object>();
   std::vector<uint8_t> head;
   auto h = o.Get("cipherHead");
@@ -218,8 +262,13 @@ std::unique_ptr<Link> link_arg(Napi::Env env, const Napi::Value& v) {
     auto a = h.As<Napi::Uint8Array>();
     head.assign(a.Data(), a.Data() + a.ByteLength());
   }
-  if (!link->seal(direction_arg(env, o.Get("send")), direction_arg(env, o.Get("recv")), std::move(head)))
-    throw Napi::Error::New(env, "EVP_CIPHER_CTX_new failed");
+  auto sv = o.Get("send"), rv = o.Get("recv");
+  Direction send, recv;
+  bool s = !sv.IsUndefined(), r = !rv.IsUndefined();
+  if (s) send = direction_arg(env, sv);
+  if (r) recv = direction_arg(env, rv);
+  if (!s && !r) return link;
+  if (!link->seal(s ? &send : nullptr, r ? &recv : nullptr, std::move(head))) throw Napi::Error::New(env, "EVP_CIPHER_CTX_new failed");
   return link;
 }
 

@@ -4,9 +4,11 @@
 // every `rekey_bytes`. JS seals and opens a connection until it hands a direction over to native code with its
 // key, IV, sequence number and bytes under the key. OpenSSL's EVP: the library Node links and exports.
 //
-// Two users: the seal relays (seal_relay.cc: a thread between a TCP socket and the socketpair a bulk thread takes)
-// and the demand threads (SealedLink below: the thread that reads and writes the demand connection seals and opens
-// it itself, so a fault's round trip crosses no other thread).
+// Every native thread that moves pages seals or opens its own connection (Link below): the source's bulk writer
+// seals from region memory into records, the destination's bulk reader opens records straight into its staging
+// buffer where a record fits, the demand threads both ways. No thread between them and the socket: an earlier
+// relay thread per direction (through a socketpair) cost a copy and two wake-ups a record, and a fault's round
+// trip crossed four more threads (measured in README's "Encrypted migrations").
 #pragma once
 #include <openssl/evp.h>
 #include <sys/uio.h>
@@ -15,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -59,16 +62,17 @@ long open(EVP_CIPHER_CTX* ctx, Direction& dir, const uint8_t* rec, size_t len, u
 // A direction's state as JS hands it over ({ key, iv, seq, bytesUnderKey, rekeyBytes }: records.ts's SealState).
 Direction direction_arg(Napi::Env env, const Napi::Value& v);
 
-// A demand thread's view of its connection: plain (the socket as it is) or sealed both ways on this thread.
+// A native thread's view of its connection: plain (the socket as it is) or sealed on this thread, either direction
+// or both (the demand threads both ways, the bulk writer what it writes, the bulk reader what it reads).
 class Link {
  public:
   Link() = default;
   Link(const Link&) = delete;
   Link& operator=(const Link&) = delete;
   ~Link();
-  // Sealed from now on: the two directions' states, and the sealed bytes JS had read and not opened.
-  bool seal(const Direction& send, const Direction& recv, std::vector<uint8_t> cipher_head);
-  bool sealed() const { return ctx_ != nullptr; }
+  // Sealed from now on: each direction's state (nullptr: that direction stays plain), and the sealed bytes JS had
+  // read and not opened.
+  bool seal(const Direction* send, const Direction* recv, std::vector<uint8_t> cipher_head = {});
   // Plaintext, or a whole record, that is here already: read it before polling the socket.
   bool pending() const;
   // Whole-run writes (sealed: as records) on a non-blocking socket; write_all()'s contract (demand.h).
@@ -76,27 +80,39 @@ class Link {
   // read(2) on the plaintext: bytes, 0 at the end of the stream, -1 with errno set (EAGAIN: nothing yet). A
   // failed record: -1, errno EBADMSG, and end() says which way.
   ssize_t read(int fd, uint8_t* dst, size_t n);
-  // read_parts() (page_maps.h) on the plaintext.
-  int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need);
+  // read_parts() (page_maps.h) on the plaintext; counter adds the bytes the parts and the extra took.
+  int read_parts(int fd, const ReadPart* parts, int n, uint8_t* extra, size_t* extra_have, size_t extra_need,
+                 std::atomic<uint64_t>* counter = nullptr);
+  // Bytes the socket must still deliver before `plain` more bytes of plaintext can be read (at least; none pending
+  // here): what a low-water mark may wait for (SO_RCVLOWAT). A record begun here needs its rest whatever it holds.
+  size_t socket_bytes_for(size_t plain) const;
   // After a failed read: kNotARecord or kTagFailed (kEnded for a socket's error or end).
   int end() const { return end_; }
+  // Sealed: the ciphertext read from the socket is added here as it arrives (a record's bytes count before it is
+  // whole: a watchdog sees them arrive).
+  void count_sealed_bytes(std::atomic<uint64_t>* counter) { sealed_counter_ = counter; }
 
  private:
-  // Reads what the socket has and opens each whole record: > 0 plaintext is pending, 0 would block, -EPIPE the end
-  // of the stream, -errno; -EBADMSG a record failed (end_).
-  int fill(int fd);
+  // Reads what the socket has and opens each whole record (none pending here): into `direct` while a record's
+  // plaintext fits in its `room` (*opened_direct counts those bytes; the caller's buffer, no copy), the rest into
+  // the plaintext buffer. > 0 plaintext was opened, 0 would block, -EPIPE the end of the stream, -errno; -EBADMSG a
+  // record failed (end_).
+  int fill(int fd, uint8_t* direct = nullptr, size_t room = 0, size_t* opened_direct = nullptr);
   bool drained_ = false;  // the last read of the socket found fewer bytes than it asked for
+  std::atomic<uint64_t>* sealed_counter_ = nullptr;
   size_t take(uint8_t* dst, size_t n);
 
   EVP_CIPHER_CTX* ctx_ = nullptr;
+  bool seal_send_ = false, open_recv_ = false;
   Direction send_, recv_;
   std::vector<uint8_t> in_, plain_, rec_;
   size_t in_begin_ = 0, in_end_ = 0, plain_begin_ = 0, plain_end_ = 0;
   int end_ = kEnded;
 };
 
-// A demand thread's connection from JS arguments: (sealed) the object { send, recv, cipherHead } of
-// Channel.handOverSealed(true); undefined or null: plain. Throws a TypeError for anything else.
+// A native thread's connection from JS arguments: the object { send?, recv?, cipherHead? } (Channel.handOverSealed()
+// and the sealer's handOff(): each direction given is sealed, the others plain); undefined or null: plain. Throws
+// a TypeError for anything else.
 std::unique_ptr<Link> link_arg(Napi::Env env, const Napi::Value& v);
 
 }  // namespace records

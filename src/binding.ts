@@ -48,7 +48,7 @@ export interface NativeBulkReader {
   /** After HANDOFF (the thread waits for it): post-copy placement rules from now on. */
   resume(postcopy: boolean): void
   /** A new bulk connection after a recovery, with the bytes read from it and not handled; -1: the link broke. */
-  attach(fd: number, head?: Uint8Array): void
+  attach(fd: number, head?: Uint8Array, seal?: NativeLinkSeal): void
   /** CPU time of the thread so far, ms. */
   readonly cpuMs: number
   /** Bytes read from the bulk connection so far (all of its connections). */
@@ -76,34 +76,21 @@ export interface NativeBulkWriter {
   close(): Float64Array
 }
 
-/**
- * One direction of a sealed connection on its own thread (native/seal_relay.cc), between the TCP socket and a
- * socketpair whose other end (innerFd) a bulk thread takes as its connection: 'open' turns records into plaintext,
- * 'seal' plaintext into records (src/protocol/records.ts's format and keys).
- */
-export interface NativeSealRelay {
-  readonly innerFd: number
-  /** The bulk thread dup()ed innerFd: this object's copy goes (so that its end can reach end of stream). */
-  releaseInner(): void
-  /** The caller owns innerFd from now on (tests). */
-  takeInner(): number
-  readonly cpuMs: number
-  /** Bytes read from its input so far. */
-  readonly bytesIn: number
-  close(): Float64Array
-}
-
 /** A socket's kernel buffers as granted (bytes; 0: left to the kernel's autotuning). */
 export interface SocketBuffers {
   sendBytes: number
   receiveBytes: number
 }
 
-/** A sealed connection handed to the native thread that both reads and writes it (the demand connection): both directions' states, and the sealed bytes read and not opened. */
+/**
+ * A sealed connection handed to a native thread that seals and opens it itself (native/records.h): the states of
+ * the directions it takes over (the demand threads both, the bulk writer send, the bulk reader recv), and the
+ * sealed bytes read and not opened.
+ */
 export interface NativeLinkSeal {
-  send: SealState
-  recv: SealState
-  cipherHead: Uint8Array
+  send?: SealState
+  recv?: SealState
+  cipherHead?: Uint8Array
 }
 
 /** Source: answers PAGE_REQUESTs of a demand connection from region memory on its own thread (native/demand_server.cc). */
@@ -226,11 +213,13 @@ export interface NativeBinding {
   DemandServer?: new (fd: number, regionIds: number[], pending: Uint32Array[], onEvents: (ev: Float64Array) => void, head?: Uint8Array, seal?: NativeLinkSeal) => NativeDemandServer
   BulkReader?: new (
     uffdFd: number, regionIds: number[], received: Uint32Array[], knownZero: Uint32Array[], freedHere: Uint32Array[],
-    fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void, lazyZero?: boolean,
+    fd: number, head: Uint8Array, onEvents: (ev: Float64Array, frames: Buffer[]) => void, lazyZero?: boolean, seal?: NativeLinkSeal,
   ) => NativeBulkReader
-  BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void) => NativeBulkWriter
+  /** seal: { send } (an encrypted migration): the thread seals what it writes. */
+  BulkWriter?: new (fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], onEvents: (ev: Float64Array) => void, seal?: NativeLinkSeal) => NativeBulkWriter
   Relay?: new (onEnded: (ended: Float64Array) => void) => NativeRelay
-  SealRelay?: new (mode: 'seal' | 'open', fd: number, state: SealState, head: Uint8Array, onEvents: (ev: Float64Array) => void) => NativeSealRelay
+  /** The native threads seal and open encrypted migrations' connections themselves (native/records.h). */
+  nativeSealing?: boolean
   /** Synchronous write-protect tracking (absent in the fake binding). */
   /** followWriter (default true): the thread runs on the CPU of the last thread that faulted (native/wp_tracker.cc). */
   SyncWpTracker?: new (regionIds: number[], followWriter?: boolean, idleClass?: boolean) => NativeSyncWpTracker

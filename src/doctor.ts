@@ -155,9 +155,9 @@ export function runDoctor(): DoctorReport {
   add('socket buffers', buffers.available, buffers.detail, false)
   const memory = headroomCheck(memoryHeadroom())
   add('memory', memory.available, memory.detail, false)
-  add('encryption', binding.SealRelay !== undefined, binding.SealRelay !== undefined
+  add('encryption', binding.nativeSealing === true, binding.nativeSealing === true
     ? `send/receive --encrypt seal every connection (AES-256-GCM over X25519), native threads moving the pages${process.env.UFFD_MIGRATE_ENCRYPT === '1' ? '; on by default here ($UFFD_MIGRATE_ENCRYPT=1)' : ''}`
-    : 'this addon has no seal relay: encrypted migrations run in the agents\' loops (slower)', false)
+    : 'this addon\'s threads cannot seal: encrypted migrations run in the agents\' loops (slower)', false)
   add('tracker', tracker !== undefined, tracker ? `${tracker.kind}: ${tracker.reason}; costs ${tracker.cost}` : trackerError)
   return finish()
 

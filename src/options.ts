@@ -202,7 +202,7 @@ export function resolveAgentNice(explicit?: number | string, name = 'options.age
   return resolveIntegerSetting({ explicit, name, env: 'UFFD_MIGRATE_AGENT_NICE', fallback: 0, min: 0, max: 19, what: 'an integer nice value from 0 to 19' })
 }
 
-/** The bulk socket's kernel settings (src/agent/bulk-socket.ts), from the environment: each a byte count, 0 for the kernel's own. */
+/** The bulk socket's kernel settings (src/agent/socket-settings.ts), from the environment: each a byte count, 0 for the kernel's own. */
 export interface SocketTuning {
   /** $UFFD_MIGRATE_BULK_BUFFER_BYTES: post-copy's buffers (pre-copy's: at least 4 MiB). */
   bulkBufferBytes: number

@@ -13,6 +13,8 @@ import { loadBinding } from '../src/binding'
 import { PageBitmap } from '../src/bitmap'
 import { decodeBatch, encodeBatch, encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../src/protocol/messages'
 import { takeSocket } from '../src/socket-fd'
+import { Sealer } from '../src/protocol/records'
+import { randomBytes } from 'node:crypto'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
 import { missingRegion } from './helpers/uffd-region'
@@ -37,6 +39,27 @@ describe.skipIf(skip)('native bulk reader', () => {
   const b = skip ? (undefined as never) : loadBinding()
   const ps = skip ? 4096 : b.pageSize
 
+  /**
+   * A sealed connection as JS hands it over mid-stream (5 records sealed already, keys rotating every 64 KiB): the
+   * reader's seal, and wrap(frames), each frame sealed as the native writer seals one write (records of <= 256 KiB).
+   */
+  function sealing() {
+    const KEY = { key: randomBytes(32), iv: randomBytes(12) }, REKEY = 64 << 10
+    const sealer = new Sealer(KEY, REKEY)
+    let under = 0
+    for (const n of [1000, 1, 1, 1, 1]) (sealer.seal([Buffer.alloc(n)]), (under += n))
+    const s = {
+      native: { recv: { ...KEY, seq: 5, bytesUnderKey: under, rekeyBytes: REKEY }, cipherHead: new Uint8Array(0) },
+      wireBytes: 0,
+      wrap: (frames: Buffer[]) => {
+        const wire = Buffer.concat(frames.map((f) => Buffer.concat(sealer.seal([f]))))
+        s.wireBytes += wire.length
+        return wire
+      },
+    }
+    return s
+  }
+
   function setup(pages: number) {
     const { region, uffd } = missingRegion(b, pages)
     const received = new PageBitmap(pages), knownZero = new PageBitmap(pages), freed = new PageBitmap(pages)
@@ -60,8 +83,10 @@ describe.skipIf(skip)('native bulk reader', () => {
     }
   }
 
-  for (const seed of [1, 2, 3]) {
-    it(`places small frames read many at a time, large frames read straight, zero ranges, and hands control frames to JS in order (pieces seed ${seed})`, async () => {
+  // sealed: an encrypted migration's bulk connection, the reader opening the records itself (native/records.h), each
+  // frame written as the writer seals it (one or more records), cut into the same random pieces
+  for (const [seed, sealed] of [[1, false], [2, false], [3, false], [4, true], [5, true]] as const) {
+    it(`places small frames read many at a time, large frames read straight, zero ranges, and hands control frames to JS in order (pieces seed ${seed}${sealed ? ', sealed' : ''})`, async () => {
       const pages = 640
       const { region, uffd, received, knownZero, freed } = setup(pages)
       const { client, server, close } = await tcpPair()
@@ -71,7 +96,8 @@ describe.skipIf(skip)('native bulk reader', () => {
         if (kind === DemandEv.FRAME) frames.push({ type: bb, payload: fs[a] })
         else if (kind === DemandEv.RECEIVED) receivedCount += a
       })
-      const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+      const seal = sealed ? sealing() : undefined
+      const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents, false, seal?.native)
       try {
         // [0, 400): runs of 7 data pages and 1 zero page; a control frame between; [400, 640): two large frames
         // (100 and 140 pages, each larger than a small frame); then [0, 7) again with new data (pre-copy: overwritten in place)
@@ -96,7 +122,7 @@ describe.skipIf(skip)('native bulk reader', () => {
         // a control frame larger than the buffer: read straight, handed to JS whole
         const big = encodeControl(Msg.ROUND_END, { round: 1, pad: Buffer.alloc(400 << 10, 7) })
         parts.push(...big)
-        await feed(client, Buffer.concat(parts), seed)
+        await feed(client, seal ? seal.wrap(parts) : Buffer.concat(parts), seed)
         await pollUntil(() => frames.length >= 2, 10_000, 10)
 
         expect(frames.map((f) => f.type)).toEqual([Msg.ROUND_END, Msg.ROUND_END])
@@ -119,7 +145,9 @@ describe.skipIf(skip)('native bulk reader', () => {
           expect(knownZero.has(p)).toBe(isZero(p))
         }
         expect(receivedCount).toBe(pages)
-        expect(reader.bytesRead + taken(server).head.length).toBe(Buffer.concat(parts).length)
+        const plain = Buffer.concat(parts).length
+        // sealed: the plaintext opened and the ciphertext read both count (the watchdog's progress)
+        expect(reader.bytesRead + taken(server).head.length).toBe(seal ? plain + seal.wireBytes : plain)
       } finally {
         reader.close()
         close()
@@ -220,17 +248,20 @@ describe.skipIf(skip)('native bulk reader', () => {
     mem: Buffer
     received: PageBitmap
     seen: { received: number; frames: { type: number; payload: Buffer }[] }
-  }) => Promise<void>): Promise<void> {
+    /** The bytes to write for these frames (sealed: as records). */
+    wrap(frames: Buffer[]): Buffer
+  }) => Promise<void>, sealed = false, onMore?: (ev: Float64Array) => void): Promise<void> {
     const { region, uffd, received, knownZero, freed } = setup(pages)
     const { client, server, close } = await tcpPair()
     const seen = { received: 0, frames: [] as { type: number; payload: Buffer }[] }
-    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => eachDemandEvent(ev, (kind, a, bb) => {
+    const onEvents = (ev: Float64Array, fs: Buffer[] = []) => (onMore?.(ev), eachDemandEvent(ev, (kind, a, bb) => {
       if (kind === DemandEv.RECEIVED) seen.received += a
       else if (kind === DemandEv.FRAME) seen.frames.push({ type: bb, payload: fs[a] })
-    })
-    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents)
+    }))
+    const seal = sealed ? sealing() : undefined
+    const reader = new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(server).fd, taken(server).head, onEvents, false, seal?.native)
     try {
-      await body({ client, reader, mem: Buffer.from(region.buffer), received, seen })
+      await body({ client, reader, mem: Buffer.from(region.buffer), received, seen, wrap: seal ? seal.wrap : (frames) => Buffer.concat(frames) })
     } finally {
       reader.close()
       close()
@@ -251,38 +282,57 @@ describe.skipIf(skip)('native bulk reader', () => {
     return progress
   }
 
-  it('a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket)', async () => {
+  for (const sealed of [false, true]) it(`a large frame that trickles in is placed whole, and its bytes count as progress while they gather (the low-water mark holds them in the socket${sealed ? '; sealed: a record begun holds its rest there too' : ''})`, async () => {
     const pages = 256
-    await withReader(pages, async ({ client, reader, mem, seen }) => {
-      const frame = Buffer.concat([pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)])
+    await withReader(pages, async ({ client, reader, mem, seen, wrap }) => {
+      const frames = [pagesFrame(0, pages, (q) => (q % 199) + 1), pagesFrame(0, 1, () => 250)]
       // the reader waits for the rest of the first frame; the progress must move meanwhile
-      const progress = await trickle(client, frame, reader)
+      const progress = await trickle(client, wrap(frames), reader)
       await pollUntil(() => seen.received >= pages, 5000)
       expect(seen.received).toBe(pages)
       const partway = progress.slice(0, 16)
       expect(new Set(partway).size).toBe(16) // every piece showed up as progress, before the frame was whole
-      expect(Math.max(...partway)).toBeLessThan(frame.length)
+      if (!sealed) expect(Math.max(...partway)).toBeLessThan(frames[0].length)
       expect(mem.subarray(0, ps).equals(Buffer.alloc(ps, 250))).toBe(true) // the 1-page frame after it, in order
       const wrong = [...Array(pages).keys()].filter((p) => p > 0 && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, (p % 199) + 1)))
       expect(wrong).toEqual([])
-    })
+    }, sealed)
   })
 
-  it('a BATCH of small frames that trickles in is placed whole, and its bytes count as progress while they gather', async () => {
-    await withReader(320, async ({ client, reader, mem, seen }) => {
+  for (const sealed of [false, true]) it(`a BATCH of small frames that trickles in is placed whole, and its bytes count as progress while they gather${sealed ? ' (sealed)' : ''}`, async () => {
+    await withReader(320, async ({ client, reader, mem, seen, wrap }) => {
       // 40 frames of 7 pages (~1.1 MiB) announced by one BATCH, then a 1-page frame outside it
       const group: Buffer[] = []
       for (let p = 0; p < 320; p += 8) group.push(pagesFrame(p, 7, (q) => (q % 199) + 1))
       const batch = Buffer.concat(group)
-      const progress = await trickle(client, Buffer.concat([encodeBatch(batch.length), batch, pagesFrame(7, 1, () => 250)]), reader)
+      // (sealed: the BATCH and its frames are one write, as the writer gathers them)
+      const progress = await trickle(client, wrap([Buffer.concat([encodeBatch(batch.length), batch]), pagesFrame(7, 1, () => 250)]), reader)
       await pollUntil(() => seen.received >= 281, 5000)
       expect(seen.received).toBe(281) // 40 x 7 pages and page 7
       expect(seen.frames).toEqual([]) // BATCH stays in the reader
       expect(new Set(progress.slice(0, 16)).size).toBe(16) // every piece showed up as progress
       const wrong = [...Array(320).keys()].filter((p) => (p % 8 !== 7 || p === 7) && !mem.subarray(p * ps, (p + 1) * ps).equals(Buffer.alloc(ps, p === 7 ? 250 : (p % 199) + 1)))
       expect(wrong).toEqual([])
-    })
+    }, sealed)
   })
+
+  // LinkEnd: 3 a failed tag, 2 not a record
+  for (const [what, how] of [['a changed byte', 3], ['a plaintext frame', 2]] as const) {
+    it(`sealed: ${what} stops it there: the records before it are placed, nothing of it or after it, JS hears why (LinkEnd ${how})`, async () => {
+      const events: number[][] = []
+      await withReader(64, async ({ client, received, wrap }) => {
+        const first = wrap([pagesFrame(0, 4, () => 1)])
+        let second = wrap([pagesFrame(8, 4, () => 2)])
+        if (how === 3) second[200] ^= 1 // inside the second record's ciphertext
+        else second = pagesFrame(8, 4, () => 2)
+        client.write(Buffer.concat([first, second, wrap([pagesFrame(16, 4, () => 3)])]))
+        await pollUntil(() => events.length > 0, 5000)
+        await new Promise((r) => setTimeout(r, 100))
+        expect([...Array(64).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
+      }, true, (ev) => eachDemandEvent(ev, (kind, a, bb) => void (kind === DemandEv.CLOSED && events.push([a, bb]))))
+      expect(events).toEqual([[74, how]]) // EBADMSG
+    })
+  }
 
   it('a BATCH that announces more than ever comes holds nothing up for long: the frame after it is placed', async () => {
     await withReader(16, async ({ client, mem, seen }) => {

@@ -33,7 +33,7 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
 
   // The page-store's pages are sparse words between zeros: in plaintext the stream holds runs of thousands of zero
   // bytes (and so does the plaintext control in test/unit/encryption.test.ts); sealed, a run of 64 has a chance of 2^-512.
-  // native: the bulk threads move the pages through seal relays (native/seal_relay.cc); js: UFFD_MIGRATE_SEAL=js on
+  // native: the bulk threads seal and open the records themselves (native/records.h); js: UFFD_MIGRATE_SEAL=js on
   // both hosts, the sealed connections stay with the agents' loops
   it.each(['native', 'js'] as const)('hybrid under writes, asked by the source (%s sealing): every page verified, nothing of the memory readable on the wire', async (path) => {
     const tap = wiretap()

@@ -97,8 +97,8 @@ export class Channel {
   /**
    * Everything from now on is sealed with `send` and opened with `receive`
    * (records.ts): called by the handshake where each side's plaintext ends.
-   * A native thread takes such a connection over only through a seal relay
-   * (native/seal_relay.cc): handOver() refuses, handOverSealed() and
+   * A native thread that takes such a connection over seals and opens it
+   * itself (native/records.h): handOver() refuses, handOverSealed() and
    * useWriter() give it where each direction stands.
    */
   secure(keys: { send: DirectionKey; receive: DirectionKey }, role = this.name): void {
@@ -235,46 +235,13 @@ export class Channel {
   }
 
   /**
-   * Caps the kernel's send and receive buffers of this socket: bulk data that
-   * sits in them is data an urgent page may have to wait behind (the pushed
-   * copy of a page already in flight). setter: the addon's setSocketBuffers.
-   * whole: only if the kernel grants all of it (pre-copy's larger buffers: one
-   * that net.core.rmem_max / wmem_max would cut stays with the kernel's autotuning).
+   * Sets an option of this connection's socket (apply: one of the addon's
+   * setters, src/agent/socket-settings.ts), if it has a descriptor and has
+   * not failed.
    */
-  limitKernelBuffers(setter: (fd: number, sendBytes: number, receiveBytes: number, whole?: boolean) => unknown, bytes: number, whole = false): void {
+  tune(apply: (fd: number) => unknown): void {
     const fd = this.fd
-    if (fd !== undefined && bytes > 0) setter(fd, bytes, bytes, whole)
-  }
-
-  /**
-   * Caps what this socket holds written but not sent (TCP_NOTSENT_LOWAT): a
-   * pushed page written after it waits in the sender's queue, not the
-   * kernel's, and what is in flight (the window) is not limited. setter: the
-   * addon's setSocketUnsentLimit.
-   */
-  limitUnsent(setter: (fd: number, bytes: number) => void, bytes: number): void {
-    const fd = this.fd
-    if (fd !== undefined && bytes > 0) setter(fd, bytes)
-  }
-
-  /** The most this socket sends a second (SO_MAX_PACING_RATE; 0: no limit). setter: the addon's setSocketPacing. */
-  limitRate(setter: (fd: number, bytesPerSec: number) => unknown, bytesPerSec: number): void {
-    const fd = this.fd
-    if (fd === undefined || this.failure) return
-    try {
-      setter(fd, bytesPerSec)
-    } catch {
-      // a socket going away as the phase changes: its end is reported where it is read, not here
-    }
-  }
-
-  /**
-   * A peer that stops answering (a link gone silent, no reset) fails this
-   * connection after about timeoutMs instead of never. setter: the addon's setSocketLiveness.
-   */
-  detectSilence(setter: (fd: number, timeoutMs: number) => void, timeoutMs: number): void {
-    const fd = this.fd
-    if (fd !== undefined && timeoutMs >= 1000) setter(fd, timeoutMs)
+    if (fd !== undefined && !this.failure) apply(fd)
   }
 
   /**
@@ -290,9 +257,10 @@ export class Channel {
   }
 
   /**
-   * handOver() of a sealed connection's receiving direction (to a seal relay): cipherHead, the sealed bytes read
-   * and not opened (a record begun, what Node had not delivered), goes to the relay with `state`; plainHead, the
-   * frames opened and not handled, to the thread behind it. This side still writes (sealed) on the socket.
+   * handOver() of a sealed connection's receiving direction (to a native thread that opens it): cipherHead, the
+   * sealed bytes read and not opened (a record begun, what Node had not delivered), goes to the thread with `state`;
+   * plainHead, the frames opened and not handled, before them. This side still writes (sealed) on the socket unless
+   * `both` hands the sending direction over too (sendState).
    */
   handOverSealed(both = false): { fd: number; cipherHead: Buffer; plainHead: Buffer; state: SealState; sendState?: SealState } | undefined {
     const t = this.opener && this.takeOver()

@@ -13,7 +13,7 @@ export const PROTOCOL_VERSION = 7
 
 /** Largest page payload in one frame; replies and pushes are cut to fit. */
 export const MAX_PAGES_PER_FRAME = 256
-/** Default kernel socket buffers of the bulk channel (see Channel.limitKernelBuffers; $UFFD_MIGRATE_BULK_BUFFER_BYTES). */
+/** Default kernel socket buffers of the bulk channel (see src/agent/socket-settings.ts; $UFFD_MIGRATE_BULK_BUFFER_BYTES). */
 export const DEFAULT_BULK_SOCKET_BUFFER_BYTES = 512 * 1024
 /**
  * Kernel socket buffers of the bulk channel before the hand-off, when no page

@@ -24,7 +24,7 @@ export interface DirectionKey {
   iv: Buffer
 }
 
-/** Where one direction stands, for the native thread that takes it over (native/seal_relay.cc). */
+/** Where one direction stands, for the native thread that takes it over (native/records.h). */
 export interface SealState {
   key: Buffer
   iv: Buffer

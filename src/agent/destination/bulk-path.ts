@@ -6,8 +6,8 @@
  * order, for the message table; after HANDOFF the thread waits until the
  * discard list is applied (resume()). Without it (no addon support, or
  * UFFD_MIGRATE_BULK=js) the Channel's frames go through placement.ts.
- * A sealed connection (an encrypted migration) reaches the thread through a
- * seal relay (src/agent/seal-relay.ts) that opens its records beside it.
+ * A sealed connection (an encrypted migration): the thread opens its records
+ * itself (native/records.h), where JS stopped.
  *
  * Extra bulk streams (the source's `streams` option, pre-copy only) get a
  * thread each, placing whatever arrives on them: the source sends every
@@ -16,7 +16,7 @@
  * source's barrier before HANDOFF); at the hand-off they are closed, so that
  * nothing can reach the running service's memory with pre-copy's rules.
  */
-import type { NativeBinding, NativeBulkReader, NativeUffd } from '../../binding'
+import type { NativeBinding, NativeBulkReader, NativeLinkSeal, NativeUffd } from '../../binding'
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
@@ -24,7 +24,7 @@ import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable, SealRelay } from '../seal-relay'
+import { nativeSealAvailable } from '../native-seal'
 import type { Placement } from './placement'
 
 export interface BulkPathHooks {
@@ -46,9 +46,6 @@ export class BulkPath {
   private started: { uffd: NativeUffd; placement: Placement } | undefined
   /** CPU time of extra streams' threads that ended. */
   private streamsCpuMs = 0
-  /** The seal relay opening the records of the connection the thread reads (sealed). */
-  private relay: SealRelay | undefined
-  private relaysCpuMs = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -60,15 +57,14 @@ export class BulkPath {
     return this.reader !== undefined
   }
 
-  /** start() would run the native reader on ch (built in, nobody asked for the JS path; sealed: through a seal relay). */
+  /** start() would run the native reader on ch (built in, nobody asked for the JS path; sealed: it opens the records itself). */
   readerWouldRun(ch: Channel): boolean {
     return nativeBulkAvailable(this.binding) && (!ch.sealed || nativeSealAvailable(this.binding))
   }
 
   /** CPU time of the thread (and of the extra streams' threads) so far, ms. */
   get cpuMs(): number {
-    return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0) +
-      this.relaysCpuMs + (this.relay?.cpuMs ?? 0)
+    return (this.reader?.thread.cpuMs ?? 0) + this.streamsCpuMs + this.streams.reduce((n, s) => n + s.cpuMs, 0)
   }
 
   /** How many extra streams this side takes (REGIONS asked for `wanted`): none without the native reader (a preflight asks before it starts). */
@@ -124,9 +120,8 @@ export class BulkPath {
     }
     const reader = new this.binding.BulkReader!(
       uffd.fd, this.regions.map((r) => r.id), words(placement.received), words(placement.knownZero), words(placement.freedHere),
-      taken.fd, taken.head, onEvents, placement.lazyZero,
+      taken.fd, taken.head, onEvents, placement.lazyZero, taken.seal,
     )
-    taken.relay?.release()
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
     this.started = { uffd, placement }
     this.streamsCpuMs = 0 // a new session's
@@ -146,24 +141,15 @@ export class BulkPath {
   attach(ch: Channel, uffd: NativeUffd, placement: Placement): void {
     if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
     const taken = this.take(ch)
-    if (taken) this.reader.thread.attach(taken.fd, taken.head)
-    taken?.relay?.release()
+    if (taken) this.reader.thread.attach(taken.fd, taken.head, taken.seal)
     this.adoptCounts(ch)
   }
 
-  /** ch's descriptor for the thread, and the bytes it starts with: the socket itself, or a seal relay's end. */
-  private take(ch: Channel): { fd: number; head: Buffer; relay?: SealRelay } | undefined {
+  /** ch's descriptor for the thread, the bytes it starts with and (sealed) how the thread opens what it reads. */
+  private take(ch: Channel): { fd: number; head: Buffer; seal?: NativeLinkSeal } | undefined {
     if (!ch.sealed) return ch.handOver()
     const t = ch.handOverSealed()
-    if (!t) return undefined
-    this.relay?.close() // the last connection's: it broke
-    const relay: SealRelay = new SealRelay(this.binding, 'open', t.fd, t.state, t.cipherHead, {
-      // the relay that reads the thread's connection failed: the link broke (a record failed: it says so)
-      onClosed: (err) => this.relay === relay && this.reader && this.broke(err),
-      onCpu: (ms) => (this.relaysCpuMs += ms),
-    }, 'bulk')
-    this.relay = relay
-    return { fd: relay.innerFd, head: t.plainHead, relay }
+    return t && { fd: t.fd, head: t.plainHead, seal: { recv: t.state, cipherHead: t.cipherHead } }
   }
 
   /** The stuck-source watchdog sees the bytes the thread reads from now on as this connection's. */
@@ -194,8 +180,6 @@ export class BulkPath {
     this.reader = undefined
     if (reader) this.endedCpuMs = reader.thread.cpuMs
     reader?.close()
-    this.relay?.close()
-    this.relay = undefined
     this.started = undefined
   }
 }

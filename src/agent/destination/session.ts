@@ -12,7 +12,7 @@ import type { Frame } from '../../protocol/frames'
 import type { ChannelRole } from '../../protocol/handshake'
 import { encodeControl, encodeRuns, Msg, RangeKind, type RegionLayout } from '../../protocol/messages'
 import type { Region } from '../../region'
-import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
+import { detectSilence, postcopyBulkSocket, precopyBulkSocket } from '../socket-settings'
 import { type Clock, systemClock } from '../clock'
 import { StateMachine } from '../state-machine'
 import { Acceptor, DEFAULT_ACCEPTOR_LIMITS } from './accept'
@@ -140,7 +140,7 @@ export abstract class DestinationSession {
     if (role === 'bulk') (this.phase === DestPhase.LISTENING ? precopyBulkSocket : postcopyBulkSocket)(ch, this.binding, this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
-    ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+    detectSilence(ch, this.binding.setSocketLiveness, this.linkTimeoutMs)
     ch.stallTimeoutMs = this.linkTimeoutMs
   }
 
@@ -171,7 +171,7 @@ export abstract class DestinationSession {
     this.notes.limits = limits
     this.linkTimeoutMs = limits.linkTimeoutMs
     for (const ch of this.link.channels) {
-      ch.detectSilence(this.binding.setSocketLiveness, this.linkTimeoutMs)
+      detectSilence(ch, this.binding.setSocketLiveness, this.linkTimeoutMs)
       ch.stallTimeoutMs = this.linkTimeoutMs
     }
     this.watchdog.start(limits)

@@ -11,7 +11,7 @@ import type { NativeBinding, NativeBulkWriter } from '../../binding'
 import type { FrameWriter } from '../../protocol/channel'
 import { DemandEv, eachDemandEvent } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import type { SealRelay } from '../seal-relay'
+import type { SealState } from '../../protocol/records'
 
 /** Queued bytes above which senders wait (the kernel's socket buffer holds 4 MiB more before the hand-off). */
 const HIGH_WATER_BYTES = 16 << 20
@@ -47,7 +47,8 @@ export class NativeBulkSend implements FrameWriter {
   private idleWaiters: { seq: number; resolve: () => void }[] = []
   private closed = false
 
-  constructor(binding: NativeBinding, fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], hooks: WriterHooks) {
+  /** seal: the connection's sending direction (an encrypted migration): the thread seals what it writes. */
+  constructor(binding: NativeBinding, fd: number, regionIds: number[], destHas: Uint32Array[], everSent: Uint32Array[], hooks: WriterHooks, seal?: SealState) {
     const onEvents = (ev: Float64Array) => eachDemandEvent(ev, (ev, a, b, c, d) => {
       const kind = ev as number
       if (kind === WriterEv.DONE) {
@@ -60,7 +61,7 @@ export class NativeBulkSend implements FrameWriter {
       else if (kind === (DemandEv.CLOSED as number)) hooks.onClosed(a)
       else if (kind === (DemandEv.CPU as number)) hooks.onCpu(a)
     })
-    this.writer = new binding.BulkWriter!(fd, regionIds, destHas, everSent, onEvents)
+    this.writer = new binding.BulkWriter!(fd, regionIds, destHas, everSent, onEvents, seal && { send: seal })
     this.thread = new NativeThread(this.writer, onEvents)
   }
 
@@ -93,15 +94,7 @@ export class NativeBulkSend implements FrameWriter {
 
   /** CPU time so far while it runs (the thread's own figure arrives through onCpu when it ends). */
   get cpuMs(): number {
-    return this.closed ? 0 : this.writer.cpuMs + (this.relay?.cpuMs ?? 0)
-  }
-
-  /** The seal relay this writer writes into (a sealed connection): it closes with the writer. */
-  private relay: SealRelay | undefined
-
-  through(relay: SealRelay): this {
-    this.relay = relay
-    return this
+    return this.closed ? 0 : this.writer.cpuMs
   }
 
   drained(): Promise<void> {
@@ -115,7 +108,6 @@ export class NativeBulkSend implements FrameWriter {
     if (this.closed) return
     this.finalBytes = this.writer.bytesWritten
     this.thread.close() // events still queued are handled now (counts, CPU)
-    this.relay?.close()
     this.closed = true
     for (const resolve of this.batches.values()) resolve({ data: 0, zero: 0 })
     this.batches.clear()

@@ -12,12 +12,12 @@ import type { Frame } from '../../protocol/frames'
 import { clientHandshake, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, field, Msg } from '../../protocol/messages'
 import { parseAddress } from '../address'
-import { postcopyBulkSocket, precopyBulkSocket } from '../bulk-socket'
+import { detectSilence, paceSocket, postcopyBulkSocket, precopyBulkSocket } from '../socket-settings'
 import { type Bandwidth, perConnection } from './bandwidth'
 import { type Clock, sleep, systemClock } from '../clock'
 import { deadline, realTimers } from '../../deadline'
 import { nativeDemandAvailable } from '../demand-events'
-import { nativeSealAvailable } from '../seal-relay'
+import { nativeSealAvailable } from '../native-seal'
 import { msgName } from '../message-table'
 import { PeerWatch } from './peer-watch'
 
@@ -147,13 +147,13 @@ export class SourceLink {
     precopyBulkSocket(bulk, binding, opts.bulkBufferBytes)
     const shrink = () => postcopyBulkSocket(bulk, binding, opts.bulkBufferBytes, opts.pushUnsentBytes)
     for (const ch of [urgent, bulk, demand]) {
-      ch?.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+      if (ch) detectSilence(ch, binding.setSocketLiveness, opts.linkTimeoutMs)
       if (ch) ch.stallTimeoutMs = opts.linkTimeoutMs
     }
     const dialStream = async () => {
       const ch = await open('stream')
       precopyBulkSocket(ch, binding, opts.bulkBufferBytes)
-      ch.detectSilence(binding.setSocketLiveness, opts.linkTimeoutMs)
+      detectSilence(ch, binding.setSocketLiveness, opts.linkTimeoutMs)
       ch.stallTimeoutMs = opts.linkTimeoutMs
       return ch
     }
@@ -170,7 +170,7 @@ export class SourceLink {
     if (!bytesPerSec && !this.paced) return // never limited: nothing to undo
     this.paced = true
     const bulk = [this.bulk, ...this.streams]
-    for (const ch of bulk) ch.limitRate(this.pacing.setter, perConnection(bytesPerSec, bulk.length))
+    for (const ch of bulk) paceSocket(ch, this.pacing.setter, perConnection(bytesPerSec, bulk.length))
   }
 
   /** Opens `count` extra bulk streams (granted by REGIONS_OK); on a failure the ones opened are closed. */

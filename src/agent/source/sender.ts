@@ -15,7 +15,7 @@ import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, Range
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable, type Taken, takeDuplex, writeThroughSeal } from '../seal-relay'
+import { nativeSealAvailable, type Taken, takeDuplex } from '../native-seal'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
@@ -183,13 +183,13 @@ export class Sender {
   private attachWriter(ch: Channel): NativeBulkSend | undefined {
     if (!nativeWriterAvailable(this.binding) || (ch.sealed && !nativeSealAvailable(this.binding))) return undefined
     const onCpu = (ms: number) => (this.endedCpuMs += ms)
-    const send = (fd: number) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
+    // (sealed: the thread seals what it writes itself, native/records.h)
+    const writer = ch.useWriter((fd, seal) => new NativeBulkSend(this.binding, fd, this.regions.map((r) => r.id), this.destHas.map((m) => m.words), this.everSent.map((m) => m.words), {
       onDone: (data, zero, resent) => void ((this.counts.data += data), (this.counts.zero += zero), (this.counts.resent += resent)),
       onSent: (_region, _first, count) => (this.pagesLeft -= count),
       onClosed: (errno) => ch.fail(nativeLinkError(errno, 0, ch.name)),
       onCpu,
-    })
-    const writer = ch.useWriter((fd, seal) => seal ? writeThroughSeal(this.binding, fd, seal, send, { onClosed: (err) => ch.fail(err), onCpu }, ch.name) : send(fd))
+    }, seal))
     if (!(writer instanceof NativeBulkSend)) return undefined
     if (this.announce) writer.announceBatches()
     return writer

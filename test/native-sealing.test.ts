@@ -1,7 +1,8 @@
-// The demand connection of an encrypted migration, sealed and opened by the two native threads that use it
-// (native/records.h: no relay thread on a fault's round trip): the source's DemandServer answers the destination's
-// DemandClient through a relay on the path (src/testing/relay.ts), which reads every byte and can change one. The
-// keys are handed over mid-stream, as Channel.handOverSealed(true) does after the handshake's sealed frames.
+// Encrypted migrations' connections sealed and opened by the native threads that use them (native/records.h). Here
+// the demand connection: the source's DemandServer answers the destination's DemandClient through a relay on the
+// path (src/testing/relay.ts), which reads every byte and can change one; the keys are handed over mid-stream, as
+// Channel.handOverSealed(true) does after the handshake's sealed frames. The bulk threads' sealing is tested beside
+// their other work, against JS's record layer (test/bulk-writer.test.ts, test/bulk-reader.test.ts).
 import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
@@ -11,6 +12,7 @@ import type { SealState } from '../src/protocol/records'
 import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { Relay } from '../src/testing/relay'
+import { runDoctor } from '../src/doctor'
 import { kernelSkipReason } from './helpers/gate'
 import { missingRegion } from './helpers/uffd-region'
 import { pollUntil } from './helpers/wait'
@@ -80,6 +82,12 @@ async function sealedDemand(relay: Relay) {
 }
 
 describe.skipIf(skip)('the demand connection sealed on its native threads', () => {
+  it("is what the doctor's encryption line reports", () => {
+    const line = runDoctor().features.find((f) => f.name === 'encryption')
+    expect(line?.available).toBe(true)
+    expect(line?.detail).toMatch(/AES-256-GCM over X25519\), native threads moving the pages/)
+  })
+
   it('carries every page asked for intact, and nothing of a page in the clear', async () => {
     const relay = new Relay(Infinity)
     const seen: Buffer[] = []
