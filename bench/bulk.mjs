@@ -16,7 +16,7 @@
 // misses is the layout's cost, not the engine's.
 // Flags: --mib N (1024), --runs N (3), --links loopback,netns, --paths native,js, --rate-mbit N (8000),
 //        --streams 1,2,4 (native path: parallel bulk streams, send --streams; default 1),
-//        --paths sealed: the native path of an encrypted migration (send --encrypt: the seal relays), with --streams too,
+//        --paths sealed: the native path of an encrypted migration (send --encrypt: the bulk threads seal and open), with --streams too,
 //        --layouts sparse,dense (default both), --json FILE
 import { createRequire } from 'node:module'
 import { writeFileSync } from 'node:fs'

@@ -131,6 +131,7 @@ class DemandClientThread : public DemandThread {
   void drop_link() {
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
+    link_ = std::make_unique<records::Link>();  // (a failed sealed link stays "pending": the poll must not spin on it)
   }
 
   void read_faults(std::vector<std::vector<uint32_t>>& ask) {
@@ -331,6 +332,7 @@ class DemandClient : public ThreadWrap<DemandClient> {
         InstanceMethod("ask", &DemandClient::Ask),
         InstanceMethod("close", &DemandClient::Close),
         InstanceAccessor("oldestOpenUs", &DemandClient::OldestOpenUs, nullptr),
+        InstanceAccessor("cpuMs", &DemandClient::CpuMs, nullptr),
     });
   }
   explicit DemandClient(const Napi::CallbackInfo& info) : ThreadWrap<DemandClient>(info) {

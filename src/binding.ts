@@ -110,6 +110,8 @@ export interface NativeDemandClient {
   ask(region: number, pages: Uint32Array): void
   /** How long the oldest open fault has waited (0: none). */
   readonly oldestOpenUs: number
+  /** CPU time of the thread so far, ms. */
+  readonly cpuMs: number
   /** Stops and joins the thread; returns the events not delivered yet (handle them like a batch). */
   close(): Float64Array
 }

@@ -56,7 +56,7 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
     expect(r.destLog).toMatch(/a migration from \S+ began \(migration [0-9a-f]+, encrypted\)/)
   })
 
-  it('hybrid over 3 parallel bulk streams, each sealed by relays of its own: every page verified, nothing readable on the wire', async () => {
+  it('hybrid over 3 parallel bulk streams, each sealed by its own threads: every page verified, nothing readable on the wire', async () => {
     const tap = wiretap()
     relay = tap.relay
     const r = await migrateExample({ sizeMiB: 128, mode: 'hybrid', writesPerSec: 10_000, sendArgs: ['--encrypt', '--streams', '3'], relay: (h, p) => tap.relay.start(h, p), sendTimeoutMs: 45_000 })

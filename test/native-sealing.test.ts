@@ -122,6 +122,11 @@ describe.skipIf(skip)('the demand connection sealed on its native threads', () =
       expect(t.closedHow(t.destEvents)).toBe(3) // LinkEnd.TAG_FAILED
       expect(t.arrived()).toBe(0)
       expect(Array.from(t.received).every((w) => w === 0)).toBe(true)
+      // the thread waits for the next connection without spinning on the failed one (a sealed link that failed
+      // stays readable, "pending", for the thread that held it)
+      const cpu0 = t.client.cpuMs
+      await new Promise((r) => setTimeout(r, 300))
+      expect(t.client.cpuMs - cpu0).toBeLessThan(100)
     } finally {
       t.close()
     }

@@ -50,7 +50,7 @@ export function nativeDemandAvailable(binding: NativeBinding): boolean {
 }
 
 /**
- * The error a native thread's CLOSED event (demand or bulk connection, seal relay) stands for: a broken link
+ * The error a native thread's CLOSED event (demand or bulk connection) stands for: a broken link
  * (recovered in post-copy), a record whose integrity check failed (a broken link as well), or a peer that broke the
  * protocol.
  */

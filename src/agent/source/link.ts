@@ -136,7 +136,7 @@ export class SourceLink {
     let bulk: Channel, demand: Channel | undefined
     try {
       bulk = await open('bulk')
-      // TCP only: the native threads take the connection's descriptor over (a sealed one through seal relays)
+      // TCP only: the native threads take the connection's descriptor over (a sealed one they seal and open themselves)
       if (nativeDemandAvailable(binding) && !opts.dial && (!urgent.sealed || nativeSealAvailable(binding))) demand = await open('demand').catch((err) => (bulk.close(), Promise.reject(err)))
     } catch (err) {
       urgent.close()
