@@ -8,12 +8,14 @@ import { connect, createServer, type Socket } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
 import { loadBinding, type NativeLinkSeal } from '../src/binding'
-import type { SealState } from '../src/protocol/records'
+import { pagesHeader } from '../src/protocol/messages'
+import { Sealer, type SealState } from '../src/protocol/records'
 import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { Relay } from '../src/testing/relay'
 import { runDoctor } from '../src/doctor'
 import { kernelSkipReason } from './helpers/gate'
+import { tcpPair } from './helpers/tcp'
 import { missingRegion } from './helpers/uffd-region'
 import { pollUntil } from './helpers/wait'
 
@@ -131,4 +133,101 @@ describe.skipIf(skip)('the demand connection sealed on its native threads', () =
       t.close()
     }
   })
+})
+
+/** A deterministic generator, so that a failure replays from its seed. */
+function lcg(seed: number): () => number {
+  let x = seed >>> 0
+  return () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32)
+}
+
+// What someone on the path can do to a sealed stream once the handshake is over (a man in the middle without the
+// token, a faulty middlebox): change any byte, lie in a record's length, cut it short, replay, drop or reorder
+// records. The destination's bulk reader (the largest reader of sealed bytes) must place every page of the records
+// before the first one touched, nothing of it or after it, and end the connection with the reason; never place a
+// wrong byte, never crash (this file runs under ASan too: npm run test:asan).
+describe.skipIf(skip)('hostile bytes in a sealed stream', () => {
+  const MUTATIONS = ['flip', 'length', 'truncate', 'replay', 'drop', 'swap'] as const
+  const FRAMES = 16
+
+  for (let seed = 1; seed <= 36; seed++) {
+    const kind = MUTATIONS[seed % MUTATIONS.length]
+    it(`${kind} (seed ${seed})`, async () => {
+      const rand = lcg(seed * 7919)
+      const b = loadBinding()
+      const ps = b.pageSize
+      // frames of 1-4 pages over [0, 64): each its own record; record k holds frame k
+      const frames: { first: number; count: number; fill: number }[] = []
+      for (let p = 0, k = 0; k < FRAMES; k++) {
+        const count = 1 + Math.floor(rand() * 4)
+        frames.push({ first: p, count, fill: 1 + ((seed * 31 + k) % 250) })
+        p += count
+      }
+      const pages = frames.at(-1)!.first + frames.at(-1)!.count
+      const key = { key: randomBytes(32), iv: randomBytes(12) }, REKEY = 16 << 10 // keys rotate inside the stream
+      const sealer = new Sealer(key, REKEY)
+      const records = frames.map((f) => Buffer.concat(sealer.seal([Buffer.concat([pagesHeader(0, f.first, f.count, ps), Buffer.alloc(f.count * ps, f.fill)])])))
+      // the first record the mutation touches: the pages of every record before it arrive, none of it or after it
+      const k = 1 + Math.floor(rand() * (FRAMES - 2))
+      let wire: Buffer
+      let end = false // the sender closes after the bytes (truncate)
+      let intact = k // records placed
+      if (kind === 'flip') {
+        const r = Buffer.from(records[k])
+        r[Math.floor(rand() * r.length)] ^= 1 << Math.floor(rand() * 8)
+        wire = Buffer.concat([...records.slice(0, k), r, ...records.slice(k + 1)])
+      } else if (kind === 'length') {
+        const r = Buffer.from(records[k])
+        const lies = [0, 1, 16, r.readUInt32BE(0) - 1, r.readUInt32BE(0) + 1, (256 << 10) + 17 + 1, 0xffffffff]
+        r.writeUInt32BE(lies[Math.floor(rand() * lies.length)], 0)
+        wire = Buffer.concat([...records.slice(0, k), r, ...records.slice(k + 1)])
+      } else if (kind === 'truncate') {
+        wire = Buffer.concat([...records.slice(0, k), records[k].subarray(0, Math.floor(rand() * records[k].length))])
+        end = true
+      } else if (kind === 'replay') {
+        wire = Buffer.concat([...records.slice(0, k + 1), records[k], ...records.slice(k + 1)])
+        intact = k + 1
+      } else if (kind === 'drop') {
+        wire = Buffer.concat([...records.slice(0, k), ...records.slice(k + 1)])
+      } else {
+        wire = Buffer.concat([...records.slice(0, k), records[k + 1], records[k], ...records.slice(k + 2)])
+      }
+
+      const { region, uffd } = missingRegion(b, pages)
+      const received = new Uint32Array(Math.ceil(pages / 32)), zero = new Uint32Array(received.length), freed = new Uint32Array(received.length)
+      const { client, server, close } = await tcpPair()
+      const closed: number[][] = []
+      const onEvents = (ev: Float64Array) => {
+        for (let i = 0; i + 5 <= ev.length; i += 5) if (ev[i] === CLOSED) closed.push([ev[i + 1], ev[i + 2]])
+      }
+      const t = takeSocket(server)!
+      const reader = new b.BulkReader!(uffd.fd, [region.id], [received], [zero], [freed], t.fd, t.head, onEvents, false,
+        { recv: { ...key, seq: 0, bytesUnderKey: 0, rekeyBytes: REKEY }, cipherHead: new Uint8Array(0) })
+      try {
+        // in pieces of random size, so that every mutation lands anywhere in a read
+        for (let off = 0; off < wire.length;) {
+          const n = Math.min(wire.length - off, 1 + Math.floor(rand() * 20_000))
+          client.write(wire.subarray(off, off + n))
+          off += n
+        }
+        if (end) client.end()
+        await pollUntil(() => closed.length > 0, 5000)
+        // how it ended: the stream's end for a cut (errno 0), else a record that failed or bytes that are not one
+        const [errno, how] = closed[0]
+        if (kind === 'truncate') expect([errno, how]).toEqual([0, 0])
+        else expect([errno, [2, 3].includes(how)]).toEqual([74, true]) // EBADMSG, LinkEnd NOT_A_RECORD or TAG_FAILED
+        const has = (p: number) => (received[p >> 5] & (1 << (p & 31))) !== 0
+        const want = frames.slice(0, intact).reduce((n, f) => n + f.count, 0)
+        expect([...Array(pages).keys()].filter(has)).toEqual([...Array(want).keys()])
+        const mem = Buffer.from(region.buffer)
+        const wrong = frames.slice(0, intact).filter((f) => !mem.subarray(f.first * ps, (f.first + f.count) * ps).equals(Buffer.alloc(f.count * ps, f.fill)))
+        expect(wrong).toEqual([])
+      } finally {
+        reader.close()
+        close()
+        uffd.close()
+        region.release()
+      }
+    })
+  }
 })
