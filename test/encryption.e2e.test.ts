@@ -49,7 +49,7 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
     const rep = r.report!
     expect(rep.encrypted).toBe(true)
     expect(rep.bulkReceive).toBe(path)
-    // native: the demand connection is sealed by relays too; js: page requests go on urgent, through the agents' loops
+    // native: the demand threads seal the demand connection too; js: page requests go on urgent, through the agents' loops
     expect(rep.postcopy.demandPath).toBe(path)
     expect(tap.seen.bytes).toBeGreaterThan(56 * MiB)
     expect(tap.seen.longestZeroRun).toBeLessThan(64)

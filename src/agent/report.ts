@@ -64,7 +64,7 @@ export interface MigrationReport {
   tracker?: { kind: 'wp-async' | 'sync-wp'; reason: string; faults?: number; starved?: number }
   /** Bulk connections the pre-copy rounds used (1: bulk alone; more when asked with `streams` and granted). */
   streams?: number
-  /** Every connection was sealed (AES-256-GCM; either side asked): the pages went through the agents' loops. */
+  /** Every connection was sealed (AES-256-GCM; either side asked). */
   encrypted: boolean
   /** The operator's bandwidth limits as the migration ended (bytes a second, 0: none); absent when none was ever set. */
   bandwidthLimits?: { precopyBytesPerSec: number; postcopyBytesPerSec: number }

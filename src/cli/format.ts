@@ -40,7 +40,7 @@ export function formatPreflight(r: PreflightReport): string {
       (d.headroomBytes !== undefined ? `${bytes(d.headroomBytes)} can be allocated there (limited by ${d.limitedBy})` : 'the destination does not check (UFFD_MIGRATE_MEMORY_CHECK=0)'),
     `  tracker            ${r.tracker.kind}: ${r.tracker.reason}`,
     `  streams            ${d.streams} bulk connection(s) granted`,
-    `  encryption         ${r.encrypted ? 'on: every connection sealed (AES-256-GCM); pages go through the agents\' loops' : 'off (the link is authenticated, not encrypted: --encrypt)'}`,
+    `  encryption         ${r.encrypted ? 'on: every connection sealed (AES-256-GCM over X25519)' : 'off (the link is authenticated, not encrypted: --encrypt)'}`,
     `  migration id       ${r.migration} (the destination logged its preflight line with it)`,
   ].join('\n')
 }

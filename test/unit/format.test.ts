@@ -1,6 +1,7 @@
 /** The CLI's progress line and report lines (src/cli/format.ts). */
 import { describe, expect, it } from 'vitest'
-import { formatReport, movedLines, movedSummary, progressLine } from '../../src/cli/format'
+import { formatPreflight, formatReport, movedLines, movedSummary, progressLine } from '../../src/cli/format'
+import type { PreflightReport } from '../../src/agent/source/preflight'
 import type { MigrationReport } from '../../src/agent/report'
 import { SourcePhase } from '../../src/agent/source/machine'
 
@@ -65,5 +66,20 @@ describe('a guest that moved away (status and list)', () => {
     expect(movedLines({ to: 'b:7070' })).toEqual(['moved to b:7070: the service runs there now', "this process runs on: the service keeps it (a 'moved' listener, or exitOnMoved false)"])
     expect(movedSummary({ to: 'b:7070', forwarding, exitsAfterIdleMs: 2000 })).toBe('to b:7070, forwarding 3 connection(s)')
     expect(movedSummary({ to: 'b:7070' })).toBe('to b:7070')
+  })
+})
+
+describe('send --dry-run', () => {
+  const dry: PreflightReport = {
+    to: '10.0.0.2:7070', migration: 'a1b2c3', mode: 'hybrid', connectMs: 1.25, totalMs: 3.5, regions: [{ name: 'heap', sizeBytes: 64 * 2 ** 20 }],
+    residentBytes: 2 ** 20, tracker: { kind: 'wp-async', reason: 'WP_ASYNC and PAGEMAP_SCAN' }, encrypted: false,
+    destination: { headroomBytes: 2 ** 30, limitedBy: 'MemAvailable', streams: 1 },
+  }
+  const line = (r: PreflightReport, name: string) => formatPreflight(r).split('\n').find((l) => l.startsWith(`  ${name} `))
+
+  it('says whether the connections would be sealed, and how to ask', () => {
+    expect(line(dry, 'encryption')).toBe('  encryption         off (the link is authenticated, not encrypted: --encrypt)')
+    expect(line({ ...dry, encrypted: true }, 'encryption')).toBe('  encryption         on: every connection sealed (AES-256-GCM over X25519)')
+    expect(line(dry, 'migration id')).toMatch(/a1b2c3 \(the destination logged its preflight line with it\)/)
   })
 })

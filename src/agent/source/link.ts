@@ -195,7 +195,7 @@ export class SourceLink {
     }
   }
 
-  /** The connections are sealed (either side asked): the session's pages go through the agents' loops, no native thread. */
+  /** The connections are sealed (either side asked): each native thread seals and opens its own (native/records.h). */
   get encrypted(): boolean {
     return this.urgent.sealed
   }
