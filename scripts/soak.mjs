@@ -10,8 +10,9 @@
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
 //                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--streams N]
 //                         [--encrypt] [--json FILE]
-// --encrypt: every send seals its connections (send --encrypt). Link faults cued on a frame (KIND@FRAME) cannot see
-// frames inside sealed records and never fire: use uncued ones (a random byte of the hop).
+// --encrypt: every send seals its connections (send --encrypt). With link faults cued on a frame (KIND@FRAME) the
+// hosts write their keys to a key log ($UFFD_MIGRATE_KEYLOG, in a temporary directory) for the relay, which then finds
+// the frame inside the sealed records and breaks the link at a record's edge.
 // --streams N: every send asks for N bulk connections (pre-copy pages over parallel streams; the faults above then
 // also break the extra streams, and a cancel closes them).
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
@@ -140,6 +141,11 @@ const start = (host, args, env = {}) => {
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
 const linkFaults = (a['link-faults'] ?? 'none').split(',').map(linkFault)
+if (a.encrypt && linkFaults.some((f) => f.frame) && !process.env.UFFD_MIGRATE_KEYLOG) {
+  // before the hosts start: they inherit it, and so does every relay (src/testing/relay.ts)
+  process.env.UFFD_MIGRATE_KEYLOG = join(mkdtempSync(join(tmpdir(), 'soak-keys-')), 'keylog')
+  for (const h of hosts) h.env.UFFD_MIGRATE_KEYLOG = process.env.UFFD_MIGRATE_KEYLOG
+}
 const stops = (a.stop ?? 'none').split(',').map(stopEntry)
 const chaos = injections.some((x) => x !== 'none') || linkFaults.some((f) => f.kind !== 'none') || downMs > 0 || stops.some((x) => x.who)
 /** One --stop entry: whose process stops, for how long. */

@@ -8,13 +8,14 @@
 import { afterAll, afterEach, describe, expect, it } from 'vitest'
 import { migrateExample } from '../src/cli/demo'
 import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
-import { frameCueSkipReason, kernelSkipReason } from './helpers/gate'
+import { kernelSkipReason, seeInsideSealedLinks } from './helpers/gate'
 import { freePort } from '../src/cli/proc'
 import { killAll, page, sendFailure, serviceThreads, twoHosts } from './helpers/hosts'
 import { pollUntil } from './helpers/wait'
 import { Relay } from '../src/testing/relay'
 
 const skip = kernelSkipReason()
+seeInsideSealedLinks() // (UFFD_MIGRATE_ENCRYPT=1: the relays' frame cues see inside sealed records)
 const MiB = 1 << 20
 
 describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
@@ -60,7 +61,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(result).toMatchObject({ touched: 16384, bad: 0 })
   }, 60_000)
 
-  it.skipIf(frameCueSkipReason())('learns the report when the link breaks just as the destination settles (SETTLED lost)', async () => {
+  it('learns the report when the link breaks just as the destination settles (SETTLED lost)', async () => {
     relay = new Relay(Infinity, false, 34 /* SETTLED */)
     const r = await migrateExample({
       example: 'scan-service', sizeMiB: 64, mode: 'postcopy',
@@ -90,7 +91,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     expect(r.report!.postcopy.recoveries).toBe(1)
   }, 60_000)
 
-  it.skipIf(frameCueSkipReason())('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
+  it('HANDOFF lost as a reset reached the source only: it dials in again, the destination ends the pre-copy session, the service resumes at the source and moves on the next send', async () => {
     // the destination still trusts its pre-copy connections when the source's new ones come: it refused them as BUSY
     // (the source exited 4, its service on neither host) until it ended the old ones for the source that came back
     const r = Object.assign(new Relay(Infinity), { oneSided: true, onFrame: { type: 24 /* HANDOFF */, toDestination: true, lose: true } })
@@ -119,7 +120,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     killAll()
   }, 90_000)
 
-  it.skipIf(frameCueSkipReason())('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
+  it('the link breaks as SERVICE leaves, after SETTLED: the source dials in again for the ports, its forwarder relays, no migration thread lingers', async () => {
     // before: the source waited out forwardWaitMs (10 s) and then had nowhere to relay the clients it held (they got
     // errors), and the destination's bulk reader lived on after a reset in SETTLED
     const r = Object.assign(new Relay(Infinity), { onFrame: { type: 38 /* SERVICE */, toDestination: false, lose: true } })
@@ -137,7 +138,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     killAll()
   }, 90_000)
 
-  it.skipIf(frameCueSkipReason())('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
+  it('the link resets just after SETTLED arrived: the source reports, the destination ends its migration threads', async () => {
     // before: a reset (rather than the source's clean close) in SETTLED left the destination's bulk reader running
     // (resetDelayMs 0: the destination's side resets before the source, which has the report, hangs up)
     const r = Object.assign(new Relay(Infinity), { onFrame: { type: 34 /* SETTLED */, toDestination: false, lose: false }, resetDelayMs: 0 })

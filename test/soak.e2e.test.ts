@@ -14,9 +14,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { LineProc } from '../src/cli/proc'
-import { frameCueSkipReason, kernelSkipReason } from './helpers/gate'
+import { kernelSkipReason, seeInsideSealedLinks } from './helpers/gate'
 
 const skip = kernelSkipReason()
+seeInsideSealedLinks() // (UFFD_MIGRATE_ENCRYPT=1: the relays' frame cues see inside sealed records)
 const soak = join(__dirname, '..', 'scripts', 'soak.mjs')
 let proc: LineProc | undefined
 afterEach(() => proc?.kill())
@@ -51,7 +52,7 @@ describe.skipIf(skip)('the soak script', () => {
     expect(proc.lines.join('\n')).toContain(`6 of 6 hops moved and verified; client: ${out.client.requests} requests, ${out.client.ok} checked good, 0 wrong, 0 refused or reset`)
   }, 180_000)
 
-  it.skipIf(frameCueSkipReason())('four hops, each link broken once at a named frame: the service always ends on one host, every page verified, every answer right, none refused', async () => {
+  it('four hops, each link broken once at a named frame: the service always ends on one host, every page verified, every answer right, none refused', async () => {
     const json = join(mkdtempSync(join(tmpdir(), 'soak-')), 'soak.json')
     const faults = 'reset@HANDOFF-lost,silent:4000@SETTLED-lost,one-sided@SETTLED,silent:4000@CLOCK'
     proc = new LineProc(process.execPath, [soak, '--hops', '4', '--mib', '64', '--writes', '2000', '--back-at-once', '--link-faults', faults, '--json', json])

@@ -16,6 +16,7 @@ import { ErrorCode, migrationError, UffdMigrateError } from '../errors'
 import type { Channel } from './channel'
 import { decodeControl, encodeControl, field, Msg, PROTOCOL_NAME, PROTOCOL_VERSION } from './messages'
 import type { DirectionKey } from './records'
+import { logKeys } from './keylog'
 
 /**
  * urgent and bulk always; demand when the source's native demand path answers
@@ -138,6 +139,7 @@ export async function clientHandshake(ch: Channel, token: Buffer, info: HelloInf
   }
   const encrypted = kx.clientEncrypt || kx.serverEncrypt
   const keys = encrypted ? connectionKeys(token, own.privateKey, kx.serverKey, info, nonce, peerNonce) : undefined
+  if (keys) logKeys(nonce, keys) // (before AUTH: the first sealed bytes follow it)
   ch.send(encodeControl(Msg.AUTH, { proof: handshakeProof(token, 'client', info, peerNonce, nonce, kx) }))
   // the destination answers AUTH sealed: READY, or its refusal (busy)
   if (keys) ch.secure({ send: keys.toServer, receive: keys.toClient })
@@ -189,6 +191,7 @@ export async function serverHandshake(ch: Channel, token: Buffer, admit: (info: 
     const encrypted = kx.clientEncrypt || kx.serverEncrypt
     if (encrypted) {
       const keys = connectionKeys(token, own.privateKey, kx.clientKey, info, peerNonce, nonce)
+      logKeys(peerNonce, keys)
       ch.secure({ send: keys.toClient, receive: keys.toServer }, info.role)
     }
     admit(info)

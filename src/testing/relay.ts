@@ -6,9 +6,14 @@
  * - a silence (`silentMs`): nothing forwarded either way and no new connection through for that long, then the link
  *   is back as it was (a partition that heals; whatever timed out meanwhile dials again).
  * The cue: so many bytes towards the destination, or a frame of a given type (`u32 length | u8 type | payload`
- * from each connection's first byte) going either way, lost with the link or delivered just before it breaks.
+ * from each connection's first byte) going either way, lost with the link or delivered just before it breaks; in an
+ * encrypted migration, with the hosts' key log ($UFFD_MIGRATE_KEYLOG), the frames inside the sealed records.
  */
+import { readFileSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
+import { findKeys } from '../protocol/keylog'
+import { decodeControl, Msg } from '../protocol/messages'
+import { Opener, SEALED } from '../protocol/records'
 
 /** Break the link when a frame of this type passes: `toDestination` or back (undefined: either way); `lose`: before it (it never arrives). */
 export interface FrameCue {
@@ -53,6 +58,12 @@ export class Relay {
   /** Towards the destination at most this many bytes per second (0: as fast as it goes). */
   rateBytesPerSec = 0
 
+  /**
+   * The hosts' $UFFD_MIGRATE_KEYLOG (src/protocol/keylog.ts): with it a frame cue finds its frame inside an encrypted
+   * migration's sealed records too (the break then comes at a record's edge).
+   */
+  keylog: string | undefined = process.env.UFFD_MIGRATE_KEYLOG
+
   /** Sees every chunk it forwards, as it goes (a wiretap: what someone on the path reads). */
   tap: ((chunk: Buffer, toDestination: boolean) => void) | undefined
 
@@ -92,7 +103,8 @@ export class Relay {
     this.open.add(upstream)
     upstream.on('close', () => this.open.delete(upstream))
     upstream.on('error', () => {})
-    const toDest = new FrameWatch(), back = new FrameWatch()
+    const ctx: WatchContext = { keylog: this.keylog }
+    const toDest = new FrameWatch(ctx, true), back = new FrameWatch(ctx, false)
     client.on('data', (chunk: Buffer) => {
       const at = this.cueIn(toDest, chunk, true)
       if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
@@ -121,7 +133,8 @@ export class Relay {
   /** Where in this chunk the link breaks for the frame cue (the bytes before it pass), or undefined. */
   private cueIn(watch: FrameWatch, chunk: Buffer, toDestination: boolean): number | undefined {
     const cue = this.onFrame
-    if (!cue || this.cuts > 0 || (cue.toDestination !== undefined && cue.toDestination !== toDestination)) return undefined
+    if (!cue || this.cuts > 0) return undefined
+    if (cue.toDestination !== undefined && cue.toDestination !== toDestination) return void watch.notice(chunk)
     return watch.find(chunk, cue.type, cue.lose)
   }
 
@@ -181,12 +194,38 @@ export class Relay {
   }
 }
 
-/** Follows one direction's frames across chunks: `u32 length (type + payload) | u8 type | payload`. */
+/** What the two directions of one relayed connection share: the source's HELLO nonce (it names the connection in a key log). */
+interface WatchContext {
+  nonce?: Uint8Array
+  /** $UFFD_MIGRATE_KEYLOG of the hosts (keylog.ts), to see the frames inside a sealed stream. */
+  keylog?: string
+}
+
+/**
+ * Follows one direction's frames across chunks: `u32 length (type + payload) | u8 type | payload`. In a sealed stream
+ * (an encrypted migration) with the hosts' key log, it opens each record and follows the frames inside: the break then
+ * goes at a record's edge, before the record where the cued frame begins (lost: nothing of a record is used unless it
+ * all arrives) or after the one where it ends.
+ */
 class FrameWatch {
   private skip = 0 // bytes of the current frame still to pass
   private head = Buffer.alloc(0) // a frame's first bytes, split across chunks
   private headAt = 0 // where in the chunk that split header began (negative: in an earlier chunk)
   private pendingEnd = -1 // a cued frame delivered whole: bytes of it still to pass before the break
+  private kept: Buffer[] | undefined // the current frame's bytes, kept (HELLO for its nonce, a sealed record to open)
+  private keptType = 0
+  private keptAt = 0 // where in the chunk the kept frame began (negative: in an earlier chunk)
+  private opener: Opener | undefined
+  private opened: Buffer[] = []
+  private inner: FrameWatch | undefined // the frames inside the records
+  private noKeys = false
+
+  constructor(private readonly ctx: WatchContext = {}, private readonly toDestination = false) {}
+
+  /** A chunk of the direction not cued: only the source's HELLO matters there (its nonce names the keys). */
+  notice(chunk: Buffer): void {
+    if (this.toDestination && !this.ctx.nonce && this.ctx.keylog) this.find(chunk, -1, false)
+  }
 
   /** Offset in chunk where the break goes: before a frame of `type` (lose) or just after it, or undefined. */
   find(chunk: Buffer, type: number, lose: boolean): number | undefined {
@@ -199,8 +238,13 @@ class FrameWatch {
     while (i < chunk.length) {
       if (this.skip > 0) {
         const k = Math.min(this.skip, chunk.length - i)
+        this.kept?.push(chunk.subarray(i, i + k))
         this.skip -= k
         i += k
+        if (this.skip === 0 && this.kept) {
+          const at = this.whole(type, lose, i)
+          if (at !== undefined) return at
+        }
         continue
       }
       if (this.head.length === 0) this.headAt = i
@@ -208,9 +252,14 @@ class FrameWatch {
       this.head = Buffer.concat([this.head, chunk.subarray(i, i + need)])
       i += Math.min(need, chunk.length - i)
       if (this.head.length < 5) break
-      const len = this.head.readUInt32BE(0), frameType = this.head[4]
+      const header = this.head
+      const len = header.readUInt32BE(0), frameType = header[4]
       this.head = Buffer.alloc(0)
-      if (frameType === type) {
+      if (frameType === SEALED && this.canOpen()) {
+        this.keep(header, frameType)
+      } else if (frameType === Msg.HELLO && this.toDestination && !this.ctx.nonce) {
+        this.keep(header, frameType)
+      } else if (frameType === type) {
         if (lose) return Math.max(0, this.headAt)
         const end = i + len - 1
         if (end <= chunk.length) return end
@@ -220,7 +269,52 @@ class FrameWatch {
       this.skip = len - 1
     }
     this.headAt -= chunk.length
+    this.keptAt -= chunk.length
     return undefined
+  }
+
+  private keep(header: Buffer, frameType: number): void {
+    this.kept = [header]
+    this.keptType = frameType
+    this.keptAt = this.headAt
+  }
+
+  /** The kept frame is whole, ending at `end` in the chunk: a HELLO gives the nonce, a record its frames. */
+  private whole(type: number, lose: boolean, end: number): number | undefined {
+    const frame = Buffer.concat(this.kept!)
+    this.kept = undefined
+    if (this.keptType === Msg.HELLO) {
+      const nonce = decodeControl(Msg.HELLO, frame.subarray(5)).nonce
+      if (nonce instanceof Uint8Array) this.ctx.nonce = nonce
+      return undefined
+    }
+    this.opened = []
+    try {
+      this.opener!.feed(frame)
+    } catch {
+      this.noKeys = true // (a record changed on the way, or keys of another run: the frames inside are not seen)
+      return undefined
+    }
+    const plain = Buffer.concat(this.opened)
+    if (this.inner!.find(plain, type, lose) === undefined) return undefined
+    return lose ? Math.max(0, this.keptAt) : end
+  }
+
+  /** The keys of this connection are in the key log (read when its first record comes). */
+  private canOpen(): boolean {
+    if (this.opener) return true
+    if (this.noKeys || !this.ctx.keylog || !this.ctx.nonce) return false
+    let log = ''
+    try {
+      log = readFileSync(this.ctx.keylog, 'utf8')
+    } catch {
+      // not written yet
+    }
+    const keys = findKeys(log, this.ctx.nonce)
+    if (!keys) return (this.noKeys = true), false
+    this.opener = new Opener(this.toDestination ? keys.toServer : keys.toClient, (p) => this.opened.push(p), 'relay')
+    this.inner = new FrameWatch()
+    return true
   }
 }
 
