@@ -8,7 +8,7 @@ import { connect, createServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
-import { describe, expect, it } from 'vitest'
+import { describe, expect, it, vi } from 'vitest'
 import { findKeys, logKeys } from '../src/protocol/keylog'
 import { FrameDecoder } from '../src/protocol/frames'
 import { encodeControl, Msg } from '../src/protocol/messages'
@@ -121,6 +121,18 @@ describe('the test relay inside sealed records (a key log)', () => {
     expect(got).toEqual([Msg.ROUND_END])
     relay.close()
     listener.close()
+  })
+
+  it('a key log that cannot be written fails no migration: the handshake goes on', () => {
+    const keys = { toServer: { key: randomBytes(32), iv: randomBytes(12) }, toClient: { key: randomBytes(32), iv: randomBytes(12) } }
+    const said: string[] = []
+    const spy = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => (said.push(String(chunk)), true))
+    try {
+      logKeys(randomBytes(32), keys, { UFFD_MIGRATE_KEYLOG: join(tmpdir(), 'no-such-dir-uffdm', 'keylog') })
+    } finally {
+      spy.mockRestore()
+    }
+    expect(said.join('')).toMatch(/cannot write the key log \S+no-such-dir-uffdm\/keylog: ENOENT.*; migrations go on without it/)
   })
 
   it('the key log: one owner-only line per connection, found by the source HELLO nonce', async () => {

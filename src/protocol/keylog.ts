@@ -23,8 +23,16 @@ export function logKeys(clientNonce: Uint8Array, keys: { toServer: DirectionKey;
     process.stderr.write(`uffd-migrate: writing encryption keys to ${file} ($UFFD_MIGRATE_KEYLOG): whoever reads it can read these migrations\n`)
   }
   const hex = (b: Uint8Array) => Buffer.from(b).toString('hex')
-  appendFileSync(file, `UFFDM_KEYS ${hex(clientNonce)} ${hex(keys.toServer.key)} ${hex(keys.toServer.iv)} ${hex(keys.toClient.key)} ${hex(keys.toClient.iv)}\n`, { mode: 0o600 })
+  try {
+    appendFileSync(file, `UFFDM_KEYS ${hex(clientNonce)} ${hex(keys.toServer.key)} ${hex(keys.toServer.iv)} ${hex(keys.toClient.key)} ${hex(keys.toClient.iv)}\n`, { mode: 0o600 })
+  } catch (err) {
+    // a debugging aid: a path that cannot be written says so (once) and fails no migration
+    if (!unwritable) process.stderr.write(`uffd-migrate: cannot write the key log ${file}: ${(err as Error).message}; migrations go on without it\n`)
+    unwritable = true
+  }
 }
+
+let unwritable = false
 
 /** The keys a key log holds for the connection whose source HELLO carried this nonce (undefined: none yet). */
 export function findKeys(log: string, clientNonce: Uint8Array): { toServer: DirectionKey; toClient: DirectionKey } | undefined {
