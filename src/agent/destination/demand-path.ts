@@ -51,7 +51,6 @@ export class DemandPath {
   /** A demand connection passed the handshake (first, or back after a break). */
   adopt(ch: Channel): void {
     // the source sends nothing on it before this side asks: bytes already here are a protocol error
-    const gen = this.generation + 1
     const taken = this.binding.DemandClient ? takeDuplex(ch) : undefined
     const fd = taken && taken.head.length === 0 ? taken.fd : undefined
     if (fd === undefined) {
@@ -59,7 +58,7 @@ export class DemandPath {
       ch.sendError(err)
       return ch.fail(err)
     }
-    this.generation = gen
+    this.generation++
     if (this.client) this.client.thread.attach(fd, taken!.seal)
     else this.fd = fd, this.seal = taken!.seal
   }
