@@ -124,7 +124,10 @@ bool Link::write_all(int fd, int stop_fd, iovec* iov, int iovcnt, int* err) {
     }
   }
   iovec out{rec_.data(), at};
-  return uffdm::write_all(fd, stop_fd, &out, 1, err);
+  bool ok = uffdm::write_all(fd, stop_fd, &out, 1, err);
+  // a write larger than the writer's gathers (a HANDOFF with its discard lists: megabytes) does not keep its buffer
+  if (rec_.capacity() > (4u << 20)) std::vector<uint8_t>().swap(rec_);
+  return ok;
 }
 
 int Link::fill(int fd, uint8_t* direct, size_t room, size_t* opened_direct) {
