@@ -217,7 +217,7 @@ class BulkReaderThread : public DemandThread {
         const ReadPart parts[2] = {{hdr_, &hdr_have_, hdr_need_}, {dst, &body_have_, body_need_}};
         buf_pos_ = buf_len_ = 0;
         int r = link_->read_parts(fd_, parts, 2, buf_.data(), &buf_len_, 5, &bytes_read_);
-        if (r < 0) return link_broke(r == -EPIPE ? 0 : -r, r == -EBADMSG ? link_->end() : records::kEnded);
+        if (r < 0) return link_broke(r == -EPIPE ? 0 : -r, link_->how(r));
         if (r == 0) return;
         direct_ = false;
         last_large_ = true;
@@ -267,7 +267,7 @@ class BulkReaderThread : public DemandThread {
       if (n == 0) return link_broke(0, records::kEnded);
       if (n < 0) {
         if (errno == EINTR) continue;
-        if (errno != EAGAIN) link_broke(errno, errno == EBADMSG ? link_->end() : records::kEnded);
+        if (errno != EAGAIN) link_broke(errno, link_->how(errno));
         return;
       }
       bytes_read_ += (uint64_t)n;
@@ -556,7 +556,7 @@ class BulkReader : public ThreadWrap<BulkReader> {
     auto freed = bitmap_words(info, 4, views, &keep_);
     auto head = bytes_arg(info, 6);
     bool lazy_zero = arg_bool(info, 8, "lazyZero", false);
-    auto link = records::link_arg(env, info.Length() > 9 ? info[9] : env.Undefined());
+    auto link = records::link_arg(info, 9);
     int fd = dup_socket(env, info[5]);
     thread_ = std::make_unique<BulkReaderThread>(env, info[7].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
                                                  std::move(views), std::move(zero), std::move(freed), fd, std::move(head),
@@ -574,7 +574,7 @@ class BulkReader : public ThreadWrap<BulkReader> {
     auto env = info.Env();
     if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this bulk reader is closed");
     int fd = -1;
-    auto link = records::link_arg(env, info.Length() > 2 ? info[2] : env.Undefined());
+    auto link = records::link_arg(info, 2);
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
     reader()->attach(fd, bytes_arg(info, 1), std::move(link));
     return env.Undefined();

@@ -286,7 +286,7 @@ class BulkWriterThread : public DemandThread {
 
 // new BulkWriter(socketFd, regionIds, destHas, everSent, onEvents(events), seal?);
 //   seal: { send: SealState } (an encrypted migration): the thread seals what it writes itself, from
-//   region memory into records (native/records.h), one copy less than through a seal relay.
+//   region memory into records (native/records.h): the pages' one copy is the encryption's output.
 // frame(bytes) -> seq; pages(region, runs: Uint32Array, framePages, takePending) -> seq; setPending(bitmaps);
 // bytesWritten, queuedBytes, submitted; close() -> events left.
 class BulkWriter : public ThreadWrap<BulkWriter> {
@@ -311,7 +311,7 @@ class BulkWriter : public ThreadWrap<BulkWriter> {
     auto ever = bitmap_words(info, 3, views, &keep_);
     pages_.reserve(views.size());
     for (auto& v : views) pages_.push_back(v.pages);
-    auto link = records::link_arg(env, info.Length() > 5 ? info[5] : env.Undefined());
+    auto link = records::link_arg(info, 5);
     int fd = dup_socket(env, info[0]);
     thread_ = std::make_unique<BulkWriterThread>(env, info[4].As<Napi::Function>(), fd, std::move(views), std::move(ever), std::move(link));
   }

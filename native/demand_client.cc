@@ -206,7 +206,7 @@ class DemandClientThread : public DemandThread {
     auto fill = [&](std::initializer_list<ReadPart> parts, bool with_next) {
       if (std::all_of(parts.begin(), parts.end(), [](const ReadPart& p) { return *p.have >= p.need; })) return true;
       int r = link_->read_parts(fd_, parts.begin(), (int)parts.size(), with_next ? fr.next : nullptr, &fr.next_have, 5);
-      if (r < 0) link_broke(r == -EPIPE ? 0 : -r, r == -EBADMSG ? link_->end() : records::kEnded);
+      if (r < 0) link_broke(r == -EPIPE ? 0 : -r, link_->how(r));
       drained = r == 2;
       return r > 0;
     };
@@ -349,7 +349,7 @@ class DemandClient : public ThreadWrap<DemandClient> {
     auto env = info.Env();
     if (!thread_) throw lib_error(env, "ERR_UFFD_CLOSED", "this demand path is closed");
     int fd = -1;
-    auto link = records::link_arg(env, info.Length() > 1 ? info[1] : env.Undefined());
+    auto link = records::link_arg(info, 1);
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
     client()->attach(fd, std::move(link));
     return env.Undefined();

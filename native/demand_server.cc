@@ -49,7 +49,7 @@ class DemandServerThread : public DemandThread {
             flush();  // the poll's timeout: a deferred batch is due
             continue;
           }
-          return closed(errno, errno == EBADMSG ? link_->end() : records::kEnded);
+          return closed(errno, link_->how(errno));
         }
         have += (size_t)n;
       }
@@ -127,7 +127,7 @@ class DemandServer : public ThreadWrap<DemandServer> {
     if (info.Length() < 4 || !info[3].IsFunction()) throw Napi::TypeError::New(env, "expected (fd, regionIds, pending, onEvents)");
     auto views = region_views(info, 1, &keep_);
     std::vector<uint8_t> head = bytes_arg(info, 4);
-    auto link = records::link_arg(env, info.Length() > 5 ? info[5] : env.Undefined());
+    auto link = records::link_arg(info, 5);
     int fd = dup_socket(env, info[0]);
     thread_ = std::make_unique<DemandServerThread>(env, info[3].As<Napi::Function>(), fd, std::move(views), std::move(head), std::move(link));
   }

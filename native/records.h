@@ -10,6 +10,7 @@
 // relay thread per direction (through a socketpair) cost a copy and two wake-ups a record, and a fault's round
 // trip crossed four more threads (measured in README's "Encrypted migrations").
 #pragma once
+#include <errno.h>
 #include <openssl/evp.h>
 #include <sys/uio.h>
 
@@ -88,6 +89,8 @@ class Link {
   size_t socket_bytes_for(size_t plain) const;
   // After a failed read: kNotARecord or kTagFailed (kEnded for a socket's error or end).
   int end() const { return end_; }
+  // How the connection ended after a read failed with err (errno, or -errno): a failed record says which way.
+  int how(int err) const { return err == EBADMSG || err == -EBADMSG ? end_ : kEnded; }
   // Sealed: the ciphertext read from the socket is added here as it arrives (a record's bytes count before it is
   // whole: a watchdog sees them arrive).
   void count_sealed_bytes(std::atomic<uint64_t>* counter) { sealed_counter_ = counter; }
@@ -114,6 +117,10 @@ class Link {
 // and the sealer's handOff(): each direction given is sealed, the others plain); undefined or null: plain. Throws
 // a TypeError for anything else.
 std::unique_ptr<Link> link_arg(Napi::Env env, const Napi::Value& v);
+// The same from argument i (absent: plain).
+inline std::unique_ptr<Link> link_arg(const Napi::CallbackInfo& info, size_t i) {
+  return link_arg(info.Env(), info.Length() > i ? info[i] : info.Env().Undefined());
+}
 
 }  // namespace records
 }  // namespace uffdm
