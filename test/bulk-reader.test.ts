@@ -15,6 +15,7 @@ import { decodeBatch, encodeBatch, encodeControl, encodeRuns, Msg, pagesHeader, 
 import { takeSocket } from '../src/socket-fd'
 import { Sealer } from '../src/protocol/records'
 import { randomBytes } from 'node:crypto'
+import { prng } from '../src/testing/prng'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
 import { missingRegion } from './helpers/uffd-region'
@@ -27,12 +28,6 @@ const takenOf = new Map<Socket, { fd: number; head: Buffer }>()
 function taken(s: Socket): { fd: number; head: Buffer } {
   if (!takenOf.has(s)) takenOf.set(s, takeSocket(s)!)
   return takenOf.get(s)!
-}
-
-/** A deterministic generator (the pieces' sizes), so that a failure replays. */
-function lcg(seed: number): () => number {
-  let x = seed >>> 0
-  return () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32)
 }
 
 describe.skipIf(skip)('native bulk reader', () => {
@@ -74,7 +69,7 @@ describe.skipIf(skip)('native bulk reader', () => {
   }
 
   async function feed(sock: Socket, stream: Buffer, seed: number): Promise<void> {
-    const rand = lcg(seed)
+    const rand = prng(seed)
     for (let off = 0; off < stream.length;) {
       const n = Math.min(stream.length - off, 1 + Math.floor(rand() * 96 * 1024))
       if (!sock.write(stream.subarray(off, off + n))) await once(sock, 'drain')

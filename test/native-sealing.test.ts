@@ -14,6 +14,7 @@ import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { Relay } from '../src/testing/relay'
 import { runDoctor } from '../src/doctor'
+import { prng } from '../src/testing/prng'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
 import { missingRegion } from './helpers/uffd-region'
@@ -135,12 +136,6 @@ describe.skipIf(skip)('the demand connection sealed on its native threads', () =
   })
 })
 
-/** A deterministic generator, so that a failure replays from its seed. */
-function lcg(seed: number): () => number {
-  let x = seed >>> 0
-  return () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32)
-}
-
 // What someone on the path can do to a sealed stream once the handshake is over (a man in the middle without the
 // token, a faulty middlebox): change any byte, lie in a record's length, cut it short, replay, drop or reorder
 // records. The destination's bulk reader (the largest reader of sealed bytes) must place every page of the records
@@ -153,7 +148,7 @@ describe.skipIf(skip)('hostile bytes in a sealed stream', () => {
   for (let seed = 1; seed <= 36; seed++) {
     const kind = MUTATIONS[seed % MUTATIONS.length]
     it(`${kind} (seed ${seed})`, async () => {
-      const rand = lcg(seed * 7919)
+      const rand = prng(seed * 7919)
       const b = loadBinding()
       const ps = b.pageSize
       // frames of 1-4 pages over [0, 64): each its own record; record k holds frame k
