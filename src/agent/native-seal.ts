@@ -25,11 +25,17 @@ export interface Taken {
 }
 
 /**
- * A connection one native thread both reads and writes (the demand connection): its socket and, sealed, the states
- * with which that thread seals and opens it.
+ * A connection a native thread reads from now on (the bulk reader), or both reads and writes (`both`: the demand
+ * connection): its socket and, sealed, the states with which that thread opens (and seals) it.
  */
-export function takeDuplex(ch: Channel): Taken | undefined {
+export function takeForThread(ch: Channel, both = false): Taken | undefined {
   if (!ch.sealed) return ch.handOver()
-  const t = ch.handOverSealed(true)
-  return t?.sendState && { fd: t.fd, head: t.plainHead, seal: { send: t.sendState, recv: t.state, cipherHead: t.cipherHead } }
+  const t = ch.handOverSealed(both)
+  if (!t || (both && !t.sendState)) return undefined
+  return { fd: t.fd, head: t.plainHead, seal: { recv: t.state, cipherHead: t.cipherHead, ...(both ? { send: t.sendState } : {}) } }
+}
+
+/** takeForThread() of the demand connection, which its thread both reads and writes. */
+export function takeDuplex(ch: Channel): Taken | undefined {
+  return takeForThread(ch, true)
 }

@@ -16,7 +16,7 @@
  * source's barrier before HANDOFF); at the hand-off they are closed, so that
  * nothing can reach the running service's memory with pre-copy's rules.
  */
-import type { NativeBinding, NativeBulkReader, NativeLinkSeal, NativeUffd } from '../../binding'
+import type { NativeBinding, NativeBulkReader, NativeUffd } from '../../binding'
 import { ErrorCode, migrationError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
@@ -24,7 +24,7 @@ import { encodeControl, Msg } from '../../protocol/messages'
 import type { Region } from '../../region'
 import { DemandEv, installFailedError, nativeLinkError, eachDemandEvent, nativeBulkAvailable } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable } from '../native-seal'
+import { nativeSealAvailable, takeForThread } from '../native-seal'
 import type { Placement } from './placement'
 
 export interface BulkPathHooks {
@@ -101,7 +101,7 @@ export class BulkPath {
   /** REGIONS: the thread takes the bulk connection over (true), or the JS path stays. */
   start(uffd: NativeUffd, placement: Placement, ch: Channel): boolean {
     if (!this.readerWouldRun(ch)) return false
-    const taken = this.take(ch)
+    const taken = takeForThread(ch)
     if (!taken) return false
     this.ch = ch
     const words = (maps: { words: Uint32Array }[]) => maps.map((m) => m.words)
@@ -140,16 +140,9 @@ export class BulkPath {
    */
   attach(ch: Channel, uffd: NativeUffd, placement: Placement): void {
     if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
-    const taken = this.take(ch)
+    const taken = takeForThread(ch)
     if (taken) this.reader.thread.attach(taken.fd, taken.head, taken.seal)
     this.adoptCounts(ch)
-  }
-
-  /** ch's descriptor for the thread, the bytes it starts with and (sealed) how the thread opens what it reads. */
-  private take(ch: Channel): { fd: number; head: Buffer; seal?: NativeLinkSeal } | undefined {
-    if (!ch.sealed) return ch.handOver()
-    const t = ch.handOverSealed()
-    return t && { fd: t.fd, head: t.plainHead, seal: { recv: t.state, cipherHead: t.cipherHead } }
   }
 
   /** The stuck-source watchdog sees the bytes the thread reads from now on as this connection's. */
