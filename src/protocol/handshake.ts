@@ -67,9 +67,10 @@ function peerKey(m: Record<string, unknown>): Uint8Array {
 
 /**
  * The connection's two direction keys: HKDF-SHA256 over the X25519 secret,
- * salted with the token, bound to the role, session and both nonces.
+ * salted with the token, bound to the role, session and both nonces
+ * (exported for the fuzzer, whose sealed sessions write raw records).
  */
-function connectionKeys(token: Buffer, own: KeyObject, peer: Uint8Array, info: HelloInfo, clientNonce: Uint8Array, serverNonce: Uint8Array): { toServer: DirectionKey; toClient: DirectionKey } {
+export function connectionKeys(token: Buffer, own: KeyObject, peer: Uint8Array, info: HelloInfo, clientNonce: Uint8Array, serverNonce: Uint8Array): { toServer: DirectionKey; toClient: DirectionKey } {
   let secret: Buffer
   try {
     secret = diffieHellman({ privateKey: own, publicKey: createPublicKey({ key: Buffer.concat([X25519_SPKI_PREFIX, peer]), format: 'der', type: 'spki' }) })

@@ -29,6 +29,11 @@ export interface Mutated {
   writes: Buffer[]
   /** Frames the mutation put on the wire (for the frame count). */
   frames: number
+  /**
+   * Pages the mutation may have given other bytes in a frame that is still valid: no receiver can tell those bytes
+   * from the truth (see the top), so the session does not count them as wrong.
+   */
+  blurred?: { region: number; first: number; count: number }
 }
 
 function header(type: number, payloadBytes: number): Buffer {
@@ -68,8 +73,13 @@ export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layou
       b[4] = int(256)
       return one(b)
     }
-    case 'truncate':
-      return one(f.bytes.subarray(0, int(f.bytes.length)))
+    case 'truncate': {
+      // cut inside a PAGES frame's page data, the bytes written next complete it: the same pages, other bytes
+      const cut = int(f.bytes.length)
+      const m = one(f.bytes.subarray(0, cut))
+      if (f.type === Msg.PAGES && cut >= 17) m.blurred = { region: f.bytes.readUInt32BE(5), first: f.bytes.readUInt32BE(9), count: f.bytes.readUInt32BE(13) }
+      return m
+    }
     case 'lyingLength': {
       const b = Buffer.from(f.bytes)
       const lies = [0, 1, payload.length, payload.length + 2 + int(64), 0xffffffff, (64 << 20) + 2, Math.max(1, int(payload.length))]

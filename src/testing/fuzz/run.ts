@@ -6,10 +6,17 @@
 import type { NativeBinding } from '../../binding'
 import { prng } from '../prng'
 import { type Mutation, MUTATIONS } from './mutate'
+import { RECORD_MUTATIONS, type RecordMutation } from './records'
 import { FuzzSession } from './session'
+
+type Kind = Mutation | RecordMutation
+/** The share of sessions that are sealed (encrypted): the record layer's mutations are drawn only in those. */
+const SEALED_SHARE = 1 / 3
 
 export interface FuzzRow {
   sessions: number
+  /** Of them, sealed (encrypted) sessions. */
+  sealed: number
   rejected: number
   accepted: number
   ends: Record<string, number>
@@ -25,31 +32,34 @@ export interface FuzzReport {
   seed: number
   frames: number
   sessions: number
-  rows: Record<Mutation, FuzzRow>
+  rows: Record<Kind, FuzzRow>
   totals: FuzzRow
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
 }
 
-const emptyRow = (): FuzzRow => ({ sessions: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0 })
+const emptyRow = (): FuzzRow => ({ sessions: 0, sealed: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0 })
 
 export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
   const t0 = performance.now()
   const rand = prng(opts.seed)
-  const rows = Object.fromEntries(MUTATIONS.map((m) => [m, emptyRow()])) as Record<Mutation, FuzzRow>
+  const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
   const report: FuzzReport = { seed: opts.seed, frames: 0, sessions: 0, rows, totals: emptyRow(), failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
-    const kind = MUTATIONS[Math.floor(rand() * MUTATIONS.length)]
+    const sealed = rand() < SEALED_SHARE
+    const kinds: readonly Kind[] = sealed ? [...MUTATIONS, ...RECORD_MUTATIONS] : MUTATIONS
+    const kind = kinds[Math.floor(rand() * kinds.length)]
     const sessionSeed = Math.floor(rand() * 2 ** 31)
-    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed)
+    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed)
     const at = Math.floor(rand() * (session.frameCount + 1)) - 1 // -1: the handshake
     const row = rows[kind]
     row.sessions++
+    if (sealed) row.sealed++
     report.sessions++
     const fail = (what: string) => {
-      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} session ${report.sessions} (session seed ${sessionSeed}): ${kind} at frame ${at}: ${what}`)
+      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} session ${report.sessions} (session seed ${sessionSeed}${sealed ? ', sealed' : ''}): ${kind} at frame ${at}: ${what}`)
     }
     try {
       const r = await session.run(at, kind)
@@ -85,7 +95,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   }
   for (const row of Object.values(rows)) {
     const t = report.totals
-    for (const k of ['sessions', 'rejected', 'accepted', 'hangs', 'badPages', 'uncoded', 'crashes'] as const) t[k] += row[k]
+    for (const k of ['sessions', 'sealed', 'rejected', 'accepted', 'hangs', 'badPages', 'uncoded', 'crashes'] as const) t[k] += row[k]
     for (const [k, v] of Object.entries(row.ends)) t.ends[k] = (t.ends[k] ?? 0) + v
     for (const [k, v] of Object.entries(row.codes)) t.codes[k] = (t.codes[k] ?? 0) + v
   }
@@ -100,11 +110,11 @@ export function fuzzTable(r: FuzzReport): string {
   const lines = [
     `fuzz: seed ${r.seed}, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s`,
     '',
-    '| mutation | sessions | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---|---|',
+    '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|',
   ]
   const row = (name: string, x: FuzzRow) =>
-    `| ${name} | ${x.sessions} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
+    `| ${name} | ${x.sessions} | ${x.sealed} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
   for (const [name, x] of Object.entries(r.rows)) lines.push(row(name, x))
   lines.push(row('**all**', r.totals))
   if (r.failures.length) lines.push('', 'failures:', ...r.failures.map((f) => `- ${f}`))

@@ -10,6 +10,8 @@
  * - after it: it hangs up and comes back (RECOVER), sends what the
  *   destination says it lacks, and every page must be right once settled;
  *   if the destination failed instead, every page it holds must be right.
+ * A third of the sessions are sealed (the fuzzer asks to encrypt): the same
+ * mutations behind the record layer, and the record layer's own (records.ts).
  */
 import { PageBitmap } from '../../bitmap'
 import type { NativeBinding } from '../../binding'
@@ -17,21 +19,28 @@ import { MigrationDestination } from '../../agent/destination/index'
 import { DestPhase } from '../../agent/destination/machine'
 import type { UffdMigrateError } from '../../errors'
 import { Channel } from '../../protocol/channel'
-import { ephemeralKey, handshakeProof, type KeyExchange, peerError } from '../../protocol/handshake'
+import { connectionKeys, ephemeralKey, handshakeProof, type KeyExchange, peerError } from '../../protocol/handshake'
 import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
+import { Sealer } from '../../protocol/records'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
 import { MemoryTransport } from '../memory-transport'
-import { type Mutation, mutate, type ScriptFrame } from './mutate'
+import { type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
+import { isRecordMutation, mutateRecords, type RecordMutation, sealRecords } from './records'
 
 export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
 const LAYOUT = [16, 8]
-/** The fuzzer's X25519 public key: its sessions stay in plaintext (the destination does not ask to encrypt), so no secret is ever derived from it. */
-const FUZZ_KEY = ephemeralKey().publicKey
+/**
+ * The fuzzer's X25519 key for a session. A sealed session (the fuzzer asks to
+ * encrypt) derives each connection's keys from it as a source would, and
+ * seals what it writes, mutated frames included: the destination then meets
+ * them behind its record layer, and the record mutations (records.ts) too.
+ */
+const FUZZ_KEY = ephemeralKey()
 
-/** What the proofs cover when neither side asked to encrypt (the destination's HELLO gave its key). */
-function plaintextExchange(serverHello: Record<string, unknown>): KeyExchange {
-  return { clientKey: FUZZ_KEY, serverKey: serverHello.key as Uint8Array, clientEncrypt: false, serverEncrypt: serverHello.encrypt === true }
+/** What the proofs cover (the destination's HELLO gave its key and wish). */
+function exchange(serverHello: Record<string, unknown>, encrypt: boolean): KeyExchange {
+  return { clientKey: FUZZ_KEY.publicKey, serverKey: serverHello.key as Uint8Array, clientEncrypt: encrypt, serverEncrypt: serverHello.encrypt === true }
 }
 
 export interface SessionResult {
@@ -73,6 +82,8 @@ interface Link {
   urgent: Channel
   bulk: Channel
   ends: MemoryTransport[]
+  /** Sealed sessions: what seals each end's writes (the channels only read). */
+  sealers: (Sealer | undefined)[]
   codes: string[]
 }
 
@@ -91,7 +102,7 @@ export class FuzzSession {
   private frames = 0
   private sessionSeq = 0
 
-  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number) {
+  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false) {
     const ps = binding.pageSize
     this.content = new Content(seed, rand, ps)
     this.regions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
@@ -169,18 +180,25 @@ export class FuzzSession {
   private async connect(session: string): Promise<Link> {
     const codes: string[] = []
     const ends: MemoryTransport[] = []
+    const sealers: (Sealer | undefined)[] = []
     const open = async (role: 'urgent' | 'bulk') => {
       const [a, b] = MemoryTransport.pair()
       ends.push(a)
       void this.dest.accept(b, 'fuzzer')
       const ch = new Channel(a, role)
       const nonce = Buffer.alloc(32, 7)
-      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY })))
+      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY.publicKey, encrypt: this.sealed })))
       const hello = await this.next(ch)
       if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
       const reply = decodeControl(hello.type, hello.payload)
       const peerNonce = reply.nonce as Uint8Array
-      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, plaintextExchange(reply)) })))
+      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, exchange(reply, this.sealed)) })))
+      if (this.sealed) {
+        const keys = connectionKeys(FUZZ_TOKEN, FUZZ_KEY.privateKey, reply.key as Uint8Array, { role, session }, nonce, peerNonce)
+        sealers.push(new Sealer(keys.toServer))
+        // the channel only reads (opens what the destination seals); a send key of its own would go unused
+        ch.secure({ send: { key: Buffer.alloc(32), iv: Buffer.alloc(12) }, receive: keys.toClient })
+      } else sealers.push(undefined)
       const ready = await this.next(ch)
       if (ready.type !== Msg.READY) throw new Error(`fuzzer: expected READY, got ${ready.type === Msg.ERROR ? peerError(ready.payload).message : ready.type}`)
       ch.authenticated()
@@ -189,11 +207,18 @@ export class FuzzSession {
     }
     const urgent = await open('urgent')
     const bulk = await open('bulk')
-    return { urgent, bulk, ends, codes }
+    return { urgent, bulk, ends, sealers, codes }
   }
 
-  private write(t: MemoryTransport, bytes: Buffer): void {
-    if (bytes.length) t.write(bytes)
+  /** Raw bytes on one end: sealed first when the end has a sealer (a sealed session after its handshake). */
+  private write(t: MemoryTransport, bytes: Buffer, sealer?: Sealer): void {
+    if (!bytes.length) return
+    t.write(sealer ? Buffer.concat(sealRecords(sealer, bytes)) : bytes)
+  }
+
+  private writeOn(link: Link, channel: 'urgent' | 'bulk', bytes: Buffer): void {
+    const i = channel === 'urgent' ? 0 : 1
+    this.write(link.ends[i], bytes, link.sealers[i])
   }
 
   private async next(ch: Channel): Promise<{ type: number; payload: Buffer }> {
@@ -207,7 +232,7 @@ export class FuzzSession {
 
   private send(link: Link, f: ScriptFrame): void {
     this.frames++
-    this.write(link.ends[f.channel === 'urgent' ? 0 : 1], f.bytes)
+    this.writeOn(link, f.channel, f.bytes)
   }
 
   /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
@@ -230,20 +255,36 @@ export class FuzzSession {
   }
 
   /** Mutates frame `at` of the script (at = -1: the handshake) with `kind`; see the file's comment. */
-  async run(at: number, kind: Mutation): Promise<SessionResult> {
+  async run(at: number, kind: Mutation | RecordMutation): Promise<SessionResult> {
     const { frames } = this.script()
     let link: Link | undefined
+    let blurred: Mutated['blurred']
     const ends: MemoryTransport[] = []
     if (at < 0) {
-      ends.push(await this.handshakeMutated(kind))
+      // (a record mutation at the handshake: nothing is sealed yet, so a bit flip stands for it)
+      ends.push(await this.handshakeMutated(isRecordMutation(kind) ? 'bitflip' : kind))
     } else {
       link = await this.connect(`fuzz-${++this.sessionSeq}`)
       ends.push(...link.ends)
-      for (let i = 0; i < at; i++) this.send(link, frames[i])
+      // a frame a turn, as a source that awaits its answers would write them: written at once, the urgent CLOCK
+      // (read once the destination's regions are mapped) came after the bulk channel's HANDOFF, and every session
+      // mutated after the hand-off failed on that instead of meeting its mutation
+      for (let i = 0; i < at; i++) {
+        this.send(link, frames[i])
+        await turns(1)
+      }
       await turns()
-      const m = mutate(frames[at], kind, this.rand, LAYOUT)
-      for (const w of m.writes) this.write(link.ends[m.channel === 'urgent' ? 0 : 1], w)
-      this.frames += m.frames
+      if (isRecordMutation(kind)) {
+        const i = frames[at].channel === 'urgent' ? 0 : 1
+        const next = frames.slice(at + 1).find((f) => f.channel === frames[at].channel)
+        for (const w of mutateRecords(link.sealers[i]!, frames[at].bytes, next?.bytes, kind, this.rand)) link.ends[i].write(w)
+        this.frames++
+      } else {
+        const m = mutate(frames[at], kind, this.rand, LAYOUT)
+        for (const w of m.writes) this.writeOn(link, m.channel, w)
+        this.frames += m.frames
+        blurred = m.blurred
+      }
       // a couple of valid frames after it: a desynchronised stream must still fail cleanly
       for (let i = at + 1; i < Math.min(frames.length, at + 3); i++) this.send(link, frames[i])
       await turns(8)
@@ -268,7 +309,8 @@ export class FuzzSession {
     } else if (phase !== DestPhase.FAILED) result.hang = `phase ${this.dest.phase} after the hang-up`
     if (!result.hang && !this.failed && !(await this.until(() => this.settled || this.failed))) result.hang = `did not settle (phase ${this.dest.phase})`
     if (this.failed) result.end = 'failed'
-    result.badPages = this.checkPages()
+    // (a fresh migration must have written every page again, blurred ones too)
+    result.badPages = this.checkPages(result.end === 'fresh' ? undefined : blurred)
     result.frames = this.frames
     return result
   }
@@ -277,7 +319,7 @@ export class FuzzSession {
   private async recover(): Promise<void> {
     const link = await this.connect(`fuzz-${this.sessionSeq}`)
     this.frames++
-    link.bulk.send(encodeControl(Msg.RECOVER, {}))
+    this.writeOn(link, 'bulk', Buffer.concat(encodeControl(Msg.RECOVER, {})))
     const state = await this.next(link.bulk)
     if (state.type !== Msg.RECOVER_STATE) throw new Error(`fuzzer: expected RECOVER_STATE, got ${state.type}`)
     const got = (decodeControl(state.type, state.payload).received as Uint8Array[]).map((b, i) => {
@@ -290,12 +332,12 @@ export class FuzzSession {
       for (let p = 0; p < n; p++) {
         if (got[r]?.has(p)) continue
         this.frames++
-        if (this.content.zero[r][p]) link.bulk.send(encodeRuns(Msg.RANGES, RangeKind.ZERO, r, [p, 1]))
-        else link.bulk.send([pagesHeader(r, p, 1, ps), this.content.final(r, p)])
+        if (this.content.zero[r][p]) this.writeOn(link, 'bulk', encodeRuns(Msg.RANGES, RangeKind.ZERO, r, [p, 1]))
+        else this.writeOn(link, 'bulk', Buffer.concat([pagesHeader(r, p, 1, ps), this.content.final(r, p)]))
       }
     })
     this.frames++
-    link.bulk.send(encodeControl(Msg.PUSH_END, {}))
+    this.writeOn(link, 'bulk', Buffer.concat(encodeControl(Msg.PUSH_END, {})))
   }
 
   /** A handshake whose HELLO or AUTH is mutated; the destination must refuse it with a code, or accept a still-valid one. */
@@ -305,7 +347,7 @@ export class FuzzSession {
     const ch = new Channel(a, 'urgent')
     const nonce = Buffer.alloc(32, 9)
     const info = { role: 'urgent' as const, session: `hs-${++this.sessionSeq}` }
-    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce, key: FUZZ_KEY })) }
+    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce, key: FUZZ_KEY.publicKey, encrypt: this.sealed })) }
     const mutateAuth = this.rand() < 0.5
     if (!mutateAuth) {
       const m = mutate(hello, kind, this.rand, LAYOUT)
@@ -317,7 +359,7 @@ export class FuzzSession {
       const reply = await this.next(ch).catch(() => undefined)
       if (reply?.type === Msg.HELLO) {
         const said = decodeControl(reply.type, reply.payload)
-        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, said.nonce as Uint8Array, nonce, plaintextExchange(said)) })) }
+        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, said.nonce as Uint8Array, nonce, exchange(said, this.sealed)) })) }
         const m = mutate(auth, kind, this.rand, LAYOUT)
         for (const w of m.writes) this.write(a, w)
         this.frames += m.frames
@@ -328,7 +370,7 @@ export class FuzzSession {
   }
 
   /** Pages that differ from the source's final content (settled), or held wrongly (failed). */
-  private checkPages(): number {
+  private checkPages(blurred?: Mutated['blurred']): number {
     if (!this.settled) this.dest.close() // the uffd goes: missing pages read zero, nothing blocks
     let bad = 0
     this.regions.forEach((region, r) => {
@@ -337,7 +379,8 @@ export class FuzzSession {
       for (let p = 0; p < LAYOUT[r]; p++) {
         const got = mem.subarray(p * this.binding.pageSize, (p + 1) * this.binding.pageSize)
         if (this.settled || held.has(p)) {
-          if (!Buffer.from(got).equals(this.content.final(r, p))) bad++
+          const isBlurred = blurred && r === blurred.region && p >= blurred.first && p - blurred.first < blurred.count
+          if (!isBlurred && !Buffer.from(got).equals(this.content.final(r, p))) bad++
         } else if (got.some((x) => x !== 0)) bad++
       }
     })
