@@ -70,6 +70,13 @@ export class Relay {
   /** Flips one bit of the byte at this offset of the bytes towards the destination (all connections counted), once: someone on the path changing data. */
   corruptAtByte = Infinity
 
+  /**
+   * Connections of this role (as their HELLO names it: bulk, stream...) carry what goes towards the destination this
+   * many ms late, in order: one connection behind the others, as a congested path or a slow NIC queue makes it. What
+   * the source sends on parallel streams then arrives in another order than it was sent.
+   */
+  lagToDestination: { role: string; ms: number } | undefined
+
   /** A relay that never cuts and carries at most bytesPerSec towards the destination: a slow link, so that rounds last. */
   static slow(bytesPerSec: number): Relay {
     const r = new Relay(Infinity)
@@ -105,13 +112,16 @@ export class Relay {
     upstream.on('error', () => {})
     const ctx: WatchContext = { keylog: this.keylog }
     const toDest = new FrameWatch(ctx, true), back = new FrameWatch(ctx, false)
+    const lag = this.lagToDestination && new HelloRole()
     client.on('data', (chunk: Buffer) => {
       const at = this.cueIn(toDest, chunk, true)
       if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
       const flip = this.corruptAtByte - this.bytesToDestination
       if (flip >= 0 && flip < chunk.length) (chunk = Buffer.from(chunk))[flip] ^= 0x10
       this.tap?.(chunk, true)
-      upstream.write(chunk)
+      // (timers of one duration fire in the order they were set: the lagging connection's bytes stay in order)
+      if (lag && lag.see(chunk) === this.lagToDestination!.role) setTimeout(() => void (!upstream.destroyed && upstream.write(chunk)), this.lagToDestination!.ms)
+      else upstream.write(chunk)
       this.bytesToDestination += chunk.length
       if (this.rateBytesPerSec > 0) {
         client.pause()
@@ -191,6 +201,28 @@ export class Relay {
   close(): void {
     this.server?.close()
     for (const s of this.open) s.destroy()
+  }
+}
+
+/** A connection's role, from its first frame (the source's HELLO, in plaintext also in an encrypted migration). */
+class HelloRole {
+  private head: Buffer | undefined = Buffer.alloc(0)
+  role: string | undefined
+
+  /** The role once the HELLO has arrived (with this chunk or before). */
+  see(chunk: Buffer): string | undefined {
+    if (!this.head) return this.role
+    this.head = Buffer.concat([this.head, chunk])
+    if (this.head.length >= 5 && this.head.readUInt32BE(0) > 1 << 16) this.head = undefined // not a HELLO
+    if (!this.head || this.head.length < 5 || this.head.length < 4 + this.head.readUInt32BE(0)) return undefined
+    const h = this.head
+    this.head = undefined
+    if (h[4] !== Msg.HELLO) return undefined
+    try {
+      const role = decodeControl(Msg.HELLO, h.subarray(5, 4 + h.readUInt32BE(0))).role
+      this.role = typeof role === 'string' ? role : undefined
+    } catch {}
+    return this.role
   }
 }
 
