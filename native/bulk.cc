@@ -492,6 +492,7 @@ class BulkReaderThread : public DemandThread {
   std::unique_ptr<records::Link> next_link_;
   // bytes read ahead: frames at [buf_pos_, buf_len_)
   static constexpr size_t kDirectBytes = 64 << 10;     // larger frames are read straight into the staging buffer
+  static_assert(kDirectBytes == records::kAlignBytes, "a sealing writer aligns records to the frames read directly");
   // A read while frames are small: as large as the sender's gathered writes (kGatherBytes, 1 MiB), so that one
   // BATCH's frames are one wake-up and one read, not four (with 256 KiB, a guest of 7-page frames, 1 GiB on
   // loopback, 4 alternating runs each: round 0 1283-1413 -> 1357-1611 MiB/s, destination CPU 0.68-0.75 ->

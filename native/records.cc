@@ -108,20 +108,32 @@ bool Link::write_all(int fd, int stop_fd, iovec* iov, int iovcnt, int* err) {
   size_t total = 0;
   for (int i = 0; i < iovcnt; i++) total += iov[i].iov_len;
   // every record of this write, then one write: a reply of 64 pages and its header is two records
-  const size_t records = (total + kMaxPlain - 1) / kMaxPlain;
-  rec_.resize(total + records * (kHeader + kTag));
+  rec_.resize(total + ((size_t)iovcnt + total / kMaxPlain + 1) * (kHeader + kTag));
   size_t at = 0;
-  while (total > 0) {
-    size_t n = std::min(total, kMaxPlain);
-    size_t len = records::seal(ctx_, send_, iov, iovcnt, n, rec_.data() + at);
-    if (len == 0) return *err = EIO, false;
-    at += len, total -= n;
-    // past the n bytes sealed
-    for (size_t left = n; left > 0;) {
-      size_t k = std::min(left, iov->iov_len);
-      iov->iov_base = (uint8_t*)iov->iov_base + k, iov->iov_len -= k, left -= k;
-      if (iov->iov_len == 0) iov++, iovcnt--;
+  for (int i = 0; i < iovcnt;) {
+    if (iov[i].iov_len >= kAlignBytes) {
+      // a frame's pages: records of their own, the last one ending where they end, so that a reader that read the
+      // frame's header opens each straight into the place the pages go (no record holds a header and pages)
+      for (size_t off = 0; off < iov[i].iov_len;) {
+        size_t n = std::min(iov[i].iov_len - off, kMaxPlain);
+        iovec part{(uint8_t*)iov[i].iov_base + off, n};
+        size_t len = records::seal(ctx_, send_, &part, 1, n, rec_.data() + at);
+        if (len == 0) return *err = EIO, false;
+        at += len, off += n;
+      }
+      i++;
+      continue;
     }
+    // small parts (headers, a few pages) together, up to a record's limit
+    int j = i;
+    size_t n = 0;
+    while (j < iovcnt && iov[j].iov_len < kAlignBytes && n + iov[j].iov_len <= kMaxPlain) n += iov[j++].iov_len;
+    if (n > 0) {
+      size_t len = records::seal(ctx_, send_, iov + i, j - i, n, rec_.data() + at);
+      if (len == 0) return *err = EIO, false;
+      at += len;
+    }
+    i = j;
   }
   iovec out{rec_.data(), at};
   bool ok = uffdm::write_all(fd, stop_fd, &out, 1, err);
@@ -147,6 +159,8 @@ int Link::fill(int fd, uint8_t* direct, size_t room, size_t* opened_direct) {
       uint8_t* to;
       if (direct && plain_end_ == 0 && n <= room - *opened_direct) {
         to = direct + *opened_direct;  // the caller's buffer: no copy through plain_
+      } else if (direct && (*opened_direct > 0 || plain_end_ > 0)) {
+        break;  // the caller has plaintext: the next record waits for the next read, which may open it where it goes
       } else if (plain_.size() - plain_end_ >= n) {
         to = plain_.data() + plain_end_;
       } else {

@@ -30,6 +30,9 @@ namespace records {
 constexpr uint8_t kSealed = 0xe0;
 constexpr size_t kHeader = 5, kTag = 16, kMaxPlain = 256 << 10;  // records.ts: SEALED, TAG_BYTES, MAX_RECORD_PLAINTEXT
 constexpr size_t kRecordMax = kHeader + kMaxPlain + kTag;
+// A part of a write at least this long (a frame's pages) is sealed in records of its own: the bulk reader reads a
+// frame this large straight into its staging buffer (bulk.cc's kDirectBytes), and opens such records there.
+constexpr size_t kAlignBytes = 64 << 10;
 
 // How a sealed connection ended, as the CLOSED events' second number says it (src/agent/demand-events.ts, LinkEnd):
 // 0 the socket (errno, or its end), 1 a plaintext frame broke the protocol, 2 bytes that are not a record, 3 a
@@ -76,7 +79,8 @@ class Link {
   bool seal(const Direction* send, const Direction* recv, std::vector<uint8_t> cipher_head = {});
   // Plaintext, or a whole record, that is here already: read it before polling the socket.
   bool pending() const;
-  // Whole-run writes (sealed: as records) on a non-blocking socket; write_all()'s contract (demand.h).
+  // Whole-run writes (sealed: as records; a part of kAlignBytes or more in records of its own) on a non-blocking
+  // socket; write_all()'s contract (demand.h).
   bool write_all(int fd, int stop_fd, iovec* iov, int iovcnt, int* err);
   // read(2) on the plaintext: bytes, 0 at the end of the stream, -1 with errno set (EAGAIN: nothing yet). A
   // failed record: -1, errno EBADMSG, and end() says which way.
