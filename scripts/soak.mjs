@@ -9,12 +9,16 @@
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
 //                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--streams N]
-//                         [--encrypt] [--json FILE]
+//                         [--encrypt] [--lag ROLE:MS] [--json FILE]
 // --encrypt: every send seals its connections (send --encrypt). With link faults cued on a frame (KIND@FRAME) the
 // hosts write their keys to a key log ($UFFD_MIGRATE_KEYLOG, in a temporary directory) for the relay, which then finds
 // the frame inside the sealed records and breaks the link at a record's edge.
 // --streams N: every send asks for N bulk connections (pre-copy pages over parallel streams; the faults above then
 // also break the extra streams, and a cancel closes them).
+// --lag ROLE:MS: each hop's send goes through a relay on this machine that holds what goes towards the destination on
+// the connections of that role (bulk, stream, urgent, demand) for MS ms, in order: with --streams, the bulk stream
+// (or the extra ones) arrives behind the others, so a frame sent on another stream than its page's would overtake the
+// data it must follow and a page would be wrong at VERIFY (Relay.lagToDestination).
 // --blocking: the service reads missing pages in place (its thread blocks in the fault) instead of awaiting ready();
 // with it, the injection `agent-crash` (the agent crashes once the service's thread waits in a fault) applies.
 // --inject LIST: each hop's receiver gets the next of these UFFD_MIGRATE_FAULT_INJECT values in turn (`none`: no
@@ -92,6 +96,7 @@ const OPTIONS = {
   blocking: { type: 'boolean', default: false },
   streams: { type: 'string', default: '1' },
   encrypt: { type: 'boolean', default: false },
+  lag: { type: 'string' },
 }
 const parsed = (() => {
   try {
@@ -141,6 +146,8 @@ const start = (host, args, env = {}) => {
 const serve = !a['no-serve']
 const injections = a.inject ? a.inject.split(',') : ['none']
 const linkFaults = (a['link-faults'] ?? 'none').split(',').map(linkFault)
+const lag = a.lag === undefined ? undefined : /^(urgent|bulk|demand|stream):(\d+)$/.exec(a.lag)
+if (a.lag !== undefined && !lag) usage(`bad --lag: ${a.lag} (ROLE:MS, ROLE one of urgent, bulk, demand, stream)`)
 if (a.encrypt && linkFaults.some((f) => f.frame) && !process.env.UFFD_MIGRATE_KEYLOG) {
   // before the hosts start: they inherit it, and so does every relay (src/testing/relay.ts)
   process.env.UFFD_MIGRATE_KEYLOG = join(mkdtempSync(join(tmpdir(), 'soak-keys-')), 'keylog')
@@ -235,7 +242,8 @@ async function hop(n, from, to, current) {
   }
   // (--link-faults: this hop's tries go through a relay that breaks the link once)
   const fault = linkFaults[n % linkFaults.length]
-  const relay = a['link-faults'] ? relayFor(fault, Math.imul(n + 1, 2654435761) >>> 0) : undefined
+  const relay = a['link-faults'] || lag ? relayFor(fault, Math.imul(n + 1, 2654435761) >>> 0) : undefined
+  if (relay && lag) relay.lagToDestination = { role: lag[1], ms: Number(lag[2]) }
   const target = relay ? await relay.start(to.ip, port, pair?.hostIp ?? '127.0.0.1') : `${to.migIp}:${port}`
   row.linkFault = downMs ? `down:${downMs}` : fault.text
   const stop = stops[n % stops.length]

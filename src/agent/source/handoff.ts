@@ -122,6 +122,10 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   const final: RoundReport = { round: rounds.length, dataPages: 0, zeroPages: 0, freePages: 0, hotPages: 0, bytes: 0, durationMs: 0 }
   const start = ctx.clock.now()
   const before = bulk.bytesWritten + sender.laneBytes
+  // pages from now on on bulk alone, in order with HANDOFF: the extra streams were drained before the pause (pre-copy
+  // ends with a barrier), so their retirement costs no round trip here; over a stream slower than bulk, what went on
+  // the streams in the window made HANDOFF wait for that stream's SYNC (a 250 ms lag: ~260 ms of downtime)
+  await sender.barrier(false)
   const freed = ctx.takeFreed()
   final.freePages = sender.sendFreed(bulk, freed)
   // freed pages read as zero there now: not lacking any more
@@ -132,9 +136,9 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   const discard: Uint32Array[] = []
   const windowSends: Promise<void>[] = []
   let discarded = 0
-  // one stream only: over several the pages travel on their lanes, and the barrier below then waits for each
-  // stream's reader to place its share before HANDOFF may go (256 MiB, 10k writes/s, 3 streams, 5 runs each:
-  // transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they are dropped instead)
+  // (on bulk alone since the barrier above: over several streams the window's pages once travelled on their lanes and
+  // HANDOFF waited for each stream's reader to place its share: 256 MiB, 10k writes/s, 3 streams, 5 runs each,
+  // transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they were dropped instead)
   const held = ctx.mode === 'hybrid' && sender.streams === 1 ? written.map((w, i) => heldRuns(sender.destHas[i], w)) : undefined
   const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), sender.pageSize, convergenceRate(rounds, ctx.switchoverBytesPerSec).bytesPerSec / 1000)
   for (let i = 0; i < regions.length; i++) {
@@ -165,8 +169,6 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
     prep.lacking![i].setRuns(runs)
     discard.push(runs)
   }
-  // what went on extra streams is applied there before HANDOFF (which goes on bulk); only bulk from now on
-  await sender.barrier(false)
   // every page the destination lacks is pending from now on, each to be sent once
   if (!precopyMode) sender.setPending(prep.lacking!, prep.lackingCount + discarded)
   ctx.commit(discarded, precopyMode ? 0 : sender.pagesLeft)

@@ -104,12 +104,14 @@ export class Sender {
    * Then, with lanes false, pages travel on bulk alone from now on (the hand-off).
    */
   async barrier(keepLanes: boolean): Promise<void> {
-    const extra = this.lanes.slice(1)
+    // nothing went on them since the last barrier (pre-copy's end has one): no round trip, none in the pause window
+    const extra = this.sentOnLanes ? this.lanes.slice(1) : []
     await Promise.all(extra.map(async (ch) => {
       const answered = reply(ch, Msg.SYNC)
       ch.send(encodeControl(Msg.SYNC, {}))
       await answered
     }))
+    this.sentOnLanes = false
     if (keepLanes) return
     this.lanes = []
     for (const w of this.laneWriters) this.extraBytes += w.bytesWritten
@@ -117,6 +119,9 @@ export class Sender {
     this.retiredWriters.push(...this.laneWriters)
     this.laneWriters = []
   }
+
+  /** Something went on the extra streams since the last barrier. */
+  private sentOnLanes = false
 
   /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
   private retiredWriters: NativeBulkSend[] = []
@@ -141,6 +146,7 @@ export class Sender {
   /** The channels (with their runs) that carry these runs: their lanes when ch is bulk with extra streams. */
   private route(ch: Channel, runs: Uint32Array): [Channel, Uint32Array][] {
     if (this.lanes.length < 2 || ch !== this.lanes[0]) return [[ch, runs]]
+    this.sentOnLanes = true
     const split = splitByLane(runs, this.lanes.length)
     return this.lanes.map((lane, i): [Channel, Uint32Array] => [lane, Uint32Array.from(split[i])]).filter(([, r]) => r.length > 0)
   }
@@ -205,7 +211,9 @@ export class Sender {
   async sendRuns(ch: Channel, region: number, runs: Runs, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
     if (this.queuesNatively(ch)) {
       // one writer per lane (bulk alone: one)
-      const writers = (this.lanes.length > 1 && ch === this.lanes[0] ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
+      const onLanes = this.lanes.length > 1 && ch === this.lanes[0]
+      if (onLanes) this.sentOnLanes = true
+      const writers = (onLanes ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
       const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
       return writeRunBatches(writers, region, runs, { framePages, takePending: afterHandoff, yieldToLoop, failed: () => ch.failed !== undefined })
     }
