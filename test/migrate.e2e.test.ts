@@ -4,31 +4,12 @@
  * real userfaultfd, a client hammering the service across the hand-off.
  */
 import { afterAll, describe, expect, it } from 'vitest'
-import { migrateExample, type ExampleResult } from '../src/cli/demo'
+import { migrateExample } from '../src/cli/demo'
 import { createHostPair, netnsUnavailable, type HostPair } from '../src/testing/netns'
-import { Relay } from '../src/testing/relay'
-import { expectedTracker, kernelSkipReason } from './helpers/gate'
+import { kernelSkipReason } from './helpers/gate'
+import { expectMigrated } from './helpers/migrated'
 
 const skip = kernelSkipReason()
-
-function expectMigrated(r: ExampleResult, mode: string) {
-  expect(r.error).toBeUndefined()
-  const rep = r.report!
-  expect(rep.mode).toBe(mode)
-  // invariant 1: every page equals the model (the versions that crossed in the state) after settling
-  expect(r.verify).toMatch(/^ok pages=65536$/)
-  // the source process ended once the destination settled
-  expect(r.sourceExit).toBe(0)
-  // the service kept answering, and never wrongly
-  expect(r.client!.wrong).toBe(0)
-  expect(r.client!.ok).toBeGreaterThan(100)
-  // invariant 2: each page at most once after the hand-off
-  expect(rep.pagesSentTwiceAfterHandoff).toBe(0)
-  expect(rep.postcopy.networkFaultsOnZeroPages).toBe(0)
-  // the tracker this host gets, or the one forced (the sync-wp pass of the suite)
-  expect(rep.tracker?.kind).toBe(expectedTracker())
-  return rep
-}
 
 describe.skipIf(skip)('live migration between two processes on loopback', () => {
   it('hybrid: pre-copy rounds, old copies dropped, post-copy of exactly the pages missing at the hand-off', async () => {
@@ -72,38 +53,6 @@ describe.skipIf(skip)('live migration between two processes on loopback', () => 
     expect(rep.rounds.length).toBeGreaterThanOrEqual(2)
     expect(rep.rounds[0].dataPages).toBeGreaterThan(50_000)
     expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.pagesMissingAtHandoff)
-  })
-
-  // "an older version never overwrites a newer one" holds per stream by construction, whatever the streams' relative
-  // speed: here the bulk stream (lane 0) arrives 250 ms behind the two others, so a frame sent on the wrong lane (a
-  // page's zero or stale range apart from its data) would overtake the data it must follow, and a page would be wrong
-  it('hybrid over 3 streams, the bulk one 250 ms behind the others: every page verified', async () => {
-    const relay = new Relay(Infinity)
-    relay.lagToDestination = { role: 'bulk', ms: 250 }
-    try {
-      const r = await migrateExample({ sizeMiB: 256, mode: 'hybrid', writesPerSec: 10_000, sendArgs: ['--streams', '3'], relay: (host, port) => relay.start(host, port) })
-      const rep = expectMigrated(r, 'hybrid')
-      expect(rep.streams).toBe(3)
-      expect(rep.rounds.length).toBeGreaterThanOrEqual(2)
-      expect(rep.postcopy.pushedPages + rep.postcopy.demandPages).toBe(rep.pagesMissingAtHandoff)
-    } finally {
-      relay.close()
-    }
-  })
-
-  // the extra streams are drained before the pause (pre-copy ends with a SYNC on each), so the pause window does not
-  // wait on them again: with both 600 ms behind, a SYNC there would hold HANDOFF for at least 600 ms (it did: 651, 665)
-  it.each(['hybrid', 'precopy'] as const)('%s over 3 streams, the two extra ones 600 ms behind: the hand-off does not wait for them', async (mode) => {
-    const relay = new Relay(Infinity)
-    relay.lagToDestination = { role: 'stream', ms: 600 }
-    try {
-      const r = await migrateExample({ sizeMiB: 256, mode, writesPerSec: 10_000, sendArgs: ['--streams', '3'], relay: (host, port) => relay.start(host, port) })
-      const rep = expectMigrated(r, mode)
-      expect(rep.streams).toBe(3)
-      expect(rep.downtimeMs).toBeLessThan(600)
-    } finally {
-      relay.close()
-    }
   })
 
   it('precopy: everything crosses before the service resumes, nothing after', async () => {
