@@ -216,7 +216,7 @@ describe.skipIf(skip)('a new agent takes over', () => {
   }, 90_000)
 
   it("the receiver's agent crashes in pre-copy: the source runs on, the receiver listens again with empty regions, and the next send moves the service", async () => {
-    const { A, B, g, port, http, dst, src, srcHttp } = await migrationSetup('takeover-pre', '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' })
+    const { A, B, g, port, http, dst, srcHttp } = await migrationSetup('takeover-pre', '', { UFFD_MIGRATE_FAULT_INJECT: 'agent-crash:precopy' })
     // slow rounds (64 MiB at 32 MiB/s): the crash, 100 ms into the session, comes half-way through round 0
     const first = await sendAndWait(A, g, port, ['--max-bandwidth', '32MiB'])
     expect(first.code, first.send.stderr).toBe(1)

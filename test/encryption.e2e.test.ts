@@ -38,7 +38,7 @@ describe.skipIf(skip)('encrypted migrations (--encrypt)', () => {
   it.each(['native', 'js'] as const)('hybrid under writes, asked by the source (%s sealing): every page verified, nothing of the memory readable on the wire', async (path) => {
     const tap = wiretap()
     relay = tap.relay
-    const env = path === 'js' ? { UFFD_MIGRATE_SEAL: 'js' } : {}
+    const env: Record<string, string> = path === 'js' ? { UFFD_MIGRATE_SEAL: 'js' } : {}
     const r = await migrateExample({
       sizeMiB: 64, mode: 'hybrid', writesPerSec: 10_000, sendArgs: ['--encrypt'], relay: (h, p) => tap.relay.start(h, p), sendTimeoutMs: 45_000,
       sourceEnv: env, destEnv: env,

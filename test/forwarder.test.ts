@@ -4,7 +4,7 @@
  * when the migration did not happen, or the destination's service when it
  * did; new connections are relayed.
  */
-import { createServer, get, request, type Server } from 'node:http'
+import { createServer, get, type Server } from 'node:http'
 import { connect, type Socket } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'

@@ -29,7 +29,7 @@ async function sealedThroughRelay(cue: { type: number; lose: boolean }) {
   let ended = false
   listener.on('connection', (s: Socket) => {
     let hello = true
-    const frames = new FrameDecoder((f) => (hello ? (hello = false) : undefined), 64 << 20)
+    const frames = new FrameDecoder(() => (hello ? (hello = false) : undefined), 64 << 20)
     const inside = new FrameDecoder((f) => got.push(f.type), 64 << 20)
     const opener = new Opener(keys.toServer, (p) => inside.feed(p), 'test')
     // the first frame is HELLO (plaintext), the rest records

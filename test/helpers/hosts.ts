@@ -20,7 +20,7 @@ const procs: LineProc[] = []
 export type Host = ReturnType<typeof host>
 
 export function host(name: string) {
-  const env = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `uffd-host-${name}-`)) }
+  const env: NodeJS.ProcessEnv & { XDG_RUNTIME_DIR: string } = { ...process.env, UFFD_MIGRATE_TOKEN: TOKEN, XDG_RUNTIME_DIR: mkdtempSync(join(tmpdir(), `uffd-host-${name}-`)) }
   const run = (args: string[], cmd = process.execPath) => {
     const p = new LineProc(cmd, args, { env })
     procs.push(p)

@@ -19,7 +19,7 @@ afterAll(() => void (saved === undefined ? delete process.env.XDG_RUNTIME_DIR : 
 const guest = (name: string, phase: string, sizeBytes: number): ControlledGuest => ({
   name, phase, restored: false, progress: undefined, lastError: phase === 'failed' ? { code: 'ERR_AGENT', message: 'migration agent crashed: x' } : undefined,
   regions: { r: { name: 'r', sizeBytes } },
-  migrate: () => Promise.reject(new Error('not here')), cancel: () => Promise.resolve(), setBandwidth: () => Promise.resolve(),
+  migrate: () => Promise.reject(new Error('not here')), preflight: () => Promise.reject(new Error('not here')), cancel: () => Promise.resolve(), setBandwidth: () => Promise.resolve(),
   on: () => undefined, off: () => undefined,
 })
 

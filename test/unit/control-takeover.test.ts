@@ -19,7 +19,7 @@ afterAll(() => void (saved === undefined ? delete process.env.XDG_RUNTIME_DIR : 
 function guest(name: string, phase: string): ControlledGuest {
   return {
     name, phase, restored: phase !== 'moved', progress: undefined, lastError: undefined, regions: {},
-    migrate: () => Promise.reject(new Error('not here')), cancel: () => Promise.resolve(), setBandwidth: () => Promise.resolve(),
+    migrate: () => Promise.reject(new Error('not here')), preflight: () => Promise.reject(new Error('not here')), cancel: () => Promise.resolve(), setBandwidth: () => Promise.resolve(),
     on: () => undefined, off: () => undefined,
   }
 }

@@ -97,7 +97,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     restored: new Promise<Uint8Array>((r) => (restoredResolve = r)),
     settled: new Promise<void>((r) => (settledResolve = r)),
     destFailed: new Promise<Error>((r) => (failedResolve = r)),
-  } as Pair
+  } as unknown as Pair // (dest: set below)
   pair.dest = new MigrationDestination(dst, dstRegions, received, { token: TOKEN, bulkBufferBytes: 0, memoryHeadroom: () => pair.headroom, ...destOptions }, {
     restore: async (state) => {
       pair.events.push('restore')
@@ -137,6 +137,7 @@ export function sourceOptions(pair: Pair, mode: MigrationMode, extra: Partial<So
     prepaging: { strategy: 'bubble' },
     pushLog: false,
     bulkBufferBytes: 0,
+    postcopyNice: 0,
     dial: async () => {
       if (pair.refuseDials) throw Object.assign(new Error('refused'), { code: 'ERR_MIGRATION_CONNECT' })
       const [a, b] = MemoryTransport.pair(256 * 1024)
