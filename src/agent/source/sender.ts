@@ -106,12 +106,12 @@ export class Sender {
   async barrier(keepLanes: boolean): Promise<void> {
     // nothing went on them since the last barrier (pre-copy's end has one): no round trip, none in the pause window
     const extra = this.sentOnLanes ? this.lanes.slice(1) : []
+    this.sentOnLanes = false // (what goes on them while the SYNCs are out is not covered by them)
     await Promise.all(extra.map(async (ch) => {
       const answered = reply(ch, Msg.SYNC)
       ch.send(encodeControl(Msg.SYNC, {}))
       await answered
     }))
-    this.sentOnLanes = false
     if (keepLanes) return
     this.lanes = []
     for (const w of this.laneWriters) this.extraBytes += w.bytesWritten
