@@ -31,7 +31,7 @@ describe.skipIf(skip)('parallel streams that do not keep pace', () => {
 
   // the extra streams are drained before the pause (pre-copy ends with a SYNC on each), so the pause window does not
   // wait on them again: with both 600 ms behind, a SYNC there would hold HANDOFF for at least 600 ms (it did: 651, 665)
-  it.each(['hybrid', 'precopy'] as const)('%s over 3 streams, the two extra ones 600 ms behind: the hand-off does not wait for them', async (mode) => {
+  it.each(['hybrid', 'precopy', 'postcopy'] as const)('%s over 3 streams, the two extra ones 600 ms behind: the hand-off does not wait for them', async (mode) => {
     const relay = new Relay(Infinity)
     relay.lagToDestination = { role: 'stream', ms: 600 }
     try {

@@ -230,6 +230,9 @@ async function zeroRound(ctx: PrecopyContext, rounds: RoundReport[]): Promise<vo
       if (bulk.needsDrain) await bulk.drain()
     }
   }
+  // the ranges that went on extra streams are placed before the pause (a SYNC answered on each), so that the pause
+  // window waits on none of them (with the streams 150 ms behind bulk, the downtime was ~158 ms)
+  await sender.barrier(true)
   bulk.send(encodeControl(Msg.PRECOPY_END, { reason: 'postcopy' }))
   await endRound(ctx, started, rounds)
 }
