@@ -110,17 +110,19 @@ export class Relay {
     this.open.add(upstream)
     upstream.on('close', () => this.open.delete(upstream))
     upstream.on('error', () => {})
-    const ctx: WatchContext = { keylog: this.keylog }
+    const hello = new SourceHello()
+    const ctx: WatchContext = { keylog: this.keylog, hello }
     const toDest = new FrameWatch(ctx, true), back = new FrameWatch(ctx, false)
-    const lag = this.lagToDestination && new HelloRole()
     client.on('data', (chunk: Buffer) => {
+      hello.see(chunk)
       const at = this.cueIn(toDest, chunk, true)
       if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
       const flip = this.corruptAtByte - this.bytesToDestination
       if (flip >= 0 && flip < chunk.length) (chunk = Buffer.from(chunk))[flip] ^= 0x10
       this.tap?.(chunk, true)
       // (timers of one duration fire in the order they were set: the lagging connection's bytes stay in order)
-      if (lag && lag.see(chunk) === this.lagToDestination!.role) setTimeout(() => void (!upstream.destroyed && upstream.write(chunk)), this.lagToDestination!.ms)
+      const lag = this.lagToDestination
+      if (lag && hello.role === lag.role) setTimeout(() => void (!upstream.destroyed && upstream.write(chunk)), lag.ms)
       else upstream.write(chunk)
       this.bytesToDestination += chunk.length
       if (this.rateBytesPerSec > 0) {
@@ -143,8 +145,7 @@ export class Relay {
   /** Where in this chunk the link breaks for the frame cue (the bytes before it pass), or undefined. */
   private cueIn(watch: FrameWatch, chunk: Buffer, toDestination: boolean): number | undefined {
     const cue = this.onFrame
-    if (!cue || this.cuts > 0) return undefined
-    if (cue.toDestination !== undefined && cue.toDestination !== toDestination) return void watch.notice(chunk)
+    if (!cue || this.cuts > 0 || (cue.toDestination !== undefined && cue.toDestination !== toDestination)) return undefined
     return watch.find(chunk, cue.type, cue.lose)
   }
 
@@ -204,31 +205,36 @@ export class Relay {
   }
 }
 
-/** A connection's role, from its first frame (the source's HELLO, in plaintext also in an encrypted migration). */
-class HelloRole {
-  private head: Buffer | undefined = Buffer.alloc(0)
+/**
+ * The source's HELLO, each connection's first frame towards the destination (plaintext, also in an encrypted
+ * migration): the connection's role, and its nonce, which names the connection's keys in a key log.
+ */
+class SourceHello {
+  private head: Buffer | undefined = Buffer.alloc(0) // undefined: read (or not a HELLO)
   role: string | undefined
+  nonce: Uint8Array | undefined
 
-  /** The role once the HELLO has arrived (with this chunk or before). */
-  see(chunk: Buffer): string | undefined {
-    if (!this.head) return this.role
+  /** The next chunk towards the destination (the first ones hold the HELLO). */
+  see(chunk: Buffer): void {
+    if (!this.head) return
     this.head = Buffer.concat([this.head, chunk])
-    if (this.head.length >= 5 && this.head.readUInt32BE(0) > 1 << 16) this.head = undefined // not a HELLO
-    if (!this.head || this.head.length < 5 || this.head.length < 4 + this.head.readUInt32BE(0)) return undefined
+    const len = this.head.length >= 5 ? this.head.readUInt32BE(0) : 0
+    if (len > 1 << 16) return void (this.head = undefined) // not a HELLO
+    if (this.head.length < 5 || this.head.length < 4 + len) return
     const h = this.head
     this.head = undefined
-    if (h[4] !== Msg.HELLO) return undefined
+    if (h[4] !== Msg.HELLO) return
     try {
-      const role = decodeControl(Msg.HELLO, h.subarray(5, 4 + h.readUInt32BE(0))).role
-      this.role = typeof role === 'string' ? role : undefined
+      const m = decodeControl(Msg.HELLO, h.subarray(5, 4 + len))
+      if (typeof m.role === 'string') this.role = m.role
+      if (m.nonce instanceof Uint8Array) this.nonce = m.nonce
     } catch {}
-    return this.role
   }
 }
 
-/** What the two directions of one relayed connection share: the source's HELLO nonce (it names the connection in a key log). */
+/** What the two directions of one relayed connection share. */
 interface WatchContext {
-  nonce?: Uint8Array
+  hello?: SourceHello
   /** $UFFD_MIGRATE_KEYLOG of the hosts (keylog.ts), to see the frames inside a sealed stream. */
   keylog?: string
 }
@@ -244,8 +250,7 @@ class FrameWatch {
   private head = Buffer.alloc(0) // a frame's first bytes, split across chunks
   private headAt = 0 // where in the chunk that split header began (negative: in an earlier chunk)
   private pendingEnd = -1 // a cued frame delivered whole: bytes of it still to pass before the break
-  private kept: Buffer[] | undefined // the current frame's bytes, kept (HELLO for its nonce, a sealed record to open)
-  private keptType = 0
+  private kept: Buffer[] | undefined // the current frame's bytes, kept (a sealed record to open)
   private keptAt = 0 // where in the chunk the kept frame began (negative: in an earlier chunk)
   private opener: Opener | undefined
   private opened: Buffer[] = []
@@ -253,11 +258,6 @@ class FrameWatch {
   private noKeys = false
 
   constructor(private readonly ctx: WatchContext = {}, private readonly toDestination = false) {}
-
-  /** A chunk of the direction not cued: only the source's HELLO matters there (its nonce names the keys). */
-  notice(chunk: Buffer): void {
-    if (this.toDestination && !this.ctx.nonce && this.ctx.keylog) this.find(chunk, -1, false)
-  }
 
   /** Offset in chunk where the break goes: before a frame of `type` (lose) or just after it, or undefined. */
   find(chunk: Buffer, type: number, lose: boolean): number | undefined {
@@ -288,9 +288,8 @@ class FrameWatch {
       const len = header.readUInt32BE(0), frameType = header[4]
       this.head = Buffer.alloc(0)
       if (frameType === SEALED && this.canOpen()) {
-        this.keep(header, frameType)
-      } else if (frameType === Msg.HELLO && this.toDestination && !this.ctx.nonce) {
-        this.keep(header, frameType)
+        this.kept = [header]
+        this.keptAt = this.headAt
       } else if (frameType === type) {
         if (lose) return Math.max(0, this.headAt)
         const end = i + len - 1
@@ -305,21 +304,10 @@ class FrameWatch {
     return undefined
   }
 
-  private keep(header: Buffer, frameType: number): void {
-    this.kept = [header]
-    this.keptType = frameType
-    this.keptAt = this.headAt
-  }
-
-  /** The kept frame is whole, ending at `end` in the chunk: a HELLO gives the nonce, a record its frames. */
+  /** The kept record is whole, ending at `end` in the chunk: the frames inside it. */
   private whole(type: number, lose: boolean, end: number): number | undefined {
     const frame = Buffer.concat(this.kept!)
     this.kept = undefined
-    if (this.keptType === Msg.HELLO) {
-      const nonce = decodeControl(Msg.HELLO, frame.subarray(5)).nonce
-      if (nonce instanceof Uint8Array) this.ctx.nonce = nonce
-      return undefined
-    }
     this.opened = []
     try {
       this.opener!.feed(frame)
@@ -335,14 +323,15 @@ class FrameWatch {
   /** The keys of this connection are in the key log (read when its first record comes). */
   private canOpen(): boolean {
     if (this.opener) return true
-    if (this.noKeys || !this.ctx.keylog || !this.ctx.nonce) return false
+    const nonce = this.ctx.hello?.nonce
+    if (this.noKeys || !this.ctx.keylog || !nonce) return false
     let log = ''
     try {
       log = readFileSync(this.ctx.keylog, 'utf8')
     } catch {
       // not written yet
     }
-    const keys = findKeys(log, this.ctx.nonce)
+    const keys = findKeys(log, nonce)
     if (!keys) return (this.noKeys = true), false
     this.opener = new Opener(this.toDestination ? keys.toServer : keys.toClient, (p) => this.opened.push(p), 'relay')
     this.inner = new FrameWatch()
