@@ -16,7 +16,7 @@ export function isRecordMutation(kind: string): kind is RecordMutation {
 }
 
 /** bytes sealed as whole records, one Buffer each (a frame over 256 KiB of plaintext takes several). */
-export function sealRecords(sealer: Sealer, bytes: Buffer): Buffer[] {
+function sealRecords(sealer: Sealer, bytes: Buffer): Buffer[] {
   const all = Buffer.concat(sealer.seal([bytes]))
   const out: Buffer[] = []
   for (let at = 0; at < all.length; ) {

@@ -26,7 +26,7 @@ import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
 import { MemoryTransport } from '../memory-transport'
 import { type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
-import { isRecordMutation, mutateRecords, type RecordMutation, sealRecords } from './records'
+import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 
 export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
 const LAYOUT = [16, 8]
@@ -86,6 +86,9 @@ interface Link {
   sealers: (Sealer | undefined)[]
   codes: string[]
 }
+
+/** A link's ends and sealers in the order connect() opens them. */
+const endIndex = (channel: 'urgent' | 'bulk') => (channel === 'urgent' ? 0 : 1)
 
 const turns = async (n = 4) => {
   for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r))
@@ -213,11 +216,11 @@ export class FuzzSession {
   /** Raw bytes on one end: sealed first when the end has a sealer (a sealed session after its handshake). */
   private write(t: MemoryTransport, bytes: Buffer, sealer?: Sealer): void {
     if (!bytes.length) return
-    t.write(sealer ? Buffer.concat(sealRecords(sealer, bytes)) : bytes)
+    t.write(sealer ? Buffer.concat(sealer.seal([bytes])) : bytes)
   }
 
   private writeOn(link: Link, channel: 'urgent' | 'bulk', bytes: Buffer): void {
-    const i = channel === 'urgent' ? 0 : 1
+    const i = endIndex(channel)
     this.write(link.ends[i], bytes, link.sealers[i])
   }
 
@@ -275,7 +278,7 @@ export class FuzzSession {
       }
       await turns()
       if (isRecordMutation(kind)) {
-        const i = frames[at].channel === 'urgent' ? 0 : 1
+        const i = endIndex(frames[at].channel)
         const next = frames.slice(at + 1).find((f) => f.channel === frames[at].channel)
         for (const w of mutateRecords(link.sealers[i]!, frames[at].bytes, next?.bytes, kind, this.rand)) link.ends[i].write(w)
         this.frames++
