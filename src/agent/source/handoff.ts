@@ -136,10 +136,10 @@ export async function sendHandoff(ctx: HandoffContext, state: Uint8Array, prep: 
   const discard: Uint32Array[] = []
   const windowSends: Promise<void>[] = []
   let discarded = 0
-  // (on bulk alone since the barrier above: over several streams the window's pages once travelled on their lanes and
-  // HANDOFF waited for each stream's reader to place its share: 256 MiB, 10k writes/s, 3 streams, 5 runs each,
-  // transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they were dropped instead)
-  const held = ctx.mode === 'hybrid' && sender.streams === 1 ? written.map((w, i) => heldRuns(sender.destHas[i], w)) : undefined
+  // (on bulk alone since the barrier above, whatever the streams: over several the window's pages once travelled on
+  // their lanes and HANDOFF waited for each stream's reader to place its share: 256 MiB, 10k writes/s, 3 streams, 5 runs
+  // each, transfer part 3.1-15.9 ms, median 6.6, against 2.4-3.7, median 3.3, when they were dropped instead)
+  const held = ctx.mode === 'hybrid' ? written.map((w, i) => heldRuns(sender.destHas[i], w)) : undefined
   const sendNow = held !== undefined && sendWrittenInWindow(held.reduce((n, h) => n + h.pages, 0), sender.pageSize, convergenceRate(rounds, ctx.switchoverBytesPerSec).bytesPerSec / 1000)
   for (let i = 0; i < regions.length; i++) {
     if (precopyMode) {
