@@ -14,6 +14,7 @@ import type { Frame } from '../../protocol/frames'
 import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
 import { nativeLinkError } from '../demand-events'
+import { takeDuplex } from '../native-seal'
 import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
@@ -90,7 +91,7 @@ export class Postcopy {
     const demand = this.host.link.demand
     if (!demand) return
     // after a recovery the destination's thread asks again at once: requests may wait in this side's buffers
-    const taken = this.sender.takeDemand(demand)
+    const taken = takeDuplex(demand)
     if (!taken) return demand.fail(migrationError(ErrorCode.PROTOCOL, 'the demand connection has no descriptor'))
     this.nativeDemand = true
     const serve = () => this.sender.serveDemand(taken, {

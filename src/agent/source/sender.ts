@@ -15,7 +15,7 @@ import { encodeControl, encodeRuns, MAX_PAGES_PER_FRAME, Msg, pagesHeader, Range
 import type { Region } from '../../region'
 import { DemandEv, eachDemandEvent, nativeLinkError } from '../demand-events'
 import { NativeThread } from '../native-thread'
-import { nativeSealAvailable, type Taken, takeDuplex } from '../native-seal'
+import { nativeSealAvailable, type Taken } from '../native-seal'
 import { NativeBulkSend, nativeWriterAvailable } from './bulk-writer'
 import { splitByLane } from './lanes'
 import { reply } from './link'
@@ -229,15 +229,10 @@ export class Sender {
   }
 
   /**
-   * After the hand-off, with a demand connection: a native thread answers its
-   * page requests from region memory and the pending map. onFault: the first
-   * page of each requested run (the push policy's pivots); onSent: pages it sent.
+   * After the hand-off, with a demand connection (taken: takeDuplex()): a native thread answers its page requests from
+   * region memory and the pending map. onFault: the first page of each requested run (the push policy's pivots);
+   * onSent: pages it sent.
    */
-  /** The demand connection's descriptor for the thread (and, sealed, the states it seals and opens it with). */
-  takeDemand(ch: Channel): Taken | undefined {
-    return takeDuplex(ch)
-  }
-
   serveDemand(taken: Taken, hooks: { onFault(region: number, page: number): void; onSent(pages: number): void; onClosed(errno: number, protocol: number): void }): void {
     this.stopDemand()
     const { fd, head, seal } = taken
