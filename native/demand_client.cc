@@ -131,6 +131,7 @@ class DemandClientThread : public DemandThread {
   void drop_link() {
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
+    asked_on_link_ = false;
     link_ = std::make_unique<records::Link>();  // (a failed sealed link stays "pending": the poll must not spin on it)
   }
 
@@ -192,6 +193,7 @@ class DemandClientThread : public DemandThread {
       f[4] = kMsgPageRequest, f[5] = kKindFault;
       put_u32(&f[6], region);
       for (size_t j = 0; j < n; j++) put_u32(&f[10 + j * 8], runs[i + 2 * j]), put_u32(&f[14 + j * 8], runs[i + 2 * j + 1]);
+      asked_on_link_ = true;
       iovec iov = {f.data(), f.size()};
       int err = 0;
       if (!link_->write_all(fd_, stop_fd_, &iov, 1, &err) && err != ECANCELED) link_broke(err, records::kEnded);
@@ -217,6 +219,10 @@ class DemandClientThread : public DemandThread {
         if (!fill({{fr.hdr, &fr.hdr_have, 17}, {staging_, &fr.body_have, ps}}, true)) return;
         uint32_t len = get_u32(fr.hdr);
         if (fr.hdr[4] != kMsgPages || len < 13 + ps || len > 13 + kFramePages * ps) return link_broke(EPROTO, records::kMalformed);
+        // A reply before this side asked anything on this connection: no source sends one (it answers requests,
+        // which follow the hand-off). Installed, it would race with what owns the memory before the hand-off (the
+        // bulk reader's drops, the discard list): a page marked missing with bytes in it (found by the fuzzer).
+        if (!asked_on_link_) return link_broke(EPROTO, records::kMalformed);
         fr.body_need = len - 13, fr.sized = true;
         if (fr.body_need > ps) {
           memcpy(staging_ + ps, fr.next, fr.next_have);
@@ -296,6 +302,7 @@ class DemandClientThread : public DemandThread {
   static uint64_t key(uint32_t region, uint32_t page) { return (uint64_t)region << 32 | page; }
 
   int uffd_, fd_ = -1;
+  bool asked_on_link_ = false;  // a request went out on fd_ (before it, a reply is a protocol breach)
   int kick_fd_ = -1;
   std::mutex attach_mu_;
   int next_fd_ = -1;

@@ -2,7 +2,8 @@
  * The structure-aware fuzzer's fixed-seed slice (npm run fuzz runs the long
  * one): mutated frames at every point of a session against the real addon.
  * Every session must end in a correct migration or a failure that holds no
- * wrong page; no crash, no hang, an ERR_ code on every rejection.
+ * wrong page; no crash, no hang, an ERR_ code on every rejection. Twice: in
+ * memory (the JavaScript receive paths) and over loopback TCP (the addon's).
  */
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
@@ -33,6 +34,25 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.totals.codes.ERR_MIGRATION_CONNECTION).toBeGreaterThan(0)
     const recordRows = RECORD_MUTATIONS.map((m) => report.rows[m])
     expect(recordRows.every((r) => r.sessions > 0 && r.sessions === r.sealed)).toBe(true)
+    // in memory, no descriptor: the agent's JavaScript read every session's bulk connection
+    expect(Object.keys(report.bulkReceive)).toEqual(['js'])
+  }, 120_000)
+
+  it('over loopback TCP, where the addon\'s threads parse it (bulk reader, demand thread, native records): the same outcome', async () => {
+    const report = await runFuzz({ binding: loadBinding(), frames: 5000, seed: 20261125, wire: 'tcp' })
+    const table = fuzzTable(report)
+    console.log(table)
+    expect(report.failures, table).toEqual([])
+    expect(report.totals).toMatchObject({ crashes: 0, hangs: 0, badPages: 0, uncoded: 0 })
+    expect(report.totals.rejected).toBeGreaterThan(report.sessions / 2)
+    // every settled session's bulk connection was read by the native reader, as in production (the memory wire's by
+    // JavaScript): what this run proves is about the addon's parser
+    expect(Object.keys(report.bulkReceive)).toEqual(['native'])
+    expect(report.bulkReceive.native).toBeGreaterThan(report.sessions / 3)
+    // post-copy's replies travel on the demand connection here, read by its thread: a session that settled with
+    // neither a fresh start nor a recovery got its changed pages, every byte checked, from that thread
+    expect(report.totals.ends.settled).toBeGreaterThan(0)
+    expect(report.totals.sealed).toBeGreaterThan(report.sessions / 5)
   }, 120_000)
 })
 if (skip) console.warn(`fuzz.test: skipped: ${skip}`)

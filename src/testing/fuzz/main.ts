@@ -1,10 +1,12 @@
 /**
- * `npm run fuzz -- --frames 100000 --seed N [--json]`: the structure-aware
- * fuzzer against the real addon (see session.ts). Prints the outcome table;
- * exits 1 on any crash, hang, wrong page or rejection without an ERR_ code.
+ * `npm run fuzz -- --frames 100000 --seed N [--wire memory|tcp] [--json]`: the
+ * structure-aware fuzzer against the real addon (see session.ts; the wire:
+ * wire.ts). Prints the outcome table; exits 1 on any crash, hang, wrong page
+ * or rejection without an ERR_ code.
  */
 import { loadBinding } from '../../binding'
 import { fuzzTable, runFuzz } from './run'
+import { WIRE_KINDS, type WireKind } from './wire'
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2)
@@ -16,6 +18,9 @@ async function main(): Promise<void> {
   }
   const frames = arg('frames', 100_000)
   const seed = arg('seed', 1)
+  const w = args.indexOf('--wire')
+  const wire = (w >= 0 ? args[w + 1] : 'memory') as WireKind
+  if (!WIRE_KINDS.includes(wire)) throw new Error(`expected --wire to be ${WIRE_KINDS.join(' or ')}, got ${args[w + 1]}`)
   let crashes = 0
   process.on('uncaughtException', (err) => {
     crashes++
@@ -29,6 +34,7 @@ async function main(): Promise<void> {
     binding: loadBinding(),
     frames,
     seed,
+    wire,
     onProgress: (r) => process.stderr.write(`fuzz: ${r.frames}/${frames} frames, ${r.sessions} sessions\n`),
   })
   report.totals.crashes += crashes

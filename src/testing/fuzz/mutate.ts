@@ -9,8 +9,11 @@
 import { Packr } from 'msgpackr'
 import { MSG_NAMES, Msg } from '../../protocol/messages'
 
+/** The connections the fuzzer writes on (demand: over TCP only, see wire.ts). */
+export type FuzzChannel = 'urgent' | 'bulk' | 'demand'
+
 export interface ScriptFrame {
-  channel: 'urgent' | 'bulk'
+  channel: FuzzChannel
   type: number
   bytes: Buffer
 }
@@ -25,7 +28,7 @@ const CONTROL = new Set<number>([Msg.HELLO, Msg.AUTH, Msg.REGIONS, Msg.CLOCK, Ms
 
 /** What a mutation sends instead of the frame (one or more writes, on a channel). */
 export interface Mutated {
-  channel: 'urgent' | 'bulk'
+  channel: FuzzChannel
   writes: Buffer[]
   /** Frames the mutation put on the wire (for the frame count). */
   frames: number
@@ -56,7 +59,8 @@ function otherKind(v: unknown, rand: () => number): unknown {
 
 const CROSS: number[] = [Msg.HELLO, Msg.AUTH, Msg.READY, Msg.REGIONS, Msg.REGIONS_OK, Msg.HANDOFF, Msg.RESUMED, Msg.PAGE_REQUEST, Msg.WILL_NEED, Msg.FREED, Msg.PUSH_END, Msg.SETTLED, Msg.RECOVER, Msg.RECOVER_STATE, Msg.SERVICE, Msg.PRECOPY_END, Msg.ROUND_END, 0, 99, 255]
 
-export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layout: number[]): Mutated {
+/** channels: the connections the session has (wrongChannel moves the frame to another of them). */
+export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layout: number[], channels: readonly FuzzChannel[] = ['urgent', 'bulk']): Mutated {
   const int = (n: number) => Math.floor(rand() * n)
   const payload = f.bytes.subarray(5)
   const one = (bytes: Buffer, channel = f.channel): Mutated => ({ channel, writes: [bytes], frames: 1 })
@@ -114,8 +118,11 @@ export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layou
       const type = CROSS[int(CROSS.length)]
       return one(frame(type, type === Msg.PAGES ? Buffer.alloc(12) : packr.pack({})))
     }
-    case 'wrongChannel':
-      return one(f.bytes, f.channel === 'bulk' ? 'urgent' : 'bulk')
+    case 'wrongChannel': {
+      // (over TCP a pre-copy page can land on the demand connection: a reply nobody asked for, before the hand-off)
+      const others = channels.filter((c) => c !== f.channel)
+      return one(f.bytes, others.length === 1 ? others[0] : others[int(others.length)])
+    }
     case 'duplicate':
       return { channel: f.channel, writes: [f.bytes, f.bytes], frames: 2 }
     case 'emptyBody':

@@ -1,13 +1,16 @@
 /**
  * The fuzz loop: sessions from a seed until `frames` frames went out, each
  * with one mutated frame at a random point (the handshake included), and the
- * table of outcomes. Deterministic for a seed (fake clock, seeded choices).
+ * table of outcomes. Deterministic for a seed (fake clock, seeded choices)
+ * over the in-memory wire; over TCP the addon's threads take part, and
+ * scheduling can change a session's outcome, never what is checked (wire.ts).
  */
 import type { NativeBinding } from '../../binding'
 import { prng } from '../prng'
 import { type Mutation, MUTATIONS } from './mutate'
 import { RECORD_MUTATIONS, type RecordMutation } from './records'
 import { FuzzSession } from './session'
+import type { WireKind } from './wire'
 
 type Kind = Mutation | RecordMutation
 /** The share of sessions that are sealed (encrypted): the record layer's mutations are drawn only in those. */
@@ -30,10 +33,13 @@ export interface FuzzRow {
 
 export interface FuzzReport {
   seed: number
+  wire: WireKind
   frames: number
   sessions: number
   rows: Record<Kind, FuzzRow>
   totals: FuzzRow
+  /** Settled sessions by who read their bulk connection, as the destination reported it (native: the addon's reader). */
+  bulkReceive: Record<string, number>
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
@@ -41,25 +47,26 @@ export interface FuzzReport {
 
 const emptyRow = (): FuzzRow => ({ sessions: 0, sealed: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0 })
 
-export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
+export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; wire?: WireKind; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
+  const wire = opts.wire ?? 'memory'
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, frames: 0, sessions: 0, rows, totals: emptyRow(), failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
     const kinds: readonly Kind[] = sealed ? [...MUTATIONS, ...RECORD_MUTATIONS] : MUTATIONS
     const kind = kinds[Math.floor(rand() * kinds.length)]
     const sessionSeed = Math.floor(rand() * 2 ** 31)
-    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed)
+    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed, wire)
     const at = Math.floor(rand() * (session.frameCount + 1)) - 1 // -1: the handshake
     const row = rows[kind]
     row.sessions++
     if (sealed) row.sealed++
     report.sessions++
     const fail = (what: string) => {
-      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} session ${report.sessions} (session seed ${sessionSeed}${sealed ? ', sealed' : ''}): ${kind} at frame ${at}: ${what}`)
+      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} (${wire}) session ${report.sessions} (session seed ${sessionSeed}${sealed ? ', sealed' : ''}): ${kind} at frame ${at}: ${what}`)
     }
     try {
       const r = await session.run(at, kind)
@@ -67,6 +74,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       if (r.rejected) row.rejected++
       else row.accepted++
       row.ends[r.end] = (row.ends[r.end] ?? 0) + 1
+      if (r.bulkReceive) report.bulkReceive[r.bulkReceive] = (report.bulkReceive[r.bulkReceive] ?? 0) + 1
       for (const c of r.codes) {
         row.codes[c] = (row.codes[c] ?? 0) + 1
         if (!/^ERR_[A-Z_]+$/.test(c)) {
@@ -108,7 +116,7 @@ export function fuzzTable(r: FuzzReport): string {
   const short = (c: string) => c.replace(/^ERR_MIGRATION_/, '').replace(/^ERR_/, '')
   const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
   const lines = [
-    `fuzz: seed ${r.seed}, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s`,
+    `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}`,
     '',
     '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
     '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|',

@@ -12,6 +12,8 @@
  *   if the destination failed instead, every page it holds must be right.
  * A third of the sessions are sealed (the fuzzer asks to encrypt): the same
  * mutations behind the record layer, and the record layer's own (records.ts).
+ * Over TCP (wire.ts) the addon's threads parse it all, as in production: the
+ * bulk reader, and the demand thread, which gets post-copy's replies.
  */
 import { PageBitmap } from '../../bitmap'
 import type { NativeBinding } from '../../binding'
@@ -19,29 +21,17 @@ import { MigrationDestination } from '../../agent/destination/index'
 import { DestPhase } from '../../agent/destination/machine'
 import type { UffdMigrateError } from '../../errors'
 import { Channel } from '../../protocol/channel'
-import { connectionKeys, ephemeralKey, handshakeProof, type KeyExchange, peerError } from '../../protocol/handshake'
+import { handshakeProof } from '../../protocol/handshake'
 import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
-import { Sealer } from '../../protocol/records'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
-import { MemoryTransport } from '../memory-transport'
-import { type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
+import { exchange, FUZZ_KEY, FUZZ_TOKEN, FuzzLink, nextFrame, WIRE_CHANNELS, writeRaw } from './link'
+import { type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
+import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
 
-export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
+export { FUZZ_TOKEN } from './link'
 const LAYOUT = [16, 8]
-/**
- * The fuzzer's X25519 key for a session. A sealed session (the fuzzer asks to
- * encrypt) derives each connection's keys from it as a source would, and
- * seals what it writes, mutated frames included: the destination then meets
- * them behind its record layer, and the record mutations (records.ts) too.
- */
-const FUZZ_KEY = ephemeralKey()
-
-/** What the proofs cover (the destination's HELLO gave its key and wish). */
-function exchange(serverHello: Record<string, unknown>, encrypt: boolean): KeyExchange {
-  return { clientKey: FUZZ_KEY.publicKey, serverKey: serverHello.key as Uint8Array, clientEncrypt: encrypt, serverEncrypt: serverHello.encrypt === true }
-}
 
 export interface SessionResult {
   /** Frames written, valid ones included. */
@@ -56,6 +46,8 @@ export interface SessionResult {
   badPages: number
   /** How the session ended: settled after a fresh migration, settled after recovery, failed. */
   end: 'fresh' | 'recovered' | 'failed' | 'settled'
+  /** Who read the bulk connection, as the SETTLED report says ('native': the addon's reader; 'js'): absent when none came. */
+  bulkReceive?: string
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */
@@ -78,22 +70,6 @@ class Content {
   }
 }
 
-interface Link {
-  urgent: Channel
-  bulk: Channel
-  ends: MemoryTransport[]
-  /** Sealed sessions: what seals each end's writes (the channels only read). */
-  sealers: (Sealer | undefined)[]
-  codes: string[]
-}
-
-/** A link's ends and sealers in the order connect() opens them. */
-const endIndex = (channel: 'urgent' | 'bulk') => (channel === 'urgent' ? 0 : 1)
-
-const turns = async (n = 4) => {
-  for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r))
-}
-
 export class FuzzSession {
   private readonly clock = new FakeClock()
   private readonly regions: Region[]
@@ -104,10 +80,19 @@ export class FuzzSession {
   private failed = false
   private frames = 0
   private sessionSeq = 0
+  private readonly wire: Wire
+  private readonly links: FuzzLink[] = []
+  /** Links whose demand replies were asked for (askForReplies), and the ids of those ready() waits. */
+  private readonly asked = new Set<FuzzLink>()
+  private waitId = 1
+  /** Over TCP, a quarter of the sessions send the demand replies without waiting to be asked (a misbehaving source). */
+  private readonly unasked: boolean
 
-  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false) {
+  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false, wire: WireKind = 'memory') {
+    this.wire = createWire(wire)
     const ps = binding.pageSize
     this.content = new Content(seed, rand, ps)
+    this.unasked = wire === 'tcp' && rand() < 0.25
     this.regions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
     const code = (e: Error) => this.hookCodes.push((e as UffdMigrateError).code ?? 'NO_CODE')
     this.dest = new MigrationDestination(binding, this.regions, LAYOUT.map((n) => new PageBitmap(n)), { token: FUZZ_TOKEN, bulkBufferBytes: 0, clock: this.clock }, {
@@ -132,9 +117,9 @@ export class FuzzSession {
   private script(): { frames: ScriptFrame[]; handoffAt: number } {
     const c = this.content, ps = this.binding.pageSize
     const out: ScriptFrame[] = []
-    const push = (channel: 'urgent' | 'bulk', type: number, bytes: Buffer) => out.push({ channel, type, bytes })
-    const control = (channel: 'urgent' | 'bulk', type: Msg, body: object) => push(channel, type, Buffer.concat(encodeControl(type, body)))
-    const pages = (channel: 'urgent' | 'bulk', r: number, first: number, list: Buffer[]) =>
+    const push = (channel: FuzzChannel, type: number, bytes: Buffer) => out.push({ channel, type, bytes })
+    const control = (channel: FuzzChannel, type: Msg, body: object) => push(channel, type, Buffer.concat(encodeControl(type, body)))
+    const pages = (channel: FuzzChannel, r: number, first: number, list: Buffer[]) =>
       push(channel, Msg.PAGES, Buffer.concat([pagesHeader(r, first, list.length, ps), ...list]))
     control('bulk', Msg.REGIONS, { linkTimeoutMs: 10_000, requestTimeoutMs: 5000, pageSize: ps, regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
     control('urgent', Msg.CLOCK, { t0: 1 })
@@ -167,11 +152,13 @@ export class FuzzSession {
     })
     const handoffAt = out.length
     control('bulk', Msg.HANDOFF, { state: new Uint8Array([1, 2, 3]), discard, recoveryTimeoutMs: 60_000 })
-    // post-copy: changed pages (as replies on urgent) and the last quarter (pushed on bulk)
+    // post-copy: changed pages (as replies: on urgent, or over TCP on the demand connection, which the destination's
+    // demand thread reads) and the last quarter (pushed on bulk)
+    const replies: FuzzChannel = this.wire.kind === 'tcp' ? 'demand' : 'urgent'
     LAYOUT.forEach((n, r) => {
       for (let p = 0; p < n; p++) {
         if (c.zero[r][p]) continue
-        if (p < Math.floor((n * 3) / 4) && c.changed[r][p]) pages('urgent', r, p, [c.final(r, p)])
+        if (p < Math.floor((n * 3) / 4) && c.changed[r][p]) pages(replies, r, p, [c.final(r, p)])
         else if (p >= Math.floor((n * 3) / 4)) pages('bulk', r, p, [c.final(r, p)])
       }
     })
@@ -179,69 +166,41 @@ export class FuzzSession {
     return { frames: out, handoffAt }
   }
 
-  /** Opens both connections of a session (a correct handshake). */
-  private async connect(session: string): Promise<Link> {
-    const codes: string[] = []
-    const ends: MemoryTransport[] = []
-    const sealers: (Sealer | undefined)[] = []
-    const open = async (role: 'urgent' | 'bulk') => {
-      const [a, b] = MemoryTransport.pair()
-      ends.push(a)
-      void this.dest.accept(b, 'fuzzer')
-      const ch = new Channel(a, role)
-      const nonce = Buffer.alloc(32, 7)
-      this.write(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY.publicKey, encrypt: this.sealed })))
-      const hello = await this.next(ch)
-      if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
-      const reply = decodeControl(hello.type, hello.payload)
-      const peerNonce = reply.nonce as Uint8Array
-      this.write(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, exchange(reply, this.sealed)) })))
-      if (this.sealed) {
-        const keys = connectionKeys(FUZZ_TOKEN, FUZZ_KEY.privateKey, reply.key as Uint8Array, { role, session }, nonce, peerNonce)
-        sealers.push(new Sealer(keys.toServer))
-        // the channel only reads (opens what the destination seals); a send key of its own would go unused
-        ch.secure({ send: { key: Buffer.alloc(32), iv: Buffer.alloc(12) }, receive: keys.toClient })
-      } else sealers.push(undefined)
-      const ready = await this.next(ch)
-      if (ready.type !== Msg.READY) throw new Error(`fuzzer: expected READY, got ${ready.type === Msg.ERROR ? peerError(ready.payload).message : ready.type}`)
-      ch.authenticated()
-      ch.onFrame((f) => void (f.type === Msg.ERROR && codes.push(peerError(f.payload).code)))
-      return ch
-    }
-    const urgent = await open('urgent')
-    const bulk = await open('bulk')
-    return { urgent, bulk, ends, sealers, codes }
+  private async connect(session: string): Promise<FuzzLink> {
+    const link = await FuzzLink.open(this.wire, this.dest, session, this.sealed)
+    this.links.push(link)
+    return link
   }
 
-  /** Raw bytes on one end: sealed first when the end has a sealer (a sealed session after its handshake). */
-  private write(t: MemoryTransport, bytes: Buffer, sealer?: Sealer): void {
-    if (!bytes.length) return
-    t.write(sealer ? Buffer.concat(sealer.seal([bytes])) : bytes)
-  }
-
-  private writeOn(link: Link, channel: 'urgent' | 'bulk', bytes: Buffer): void {
-    const i = endIndex(channel)
-    this.write(link.ends[i], bytes, link.sealers[i])
-  }
-
-  private async next(ch: Channel): Promise<{ type: number; payload: Buffer }> {
-    const f = ch.nextFrame()
-    for (let i = 0; i < 50; i++) {
-      const got = await Promise.race([f, turns(1).then(() => undefined)])
-      if (got) return got
-    }
-    throw new Error('fuzzer: no answer from the destination')
-  }
-
-  private send(link: Link, f: ScriptFrame): void {
+  private async send(link: FuzzLink, f: ScriptFrame): Promise<void> {
+    if (f.channel === 'demand') await this.askForReplies(link)
     this.frames++
-    this.writeOn(link, f.channel, f.bytes)
+    link.writeOn(f.channel, f.bytes)
+  }
+
+  /**
+   * Before the first reply on the demand connection: the destination's service asks (ready()) for the pages the
+   * replies carry, as it would by touching them, and the fuzzer waits (boundedly) for its requests. A source
+   * answers only what was asked; where no request comes (the hand-off was refused), or in an `unasked` session,
+   * the replies go unasked, and may meet the hand-off's discard list as it is applied.
+   */
+  private async askForReplies(link: FuzzLink): Promise<void> {
+    if (this.unasked || link.demandRequests > 0 || this.asked.has(link)) return
+    this.asked.add(link)
+    // (the hand-off just went out: its frame is read and handled on the destination's time)
+    for (let i = 0; i < 50 && this.dest.phase === DestPhase.PRECOPY; i++) await this.wire.turns(1)
+    if (this.dest.phase === DestPhase.POSTCOPY) {
+      LAYOUT.forEach((n, r) => {
+        for (let p = 0; p < Math.floor((n * 3) / 4); p++) if (this.content.changed[r][p]) this.dest.service.waitFor(this.waitId++, r, p, 1)
+      })
+    }
+    for (let i = 0; i < 50 && link.demandRequests === 0; i++) await this.wire.turns(1)
   }
 
   /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
   private async until(cond: () => boolean, maxMs = 120_000): Promise<boolean> {
     for (let t = 0; t <= maxMs; t += 250) {
-      await turns()
+      await this.wire.turns()
       if (cond()) return true
       this.clock.advance(250)
     }
@@ -252,17 +211,17 @@ export class FuzzSession {
   private async migrateCorrectly(): Promise<void> {
     const link = await this.connect(`good-${++this.sessionSeq}`)
     for (const f of this.script().frames) {
-      this.send(link, f)
-      await turns(1)
+      await this.send(link, f)
+      await this.wire.turns(1)
     }
   }
 
   /** Mutates frame `at` of the script (at = -1: the handshake) with `kind`; see the file's comment. */
   async run(at: number, kind: Mutation | RecordMutation): Promise<SessionResult> {
     const { frames } = this.script()
-    let link: Link | undefined
+    let link: FuzzLink | undefined
     let blurred: Mutated['blurred']
-    const ends: MemoryTransport[] = []
+    const ends: FuzzEnd[] = []
     if (at < 0) {
       // (a record mutation at the handshake: nothing is sealed yet, so a bit flip stands for it)
       ends.push(await this.handshakeMutated(isRecordMutation(kind) ? 'bitflip' : kind))
@@ -273,31 +232,33 @@ export class FuzzSession {
       // (read once the destination's regions are mapped) came after the bulk channel's HANDOFF, and every session
       // mutated after the hand-off failed on that instead of meeting its mutation
       for (let i = 0; i < at; i++) {
-        this.send(link, frames[i])
-        await turns(1)
+        await this.send(link, frames[i])
+        await this.wire.turns(1)
       }
-      await turns()
+      await this.wire.turns()
       if (isRecordMutation(kind)) {
-        const i = endIndex(frames[at].channel)
-        const next = frames.slice(at + 1).find((f) => f.channel === frames[at].channel)
-        for (const w of mutateRecords(link.sealers[i]!, frames[at].bytes, next?.bytes, kind, this.rand)) link.ends[i].write(w)
+        const channel = frames[at].channel
+        const next = frames.slice(at + 1).find((f) => f.channel === channel)
+        if (channel === 'demand') await this.askForReplies(link)
+        for (const w of mutateRecords(link.sealerOf(channel)!, frames[at].bytes, next?.bytes, kind, this.rand)) link.writeRawOn(channel, w)
         this.frames++
       } else {
-        const m = mutate(frames[at], kind, this.rand, LAYOUT)
-        for (const w of m.writes) this.writeOn(link, m.channel, w)
+        const m = mutate(frames[at], kind, this.rand, LAYOUT, WIRE_CHANNELS[this.wire.kind])
+        if (m.channel === 'demand') await this.askForReplies(link)
+        for (const w of m.writes) link.writeOn(m.channel, w)
         this.frames += m.frames
         blurred = m.blurred
       }
       // a couple of valid frames after it: a desynchronised stream must still fail cleanly
-      for (let i = at + 1; i < Math.min(frames.length, at + 3); i++) this.send(link, frames[i])
-      await turns(8)
+      for (let i = at + 1; i < Math.min(frames.length, at + 3); i++) await this.send(link, frames[i])
+      await this.wire.turns(8)
     }
     const codes = [...this.hookCodes, ...(link?.codes ?? [])]
     const rejected = codes.length > 0
     const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled' }
     // end it as a source would: hang up (an authenticated half-session must not keep the slot), then come back or start over
-    for (const t of ends) t.cut()
-    await turns()
+    for (const t of ends) this.wire.cut(t)
+    await this.wire.turns()
     const phase = this.dest.phase as DestPhase
     if (this.settled) result.end = 'settled'
     else if (phase === DestPhase.LISTENING || phase === DestPhase.PRECOPY) {
@@ -315,6 +276,8 @@ export class FuzzSession {
     // (a fresh migration must have written every page again, blurred ones too)
     result.badPages = this.checkPages(result.end === 'fresh' ? undefined : blurred)
     result.frames = this.frames
+    const said = this.links.map((l) => l.settledReport?.bulkReceive).filter((v) => typeof v === 'string')
+    if (said.length) result.bulkReceive = said[said.length - 1] as string
     return result
   }
 
@@ -322,8 +285,8 @@ export class FuzzSession {
   private async recover(): Promise<void> {
     const link = await this.connect(`fuzz-${this.sessionSeq}`)
     this.frames++
-    this.writeOn(link, 'bulk', Buffer.concat(encodeControl(Msg.RECOVER, {})))
-    const state = await this.next(link.bulk)
+    link.writeOn('bulk', Buffer.concat(encodeControl(Msg.RECOVER, {})))
+    const state = await nextFrame(this.wire, link.bulk)
     if (state.type !== Msg.RECOVER_STATE) throw new Error(`fuzzer: expected RECOVER_STATE, got ${state.type}`)
     const got = (decodeControl(state.type, state.payload).received as Uint8Array[]).map((b, i) => {
       const m = new PageBitmap(LAYOUT[i])
@@ -335,17 +298,17 @@ export class FuzzSession {
       for (let p = 0; p < n; p++) {
         if (got[r]?.has(p)) continue
         this.frames++
-        if (this.content.zero[r][p]) this.writeOn(link, 'bulk', encodeRuns(Msg.RANGES, RangeKind.ZERO, r, [p, 1]))
-        else this.writeOn(link, 'bulk', Buffer.concat([pagesHeader(r, p, 1, ps), this.content.final(r, p)]))
+        if (this.content.zero[r][p]) link.writeOn('bulk', encodeRuns(Msg.RANGES, RangeKind.ZERO, r, [p, 1]))
+        else link.writeOn('bulk', Buffer.concat([pagesHeader(r, p, 1, ps), this.content.final(r, p)]))
       }
     })
     this.frames++
-    this.writeOn(link, 'bulk', Buffer.concat(encodeControl(Msg.PUSH_END, {})))
+    link.writeOn('bulk', Buffer.concat(encodeControl(Msg.PUSH_END, {})))
   }
 
   /** A handshake whose HELLO or AUTH is mutated; the destination must refuse it with a code, or accept a still-valid one. */
-  private async handshakeMutated(kind: Mutation): Promise<MemoryTransport> {
-    const [a, b] = MemoryTransport.pair()
+  private async handshakeMutated(kind: Mutation): Promise<FuzzEnd> {
+    const [a, b] = await this.wire.pair()
     void this.dest.accept(b, 'fuzzer')
     const ch = new Channel(a, 'urgent')
     const nonce = Buffer.alloc(32, 9)
@@ -354,21 +317,21 @@ export class FuzzSession {
     const mutateAuth = this.rand() < 0.5
     if (!mutateAuth) {
       const m = mutate(hello, kind, this.rand, LAYOUT)
-      for (const w of m.writes) this.write(a, w)
+      for (const w of m.writes) writeRaw(a, w)
       this.frames += m.frames
     } else {
-      this.write(a, hello.bytes)
+      writeRaw(a, hello.bytes)
       this.frames++
-      const reply = await this.next(ch).catch(() => undefined)
+      const reply = await nextFrame(this.wire, ch).catch(() => undefined)
       if (reply?.type === Msg.HELLO) {
         const said = decodeControl(reply.type, reply.payload)
         const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, said.nonce as Uint8Array, nonce, exchange(said, this.sealed)) })) }
         const m = mutate(auth, kind, this.rand, LAYOUT)
-        for (const w of m.writes) this.write(a, w)
+        for (const w of m.writes) writeRaw(a, w)
         this.frames += m.frames
       }
     }
-    await turns(8)
+    await this.wire.turns(8)
     return a
   }
 
@@ -392,6 +355,7 @@ export class FuzzSession {
 
   close(): void {
     this.dest.close()
+    this.wire.close()
     for (const r of this.regions) r.release()
   }
 }

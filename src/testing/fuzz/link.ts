@@ -1,0 +1,122 @@
+/**
+ * The fuzzer's connections of one session, opened with a correct handshake
+ * as a source would: urgent and bulk, and over TCP the demand connection
+ * (whose thread on the destination installs post-copy replies). A sealed
+ * session derives each connection's keys as a source does and seals what the
+ * fuzzer writes; the channels only read what the destination says.
+ */
+import type { MigrationDestination } from '../../agent/destination/index'
+import { Channel } from '../../protocol/channel'
+import { connectionKeys, ephemeralKey, handshakeProof, type KeyExchange, peerError } from '../../protocol/handshake'
+import { decodeControl, encodeControl, Msg, PROTOCOL_NAME, PROTOCOL_VERSION } from '../../protocol/messages'
+import { Sealer } from '../../protocol/records'
+import type { FuzzChannel } from './mutate'
+import type { FuzzEnd, Wire, WireKind } from './wire'
+
+export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
+
+/** The fuzzer's X25519 key: a sealed session's connection keys come from it, as a source's do. */
+export const FUZZ_KEY = ephemeralKey()
+
+/** The connections a session opens on each wire: the demand connection only where a native thread can take it. */
+export const WIRE_CHANNELS: Record<WireKind, readonly FuzzChannel[]> = { memory: ['urgent', 'bulk'], tcp: ['urgent', 'bulk', 'demand'] }
+
+/** What the proofs cover (the destination's HELLO gave its key and wish). */
+export function exchange(serverHello: Record<string, unknown>, encrypt: boolean): KeyExchange {
+  return { clientKey: FUZZ_KEY.publicKey, serverKey: serverHello.key as Uint8Array, clientEncrypt: encrypt, serverEncrypt: serverHello.encrypt === true }
+}
+
+/** Raw bytes on one end: sealed first when given a sealer (a sealed session after its handshake). */
+export function writeRaw(end: FuzzEnd, bytes: Buffer, sealer?: Sealer): void {
+  if (!bytes.length) return
+  end.write(sealer ? Buffer.concat(sealer.seal([bytes])) : bytes)
+}
+
+/** The next frame the destination sends on ch; throws when none comes within a bounded number of turns. */
+export async function nextFrame(wire: Wire, ch: Channel): Promise<{ type: number; payload: Buffer }> {
+  const f = ch.nextFrame()
+  for (let i = 0; i < 50; i++) {
+    const got = await Promise.race([f, wire.turns(1).then(() => undefined)])
+    if (got) return got
+  }
+  throw new Error('fuzzer: no answer from the destination')
+}
+
+export class FuzzLink {
+  /** Every ERROR code the destination sent on any of these connections. */
+  readonly codes: string[] = []
+  /** The destination's SETTLED report, once it came. */
+  settledReport: Record<string, unknown> | undefined
+  /** PAGE_REQUESTs the destination's demand thread sent (a source answers on the demand connection only after one). */
+  demandRequests = 0
+  private readonly conns = new Map<FuzzChannel, { ch: Channel; end: FuzzEnd; sealer: Sealer | undefined }>()
+
+  private constructor(private readonly wire: Wire) {}
+
+  /** Opens the session's connections: urgent and bulk, and demand over TCP (a native thread takes it). */
+  static async open(wire: Wire, dest: MigrationDestination, session: string, sealed: boolean): Promise<FuzzLink> {
+    const link = new FuzzLink(wire)
+    for (const role of WIRE_CHANNELS[wire.kind]) await link.add(dest, role, session, sealed)
+    return link
+  }
+
+  get urgent(): Channel {
+    return this.conns.get('urgent')!.ch
+  }
+
+  get bulk(): Channel {
+    return this.conns.get('bulk')!.ch
+  }
+
+  get ends(): FuzzEnd[] {
+    return [...this.conns.values()].map((c) => c.end)
+  }
+
+  has(channel: FuzzChannel): boolean {
+    return this.conns.has(channel)
+  }
+
+  /** Bytes on a connection, sealed in a sealed session. */
+  writeOn(channel: FuzzChannel, bytes: Buffer): void {
+    const c = this.conns.get(channel)!
+    writeRaw(c.end, bytes, c.sealer)
+  }
+
+  /** Bytes on a connection as they are (records the caller sealed, or broke). */
+  writeRawOn(channel: FuzzChannel, bytes: Buffer): void {
+    this.conns.get(channel)!.end.write(bytes)
+  }
+
+  sealerOf(channel: FuzzChannel): Sealer | undefined {
+    return this.conns.get(channel)!.sealer
+  }
+
+  private async add(dest: MigrationDestination, role: FuzzChannel, session: string, sealed: boolean): Promise<void> {
+    const [a, b] = await this.wire.pair()
+    void dest.accept(b, 'fuzzer')
+    const ch = new Channel(a, role)
+    const nonce = Buffer.alloc(32, 7)
+    writeRaw(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY.publicKey, encrypt: sealed })))
+    const hello = await nextFrame(this.wire, ch)
+    if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
+    const reply = decodeControl(hello.type, hello.payload)
+    const peerNonce = reply.nonce as Uint8Array
+    writeRaw(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, exchange(reply, sealed)) })))
+    let sealer: Sealer | undefined
+    if (sealed) {
+      const keys = connectionKeys(FUZZ_TOKEN, FUZZ_KEY.privateKey, reply.key as Uint8Array, { role, session }, nonce, peerNonce)
+      sealer = new Sealer(keys.toServer)
+      // the channel only reads (opens what the destination seals); a send key of its own would go unused
+      ch.secure({ send: { key: Buffer.alloc(32), iv: Buffer.alloc(12) }, receive: keys.toClient })
+    }
+    const ready = await nextFrame(this.wire, ch)
+    if (ready.type !== Msg.READY) throw new Error(`fuzzer: expected READY, got ${ready.type === Msg.ERROR ? peerError(ready.payload).message : ready.type}`)
+    ch.authenticated()
+    ch.onFrame((f) => {
+      if (f.type === Msg.ERROR) this.codes.push(peerError(f.payload).code)
+      if (f.type === Msg.SETTLED) this.settledReport = decodeControl(f.type, f.payload)
+      if (f.type === Msg.PAGE_REQUEST && role === 'demand') this.demandRequests++
+    })
+    this.conns.set(role, { ch, end: a, sealer })
+  }
+}
