@@ -34,7 +34,6 @@ enum : int {
 };
 
 // Reads one frame at a time from a non-blocking socket into a header buffer and a payload buffer.
-// Reads one frame at a time from a non-blocking socket into a header buffer and a payload buffer.
 struct FrameReader {
   uint8_t hdr[17], next[5];
   size_t hdr_have = 0, body_have = 0, body_need = 0, next_have = 0;
