@@ -20,6 +20,10 @@
 #include <unistd.h>
 
 #include <array>
+#include <pthread.h>
+
+#include <mutex>
+#include <shared_mutex>
 
 #include "discard.h"
 #include "args.h"
@@ -37,6 +41,32 @@ constexpr uint8_t kMsgError = 4, kMsgPages = 20, kMsgRanges = 21, kMsgHandoff = 
 constexpr uint32_t kMaxPagesPerFrame = 256;              // MAX_PAGES_PER_FRAME
 constexpr uint32_t kMaxControlBytes = 64u << 20;         // MAX_CONTROL_BYTES
 constexpr uint8_t kRangeZero = 0, kRangeFree = 1, kRangeStale = 2;
+
+// Before the hand-off the bulk reader and each extra stream's reader (threads of their own) write pages over in
+// place. A page being written must not be dropped by another of them meanwhile: the copy would fault on a missing
+// page and its thread wait in the kernel for a reply nobody sends; joined at the hand-off, it wedged the agent (a
+// source that sent one page on two streams, one writing it, one dropping it: test/bulk-reader.test.ts). A real
+// source keeps each page on one stream (its lane), so writers share this and drops (pre-copy RANGES) take it alone.
+// Writer-preferring: with glibc's default (readers first) a drop could wait for as long as other streams keep
+// writing; this way it waits for the frames being written now, at most.
+class PrecopyWrites {
+ public:
+  PrecopyWrites() {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&lock_, &attr);
+    pthread_rwlockattr_destroy(&attr);
+  }
+  void lock_shared() { pthread_rwlock_rdlock(&lock_); }
+  void unlock_shared() { pthread_rwlock_unlock(&lock_); }
+  void lock() { pthread_rwlock_wrlock(&lock_); }
+  void unlock() { pthread_rwlock_unlock(&lock_); }
+
+ private:
+  pthread_rwlock_t lock_;
+};
+PrecopyWrites g_precopy_writes;
 
 enum : int {
   kEvArrived = 3,   // post-copy: (region, first, count, pages newly marked received)
@@ -364,6 +394,7 @@ class BulkReaderThread : public DemandThread {
       if (twice) emit({kEvTwice, (double)twice, 0, 0, 0});
       return;
     }
+    std::shared_lock<PrecopyWrites> writing(g_precopy_writes);
     // a known-zero page whose zero page may still be deferred: all of them in first (a later round's data)
     if (deferred_next_ < deferred_zero_.size()) {
       bool zero = false;
@@ -399,6 +430,8 @@ class BulkReaderThread : public DemandThread {
     for (size_t k = 5; k < n; k += 8)
       if (!run_ok(region, get_u32(&body[k]), get_u32(&body[k + 4]))) return false;
     const RegionView& rv = regions_[region];
+    std::unique_lock<PrecopyWrites> dropping(g_precopy_writes, std::defer_lock);
+    if (!postcopy_) dropping.lock();  // until the drop below is done
     int64_t delta = 0;
     std::vector<iovec> drop;  // dropped together after the loop: one system call for the frame (discard.h)
     std::vector<std::pair<uint32_t, uint32_t>> zero_runs;  // pre-copy: installed after the drop

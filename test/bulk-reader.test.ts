@@ -363,4 +363,47 @@ describe.skipIf(skip)('native bulk reader', () => {
       expect([...Array(16).keys()].filter((p) => received.has(p))).toEqual([0, 1, 2, 3])
     })
   })
+
+  // A source keeps each page on one stream (its lane); one that sends a page on two, one stream writing it over in
+  // place while the other drops it (STALE), made the writing thread's copy fault on a missing page. Nobody answers a
+  // fault before the hand-off: the thread waited in the kernel, and the hand-off, which joins the streams' threads,
+  // wedged the agent. Here a reader of the uffd counts such faults and zero-fills them (so that a regression fails
+  // the assertion instead of hanging the test).
+  it('two readers of one region (bulk and an extra stream) never make each other fault: a drop waits for a write in place', async () => {
+    const pages = 256
+    const { region, uffd, received, knownZero, freed } = setup(pages)
+    const faults: number[] = []
+    uffd.startFaults((ev) => {
+      for (let i = 0; i < ev.length; i += 3) {
+        faults.push(ev[i + 1])
+        uffd.zeropage(region.id, ev[i + 1] * ps, ps)
+      }
+    })
+    const pairs = [await tcpPair(), await tcpPair()]
+    const frames = [0, 0]
+    const readers = pairs.map((pair, i) => new b.BulkReader!(uffd.fd, [region.id], [received.words], [knownZero.words], [freed.words], taken(pair.server).fd,
+      taken(pair.server).head, (ev: Float64Array) => eachDemandEvent(ev, (kind) => void (kind === DemandEv.FRAME && frames[i]++)), false))
+    try {
+      await feed(pairs[0].client, pagesFrame(0, pages, () => 1), 1)
+      const write = (sock: Socket, b: Buffer) => (sock.write(b) ? Promise.resolve() : once(sock, 'drain'))
+      for (let round = 0; round < 50; round++) {
+        const dropping: Buffer[] = [], writing: Buffer[] = []
+        for (let i = 0; i < 20; i++) {
+          dropping.push(encodeRuns(Msg.RANGES, RangeKind.STALE, 0, [0, pages]), pagesFrame(0, pages, () => 2))
+          writing.push(pagesFrame(0, pages, () => 3))
+        }
+        await Promise.all([write(pairs[0].client, Buffer.concat(dropping)), write(pairs[1].client, Buffer.concat(writing))])
+      }
+      // a control frame on each: handed to JS once everything before it was placed
+      for (const pair of pairs) pair.client.write(Buffer.concat(encodeControl(Msg.ROUND_END, { round: 1 })))
+      expect(await pollUntil(() => frames[0] === 1 && frames[1] === 1, 30_000)).toBe(true)
+      expect(faults).toEqual([])
+      expect(received.count()).toBe(pages)
+    } finally {
+      for (const r of readers) r.close()
+      uffd.close()
+      region.release()
+      for (const pair of pairs) pair.close()
+    }
+  })
 })
