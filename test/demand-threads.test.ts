@@ -10,11 +10,10 @@ import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { encodeRuns, Msg, pagesHeader } from '../src/protocol/messages'
-import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
-import { missingRegion } from './helpers/uffd-region'
+import { missingRegion, sourceRegion } from './helpers/uffd-region'
 import { pollUntil } from './helpers/wait'
 
 const skip = kernelSkipReason()
@@ -22,6 +21,13 @@ const PAGES = 64
 const ARRIVED = 3, CLOSED = 7, SENT = 2 // native/demand.h's events
 const FAULT = 1 // RequestKind.FAULT
 const EPROTO = 71, MALFORMED = 1 // native/records.h kMalformed
+
+/** A thread's events of one kind, each its four numbers (native/demand.h: five numbers an event, the kind first). */
+function eventsOfKind(events: number[], kind: number): number[][] {
+  const out: number[][] = []
+  for (let i = 0; i < events.length; i += 5) if (events[i] === kind) out.push(events.slice(i + 1, i + 5))
+  return out
+}
 
 async function demandClient() {
   const b = loadBinding()
@@ -36,11 +42,7 @@ async function demandClient() {
   const source = pair.client // the source's end: what it reads are the thread's requests
   const requests: Buffer[] = []
   source.on('data', (c: Buffer) => requests.push(c))
-  const eventsOf = (kind: number) => {
-    const out: number[][] = []
-    for (let i = 0; i < events.length; i += 5) if (events[i] === kind) out.push(events.slice(i + 1, i + 5))
-    return out
-  }
+  const eventsOf = (kind: number) => eventsOfKind(events, kind)
   const reply = Object.assign((page: number, bytes: Buffer) => source.write(Buffer.concat([pagesHeader(0, page, 1, ps), bytes])), {
     /** Any bytes, as a source that breaks the rules writes them. */
     raw: (bytes: Buffer) => source.write(bytes),
@@ -94,10 +96,7 @@ describe.skipIf(skip)('the demand thread takes only replies to what it asked', (
 async function demandServer() {
   const b = loadBinding()
   const ps = b.pageSize
-  const region = Region.create('src', PAGES * ps)
-  const bytes = new Uint8Array(region.buffer)
-  for (let p = 0; p < PAGES; p++) bytes.set(randomBytes(ps), p * ps)
-  const pending = new Uint32Array(PAGES / 32).fill(0xffffffff)
+  const { region, bytes, pending } = sourceRegion(b, PAGES)
   const events: number[] = []
   const pair = await tcpPair()
   const s = takeSocket(pair.client)!
@@ -105,11 +104,7 @@ async function demandServer() {
   const dest = pair.server
   const got: Buffer[] = []
   dest.on('data', (c: Buffer) => got.push(c))
-  const eventsOf = (kind: number) => {
-    const out: number[][] = []
-    for (let i = 0; i < events.length; i += 5) if (events[i] === kind) out.push(events.slice(i + 1, i + 4))
-    return out
-  }
+  const eventsOf = (kind: number) => eventsOfKind(events, kind).map((e) => e.slice(0, 3))
   return {
     ps, bytes, pending, got, eventsOf,
     ask: (region: number, runs: number[]) => dest.write(encodeRuns(Msg.PAGE_REQUEST, FAULT, region, runs)),

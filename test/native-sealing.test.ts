@@ -10,14 +10,13 @@ import { describe, expect, it } from 'vitest'
 import { loadBinding, type NativeLinkSeal } from '../src/binding'
 import { pagesHeader } from '../src/protocol/messages'
 import { Sealer, type SealState } from '../src/protocol/records'
-import { Region } from '../src/region'
 import { takeSocket } from '../src/socket-fd'
 import { Relay } from '../src/testing/relay'
 import { runDoctor } from '../src/doctor'
 import { prng } from '../src/testing/prng'
 import { kernelSkipReason } from './helpers/gate'
 import { tcpPair } from './helpers/tcp'
-import { missingRegion } from './helpers/uffd-region'
+import { missingRegion, sourceRegion } from './helpers/uffd-region'
 import { pollUntil } from './helpers/wait'
 
 const skip = kernelSkipReason()
@@ -33,11 +32,7 @@ function state(key: Buffer, iv: Buffer): SealState {
 async function sealedDemand(relay: Relay) {
   const b = loadBinding()
   const ps = b.pageSize
-  const src = Region.create('src', PAGES * ps)
-  const srcBytes = new Uint8Array(src.buffer)
-  // every page distinct and not zero: a page that arrives at the wrong place or not at all shows
-  for (let p = 0; p < PAGES; p++) srcBytes.set(randomBytes(ps), p * ps)
-  const pending = new Uint32Array(PAGES / 32).fill(0xffffffff)
+  const { region: src, bytes: srcBytes, pending } = sourceRegion(b, PAGES)
   const { region: dst, uffd } = missingRegion(b, PAGES)
   const received = new Uint32Array(PAGES / 32)
 
