@@ -34,11 +34,12 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.totals.codes.ERR_MIGRATION_CONNECTION).toBeGreaterThan(0)
     const recordRows = RECORD_MUTATIONS.map((m) => report.rows[m])
     expect(recordRows.every((r) => r.sessions > 0 && r.sessions === r.sealed)).toBe(true)
-    // in memory, no descriptor: the agent's JavaScript read every session's bulk connection
+    // in memory, no descriptor: the agent's JavaScript read every session's bulk connection (and no stream was granted)
     expect(Object.keys(report.bulkReceive)).toEqual(['js'])
+    expect(report.withStream).toBe(0)
   }, 120_000)
 
-  it('over loopback TCP, where the addon\'s threads parse it (bulk reader, demand thread, native records): the same outcome', async () => {
+  it('over loopback TCP, where the addon\'s threads parse it (bulk and stream readers, demand thread, native records): the same outcome', async () => {
     const report = await runFuzz({ binding: loadBinding(), frames: 5000, seed: 20261125, wire: 'tcp' })
     const table = fuzzTable(report)
     console.log(table)
@@ -49,6 +50,8 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     // JavaScript): what this run proves is about the addon's parser
     expect(Object.keys(report.bulkReceive)).toEqual(['native'])
     expect(report.bulkReceive.native).toBeGreaterThan(report.sessions / 3)
+    // round 0 of one region came on an extra stream, read by a thread of its own beside bulk's
+    expect(report.withStream).toBeGreaterThan(report.sessions / 2)
     // post-copy's replies travel on the demand connection here, read by its thread: a session that settled with
     // neither a fresh start nor a recovery got its changed pages, every byte checked, from that thread
     expect(report.totals.ends.settled).toBeGreaterThan(0)

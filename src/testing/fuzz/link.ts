@@ -1,7 +1,9 @@
 /**
  * The fuzzer's connections of one session, opened with a correct handshake
  * as a source would: urgent and bulk, and over TCP the demand connection
- * (whose thread on the destination installs post-copy replies). A sealed
+ * (whose thread on the destination installs post-copy replies) and, once the
+ * region table granted it, an extra bulk stream (a reader thread of its own,
+ * beside bulk's, until the hand-off). A sealed
  * session derives each connection's keys as a source does and seals what the
  * fuzzer writes; the channels only read what the destination says.
  */
@@ -18,7 +20,7 @@ export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
 /** The fuzzer's X25519 key: a sealed session's connection keys come from it, as a source's do. */
 export const FUZZ_KEY = ephemeralKey()
 
-/** The connections a session opens on each wire: the demand connection only where a native thread can take it. */
+/** The connections a session opens at once on each wire: the demand connection only where a native thread can take it. */
 export const WIRE_CHANNELS: Record<WireKind, readonly FuzzChannel[]> = { memory: ['urgent', 'bulk'], tcp: ['urgent', 'bulk', 'demand'] }
 
 /** What the proofs cover (the destination's HELLO gave its key and wish). */
@@ -49,15 +51,31 @@ export class FuzzLink {
   settledReport: Record<string, unknown> | undefined
   /** PAGE_REQUESTs the destination's demand thread sent (a source answers on the demand connection only after one). */
   demandRequests = 0
+  /** Bulk streams the destination granted in REGIONS_OK (bulk included; undefined before it came). */
+  streamsGranted: number | undefined
+  /** SYNC answers on the extra stream. */
+  streamSyncs = 0
   private readonly conns = new Map<FuzzChannel, { ch: Channel; end: FuzzEnd; sealer: Sealer | undefined }>()
 
-  private constructor(private readonly wire: Wire) {}
+  private constructor(private readonly wire: Wire, private readonly dest: MigrationDestination, private readonly session: string, private readonly sealed: boolean) {}
 
   /** Opens the session's connections: urgent and bulk, and demand over TCP (a native thread takes it). */
   static async open(wire: Wire, dest: MigrationDestination, session: string, sealed: boolean): Promise<FuzzLink> {
-    const link = new FuzzLink(wire)
-    for (const role of WIRE_CHANNELS[wire.kind]) await link.add(dest, role, session, sealed)
+    const link = new FuzzLink(wire, dest, session, sealed)
+    for (const role of WIRE_CHANNELS[wire.kind]) await link.add(role)
     return link
+  }
+
+  /** The extra bulk stream, once REGIONS_OK granted one (false: not granted, or refused). */
+  async openStream(): Promise<boolean> {
+    for (let i = 0; i < 50 && this.streamsGranted === undefined; i++) await this.wire.turns(1)
+    if (!this.streamsGranted || this.streamsGranted < 2) return false
+    return this.add('stream').then(() => true, () => false)
+  }
+
+  /** The connections open now (a mutation may move a frame to another of them). */
+  get channels(): FuzzChannel[] {
+    return [...this.conns.keys()]
   }
 
   get urgent(): Channel {
@@ -91,7 +109,8 @@ export class FuzzLink {
     return this.conns.get(channel)!.sealer
   }
 
-  private async add(dest: MigrationDestination, role: FuzzChannel, session: string, sealed: boolean): Promise<void> {
+  private async add(role: FuzzChannel): Promise<void> {
+    const { dest, session, sealed } = this
     const [a, b] = await this.wire.pair()
     void dest.accept(b, 'fuzzer')
     const ch = new Channel(a, role)
@@ -116,6 +135,8 @@ export class FuzzLink {
       if (f.type === Msg.ERROR) this.codes.push(peerError(f.payload).code)
       if (f.type === Msg.SETTLED) this.settledReport = decodeControl(f.type, f.payload)
       if (f.type === Msg.PAGE_REQUEST && role === 'demand') this.demandRequests++
+      if (f.type === Msg.REGIONS_OK && role === 'bulk') this.streamsGranted = Number(decodeControl(f.type, f.payload).streams ?? 1)
+      if (f.type === Msg.SYNC && role === 'stream') this.streamSyncs++
     })
     this.conns.set(role, { ch, end: a, sealer })
   }

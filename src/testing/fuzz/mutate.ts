@@ -9,8 +9,8 @@
 import { Packr } from 'msgpackr'
 import { MSG_NAMES, Msg } from '../../protocol/messages'
 
-/** The connections the fuzzer writes on (demand: over TCP only, see wire.ts). */
-export type FuzzChannel = 'urgent' | 'bulk' | 'demand'
+/** The connections the fuzzer writes on (demand and an extra bulk stream: over TCP only, see wire.ts). */
+export type FuzzChannel = 'urgent' | 'bulk' | 'demand' | 'stream'
 
 export interface ScriptFrame {
   channel: FuzzChannel

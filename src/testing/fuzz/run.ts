@@ -40,6 +40,8 @@ export interface FuzzReport {
   totals: FuzzRow
   /** Settled sessions by who read their bulk connection, as the destination reported it (native: the addon's reader). */
   bulkReceive: Record<string, number>
+  /** Sessions that opened an extra bulk stream (over TCP). */
+  withStream: number
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
@@ -52,7 +54,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
@@ -75,6 +77,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       else row.accepted++
       row.ends[r.end] = (row.ends[r.end] ?? 0) + 1
       if (r.bulkReceive) report.bulkReceive[r.bulkReceive] = (report.bulkReceive[r.bulkReceive] ?? 0) + 1
+      if (r.stream) report.withStream++
       for (const c of r.codes) {
         row.codes[c] = (row.codes[c] ?? 0) + 1
         if (!/^ERR_[A-Z_]+$/.test(c)) {
@@ -116,7 +119,7 @@ export function fuzzTable(r: FuzzReport): string {
   const short = (c: string) => c.replace(/^ERR_MIGRATION_/, '').replace(/^ERR_/, '')
   const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
   const lines = [
-    `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}`,
+    `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}; an extra stream in ${r.withStream}`,
     '',
     '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
     '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|',

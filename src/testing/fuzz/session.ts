@@ -25,7 +25,7 @@ import { handshakeProof } from '../../protocol/handshake'
 import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
-import { exchange, FUZZ_KEY, FUZZ_TOKEN, FuzzLink, nextFrame, WIRE_CHANNELS, writeRaw } from './link'
+import { exchange, FUZZ_KEY, FUZZ_TOKEN, FuzzLink, nextFrame, writeRaw } from './link'
 import { type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
@@ -48,6 +48,8 @@ export interface SessionResult {
   end: 'fresh' | 'recovered' | 'failed' | 'settled'
   /** Who read the bulk connection, as the SETTLED report says ('native': the addon's reader; 'js'): absent when none came. */
   bulkReceive?: string
+  /** An extra bulk stream was open in some connection set of the session (over TCP). */
+  stream: boolean
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */
@@ -85,14 +87,14 @@ export class FuzzSession {
   /** Links whose demand replies were asked for (askForReplies), and the ids of those ready() waits. */
   private readonly asked = new Set<FuzzLink>()
   private waitId = 1
-  /** Over TCP, a quarter of the sessions send the demand replies without waiting to be asked (a misbehaving source). */
+  /** Over TCP, one session in ten sends the demand replies without waiting to be asked (a misbehaving source). */
   private readonly unasked: boolean
 
   constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false, wire: WireKind = 'memory') {
     this.wire = createWire(wire)
     const ps = binding.pageSize
     this.content = new Content(seed, rand, ps)
-    this.unasked = wire === 'tcp' && rand() < 0.25
+    this.unasked = wire === 'tcp' && rand() < 0.1
     this.regions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
     const code = (e: Error) => this.hookCodes.push((e as UffdMigrateError).code ?? 'NO_CODE')
     this.dest = new MigrationDestination(binding, this.regions, LAYOUT.map((n) => new PageBitmap(n)), { token: FUZZ_TOKEN, bulkBufferBytes: 0, clock: this.clock }, {
@@ -121,17 +123,21 @@ export class FuzzSession {
     const control = (channel: FuzzChannel, type: Msg, body: object) => push(channel, type, Buffer.concat(encodeControl(type, body)))
     const pages = (channel: FuzzChannel, r: number, first: number, list: Buffer[]) =>
       push(channel, Msg.PAGES, Buffer.concat([pagesHeader(r, first, list.length, ps), ...list]))
-    control('bulk', Msg.REGIONS, { linkTimeoutMs: 10_000, requestTimeoutMs: 5000, pageSize: ps, regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
+    // over TCP the source asks for an extra bulk stream, and round 0 of region 1 travels on it (its own reader
+    // thread); region 0's pages stay on bulk, the only one to drop them (STALE), as lanes keep a page on one stream
+    const tcp = this.wire.kind === 'tcp'
+    const laneOf = (r: number): FuzzChannel => (tcp && r === 1 ? 'stream' : 'bulk')
+    control('bulk', Msg.REGIONS, { linkTimeoutMs: 10_000, requestTimeoutMs: 5000, pageSize: ps, ...(tcp ? { streams: 2 } : {}), regions: this.regions.map((r) => ({ name: r.name, sizeBytes: r.sizeBytes })) })
     control('urgent', Msg.CLOCK, { t0: 1 })
     // round 0: the data pages in the first three quarters (version 0), every zero page as a run
     LAYOUT.forEach((n, r) => {
       const zeros: number[] = []
       for (let p = 0; p < n; p++) if (c.zero[r][p]) zeros.push(p, 1)
-      if (zeros.length) push('bulk', Msg.RANGES, encodeRuns(Msg.RANGES, RangeKind.ZERO, r, zeros))
+      if (zeros.length) push(laneOf(r), Msg.RANGES, encodeRuns(Msg.RANGES, RangeKind.ZERO, r, zeros))
       for (let p = 0; p < Math.floor((n * 3) / 4); p += 2) {
         const list = [p, p + 1].filter((q) => q < n && !c.zero[r][q]).map((q) => c.page(r, q, 0))
-        if (list.length === 2) pages('bulk', r, p, list)
-        else if (list.length === 1) pages('bulk', r, c.zero[r][p] ? p + 1 : p, list)
+        if (list.length === 2) pages(laneOf(r), r, p, list)
+        else if (list.length === 1) pages(laneOf(r), r, c.zero[r][p] ? p + 1 : p, list)
       }
     })
     control('bulk', Msg.ROUND_END, { round: 0 })
@@ -140,6 +146,8 @@ export class FuzzSession {
     const stale: number[] = []
     for (let p = 0; p < Math.floor((LAYOUT[0] * 3) / 4); p++) if (c.changed[0][p]) stale.push(p, 1)
     if (stale.length) push('bulk', Msg.RANGES, encodeRuns(Msg.RANGES, RangeKind.STALE, 0, stale))
+    // the barrier before the pause: the stream's SYNC answered (send() waits for it), then bulk's
+    if (tcp) control('stream', Msg.SYNC, {})
     control('bulk', Msg.SYNC, {})
     control('bulk', Msg.PRECOPY_END, {})
     // the hand-off: pages changed since round 0 are discarded and come again in post-copy
@@ -174,8 +182,17 @@ export class FuzzSession {
 
   private async send(link: FuzzLink, f: ScriptFrame): Promise<void> {
     if (f.channel === 'demand') await this.askForReplies(link)
+    const channel = this.on(link, f.channel), syncs = link.streamSyncs
     this.frames++
-    link.writeOn(f.channel, f.bytes)
+    link.writeOn(channel, f.bytes)
+    if (f.type === Msg.REGIONS && this.wire.kind === 'tcp') await link.openStream()
+    // (a source waits for the stream's answer before it pauses; a stream that broke gives none)
+    if (channel === 'stream' && f.type === Msg.SYNC) for (let i = 0; i < 50 && link.streamSyncs === syncs; i++) await this.wire.turns(1)
+  }
+
+  /** Where a frame for `channel` goes: the stream's frames on bulk where no stream was granted (or it was refused). */
+  private on(link: FuzzLink, channel: FuzzChannel): FuzzChannel {
+    return link.has(channel) ? channel : 'bulk'
   }
 
   /**
@@ -237,13 +254,13 @@ export class FuzzSession {
       }
       await this.wire.turns()
       if (isRecordMutation(kind)) {
-        const channel = frames[at].channel
-        const next = frames.slice(at + 1).find((f) => f.channel === channel)
+        const channel = this.on(link, frames[at].channel)
+        const next = frames.slice(at + 1).find((f) => this.on(link!, f.channel) === channel)
         if (channel === 'demand') await this.askForReplies(link)
         for (const w of mutateRecords(link.sealerOf(channel)!, frames[at].bytes, next?.bytes, kind, this.rand)) link.writeRawOn(channel, w)
         this.frames++
       } else {
-        const m = mutate(frames[at], kind, this.rand, LAYOUT, WIRE_CHANNELS[this.wire.kind])
+        const m = mutate({ ...frames[at], channel: this.on(link, frames[at].channel) }, kind, this.rand, LAYOUT, link.channels)
         if (m.channel === 'demand') await this.askForReplies(link)
         for (const w of m.writes) link.writeOn(m.channel, w)
         this.frames += m.frames
@@ -255,7 +272,7 @@ export class FuzzSession {
     }
     const codes = [...this.hookCodes, ...(link?.codes ?? [])]
     const rejected = codes.length > 0
-    const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled' }
+    const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled', stream: false }
     // end it as a source would: hang up (an authenticated half-session must not keep the slot), then come back or start over
     for (const t of ends) this.wire.cut(t)
     await this.wire.turns()
@@ -278,6 +295,7 @@ export class FuzzSession {
     result.frames = this.frames
     const said = this.links.map((l) => l.settledReport?.bulkReceive).filter((v) => typeof v === 'string')
     if (said.length) result.bulkReceive = said[said.length - 1] as string
+    result.stream = this.links.some((l) => l.has('stream'))
     return result
   }
 
