@@ -70,7 +70,7 @@ PrecopyWrites g_precopy_writes;
 
 enum : int {
   kEvArrived = 3,   // post-copy: (region, first, count, pages newly marked received)
-  kEvClosed = 7,    // (errno, how: records.h's kEnded, kMalformed, kNotARecord, kTagFailed); errno 0 = end of stream
+  kEvClosed = 7,    // (errno, how: records.h's kEnded, kMalformed, kNotARecord, kTagFailed; the connection's id, attach()'s); errno 0 = end of stream
   kEvCpu = 8,       // as the thread ends: its CPU time, ms
   kEvReceived = 10, // pre-copy: (change of the received count: + placed, - dropped)
   kEvTwice = 11,    // post-copy: (pages that arrived again, already held)
@@ -113,8 +113,10 @@ class BulkReaderThread : public DemandThread {
   }
 
   // A new bulk connection (after a recovery) with the bytes JS had read from it (and, sealed, how this thread opens
-  // it); -1: none (the link broke).
-  void attach(int fd, std::vector<uint8_t> head, std::unique_ptr<records::Link> link) {
+  // it); -1: none (the link broke). Returns its id: the CLOSED event of a connection carries its id, so that JS can
+  // tell one that reached it late (the thread had moved on to the next connection) from the current one's.
+  uint32_t attach(int fd, std::vector<uint8_t> head, std::unique_ptr<records::Link> link) {
+    uint32_t id;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (next_fd_ >= 0) close(next_fd_);
@@ -122,8 +124,10 @@ class BulkReaderThread : public DemandThread {
       next_head_ = std::move(head);
       next_link_ = std::move(link);
       attach_pending_ = true;
+      id = next_link_id_ = ++attaches_;
     }
     kick();
+    return id;
   }
 
  private:
@@ -206,6 +210,7 @@ class BulkReaderThread : public DemandThread {
       if (fd_ >= 0) close(fd_);
       fd_ = next_fd_;
       next_fd_ = -1;
+      link_id_ = next_link_id_;
       link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
       link_->count_sealed_bytes(&sealed_read_);
       lowat_ = 1;
@@ -501,7 +506,7 @@ class BulkReaderThread : public DemandThread {
     stats_fd_.store(-1);
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
-    emit({kEvClosed, (double)err, (double)how, 0, 0});
+    emit({kEvClosed, (double)err, (double)how, (double)link_id_, 0});
     flush(true);
   }
 
@@ -521,6 +526,8 @@ class BulkReaderThread : public DemandThread {
   std::mutex mu_;
   bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
   int next_fd_ = -1;
+  uint32_t attaches_ = 0, next_link_id_ = 0;  // under mu_ (the first connection, from the constructor, is 0)
+  uint32_t link_id_ = 0;                      // the connection fd_ is (this thread's)
   std::vector<uint8_t> next_head_;
   std::unique_ptr<records::Link> next_link_;
   // bytes read ahead: frames at [buf_pos_, buf_len_)
@@ -610,8 +617,7 @@ class BulkReader : public ThreadWrap<BulkReader> {
     int fd = -1;
     auto link = records::link_arg(info, 2);
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
-    reader()->attach(fd, bytes_arg(info, 1), std::move(link));
-    return env.Undefined();
+    return Napi::Number::New(env, reader()->attach(fd, bytes_arg(info, 1), std::move(link)));
   }
 };
 

@@ -47,17 +47,20 @@ class DemandClientThread : public DemandThread {
 
   // A (new) connection to the source: the thread takes it over and asks again for every open fault. link: plain,
   // or sealed on this thread (an encrypted migration). -1: none (the link broke; faults are recorded and asked for
-  // on the next one).
-  void attach(int fd, std::unique_ptr<records::Link> link) {
+  // on the next one). Returns its id, which its CLOSED event carries (JS drops one that reached it after the next attach).
+  uint32_t attach(int fd, std::unique_ptr<records::Link> link) {
+    uint32_t id;
     {
       std::lock_guard<std::mutex> lock(attach_mu_);
       if (next_fd_ >= 0) close(next_fd_);
       next_fd_ = fd;
       next_link_ = std::move(link);
       attach_pending_ = true;
+      id = next_link_id_ = ++attaches_;
     }
     uint64_t one = 1;
     (void)!write(kick_fd_, &one, sizeof one);
+    return id;
   }
 
   // Pages ready() awaits (JS): asked on the demand connection like faults (one request per page), not timed as faults.
@@ -117,6 +120,7 @@ class DemandClientThread : public DemandThread {
     drop_link();
     fd_ = next_fd_;
     next_fd_ = -1;
+    link_id_ = next_link_id_;
     link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
     fr_ = FrameReader();
     if (fd_ < 0) return;
@@ -295,7 +299,7 @@ class DemandClientThread : public DemandThread {
   // asked for again on the next link.
   void link_broke(int err, int how) {
     drop_link();
-    emit({kEvClosed, (double)err, (double)how, 0, 0});
+    emit({kEvClosed, (double)err, (double)how, (double)link_id_, 0});
     flush(true);
   }
 
@@ -308,6 +312,8 @@ class DemandClientThread : public DemandThread {
   int next_fd_ = -1;
   std::unique_ptr<records::Link> next_link_;  // under attach_mu_
   bool attach_pending_ = false;
+  uint32_t attaches_ = 0, next_link_id_ = 0;  // under attach_mu_
+  uint32_t link_id_ = 0;                      // the connection fd_ is (this thread's)
   std::unique_ptr<records::Link> link_ = std::make_unique<records::Link>();
   FrameReader fr_;
   std::vector<RegionView> regions_;
@@ -358,8 +364,7 @@ class DemandClient : public ThreadWrap<DemandClient> {
     int fd = -1;
     auto link = records::link_arg(info, 1);
     if (info.Length() > 0 && info[0].IsNumber() && info[0].As<Napi::Number>().Int32Value() >= 0) fd = dup_socket(env, info[0]);
-    client()->attach(fd, std::move(link));
-    return env.Undefined();
+    return Napi::Number::New(env, client()->attach(fd, std::move(link)));
   }
   // ask(regionIndex, pages: Uint32Array): pages ready() awaits, asked for on the demand connection
   Napi::Value Ask(const Napi::CallbackInfo& info) {

@@ -29,7 +29,7 @@ enum : int {
   kEvLatency = 4,    // destination: (fault to install, us; b: 0 = installed from this thread's reply, 1 = by the push)
   kEvZeroFault = 5,  // destination: a fault on a page that is local (known zero): zero-filled here
   kEvNetFault = 6,   // destination: (region, page, pages asked: 1 + read-ahead) asked of the source
-  kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: how, records.h: 1 = protocol violation, 2, 3 = a sealed record failed)
+  kEvClosed = 7,     // either: the connection ended (a: errno, 0 = end of stream; b: how, records.h: 1 = protocol violation, 2, 3 = a sealed record failed; c, destination: the connection's id, attach()'s)
   kEvCpu = 8,        // either, as the thread ends: its CPU time (user + system), ms
 };
 

@@ -47,8 +47,11 @@ export interface NativeRelay {
 export interface NativeBulkReader {
   /** After HANDOFF (the thread waits for it): post-copy placement rules from now on. */
   resume(postcopy: boolean): void
-  /** A new bulk connection after a recovery, with the bytes read from it and not handled; -1: the link broke. */
-  attach(fd: number, head?: Uint8Array, seal?: NativeLinkSeal): void
+  /**
+   * A new bulk connection after a recovery, with the bytes read from it and not handled; -1: the link broke. Returns
+   * the connection's id (0: the constructor's), which its CLOSED event carries.
+   */
+  attach(fd: number, head?: Uint8Array, seal?: NativeLinkSeal): number
   /** CPU time of the thread so far, ms. */
   readonly cpuMs: number
   /** Bytes read from the bulk connection so far (all of its connections). */
@@ -103,9 +106,10 @@ export interface NativeDemandServer {
 export interface NativeDemandClient {
   /**
    * A (new) demand connection, or -1 (the link broke: faults are recorded and asked for on the next one). seal: the
-   * thread seals and opens it itself (an encrypted migration).
+   * thread seals and opens it itself (an encrypted migration). Returns the connection's id, which its CLOSED event
+   * carries.
    */
-  attach(fd: number, seal?: NativeLinkSeal): void
+  attach(fd: number, seal?: NativeLinkSeal): number
   /** Pages ready() awaits (region index): asked for on the demand connection, installed by the thread. */
   ask(region: number, pages: Uint32Array): void
   /** How long the oldest open fault has waited (0: none). */

@@ -38,7 +38,7 @@ async function demandClient() {
   const pair = await tcpPair()
   const d = takeSocket(pair.server)!
   const client = new b.DemandClient!(uffd.fd, [region.id], [received], (ev) => events.push(...ev))
-  client.attach(d.fd)
+  const linkId = client.attach(d.fd)
   const source = pair.client // the source's end: what it reads are the thread's requests
   const requests: Buffer[] = []
   source.on('data', (c: Buffer) => requests.push(c))
@@ -48,7 +48,7 @@ async function demandClient() {
     raw: (bytes: Buffer) => source.write(bytes),
   })
   return {
-    ps, region, received, client, requests, eventsOf, reply,
+    ps, region, received, client, requests, eventsOf, reply, linkId,
     close() {
       client.close()
       uffd.close()
@@ -81,7 +81,8 @@ describe.skipIf(skip)('the demand thread takes only replies to what it asked', (
     try {
       t.reply(3, randomBytes(t.ps))
       expect(await pollUntil(() => t.eventsOf(CLOSED).length > 0, 5000)).toBe(true)
-      expect(t.eventsOf(CLOSED)[0].slice(0, 2)).toEqual([EPROTO, MALFORMED])
+      // (the third number: the connection's id, as attach() returned it)
+      expect(t.eventsOf(CLOSED)[0].slice(0, 3)).toEqual([EPROTO, MALFORMED, t.linkId])
       expect(t.eventsOf(ARRIVED)).toEqual([])
       expect(t.received[0]).toBe(0)
       // the page is still missing: the thread asked nothing and installed nothing (a request would show on the wire)
@@ -115,6 +116,26 @@ async function demandServer() {
     },
   }
 }
+
+describe.skipIf(skip)('each connection the demand thread takes has an id of its own, which its end carries', () => {
+  it('so that the end of one it left for the next is told from the current one\'s (the agent ignores it)', async () => {
+    const t = await demandClient()
+    const second = await tcpPair()
+    try {
+      expect(t.linkId).toBe(1)
+      const next = t.client.attach(takeSocket(second.server)!.fd)
+      expect(next).toBe(2)
+      // the first connection's end, reported after the thread moved on, would carry 1; the second's carries 2
+      second.client.write(Buffer.concat([pagesHeader(0, 3, 1, t.ps), randomBytes(t.ps)])) // unasked: malformed
+      expect(await pollUntil(() => t.eventsOf(CLOSED).length > 0, 5000)).toBe(true)
+      expect(t.eventsOf(CLOSED)).toEqual([[EPROTO, MALFORMED, 2, 0]])
+      expect(t.client.attach(-1)).toBe(3)
+    } finally {
+      t.close()
+      second.close()
+    }
+  })
+})
 
 describe.skipIf(skip)('the demand thread refuses a reply outside its regions, even once it asked', () => {
   for (const [what, header] of [

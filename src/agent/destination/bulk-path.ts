@@ -114,7 +114,9 @@ export class BulkPath {
         if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
         else if (kind === DemandEv.RECEIVED) placement.receivedNatively(a)
         else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
-        else if (kind === DemandEv.CLOSED && this.reader) this.broke(nativeLinkError(a, b, 'bulk'))
+        // (a connection's end that reached this loop after the thread had moved on to the next one is that link's,
+        // which broke already: a late one broke the link that replaced it, and the source had to dial again)
+        else if (kind === DemandEv.CLOSED && this.reader && c === this.linkId) this.broke(nativeLinkError(a, b, 'bulk'))
         else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.broke(installFailedError(a, b, c, d))
       })
     }
@@ -123,6 +125,7 @@ export class BulkPath {
       taken.fd, taken.head, onEvents, placement.lazyZero, taken.seal,
     )
     this.reader = new NativeThread(reader, (ev) => onEvents(ev))
+    this.linkId = 0
     this.started = { uffd, placement }
     this.streamsCpuMs = 0 // a new session's
     this.adoptCounts(ch)
@@ -141,7 +144,7 @@ export class BulkPath {
   attach(ch: Channel, uffd: NativeUffd, placement: Placement): void {
     if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
     const taken = takeForThread(ch)
-    if (taken) this.reader.thread.attach(taken.fd, taken.head, taken.seal)
+    if (taken) this.linkId = this.reader.thread.attach(taken.fd, taken.head, taken.seal)
     this.adoptCounts(ch)
   }
 
@@ -161,8 +164,11 @@ export class BulkPath {
 
   /** The link broke. */
   detach(): void {
-    this.reader?.thread.attach(-1)
+    if (this.reader) this.linkId = this.reader.thread.attach(-1)
   }
+
+  /** The connection the thread reads now, as attach() numbered it (its CLOSED event carries it). */
+  private linkId = 0
 
   /** CPU time of the thread when it was closed, ms. */
   private endedCpuMs = 0

@@ -36,6 +36,8 @@ export class DemandPath {
 
   /** Counts demand connections (adopted or closed): a late hang-up must not break the next one. */
   private generation = 0
+  /** The connection the thread uses now, as attach() numbered it (its CLOSED event carries it). */
+  private linkId = 0
 
   constructor(
     private readonly binding: NativeBinding,
@@ -59,7 +61,7 @@ export class DemandPath {
       return ch.fail(err)
     }
     this.generation++
-    if (this.client) this.client.thread.attach(fd, taken!.seal)
+    if (this.client) this.linkId = this.client.thread.attach(fd, taken!.seal)
     else this.fd = fd, this.seal = taken!.seal
   }
 
@@ -84,12 +86,13 @@ export class DemandPath {
       })
       eachDemandEvent(ev, (kind, a, b, c, d) => {
         if (kind === DemandEv.ARRIVED) placement.arrivedNatively(a, b, c, d)
-        else if (kind === DemandEv.CLOSED && this.client) this.hungUp(nativeLinkError(a, b), a === 0 && b === 0)
+        // (the end of a connection the thread had left for the next one: that link broke already)
+        else if (kind === DemandEv.CLOSED && this.client && c === this.linkId) this.hungUp(nativeLinkError(a, b), a === 0 && b === 0)
         else if (kind === DemandEv.INSTALL_FAILED && this.client) this.broken(installFailedError(a, b, c, d))
       })
     }
     this.client = new NativeThread(new this.binding.DemandClient!(uffd.fd, this.regions.map((r) => r.id), placement.received.map((m) => m.words), onEvents), onEvents)
-    if (this.fd !== undefined) this.client.thread.attach(this.fd, this.seal)
+    if (this.fd !== undefined) this.linkId = this.client.thread.attach(this.fd, this.seal)
     this.fd = undefined
     this.seal = undefined
     return true
@@ -112,7 +115,7 @@ export class DemandPath {
   /** The link broke: faults are recorded and asked for again on the next demand connection. */
   detach(): void {
     this.generation++
-    this.client?.thread.attach(-1)
+    if (this.client) this.linkId = this.client.thread.attach(-1)
   }
 
   /** When the oldest fault open on the native path was raised (undefined: none), on `nowMs`'s clock. */

@@ -13,7 +13,8 @@
  * A third of the sessions are sealed (the fuzzer asks to encrypt): the same
  * mutations behind the record layer, and the record layer's own (records.ts).
  * Over TCP (wire.ts) the addon's threads parse it all, as in production: the
- * bulk reader, and the demand thread, which gets post-copy's replies.
+ * bulk reader, an extra stream's reader (round 0 of one region), and the
+ * demand thread, which gets post-copy's replies.
  */
 import { PageBitmap } from '../../bitmap'
 import type { NativeBinding } from '../../binding'
