@@ -46,16 +46,20 @@ const uffd = { fd: 3 } as NativeUffd
 /** A binding's DemandClient that hands its batch handler to the test (deliver: a batch from the native thread). */
 function stubDemandClient() {
   let handler!: (e: Float64Array) => void
+  let attaches = 0
   class DemandClient {
     constructor(_fd: number, _ids: number[], _received: Uint32Array[], onEvents: (e: Float64Array) => void) {
       handler = onEvents
     }
-    attach(): void {}
+    /** As the thread's: each connection gets an id, which its CLOSED event carries. */
+    attach(): number {
+      return ++attaches
+    }
     close(): Float64Array {
       return new Float64Array(0)
     }
   }
-  return { DemandClient, deliver: (e: Float64Array) => handler(e) }
+  return { DemandClient, deliver: (e: Float64Array) => handler(e), linkId: () => attaches }
 }
 const channel = { handOver: () => ({ fd: 7, head: new Uint8Array(0) }), readBy: () => {}, bytesRead: 0 } as unknown as Channel
 
@@ -103,12 +107,12 @@ describe('a hang-up of the demand connection', () => {
   function demandPath() {
     const d = destination()
     const clock = new FakeClock()
-    const { DemandClient, deliver } = stubDemandClient()
+    const { DemandClient, deliver, linkId } = stubDemandClient()
     const broken: string[] = []
     const path = new DemandPath({ DemandClient } as unknown as NativeBinding, d.regions, (err) => broken.push((err as { code?: string }).code + ': ' + err.message), clock)
     path.adopt(channel)
     path.start(uffd, d.placement, d.requests)
-    return { path, clock, broken, hangUp: (errno = 0) => deliver(ev([DemandEv.CLOSED, errno, 0])) }
+    return { path, clock, broken, hangUp: (errno = 0, id = linkId()) => deliver(ev([DemandEv.CLOSED, errno, 0, id])) }
   }
 
   it('breaks the link only after the grace when nothing else ended the session', () => {
@@ -131,6 +135,15 @@ describe('a hang-up of the demand connection', () => {
     b.path.adopt(channel) // recovered: the next connection is not broken by the old one's end
     b.clock.advance(DEMAND_HANGUP_GRACE_MS * 2)
     expect(b.broken).toEqual([])
+  })
+
+  it('not at all for the end of a connection the thread had left for the next one (it reached this loop late)', () => {
+    const { path, broken, hangUp } = demandPath()
+    path.adopt(channel) // recovered: the thread takes connection 2
+    hangUp(104, 1) // connection 1's reset, reported after that
+    expect(broken).toEqual([])
+    hangUp(104, 2)
+    expect(broken).toHaveLength(1)
   })
 
   it('a reset breaks it at once', () => {
