@@ -90,6 +90,8 @@ export class FuzzSession {
   private waitId = 1
   /** Over TCP, one session in ten sends the demand replies without waiting to be asked (a misbehaving source). */
   private readonly unasked: boolean
+  /** The connections of the session that meets the mutation (not a fresh migration after it, nor a recovery's). */
+  private mutated: FuzzLink | undefined
 
   constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false, wire: WireKind = 'memory') {
     this.wire = createWire(wire)
@@ -199,11 +201,12 @@ export class FuzzSession {
   /**
    * Before the first reply on the demand connection: the destination's service asks (ready()) for the pages the
    * replies carry, as it would by touching them, and the fuzzer waits (boundedly) for its requests. A source
-   * answers only what was asked; where no request comes (the hand-off was refused), or in an `unasked` session,
-   * the replies go unasked, and may meet the hand-off's discard list as it is applied.
+   * answers only what was asked; where no request comes (the hand-off was refused), or on the mutated link of an
+   * `unasked` session, the replies go unasked, and may meet the hand-off's discard list as it is applied. (A fresh
+   * migration after it is a correct source's: it asks.)
    */
   private async askForReplies(link: FuzzLink): Promise<void> {
-    if (this.unasked || link.demandRequests > 0 || this.asked.has(link)) return
+    if ((this.unasked && link === this.mutated) || link.demandRequests > 0 || this.asked.has(link)) return
     this.asked.add(link)
     // (the hand-off just went out: its frame is read and handled on the destination's time)
     for (let i = 0; i < 50 && this.dest.phase === DestPhase.PRECOPY; i++) await this.wire.turns(1)
@@ -244,7 +247,7 @@ export class FuzzSession {
       // (a record mutation at the handshake: nothing is sealed yet, so a bit flip stands for it)
       ends.push(await this.handshakeMutated(isRecordMutation(kind) ? 'bitflip' : kind))
     } else {
-      link = await this.connect(`fuzz-${++this.sessionSeq}`)
+      link = this.mutated = await this.connect(`fuzz-${++this.sessionSeq}`)
       ends.push(...link.ends)
       // a frame a turn, as a source that awaits its answers would write them: written at once, the urgent CLOCK
       // (read once the destination's regions are mapped) came after the bulk channel's HANDOFF, and every session
