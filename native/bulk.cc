@@ -12,6 +12,7 @@
 // discard list and says post-copy began (resume()).
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/eventfd.h>
@@ -20,8 +21,6 @@
 #include <unistd.h>
 
 #include <array>
-#include <pthread.h>
-
 #include <mutex>
 #include <shared_mutex>
 
