@@ -123,6 +123,13 @@ export class Sender {
   /** Something went on the extra streams since the last barrier. */
   private sentOnLanes = false
 
+  /** What is sent on ch goes on the lanes (ch is bulk, with extra streams): noted for the next barrier. */
+  private onLanes(ch: Channel): boolean {
+    const on = this.lanes.length > 1 && ch === this.lanes[0]
+    if (on) this.sentOnLanes = true
+    return on
+  }
+
   /** Extra streams' writers after the hand-off, until their connections close (cpuMs: 0 once closed). */
   private retiredWriters: NativeBulkSend[] = []
 
@@ -145,8 +152,7 @@ export class Sender {
 
   /** The channels (with their runs) that carry these runs: their lanes when ch is bulk with extra streams. */
   private route(ch: Channel, runs: Uint32Array): [Channel, Uint32Array][] {
-    if (this.lanes.length < 2 || ch !== this.lanes[0]) return [[ch, runs]]
-    this.sentOnLanes = true
+    if (!this.onLanes(ch)) return [[ch, runs]]
     const split = splitByLane(runs, this.lanes.length)
     return this.lanes.map((lane, i): [Channel, Uint32Array] => [lane, Uint32Array.from(split[i])]).filter(([, r]) => r.length > 0)
   }
@@ -211,9 +217,7 @@ export class Sender {
   async sendRuns(ch: Channel, region: number, runs: Runs, afterHandoff: boolean, yieldToLoop = true): Promise<{ data: number; zero: number }> {
     if (this.queuesNatively(ch)) {
       // one writer per lane (bulk alone: one)
-      const onLanes = this.lanes.length > 1 && ch === this.lanes[0]
-      if (onLanes) this.sentOnLanes = true
-      const writers = (onLanes ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
+      const writers = (this.onLanes(ch) ? this.lanes : [ch]).map((lane) => lane.frameWriter as NativeBulkSend)
       const framePages = afterHandoff ? POSTCOPY_FRAME_PAGES : MAX_PAGES_PER_FRAME
       return writeRunBatches(writers, region, runs, { framePages, takePending: afterHandoff, yieldToLoop, failed: () => ch.failed !== undefined })
     }
