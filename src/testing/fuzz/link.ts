@@ -18,14 +18,25 @@ import type { FuzzEnd, Wire, WireKind } from './wire'
 export const FUZZ_TOKEN = Buffer.from('fuzz-token-0123456789abcdef')
 
 /** The fuzzer's X25519 key: a sealed session's connection keys come from it, as a source's do. */
-export const FUZZ_KEY = ephemeralKey()
+const FUZZ_KEY = ephemeralKey()
 
 /** The connections a session opens at once on each wire: the demand connection only where a native thread can take it. */
 export const WIRE_CHANNELS: Record<WireKind, readonly FuzzChannel[]> = { memory: ['urgent', 'bulk'], tcp: ['urgent', 'bulk', 'demand'] }
 
 /** What the proofs cover (the destination's HELLO gave its key and wish). */
-export function exchange(serverHello: Record<string, unknown>, encrypt: boolean): KeyExchange {
+function exchange(serverHello: Record<string, unknown>, encrypt: boolean): KeyExchange {
   return { clientKey: FUZZ_KEY.publicKey, serverKey: serverHello.key as Uint8Array, clientEncrypt: encrypt, serverEncrypt: serverHello.encrypt === true }
+}
+
+/** A source's HELLO for a connection of this role and session. */
+export function helloFrame(role: FuzzChannel, session: string, nonce: Buffer, sealed: boolean): Buffer {
+  return Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY.publicKey, encrypt: sealed }))
+}
+
+/** A source's AUTH answering the destination's HELLO (`serverHello`, decoded). */
+export function authFrame(role: FuzzChannel, session: string, serverHello: Record<string, unknown>, nonce: Buffer, sealed: boolean): Buffer {
+  const proof = handshakeProof(FUZZ_TOKEN, 'client', { role, session }, serverHello.nonce as Uint8Array, nonce, exchange(serverHello, sealed))
+  return Buffer.concat(encodeControl(Msg.AUTH, { proof }))
 }
 
 /** Raw bytes on one end: sealed first when given a sealer (a sealed session after its handshake). */
@@ -51,6 +62,8 @@ export class FuzzLink {
   settledReport: Record<string, unknown> | undefined
   /** PAGE_REQUESTs the destination's demand thread sent (a source answers on the demand connection only after one). */
   demandRequests = 0
+  /** The session's service was made to ask for the pages of the demand replies (FuzzSession.askForReplies()). */
+  repliesAsked = false
   /** Bulk streams the destination granted in REGIONS_OK (bulk included; undefined before it came). */
   streamsGranted: number | undefined
   /** SYNC answers on the extra stream. */
@@ -115,12 +128,12 @@ export class FuzzLink {
     void dest.accept(b, 'fuzzer')
     const ch = new Channel(a, role)
     const nonce = Buffer.alloc(32, 7)
-    writeRaw(a, Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, role, session, nonce, key: FUZZ_KEY.publicKey, encrypt: sealed })))
+    writeRaw(a, helloFrame(role, session, nonce, sealed))
     const hello = await nextFrame(this.wire, ch)
     if (hello.type !== Msg.HELLO) throw new Error(`fuzzer: handshake refused: ${hello.type === Msg.ERROR ? peerError(hello.payload).message : hello.type}`)
     const reply = decodeControl(hello.type, hello.payload)
     const peerNonce = reply.nonce as Uint8Array
-    writeRaw(a, Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', { role, session }, peerNonce, nonce, exchange(reply, sealed)) })))
+    writeRaw(a, authFrame(role, session, reply, nonce, sealed))
     let sealer: Sealer | undefined
     if (sealed) {
       const keys = connectionKeys(FUZZ_TOKEN, FUZZ_KEY.privateKey, reply.key as Uint8Array, { role, session }, nonce, peerNonce)

@@ -22,11 +22,10 @@ import { MigrationDestination } from '../../agent/destination/index'
 import { DestPhase } from '../../agent/destination/machine'
 import type { UffdMigrateError } from '../../errors'
 import { Channel } from '../../protocol/channel'
-import { handshakeProof } from '../../protocol/handshake'
-import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, PROTOCOL_NAME, PROTOCOL_VERSION, RangeKind } from '../../protocol/messages'
+import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, RangeKind } from '../../protocol/messages'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
-import { exchange, FUZZ_KEY, FUZZ_TOKEN, FuzzLink, nextFrame, writeRaw } from './link'
+import { authFrame, FUZZ_TOKEN, FuzzLink, helloFrame, nextFrame, writeRaw } from './link'
 import { type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
@@ -85,8 +84,7 @@ export class FuzzSession {
   private sessionSeq = 0
   private readonly wire: Wire
   private readonly links: FuzzLink[] = []
-  /** Links whose demand replies were asked for (askForReplies), and the ids of those ready() waits. */
-  private readonly asked = new Set<FuzzLink>()
+  /** The ids of the ready() waits askForReplies() made. */
   private waitId = 1
   /** Over TCP, one session in ten sends the demand replies without waiting to be asked (a misbehaving source). */
   private readonly unasked: boolean
@@ -206,8 +204,8 @@ export class FuzzSession {
    * migration after it is a correct source's: it asks.)
    */
   private async askForReplies(link: FuzzLink): Promise<void> {
-    if ((this.unasked && link === this.mutated) || link.demandRequests > 0 || this.asked.has(link)) return
-    this.asked.add(link)
+    if ((this.unasked && link === this.mutated) || link.demandRequests > 0 || link.repliesAsked) return
+    link.repliesAsked = true
     // (the hand-off just went out: its frame is read and handled on the destination's time)
     for (let i = 0; i < 50 && this.dest.phase === DestPhase.PRECOPY; i++) await this.wire.turns(1)
     if (this.dest.phase === DestPhase.POSTCOPY) {
@@ -334,8 +332,8 @@ export class FuzzSession {
     void this.dest.accept(b, 'fuzzer')
     const ch = new Channel(a, 'urgent')
     const nonce = Buffer.alloc(32, 9)
-    const info = { role: 'urgent' as const, session: `hs-${++this.sessionSeq}` }
-    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: Buffer.concat(encodeControl(Msg.HELLO, { proto: PROTOCOL_NAME, version: PROTOCOL_VERSION, ...info, nonce, key: FUZZ_KEY.publicKey, encrypt: this.sealed })) }
+    const session = `hs-${++this.sessionSeq}`
+    const hello: ScriptFrame = { channel: 'urgent', type: Msg.HELLO, bytes: helloFrame('urgent', session, nonce, this.sealed) }
     const mutateAuth = this.rand() < 0.5
     if (!mutateAuth) {
       const m = mutate(hello, kind, this.rand, LAYOUT)
@@ -346,8 +344,7 @@ export class FuzzSession {
       this.frames++
       const reply = await nextFrame(this.wire, ch).catch(() => undefined)
       if (reply?.type === Msg.HELLO) {
-        const said = decodeControl(reply.type, reply.payload)
-        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: Buffer.concat(encodeControl(Msg.AUTH, { proof: handshakeProof(FUZZ_TOKEN, 'client', info, said.nonce as Uint8Array, nonce, exchange(said, this.sealed)) })) }
+        const auth: ScriptFrame = { channel: 'urgent', type: Msg.AUTH, bytes: authFrame('urgent', session, decodeControl(reply.type, reply.payload), nonce, this.sealed) }
         const m = mutate(auth, kind, this.rand, LAYOUT)
         for (const w of m.writes) writeRaw(a, w)
         this.frames += m.frames
