@@ -70,6 +70,8 @@ export class Postcopy {
   private settledWaiter!: { resolve: (stats: Record<string, unknown>) => void; reject: (e: Error) => void }
   readonly resumedAt: Promise<number>
   private resumedResolve!: (t: number) => void
+  /** RESUMED came (or a RECOVER_STATE's resume time): a destination settles only after it, so SETTLED may follow. */
+  private resumed = false
 
   constructor(
     private readonly sender: Sender,
@@ -122,7 +124,21 @@ export class Postcopy {
     const m = decodeControl(f.type, f.payload)
     // the destination's side of the pause window (its clock): HANDOFF arrived, discard list applied
     if (typeof m.handoffAtMs === 'number' && typeof m.discardedAtMs === 'number') this.destHandoff = { handoffAtMs: m.handoffAtMs, discardedAtMs: m.discardedAtMs }
-    this.resumedResolve(field<number>(m, 'resumedAtMs', 'number', 'RESUMED'))
+    this.onResumeTime(field<number>(m, 'resumedAtMs', 'number', 'RESUMED'))
+  }
+
+  private onResumeTime(t: number): void {
+    this.resumed = true
+    this.resumedResolve(t)
+  }
+
+  /**
+   * A settled report must come after the resume: this side waits for the resume time before it ends, and stops
+   * watching a settled destination (it is quiet), so one that skipped RESUMED left the source waiting for ever, its
+   * memory held (found by the source-side fuzzer: a RESUMED turned into a SETTLED).
+   */
+  private checkSettledAfterResume(): void {
+    if (!this.resumed) throw migrationError(ErrorCode.PROTOCOL, 'the destination said SETTLED before RESUMED: a destination settles only once its service runs')
   }
 
   /** The destination freed pages during post-copy: it zero-fills them; never push them. */
@@ -132,6 +148,7 @@ export class Postcopy {
   }
 
   onSettled(f: Frame): void {
+    this.checkSettledAfterResume()
     this.host.link.unwatchPeer() // a settled destination is quiet
     this.settledStats = decodeControl(f.type, f.payload)
     this.settledWaiter.resolve(this.settledStats)
@@ -283,9 +300,10 @@ export class Postcopy {
         const { state: m, askedAtMs: askedAt } = await askRecoverState(link.bulk, this.opts.linkTimeoutMs, this.clock) // (past it: dialled again)
         // one clock sample (the takeover's report has no other): the destination's clock when it answered
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
-        if (typeof m.resumedAtMs === 'number') this.resumedResolve(m.resumedAtMs)
+        if (typeof m.resumedAtMs === 'number') this.onResumeTime(m.resumedAtMs)
         const settled = typeof m.settled === 'object' && m.settled !== null ? (m.settled as Record<string, unknown>) : undefined
-        if (!settled) {
+        if (settled) this.checkSettledAfterResume()
+        else {
           this.applyRecoverState(m)
           link.watchPeer()
         }

@@ -24,7 +24,13 @@ export const MUTATIONS = [
 export type Mutation = (typeof MUTATIONS)[number]
 
 const packr = new Packr({ useRecords: false, moreTypes: false })
-const CONTROL = new Set<number>([Msg.HELLO, Msg.AUTH, Msg.REGIONS, Msg.CLOCK, Msg.HANDOFF, Msg.REQUEST_DONE, Msg.ROUND_END, Msg.PRECOPY_END, Msg.PUSH_END, Msg.RECOVER, Msg.KEEPALIVE])
+const CONTROL = new Set<number>([
+  Msg.HELLO, Msg.AUTH, Msg.REGIONS, Msg.CLOCK, Msg.HANDOFF, Msg.REQUEST_DONE, Msg.ROUND_END, Msg.PRECOPY_END, Msg.PUSH_END, Msg.RECOVER, Msg.KEEPALIVE,
+  // what only the destination sends (the source-side fuzzer mutates those: source-session.ts)
+  Msg.READY, Msg.REGIONS_OK, Msg.PREFLIGHT_OK, Msg.RESUMED, Msg.SETTLED, Msg.RECOVER_STATE, Msg.SERVICE, Msg.ERROR,
+])
+/** Frames whose payload is a run list: `u8 kind | u32 region | (u32 first, u32 count)*`. */
+const RUN_LISTS = new Set<number>([Msg.RANGES, Msg.PAGE_REQUEST, Msg.WILL_NEED, Msg.FREED])
 
 /** What a mutation sends instead of the frame (one or more writes, on a channel). */
 export interface Mutated {
@@ -135,7 +141,10 @@ export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layou
   }
 }
 
-/** A PAGES / RANGES / HANDOFF / REQUEST_DONE frame with a field outside what the session allows. */
+/**
+ * A frame with a field outside what the session allows: PAGES, a run list (RANGES, PAGE_REQUEST, WILL_NEED, FREED),
+ * HANDOFF, REGIONS, RECOVER_STATE, REGIONS_OK, CLOCK; any other becomes a REQUEST_DONE of an unknown kind.
+ */
 function outOfRange(f: ScriptFrame, rand: () => number, layout: number[]): Buffer {
   const int = (n: number) => Math.floor(rand() * n)
   const b = Buffer.from(f.bytes)
@@ -150,14 +159,33 @@ function outOfRange(f: ScriptFrame, rand: () => number, layout: number[]): Buffe
     else b.writeUInt32BE(0xffffffff, 9) // first + count wraps
     return b
   }
-  if (f.type === Msg.RANGES && b.length >= 13) {
+  if (RUN_LISTS.has(f.type) && b.length >= 10) {
     // u8 kind | u32 region | run pairs
-    const choice = int(4)
+    const choice = int(6)
     if (choice === 0) b.writeUInt32BE(regions + int(5), 6)
     else if (choice === 1) b[5] = 2 + int(250) // unknown kind
-    else if (choice === 2) return frame(Msg.RANGES, Buffer.concat([b.subarray(5), Buffer.alloc(1 + int(3))])) // a run cut short
-    else return frame(Msg.RANGES, Buffer.concat([b.subarray(5, 10), u32le([0xfffffff0, 0x20])]))
+    else if (choice === 2) return frame(f.type, Buffer.concat([b.subarray(5), Buffer.alloc(1 + int(3))])) // a run cut short
+    else if (choice === 3) return frame(f.type, Buffer.concat([b.subarray(5, 10), u32le([0xfffffff0, 0x20])]))
+    else if (choice === 4) return frame(f.type, Buffer.concat([b.subarray(5, 10), u32be([(layout[b.readUInt32BE(6)] ?? 1) - 1, 2 + int(1 << 20)])])) // past the region's end
+    else return frame(f.type, Buffer.concat([b.subarray(5, 10), u32be([int(4), 0])])) // an empty run
     return b
+  }
+  if (f.type === Msg.RECOVER_STATE) {
+    const body = packr.unpack(b.subarray(5)) as Record<string, unknown>
+    const received = (body.received as Uint8Array[] | undefined) ?? []
+    const choice = int(4)
+    if (choice === 0) body.received = [...received, Buffer.alloc(4)] // one bitmap too many
+    else if (choice === 1) body.received = received.slice(1) // one too few
+    else if (choice === 2) body.received = received.map((m) => Buffer.alloc(m.length + 4 * (1 + int(4)), 0xff)) // longer than its region
+    else body.received = received.map((m) => Buffer.alloc(Math.max(0, m.length - 1))) // not whole words
+    return frame(Msg.RECOVER_STATE, packr.pack(body))
+  }
+  if (f.type === Msg.REGIONS_OK || f.type === Msg.CLOCK) {
+    const body = packr.unpack(b.subarray(5)) as Record<string, unknown>
+    const lies = [0, -1, 2.5, 2 ** 31, 2 ** 53, -(2 ** 53), 1e300, Number.NaN, Number.POSITIVE_INFINITY]
+    // (CLOCK: the destination's answer carries t1, the source's question t0)
+    body[f.type === Msg.REGIONS_OK ? 'streams' : 't1' in body ? 't1' : 't0'] = lies[int(lies.length)]
+    return frame(f.type, packr.pack(body))
   }
   if (f.type === Msg.HANDOFF) {
     const body = packr.unpack(b.subarray(5)) as Record<string, unknown>
@@ -173,6 +201,12 @@ function outOfRange(f: ScriptFrame, rand: () => number, layout: number[]): Buffe
     return frame(Msg.REGIONS, packr.pack(body))
   }
   return frame(Msg.REQUEST_DONE, packr.pack({ kind: 2 + int(1000) }))
+}
+
+function u32be(values: number[]): Buffer {
+  const b = Buffer.alloc(values.length * 4)
+  values.forEach((v, i) => b.writeUInt32BE(v >>> 0, i * 4))
+  return b
 }
 
 function u32le(values: number[]): Buffer {

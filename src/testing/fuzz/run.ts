@@ -10,7 +10,12 @@ import { prng } from '../prng'
 import { type Mutation, MUTATIONS } from './mutate'
 import { RECORD_MUTATIONS, type RecordMutation } from './records'
 import { FuzzSession } from './session'
+import { SourceFuzzSession } from './source-session'
 import type { WireKind } from './wire'
+
+/** Which engine is fuzzed: the destination (the fuzzer plays a source) or the source (it plays a destination). */
+export type FuzzSide = 'destination' | 'source'
+export const FUZZ_SIDES: readonly FuzzSide[] = ['destination', 'source']
 
 type Kind = Mutation | RecordMutation
 /** The share of sessions that are sealed (encrypted): the record layer's mutations are drawn only in those. */
@@ -29,10 +34,15 @@ export interface FuzzRow {
   /** Rejections without an ERR_ code. */
   uncoded: number
   crashes: number
+  /** The source side: sessions after which the service ran on both hosts, or neither, or resumed twice. */
+  serviceFaults: number
+  /** The source side: PAGES it sent outside its regions or with bytes its memory never held. */
+  strayPages: number
 }
 
 export interface FuzzReport {
   seed: number
+  side: FuzzSide
   wire: WireKind
   frames: number
   sessions: number
@@ -47,31 +57,38 @@ export interface FuzzReport {
   elapsedMs: number
 }
 
-const emptyRow = (): FuzzRow => ({ sessions: 0, sealed: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0 })
+const emptyRow = (): FuzzRow => ({ sessions: 0, sealed: 0, rejected: 0, accepted: 0, ends: {}, codes: {}, hangs: 0, badPages: 0, uncoded: 0, crashes: 0, serviceFaults: 0, strayPages: 0 })
 
-export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; wire?: WireKind; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
-  const wire = opts.wire ?? 'memory'
+/** A session's failures (what the table counts as such). */
+export function failureCount(t: FuzzRow): number {
+  return t.crashes + t.hangs + t.badPages + t.uncoded + t.serviceFaults + t.strayPages
+}
+
+export async function runFuzz(opts: { binding: NativeBinding; frames: number; seed: number; wire?: WireKind; side?: FuzzSide; onProgress?: (r: FuzzReport) => void }): Promise<FuzzReport> {
+  const wire = opts.wire ?? 'memory', side = opts.side ?? 'destination'
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
-    const kinds: readonly Kind[] = sealed ? [...MUTATIONS, ...RECORD_MUTATIONS] : MUTATIONS
+    // (the record layer's mutations re-seal with the source's keys: a destination's records are mutated as units)
+    const kinds: readonly Kind[] = sealed && side === 'destination' ? [...MUTATIONS, ...RECORD_MUTATIONS] : MUTATIONS
     const kind = kinds[Math.floor(rand() * kinds.length)]
     const sessionSeed = Math.floor(rand() * 2 ** 31)
-    const session = new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed, wire)
+    const session = side === 'source' ? new SourceFuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed, wire) : new FuzzSession(opts.binding, prng(sessionSeed), sessionSeed, sealed, wire)
     const at = Math.floor(rand() * (session.frameCount + 1)) - 1 // -1: the handshake
     const row = rows[kind]
     row.sessions++
     if (sealed) row.sealed++
     report.sessions++
     const fail = (what: string) => {
-      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} (${wire}) session ${report.sessions} (session seed ${sessionSeed}${sealed ? ', sealed' : ''}): ${kind} at frame ${at}: ${what}`)
+      if (report.failures.length < 20) report.failures.push(`seed ${opts.seed} (${side} side, ${wire}) session ${report.sessions} (session seed ${sessionSeed}${sealed ? ', sealed' : ''}): ${kind} at frame ${at}: ${what}`)
     }
     try {
-      const r = await session.run(at, kind)
+      // (a source session draws no record mutation: see kinds)
+      const r = session instanceof SourceFuzzSession ? await session.run(at, kind as Mutation) : await session.run(at, kind)
       report.frames += r.frames
       if (r.rejected) row.rejected++
       else row.accepted++
@@ -93,6 +110,14 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
         row.badPages += r.badPages
         fail(`${r.badPages} pages wrong after the session (end: ${r.end})`)
       }
+      if (r.serviceFault) {
+        row.serviceFaults++
+        fail(`${r.serviceFault} (end: ${r.end})`)
+      }
+      if (r.stray?.length) {
+        row.strayPages += r.stray.length
+        fail(`the source sent ${r.stray.length} stray PAGES: ${r.stray[0]}`)
+      }
     } catch (err) {
       row.crashes++
       fail(`crash: ${(err as Error).stack ?? err}`)
@@ -106,7 +131,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   }
   for (const row of Object.values(rows)) {
     const t = report.totals
-    for (const k of ['sessions', 'sealed', 'rejected', 'accepted', 'hangs', 'badPages', 'uncoded', 'crashes'] as const) t[k] += row[k]
+    for (const k of ['sessions', 'sealed', 'rejected', 'accepted', 'hangs', 'badPages', 'uncoded', 'crashes', 'serviceFaults', 'strayPages'] as const) t[k] += row[k]
     for (const [k, v] of Object.entries(row.ends)) t.ends[k] = (t.ends[k] ?? 0) + v
     for (const [k, v] of Object.entries(row.codes)) t.codes[k] = (t.codes[k] ?? 0) + v
   }
@@ -119,13 +144,15 @@ export function fuzzTable(r: FuzzReport): string {
   const short = (c: string) => c.replace(/^ERR_MIGRATION_/, '').replace(/^ERR_/, '')
   const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
   const lines = [
-    `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}; an extra stream in ${r.withStream}`,
+    r.side === 'source'
+      ? `fuzz: the source's engine (the fuzzer plays the destination), seed ${r.seed}, ${r.wire} wire, ${r.frames} destination frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s`
+      : `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}; an extra stream in ${r.withStream}`,
     '',
-    '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | codes | session ended |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|',
+    '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | service faults | stray pages | codes | session ended |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|',
   ]
   const row = (name: string, x: FuzzRow) =>
-    `| ${name} | ${x.sessions} | ${x.sealed} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
+    `| ${name} | ${x.sessions} | ${x.sealed} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${x.serviceFaults} | ${x.strayPages} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
   for (const [name, x] of Object.entries(r.rows)) lines.push(row(name, x))
   lines.push(row('**all**', r.totals))
   if (r.failures.length) lines.push('', 'failures:', ...r.failures.map((f) => `- ${f}`))

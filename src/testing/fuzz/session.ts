@@ -31,7 +31,8 @@ import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
 
 export { FUZZ_TOKEN } from './link'
-const LAYOUT = [16, 8]
+/** Pages of each region of a fuzz session. */
+export const LAYOUT = [16, 8]
 
 export interface SessionResult {
   /** Frames written, valid ones included. */
@@ -44,16 +45,24 @@ export interface SessionResult {
   hang?: string
   /** Pages whose bytes differ from the source's after the session (or held wrongly after a failure). */
   badPages: number
-  /** How the session ended: settled after a fresh migration, settled after recovery, failed. */
-  end: 'fresh' | 'recovered' | 'failed' | 'settled'
+  /**
+   * How the session ended: settled after a fresh migration, settled after recovery, failed, settled; the source side
+   * (source-session.ts) also: failed before the hand-off with the service resumed here, failed after it with the
+   * source's memory kept.
+   */
+  end: 'fresh' | 'recovered' | 'failed' | 'settled' | 'resumed' | 'kept'
   /** Who read the bulk connection, as the SETTLED report says ('native': the addon's reader; 'js'): absent when none came. */
   bulkReceive?: string
   /** An extra bulk stream was open in some connection set of the session (over TCP). */
   stream: boolean
+  /** The source side: the service ran on both hosts, or on neither, or resumed twice (what happened). */
+  serviceFault?: string
+  /** The source side: PAGES the source sent outside its regions or with bytes its memory never held. */
+  stray?: string[]
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */
-class Content {
+export class Content {
   readonly zero: boolean[][]
   readonly changed: boolean[][]
   constructor(private readonly seed: number, rand: () => number, readonly ps: number) {

@@ -1,0 +1,120 @@
+/**
+ * The source-side fuzzer's man in the middle: it joins each connection the
+ * source opens to a new connection to a real destination and passes the
+ * bytes through, except one unit the destination sends (a frame, or a sealed
+ * record: it has no keys), counted over the session's connections in order:
+ * that one reaches the source mutated. It learns each connection's role from
+ * the source's HELLO (so a mutation may move a frame to another connection of
+ * the session), and it checks what the source sends: every PAGES frame must
+ * lie inside the regions and carry bytes the source's memory held for those
+ * pages (a source that answered a hostile request with memory past a region
+ * would fail here).
+ */
+import { decodeControl, Msg } from '../../protocol/messages'
+import type { Transport } from '../../protocol/transport'
+import type { FuzzChannel, Mutated, Mutation } from './mutate'
+import { mutate } from './mutate'
+import type { FuzzEnd, Wire } from './wire'
+
+/** Whole units (`u32 length | u8 type | payload`, a frame or a sealed record) out of a byte stream. */
+class Units {
+  private buf: Buffer = Buffer.alloc(0)
+
+  push(chunk: Buffer): Buffer[] {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk
+    const out: Buffer[] = []
+    while (this.buf.length >= 5) {
+      const total = 4 + this.buf.readUInt32BE(0)
+      if (this.buf.length < total) break
+      out.push(this.buf.subarray(0, total))
+      this.buf = this.buf.subarray(total)
+    }
+    return out
+  }
+}
+
+export interface InterposerPlan {
+  /** The destination's unit to mutate, counted from 0 over the session's connections (beyond the last: none). */
+  at: number
+  kind: Mutation
+  rand: () => number
+  layout: number[]
+  /** Why the bytes of a PAGES frame the source sent cannot be its memory's (undefined: they can). */
+  checkPages(region: number, first: number, count: number, data: Buffer): string | undefined
+}
+
+/** One connection: the source's end (the interposer writes the destination's units there) and the destination's. */
+interface Joined {
+  role: FuzzChannel | undefined
+  toSource: FuzzEnd
+  toDestination: FuzzEnd
+}
+
+export class Interposer {
+  /** Units the destination sent so far (the mutated one included). */
+  destinationUnits = 0
+  /** The mutation as it went: the unit's type and connection, and what went instead. */
+  mutated: { type: number; channel: FuzzChannel; instead: Mutated } | undefined
+  /** What the source sent that it must not have (PAGES outside the regions, or bytes that are not its memory's). */
+  readonly stray: string[] = []
+  /** Every role a connection of the source had. */
+  readonly roles = new Set<FuzzChannel>()
+  /** The source's connections now open, by role (a recovery's replace a broken link's). */
+  private readonly open = new Map<FuzzChannel, Joined>()
+
+  constructor(private readonly wire: Wire, private readonly accept: (end: Transport) => void, private readonly plan: InterposerPlan) {}
+
+  /** Joins a connection the source opened (its end here) to a new connection to the destination. */
+  async join(fromSource: FuzzEnd): Promise<void> {
+    const [toDestination, destinationEnd] = await this.wire.pair()
+    this.accept(destinationEnd)
+    const c: Joined = { role: undefined, toSource: fromSource, toDestination }
+    const up = new Units(), down = new Units()
+    fromSource.on('data', (chunk: Buffer) => {
+      for (const u of up.push(chunk)) this.fromSource(c, u)
+    })
+    toDestination.on('data', (chunk: Buffer) => {
+      for (const u of down.push(chunk)) this.fromDestination(c, u)
+    })
+    // either end's close (or reset) ends the other: a break reaches both hosts, as on a real path
+    const end = (other: FuzzEnd) => () => {
+      if (c.role && this.open.get(c.role) === c) this.open.delete(c.role)
+      if (!other.destroyed) this.wire.cut(other)
+    }
+    fromSource.on('close', end(toDestination))
+    toDestination.on('close', end(fromSource))
+    fromSource.on('error', () => {})
+    toDestination.on('error', () => {})
+  }
+
+  private fromSource(c: Joined, unit: Buffer): void {
+    if (c.role === undefined && unit[4] === Msg.HELLO) {
+      try {
+        c.role = decodeControl(Msg.HELLO, unit.subarray(5)).role as FuzzChannel
+        this.open.set(c.role, c)
+        this.roles.add(c.role)
+      } catch {
+        // (the source's own HELLO is valid; nothing to learn otherwise)
+      }
+    }
+    if (unit[4] === Msg.PAGES && unit.length >= 17) {
+      const region = unit.readUInt32BE(5), first = unit.readUInt32BE(9), count = unit.readUInt32BE(13)
+      const why = this.plan.checkPages(region, first, count, unit.subarray(17))
+      if (why) this.stray.push(`${c.role ?? '?'}: PAGES region ${region} pages ${first}+${count}: ${why}`)
+    }
+    if (!c.toDestination.destroyed) c.toDestination.write(unit)
+  }
+
+  private fromDestination(c: Joined, unit: Buffer): void {
+    const n = this.destinationUnits++
+    if (n !== this.plan.at || c.role === undefined) {
+      if (!c.toSource.destroyed) c.toSource.write(unit)
+      return
+    }
+    const channels = [...this.open.keys()]
+    const instead = mutate({ channel: c.role, type: unit[4], bytes: unit }, this.plan.kind, this.plan.rand, this.plan.layout, channels)
+    this.mutated = { type: unit[4], channel: c.role, instead }
+    const to = this.open.get(instead.channel)?.toSource ?? c.toSource
+    for (const w of instead.writes) if (!to.destroyed && w.length) to.write(w)
+  }
+}

@@ -1,0 +1,250 @@
+/**
+ * One fuzz session against a real source engine: the fuzzer plays a hostile
+ * destination. A real MigrationSource (the real addon: its regions tracked
+ * with userfaultfd write-protection, its writers and, over TCP, its native
+ * bulk writer, extra streams and demand thread) migrates a small service to a
+ * real MigrationDestination in this process, through the interposer
+ * (interposer.ts), which mutates one unit the destination sends: a frame, or
+ * in a sealed session a record. The destination's service asks for pages
+ * after the hand-off (PAGE_REQUEST), hints (WILL_NEED) and frees one
+ * (FREED), so post-copy's messages are there to be mutated too.
+ * Whatever the destination says, the source must:
+ * - end: settle, or fail with an ERR_ code, within bounded time;
+ * - run the service exactly once: resumed here if it failed before the
+ *   hand-off (or the destination said it never got it), never resumed here
+ *   once the destination runs it;
+ * - keep its memory as the service left it, and send only pages of its
+ *   regions with bytes they held (no memory past a region);
+ * - when settled, have given the destination every byte.
+ */
+import { once } from 'node:events'
+import net from 'node:net'
+import { PageBitmap } from '../../bitmap'
+import type { NativeBinding } from '../../binding'
+import { MigrationDestination } from '../../agent/destination/index'
+import { DestPhase } from '../../agent/destination/machine'
+import { MigrationSource } from '../../agent/source/index'
+import type { MigrationMode, MigrationReport } from '../../agent/report'
+import type { UffdMigrateError } from '../../errors'
+import { Region } from '../../region'
+import { FakeClock } from '../fake-clock'
+import { Interposer } from './interposer'
+import { FUZZ_TOKEN } from './link'
+import type { Mutation } from './mutate'
+import { Content, LAYOUT, type SessionResult } from './session'
+import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
+
+const MODES: readonly MigrationMode[] = ['precopy', 'hybrid', 'postcopy']
+
+/** Fake time (timers move when the session moves them), with the loop's own setImmediate (a push loop yields on it). */
+class LoopClock extends FakeClock {
+  override setImmediate(fn: () => void): void {
+    setImmediate(fn)
+  }
+}
+
+/** The most units the destination sent in a session of each mode that settled (the next session's mutation is drawn among them). */
+const unitsSeen: Record<string, number> = {}
+
+export class SourceFuzzSession {
+  private readonly clock = new LoopClock()
+  private readonly wire: Wire
+  private readonly content: Content
+  private readonly srcRegions: Region[]
+  private readonly dstRegions: Region[]
+  private readonly dest: MigrationDestination
+  readonly mode: MigrationMode
+  /** The service wrote its second version of the changed pages (between pre-copy rounds, before the pause). */
+  private wroteChanged = false
+  private pauses = 0
+  private resumes = 0
+  private restores = 0
+  /** Pages the destination's service freed in post-copy: their content is the service's business. */
+  private readonly freed = LAYOUT.map(() => new Set<number>())
+  private waitId = 1
+  private server: net.Server | undefined
+  /** The source's connections the interposer took (over TCP). */
+  private readonly accepted = new Set<net.Socket>()
+
+  constructor(private readonly binding: NativeBinding, private readonly rand: () => number, seed: number, readonly sealed = false, wire: WireKind = 'memory') {
+    this.wire = createWire(wire)
+    const ps = binding.pageSize
+    this.content = new Content(seed, rand, ps)
+    this.mode = MODES[Math.floor(rand() * MODES.length)]
+    this.srcRegions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
+    this.dstRegions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
+    this.srcRegions.forEach((region, r) => {
+      const mem = new Uint8Array(region.buffer)
+      for (let p = 0; p < LAYOUT[r]; p++) if (!this.content.zero[r][p]) mem.set(this.content.page(r, p, 0), p * ps)
+    })
+    this.dest = new MigrationDestination(binding, this.dstRegions, LAYOUT.map((n) => new PageBitmap(n)), { token: FUZZ_TOKEN, bulkBufferBytes: 0, clock: this.clock }, {
+      restore: async () => {
+        this.restores++
+        void this.serviceAsks()
+        return this.clock.now()
+      },
+      settled: () => {},
+      ready: () => {},
+      failed: () => {},
+    })
+  }
+
+  /** The destination's units a session of this mode is expected to send (the mutation is drawn among them). */
+  get frameCount(): number {
+    return unitsSeen[this.mode] ?? 40
+  }
+
+  /** A page as the source's service left it. */
+  private final(r: number, p: number): Buffer {
+    const c = this.content
+    return c.zero[r][p] ? Buffer.alloc(this.binding.pageSize) : c.page(r, p, this.wroteChanged && c.changed[r][p] ? 1 : 0)
+  }
+
+  /** pause()/takeFreed() as a service gives them: between rounds, before the pause, it writes its changed pages once. */
+  private serviceWrites(): void {
+    if (this.wroteChanged || this.pauses > 0) return
+    this.wroteChanged = true
+    const ps = this.binding.pageSize
+    this.srcRegions.forEach((region, r) => {
+      const mem = new Uint8Array(region.buffer)
+      for (let p = 0; p < LAYOUT[r]; p++) if (this.content.changed[r][p]) mem.set(this.content.page(r, p, 1), p * ps)
+    })
+  }
+
+  /** After the hand-off the destination's service asks for pages, hints at a region, and frees a page. */
+  private async serviceAsks(): Promise<void> {
+    for (let i = 0; i < 50 && this.dest.phase !== DestPhase.POSTCOPY; i++) await this.wire.turns(1)
+    if (this.dest.phase !== DestPhase.POSTCOPY) return
+    const service = this.dest.service
+    for (let p = 0; p < LAYOUT[0]; p++) if (this.content.changed[0][p]) service.waitFor(this.waitId++, 0, p, 1)
+    service.willNeed(1, 0, LAYOUT[1])
+    const last = LAYOUT[0] - 1
+    this.freed[0].add(last)
+    service.free(0, last, 1)
+  }
+
+  /**
+   * Why a PAGES frame's bytes cannot be the source's memory (undefined: they can). Word by word, each from one of the
+   * versions the service wrote: a page the writer sent while the service wrote it mixes both, and is sent again.
+   */
+  private checkPages(region: number, first: number, count: number, data: Buffer): string | undefined {
+    const ps = this.binding.pageSize
+    if (region >= LAYOUT.length || first + count > LAYOUT[region] || count === 0) return 'outside the regions'
+    if (data.length !== count * ps) return `${data.length} bytes of data`
+    for (let i = 0; i < count; i++) {
+      const p = first + i, v0 = this.content.page(region, p, 0), v1 = this.content.page(region, p, 1), zero = this.content.zero[region][p]
+      for (let w = 0; w < ps; w += 4) {
+        const x = data.readUInt32LE(i * ps + w)
+        if (x !== v0.readUInt32LE(w) && x !== v1.readUInt32LE(w) && !(zero && x === 0)) return `page ${p}: bytes the source never held at offset ${w}`
+      }
+    }
+    return undefined
+  }
+
+  /** Mutates the destination's unit `at` with `kind`; see the file's comment. */
+  async run(at: number, kind: Mutation): Promise<SessionResult> {
+    const tcp = this.wire.kind === 'tcp'
+    const interposer = new Interposer(this.wire, (end) => void this.dest.accept(end, 'fuzzer'), {
+      at: Math.max(0, at), kind, rand: this.rand, layout: LAYOUT, checkPages: (r, f, c, d) => this.checkPages(r, f, c, d),
+    })
+    const to = tcp ? await this.listen(interposer) : 'memory:1'
+    const source = new MigrationSource(this.binding, this.srcRegions, {
+      to, mode: this.mode, token: FUZZ_TOKEN, encrypt: this.sealed, downtimeMs: 50, maxRounds: 3, connectTimeoutMs: 5000,
+      recoveryTimeoutMs: 20_000, linkTimeoutMs: 10_000, requestTimeoutMs: 5000, prepaging: { strategy: 'bubble' }, pushLog: false,
+      bulkBufferBytes: 0, postcopyNice: 0, streams: tcp ? 2 : 1, clock: this.clock,
+      // in memory the fuzzer's pairs; over TCP the source dials (a dialer would keep the demand connection in JS)
+      ...(tcp ? {} : {
+        dial: async () => {
+          const [mine, theirs] = await this.wire.pair()
+          await interposer.join(theirs as FuzzEnd)
+          return mine
+        },
+      }),
+    }, {
+      pause: async () => {
+        this.pauses++
+        return { state: new Uint8Array([1, 2, 3]) }
+      },
+      resume: () => void this.resumes++,
+      progress: () => {},
+      takeFreed: () => {
+        this.serviceWrites()
+        return []
+      },
+    })
+    let outcome: { report?: MigrationReport; err?: UffdMigrateError } | undefined
+    source.run().then((report) => (outcome = { report }), (err: UffdMigrateError) => (outcome = { err }))
+    const ended = await this.until(() => outcome !== undefined)
+    const result: SessionResult = { frames: interposer.destinationUnits, rejected: !!outcome?.err, codes: [], badPages: 0, end: 'settled', stream: interposer.roles.has('stream'), stray: interposer.stray }
+    if (!ended) {
+      result.hang = `the source did not end (phase ${source.phase}, destination ${this.dest.phase})`
+      if (source.cancel() === undefined) await this.until(() => outcome !== undefined, 10_000)
+      return result
+    }
+    if (outcome!.err) {
+      result.codes.push(outcome!.err.code ?? 'NO_CODE')
+      // (failed: before the pause, the service never stopped)
+      result.end = this.pauses === 0 ? 'failed' : this.resumes > 0 ? 'resumed' : 'kept'
+    } else {
+      result.end = (outcome!.report?.postcopy?.recoveries ?? 0) > 0 ? 'recovered' : 'settled'
+      unitsSeen[this.mode] = Math.max(unitsSeen[this.mode] ?? 0, interposer.destinationUnits)
+    }
+    result.serviceFault = this.serviceFault()
+    // (a SETTLED the source believed but the destination never sent, forged by the mutation: its memory is not complete)
+    result.badPages = this.checkMemory(!outcome!.err && this.dest.phase === DestPhase.SETTLED)
+    return result
+  }
+
+  /** Over TCP: where the source dials (each connection joined by the interposer). */
+  private async listen(interposer: Interposer): Promise<string> {
+    this.server = net.createServer((s) => {
+      s.on('error', () => {})
+      this.accepted.add(s)
+      void interposer.join(s)
+    })
+    this.server.listen(0, '127.0.0.1')
+    await once(this.server, 'listening')
+    return `127.0.0.1:${(this.server.address() as net.AddressInfo).port}`
+  }
+
+  /** The service must run on exactly one host once the source ended (undefined: it does). */
+  private serviceFault(): string | undefined {
+    if (this.resumes > 1) return `resumed ${this.resumes} times`
+    const here = this.pauses === 0 || this.resumes === 1, there = this.restores > 0
+    if (here && there) return 'the service runs on both hosts (restored on the destination, resumed here)'
+    if (!here && !there) return 'the service runs nowhere (paused here, never restored on the destination)'
+    return undefined
+  }
+
+  /** Pages of the source that are not as its service left them, and (settled) the destination's that differ. */
+  private checkMemory(settled: boolean): number {
+    const ps = this.binding.pageSize
+    let bad = 0
+    const differs = (regions: Region[], r: number, p: number) => !Buffer.from(regions[r].buffer, p * ps, ps).equals(this.final(r, p))
+    LAYOUT.forEach((n, r) => {
+      for (let p = 0; p < n; p++) {
+        if (differs(this.srcRegions, r, p)) bad++
+        if (settled && !this.freed[r].has(p) && differs(this.dstRegions, r, p)) bad++
+      }
+    })
+    return bad
+  }
+
+  /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
+  private async until(cond: () => boolean, maxMs = 180_000): Promise<boolean> {
+    for (let t = 0; t <= maxMs; t += 250) {
+      await this.wire.turns()
+      if (cond()) return true
+      this.clock.advance(250)
+    }
+    return false
+  }
+
+  close(): void {
+    this.dest.close()
+    this.wire.close()
+    this.server?.close()
+    for (const s of this.accepted) s.destroy()
+    for (const r of [...this.srcRegions, ...this.dstRegions]) r.release()
+  }
+}
