@@ -81,7 +81,7 @@ class Direction {
   }
 }
 
-/** The error is a record that failed its tag (Opener): the other connections may still carry the reason. */
+/** The error is a record that failed its tag, or bytes that are not one (Opener): the other connections may still carry the reason. */
 export function isIntegrityFailure(err: Error): boolean {
   return (err as { integrity?: boolean }).integrity === true
 }
@@ -93,9 +93,16 @@ export function integrityError(connection: string): UffdMigrateError {
     `a record on the encrypted ${connection} connection failed its integrity check: its bytes were changed, dropped or replayed between the hosts (a faulty middlebox, or an attacker on the path); nothing of it was used`), { integrity: true })
 }
 
-/** Something other than a sealed record, or one longer than allowed, where a record was due. */
+/**
+ * Something other than a sealed record (a plaintext frame, a record shorter than its tag, or one longer than allowed)
+ * where a record was due. The peer authenticated and seals everything after its handshake, so these bytes were changed
+ * on the path like a record whose tag fails: a broken link too (after the hand-off the source dials again), not a
+ * protocol error that ends the migration (a bit flipped in a record's header did, after the hand-off: found by the
+ * source-side fuzzer).
+ */
 export function notARecordError(connection: string, what: string): UffdMigrateError {
-  return migrationError(ErrorCode.PROTOCOL, `expected a sealed record on the encrypted ${connection} connection, got ${what}`)
+  return Object.assign(migrationError(ErrorCode.CONNECTION,
+    `expected a sealed record on the encrypted ${connection} connection, got ${what}: its bytes were changed between the hosts (a faulty middlebox, or an attacker on the path); nothing of it was used`), { integrity: true })
 }
 
 /** Seals what one side writes. */
@@ -165,8 +172,18 @@ export class Opener {
   }
 
   feed(chunk: Buffer): void {
-    this.records.feed(chunk)
+    try {
+      this.records.feed(chunk)
+    } catch (err) {
+      // what the opened plaintext broke is the peer's (a protocol error); the record framing's own refusal (a length
+      // past the limit) is the path's, as a failed tag is
+      if (this.inPlaintext || isIntegrityFailure(err as Error)) throw err
+      throw notARecordError(this.connection, `a length past the limit (${(err as Error).message})`)
+    }
   }
+
+  /** A record's plaintext is being handed on (an error now is the frame stream's, not the record layer's). */
+  private inPlaintext = false
 
   /** Part of a record has arrived and the rest has not. */
   get midRecord(): boolean {
@@ -180,7 +197,7 @@ export class Opener {
 
   private open(f: Frame): void {
     if (f.type !== SEALED) throw notARecordError(this.connection, `a frame of type ${f.type}`)
-    if (f.payload.length <= TAG_BYTES) throw migrationError(ErrorCode.PROTOCOL, `a sealed record of ${f.payload.length} bytes on the ${this.connection} connection: shorter than its tag`)
+    if (f.payload.length <= TAG_BYTES) throw notARecordError(this.connection, `a record of ${f.payload.length} bytes, shorter than its tag`)
     const body = f.payload.length - TAG_BYTES
     const decipher = createDecipheriv('aes-256-gcm', this.dir.current, this.dir.nextNonce())
     decipher.setAAD(frameHeader(SEALED, f.payload.length))
@@ -192,6 +209,11 @@ export class Opener {
       throw integrityError(this.connection)
     }
     this.dir.count(body)
-    this.plaintext(out)
+    this.inPlaintext = true
+    try {
+      this.plaintext(out)
+    } finally {
+      this.inPlaintext = false
+    }
   }
 }

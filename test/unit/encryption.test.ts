@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest'
 import { randomBytes } from 'node:crypto'
-import { ErrorCode, migrationError } from '../../src/errors'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../../src/errors'
 import { Channel } from '../../src/protocol/channel'
 import { clientHandshake, serverHandshake } from '../../src/protocol/handshake'
 import { decodeControl, encodeControl, encodeRuns, Msg } from '../../src/protocol/messages'
@@ -90,9 +90,24 @@ describe('sealed records', () => {
     const huge = Buffer.alloc(5)
     huge.writeUInt32BE(MAX_RECORD_PLAINTEXT + TAG_BYTES + 2, 0)
     huge[4] = SEALED
-    expect(() => o.feed(huge)).toThrow(/expected a frame of/)
+    // (the peer seals everything after its handshake: such bytes were changed on the path, a broken link as a failed tag is)
+    const thrown = (f: () => void) => {
+      try {
+        f()
+      } catch (err) {
+        return err as UffdMigrateError
+      }
+      return undefined
+    }
+    expect(thrown(() => o.feed(huge))).toMatchObject({ code: 'ERR_MIGRATION_CONNECTION', integrity: true, message: expect.stringMatching(/got a length past the limit \(expected a frame of/) })
     const plain = Buffer.concat(encodeControl(Msg.READY, {}))
-    expect(() => new Opener(KEY, () => {}, 'urgent').feed(plain)).toThrow(/expected a sealed record on the encrypted urgent connection/)
+    expect(thrown(() => new Opener(KEY, () => {}, 'urgent').feed(plain))).toMatchObject({
+      code: 'ERR_MIGRATION_CONNECTION', integrity: true, message: expect.stringMatching(/expected a sealed record on the encrypted urgent connection, got a frame of type \d+: its bytes were changed between the hosts/),
+    })
+    const short = Buffer.alloc(5 + TAG_BYTES)
+    short.writeUInt32BE(1 + TAG_BYTES, 0)
+    short[4] = SEALED
+    expect(thrown(() => new Opener(KEY, () => {}, 'urgent').feed(short))).toMatchObject({ code: 'ERR_MIGRATION_CONNECTION', message: expect.stringMatching(/shorter than its tag/) })
   })
 })
 

@@ -245,7 +245,7 @@ export class MigrationSource implements SourceHandlers {
         },
       }, state, prep, rounds), failed])
       await handedOff.catch((err: UffdMigrateError) => {
-        if (!this.committed || this.failure || err.code !== ErrorCode.CONNECTION) throw err
+        if (!this.committed || this.failure || !this.postcopy.recoverable(err)) throw err
       })
       // HANDOFF is out: deciding what to push next is background work from now on
       if (this.opts.mode !== 'precopy') this.hooks.postcopy?.()

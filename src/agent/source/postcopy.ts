@@ -156,6 +156,19 @@ export class Postcopy {
 
   private settledStats: Record<string, unknown> | undefined
 
+  /**
+   * A failure after the hand-off that recovery takes: a broken link; or, until the destination confirmed the hand-off
+   * (RESUMED), a frame that broke the protocol. Then whether HANDOFF took effect there is not known here, and ending
+   * the migration at once left the service running nowhere: this side's channel had told the destination ERROR on
+   * urgent, which overtook HANDOFF on bulk, so the destination ended its session before the hand-off, while this side,
+   * committed, kept its service paused (found by the source-side fuzzer over TCP, ~2 % of its sessions). Recovery asks
+   * the destination: NO_SESSION (it never took the hand-off) resumes the service here.
+   */
+  recoverable(err: Error): boolean {
+    const code = (err as UffdMigrateError).code
+    return code === ErrorCode.CONNECTION || (code === ErrorCode.PROTOCOL && !this.resumed && !(err as UffdMigrateError).fromPeer)
+  }
+
   /** The destination reported an error: whatever waits for the settled report fails with it. */
   onPeerFailure(err: Error): void {
     this.settledWaiter.reject(err)
@@ -172,8 +185,7 @@ export class Postcopy {
       try {
         return await Promise.race([Promise.all([this.resumedAt, this.pushUntilSettled(this.generation)]), failed])
       } catch (err) {
-        const code = (err as UffdMigrateError).code
-        if (this.host.failure || code !== ErrorCode.CONNECTION) throw err
+        if (this.host.failure || !this.recoverable(err as Error)) throw err
         const settled = await this.lastWords()
         if (settled) return [await this.resumedAt, settled]
         if (this.opts.recoveryTimeoutMs <= 0) throw err

@@ -52,6 +52,8 @@ export interface FuzzReport {
   bulkReceive: Record<string, number>
   /** Sessions that opened an extra bulk stream (over TCP). */
   withStream: number
+  /** The source side: codes of the sessions whose mutated unit was a sealed record (a path without the keys). */
+  recordCodes: Record<string, number>
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
@@ -69,7 +71,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, recordCodes: {}, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
@@ -97,6 +99,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       if (r.stream) report.withStream++
       for (const c of r.codes) {
         row.codes[c] = (row.codes[c] ?? 0) + 1
+        if (r.mutatedRecord) report.recordCodes[c] = (report.recordCodes[c] ?? 0) + 1
         if (!/^ERR_[A-Z_]+$/.test(c)) {
           row.uncoded++
           fail(`a rejection without an ERR_ code: ${c}`)
@@ -145,7 +148,7 @@ export function fuzzTable(r: FuzzReport): string {
   const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
   const lines = [
     r.side === 'source'
-      ? `fuzz: the source's engine (the fuzzer plays the destination), seed ${r.seed}, ${r.wire} wire, ${r.frames} destination frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s`
+      ? `fuzz: the source's engine (the fuzzer plays the destination), seed ${r.seed}, ${r.wire} wire, ${r.frames} destination frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; a sealed record mutated: ${fmt(r.recordCodes)}`
       : `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}; an extra stream in ${r.withStream}`,
     '',
     '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | service faults | stray pages | codes | session ended |',

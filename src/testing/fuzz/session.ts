@@ -59,6 +59,8 @@ export interface SessionResult {
   serviceFault?: string
   /** The source side: PAGES the source sent outside its regions or with bytes its memory never held. */
   stray?: string[]
+  /** The source side: the mutated unit was a sealed record (what a path without the keys can do). */
+  mutatedRecord?: boolean
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */

@@ -26,6 +26,7 @@ import { DestPhase } from '../../agent/destination/machine'
 import { MigrationSource } from '../../agent/source/index'
 import type { MigrationMode, MigrationReport } from '../../agent/report'
 import type { UffdMigrateError } from '../../errors'
+import { SEALED } from '../../protocol/records'
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
 import { Interposer } from './interposer'
@@ -175,7 +176,8 @@ export class SourceFuzzSession {
     let outcome: { report?: MigrationReport; err?: UffdMigrateError } | undefined
     source.run().then((report) => (outcome = { report }), (err: UffdMigrateError) => (outcome = { err }))
     const ended = await this.until(() => outcome !== undefined)
-    const result: SessionResult = { frames: interposer.destinationUnits, rejected: !!outcome?.err, codes: [], badPages: 0, end: 'settled', stream: interposer.roles.has('stream'), stray: interposer.stray }
+    const result: SessionResult = { frames: interposer.destinationUnits, rejected: !!outcome?.err, codes: [], badPages: 0, end: 'settled', stream: interposer.roles.has('stream'), stray: interposer.stray,
+      mutatedRecord: interposer.mutated?.type === SEALED }
     if (!ended) {
       result.hang = `the source did not end (phase ${source.phase}, destination ${this.dest.phase})`
       if (source.cancel() === undefined) await this.until(() => outcome !== undefined, 10_000)
