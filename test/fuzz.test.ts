@@ -4,11 +4,13 @@
  * Every session must end in a correct migration or a failure that holds no
  * wrong page; no crash, no hang, an ERR_ code on every rejection. Twice: in
  * memory (the JavaScript receive paths) and over loopback TCP (the addon's).
+ * Then turned around: a hostile destination against a real source (the
+ * service runs on exactly one host, no stray page), on both wires.
  */
 import { describe, expect, it } from 'vitest'
 import { loadBinding } from '../src/binding'
 import { RECORD_MUTATIONS } from '../src/testing/fuzz/records'
-import { fuzzTable, runFuzz } from '../src/testing/fuzz/run'
+import { type FuzzReport, fuzzTable, runFuzz } from '../src/testing/fuzz/run'
 import { kernelSkipReason } from './helpers/gate'
 
 const skip = kernelSkipReason()
@@ -57,5 +59,37 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.totals.ends.settled).toBeGreaterThan(0)
     expect(report.totals.sealed).toBeGreaterThan(report.sessions / 5)
   }, 120_000)
+})
+
+describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile destination against a real source', () => {
+  /** What every source-side slice must hold: the source ends, runs its service once, keeps its memory, sends no stray page. */
+  function expectSound(report: FuzzReport): void {
+    const table = fuzzTable(report)
+    console.log(table)
+    expect(report.failures, table).toEqual([])
+    expect(report.totals).toMatchObject({ crashes: 0, hangs: 0, badPages: 0, uncoded: 0, serviceFaults: 0, strayPages: 0 })
+    // both sides of the hand-off met: failed before the pause (the service never stopped), settled, recovered, and
+    // failed after the hand-off with the source's memory kept
+    expect(report.totals.ends).toMatchObject({ failed: expect.any(Number), settled: expect.any(Number), recovered: expect.any(Number) })
+    expect(report.totals.rejected).toBeGreaterThan(report.sessions / 4)
+    expect(report.totals.sealed).toBeGreaterThan(report.sessions / 5)
+    // what a path without the keys does to a record is a broken link (recovered after the hand-off, or the service
+    // resumed on the source where it never took effect), never a protocol error that ends the migration
+    expect(Object.keys(report.recordCodes).length).toBeGreaterThan(0)
+    for (const code of Object.keys(report.recordCodes)) expect(['ERR_MIGRATION_CONNECTION', 'ERR_MIGRATION_NO_SESSION']).toContain(code)
+  }
+
+  it('in memory (the source\'s JavaScript paths): every session sound', async () => {
+    const report = await runFuzz({ binding: loadBinding(), frames: 8000, seed: 20261129, side: 'source' })
+    expectSound(report)
+    expect(report.sessions).toBeGreaterThan(300)
+  }, 120_000)
+
+  it('over loopback TCP (its native writers, an extra stream, the demand thread that parses page requests): every session sound', async () => {
+    const report = await runFuzz({ binding: loadBinding(), frames: 3000, seed: 20261129, side: 'source', wire: 'tcp' })
+    expectSound(report)
+    // an extra bulk stream was open, as the source asked for two
+    expect(report.withStream).toBeGreaterThan(report.sessions / 2)
+  }, 180_000)
 })
 if (skip) console.warn(`fuzz.test: skipped: ${skip}`)

@@ -28,7 +28,7 @@ import { FakeClock } from '../fake-clock'
 import { authFrame, FUZZ_TOKEN, FuzzLink, helloFrame, nextFrame, writeRaw } from './link'
 import { type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
-import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
+import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
 
 export { FUZZ_TOKEN } from './link'
 /** Pages of each region of a fuzz session. */
@@ -228,13 +228,8 @@ export class FuzzSession {
   }
 
   /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
-  private async until(cond: () => boolean, maxMs = 120_000): Promise<boolean> {
-    for (let t = 0; t <= maxMs; t += 250) {
-      await this.wire.turns()
-      if (cond()) return true
-      this.clock.advance(250)
-    }
-    return false
+  private until(cond: () => boolean, maxMs = 120_000): Promise<boolean> {
+    return until(this.wire, this.clock, cond, maxMs)
   }
 
   /** A whole correct migration from a fresh session; the destination must be listening. */

@@ -33,7 +33,7 @@ import { Interposer } from './interposer'
 import { FUZZ_TOKEN } from './link'
 import type { Mutation } from './mutate'
 import { Content, LAYOUT, type SessionResult } from './session'
-import { createWire, type FuzzEnd, type Wire, type WireKind } from './wire'
+import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
 
 const MODES: readonly MigrationMode[] = ['precopy', 'hybrid', 'postcopy']
 
@@ -233,13 +233,8 @@ export class SourceFuzzSession {
   }
 
   /** Waits (moving the fake clock) until cond holds; false after a bounded time. */
-  private async until(cond: () => boolean, maxMs = 180_000): Promise<boolean> {
-    for (let t = 0; t <= maxMs; t += 250) {
-      await this.wire.turns()
-      if (cond()) return true
-      this.clock.advance(250)
-    }
-    return false
+  private until(cond: () => boolean, maxMs = 180_000): Promise<boolean> {
+    return until(this.wire, this.clock, cond, maxMs)
   }
 
   close(): void {

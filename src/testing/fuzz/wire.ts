@@ -12,6 +12,7 @@
 import { once } from 'node:events'
 import net from 'node:net'
 import type { Transport } from '../../protocol/transport'
+import type { FakeClock } from '../fake-clock'
 import { MemoryTransport } from '../memory-transport'
 
 export type WireKind = 'memory' | 'tcp'
@@ -96,6 +97,16 @@ class TcpWire implements Wire {
     this.open.clear()
     this.server?.close()
   }
+}
+
+/** Waits, moving the fake clock on (a quarter of a second at a time), until cond holds; false after maxMs of it. */
+export async function until(wire: Wire, clock: FakeClock, cond: () => boolean, maxMs = 120_000): Promise<boolean> {
+  for (let t = 0; t <= maxMs; t += 250) {
+    await wire.turns()
+    if (cond()) return true
+    clock.advance(250)
+  }
+  return false
 }
 
 export function createWire(kind: WireKind): Wire {
