@@ -75,8 +75,8 @@ describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile 
     expect(report.totals.sealed).toBeGreaterThan(report.sessions / 5)
     // what a path without the keys does to a record is a broken link (recovered after the hand-off, or the service
     // resumed on the source where it never took effect), never a protocol error that ends the migration
-    expect(Object.keys(report.recordCodes).length).toBeGreaterThan(0)
-    for (const code of Object.keys(report.recordCodes)) expect(['ERR_MIGRATION_CONNECTION', 'ERR_MIGRATION_NO_SESSION']).toContain(code)
+    expect(report.recordCodes.ERR_MIGRATION_CONNECTION).toBeGreaterThan(0)
+    expect(report.recordCodes.ERR_MIGRATION_PROTOCOL).toBeUndefined()
   }
 
   it('in memory (the source\'s JavaScript paths): every session sound', async () => {

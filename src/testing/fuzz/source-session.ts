@@ -35,7 +35,8 @@ import type { Mutation } from './mutate'
 import { Content, LAYOUT, type SessionResult } from './session'
 import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
 
-const MODES: readonly MigrationMode[] = ['precopy', 'hybrid', 'postcopy']
+/** Post-copy twice as often: its page requests are what the source parses most (the demand thread over TCP). */
+const MODES: readonly MigrationMode[] = ['precopy', 'hybrid', 'postcopy', 'postcopy']
 
 /** Fake time (timers move when the session moves them), with the loop's own setImmediate (a push loop yields on it). */
 class LoopClock extends FakeClock {
@@ -112,12 +113,17 @@ export class SourceFuzzSession {
     })
   }
 
-  /** After the hand-off the destination's service asks for pages, hints at a region, and frees a page. */
+  /**
+   * After the hand-off the destination's service asks for pages (every other one, each on its own: a page request
+   * apiece, each a frame to mutate), hints at a region, and frees a page.
+   */
   private async serviceAsks(): Promise<void> {
     for (let i = 0; i < 50 && this.dest.phase !== DestPhase.POSTCOPY; i++) await this.wire.turns(1)
     if (this.dest.phase !== DestPhase.POSTCOPY) return
     const service = this.dest.service
-    for (let p = 0; p < LAYOUT[0]; p++) if (this.content.changed[0][p]) service.waitFor(this.waitId++, 0, p, 1)
+    LAYOUT.forEach((n, r) => {
+      for (let p = 0; p < n; p += 2) if (!this.content.zero[r][p]) service.waitFor(this.waitId++, r, p, 1)
+    })
     service.willNeed(1, 0, LAYOUT[1])
     const last = LAYOUT[0] - 1
     this.freed[0].add(last)
