@@ -55,4 +55,32 @@ describe('a destination that breaks the protocol', () => {
     expect(pair.resumedOnSource).toBe(1)
     expect(source.phase).toBe('failed')
   }, 20_000)
+
+  it('a recovery whose answer comes mangled dials again: the destination never took the hand-off, and its NO_SESSION on the next try resumes the service here', async () => {
+    const pair = makePair([16], (src, regions) => {
+      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    let lost = false, mangled = false
+    pair.onFrame = (from, type) => {
+      // HANDOFF is lost with a reset: the destination ends its session and listens again
+      if (from === 'source' && type === Msg.HANDOFF && !lost) return (lost = true), 'cut'
+      // the answer to the first RECOVER (its NO_SESSION) arrives as something else
+      if (from === 'destination' && type === Msg.ERROR && lost && !mangled) {
+        mangled = true
+        const bulk = pair.links[pair.links.length - 1]
+        setImmediate(() => bulk.peer.write(Buffer.concat(encodeControl(Msg.SYNC, {}))))
+        return 'drop'
+      }
+      return undefined
+    }
+    const { report } = startSource(pair, { mode: 'precopy' })
+    const err = await orHang(failure(report))
+    expect([lost, mangled]).toEqual([true, true])
+    // (before: the malformed answer ended the recovery, and the service stayed paused here, never started there)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_NO_SESSION' })
+    expect(pair.resumedOnSource).toBe(1)
+    expect(pair.events).not.toContain('restore')
+    // three links: the first, the recovery whose answer was mangled, and the one that heard NO_SESSION
+    expect(pair.links.length).toBe(6)
+  }, 20_000)
 })

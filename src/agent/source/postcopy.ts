@@ -327,8 +327,13 @@ export class Postcopy {
           this.host.handoffLost(err as Error)
           throw err
         }
-        // the destination gave up or refused us: dialling again cannot help
-        if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION && (err as UffdMigrateError).code !== ErrorCode.CONNECT) break
+        // the destination gave up or refused us: dialling again cannot help. But a malformed answer is no answer (the new
+        // link is as broken as the old), and a deadline of this connection's (its handshake, a frame that never came
+        // whole) ends that connection, not the migration: giving up on either left a service whose hand-off never
+        // arrived paused here while it ran nowhere, its NO_SESSION never heard (found by the source-side fuzzer)
+        const code = (err as UffdMigrateError).code
+        const linkOnly = code === ErrorCode.CONNECTION || code === ErrorCode.CONNECT || code === ErrorCode.TIMEOUT || (code === ErrorCode.PROTOCOL && !(err as UffdMigrateError).fromPeer)
+        if (!linkOnly) break
       }
     }
     throw migrationError(

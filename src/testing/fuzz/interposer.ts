@@ -41,6 +41,12 @@ export interface InterposerPlan {
   layout: number[]
   /** Why the bytes of a PAGES frame the source sent cannot be its memory's (undefined: they can). */
   checkPages(region: number, first: number, count: number, data: Buffer): string | undefined
+  /**
+   * A break in post-copy, so that the recovery's exchange (its handshake, RECOVER_STATE) can be mutated: once the
+   * source's HANDOFF passed, the destination's unit `afterHandoff` later is lost with a reset of every connection, and
+   * the mutation hits the unit `mutateAfter` after it instead of `at`.
+   */
+  breakLink?: { afterHandoff: number; mutateAfter: number }
 }
 
 /** One connection: the source's end (the interposer writes the destination's units there) and the destination's. */
@@ -61,6 +67,10 @@ export class Interposer {
   readonly roles = new Set<FuzzChannel>()
   /** The source's connections now open, by role (a recovery's replace a broken link's). */
   private readonly open = new Map<FuzzChannel, Joined>()
+  /** The destination's units when the source's HANDOFF passed. */
+  private handoffAt: number | undefined
+  /** The planned break happened: every connection then open was reset. */
+  broke = false
 
   constructor(private readonly wire: Wire, private readonly accept: (end: Transport) => void, private readonly plan: InterposerPlan) {}
 
@@ -97,6 +107,7 @@ export class Interposer {
         // (the source's own HELLO is valid; nothing to learn otherwise)
       }
     }
+    if (unit[4] === Msg.HANDOFF && this.handoffAt === undefined) this.handoffAt = this.destinationUnits
     if (unit[4] === Msg.PAGES && unit.length >= 17) {
       const region = unit.readUInt32BE(5), first = unit.readUInt32BE(9), count = unit.readUInt32BE(13)
       const why = this.plan.checkPages(region, first, count, unit.subarray(17))
@@ -107,6 +118,14 @@ export class Interposer {
 
   private fromDestination(c: Joined, unit: Buffer): void {
     const n = this.destinationUnits++
+    const cut = this.plan.breakLink
+    if (cut && !this.broke && this.handoffAt !== undefined && n >= this.handoffAt + cut.afterHandoff) {
+      this.broke = true
+      this.plan.at = n + 1 + cut.mutateAfter
+      for (const j of this.open.values()) for (const end of [j.toSource, j.toDestination]) this.wire.cut(end)
+      this.open.clear()
+      return
+    }
     if (n !== this.plan.at || c.role === undefined) {
       if (!c.toSource.destroyed) c.toSource.write(unit)
       return

@@ -54,6 +54,8 @@ export interface FuzzReport {
   withStream: number
   /** The source side: codes of the sessions whose mutated unit was a sealed record (a path without the keys). */
   recordCodes: Record<string, number>
+  /** The source side: sessions by the destination's message that was mutated ('record': sealed; the rest never met it). */
+  mutatedTypes: Record<string, number>
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
@@ -71,7 +73,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, recordCodes: {}, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, recordCodes: {}, mutatedTypes: {}, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
@@ -97,6 +99,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       row.ends[r.end] = (row.ends[r.end] ?? 0) + 1
       if (r.bulkReceive) report.bulkReceive[r.bulkReceive] = (report.bulkReceive[r.bulkReceive] ?? 0) + 1
       if (r.stream) report.withStream++
+      if (side === 'source') report.mutatedTypes[r.mutatedType ?? 'none'] = (report.mutatedTypes[r.mutatedType ?? 'none'] ?? 0) + 1
       for (const c of r.codes) {
         row.codes[c] = (row.codes[c] ?? 0) + 1
         if (r.mutatedRecord) report.recordCodes[c] = (report.recordCodes[c] ?? 0) + 1
@@ -158,6 +161,7 @@ export function fuzzTable(r: FuzzReport): string {
     `| ${name} | ${x.sessions} | ${x.sealed} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${x.serviceFaults} | ${x.strayPages} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
   for (const [name, x] of Object.entries(r.rows)) lines.push(row(name, x))
   lines.push(row('**all**', r.totals))
+  if (r.side === 'source') lines.push('', `the destination's messages mutated, by sessions: ${fmt(r.mutatedTypes)}`)
   if (r.failures.length) lines.push('', 'failures:', ...r.failures.map((f) => `- ${f}`))
   return lines.join('\n')
 }

@@ -61,6 +61,8 @@ export interface SessionResult {
   stray?: string[]
   /** The source side: the mutated unit was a sealed record (what a path without the keys can do). */
   mutatedRecord?: boolean
+  /** The source side: the type of the destination's unit that was mutated (absent: the session ended before it). */
+  mutatedType?: string
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */
