@@ -12,6 +12,8 @@ export class UffdMigrateError extends Error {
   retryAfterMs?: number
   /** The peer's ERROR, raised here: never told back to it (Channel.sendError). */
   fromPeer?: boolean
+  /** The destination's ERROR said that its service never started (sent before a hand-off took effect there). */
+  serviceStarted?: boolean
   /** A failed preflight: the id it went by (the destination's log names it, if the check got that far). */
   migration?: string
 

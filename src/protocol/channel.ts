@@ -40,6 +40,8 @@ export class Channel {
    * (stopped, wedged): the connection fails as broken (0: wait forever).
    */
   stallTimeoutMs = 0
+  /** What every ERROR this side sends on the connection says besides its code and message (its state, as the owner sees it). */
+  errorFields: (() => Record<string, unknown> | undefined) | undefined
 
   constructor(
     private readonly socket: Transport,
@@ -328,7 +330,7 @@ export class Channel {
   sendError(err: Error): void {
     const code = (err as UffdMigrateError).code ?? ErrorCode.PROTOCOL
     const retryAfterMs = (err as UffdMigrateError).retryAfterMs
-    const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}) }
+    const body = { code, message: err.message, ...(retryAfterMs !== undefined ? { retryAfterMs } : {}), ...this.errorFields?.() }
     if (this.failure || this.socket.destroyed || this.errorSent || (err as UffdMigrateError).fromPeer) return
     this.errorSent = true // one reason per connection: the first (a later one only says that it ended)
     this.send(Buffer.concat(encodeControl(Msg.ERROR, body)))

@@ -111,6 +111,7 @@ export function peerError(payload: Buffer): UffdMigrateError {
   const err = new UffdMigrateError(`peer reported: ${message}`, code)
   err.fromPeer = true
   if (typeof m.retryAfterMs === 'number' && m.retryAfterMs >= 0) err.retryAfterMs = Math.min(m.retryAfterMs, 60_000)
+  if (m.serviceStarted === false) err.serviceStarted = false
   return err
 }
 

@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
-import { encodeControl, Msg } from '../../src/protocol/messages'
+import { decodeControl, encodeControl, Msg } from '../../src/protocol/messages'
 import { makePair, pageBytes, startSource } from './helpers/wire'
 
 const failure = (report: Promise<MigrationReport>) => report.then(() => undefined, (e: Error) => e)
@@ -82,5 +82,60 @@ describe('a destination that breaks the protocol', () => {
     expect(pair.events).not.toContain('restore')
     // three links: the first, the recovery whose answer was mangled, and the one that heard NO_SESSION
     expect(pair.links.length).toBe(6)
+  }, 20_000)
+
+  it('the destination gives up before the hand-off took effect there while HANDOFF is on its way: its ERROR says so, and the source resumes its service', async () => {
+    const pair = makePair([16], (src, regions) => {
+      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    let crossed = false
+    pair.onFrame = (from, type) => {
+      if (from !== 'source' || type !== Msg.HANDOFF || crossed) return undefined
+      crossed = true
+      // the destination has not read HANDOFF (its bulk read waits) and gives up on the session for a reason of its
+      // own, as its watchdog does: its ERROR, as a destination's channel sends it in pre-copy, then the link goes
+      const [, bulk] = pair.links.slice(-2)
+      bulk.peer.pause()
+      setImmediate(() => {
+        const m = { code: 'ERR_MIGRATION_TIMEOUT', message: 'the source went quiet', serviceStarted: false }
+        bulk.peer.write(Buffer.concat(encodeControl(Msg.ERROR, m)))
+        setTimeout(() => bulk.cut(), 20)
+      })
+      return undefined
+    }
+    const { source, report } = startSource(pair, { mode: 'precopy' })
+    const err = await orHang(failure(report))
+    expect(crossed).toBe(true)
+    expect(pair.events).not.toContain('restore')
+    // (before: the source, committed, kept its service paused: it ran nowhere)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_TIMEOUT', serviceStarted: false, message: expect.stringMatching(/\(the service resumed on the source\)$/) })
+    expect(pair.resumedOnSource).toBe(1)
+    expect(source.phase).toBe('failed')
+  }, 20_000)
+
+  it('a destination\'s ERROR before the hand-off took effect there says serviceStarted: false; after it, nothing', async () => {
+    /** The ERROR the destination sends on urgent when a frame no source sends comes there, as `from` writes `type`. */
+    async function errorWhen(mode: 'precopy' | 'postcopy', from: 'source' | 'destination', type: number): Promise<Record<string, unknown> | undefined> {
+      const pair = makePair([16], (src, regions) => {
+        for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+      })
+      let said: Record<string, unknown> | undefined, done = false
+      pair.onFrame = (f, t) => {
+        if (done || f !== from || t !== type) return undefined
+        done = true
+        const [urgent] = pair.links.slice(-2)
+        urgent.on('data', (chunk: Buffer) => {
+          if (chunk[4] === Msg.ERROR) said ??= decodeControl(Msg.ERROR, chunk.subarray(5))
+        })
+        urgent.write(Buffer.concat(encodeControl(Msg.SETTLED, {}))) // (a frame no source sends)
+        return undefined
+      }
+      await orHang(failure(startSource(pair, { mode }).report))
+      return said
+    }
+    expect(await errorWhen('precopy', 'source', Msg.PRECOPY_END)).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', serviceStarted: false })
+    const after = await errorWhen('postcopy', 'destination', Msg.RESUMED)
+    expect(after).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL' })
+    expect(after).not.toHaveProperty('serviceStarted')
   }, 20_000)
 })

@@ -135,6 +135,9 @@ export abstract class DestinationSession {
   }
 
   private adopt(ch: Channel, role: ChannelRole): void {
+    // an ERROR sent before the hand-off took effect here says so: a source that sent HANDOFF meanwhile resumes its
+    // service (it kept it paused, committed, while it ran nowhere)
+    ch.errorFields = () => (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY) ? { serviceStarted: false } : undefined)
     if (role === 'demand') return this.demand.adopt(ch)
     if (role === 'stream') return this.bulkPath.addStream(ch, (err) => this.linkBroke(err))
     if (role === 'bulk') (this.phase === DestPhase.LISTENING ? precopyBulkSocket : postcopyBulkSocket)(ch, this.binding, this.opts.bulkBufferBytes)

@@ -367,8 +367,9 @@ export class MigrationSource implements SourceHandlers {
   onPeerError(f: Frame): never {
     const err = peerError(f.payload)
     this.failure = err
-    // only a destination that did not resume the service may have it resume here
-    if (err.code === ErrorCode.HANDOFF && this.committed) this.handoffRefused = true
+    // only a destination that did not resume the service may have it resume here: it could not restore the state, or
+    // it gave up before the hand-off took effect there (its ERROR crossed the HANDOFF this side had just sent)
+    if ((err.code === ErrorCode.HANDOFF || err.serviceStarted === false) && this.committed) this.handoffRefused = true
     this.postcopy.onPeerFailure(err)
     throw err
   }
