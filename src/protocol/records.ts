@@ -177,13 +177,13 @@ export class Opener {
     } catch (err) {
       // what the opened plaintext broke is the peer's (a protocol error); the record framing's own refusal (a length
       // past the limit) is the path's, as a failed tag is
-      if (this.inPlaintext || isIntegrityFailure(err as Error)) throw err
+      if (err === this.plaintextError || isIntegrityFailure(err as Error)) throw err
       throw notARecordError(this.connection, `a length past the limit (${(err as Error).message})`)
     }
   }
 
-  /** A record's plaintext is being handed on (an error now is the frame stream's, not the record layer's). */
-  private inPlaintext = false
+  /** What the frame stream threw while it took a record's plaintext (the peer's error, not the record layer's). */
+  private plaintextError: unknown
 
   /** Part of a record has arrived and the rest has not. */
   get midRecord(): boolean {
@@ -209,11 +209,11 @@ export class Opener {
       throw integrityError(this.connection)
     }
     this.dir.count(body)
-    this.inPlaintext = true
     try {
       this.plaintext(out)
-    } finally {
-      this.inPlaintext = false
+    } catch (err) {
+      this.plaintextError = err
+      throw err
     }
   }
 }

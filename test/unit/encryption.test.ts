@@ -104,6 +104,11 @@ describe('sealed records', () => {
     expect(thrown(() => new Opener(KEY, () => {}, 'urgent').feed(plain))).toMatchObject({
       code: 'ERR_MIGRATION_CONNECTION', integrity: true, message: expect.stringMatching(/expected a sealed record on the encrypted urgent connection, got a frame of type \d+: its bytes were changed between the hosts/),
     })
+    // what the peer sealed is its own: a frame inside a record that breaks the protocol stays a protocol error
+    const sealed = Buffer.concat(new Sealer(KEY).seal([Buffer.from([0, 0, 0, 0])]))
+    expect(thrown(() => new Opener(KEY, (p) => {
+      if (p.readUInt32BE(0) === 0) throw migrationError(ErrorCode.PROTOCOL, 'expected a frame of 1.. bytes, got a length of 0')
+    }, 'urgent').feed(sealed))).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: 'expected a frame of 1.. bytes, got a length of 0' })
     const short = Buffer.alloc(5 + TAG_BYTES)
     short.writeUInt32BE(1 + TAG_BYTES, 0)
     short[4] = SEALED
