@@ -128,7 +128,13 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       row.crashes++
       fail(`crash: ${(err as Error).stack ?? err}`)
     } finally {
-      session.close()
+      try {
+        session.close()
+      } catch (err) {
+        // (an engine that throws as it closes is a crash too, with the session that made it)
+        row.crashes++
+        fail(`crash as the session closed: ${(err as Error).stack ?? err}`)
+      }
     }
     if (opts.onProgress && performance.now() - lastProgress > 2000) {
       lastProgress = performance.now()
