@@ -42,6 +42,12 @@ export class Channel {
   stallTimeoutMs = 0
   /** What every ERROR this side sends on the connection says besides its code and message (its state, as the owner sees it). */
   errorFields: (() => Record<string, unknown> | undefined) | undefined
+  /**
+   * Whether a frame the handler refused is answered with ERROR before the connection fails (absent: it is). An owner
+   * that takes such a failure for a broken link says no: the peer then sees the connection end, which it recovers
+   * from, not a reason that ends the migration.
+   */
+  tellsRefusal: ((err: Error) => boolean) | undefined
 
   constructor(
     private readonly socket: Transport,
@@ -171,7 +177,7 @@ export class Channel {
     try {
       this.handler!(f)
     } catch (err) {
-      this.sendError(err as Error)
+      if (this.tellsRefusal?.(err as Error) !== false) this.sendError(err as Error)
       this.fail(err as Error)
     }
   }

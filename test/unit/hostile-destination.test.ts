@@ -7,7 +7,7 @@
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
 import { decodeControl, encodeControl, Msg } from '../../src/protocol/messages'
-import { makePair, pageBytes, startSource } from './helpers/wire'
+import { makePair, pageBytes, startSource, touchAll } from './helpers/wire'
 
 const failure = (report: Promise<MigrationReport>) => report.then(() => undefined, (e: Error) => e)
 /** Turns a wait for ever into a result the test can show (only a hang takes this long). */
@@ -137,5 +137,30 @@ describe('a destination that breaks the protocol', () => {
     const after = await errorWhen('postcopy', 'destination', Msg.RESUMED)
     expect(after).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL' })
     expect(after).not.toHaveProperty('serviceStarted')
+  }, 20_000)
+
+  it('a frame that breaks the protocol after the destination took the hand-off, before its RESUMED arrived: the destination is not told, both recover, and the migration settles with every page', async () => {
+    const pair = makePair([64], (src, regions) => {
+      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    let injected = false
+    pair.onFrame = (from, type) => {
+      if (from !== 'destination' || type !== Msg.RESUMED || injected) return undefined
+      injected = true
+      // the service runs there; before its RESUMED, a frame only bulk may carry arrives on urgent
+      const [urgent] = pair.links.slice(-2)
+      urgent.peer.write(Buffer.concat(encodeControl(Msg.SERVICE, { ports: [] })))
+      return 'drop'
+    }
+    const { source, report } = startSource(pair, { mode: 'postcopy' })
+    await touchAll(pair)
+    const outcome = await orHang(report.then((r) => r, (e: Error) => e))
+    expect(injected).toBe(true)
+    // (before: this side's ERROR failed the destination, whose service had started, and the source dialled a
+    // destination that had stopped listening until its recovery timeout, then failed with its memory kept)
+    expect(outcome).toMatchObject({ postcopy: { recoveries: 1 } })
+    expect(source.phase).toBe('settled')
+    expect(pair.events.filter((e) => e.startsWith('failed'))).toEqual([])
+    expect(pair.resumedOnSource).toBe(0)
   }, 20_000)
 })

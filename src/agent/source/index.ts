@@ -341,6 +341,9 @@ export class MigrationSource implements SourceHandlers {
   /** Routes the urgent and bulk connections' frames through the message table; the promise rejects when any connection breaks. */
   private attachLink(): Promise<never> {
     const { urgent, bulk, demand } = this.link
+    // between HANDOFF and RESUMED a frame that breaks the protocol is a broken link (recovery asks whether the hand-off
+    // arrived): the destination is not told, so that one holding the hand-off recovers with this side instead of failing
+    for (const ch of [urgent, bulk]) ch.tellsRefusal = (err) => !(this.committed && this.postcopy.recoverable(err))
     urgent.onFrame((f) => this.onFrame(urgent, 'urgent', f))
     bulk.onFrame((f) => this.onFrame(bulk, 'bulk', f))
     const failed = new Promise<never>((_, reject) => {
