@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
-import { decodeControl, encodeControl, Msg } from '../../src/protocol/messages'
+import { decodeControl, encodeControl, encodeRuns, Msg } from '../../src/protocol/messages'
 import { makePair, pageBytes, startSource, touchAll } from './helpers/wire'
 
 const failure = (report: Promise<MigrationReport>) => report.then(() => undefined, (e: Error) => e)
@@ -162,5 +162,25 @@ describe('a destination that breaks the protocol', () => {
     expect(source.phase).toBe('settled')
     expect(pair.events.filter((e) => e.startsWith('failed'))).toEqual([])
     expect(pair.resumedOnSource).toBe(0)
+  }, 20_000)
+
+  it('a PAGE_REQUEST of a kind no destination sends is refused at once, not echoed back in a REQUEST_DONE that fails the destination', async () => {
+    const pair = makePair([64], (src, regions) => {
+      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+    })
+    let injected = false
+    pair.onFrame = (from, type) => {
+      if (from !== 'destination' || type !== Msg.RESUMED || injected) return undefined
+      injected = true
+      // after RESUMED (the service runs there): a request of kind 7 for page 0
+      const [urgent] = pair.links.slice(-2)
+      setImmediate(() => urgent.peer.write(encodeRuns(Msg.PAGE_REQUEST, 7, 0, [0, 1])))
+      return undefined
+    }
+    const { report } = startSource(pair, { mode: 'postcopy' })
+    const err = await orHang(failure(report))
+    expect(injected).toBe(true)
+    // this side's own refusal, not the destination's report of a REQUEST_DONE it could not take
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: expect.stringMatching(/^expected a PAGE_REQUEST of kind 0 \(ready\) or 1 \(fault\), got 7/) })
   }, 20_000)
 })

@@ -11,7 +11,7 @@ import { PageBitmap } from '../../bitmap'
 import { ErrorCode, migrationError, type UffdMigrateError } from '../../errors'
 import type { Channel } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
-import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout } from '../../protocol/messages'
+import { decodeControl, decodeRuns, encodeControl, field, Msg, type RegionLayout, RequestKind } from '../../protocol/messages'
 import { type Clock, sleep } from '../clock'
 import { nativeLinkError } from '../demand-events'
 import { takeDuplex } from '../native-seal'
@@ -112,6 +112,8 @@ export class Postcopy {
 
   onPageRequest(f: Frame): void {
     const { kind, region, runs } = decodeRuns(f.type, f.payload, this.layout)
+    // (echoed in REQUEST_DONE: an unknown one failed the destination there, after its service had started)
+    if (kind !== RequestKind.READY && kind !== RequestKind.FAULT) throw migrationError(ErrorCode.PROTOCOL, `expected a PAGE_REQUEST of kind 0 (ready) or 1 (fault), got ${kind}`)
     void this.answerRequest(kind, region, runs)
   }
 
