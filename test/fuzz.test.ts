@@ -73,10 +73,13 @@ describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile 
     expect(report.totals.ends).toMatchObject({ failed: expect.any(Number), settled: expect.any(Number), recovered: expect.any(Number) })
     expect(report.totals.rejected).toBeGreaterThan(report.sessions / 4)
     expect(report.totals.sealed).toBeGreaterThan(report.sessions / 5)
-    // what a path without the keys does to a record is a broken link (recovered after the hand-off, or the service
-    // resumed on the source where it never took effect), never a protocol error that ends the migration
-    expect(report.recordCodes.ERR_MIGRATION_CONNECTION).toBeGreaterThan(0)
-    expect(report.recordCodes.ERR_MIGRATION_PROTOCOL).toBeUndefined()
+    // what a path without the keys does to a record is a broken link: after the hand-off it is recovered (or the
+    // service resumed on the source where it never took effect), never a protocol error that ends the migration with
+    // the source's memory kept. (Before the hand-off a record moved onto a connection still in its plaintext handshake
+    // may end that try as a protocol error: the service runs on at the source.)
+    const outcomes = Object.keys(report.recordOutcomes)
+    expect(report.recordOutcomes.recovered).toBeGreaterThan(0)
+    expect(outcomes.filter((o) => /^kept .*PROTOCOL/.test(o))).toEqual([])
   }
 
   it('in memory (the source\'s JavaScript paths): every session sound', async () => {
