@@ -7,17 +7,35 @@
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
 import { decodeControl, encodeControl, encodeRuns, Msg } from '../../src/protocol/messages'
-import { makePair, pageBytes, startSource, touchAll } from './helpers/wire'
+import { makePair, pageBytes, type Pair, startSource, touchAll } from './helpers/wire'
+import type { MemoryTransport } from '../../src/testing/memory-transport'
 
+/**
+ * The first time `from` starts writing a frame of `type`, act() on the newest link (the source's ends of its urgent and
+ * bulk connections; their peers are the destination's); its answer is onFrame's ('drop', 'cut'). fired: it happened.
+ */
+function onFirst(pair: Pair, from: 'source' | 'destination', type: number, act: (urgent: MemoryTransport, bulk: MemoryTransport) => 'drop' | 'cut' | undefined): { readonly fired: boolean } {
+  const state = { fired: false }
+  pair.onFrame = (f, t) => {
+    if (state.fired || f !== from || t !== type) return undefined
+    state.fired = true
+    const [urgent, bulk] = pair.links.slice(-2)
+    return act(urgent, bulk)
+  }
+  return state
+}
+
+/** One region of `pages` pages, every one holding data at the source. */
+const filledPair = (pages: number) => makePair([pages], (src, regions) => {
+  for (let p = 0; p < pages; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
+})
 const failure = (report: Promise<MigrationReport>) => report.then(() => undefined, (e: Error) => e)
 /** Turns a wait for ever into a result the test can show (only a hang takes this long). */
 const orHang = <T>(p: Promise<T>) => Promise.race([p, new Promise<'still waiting'>((r) => setTimeout(() => r('still waiting'), 8000))])
 
 describe('a destination that breaks the protocol', () => {
   it('SETTLED without RESUMED before it: the source takes it for a broken link and asks, instead of waiting for ever with its memory held', async () => {
-    const pair = makePair([16], (src, regions) => {
-      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
+    const pair = filledPair(16)
     // pre-copy: the destination lacks nothing at the hand-off and settles as it resumes; its RESUMED goes missing
     pair.onFrame = (from, type) => (from === 'destination' && type === Msg.RESUMED ? 'drop' : undefined)
     const { source, report } = startSource(pair, { mode: 'precopy' })
@@ -30,24 +48,18 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('a frame that breaks the protocol right after HANDOFF, before the destination read it: the source asks, hears NO_SESSION and resumes its service (it ran nowhere)', async () => {
-    const pair = makePair([16], (src, regions) => {
-      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
-    let injected = false
-    pair.onFrame = (from, type) => {
-      if (from !== 'source' || type !== Msg.HANDOFF || injected) return undefined
-      injected = true
+    const pair = filledPair(16)
+    const injected = onFirst(pair, 'source', Msg.HANDOFF, (urgent, bulk) => {
       // the destination reads bulk late (its HANDOFF waits), and says something on urgent that only bulk may carry:
       // the source's urgent channel answers ERROR, which the destination reads first, before the hand-off
-      const [urgent, bulk] = pair.links.slice(-2)
       bulk.peer.pause()
       urgent.peer.write(Buffer.concat(encodeControl(Msg.SERVICE, { ports: [] })))
       setTimeout(() => bulk.peer.resume(), 50)
       return undefined
-    }
+    })
     const { source, report } = startSource(pair, { mode: 'precopy' })
     const err = await orHang(failure(report))
-    expect(injected).toBe(true)
+    expect(injected.fired).toBe(true)
     // the destination never restored the service; the source learnt so and runs it again (before: ERR_MIGRATION_PROTOCOL,
     // the service paused here and never started there)
     expect(pair.events).not.toContain('restore')
@@ -57,9 +69,7 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('a recovery whose answer comes mangled dials again: the destination never took the hand-off, and its NO_SESSION on the next try resumes the service here', async () => {
-    const pair = makePair([16], (src, regions) => {
-      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
+    const pair = filledPair(16)
     let lost = false, mangled = false
     pair.onFrame = (from, type) => {
       // HANDOFF is lost with a reset: the destination ends its session and listens again
@@ -85,16 +95,10 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('the destination gives up before the hand-off took effect there while HANDOFF is on its way: its ERROR says so, and the source resumes its service', async () => {
-    const pair = makePair([16], (src, regions) => {
-      for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
-    let crossed = false
-    pair.onFrame = (from, type) => {
-      if (from !== 'source' || type !== Msg.HANDOFF || crossed) return undefined
-      crossed = true
+    const pair = filledPair(16)
+    const crossed = onFirst(pair, 'source', Msg.HANDOFF, (_urgent, bulk) => {
       // the destination has not read HANDOFF (its bulk read waits) and gives up on the session for a reason of its
       // own, as its watchdog does: its ERROR, as a destination's channel sends it in pre-copy, then the link goes
-      const [, bulk] = pair.links.slice(-2)
       bulk.peer.pause()
       setImmediate(() => {
         const m = { code: 'ERR_MIGRATION_TIMEOUT', message: 'the source went quiet', serviceStarted: false }
@@ -102,10 +106,10 @@ describe('a destination that breaks the protocol', () => {
         setTimeout(() => bulk.cut(), 20)
       })
       return undefined
-    }
+    })
     const { source, report } = startSource(pair, { mode: 'precopy' })
     const err = await orHang(failure(report))
-    expect(crossed).toBe(true)
+    expect(crossed.fired).toBe(true)
     expect(pair.events).not.toContain('restore')
     // (before: the source, committed, kept its service paused: it ran nowhere)
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_TIMEOUT', serviceStarted: false, message: expect.stringMatching(/\(the service resumed on the source\)$/) })
@@ -116,9 +120,7 @@ describe('a destination that breaks the protocol', () => {
   it('a destination\'s ERROR before the hand-off took effect there says serviceStarted: false; after it, nothing', async () => {
     /** The ERROR the destination sends on urgent when a frame no source sends comes there, as `from` writes `type`. */
     async function errorWhen(mode: 'precopy' | 'postcopy', from: 'source' | 'destination', type: number): Promise<Record<string, unknown> | undefined> {
-      const pair = makePair([16], (src, regions) => {
-        for (let p = 0; p < 16; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-      })
+      const pair = filledPair(16)
       let said: Record<string, unknown> | undefined, done = false
       pair.onFrame = (f, t) => {
         if (done || f !== from || t !== type) return undefined
@@ -140,22 +142,16 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('a frame that breaks the protocol after the destination took the hand-off, before its RESUMED arrived: the destination is not told, both recover, and the migration settles with every page', async () => {
-    const pair = makePair([64], (src, regions) => {
-      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
-    let injected = false
-    pair.onFrame = (from, type) => {
-      if (from !== 'destination' || type !== Msg.RESUMED || injected) return undefined
-      injected = true
+    const pair = filledPair(64)
+    const injected = onFirst(pair, 'destination', Msg.RESUMED, (urgent) => {
       // the service runs there; before its RESUMED, a frame only bulk may carry arrives on urgent
-      const [urgent] = pair.links.slice(-2)
       urgent.peer.write(Buffer.concat(encodeControl(Msg.SERVICE, { ports: [] })))
       return 'drop'
-    }
+    })
     const { source, report } = startSource(pair, { mode: 'postcopy' })
     await touchAll(pair)
     const outcome = await orHang(report.then((r) => r, (e: Error) => e))
-    expect(injected).toBe(true)
+    expect(injected.fired).toBe(true)
     // (before: this side's ERROR failed the destination, whose service had started, and the source dialled a
     // destination that had stopped listening until its recovery timeout, then failed with its memory kept)
     expect(outcome).toMatchObject({ postcopy: { recoveries: 1 } })
@@ -165,21 +161,15 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('a PAGE_REQUEST of a kind no destination sends is refused at once, not echoed back in a REQUEST_DONE that fails the destination', async () => {
-    const pair = makePair([64], (src, regions) => {
-      for (let p = 0; p < 64; p++) src.write(regions[0].id, p * 4096, pageBytes(0, p, 0))
-    })
-    let injected = false
-    pair.onFrame = (from, type) => {
-      if (from !== 'destination' || type !== Msg.RESUMED || injected) return undefined
-      injected = true
+    const pair = filledPair(64)
+    const injected = onFirst(pair, 'destination', Msg.RESUMED, (urgent) => {
       // after RESUMED (the service runs there): a request of kind 7 for page 0
-      const [urgent] = pair.links.slice(-2)
       setImmediate(() => urgent.peer.write(encodeRuns(Msg.PAGE_REQUEST, 7, 0, [0, 1])))
       return undefined
-    }
+    })
     const { report } = startSource(pair, { mode: 'postcopy' })
     const err = await orHang(failure(report))
-    expect(injected).toBe(true)
+    expect(injected.fired).toBe(true)
     // this side's own refusal, not the destination's report of a REQUEST_DONE it could not take
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: expect.stringMatching(/^expected a PAGE_REQUEST of kind 0 \(ready\) or 1 \(fault\), got 7/) })
   }, 20_000)
