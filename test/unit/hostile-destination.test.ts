@@ -7,7 +7,8 @@
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
 import { decodeControl, encodeControl, encodeRuns, Msg } from '../../src/protocol/messages'
-import { makePair, pageBytes, type Pair, startSource, touchAll } from './helpers/wire'
+import { MigrationSource } from '../../src/agent/source/index'
+import { makePair, pageBytes, type Pair, sourceOptions, startSource, touchAll } from './helpers/wire'
 import type { MemoryTransport } from '../../src/testing/memory-transport'
 
 /**
@@ -172,5 +173,32 @@ describe('a destination that breaks the protocol', () => {
     expect(injected.fired).toBe(true)
     // this side's own refusal, not the destination's report of a REQUEST_DONE it could not take
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: expect.stringMatching(/^expected a PAGE_REQUEST of kind 0 \(ready\) or 1 \(fault\), got 7/) })
+  }, 20_000)
+
+  it('a failure of the source\'s own right after HANDOFF, which the destination has not read yet: it asks whether the hand-off arrived, and the service runs on exactly one host', async () => {
+    const pair = filledPair(16)
+    // the destination reads bulk late: HANDOFF waits there while the source fails of its own accord
+    const held = onFirst(pair, 'source', Msg.HANDOFF, (_urgent, bulk) => {
+      bulk.peer.pause()
+      setTimeout(() => bulk.peer.resume(), 50)
+      return undefined
+    })
+    let resumed = 0
+    const source = new MigrationSource(pair.src, pair.srcRegions, sourceOptions(pair, 'postcopy'), {
+      pause: async () => ({ state: new Uint8Array([1, 2, 3]) }),
+      resume: () => void resumed++,
+      progress: () => {},
+      takeFreed: () => [],
+      postcopy: () => {
+        throw new Error('a bug of the source\'s own, right after HANDOFF went')
+      },
+    })
+    const err = await orHang(source.run().then(() => undefined, (e: Error) => e))
+    expect(held.fired).toBe(true)
+    expect(err).toBeInstanceOf(Error)
+    const restored = pair.events.includes('restore')
+    // exactly one host: restored there (and this side keeps its memory), or resumed here (before: neither, when the
+    // ERROR told on urgent reached the destination before HANDOFF on bulk and it ended its session)
+    expect({ restored, resumed }).toEqual(restored ? { restored: true, resumed: 0 } : { restored: false, resumed: 1 })
   }, 20_000)
 })

@@ -1,13 +1,11 @@
 /**
- * The source side of one migration, in the agent's worker: one state machine
- * (machine.ts) through connect, pre-copy rounds, hand-off and post-copy until
- * the destination says settled. The service's memory is kept until then.
- * Concerns live beside it: link.ts (dial, handshake, clock), sender.ts (what
- * the destination holds, every page sent), precopy.ts (rounds, hot pages,
- * convergence), handoff.ts, postcopy.ts (push, requests, recovery), report.ts,
- * tracking.ts (the dirty-page tracker's life), service-ports.ts (where the
- * destination's service listens); hooks.ts: its options and how it reaches the
- * service. takeOver(): a new agent after one that crashed (src/agent-handle.ts).
+ * The source side of one migration, in the agent's worker: one state machine (machine.ts) through connect, pre-copy
+ * rounds, hand-off and post-copy until the destination says settled. The service's memory is kept until then.
+ * Concerns live beside it: link.ts (dial, handshake, clock), sender.ts (what the destination holds, every page sent),
+ * precopy.ts (rounds, hot pages, convergence), handoff.ts, postcopy.ts (push, requests, recovery), handoff-fate.ts
+ * (whether a hand-off took effect, asked after a failure), report.ts, tracking.ts (the dirty-page tracker's life),
+ * service-ports.ts (where the destination's service listens); hooks.ts: its options and how it reaches the service.
+ * takeOver(): a new agent after one that crashed (src/agent-handle.ts).
  */
 import { randomBytes } from 'node:crypto'
 import type { NativeBinding } from '../../binding'
@@ -27,7 +25,8 @@ import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
 import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
-import { Postcopy } from './postcopy'
+import { handoffArrived } from './handoff-fate'
+import { Postcopy, TAKEOVER_ASK_MS } from './postcopy'
 import { runPrecopy } from './precopy'
 import { regionsMessage, residentBytes } from './region-table'
 import { buildReport, type ReportInputs } from './report'
@@ -311,8 +310,11 @@ export class MigrationSource implements SourceHandlers {
     err = this.failure ??= err
     this.sender.stopDemand()
     const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
-    // this side's own failure (the service's pause, a tracker, a bug): the destination hears why (after the hand-off it fails at once, no recovery to wait for)
-    if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err)
+    // HANDOFF went, RESUMED did not come, nobody answered: whether the service runs there is asked (handoff-fate.ts)
+    if (this.committed && !this.handoffRefused && !this.postcopy.handoffKnown && !(err as UffdMigrateError).fromPeer) {
+      this.current?.close()
+      this.handoffRefused = !(await handoffArrived(err, { open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, askForMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS) }))
+    } else if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err) // (after the hand-off it fails at once, no recovery to wait for)
     if (!cancelled) this.current?.close()
     if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
     // HANDOFF on the wire: the destination may run the service already; resuming here too would run it twice, unless it said it did not

@@ -19,6 +19,7 @@ import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
+import { redialMayHelp } from './handoff-fate'
 import { askRecoverState, LAST_WORDS_MS, type SourceLink } from './link'
 
 /**
@@ -28,8 +29,8 @@ import { askRecoverState, LAST_WORDS_MS, type SourceLink } from './link'
  */
 const BATCH_PAGES = 256
 
-/** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()). */
-const TAKEOVER_ASK_MS = 10_000
+/** A takeover asks the destination for at least this long, whatever recoveryTimeoutMs says (Postcopy.takeOver()); so does a failure of this side's own before RESUMED (handoff-fate.ts). */
+export const TAKEOVER_ASK_MS = 10_000
 
 export interface PostcopyHost {
   readonly link: SourceLink
@@ -132,6 +133,11 @@ export class Postcopy {
   private onResumeTime(t: number): void {
     this.resumed = true
     this.resumedResolve(t)
+  }
+
+  /** The destination said it took the hand-off: RESUMED, or any recovery's answer (or this side already asked). */
+  get handoffKnown(): boolean {
+    return this.resumed || this.recoveries > 0
   }
 
   /**
@@ -329,13 +335,10 @@ export class Postcopy {
           this.host.handoffLost(err as Error)
           throw err
         }
-        // the destination gave up or refused us: dialling again cannot help. But a malformed answer is no answer (the new
-        // link is as broken as the old), and a deadline of this connection's (its handshake, a frame that never came
-        // whole) ends that connection, not the migration: giving up on either left a service whose hand-off never
-        // arrived paused here while it ran nowhere, its NO_SESSION never heard (found by the source-side fuzzer)
-        const code = (err as UffdMigrateError).code
-        const linkOnly = code === ErrorCode.CONNECTION || code === ErrorCode.CONNECT || code === ErrorCode.TIMEOUT || (code === ErrorCode.PROTOCOL && !(err as UffdMigrateError).fromPeer)
-        if (!linkOnly) break
+        // the destination gave up or refused us: dialling again cannot help. (Giving up on a malformed answer, or a
+        // deadline of the new connection's, left a service whose hand-off never arrived paused here while it ran
+        // nowhere, its NO_SESSION never heard: found by the source-side fuzzer.)
+        if (!redialMayHelp(err as Error)) break
       }
     }
     throw migrationError(
