@@ -29,6 +29,7 @@
 #include "bindings.h"
 #include "demand.h"
 #include "errors.h"
+#include "next_link.h"
 #include "records.h"
 #include "uffd.h"
 
@@ -96,7 +97,6 @@ class BulkReaderThread : public DemandThread {
     stop();
     stats_fd_.store(-1);
     if (fd_ >= 0) close(fd_);
-    if (next_fd_ >= 0) close(next_fd_);
     close(kick_fd_);
     free(staging_);
   }
@@ -118,12 +118,8 @@ class BulkReaderThread : public DemandThread {
     uint32_t id;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (next_fd_ >= 0) close(next_fd_);
-      next_fd_ = fd;
+      id = next_.offer(fd, std::move(link));
       next_head_ = std::move(head);
-      next_link_ = std::move(link);
-      attach_pending_ = true;
-      id = next_link_id_ = ++attaches_;
     }
     kick();
     return id;
@@ -203,14 +199,11 @@ class BulkReaderThread : public DemandThread {
       postcopy_ = resume_postcopy_;
       paused_ = false;
     }
-    if (attach_pending_) {
-      attach_pending_ = false;
+    int fd;
+    if (next_.take(&fd, &link_, &link_id_)) {
       stats_fd_.store(-1);
       if (fd_ >= 0) close(fd_);
-      fd_ = next_fd_;
-      next_fd_ = -1;
-      link_id_ = next_link_id_;
-      link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
+      fd_ = fd;
       link_->count_sealed_bytes(&sealed_read_);
       lowat_ = 1;
       promise_end_ = 0;
@@ -523,12 +516,10 @@ class BulkReaderThread : public DemandThread {
   size_t deferred_next_ = 0;
   static constexpr size_t kDeferredRunsPerTurn = 256;  // between two looks at the socket: ~0.3 ms of one-page runs
   std::mutex mu_;
-  bool resume_pending_ = false, resume_postcopy_ = false, attach_pending_ = false;
-  int next_fd_ = -1;
-  uint32_t attaches_ = 0, next_link_id_ = 0;  // under mu_ (the first connection, from the constructor, is 0)
-  uint32_t link_id_ = 0;                      // the connection fd_ is (this thread's)
+  bool resume_pending_ = false, resume_postcopy_ = false;
+  NextLink next_;         // under mu_
+  uint32_t link_id_ = 0;  // the connection fd_ is (this thread's)
   std::vector<uint8_t> next_head_;
-  std::unique_ptr<records::Link> next_link_;
   // bytes read ahead: frames at [buf_pos_, buf_len_)
   static constexpr size_t kDirectBytes = 64 << 10;     // larger frames are read straight into the staging buffer
   static_assert(kDirectBytes == records::kAlignBytes, "a sealing writer aligns records to the frames read directly");

@@ -15,6 +15,7 @@
 #include "args.h"
 #include "demand_wire.h"
 #include "errors.h"
+#include "next_link.h"
 #include "records.h"
 #include "uffd.h"
 
@@ -40,7 +41,6 @@ class DemandClientThread : public DemandThread {
   ~DemandClientThread() override {
     stop();
     if (fd_ >= 0) close(fd_);
-    if (next_fd_ >= 0) close(next_fd_);
     close(kick_fd_);
     free(staging_);
   }
@@ -52,11 +52,7 @@ class DemandClientThread : public DemandThread {
     uint32_t id;
     {
       std::lock_guard<std::mutex> lock(attach_mu_);
-      if (next_fd_ >= 0) close(next_fd_);
-      next_fd_ = fd;
-      next_link_ = std::move(link);
-      attach_pending_ = true;
-      id = next_link_id_ = ++attaches_;
+      id = next_.offer(fd, std::move(link));
     }
     uint64_t one = 1;
     (void)!write(kick_fd_, &one, sizeof one);
@@ -115,13 +111,12 @@ class DemandClientThread : public DemandThread {
       }
     }
     asks_.clear();
-    if (!attach_pending_) return;
-    attach_pending_ = false;
+    int fd;
+    std::unique_ptr<records::Link> link;
+    if (!next_.take(&fd, &link, &link_id_)) return;
     drop_link();
-    fd_ = next_fd_;
-    next_fd_ = -1;
-    link_id_ = next_link_id_;
-    link_ = next_link_ ? std::move(next_link_) : std::make_unique<records::Link>();
+    fd_ = fd;
+    link_ = std::move(link);
     fr_ = FrameReader();
     if (fd_ < 0) return;
     // the replies to what was asked on the old link may be lost: ask again
@@ -309,11 +304,8 @@ class DemandClientThread : public DemandThread {
   bool asked_on_link_ = false;  // a request went out on fd_ (before it, a reply is a protocol breach)
   int kick_fd_ = -1;
   std::mutex attach_mu_;
-  int next_fd_ = -1;
-  std::unique_ptr<records::Link> next_link_;  // under attach_mu_
-  bool attach_pending_ = false;
-  uint32_t attaches_ = 0, next_link_id_ = 0;  // under attach_mu_
-  uint32_t link_id_ = 0;                      // the connection fd_ is (this thread's)
+  NextLink next_;          // under attach_mu_
+  uint32_t link_id_ = 0;   // the connection fd_ is (this thread's)
   std::unique_ptr<records::Link> link_ = std::make_unique<records::Link>();
   FrameReader fr_;
   std::vector<RegionView> regions_;
