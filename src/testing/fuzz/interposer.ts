@@ -10,27 +10,17 @@
  * pages (a source that answered a hostile request with memory past a region
  * would fail here).
  */
+import { FrameDecoder, frameHeader } from '../../protocol/frames'
 import { decodeControl, Msg } from '../../protocol/messages'
 import type { Transport } from '../../protocol/transport'
 import type { FuzzChannel, Mutated, Mutation } from './mutate'
 import { mutate } from './mutate'
 import type { FuzzEnd, Wire } from './wire'
 
-/** Whole units (`u32 length | u8 type | payload`, a frame or a sealed record) out of a byte stream. */
-class Units {
-  private buf: Buffer = Buffer.alloc(0)
-
-  push(chunk: Buffer): Buffer[] {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk
-    const out: Buffer[] = []
-    while (this.buf.length >= 5) {
-      const total = 4 + this.buf.readUInt32BE(0)
-      if (this.buf.length < total) break
-      out.push(this.buf.subarray(0, total))
-      this.buf = this.buf.subarray(total)
-    }
-    return out
-  }
+/** Whole units (`u32 length | u8 type | payload`, a frame or a sealed record) out of a byte stream, as they came. */
+function units(onUnit: (unit: Buffer) => void): FrameDecoder {
+  // (the hosts are real and keep their own limits: this one only cuts)
+  return new FrameDecoder((f) => onUnit(Buffer.concat([frameHeader(f.type, f.payload.length), f.payload])), 0xfffffffe)
 }
 
 export interface InterposerPlan {
@@ -79,13 +69,9 @@ export class Interposer {
     const [toDestination, destinationEnd] = await this.wire.pair()
     this.accept(destinationEnd)
     const c: Joined = { role: undefined, toSource: fromSource, toDestination }
-    const up = new Units(), down = new Units()
-    fromSource.on('data', (chunk: Buffer) => {
-      for (const u of up.push(chunk)) this.fromSource(c, u)
-    })
-    toDestination.on('data', (chunk: Buffer) => {
-      for (const u of down.push(chunk)) this.fromDestination(c, u)
-    })
+    const up = units((u) => this.fromSource(c, u)), down = units((u) => this.fromDestination(c, u))
+    fromSource.on('data', (chunk: Buffer) => up.feed(chunk))
+    toDestination.on('data', (chunk: Buffer) => down.feed(chunk))
     // either end's close (or reset) ends the other: a break reaches both hosts, as on a real path
     const end = (other: FuzzEnd) => () => {
       if (c.role && this.open.get(c.role) === c) this.open.delete(c.role)

@@ -7,6 +7,7 @@
  * from the truth, so they would only test the fuzzer.
  */
 import { Packr } from 'msgpackr'
+import { frameHeader } from '../../protocol/frames'
 import { MSG_NAMES, Msg } from '../../protocol/messages'
 
 /** The connections the fuzzer writes on (demand and an extra bulk stream: over TCP only, see wire.ts). */
@@ -45,15 +46,8 @@ export interface Mutated {
   blurred?: { region: number; first: number; count: number }
 }
 
-function header(type: number, payloadBytes: number): Buffer {
-  const h = Buffer.alloc(5)
-  h.writeUInt32BE(payloadBytes + 1, 0)
-  h[4] = type
-  return h
-}
-
 function frame(type: number, payload: Buffer): Buffer {
-  return Buffer.concat([header(type, payload.length), payload])
+  return Buffer.concat([frameHeader(type, payload.length), payload])
 }
 
 /** Values of every msgpack kind but the one a field has. */
@@ -132,7 +126,7 @@ export function mutate(f: ScriptFrame, kind: Mutation, rand: () => number, layou
     case 'duplicate':
       return { channel: f.channel, writes: [f.bytes, f.bytes], frames: 2 }
     case 'emptyBody':
-      return one(header(f.type, 0))
+      return one(frameHeader(f.type, 0))
     case 'garbage': {
       const g = Buffer.alloc(1 + int(200))
       for (let i = 0; i < g.length; i++) g[i] = int(256)
