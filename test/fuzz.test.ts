@@ -26,7 +26,10 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     // it did exercise both sides of the hand-off and both kinds of outcome
     expect(report.totals.rejected).toBeGreaterThan(report.sessions / 2)
     expect(report.totals.accepted).toBeGreaterThan(0)
-    expect(report.totals.ends).toMatchObject({ fresh: expect.any(Number), recovered: expect.any(Number), failed: expect.any(Number) })
+    expect(report.totals.ends).toMatchObject({ fresh: expect.any(Number), recovered: expect.any(Number) })
+    // a mutated frame after the hand-off is a broken link, recovered: the service that runs there is never lost to
+    // one (this fuzzer's restore never fails, and it mutates one frame a session; before, 2 % of the sessions failed)
+    expect(report.totals.ends.failed).toBeUndefined()
     // sessions mutated after the hand-off did meet their mutation in post-copy (recovered, or settled): when the
     // script's prefix went out at once, its CLOCK came after HANDOFF and 2 % of the sessions got that far
     const ends = report.totals.ends
@@ -48,6 +51,10 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.failures, table).toEqual([])
     expect(report.totals).toMatchObject({ crashes: 0, hangs: 0, badPages: 0, uncoded: 0 })
     expect(report.totals.rejected).toBeGreaterThan(report.sessions / 2)
+    // (here a frame the native reader handed back and JS refused left the reader stopped on the recovered link: the
+    // source's pages were never placed, and the destination failed when its recovery window ran out)
+    expect(report.totals.ends.failed).toBeUndefined()
+    expect(report.totals.ends.recovered).toBeGreaterThan(report.sessions / 5)
     // every settled session's bulk connection was read by the native reader, as in production (the memory wire's by
     // JavaScript): what this run proves is about the addon's parser
     expect(Object.keys(report.bulkReceive)).toEqual(['native'])

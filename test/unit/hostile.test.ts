@@ -358,3 +358,51 @@ describe('a source that reached the wrong peer', () => {
     expect(err?.message).toMatch(/the address answered, but not as a uffd-migrate destination \(expected a frame of 1\.\.4097 bytes, got a length of \d+\): is `uffd-migrate receive` listening there\?/)
   })
 })
+
+describe('after the hand-off, a frame from the source that breaks the protocol', () => {
+  /** The session's source comes back: a new pair, RECOVER; what the destination says it holds. */
+  async function comeBack(d: Driven): Promise<void> {
+    const links: MemoryTransport[] = []
+    d.urgent = await open(d.dest, 'urgent', 'raw-session', links)
+    d.bulk = await open(d.dest, 'bulk', 'raw-session', links)
+    d.bulk.onFrame((f) => void (f.type === Msg.ERROR && d.errors.bulk.push(peerError(f.payload))))
+    d.bulk.send(encodeControl(Msg.RECOVER, {}))
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.POSTCOPY)
+  }
+  /** Page 9 of a region of 8: a run no correct source sends (a length or offset changed on the path looks the same). */
+  const outOfBounds = () => encodePages(0, 9, 1, Buffer.alloc(PS, 7))
+
+  it('is a broken link, the source not told: it comes back, and the pages it sends then are placed', async () => {
+    const d = await drive(DestPhase.POSTCOPY)
+    d.bulk.send(encodePages(0, 0, 1, Buffer.alloc(PS, 1)))
+    d.bulk.send(outOfBounds())
+    await turns()
+    // (before: ERROR to the source, and the migration failed here, with the service that runs here on pages it lacks)
+    expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+    expect(d.errors.bulk).toEqual([])
+    expect(d.recoveryLines).toEqual([expect.stringMatching(/^the connection broke during post-copy \(a frame that broke the protocol, 1 of 3 recovered from: .*\); waiting up to 60000 ms/)])
+    await comeBack(d)
+    d.bulk.send(encodePages(0, 1, 7, Buffer.alloc(7 * PS, 2)))
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.SETTLED)
+    expect(new Uint8Array(d.region.buffer, 0, PS).every((b) => b === 1)).toBe(true) // placed before the bad frame: kept
+    expect(new Uint8Array(d.region.buffer, PS, 7 * PS).every((b) => b === 2)).toBe(true)
+  })
+
+  it('three times per migration: the fourth ends it, the source told why', async () => {
+    const d = await drive(DestPhase.POSTCOPY)
+    for (let k = 1; k <= 3; k++) {
+      d.bulk.send(outOfBounds())
+      await turns()
+      expect(d.dest.phase).toBe(DestPhase.RECOVERING)
+      expect(d.recoveryLines.at(-1)).toMatch(new RegExp(`a frame that broke the protocol, ${k} of 3 recovered from`))
+      await comeBack(d)
+    }
+    d.bulk.send(outOfBounds())
+    await turns()
+    expect(d.dest.phase).toBe(DestPhase.FAILED)
+    expect(d.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL' })])
+    expect(await d.failure).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL' })
+  })
+})

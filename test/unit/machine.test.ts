@@ -1,7 +1,7 @@
 /**
  * The two state machines: their tables, the one legality check, the
  * document that shows them, and every message type fed to a destination in
- * every phase it can reach (legal: handled; illegal: ERR_MIGRATION_PROTOCOL).
+ * every phase it can reach (legal: handled; illegal: ERR_MIGRATION_PROTOCOL, or after the hand-off a recovered link).
  */
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -108,12 +108,17 @@ describe('every message type in every phase a destination reaches', () => {
           if (legal) {
             // handled: whatever it did with an empty body, the table let it through
             expect(err?.message ?? '', `${MSG_NAMES[type]} on ${ch}`).not.toMatch(illegalText)
+          } else if (phase === DestPhase.POSTCOPY || phase === DestPhase.RECOVERING) {
+            // after the hand-off the link is recovered, the source not told (it sees the link end and dials back): a
+            // byte TCP's checksum missed costs a recovery, not the service that runs here (broken-link.ts)
+            expect(err, `${MSG_NAMES[type]} on ${ch} in ${phase}`).toBeUndefined()
+            expect(d.dest.phase).toBe('recovering')
+            expect(d.recoveryLines.at(-1)).toMatch(/a frame that broke the protocol, 1 of 3 recovered from: .*(not legal|never accepts)/)
           } else {
             expect(err?.code, `${MSG_NAMES[type]} on ${ch} in ${phase}`).toBe(ErrorCode.PROTOCOL)
             // the session ends: before the hand-off the destination listens again (only the hand-off
-            // commits); after it the migration fails; once settled only that connection goes
-            const after = { listening: 'listening', precopy: 'listening', postcopy: 'failed', recovering: 'failed', settled: 'settled' }[phase]
-            expect(d.dest.phase).toBe(after)
+            // commits); once settled only that connection goes
+            expect(d.dest.phase).toBe(phase === DestPhase.SETTLED ? 'settled' : 'listening')
             expect(err!.message).toMatch(illegalText)
           }
           seen.push(`${type}/${ch}`)

@@ -30,7 +30,7 @@ import type { Placement } from './placement'
 export interface BulkPathHooks {
   /** A frame the thread does not place (control messages), in order. */
   frame(f: Frame): void
-  /** The connection ended or broke the protocol. */
+  /** The connection ended, broke the protocol (the session decides whether the peer hears why), or its pages could not be placed. */
   closed(err: Error): void
 }
 
@@ -116,8 +116,8 @@ export class BulkPath {
         else if (kind === DemandEv.FRAME && frames[a]) this.hooks.frame({ type: b, payload: frames[a] })
         // (a connection's end that reached this loop after the thread had moved on to the next one is that link's,
         // which broke already: a late one broke the link that replaced it, and the source had to dial again)
-        else if (kind === DemandEv.CLOSED && this.reader && c === this.linkId) this.broke(nativeLinkError(a, b, 'bulk'))
-        else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.broke(installFailedError(a, b, c, d))
+        else if (kind === DemandEv.CLOSED && this.reader && c === this.linkId) this.hooks.closed(nativeLinkError(a, b, 'bulk'))
+        else if (kind === DemandEv.INSTALL_FAILED && this.reader) this.hooks.closed(installFailedError(a, b, c, d))
       })
     }
     const reader = new this.binding.BulkReader!(
@@ -134,8 +134,12 @@ export class BulkPath {
 
   /** The discard list is applied: the thread places the post-copy push from now on. */
   resume(): void {
+    this.placing = true
     this.reader?.thread.resume(true)
   }
+
+  /** The service runs: the thread places the push (resume()), on every link from now on. */
+  private placing = false
 
   /**
    * A bulk connection that came back after a break (its RECOVER handled): the thread reads it from here. An agent that
@@ -145,6 +149,8 @@ export class BulkPath {
     if (!this.reader) return void (this.start(uffd, placement, ch) && this.resume())
     const taken = takeForThread(ch)
     if (taken) this.linkId = this.reader.thread.attach(taken.fd, taken.head, taken.seal)
+    // (the thread stops at a frame it hands back, until JS said; one JS refused broke the link, and the next is read)
+    if (taken && this.placing) this.reader.thread.resume(true)
     this.adoptCounts(ch)
   }
 
@@ -153,13 +159,6 @@ export class BulkPath {
     this.ch = ch
     const reader = this.reader!.thread, base = reader.bytesRead
     ch.readBy(() => reader.bytesRead - base)
-  }
-
-  private broke(err: Error): void {
-    // a frame whose length header is out of bounds, or pages this side could not place: the peer hears why
-    const code = (err as { code?: string }).code
-    if (code === ErrorCode.PROTOCOL || code === ErrorCode.ABORTED) this.ch?.sendError(err)
-    this.hooks.closed(err)
   }
 
   /** The link broke. */
@@ -180,5 +179,6 @@ export class BulkPath {
     if (reader) this.endedCpuMs = reader.thread.cpuMs
     reader?.close()
     this.started = undefined
+    this.placing = false
   }
 }

@@ -35,8 +35,7 @@ export class MigrationDestination extends DestinationSession implements Destinat
       rule.handle!(this, f)
       if (pushed && this.phase === DestPhase.POSTCOPY) this.gate.afterFrame()
     } catch (err) {
-      ch.sendError(err as Error)
-      this.fail(err as Error)
+      this.linkBroke(err as Error, ch) // (after the hand-off a malformed frame is recovered, a few times)
     }
   }
 

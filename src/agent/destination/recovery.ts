@@ -25,10 +25,10 @@ export class RecoveryWindow {
     return this.timer !== undefined
   }
 
-  /** A break: the operator's line and the deadline, once (a second break while recovering keeps the first deadline). */
-  begin(err: Error, say: (line: string) => void, expired: (err: Error) => void): void {
-    if (this.open) return
-    say(`the connection broke during post-copy (${err.message}); waiting up to ${this.timeoutMs} ms for the source to reconnect`)
+  /** A break: the operator's line, and the deadline once (a second break while recovering keeps the first deadline). */
+  begin(err: Error, why: string, say: (line: string) => void, expired: (err: Error) => void): void {
+    if (this.open) return say(`the connection broke again while recovering (${why}); the first break's deadline holds`)
+    say(`the connection broke during post-copy (${why}); waiting up to ${this.timeoutMs} ms for the source to reconnect`)
     this.brokenAtMs = this.clock.now()
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined

@@ -7,6 +7,7 @@ import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
 import { ErrorCode, type UffdMigrateError } from '../../errors'
 import { isIntegrityFailure } from '../../protocol/records'
+import { breaksLinkOnly, brokenLinkCause, isProtocolBreak } from '../broken-link'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { ChannelRole } from '../../protocol/handshake'
@@ -113,6 +114,7 @@ export abstract class DestinationSession {
     })
     this.recovery = new RecoveryWindow(this.clock)
     this.linkTimeoutMs = 0
+    this.protocolBreaks = 0
   }
 
   get phase(): DestPhase { return this.machine.phase }
@@ -139,7 +141,7 @@ export abstract class DestinationSession {
     // service (it kept it paused, committed, while it ran nowhere)
     ch.errorFields = () => (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY) ? { serviceStarted: false } : undefined)
     if (role === 'demand') return this.demand.adopt(ch)
-    if (role === 'stream') return this.bulkPath.addStream(ch, (err) => this.linkBroke(err))
+    if (role === 'stream') return this.bulkPath.addStream(ch, (err) => this.linkBroke(err, ch))
     if (role === 'bulk') (this.phase === DestPhase.LISTENING ? precopyBulkSocket : postcopyBulkSocket)(ch, this.binding, this.opts.bulkBufferBytes)
     ch.onFrame((f) => this.onFrame(ch, role, f))
     ch.onClose((err) => this.onChannelClosed(err, ch))
@@ -159,15 +161,23 @@ export abstract class DestinationSession {
     // before the hand-off the source hears why on the other connection (it would only see a reset); after it, the
     // link is recovered on fresh keys, and an ERROR would end the migration instead
     if (this.phase === DestPhase.PRECOPY && isIntegrityFailure(err)) this.link.tell(err)
-    this.linkBroke(err)
+    this.linkBroke(err, ch)
   }
 
-  /** The one rule for a broken link (a reset, or a stuck source): after the hand-off it is recovered, before it fatal to the session. */
-  private linkBroke(err: Error): void {
-    const recoverable = this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && (err as UffdMigrateError).code === ErrorCode.CONNECTION
-    if (recoverable && this.recovery.timeoutMs > 0) return this.startRecovery(err)
+  /**
+   * The one rule for a broken link (a reset, a stuck source) or a frame that broke the protocol (refused here, or by
+   * a native reader): after the hand-off it is recovered (a protocol break within broken-link.ts's budget, and the
+   * source is not told: it sees the link end and dials back), before it fatal to the session. Ending it, the source
+   * hears why on `refusedOn` (unless the connection itself ended: nobody to tell there).
+   */
+  protected linkBroke(err: Error, refusedOn?: Channel): void {
+    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.protocolBreaks)) return this.startRecovery(err)
+    if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION) refusedOn?.sendError(err)
     this.fail(err)
   }
+
+  /** Frames from the source that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */
+  private protocolBreaks = 0
 
   /** The source's stuck-peer limits (REGIONS, or a takeover's will) for the session's connections and the watchdog. */
   protected applyLimits<L extends StuckLimits>(limits: L): L {
@@ -190,11 +200,12 @@ export abstract class DestinationSession {
 
   protected startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
+    if (isProtocolBreak(err)) this.protocolBreaks++
     this.link.drop(err)
     this.demand.detach()
     this.bulkPath.detach()
     this.gate.reset()
-    this.recovery.begin(err, (line) => this.hooks.recovering?.(line), (e) => this.fail(e))
+    this.recovery.begin(err, brokenLinkCause(err, this.protocolBreaks), (line) => this.hooks.recovering?.(line), (e) => this.fail(e))
   }
 
   // ---- settled and failed ------------------------------------------------------

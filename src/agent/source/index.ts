@@ -344,7 +344,8 @@ export class MigrationSource implements SourceHandlers {
   private attachLink(): Promise<never> {
     const { urgent, bulk, demand } = this.link
     // between HANDOFF and RESUMED a frame that breaks the protocol is a broken link (recovery asks whether the hand-off
-    // arrived): the destination is not told, so that one holding the hand-off recovers with this side instead of failing
+    // arrived), and after it within broken-link.ts's budget: the destination is not told, so that it recovers with
+    // this side instead of failing with the service it runs
     for (const ch of [urgent, bulk]) ch.tellsRefusal = (err) => !(this.committed && this.postcopy.recoverable(err))
     urgent.onFrame((f) => this.onFrame(urgent, 'urgent', f))
     bulk.onFrame((f) => this.onFrame(bulk, 'bulk', f))

@@ -20,6 +20,7 @@ import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
 import { redialMayHelp } from './handoff-fate'
+import { breaksLinkOnly, brokenLinkCause, isProtocolBreak } from '../broken-link'
 import { askRecoverState, LAST_WORDS_MS, type SourceLink } from './link'
 
 /**
@@ -170,12 +171,16 @@ export class Postcopy {
    * the migration at once left the service running nowhere: this side's channel had told the destination ERROR on
    * urgent, which overtook HANDOFF on bulk, so the destination ended its session before the hand-off, while this side,
    * committed, kept its service paused (found by the source-side fuzzer over TCP, ~2 % of its sessions). Recovery asks
-   * the destination: NO_SESSION (it never took the hand-off) resumes the service here.
+   * the destination: NO_SESSION (it never took the hand-off) resumes the service here. After RESUMED such a frame is
+   * recovered up to broken-link.ts's budget (a buggy destination that repeats itself then ends the migration).
    */
   recoverable(err: Error): boolean {
-    const code = (err as UffdMigrateError).code
-    return code === ErrorCode.CONNECTION || (code === ErrorCode.PROTOCOL && !this.resumed && !(err as UffdMigrateError).fromPeer)
+    // after RESUMED, a few protocol breaks are recovered too (broken-link.ts): the service runs there on our pages
+    return breaksLinkOnly(err, this.resumed ? this.protocolBreaks : 0)
   }
+
+  /** Frames from the destination that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */
+  protocolBreaks = 0
 
   /** The destination reported an error: whatever waits for the settled report fails with it. */
   onPeerFailure(err: Error): void {
@@ -302,7 +307,8 @@ export class Postcopy {
     this.sender.stopDemand()
     this.host.link.close()
     this.recoveries++
-    this.brokenBy = cause.message
+    if (isProtocolBreak(cause)) this.protocolBreaks++
+    this.brokenBy = brokenLinkCause(cause, this.protocolBreaks)
     this.host.recovering()
     return this.dialBack(cause, this.opts.recoveryTimeoutMs)
   }

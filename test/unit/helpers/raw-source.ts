@@ -26,6 +26,8 @@ export interface Driven {
   bulk: Channel
   failure: Promise<UffdMigrateError>
   events: string[]
+  /** The destination's recovery lines (why the link broke), in order. */
+  recoveryLines: string[]
   binding: FakeBinding
   region: Region
   /** Source ends of every transport opened, newest last. */
@@ -50,7 +52,7 @@ export async function open(dest: MigrationDestination, role: 'urgent' | 'bulk', 
 export async function drive(phase: DestPhase, opts: { clock?: Clock; regions?: Record<string, unknown> } = {}): Promise<Driven> {
   const binding = new FakeBinding(PS)
   const region = Region.create('r', PAGES * PS, binding)
-  const events: string[] = []
+  const events: string[] = [], recoveryLines: string[] = []
   let fail!: (e: UffdMigrateError) => void
   const failure = new Promise<UffdMigrateError>((r) => (fail = r))
   const dest = new MigrationDestination(binding, [region], [new PageBitmap(PAGES)], { token: TOKEN, bulkBufferBytes: 0, clock: opts.clock }, {
@@ -58,7 +60,7 @@ export async function drive(phase: DestPhase, opts: { clock?: Clock; regions?: R
     settled: () => events.push('settled'),
     ready: () => {},
     failed: (e) => fail(e as UffdMigrateError),
-    recovering: () => events.push('recovering'),
+    recovering: (line) => void (events.push('recovering'), recoveryLines.push(line)),
     refused: (m) => events.push(`refused: ${m}`),
     sessionEnded: (e) => events.push(`ended: ${(e as UffdMigrateError).code}`),
   })
@@ -86,7 +88,7 @@ export async function drive(phase: DestPhase, opts: { clock?: Clock; regions?: R
   const errors = { urgent: [] as UffdMigrateError[], bulk: [] as UffdMigrateError[] }
   urgent.onFrame((f) => void (f.type === Msg.ERROR && errors.urgent.push(peerError(f.payload))))
   bulk.onFrame((f) => void (f.type === Msg.ERROR && errors.bulk.push(peerError(f.payload))))
-  return { dest, urgent, bulk, failure, events, errors, binding, region, links }
+  return { dest, urgent, bulk, failure, events, recoveryLines, errors, binding, region, links }
 }
 
 /**

@@ -1,0 +1,28 @@
+/**
+ * Which failures after the hand-off are a broken link that post-copy recovery takes, on both sides. A reset, a
+ * timeout, a record that fails its tag: always. A frame that breaks the protocol (not the peer's own ERROR): a few
+ * times per migration. Ending there lost the service: it runs at the destination on pages only the source holds. The
+ * cause is a byte TCP's checksum missed (a plaintext link; a sealed one refuses it as a failed tag already), or a bug
+ * of the peer's: a peer that repeats it ends the migration at the budget, as before. As QEMU, whose destination pauses
+ * for recovery on any load error once its guest runs on it. Nothing of such a frame is placed: its pages go again.
+ */
+import { ErrorCode, type UffdMigrateError } from '../errors'
+
+/** Frames that broke the protocol after the hand-off that each side recovers from, per migration; the next one ends it. */
+export const PROTOCOL_BREAKS_RECOVERED = 3
+
+/** err ends the link, not the migration, given how many protocol breaks this side recovered from so far. */
+export function breaksLinkOnly(err: Error, protocolBreaks: number): boolean {
+  const { code, fromPeer } = err as UffdMigrateError
+  return code === ErrorCode.CONNECTION || (code === ErrorCode.PROTOCOL && !fromPeer && protocolBreaks < PROTOCOL_BREAKS_RECOVERED)
+}
+
+/** A protocol break (it counts toward the budget), not a plain broken link. */
+export function isProtocolBreak(err: Error): boolean {
+  return (err as UffdMigrateError).code === ErrorCode.PROTOCOL
+}
+
+/** The operator's words for why the link went: a malformed frame says so, a broken link says its own cause. */
+export function brokenLinkCause(err: Error, protocolBreaks: number): string {
+  return isProtocolBreak(err) ? `a frame that broke the protocol, ${protocolBreaks} of ${PROTOCOL_BREAKS_RECOVERED} recovered from: ${err.message}` : err.message
+}
