@@ -390,6 +390,14 @@ describe('after the hand-off, a frame from the source that breaks the protocol',
     expect(new Uint8Array(d.region.buffer, PS, 7 * PS).every((b) => b === 2)).toBe(true)
   })
 
+  it('a HANDOFF whose recoveryTimeoutMs is not a number is refused before it takes effect (taken for 0, it turned recovery off for the service that then ran here)', async () => {
+    const d = await drive(DestPhase.PRECOPY)
+    d.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: 'soon' }))
+    await turns()
+    expect(d.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL', serviceStarted: false, message: 'peer reported: expected HANDOFF.recoveryTimeoutMs to be number, got "soon"' })])
+    expect(d.dest.phase).toBe(DestPhase.LISTENING)
+  })
+
   it('three times per migration: the fourth ends it, the source told why', async () => {
     const d = await drive(DestPhase.POSTCOPY)
     for (let k = 1; k <= 3; k++) {

@@ -90,10 +90,13 @@ export class MigrationDestination extends DestinationSession implements Destinat
   onHandoff(f: Frame): void {
     const handoffAtMs = this.clock.now(), m = decodeControl(f.type, f.payload)
     const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
+    // (checked before anything is applied: a malformed one, taken for 0, turned recovery off for a service that then
+    // ran here, and a reset lost it; the fuzzer's msgpackType)
+    const recoveryTimeoutMs = m.recoveryTimeoutMs === undefined ? 0 : Math.min(Math.max(field<number>(m, 'recoveryTimeoutMs', 'number', 'HANDOFF'), 0), 24 * 3600_000)
     this.bulkPath.endStreams() // quiet since the source's barrier; nothing reaches the service's memory through them now
     this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
     const discardedAtMs = this.clock.now()
-    this.recovery.timeoutMs = typeof m.recoveryTimeoutMs === 'number' && m.recoveryTimeoutMs > 0 ? Math.min(m.recoveryTimeoutMs, 24 * 3600_000) : 0
+    this.recovery.timeoutMs = recoveryTimeoutMs
     this.machine.transition(DestPhase.POSTCOPY)
     this.notes.heldFd = this.uffd?.holdRegistrations?.() // the service runs on missing pages from now: only the settle ends the registrations
     if (this.link.bulk) postcopyBulkSocket(this.link.bulk, this.binding, this.opts.bulkBufferBytes)
