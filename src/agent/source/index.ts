@@ -313,7 +313,7 @@ export class MigrationSource implements SourceHandlers {
     // HANDOFF went, RESUMED did not come, nobody answered: whether the service runs there is asked (handoff-fate.ts)
     if (this.committed && !this.handoffRefused && !this.postcopy.handoffKnown && !(err as UffdMigrateError).fromPeer) {
       this.current?.close()
-      this.handoffRefused = !(await handoffArrived(err, { open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, askForMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS) }))
+      this.handoffRefused = !(await handoffArrived({ open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS), cause: err }))
     } else if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err) // (after the hand-off it fails at once, no recovery to wait for)
     if (!cancelled) this.current?.close()
     if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)

@@ -19,9 +19,9 @@ import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
-import { redialMayHelp } from './handoff-fate'
+import { askAgain } from './handoff-fate'
 import { breaksLinkOnly, brokenLinkCause, isProtocolBreak } from '../broken-link'
-import { askRecoverState, LAST_WORDS_MS, type SourceLink } from './link'
+import { LAST_WORDS_MS, type SourceLink } from './link'
 
 /**
  * Pages the push policy picks per turn of the push loop (1 MiB): page
@@ -315,15 +315,8 @@ export class Postcopy {
 
   /** Dials the destination again for up to timeoutMs; resolves with the new link's failure promise (boxed: an awaited promise would be unwrapped). */
   private async dialBack(cause: Error, timeoutMs: number): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
-    const deadline = this.clock.now() + timeoutMs
-    let last = cause
-    for (let attempt = 0; this.clock.now() < deadline; attempt++) {
-      // 25, 50, 100 ... 1000 ms: a destination agent's standby listens again ~100 ms after the crash (bench:takeover)
-      if (attempt > 0) await sleep(this.clock, Math.min(1000, 25 * 2 ** (attempt - 1)))
-      let link: SourceLink | undefined
-      try {
-        link = await this.host.reconnect()
-        const { state: m, askedAtMs: askedAt } = await askRecoverState(link.bulk, this.opts.linkTimeoutMs, this.clock) // (past it: dialled again)
+    try {
+      return await askAgain({ open: () => this.host.reconnect(), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: timeoutMs, cause }, (link, m, askedAt) => {
         // one clock sample (the takeover's report has no other): the destination's clock when it answered
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
         if (typeof m.resumedAtMs === 'number') this.onResumeTime(m.resumedAtMs)
@@ -334,23 +327,14 @@ export class Postcopy {
           link.watchPeer()
         }
         return { failed: this.host.resumeLink(), settled }
-      } catch (err) {
-        last = err as Error
-        link?.close()
-        if ((err as UffdMigrateError).code === ErrorCode.NO_SESSION) {
-          this.host.handoffLost(err as Error)
-          throw err
-        }
-        // the destination gave up or refused us: dialling again cannot help. (Giving up on a malformed answer, or a
-        // deadline of the new connection's, left a service whose hand-off never arrived paused here while it ran
-        // nowhere, its NO_SESSION never heard: found by the source-side fuzzer.)
-        if (!redialMayHelp(err as Error)) break
+      })
+    } catch (err) {
+      if ((err as UffdMigrateError).code !== ErrorCode.NO_SESSION) {
+        throw migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy (${cause.message}) and could not be re-established within ${timeoutMs} ms: ${(err as Error).message}`)
       }
+      this.host.handoffLost(err as Error)
+      throw err
     }
-    throw migrationError(
-      ErrorCode.CONNECTION,
-      `the connection broke during post-copy (${cause.message}) and could not be re-established within ${timeoutMs} ms: ${last.message}`,
-    )
   }
 
   /** Pending from now on: every page the destination does not hold (pages lost in flight go again). */
