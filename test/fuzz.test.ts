@@ -92,6 +92,10 @@ describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile 
   it('in memory (the source\'s JavaScript paths): every session sound', async () => {
     const report = await runFuzz({ binding: loadBinding(), frames: 8000, seed: 20261129, side: 'source' })
     expectSound(report)
+    // one mutated unit after the hand-off is a broken link, recovered (a malformed frame, a mangled handshake or an
+    // ERROR without a code in the recovery's exchange): the source never fails over one with its memory kept, the
+    // service stranded there (before: 263 of 6,215 sessions of memory seed 8)
+    expect(report.totals.ends.kept).toBeUndefined()
     expect(report.sessions).toBeGreaterThan(300)
   }, 120_000)
 

@@ -106,7 +106,10 @@ function verify(expected: Buffer, got: Uint8Array, who: string): void {
 /** Raises an ERROR frame from the peer as the error it describes. */
 export function peerError(payload: Buffer): UffdMigrateError {
   const m = decodeControl(Msg.ERROR, payload)
-  const code = typeof m.code === 'string' ? m.code : ErrorCode.PROTOCOL
+  // every ERROR a peer sends names its code: one without is a frame no peer sends (bytes changed on the path), a
+  // protocol error of this side's finding, which recovery takes after the hand-off, not the peer's refusal
+  if (typeof m.code !== 'string') return migrationError(ErrorCode.PROTOCOL, `expected ERROR.code to be a string, got ${typeof m.code}`)
+  const code = m.code
   const message = typeof m.message === 'string' ? m.message : 'no message'
   const err = new UffdMigrateError(`peer reported: ${message}`, code)
   err.fromPeer = true

@@ -2,6 +2,7 @@
 import { describe, expect, it } from 'vitest'
 import { PageBitmap } from '../../src/bitmap'
 import { FrameDecoder, type Frame } from '../../src/protocol/frames'
+import { peerError } from '../../src/protocol/handshake'
 import { decodeControl, decodePages, decodeRuns, encodeControl, encodeRuns, Msg, pagesHeader } from '../../src/protocol/messages'
 
 const layout = [{ pageCount: 16 }, { pageCount: 4 }]
@@ -80,6 +81,14 @@ describe('message validation', () => {
   it('rejects control messages that are not msgpack maps', () => {
     expect(() => decodeControl(Msg.HANDOFF, Buffer.from([0x82, 0xa1, 0x61]))).toThrow(expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL' }))
     expect(() => decodeControl(Msg.HANDOFF, Buffer.from([0x93, 1, 2, 3]))).toThrow(/to be a map/)
+  })
+
+  it('an ERROR is the peer\'s report only with its code: one without is a malformed frame of this side\'s finding (recovered after the hand-off)', () => {
+    const body = (m: Record<string, unknown>) => Buffer.concat(encodeControl(Msg.ERROR, m)).subarray(5)
+    expect(peerError(body({ code: 'ERR_MIGRATION_BUSY', message: 'busy', retryAfterMs: 500 }))).toMatchObject({ code: 'ERR_MIGRATION_BUSY', message: 'peer reported: busy', fromPeer: true, retryAfterMs: 500 })
+    const bad = peerError(body({ message: 'no code' }))
+    expect(bad).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: 'expected ERROR.code to be a string, got undefined' })
+    expect(bad.fromPeer).toBeUndefined()
   })
 })
 

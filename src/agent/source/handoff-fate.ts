@@ -15,11 +15,15 @@ import { askRecoverState, type SourceLink } from './link'
 
 /**
  * A failure of one redial that another may not meet: the link's (a reset, a refused connect), a deadline of the new
- * connection's (its handshake, the slot's), or an answer that is not one (a protocol error the destination did not
- * report). The destination's own refusal (it failed, another session holds it) ends the asking.
+ * connection's (its handshake, the slot's), an answer that is not one (a protocol error the destination did not
+ * report), or a handshake that fails (another version, a proof that does not check out: this destination passed the
+ * handshake before, so a byte changed on the path, or another process answers at its address for now; giving up on
+ * the first lost the service there, found by the source-side fuzzer). The destination's own refusal (it failed,
+ * another session holds it) ends the asking.
  */
 export function redialMayHelp(err: Error): boolean {
   const { code, fromPeer } = err as UffdMigrateError
+  if (code === ErrorCode.VERSION || code === ErrorCode.AUTH) return true
   return code === ErrorCode.CONNECTION || code === ErrorCode.CONNECT || code === ErrorCode.TIMEOUT || (code === ErrorCode.PROTOCOL && !fromPeer)
 }
 

@@ -46,7 +46,7 @@ export interface Pair {
    * breaks that link before the frame leaves (a reset: in-flight bytes are lost);
    * 'drop' loses that frame alone (a peer that stops reading after it).
    */
-  onFrame?: (from: 'source' | 'destination', type: number) => 'cut' | 'drop' | undefined
+  onFrame?: (from: 'source' | 'destination', type: number, on: MemoryTransport) => 'cut' | 'drop' | undefined
   /** Each session the destination ended before its hand-off (sessionEnded): its id, and whether it was a preflight. */
   endedSessions: { id: string | undefined; preflight: boolean }[]
   /** What the destination can still allocate, as src/memory-headroom.ts would find it (undefined: no check). */
@@ -142,8 +142,8 @@ export function sourceOptions(pair: Pair, mode: MigrationMode, extra: Partial<So
       if (pair.refuseDials) throw Object.assign(new Error('refused'), { code: 'ERR_MIGRATION_CONNECT' })
       const [a, b] = MemoryTransport.pair(256 * 1024)
       pair.links.push(a)
-      watchFrames(a, (type) => pair.onFrame?.('source', type))
-      watchFrames(b, (type) => pair.onFrame?.('destination', type))
+      watchFrames(a, (type) => pair.onFrame?.('source', type, a))
+      watchFrames(b, (type) => pair.onFrame?.('destination', type, b))
       void pair.dest.accept(b)
       return a
     },
