@@ -96,6 +96,9 @@ describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile 
     // ERROR without a code in the recovery's exchange): the source never fails over one with its memory kept, the
     // service stranded there (before: 263 of 6,215 sessions of memory seed 8)
     expect(report.totals.ends.kept).toBeUndefined()
+    // agents died with a break after the hand-off, and new ones took over (their exchange mutated), each sound
+    expect(report.tookOver).toBeGreaterThan(5)
+    expect(report.totals.ends['took over']).toBeGreaterThan(0)
     expect(report.sessions).toBeGreaterThan(300)
   }, 120_000)
 

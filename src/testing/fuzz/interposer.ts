@@ -34,9 +34,10 @@ export interface InterposerPlan {
   /**
    * A break in post-copy, so that the recovery's exchange (its handshake, RECOVER_STATE) can be mutated: once the
    * source's HANDOFF passed, the destination's unit `afterHandoff` later is lost with a reset of every connection, and
-   * the mutation hits the unit `mutateAfter` after it instead of `at`.
+   * the mutation hits the unit `mutateAfter` after it instead of `at`. crashed: the source's agent dies with the
+   * break (called before the reset), and a new one takes over (source-session.ts).
    */
-  breakLink?: { afterHandoff: number; mutateAfter: number }
+  breakLink?: { afterHandoff: number; mutateAfter: number; crashed?: () => void }
 }
 
 /** One connection: the source's end (the interposer writes the destination's units there) and the destination's. */
@@ -108,6 +109,7 @@ export class Interposer {
     if (cut && !this.broke && this.handoffAt !== undefined && n >= this.handoffAt + cut.afterHandoff) {
       this.broke = true
       this.plan.at = n + 1 + cut.mutateAfter
+      cut.crashed?.()
       for (const j of this.open.values()) for (const end of [j.toSource, j.toDestination]) this.wire.cut(end)
       this.open.clear()
       return

@@ -52,6 +52,8 @@ export interface FuzzReport {
   bulkReceive: Record<string, number>
   /** Sessions that opened an extra bulk stream (over TCP). */
   withStream: number
+  /** The source side: sessions whose agent crashed after the hand-off, a new one taking over. */
+  tookOver: number
   /**
    * The source side: how the sessions whose mutated unit was a sealed record (what a path without the keys can do)
    * ended, with their code ('kept CONNECTION': failed after the hand-off, the source's memory kept).
@@ -76,7 +78,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, recordOutcomes: {}, mutatedTypes: {}, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, tookOver: 0, recordOutcomes: {}, mutatedTypes: {}, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
@@ -102,6 +104,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       row.ends[r.end] = (row.ends[r.end] ?? 0) + 1
       if (r.bulkReceive) report.bulkReceive[r.bulkReceive] = (report.bulkReceive[r.bulkReceive] ?? 0) + 1
       if (r.stream) report.withStream++
+      if (r.tookOver) report.tookOver++
       if (side === 'source') report.mutatedTypes[r.mutatedType ?? 'none'] = (report.mutatedTypes[r.mutatedType ?? 'none'] ?? 0) + 1
       if (r.mutatedRecord) {
         const outcome = [r.end, ...r.codes.map((c) => c.replace(/^ERR_MIGRATION_/, ''))].join(' ')
@@ -163,7 +166,7 @@ export function fuzzTable(r: FuzzReport): string {
   const fmt = (o: Record<string, number>) => Object.entries(o).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${short(k)} ${v}`).join(', ') || '-'
   const lines = [
     r.side === 'source'
-      ? `fuzz: the source's engine (the fuzzer plays the destination), seed ${r.seed}, ${r.wire} wire, ${r.frames} destination frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; a sealed record mutated, the session ended: ${fmt(r.recordOutcomes)}`
+      ? `fuzz: the source's engine (the fuzzer plays the destination), seed ${r.seed}, ${r.wire} wire, ${r.frames} destination frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; a new agent took over after a crash in ${r.tookOver}; a sealed record mutated, the session ended: ${fmt(r.recordOutcomes)}`
       : `fuzz: seed ${r.seed}, ${r.wire} wire, ${r.frames} frames in ${r.sessions} sessions, ${(r.elapsedMs / 1000).toFixed(1)} s; bulk read by: ${fmt(r.bulkReceive)}; an extra stream in ${r.withStream}`,
     '',
     '| mutation | sessions | sealed | rejected | accepted | crashes | hangs | bad pages | uncoded | service faults | stray pages | codes | session ended |',

@@ -48,9 +48,9 @@ export interface SessionResult {
   /**
    * How the session ended: settled after a fresh migration, settled after recovery, failed, settled; the source side
    * (source-session.ts) also: failed before the hand-off with the service resumed here, failed after it with the
-   * source's memory kept.
+   * source's memory kept, settled by a new agent that took over after the first crashed.
    */
-  end: 'fresh' | 'recovered' | 'failed' | 'settled' | 'resumed' | 'kept'
+  end: 'fresh' | 'recovered' | 'failed' | 'settled' | 'resumed' | 'kept' | 'took over'
   /** Who read the bulk connection, as the SETTLED report says ('native': the addon's reader; 'js'): absent when none came. */
   bulkReceive?: string
   /** An extra bulk stream was open in some connection set of the session (over TCP). */
@@ -63,6 +63,8 @@ export interface SessionResult {
   mutatedRecord?: boolean
   /** The source side: the type of the destination's unit that was mutated (absent: the session ended before it). */
   mutatedType?: string
+  /** The source side: its agent crashed after the hand-off and a new one took over (MigrationSource.takeOver()). */
+  tookOver?: boolean
 }
 
 /** Every page's final content: data (a seeded pattern) or zero. */

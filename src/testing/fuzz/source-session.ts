@@ -16,6 +16,8 @@
  * - keep its memory as the service left it, and send only pages of its
  *   regions with bytes they held (no memory past a region);
  * - when settled, have given the destination every byte.
+ * Half the sessions whose link breaks after the hand-off lose the source's agent with it: a new agent takes the
+ * migration over (MigrationSource.takeOver(), as after a crash), its exchange mutated, while the dead one dials nothing.
  */
 import { once } from 'node:events'
 import net from 'node:net'
@@ -64,7 +66,8 @@ export class SourceFuzzSession {
   /** Pages the destination's service freed in post-copy: their content is the service's business. */
   private readonly freed = LAYOUT.map(() => new Set<number>())
   private waitId = 1
-  private server: net.Server | undefined
+  /** Over TCP, where each agent dials: the first's, then a new agent's (the dead one's dials are reset). */
+  private readonly servers: net.Server[] = []
   /** The source's connections the interposer took (over TCP). */
   private readonly accepted = new Set<net.Socket>()
 
@@ -150,73 +153,102 @@ export class SourceFuzzSession {
 
   /** Mutates the destination's unit `at` with `kind`; see the file's comment. */
   async run(at: number, kind: Mutation): Promise<SessionResult> {
-    const tcp = this.wire.kind === 'tcp'
-    // one post-copy session in three breaks the link after the hand-off, and mutates the recovery's exchange instead
+    // one post-copy session in three breaks the link after the hand-off, and mutates the recovery's exchange instead;
+    // in half of those the source's agent dies with the break, and a new one takes the migration over
     const breakLink = this.mode !== 'precopy' && this.rand() < 1 / 3 ? { afterHandoff: Math.floor(this.rand() * 4), mutateAfter: Math.floor(this.rand() * 12) } : undefined
-    const interposer = new Interposer(this.wire, (end) => void this.dest.accept(end, 'fuzzer'), {
-      at: Math.max(0, at), kind, rand: this.rand, layout: LAYOUT, checkPages: (r, f, c, d) => this.checkPages(r, f, c, d), breakLink,
+    const crash = breakLink !== undefined && this.rand() < 1 / 2
+    const session = Array.from({ length: 24 }, () => Math.floor(this.rand() * 16).toString(16)).join('')
+    type Outcome = { report?: MigrationReport; err?: UffdMigrateError }
+    let outcome: Outcome | undefined, crashedIn: string | undefined, taken: Outcome | undefined
+    const alive = (agent: number) => agent > 0 || crashedIn === undefined
+    const interposer: Interposer = new Interposer(this.wire, (end) => void this.dest.accept(end, 'fuzzer'), {
+      at: Math.max(0, at), kind, rand: this.rand, layout: LAYOUT, checkPages: (r, f, c, d) => this.checkPages(r, f, c, d),
+      breakLink: breakLink && {
+        ...breakLink,
+        ...(crash ? {
+          crashed: () => {
+            crashedIn = source.phase
+            void this.agent(interposer, session, 1).then(async (agent) => {
+              agent.takeOver({ phase: crashedIn!, message: 'fuzz: the agent crashed', startedAtMs: 0 }).then((report) => (taken = { report }), (err: UffdMigrateError) => (taken = { err }))
+            })
+          },
+        } : {}),
+      },
     })
-    const to = tcp ? await this.listen(interposer) : 'memory:1'
-    const source = new MigrationSource(this.binding, this.srcRegions, {
-      to, mode: this.mode, token: FUZZ_TOKEN, encrypt: this.sealed, downtimeMs: 50, maxRounds: 3, connectTimeoutMs: 5000,
+    const source = await this.agent(interposer, session, 0, alive)
+    source.run().then((report) => (outcome = { report }), (err: UffdMigrateError) => (outcome = { err }))
+    // (the dead agent ends too: its dials fail until its recovery gives up)
+    const ended = await this.until(() => outcome !== undefined && (crashedIn === undefined || taken !== undefined))
+    const last = crashedIn === undefined ? outcome : taken
+    const result: SessionResult = { frames: interposer.destinationUnits, rejected: !!last?.err, codes: [], badPages: 0, end: 'settled', stream: interposer.roles.has('stream'), stray: interposer.stray,
+      mutatedRecord: interposer.mutated?.type === SEALED, tookOver: crashedIn !== undefined,
+      mutatedType: interposer.mutated && (interposer.mutated.type === SEALED ? 'record' : frameName(interposer.mutated.type)) }
+    if (!ended) {
+      result.hang = `the source did not end (phase ${source.phase}, destination ${this.dest.phase}${crashedIn ? ', a new agent took over' : ''})`
+      if (source.cancel() === undefined) await this.until(() => outcome !== undefined, 10_000)
+      return result
+    }
+    if (last!.err) {
+      result.codes.push(last!.err.code ?? 'NO_CODE')
+      // (failed: before the pause, the service never stopped)
+      result.end = this.pauses === 0 ? 'failed' : this.resumes > 0 ? 'resumed' : 'kept'
+    } else {
+      result.end = crashedIn !== undefined ? 'took over' : (last!.report?.postcopy?.recoveries ?? 0) > 0 ? 'recovered' : 'settled'
+      // (a recovery's exchange makes a session longer than most: drawn among those, a quarter of the mutations came too late)
+      if (result.end === 'settled') unitsSeen[this.mode] = Math.max(unitsSeen[this.mode] ?? 0, interposer.destinationUnits)
+    }
+    result.serviceFault = this.serviceFault()
+    // (a SETTLED the source believed but the destination never sent, forged by the mutation: its memory is not complete)
+    result.badPages = this.checkMemory(!last!.err && this.dest.phase === DestPhase.SETTLED)
+    return result
+  }
+
+  /**
+   * A source agent of the session: 0 the first, 1 the one that takes over after it died. alive(): a dead agent's
+   * service calls reach nothing, and it dials nothing (its connections are reset).
+   */
+  private async agent(interposer: Interposer, session: string, n: number, alive: (agent: number) => boolean = () => true): Promise<MigrationSource> {
+    const tcp = this.wire.kind === 'tcp'
+    const to = tcp ? await this.listen(interposer, () => alive(n)) : 'memory:1'
+    return new MigrationSource(this.binding, this.srcRegions, {
+      to, session, mode: this.mode, token: FUZZ_TOKEN, encrypt: this.sealed, downtimeMs: 50, maxRounds: 3, connectTimeoutMs: 5000,
       recoveryTimeoutMs: 20_000, linkTimeoutMs: 10_000, requestTimeoutMs: 5000, prepaging: { strategy: 'bubble' }, pushLog: false,
       bulkBufferBytes: 0, postcopyNice: 0, streams: tcp ? 2 : 1, clock: this.clock,
       // in memory the fuzzer's pairs; over TCP the source dials (a dialer would keep the demand connection in JS)
       ...(tcp ? {} : {
         dial: async () => {
           const [mine, theirs] = await this.wire.pair()
-          await interposer.join(theirs as FuzzEnd)
+          if (!alive(n)) this.wire.cut(theirs as FuzzEnd)
+          else await interposer.join(theirs as FuzzEnd)
           return mine
         },
       }),
     }, {
       pause: async () => {
-        this.pauses++
+        if (alive(n)) this.pauses++
         return { state: new Uint8Array([1, 2, 3]) }
       },
-      resume: () => void this.resumes++,
+      resume: () => void (alive(n) && this.resumes++),
       progress: () => {},
       takeFreed: () => {
         this.serviceWrites()
         return []
       },
     })
-    let outcome: { report?: MigrationReport; err?: UffdMigrateError } | undefined
-    source.run().then((report) => (outcome = { report }), (err: UffdMigrateError) => (outcome = { err }))
-    const ended = await this.until(() => outcome !== undefined)
-    const result: SessionResult = { frames: interposer.destinationUnits, rejected: !!outcome?.err, codes: [], badPages: 0, end: 'settled', stream: interposer.roles.has('stream'), stray: interposer.stray,
-      mutatedRecord: interposer.mutated?.type === SEALED,
-      mutatedType: interposer.mutated && (interposer.mutated.type === SEALED ? 'record' : frameName(interposer.mutated.type)) }
-    if (!ended) {
-      result.hang = `the source did not end (phase ${source.phase}, destination ${this.dest.phase})`
-      if (source.cancel() === undefined) await this.until(() => outcome !== undefined, 10_000)
-      return result
-    }
-    if (outcome!.err) {
-      result.codes.push(outcome!.err.code ?? 'NO_CODE')
-      // (failed: before the pause, the service never stopped)
-      result.end = this.pauses === 0 ? 'failed' : this.resumes > 0 ? 'resumed' : 'kept'
-    } else {
-      result.end = (outcome!.report?.postcopy?.recoveries ?? 0) > 0 ? 'recovered' : 'settled'
-      // (a recovery's exchange makes a session longer than most: drawn among those, a quarter of the mutations came too late)
-      if (result.end === 'settled') unitsSeen[this.mode] = Math.max(unitsSeen[this.mode] ?? 0, interposer.destinationUnits)
-    }
-    result.serviceFault = this.serviceFault()
-    // (a SETTLED the source believed but the destination never sent, forged by the mutation: its memory is not complete)
-    result.badPages = this.checkMemory(!outcome!.err && this.dest.phase === DestPhase.SETTLED)
-    return result
   }
 
-  /** Over TCP: where the source dials (each connection joined by the interposer). */
-  private async listen(interposer: Interposer): Promise<string> {
-    this.server = net.createServer((s) => {
+  /** Over TCP: where an agent dials (each connection joined by the interposer; reset once the agent died). */
+  private async listen(interposer: Interposer, alive: () => boolean): Promise<string> {
+    const server = net.createServer((s) => {
       s.on('error', () => {})
       this.accepted.add(s)
+      if (!alive()) return void s.resetAndDestroy()
       void interposer.join(s)
     })
-    this.server.listen(0, '127.0.0.1')
-    await once(this.server, 'listening')
-    return `127.0.0.1:${(this.server.address() as net.AddressInfo).port}`
+    this.servers.push(server)
+    server.listen(0, '127.0.0.1')
+    await once(server, 'listening')
+    return `127.0.0.1:${(server.address() as net.AddressInfo).port}`
   }
 
   /** The service must run on exactly one host once the source ended (undefined: it does). */
@@ -250,7 +282,7 @@ export class SourceFuzzSession {
   close(): void {
     this.dest.close()
     this.wire.close()
-    this.server?.close()
+    for (const server of this.servers) server.close()
     for (const s of this.accepted) s.destroy()
     for (const r of [...this.srcRegions, ...this.dstRegions]) r.release()
   }
