@@ -16,6 +16,8 @@
  * - keep its memory as the service left it, and send only pages of its
  *   regions with bytes they held (no memory past a region);
  * - when settled, have given the destination every byte.
+ * A third forward the service's clients: the destination's service announces its ports (SERVICE, in post-copy or
+ * once settled), which the source waits for after SETTLED and hands its forwarder (valid ports, or none in time).
  * Half the sessions whose link breaks after the hand-off lose the source's agent with it: a new agent takes the
  * migration over (MigrationSource.takeOver(), as after a crash), its exchange mutated, while the dead one dials nothing.
  */
@@ -36,6 +38,9 @@ import { FUZZ_TOKEN } from './link'
 import { frameName, type Mutation } from './mutate'
 import { Content, LAYOUT, type SessionResult } from './session'
 import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
+
+/** Where the destination's service listens when it forwards (a port, and a served server that listens on none). */
+const SERVICE_PORTS = [4242, null]
 
 /** Post-copy twice as often: its page requests are what the source parses most (the demand thread over TCP). */
 const MODES: readonly MigrationMode[] = ['precopy', 'hybrid', 'postcopy', 'postcopy']
@@ -63,6 +68,10 @@ export class SourceFuzzSession {
   private pauses = 0
   private resumes = 0
   private restores = 0
+  /** The destination's service announces its ports (guest.serve()): in post-copy, or once settled; undefined: never. */
+  private readonly forwarding: 'postcopy' | 'settled' | undefined
+  /** What the source's forwarder was handed (forwardTo), in order. */
+  private readonly forwardedTo: (number | null)[][] = []
   /** Pages the destination's service freed in post-copy: their content is the service's business. */
   private readonly freed = LAYOUT.map(() => new Set<number>())
   private waitId = 1
@@ -76,6 +85,7 @@ export class SourceFuzzSession {
     const ps = binding.pageSize
     this.content = new Content(seed, rand, ps)
     this.mode = MODES[Math.floor(rand() * MODES.length)]
+    this.forwarding = this.mode !== 'precopy' && rand() < 1 / 3 ? (rand() < 1 / 2 ? 'postcopy' : 'settled') : undefined
     this.srcRegions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
     this.dstRegions = LAYOUT.map((n, i) => Region.create(`r${i}`, n * ps, binding))
     this.srcRegions.forEach((region, r) => {
@@ -88,7 +98,7 @@ export class SourceFuzzSession {
         void this.serviceAsks()
         return this.clock.now()
       },
-      settled: () => {},
+      settled: () => void (this.forwarding === 'settled' && this.dest.service.announce(SERVICE_PORTS)),
       ready: () => {},
       failed: () => {},
     })
@@ -131,6 +141,7 @@ export class SourceFuzzSession {
     const last = LAYOUT[0] - 1
     this.freed[0].add(last)
     service.free(0, last, 1)
+    if (this.forwarding === 'postcopy') service.announce(SERVICE_PORTS)
   }
 
   /**
@@ -197,7 +208,7 @@ export class SourceFuzzSession {
       // (a recovery's exchange makes a session longer than most: drawn among those, a quarter of the mutations came too late)
       if (result.end === 'settled') unitsSeen[this.mode] = Math.max(unitsSeen[this.mode] ?? 0, interposer.destinationUnits)
     }
-    result.serviceFault = this.serviceFault()
+    result.serviceFault = this.serviceFault() ?? this.forwardFault()
     // (a SETTLED the source believed but the destination never sent, forged by the mutation: its memory is not complete)
     result.badPages = this.checkMemory(!last!.err && this.dest.phase === DestPhase.SETTLED)
     return result
@@ -211,7 +222,7 @@ export class SourceFuzzSession {
     const tcp = this.wire.kind === 'tcp'
     const to = tcp ? await this.listen(interposer, () => alive(n)) : 'memory:1'
     return new MigrationSource(this.binding, this.srcRegions, {
-      to, session, mode: this.mode, token: FUZZ_TOKEN, encrypt: this.sealed, downtimeMs: 50, maxRounds: 3, connectTimeoutMs: 5000,
+      to, session, mode: this.mode, ...(this.forwarding ? { forward: true, forwardWaitMs: 10_000 } : {}), token: FUZZ_TOKEN, encrypt: this.sealed, downtimeMs: 50, maxRounds: 3, connectTimeoutMs: 5000,
       recoveryTimeoutMs: 20_000, linkTimeoutMs: 10_000, requestTimeoutMs: 5000, prepaging: { strategy: 'bubble' }, pushLog: false,
       bulkBufferBytes: 0, postcopyNice: 0, streams: tcp ? 2 : 1, clock: this.clock,
       // in memory the fuzzer's pairs; over TCP the source dials (a dialer would keep the demand connection in JS)
@@ -230,6 +241,7 @@ export class SourceFuzzSession {
       },
       resume: () => void (alive(n) && this.resumes++),
       progress: () => {},
+      forwardTo: (_host, ports) => void this.forwardedTo.push(ports),
       takeFreed: () => {
         this.serviceWrites()
         return []
@@ -258,6 +270,12 @@ export class SourceFuzzSession {
     if (here && there) return 'the service runs on both hosts (restored on the destination, resumed here)'
     if (!here && !there) return 'the service runs nowhere (paused here, never restored on the destination)'
     return undefined
+  }
+
+  /** The forwarder is handed only ports or nulls, whatever SERVICE said (undefined: so). */
+  private forwardFault(): string | undefined {
+    const bad = this.forwardedTo.find((ports) => !ports.every((p) => p === null || (Number.isInteger(p) && p >= 1 && p <= 65535)))
+    return bad ? `the forwarder was handed ${JSON.stringify(bad)}` : undefined
   }
 
   /** Pages of the source that are not as its service left them, and (settled) the destination's that differ. */
