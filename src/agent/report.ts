@@ -110,6 +110,8 @@ export interface MigrationReport {
     timeToSettledMs: number
     /** Times the link broke during post-copy and the source reconnected. */
     recoveries: number
+    /** Of those, breaks that were a frame from the destination that broke the protocol (a changed byte, a bug): three end the migration at the fourth. */
+    protocolBreaks: number
     /** Pages local at the destination when it settled, from its SETTLED report (0 only if that report never arrived). */
     pagesLocalAtDestination: number
     /** The post-copy push order, run by run (with `pushLog: true`). */

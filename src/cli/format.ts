@@ -84,7 +84,7 @@ export function formatReport(r: MigrationReport): string {
   lines.push(`  post-copy          strategy ${pc.strategy}, faults served by ${pc.demandPath === 'native' ? 'native threads' : 'the agents\' loops'}; network faults ${pc.networkFaults} (on zero pages ${pc.networkFaultsOnZeroPages}, ${pc.readAheadPages ?? 0} pages read ahead), local zero faults ${pc.localZeroFaults}`)
   const bp = pc.faultLatencyByPathUs
   const byPath = bp && bp.push.count ? ` (${bp.reply.count} by their reply: p99 ${bp.reply.p99.toFixed(0)} us; ${bp.push.count} by the push: p99 ${bp.push.p99.toFixed(0)} us)` : ''
-  lines.push(`                     fault latency p50 ${pc.faultLatencyUs.p50.toFixed(0)} us, p99 ${pc.faultLatencyUs.p99.toFixed(0)} us${byPath}; pushed ${pc.pushedPages}, on demand ${pc.demandPages}; settled after ${ms(pc.timeToSettledMs)}${pc.recoveries ? `; link recovered ${pc.recoveries}x` : ''}`)
+  lines.push(`                     fault latency p50 ${pc.faultLatencyUs.p50.toFixed(0)} us, p99 ${pc.faultLatencyUs.p99.toFixed(0)} us${byPath}; pushed ${pc.pushedPages}, on demand ${pc.demandPages}; settled after ${ms(pc.timeToSettledMs)}${pc.recoveries ? `; link recovered ${pc.recoveries}x${pc.protocolBreaks ? ` (${pc.protocolBreaks} after a malformed frame)` : ''}` : ''}`)
   return lines.join('\n')
 }
 

@@ -47,6 +47,13 @@ describe('report', () => {
     ])
     expect(formatReport(report)).not.toMatch(/agent takeover/)
   })
+
+  it('recoveries after a malformed frame are named apart from broken links', () => {
+    const postcopyLine = (r: MigrationReport) => formatReport(r).split('\n').find((l) => / fault latency /.test(l))
+    const mode = { ...report, mode: 'postcopy' } as MigrationReport
+    expect(postcopyLine({ ...mode, postcopy: { ...report.postcopy, recoveries: 3, protocolBreaks: 1 } })).toMatch(/; link recovered 3x \(1 after a malformed frame\)$/)
+    expect(postcopyLine({ ...mode, postcopy: { ...report.postcopy, recoveries: 2, protocolBreaks: 0 } })).toMatch(/; link recovered 2x$/)
+  })
 })
 
 describe('a guest that moved away (status and list)', () => {

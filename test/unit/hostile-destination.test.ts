@@ -197,7 +197,7 @@ describe('a destination that breaks the protocol', () => {
     const outcome = await orHang(report.then((r) => r, (e: Error) => e))
     expect(injected.fired).toBe(true)
     // (a byte TCP's checksum missed looks the same: before, it ended the migration there, the service lost with it)
-    expect(outcome).toMatchObject({ postcopy: { recoveries: 1, pagesLocalAtDestination: 4096 } })
+    expect(outcome).toMatchObject({ postcopy: { recoveries: 1, protocolBreaks: 1, pagesLocalAtDestination: 4096 } })
     expect(source.phase).toBe('settled')
     expect(pair.events.filter((e) => e.startsWith('failed'))).toEqual([])
     expect(sameBytes(pair)).toBeUndefined()

@@ -91,6 +91,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
       demandPages: x.postcopy.demand,
       timeToSettledMs: x.settledAt - x.postStart,
       recoveries: x.postcopy.recoveries,
+      protocolBreaks: x.postcopy.protocolBreaks,
       pagesLocalAtDestination: num('pagesLocal'),
       ...(x.pushLog ? { pushLog: x.postcopy.pushLog } : {}),
     },
