@@ -119,6 +119,22 @@ describe('a destination that breaks the protocol', () => {
     expect(sameBytes(pair)).toBeUndefined()
   }, 20_000)
 
+  it('an ERROR without a code (a frame no destination sends) is a malformed frame, not the destination\'s report: the source recovers and the migration settles', async () => {
+    const pair = filledPair(64)
+    const injected = onFirst(pair, 'destination', Msg.RESUMED, (_urgent, bulk) => {
+      // RESUMED arrives as an ERROR frame whose map names no code, as a changed type byte makes it
+      setImmediate(() => bulk.peer.write(Buffer.concat(encodeControl(Msg.ERROR, { message: 'resumedAtMs' }))))
+      return 'drop'
+    })
+    const { source, report } = startSource(pair, { mode: 'postcopy' })
+    const outcome = await orHang(report.then((r) => r, (e: Error) => e))
+    expect(injected.fired).toBe(true)
+    // (before: taken for the destination's failure, the source failed with its memory kept while the service ran there)
+    expect(outcome).toMatchObject({ postcopy: { recoveries: 1, pagesLocalAtDestination: 64 } })
+    expect(source.phase).toBe('settled')
+    expect(pair.events.filter((e) => e.startsWith('failed'))).toEqual([])
+  }, 20_000)
+
   it('the destination gives up before the hand-off took effect there while HANDOFF is on its way: its ERROR says so, and the source resumes its service', async () => {
     const pair = filledPair(16)
     const crossed = onFirst(pair, 'source', Msg.HANDOFF, (_urgent, bulk) => {

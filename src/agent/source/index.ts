@@ -372,6 +372,7 @@ export class MigrationSource implements SourceHandlers {
 
   onPeerError(f: Frame): never {
     const err = peerError(f.payload)
+    if (!err.fromPeer) throw err // (malformed: a protocol error of this side's finding, not the destination's report)
     this.failure = err
     // only a destination that did not resume the service may have it resume here: it could not restore the state, or
     // it gave up before the hand-off took effect there (its ERROR crossed the HANDOFF this side had just sent)

@@ -254,7 +254,8 @@ export class SourceLink {
     await this.untilEnded([this.urgent, this.bulk], graceMs)
     const said = this.urgent.peerErrorFrame ?? this.bulk.peerErrorFrame
     try {
-      return said && peerError(said.payload)
+      const err = said && peerError(said.payload)
+      return err?.fromPeer ? err : undefined
     } catch {
       return undefined // (malformed: the broken link stands)
     }
