@@ -71,6 +71,14 @@ export class Relay {
   corruptAtByte = Infinity
 
   /**
+   * Towards the destination, on a plaintext connection: once a frame of type `after` passed there, the byte `offset`
+   * bytes into the next frame of `type` gets its top bit flipped, once in all: a changed byte that TCP's checksum
+   * missed, in a frame's header. `corrupted` counts it.
+   */
+  corruptFrame: { after: number; type: number; offset: number } | undefined
+  corrupted = 0
+
+  /**
    * Connections of this role (as their HELLO names it: bulk, stream...) carry what goes towards the destination this
    * many ms late, in order: one connection behind the others, as a congested path or a slow NIC queue makes it. What
    * the source sends on parallel streams then arrives in another order than it was sent.
@@ -113,8 +121,21 @@ export class Relay {
     const hello = new SourceHello()
     const ctx: WatchContext = { keylog: this.keylog, hello }
     const toDest = new FrameWatch(ctx, true), back = new FrameWatch(ctx, false)
+    const walk = new FrameWalk()
+    let armed = false
     client.on('data', (chunk: Buffer) => {
       hello.see(chunk)
+      const cf = this.corruptFrame
+      if (cf && this.corrupted === 0) {
+        walk.each(chunk, (type, at) => {
+          if (type === cf.after) armed = true
+          else if (armed && type === cf.type && this.corrupted === 0 && at >= 0 && at + cf.offset < chunk.length) {
+            chunk = Buffer.from(chunk)
+            chunk[at + cf.offset] ^= 0x80
+            this.corrupted++
+          }
+        })
+      }
       const at = this.cueIn(toDest, chunk, true)
       if (at !== undefined) return this.cutAt(upstream, chunk, at, true)
       const flip = this.corruptAtByte - this.bytesToDestination
@@ -229,6 +250,34 @@ class SourceHello {
       if (typeof m.role === 'string') this.role = m.role
       if (m.nonce instanceof Uint8Array) this.nonce = m.nonce
     } catch {}
+  }
+}
+
+/** Walks one direction's plaintext frames across chunks: each frame's type, and where it begins in the chunk (negative: in an earlier one). */
+class FrameWalk {
+  private skip = 0
+  private head = Buffer.alloc(0)
+  private headAt = 0
+
+  each(chunk: Buffer, frame: (type: number, at: number) => void): void {
+    let i = 0
+    while (i < chunk.length) {
+      if (this.skip > 0) {
+        const k = Math.min(this.skip, chunk.length - i)
+        this.skip -= k
+        i += k
+        continue
+      }
+      if (this.head.length === 0) this.headAt = i
+      const need = 5 - this.head.length
+      this.head = Buffer.concat([this.head, chunk.subarray(i, i + need)])
+      i += Math.min(need, chunk.length - i)
+      if (this.head.length < 5) break
+      frame(this.head[4], this.headAt)
+      this.skip = this.head.readUInt32BE(0) - 1
+      this.head = Buffer.alloc(0)
+    }
+    this.headAt -= chunk.length
   }
 }
 
