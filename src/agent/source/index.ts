@@ -31,6 +31,7 @@ import { runPrecopy } from './precopy'
 import { regionsMessage, residentBytes } from './region-table'
 import { buildReport, type ReportInputs } from './report'
 import { Sender } from './sender'
+import { RateWindow } from './rate-window'
 import { ServicePorts } from './service-ports'
 import { Tracking } from './tracking'
 
@@ -54,7 +55,7 @@ export class MigrationSource implements SourceHandlers {
   private readonly tracking = new Tracking()
   private round = 0
   private progressTimer: unknown
-  private rateWindow = { t: 0, bytes: 0, rate: 0 }
+  private readonly rate = new RateWindow()
   failure: Error | undefined
   /** HANDOFF is on the wire: the service may run on the destination now. */
   private committed = false
@@ -382,14 +383,10 @@ export class MigrationSource implements SourceHandlers {
   }
 
   private emitProgress(): void {
-    const now = this.clock.now()
     const bytes = this.current?.bytesWritten ?? 0
-    if (this.rateWindow.t) this.rateWindow.rate = ((bytes - this.rateWindow.bytes) / (now - this.rateWindow.t)) * 1000
-    this.rateWindow.t = now
-    this.rateWindow.bytes = bytes
     const after = this.machine.is(SourcePhase.POSTCOPY, SourcePhase.RECOVERING)
     this.hooks.progress({
-      phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rateWindow.rate,
+      phase: this.phase, round: this.round, bytesSent: bytes, bytesPerSec: this.rate.sample(this.clock.now(), bytes),
       pagesLeft: after ? this.sender.pagesLeft : this.sender.notAtDestination,
       totalPages: this.totalPages,
       ...(this.tracking.kind ? { tracker: this.tracking.kind } : {}),
