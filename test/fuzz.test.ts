@@ -28,8 +28,9 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.totals.accepted).toBeGreaterThan(0)
     expect(report.totals.ends).toMatchObject({ fresh: expect.any(Number), recovered: expect.any(Number) })
     // a mutated frame after the hand-off is a broken link, recovered: the service that runs there is never lost to
-    // one (this fuzzer's restore never fails, and it mutates one frame a session; before, 2 % of the sessions failed)
-    expect(report.totals.ends.failed).toBeUndefined()
+    // one (before, 39 of 184 sessions failed). Only a changed HANDOFF may turn recovery off (a recoveryTimeoutMs of
+    // 1.5 ms is a valid one), and a reset then ends the migration, as the source asked.
+    expect(Object.keys(report.endedAfterHandoffBy).filter((t) => t !== 'HANDOFF')).toEqual([])
     // sessions mutated after the hand-off did meet their mutation in post-copy (recovered, or settled): when the
     // script's prefix went out at once, its CLOCK came after HANDOFF and 2 % of the sessions got that far
     const ends = report.totals.ends
@@ -53,7 +54,7 @@ describe.skipIf(skip)('fuzzer slice (seed 20261125)', () => {
     expect(report.totals.rejected).toBeGreaterThan(report.sessions / 2)
     // (here a frame the native reader handed back and JS refused left the reader stopped on the recovered link: the
     // source's pages were never placed, and the destination failed when its recovery window ran out)
-    expect(report.totals.ends.failed).toBeUndefined()
+    expect(Object.keys(report.endedAfterHandoffBy).filter((t) => t !== 'HANDOFF')).toEqual([])
     expect(report.totals.ends.recovered).toBeGreaterThan(report.sessions / 5)
     // every settled session's bulk connection was read by the native reader, as in production (the memory wire's by
     // JavaScript): what this run proves is about the addon's parser
@@ -95,7 +96,7 @@ describe.skipIf(skip)('fuzzer slice, the source side (seed 20261129): a hostile 
     // one mutated unit after the hand-off is a broken link, recovered (a malformed frame, a mangled handshake or an
     // ERROR without a code in the recovery's exchange): the source never fails over one with its memory kept, the
     // service stranded there (before: 263 of 6,215 sessions of memory seed 8)
-    expect(report.totals.ends.kept).toBeUndefined()
+    expect(report.endedAfterHandoffBy).toEqual({})
     // agents died with a break after the hand-off, and new ones took over (their exchange mutated), each sound
     expect(report.tookOver).toBeGreaterThan(5)
     expect(report.totals.ends['took over']).toBeGreaterThan(0)

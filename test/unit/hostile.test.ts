@@ -390,12 +390,16 @@ describe('after the hand-off, a frame from the source that breaks the protocol',
     expect(new Uint8Array(d.region.buffer, PS, 7 * PS).every((b) => b === 2)).toBe(true)
   })
 
-  it('a HANDOFF whose recoveryTimeoutMs is not a number is refused before it takes effect (taken for 0, it turned recovery off for the service that then ran here)', async () => {
+  it('a HANDOFF whose recoveryTimeoutMs is not a number (or below 0) is refused before it takes effect (taken for 0, it turned recovery off for the service that then ran here)', async () => {
     const d = await drive(DestPhase.PRECOPY)
     d.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: 'soon' }))
     await turns()
     expect(d.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL', serviceStarted: false, message: 'peer reported: expected HANDOFF.recoveryTimeoutMs to be number, got "soon"' })])
     expect(d.dest.phase).toBe(DestPhase.LISTENING)
+    const again = await drive(DestPhase.PRECOPY) // (and below 0: no source sends one)
+    again.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: -1 }))
+    await turns()
+    expect(again.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL', message: 'peer reported: expected HANDOFF.recoveryTimeoutMs of 0 or more, got -1' })])
   })
 
   it('three times per migration: the fourth ends it, the source told why', async () => {

@@ -92,7 +92,8 @@ export class MigrationDestination extends DestinationSession implements Destinat
     const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
     // (checked before anything is applied: a malformed one, taken for 0, turned recovery off for a service that then
     // ran here, and a reset lost it; the fuzzer's msgpackType)
-    const recoveryTimeoutMs = m.recoveryTimeoutMs === undefined ? 0 : Math.min(Math.max(field<number>(m, 'recoveryTimeoutMs', 'number', 'HANDOFF'), 0), 24 * 3600_000)
+    const recoveryTimeoutMs = m.recoveryTimeoutMs === undefined ? 0 : Math.min(field<number>(m, 'recoveryTimeoutMs', 'number', 'HANDOFF'), 24 * 3600_000)
+    if (recoveryTimeoutMs < 0) throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.recoveryTimeoutMs of 0 or more, got ${recoveryTimeoutMs}`)
     this.bulkPath.endStreams() // quiet since the source's barrier; nothing reaches the service's memory through them now
     this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
     const discardedAtMs = this.clock.now()

@@ -61,6 +61,8 @@ export interface FuzzReport {
   recordOutcomes: Record<string, number>
   /** The source side: sessions by the destination's message that was mutated ('record': sealed; the rest never met it). */
   mutatedTypes: Record<string, number>
+  /** Sessions that ended after the hand-off (the destination failed; the source kept its memory), by the type mutated. */
+  endedAfterHandoffBy: Record<string, number>
   /** The first few failures, to reproduce: seed, session, mutation, point, what. */
   failures: string[]
   elapsedMs: number
@@ -78,7 +80,7 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
   const t0 = performance.now()
   const rand = prng(opts.seed)
   const rows = Object.fromEntries([...MUTATIONS, ...RECORD_MUTATIONS].map((m) => [m, emptyRow()])) as Record<Kind, FuzzRow>
-  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, tookOver: 0, recordOutcomes: {}, mutatedTypes: {}, failures: [], elapsedMs: 0 }
+  const report: FuzzReport = { seed: opts.seed, side, wire, frames: 0, sessions: 0, rows, totals: emptyRow(), bulkReceive: {}, withStream: 0, tookOver: 0, recordOutcomes: {}, mutatedTypes: {}, endedAfterHandoffBy: {}, failures: [], elapsedMs: 0 }
   let lastProgress = t0
   while (report.frames < opts.frames) {
     const sealed = rand() < SEALED_SHARE
@@ -105,7 +107,9 @@ export async function runFuzz(opts: { binding: NativeBinding; frames: number; se
       if (r.bulkReceive) report.bulkReceive[r.bulkReceive] = (report.bulkReceive[r.bulkReceive] ?? 0) + 1
       if (r.stream) report.withStream++
       if (r.tookOver) report.tookOver++
-      if (side === 'source') report.mutatedTypes[r.mutatedType ?? 'none'] = (report.mutatedTypes[r.mutatedType ?? 'none'] ?? 0) + 1
+      const type = r.mutatedType ?? 'none'
+      report.mutatedTypes[type] = (report.mutatedTypes[type] ?? 0) + 1
+      if (r.end === (side === 'source' ? 'kept' : 'failed')) report.endedAfterHandoffBy[type] = (report.endedAfterHandoffBy[type] ?? 0) + 1
       if (r.mutatedRecord) {
         const outcome = [r.end, ...r.codes.map((c) => c.replace(/^ERR_MIGRATION_/, ''))].join(' ')
         report.recordOutcomes[outcome] = (report.recordOutcomes[outcome] ?? 0) + 1
@@ -176,7 +180,8 @@ export function fuzzTable(r: FuzzReport): string {
     `| ${name} | ${x.sessions} | ${x.sealed} | ${x.rejected} | ${x.accepted} | ${x.crashes} | ${x.hangs} | ${x.badPages} | ${x.uncoded} | ${x.serviceFaults} | ${x.strayPages} | ${fmt(x.codes)} | ${fmt(x.ends)} |`
   for (const [name, x] of Object.entries(r.rows)) lines.push(row(name, x))
   lines.push(row('**all**', r.totals))
-  if (r.side === 'source') lines.push('', `the destination's messages mutated, by sessions: ${fmt(r.mutatedTypes)}`)
+  lines.push('', `the ${r.side === 'source' ? 'destination' : 'source'}'s messages mutated, by sessions: ${fmt(r.mutatedTypes)}`)
+  lines.push(`ended after the hand-off (${r.side === 'source' ? 'the source kept its memory' : 'the destination failed'}), by the message mutated: ${fmt(r.endedAfterHandoffBy)}`)
   if (r.failures.length) lines.push('', 'failures:', ...r.failures.map((f) => `- ${f}`))
   return lines.join('\n')
 }

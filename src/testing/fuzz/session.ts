@@ -26,7 +26,7 @@ import { decodeControl, encodeControl, encodeRuns, Msg, pagesHeader, RangeKind }
 import { Region } from '../../region'
 import { FakeClock } from '../fake-clock'
 import { authFrame, FUZZ_TOKEN, FuzzLink, helloFrame, nextFrame, writeRaw } from './link'
-import { type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
+import { frameName, type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
 
@@ -61,7 +61,7 @@ export interface SessionResult {
   stray?: string[]
   /** The source side: the mutated unit was a sealed record (what a path without the keys can do). */
   mutatedRecord?: boolean
-  /** The source side: the type of the destination's unit that was mutated (absent: the session ended before it). */
+  /** The type of the peer's unit that was mutated ('handshake', 'record'; absent: the session ended before it). */
   mutatedType?: string
   /** The source side: its agent crashed after the hand-off and a new one took over (MigrationSource.takeOver()). */
   tookOver?: boolean
@@ -284,7 +284,7 @@ export class FuzzSession {
     }
     const codes = [...this.hookCodes, ...(link?.codes ?? [])]
     const rejected = codes.length > 0
-    const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled', stream: false }
+    const result: SessionResult = { frames: 0, rejected, codes, badPages: 0, end: 'settled', stream: false, mutatedType: at < 0 ? 'handshake' : frameName(frames[at].type) }
     // end it as a source would: hang up (an authenticated half-session must not keep the slot), then come back or start over
     for (const t of ends) this.wire.cut(t)
     await this.wire.turns()
