@@ -390,7 +390,7 @@ describe('after the hand-off, a frame from the source that breaks the protocol',
     expect(new Uint8Array(d.region.buffer, PS, 7 * PS).every((b) => b === 2)).toBe(true)
   })
 
-  it('a HANDOFF whose recoveryTimeoutMs is not a number (or below 0) is refused before it takes effect (taken for 0, it turned recovery off for the service that then ran here)', async () => {
+  it('a HANDOFF whose recoveryTimeoutMs is not a number (below 0, missing) is refused before it takes effect (taken for 0, it turned recovery off for the service that then ran here)', async () => {
     const d = await drive(DestPhase.PRECOPY)
     d.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: 'soon' }))
     await turns()
@@ -400,6 +400,10 @@ describe('after the hand-off, a frame from the source that breaks the protocol',
     again.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMs: -1 }))
     await turns()
     expect(again.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL', message: 'peer reported: expected HANDOFF.recoveryTimeoutMs of 0 or more, got -1' })])
+    const missing = await drive(DestPhase.PRECOPY) // (or missing: a changed byte in its key's name)
+    missing.bulk.send(encodeControl(Msg.HANDOFF, { state: new Uint8Array(0), discard: [new Uint8Array(0)], recoveryTimeoutMz: 60_000 }))
+    await turns()
+    expect(missing.errors.bulk).toEqual([expect.objectContaining({ code: 'ERR_MIGRATION_PROTOCOL', message: 'peer reported: expected HANDOFF.recoveryTimeoutMs to be number, got undefined' })])
   })
 
   it('three times per migration: the fourth ends it, the source told why', async () => {

@@ -90,9 +90,9 @@ export class MigrationDestination extends DestinationSession implements Destinat
   onHandoff(f: Frame): void {
     const handoffAtMs = this.clock.now(), m = decodeControl(f.type, f.payload)
     const state = field<Uint8Array>(m, 'state', 'bytes', 'HANDOFF')
-    // (checked before anything is applied: a malformed one, taken for 0, turned recovery off for a service that then
-    // ran here, and a reset lost it; the fuzzer's msgpackType)
-    const recoveryTimeoutMs = m.recoveryTimeoutMs === undefined ? 0 : Math.min(field<number>(m, 'recoveryTimeoutMs', 'number', 'HANDOFF'), 24 * 3600_000)
+    // (checked before anything is applied: a malformed or missing one, taken for 0, turned recovery off for a service
+    // that then ran here, and a reset lost it; the fuzzer's msgpackType, and a bit flip in the key's name)
+    const recoveryTimeoutMs = Math.min(field<number>(m, 'recoveryTimeoutMs', 'number', 'HANDOFF'), 24 * 3600_000)
     if (recoveryTimeoutMs < 0) throw migrationError(ErrorCode.PROTOCOL, `expected HANDOFF.recoveryTimeoutMs of 0 or more, got ${recoveryTimeoutMs}`)
     this.bulkPath.endStreams() // quiet since the source's barrier; nothing reaches the service's memory through them now
     this.placement.applyDiscard(field<unknown[]>(m, 'discard', 'array', 'HANDOFF'))
