@@ -29,7 +29,10 @@
 // these in turn: `reset` (every connection reset both ways), `one-sided` (reset towards the source only; the
 // destination's ends stay open and silent), `silent:MS` (nothing passes for MS ms, then the link is back), each at a
 // random point of the hop's bytes, or `KIND@FRAME` when that frame passes (delivered just before the break) and
-// `KIND@FRAME-lost` (lost with it): e.g. reset@HANDOFF-lost, reset@HANDOFF, silent:4000@SETTLED-lost, `none`. The
+// `KIND@FRAME-lost` (lost with it): e.g. reset@HANDOFF-lost, reset@HANDOFF, silent:4000@SETTLED-lost, `none`; or
+// `corrupt`: no break, a changed byte instead, in the header of the first PAGES frame after HANDOFF (a region index
+// past the table: what TCP's checksum can miss on a plaintext link; not with --encrypt, where a record fails its tag
+// instead), which both sides must take for a broken link and recover from (post-copy and hybrid hops). The
 // sends get --link-timeout-ms 3000, so a silence longer than that is noticed. The same rule as --inject: the service
 // ends each hop on one host, moved (after a recovery) or resumed at its source and tried again, never on none.
 // (--service-host: the old home's forwarder reaches the new home's service at its own address, not the relay's.)
@@ -163,14 +166,16 @@ function stopEntry(text) {
 }
 /** One --link-faults entry: what the break is and when it comes. */
 function linkFault(text) {
-  const m = /^(none|reset|one-sided|silent:(\d+))(?:@([A-Z_]+)(-lost)?)?$/.exec(text)
-  if (!m || (m[3] && Msg[m[3]] === undefined) || (m[1] === 'none' && m[3])) usage(`bad --link-faults entry: ${text} (reset, one-sided or silent:MS, optionally @FRAME or @FRAME-lost, or none)`)
+  const m = /^(none|reset|one-sided|corrupt|silent:(\d+))(?:@([A-Z_]+)(-lost)?)?$/.exec(text)
+  if (!m || (m[3] && Msg[m[3]] === undefined) || ((m[1] === 'none' || m[1] === 'corrupt') && m[3])) usage(`bad --link-faults entry: ${text} (reset, one-sided or silent:MS, optionally @FRAME or @FRAME-lost; corrupt; or none)`)
+  if (m[1] === 'corrupt' && a.encrypt) usage('--link-faults corrupt changes a plaintext frame: not with --encrypt')
   return { text, kind: m[2] ? 'silent' : m[1], silentMs: Number(m[2] ?? 0), frame: m[3] && { type: Msg[m[3]], lose: m[4] !== undefined } }
 }
 /** A relay for one hop's sends that breaks the link once, as `fault` says (a random point: within the hop's bytes). */
 function relayFor(fault, seed) {
   const at = fault.frame ? Infinity : Math.floor(((seed % 1000) / 1000) * 1.1 * mib * 1024 * 1024)
-  const r = new Relay(fault.kind === 'none' ? Infinity : at)
+  const r = new Relay(fault.kind === 'none' || fault.kind === 'corrupt' ? Infinity : at)
+  if (fault.kind === 'corrupt') r.corruptFrame = { after: Msg.HANDOFF, type: Msg.PAGES, offset: 5 /* the region index's top byte */ }
   r.oneSided = fault.kind === 'one-sided'
   r.silentMs = fault.silentMs
   if (fault.frame && fault.kind !== 'none') r.onFrame = { ...fault.frame, toDestination: undefined }
@@ -271,7 +276,7 @@ async function hop(n, from, to, current) {
   await Promise.all(row.undone)
   delete row.undone
   const report = JSON.parse(send.lines.join('\n'))
-  row.linkBroke = relay ? relay.cuts > 0 : row.linkBroke === true
+  row.linkBroke = relay ? relay.cuts > 0 || relay.corrupted > 0 : row.linkBroke === true
   await dst.waitLine(/^RESTORED$/, 30_000)
   home = [to.ip, http]
   const verify = (await dst.waitLine(/^VERIFY (.*)$/, hopTimeoutMs))[1]
