@@ -237,6 +237,26 @@ describe('a destination that breaks the protocol', () => {
     expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', fromPeer: true })
   }, 20_000)
 
+  it('a destination whose service is slow to start (no RESUMED yet) and that breaks the protocol on every link: past the first recovery the budget holds, and the source ends', async () => {
+    const pair = filledPair(64)
+    pair.restoreGate = new Promise(() => {}) // its service never resumes: no RESUMED, and RECOVER_STATE without a resume time
+    let sent = 0
+    pair.onFrame = (from, type) => {
+      // a frame only bulk may carry, on urgent: once HANDOFF went, and on each recovery's link once it said what it holds
+      if (!((from === 'source' && type === Msg.HANDOFF) || (from === 'destination' && type === Msg.RECOVER_STATE))) return undefined
+      const [urgent] = pair.links.slice(-2)
+      setTimeout(() => (sent++, urgent.peer.write(Buffer.concat(encodeControl(Msg.SERVICE, { ports: [] })))), 5)
+      return undefined
+    }
+    const { report } = startSource(pair, { mode: 'postcopy', extra: { recoveryTimeoutMs: 5000 } })
+    const err = await orHang(failure(report))
+    // (before: while RESUMED had not come every protocol break was recovered, link after link, until the recovery's
+    // deadline ended it as a broken link)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_PROTOCOL', message: expect.stringMatching(/keeps its memory/) })
+    expect(sent).toBe(4)
+    expect(pair.resumedOnSource).toBe(0) // (the hand-off took effect there: its service is starting)
+  }, 20_000)
+
   it('a failure of the source\'s own right after HANDOFF, which the destination has not read yet: it asks whether the hand-off arrived, and the service runs on exactly one host', async () => {
     const pair = filledPair(16)
     // the destination reads bulk late: HANDOFF waits there while the source fails of its own accord

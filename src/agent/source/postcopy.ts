@@ -175,8 +175,9 @@ export class Postcopy {
    * recovered up to broken-link.ts's budget (a buggy destination that repeats itself then ends the migration).
    */
   recoverable(err: Error): boolean {
-    // after RESUMED, a few protocol breaks are recovered too (broken-link.ts): the service runs there on our pages
-    return breaksLinkOnly(err, this.resumed ? this.protocolBreaks : 0)
+    // once the hand-off is known to have arrived (RESUMED, or a recovery's answer), a few protocol breaks are
+    // recovered (broken-link.ts): the service runs there on our pages; before, every one (its fate is asked)
+    return breaksLinkOnly(err, this.handoffKnown ? this.protocolBreaks : 0)
   }
 
   /** Frames from the destination that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */

@@ -38,6 +38,8 @@ export interface Pair {
   resumedOnSource: number
   /** Make the next restore() reject (the service cannot decode its state). */
   failRestore: boolean
+  /** The destination's restore waits for this (a service slow to start). */
+  restoreGate?: Promise<void>
   /** Set to refuse dials (a destination that is gone). */
   refuseDials: boolean
   progress: Progress[]
@@ -102,6 +104,7 @@ export function makePair(pageCounts: number[], fill: (src: FakeBinding, regions:
     restore: async (state) => {
       pair.events.push('restore')
       if (pair.failRestore) throw new Error('cannot decode')
+      await pair.restoreGate
       restoredResolve(state)
       return nowMs()
     },
