@@ -110,7 +110,7 @@ export interface MigrationReport {
     timeToSettledMs: number
     /** Times the link broke during post-copy and the source reconnected. */
     recoveries: number
-    /** Of those, breaks that were a frame from the destination that broke the protocol (a changed byte, a bug): three end the migration at the fourth. */
+    /** Of those, frames either side refused as malformed (a changed byte, a bug), each recovered: three per side, the fourth ends the migration. */
     protocolBreaks: number
     /** Pages local at the destination when it settled, from its SETTLED report (0 only if that report never arrived). */
     pagesLocalAtDestination: number

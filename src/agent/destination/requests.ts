@@ -247,9 +247,9 @@ export class Requests {
 }
 
 /** The destination's SETTLED report: its fault figures, what was placed, and its CPU time (ms, where measured). */
-export function settledReport(requests: Requests, placement: Placement, nativeBulk: boolean, cpuMs: number | undefined): Record<string, unknown> {
+export function settledReport(requests: Requests, placement: Placement, nativeBulk: boolean, cpuMs: number | undefined, protocolBreaks: number): Record<string, unknown> {
   return {
-    ...requests.stats, bulkReceive: nativeBulk ? 'native' : 'js',
+    ...requests.stats, bulkReceive: nativeBulk ? 'native' : 'js', protocolBreaks,
     ...(cpuMs !== undefined ? { cpuMs } : {}),
     pagesReceivedTwice: placement.pagesReceivedTwice,
     pagesLocal: placement.totalPages,

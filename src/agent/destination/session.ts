@@ -219,7 +219,7 @@ export abstract class DestinationSession {
     this.closeUffd()
     this.requests.releaseAll()
     const cpuMs = this.cpuAtRegionsMs !== undefined ? this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs : undefined
-    const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs)
+    const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs, this.protocolBreaks)
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
     this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99 })

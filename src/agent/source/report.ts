@@ -91,7 +91,7 @@ export function buildReport(x: ReportInputs): MigrationReport {
       demandPages: x.postcopy.demand,
       timeToSettledMs: x.settledAt - x.postStart,
       recoveries: x.postcopy.recoveries,
-      protocolBreaks: x.postcopy.protocolBreaks,
+      protocolBreaks: x.postcopy.protocolBreaks + num('protocolBreaks'), // (each side counts the frames it refused)
       pagesLocalAtDestination: num('pagesLocal'),
       ...(x.pushLog ? { pushLog: x.postcopy.pushLog } : {}),
     },
