@@ -171,12 +171,11 @@ export class Postcopy {
    * the migration at once left the service running nowhere: this side's channel had told the destination ERROR on
    * urgent, which overtook HANDOFF on bulk, so the destination ended its session before the hand-off, while this side,
    * committed, kept its service paused (found by the source-side fuzzer over TCP, ~2 % of its sessions). Recovery asks
-   * the destination: NO_SESSION (it never took the hand-off) resumes the service here. After RESUMED such a frame is
-   * recovered up to broken-link.ts's budget (a buggy destination that repeats itself then ends the migration).
+   * the destination: NO_SESSION (it never took the hand-off) resumes the service here. Once the hand-off is known to
+   * have arrived (RESUMED, or a recovery's answer), such frames count toward broken-link.ts's budget: the service runs
+   * there on our pages, and a buggy destination that repeats itself ends the migration at the fourth.
    */
   recoverable(err: Error): boolean {
-    // once the hand-off is known to have arrived (RESUMED, or a recovery's answer), a few protocol breaks are
-    // recovered (broken-link.ts): the service runs there on our pages; before, every one (its fate is asked)
     return breaksLinkOnly(err, this.handoffKnown ? this.protocolBreaks : 0)
   }
 
