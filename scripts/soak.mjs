@@ -175,7 +175,7 @@ function linkFault(text) {
 function relayFor(fault, seed) {
   const at = fault.frame ? Infinity : Math.floor(((seed % 1000) / 1000) * 1.1 * mib * 1024 * 1024)
   const r = new Relay(fault.kind === 'none' || fault.kind === 'corrupt' ? Infinity : at)
-  if (fault.kind === 'corrupt') r.corruptFrame = { after: Msg.HANDOFF, type: Msg.PAGES, offset: 5 /* the region index's top byte */ }
+  if (fault.kind === 'corrupt') r.corruptFrame = { after: [Msg.HANDOFF], type: Msg.PAGES, offset: 5 /* the region index's top byte */ }
   r.oneSided = fault.kind === 'one-sided'
   r.silentMs = fault.silentMs
   if (fault.frame && fault.kind !== 'none') r.onFrame = { ...fault.frame, toDestination: undefined }

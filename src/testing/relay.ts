@@ -68,11 +68,11 @@ export class Relay {
   corruptAtByte = Infinity
 
   /**
-   * Towards the destination, on a plaintext connection: once a frame of type `after` passed there, the byte `offset`
-   * bytes into the next frame of `type` gets its top bit flipped, once in all: a changed byte that TCP's checksum
-   * missed, in a frame's header. `corrupted` counts it.
+   * Towards the destination, on a plaintext connection: once a frame of a type in `after` passed there, the byte
+   * `offset` bytes into the next frame of `type` gets its top bit flipped, `times` times in all (default once; at most
+   * once per arming): a changed byte that TCP's checksum missed, in a frame's header. `corrupted` counts them.
    */
-  corruptFrame: { after: number; type: number; offset: number } | undefined
+  corruptFrame: { after: number[]; type: number; offset: number; times?: number } | undefined
   corrupted = 0
 
   /**
@@ -123,13 +123,14 @@ export class Relay {
     client.on('data', (chunk: Buffer) => {
       hello.see(chunk)
       const cf = this.corruptFrame
-      if (cf && this.corrupted === 0) {
+      if (cf && this.corrupted < (cf.times ?? 1)) {
         walk.each(chunk, (type, at) => {
-          if (type === cf.after) armed = true
-          else if (armed && type === cf.type && this.corrupted === 0 && at >= 0 && at + cf.offset < chunk.length) {
+          if (cf.after.includes(type)) armed = true
+          else if (armed && type === cf.type && this.corrupted < (cf.times ?? 1) && at >= 0 && at + cf.offset < chunk.length) {
             chunk = Buffer.from(chunk)
             chunk[at + cf.offset] ^= 0x80
             this.corrupted++
+            armed = false
           }
         })
       }

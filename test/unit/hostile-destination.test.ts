@@ -159,17 +159,19 @@ describe('a destination that breaks the protocol', () => {
   }, 20_000)
 
   it('a destination\'s ERROR before the hand-off took effect there says serviceStarted: false; after it, nothing', async () => {
-    /** The ERROR the destination sends on urgent when a frame no source sends comes there, as `from` writes `type`. */
+    /** The ERROR the destination sends (on urgent, or bulk) when a frame no source sends comes on urgent, as `from` writes `type`. */
     async function errorWhen(mode: 'precopy' | 'postcopy', from: 'source' | 'destination', type: number, extra = {}): Promise<Record<string, unknown> | undefined> {
       const pair = filledPair(16)
       let said: Record<string, unknown> | undefined, done = false
       pair.onFrame = (f, t) => {
         if (done || f !== from || t !== type) return undefined
         done = true
-        const [urgent] = pair.links.slice(-2)
-        urgent.on('data', (chunk: Buffer) => {
-          if (chunk[4] === Msg.ERROR) said ??= decodeControl(Msg.ERROR, chunk.subarray(5))
-        })
+        const [urgent, bulk] = pair.links.slice(-2)
+        for (const t of [urgent, bulk]) {
+          t.on('data', (chunk: Buffer) => {
+            if (chunk[4] === Msg.ERROR) said ??= decodeControl(Msg.ERROR, chunk.subarray(5))
+          })
+        }
         urgent.write(Buffer.concat(encodeControl(Msg.SETTLED, {}))) // (a frame no source sends)
         return undefined
       }

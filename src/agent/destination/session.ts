@@ -161,18 +161,23 @@ export abstract class DestinationSession {
     // before the hand-off the source hears why on the other connection (it would only see a reset); after it, the
     // link is recovered on fresh keys, and an ERROR would end the migration instead
     if (this.phase === DestPhase.PRECOPY && isIntegrityFailure(err)) this.link.tell(err)
-    this.linkBroke(err, ch)
+    this.linkBroke(err, isProtocolBreak(err) ? ch : undefined) // (a native reader's refusal: a frame's length out of bounds)
   }
 
   /**
    * The one rule for a broken link (a reset, a stuck source) or a frame that broke the protocol (refused here, or by
    * a native reader): after the hand-off it is recovered (a protocol break within broken-link.ts's budget, and the
-   * source is not told: it sees the link end and dials back), before it fatal to the session. Ending it, the source
-   * hears why on `refusedOn` (unless the connection itself ended: nobody to tell there).
+   * source is not told: it sees the link end and dials back), before it fatal to the session. A refusal that ends it
+   * (`refusedOn`: the connection of a frame or stream this side refused) is told there first, then on every other
+   * connection: on bulk alone, whose reading a native thread owns and closes, it could be lost, and the source dialled
+   * back for its whole recovery window (one of five real-process runs with four changed PAGES headers).
    */
   protected linkBroke(err: Error, refusedOn?: Channel): void {
     if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.protocolBreaks)) return this.startRecovery(err)
-    if ((err as UffdMigrateError).code !== ErrorCode.CONNECTION) refusedOn?.sendError(err)
+    if (refusedOn && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) {
+      refusedOn.sendError(err)
+      this.link.tell(err)
+    }
     this.fail(err)
   }
 
