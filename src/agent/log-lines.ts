@@ -35,7 +35,8 @@ export function destinationLine(m: DestMilestone, regions: RegionSizes[]): strin
         '; nothing moved, listening for the next source'
     case 'settled':
       return `settled: every page is here, ${m.afterResumeMs.toFixed(0)} ms after the service resumed ` +
-        `(${m.networkFaults} fault(s) fetched over the network${m.networkFaults ? `, p99 ${m.p99Us.toFixed(0)} us` : ''}); the guest can move on`
+        `(${m.networkFaults} fault(s) fetched over the network${m.networkFaults ? `, p99 ${m.p99Us.toFixed(0)} us` : ''}` +
+        `${m.recoveries ? `; the link recovered ${m.recoveries}x${m.protocolBreaks ? `, ${m.protocolBreaks} after a malformed frame` : ''}` : ''}); the guest can move on`
   }
 }
 

@@ -24,6 +24,9 @@ describe('destination lines', () => {
     expect(destinationLine({ kind: 'settled', afterResumeMs: 4, networkFaults: 0, p99Us: 0 }, regions)).toBe(
       'settled: every page is here, 4 ms after the service resumed (0 fault(s) fetched over the network); the guest can move on',
     )
+    expect(destinationLine({ kind: 'settled', afterResumeMs: 90, networkFaults: 0, p99Us: 0, recoveries: 2, protocolBreaks: 1 }, regions)).toBe(
+      'settled: every page is here, 90 ms after the service resumed (0 fault(s) fetched over the network; the link recovered 2x, 1 after a malformed frame); the guest can move on',
+    )
   })
 })
 

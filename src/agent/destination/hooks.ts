@@ -21,7 +21,7 @@ export type DestMilestone =
   | { kind: 'began'; peer: string; migration?: string; encrypted?: boolean }
   | { kind: 'resumed'; peer: string; afterHandoffMs: number | undefined; pagesLeft: number }
   | { kind: 'back'; brokenMs: number; pagesLeft: number }
-  | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number }
+  | { kind: 'settled'; afterResumeMs: number; networkFaults: number; p99Us: number; recoveries?: number; protocolBreaks?: number }
   /** A preflight passed here (send --dry-run): nothing moved. */
   | { kind: 'preflight'; peer: string; migration: string; residentBytes: number | undefined; room: Headroom | undefined }
 

@@ -115,6 +115,7 @@ export abstract class DestinationSession {
     this.recovery = new RecoveryWindow(this.clock)
     this.linkTimeoutMs = 0
     this.protocolBreaks = 0
+    this.recoveries = 0
   }
 
   get phase(): DestPhase { return this.machine.phase }
@@ -183,6 +184,8 @@ export abstract class DestinationSession {
 
   /** Frames from the source that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */
   private protocolBreaks = 0
+  /** Times the link broke after the hand-off (the settled line says so). */
+  private recoveries = 0
 
   /** The source's stuck-peer limits (REGIONS, or a takeover's will) for the session's connections and the watchdog. */
   protected applyLimits<L extends StuckLimits>(limits: L): L {
@@ -206,6 +209,7 @@ export abstract class DestinationSession {
   protected startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
     if (isProtocolBreak(err)) this.protocolBreaks++
+    if (!this.recovery.open) this.recoveries++ // (a second break while recovering is the same outage)
     this.link.drop(err)
     this.demand.detach()
     this.bulkPath.detach()
@@ -227,7 +231,7 @@ export abstract class DestinationSession {
     const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs, this.protocolBreaks)
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
-    this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99 })
+    this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99, recoveries: this.recoveries, protocolBreaks: this.protocolBreaks })
     // keep listening a while: if the link broke as SETTLED left, the source dials in again to learn it (onRecover)
     if (this.recovery.timeoutMs > 0) this.clock.setTimeout(() => this.link.stopListening(), this.recovery.timeoutMs)
     else this.link.stopListening()
