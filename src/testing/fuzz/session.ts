@@ -29,10 +29,9 @@ import { authFrame, FUZZ_TOKEN, FuzzLink, helloFrame, nextFrame, writeRaw } from
 import { frameName, type FuzzChannel, type Mutated, type Mutation, mutate, type ScriptFrame } from './mutate'
 import { isRecordMutation, mutateRecords, type RecordMutation } from './records'
 import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
+import { Content, LAYOUT } from './content'
 
 export { FUZZ_TOKEN } from './link'
-/** Pages of each region of a fuzz session. */
-export const LAYOUT = [16, 8]
 
 export interface SessionResult {
   /** Frames written, valid ones included. */
@@ -65,26 +64,6 @@ export interface SessionResult {
   mutatedType?: string
   /** The source side: its agent crashed after the hand-off and a new one took over (MigrationSource.takeOver()). */
   tookOver?: boolean
-}
-
-/** Every page's final content: data (a seeded pattern) or zero. */
-export class Content {
-  readonly zero: boolean[][]
-  readonly changed: boolean[][]
-  constructor(private readonly seed: number, rand: () => number, readonly ps: number) {
-    this.zero = LAYOUT.map((n) => Array.from({ length: n }, () => rand() < 0.25))
-    this.changed = LAYOUT.map((n, r) => Array.from({ length: n }, (_, p) => !this.zero[r][p] && rand() < 0.3))
-  }
-
-  page(region: number, page: number, version: 0 | 1): Buffer {
-    const b = Buffer.alloc(this.ps)
-    for (let i = 0; i < this.ps; i += 4) b.writeUInt32LE((this.seed * 2654435761 + region * 7919 + page * 104729 + version * 31 + i) >>> 0, i)
-    return b
-  }
-
-  final(region: number, page: number): Buffer {
-    return this.zero[region][page] ? Buffer.alloc(this.ps) : this.page(region, page, this.changed[region][page] ? 1 : 0)
-  }
 }
 
 export class FuzzSession {

@@ -36,7 +36,8 @@ import { FakeClock } from '../fake-clock'
 import { Interposer } from './interposer'
 import { FUZZ_TOKEN } from './link'
 import { frameName, type Mutation } from './mutate'
-import { Content, LAYOUT, type SessionResult } from './session'
+import { Content, LAYOUT } from './content'
+import type { SessionResult } from './session'
 import { createWire, type FuzzEnd, until, type Wire, type WireKind } from './wire'
 
 /** Where the destination's service listens when it forwards (a port, and a served server that listens on none). */
