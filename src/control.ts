@@ -63,6 +63,8 @@ export interface ControlledGuest {
   readonly regions: Record<string, { name: string; sizeBytes: number; pagesLeft?: number }>
   /** The dirty-page tracker a migration from here gets, and why. */
   readonly tracker?: string
+  /** A destination recovering a broken link: why it broke. */
+  readonly linkBrokenBy?: string
   readonly moved?: MovedStatus
   migrate(options: MigrateOptions): Promise<MigrationReport>
   preflight(options: MigrateOptions): Promise<PreflightReport>
@@ -198,7 +200,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
       return void s.end()
     }
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, migration: guest.migration, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, migration: guest.migration, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, ...(guest.linkBrokenBy ? { brokenBy: guest.linkBrokenBy } : {}), moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

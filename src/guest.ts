@@ -165,7 +165,7 @@ export class Guest extends EventEmitter {
 
   /**
    * One word for `status`: a migration's phase while one runs (connect, precopy, handoff, postcopy, recovering);
-   * otherwise idle, settling (a destination receiving its memory), settled, moved (it runs elsewhere now), cancelled
+   * otherwise idle, settling (a destination receiving its memory), recovering (one whose link broke: brokenBy), settled, moved (it runs elsewhere now), cancelled
    * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
    */
   get phase(): string {
@@ -173,11 +173,14 @@ export class Guest extends EventEmitter {
     if (this.migrating) return this.lastProgress?.phase ?? 'connect'
     if (this.movedTo) return 'moved'
     if (this.agentEnded) return 'failed'
-    if (this.restored && !this.isSettledFlag) return 'settling'
+    if (this.restored && !this.isSettledFlag) return this.linkBrokenBy && !this.failure ? 'recovering' : 'settling'
     if (this.lastFailure?.code === ErrorCode.CANCELLED) return 'cancelled'
     if (this.lastFailure?.afterHandoff) return 'failed'
     return this.restored ? 'settled' : 'idle'
   }
+
+  /** A destination whose link broke after the hand-off: the agent's line, until the source is back (status: brokenBy). */
+  linkBrokenBy: string | undefined
 
   /** Why the last migration from here did not move the service (status --json: lastError). */
   get lastError(): { code: string; message: string } | undefined {
@@ -330,11 +333,16 @@ export class Guest extends EventEmitter {
       case 'recovering':
         // the link broke during post-copy; faults wait until the source is back
         // the agent logged it (this thread may be blocked in a fault)
+        this.linkBrokenBy = m.message
         this.emit('recovering', m.message)
+        return
+      case 'linkBack':
+        this.linkBrokenBy = undefined
         return
       case 'settled':
         this.agent.dismiss()
         this.isSettledFlag = true
+        this.linkBrokenBy = undefined
         this.waitBatch.endAll()
         this.agent.unref()
         this.emit('settled')

@@ -24,12 +24,12 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
 
   /** Two hosts, the page-store running on A, and this relay towards B's receiver (`to`: its address). */
   async function relayed(name: string, r: Relay, serve = false) {
-    const { A, g, port, http, dst } = await twoHosts(name, serve ? { receiveArgs: ['--serve'] } : {})
+    const { A, B, g, port, http, dst } = await twoHosts(name, serve ? { receiveArgs: ['--serve'] } : {})
     const srcHttp = await freePort()
     const src = A.service(g, srcHttp, serve ? ['--serve'] : [])
     await src.waitLine(/^READY/)
     relay = r
-    return { A, g, port, http, dst, src, srcHttp, to: await r.start('127.0.0.1', port) }
+    return { A, B, g, port, http, dst, src, srcHttp, to: await r.start('127.0.0.1', port) }
   }
 
   /** The next send, straight to the receiver, moves the service: every page verified there, the old home exits 0. */
@@ -157,6 +157,33 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
     // it waits for the old session to go (3 s after its last byte); before, it met ERR_MIGRATION_BUSY and exited 1
     await movesOnNextSend(h)
     expect(h.dst.stderr).toMatch(/a migration ended before the hand-off \(the source looks stuck: nothing arrived from the source for \d+ ms \(linkTimeoutMs 3000\)/)
+    killAll()
+  }, 90_000)
+
+  it('the destination\'s status names a broken link: recovering, and why, until the source is back; then it settles', async () => {
+    // the link goes silent 8 MiB into post-copy's push for 3 s; both sides take it for broken after 1 s
+    const h = await relayed('status-recovering', Object.assign(new Relay(8 * MiB), { silentMs: 3000 }))
+    const send = h.A.cli(['send', '--guest', h.g, '--to', h.to, '--mode', 'postcopy', '--link-timeout-ms', '1000', '--json'])
+    let done = false
+    void send.exited.then(() => (done = true))
+    const phases: { phase: string; brokenBy?: string }[] = []
+    while (!done) {
+      const st = h.B.cli(['status', '--guest', h.g, '--json'])
+      if ((await st.exited).code === 0) phases.push(JSON.parse(st.lines.join('\n')))
+      await new Promise((r) => setTimeout(r, 100))
+    }
+    expect((await send.exited).code, sendFailure(send, h.dst)).toBe(0)
+    expect(JSON.parse(send.lines.join('\n')).postcopy.recoveries).toBeGreaterThanOrEqual(1)
+    // (before: 'settling' throughout, the broken link only in the log)
+    const recovering = phases.filter((p) => p.phase === 'recovering')
+    expect(recovering.length, JSON.stringify(phases.map((p) => p.phase))).toBeGreaterThan(0)
+    expect(recovering[0].brokenBy).toMatch(/^the connection broke during post-copy \(.*\); waiting up to \d+ ms for the source to reconnect$/)
+    expect((await h.dst.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    const after = h.B.cli(['status', '--guest', h.g, '--json'])
+    expect((await after.exited).code).toBe(0)
+    const last = JSON.parse(after.lines.join('\n'))
+    expect(last.phase).toBe('settled')
+    expect(last).not.toHaveProperty('brokenBy')
     killAll()
   }, 90_000)
 

@@ -343,6 +343,7 @@ function incomingMigration(will?: AgentWill) {
     },
     milestone: (m) => {
       log(MILESTONE_EVENTS[m.kind], destinationLine(m, regions))
+      if (m.kind === 'back') post({ type: 'linkBack' })
       if (m.kind !== 'resumed') return
       exitWatch.arm(dest.will()) // now with the resume time
       if (inject === 'agent-crash:postcopy') setTimeout(() => dest.phase !== DestPhase.SETTLED && injectedCrash(inject), 200)

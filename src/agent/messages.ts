@@ -67,6 +67,8 @@ export type AgentToMain =
   | { type: 'ready'; ids: number[] }
   | { type: 'settled' }
   | { type: 'recovering'; message: string }
+  /** The source came back after a break: post-copy goes on (status: settling again). */
+  | { type: 'linkBack' }
   /** cancel() was not taken (nothing runs, or the hand-off is done): why. */
   | { type: 'cancelRefused'; error: { code: string; message: string } }
   /** The limits that hold now (answer to setBandwidth), or why none changed. */
