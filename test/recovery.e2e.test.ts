@@ -161,8 +161,9 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
   }, 90_000)
 
   it('the destination\'s status names a broken link: recovering, and why, until the source is back; then it settles', async () => {
-    // the link goes silent 8 MiB into post-copy's push for 3 s; both sides take it for broken after 1 s
-    const h = await relayed('status-recovering', Object.assign(new Relay(8 * MiB), { silentMs: 3000 }))
+    // the link goes silent 8 MiB into post-copy's push for 5 s; both sides take it for broken after 1 s (status,
+    // polled, has ~4 s to see it even on a loaded machine, where each `status` process takes a while to start)
+    const h = await relayed('status-recovering', Object.assign(new Relay(8 * MiB), { silentMs: 5000 }))
     const send = h.A.cli(['send', '--guest', h.g, '--to', h.to, '--mode', 'postcopy', '--link-timeout-ms', '1000', '--json'])
     let done = false
     void send.exited.then(() => (done = true))
