@@ -165,8 +165,9 @@ export class Guest extends EventEmitter {
 
   /**
    * One word for `status`: a migration's phase while one runs (connect, precopy, handoff, postcopy, recovering);
-   * otherwise idle, settling (a destination receiving its memory), recovering (one whose link broke: brokenBy), settled, moved (it runs elsewhere now), cancelled
-   * (the last migration was cancelled; the service runs here), or failed (a migration failed after its hand-off).
+   * otherwise idle, settling (a destination receiving its memory), recovering (one whose link broke: linkBrokenBy),
+   * settled, moved (it runs elsewhere now), cancelled (the last migration was cancelled; the service runs here), or
+   * failed (a migration failed after its hand-off).
    */
   get phase(): string {
     if (this.failure) return 'failed'
@@ -180,7 +181,11 @@ export class Guest extends EventEmitter {
   }
 
   /** A destination whose link broke after the hand-off: the agent's line, until the source is back (status: brokenBy). */
-  linkBrokenBy: string | undefined
+  get linkBrokenBy(): string | undefined {
+    return this.brokenBy
+  }
+
+  private brokenBy: string | undefined
 
   /** Why the last migration from here did not move the service (status --json: lastError). */
   get lastError(): { code: string; message: string } | undefined {
@@ -333,16 +338,16 @@ export class Guest extends EventEmitter {
       case 'recovering':
         // the link broke during post-copy; faults wait until the source is back
         // the agent logged it (this thread may be blocked in a fault)
-        this.linkBrokenBy = m.message
+        this.brokenBy = m.message
         this.emit('recovering', m.message)
         return
       case 'linkBack':
-        this.linkBrokenBy = undefined
+        this.brokenBy = undefined
         return
       case 'settled':
         this.agent.dismiss()
         this.isSettledFlag = true
-        this.linkBrokenBy = undefined
+        this.brokenBy = undefined
         this.waitBatch.endAll()
         this.agent.unref()
         this.emit('settled')
