@@ -7,6 +7,7 @@
  * deadline and what the destination tells a returning source.
  */
 import { ErrorCode, migrationError } from '../../errors'
+import { brokenLinkCause, isProtocolBreak } from '../broken-link'
 import type { Clock, TimerHandle } from '../clock'
 
 export class RecoveryWindow {
@@ -16,6 +17,10 @@ export class RecoveryWindow {
   timeoutMs = 0
   /** When the service resumed here (repeated in RECOVER_STATE: a RESUMED may be lost in a break). */
   resumedAtMs: number | undefined
+  /** Outages of the link after the hand-off (a break while recovering is the same one): the settled line says so. */
+  outages = 0
+  /** Of the breaks, frames from the source that broke the protocol, each recovered (broken-link.ts's budget). */
+  protocolBreaks = 0
   /** The SETTLED report, kept for a source that lost it in a break. */
   settledReport: Record<string, unknown> | undefined
 
@@ -25,10 +30,13 @@ export class RecoveryWindow {
     return this.timer !== undefined
   }
 
-  /** A break: the operator's line, and the deadline once (a second break while recovering keeps the first deadline). */
-  begin(err: Error, why: string, say: (line: string) => void, expired: (err: Error) => void): void {
+  /** A break: counted, the operator's line, and the deadline once (a second break while recovering keeps the first deadline). */
+  begin(err: Error, say: (line: string) => void, expired: (err: Error) => void): void {
+    if (isProtocolBreak(err)) this.protocolBreaks++
+    const why = brokenLinkCause(err, this.protocolBreaks)
     if (this.open) return say(`the connection broke again while recovering (${why}); the first break's deadline holds`)
     say(`the connection broke during post-copy (${why}); waiting up to ${this.timeoutMs} ms for the source to reconnect`)
+    this.outages++
     this.brokenAtMs = this.clock.now()
     this.timer = this.clock.setTimeout(() => {
       this.timer = undefined

@@ -7,7 +7,7 @@ import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
 import { ErrorCode, type UffdMigrateError } from '../../errors'
 import { isIntegrityFailure } from '../../protocol/records'
-import { breaksLinkOnly, brokenLinkCause, isProtocolBreak } from '../broken-link'
+import { breaksLinkOnly, isProtocolBreak } from '../broken-link'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { ChannelRole } from '../../protocol/handshake'
@@ -114,8 +114,6 @@ export abstract class DestinationSession {
     })
     this.recovery = new RecoveryWindow(this.clock)
     this.linkTimeoutMs = 0
-    this.protocolBreaks = 0
-    this.recoveries = 0
   }
 
   get phase(): DestPhase { return this.machine.phase }
@@ -174,18 +172,13 @@ export abstract class DestinationSession {
    * back for its whole recovery window (one of five real-process runs with four changed PAGES headers).
    */
   protected linkBroke(err: Error, refusedOn?: Channel): void {
-    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.protocolBreaks)) return this.startRecovery(err)
+    if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.recovery.protocolBreaks)) return this.startRecovery(err)
     if (refusedOn && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) {
       refusedOn.sendError(err)
       this.link.tell(err)
     }
     this.fail(err)
   }
-
-  /** Frames from the source that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */
-  private protocolBreaks = 0
-  /** Times the link broke after the hand-off (the settled line says so). */
-  private recoveries = 0
 
   /** The source's stuck-peer limits (REGIONS, or a takeover's will) for the session's connections and the watchdog. */
   protected applyLimits<L extends StuckLimits>(limits: L): L {
@@ -208,13 +201,11 @@ export abstract class DestinationSession {
 
   protected startRecovery(err: Error): void {
     if (this.phase === DestPhase.POSTCOPY) this.machine.transition(DestPhase.RECOVERING)
-    if (isProtocolBreak(err)) this.protocolBreaks++
-    if (!this.recovery.open) this.recoveries++ // (a second break while recovering is the same outage)
     this.link.drop(err)
     this.demand.detach()
     this.bulkPath.detach()
     this.gate.reset()
-    this.recovery.begin(err, brokenLinkCause(err, this.protocolBreaks), (line) => this.hooks.recovering?.(line), (e) => this.fail(e))
+    this.recovery.begin(err, (line) => this.hooks.recovering?.(line), (e) => this.fail(e))
   }
 
   // ---- settled and failed ------------------------------------------------------
@@ -228,10 +219,10 @@ export abstract class DestinationSession {
     this.closeUffd()
     this.requests.releaseAll()
     const cpuMs = this.cpuAtRegionsMs !== undefined ? this.binding.threadCpuMs!() - this.cpuAtRegionsMs + this.demand.cpuMs + this.bulkPath.cpuMs : undefined
-    const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs, this.protocolBreaks)
+    const report = settledReport(this.requests, this.placement, this.bulkPath.active, cpuMs, this.recovery.protocolBreaks)
     this.recovery.settledReport = report
     this.link.bulk?.send(encodeControl(Msg.SETTLED, report))
-    this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99, recoveries: this.recoveries, protocolBreaks: this.protocolBreaks })
+    this.hooks.milestone?.({ kind: 'settled', afterResumeMs: this.clock.now() - this.recovery.resumedAtMs, networkFaults: this.requests.stats.networkFaults, p99Us: this.requests.latencyReport().faultLatencyUs.p99, recoveries: this.recovery.outages, protocolBreaks: this.recovery.protocolBreaks })
     // keep listening a while: if the link broke as SETTLED left, the source dials in again to learn it (onRecover)
     if (this.recovery.timeoutMs > 0) this.clock.setTimeout(() => this.link.stopListening(), this.recovery.timeoutMs)
     else this.link.stopListening()
