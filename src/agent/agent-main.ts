@@ -57,6 +57,7 @@ const errorOut = (err: unknown) => ({
   message: (err as Error).message,
   code: (err as UffdMigrateError).code ?? ErrorCode.GENERIC,
   ...((err as { afterHandoff?: boolean }).afterHandoff ? { afterHandoff: true } : {}),
+  ...((err as { runsOn?: 'unknown' }).runsOn ? { runsOn: 'unknown' as const } : {}),
 })
 const errorIn = (e: { code: string; message: string }) => new UffdMigrateError(e.message, e.code)
 

@@ -49,7 +49,7 @@ export type AgentToMain =
   | { type: 'progress'; progress: Progress }
   | { type: 'report'; report: MigrationReport }
   /** afterHandoff: the source's migration failed once the service ran on the destination. */
-  /** runsOn 'unknown': nobody here can tell whether the service runs on the destination (a second agent crash with it paused). */
+  /** runsOn 'unknown': nobody here can tell whether the service runs on the destination (a second agent crash with it paused, or HANDOFF never confirmed). */
   | { type: 'failed'; error: { code: string; message: string; afterHandoff?: boolean; runsOn?: 'unknown' } }
   /** receive mode: a session ended before the hand-off; the guest waits for the next source. */
   | { type: 'sessionEnded' }

@@ -5,15 +5,16 @@
  */
 import { DEST_MESSAGES, DEST_TRANSITIONS } from './destination/machine'
 import { type MessageTable, msgName } from './message-table'
+import { FATE_TRANSITIONS } from './source/handoff-fate'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS } from './source/machine'
 import type { TransitionTable } from './state-machine'
 
 export const TABLES_BEGIN = '<!-- state tables: generated from src/agent/*/machine.ts by `npm run docs:protocol`; do not edit -->'
 export const TABLES_END = '<!-- end of state tables -->'
 
-function transitions<P extends string>(t: TransitionTable<P>): string {
+function transitions<P extends string>(t: TransitionTable<P>, what = 'phase'): string {
   const rows = (Object.keys(t) as P[]).map((p) => `| ${p} | ${t[p].length ? t[p].join(', ') : '(final)'} |`)
-  return ['| phase | may go to |', '|---|---|', ...rows].join('\n')
+  return [`| ${what} | may go to |`, '|---|---|', ...rows].join('\n')
 }
 
 function messages<P extends string, C>(t: MessageTable<P, C>, phases: TransitionTable<P>): string {
@@ -31,6 +32,9 @@ export function renderProtocolTables(): string {
     TABLES_BEGIN,
     '### Source: phases',
     transitions(SOURCE_TRANSITIONS),
+    '',
+    '### Source: where the service runs (the hand-off\'s fate, src/agent/source/handoff-fate.ts)',
+    transitions(FATE_TRANSITIONS, 'fate'),
     '',
     '### Source: messages it accepts',
     messages(SOURCE_MESSAGES, SOURCE_TRANSITIONS),

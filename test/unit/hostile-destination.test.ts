@@ -285,4 +285,20 @@ describe('a destination that breaks the protocol', () => {
     // ERROR told on urgent reached the destination before HANDOFF on bulk and it ended its session)
     expect({ restored, resumed }).toEqual(restored ? { restored: true, resumed: 0 } : { restored: false, resumed: 1 })
   }, 20_000)
+
+  it('an ERROR saying the service did not start there, after RESUMED said it runs there: the source does not resume it too, it keeps its memory', async () => {
+    const pair = filledPair(16)
+    const contradicted = onFirst(pair, 'destination', Msg.RESUMED, (_urgent, bulk) => {
+      setImmediate(() => bulk.peer.write(Buffer.concat(encodeControl(Msg.ERROR, { code: 'ERR_MIGRATION_HANDOFF', message: 'could not restore', serviceStarted: false }))))
+      return undefined
+    })
+    const { source, report } = startSource(pair, { mode: 'postcopy' })
+    const err = await orHang(failure(report))
+    expect(contradicted.fired).toBe(true)
+    expect(pair.events).toContain('restore')
+    // (before: the ERROR moved the source to resume its service as well: it ran on both hosts)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_HANDOFF', afterHandoff: true, message: expect.stringMatching(/the source keeps its memory until the destination settles\)$/) })
+    expect(pair.resumedOnSource).toBe(0)
+    expect(source.fate.state).toBe('there')
+  }, 20_000)
 })

@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest'
 import { DEST_MESSAGES, DEST_TRANSITIONS, DestPhase } from '../../src/agent/destination/machine'
 import { route, type MessageTable } from '../../src/agent/message-table'
 import { renderProtocolTables, TABLES_BEGIN, TABLES_END } from '../../src/agent/protocol-tables'
+import { Fate, FATE_TRANSITIONS } from '../../src/agent/source/handoff-fate'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase } from '../../src/agent/source/machine'
 import { StateMachine } from '../../src/agent/state-machine'
 import { ErrorCode, UffdMigrateError } from '../../src/errors'
@@ -28,7 +29,7 @@ function codeOf(fn: () => unknown): string | undefined {
 
 describe('transition tables', () => {
   it('transition() takes the listed steps and refuses the rest with ERR_AGENT', () => {
-    for (const [table, phases] of [[SOURCE_TRANSITIONS, Object.values(SourcePhase)], [DEST_TRANSITIONS, Object.values(DestPhase)]] as const) {
+    for (const [table, phases] of [[SOURCE_TRANSITIONS, Object.values(SourcePhase)], [DEST_TRANSITIONS, Object.values(DestPhase)], [FATE_TRANSITIONS, Object.values(Fate)]] as const) {
       for (const from of phases) {
         for (const to of phases) {
           const m = new StateMachine<string>('t', table as Record<string, readonly string[]>, from)

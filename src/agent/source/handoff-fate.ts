@@ -3,7 +3,7 @@
  * service) or ERR_MIGRATION_NO_SESSION (it never took the hand-off). One loop for both askers:
  * - post-copy recovery after a broken link, and a new agent's takeover (postcopy.ts's dialBack);
  * - the source's own failure between HANDOFF and RESUMED (a bug; nothing the link or the destination said),
- *   handoffArrived() below. Ending there, as before, told the destination ERROR on urgent, which (or urgent's end)
+ *   askFate() below. Ending there, as before, told the destination ERROR on urgent, which (or urgent's end)
  *   could reach it before HANDOFF on bulk: it ended its session in pre-copy while this side, committed, kept the
  *   service paused, and the service ran nowhere. So this side tells nothing on the old link and asks on a new one.
  *   RECOVER_STATE: it runs the service, which cannot get its pages now; it hears why here, and fails at once.
@@ -11,7 +11,79 @@
  */
 import { ErrorCode, type UffdMigrateError } from '../../errors'
 import { type Clock, sleep } from '../clock'
+import { StateMachine, type TransitionTable } from '../state-machine'
 import { askRecoverState, type SourceLink } from './link'
+
+/** Where the service runs, as far as the source knows: its second state machine, beside the phases (machine.ts). */
+export enum Fate {
+  /** HANDOFF is not on the wire: the service runs here, or is paused here and resumes here on a failure. */
+  HERE = 'here',
+  /** HANDOFF is on the wire and the destination has not said whether it took it: the service may run there. */
+  UNKNOWN = 'unknown',
+  /** The destination said it runs the service: RESUMED, or a recovery's answer. */
+  THERE = 'there',
+  /** The destination said the service does not run there (NO_SESSION, or it could not restore HANDOFF): it resumes here. */
+  BACK = 'back',
+}
+
+export const FATE_TRANSITIONS: TransitionTable<Fate> = {
+  // unknown from the start: a new agent taking over a migration whose agent crashed with the service paused
+  [Fate.HERE]: [Fate.UNKNOWN],
+  [Fate.UNKNOWN]: [Fate.THERE, Fate.BACK],
+  // NO_SESSION after RESUMED: the receiver restarted, and the service it ran ended with it
+  [Fate.THERE]: [Fate.BACK],
+  [Fate.BACK]: [],
+}
+
+/**
+ * The hand-off's fate, asked in one place by every rule that depends on it: whether a broken link or a malformed
+ * frame is recovered (Postcopy.recoverable) and told to the destination (Channel.tellsRefusal), whether a failure of
+ * this side's own asks the destination first (needsAsking), whether the service resumes here (runsHere) or the source
+ * keeps its memory (mayRunThere), whether a cancel is refused.
+ */
+export class HandoffFate {
+  private readonly machine = new StateMachine('source hand-off', FATE_TRANSITIONS, Fate.HERE)
+  /** A redial window ran out without an answer: asking again would only repeat it. */
+  private unanswered = false
+
+  get state(): Fate { return this.machine.phase }
+
+  is(...states: Fate[]): boolean { return this.machine.is(...states) }
+
+  /** HANDOFF is on the wire (or a new agent takes over a migration whose HANDOFF may be). */
+  handedOff(): void { this.machine.transition(Fate.UNKNOWN) }
+
+  /** The destination said it runs the service. */
+  arrived(): void {
+    if (this.is(Fate.UNKNOWN)) this.machine.transition(Fate.THERE)
+  }
+
+  /**
+   * The destination's ERROR says the service did not start there (it could not restore HANDOFF, or gave up before
+   * the hand-off took effect). Once it said it runs the service, such an ERROR contradicts it: the service may run
+   * there, and resuming it here too would run it twice; the source keeps its memory instead.
+   */
+  refused(): void {
+    if (this.is(Fate.UNKNOWN)) this.machine.transition(Fate.BACK)
+  }
+
+  /** The destination answered a recovery with NO_SESSION: it holds no session of this migration. */
+  lost(): void {
+    if (this.is(Fate.UNKNOWN, Fate.THERE)) this.machine.transition(Fate.BACK)
+  }
+
+  /** Asking ran for a whole redial window without an answer. */
+  askedInVain(): void { this.unanswered = true }
+
+  /** The service may run on the destination: the source keeps its memory (its pages' only copy) and refuses a cancel. */
+  get mayRunThere(): boolean { return this.is(Fate.UNKNOWN, Fate.THERE) }
+
+  /** On a failure the service resumes here. */
+  get runsHere(): boolean { return this.is(Fate.HERE, Fate.BACK) }
+
+  /** A failure of this side's own, before the destination said anything: ask it (askFate) before deciding. */
+  get needsAsking(): boolean { return this.is(Fate.UNKNOWN) && !this.unanswered }
+}
 
 /**
  * A failure of one redial that another may not meet: the link's (a reset, a refused connect), a deadline of the new
@@ -65,15 +137,16 @@ export async function askAgain<T>(o: Redial, answered: (link: SourceLink, state:
   throw last
 }
 
-/** True unless the destination said it never took the hand-off (NO_SESSION); asks for up to forMs. */
-export async function handoffArrived(o: Redial): Promise<boolean> {
+/** Asks for up to forMs whether the destination took the hand-off, and records its answer (or none) in fate. */
+export async function askFate(o: Redial, fate: HandoffFate): Promise<void> {
   try {
-    return await askAgain(o, (link) => {
+    await askAgain(o, (link) => {
       link.tell(o.cause) // it runs the service, which cannot get its pages now: it fails at once, not after its window
       link.close()
-      return true
     })
+    fate.arrived()
   } catch (err) {
-    return (err as UffdMigrateError).code !== ErrorCode.NO_SESSION
+    if ((err as UffdMigrateError).code === ErrorCode.NO_SESSION) fate.lost()
+    else fate.askedInVain()
   }
 }

@@ -25,7 +25,7 @@ import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
 import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
-import { handoffArrived } from './handoff-fate'
+import { askFate, Fate, HandoffFate } from './handoff-fate'
 import { Postcopy, TAKEOVER_ASK_MS } from './postcopy'
 import { runPrecopy } from './precopy'
 import { regionsMessage, residentBytes } from './region-table'
@@ -57,12 +57,10 @@ export class MigrationSource implements SourceHandlers {
   private progressTimer: unknown
   private readonly rate = new RateWindow()
   failure: Error | undefined
-  /** HANDOFF is on the wire: the service may run on the destination now. */
-  private committed = false
+  /** Where the service runs: here until HANDOFF is on the wire, then as the destination says (handoff-fate.ts). */
+  readonly fate = new HandoffFate()
   /** A new agent's takeOver(): until the destination answers, nobody here knows whether the hand-off arrived. */
   private takingOver = false
-  /** The destination said it could not restore the hand-off: the service did not start there. */
-  private handoffRefused = false
   /** Rejects when cancel() is taken: every wait before the hand-off races it. */
   private readonly cancelled: Promise<never>
   private cancelWith!: (err: Error) => void
@@ -96,9 +94,9 @@ export class MigrationSource implements SourceHandlers {
       },
       reconnect: async () => (this.current = this.writeNatively(await SourceLink.open(this.binding, this.linkOptions, this.session))),
       recovering: () => this.machine.transition(SourcePhase.RECOVERING),
+      fate: this.fate,
       handoffLost: (err) => {
         this.failure = err
-        this.handoffRefused = true
       },
       resumeLink: () => {
         this.machine.transition(SourcePhase.POSTCOPY)
@@ -139,10 +137,10 @@ export class MigrationSource implements SourceHandlers {
    * was refused, or undefined when taken.
    */
   cancel(): UffdMigrateError | undefined {
-    if (this.takingOver && !this.handoffRefused && this.machine.is(SourcePhase.RECOVERING)) {
+    if (this.takingOver && this.fate.is(Fate.UNKNOWN) && this.machine.is(SourcePhase.RECOVERING)) {
       return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: a new migration agent is asking ${this.opts.to} whether the hand-off arrived (the last one crashed); if it did not, the service resumes here`)
     }
-    if (this.committed) {
+    if (!this.fate.is(Fate.HERE)) {
       return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the hand-off is done and the service already runs on the destination (${this.opts.to}); the source keeps its memory until the destination settles`)
     }
     if (this.machine.is(SourcePhase.FAILED, SourcePhase.SETTLED)) return migrationError(ErrorCode.CANCEL_REFUSED, `cannot cancel: the migration already ended (${this.phase})`)
@@ -172,7 +170,7 @@ export class MigrationSource implements SourceHandlers {
     this.streamsUsed = granted
     // a stream that breaks before the hand-off breaks the migration, like bulk; the destination closes them at HANDOFF
     // (this side must not close them first: a stream that ends before HANDOFF is read there ends the session)
-    for (const ch of extra) ch.onClose((err) => link.streams.includes(ch) && !this.committed && this.cancelWith(this.failure ?? err))
+    for (const ch of extra) ch.onClose((err) => link.streams.includes(ch) && this.fate.is(Fate.HERE) && this.cancelWith(this.failure ?? err))
   }
 
   /** The link's bulk connection is written by the native writer from now on, where the addon has it. */
@@ -235,7 +233,7 @@ export class MigrationSource implements SourceHandlers {
         marks,
         commit: (d, missing) => {
           if (this.failure) throw this.failure // cancelled or broken while the last pages went: no hand-off
-          this.committed = true
+          this.fate.handedOff()
           discarded = d
           missingAtHandoff = missing
           this.machine.transition(SourcePhase.POSTCOPY)
@@ -245,7 +243,7 @@ export class MigrationSource implements SourceHandlers {
         },
       }, state, prep, rounds), failed])
       await handedOff.catch((err: UffdMigrateError) => {
-        if (!this.committed || this.failure || !this.postcopy.recoverable(err)) throw err
+        if (this.failure || !this.postcopy.recoverable(err)) throw err
       })
       // HANDOFF is out: deciding what to push next is background work from now on
       if (this.opts.mode !== 'precopy') this.hooks.postcopy?.()
@@ -268,7 +266,7 @@ export class MigrationSource implements SourceHandlers {
       clearInterval(this.progressTimer as NodeJS.Timeout)
       // a hand-off the destination never got (or refused): the service runs here again, and its next migration
       // registers the regions anew (a tracker kept for the exit made that fail with EBUSY: found by the soak)
-      this.tracking.close(this.committed && !this.handoffRefused)
+      this.tracking.close(this.fate.mayRunThere)
     }
   }
 
@@ -279,7 +277,7 @@ export class MigrationSource implements SourceHandlers {
    * means HANDOFF never arrived, and the service resumes here. startedAtMs, stoppedAtMs: the service's thread's clock.
    */
   async takeOver(crash: { phase: string; message: string; startedAtMs: number; stoppedAtMs?: number }): Promise<MigrationReport> {
-    this.committed = true // until the destination says that it never got HANDOFF (handoffLost)
+    this.fate.handedOff() // until the destination says whether it got HANDOFF
     this.takingOver = true
     this.machine.transition(SourcePhase.RECOVERING)
     this.progressTimer = setInterval(() => this.emitProgress(), 200)
@@ -312,23 +310,25 @@ export class MigrationSource implements SourceHandlers {
     this.sender.stopDemand()
     const cancelled = (this.failure as UffdMigrateError).code === ErrorCode.CANCELLED
     // HANDOFF went, RESUMED did not come, nobody answered: whether the service runs there is asked (handoff-fate.ts)
-    if (this.committed && !this.handoffRefused && !this.postcopy.handoffKnown && !(err as UffdMigrateError).fromPeer) {
+    if (this.fate.needsAsking && !(err as UffdMigrateError).fromPeer) {
       this.current?.close()
-      this.handoffRefused = !(await handoffArrived({ open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS), cause: err }))
+      await askFate({ open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS), cause: err }, this.fate)
     } else if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err) // (after the hand-off it fails at once, no recovery to wait for)
     if (!cancelled) this.current?.close()
     if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
     // HANDOFF on the wire: the destination may run the service already; resuming here too would run it twice, unless it said it did not
-    if (paused && (!this.committed || this.handoffRefused)) {
+    if (paused && this.fate.runsHere) {
       // a cancel while pause() runs: let it finish first, so that resume() comes after it
       if (pausing) await pausing.catch(() => {})
       this.hooks.resume()
-      if (this.handoffRefused) err.message += ' (the service resumed on the source)'
-    } else if (this.committed) {
+      if (this.fate.is(Fate.BACK)) err.message += ' (the service resumed on the source)'
+    } else if (this.fate.mayRunThere) {
       // The destination runs the service now: our copy is its only backing
       // store for the pages it lacks. Keep it; recovery is the caller's call.
-      err.message += ' (after the hand-off: the source keeps its memory until the destination settles)'
-      ;(err as { afterHandoff?: boolean }).afterHandoff = true
+      // (unknown: the destination never said whether it took HANDOFF, and asking it ran out: its operator's status says)
+      const unconfirmed = this.fate.is(Fate.UNKNOWN)
+      err.message += ` (after the hand-off${unconfirmed ? ', which the destination never confirmed: the service may run there' : ''}: the source keeps its memory until the destination settles)`
+      Object.assign(err, { afterHandoff: true }, unconfirmed ? { runsOn: 'unknown' } : {})
     }
     if (cancelled) await this.current?.closeAfterPeer(CANCEL_HANGUP_WAIT_MS)
     return err
@@ -347,7 +347,7 @@ export class MigrationSource implements SourceHandlers {
     // between HANDOFF and RESUMED a frame that breaks the protocol is a broken link (recovery asks whether the hand-off
     // arrived), and after it within broken-link.ts's budget: the destination is not told, so that it recovers with
     // this side instead of failing with the service it runs
-    for (const ch of [urgent, bulk]) ch.tellsRefusal = (err) => !(this.committed && this.postcopy.recoverable(err))
+    for (const ch of [urgent, bulk]) ch.tellsRefusal = (err) => !this.postcopy.recoverable(err)
     urgent.onFrame((f) => this.onFrame(urgent, 'urgent', f))
     bulk.onFrame((f) => this.onFrame(bulk, 'bulk', f))
     const failed = new Promise<never>((_, reject) => {
@@ -377,7 +377,7 @@ export class MigrationSource implements SourceHandlers {
     this.failure = err
     // only a destination that did not resume the service may have it resume here: it could not restore the state, or
     // it gave up before the hand-off took effect there (its ERROR crossed the HANDOFF this side had just sent)
-    if ((err.code === ErrorCode.HANDOFF || err.serviceStarted === false) && this.committed) this.handoffRefused = true
+    if (err.code === ErrorCode.HANDOFF || err.serviceStarted === false) this.fate.refused()
     this.postcopy.onPeerFailure(err)
     throw err
   }

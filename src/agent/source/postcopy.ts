@@ -19,7 +19,7 @@ import type { PrepagingOptions } from '../prepaging'
 import { createPushPolicy } from '../prepaging'
 import type { PushPolicy, PushRun } from '../push-policy'
 import type { Sender } from './sender'
-import { askAgain } from './handoff-fate'
+import { askAgain, Fate, type HandoffFate } from './handoff-fate'
 import { breaksLinkOnly, brokenLinkCause, isProtocolBreak } from '../broken-link'
 import { LAST_WORDS_MS, type SourceLink } from './link'
 
@@ -42,7 +42,9 @@ export interface PostcopyHost {
   recovering(): void
   /** The new link is usable: phase postcopy again, frames routed; rejects when it breaks. */
   resumeLink(): Promise<never>
-  /** The destination never got the hand-off: the service does not run there. */
+  /** Where the service runs (the destination's answers here move it). */
+  readonly fate: HandoffFate
+  /** The destination holds no session of this migration (NO_SESSION): err is the migration's failure. */
   handoffLost(err: Error): void
 }
 
@@ -133,12 +135,8 @@ export class Postcopy {
 
   private onResumeTime(t: number): void {
     this.resumed = true
+    this.host.fate.arrived()
     this.resumedResolve(t)
-  }
-
-  /** The destination said it took the hand-off: RESUMED, or any recovery's answer (or this side already asked). */
-  get handoffKnown(): boolean {
-    return this.resumed || this.recoveries > 0
   }
 
   /**
@@ -176,7 +174,8 @@ export class Postcopy {
    * there on our pages, and a buggy destination that repeats itself ends the migration at the fourth.
    */
   recoverable(err: Error): boolean {
-    return breaksLinkOnly(err, this.handoffKnown ? this.protocolBreaks : 0)
+    const fate = this.host.fate
+    return fate.mayRunThere && breaksLinkOnly(err, fate.is(Fate.THERE) ? this.protocolBreaks : 0)
   }
 
   /** Frames from the destination that broke the protocol after the hand-off, each recovered (broken-link.ts's budget). */
@@ -317,6 +316,7 @@ export class Postcopy {
   private async dialBack(cause: Error, timeoutMs: number): Promise<{ failed: Promise<never>; settled?: Record<string, unknown> }> {
     try {
       return await askAgain({ open: () => this.host.reconnect(), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: timeoutMs, cause }, (link, m, askedAt) => {
+        this.host.fate.arrived()
         // one clock sample (the takeover's report has no other): the destination's clock when it answered
         if (typeof m.atMs === 'number') this.recoverClock = { offsetMs: m.atMs - (askedAt + this.clock.now()) / 2, rttMs: this.clock.now() - askedAt }
         if (typeof m.resumedAtMs === 'number') this.onResumeTime(m.resumedAtMs)
@@ -330,8 +330,10 @@ export class Postcopy {
       })
     } catch (err) {
       if ((err as UffdMigrateError).code !== ErrorCode.NO_SESSION) {
+        this.host.fate.askedInVain()
         throw migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy (${cause.message}) and could not be re-established within ${timeoutMs} ms: ${(err as Error).message}`)
       }
+      this.host.fate.lost()
       this.host.handoffLost(err as Error)
       throw err
     }
