@@ -174,8 +174,7 @@ function linkFault(text) {
 /** A relay for one hop's sends that breaks the link once, as `fault` says (a random point: within the hop's bytes). */
 function relayFor(fault, seed) {
   const at = fault.frame ? Infinity : Math.floor(((seed % 1000) / 1000) * 1.1 * mib * 1024 * 1024)
-  const r = new Relay(fault.kind === 'none' || fault.kind === 'corrupt' ? Infinity : at)
-  if (fault.kind === 'corrupt') r.corruptFrame = { after: [Msg.HANDOFF], type: Msg.PAGES, offset: 5 /* the region index's top byte */ }
+  const r = fault.kind === 'corrupt' ? Relay.corruptingPagesHeaders() : new Relay(fault.kind === 'none' ? Infinity : at)
   r.oneSided = fault.kind === 'one-sided'
   r.silentMs = fault.silentMs
   if (fault.frame && fault.kind !== 'none') r.onFrame = { ...fault.frame, toDestination: undefined }

@@ -63,10 +63,9 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
 
   it('bytes changed on a plaintext link after the hand-off (a PAGES header TCP\'s checksum missed, on the first link and on the recovered one): the destination takes each for a broken link, both recover, and every page arrives', async () => {
     // (before: ERR_MIGRATION_PROTOCOL ended the migration there, the service that ran on it lost with its missing pages)
-    relay = new Relay(Infinity)
     // the first PAGES after HANDOFF, and the first on the link after the recovery's RECOVER (the native reader's path
     // after a refused frame, twice)
-    relay.corruptFrame = { after: [24 /* HANDOFF */, 36 /* RECOVER */], type: 20 /* PAGES */, offset: 5 /* the region index's top byte */, times: 2 }
+    relay = Relay.corruptingPagesHeaders(2)
     const plaintext = { UFFD_MIGRATE_ENCRYPT: '0' } // (sealed, the record fails its tag instead: test/encryption.e2e)
     const r = await migrateExample({
       example: 'scan-service', sizeMiB: 256, mode: 'postcopy', serviceArgs: ['--ws-mib', '0'], sourceEnv: plaintext, destEnv: plaintext,
@@ -84,8 +83,7 @@ describe.skipIf(skip)('post-copy recovery after the link breaks', () => {
   }, 60_000)
 
   it('a fourth changed header in one migration ends it: the destination fails and says why on every connection, and the source hears it at once', async () => {
-    relay = new Relay(Infinity)
-    relay.corruptFrame = { after: [24 /* HANDOFF */, 36 /* RECOVER */], type: 20 /* PAGES */, offset: 5, times: 4 }
+    relay = Relay.corruptingPagesHeaders(4)
     const plaintext = { UFFD_MIGRATE_ENCRYPT: '0' }
     const r = await migrateExample({
       example: 'scan-service', sizeMiB: 256, mode: 'postcopy', serviceArgs: ['--ws-mib', '0'], sourceEnv: plaintext, destEnv: plaintext,

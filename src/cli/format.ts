@@ -25,7 +25,9 @@ export function progressLine(p: Progress): string {
   const done = p.totalPages ? Math.floor((1 - p.pagesLeft / p.totalPages) * 1000) / 10 : 0
   const round = p.phase === 'precopy' ? ` round ${p.round}${p.tracker ? ` (${p.tracker})` : ''}` : ''
   const limit = p.limitBytesPerSec ? ` (limit ${bytes(p.limitBytesPerSec)}/s)` : ''
-  const why = p.brokenBy ? `  (${p.brokenBy})` : ''
+  // (recovering before the destination said whether it took HANDOFF: the operator's first question is where it runs)
+  const unconfirmed = p.phase === 'recovering' && p.serviceRunsOn === 'unknown' ? '; the hand-off is not confirmed yet: asking the destination whether the service runs there' : ''
+  const why = p.brokenBy || unconfirmed ? `  (${p.brokenBy ?? ''}${unconfirmed})` : ''
   return `${p.phase}${round}  sent ${bytes(p.bytesSent)}  ${bytes(p.bytesPerSec)}/s${limit}  pages left ${p.pagesLeft} (${done.toFixed(1)}% local)${why}`
 }
 

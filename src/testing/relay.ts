@@ -11,6 +11,7 @@
  */
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { FrameWalk, FrameWatch, SourceHello, type WatchContext } from './relay-frames'
+import { Msg } from '../protocol/messages'
 
 /** Break the link when a frame of this type passes: `toDestination` or back (undefined: either way); `lose`: before it (it never arrives). */
 export interface FrameCue {
@@ -86,6 +87,17 @@ export class Relay {
   static slow(bytesPerSec: number): Relay {
     const r = new Relay(Infinity)
     r.rateBytesPerSec = bytesPerSec
+    return r
+  }
+
+  /**
+   * A relay that never cuts and changes the region index of the first PAGES header after HANDOFF (its top byte: an
+   * index past the table), and after each recovery's RECOVER, `times` times in all: what a plaintext link's TCP
+   * checksum can miss, which both sides must take for a broken link after the hand-off (the soak's `corrupt`, recovery.e2e).
+   */
+  static corruptingPagesHeaders(times = 1): Relay {
+    const r = new Relay(Infinity)
+    r.corruptFrame = { after: [Msg.HANDOFF, Msg.RECOVER], type: Msg.PAGES, offset: 5, times }
     return r
   }
 

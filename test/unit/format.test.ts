@@ -18,6 +18,14 @@ describe('progress line', () => {
     expect(progressLine({ ...base, phase: SourcePhase.RECOVERING, brokenBy: 'the destination looks stuck: nothing arrived from it for 2000 ms' }))
       .toBe('recovering  sent 3.0 GiB  64.0 MiB/s  pages left 1 (99.9% local)  (the destination looks stuck: nothing arrived from it for 2000 ms)')
   })
+
+  it('recovering before the destination confirmed the hand-off: the line says that where the service runs is being asked', () => {
+    const recovering = { ...base, phase: SourcePhase.RECOVERING, brokenBy: 'connection reset by peer' }
+    expect(progressLine({ ...recovering, serviceRunsOn: 'unknown' })).toBe('recovering  sent 3.0 GiB  64.0 MiB/s  pages left 1 (99.9% local)  (connection reset by peer; the hand-off is not confirmed yet: asking the destination whether the service runs there)')
+    expect(progressLine({ ...recovering, serviceRunsOn: 'destination' })).toBe('recovering  sent 3.0 GiB  64.0 MiB/s  pages left 1 (99.9% local)  (connection reset by peer)')
+    // (post-copy before RESUMED is a few milliseconds: not worth a word)
+    expect(progressLine({ ...base, phase: SourcePhase.POSTCOPY, serviceRunsOn: 'unknown' })).toBe('postcopy  sent 3.0 GiB  64.0 MiB/s  pages left 1 (99.9% local)')
+  })
 })
 
 describe('report', () => {

@@ -81,6 +81,11 @@ export class HandoffFate {
   /** On a failure the service resumes here. */
   get runsHere(): boolean { return this.is(Fate.HERE, Fate.BACK) }
 
+  /** In the words of `send --json` and `status`: where the service runs now, as far as this side knows. */
+  get serviceRunsOn(): 'source' | 'destination' | 'unknown' {
+    return this.runsHere ? 'source' : this.is(Fate.THERE) ? 'destination' : 'unknown'
+  }
+
   /** A failure of this side's own, before the destination said anything: ask it (askFate) before deciding. */
   get needsAsking(): boolean { return this.is(Fate.UNKNOWN) && !this.unanswered }
 }

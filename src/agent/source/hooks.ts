@@ -92,6 +92,8 @@ export interface Progress {
   tracker?: TrackerKind
   /** Recovering: why the link counts as broken (a reset, a stuck destination ...). */
   brokenBy?: string
+  /** Once HANDOFF went: where the service runs as far as the source knows ('unknown': the destination has not said yet). */
+  serviceRunsOn?: 'source' | 'destination' | 'unknown'
   /** The bandwidth limit of this phase's bulk transfer, bytes a second (absent: none). */
   limitBytesPerSec?: number
 }

@@ -326,7 +326,7 @@ export class MigrationSource implements SourceHandlers {
       // The destination runs the service now: our copy is its only backing
       // store for the pages it lacks. Keep it; recovery is the caller's call.
       // (unknown: the destination never said whether it took HANDOFF, and asking it ran out: its operator's status says)
-      const unconfirmed = this.fate.is(Fate.UNKNOWN)
+      const unconfirmed = this.fate.serviceRunsOn === 'unknown'
       err.message += ` (after the hand-off${unconfirmed ? ', which the destination never confirmed: the service may run there' : ''}: the source keeps its memory until the destination settles)`
       Object.assign(err, { afterHandoff: true }, unconfirmed ? { runsOn: 'unknown' } : {})
     }
@@ -391,6 +391,7 @@ export class MigrationSource implements SourceHandlers {
       totalPages: this.totalPages,
       ...(this.tracking.kind ? { tracker: this.tracking.kind } : {}),
       ...(this.phase === SourcePhase.RECOVERING ? { brokenBy: this.postcopy.brokenBy } : {}),
+      ...(this.fate.is(Fate.HERE) ? {} : { serviceRunsOn: this.fate.serviceRunsOn }),
       ...(this.bandwidth.bytesPerSec ? { limitBytesPerSec: this.bandwidth.bytesPerSec } : {}),
     })
   }
