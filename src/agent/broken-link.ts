@@ -7,6 +7,7 @@
  * for recovery on any load error once its guest runs on it. Nothing of such a frame is placed: its pages go again.
  */
 import { ErrorCode, type UffdMigrateError } from '../errors'
+import { isIntegrityFailure } from '../protocol/records'
 
 /** Frames that broke the protocol after the hand-off that each side recovers from, per migration; the next one ends it. */
 export const PROTOCOL_BREAKS_RECOVERED = 3
@@ -25,4 +26,14 @@ export function isProtocolBreak(err: Error): boolean {
 /** The operator's words for why the link went: a malformed frame says so, a broken link says its own cause. */
 export function brokenLinkCause(err: Error, protocolBreaks: number): string {
   return isProtocolBreak(err) ? `a frame that broke the protocol, ${protocolBreaks} of ${PROTOCOL_BREAKS_RECOVERED} recovered from: ${err.message}` : err.message
+}
+
+/**
+ * What this side found, as against the link's own end (a reset, a stall) or the peer's report: a frame or stream it
+ * refused, a record that failed its tag, pages it could not place, a region table or memory check that failed. Told to
+ * the peer when it ends the session or the migration (a stuck peer is one too, which only its watchdog knows).
+ */
+export function isFinding(err: Error): boolean {
+  const { code, fromPeer } = err as UffdMigrateError
+  return !fromPeer && (code !== ErrorCode.CONNECTION || isIntegrityFailure(err))
 }

@@ -13,7 +13,7 @@ import { installFailedError } from '../../src/agent/demand-events'
 import type { MigrationReport } from '../../src/agent/report'
 import { ErrorCode, migrationError } from '../../src/errors'
 import { Msg } from '../../src/protocol/messages'
-import { makePair, pageBytes, type Pair, startSource } from './helpers/wire'
+import { makePair, pageBytes, type Pair, startSource, touchAll } from './helpers/wire'
 
 const NO_ROOM = /could not place \d+ page\(s\) of region 0 from page \d+: ENOMEM/
 
@@ -88,6 +88,26 @@ describe('the destination gives up: the source takes its ERROR, whichever connec
     expect(errors).toBe(2) // bulk's (lost), then urgent's; never two on one connection
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED', message: expect.stringMatching(NO_ROOM) })
   }, 10_000)
+})
+
+describe('the destination finds its source stuck after the hand-off, with recovery off', () => {
+  it('it fails, and says why on every connection: the source reports the destination\'s reason, not a connection closed', async () => {
+    const pair = filledPair()
+    let resumed = false
+    pair.onFrame = (from, type) => {
+      if (from === 'destination' && type === Msg.RESUMED) resumed = true
+      // the service runs there; from now on no page of the source's arrives (its replies, its push): stuck, seen from there
+      return resumed && from === 'source' && type === Msg.PAGES ? 'drop' : undefined
+    }
+    const { source, report } = startSource(pair, { mode: 'postcopy', extra: { recoveryTimeoutMs: 0, requestTimeoutMs: 300 } })
+    void pair.restored.then(() => touchAll(pair)).catch(() => {})
+    const err = await failure(report)
+    expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_CONNECTION', message: expect.stringMatching(/^the source looks stuck/) })
+    // (before: nothing was told after the hand-off, and the source failed with "... connection closed by the peer")
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_CONNECTION', message: expect.stringMatching(/^peer reported: the source looks stuck.*after the hand-off: the source keeps its memory/) })
+    expect(source.phase).toBe('failed')
+    expect(pair.resumedOnSource).toBe(0)
+  }, 15_000)
 })
 
 describe('the source gives up: the destination hears why', () => {

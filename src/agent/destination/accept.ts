@@ -207,8 +207,12 @@ export class Acceptor {
     return [this.urgent, this.bulk].filter((c): c is Channel => c !== undefined)
   }
 
-  /** Tells the source why this side ends the session, on urgent and bulk (SourceLink.tell() is the other way). */
-  tell(err: Error): void {
+  /**
+   * Tells the source why this side ends the session, on every connection, `first` (the one the reason concerns)
+   * first: bulk, full of pages this side will not read, may reach it as a reset (SourceLink.tell() is the other way).
+   */
+  tell(err: Error, first?: Channel): void {
+    first?.sendError(err)
     for (const ch of this.channels) ch.sendError(err)
   }
 

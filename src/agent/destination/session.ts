@@ -5,9 +5,7 @@
  */
 import type { NativeBinding, NativeUffd } from '../../binding'
 import type { PageBitmap } from '../../bitmap'
-import { ErrorCode, type UffdMigrateError } from '../../errors'
-import { isIntegrityFailure } from '../../protocol/records'
-import { breaksLinkOnly, isProtocolBreak } from '../broken-link'
+import { breaksLinkOnly, isFinding } from '../broken-link'
 import type { Channel, Transport } from '../../protocol/channel'
 import type { Frame } from '../../protocol/frames'
 import type { ChannelRole } from '../../protocol/handshake'
@@ -80,10 +78,7 @@ export abstract class DestinationSession {
       channels: () => this.link.channels,
       oldestRequestSinceMs: () => Math.min(this.requests.oldestRequestSinceMs() ?? Infinity, this.demand.oldestOpenMs(this.clock.now()) ?? Infinity),
       // a stuck source is a broken link: after the hand-off it must find it closed and come back (no ERROR then)
-      broken: (err) => {
-        if (this.phase === DestPhase.PRECOPY) this.link.tell(err)
-        this.linkBroke(err)
-      },
+      broken: (err) => this.linkBroke(err, undefined, true),
       keepalive: () => {
         const urgent = this.link.urgent
         if (urgent && !urgent.failed && !urgent.needsDrain) urgent.send(encodeControl(Msg.KEEPALIVE, {}))
@@ -157,26 +152,24 @@ export abstract class DestinationSession {
     }
     if (this.machine.is(DestPhase.SETTLED, DestPhase.FAILED)) return
     if (ch !== this.link.urgent && ch !== this.link.bulk) return // a connection of a pair that already broke
-    // before the hand-off the source hears why on the other connection (it would only see a reset); after it, the
-    // link is recovered on fresh keys, and an ERROR would end the migration instead
-    if (this.phase === DestPhase.PRECOPY && isIntegrityFailure(err)) this.link.tell(err)
-    this.linkBroke(err, isProtocolBreak(err) ? ch : undefined) // (a native reader's refusal: a frame's length out of bounds)
+    // (a native reader's refusal, a frame's length out of bounds; a record that failed its tag: before the hand-off the
+    // source hears why on the other connection, where it would only see a reset; after it the link is recovered)
+    this.linkBroke(err, ch)
   }
 
   /**
-   * The one rule for a broken link (a reset, a stuck source) or a frame that broke the protocol (refused here, or by
-   * a native reader): after the hand-off it is recovered (a protocol break within broken-link.ts's budget, and the
-   * source is not told: it sees the link end and dials back), before it fatal to the session. A refusal that ends it
-   * (`refusedOn`: the connection of a frame or stream this side refused) is told there first, then on every other
-   * connection: on bulk alone, whose reading a native thread owns and closes, it could be lost, and the source dialled
-   * back for its whole recovery window (one of five real-process runs with four changed PAGES headers).
+   * The one rule for an end this side did not choose: a broken link (a reset, a stuck source), a frame or stream that
+   * broke the protocol (refused here, or by a native reader), a record that failed its tag, pages it could not place.
+   * After the hand-off a broken link, or a protocol break within broken-link.ts's budget, is recovered, and the source
+   * is not told: it sees the link end and dials back. Anything else ends the session (before the hand-off) or the
+   * migration, and what this side found (broken-link.ts's isFinding, or `found`: a stuck source) is told to the source:
+   * on `on`, the connection it concerns, first, then on every other. On bulk alone, whose reading a native thread owns
+   * and closes, it could be lost, and the source dialled back for its whole recovery window (one of five
+   * real-process runs with four changed PAGES headers).
    */
-  protected linkBroke(err: Error, refusedOn?: Channel): void {
+  protected linkBroke(err: Error, on?: Channel, found = isFinding(err)): void {
     if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.recovery.protocolBreaks)) return this.startRecovery(err)
-    if (refusedOn && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) {
-      refusedOn.sendError(err)
-      this.link.tell(err)
-    }
+    if (found) this.link.tell(err, on)
     this.fail(err)
   }
 
@@ -241,9 +234,6 @@ export abstract class DestinationSession {
 
   protected fail(err: Error): void {
     if (this.machine.is(DestPhase.FAILED, DestPhase.SETTLED)) return
-    // a failure of this side's own (pages it could not place): the source hears why on every connection before the
-    // link goes (bulk, full of pages this side will not read, may reach it as a reset)
-    if ((err as UffdMigrateError).code === ErrorCode.ABORTED) this.link.tell(err)
     if (this.machine.is(DestPhase.LISTENING, DestPhase.PRECOPY)) return this.endSession(err)
     this.recovery.stop()
     this.watchdog.stop()
