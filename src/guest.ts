@@ -34,6 +34,7 @@ import { AGENT_WORKER, AgentHandle, MAX_AGENT_RESTARTS, MAX_TAKEOVERS, type Star
 import { emitOrExit, exitWhenMoved } from './guest-exit'
 import { pauseService } from './service-pause'
 import { logLine } from './log'
+import { SignalHold } from './signal-hold'
 
 export { GuestRegion } from './guest-region'
 export type { GuestOptions, MigrateOptions } from './options'
@@ -58,6 +59,8 @@ export class Guest extends EventEmitter {
   /** The running migration; stoppedAtMs and pausing: the service is paused for it (the agent asked). */
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void; wire: WireSourceOptions; startedAtMs: number; stoppedAtMs?: number; pausing?: Promise<void>; takeovers: number } | undefined
   private readonly calls = new MigrationCalls((m) => this.post(m), (held) => (held ? this.agent.ref() : !this.migrating && this.agent.unref()))
+  /** Past the hand-off this process holds pages only it has: a stop signal waits for the migration's end. */
+  private readonly signals = new SignalHold(() => this.close())
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   /** Moved, and this process ends once its forwarded clients were idle this long (undefined: the service keeps it). */
@@ -279,6 +282,7 @@ export class Guest extends EventEmitter {
     if (this.calls.take(m)) return // answers to cancel, set-bandwidth, preflight
     switch (m.type) {
       case 'pause':
+        this.signals.arm(() => ({ guest: this.name, migration: this.migration, to: this.migrating?.wire.to ?? '?', phase: this.phase, pagesLeft: this.lastProgress?.pagesLeft ?? 0 }))
         return void pauseService(this.migrating, { rehearsal: this.rehearsal, holdClients: () => this.forwarder.hold(), pause: this.opts.pause, post: (m, t) => this.post(m, t) })
       case 'resume':
         if (this.migrating) this.migrating.stoppedAtMs = undefined
@@ -290,8 +294,7 @@ export class Guest extends EventEmitter {
         return
       case 'progress':
         this.lastProgress = m.progress
-        this.emit('progress', m.progress)
-        return
+        return void this.emit('progress', m.progress)
       case 'report': {
         const done = this.migrating
         this.migrating = undefined
@@ -301,7 +304,7 @@ export class Guest extends EventEmitter {
         const kept = this.listenerCount('moved') > 0
         this.emit('moved', m.report)
         done?.resolve(m.report)
-        if (this.opts.exitOnMoved !== false && !kept) {
+        if (!this.signals.release() && this.opts.exitOnMoved !== false && !kept) {
           // the destination runs the service now; when this one serves, relay its clients until they moved too
           this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
           exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)
@@ -318,7 +321,8 @@ export class Guest extends EventEmitter {
           this.lastFailure = m.error
           done.reject(err)
           if (m.error.afterHandoff) emitOrExit(this, this.opts.exitOnMoved !== false, 'moveFailed', err, 0, 'the service does not run here any more, and did not settle there')
-          return
+          // (two agents crashed with it paused: where the service runs is unknown, and a held signal stays held)
+          return void (this.agentEnded || this.signals.release())
         }
         // destination after the hand-off: this thread is not blocked in a fault (the exit watch ends the process otherwise)
         this.takeFailure()
@@ -336,11 +340,9 @@ export class Guest extends EventEmitter {
       case 'ready':
         return this.waitBatch.ready(m.ids)
       case 'recovering':
-        // the link broke during post-copy; faults wait until the source is back
-        // the agent logged it (this thread may be blocked in a fault)
+        // the link broke during post-copy; faults wait until the source is back (the agent logged it: this thread may be blocked)
         this.brokenBy = m.message
-        this.emit('recovering', m.message)
-        return
+        return void this.emit('recovering', m.message)
       case 'linkBack':
         this.brokenBy = undefined
         return

@@ -20,6 +20,8 @@ export const LOG_EVENTS = [
   'migration-began', 'bandwidth-changed', 'handed-off', 'moved', 'migration-cancelled', 'agent-takeover', 'forwarded-exit',
   // either side
   'link-broken', 'link-back', 'migration-failed', 'agent-crashed', 'exiting', 'still-yielding', 'no-control-socket',
+  // the source, after the hand-off
+  'signal-held',
 ] as const
 export type LogEvent = (typeof LOG_EVENTS)[number]
 export type LogLevel = 'info' | 'warn' | 'error'

@@ -257,9 +257,12 @@ program
           `Ask there (uffd-migrate status --guest ${o.guest} on ${o.to.replace(/:\d+$/, '')}): 'listening' (or 'precopy' until it notices this side is gone) means it never got it and the service ended with this process; otherwise ${lacking}`,
         SEND_EXIT.FAILED_AFTER_HANDOFF, 'unknown')
       }
-      failed(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED, 'none')
+      if (lastPhase !== 'settled') failed(ErrorCode.CONNECTION, `the guest's process ended during ${lastPhase ?? 'connect'}, before the hand-off: the service ended with it; the destination listens again`, SEND_EXIT.FAILED, 'none')
+      // (the destination had every page: moved; only the report went with the process)
+      process.stderr.write(`uffd-migrate: the guest's process ended as the migration settled, before its report came: the service runs on ${o.to} with every page\n`)
     }
-    process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
+    if (report) process.stdout.write((o.json ? JSON.stringify(report, null, 2) : formatReport(report)) + '\n')
+    else if (o.json) process.stdout.write(JSON.stringify({ outcome: 'moved', exitCode: SEND_EXIT.MOVED, serviceRunsOn: 'destination', report: null }, null, 2) + '\n')
     if (o.onMoved) {
       // the patterns that move an address for good: a floating IP, DNS, a load balancer's API
       const hook = spawnSync('/bin/sh', ['-c', o.onMoved], { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, UFFD_MIGRATE_GUEST: o.guest, UFFD_MIGRATE_TO: o.to } })

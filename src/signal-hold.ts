@@ -1,0 +1,86 @@
+/**
+ * From the hand-off until the destination settles, the source's process holds the only copy of the pages the
+ * destination still lacks: a SIGTERM then (a supervisor's stop, a deploy script), a SIGINT (Ctrl-C in the terminal it
+ * was started from) or a SIGHUP (that terminal closed) would end it and lose the service there, where it already
+ * runs (QEMU's and CRIU's sources die the same way in post-copy). Held: the signal is logged and deferred until the
+ * migration ends; then it is raised again, and the process ends as it asked (by the signal, for its supervisor; a
+ * migration that failed before its hand-off resumed the service here first). Armed from the service's pause, so that
+ * no signal slips in between HANDOFF leaving and this thread hearing of it. A second one ends it at once, as asked
+ * twice. SIGKILL cannot be held; nor can an exit the service's own listener of that signal makes (it should wait
+ * while `guest.phase` is `handoff`, `postcopy` or `recovering`).
+ */
+import { logLine } from './log'
+
+export const HELD_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const
+type Held = (typeof HELD_SIGNALS)[number]
+
+/** The process as the hold uses it (tests give a stand-in). */
+export interface SignalTarget {
+  on(sig: Held, listener: () => void): unknown
+  off(sig: Held, listener: () => void): unknown
+  kill(pid: number, sig: Held): unknown
+  readonly pid: number
+}
+
+/** What the log line says: the guest, the migration, where to, its phase, and the pages still only here. */
+export interface HoldContext {
+  guest: string
+  migration: string | undefined
+  to: string
+  phase: string
+  pagesLeft: number
+}
+
+export class SignalHold {
+  private listeners: Map<Held, () => void> | undefined
+  private deferred: Held | undefined
+
+  /**
+   * finish: what goes before a deferred signal is raised at the migration's end (the guest closes its control
+   * socket: `send` must have read the report first, as in an exit after a move).
+   */
+  constructor(private readonly finish: () => Promise<void> = async () => {}, private readonly target: SignalTarget = process, private readonly finishAfterMs = 50) {}
+
+  get armed(): boolean {
+    return this.listeners !== undefined
+  }
+
+  /** The service paused for a migration's hand-off (context: read when a signal comes). */
+  arm(context: () => HoldContext): void {
+    if (this.armed) return
+    this.listeners = new Map(HELD_SIGNALS.map((sig) => [sig, () => this.signalled(sig, context())]))
+    for (const [sig, l] of this.listeners) this.target.on(sig, l)
+  }
+
+  /**
+   * The migration ended (settled, or failed): the listeners go, and a deferred signal is raised again once finished.
+   * True when it will be: the process ends by it, not by the exit it would have had (a forwarder's idle wait).
+   */
+  release(): boolean {
+    const sig = this.stopListening()
+    if (sig) setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.finishAfterMs)
+    return sig !== undefined
+  }
+
+  /** The signal deferred, if one was. */
+  private stopListening(): Held | undefined {
+    for (const [sig, l] of this.listeners ?? []) this.target.off(sig, l)
+    this.listeners = undefined
+    const sig = this.deferred
+    this.deferred = undefined
+    return sig
+  }
+
+  private signalled(sig: Held, c: HoldContext): void {
+    if (this.deferred) {
+      logLine(c.guest, 'signal-held', `${sig} again: ending now; the service at ${c.to} fails when it needs one of the ${c.pagesLeft} page(s) it lacks`, 'error', c.migration)
+      this.stopListening()
+      return void this.target.kill(this.target.pid, sig)
+    }
+    this.deferred = sig
+    const where = c.phase === 'postcopy' || c.phase === 'recovering'
+      ? `the service runs there, and ${c.pagesLeft} page(s) it lacks are only in this process`
+      : 'the service is paused for its hand-off, which may already be on its way'
+    logLine(c.guest, 'signal-held', `${sig}: held until the migration to ${c.to} ends: ${where}; it ends then, or at once on a second signal (the service there fails)`, 'warn', c.migration)
+  }
+}
