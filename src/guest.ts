@@ -304,12 +304,11 @@ export class Guest extends EventEmitter {
         const kept = this.listenerCount('moved') > 0
         this.emit('moved', m.report)
         done?.resolve(m.report)
-        if (!this.signals.release() && this.opts.exitOnMoved !== false && !kept) {
-          // the destination runs the service now; when this one serves, relay its clients until they moved too
-          this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
-          exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)
-        }
-        return
+        // (a stop signal held meanwhile is raised now, unless this exit after its relayed clients went idle honours it)
+        if (this.signals.release(this.opts.exitOnMoved === false || kept)) return
+        // the destination runs the service now; when this one serves, relay its clients until they moved too
+        this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
+        return exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)
       }
       case 'failed': {
         const err = Object.assign(new UffdMigrateError(m.error.message, m.error.code), m.error.afterHandoff ? { afterHandoff: true } : {}, m.error.runsOn ? { runsOn: m.error.runsOn } : {})

@@ -4,7 +4,8 @@
  * was started from) or a SIGHUP (that terminal closed) would end it and lose the service there, where it already
  * runs (QEMU's and CRIU's sources die the same way in post-copy). Held: the signal is logged and deferred until the
  * migration ends; then it is raised again, and the process ends as it asked (by the signal, for its supervisor; a
- * migration that failed before its hand-off resumed the service here first). Armed from the service's pause, so that
+ * migration that failed before its hand-off resumed the service here first), or, moved, by the exit it has then
+ * anyway (0, once the clients it relays went idle). Armed from the service's pause, so that
  * no signal slips in between HANDOFF leaving and this thread hearing of it. A second one ends it at once, as asked
  * twice. SIGKILL cannot be held; nor can an exit the service's own listener of that signal makes (it should wait
  * while `guest.phase` is `handoff`, `postcopy` or `recovering`).
@@ -53,13 +54,15 @@ export class SignalHold {
   }
 
   /**
-   * The migration ended (settled, or failed): the listeners go, and a deferred signal is raised again once finished.
-   * True when it will be: the process ends by it, not by the exit it would have had (a forwarder's idle wait).
+   * The migration ended (settled, or failed): the listeners go, and a deferred signal is raised again once finished,
+   * unless `raise` is false (a guest that moved and exits by itself, once the clients it relays went idle: that exit
+   * honours it, and they see no error). True when it is raised: the process ends by it.
    */
-  release(): boolean {
+  release(raise = true): boolean {
     const sig = this.stopListening()
-    if (sig) setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.finishAfterMs)
-    return sig !== undefined
+    if (!sig || !raise) return false
+    setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.finishAfterMs)
+    return true
   }
 
   /** The signal deferred, if one was. */
