@@ -9,7 +9,7 @@
 //   node scripts/soak.mjs [--hops 30] [--mib 64] [--writes 2000] [--modes hybrid,postcopy,precopy] [--cancel-every 5]
 //                         [--hop-timeout-ms 120000] [--no-serve] [--back-at-once] [--netns [--rate-mbit N]]
 //                         [--inject LIST] [--link-faults LIST] [--link-down MS] [--stop LIST] [--blocking] [--streams N]
-//                         [--encrypt] [--lag ROLE:MS] [--json FILE]
+//                         [--encrypt] [--lag ROLE:MS] [--signal-source] [--json FILE]
 // --encrypt: every send seals its connections (send --encrypt). With link faults cued on a frame (KIND@FRAME) the
 // hosts write their keys to a key log ($UFFD_MIGRATE_KEYLOG, in a temporary directory) for the relay, which then finds
 // the frame inside the sealed records and breaks the link at a record's edge.
@@ -47,6 +47,10 @@
 // stop of a process that has clients under 5 s: any Node HTTP server stopped for longer than its keepAliveTimeout
 // (5 s) resets its keep-alive clients when it runs again (its timers run before it reads their requests; a plain
 // server and client show it, no migration needed), and the client counts those resets.
+// --signal-source: each hop's old home gets SIGTERM (a supervisor's stop) as soon as the service runs at the new one
+// (its RESTORED line): in post-copy it holds pages the new home still lacks, so it must hold the signal until the
+// migration ends, and then end as a moved guest does (0, once the clients it relays went idle); the row counts the
+// hops whose old home logged the signal held.
 // --back-at-once: each hop starts as soon as the last one settled, while the old home may still forward clients
 // (a guest moving back to a host where its old process still runs takes the name over); the old homes' exits are
 // checked at the end.
@@ -100,6 +104,7 @@ const OPTIONS = {
   streams: { type: 'string', default: '1' },
   encrypt: { type: 'boolean', default: false },
   lag: { type: 'string' },
+  'signal-source': { type: 'boolean', default: false },
 }
 const parsed = (() => {
   try {
@@ -253,6 +258,8 @@ async function hop(n, from, to, current) {
   const stop = stops[n % stops.length]
   row.stop = stop.text
   let send
+  // (the old home: the first one's own process, or a receiver's child)
+  if (a['signal-source']) void dst.waitLine(/^RESTORED$/, hopTimeoutMs).then(() => process.kill(childrenOf(current.child.pid)[0] ?? current.child.pid, 'SIGTERM'), () => {})
   for (let tries = 0; ; tries++) {
     const mark = dst.mark('stderr')
     const faulty = relay || downMs || stop.who ? ['--link-timeout-ms', '3000'] : []
@@ -293,6 +300,8 @@ async function hop(n, from, to, current) {
     hopMs: performance.now() - t0, steps, recoveries: report.postcopy?.recoveries ?? 0,
     // agents that crashed and were taken over in this hop, on the destination and on the source (the injections)
     takeovers: [dst.stderr, current.stderr.slice(sourceLogAt)].reduce((k, log) => k + (log.match(/a new migration agent takes over/g) ?? []).length, 0),
+    // (held in the migration, or, moved already, while it relayed its clients)
+    signalHeld: /SIGTERM: held until the migration/.test(current.stderr.slice(sourceLogAt)) ? 'migration' : /SIGTERM: held: the service moved/.test(current.stderr.slice(sourceLogAt)) ? 'relaying' : undefined,
   })
   stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
   if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
@@ -362,7 +371,7 @@ try {
     const { row, dst } = await hop(n, from, to, current)
     rows.push(row)
     current = dst
-    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}${row.stop !== 'none' ? ` (stopped: ${row.stop}${row.recoveries ? `, ${row.recoveries} recovery` : ''})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
+    say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}${row.stop !== 'none' ? ` (stopped: ${row.stop}${row.recoveries ? `, ${row.recoveries} recovery` : ''})` : ''}${a['signal-source'] ? ` (old home SIGTERMed, held ${row.signalHeld === 'migration' ? 'until the migration ended' : row.signalHeld === 'relaying' ? 'while it relayed' : 'by nobody'})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
 } catch (err) {
@@ -381,6 +390,7 @@ try {
     const r = rows.filter((x) => x.mode === m)
     out.push(`| ${m} | ${r.length} | ${r.filter((x) => x.cancelled).length} | ${r.reduce((k, x) => k + x.resumedAtSource, 0)} | ${q(r, (x) => x.totalMs)} | ${q(r, (x) => x.downtimeMs)} | ${q(r, (x) => x.maxGapMs)} |`)
   }
+  if (a['signal-source']) out.push('', `--signal-source: the old home held its SIGTERM until the migration ended in ${rows.filter((x) => x.signalHeld === 'migration').length} of ${rows.length} hops, while it relayed its clients after the move in ${rows.filter((x) => x.signalHeld === 'relaying').length}, and every old home ended with 0`)
   out.push('', `${rows.length} of ${hops} hops moved and verified; client: ${c?.requests ?? 0} requests, ${c?.ok ?? 0} checked good, ${c?.wrong ?? 0} wrong, ${c?.errors ?? 0} refused or reset${serve ? '' : ' (--no-serve: the service closes its server in pause())'}`)
   process.stdout.write(out.join('\n') + '\n')
   if (a.json) writeFileSync(a.json, JSON.stringify({ hops, mib, writes: Number(a.writes), rows, client: c }, null, 2))

@@ -305,7 +305,8 @@ export class Guest extends EventEmitter {
         this.emit('moved', m.report)
         done?.resolve(m.report)
         // (a stop signal held meanwhile is raised now, unless this exit after its relayed clients went idle honours it)
-        if (this.signals.release(this.opts.exitOnMoved === false || kept)) return
+        if (this.opts.exitOnMoved === false || kept) return void this.signals.release()
+        this.signals.release(true)
         // the destination runs the service now; when this one serves, relay its clients until they moved too
         this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
         return exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)

@@ -5,7 +5,7 @@
  * runs (QEMU's and CRIU's sources die the same way in post-copy). Held: the signal is logged and deferred until the
  * migration ends; then it is raised again, and the process ends as it asked (by the signal, for its supervisor; a
  * migration that failed before its hand-off resumed the service here first), or, moved, by the exit it has then
- * anyway (0, once the clients it relays went idle). Armed from the service's pause, so that
+ * anyway (0, once the clients it relays went idle: held until then). Armed from the service's pause, so that
  * no signal slips in between HANDOFF leaving and this thread hearing of it. A second one ends it at once, as asked
  * twice. SIGKILL cannot be held; nor can an exit the service's own listener of that signal makes (it should wait
  * while `guest.phase` is `handoff`, `postcopy` or `recovering`).
@@ -54,13 +54,15 @@ export class SignalHold {
   }
 
   /**
-   * The migration ended (settled, or failed): the listeners go, and a deferred signal is raised again once finished,
-   * unless `raise` is false (a guest that moved and exits by itself, once the clients it relays went idle: that exit
-   * honours it, and they see no error). True when it is raised: the process ends by it.
+   * The migration ended (settled, or failed). `exitsByItself` (moved, and it exits once the clients it relays went
+   * idle): the hold stays until that exit, which honours a signal held or still to come, so those clients see no
+   * error; a second signal still ends it at once. Otherwise the listeners go, and a held signal is raised again once
+   * finished (true): the process ends by it.
    */
-  release(raise = true): boolean {
+  release(exitsByItself = false): boolean {
+    if (exitsByItself) return false
     const sig = this.stopListening()
-    if (!sig || !raise) return false
+    if (!sig) return false
     setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.finishAfterMs)
     return true
   }
@@ -81,6 +83,9 @@ export class SignalHold {
       return void this.target.kill(this.target.pid, sig)
     }
     this.deferred = sig
+    if (c.phase === 'moved') {
+      return logLine(c.guest, 'signal-held', `${sig}: held: the service moved to ${c.to}, and this process exits once the clients it relays there went idle; at once on a second signal (they see their connections reset)`, 'warn', c.migration)
+    }
     const where = c.phase === 'postcopy' || c.phase === 'recovering'
       ? `the service runs there, and ${c.pagesLeft} page(s) it lacks are only in this process`
       : 'the service is paused for its hand-off, which may already be on its way'

@@ -55,13 +55,15 @@ describe('the signal hold', () => {
     expect(p.raised).toEqual(['SIGTERM'])
   })
 
-  it('raises nothing when the guest exits by itself anyway (moved: once the clients it relays went idle)', async () => {
+  it('a guest that exits by itself anyway (moved: once the clients it relays went idle) keeps holding until then', async () => {
     const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0)
     hold.arm(context)
     p.emit('SIGTERM')
-    expect(hold.release(false)).toBe(false)
+    expect(hold.release(true)).toBe(false)
     await new Promise((r) => setTimeout(r, 20))
-    expect({ raised: p.raised, listening: listening(p) }).toEqual({ raised: [], listening: [0, 0, 0] })
+    expect({ raised: p.raised, listening: listening(p) }).toEqual({ raised: [], listening: [1, 1, 1] })
+    p.emit('SIGINT') // (a second one, while it relays: at once)
+    expect({ raised: p.raised, listening: listening(p) }).toEqual({ raised: ['SIGINT'], listening: [0, 0, 0] })
   })
 
   it('raises nothing when no signal came', async () => {
