@@ -300,12 +300,18 @@ async function hop(n, from, to, current) {
     hopMs: performance.now() - t0, steps, recoveries: report.postcopy?.recoveries ?? 0,
     // agents that crashed and were taken over in this hop, on the destination and on the source (the injections)
     takeovers: [dst.stderr, current.stderr.slice(sourceLogAt)].reduce((k, log) => k + (log.match(/a new migration agent takes over/g) ?? []).length, 0),
-    // (held in the migration, or, moved already, while it relayed its clients)
-    signalHeld: /SIGTERM: held until the migration/.test(current.stderr.slice(sourceLogAt)) ? 'migration' : /SIGTERM: held: the service moved/.test(current.stderr.slice(sourceLogAt)) ? 'relaying' : undefined,
+    signalHeld: signalHeld(current.stderr.slice(sourceLogAt)),
   })
+  // (read again once every old home ended: with --back-at-once its line may come after this hop's)
+  Object.defineProperty(row, 'oldHomeLog', { value: () => current.stderr.slice(sourceLogAt) })
   stats.maxGapMs = Math.max(stats.maxGapMs, gapBefore)
   if (row.sentTwice !== 0) fail(`hop ${n + 1}: ${row.sentTwice} page(s) sent twice after the hand-off`, send)
   return { row, dst }
+}
+
+/** --signal-source: where the old home held its SIGTERM (in the migration, or, moved already, while it relayed its clients). */
+function signalHeld(log) {
+  return /SIGTERM: held until the migration/.test(log) ? 'migration' : /SIGTERM: held: the service moved/.test(log) ? 'relaying' : undefined
 }
 
 /** A fault at a random moment (seed) of the try's first windowMs: doIt(), then ms later undo(what doIt() gave); row.undone waits for the undo. */
@@ -374,6 +380,7 @@ try {
     say(`hop ${row.hop} ${row.route} ${row.mode}${row.cancelled ? ' (after a cancel)' : ''}${row.injection !== 'none' ? ` (receiver: ${row.injection})` : ''}${row.takeovers ? `, ${row.takeovers} agent takeover(s)` : ''}${row.linkFault !== 'none' ? ` (link: ${row.linkFault}${row.linkBroke ? `, broke${row.recoveries ? `, ${row.recoveries} recovery` : ''}` : ', did not break'})` : ''}${row.stop !== 'none' ? ` (stopped: ${row.stop}${row.recoveries ? `, ${row.recoveries} recovery` : ''})` : ''}${a['signal-source'] ? ` (old home SIGTERMed, held ${row.signalHeld === 'migration' ? 'until the migration ended' : row.signalHeld === 'relaying' ? 'while it relayed' : 'by nobody'})` : ''}: total ${row.totalMs.toFixed(0)} ms, downtime ${row.downtimeMs.toFixed(1)} ms, client: ${row.refused} refused, longest gap ${row.maxGapMs.toFixed(0)} ms; verified; hop ${(row.hopMs / 1000).toFixed(1)} s (${Object.entries(row.steps).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')})`)
   }
   for (const { hop, p } of lingering) await oldHomeEnded(hop, p)
+  for (const r of rows) r.signalHeld = signalHeld(r.oldHomeLog())
 } catch (err) {
   say(`soak: FAILED: ${err.message}`)
   exit = 1

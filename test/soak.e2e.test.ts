@@ -23,14 +23,14 @@ let proc: LineProc | undefined
 afterEach(() => proc?.kill())
 
 describe.skipIf(skip)('the soak script', () => {
-  it("six hops there and back, two after a cancel, each receiver's agent crashing in turn: the service always ends on one host, every page verified, every answer right, none refused", async () => {
+  it("six hops there and back, two after a cancel, each receiver's agent crashing in turn, each old home SIGTERMed once the service runs at the new one: the service always ends on one host, every page verified, every answer right, none refused", async () => {
     const json = join(mkdtempSync(join(tmpdir(), 'soak-')), 'soak.json')
     const inject = 'agent-crash:postcopy,agent-crash:paused,agent-crash:restore,agent-crash:armed,agent-crash:precopy,none'
-    proc = new LineProc(process.execPath, [soak, '--hops', '6', '--mib', '64', '--writes', '2000', '--cancel-every', '3', '--back-at-once', '--inject', inject, '--json', json])
+    proc = new LineProc(process.execPath, [soak, '--hops', '6', '--mib', '64', '--writes', '2000', '--cancel-every', '3', '--back-at-once', '--inject', inject, '--signal-source', '--json', json])
     const { code } = await proc.waitExit(170_000)
     expect(code, proc.stderr).toBe(0)
     const out = JSON.parse(readFileSync(json, 'utf8')) as {
-      rows: { hop: number; route: string; mode: string; injection: string; cancelled: boolean; resumedAtSource: number; sentTwice: number; downtimeMs: number }[]
+      rows: { hop: number; route: string; mode: string; injection: string; cancelled: boolean; resumedAtSource: number; sentTwice: number; downtimeMs: number; signalHeld?: string }[]
       client: { requests: number; ok: number; wrong: number; errors: number }
     }
     expect(out.rows.map((r) => `${r.hop} ${r.route} ${r.mode} ${r.injection}`)).toEqual([
@@ -40,6 +40,9 @@ describe.skipIf(skip)('the soak script', () => {
     for (const r of out.rows) {
       expect(r.sentTwice).toBe(0)
       expect(r.downtimeMs).toBeGreaterThan(0)
+      // the old home held its SIGTERM (in the migration, or while it relayed its clients after it) and ended with 0
+      // (the soak checks each old home's exit): before, it ended at once, with pages the new home still lacked
+      expect(['migration', 'relaying']).toContain(r.signalHeld)
     }
     expect(out.rows[2].cancelled).toBe(true) // (hop 6's cancel may meet its source's pre-copy crash first)
     // hop 4's receiver crashes with its will armed: the service never starts there, its source resumes it, and the
