@@ -265,11 +265,7 @@ export class Guest extends EventEmitter {
    * ERR_INVALID_ARG for a bad value or when no migration runs.
    */
   setBandwidth(limits: Pick<MigrateOptions, 'maxBandwidth' | 'maxPostcopyBandwidth'>): Promise<BandwidthLimits> {
-    try {
-      return this.calls.setBandwidth(this.migrating !== undefined, bandwidthLimits(limits))
-    } catch (err) {
-      return Promise.reject(err)
-    }
+    return this.calls.setBandwidth(this.migrating !== undefined, () => bandwidthLimits(limits))
   }
 
   /** @internal resolves when [first, first+count) of the region is local; the agent asks for it at once */
@@ -392,6 +388,7 @@ export class Guest extends EventEmitter {
   async close(): Promise<void> {
     if (this.closed) return
     this.closed = true
+    this.signals.release() // (no migration runs from a closed guest: a signal it held is raised)
     this.takeFailure()
     this.control?.close()
     await this.agent.terminate()

@@ -49,8 +49,14 @@ export class MigrationCalls {
     })
   }
 
-  /** See Guest.setBandwidth(). limits: checked already. */
-  setBandwidth(running: boolean, limits: Partial<BandwidthLimits>): Promise<BandwidthLimits> {
+  /** See Guest.setBandwidth(). checked: the limits, or it throws why they are not (before anything else is said). */
+  setBandwidth(running: boolean, checked: () => Partial<BandwidthLimits>): Promise<BandwidthLimits> {
+    let limits: Partial<BandwidthLimits>
+    try {
+      limits = checked()
+    } catch (err) {
+      return Promise.reject(err)
+    }
     if (!running) return Promise.reject(new UffdMigrateError('no migration is running for this guest: its limits are migrate() options (send --max-bandwidth)', ErrorCode.INVALID_ARG))
     return new Promise((resolve, reject) => {
       this.limiting.push({ resolve, reject })

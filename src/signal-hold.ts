@@ -40,7 +40,13 @@ export class SignalHold {
    * finish: what goes before a deferred signal is raised at the migration's end (the guest closes its control
    * socket: `send` must have read the report first, as in an exit after a move).
    */
-  constructor(private readonly finish: () => Promise<void> = async () => {}, private readonly target: SignalTarget = process, private readonly finishAfterMs = 50) {}
+  constructor(
+    private readonly finish: () => Promise<void> = async () => {},
+    private readonly target: SignalTarget = process,
+    private readonly finishAfterMs = 50,
+    // UFFD_MIGRATE_HOLD_SIGNALS=0: signals keep their usual meaning (a supervisor whose stop must be immediate)
+    private readonly enabled = process.env.UFFD_MIGRATE_HOLD_SIGNALS !== '0',
+  ) {}
 
   get armed(): boolean {
     return this.listeners !== undefined
@@ -48,7 +54,7 @@ export class SignalHold {
 
   /** The service paused for a migration's hand-off (context: read when a signal comes). */
   arm(context: () => HoldContext): void {
-    if (this.armed) return
+    if (this.armed || !this.enabled) return
     this.listeners = new Map(HELD_SIGNALS.map((sig) => [sig, () => this.signalled(sig, context())]))
     for (const [sig, l] of this.listeners) this.target.on(sig, l)
   }

@@ -80,10 +80,10 @@ describe('calls on the running migration', () => {
   it('set-bandwidth answers in order; the end of the migration answers the rest; nothing running is refused', async () => {
     const posted: MainToAgent[] = []
     const calls = new MigrationCalls((m) => posted.push(m))
-    await expect(calls.setBandwidth(false, { precopyBytesPerSec: MiB })).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
-    const first = calls.setBandwidth(true, { precopyBytesPerSec: MiB })
-    const second = calls.setBandwidth(true, { postcopyBytesPerSec: 0 })
-    const third = calls.setBandwidth(true, { postcopyBytesPerSec: MiB })
+    await expect(calls.setBandwidth(false, () => ({ precopyBytesPerSec: MiB }))).rejects.toMatchObject({ code: 'ERR_INVALID_ARG' })
+    const first = calls.setBandwidth(true, () => ({ precopyBytesPerSec: MiB }))
+    const second = calls.setBandwidth(true, () => ({ postcopyBytesPerSec: 0 }))
+    const third = calls.setBandwidth(true, () => ({ postcopyBytesPerSec: MiB }))
     expect(posted.map((m) => m.type)).toEqual(['setBandwidth', 'setBandwidth', 'setBandwidth'])
     expect(calls.take({ type: 'bandwidthSet', limits: { precopyBytesPerSec: MiB, postcopyBytesPerSec: 0 } })).toBe(true)
     expect(calls.take({ type: 'bandwidthRefused', error: { code: 'ERR_INVALID_ARG', message: 'no migration is running for this guest' } })).toBe(true)

@@ -29,6 +29,12 @@ describe('the signal hold', () => {
     expect({ armed: hold.armed, listening: listening(p) }).toEqual({ armed: true, listening: [1, 1, 1] })
   })
 
+  it('UFFD_MIGRATE_HOLD_SIGNALS=0 (enabled false): never armed, signals keep their usual meaning', () => {
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0, false)
+    hold.arm(context)
+    expect({ armed: hold.armed, listening: listening(p) }).toEqual({ armed: false, listening: [0, 0, 0] })
+  })
+
   it('defers a first signal until the migration ends, then raises it again once finished, with nothing of its own listening', async () => {
     const p = new FakeProcess(), order: string[] = []
     const hold = new SignalHold(async () => void order.push(`finished with ${p.raised.length} raised`), p, 0)
