@@ -32,21 +32,35 @@ export interface HoldContext {
   pagesLeft: number
 }
 
+/**
+ * A signal this soon after the one held is the same request, not a second one: Ctrl-C reaches a `receive` wrapper and
+ * its service alike (one process group), and the wrapper passes its own on; so do npm, shells and init shims.
+ */
+export const SAME_REQUEST_MS = 500
+
+export interface HoldOptions {
+  target?: SignalTarget
+  /** How long after the migration's end a held signal is raised (the caller's last words first). */
+  finishAfterMs?: number
+  /** UFFD_MIGRATE_HOLD_SIGNALS=0: never armed, signals keep their usual meaning (a supervisor whose stop must be immediate). */
+  enabled?: boolean
+  nowMs?: () => number
+}
+
 export class SignalHold {
   private listeners: Map<Held, () => void> | undefined
-  private deferred: Held | undefined
+  private deferred: { sig: Held; atMs: number } | undefined
+  private readonly target: SignalTarget
+  private readonly nowMs: () => number
 
   /**
    * finish: what goes before a deferred signal is raised at the migration's end (the guest closes its control
    * socket: `send` must have read the report first, as in an exit after a move).
    */
-  constructor(
-    private readonly finish: () => Promise<void> = async () => {},
-    private readonly target: SignalTarget = process,
-    private readonly finishAfterMs = 50,
-    // UFFD_MIGRATE_HOLD_SIGNALS=0: signals keep their usual meaning (a supervisor whose stop must be immediate)
-    private readonly enabled = process.env.UFFD_MIGRATE_HOLD_SIGNALS !== '0',
-  ) {}
+  constructor(private readonly finish: () => Promise<void> = async () => {}, private readonly o: HoldOptions = {}) {
+    this.target = o.target ?? process
+    this.nowMs = o.nowMs ?? (() => performance.now())
+  }
 
   get armed(): boolean {
     return this.listeners !== undefined
@@ -54,7 +68,7 @@ export class SignalHold {
 
   /** The service paused for a migration's hand-off (context: read when a signal comes). */
   arm(context: () => HoldContext): void {
-    if (this.armed || !this.enabled) return
+    if (this.armed || !(this.o.enabled ?? process.env.UFFD_MIGRATE_HOLD_SIGNALS !== '0')) return
     this.listeners = new Map(HELD_SIGNALS.map((sig) => [sig, () => this.signalled(sig, context())]))
     for (const [sig, l] of this.listeners) this.target.on(sig, l)
   }
@@ -69,7 +83,7 @@ export class SignalHold {
     if (exitsByItself) return false
     const sig = this.stopListening()
     if (!sig) return false
-    setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.finishAfterMs)
+    setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.o.finishAfterMs ?? 50)
     return true
   }
 
@@ -77,24 +91,26 @@ export class SignalHold {
   private stopListening(): Held | undefined {
     for (const [sig, l] of this.listeners ?? []) this.target.off(sig, l)
     this.listeners = undefined
-    const sig = this.deferred
+    const sig = this.deferred?.sig
     this.deferred = undefined
     return sig
   }
 
   private signalled(sig: Held, c: HoldContext): void {
+    const now = this.nowMs()
+    if (this.deferred && now - this.deferred.atMs < SAME_REQUEST_MS) return
     if (this.deferred) {
       logLine(c.guest, 'signal-held', `${sig} again: ending now; the service at ${c.to} fails when it needs one of the ${c.pagesLeft} page(s) it lacks`, 'error', c.migration)
       this.stopListening()
       return void this.target.kill(this.target.pid, sig)
     }
-    this.deferred = sig
+    this.deferred = { sig, atMs: now }
     if (c.phase === 'moved') {
-      return logLine(c.guest, 'signal-held', `${sig}: held: the service moved to ${c.to}, and this process exits once the clients it relays there went idle; at once on a second signal (they see their connections reset)`, 'warn', c.migration)
+      return logLine(c.guest, 'signal-held', `${sig}: held: the service moved to ${c.to}, and this process exits once the clients it relays there went idle; at once on a second signal, ${SAME_REQUEST_MS} ms or more later (they see their connections reset)`, 'warn', c.migration)
     }
     const where = c.phase === 'postcopy' || c.phase === 'recovering'
       ? `the service runs there, and ${c.pagesLeft} page(s) it lacks are only in this process`
       : 'the service is paused for its hand-off, which may already be on its way'
-    logLine(c.guest, 'signal-held', `${sig}: held until the migration to ${c.to} ends: ${where}; it ends then, or at once on a second signal (the service there fails)`, 'warn', c.migration)
+    logLine(c.guest, 'signal-held', `${sig}: held until the migration to ${c.to} ends: ${where}; it ends then, or at once on a second signal, ${SAME_REQUEST_MS} ms or more later (the service there fails)`, 'warn', c.migration)
   }
 }

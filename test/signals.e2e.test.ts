@@ -9,7 +9,7 @@
 import { afterEach, describe, expect, it } from 'vitest'
 import { freePort } from '../src/cli/proc'
 import { kernelSkipReason } from './helpers/gate'
-import { killAll, page, sendFailure, twoHosts } from './helpers/hosts'
+import { killAll, listening, page, sendAndWait, sendFailure, twoHosts } from './helpers/hosts'
 
 const skip = kernelSkipReason()
 
@@ -43,6 +43,7 @@ describe.skipIf(skip)('a stop signal for the source in post-copy', () => {
     const { dst, src, send } = await slowPostcopy('sigtwice', ['--recovery-timeout-ms', '1000'])
     src.kill('SIGINT')
     await src.waitLine(/SIGINT: held until/, 10_000, 'stderr')
+    await new Promise((r) => setTimeout(r, 700)) // (one sooner than 500 ms after the first is the same request)
     src.kill('SIGTERM')
     expect(await src.exited).toMatchObject({ signal: 'SIGTERM' })
     expect(src.stderr).toMatch(/SIGTERM again: ending now; the service at 127\.0\.0\.1:\d+ fails when it needs one of the \d+ page\(s\) it lacks/)
@@ -51,5 +52,25 @@ describe.skipIf(skip)('a stop signal for the source in post-copy', () => {
     // (the page-store's guest.settled rejects, and it exits 1)
     expect((await dst.exited).code, dst.stderr).toBe(1)
     expect(dst.stderr).toMatch(/did not reconnect within 1000 ms/)
+  }, 90_000)
+
+  it('Ctrl-C in the terminal of a receive that moves its service on: the wrapper and the service both get SIGINT, and the wrapper passes its own on: one request, held', async () => {
+    // hop 1: the service moves to b (its receive wraps it there); hop 2: from b back to a, slowly, in post-copy
+    const { A, B, g, port, dst: atB } = await twoHosts('sigint-group', { receiveArgs: ['--serve'] })
+    const first = A.service(g, await freePort(), ['--serve'])
+    await first.waitLine(/^READY/)
+    expect((await sendAndWait(A, g, port)).code).toBe(0)
+    const backPort = await freePort()
+    const back = A.receive(g, backPort, await freePort(), ['--serve'])
+    await listening(back)
+    const send = B.cli(['send', '--guest', g, '--to', `127.0.0.1:${backPort}`, '--json', '--mode', 'postcopy', '--max-postcopy-bandwidth', '16MiB'])
+    await back.waitLine(/^RESTORED/, 30_000)
+    atB.kill('SIGINT', true) // the terminal's process group: receive and its service at once
+    expect((await send.exited).code, sendFailure(send, back)).toBe(0)
+    expect((await back.waitLine(/^VERIFY (.*)$/, 60_000))[1]).toBe('ok pages=16384')
+    // one line: the service held one request (before: the wrapper's own SIGINT came as a second one and ended it)
+    expect(atB.stderr.match(/SIGINT: held/g)).toHaveLength(1)
+    expect(atB.stderr).not.toMatch(/again: ending now/)
+    expect((await atB.exited).code).toBe(0) // moved: receive passes its service's 0 through
   }, 90_000)
 })

@@ -5,10 +5,16 @@
  */
 import { EventEmitter } from 'node:events'
 import { describe, expect, it } from 'vitest'
-import { HELD_SIGNALS, type SignalTarget, SignalHold } from '../../src/signal-hold'
+import { HELD_SIGNALS, SAME_REQUEST_MS, type SignalTarget, SignalHold } from '../../src/signal-hold'
 
 class FakeProcess extends EventEmitter implements SignalTarget {
   readonly pid = 4242
+  /** The hold's clock: each signal below comes a second after the last unless a test says otherwise. */
+  nowMs = 0
+  override emit(event: string | symbol, ...args: unknown[]): boolean {
+    this.nowMs += 1000
+    return super.emit(event, ...args)
+  }
   readonly raised: string[] = []
   kill(pid: number, sig: string): boolean {
     expect(pid).toBe(4242)
@@ -22,7 +28,7 @@ const listening = (p: FakeProcess) => HELD_SIGNALS.map((s) => p.listenerCount(s)
 
 describe('the signal hold', () => {
   it('is armed from the service\'s pause: before it a stop signal keeps its usual meaning', () => {
-    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0)
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
     expect({ armed: hold.armed, listening: listening(p) }).toEqual({ armed: false, listening: [0, 0, 0] })
     hold.arm(context)
     hold.arm(context) // (once: a takeover's pause is the same one)
@@ -30,14 +36,14 @@ describe('the signal hold', () => {
   })
 
   it('UFFD_MIGRATE_HOLD_SIGNALS=0 (enabled false): never armed, signals keep their usual meaning', () => {
-    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0, false)
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: false })
     hold.arm(context)
     expect({ armed: hold.armed, listening: listening(p) }).toEqual({ armed: false, listening: [0, 0, 0] })
   })
 
   it('defers a first signal until the migration ends, then raises it again once finished, with nothing of its own listening', async () => {
     const p = new FakeProcess(), order: string[] = []
-    const hold = new SignalHold(async () => void order.push(`finished with ${p.raised.length} raised`), p, 0)
+    const hold = new SignalHold(async () => void order.push(`finished with ${p.raised.length} raised`), { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
     hold.arm(context)
     p.emit('SIGTERM')
     expect(p.raised).toEqual([])
@@ -50,7 +56,7 @@ describe('the signal hold', () => {
   })
 
   it('ends at once on a second signal', async () => {
-    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0)
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
     hold.arm(context)
     p.emit('SIGINT')
     p.emit('SIGTERM')
@@ -62,7 +68,7 @@ describe('the signal hold', () => {
   })
 
   it('a guest that exits by itself anyway (moved: once the clients it relays went idle) keeps holding until then', async () => {
-    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0)
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
     hold.arm(context)
     p.emit('SIGTERM')
     expect(hold.release(true)).toBe(false)
@@ -72,8 +78,19 @@ describe('the signal hold', () => {
     expect({ raised: p.raised, listening: listening(p) }).toEqual({ raised: ['SIGINT'], listening: [0, 0, 0] })
   })
 
+  it('one request that arrives twice at once (Ctrl-C reaches a receive wrapper and its service, and the wrapper passes it on) is one signal, not a second', async () => {
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
+    hold.arm(context)
+    p.emit('SIGINT')
+    p.nowMs -= 1000 - (SAME_REQUEST_MS - 1) // (the wrapper's, a moment later)
+    p.emit('SIGINT')
+    expect({ raised: p.raised, armed: hold.armed }).toEqual({ raised: [], armed: true })
+    p.emit('SIGINT') // a second press, a second later: at once
+    expect(p.raised).toEqual(['SIGINT'])
+  })
+
   it('raises nothing when no signal came', async () => {
-    const p = new FakeProcess(), hold = new SignalHold(async () => {}, p, 0)
+    const p = new FakeProcess(), hold = new SignalHold(async () => {}, { target: p, finishAfterMs: 0, enabled: true, nowMs: () => p.nowMs })
     hold.arm(context)
     hold.release()
     hold.release()
