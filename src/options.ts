@@ -110,6 +110,14 @@ export interface MigrateOptions {
    * a proxy: the ports still come from the destination (SERVICE).
    */
   serviceHost?: string
+  /**
+   * After the hand-off, what becomes of the service when the destination is lost: it failed, or stayed unreachable
+   * past `recoveryTimeoutMs`. 'fail' (default): the migration fails and the source's process ends (exit code 4): the
+   * service ran there and is gone. 'resume': the service resumes here, with its state as of the hand-off (what it did
+   * at the destination since is lost), once the destination's own recovery window has surely ended there, and with
+   * it that service (`linkTimeoutMs` later; at once when it said it failed). Needs `linkTimeoutMs` > 0.
+   */
+  onDestinationLost?: 'fail' | 'resume'
   token?: string
   /**
    * Seal every connection of the migration: page contents and state are secret and tamper-evident on the way
@@ -145,6 +153,10 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
   }
   const recoveryTimeoutMs = o.recoveryTimeoutMs ?? 60_000
   if (!(recoveryTimeoutMs >= 0 && recoveryTimeoutMs <= 86_400_000)) throw bad(`expected recoveryTimeoutMs in 0..86400000, got ${recoveryTimeoutMs}`)
+  const onDestinationLost = o.onDestinationLost ?? 'fail'
+  if (onDestinationLost !== 'fail' && onDestinationLost !== 'resume') throw bad(`expected onDestinationLost 'fail' or 'resume', got ${JSON.stringify(o.onDestinationLost)}`)
+  // (a destination that never notices a silent link never ends its service: resuming here too would run it twice)
+  if (onDestinationLost === 'resume' && linkTimeoutMs === 0) throw bad("onDestinationLost 'resume' needs linkTimeoutMs > 0: with 0 a destination behind a silent link never gives up its service")
   return {
     to: o.to,
     mode,
@@ -162,6 +174,7 @@ export function validateMigrateOptions(o: MigrateOptions, guestToken: string | u
     ...(maxPostcopyBandwidth ? { maxPostcopyBandwidth } : {}),
     ...(switchoverBandwidth ? { switchoverBandwidth } : {}),
     ...(o.serviceHost !== undefined ? { serviceHost: o.serviceHost } : {}),
+    ...(onDestinationLost === 'resume' ? { onDestinationLost } : {}),
     token: resolveToken(o.token ?? guestToken),
     encrypt: resolveEncrypt(o.encrypt ?? guestEncrypt, 'options.encrypt'),
   }

@@ -173,6 +173,7 @@ program
   .option('--connect-timeout-ms <ms>', 'how long to keep dialling a destination that is not listening yet', positiveNumber, 5000)
   .option('--recovery-timeout-ms <ms>', 'post-copy: how long to keep reconnecting after the link broke (0: fail at once)', nonNegativeNumber, 60000)
   .option('--link-timeout-ms <ms>', 'a connection whose peer stops answering fails after this long (0: never)', nonNegativeNumber, 10000)
+  .addOption(new Option('--on-destination-lost <what>', "after the hand-off, a destination that failed or stayed unreachable past --recovery-timeout-ms: 'fail' ends the service (exit 4), 'resume' has it resume here with its state as of the hand-off, losing what it did there since").choices(['fail', 'resume']).default('fail'))
   .option('--request-timeout-ms <ms>', 'post-copy: the destination takes a page request unanswered this long for a stuck source and recovers', positiveNumber, 5000)
   .option('--token-file <file>', 'file holding the shared token (default: the guest\'s)')
   .option('--json', 'print the report as JSON')
@@ -181,7 +182,7 @@ program
   .option('--on-moved <cmd>', 'once moved, run this shell command (e.g. move a floating IP; $UFFD_MIGRATE_GUEST, $UFFD_MIGRATE_TO are set); its failure is exit 5')
   .option('--encrypt', 'seal every connection (AES-256-GCM over X25519, keys bound to the token): page contents and state secret and tamper-evident on the way; costs CPU on both hosts (~0.3 s a GiB each here). Default: the guest\'s $UFFD_MIGRATE_ENCRYPT')
   .option('--dry-run', 'check that the migration would start now (destination reached and authenticated, region table, its memory) and move nothing: exit 0 or 1')
-  .action(async (o: { dryRun?: boolean; guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string; encrypt?: boolean }) => {
+  .action(async (o: { dryRun?: boolean; guest: string; to: string; mode: string; downtimeMs: number; maxRounds: number; streams?: number; maxBandwidth?: number; maxPostcopyBandwidth?: number; switchoverBandwidth?: number; postcopyNice?: number; connectTimeoutMs: number; recoveryTimeoutMs: number; linkTimeoutMs: number; requestTimeoutMs: number; prepaging?: string; pivots?: number; idleFillMs?: number; tokenFile?: string; json?: boolean; quiet?: boolean; onMoved?: string; serviceHost?: string; encrypt?: boolean; onDestinationLost: 'fail' | 'resume' }) => {
     const progress = new ProgressPrinter(process.stderr, !!o.quiet, !!process.stderr.isTTY)
     let report: MigrationReport | undefined
     let lastPhase: string | undefined
@@ -202,7 +203,7 @@ program
     }
     const options: MigrateOptions = {
           to: o.to, mode: o.mode as MigrationReport['mode'], downtimeMs: o.downtimeMs, maxRounds: o.maxRounds, connectTimeoutMs: o.connectTimeoutMs,
-          recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs,
+          recoveryTimeoutMs: o.recoveryTimeoutMs, linkTimeoutMs: o.linkTimeoutMs, requestTimeoutMs: o.requestTimeoutMs, onDestinationLost: o.onDestinationLost,
           ...(o.streams !== undefined ? { streams: o.streams } : {}),
           ...(o.maxBandwidth !== undefined ? { maxBandwidth: o.maxBandwidth } : {}),
           ...(o.maxPostcopyBandwidth !== undefined ? { maxPostcopyBandwidth: o.maxPostcopyBandwidth } : {}),

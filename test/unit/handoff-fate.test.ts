@@ -8,7 +8,7 @@ import { askFate, Fate, HandoffFate } from '../../src/agent/source/handoff-fate'
 import type { SourceLink } from '../../src/agent/source/link'
 import { ErrorCode, migrationError } from '../../src/errors'
 
-type Step = 'handedOff' | 'arrived' | 'refused' | 'lost' | 'askedInVain'
+type Step = 'handedOff' | 'arrived' | 'refused' | 'lost' | 'askedInVain' | 'reclaim'
 
 function after(...steps: Step[]): HandoffFate {
   const f = new HandoffFate()
@@ -38,6 +38,15 @@ describe('the hand-off fate', () => {
     // back is final, and the destination's words before HANDOFF move nothing
     expect(after('handedOff', 'lost', 'arrived').state).toBe(Fate.BACK)
     expect(after('refused', 'arrived', 'lost').state).toBe(Fate.HERE)
+  })
+
+  it('reclaim (onDestinationLost resume): the service comes back here from unknown or there, never from here', () => {
+    for (const before of [['handedOff'], ['handedOff', 'arrived'], ['handedOff', 'askedInVain']] as Step[][]) {
+      const f = after(...before, 'reclaim')
+      expect({ state: f.state, reclaimed: f.reclaimed, runsHere: f.runsHere }).toEqual({ state: Fate.BACK, reclaimed: true, runsHere: true })
+    }
+    expect({ state: after('reclaim').state, reclaimed: after('reclaim').reclaimed }).toEqual({ state: Fate.HERE, reclaimed: false })
+    expect(after('handedOff', 'lost', 'reclaim').reclaimed).toBe(false) // (back by the destination's word already)
   })
 
   it('HANDOFF goes once: a second one is a bug of the engine (ERR_AGENT)', () => {

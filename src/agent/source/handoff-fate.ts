@@ -30,7 +30,8 @@ export const FATE_TRANSITIONS: TransitionTable<Fate> = {
   // unknown from the start: a new agent taking over a migration whose agent crashed with the service paused
   [Fate.HERE]: [Fate.UNKNOWN],
   [Fate.UNKNOWN]: [Fate.THERE, Fate.BACK],
-  // NO_SESSION after RESUMED: the receiver restarted, and the service it ran ended with it
+  // NO_SESSION after RESUMED: the receiver restarted, and the service it ran ended with it; or the destination was
+  // lost and the operator asked for the service back (onDestinationLost 'resume')
   [Fate.THERE]: [Fate.BACK],
   [Fate.BACK]: [],
 }
@@ -71,6 +72,19 @@ export class HandoffFate {
   lost(): void {
     if (this.is(Fate.UNKNOWN, Fate.THERE)) this.machine.transition(Fate.BACK)
   }
+
+  /**
+   * The destination is lost (it failed, or stayed unreachable past the recovery window) and the operator asked for the
+   * service back (onDestinationLost 'resume'): it resumes here, with its state as of the hand-off.
+   */
+  reclaim(): void {
+    if (!this.mayRunThere) return
+    this.machine.transition(Fate.BACK)
+    this.reclaimed = true
+  }
+
+  /** Back by reclaim(), not by the destination's word. */
+  reclaimed = false
 
   /** Asking ran for a whole redial window without an answer. */
   askedInVain(): void { this.unanswered = true }
@@ -140,6 +154,21 @@ export async function askAgain<T>(o: Redial, answered: (link: SourceLink, state:
     }
   }
   throw last
+}
+
+/** How long past the destination's own recovery window (linkTimeoutMs after this side's, at most) the source waits. */
+export const RECLAIM_MARGIN_MS = 1000
+
+/**
+ * onDestinationLost 'resume': the migration failed after the hand-off, and the service may still run there. Once the
+ * destination has surely given it up, the fate is reclaimed, and the caller resumes the service here. A destination
+ * that said it failed ended its service at once; else its own recovery window, as long as this side's, began when it
+ * noticed the break, at most linkTimeoutMs after this side did, and its service ends with it.
+ */
+export async function reclaimAfterLoss(fate: HandoffFate, err: Error, linkTimeoutMs: number, clock: Clock): Promise<void> {
+  if (!fate.mayRunThere) return
+  if (!(err as UffdMigrateError).fromPeer) await sleep(clock, linkTimeoutMs + RECLAIM_MARGIN_MS)
+  fate.reclaim()
 }
 
 /** Asks for up to forMs whether the destination took the hand-off, and records its answer (or none) in fate. */

@@ -19,6 +19,8 @@ export interface SourceOptions {
   connectTimeoutMs: number
   /** Post-copy: how long to keep dialling the destination again after the link broke (0: fail at once). */
   recoveryTimeoutMs: number
+  /** 'resume': a destination lost after the hand-off has the service resume here (MigrateOptions.onDestinationLost). */
+  onDestinationLost?: 'fail' | 'resume'
   /** A connection whose peer stops answering fails after this long (keepalive + TCP_USER_TIMEOUT; 0: never). */
   linkTimeoutMs: number
   /** Sent to the destination: a page request of its unanswered this long means this side is stuck (its default: 5000). */

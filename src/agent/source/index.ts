@@ -25,7 +25,7 @@ import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
 import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
-import { askFate, Fate, HandoffFate } from './handoff-fate'
+import { askFate, Fate, HandoffFate, reclaimAfterLoss } from './handoff-fate'
 import { Postcopy, TAKEOVER_ASK_MS } from './postcopy'
 import { runPrecopy } from './precopy'
 import { regionsMessage, residentBytes } from './region-table'
@@ -315,13 +315,14 @@ export class MigrationSource implements SourceHandlers {
       await askFate({ open: () => SourceLink.open(this.binding, this.linkOptions, this.session), clock: this.clock, linkTimeoutMs: this.opts.linkTimeoutMs, forMs: Math.max(this.opts.recoveryTimeoutMs, TAKEOVER_ASK_MS), cause: err }, this.fate)
     } else if (!cancelled && (err as UffdMigrateError).code !== ErrorCode.CONNECTION) this.current?.tell(err) // (after the hand-off it fails at once, no recovery to wait for)
     if (!cancelled) this.current?.close()
+    if (this.opts.onDestinationLost === 'resume' && !cancelled) await reclaimAfterLoss(this.fate, err, this.opts.linkTimeoutMs, this.clock)
     if (this.machine.canTransition(SourcePhase.FAILED)) this.machine.transition(SourcePhase.FAILED)
     // HANDOFF on the wire: the destination may run the service already; resuming here too would run it twice, unless it said it did not
     if (paused && this.fate.runsHere) {
       // a cancel while pause() runs: let it finish first, so that resume() comes after it
       if (pausing) await pausing.catch(() => {})
       this.hooks.resume()
-      if (this.fate.is(Fate.BACK)) err.message += ' (the service resumed on the source)'
+      if (this.fate.is(Fate.BACK)) err.message += this.fate.reclaimed ? ' (the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off, onDestinationLost resume; what it did there since is lost)' : ' (the service resumed on the source)'
     } else if (this.fate.mayRunThere) {
       // The destination runs the service now: our copy is its only backing
       // store for the pages it lacks. Keep it; recovery is the caller's call.
