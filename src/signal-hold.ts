@@ -100,7 +100,8 @@ export class SignalHold {
     const now = this.nowMs()
     if (this.deferred && now - this.deferred.atMs < SAME_REQUEST_MS) return
     if (this.deferred) {
-      logLine(c.guest, 'signal-held', `${sig} again: ending now; the service at ${c.to} fails when it needs one of the ${c.pagesLeft} page(s) it lacks`, 'error', c.migration)
+      const cost = c.phase === 'moved' ? 'the clients it relays see their connections reset' : `the service at ${c.to} fails when it needs one of the ${c.pagesLeft} page(s) it lacks`
+      logLine(c.guest, 'signal-held', `${sig} again: ending now; ${cost}`, c.phase === 'moved' ? 'warn' : 'error', c.migration)
       this.stopListening()
       return void this.target.kill(this.target.pid, sig)
     }
