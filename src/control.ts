@@ -65,6 +65,8 @@ export interface ControlledGuest {
   readonly tracker?: string
   /** A destination recovering a broken link: why it broke. */
   readonly linkBrokenBy?: string
+  /** A source holding a stop signal until its migration ends (src/signal-hold.ts). */
+  readonly signals?: { readonly held: string | undefined }
   readonly moved?: MovedStatus
   migrate(options: MigrateOptions): Promise<MigrationReport>
   preflight(options: MigrateOptions): Promise<PreflightReport>
@@ -200,7 +202,7 @@ function handle(guest: ControlledGuest, s: Socket, release: () => void): void {
       return void s.end()
     }
     if (req.cmd === 'status') {
-      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, migration: guest.migration, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, ...(guest.linkBrokenBy ? { brokenBy: guest.linkBrokenBy } : {}), moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
+      send({ type: 'status', name: guest.name, pid: process.pid, phase: guest.phase, migration: guest.migration, from: guest.from, restored: guest.restored, progress: guest.progress, lastError: guest.lastError, refusals: guest.refusals, tracker: guest.tracker, ...(guest.linkBrokenBy ? { brokenBy: guest.linkBrokenBy } : {}), ...(guest.signals?.held ? { signalHeld: guest.signals.held } : {}), moved: guest.moved, regions: Object.values(guest.regions).map((r) => ({ name: r.name, sizeBytes: r.sizeBytes, ...(r.pagesLeft ? { pagesLeft: r.pagesLeft } : {}) })) })
       return void s.end()
     }
     if (req.cmd === 'migrate') {

@@ -59,8 +59,8 @@ export class Guest extends EventEmitter {
   /** The running migration; stoppedAtMs and pausing: the service is paused for it (the agent asked). */
   private migrating: { resolve: (r: MigrationReport) => void; reject: (e: Error) => void; wire: WireSourceOptions; startedAtMs: number; stoppedAtMs?: number; pausing?: Promise<void>; takeovers: number } | undefined
   private readonly calls = new MigrationCalls((m) => this.post(m), (held) => (held ? this.agent.ref() : !this.migrating && this.agent.unref()))
-  /** Past the hand-off this process holds pages only it has: a stop signal waits for the migration's end. */
-  private readonly signals = new SignalHold(() => this.close())
+  /** @internal Past the hand-off this process holds pages only it has: a stop signal waits for the migration's end (status: held). */
+  readonly signals = new SignalHold(() => this.close())
   /** Set once this guest moved away: the service runs at this address now. */
   private movedTo: string | undefined
   /** Moved, and this process ends once its forwarded clients were idle this long (undefined: the service keeps it). */

@@ -66,6 +66,11 @@ export class SignalHold {
     return this.listeners !== undefined
   }
 
+  /** The signal held now, if one is (`status`). */
+  get held(): Held | undefined {
+    return this.deferred?.sig
+  }
+
   /** The service paused for a migration's hand-off (context: read when a signal comes). */
   arm(context: () => HoldContext): void {
     if (this.armed || !(this.o.enabled ?? process.env.UFFD_MIGRATE_HOLD_SIGNALS !== '0')) return

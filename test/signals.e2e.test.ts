@@ -40,9 +40,13 @@ describe.skipIf(skip)('a stop signal for the source in post-copy', () => {
   }, 90_000)
 
   it('a second signal ends it at once: the destination, its pages gone, fails', async () => {
-    const { dst, src, send } = await slowPostcopy('sigtwice', ['--recovery-timeout-ms', '1000'])
+    const { A, g, dst, src, send } = await slowPostcopy('sigtwice', ['--recovery-timeout-ms', '1000', '--max-postcopy-bandwidth', '8MiB']) // (~7 s: room for status and the pause between the signals on a busy machine)
     src.kill('SIGINT')
     await src.waitLine(/SIGINT: held until/, 10_000, 'stderr')
+    // the operator who wonders why it is still there asks status
+    const status = A.cli(['status', '--guest', g])
+    expect((await status.exited).code).toBe(0)
+    expect(status.lines.join('\n')).toMatch(/SIGINT held: this process ends once the migration does/)
     await new Promise((r) => setTimeout(r, 700)) // (one sooner than 500 ms after the first is the same request)
     src.kill('SIGTERM')
     expect(await src.exited).toMatchObject({ signal: 'SIGTERM' })

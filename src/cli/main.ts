@@ -343,6 +343,7 @@ program
         const left = list.reduce((n, r) => n + (r.pagesLeft ?? 0), 0)
         if (left) process.stdout.write(`  ${left} page(s) still to come here from the source (post-copy)\n`)
         if (m.brokenBy) process.stdout.write(`  ${m.brokenBy}\n`) // (a destination recovering: why, and for how long it waits)
+        if (m.signalHeld) process.stdout.write(`  ${m.signalHeld} held: this process ends once the migration does (send it again to end it now)\n`)
         const last = m.lastError as { code: string; message: string } | undefined
         if (last) process.stdout.write(`  last migration: ${last.message} [${last.code}]\n`)
         // the figures of a migration that ended (cancelled, failed, moved) are not news: lastError or phase says how it ended
