@@ -7,6 +7,7 @@
 import { describe, expect, it } from 'vitest'
 import type { MigrationReport } from '../../src/agent/report'
 import { validateMigrateOptions } from '../../src/options'
+import { installFailedError } from '../../src/agent/demand-events'
 import { Msg } from '../../src/protocol/messages'
 import { makePair, pageBytes, type Pair, startSource } from './helpers/wire'
 
@@ -57,6 +58,27 @@ describe('a destination lost after the hand-off', () => {
     // which waited its window, then linkTimeoutMs and a margin more (the destination may have noticed the break that late)
     expect(await destFailedAtMs).toBeLessThan(resumedAtMs)
     expect(resumedAtMs - lost.lostAtMs).toBeGreaterThanOrEqual(200 + 1000 + 1000 - 50)
+  }, 15_000)
+
+  it("'resume', and the destination said it failed (it could not place pages): its service ended at once, so the source resumes its own at once", async () => {
+    const pair = filledPair()
+    pair.onFrame = (from, type) => {
+      // the service runs there; from now on that host cannot place a page (its memory cgroup is full)
+      if (from === 'destination' && type === Msg.RESUMED) {
+        pair.dst.install = (_id, offset, length) => {
+          throw installFailedError(12, 0, offset / 4096, length / 4096)
+        }
+      }
+      return undefined
+    }
+    const t0 = Date.now()
+    const { source, report } = startSource(pair, { mode: 'postcopy', extra: { recoveryTimeoutMs: 60_000, linkTimeoutMs: 5000, prepaging: { strategy: 'push' }, onDestinationLost: 'resume' } })
+    const err = await failure(report)
+    expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED', fromPeer: true, message: expect.stringMatching(/could not place .*ENOMEM.*the destination was lost after the hand-off: the service resumed on the source/) })
+    expect(pair.resumedOnSource).toBe(1)
+    expect(source.fate.state).toBe('back')
+    expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
+    expect(Date.now() - t0).toBeLessThan(5000) // (no wait for a window: it said so)
   }, 15_000)
 
   it("the option: 'fail' or 'resume', and 'resume' only with linkTimeoutMs > 0 (a destination behind a silent link would never give its service up)", () => {
