@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest'
 import type { Clock } from '../../src/agent/clock'
-import { askFate, Fate, HandoffFate } from '../../src/agent/source/handoff-fate'
+import { askFate, Fate, HandoffFate, sayWhereItRuns } from '../../src/agent/source/handoff-fate'
 import type { SourceLink } from '../../src/agent/source/link'
 import { ErrorCode, migrationError } from '../../src/errors'
 
@@ -47,6 +47,19 @@ describe('the hand-off fate', () => {
     }
     expect({ state: after('reclaim').state, reclaimed: after('reclaim').reclaimed }).toEqual({ state: Fate.HERE, reclaimed: false })
     expect(after('handedOff', 'lost', 'reclaim').reclaimed).toBe(false) // (back by the destination's word already)
+  })
+
+  it("a failure's error says where the service runs: resumed here, kept there (afterHandoff), or not known (runsOn unknown)", () => {
+    const said = (...steps: Step[]) => {
+      const err = new Error('boom')
+      sayWhereItRuns(err, after(...steps))
+      return { message: err.message, afterHandoff: (err as { afterHandoff?: boolean }).afterHandoff, runsOn: (err as { runsOn?: string }).runsOn }
+    }
+    expect(said()).toEqual({ message: 'boom', afterHandoff: undefined, runsOn: undefined })
+    expect(said('handedOff', 'lost')).toEqual({ message: 'boom (the service resumed on the source)', afterHandoff: undefined, runsOn: undefined })
+    expect(said('handedOff', 'arrived', 'reclaim').message).toMatch(/^boom \(the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off/)
+    expect(said('handedOff', 'arrived')).toEqual({ message: 'boom (after the hand-off: the source keeps its memory until the destination settles)', afterHandoff: true, runsOn: undefined })
+    expect(said('handedOff', 'askedInVain')).toEqual({ message: 'boom (after the hand-off, which the destination never confirmed: the service may run there: the source keeps its memory until the destination settles)', afterHandoff: true, runsOn: 'unknown' })
   })
 
   it('HANDOFF goes once: a second one is a bug of the engine (ERR_AGENT)', () => {

@@ -156,6 +156,24 @@ export async function askAgain<T>(o: Redial, answered: (link: SourceLink, state:
   throw last
 }
 
+/**
+ * A failed migration's error says where the service runs now (the caller resumed it here when the fate is back). Past
+ * the hand-off, unless it came back, the destination may run it: the source's copy is the only backing store of the
+ * pages it lacks, and is kept (afterHandoff); unknown: the destination never said whether it took HANDOFF, and asking
+ * ran out, so its operator's `status` says.
+ */
+export function sayWhereItRuns(err: Error, fate: HandoffFate): void {
+  if (fate.is(Fate.BACK)) {
+    err.message += fate.reclaimed
+      ? ' (the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off, onDestinationLost resume; what it did there since is lost)'
+      : ' (the service resumed on the source)'
+  } else if (fate.mayRunThere) {
+    const unconfirmed = fate.serviceRunsOn === 'unknown'
+    err.message += ` (after the hand-off${unconfirmed ? ', which the destination never confirmed: the service may run there' : ''}: the source keeps its memory until the destination settles)`
+    Object.assign(err, { afterHandoff: true }, unconfirmed ? { runsOn: 'unknown' } : {})
+  }
+}
+
 /** How long past the destination's own recovery window (linkTimeoutMs after this side's, at most) the source waits. */
 export const RECLAIM_MARGIN_MS = 1000
 

@@ -25,7 +25,7 @@ import { prepareHandoff, sendHandoff } from './handoff'
 import type { PausedService, SourceHooks, SourceOptions } from './hooks'
 import { LAST_WORDS_MS, reply, SourceLink } from './link'
 import { SOURCE_MESSAGES, SOURCE_TRANSITIONS, SourcePhase, type SourceHandlers } from './machine'
-import { askFate, Fate, HandoffFate, reclaimAfterLoss } from './handoff-fate'
+import { askFate, Fate, HandoffFate, reclaimAfterLoss, sayWhereItRuns } from './handoff-fate'
 import { Postcopy, TAKEOVER_ASK_MS } from './postcopy'
 import { runPrecopy } from './precopy'
 import { regionsMessage, residentBytes } from './region-table'
@@ -322,15 +322,8 @@ export class MigrationSource implements SourceHandlers {
       // a cancel while pause() runs: let it finish first, so that resume() comes after it
       if (pausing) await pausing.catch(() => {})
       this.hooks.resume()
-      if (this.fate.is(Fate.BACK)) err.message += this.fate.reclaimed ? ' (the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off, onDestinationLost resume; what it did there since is lost)' : ' (the service resumed on the source)'
-    } else if (this.fate.mayRunThere) {
-      // The destination runs the service now: our copy is its only backing
-      // store for the pages it lacks. Keep it; recovery is the caller's call.
-      // (unknown: the destination never said whether it took HANDOFF, and asking it ran out: its operator's status says)
-      const unconfirmed = this.fate.serviceRunsOn === 'unknown'
-      err.message += ` (after the hand-off${unconfirmed ? ', which the destination never confirmed: the service may run there' : ''}: the source keeps its memory until the destination settles)`
-      Object.assign(err, { afterHandoff: true }, unconfirmed ? { runsOn: 'unknown' } : {})
     }
+    sayWhereItRuns(err, this.fate)
     if (cancelled) await this.current?.closeAfterPeer(CANCEL_HANGUP_WAIT_MS)
     return err
   }
