@@ -301,8 +301,7 @@ export class Guest extends EventEmitter {
         this.emit('moved', m.report)
         done?.resolve(m.report)
         // (a stop signal held meanwhile is raised now, unless this exit after its relayed clients went idle honours it)
-        if (this.opts.exitOnMoved === false || kept) return void this.signals.release()
-        this.signals.release(true)
+        if (this.opts.exitOnMoved === false || kept) return this.signals.release()
         // the destination runs the service now; when this one serves, relay its clients until they moved too
         this.exitsAfterIdleMs = this.opts.forwardIdleMs ?? 2000
         return exitWhenMoved(this, m.report.to, this.forwarder, this.exitsAfterIdleMs)

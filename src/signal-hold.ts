@@ -79,17 +79,14 @@ export class SignalHold {
   }
 
   /**
-   * The migration ended (settled, or failed). `exitsByItself` (moved, and it exits once the clients it relays went
-   * idle): the hold stays until that exit, which honours a signal held or still to come, so those clients see no
-   * error; a second signal still ends it at once. Otherwise the listeners go, and a held signal is raised again once
-   * finished (true): the process ends by it.
+   * The migration ended (settled, or failed): the listeners go, and a held signal is raised again once finished: the
+   * process ends by it. Not called for a guest that moved and exits by itself once the clients it relays went idle:
+   * the hold stays until that exit, which honours a signal held or still to come, so those clients see no error (a
+   * second signal still ends it at once).
    */
-  release(exitsByItself = false): boolean {
-    if (exitsByItself) return false
+  release(): void {
     const sig = this.stopListening()
-    if (!sig) return false
-    setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.o.finishAfterMs ?? 50)
-    return true
+    if (sig) setTimeout(() => void this.finish().catch(() => {}).then(() => this.target.kill(this.target.pid, sig)), this.o.finishAfterMs ?? 50)
   }
 
   /** The signal deferred, if one was. */
