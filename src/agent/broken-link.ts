@@ -6,7 +6,7 @@
  * of the peer's: a peer that repeats it ends the migration at the budget, as before. As QEMU, whose destination pauses
  * for recovery on any load error once its guest runs on it. Nothing of such a frame is placed: its pages go again.
  */
-import { ErrorCode, type UffdMigrateError } from '../errors'
+import { ErrorCode, migrationError, type UffdMigrateError } from '../errors'
 import { isIntegrityFailure } from '../protocol/records'
 
 /** Frames that broke the protocol after the hand-off that each side recovers from, per migration; the next one ends it. */
@@ -30,10 +30,15 @@ export function brokenLinkCause(err: Error, protocolBreaks: number): string {
 
 /**
  * What this side found, as against the link's own end (a reset, a stall) or the peer's report: a frame or stream it
- * refused, a record that failed its tag, pages it could not place, a region table or memory check that failed. Told to
- * the peer when it ends the session or the migration (a stuck peer is one too, which only its watchdog knows).
+ * refused, a record that failed its tag, pages it could not place, a region table or memory check that failed, a
+ * stuck peer (stuckPeerError). Told to the peer when it ends the session or the migration.
  */
 export function isFinding(err: Error): boolean {
   const { code, fromPeer } = err as UffdMigrateError
-  return !fromPeer && (code !== ErrorCode.CONNECTION || isIntegrityFailure(err))
+  return !fromPeer && (code !== ErrorCode.CONNECTION || isIntegrityFailure(err) || (err as { stuckPeer?: boolean }).stuckPeer === true)
+}
+
+/** A peer this side's watchdog found stuck: a broken link like a reset (CONNECTION), but one this side found (isFinding). */
+export function stuckPeerError(message: string): UffdMigrateError {
+  return Object.assign(migrationError(ErrorCode.CONNECTION, message), { stuckPeer: true })
 }

@@ -78,7 +78,7 @@ export abstract class DestinationSession {
       channels: () => this.link.channels,
       oldestRequestSinceMs: () => Math.min(this.requests.oldestRequestSinceMs() ?? Infinity, this.demand.oldestOpenMs(this.clock.now()) ?? Infinity),
       // a stuck source is a broken link: after the hand-off it must find it closed and come back (no ERROR then)
-      broken: (err) => this.linkBroke(err, undefined, true),
+      broken: (err) => this.linkBroke(err),
       keepalive: () => {
         const urgent = this.link.urgent
         if (urgent && !urgent.failed && !urgent.needsDrain) urgent.send(encodeControl(Msg.KEEPALIVE, {}))
@@ -162,14 +162,14 @@ export abstract class DestinationSession {
    * broke the protocol (refused here, or by a native reader), a record that failed its tag, pages it could not place.
    * After the hand-off a broken link, or a protocol break within broken-link.ts's budget, is recovered, and the source
    * is not told: it sees the link end and dials back. Anything else ends the session (before the hand-off) or the
-   * migration, and what this side found (broken-link.ts's isFinding, or `found`: a stuck source) is told to the source:
-   * on `on`, the connection it concerns, first, then on every other. On bulk alone, whose reading a native thread owns
+   * migration, and what this side found (broken-link.ts's isFinding) is told to the source: on `on`, the connection it
+   * concerns, first, then on every other. On bulk alone, whose reading a native thread owns
    * and closes, it could be lost, and the source dialled back for its whole recovery window (one of five
    * real-process runs with four changed PAGES headers).
    */
-  protected linkBroke(err: Error, on?: Channel, found = isFinding(err)): void {
+  protected linkBroke(err: Error, on?: Channel): void {
     if (this.machine.is(DestPhase.POSTCOPY, DestPhase.RECOVERING) && this.recovery.timeoutMs > 0 && breaksLinkOnly(err, this.recovery.protocolBreaks)) return this.startRecovery(err)
-    if (found) this.link.tell(err, on)
+    if (isFinding(err)) this.link.tell(err, on)
     this.fail(err)
   }
 

@@ -15,7 +15,7 @@
  * KEEPALIVE every linkTimeoutMs / 4, so that the source can take a quiet
  * destination for a stuck one (src/agent/source/peer-watch.ts).
  */
-import { ErrorCode, migrationError } from '../../errors'
+import { stuckPeerError } from '../broken-link'
 import type { Channel } from '../../protocol/channel'
 import type { Clock } from '../clock'
 import { ticks } from '../../deadline'
@@ -137,7 +137,7 @@ export class Watchdog {
 
   private stuck(why: string): void {
     this.seen.clear()
-    // CONNECTION: handled exactly as a reset (post-copy: recovery)
-    this.host.broken(migrationError(ErrorCode.CONNECTION, `the source looks stuck: ${why}; treated as a broken link`))
+    // CONNECTION: handled exactly as a reset (post-copy: recovery), but told when it ends the session
+    this.host.broken(stuckPeerError(`the source looks stuck: ${why}; treated as a broken link`))
   }
 }
