@@ -53,7 +53,7 @@ describe('a destination lost after the hand-off', () => {
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_CONNECTION', message: expect.stringMatching(/the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off/) })
     expect(err).not.toHaveProperty('afterHandoff')
     expect(pair.resumedOnSource).toBe(1)
-    expect(source.fate.state).toBe('back')
+    expect(source.fate.state).toBe('reclaimed')
     // never on both hosts: the destination's service had failed (its window, 200 ms) before the source resumed its own,
     // which waited its window, then linkTimeoutMs and a margin more (the destination may have noticed the break that late)
     expect(await destFailedAtMs).toBeLessThan(resumedAtMs)
@@ -76,7 +76,7 @@ describe('a destination lost after the hand-off', () => {
     const err = await failure(report)
     expect(err).toMatchObject({ code: 'ERR_MIGRATION_ABORTED', fromPeer: true, message: expect.stringMatching(/could not place .*ENOMEM.*the destination was lost after the hand-off: the service resumed on the source/) })
     expect(pair.resumedOnSource).toBe(1)
-    expect(source.fate.state).toBe('back')
+    expect(source.fate.state).toBe('reclaimed')
     expect(await pair.destFailed).toMatchObject({ code: 'ERR_MIGRATION_ABORTED' })
     expect(Date.now() - t0).toBeLessThan(5000) // (no wait for a window: it said so)
   }, 15_000)

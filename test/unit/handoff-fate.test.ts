@@ -43,10 +43,10 @@ describe('the hand-off fate', () => {
   it('reclaim (onDestinationLost resume): the service comes back here from unknown or there, never from here', () => {
     for (const before of [['handedOff'], ['handedOff', 'arrived'], ['handedOff', 'askedInVain']] as Step[][]) {
       const f = after(...before, 'reclaim')
-      expect({ state: f.state, reclaimed: f.reclaimed, runsHere: f.runsHere }).toEqual({ state: Fate.BACK, reclaimed: true, runsHere: true })
+      expect({ state: f.state, runsHere: f.runsHere, mayRunThere: f.mayRunThere }).toEqual({ state: Fate.RECLAIMED, runsHere: true, mayRunThere: false })
     }
-    expect({ state: after('reclaim').state, reclaimed: after('reclaim').reclaimed }).toEqual({ state: Fate.HERE, reclaimed: false })
-    expect(after('handedOff', 'lost', 'reclaim').reclaimed).toBe(false) // (back by the destination's word already)
+    expect(after('reclaim').state).toBe(Fate.HERE)
+    expect(after('handedOff', 'lost', 'reclaim').state).toBe(Fate.BACK) // (back by the destination's word already)
   })
 
   it("a failure's error says where the service runs: resumed here, kept there (afterHandoff), or not known (runsOn unknown)", () => {

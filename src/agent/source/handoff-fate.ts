@@ -1,5 +1,7 @@
 /**
- * Asking the destination again, on a new link, what it holds: RECOVER, answered with RECOVER_STATE (it runs the
+ * The hand-off's fate: where the service runs as far as the source knows (HandoffFate, every rule that depends on it
+ * reads it), what a failure says about it (sayWhereItRuns), taking it back after a lost destination (reclaimAfterLoss),
+ * and asking the destination again, on a new link, what it holds: RECOVER, answered with RECOVER_STATE (it runs the
  * service) or ERR_MIGRATION_NO_SESSION (it never took the hand-off). One loop for both askers:
  * - post-copy recovery after a broken link, and a new agent's takeover (postcopy.ts's dialBack);
  * - the source's own failure between HANDOFF and RESUMED (a bug; nothing the link or the destination said),
@@ -24,16 +26,18 @@ export enum Fate {
   THERE = 'there',
   /** The destination said the service does not run there (NO_SESSION, or it could not restore HANDOFF): it resumes here. */
   BACK = 'back',
+  /** The destination was lost and the operator asked for the service back (onDestinationLost 'resume'): it resumes here. */
+  RECLAIMED = 'reclaimed',
 }
 
 export const FATE_TRANSITIONS: TransitionTable<Fate> = {
   // unknown from the start: a new agent taking over a migration whose agent crashed with the service paused
   [Fate.HERE]: [Fate.UNKNOWN],
-  [Fate.UNKNOWN]: [Fate.THERE, Fate.BACK],
-  // NO_SESSION after RESUMED: the receiver restarted, and the service it ran ended with it; or the destination was
-  // lost and the operator asked for the service back (onDestinationLost 'resume')
-  [Fate.THERE]: [Fate.BACK],
+  [Fate.UNKNOWN]: [Fate.THERE, Fate.BACK, Fate.RECLAIMED],
+  // NO_SESSION after RESUMED: the receiver restarted, and the service it ran ended with it
+  [Fate.THERE]: [Fate.BACK, Fate.RECLAIMED],
   [Fate.BACK]: [],
+  [Fate.RECLAIMED]: [],
 }
 
 /**
@@ -78,13 +82,8 @@ export class HandoffFate {
    * service back (onDestinationLost 'resume'): it resumes here, with its state as of the hand-off.
    */
   reclaim(): void {
-    if (!this.mayRunThere) return
-    this.machine.transition(Fate.BACK)
-    this.reclaimed = true
+    if (this.mayRunThere) this.machine.transition(Fate.RECLAIMED)
   }
-
-  /** Back by reclaim(), not by the destination's word. */
-  reclaimed = false
 
   /** Asking ran for a whole redial window without an answer. */
   askedInVain(): void { this.unanswered = true }
@@ -93,7 +92,7 @@ export class HandoffFate {
   get mayRunThere(): boolean { return this.is(Fate.UNKNOWN, Fate.THERE) }
 
   /** On a failure the service resumes here. */
-  get runsHere(): boolean { return this.is(Fate.HERE, Fate.BACK) }
+  get runsHere(): boolean { return this.is(Fate.HERE, Fate.BACK, Fate.RECLAIMED) }
 
   /** In the words of `send --json` and `status`: where the service runs now, as far as this side knows. */
   get serviceRunsOn(): 'source' | 'destination' | 'unknown' {
@@ -163,11 +162,10 @@ export async function askAgain<T>(o: Redial, answered: (link: SourceLink, state:
  * ran out, so its operator's `status` says.
  */
 export function sayWhereItRuns(err: Error, fate: HandoffFate): void {
-  if (fate.is(Fate.BACK)) {
-    err.message += fate.reclaimed
-      ? ' (the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off, onDestinationLost resume; what it did there since is lost)'
-      : ' (the service resumed on the source)'
-  } else if (fate.mayRunThere) {
+  if (fate.is(Fate.RECLAIMED)) {
+    err.message += ' (the destination was lost after the hand-off: the service resumed on the source with its state as of the hand-off, onDestinationLost resume; what it did there since is lost)'
+  } else if (fate.is(Fate.BACK)) err.message += ' (the service resumed on the source)'
+  else if (fate.mayRunThere) {
     const unconfirmed = fate.serviceRunsOn === 'unknown'
     err.message += ` (after the hand-off${unconfirmed ? ', which the destination never confirmed: the service may run there' : ''}: the source keeps its memory until the destination settles)`
     Object.assign(err, { afterHandoff: true }, unconfirmed ? { runsOn: 'unknown' } : {})

@@ -95,9 +95,6 @@ export class MigrationSource implements SourceHandlers {
       reconnect: async () => (this.current = this.writeNatively(await SourceLink.open(this.binding, this.linkOptions, this.session))),
       recovering: () => this.machine.transition(SourcePhase.RECOVERING),
       fate: this.fate,
-      handoffLost: (err) => {
-        this.failure = err
-      },
       resumeLink: () => {
         this.machine.transition(SourcePhase.POSTCOPY)
         return this.attachLink()

@@ -44,8 +44,6 @@ export interface PostcopyHost {
   resumeLink(): Promise<never>
   /** Where the service runs (the destination's answers here move it). */
   readonly fate: HandoffFate
-  /** The destination holds no session of this migration (NO_SESSION): err is the migration's failure. */
-  handoffLost(err: Error): void
 }
 
 export class Postcopy {
@@ -333,8 +331,7 @@ export class Postcopy {
         this.host.fate.askedInVain()
         throw migrationError(ErrorCode.CONNECTION, `the connection broke during post-copy (${cause.message}) and could not be re-established within ${timeoutMs} ms: ${(err as Error).message}`)
       }
-      this.host.fate.lost()
-      this.host.handoffLost(err as Error)
+      this.host.fate.lost() // (the service resumes here: the migration fails with this NO_SESSION)
       throw err
     }
   }
