@@ -258,8 +258,7 @@ async function hop(n, from, to, current) {
   const stop = stops[n % stops.length]
   row.stop = stop.text
   let send
-  // (the old home: the first one's own process, or a receiver's child)
-  if (a['signal-source']) void dst.waitLine(/^RESTORED$/, hopTimeoutMs).then(() => process.kill(childrenOf(current.child.pid)[0] ?? current.child.pid, 'SIGTERM'), () => {})
+  if (a['signal-source']) void dst.waitLine(/^RESTORED$/, hopTimeoutMs).then(() => process.kill(servicePid(current), 'SIGTERM'), () => {})
   for (let tries = 0; ; tries++) {
     const mark = dst.mark('stderr')
     const faulty = relay || downMs || stop.who ? ['--link-timeout-ms', '3000'] : []
@@ -331,10 +330,15 @@ function linkDown(row, seed) {
 /** --stop: p's service process (a receiver's child, or the first home itself) stops in the try's first 600 ms, for stop.ms. */
 function stopFor(row, stop, p, seed) {
   disrupt(row, seed, 600, stop.ms, () => {
-    const pid = childrenOf(p.child.pid)[0] ?? p.child.pid
+    const pid = servicePid(p)
     process.kill(pid, 'SIGSTOP')
     return pid
   }, (pid) => process.kill(pid, 'SIGCONT'))
+}
+
+/** The service's process of a home: a receiver's child, or the first home itself. */
+function servicePid(p) {
+  return childrenOf(p.child.pid)[0] ?? p.child.pid
 }
 
 /** send's --json answer when it exited 1 with the service running on at its source, else undefined. */
